@@ -1,0 +1,263 @@
+"""Hugging Face checkpoint I/O: config.json + safetensors (single or sharded).
+
+Loading streams tensor by tensor: each is read from the memory-mapped file,
+renamed/split/transposed by the family's weight map, converted to the target
+dtype, checked against the shape the config implies, and placed on the device
+mesh (only each device's own shard is copied) before the next one is read.
+
+Errors name the checkpoint file and the tensor: missing, unexpected, wrongly
+shaped or truncated tensors, a missing config, an unknown architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from model_lib.config import ModelConfig
+from model_lib.registry import Family, get_family
+from model_lib.sharding import ShardingPlan
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded as it is."""
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"no {CONFIG_FILE} in checkpoint folder {path}")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> str:
+    """Requested dtype, else the checkpoint's own if it is a float type we run, else float32."""
+    if dtype is None:
+        stored = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32")
+        name = stored.removeprefix("torch.")
+        return name if name in SUPPORTED_DTYPES else "float32"
+    name = jnp.dtype(dtype).name
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {SUPPORTED_DTYPES}")
+    return name
+
+
+def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Family]:
+    """`ModelConfig` and family of a checkpoint folder, without reading any weights."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    raw = read_config_json(path)
+    architectures = raw.get("architectures") or []
+    if not architectures:
+        raise CheckpointError(f"{path / CONFIG_FILE} names no 'architectures'")
+    family = get_family(architectures[0])
+    hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    config = family.config_from_hf(hf, architectures[0])
+    return config.replace(dtype=resolve_dtype(dtype, raw)), family
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from its index if it is sharded."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index} lists {file.name}, which is missing")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors weights in checkpoint folder {path}")
+    return files
+
+
+def _check_complete(file: Path) -> None:
+    """Name the first tensor that a truncated file cuts off (safetensors only says 'incomplete')."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{file} is truncated: no safetensors header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > size:
+            raise CheckpointError(f"{file} is truncated inside its header ({size} bytes)")
+        header = json.loads(f.read(header_len))
+    data_size = size - 8 - header_len
+    for name, info in header.items():
+        if name != "__metadata__" and info["data_offsets"][1] > data_size:
+            raise CheckpointError(
+                f"tensor {name!r} in {file} is truncated: needs bytes up to {info['data_offsets'][1]}, "
+                f"the file holds {data_size}"
+            )
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """(file, name, host array) for every tensor of the checkpoint, one at a time."""
+    for file in checkpoint_files(path):
+        _check_complete(file)
+        try:
+            with safe_open(file, framework="numpy") as f:
+                for name in f.keys():
+                    yield file, name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from None
+
+
+def abstract_params(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Parameter path ('model.layers.0.mlp.up_proj.kernel') -> variable."""
+    _, state = nnx.split(model)
+    return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+
+
+def _to_ours(
+    name: str, tensor: np.ndarray, family: Family, config: ModelConfig, expected: dict[str, nnx.Variable]
+) -> list[tuple[str, np.ndarray]]:
+    """One HF tensor -> our (path, array) pairs, in our layout."""
+    module, _, leaf = name.rpartition(".")
+    fused = family.weight_map.fused_for_hf(module)
+    if fused is not None:
+        spec, modules = fused
+        try:
+            targets = list(zip(modules, spec.split(tensor, config)))
+        except ValueError as e:
+            raise CheckpointError(f"tensor {name!r} has shape {tensor.shape}: {e}") from None
+    else:
+        targets = [(family.weight_map.module_to_ours(module), tensor)]
+    out = []
+    for ours, array in targets:
+        if leaf == "weight" and f"{ours}.kernel" in expected:
+            out.append((f"{ours}.kernel", array.T))  # HF linear [out, in] -> kernel [in, out]
+        else:
+            out.append((f"{ours}.{leaf}", array))
+    return out
+
+
+def _hf_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if key.endswith(".kernel") else tuple(shape)
+
+
+def load_params(
+    model: nnx.Module, family: Family, path: Path, plan: ShardingPlan | None
+) -> dict[str, jax.Array]:
+    """Read every tensor the abstract `model` expects, converted and placed."""
+    config: ModelConfig = model.config
+    expected = abstract_params(model)
+    loaded: dict[str, jax.Array] = {}
+    sources: dict[str, str] = {}
+    for file, name, tensor in iter_tensors(path):
+        if family.weight_map.is_ignored(name) or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        for key, array in _to_ours(name, tensor, family, config, expected):
+            if key not in expected:
+                raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {config.architecture})")
+            if key in loaded:
+                raise CheckpointError(f"tensor {name!r} in {file} duplicates one from {sources[key]}")
+            variable = expected[key]
+            want = tuple(variable.shape)
+            if tuple(array.shape) != want:
+                raise CheckpointError(
+                    f"tensor {name!r} in {file} has shape {_hf_shape(key, array.shape)}, "
+                    f"the config implies {_hf_shape(key, want)}"
+                )
+            array = np.ascontiguousarray(array.astype(variable.get_value().dtype, copy=False))
+            axes = variable.get_metadata().get("logical_axes")
+            loaded[key] = plan.place(array, axes) if plan is not None else jnp.asarray(array)
+            sources[key] = f"{file.name}:{name}"
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        names = [_hf_name(k, family) for k in missing]
+        raise CheckpointError(f"checkpoint {path} is missing tensors: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else ""))
+    return loaded
+
+
+def _hf_name(key: str, family: Family) -> str:
+    """Our parameter path -> the HF tensor that holds it."""
+    module, _, leaf = key.rpartition(".")
+    hf_leaf = "weight" if leaf == "kernel" else leaf
+    fused = family.weight_map.fused_for_ours(module)
+    hf_module = fused[1] if fused else family.weight_map.module_to_hf(module)
+    return f"{hf_module}.{hf_leaf}"
+
+
+def hf_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:
+    """Our parameters as HF-named host arrays, fused tensors joined, linear weights `[out, in]`."""
+    config: ModelConfig = model.config
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    for key, variable in abstract_params(model).items():
+        module, _, leaf = key.rpartition(".")
+        array = np.asarray(jax.device_get(variable.get_value()))
+        if leaf == "kernel":
+            array = array.T
+        fused = family.weight_map.fused_for_ours(module)
+        if fused is None:
+            yield _hf_name(key, family), array
+            continue
+        spec, hf_module, parts = fused
+        name = f"{hf_module}.{'weight' if leaf == 'kernel' else leaf}"
+        group = pending.setdefault(name, {})
+        group[module] = array
+        if len(group) == len(parts):
+            yield name, spec.join([group[p] for p in parts], config)
+            del pending[name]
+
+
+def save_pretrained(model: nnx.Module, path: str | Path, *, max_shard_size: int = 5 * 1024**3) -> None:
+    """Write config.json and safetensors (sharded above `max_shard_size` bytes) in HF layout."""
+    config: ModelConfig = model.config
+    family = get_family(config.architecture)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[Path, list[str], int]] = []  # (temporary file, tensor names, bytes)
+
+    def flush() -> None:
+        file = path / f"model-{len(written) + 1:05d}.safetensors.tmp"
+        save_file(shard, str(file), metadata={"format": "pt"})
+        written.append((file, list(shard), sum(a.nbytes for a in shard.values())))
+        shard.clear()
+
+    for name, array in hf_tensors(model, family):
+        if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_size:
+            flush()
+        shard[name] = np.ascontiguousarray(array)
+    flush()
+
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(written) == 1:
+        written[0][0].rename(path / SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, (file, names, _) in enumerate(written, 1):
+            final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+            file.rename(path / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": sum(n for _, _, n in written)}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+    hf_config = config.hf_config_dict()
+    hf_config["architectures"] = [config.architecture]
+    hf_config["dtype"] = config.dtype
+    hf_config.pop("torch_dtype", None)
+    (path / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True))

@@ -1,0 +1,149 @@
+"""The decoder-only transformer that every dense family in the registry composes.
+
+Module and attribute names follow Hugging Face (`model.layers.N.self_attn.q_proj`,
+`mlp.gate_proj`, `input_layernorm`, `lm_head`), so most checkpoints load by
+identity and PEFT adapter keys line up. Families differ only through
+`ModelConfig` fields; there is no per-family forward code.
+
+Glossary: B batch, T tokens, E hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model_lib.config import ModelConfig
+from model_lib.layers import MLP, Attention, DenseBatch, Embed, Linear, make_norm
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token inside its segment: `[B, T]` ids -> `[B, T]` positions.
+
+    Handles left padding (positions start at the first real token), right padding
+    and packed rows (positions restart at every segment boundary); padding (0) gets 0.
+    """
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+    # Padding sits at position 0 so it never stretches a length-dependent rotary.
+    return jnp.where(segment_ids != 0, index - segment_start, 0)
+
+
+class DecoderLayer(nnx.Module):
+    """One block: `pre` norms (Llama) or `sandwich` norms around each sublayer (Gemma2/3)."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.block_norms = config.block_norms
+        self.residual_multiplier = config.residual_multiplier
+        self.self_attn = Attention(config, layer, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+        self.input_layernorm = make_norm(config)
+        self.post_attention_layernorm = make_norm(config)
+        if config.block_norms == "sandwich":
+            self.pre_feedforward_layernorm = make_norm(config)
+            self.post_feedforward_layernorm = make_norm(config)
+        elif config.block_norms != "pre":
+            raise ValueError(f"unknown block_norms {config.block_norms!r}")
+
+    def __call__(self, x: jax.Array, batch: DenseBatch) -> jax.Array:
+        if self.block_norms == "pre":
+            # HF's "post_attention_layernorm" is the norm in front of the MLP here.
+            x = x + self.residual_multiplier * self.self_attn(self.input_layernorm(x), batch)
+            return x + self.residual_multiplier * self.mlp(self.post_attention_layernorm(x))
+        attn_out = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), batch))
+        x = x + self.residual_multiplier * attn_out
+        mlp_out = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x + self.residual_multiplier * mlp_out
+
+
+class DecoderModel(nnx.Module):
+    """Embeddings, the layer stack and the final norm (HF's `model.`)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        common = dict(dtype=dtype, init_std=config.initializer_range, rngs=rngs)
+        self.embedding_multiplier = config.embedding_multiplier
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, axes=("vocab", "embed"), **common)
+        self.embed_positions = (
+            Embed(config.max_position_embeddings, config.hidden_size, axes=("position", "embed"), **common)
+            if config.position_embedding == "learned"
+            else None
+        )
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
+        self.norm = make_norm(config)
+
+    def __call__(self, input_ids: jax.Array, batch: DenseBatch) -> jax.Array:
+        x = self.embed_tokens(input_ids)
+        if self.embedding_multiplier != 1.0:
+            # Scale in the weight dtype, as the reference does (Gemma's sqrt(E) rounds in bf16).
+            x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(batch.positions)
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x)
+
+
+class CausalLM(nnx.Module):
+    """Decoder plus LM head. `model(input_ids, attention_mask)` -> float32 logits `[B, T, V]`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = DecoderModel(config, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(
+                config.hidden_size,
+                config.vocab_size,
+                axes=("embed", "vocab"),
+                use_bias=False,
+                dtype=jnp.dtype(config.dtype),
+                init_std=config.initializer_range,
+                rngs=rngs,
+            )
+        )
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states `[..., E]` -> float32 logits `[..., V]`."""
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        logits = logits.astype(jnp.float32)
+        if self.config.logit_multiplier != 1.0:
+            logits = logits * self.config.logit_multiplier
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, input_ids: jax.Array, batch: DenseBatch) -> jax.Array:
+        """The family forward: token ids plus attention inputs -> logits."""
+        return self.logits(self.model(input_ids, batch))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits for a `[B, T]` batch.
+
+        `attention_mask` (1 = token, 0 = padding; left or right) or `segment_ids`
+        (packed rows, 0 = padding) say which tokens see which; positions restart
+        at each sequence's first real token unless given.
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        return self.forward(input_ids, DenseBatch(positions=jnp.asarray(positions, jnp.int32), segment_ids=segment_ids))

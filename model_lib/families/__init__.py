@@ -1,0 +1,1 @@
+"""Per-family config mappings and weight maps; the registry imports them lazily."""

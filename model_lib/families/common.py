@@ -1,0 +1,107 @@
+"""Reading the Hugging Face config fields that most families share.
+
+Each family module turns a `transformers` config into a `ModelConfig` with
+`llama_like_fields` plus its own quirks; this file is the only place that knows
+transformers' config conventions (`rope_parameters`, `layer_types`, token ids).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeConfig
+
+
+def rope_from_params(
+    params: dict[str, Any] | None, *, head_dim: int, max_position: int, partial_rotary_factor: float = 1.0
+) -> RopeConfig:
+    """A `RopeConfig` from one transformers `rope_parameters` dict."""
+    params = dict(params or {})
+    kind = params.get("rope_type") or params.get("type") or "default"
+    partial = params.get("partial_rotary_factor", partial_rotary_factor)
+    original = params.get("original_max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None:
+        # LongRoPE / YaRN checkpoints (Phi-3) may give only the two lengths.
+        factor = max_position / original if (original and kind in ("longrope", "yarn")) else 1.0
+    rope = RopeConfig(
+        kind=kind,
+        theta=float(params.get("rope_theta", 10000.0)),
+        rotary_dim=int(head_dim * partial),
+        factor=float(factor),
+        original_max_position=original or max_position,
+        max_position=max_position,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+        short_factor=tuple(params.get("short_factor") or ()),
+        long_factor=tuple(params.get("long_factor") or ()),
+        attention_factor=params.get("attention_factor"),
+    )
+    if kind not in ("default", "linear", "dynamic", "yarn", "longrope", "llama3"):
+        raise ValueError(f"unsupported rope_type {kind!r}")
+    if kind == "longrope" and len(rope.short_factor) != rope.rotary_dim // 2:
+        raise ValueError(f"longrope short_factor needs {rope.rotary_dim // 2} entries, got {len(rope.short_factor)}")
+    return rope
+
+
+def layer_types(hf: PretrainedConfig) -> tuple[str, ...]:
+    """Per-layer attention kind; a bare `sliding_window` means every layer slides (Mistral, Phi-3)."""
+    n = hf.num_hidden_layers
+    types = getattr(hf, "layer_types", None)
+    if types:
+        return tuple(types)
+    return ((SLIDING_ATTENTION,) if getattr(hf, "sliding_window", None) else (FULL_ATTENTION,)) * n
+
+
+def token_ids(hf: PretrainedConfig) -> dict[str, Any]:
+    eos = getattr(hf, "eos_token_id", None)
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    return dict(bos_token_id=getattr(hf, "bos_token_id", None), eos_token_ids=eos, pad_token_id=getattr(hf, "pad_token_id", None))
+
+
+def hf_json(hf: PretrainedConfig) -> str:
+    return json.dumps(hf.to_dict(), sort_keys=True, default=str)
+
+
+def llama_like_fields(hf: PretrainedConfig, architecture: str, family: str) -> dict[str, Any]:
+    """Fields of a RoPE + RMSNorm + gated-MLP decoder as transformers' Llama names them."""
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    types = layer_types(hf)
+    return dict(
+        architecture=architecture,
+        family=family,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=head_dim,
+        max_position_embeddings=hf.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        norm_kind="rms",
+        norm_eps=getattr(hf, "rms_norm_eps", 1e-6),
+        qkv_bias=bool(getattr(hf, "attention_bias", False)),
+        o_bias=bool(getattr(hf, "attention_bias", False)),
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        activation=getattr(hf, "hidden_act", "silu"),
+        layer_types=types,
+        sliding_window=getattr(hf, "sliding_window", None) if SLIDING_ATTENTION in types else None,
+        rope=rope_from_params(
+            getattr(hf, "rope_parameters", None),
+            head_dim=head_dim,
+            max_position=hf.max_position_embeddings,
+            partial_rotary_factor=getattr(hf, "partial_rotary_factor", 1.0) or 1.0,
+        ),
+        initializer_range=getattr(hf, "initializer_range", 0.02),
+        hf_config_json=hf_json(hf),
+        **token_ids(hf),
+    )

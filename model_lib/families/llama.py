@@ -1,0 +1,44 @@
+"""Llama and the variants that differ from it only in config: Mistral, Qwen2, Qwen3, Granite.
+
+All load by identity (HF names are ours); each variant is a few fields.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from model_lib.config import ModelConfig
+from model_lib.families.common import llama_like_fields
+from model_lib.registry import Family
+
+
+def llama_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    return ModelConfig(**llama_like_fields(hf, architecture, "llama"))
+
+
+def qwen2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    fields = llama_like_fields(hf, architecture, "qwen2")
+    return ModelConfig(**{**fields, "qkv_bias": True, "o_bias": False})
+
+
+def qwen3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    return ModelConfig(**{**llama_like_fields(hf, architecture, "qwen3"), "qk_norm": True})
+
+
+def granite_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    return ModelConfig(
+        **{
+            **llama_like_fields(hf, architecture, "granite"),
+            "embedding_multiplier": hf.embedding_multiplier,
+            "residual_multiplier": hf.residual_multiplier,
+            "attention_scale": hf.attention_multiplier,
+            "logit_multiplier": 1.0 / hf.logits_scaling,
+        }
+    )
+
+
+LLAMA = Family("llama", llama_config)
+MISTRAL = Family("mistral", llama_config)
+QWEN2 = Family("qwen2", qwen2_config)
+QWEN3 = Family("qwen3", qwen3_config)
+GRANITE = Family("granite", granite_config)

@@ -1,0 +1,95 @@
+"""Self-attention: projections, optional q/k norm, rotary, and the one dispatch point.
+
+Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads), per-layer sliding window,
+per-layer rotary (Gemma3's local/global bases), attention soft-cap and a custom
+query scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`).
+
+Glossary: B batch, T tokens, E hidden, H heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax import struct
+
+from model_lib.config import ModelConfig
+from model_lib.layers.linear import Linear
+from model_lib.layers.norms import make_norm
+from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
+from pallas_kernels.flash_attention import attention as dense_attention
+
+
+@struct.dataclass
+class DenseBatch:
+    """Attention inputs of a `[B, T]` batch: positions and segment ids (0 = padding).
+
+    Packed training rows carry several segments; a padded batch is one segment per
+    row with zeros on the padding.
+    """
+
+    positions: jax.Array  # [B, T] int32
+    segment_ids: jax.Array  # [B, T] int32
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    batch: DenseBatch,
+    *,
+    scale: float,
+    sliding_window: int | None,
+    softcap: float | None,
+) -> jax.Array:
+    """The single point where attention leaves the model for `pallas_kernels`."""
+    if isinstance(batch, DenseBatch):
+        return dense_attention(
+            q,
+            k,
+            v,
+            q_positions=batch.positions,
+            kv_positions=batch.positions,
+            q_segment_ids=batch.segment_ids,
+            kv_segment_ids=batch.segment_ids,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+    raise TypeError(f"unsupported attention inputs {type(batch).__name__}")
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.query_scale
+        self.softcap = config.attn_logit_softcap
+        self.sliding_window = config.layer_window(layer)
+        self.rope = config.layer_rope(layer)
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        common = dict(dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
+        self.q_proj = Linear(hidden, q_dim, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **common)
+        self.k_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
+        self.v_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
+        self.o_proj = Linear(q_dim, hidden, axes=("q_heads", "embed"), use_bias=config.o_bias, **common)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+
+    def __call__(self, x: jax.Array, batch: DenseBatch) -> jax.Array:
+        lead = x.shape[:-1]
+        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)  # [B,T,H,D]
+        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)  # [B,T,K,D]
+        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            cos, sin = rotary_cos_sin(self.rope, batch.positions, q.dtype)
+            q = apply_rotary(q, cos, sin, self.rope.interleaved)
+            k = apply_rotary(k, cos, sin, self.rope.interleaved)
+        out = attend(
+            q, k, v, batch, scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap
+        )
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))

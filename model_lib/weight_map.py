@@ -1,0 +1,109 @@
+"""How a family's Hugging Face tensor names map onto our parameter paths.
+
+Most families load by identity because our modules keep HF names. The exceptions
+are data, not code:
+- `renames`: module-path prefixes that differ (`transformer.h.{i}.ln_1` ->
+  `model.layers.{i}.input_layernorm`);
+- `fused`: one HF projection that we hold as several (`qkv_proj` -> q/k/v), with
+  the output-dimension layout needed to split it on load and join it on save;
+- `ignored`: HF tensors that carry nothing we need (cached rotary buffers).
+
+Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
+`kernel [in, out]`; `model_lib/checkpoint.py` handles that for all families.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from model_lib.config import ModelConfig
+
+FusedLayout = Callable[[ModelConfig], tuple[int, tuple[int, ...]]]
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """`a.{i}.b` -> a regex matching `a.<digits>.b` with the layer index captured."""
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+def _fill(pattern: str, match: re.Match[str]) -> str:
+    return pattern.replace("{i}", match.group("i")) if "{i}" in pattern else pattern
+
+
+@dataclass(frozen=True)
+class Fused:
+    """An HF module whose output dimension concatenates several of our modules.
+
+    `layout(config)` returns `(groups, sizes)`: the output dimension is viewed as
+    `[groups, sum(sizes) // groups]` and split per group into `sizes // groups`
+    (groups > 1 for per-head interleaving, as in GPTBigCode's multi-head `c_attn`).
+    """
+
+    hf_module: str
+    parent: str
+    parts: tuple[str, ...]
+    layout: FusedLayout
+
+    def split(self, tensor: np.ndarray, config: ModelConfig) -> list[np.ndarray]:
+        """Split an HF weight `[out, in]` or bias `[out]` into the parts' HF layouts."""
+        groups, sizes = self.layout(config)
+        total = sum(sizes)
+        if tensor.shape[0] != total:
+            raise ValueError(f"output dimension {tensor.shape[0]}, expected {total} ({'+'.join(map(str, sizes))})")
+        grouped = tensor.reshape(groups, total // groups, *tensor.shape[1:])
+        bounds = np.cumsum([s // groups for s in sizes])[:-1]
+        return [p.reshape(size, *tensor.shape[1:]) for p, size in zip(np.split(grouped, bounds, axis=1), sizes)]
+
+    def join(self, parts: list[np.ndarray], config: ModelConfig) -> np.ndarray:
+        """Inverse of `split`."""
+        groups, sizes = self.layout(config)
+        grouped = [p.reshape(groups, s // groups, *p.shape[1:]) for p, s in zip(parts, sizes)]
+        joined = np.concatenate(grouped, axis=1)
+        return joined.reshape(sum(sizes), *parts[0].shape[1:])
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    renames: tuple[tuple[str, str], ...] = ()
+    fused: tuple[Fused, ...] = ()
+    ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq",)
+
+    def is_ignored(self, hf_key: str) -> bool:
+        return any(re.fullmatch(p, hf_key) for p in self.ignored)
+
+    def module_to_ours(self, hf_module: str) -> str:
+        for hf, ours in self.renames:
+            if m := _pattern_regex(hf).match(hf_module):
+                return _fill(ours, m)
+        return hf_module
+
+    def module_to_hf(self, module: str) -> str:
+        for hf, ours in self.renames:
+            if m := _pattern_regex(ours).match(module):
+                return _fill(hf, m)
+        return module
+
+    def fused_for_hf(self, hf_module: str) -> tuple[Fused, list[str]] | None:
+        """The fused spec that `hf_module` matches, with our part module paths."""
+        for spec in self.fused:
+            if m := _pattern_regex(spec.hf_module).match(hf_module):
+                parent = _fill(spec.parent, m)
+                return spec, [f"{parent}.{part}" for part in spec.parts]
+        return None
+
+    def fused_for_ours(self, module: str) -> tuple[Fused, str, list[str]] | None:
+        """If `module` is one part of a fused HF module: (spec, HF module, all our parts)."""
+        parent, _, part = module.rpartition(".")
+        for spec in self.fused:
+            if part in spec.parts and (m := _pattern_regex(spec.parent).match(parent)):
+                return spec, _fill(spec.hf_module, m), [f"{parent}.{p}" for p in spec.parts]
+        return None
+
+
+IDENTITY = WeightMap()

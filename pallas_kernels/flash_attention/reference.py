@@ -1,0 +1,62 @@
+"""Plain-jnp causal attention with segments, sliding window and soft-cap.
+
+Glossary: B batch, T query tokens, S key tokens, H query heads, K kv heads,
+G = H // K query heads per kv head, D head_dim.
+
+Masking is by position and segment, never by index: a key is visible to a query
+when both carry the same non-zero segment id, the key's position is not after the
+query's, and (with a window W) `q_pos - k_pos < W`. Segment 0 marks padding. Rows
+with no visible key (padding queries) get a uniform softmax over a finite fill
+value instead of NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_mask(
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """Boolean `[B, T, S]`: which keys each query may attend to."""
+    q_pos, k_pos = q_positions[:, :, None], kv_positions[:, None, :]
+    q_seg, k_seg = q_segment_ids[:, :, None], kv_segment_ids[:, None, :]
+    visible = (q_seg == k_seg) & (k_seg != 0) & (k_pos <= q_pos)
+    if sliding_window is not None:
+        visible &= q_pos - k_pos < sliding_window
+    return visible
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
+    """Attention of `q [B,T,H,D]` over `k, v [B,S,K,D]`; returns `[B,T,H,D]` in q's dtype."""
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window)
+    logits = jnp.where(visible[:, None, None, :, :], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)

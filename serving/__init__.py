@@ -1,0 +1,1 @@
+"""Serving: engine, offline LLM API and the OpenAI-compatible server (serving issue)."""

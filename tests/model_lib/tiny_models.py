@@ -1,0 +1,156 @@
+"""The table of tiny Hugging Face configs that every model_lib test runs over.
+
+One row per variant that matters (GQA/MQA, tied/untied, each rotary scaling,
+sliding windows shorter than the test sequence, biases, multipliers). Each row is
+built with transformers + PyTorch at a fixed seed and saved with
+`save_pretrained`, once per test session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import transformers
+
+SEQ_LEN = 12  # longer than every sliding window and every "original" rotary length below
+VOCAB = 128
+DIMS = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+@dataclass(frozen=True)
+class TinyCase:
+    name: str
+    config_class: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    dims: dict[str, Any] = field(default_factory=lambda: dict(DIMS))
+
+    def hf_config(self) -> transformers.PretrainedConfig:
+        return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults exceed VOCAB
+BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
+
+CASES = [
+    TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
+    TinyCase("llama-mqa-tied-llama3", "LlamaConfig", dict(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling=LLAMA3)),
+    TinyCase("llama-linear-bias", "LlamaConfig", dict(attention_bias=True, mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    TinyCase("llama-dynamic", "LlamaConfig", dict(num_key_value_heads=2, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    TinyCase(
+        "llama-yarn-headdim",
+        "LlamaConfig",
+        dict(num_key_value_heads=2, head_dim=32, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
+    ),
+    TinyCase("mistral-sliding", "MistralConfig", dict(num_key_value_heads=2, sliding_window=5)),
+    TinyCase("qwen2-bias", "Qwen2Config", dict(num_key_value_heads=2)),
+    TinyCase("qwen2-sliding", "Qwen2Config", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    TinyCase("qwen3-qknorm", "Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)),
+    TinyCase(
+        "granite-multipliers",
+        "GraniteConfig",
+        dict(num_key_value_heads=2, embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0),
+    ),
+    TinyCase(
+        "gemma3-local-global",
+        "Gemma3TextConfig",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+            final_logit_softcapping=5.0,
+        ),
+    ),
+    TinyCase(
+        "phi3-longrope-partial",
+        "Phi3Config",
+        dict(
+            num_key_value_heads=2,
+            partial_rotary_factor=0.5,
+            **PHI3_TOKENS,
+            max_position_embeddings=32,
+            original_max_position_embeddings=8,
+            rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 4.0, 8.0]},
+        ),
+    ),
+    TinyCase("phi3-sliding", "Phi3Config", dict(num_key_value_heads=4, sliding_window=6, **PHI3_TOKENS)),
+    TinyCase("gpt_bigcode-mqa", "GPTBigCodeConfig", dict(multi_query=True), BIGCODE_DIMS),
+    TinyCase("gpt_bigcode-mha-untied", "GPTBigCodeConfig", dict(multi_query=False, tie_word_embeddings=False), BIGCODE_DIMS),
+]
+CASES_BY_NAME = {c.name: c for c in CASES}
+
+# One case per registered architecture, for the costlier sharded and bf16 runs.
+ONE_PER_ARCHITECTURE = [
+    "llama-gqa",
+    "mistral-sliding",
+    "qwen2-sliding",
+    "qwen3-qknorm",
+    "granite-multipliers",
+    "gemma3-local-global",
+    "phi3-longrope-partial",
+    "gpt_bigcode-mqa",
+]
+
+
+def build_checkpoint(case: TinyCase, folder: Path):
+    """Build the transformers model (seed 0), save it to `folder`; return the eval-mode model."""
+    import torch
+
+    torch.manual_seed(0)
+    config = case.hf_config()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # Random init leaves norms at 1 / 0; perturb every parameter so each one matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    return model
+
+
+def _reset_dynamic_rope(model) -> None:
+    """transformers' dynamic NTK caches the longest length seen across calls; start each call fresh."""
+    for module in model.modules():
+        if hasattr(module, "original_inv_freq") and hasattr(module, "max_seq_len_cached"):
+            module.inv_freq.copy_(module.original_inv_freq)
+            module.max_seq_len_cached = module.original_max_seq_len
+
+
+def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    _reset_dynamic_rope(model)
+    with torch.no_grad():
+        return model(torch.as_tensor(input_ids)).logits.float().numpy()
+
+
+def random_ids(batch: int, length: int, seed: int) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, VOCAB, size=(batch, length)).astype(np.int32)
+
+
+def padded_batch(seed: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Two rows of SEQ_LEN: one left-padded, one right-padded; plus each row's real span."""
+    ids = random_ids(2, SEQ_LEN, seed)
+    mask = np.ones_like(ids)
+    spans = [(3, SEQ_LEN), (0, SEQ_LEN - 2)]
+    for row, (start, end) in enumerate(spans):
+        mask[row, :start] = 0
+        mask[row, end:] = 0
+        ids[row, mask[row] == 0] = 0
+    return ids, mask, spans
+
+
+def assert_logits_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> None:
+    """max |ours - ref| <= rel * max(1, max |ref|): tight relative to the logit scale."""
+    scale = max(1.0, float(np.abs(ref).max()))
+    diff = float(np.abs(np.asarray(ours) - ref).max())
+    assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel} x logit scale {scale:.3g}"

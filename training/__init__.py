@@ -1,0 +1,1 @@
+"""Fine-tuning: data, trainer, checkpoints, export and the train launcher (training issue)."""
