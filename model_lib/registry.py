@@ -23,6 +23,7 @@ class Family:
     name: str
     config_from_hf: Callable[[PretrainedConfig, str], ModelConfig]
     weight_map: WeightMap = IDENTITY
+    quirks: str = ""  # what sets it apart, for the README table
 
 
 # architecture -> "module:ATTRIBUTE" of its Family
@@ -55,3 +56,12 @@ def get_family(architecture: str) -> Family:
         ) from None
     module, attribute = target.split(":")
     return getattr(importlib.import_module(module), attribute)
+
+
+def architecture_table() -> str:
+    """The supported-architecture table of the README, generated from the registry."""
+    rows = ["| HF architecture | family | what it exercises |", "|---|---|---|"]
+    for architecture in supported_architectures():
+        family = get_family(architecture)
+        rows.append(f"| `{architecture}` | {family.name} | {family.quirks} |")
+    return "\n".join(rows)

@@ -36,4 +36,6 @@ def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     )
 
 
-GEMMA3 = Family("gemma3", gemma3_config)
+GEMMA3 = Family(
+    "gemma3", gemma3_config, quirks="(1+w) RMSNorm, sandwich norms, q/k norm, local/global layers with two RoPE bases, logit soft-cap"
+)

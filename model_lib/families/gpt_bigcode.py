@@ -69,4 +69,5 @@ GPT_BIGCODE = Family(
             Fused("transformer.h.{i}.attn.c_attn", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), _c_attn_layout),
         ),
     ),
+    quirks="MQA via fused c_attn, learned positions, LayerNorm, GELU MLP, biases",
 )

@@ -37,8 +37,8 @@ def granite_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     )
 
 
-LLAMA = Family("llama", llama_config)
-MISTRAL = Family("mistral", llama_config)
-QWEN2 = Family("qwen2", qwen2_config)
-QWEN3 = Family("qwen3", qwen3_config)
-GRANITE = Family("granite", granite_config)
+LLAMA = Family("llama", llama_config, quirks="GQA/MQA, llama3/linear/dynamic/yarn RoPE, tied embeddings, optional biases")
+MISTRAL = Family("mistral", llama_config, quirks="sliding window")
+QWEN2 = Family("qwen2", qwen2_config, quirks="qkv bias, sliding window above max_window_layers")
+QWEN3 = Family("qwen3", qwen3_config, quirks="per-head q/k RMSNorm")
+GRANITE = Family("granite", granite_config, quirks="embedding/residual/attention/logit multipliers")

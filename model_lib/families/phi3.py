@@ -34,4 +34,5 @@ PHI3 = Family(
             ),
         )
     ),
+    quirks="fused qkv_proj and gate_up_proj, LongRoPE, partial rotary, sliding window",
 )
