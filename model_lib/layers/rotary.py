@@ -82,10 +82,13 @@ def _longrope_attention_factor(rope: RopeConfig) -> float:
     return math.sqrt(1 + math.log(rope.factor) / math.log(rope.original_max_position))
 
 
-def rope_frequencies(rope: RopeConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, float]:
+def rope_frequencies(rope: RopeConfig, seq_lens: jnp.ndarray) -> tuple[jnp.ndarray, float]:
     """Inverse frequencies (float32) and the cos/sin multiplier.
 
-    The frequencies are `[R/2]`, or `[..., 1, R/2]` for the length-dependent kinds.
+    `seq_lens [..., T]` is the length of each token's sequence, which dynamic NTK
+    and LongRoPE depend on; looking at each sequence's own length keeps its logits
+    independent of what else is in the batch. The frequencies are `[R/2]`, or
+    `[..., T, R/2]` for those two kinds.
     """
     kind = rope.kind
     if kind == "default":
@@ -97,9 +100,7 @@ def rope_frequencies(rope: RopeConfig, positions: jnp.ndarray) -> tuple[jnp.ndar
     if kind == "yarn":
         inv_freq, attention_factor = _yarn(rope)
         return jnp.asarray(inv_freq), attention_factor
-    # Length-dependent variants look at each sequence's own length `[..., 1, 1]`,
-    # so a sequence's logits do not depend on what else is in the batch.
-    seq_len = (jnp.max(positions, axis=-1, keepdims=True) + 1)[..., None]
+    seq_len = seq_lens[..., None]
     if kind == "dynamic":
         # NTK-aware base growth once the sequence runs past the trained length.
         seq_len = jnp.maximum(seq_len, rope.max_position).astype(jnp.float32)
@@ -117,10 +118,10 @@ def rope_frequencies(rope: RopeConfig, positions: jnp.ndarray) -> tuple[jnp.ndar
 
 
 def rotary_cos_sin(
-    rope: RopeConfig, positions: jnp.ndarray, dtype: jnp.dtype
+    rope: RopeConfig, positions: jnp.ndarray, seq_lens: jnp.ndarray, dtype: jnp.dtype
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos and sin `[..., T, R/2]` for integer positions `[..., T]`."""
-    inv_freq, attention_factor = rope_frequencies(rope, positions)
+    """cos and sin `[..., T, R/2]` for integer positions `[..., T]` (see `rope_frequencies`)."""
+    inv_freq, attention_factor = rope_frequencies(rope, seq_lens)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     cos = (jnp.cos(angles) * attention_factor).astype(dtype)
     sin = (jnp.sin(angles) * attention_factor).astype(dtype)

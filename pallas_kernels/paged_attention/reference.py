@@ -1,0 +1,136 @@
+"""Ragged paged attention in plain jnp: the definition of correct and the CPU path.
+
+One call serves a flat batch that mixes prefill chunks and decode tokens of many
+sequences (vLLM v1 / tpu-inference style).
+
+Glossary: T tokens in the step, S sequences (padded), H query heads, K kv heads,
+G = H // K, D head_dim, P pages in the pool, B page size (tokens per page),
+M max pages per sequence in this step.
+
+Inputs:
+- q `[T, H, D]`, k/v `[T, K, D]`: the step's tokens, sequence after sequence.
+- cu_q_lens `[S+1]`: token offsets of each sequence; padded sequences repeat the
+  last offset (zero new tokens).
+- kv_lens `[S]`: each sequence's KV length after this step (cached + new).
+- page_tables `[S, M]`: page ids of each sequence in order.
+- k_cache/v_cache `[K, P, B, D]`: the paged pool of one layer.
+- num_seqs: how many of the S rows are real.
+
+The new tokens of sequence s sit at positions `kv_lens[s] - q_len(s) ...
+kv_lens[s] - 1`; they are written into their pages, then every token attends
+causally to its own sequence (optionally within a sliding window, with a
+soft-cap and with per-head attention sinks).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def token_layout(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
+    """Per token: its sequence, its position, and whether it is real (not padding)."""
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
+    seq = jnp.minimum(seq, cu_q_lens.shape[0] - 2)
+    valid = t < cu_q_lens[num_seqs]
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    positions = kv_lens[seq] - q_lens[seq] + (t - cu_q_lens[seq])
+    return seq, jnp.where(valid, positions, 0), valid
+
+
+def write_kv(
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    cu_q_lens: jax.Array,
+    kv_lens: jax.Array,
+    page_tables: jax.Array,
+    num_seqs: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter the step's keys/values into their pages (padding tokens are dropped)."""
+    num_pages, page_size = k_cache.shape[1], k_cache.shape[2]
+    seq, positions, valid = token_layout(cu_q_lens, kv_lens, num_seqs, k.shape[0])
+    page = page_tables[seq, positions // page_size]
+    page = jnp.where(valid, page, num_pages)  # out of range -> dropped
+    slot = positions % page_size
+    k_cache = k_cache.at[:, page, slot].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[:, page, slot].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def paged_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    cu_q_lens: jax.Array,
+    kv_lens: jax.Array,
+    page_tables: jax.Array,
+    num_seqs: jax.Array,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: jax.Array | None = None,
+) -> jax.Array:
+    """Attention of the step's queries over the (already written) paged KV; `[T, H, D]`."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_cache.shape
+    groups = num_heads // num_kv_heads
+    seq, positions, valid = token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    pages = page_tables[seq]  # [T, M]
+    max_kv = pages.shape[1] * page_size
+    keys = k_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
+    values = v_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
+
+    qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
+    logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    kv_index = jnp.arange(max_kv, dtype=jnp.int32)[None, :]
+    visible = (kv_index <= positions[:, None]) & valid[:, None]
+    if sliding_window is not None:
+        visible &= positions[:, None] - kv_index < sliding_window
+    logits = jnp.where(visible[:, None, None, :], logits, MASK_VALUE)
+
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1)
+        row_max = jnp.maximum(row_max, sink)
+    weights = jnp.exp(logits - row_max)
+    denominator = jnp.sum(weights, axis=-1, keepdims=True)
+    if sinks is not None:
+        denominator = denominator + jnp.exp(sink - row_max)
+    probs = (weights / denominator).astype(values.dtype)
+    out = jnp.einsum("tkgs,ktsd->tkgd", probs, values, preferred_element_type=jnp.float32)
+    out = jnp.where(valid[:, None, None, None], out, 0.0)
+    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    cu_q_lens: jax.Array,
+    kv_lens: jax.Array,
+    page_tables: jax.Array,
+    num_seqs: jax.Array,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write the step's k/v into the pages, then attend. Returns (out, k_cache, v_cache)."""
+    meta = dict(cu_q_lens=cu_q_lens, kv_lens=kv_lens, page_tables=page_tables, num_seqs=num_seqs)
+    k_cache, v_cache = write_kv(k, v, k_cache, v_cache, **meta)
+    out = paged_attention(
+        q, k_cache, v_cache, **meta, scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks
+    )
+    return out, k_cache, v_cache
