@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.config import ModelConfig
-from model_lib.layers import MLP, Attention, DenseBatch, Embed, Linear, make_norm
+from model_lib.layers import MLP, Attention, DenseBatch, Embed, KVCache, Linear, PagedBatch, make_norm
+
+Batch = DenseBatch | PagedBatch
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -49,15 +51,15 @@ class DecoderLayer(nnx.Module):
         elif config.block_norms != "pre":
             raise ValueError(f"unknown block_norms {config.block_norms!r}")
 
-    def __call__(self, x: jax.Array, batch: DenseBatch) -> jax.Array:
+    def __call__(self, x: jax.Array, batch: Batch, kv_cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)
         if self.block_norms == "pre":
             # HF's "post_attention_layernorm" is the norm in front of the MLP here.
-            x = x + self.residual_multiplier * self.self_attn(self.input_layernorm(x), batch)
-            return x + self.residual_multiplier * self.mlp(self.post_attention_layernorm(x))
-        attn_out = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), batch))
-        x = x + self.residual_multiplier * attn_out
+            x = x + self.residual_multiplier * attn_out
+            return x + self.residual_multiplier * self.mlp(self.post_attention_layernorm(x)), kv_cache
+        x = x + self.residual_multiplier * self.post_attention_layernorm(attn_out)
         mlp_out = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x + self.residual_multiplier * mlp_out
+        return x + self.residual_multiplier * mlp_out, kv_cache
 
 
 class DecoderModel(nnx.Module):
@@ -76,16 +78,21 @@ class DecoderModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
         self.norm = make_norm(config)
 
-    def __call__(self, input_ids: jax.Array, batch: DenseBatch) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, batch: Batch, kv_caches: list[KVCache] | None = None
+    ) -> tuple[jax.Array, list[KVCache] | None]:
+        """Token ids (`[B, T]` or flat `[T]`) -> final hidden states and the updated KV pages."""
         x = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             # Scale in the weight dtype, as the reference does (Gemma's sqrt(E) rounds in bf16).
             x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
         if self.embed_positions is not None:
             x = x + self.embed_positions(batch.positions)
-        for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, batch, None if kv_caches is None else kv_caches[i])
+            new_caches.append(cache)
+        return self.norm(x), (None if kv_caches is None else new_caches)
 
 
 class CausalLM(nnx.Module):
@@ -122,9 +129,24 @@ class CausalLM(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits
 
-    def forward(self, input_ids: jax.Array, batch: DenseBatch) -> jax.Array:
-        """The family forward: token ids plus attention inputs -> logits."""
-        return self.logits(self.model(input_ids, batch))
+    def forward(
+        self,
+        input_ids: jax.Array,
+        batch: Batch,
+        kv_caches: list[KVCache] | None = None,
+        logits_indices: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[KVCache] | None]:
+        """The family forward, for both batch shapes (DESIGN.md "one forward, two batch shapes").
+
+        Dense `[B, T]` batches attend within the batch; a `PagedBatch` reads and
+        writes the paged `kv_caches` (one `(k, v)` per layer). `logits_indices`
+        picks the token positions (along the leading token axis) that need
+        logits, so a decode step projects only the last token of each sequence.
+        """
+        hidden, kv_caches = self.model(input_ids, batch, kv_caches)
+        if logits_indices is not None:
+            hidden = hidden[logits_indices]
+        return self.logits(hidden), kv_caches
 
     def __call__(
         self,
@@ -144,6 +166,7 @@ class CausalLM(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
-        if positions is None:
-            positions = positions_from_segments(segment_ids)
-        return self.forward(input_ids, DenseBatch(positions=jnp.asarray(positions, jnp.int32), segment_ids=segment_ids))
+        positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
+        seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
+        logits, _ = self.forward(input_ids, DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens))
+        return logits

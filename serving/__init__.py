@@ -1,1 +1,7 @@
-"""Serving: engine, offline LLM API and the OpenAI-compatible server (serving issue)."""
+"""Serving: the decode engine, the offline `LLM` API (and, next, the OpenAI-compatible server)."""
+
+from serving.llm import LLM
+from serving.outputs import CompletionOutput, Logprob, RequestOutput
+from serving.sampling_params import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]

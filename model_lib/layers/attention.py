@@ -4,7 +4,7 @@ Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads), per-layer sliding window,
 per-layer rotary (Gemma3's local/global bases), attention soft-cap and a custom
 query scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`).
 
-Glossary: B batch, T tokens, E hidden, H heads, K kv heads, D head_dim.
+Glossary: B batch, T tokens, P pages, E hidden, H heads, K kv heads, D head_dim.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from model_lib.layers.linear import Linear
 from model_lib.layers.norms import make_norm
 from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
 from pallas_kernels.flash_attention import attention as dense_attention
+from pallas_kernels.paged_attention import ragged_paged_attention
+
+KVCache = tuple[jax.Array, jax.Array]  # one layer's (k, v) pages, each [K, P, page_size, D]
 
 
 @struct.dataclass
@@ -26,26 +29,45 @@ class DenseBatch:
     """Attention inputs of a `[B, T]` batch: positions and segment ids (0 = padding).
 
     Packed training rows carry several segments; a padded batch is one segment per
-    row with zeros on the padding.
+    row with zeros on the padding. `seq_lens` is each token's sequence length
+    (length-dependent rotary variants read it).
     """
 
     positions: jax.Array  # [B, T] int32
     segment_ids: jax.Array  # [B, T] int32
+    seq_lens: jax.Array  # [B, T] int32
+
+
+@struct.dataclass
+class PagedBatch:
+    """Attention inputs of a flat ragged step `[T]` over the paged KV cache.
+
+    Tokens are grouped by sequence (`cu_q_lens`); see
+    `pallas_kernels/paged_attention/reference.py` for the layout.
+    """
+
+    positions: jax.Array  # [T] int32
+    seq_lens: jax.Array  # [T] int32: KV length of each token's sequence after this step
+    cu_q_lens: jax.Array  # [S+1] int32
+    kv_lens: jax.Array  # [S] int32
+    page_tables: jax.Array  # [S, M] int32
+    num_seqs: jax.Array  # [] int32
 
 
 def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    batch: DenseBatch,
+    batch: DenseBatch | PagedBatch,
+    kv_cache: KVCache | None,
     *,
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
-) -> jax.Array:
+) -> tuple[jax.Array, KVCache | None]:
     """The single point where attention leaves the model for `pallas_kernels`."""
     if isinstance(batch, DenseBatch):
-        return dense_attention(
+        out = dense_attention(
             q,
             k,
             v,
@@ -57,6 +79,22 @@ def attend(
             sliding_window=sliding_window,
             softcap=softcap,
         )
+        return out, kv_cache
+    if isinstance(batch, PagedBatch):
+        out, k_cache, v_cache = ragged_paged_attention(
+            q,
+            k,
+            v,
+            *kv_cache,
+            cu_q_lens=batch.cu_q_lens,
+            kv_lens=batch.kv_lens,
+            page_tables=batch.page_tables,
+            num_seqs=batch.num_seqs,
+            scale=scale,
+            sliding_window=sliding_window,
+            softcap=softcap,
+        )
+        return out, (k_cache, v_cache)
     raise TypeError(f"unsupported attention inputs {type(batch).__name__}")
 
 
@@ -78,7 +116,10 @@ class Attention(nnx.Module):
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
 
-    def __call__(self, x: jax.Array, batch: DenseBatch) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        """`x [..., E]` (`[B, T, E]` dense or `[T, E]` paged) -> output and the updated KV pages."""
         lead = x.shape[:-1]
         q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)  # [B,T,H,D]
         k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)  # [B,T,K,D]
@@ -86,10 +127,10 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            cos, sin = rotary_cos_sin(self.rope, batch.positions, q.dtype)
+            cos, sin = rotary_cos_sin(self.rope, batch.positions, batch.seq_lens, q.dtype)
             q = apply_rotary(q, cos, sin, self.rope.interleaved)
             k = apply_rotary(k, cos, sin, self.rope.interleaved)
-        out = attend(
-            q, k, v, batch, scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap
+        out, kv_cache = attend(
+            q, k, v, batch, kv_cache, scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap
         )
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache

@@ -40,7 +40,7 @@ def test_padding_queries_stay_finite():
 def test_rotary_preserves_norm_and_relative_angle():
     rope = RopeConfig(kind="default", theta=10000.0, rotary_dim=8)
     x = jnp.asarray(np.random.RandomState(1).randn(1, 6, 1, 8), jnp.float32)
-    cos, sin = rotary_cos_sin(rope, jnp.arange(6)[None], jnp.float32)
+    cos, sin = rotary_cos_sin(rope, jnp.arange(6)[None], jnp.full((1, 6), 6), jnp.float32)
     for interleaved in (False, True):
         y = apply_rotary(x, cos, sin, interleaved)
         np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
@@ -53,5 +53,5 @@ def test_rotary_preserves_norm_and_relative_angle():
 def test_partial_rotary_passes_the_tail_through():
     rope = RopeConfig(kind="default", theta=10000.0, rotary_dim=4)
     x = jnp.asarray(np.random.RandomState(2).randn(1, 3, 2, 8), jnp.float32)
-    cos, sin = rotary_cos_sin(rope, jnp.arange(3)[None], jnp.float32)
+    cos, sin = rotary_cos_sin(rope, jnp.arange(3)[None], jnp.full((1, 3), 3), jnp.float32)
     np.testing.assert_array_equal(apply_rotary(x, cos, sin, False)[..., 4:], x[..., 4:])

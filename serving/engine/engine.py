@@ -1,0 +1,280 @@
+"""The engine loop: scheduler -> model runner -> sampler -> detokenizer -> outputs.
+
+`LLMEngine` owns the device. Callers add requests (token ids plus
+`SamplingParams`) and call `step()` repeatedly; each step runs one ragged batch
+and returns the outputs of the requests that progressed. Requests can be
+aborted at any time; their pages go back to the pool at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import numpy as np
+
+from model_lib import CausalLM
+from model_lib.sharding import ShardingPlan
+from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
+from serving.engine.kv_pages import PagePool
+from serving.engine.runner import ModelRunner, bucket
+from serving.engine.sampler import NO_TOKEN, SampleOutput, SamplingBatch, sample
+from serving.engine.scheduler import ScheduledSequence, Scheduler
+from serving.engine.sequence import Sequence
+from serving.outputs import CompletionOutput, Logprob, RequestOutput
+from serving.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine sizes (vLLM's option names)."""
+
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    page_size: int = 16
+    num_pages: int | None = None  # default: from free device memory (GPU) or a 1 GiB budget (CPU)
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    sequences: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finished for seq in self.sequences)
+
+
+def _default_num_pages(config: EngineConfig, page_bytes: int, max_pages_per_seq: int) -> int:
+    wanted = config.max_num_seqs * max_pages_per_seq
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform == "gpu" else None
+    if stats and "bytes_limit" in stats:
+        budget = int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0)
+    else:
+        budget = 1 << 30
+    return max(min(wanted, budget // page_bytes), max_pages_per_seq)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        *,
+        eos_token_ids: tuple[int, ...] | None = None,
+        plan: ShardingPlan | None = None,
+    ):
+        self.model_config = model.config
+        self.config = config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.eos_token_ids = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        max_pages_per_seq = -(-self.max_model_len // config.page_size)
+        mc = model.config
+        page_bytes = 2 * mc.num_layers * mc.num_kv_heads * config.page_size * mc.head_dim * np.dtype(mc.dtype).itemsize
+        num_pages = config.num_pages or _default_num_pages(config, page_bytes, max_pages_per_seq)
+        if num_pages < max_pages_per_seq:
+            raise ValueError(
+                f"{num_pages} KV pages of {config.page_size} tokens cannot hold one sequence of "
+                f"max_model_len={self.max_model_len}; lower max_model_len or add pages"
+            )
+        self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(
+            model,
+            num_pages=num_pages,
+            page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            plan=plan,
+        )
+        self.requests: dict[str, _Request] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self._next_seq_id = 0
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        logger.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_pages, config.page_size, self.runner.kv_cache_bytes / 2**20)
+
+    # -- requests -------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> None:
+        """Queue a request; raises ValueError for a prompt the engine cannot serve."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        sequences = []
+        for index in range(params.n):
+            if params.seed is None:
+                seed = int(self._rng.integers(2**31))
+            else:
+                seed = int(np.random.SeedSequence([params.seed, index]).generate_state(1)[0])
+            seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens)
+            seq.logprobs = [] if params.logprobs is not None else None
+            self._next_seq_id += 1
+            sequences.append(seq)
+        detokenizers = [
+            IncrementalDetokenizer.for_prompt(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            if self.tokenizer is not None
+            else None
+            for _ in sequences
+        ]
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_ids), params, sequences, detokenizers)
+        for seq in sequences:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens += len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now and free its pages (no-op if it already finished)."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            for seq in request.sequences:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits = self.runner.execute(scheduled)
+        sampled = self._sample(logits, scheduled)
+        completes = [item.completes_sequence for item in scheduled]
+        self.scheduler.update_after_step(scheduled)
+        touched: dict[str, _Request] = {}
+        for i, item in enumerate(scheduled):
+            if not completes[i]:
+                continue  # a prefill chunk: no token yet
+            request = self.requests[item.seq.request_id]
+            self._append_token(request, item.seq, sampled, i)
+            touched[request.request_id] = request
+        outputs = [self._output(request) for request in touched.values()]
+        for request in touched.values():
+            if request.finished:
+                del self.requests[request.request_id]
+        return outputs
+
+    def _sample(self, logits: jax.Array, scheduled: list[ScheduledSequence]) -> dict[str, np.ndarray]:
+        rows = logits.shape[0]
+        seqs = [item.seq for item in scheduled]
+        pad = rows - len(seqs)
+
+        def column(values, dtype):
+            return np.asarray(list(values) + [0] * pad, dtype)
+
+        use_penalties = any(s.params.uses_penalties for s in seqs)
+        prompt_ids = output_ids = None
+        if use_penalties:
+            width_p = bucket(max(len(s.prompt_ids) for s in seqs), 16, self.max_model_len)
+            width_o = bucket(max(max(len(s.output_ids) for s in seqs), 1), 16, self.max_model_len)
+            prompt_ids = np.full((rows, width_p), NO_TOKEN, np.int32)
+            output_ids = np.full((rows, width_o), NO_TOKEN, np.int32)
+            for r, s in enumerate(seqs):
+                if s.params.repetition_penalty != 1.0:
+                    prompt_ids[r, : len(s.prompt_ids)] = s.prompt_ids
+                output_ids[r, : len(s.output_ids)] = s.output_ids
+        batch = SamplingBatch(
+            temperature=column((s.params.temperature for s in seqs), np.float32),
+            top_k=column((s.params.top_k for s in seqs), np.int32),
+            top_p=np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32),
+            min_p=column((s.params.min_p for s in seqs), np.float32),
+            repetition_penalty=np.asarray([s.params.repetition_penalty for s in seqs] + [1.0] * pad, np.float32),
+            presence_penalty=column((s.params.presence_penalty for s in seqs), np.float32),
+            frequency_penalty=column((s.params.frequency_penalty for s in seqs), np.float32),
+            seeds=column((s.seed for s in seqs), np.uint32),
+            steps=column((len(s.output_ids) for s in seqs), np.int32),
+            prompt_ids=prompt_ids,
+            output_ids=output_ids,
+        )
+        wanted = max((s.params.logprobs or 0) for s in seqs)
+        num_logprobs = 0 if wanted == 0 else bucket(wanted, 4, SamplingParams.MAX_LOGPROBS)
+        out: SampleOutput = sample(logits, batch, num_logprobs=num_logprobs, use_penalties=use_penalties)
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        return {k: np.asarray(v) for k, v in jax.device_get(fields).items() if v is not None}
+
+    def _append_token(self, request: _Request, seq: Sequence, sampled: dict[str, np.ndarray], row: int) -> None:
+        token = int(sampled["tokens"][row])
+        params = seq.params
+        seq.output_ids.append(token)
+        self.num_generated_tokens += 1
+        logprob = float(sampled["logprobs"][row])
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            entry = {token: Logprob(logprob, int(sampled["ranks"][row]), self._decode_one(token))}
+            for rank in range(params.logprobs):
+                tid = int(sampled["top_ids"][row, rank])
+                entry.setdefault(tid, Logprob(float(sampled["top_logprobs"][row, rank]), rank + 1, self._decode_one(tid)))
+            seq.logprobs.append(entry)
+
+        if token in params.stop_token_ids:
+            self.scheduler.finish(seq, "stop", token)
+            return
+        if token in self.eos_token_ids and not params.ignore_eos:
+            self.scheduler.finish(seq, "stop")
+            return
+        detokenizer = request.detokenizers[seq.index]
+        if detokenizer is not None:
+            new_from = len(seq.text)
+            seq.text += detokenizer.add(token)
+            if params.stop and (hit := find_stop(seq.text, new_from, params.stop, params.include_stop_str_in_output)):
+                cut, stop = hit
+                seq.text = seq.text[:cut]
+                self.scheduler.finish(seq, "stop", stop)
+                return
+        if len(seq.output_ids) >= seq.max_tokens:
+            self.scheduler.finish(seq, "length")
+
+    def _decode_one(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token])
+
+    def _output(self, request: _Request) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_ids,
+            outputs=[
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.text,
+                    token_ids=list(seq.output_ids),
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=None if seq.logprobs is None else list(seq.logprobs),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+                for seq in request.sequences
+            ],
+            finished=request.finished,
+        )

@@ -1,0 +1,106 @@
+"""The jitted sampler: one call turns a step's logits into next tokens for every sequence.
+
+Per-request settings travel as arrays (`SamplingBatch`), so one compiled sampler
+serves any mix of greedy and sampled requests. Order of operations (as vLLM):
+penalties on the raw logits, then temperature, then top-k, top-p and min-p
+filters, then a draw with the sequence's own key. Greedy rows take the argmax of
+the penalised logits. Log-probabilities are those of the raw model distribution.
+
+Glossary: S sequences in the step, V vocabulary, L penalty history length, N top logprobs.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NO_TOKEN = -1
+
+
+@struct.dataclass
+class SamplingBatch:
+    temperature: jax.Array  # [S] float32, 0 = greedy
+    top_k: jax.Array  # [S] int32, 0 = off
+    top_p: jax.Array  # [S] float32
+    min_p: jax.Array  # [S] float32
+    repetition_penalty: jax.Array  # [S] float32
+    presence_penalty: jax.Array  # [S] float32
+    frequency_penalty: jax.Array  # [S] float32
+    seeds: jax.Array  # [S] uint32
+    steps: jax.Array  # [S] int32: tokens generated so far (folds into the key)
+    prompt_ids: jax.Array | None  # [S, Lp] int32 padded with NO_TOKEN (repetition penalty)
+    output_ids: jax.Array | None  # [S, Lo] int32 padded with NO_TOKEN (all penalties)
+
+
+def _token_counts(ids: jax.Array, vocab: int) -> jax.Array:
+    """[S, L] ids (NO_TOKEN = none) -> [S, V] occurrence counts."""
+    rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)
+    valid = ids != NO_TOKEN
+    return jnp.zeros((ids.shape[0], vocab), jnp.int32).at[rows, jnp.where(valid, ids, 0)].add(valid.astype(jnp.int32))
+
+
+def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    vocab = logits.shape[-1]
+    output_counts = _token_counts(batch.output_ids, vocab)
+    seen = (_token_counts(batch.prompt_ids, vocab) + output_counts) > 0
+    rep = batch.repetition_penalty[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - batch.frequency_penalty[:, None] * output_counts
+    return logits - batch.presence_penalty[:, None] * (output_counts > 0)
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Mask (to -inf) what top-k, then top-p, then min-p rule out; rows keep at least one token."""
+    vocab = logits.shape[-1]
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    ordered = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], ordered, -jnp.inf)
+
+    # top-p: keep the smallest head of the sorted distribution whose mass reaches top_p.
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p[:, None]
+    last_kept = jnp.take_along_axis(ordered, (jnp.sum(keep, axis=-1) - 1)[:, None], axis=-1)
+    logits = jnp.where(logits < last_kept, -jnp.inf, logits)
+
+    # min-p: drop tokens below min_p times the most likely token's probability.
+    probs = jax.nn.softmax(logits, axis=-1)
+    threshold = min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(probs < threshold, -jnp.inf, logits)
+
+
+def sequence_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """One PRNG key per sequence and step: reproducible whatever else shares the batch."""
+    return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(seeds, steps)
+
+
+@struct.dataclass
+class SampleOutput:
+    tokens: jax.Array  # [S] int32
+    logprobs: jax.Array  # [S] raw logprob of each chosen token
+    ranks: jax.Array  # [S] 1-based rank of each chosen token in the raw distribution
+    top_ids: jax.Array | None  # [S, N]
+    top_logprobs: jax.Array | None  # [S, N]
+
+
+@partial(jax.jit, static_argnames=("num_logprobs", "use_penalties"))
+def sample(logits: jax.Array, batch: SamplingBatch, *, num_logprobs: int, use_penalties: bool) -> SampleOutput:
+    """Next token of every sequence, with the log-probabilities requests asked for."""
+    logits = logits.astype(jnp.float32)
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if use_penalties:
+        logits = apply_penalties(logits, batch)
+    greedy_tokens = jnp.argmax(logits, axis=-1)
+    temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
+    filtered = filter_logits(logits / temperature[:, None], batch.top_k, batch.top_p, batch.min_p)
+    drawn = jax.vmap(jax.random.categorical)(sequence_keys(batch.seeds, batch.steps), filtered)
+    tokens = jnp.where(batch.temperature > 0, drawn, greedy_tokens).astype(jnp.int32)
+    token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    ranks = jnp.sum(raw_logprobs > token_logprobs[:, None], axis=-1) + 1
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs) if num_logprobs else (None, None)
+    return SampleOutput(tokens, token_logprobs, ranks, top_ids, top_logprobs)

@@ -1,0 +1,132 @@
+"""Continuous batching: which sequences run in the next step, and with how many tokens.
+
+Every step fills a token budget (`max_num_batched_tokens`) under a cap on running
+sequences (`max_num_seqs`): running sequences first (one token each when
+decoding, the next chunk while still prefilling), then waiting ones in arrival
+order. A prompt longer than what is left of the budget is split into chunks over
+several steps. A sequence first looks its prompt up in the prefix cache and
+skips the pages it finds. When pages run out, the most recently started running
+sequence is preempted: its pages go back to the pool and it waits at the front
+of the queue, to be recomputed (cheaply, if its pages survive in the prefix
+cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from serving.engine.kv_pages import PagePool, next_page_key
+from serving.engine.sequence import Sequence, Status
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this step every token has KV, so the last token's logits give the next token."""
+        return self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, pool: PagePool, *, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _pages_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed + num_new_tokens) // self.pool.page_size)
+        return max(0, total - len(seq.pages))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.pages)
+        seq.pages, seq.page_keys, seq.num_computed = [], [], 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
+
+    def schedule(self) -> list[ScheduledSequence]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            while self._pages_needed(seq, num_new) > self.pool.num_free():
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.pages += self.pool.allocate(self._pages_needed(seq, num_new))
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.pages:
+                # Reuse cached pages of the prefix, but always compute the last token (it gives the logits).
+                seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1)
+                seq.num_computed = len(seq.pages) * self.pool.page_size
+            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            needed = self._pages_needed(seq, num_new)
+            if needed > self.pool.num_free():
+                self.pool.release(seq.pages)
+                seq.pages, seq.page_keys, seq.num_computed = [], [], 0
+                break
+            seq.pages += self.pool.allocate(needed)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        return scheduled
+
+    def update_after_step(self, scheduled: list[ScheduledSequence]) -> None:
+        """Advance progress and name the pages that just became full."""
+        page_size = self.pool.page_size
+        for item in scheduled:
+            seq = item.seq
+            seq.num_computed += item.num_new_tokens
+            full = min(seq.num_computed // page_size, len(seq.pages))
+            while len(seq.page_keys) < full:
+                i = len(seq.page_keys)
+                previous = seq.page_keys[-1] if seq.page_keys else None
+                key = next_page_key(previous, seq.token_slice(i * page_size, (i + 1) * page_size))
+                seq.page_keys.append(key)
+                self.pool.register(seq.pages[i], key)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Retire a sequence (finished or aborted) and give its pages back."""
+        if seq.finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq.pages)
+        seq.pages = []
+        seq.status = Status.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -1,0 +1,61 @@
+"""A sequence's life in the engine: tokens, KV pages, progress and finish state."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from serving.engine.kv_pages import PageKey
+from serving.outputs import Logprob
+from serving.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One of the `n` completions of a request."""
+
+    seq_id: int
+    request_id: str
+    index: int  # which of the request's n samples
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    max_tokens: int  # generated tokens allowed (params.max_tokens capped by max_model_len)
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    page_keys: list[PageKey] = field(default_factory=list)  # keys of the full pages, in order
+    num_computed: int = 0  # tokens whose KV sits in the pages
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    num_preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """`tokens[start:end]` without building the whole token list."""
+        split = len(self.prompt_ids)
+        if start >= split:
+            return self.output_ids[start - split : end - split]
+        if end <= split:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - split]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,139 @@
+"""`LLM`: the offline API (vLLM's convention) over the engine.
+
+    llm = LLM("path/to/checkpoint")
+    outputs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
+    print(outputs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from jax.sharding import Mesh
+
+import model_lib
+from model_lib.sharding import ShardingPlan, as_plan
+from serving.engine import EngineConfig, LLMEngine
+from serving.outputs import RequestOutput
+from serving.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | dict[str, Any]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The checkpoint's tokenizer (`transformers.AutoTokenizer`), or None if it ships none."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+
+
+def generation_eos_ids(path: str | Path, config_eos: tuple[int, ...]) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (if any) together with config.json's."""
+    file = Path(path) / "generation_config.json"
+    eos = set(config_eos)
+    if file.is_file():
+        value = json.loads(file.read_text()).get("eos_token_id")
+        eos |= set(value if isinstance(value, list) else [] if value is None else [value])
+    return tuple(sorted(eos))
+
+
+class LLM:
+    """Load a checkpoint folder and generate from it.
+
+    Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
+    `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
+    `gpu_memory_utilization`, `enable_prefix_caching`, `seed`.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        tokenizer: str | Path | None = None,
+        dtype: Any = None,
+        mesh: Mesh | ShardingPlan | str | None = None,
+        **engine_args: Any,
+    ):
+        plan = as_plan(mesh)
+        self.model_path = Path(model)
+        net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan)
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.engine = LLMEngine(
+            net,
+            self.tokenizer,
+            EngineConfig(**engine_args),
+            eos_token_ids=generation_eos_ids(model, net.config.eos_token_ids),
+            plan=plan,
+        )
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" not in prompt:
+                raise ValueError("a dict prompt needs 'prompt_token_ids'")
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer; pass prompts as {{'prompt_token_ids': [...]}}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        text, ids = self._prompt_ids(prompt)
+        request_id = str(self._counter)
+        self._counter += 1
+        self.engine.add_request(request_id, ids, params, prompt=text)
+        return request_id
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt together (continuous batching); outputs in prompt order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
+        ids = []
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                ids.append(self._add(prompt, params))
+            finished: dict[str, RequestOutput] = {}
+            while len(finished) < len(ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+        except BaseException:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return [finished[request_id] for request_id in ids]
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that changes it (cumulative text and ids)."""
+        request_id = self._add(prompt, sampling_params or SamplingParams())
+        try:
+            while True:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        yield output
+                        if output.finished:
+                            return
+        finally:
+            self.engine.abort_request(request_id)
