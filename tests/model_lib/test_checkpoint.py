@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 import model_lib
 from model_lib import CheckpointError, UnknownArchitectureError
-from tests.model_lib.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, random_ids
+from tests.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, random_ids
 
 
 @pytest.fixture

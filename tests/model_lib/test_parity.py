@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import model_lib
-from tests.model_lib.tiny_models import (
+from tests.tiny_models import (
     CASES,
     ONE_PER_ARCHITECTURE,
     SEQ_LEN,

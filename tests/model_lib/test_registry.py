@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from model_lib.registry import ARCHITECTURES, UnknownArchitectureError, architecture_table, get_family
-from tests.model_lib.tiny_models import CASES
+from tests.tiny_models import CASES
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import model_lib
 from model_lib.sharding import ShardingPlan, load_mesh_preset, make_mesh
-from tests.model_lib.tiny_models import ONE_PER_ARCHITECTURE, SEQ_LEN, assert_logits_close, padded_batch
+from tests.tiny_models import ONE_PER_ARCHITECTURE, SEQ_LEN, assert_logits_close, padded_batch
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
@@ -60,7 +60,7 @@ def test_bad_mesh_requests_are_named():
 
 def test_random_init_model_can_be_sharded():
     from model_lib.families.llama import llama_config
-    from tests.model_lib.tiny_models import CASES_BY_NAME
+    from tests.tiny_models import CASES_BY_NAME
 
     config = llama_config(CASES_BY_NAME["llama-gqa"].hf_config(), "LlamaForCausalLM")
     ids = np.arange(2 * SEQ_LEN, dtype=np.int32).reshape(2, SEQ_LEN) % config.vocab_size

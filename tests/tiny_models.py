@@ -102,8 +102,30 @@ ONE_PER_ARCHITECTURE = [
 ]
 
 
+def build_tokenizer():
+    """A character-level tokenizer over exactly VOCAB ids, built offline with `tokenizers`.
+
+    Ids 0-2 are <unk>, <s>, </s>; then printable ASCII; the rest are multi-character
+    pieces that encoding never produces but decoding must join correctly.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)]
+    extra = ["th", "he", "in", "er", "an", " t", "e ", "on", "at", "en", "nd", "ti", "es", "or", "te"]
+    extra += ["of", "ed", "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io"]
+    pieces = (pieces + extra)[:VOCAB]
+    assert len(pieces) == VOCAB
+    tokenizer = Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 def build_checkpoint(case: TinyCase, folder: Path):
-    """Build the transformers model (seed 0), save it to `folder`; return the eval-mode model."""
+    """Build the transformers model (seed 0) and save it with a tiny tokenizer; return the model."""
     import torch
 
     torch.manual_seed(0)
@@ -114,6 +136,8 @@ def build_checkpoint(case: TinyCase, folder: Path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder)
+    if case.dims.get("vocab_size", VOCAB) == VOCAB:
+        build_tokenizer().save_pretrained(folder)
     return model
 
 

@@ -1,0 +1,95 @@
+"""Scheduling under pressure gives the same tokens: preemption, prefix caching, chunked prefill."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving import LLM, SamplingParams
+from tests.serving.helpers import hf_greedy, prompts, token_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+CASE = "llama-gqa"
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_checkpoint):
+    _, hf_model = tiny_checkpoint(CASE)
+    shared = prompts((20,), seed=1)[0]
+    # Prompts with a long common prefix (prefix caching) and some unrelated ones.
+    prompt_ids = [shared + p for p in prompts((2, 5, 9), seed=2)] + prompts((3, 26), seed=3)
+    import torch
+
+    with torch.no_grad():
+        refs = [
+            hf_model.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+            for p in prompt_ids
+        ]
+    return prompt_ids, refs
+
+
+@pytest.mark.parametrize(
+    "name,engine_args",
+    [
+        ("tiny pool: preemption", dict(num_pages=10, page_size=4, max_num_batched_tokens=64)),
+        ("prefix caching off", dict(enable_prefix_caching=False, page_size=4, max_num_batched_tokens=64)),
+        ("small budget: chunked prefill", dict(max_num_batched_tokens=16, page_size=4)),
+        ("one sequence at a time", dict(max_num_seqs=1, page_size=8, max_num_batched_tokens=32)),
+    ],
+)
+def test_same_tokens_under_scheduling_pressure(name, engine_args, tiny_checkpoint, expected):
+    folder, _ = tiny_checkpoint(CASE)
+    prompt_ids, refs = expected
+    llm = LLM(folder, max_model_len=40, **engine_args)
+    outputs = llm.generate(token_prompts(prompt_ids), GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == refs, name
+    engine = llm.engine
+    assert engine.pool.all_free(), "every page is back in the pool"
+    if "preemption" in name:
+        assert engine.scheduler.num_preemptions > 0
+    if "chunked" in name:
+        assert max(len(p) for p in prompt_ids) > 16  # the long prompts needed several steps
+
+
+def test_prefix_cache_reuses_pages_across_requests(tiny_checkpoint, expected):
+    folder, _ = tiny_checkpoint(CASE)
+    prompt_ids, refs = expected
+    llm = LLM(folder, max_model_len=40, page_size=4, max_num_batched_tokens=64)
+    first = llm.generate(token_prompts(prompt_ids[:1]), GREEDY)
+    assert llm.engine.pool.hit_rate() == 0.0
+    rest = llm.generate(token_prompts(prompt_ids[1:3]), GREEDY)
+    assert [o.outputs[0].token_ids for o in first + rest] == refs[:3]
+    # The 20-token shared prefix is 5 full pages: both later prompts found them.
+    assert llm.engine.pool.prefix_hits >= 2 * 20
+    assert llm.engine.pool.all_free()
+
+
+def test_abort_frees_pages(tiny_checkpoint, expected):
+    folder, _ = tiny_checkpoint(CASE)
+    prompt_ids, _ = expected
+    llm = LLM(folder, max_model_len=40, page_size=4, max_num_batched_tokens=64)
+    engine = llm.engine
+    for i, p in enumerate(prompt_ids):
+        engine.add_request(str(i), p, GREEDY)
+    engine.step()
+    engine.step()
+    assert not engine.pool.all_free()
+    for i in range(len(prompt_ids)):
+        engine.abort_request(str(i))
+    assert engine.pool.all_free() and not engine.has_unfinished_requests()
+    assert not engine.scheduler.has_work()
+
+
+def test_bad_requests_are_refused_with_a_reason(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(CASE)
+    llm = LLM(folder, max_model_len=40, page_size=4)
+    with pytest.raises(ValueError, match="prompt is 40 tokens; max_model_len is 40"):
+        llm.generate({"prompt_token_ids": [5] * 40}, GREEDY)
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 128\)"):
+        llm.generate({"prompt_token_ids": [5, 500]}, GREEDY)
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        llm.generate({"prompt_token_ids": []}, GREEDY)
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        LLM(folder, max_model_len=40, page_size=4, num_pages=3)
+    # The engine still serves after refusing.
+    assert llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY)[0].outputs[0].finish_reason == "length"
+    assert llm.engine.pool.all_free()

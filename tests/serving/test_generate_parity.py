@@ -1,0 +1,30 @@
+"""Greedy generations equal transformers' token for token, for every registered architecture."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving import LLM, SamplingParams
+from tests.serving.helpers import MAX_TOKENS, hf_greedy, prompts, token_prompts
+from tests.tiny_models import ONE_PER_ARCHITECTURE
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+
+
+@pytest.mark.parametrize("case", ONE_PER_ARCHITECTURE)
+def test_greedy_matches_transformers_batched_and_alone(case, tiny_checkpoint):
+    folder, hf_model = tiny_checkpoint(case)
+    prompt_ids = prompts()
+    expected = [hf_greedy(hf_model, p) for p in prompt_ids]
+
+    llm = LLM(folder, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64, page_size=4)
+    together = llm.generate(token_prompts(prompt_ids), GREEDY)
+    assert [o.outputs[0].token_ids for o in together] == expected
+    for output, p in zip(together, prompt_ids):
+        assert output.prompt_token_ids == p and output.finished
+        reason = output.outputs[0].finish_reason
+        assert reason == ("length" if len(output.outputs[0].token_ids) == MAX_TOKENS else "stop")
+
+    alone = [llm.generate(token_prompts([p]), GREEDY)[0].outputs[0].token_ids for p in prompt_ids]
+    assert alone == expected
+    assert llm.engine.pool.all_free()
