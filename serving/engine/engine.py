@@ -220,7 +220,15 @@ class LLMEngine:
         )
         wanted = max((s.params.logprobs or 0) for s in seqs)
         num_logprobs = 0 if wanted == 0 else bucket(wanted, 4, SamplingParams.MAX_LOGPROBS)
-        out: SampleOutput = sample(logits, batch, num_logprobs=num_logprobs, use_penalties=use_penalties)
+        sampled = [s.params for s in seqs if not s.params.greedy]
+        out: SampleOutput = sample(
+            logits,
+            batch,
+            num_logprobs=num_logprobs,
+            use_penalties=use_penalties,
+            use_sampling=bool(sampled),
+            use_filters=any(p.top_k or p.top_p < 1 or p.min_p for p in sampled),
+        )
         fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
         return {k: np.asarray(v) for k, v in jax.device_get(fields).items() if v is not None}
 

@@ -2,7 +2,7 @@
 
 Host-side, a step's sequences become flat arrays padded to bucket shapes, so
 the number of compilations stays bounded: tokens pad to a power of two (at
-least 16, at most `max_num_batched_tokens`), the sequence axis pads to
+most `max_num_batched_tokens`), the sequence axis pads to
 min(token bucket, max_num_seqs), and the page-table width pads to a power of
 two. Each new shape is logged once.
 """
@@ -79,7 +79,7 @@ class ModelRunner:
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
         num_tokens = sum(item.num_new_tokens for item in scheduled)
-        token_pad = bucket(num_tokens, 16, self.max_num_batched_tokens)
+        token_pad = bucket(num_tokens, 1, self.max_num_batched_tokens)
         seq_pad = min(token_pad, bucket(len(scheduled), 1, self.max_num_seqs))
         page_pad = bucket(max(len(item.seq.pages) for item in scheduled), 1, self.max_pages_per_seq)
 

@@ -88,18 +88,32 @@ class SampleOutput:
     top_logprobs: jax.Array | None  # [S, N]
 
 
-@partial(jax.jit, static_argnames=("num_logprobs", "use_penalties"))
-def sample(logits: jax.Array, batch: SamplingBatch, *, num_logprobs: int, use_penalties: bool) -> SampleOutput:
-    """Next token of every sequence, with the log-probabilities requests asked for."""
+@partial(jax.jit, static_argnames=("num_logprobs", "use_penalties", "use_sampling", "use_filters"))
+def sample(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    *,
+    num_logprobs: int,
+    use_penalties: bool,
+    use_sampling: bool = True,
+    use_filters: bool = True,
+) -> SampleOutput:
+    """Next token of every sequence, with the log-probabilities requests asked for.
+
+    The static flags drop work no row needs (all-greedy steps skip the draw,
+    steps without top-k/top-p/min-p skip the sort); rows stay independent.
+    """
     logits = logits.astype(jnp.float32)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     if use_penalties:
         logits = apply_penalties(logits, batch)
-    greedy_tokens = jnp.argmax(logits, axis=-1)
-    temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)
-    filtered = filter_logits(logits / temperature[:, None], batch.top_k, batch.top_p, batch.min_p)
-    drawn = jax.vmap(jax.random.categorical)(sequence_keys(batch.seeds, batch.steps), filtered)
-    tokens = jnp.where(batch.temperature > 0, drawn, greedy_tokens).astype(jnp.int32)
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if use_sampling:
+        scaled = logits / jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+        if use_filters:
+            scaled = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p)
+        drawn = jax.vmap(jax.random.categorical)(sequence_keys(batch.seeds, batch.steps), scaled)
+        tokens = jnp.where(batch.temperature > 0, drawn, tokens).astype(jnp.int32)
     token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     ranks = jnp.sum(raw_logprobs > token_logprobs[:, None], axis=-1) + 1
     top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs) if num_logprobs else (None, None)

@@ -93,3 +93,19 @@ def test_bad_requests_are_refused_with_a_reason(tiny_checkpoint):
     # The engine still serves after refusing.
     assert llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY)[0].outputs[0].finish_reason == "length"
     assert llm.engine.pool.all_free()
+
+
+def test_tensor_parallel_engine_gives_the_same_tokens(tiny_checkpoint, expected):
+    """Parameters and KV pages sharded over 8 simulated devices (tp preset): same greedy tokens."""
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 simulated devices (tests/conftest.py sets XLA_FLAGS)")
+    folder, _ = tiny_checkpoint("gemma3-local-global")
+    prompt_ids, _ = expected
+    single = LLM(folder, max_model_len=40, page_size=4, max_num_batched_tokens=64)
+    sharded = LLM(folder, max_model_len=40, page_size=4, max_num_batched_tokens=64, mesh="tp")
+    q_proj = sharded.engine.runner.state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+    assert len(q_proj.get_value().sharding.device_set) == 8
+    ours = [o.outputs[0].token_ids for o in sharded.generate(token_prompts(prompt_ids), GREEDY)]
+    assert ours == [o.outputs[0].token_ids for o in single.generate(token_prompts(prompt_ids), GREEDY)]
