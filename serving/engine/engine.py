@@ -267,6 +267,17 @@ class LLMEngine:
     def _decode_one(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token])
 
+    @staticmethod
+    def _visible_text(seq: Sequence) -> str:
+        """The text so far, minus a tail that could still turn out to start a stop string.
+
+        Held back while the sequence runs, so streamed text only ever grows.
+        """
+        if seq.finished or not seq.params.stop:
+            return seq.text
+        hold = max(map(len, seq.params.stop)) - 1
+        return seq.text[: max(0, len(seq.text) - hold)]
+
     def _output(self, request: _Request) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
@@ -275,7 +286,7 @@ class LLMEngine:
             outputs=[
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.text,
+                    text=self._visible_text(seq),
                     token_ids=list(seq.output_ids),
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=None if seq.logprobs is None else list(seq.logprobs),

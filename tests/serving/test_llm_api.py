@@ -59,6 +59,16 @@ def test_stream_grows_to_the_generated_result(llm):
     assert steps[-1].outputs[0].token_ids == final.outputs[0].token_ids
 
 
+def test_streamed_text_never_shows_a_stop_string(llm):
+    full = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].outputs[0].text
+    stop = full[12:15]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stop)
+    texts = [step.outputs[0].text for step in llm.stream(PROMPTS[0], params)]
+    assert texts[-1] == full[: full.find(stop)]
+    for earlier, later in zip(texts, texts[1:]):
+        assert later.startswith(earlier)
+
+
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234, ignore_eos=True)
     alone = llm.generate(PROMPTS[0], params)[0].outputs[0].token_ids
