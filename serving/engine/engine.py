@@ -114,6 +114,22 @@ class LLMEngine:
         logger.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_pages, config.page_size, self.runner.kv_cache_bytes / 2**20)
 
     # -- requests -------------------------------------------------------------
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise ValueError, naming the problem, for a prompt this engine cannot serve.
+
+        Reads only fixed settings, so front ends may call it from any thread.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
+                "which must leave room for at least one generated token"
+            )
+
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> None:
@@ -121,16 +137,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt is {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
-                "which must leave room for at least one generated token"
-            )
+        self.validate_prompt(prompt_ids)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []
@@ -163,6 +170,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

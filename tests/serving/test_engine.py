@@ -84,7 +84,7 @@ def test_bad_requests_are_refused_with_a_reason(tiny_checkpoint):
     llm = LLM(folder, max_model_len=40, page_size=4)
     with pytest.raises(ValueError, match="prompt is 40 tokens; max_model_len is 40"):
         llm.generate({"prompt_token_ids": [5] * 40}, GREEDY)
-    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 128\)"):
+    with pytest.raises(ValueError, match=r"prompt token ids must be integers in \[0, 128\)"):
         llm.generate({"prompt_token_ids": [5, 500]}, GREEDY)
     with pytest.raises(ValueError, match="the prompt is empty"):
         llm.generate({"prompt_token_ids": []}, GREEDY)

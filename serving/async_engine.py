@@ -1,0 +1,133 @@
+"""An asyncio front end over `LLMEngine`, whose loop runs in one thread that owns the device.
+
+Coroutines submit requests and abort them through a thread-safe inbox; the
+engine thread drains the inbox between steps, runs steps while there is work,
+and hands each request's outputs back to the event loop that asked. Leaving the
+`generate` iterator early (a client that disconnects, a cancelled task) aborts
+the request, which frees its KV pages before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from serving.engine import LLMEngine
+from serving.outputs import RequestOutput
+from serving.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shut down or crashed); no request can be served."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="jaxllm-engine", daemon=True)
+
+    # -- lifecycle ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort everything in flight, stop the loop and wait for the thread."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    # -- requests -------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as it progresses (cumulative), the last one `finished`."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        self.engine.validate_prompt(prompt_ids)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._inbox.put(("add", (request_id, prompt_ids, params, prompt)))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # -- the engine thread ----------------------------------------------------
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None and not stream.loop.is_closed():
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                request_id = payload[0]
+                if request_id not in self._streams:
+                    continue  # the caller left before the engine saw the request
+                try:
+                    self.engine.add_request(*payload)
+                except ValueError as e:
+                    self._deliver(request_id, e)
+            else:
+                self.engine.abort_request(payload)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._wake.wait(0.1)
+                    self._wake.clear()
+                    continue
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as e:  # noqa: BLE001 - reported to every waiting caller
+            logger.exception("engine loop crashed")
+            self._error = e
+        finally:
+            error = EngineDeadError(f"the engine stopped: {self._error!r}" if self._error else "the server is shutting down")
+            for request_id in list(self.engine.requests):
+                self.engine.abort_request(request_id)
+            for request_id in list(self._streams):
+                self._deliver(request_id, error)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API (FastAPI) and the `serve` command."""
