@@ -77,6 +77,7 @@ class DecoderModel(nnx.Module):
         )
         self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
         self.norm = make_norm(config)
+        self.remat = False  # recompute each layer's activations in the backward pass (training)
 
     def __call__(
         self, input_ids: jax.Array, batch: Batch, kv_caches: list[KVCache] | None = None
@@ -90,7 +91,10 @@ class DecoderModel(nnx.Module):
             x = x + self.embed_positions(batch.positions)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, batch, None if kv_caches is None else kv_caches[i])
+            if self.remat and kv_caches is None:
+                x, cache = nnx.remat(DecoderLayer.__call__)(layer, x, batch)
+            else:
+                x, cache = layer(x, batch, None if kv_caches is None else kv_caches[i])
             new_caches.append(cache)
         return self.norm(x), (None if kv_caches is None else new_caches)
 

@@ -1,8 +1,11 @@
-"""Linear projection holding its weight in `[in, out]` layout with logical axes.
+"""Linear projection: base weight (plain or NF4-quantized) plus optional LoRA adapter slots.
 
-HF checkpoints store `weight [out, in]`; the loader transposes (see
-`model_lib/checkpoint.py`). The quantized form and LoRA adapter slots attach here
-(training issue), so every projection of every family gains them at once.
+The base weight is `kernel [in, out]` (HF checkpoints store `weight [out, in]`;
+the loader transposes). Under QLoRA the kernel is replaced by its NF4 form and
+dequantized inside the jitted step. A LoRA adapter adds `dropout(x) @ A @ B *
+scale` with `A [in, r]`, `B [r, out]` (see `model_lib/lora.py`); the same layer
+serves the trainer and the server, so every projection of every family gains
+adapters and quantization at once.
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model_lib.quantization import NF4Weight, dequantize_nf4
+
+
+class LoRAParam(nnx.Param):
+    """Adapter weights: the trainable subset under LoRA / QLoRA."""
+
 
 class Linear(nnx.Module):
-    """`y = x @ kernel + bias` with `kernel [in, out]`."""
+    """`y = x @ kernel + bias (+ LoRA)` with `kernel [in, out]`."""
 
     def __init__(
         self,
@@ -26,16 +35,33 @@ class Linear(nnx.Module):
         init_std: float,
         rngs: nnx.Rngs,
     ):
+        self.in_features, self.out_features, self.axes = in_features, out_features, axes
         init = jax.nn.initializers.normal(init_std)
-        self.kernel = nnx.Param(
+        self.kernel: nnx.Param | None = nnx.Param(
             init(rngs.params(), (in_features, out_features), dtype), logical_axes=axes
         )
         self.bias = (
             nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
         )
+        # Slots filled later (quantization, adapters): declared data so they may change type.
+        self.nf4: NF4Weight | None = nnx.data(None)
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
+        self.lora_scale = 0.0
+        self.lora_dropout: nnx.Dropout | None = nnx.data(None)
+
+    def weight(self, dtype: jnp.dtype) -> jax.Array:
+        """The base kernel `[in, out]` in `dtype` (dequantized if stored as NF4)."""
+        if self.nf4 is not None:
+            return dequantize_nf4(self.nf4, dtype)
+        return self.kernel[...].astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.kernel[...])
+        y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
-            y = y + self.bias[...]
+            y = y + self.bias[...].astype(x.dtype)
+        if self.lora_a is not None:
+            h = self.lora_dropout(x) if self.lora_dropout is not None else x
+            delta = jnp.dot(jnp.dot(h, self.lora_a[...].astype(x.dtype)), self.lora_b[...].astype(x.dtype))
+            y = y + delta * jnp.asarray(self.lora_scale, x.dtype)
         return y

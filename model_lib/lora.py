@@ -1,0 +1,252 @@
+"""LoRA adapters on the shared `Linear`, PEFT import/export, merging, and NF4 quantization of a model.
+
+Targets are named as PEFT names them, against the Hugging Face module paths:
+a list of names matches modules whose path ends with one of them (`q_proj`), a
+string is a regex that must match the whole path, and `all-linear` takes every
+linear layer but the output head. Where we split a fused HF module (Phi-3's
+`qkv_proj`), its parts share one `A` and each holds its rows of `B`, which is
+exactly PEFT's single adapter on the fused module, so adapters move between
+this project, PEFT and vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from model_lib.layers.linear import Linear, LoRAParam
+from model_lib.quantization import quantize_nf4
+from model_lib.registry import Family, get_family
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+OUTPUT_HEAD = "lm_head"
+
+
+@dataclass
+class LoraConfig:
+    """PEFT's LoRA fields (the ones that change the math, plus bookkeeping)."""
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_peft(self, base_model_name_or_path: str) -> dict[str, Any]:
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": self.target_modules,
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+        }
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> "LoraConfig":
+        if config.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"not a LoRA adapter: peft_type {config.get('peft_type')!r}")
+        unsupported = {
+            key: config[key]
+            for key in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
+            if config.get(key)
+        }
+        if config.get("bias", "none") != "none":
+            unsupported["bias"] = config["bias"]
+        if unsupported:
+            raise ValueError(f"unsupported LoRA adapter settings: {unsupported}")
+        targets = config["target_modules"]
+        return cls(
+            r=config["r"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=config.get("lora_dropout", 0.0),
+            target_modules=sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
+            use_rslora=config.get("use_rslora", False),
+        )
+
+
+def linear_layers(model: nnx.Module) -> dict[str, Linear]:
+    """Our path ('model.layers.0.self_attn.q_proj') -> Linear, for every linear layer."""
+    return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, Linear)}
+
+
+def _hf_module(path: str, family: Family) -> str:
+    fused = family.weight_map.fused_for_ours(path)
+    return fused[1] if fused else family.weight_map.module_to_hf(path)
+
+
+def _matches(hf_module: str, targets: list[str] | str) -> bool:
+    if targets == "all-linear":
+        return hf_module != OUTPUT_HEAD
+    if isinstance(targets, str):
+        return re.fullmatch(targets, hf_module) is not None
+    return any(hf_module == t or hf_module.endswith("." + t) for t in targets)
+
+
+def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list[tuple[str, Linear]]]:
+    """HF module path -> our linear layers that hold it (one, or the parts of a fused module)."""
+    family = get_family(model.config.architecture)
+    groups: dict[str, list[tuple[str, Linear]]] = {}
+    for path, layer in linear_layers(model).items():
+        hf = _hf_module(path, family)
+        if _matches(hf, targets):
+            groups.setdefault(hf, []).append((path, layer))
+    if not groups:
+        names = sorted({_hf_module(p, family).rsplit(".", 1)[-1] for p in linear_layers(model)})
+        raise ValueError(f"target_modules {targets!r} match no linear layer; this model has: {', '.join(names)}")
+    return groups
+
+
+def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> dict[str, list[tuple[str, Linear]]]:
+    """Attach fresh adapters (A Kaiming-uniform as in PEFT, B zero) to the targeted layers, in place."""
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    groups = target_groups(model, config.target_modules)
+    dropout = nnx.Dropout(config.lora_dropout, rngs=rngs) if config.lora_dropout > 0 else None
+    for _, parts in groups.items():
+        first = parts[0][1]
+        dtype = jnp.float32  # adapters train in float32 whatever the base dtype
+        bound = 1.0 / math.sqrt(first.in_features)
+        a = LoRAParam(
+            jax.random.uniform(rngs.params(), (first.in_features, config.r), jnp.float32, -bound, bound).astype(dtype),
+            logical_axes=(first.axes[0], None),
+        )
+        for _, layer in parts:
+            layer.lora_a = a  # shared by the parts of a fused module
+            layer.lora_b = LoRAParam(jnp.zeros((config.r, layer.out_features), dtype), logical_axes=(None, layer.axes[1]))
+            layer.lora_scale = config.scale
+            layer.lora_dropout = dropout
+    return groups
+
+
+def merge_lora(model: nnx.Module) -> None:
+    """Fold every adapter into its base kernel and remove it (in place)."""
+    for layer in linear_layers(model).values():
+        if layer.lora_a is None:
+            continue
+        if layer.nf4 is not None:
+            raise ValueError("cannot merge into NF4 weights; load the base model unquantized to merge")
+        kernel = layer.kernel[...]
+        delta = jnp.dot(layer.lora_a[...].astype(jnp.float32), layer.lora_b[...].astype(jnp.float32)) * layer.lora_scale
+        layer.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+        layer.lora_a = layer.lora_b = layer.lora_dropout = None
+        layer.lora_scale = 0.0
+
+
+def _peft_key(hf_module: str, which: str) -> str:
+    return f"base_model.model.{hf_module}.lora_{which}.weight"
+
+
+def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, base_model_name_or_path: str) -> None:
+    """Write `adapter_config.json` + `adapter_model.safetensors` in PEFT's layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for hf_module, parts in target_groups(model, config.target_modules).items():
+        layers = [layer for _, layer in parts]
+        if any(layer.lora_a is None for layer in layers):
+            raise ValueError(f"{hf_module} has no adapter; was apply_lora called with this config?")
+        tensors[_peft_key(hf_module, "A")] = np.asarray(jax.device_get(layers[0].lora_a[...]), np.float32).T
+        b_parts = [np.asarray(jax.device_get(layer.lora_b[...]), np.float32).T for layer in layers]
+        tensors[_peft_key(hf_module, "B")] = np.concatenate(b_parts, axis=0) if len(b_parts) > 1 else b_parts[0]
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2))
+
+
+def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
+    """Attach a PEFT LoRA adapter from a folder (in place); returns its config."""
+    path = Path(path)
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_CONFIG} in adapter folder {path}")
+    config = LoraConfig.from_peft(json.loads(config_file.read_text()))
+    weights_file = path / ADAPTER_WEIGHTS
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in adapter folder {path}")
+    tensors = load_file(weights_file)
+    # PEFT may keep the adapter name in the key ('lora_A.default.weight').
+    tensors = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v for k, v in tensors.items()}
+    groups = apply_lora(model, config)
+    used = set()
+    for hf_module, parts in groups.items():
+        a_key, b_key = _peft_key(hf_module, "A"), _peft_key(hf_module, "B")
+        if a_key not in tensors or b_key not in tensors:
+            raise ValueError(f"adapter {weights_file} lacks {a_key if a_key not in tensors else b_key}")
+        a, b = tensors[a_key], tensors[b_key]
+        layers = [layer for _, layer in parts]
+        expected_b = (sum(layer.out_features for layer in layers), config.r)
+        if a.shape != (config.r, layers[0].in_features) or b.shape != expected_b:
+            raise ValueError(
+                f"adapter tensors of {hf_module} have shapes {a.shape} / {b.shape}, "
+                f"expected {(config.r, layers[0].in_features)} / {expected_b}"
+            )
+        dtype = layers[0].lora_a[...].dtype
+        layers[0].lora_a.set_value(jnp.asarray(a.T, dtype))
+        rows = np.cumsum([layer.out_features for layer in layers])[:-1]
+        for layer, b_part in zip(layers, np.split(b, rows, axis=0)):
+            layer.lora_b.set_value(jnp.asarray(b_part.T, dtype))
+        used.update((a_key, b_key))
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"adapter {weights_file} has tensors for modules its config does not target: {unused[:4]}")
+    return config
+
+
+def quantize_model_nf4(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> None:
+    """Replace every linear kernel (but the output head) by its NF4 form, in place."""
+    for path, layer in linear_layers(model).items():
+        if path in skip or layer.kernel is None:
+            continue
+        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
+        layer.kernel = None
+
+
+def param_bytes(model: nnx.Module) -> int:
+    """Bytes held by parameters and quantized weights (not RNG state)."""
+    _, state = nnx.split(model)
+    total = 0
+    for _, variable in nnx.to_flat_state(state):
+        if isinstance(variable, nnx.RngState):
+            continue
+        value = variable.get_value()
+        total += int(np.prod(value.shape)) * jnp.dtype(value.dtype).itemsize
+    return total
+
+
+__all__ = [
+    "LoraConfig",
+    "apply_lora",
+    "load_peft_adapter",
+    "merge_lora",
+    "param_bytes",
+    "quantize_model_nf4",
+    "save_peft_adapter",
+    "target_groups",
+]

@@ -1,0 +1,244 @@
+"""Training data in the fms-hf-tuning formats, tokenized, masked, truncated, packed and batched.
+
+Formats (one JSONL line, JSON array element or Parquet row per example):
+- a single text field (`dataset_text_field`, default "text"), with the loss on
+  what follows `response_template` (or on all of it without one);
+- a record rendered by `data_formatter_template` ("### Input: {{input}} ...")
+  into one text, then treated like the single text field;
+- `input` / `output` pairs: the input is masked, EOS ends the output;
+- chat `messages` rendered by the tokenizer's chat template; only assistant
+  turns carry loss;
+- pretokenized `input_ids` (and optional `labels`, -100 = masked).
+
+Batches are fixed-shape `[rows, max_seq_length]` arrays: `input_ids`,
+`segment_ids` (0 = padding; packing puts several examples in a row, each its own
+segment, and attention never crosses segments) and `targets` (the next token,
+-100 where nothing is learned: masked labels, padding and segment ends).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from flax import struct
+
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """A data file or record that cannot be used, named by file and line/row."""
+
+
+@dataclass
+class DataConfig:
+    dataset_text_field: str = "text"
+    response_template: str | None = None
+    data_formatter_template: str | None = None
+    max_seq_length: int = 1024
+    packing: bool = False
+    add_eos: bool = True
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids; IGNORE = no loss on predicting this token
+
+
+# -- reading ----------------------------------------------------------------------------------
+def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for every example of a JSONL, JSON or Parquet file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with path.open() as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                yield f"{path}:{number}", record
+    elif suffix == ".json":
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+        if isinstance(records, dict):
+            records = records.get("data", records.get("train"))
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON array of records")
+        for number, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: record {number} is not an object")
+            yield f"{path}[{number}]", record
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for number, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path} row {number}", record
+    else:
+        raise DataError(f"{path}: unsupported data format {suffix!r} (use .jsonl, .json or .parquet)")
+
+
+# -- tokenizing ---------------------------------------------------------------------------------
+def _render(template: str, record: dict[str, Any], where: str) -> str:
+    def field(match: re.Match[str]) -> str:
+        name = match.group(1).strip()
+        if name not in record:
+            raise DataError(f"{where}: data_formatter_template needs field {name!r}, the record has {sorted(record)}")
+        return str(record[name])
+
+    return re.sub(r"\{\{(.*?)\}\}", field, template)
+
+
+def _text_example(text: str, tokenizer: Any, config: DataConfig, where: str) -> Example:
+    ids = tokenizer.encode(text)
+    if config.add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    labels = list(ids)
+    if config.response_template:
+        cut = text.find(config.response_template)
+        if cut < 0:
+            raise DataError(f"{where}: response_template {config.response_template!r} not found in the text")
+        prefix = tokenizer.encode(text[: cut + len(config.response_template)])
+        labels[: len(prefix)] = [IGNORE] * len(prefix)
+    return Example(ids, labels)
+
+
+def _chat_example(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> Example:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat 'messages' need a tokenizer with a chat template")
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    full = render(messages, False)
+    ids = tokenizer.encode(full, add_special_tokens=False)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        # The assistant turn is what the template adds between the prompt so far and this turn.
+        start = len(tokenizer.encode(render(messages[:i], True), add_special_tokens=False))
+        end = len(tokenizer.encode(render(messages[: i + 1], False), add_special_tokens=False))
+        labels[start:end] = ids[start:end]
+    return Example(ids, labels)
+
+
+def to_example(record: dict[str, Any], tokenizer: Any, config: DataConfig, where: str) -> Example:
+    """One record in any supported format -> token ids and labels."""
+    try:
+        if "input_ids" in record:
+            ids = [int(t) for t in record["input_ids"]]
+            labels = [int(t) for t in record.get("labels", ids)]
+            if len(labels) != len(ids):
+                raise DataError(f"{where}: labels has {len(labels)} entries, input_ids {len(ids)}")
+            return Example(ids, labels)
+        if tokenizer is None:
+            raise DataError(f"{where}: text data needs a tokenizer (only pretokenized input_ids work without one)")
+        if "messages" in record:
+            return _chat_example(record["messages"], tokenizer, where)
+        if config.data_formatter_template:
+            return _text_example(_render(config.data_formatter_template, record, where), tokenizer, config, where)
+        if "input" in record and "output" in record:
+            prompt = tokenizer.encode(str(record["input"]))
+            answer = tokenizer.encode(str(record["output"]), add_special_tokens=False)
+            if config.add_eos and tokenizer.eos_token_id is not None:
+                answer = answer + [tokenizer.eos_token_id]
+            return Example(prompt + answer, [IGNORE] * len(prompt) + answer)
+        if config.dataset_text_field in record:
+            return _text_example(str(record[config.dataset_text_field]), tokenizer, config, where)
+    except (TypeError, ValueError, KeyError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{where}: {e}") from None
+    raise DataError(
+        f"{where}: record has fields {sorted(record)}; expected '{config.dataset_text_field}', "
+        "input/output, messages or input_ids"
+    )
+
+
+def load_examples(path: str | Path, tokenizer: Any, config: DataConfig) -> list[Example]:
+    examples = []
+    for where, record in read_records(path):
+        example = to_example(record, tokenizer, config, where)
+        example.input_ids = example.input_ids[: config.max_seq_length]
+        example.labels = example.labels[: config.max_seq_length]
+        if len(example.input_ids) >= 2:
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no usable examples")
+    return examples
+
+
+def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a fixed random `fraction` of the examples for evaluation."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    held = int(round(len(examples) * fraction))
+    return [examples[i] for i in order[held:]], [examples[i] for i in order[:held]]
+
+
+# -- batching -----------------------------------------------------------------------------------
+@struct.dataclass
+class Batch:
+    input_ids: np.ndarray  # [rows, L] int32
+    segment_ids: np.ndarray  # [rows, L] int32
+    targets: np.ndarray  # [rows, L] int32
+
+    def num_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def pack_rows(examples: Sequence[Example], max_seq_length: int, packing: bool) -> list[list[Example]]:
+    """Group examples into rows: one per row, or greedily packed (first fit, in order)."""
+    if not packing:
+        return [[e] for e in examples]
+    rows: list[list[Example]] = []
+    used: list[int] = []
+    for example in examples:
+        for i, length in enumerate(used):
+            if length + len(example.input_ids) <= max_seq_length:
+                rows[i].append(example)
+                used[i] += len(example.input_ids)
+                break
+        else:
+            rows.append([example])
+            used.append(len(example.input_ids))
+    return rows
+
+
+def make_batch(rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None) -> Batch:
+    """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape."""
+    shape = (num_rows or len(rows), max_seq_length)
+    input_ids = np.zeros(shape, np.int32)
+    segment_ids = np.zeros(shape, np.int32)
+    targets = np.full(shape, IGNORE, np.int32)
+    for r, row in enumerate(rows):
+        at = 0
+        for segment, example in enumerate(row, 1):
+            n = len(example.input_ids)
+            input_ids[r, at : at + n] = example.input_ids
+            segment_ids[r, at : at + n] = segment
+            # Token t learns to predict label t+1 of its own example; the last token of an example predicts nothing.
+            targets[r, at : at + n - 1] = example.labels[1:]
+            at += n
+    return Batch(input_ids, segment_ids, targets)
+
+
+def epoch_batches(
+    examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int
+) -> list[Batch]:
+    """One epoch in a deterministic shuffled order (same seed and epoch -> same batches)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    rows = pack_rows([examples[i] for i in order], max_seq_length, packing)
+    return [
+        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch) for i in range(0, len(rows), rows_per_batch)
+    ]

@@ -1,0 +1,393 @@
+"""`train(config)`: full fine-tuning, LoRA and QLoRA through one step function.
+
+The model is split into what trains (LoRA adapters, or every parameter), the
+dropout RNG state, and what stays frozen (base weights, NF4 storage). One
+jitted step scans over the gradient-accumulation micro-batches, sums token
+losses and counts, and applies AdamW with clipping and a warmup + decay
+schedule. Full fine-tuning keeps float32 master weights and computes in
+`torch_dtype`. Checkpoints (orbax) hold the trainable state, optimizer state,
+RNG state, step and early-stopping state; the data order is a function of
+(seed, epoch), so a resumed run sees exactly the batches it would have seen.
+SIGTERM saves a checkpoint before the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import model_lib
+from model_lib.layers.linear import LoRAParam
+from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, quantize_model_nf4, save_peft_adapter
+from model_lib.sharding import ShardingPlan, as_plan
+from training.config import TrainConfig
+from training.data import IGNORE, Batch, DataConfig, epoch_batches, load_examples, split_validation
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # one per optimizer step, this process
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    interrupted: bool = False
+    param_bytes: int = 0
+
+
+def _cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def token_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross entropy over the batch's targets, and how many there are."""
+    logits = model(batch.input_ids, segment_ids=batch.segment_ids)
+    mask = batch.targets != IGNORE
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, batch.targets, 0))
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+    warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * total_steps))
+    lr = config.learning_rate
+    decay_steps = max(total_steps - warmup, 1)
+    if config.lr_scheduler_type == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps)
+    elif config.lr_scheduler_type == "linear":
+        decay = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        decay = optax.constant_schedule(lr)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    # Like HF: no weight decay on biases and norm weights (1-D parameters).
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(
+            make_schedule(config, total_steps),
+            b1=config.adam_beta1,
+            b2=config.adam_beta2,
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.plan: ShardingPlan | None = as_plan(config.mesh)
+        self.compute_dtype = jnp.dtype(config.torch_dtype)
+        self._load_model()
+        self._load_data()
+        self._build_steps()
+
+    # -- setup ----------------------------------------------------------------
+    def _load_model(self) -> None:
+        c = self.config
+        from serving.llm import load_tokenizer  # shared tokenizer loading (training may use serving's helpers)
+
+        self.tokenizer = load_tokenizer(c.model_name_or_path)
+        # Full fine-tuning trains float32 master weights; adapters train over a base kept in the compute dtype.
+        base_dtype = "float32" if c.peft_method == "none" else c.torch_dtype
+        model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan)
+        self.lora_config = None
+        if c.peft_method == "qlora":
+            quantize_model_nf4(model)
+        if c.peft_method != "none":
+            self.lora_config = LoraConfig(
+                r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                target_modules=c.target_modules, use_rslora=c.use_rslora,
+            )
+            apply_lora(model, self.lora_config, seed=c.seed)
+        model.model.remat = c.gradient_checkpointing
+        self.param_bytes = param_bytes(model)
+        self.model = model
+        trainable = LoRAParam if c.peft_method != "none" else nnx.Param
+        model.train()
+        self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(model, trainable, nnx.RngState, ...)
+        model.eval()
+        self.eval_graphdef = nnx.split(model, trainable, nnx.RngState, ...)[0]
+        if self.plan is not None and c.peft_method != "none":
+            self.trainable = jax.device_put(self.trainable, self._replicated())
+
+    def _load_data(self) -> None:
+        c = self.config
+        data = DataConfig(
+            dataset_text_field=c.dataset_text_field, response_template=c.response_template,
+            data_formatter_template=c.data_formatter_template, max_seq_length=c.max_seq_length, packing=c.packing,
+        )
+        examples = load_examples(c.training_data_path, self.tokenizer, data)
+        if c.validation_data_path:
+            self.eval_examples = load_examples(c.validation_data_path, self.tokenizer, data)
+        elif c.validation_split > 0:
+            examples, self.eval_examples = split_validation(examples, c.validation_split, c.seed)
+        else:
+            self.eval_examples = []
+        self.examples = examples
+        self.rows = c.per_device_train_batch_size * self._data_parallel()
+        self.batches_per_epoch = len(epoch_batches(examples, **self._batch_args(0)))
+        steps_per_epoch = max(1, self.batches_per_epoch // c.gradient_accumulation_steps)
+        self.total_steps = c.max_steps if c.max_steps > 0 else int(math.ceil(steps_per_epoch * c.num_train_epochs))
+        self._epoch_cache: dict[int, list[Batch]] = {}
+
+    def _data_parallel(self) -> int:
+        if self.plan is None:
+            return 1
+        return int(np.prod([self.plan.mesh.shape[a] for a in ("data", "fsdp") if a in self.plan.mesh.shape]))
+
+    def _replicated(self) -> NamedSharding:
+        return NamedSharding(self.plan.mesh, PartitionSpec())
+
+    def _batch_args(self, epoch: int) -> dict[str, Any]:
+        c = self.config
+        return dict(rows_per_batch=self.rows, max_seq_length=c.max_seq_length, packing=c.packing, seed=c.seed, epoch=epoch)
+
+    def micro_batch(self, index: int) -> Batch:
+        """The `index`-th micro-batch of the run: a pure function of (seed, index)."""
+        epoch, within = divmod(index, self.batches_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: epoch_batches(self.examples, **self._batch_args(epoch))}
+        return self._epoch_cache[epoch][within]
+
+    def _device_batch(self, batches: list[Batch]) -> Batch:
+        stacked = Batch(*(np.stack([getattr(b, f) for b in batches]) for f in ("input_ids", "segment_ids", "targets")))
+        if self.plan is None:
+            return jax.tree.map(jnp.asarray, stacked)
+        sharding = NamedSharding(self.plan.mesh, PartitionSpec(None, ("data", "fsdp")))
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), stacked)
+
+    def _build_steps(self) -> None:
+        self.optimizer = make_optimizer(self.config, self.total_steps)
+        self.opt_state = self.optimizer.init(self.trainable)
+        graphdef, eval_graphdef, optimizer, dtype = self.graphdef, self.eval_graphdef, self.optimizer, self.compute_dtype
+
+        def train_step(trainable, opt_state, rng_state, frozen, batches: Batch):
+            def micro(carry, batch):
+                grads, loss_sum, count, rng = carry
+
+                def loss_fn(params):
+                    model = nnx.merge(graphdef, _cast_floating(params, dtype), rng, _cast_floating(frozen, dtype))
+                    loss, n = token_loss(model, batch)
+                    return loss, (n, nnx.state(model, nnx.RngState))
+
+                (loss, (n, rng)), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+                return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n, rng), None
+
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), rng_state)
+            (grads, loss_sum, count, rng_state), _ = jax.lax.scan(micro, init, batches)
+            denominator = jnp.maximum(count, 1).astype(jnp.float32)
+            grads = jax.tree.map(lambda g: g / denominator, grads)
+            updates, opt_state = optimizer.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            return trainable, opt_state, rng_state, loss_sum / denominator, optax.global_norm(grads)
+
+        def eval_step(trainable, rng_state, frozen, batch: Batch):
+            model = nnx.merge(eval_graphdef, _cast_floating(trainable, dtype), rng_state, _cast_floating(frozen, dtype))
+            return token_loss(model, batch)
+
+        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self.eval_step = jax.jit(eval_step)
+
+    # -- checkpoints ----------------------------------------------------------
+    def _manager(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.config.save_total_limit, create=True)
+        return ocp.CheckpointManager((self.output_dir / "checkpoints").absolute(), options=options)
+
+    def _state(self, step: int, best: float, bad_evals: int) -> dict[str, Any]:
+        return {
+            "trainable": self.trainable,
+            "opt_state": self.opt_state,
+            "rng": self.rng_state,
+            "progress": {"step": np.int64(step), "best_eval": np.float64(best), "bad_evals": np.int64(bad_evals)},
+        }
+
+    def save(self, manager: ocp.CheckpointManager, step: int, best: float, bad_evals: int) -> None:
+        manager.save(step, args=ocp.args.StandardSave(self._state(step, best, bad_evals)), force=True)
+        manager.wait_until_finished()
+        logger.info("saved checkpoint at step %d", step)
+
+    def restore(self, manager: ocp.CheckpointManager) -> tuple[int, float, int]:
+        step = manager.latest_step()
+        if step is None:
+            return 0, math.inf, 0
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._state(0, 0.0, 0))
+        state = manager.restore(step, args=ocp.args.StandardRestore(target))
+        self.trainable, self.opt_state, self.rng_state = state["trainable"], state["opt_state"], state["rng"]
+        progress = state["progress"]
+        logger.info("resumed from checkpoint at step %d", step)
+        return int(progress["step"]), float(progress["best_eval"]), int(progress["bad_evals"])
+
+    # -- evaluation -----------------------------------------------------------
+    def evaluate(self) -> float:
+        c = self.config
+        rows = c.per_device_eval_batch_size * self._data_parallel()
+        total, count = 0.0, 0
+        batches = epoch_batches(self.eval_examples, rows_per_batch=rows, max_seq_length=c.max_seq_length,
+                                packing=c.packing, seed=c.seed, epoch=0)
+        for batch in batches:
+            device_batch = jax.tree.map(lambda x: x[0], self._device_batch([batch]))
+            loss, n = self.eval_step(self.trainable, self.rng_state, self.frozen, device_batch)
+            total, count = total + float(loss), count + int(n)
+        return total / max(count, 1)
+
+    # -- the loop -------------------------------------------------------------
+    def train(self) -> TrainResult:
+        c = self.config
+        manager = self._manager()
+        start_step, best, bad_evals = self.restore(manager)
+        result = TrainResult(self.output_dir, start_step, param_bytes=self.param_bytes)
+        stop = {"signal": False}
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+        metrics_file = (self.output_dir / "metrics.jsonl").open("a")
+        writer = _tensorboard(self.output_dir)
+        progress = _progress(c.progress_bar, self.total_steps, start_step)
+        step = start_step
+        try:
+            while step < self.total_steps:
+                started = time.perf_counter()
+                first = step * c.gradient_accumulation_steps
+                batches = [self.micro_batch(first + a) for a in range(c.gradient_accumulation_steps)]
+                tokens = sum(int((b.segment_ids > 0).sum()) for b in batches)
+                self.trainable, self.opt_state, self.rng_state, loss, grad_norm = self.train_step(
+                    self.trainable, self.opt_state, self.rng_state, self.frozen, self._device_batch(batches)
+                )
+                step += 1
+                loss = float(loss)
+                result.losses.append(loss)
+                record = {"step": step, "loss": loss, "grad_norm": float(grad_norm),
+                          "tokens_per_second": tokens / (time.perf_counter() - started)}
+                if c.eval_steps and step % c.eval_steps == 0 and self.eval_examples:
+                    eval_loss = self.evaluate()
+                    record["eval_loss"] = eval_loss
+                    result.eval_losses.append((step, eval_loss))
+                    if eval_loss < best:
+                        best, bad_evals = eval_loss, 0
+                    else:
+                        bad_evals += 1
+                if step % max(c.logging_steps, 1) == 0 or step == self.total_steps:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if writer is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                writer.add_scalar(f"train/{key}", value, step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                if c.early_stopping_patience and bad_evals >= c.early_stopping_patience:
+                    result.stopped_early = True
+                    self.save(manager, step, best, bad_evals)
+                    break
+                if stop["signal"]:
+                    result.interrupted = True
+                    self.save(manager, step, best, bad_evals)
+                    break
+                if c.save_steps and step % c.save_steps == 0:
+                    self.save(manager, step, best, bad_evals)
+            else:
+                if step > start_step or manager.latest_step() != step:
+                    self.save(manager, step, best, bad_evals)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            progress.close()
+            metrics_file.close()
+            if writer is not None:
+                writer.close()
+        result.steps = step
+        if not result.interrupted:
+            if self.eval_examples and not result.eval_losses:
+                result.eval_losses.append((step, self.evaluate()))
+            self.export()
+        return result
+
+    # -- export ---------------------------------------------------------------
+    def trained_model(self) -> nnx.Module:
+        """The model with the current trainable state (eval mode)."""
+        return nnx.merge(self.eval_graphdef, self.trainable, self.rng_state, self.frozen)
+
+    def export(self) -> None:
+        c = self.config
+        model = self.trained_model()
+        if self.lora_config is None:
+            exported = nnx.merge(self.eval_graphdef, _cast_floating(self.trainable, jnp.dtype(self._base_dtype())),
+                                 self.rng_state, self.frozen)
+            model_lib.save_pretrained(exported, self.output_dir)
+            self._copy_tokenizer(self.output_dir)
+            return
+        save_peft_adapter(model, self.lora_config, self.output_dir, str(c.model_name_or_path))
+        self._copy_tokenizer(self.output_dir)
+        if c.merge_lora:
+            base = model_lib.from_pretrained(c.model_name_or_path, dtype=c.torch_dtype)
+            from model_lib.lora import load_peft_adapter
+
+            load_peft_adapter(base, self.output_dir)
+            merge_lora(base)
+            model_lib.save_pretrained(base, self.output_dir / "merged")
+            self._copy_tokenizer(self.output_dir / "merged")
+
+    def _base_dtype(self) -> str:
+        return model_lib.load_config(self.config.model_name_or_path)[0].dtype
+
+    def _copy_tokenizer(self, target: Path) -> None:
+        source = Path(self.config.model_name_or_path)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, target / name)
+
+
+def _tensorboard(output_dir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        logger.warning("tensorboardX is not installed; metrics go to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(output_dir / "runs"))
+
+
+class _NoProgress:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a fine-tuning run; exports the adapter or the model into `output_dir`."""
+    return Trainer(config).train()
