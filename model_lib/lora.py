@@ -115,10 +115,15 @@ def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list
     """HF module path -> our linear layers that hold it (one, or the parts of a fused module)."""
     family = get_family(model.config.architecture)
     groups: dict[str, list[tuple[str, Linear]]] = {}
+    order: dict[str, int] = {}  # fused parts in the HF tensor's order (q, k, v), not graph order
     for path, layer in linear_layers(model).items():
         hf = _hf_module(path, family)
         if _matches(hf, targets):
             groups.setdefault(hf, []).append((path, layer))
+            fused = family.weight_map.fused_for_ours(path)
+            order[path] = fused[2].index(path) if fused else 0
+    for parts in groups.values():
+        parts.sort(key=lambda item: order[item[0]])
     if not groups:
         names = sorted({_hf_module(p, family).rsplit(".", 1)[-1] for p in linear_layers(model)})
         raise ValueError(f"target_modules {targets!r} match no linear layer; this model has: {', '.join(names)}")
@@ -160,6 +165,12 @@ def merge_lora(model: nnx.Module) -> None:
         layer.lora_scale = 0.0
 
 
+def _fused_spec(model: nnx.Module, path: str):
+    """The fused-module spec that `path` is a part of (its B rows follow that layout), or None."""
+    fused = get_family(model.config.architecture).weight_map.fused_for_ours(path)
+    return fused[0] if fused else None
+
+
 def _peft_key(hf_module: str, which: str) -> str:
     return f"base_model.model.{hf_module}.lora_{which}.weight"
 
@@ -175,7 +186,8 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, b
             raise ValueError(f"{hf_module} has no adapter; was apply_lora called with this config?")
         tensors[_peft_key(hf_module, "A")] = np.asarray(jax.device_get(layers[0].lora_a[...]), np.float32).T
         b_parts = [np.asarray(jax.device_get(layer.lora_b[...]), np.float32).T for layer in layers]
-        tensors[_peft_key(hf_module, "B")] = np.concatenate(b_parts, axis=0) if len(b_parts) > 1 else b_parts[0]
+        fused = _fused_spec(model, parts[0][0])
+        tensors[_peft_key(hf_module, "B")] = fused.join(b_parts, model.config) if fused else b_parts[0]
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2))
 
@@ -209,8 +221,8 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
             )
         dtype = layers[0].lora_a[...].dtype
         layers[0].lora_a.set_value(jnp.asarray(a.T, dtype))
-        rows = np.cumsum([layer.out_features for layer in layers])[:-1]
-        for layer, b_part in zip(layers, np.split(b, rows, axis=0)):
+        fused = _fused_spec(model, parts[0][0])
+        for layer, b_part in zip(layers, fused.split(b, model.config) if fused else [b]):
             layer.lora_b.set_value(jnp.asarray(b_part.T, dtype))
         used.update((a_key, b_key))
     unused = sorted(set(tensors) - used)

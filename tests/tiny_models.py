@@ -118,7 +118,7 @@ def build_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     pieces = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)]
-    extra = ["th", "he", "in", "er", "an", " t", "e ", "on", "at", "en", "nd", "ti", "es", "or", "te"]
+    extra = ["\n", "th", "he", "in", "er", "an", " t", "e ", "on", "at", "en", "nd", "ti", "es", "or"]
     extra += ["of", "ed", "is", "it", "al", "ar", "st", "to", "nt", "ng", "se", "ha", "as", "ou", "io"]
     pieces = (pieces + extra)[:VOCAB]
     assert len(pieces) == VOCAB

@@ -1,0 +1,105 @@
+"""Data formats, masking, truncation, packing and the errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.tiny_models import build_tokenizer
+from training.data import IGNORE, DataConfig, DataError, epoch_batches, load_examples, make_batch, pack_rows, to_example
+
+TOK = build_tokenizer()
+
+
+def _labels_text(example) -> str:
+    return TOK.decode([t for t in example.labels if t != IGNORE], skip_special_tokens=True)
+
+
+def test_input_output_masks_the_input():
+    example = to_example({"input": "Q: 2+2?", "output": " A: 4"}, TOK, DataConfig(), "x")
+    assert TOK.decode(example.input_ids, skip_special_tokens=True) == "Q: 2+2? A: 4"
+    assert _labels_text(example) == " A: 4" and example.labels[-1] == TOK.eos_token_id
+    assert example.labels[: len(TOK.encode("Q: 2+2?"))] == [IGNORE] * len(TOK.encode("Q: 2+2?"))
+
+
+def test_text_field_with_response_template_and_formatter():
+    config = DataConfig(dataset_text_field="output", response_template="### Answer:")
+    example = to_example({"output": "### Question: hi ### Answer: hello"}, TOK, config, "x")
+    assert _labels_text(example) == " hello"
+    formatted = DataConfig(data_formatter_template="### Question: {{q}} ### Answer: {{a}}", response_template="### Answer:")
+    assert _labels_text(to_example({"q": "hi", "a": "yo"}, TOK, formatted, "x")) == " yo"
+    with pytest.raises(DataError, match="x: data_formatter_template needs field 'a'"):
+        to_example({"q": "hi"}, TOK, formatted, "x")
+    with pytest.raises(DataError, match="response_template '### Answer:' not found"):
+        to_example({"output": "no template here"}, TOK, config, "x")
+
+
+def test_chat_messages_learn_only_assistant_turns():
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"},
+    ]
+    example = to_example({"messages": messages}, TOK, DataConfig(), "x")
+    learned = "".join(TOK.decode([t]) for t in example.labels if t != IGNORE)
+    assert learned == " hello\n ciao\n"  # what the template emits for the two assistant turns
+    assert "hi" not in learned and "bye" not in learned
+
+
+def test_pretokenized_and_truncation(tmp_path):
+    file = tmp_path / "d.jsonl"
+    file.write_text(json.dumps({"input_ids": list(range(3, 40)), "labels": [IGNORE] * 5 + list(range(8, 40))}) + "\n")
+    [example] = load_examples(file, None, DataConfig(max_seq_length=16))
+    assert example.input_ids == list(range(3, 19)) and example.labels[:5] == [IGNORE] * 5
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "parquet"])
+def test_file_formats(tmp_path, suffix):
+    records = [{"input": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    file = tmp_path / f"d.{suffix}"
+    if suffix == "jsonl":
+        file.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    elif suffix == "json":
+        file.write_text(json.dumps(records))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), file)
+    examples = load_examples(file, TOK, DataConfig())
+    assert [_labels_text(e) for e in examples] == [f"a{i}" for i in range(5)]
+
+
+def test_malformed_lines_are_named(tmp_path):
+    file = tmp_path / "bad.jsonl"
+    file.write_text('{"input": "a", "output": "b"}\n{"input": "a", "output": \n')
+    with pytest.raises(DataError, match=rf"{file}:2: malformed JSON"):
+        load_examples(file, TOK, DataConfig())
+    file.write_text('{"input": "a", "output": "b"}\n{"prompt": "x"}\n')
+    with pytest.raises(DataError, match=rf"{file}:2: record has fields \['prompt'\]"):
+        load_examples(file, TOK, DataConfig())
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(tmp_path / "missing.jsonl", TOK, DataConfig())
+
+
+def test_packing_keeps_every_target_and_separates_segments():
+    examples = [to_example({"input": "ab" * i, "output": "cd"}, TOK, DataConfig(), "x") for i in range(1, 7)]
+    rows = pack_rows(examples, 16, packing=True)
+    assert len(rows) < len(examples)
+    packed, unpacked = make_batch(rows, 16), make_batch([[e] for e in examples], 16)
+    assert packed.num_targets() == unpacked.num_targets() == sum(sum(t != IGNORE for t in e.labels[1:]) for e in examples)
+    # No target crosses a segment boundary: a target exists only where the next token is in the same segment.
+    has_target = packed.targets[:, :-1] != IGNORE
+    assert (packed.segment_ids[:, 1:][has_target] == packed.segment_ids[:, :-1][has_target]).all()
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    examples = [to_example({"input": f"q{i}", "output": "a"}, TOK, DataConfig(), "x") for i in range(10)]
+    kwargs = dict(rows_per_batch=4, max_seq_length=8, packing=False, seed=1)
+    first = epoch_batches(examples, epoch=0, **kwargs)
+    assert all(b.input_ids.shape == (4, 8) for b in first)  # the short last batch is padded
+    np.testing.assert_array_equal(first[0].input_ids, epoch_batches(examples, epoch=0, **kwargs)[0].input_ids)
+    assert not np.array_equal(first[0].input_ids, epoch_batches(examples, epoch=1, **kwargs)[0].input_ids)

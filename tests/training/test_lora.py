@@ -1,0 +1,112 @@
+"""LoRA through the shared Linear: PEFT parity both ways, merging, NF4."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model_lib
+from model_lib.lora import (
+    LoraConfig,
+    apply_lora,
+    linear_layers,
+    load_peft_adapter,
+    merge_lora,
+    param_bytes,
+    quantize_model_nf4,
+    save_peft_adapter,
+)
+from model_lib.quantization import dequantize_nf4, quantize_nf4
+from tests.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, random_ids
+
+
+def _randomise_b(model, seed=0):
+    rng = np.random.RandomState(seed)
+    for layer in linear_layers(model).values():
+        if layer.lora_b is not None:
+            layer.lora_b.set_value(jnp.asarray(rng.randn(*layer.lora_b.shape) * 0.2, jnp.float32))
+
+
+@pytest.mark.parametrize(
+    "case,targets,rslora",
+    [("llama-gqa", ["q_proj", "v_proj"], False), ("phi3-sliding", "all-linear", True), ("gpt_bigcode-mha-untied", ["c_attn", "c_fc"], False)],
+)
+def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):
+    from peft import PeftModel
+
+    folder, hf_model = tiny_checkpoint(case)
+    model = model_lib.from_pretrained(folder)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora)
+    apply_lora(model, config)
+    _randomise_b(model)
+    ids = random_ids(2, SEQ_LEN, seed=11)
+    ours = forward(model, ids, np.ones_like(ids))
+    save_peft_adapter(model, config, tmp_path / "adapter", str(folder))
+    peft_model = PeftModel.from_pretrained(hf_model, tmp_path / "adapter").eval()
+    try:
+        assert_logits_close(ours, hf_logits(peft_model, ids))
+    finally:
+        peft_model.unload()
+
+
+def test_peft_made_adapter_loads_here_and_merges(tiny_checkpoint, tmp_path, forward):
+    import torch
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    folder, hf_model = tiny_checkpoint("qwen3-qknorm")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(hf_model, PeftLoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = random_ids(2, SEQ_LEN, seed=12)
+    expected = hf_logits(peft_model.eval(), ids)
+    peft_model.unload()
+
+    model = model_lib.from_pretrained(folder)
+    config = load_peft_adapter(model, tmp_path / "peft")
+    assert config.r == 4 and config.scale == 4.0
+    assert_logits_close(forward(model, ids, np.ones_like(ids)), expected)
+
+    merge_lora(model)
+    assert all(layer.lora_a is None for layer in linear_layers(model).values())
+    model_lib.save_pretrained(model, tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert_logits_close(hf_logits(merged, ids), expected)
+
+
+def test_bad_targets_and_adapters_are_named(tiny_checkpoint, tmp_path):
+    folder, _ = tiny_checkpoint("llama-gqa")
+    model = model_lib.from_pretrained(folder)
+    with pytest.raises(ValueError, match="match no linear layer; this model has: down_proj, gate_proj, .*v_proj"):
+        apply_lora(model, LoraConfig(target_modules=["qkv_proj"]))
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_peft_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="LoRA rank r must be >= 1"):
+        LoraConfig(r=0)
+
+
+def test_nf4_round_trip_and_memory(tiny_checkpoint):
+    rng = np.random.RandomState(0)
+    weight = rng.randn(128, 96).astype(np.float32) * 0.05
+    restored = np.asarray(dequantize_nf4(quantize_nf4(weight), jnp.float32))
+    # NF4 with absmax blocks of 64: error well under a tenth of the weights' scale.
+    assert np.abs(restored - weight).mean() < 0.1 * np.abs(weight).mean()
+    assert np.corrcoef(restored.ravel(), weight.ravel())[0, 1] > 0.99
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize_nf4(np.ones((3, 5), np.float32))
+
+    folder, _ = tiny_checkpoint("llama-gqa")
+    model = model_lib.from_pretrained(folder, dtype="bfloat16")
+    before = param_bytes(model)
+    quantize_model_nf4(model)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.kernel is None and layer.nf4 is not None
+    # 4-bit codes plus double-quantized constants: just over a quarter of bf16 per quantized weight.
+    assert layer.nf4.nbytes() < 0.3 * 2 * 64 * 96
+    assert param_bytes(model) < before
