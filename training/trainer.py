@@ -191,26 +191,35 @@ class Trainer:
         self.opt_state = self.optimizer.init(self.trainable)
         graphdef, eval_graphdef, optimizer, dtype = self.graphdef, self.eval_graphdef, self.optimizer, self.compute_dtype
 
-        def train_step(trainable, opt_state, rng_state, frozen, batches: Batch):
-            def micro(carry, batch):
-                grads, loss_sum, count, rng = carry
+        seed = self.config.seed
+
+        def train_step(trainable, opt_state, rng_state, frozen, batches: Batch, step: jax.Array):
+            accumulation = batches.input_ids.shape[0]
+
+            def micro(carry, inputs):
+                grads, loss_sum, count = carry
+                batch, index = inputs
 
                 def loss_fn(params):
+                    # Fresh RNG variables in this trace: dropout advances their counters.
+                    rng = jax.tree.map(lambda x: x, rng_state)
                     model = nnx.merge(graphdef, _cast_floating(params, dtype), rng, _cast_floating(frozen, dtype))
-                    loss, n = token_loss(model, batch)
-                    return loss, (n, nnx.state(model, nnx.RngState))
+                    # Dropout masks are a pure function of (seed, micro-batch index): resumable without RNG state.
+                    nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(seed), index))
+                    return token_loss(model, batch)
 
-                (loss, (n, rng)), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-                return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n, rng), None
+                (loss, n), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+                return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
 
             zeros = jax.tree.map(jnp.zeros_like, trainable)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), rng_state)
-            (grads, loss_sum, count, rng_state), _ = jax.lax.scan(micro, init, batches)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            indices = step * accumulation + jnp.arange(accumulation)
+            (grads, loss_sum, count), _ = jax.lax.scan(micro, init, (batches, indices))
             denominator = jnp.maximum(count, 1).astype(jnp.float32)
             grads = jax.tree.map(lambda g: g / denominator, grads)
             updates, opt_state = optimizer.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
-            return trainable, opt_state, rng_state, loss_sum / denominator, optax.global_norm(grads)
+            return trainable, opt_state, rng_state, loss_sum / denominator, optax.tree.norm(grads)
 
         def eval_step(trainable, rng_state, frozen, batch: Batch):
             model = nnx.merge(eval_graphdef, _cast_floating(trainable, dtype), rng_state, _cast_floating(frozen, dtype))
@@ -229,7 +238,7 @@ class Trainer:
             "trainable": self.trainable,
             "opt_state": self.opt_state,
             "rng": self.rng_state,
-            "progress": {"step": np.int64(step), "best_eval": np.float64(best), "bad_evals": np.int64(bad_evals)},
+            "progress": {"step": np.asarray(step, np.int64), "best_eval": np.asarray(best, np.float64), "bad_evals": np.asarray(bad_evals, np.int64)},
         }
 
     def save(self, manager: ocp.CheckpointManager, step: int, best: float, bad_evals: int) -> None:
@@ -280,7 +289,7 @@ class Trainer:
                 batches = [self.micro_batch(first + a) for a in range(c.gradient_accumulation_steps)]
                 tokens = sum(int((b.segment_ids > 0).sum()) for b in batches)
                 self.trainable, self.opt_state, self.rng_state, loss, grad_norm = self.train_step(
-                    self.trainable, self.opt_state, self.rng_state, self.frozen, self._device_batch(batches)
+                    self.trainable, self.opt_state, self.rng_state, self.frozen, self._device_batch(batches), step
                 )
                 step += 1
                 loss = float(loss)
