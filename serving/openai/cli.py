@@ -1,10 +1,15 @@
-"""`serve MODEL_PATH [options]`: the OpenAI-compatible server (option names as in `vllm serve`)."""
+"""`serve [MODEL_PATH] [options]`: the OpenAI-compatible server (option names as in `vllm serve`).
+
+Without MODEL_PATH it serves the bundled default model (models/jaxllm-tiny-chat).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from pathlib import Path
 
 import uvicorn
 
@@ -13,11 +18,13 @@ from serving.llm import LLM
 from serving.openai.app import OpenAIServer
 
 logger = logging.getLogger("serving")
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "jaxllm-tiny-chat"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve", description=__doc__)
-    p.add_argument("model", help="checkpoint folder (config.json + safetensors + tokenizer)")
+    p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
+                   help="checkpoint folder (config.json + safetensors + tokenizer); default: the bundled model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="model name clients send (default: the model path)")
@@ -72,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     engine = AsyncLLMEngine(llm.engine)
     engine.start()
-    server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or args.model, args.api_key)
+    default_name = DEFAULT_MODEL.name if Path(args.model).resolve() == DEFAULT_MODEL else args.model
+    server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or default_name, args.api_key)
     config = uvicorn.Config(
         server.app(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )

@@ -1,0 +1,70 @@
+"""The bundled default model: served by `serve` with no model argument, it converts km to m."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+
+import openai
+import pytest
+
+from serving.openai.cli import DEFAULT_MODEL
+from tests.serving.test_openai_server import _free_port
+
+sys.path.insert(0, str(DEFAULT_MODEL.parents[1] / "scripts"))
+from build_default_model import NUMBERS, answer, is_held_out, question  # noqa: E402
+
+
+def test_bundled_model_files():
+    names = {p.name for p in DEFAULT_MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL.iterdir()) <= 20 * 2**20
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serving.openai.cli", "--port", str(port), "--log-level", "warning",
+                             "--max-model-len", "64"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ready, lines = threading.Event(), []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving on" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(180):
+        proc.kill()
+        pytest.fail("serve did not start:\n" + "".join(lines[-20:]))
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+
+
+def test_default_model_answers_held_out_questions_over_http(default_server):
+    client = openai.OpenAI(base_url=default_server, api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["jaxllm-tiny-chat"]
+    rng = random.Random(7)
+    numbers = [n for n in NUMBERS if is_held_out(n)]  # never seen in training
+
+    import asyncio
+
+    aclient = openai.AsyncOpenAI(base_url=default_server, api_key="unused", max_retries=0)
+
+    async def ask(n: int) -> bool:
+        reply = await aclient.chat.completions.create(
+            model="jaxllm-tiny-chat", messages=[{"role": "user", "content": question(n, rng)}], temperature=0, max_tokens=10
+        )
+        return reply.choices[0].message.content.strip() == answer(n)
+
+    async def run():
+        return await asyncio.gather(*[ask(n) for n in numbers])
+
+    correct = asyncio.run(run())
+    assert len(correct) == 100
+    assert sum(correct) / len(correct) >= 0.9, f"{sum(correct)} / {len(correct)} held-out conversions right"
