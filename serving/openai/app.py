@@ -10,6 +10,7 @@ requests, so their KV pages return to the pool.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from serving.openai.responses import (
 )
 from serving.outputs import RequestOutput
 from serving.sampling_params import SamplingParams
+
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -311,6 +315,11 @@ class OpenAIServer:
         @app.exception_handler(ClientGone)
         async def _gone(_: Request, __: ClientGone) -> Response:
             return Response(status_code=499)
+
+        @app.exception_handler(Exception)
+        async def _unexpected(_: Request, e: Exception) -> JSONResponse:
+            logger.exception("request failed")
+            return JSONResponse(error_body(f"internal error: {e!r}", "server_error", 500), status_code=500)
 
         @app.exception_handler(EngineDeadError)
         async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
