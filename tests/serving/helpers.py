@@ -31,3 +31,41 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int = MAX_TOKENS) -> 
 
 def token_prompts(prompt_ids: list[list[int]]) -> list[dict]:
     return [{"prompt_token_ids": p} for p in prompt_ids]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], timeout: float = 180):
+    """Start `serve` (python -m serving.openai.cli) on a free 127.0.0.1 port; wait for its ready line.
+
+    Returns (base URL, process, output lines so far); the caller stops the process.
+    """
+    import subprocess
+    import sys
+    import threading
+
+    import pytest
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "serving.openai.cli", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving on" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(timeout):
+        proc.kill()
+        pytest.fail("server did not start:\n" + "".join(lines[-30:]))
+    return f"http://127.0.0.1:{port}", proc, lines

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import sys
-import threading
 
 import openai
 import pytest
 
 from serving.openai.cli import DEFAULT_MODEL
-from tests.serving.test_openai_server import _free_port
+from tests.serving.helpers import start_server
 
 sys.path.insert(0, str(DEFAULT_MODEL.parents[1] / "scripts"))
 from build_default_model import NUMBERS, answer, is_held_out, question  # noqa: E402
@@ -26,22 +24,8 @@ def test_bundled_model_files():
 
 @pytest.fixture(scope="module")
 def default_server():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serving.openai.cli", "--port", str(port), "--log-level", "warning",
-                             "--max-model-len", "64"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ready, lines = threading.Event(), []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "serving on" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(180):
-        proc.kill()
-        pytest.fail("serve did not start:\n" + "".join(lines[-20:]))
-    yield f"http://127.0.0.1:{port}/v1"
+    base, proc, _ = start_server(["--log-level", "warning", "--max-model-len", "64"])  # no model: the bundled one
+    yield base + "/v1"
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)
 

@@ -6,10 +6,6 @@ import asyncio
 import json
 import re
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,39 +13,20 @@ import urllib.request
 import openai
 import pytest
 
+from tests.serving.helpers import start_server
+
 API_KEY = "sk-test-key"
 MODEL = "tiny"
 PROMPTS = [f"Prompt number {i}: the quick brown fox" for i in range(8)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     folder, _ = tiny_checkpoint("qwen3-qknorm")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "serving.openai.cli", str(folder), "--port", str(port), "--served-model-name", MODEL,
-           "--api-key", API_KEY, "--max-model-len", "96", "--page-size", "8", "--max-num-seqs", "64",
-           "--max-num-batched-tokens", "256", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "serving on" in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(180):
-        proc.kill()
-        pytest.fail("server did not start:\n" + "".join(lines[-30:]))
-    base = f"http://127.0.0.1:{port}"
+    base, proc, lines = start_server(
+        [str(folder), "--served-model-name", MODEL, "--api-key", API_KEY, "--max-model-len", "96", "--page-size", "8",
+         "--max-num-seqs", "64", "--max-num-batched-tokens", "256", "--log-level", "warning"]
+    )
     yield dict(base=base, proc=proc, lines=lines)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
