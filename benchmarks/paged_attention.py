@@ -22,6 +22,7 @@ import numpy as np
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_pallas
 
 from pallas_kernels.paged_attention import reference, triton_kernel
+from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
 def median_seconds(fn, *args, repeats: int = 20) -> float:
@@ -74,10 +75,10 @@ def main() -> None:
             page_tables = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages_per_seq), jnp.int32)
             kv_lens = jnp.full((batch,), context, jnp.int32)
             cu_q_lens = jnp.arange(batch + 1, dtype=jnp.int32)
-            meta = dict(cu_q_lens=cu_q_lens, kv_lens=kv_lens, page_tables=page_tables, num_seqs=jnp.int32(batch), scale=scale)
+            meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, jnp.int32(batch))
 
-            ours = functools.partial(triton_kernel.paged_attention, **meta)
-            xla = jax.jit(functools.partial(reference.paged_attention, **meta))
+            ours = functools.partial(triton_kernel.paged_attention, meta=meta, scale=scale)
+            xla = jax.jit(functools.partial(reference.paged_attention, meta=meta, scale=scale))
             splits = min(16, pages_per_seq)
             theirs = jax.jit(lambda q, k, v: jax_pallas.paged_attention(q * scale, k, v, page_tables, kv_lens, k_splits=splits))
             expected = xla(q, k_cache, v_cache)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,8 +18,6 @@ from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine
 from serving.outputs import RequestOutput
 from serving.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 Prompt = str | dict[str, Any]
 

@@ -19,7 +19,7 @@ from model_lib.layers.linear import Linear
 from model_lib.layers.norms import make_norm
 from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
 from pallas_kernels.flash_attention import attention as dense_attention
-from pallas_kernels.paged_attention import ragged_paged_attention
+from pallas_kernels.paged_attention import PagedMetadata, ragged_paged_attention
 
 KVCache = tuple[jax.Array, jax.Array]  # one layer's (k, v) pages, each [K, P, page_size, D]
 
@@ -42,16 +42,13 @@ class DenseBatch:
 class PagedBatch:
     """Attention inputs of a flat ragged step `[T]` over the paged KV cache.
 
-    Tokens are grouped by sequence (`cu_q_lens`); see
+    Tokens are grouped by sequence (`meta.cu_q_lens`); see
     `pallas_kernels/paged_attention/reference.py` for the layout.
     """
 
     positions: jax.Array  # [T] int32
     seq_lens: jax.Array  # [T] int32: KV length of each token's sequence after this step
-    cu_q_lens: jax.Array  # [S+1] int32
-    kv_lens: jax.Array  # [S] int32
-    page_tables: jax.Array  # [S, M] int32
-    num_seqs: jax.Array  # [] int32
+    meta: PagedMetadata  # sequences' token offsets, KV lengths and page tables
 
 
 def attend(
@@ -86,10 +83,7 @@ def attend(
             k,
             v,
             *kv_cache,
-            cu_q_lens=batch.cu_q_lens,
-            kv_lens=batch.kv_lens,
-            page_tables=batch.page_tables,
-            num_seqs=batch.num_seqs,
+            batch.meta,
             scale=scale,
             sliding_window=sliding_window,
             softcap=softcap,

@@ -1,5 +1,6 @@
 """Ragged paged attention over a paged KV cache (serving)."""
 
 from pallas_kernels.paged_attention.ops import ragged_paged_attention
+from pallas_kernels.paged_attention.reference import PagedMetadata
 
-__all__ = ["ragged_paged_attention"]
+__all__ = ["PagedMetadata", "ragged_paged_attention"]

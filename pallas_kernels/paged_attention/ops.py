@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels.paged_attention import reference, triton_kernel
+from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
 def choose_implementation(q: jax.Array, k_cache: jax.Array) -> str:
@@ -28,28 +29,21 @@ def ragged_paged_attention(
     v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
+    meta: PagedMetadata,
     *,
-    cu_q_lens: jax.Array,
-    kv_lens: jax.Array,
-    page_tables: jax.Array,
-    num_seqs: jax.Array,
-    scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    sinks: jax.Array | None = None,
     implementation: str | None = None,
+    **options,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """See `reference.py` for the contract. Returns (out [T,H,D], k_cache, v_cache)."""
-    meta = dict(cu_q_lens=cu_q_lens, kv_lens=kv_lens, page_tables=page_tables, num_seqs=num_seqs)
-    k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, **meta)
+    """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`, `sinks`.
+
+    Returns (out [T,H,D], k_cache, v_cache).
+    """
+    k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta)
     implementation = implementation or choose_implementation(q, k_cache)
-    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks)
     if implementation == "reference":
-        out = reference.paged_attention(q, k_cache, v_cache, **meta, **options)
+        out = reference.paged_attention(q, k_cache, v_cache, meta, **options)
     elif implementation in ("kernel", "interpret"):
-        out = triton_kernel.paged_attention(
-            q, k_cache, v_cache, **meta, **options, interpret=implementation == "interpret"
-        )
+        out = triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, interpret=implementation == "interpret")
     else:
         raise ValueError(f"unknown paged attention implementation {implementation!r}")
     return out, k_cache, v_cache

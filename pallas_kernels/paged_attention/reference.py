@@ -9,6 +9,7 @@ M max pages per sequence in this step.
 
 Inputs:
 - q `[T, H, D]`, k/v `[T, K, D]`: the step's tokens, sequence after sequence.
+The batch layout travels as one `PagedMetadata`:
 - cu_q_lens `[S+1]`: token offsets of each sequence; padded sequences repeat the
   last offset (zero new tokens).
 - kv_lens `[S]`: each sequence's KV length after this step (cached + new).
@@ -26,16 +27,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def token_layout(cu_q_lens: jax.Array, kv_lens: jax.Array, num_seqs: jax.Array, num_tokens: int):
+@struct.dataclass
+class PagedMetadata:
+    """Where each sequence's tokens and pages are in a ragged step (see the module docstring)."""
+
+    cu_q_lens: jax.Array  # [S+1] int32
+    kv_lens: jax.Array  # [S] int32
+    page_tables: jax.Array  # [S, M] int32
+    num_seqs: jax.Array  # [] int32
+
+
+def token_layout(meta: PagedMetadata, num_tokens: int):
     """Per token: its sequence, its position, and whether it is real (not padding)."""
+    cu_q_lens, kv_lens = meta.cu_q_lens, meta.kv_lens
     t = jnp.arange(num_tokens, dtype=jnp.int32)
     seq = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
     seq = jnp.minimum(seq, cu_q_lens.shape[0] - 2)
-    valid = t < cu_q_lens[num_seqs]
+    valid = t < cu_q_lens[meta.num_seqs]
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     positions = kv_lens[seq] - q_lens[seq] + (t - cu_q_lens[seq])
     return seq, jnp.where(valid, positions, 0), valid
@@ -46,16 +59,12 @@ def write_kv(
     v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
-    *,
-    cu_q_lens: jax.Array,
-    kv_lens: jax.Array,
-    page_tables: jax.Array,
-    num_seqs: jax.Array,
+    meta: PagedMetadata,
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter the step's keys/values into their pages (padding tokens are dropped)."""
     num_pages, page_size = k_cache.shape[1], k_cache.shape[2]
-    seq, positions, valid = token_layout(cu_q_lens, kv_lens, num_seqs, k.shape[0])
-    page = page_tables[seq, positions // page_size]
+    seq, positions, valid = token_layout(meta, k.shape[0])
+    page = meta.page_tables[seq, positions // page_size]
     page = jnp.where(valid, page, num_pages)  # out of range -> dropped
     slot = positions % page_size
     k_cache = k_cache.at[:, page, slot].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
@@ -67,11 +76,8 @@ def paged_attention(
     q: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
+    meta: PagedMetadata,
     *,
-    cu_q_lens: jax.Array,
-    kv_lens: jax.Array,
-    page_tables: jax.Array,
-    num_seqs: jax.Array,
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
@@ -81,8 +87,8 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
-    seq, positions, valid = token_layout(cu_q_lens, kv_lens, num_seqs, num_tokens)
-    pages = page_tables[seq]  # [T, M]
+    seq, positions, valid = token_layout(meta, num_tokens)
+    pages = meta.page_tables[seq]  # [T, M]
     max_kv = pages.shape[1] * page_size
     keys = k_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
     values = v_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
@@ -117,20 +123,12 @@ def ragged_paged_attention(
     v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
-    *,
-    cu_q_lens: jax.Array,
-    kv_lens: jax.Array,
-    page_tables: jax.Array,
-    num_seqs: jax.Array,
-    scale: float,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    sinks: jax.Array | None = None,
+    meta: PagedMetadata,
+    **options,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Write the step's k/v into the pages, then attend. Returns (out, k_cache, v_cache)."""
-    meta = dict(cu_q_lens=cu_q_lens, kv_lens=kv_lens, page_tables=page_tables, num_seqs=num_seqs)
-    k_cache, v_cache = write_kv(k, v, k_cache, v_cache, **meta)
-    out = paged_attention(
-        q, k_cache, v_cache, **meta, scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks
-    )
-    return out, k_cache, v_cache
+    """Write the step's k/v into the pages, then attend (options as `paged_attention`).
+
+    Returns (out, k_cache, v_cache).
+    """
+    k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta)
+    return paged_attention(q, k_cache, v_cache, meta, **options), k_cache, v_cache

@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.paged_attention.reference import PagedMetadata
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 
@@ -142,11 +144,8 @@ def paged_attention(
     q: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
+    meta: PagedMetadata,
     *,
-    cu_q_lens: jax.Array,
-    kv_lens: jax.Array,
-    page_tables: jax.Array,
-    num_seqs: jax.Array,
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
@@ -157,6 +156,7 @@ def paged_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """Kernel version of `reference.paged_attention`; `[T, H, D]`."""
+    cu_q_lens, kv_lens, page_tables = meta.cu_q_lens, meta.kv_lens, meta.page_tables
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
@@ -208,5 +208,5 @@ def paged_attention(
 
     out = out.reshape(num_kv_heads, padded_tokens, groups, head_dim)[:, :num_tokens]
     out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
-    valid = jnp.arange(num_tokens) < cu_q_lens[num_seqs]
+    valid = jnp.arange(num_tokens) < cu_q_lens[meta.num_seqs]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)

@@ -22,6 +22,7 @@ from flax import nnx
 from model_lib import CausalLM
 from model_lib.layers import KVCache, PagedBatch
 from model_lib.sharding import ShardingPlan
+from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.scheduler import ScheduledSequence
 
 logger = logging.getLogger(__name__)
@@ -103,20 +104,14 @@ class ModelRunner:
             cu_q_lens[i + 1] = offset
             logits_indices[i] = offset - 1
         cu_q_lens[len(scheduled) + 1 :] = offset
-        batch = PagedBatch(
-            positions=positions,
-            seq_lens=seq_lens,
-            cu_q_lens=cu_q_lens,
-            kv_lens=kv_lens,
-            page_tables=page_tables,
-            num_seqs=np.int32(len(scheduled)),
-        )
+        meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, np.int32(len(scheduled)))
+        batch = PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta)
         return StepInputs(input_ids, batch, logits_indices)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> jax.Array:
         """Run one step; logits `[S_pad, V]`, row i for `scheduled[i]` (left on the device)."""
         inputs = self.prepare(scheduled)
-        shape = (inputs.input_ids.shape[0], inputs.logits_indices.shape[0], inputs.batch.page_tables.shape[1])
+        shape = (inputs.input_ids.shape[0], inputs.logits_indices.shape[0], inputs.batch.meta.page_tables.shape[1])
         start = time.perf_counter()
         logits, self.kv_caches = self._step(
             self.state, self.kv_caches, inputs.input_ids, inputs.batch, inputs.logits_indices

@@ -17,7 +17,6 @@ from serving.async_engine import AsyncLLMEngine
 from serving.llm import LLM
 from serving.openai.app import OpenAIServer
 
-logger = logging.getLogger("serving")
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "jaxllm-tiny-chat"
 
 

@@ -7,12 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from functools import partial
+
 from pallas_kernels.flash_attention.reference import attention
+from pallas_kernels.paged_attention import PagedMetadata
 from pallas_kernels.paged_attention import ragged_paged_attention as paged_op
 
 OPTIONS = ("scale", "sliding_window", "softcap", "implementation")
-ragged_paged_attention = jax.jit(paged_op, static_argnames=OPTIONS)
 dense_attention = jax.jit(attention, static_argnames=OPTIONS[:3])
+
+
+@partial(jax.jit, static_argnames=OPTIONS)
+def ragged_paged_attention(q, k, v, k_cache, v_cache, meta, *, scale, sliding_window=None, softcap=None, sinks=None,
+                           implementation=None):
+    return paged_op(q, k, v, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, softcap=softcap,
+                    sinks=sinks, implementation=implementation)
 
 PAGE_SIZE = 4
 HEAD_DIM = 16
@@ -48,18 +57,10 @@ def make_case(seqs, num_heads, num_kv_heads, *, seed=0, num_pages=64, pad_tokens
     def flat(parts, heads):
         return np.concatenate(parts + [rng.randn(pad_tokens, heads, HEAD_DIM).astype(np.float32)])
 
-    inputs = dict(
-        q=flat(qs, num_heads),
-        k=flat(ks, num_kv_heads),
-        v=flat(vs, num_kv_heads),
-        k_cache=k_cache,
-        v_cache=v_cache,
-        cu_q_lens=cu,
-        kv_lens=kv_lens,
-        page_tables=page_tables,
-        num_seqs=np.int32(len(seqs)),
-    )
-    return {name: jnp.asarray(value) for name, value in inputs.items()}, (qs, full_k, full_v)
+    arrays = dict(q=flat(qs, num_heads), k=flat(ks, num_kv_heads), v=flat(vs, num_kv_heads), k_cache=k_cache, v_cache=v_cache)
+    inputs = {name: jnp.asarray(value) for name, value in arrays.items()}
+    inputs["meta"] = PagedMetadata(jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray(page_tables), jnp.int32(len(seqs)))
+    return inputs, (qs, full_k, full_v)
 
 
 def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None):
@@ -96,7 +97,7 @@ def test_reference_matches_dense_attention(shape, groups):
     assert not np.asarray(out[total:]).any(), "padding tokens must come out as zeros"
     # The new keys landed in their pages.
     s, (q_len, kv_len) = 0, seqs[0]
-    page = inputs["page_tables"][s, (kv_len - 1) // PAGE_SIZE]
+    page = inputs["meta"].page_tables[s, (kv_len - 1) // PAGE_SIZE]
     np.testing.assert_array_equal(k_cache[:, page, (kv_len - 1) % PAGE_SIZE], parts[1][s][kv_len - 1])
 
 
