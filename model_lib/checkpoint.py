@@ -61,7 +61,7 @@ def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> str:
 
 def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Family]:
     """`ModelConfig` and family of a checkpoint folder, without reading any weights."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     path = Path(path)
     raw = read_config_json(path)
@@ -69,7 +69,11 @@ def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Famil
     if not architectures:
         raise CheckpointError(f"{path / CONFIG_FILE} names no 'architectures'")
     family = get_family(architectures[0])
-    hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if family.remote_code:
+        # Only remote code knows this model_type; its config.json is read as plain fields.
+        hf = PretrainedConfig.from_dict(raw)
+    else:
+        hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     config = family.config_from_hf(hf, architectures[0])
     return config.replace(dtype=resolve_dtype(dtype, raw)), family
 
@@ -135,6 +139,8 @@ def _to_ours(
 ) -> list[tuple[str, np.ndarray]]:
     """One HF tensor -> our (path, array) pairs, in our layout."""
     module, _, leaf = name.rpartition(".")
+    if leaf == "weight" and family.weight_map.is_conv1d(module):
+        tensor = tensor.T
     fused = family.weight_map.fused_for_hf(module)
     if fused is not None:
         spec, modules = fused
@@ -201,6 +207,13 @@ def _hf_name(key: str, family: Family) -> str:
 
 
 def hf_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:
+    """Our parameters as HF-named host arrays in the checkpoint's layout."""
+    for name, array in _hf_linear_tensors(model, family):
+        module, _, leaf = name.rpartition(".")
+        yield name, (array.T if leaf == "weight" and family.weight_map.is_conv1d(module) else array)
+
+
+def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:
     """Our parameters as HF-named host arrays, fused tensors joined, linear weights `[out, in]`."""
     config: ModelConfig = model.config
     pending: dict[str, dict[str, np.ndarray]] = {}

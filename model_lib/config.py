@@ -67,21 +67,33 @@ class ModelConfig:
     max_position_embeddings: int
 
     # Embeddings and positions.
-    position_embedding: str = "rope"  # "rope" | "learned"
+    position_embedding: str = "rope"  # "rope" | "learned" | "alibi" | "none" (rotary per layer via `rope`)
+    position_offset: int = 0  # learned-position rows before position 0 (OPT keeps 2)
+    alibi_slopes: tuple[float, ...] | None = None  # one per query head when position_embedding == "alibi"
     tie_word_embeddings: bool = False
     embedding_multiplier: float = 1.0  # Granite multiplier, Gemma sqrt(hidden)
+    embedding_norm: bool = False  # BLOOM normalises the token embeddings
 
     # Normalisation.
     norm_kind: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-6
-    norm_weight_offset: float = 0.0  # Gemma stores w and scales by (1 + w)
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm and Nemotron's LayerNorm1p scale by (1 + w)
     norm_bias: bool = False  # LayerNorm bias
-    block_norms: str = "pre"  # "pre": norm -> sublayer -> add; "sandwich": norms on both sides
+    # "pre": norm -> sublayer -> add; "sandwich": norms on both sides (Gemma2/3, Glm4);
+    # "post": sublayer -> norm -> add (Exaone4).
+    block_norms: str = "pre"
+    # "none": attention then MLP; "shared_norm": x + attn(n(x)) + mlp(n(x)) (GPT-J, Phi, Cohere,
+    # Falcon); "two_norms": x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX, Falcon-40B).
+    parallel_block: str = "none"
+    final_norm: bool = True
 
     # Attention.
     qkv_bias: bool = False
     o_bias: bool = False
-    qk_norm: bool = False  # per-head norm of q and k before rotary (Qwen3, Gemma3)
+    # Norm of q and k over head_dim before rotary: "head" shares the weight across heads
+    # (Qwen3, Gemma3, Phi), "per_head" has one per head (Cohere); "none".
+    qk_norm: str = "none"
+    clip_qkv: float | None = None  # clamp q, k, v to [-c, c] (MPT, DBRX)
     attention_scale: float | None = None  # None -> head_dim ** -0.5
     attn_logit_softcap: float | None = None
     layer_types: tuple[str, ...] = ()
@@ -97,6 +109,7 @@ class ModelConfig:
     # Residual stream and output.
     residual_multiplier: float = 1.0
     logit_multiplier: float = 1.0  # Granite divides logits by `logits_scaling`
+    lm_head_bias: bool = False  # GPT-J, Phi
     final_logit_softcap: float | None = None
 
     # Tokens the serving side needs.
@@ -120,6 +133,20 @@ class ModelConfig:
             )
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ValueError("sliding-window layers need a positive sliding_window")
+        if (self.position_embedding == "alibi") != (self.alibi_slopes is not None):
+            raise ValueError("alibi_slopes are set exactly when position_embedding is 'alibi'")
+        if self.alibi_slopes is not None and len(self.alibi_slopes) != self.num_heads:
+            raise ValueError(f"{len(self.alibi_slopes)} alibi slopes for {self.num_heads} heads")
+        for name, value, allowed in (
+            ("position_embedding", self.position_embedding, ("rope", "learned", "alibi", "none")),
+            ("block_norms", self.block_norms, ("pre", "sandwich", "post")),
+            ("parallel_block", self.parallel_block, ("none", "shared_norm", "two_norms")),
+            ("qk_norm", self.qk_norm, ("none", "head", "per_head")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+        if self.parallel_block != "none" and self.block_norms != "pre":
+            raise ValueError("parallel blocks take pre norms only")
 
     @property
     def query_scale(self) -> float:

@@ -36,30 +36,44 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
 
 
 class DecoderLayer(nnx.Module):
-    """One block: `pre` norms (Llama) or `sandwich` norms around each sublayer (Gemma2/3)."""
+    """One block. Norm placement (`block_norms`) and parallel attention+MLP follow the config.
+
+    HF's `post_attention_layernorm` is the norm in front of the MLP in `pre` blocks
+    and the second norm of a `two_norms` parallel block.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.block_norms = config.block_norms
+        self.parallel_block = config.parallel_block
         self.residual_multiplier = config.residual_multiplier
         self.self_attn = Attention(config, layer, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
-        self.input_layernorm = make_norm(config)
-        self.post_attention_layernorm = make_norm(config)
+        self.input_layernorm = None if config.block_norms == "post" else make_norm(config)
+        if config.parallel_block != "shared_norm":
+            self.post_attention_layernorm = make_norm(config)
         if config.block_norms == "sandwich":
             self.pre_feedforward_layernorm = make_norm(config)
+        if config.block_norms in ("sandwich", "post"):
             self.post_feedforward_layernorm = make_norm(config)
-        elif config.block_norms != "pre":
-            raise ValueError(f"unknown block_norms {config.block_norms!r}")
 
     def __call__(self, x: jax.Array, batch: Batch, kv_cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        scale = self.residual_multiplier
+        if self.parallel_block != "none":
+            h = self.input_layernorm(x)
+            attn_out, kv_cache = self.self_attn(h, batch, kv_cache)
+            mlp_in = h if self.parallel_block == "shared_norm" else self.post_attention_layernorm(x)
+            return x + scale * (attn_out + self.mlp(mlp_in)), kv_cache
+        if self.block_norms == "post":
+            attn_out, kv_cache = self.self_attn(x, batch, kv_cache)
+            x = x + scale * self.post_attention_layernorm(attn_out)
+            return x + scale * self.post_feedforward_layernorm(self.mlp(x)), kv_cache
         attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)
         if self.block_norms == "pre":
-            # HF's "post_attention_layernorm" is the norm in front of the MLP here.
-            x = x + self.residual_multiplier * attn_out
-            return x + self.residual_multiplier * self.mlp(self.post_attention_layernorm(x)), kv_cache
-        x = x + self.residual_multiplier * self.post_attention_layernorm(attn_out)
+            x = x + scale * attn_out
+            return x + scale * self.mlp(self.post_attention_layernorm(x)), kv_cache
+        x = x + scale * self.post_attention_layernorm(attn_out)
         mlp_out = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        return x + self.residual_multiplier * mlp_out, kv_cache
+        return x + scale * mlp_out, kv_cache
 
 
 class DecoderModel(nnx.Module):
@@ -70,13 +84,20 @@ class DecoderModel(nnx.Module):
         common = dict(dtype=dtype, init_std=config.initializer_range, rngs=rngs)
         self.embedding_multiplier = config.embedding_multiplier
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, axes=("vocab", "embed"), **common)
+        self.position_offset = config.position_offset
         self.embed_positions = (
-            Embed(config.max_position_embeddings, config.hidden_size, axes=("position", "embed"), **common)
+            Embed(
+                config.max_position_embeddings + config.position_offset,
+                config.hidden_size,
+                axes=("position", "embed"),
+                **common,
+            )
             if config.position_embedding == "learned"
             else None
         )
+        self.embed_layernorm = make_norm(config) if config.embedding_norm else None
         self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
-        self.norm = make_norm(config)
+        self.norm = make_norm(config) if config.final_norm else None
         self.remat = False  # recompute each layer's activations in the backward pass (training)
 
     def __call__(
@@ -88,7 +109,9 @@ class DecoderModel(nnx.Module):
             # Scale in the weight dtype, as the reference does (Gemma's sqrt(E) rounds in bf16).
             x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
         if self.embed_positions is not None:
-            x = x + self.embed_positions(batch.positions)
+            x = x + self.embed_positions(batch.positions + self.position_offset)
+        if self.embed_layernorm is not None:
+            x = self.embed_layernorm(x)
         new_caches = []
         for i, layer in enumerate(self.layers):
             if self.remat and kv_caches is None:
@@ -96,7 +119,9 @@ class DecoderModel(nnx.Module):
             else:
                 x, cache = layer(x, batch, None if kv_caches is None else kv_caches[i])
             new_caches.append(cache)
-        return self.norm(x), (None if kv_caches is None else new_caches)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x, (None if kv_caches is None else new_caches)
 
 
 class CausalLM(nnx.Module):
@@ -112,7 +137,7 @@ class CausalLM(nnx.Module):
                 config.hidden_size,
                 config.vocab_size,
                 axes=("embed", "vocab"),
-                use_bias=False,
+                use_bias=config.lm_head_bias,
                 dtype=jnp.dtype(config.dtype),
                 init_std=config.initializer_range,
                 rngs=rngs,

@@ -24,6 +24,9 @@ class Family:
     config_from_hf: Callable[[PretrainedConfig, str], ModelConfig]
     weight_map: WeightMap = IDENTITY
     quirks: str = ""  # what sets it apart, for the README table
+    # The checkpoint's config.json names a model_type only remote code defines
+    # (InternLM2, Baichuan, Qwen 1, ChatGLM): read it as plain fields.
+    remote_code: bool = False
 
 
 # architecture -> "module:ATTRIBUTE" of its Family

@@ -6,10 +6,12 @@ are data, not code:
   `model.layers.{i}.input_layernorm`);
 - `fused`: one HF projection that we hold as several (`qkv_proj` -> q/k/v), with
   the output-dimension layout needed to split it on load and join it on save;
-- `ignored`: HF tensors that carry nothing we need (cached rotary buffers).
+- `ignored`: HF tensors that carry nothing we need (cached rotary buffers);
+- `conv1d`: HF modules whose weight is stored `[in, out]` (GPT-2's Conv1D).
 
 Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
-`kernel [in, out]`; `model_lib/checkpoint.py` handles that for all families.
+`kernel [in, out]`; `model_lib/checkpoint.py` handles that for all families,
+after `conv1d` weights are brought to `[out, in]` like the rest.
 """
 
 from __future__ import annotations
@@ -73,9 +75,13 @@ class WeightMap:
     renames: tuple[tuple[str, str], ...] = ()
     fused: tuple[Fused, ...] = ()
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq",)
+    conv1d: tuple[str, ...] = ()
 
     def is_ignored(self, hf_key: str) -> bool:
         return any(re.fullmatch(p, hf_key) for p in self.ignored)
+
+    def is_conv1d(self, hf_module: str) -> bool:
+        return any(_pattern_regex(p).match(hf_module) for p in self.conv1d)
 
     def module_to_ours(self, hf_module: str) -> str:
         for hf, ours in self.renames:

@@ -24,7 +24,7 @@ def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
             "activation": hf.hidden_activation,
             "norm_weight_offset": 1.0,
             "block_norms": "sandwich",
-            "qk_norm": True,
+            "qk_norm": "head",
             "embedding_multiplier": hf.hidden_size**0.5,
             "attention_scale": hf.query_pre_attn_scalar**-0.5,
             "rope": rope["full_attention"],

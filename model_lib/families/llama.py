@@ -22,7 +22,7 @@ def qwen2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 
 def qwen3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    return ModelConfig(**{**llama_like_fields(hf, architecture, "qwen3"), "qk_norm": True})
+    return ModelConfig(**{**llama_like_fields(hf, architecture, "qwen3"), "qk_norm": "head"})
 
 
 def granite_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:

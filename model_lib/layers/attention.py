@@ -1,8 +1,9 @@
 """Self-attention: projections, optional q/k norm, rotary, and the one dispatch point.
 
 Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads), per-layer sliding window,
-per-layer rotary (Gemma3's local/global bases), attention soft-cap and a custom
-query scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`).
+per-layer rotary (Gemma3's local/global bases) or none (ALiBi, NoPE layers),
+ALiBi slopes, attention soft-cap, q/k norms, q/k/v clipping and a custom query
+scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`).
 
 Glossary: B batch, T tokens, P pages, E hidden, H heads, K kv heads, D head_dim.
 """
@@ -61,8 +62,12 @@ def attend(
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
+    alibi_slopes: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """The single point where attention leaves the model for `pallas_kernels`."""
+    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    if alibi_slopes is not None:
+        options["alibi_slopes"] = alibi_slopes
     if isinstance(batch, DenseBatch):
         out = dense_attention(
             q,
@@ -72,9 +77,7 @@ def attend(
             kv_positions=batch.positions,
             q_segment_ids=batch.segment_ids,
             kv_segment_ids=batch.segment_ids,
-            scale=scale,
-            sliding_window=sliding_window,
-            softcap=softcap,
+            **options,
         )
         return out, kv_cache
     if isinstance(batch, PagedBatch):
@@ -84,9 +87,7 @@ def attend(
             v,
             *kv_cache,
             batch.meta,
-            scale=scale,
-            sliding_window=sliding_window,
-            softcap=softcap,
+            **options,
         )
         return out, (k_cache, v_cache)
     raise TypeError(f"unsupported attention inputs {type(batch).__name__}")
@@ -101,30 +102,49 @@ class Attention(nnx.Module):
         self.softcap = config.attn_logit_softcap
         self.sliding_window = config.layer_window(layer)
         self.rope = config.layer_rope(layer)
+        self.alibi_slopes = config.alibi_slopes
+        self.clip_qkv = config.clip_qkv
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         common = dict(dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
         self.q_proj = Linear(hidden, q_dim, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **common)
         self.k_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
         self.v_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
         self.o_proj = Linear(q_dim, hidden, axes=("q_heads", "embed"), use_bias=config.o_bias, **common)
-        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
-        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        norm_shapes = {
+            "none": (None, None),
+            "head": (self.head_dim, self.head_dim),
+            "per_head": ((self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)),
+        }[config.qk_norm]
+        self.q_norm = None if norm_shapes[0] is None else make_norm(config, norm_shapes[0])
+        self.k_norm = None if norm_shapes[1] is None else make_norm(config, norm_shapes[1])
 
     def __call__(
         self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: KVCache | None = None
     ) -> tuple[jax.Array, KVCache | None]:
         """`x [..., E]` (`[B, T, E]` dense or `[T, E]` paged) -> output and the updated KV pages."""
         lead = x.shape[:-1]
-        q = self.q_proj(x).reshape(*lead, self.num_heads, self.head_dim)  # [B,T,H,D]
-        k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)  # [B,T,K,D]
-        v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.reshape(*lead, self.num_heads, self.head_dim)  # [B,T,H,D]
+        k = k.reshape(*lead, self.num_kv_heads, self.head_dim)  # [B,T,K,D]
+        v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             cos, sin = rotary_cos_sin(self.rope, batch.positions, batch.seq_lens, q.dtype)
             q = apply_rotary(q, cos, sin, self.rope.interleaved)
             k = apply_rotary(k, cos, sin, self.rope.interleaved)
+        slopes = None if self.alibi_slopes is None else jnp.asarray(self.alibi_slopes, jnp.float32)
         out, kv_cache = attend(
-            q, k, v, batch, kv_cache, scale=self.scale, sliding_window=self.sliding_window, softcap=self.softcap
+            q,
+            k,
+            v,
+            batch,
+            kv_cache,
+            scale=self.scale,
+            sliding_window=self.sliding_window,
+            softcap=self.softcap,
+            alibi_slopes=slopes,
         )
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache
