@@ -36,7 +36,15 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "model_lib.families.llama:QWEN2",
     "Qwen3ForCausalLM": "model_lib.families.llama:QWEN3",
     "GraniteForCausalLM": "model_lib.families.llama:GRANITE",
+    "GemmaForCausalLM": "model_lib.families.gemma:GEMMA",
+    "Gemma2ForCausalLM": "model_lib.families.gemma:GEMMA2",
     "Gemma3ForCausalLM": "model_lib.families.gemma:GEMMA3",
+    "Starcoder2ForCausalLM": "model_lib.families.starcoder2:STARCODER2",
+    "NemotronForCausalLM": "model_lib.families.nemotron:NEMOTRON",
+    "Exaone4ForCausalLM": "model_lib.families.exaone4:EXAONE4",
+    "GlmForCausalLM": "model_lib.families.glm:GLM",
+    "Glm4ForCausalLM": "model_lib.families.glm:GLM4",
+    "CohereForCausalLM": "model_lib.families.cohere:COHERE",
     "Phi3ForCausalLM": "model_lib.families.phi3:PHI3",
     "GPTBigCodeForCausalLM": "model_lib.families.gpt_bigcode:GPT_BIGCODE",
 }
@@ -68,3 +76,18 @@ def architecture_table() -> str:
         family = get_family(architecture)
         rows.append(f"| `{architecture}` | {family.name} | {family.quirks} |")
     return "\n".join(rows)
+
+
+def write_readme_table(readme: str = "README.md") -> None:
+    """Replace the README's architecture table (from its header row to the next blank line)."""
+    from pathlib import Path
+
+    path = Path(readme)
+    lines = path.read_text().split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith("| HF architecture |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].strip()), len(lines))
+    path.write_text("\n".join(lines[:start] + architecture_table().split("\n") + lines[end:]))
+
+
+if __name__ == "__main__":
+    write_readme_table()

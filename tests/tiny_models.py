@@ -32,7 +32,7 @@ class TinyCase:
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
-PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults exceed VOCAB
+SMALL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # for configs whose defaults exceed VOCAB
 BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
 
 CASES = [
@@ -77,13 +77,40 @@ CASES = [
         dict(
             num_key_value_heads=2,
             partial_rotary_factor=0.5,
-            **PHI3_TOKENS,
+            **SMALL_TOKENS,
             max_position_embeddings=32,
             original_max_position_embeddings=8,
             rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [2.0, 3.0, 4.0, 8.0]},
         ),
     ),
-    TinyCase("phi3-sliding", "Phi3Config", dict(num_key_value_heads=4, sliding_window=6, **PHI3_TOKENS)),
+    TinyCase("phi3-sliding", "Phi3Config", dict(num_key_value_heads=4, sliding_window=6, **SMALL_TOKENS)),
+    TinyCase("gemma-mqa", "GemmaConfig", dict(num_key_value_heads=1, head_dim=16)),
+    TinyCase(
+        "gemma2-softcaps",
+        "Gemma2Config",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            attn_logit_softcapping=1.0,
+            final_logit_softcapping=5.0,
+        ),
+    ),
+    TinyCase("starcoder2-sliding", "Starcoder2Config", dict(num_key_value_heads=2, sliding_window=5, **SMALL_TOKENS)),
+    TinyCase("nemotron-partial", "NemotronConfig", dict(num_key_value_heads=2, head_dim=16)),
+    TinyCase(
+        "exaone4-hybrid",
+        "Exaone4Config",
+        dict(num_key_value_heads=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    ),
+    TinyCase("glm-partial", "GlmConfig", dict(num_key_value_heads=2, head_dim=16, **SMALL_TOKENS)),
+    TinyCase("glm4-post-norms", "Glm4Config", dict(num_key_value_heads=2, head_dim=16, **SMALL_TOKENS)),
+    TinyCase(
+        "cohere-qknorm",
+        "CohereConfig",
+        dict(num_key_value_heads=2, use_qk_norm=True, attention_bias=True, logit_scale=0.5, **SMALL_TOKENS),
+    ),
     TinyCase("gpt_bigcode-mqa", "GPTBigCodeConfig", dict(multi_query=True), BIGCODE_DIMS),
     TinyCase("gpt_bigcode-mha-untied", "GPTBigCodeConfig", dict(multi_query=False, tie_word_embeddings=False), BIGCODE_DIMS),
 ]
@@ -99,6 +126,14 @@ ONE_PER_ARCHITECTURE = [
     "gemma3-local-global",
     "phi3-longrope-partial",
     "gpt_bigcode-mqa",
+    "gemma-mqa",
+    "gemma2-softcaps",
+    "starcoder2-sliding",
+    "nemotron-partial",
+    "exaone4-hybrid",
+    "glm-partial",
+    "glm4-post-norms",
+    "cohere-qknorm",
 ]
 
 

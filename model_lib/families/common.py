@@ -13,6 +13,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeConfig
+from model_lib.weight_map import Fused
 
 
 def rope_from_params(
@@ -104,4 +105,11 @@ def llama_like_fields(hf: PretrainedConfig, architecture: str, family: str) -> d
         initializer_range=getattr(hf, "initializer_range", 0.02),
         hf_config_json=hf_json(hf),
         **token_ids(hf),
+    )
+
+
+def gate_up_fused(hf_module: str = "model.layers.{i}.mlp.gate_up_proj") -> Fused:
+    """A fused `[gate | up]` MLP input projection (Phi-3, GLM), split into gate_proj and up_proj."""
+    return Fused(
+        hf_module, "model.layers.{i}.mlp", ("gate_proj", "up_proj"), lambda c: (1, (c.intermediate_size, c.intermediate_size))
     )

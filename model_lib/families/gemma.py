@@ -1,7 +1,14 @@
-"""Gemma 3 text decoder: (1 + w) RMSNorm, sqrt(E) embedding scale, GeGLU, sandwich
-norms, q/k norm, 5:1 local/global layers with a separate local rotary base."""
+"""Gemma, Gemma 2 and Gemma 3 text decoders.
+
+All three: (1 + w) RMSNorm, sqrt(E) embedding scale (rounded in the weight dtype),
+GeGLU. Gemma 2 adds sandwich norms, local/global layers, attention and final-logit
+soft-caps and `query_pre_attn_scalar`; Gemma 3 adds q/k norm and a separate
+rotary base for its local layers (and drops the attention soft-cap).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from transformers import PretrainedConfig
 
@@ -10,10 +17,35 @@ from model_lib.families.common import llama_like_fields, rope_from_params
 from model_lib.registry import Family
 
 
+def _gemma_fields(hf: PretrainedConfig, architecture: str, family: str) -> dict[str, Any]:
+    return {
+        **llama_like_fields(hf, architecture, family),
+        "activation": getattr(hf, "hidden_activation", None) or hf.hidden_act,
+        "norm_weight_offset": 1.0,
+        "embedding_multiplier": hf.hidden_size**0.5,
+    }
+
+
+def gemma_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    return ModelConfig(**_gemma_fields(hf, architecture, "gemma"))
+
+
+def gemma2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    return ModelConfig(
+        **{
+            **_gemma_fields(hf, architecture, "gemma2"),
+            "block_norms": "sandwich",
+            "attention_scale": hf.query_pre_attn_scalar**-0.5,
+            "attn_logit_softcap": hf.attn_logit_softcapping,
+            "final_logit_softcap": hf.final_logit_softcapping,
+        }
+    )
+
+
 def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError("Gemma3 with use_bidirectional_attention (embedding models) is not supported")
-    fields = llama_like_fields(hf, architecture, "gemma3")
+    fields = _gemma_fields(hf, architecture, "gemma3")
     rope = {
         kind: rope_from_params(params, head_dim=fields["head_dim"], max_position=hf.max_position_embeddings)
         for kind, params in hf.rope_parameters.items()
@@ -21,11 +53,8 @@ def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(
         **{
             **fields,
-            "activation": hf.hidden_activation,
-            "norm_weight_offset": 1.0,
             "block_norms": "sandwich",
             "qk_norm": "head",
-            "embedding_multiplier": hf.hidden_size**0.5,
             "attention_scale": hf.query_pre_attn_scalar**-0.5,
             "rope": rope["full_attention"],
             "rope_local": rope["sliding_attention"],
@@ -36,6 +65,10 @@ def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     )
 
 
+GEMMA = Family("gemma", gemma_config, quirks="(1+w) RMSNorm, sqrt(d) embedding scale, GeGLU")
+GEMMA2 = Family(
+    "gemma2", gemma2_config, quirks="sandwich norms, local/global layers, attention and final-logit soft-caps"
+)
 GEMMA3 = Family(
     "gemma3", gemma3_config, quirks="(1+w) RMSNorm, sandwich norms, q/k norm, local/global layers with two RoPE bases, logit soft-cap"
 )

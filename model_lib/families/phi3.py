@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields
+from model_lib.families.common import gate_up_fused, llama_like_fields
 from model_lib.registry import Family
 from model_lib.weight_map import Fused, WeightMap
 
@@ -26,12 +26,7 @@ PHI3 = Family(
     WeightMap(
         fused=(
             Fused("model.layers.{i}.self_attn.qkv_proj", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), _qkv_layout),
-            Fused(
-                "model.layers.{i}.mlp.gate_up_proj",
-                "model.layers.{i}.mlp",
-                ("gate_proj", "up_proj"),
-                lambda c: (1, (c.intermediate_size, c.intermediate_size)),
-            ),
+            gate_up_fused(),
         )
     ),
     quirks="fused qkv_proj and gate_up_proj, LongRoPE, partial rotary, sliding window",
