@@ -100,6 +100,18 @@ class ModelConfig:
     sliding_window: int | None = None
     rope: RopeConfig | None = None  # full-attention layers (all layers if rope_local is None)
     rope_local: RopeConfig | None = None  # sliding-window layers, where they differ (Gemma3)
+    # Multi-head latent attention (MiniCPM3, DeepSeek-V2/V3) when attention_kind == "mla".
+    # Queries go through a rank-`q_lora_rank` bottleneck (None: one plain q_proj); keys
+    # and values come from a rank-`kv_lora_rank` latent; each query/key head is
+    # [qk_nope_head_dim | qk_rope_head_dim] (rotary on the second part only, its key part
+    # shared by all heads) and each value head v_head_dim. `head_dim` is then the KV-cache
+    # head size, max(qk_nope_head_dim + qk_rope_head_dim, v_head_dim), and num_kv_heads == num_heads.
+    attention_kind: str = "standard"  # "standard" | "mla"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     # MLP.
     mlp_gated: bool = True
@@ -142,11 +154,17 @@ class ModelConfig:
             ("block_norms", self.block_norms, ("pre", "sandwich", "post")),
             ("parallel_block", self.parallel_block, ("none", "shared_norm", "two_norms")),
             ("qk_norm", self.qk_norm, ("none", "head", "per_head")),
+            ("attention_kind", self.attention_kind, ("standard", "mla")),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.parallel_block != "none" and self.block_norms != "pre":
             raise ValueError("parallel blocks take pre norms only")
+        if self.attention_kind == "mla" and (
+            self.num_kv_heads != self.num_heads
+            or self.head_dim < max(self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim)
+        ):
+            raise ValueError("MLA needs num_kv_heads == num_heads and head_dim >= both the qk and the v head dims")
 
     @property
     def query_scale(self) -> float:

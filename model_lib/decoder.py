@@ -16,6 +16,7 @@ from flax import nnx
 
 from model_lib.config import ModelConfig
 from model_lib.layers import MLP, Attention, DenseBatch, Embed, KVCache, Linear, PagedBatch, make_norm
+from model_lib.layers.mla import MLAttention
 
 Batch = DenseBatch | PagedBatch
 
@@ -46,7 +47,7 @@ class DecoderLayer(nnx.Module):
         self.block_norms = config.block_norms
         self.parallel_block = config.parallel_block
         self.residual_multiplier = config.residual_multiplier
-        self.self_attn = Attention(config, layer, rngs=rngs)
+        self.self_attn = (MLAttention if config.attention_kind == "mla" else Attention)(config, layer, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
         self.input_layernorm = None if config.block_norms == "post" else make_norm(config)
         if config.parallel_block != "shared_norm":

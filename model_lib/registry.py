@@ -47,6 +47,7 @@ ARCHITECTURES: dict[str, str] = {
     "CohereForCausalLM": "model_lib.families.cohere:COHERE",
     "Phi3ForCausalLM": "model_lib.families.phi3:PHI3",
     "GPTBigCodeForCausalLM": "model_lib.families.gpt_bigcode:GPT_BIGCODE",
+    "MiniCPM3ForCausalLM": "model_lib.families.minicpm3:MINICPM3",
 }
 
 

@@ -34,6 +34,8 @@ class TinyCase:
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 SMALL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # for configs whose defaults exceed VOCAB
 BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
+# MiniCPM3Config defaults num_key_value_heads to 40 whatever the head count; MLA has one kv head per head.
+MLA_DIMS = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -113,6 +115,39 @@ CASES = [
     ),
     TinyCase("gpt_bigcode-mqa", "GPTBigCodeConfig", dict(multi_query=True), BIGCODE_DIMS),
     TinyCase("gpt_bigcode-mha-untied", "GPTBigCodeConfig", dict(multi_query=False, tie_word_embeddings=False), BIGCODE_DIMS),
+    # MLA: q through a rank-32 bottleneck, kv latent rank 16, LongRoPE on the rope part, MiniCPM's default multipliers.
+    TinyCase(
+        "minicpm3-mla-longrope",
+        "MiniCPM3Config",
+        dict(
+            **MLA_DIMS,
+            q_lora_rank=32,
+            qk_nope_head_dim=16,
+            max_position_embeddings=32,
+            rope_scaling={
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 2.0],
+                "long_factor": [2.0, 3.0, 4.0, 8.0],
+                "original_max_position_embeddings": 8,
+            },
+        ),
+    ),
+    # MLA with a plain q_proj (DeepSeek-V2-Lite style), v heads wider than qk heads, biases, untied head.
+    TinyCase(
+        "minicpm3-noqlora-widev-untied",
+        "MiniCPM3Config",
+        dict(
+            **MLA_DIMS,
+            q_lora_rank=None,
+            qk_nope_head_dim=8,
+            v_head_dim=24,
+            attention_bias=True,
+            tie_word_embeddings=False,
+            scale_emb=2.5,
+            scale_depth=2.0,
+            dim_model_base=32,
+        ),
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -134,6 +169,7 @@ ONE_PER_ARCHITECTURE = [
     "glm-partial",
     "glm4-post-norms",
     "cohere-qknorm",
+    "minicpm3-mla-longrope",
 ]
 
 

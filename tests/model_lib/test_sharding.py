@@ -25,7 +25,8 @@ def test_sharded_logits_equal_unsharded(case, preset, tiny_checkpoint, forward):
 
     plan = load_mesh_preset(preset)
     model = model_lib.from_pretrained(folder, mesh=plan)
-    q_kernel = model.model.layers[0].self_attn.q_proj.kernel[...]
+    attn = model.model.layers[0].self_attn
+    q_kernel = (attn.q_proj if attn.q_proj is not None else attn.q_b_proj).kernel[...]  # MLA: q_a_proj -> q_b_proj
     assert q_kernel.sharding.mesh.shape == plan.mesh.shape
     assert len(q_kernel.sharding.device_set) == 8
     assert q_kernel.sharding.spec != P(None, None), "the query projection should be split"
