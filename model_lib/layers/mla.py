@@ -67,7 +67,7 @@ class MLAttention(nnx.Module):
         common = dict(dtype=dtype, init_std=config.initializer_range, rngs=rngs)
 
         def latent_norm(dim: int) -> RMSNorm:
-            return RMSNorm(dim, eps=LATENT_NORM_EPS, weight_offset=config.norm_weight_offset, dtype=dtype)
+            return RMSNorm((dim,), eps=LATENT_NORM_EPS, weight_offset=config.norm_weight_offset, dtype=dtype)
 
         # Latent dimensions stay whole (None); head dimensions split like the other families'.
         q_out = heads * self.qk_dim
