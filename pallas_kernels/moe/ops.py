@@ -1,0 +1,55 @@
+"""Public grouped (ragged) matmul for mixture-of-experts layers.
+
+Contract: `grouped_matmul(lhs [M, K], rhs [G, K, N], group_sizes [G] int32) -> [M, N]`.
+The rows of lhs are sorted by group (expert): rows `[start_g, start_g + group_sizes[g])`,
+`start_g = sum(group_sizes[:g])`, are multiplied by `rhs[g]`. `sum(group_sizes) <= M`;
+rows at or past the sum come out as zeros (an MoE layer pads its token count to a
+static M). Empty groups are allowed. Products accumulate in float32; the result has
+lhs's dtype. The semantics are those of `jax.lax.ragged_dot(lhs, rhs, group_sizes)`,
+and the op is differentiable in lhs and rhs (not in group_sizes).
+
+Implementations, picked by `implementation` or by backend and shape when it is None:
+- "kernel": the Pallas Triton kernels of `triton_kernel.py` (forward, and a custom VJP
+  whose input gradient is the same kernel on rhs read transposed and whose weight
+  gradient is a transposed grouped matmul kernel). Chosen on NVIDIA GPUs when K and N
+  are multiples of 16 and lhs and rhs share a float32, bfloat16 or float16 dtype.
+- "interpret": the same kernels on the Pallas interpreter (any backend; for tests).
+- "reference": `jax.lax.ragged_dot` (the CPU path, and the fallback).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.moe import reference, triton_kernel
+
+IMPLEMENTATIONS = ("kernel", "interpret", "reference")
+
+
+def choose_implementation(lhs: jax.Array, rhs: jax.Array) -> str:
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and triton_kernel.supported(lhs.shape, rhs.shape, lhs.dtype, rhs.dtype):
+        return "kernel"
+    return "reference"
+
+
+def grouped_matmul(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    group_sizes: jax.Array,
+    *,
+    implementation: str | None = None,
+    **options,
+) -> jax.Array:
+    """See the module docstring; `options` go to the kernel (`triton_kernel.grouped_matmul`:
+    block sizes, `num_warps`, `num_stages`, `precision`) and are ignored by the reference.
+    """
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],) or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"expected lhs [M, K], rhs [G, K, N], group_sizes [G]; got {lhs.shape}, {rhs.shape}, "
+                         f"{group_sizes.shape}")
+    implementation = implementation or choose_implementation(lhs, rhs)
+    if implementation == "reference":
+        return reference.grouped_matmul(lhs, rhs, group_sizes)
+    if implementation in ("kernel", "interpret"):
+        return triton_kernel.grouped_matmul(lhs, rhs, group_sizes, interpret=implementation == "interpret", **options)
+    raise ValueError(f"unknown grouped matmul implementation {implementation!r}")
