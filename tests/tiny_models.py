@@ -33,7 +33,10 @@ class TinyCase:
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults exceed VOCAB
-BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
+BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)  # GPT-2 names
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # for configs whose default ids exceed VOCAB
+OPT_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -86,6 +89,24 @@ CASES = [
     TinyCase("phi3-sliding", "Phi3Config", dict(num_key_value_heads=4, sliding_window=6, **PHI3_TOKENS)),
     TinyCase("gpt_bigcode-mqa", "GPTBigCodeConfig", dict(multi_query=True), BIGCODE_DIMS),
     TinyCase("gpt_bigcode-mha-untied", "GPTBigCodeConfig", dict(multi_query=False, tie_word_embeddings=False), BIGCODE_DIMS),
+    TinyCase("gpt2-conv1d", "GPT2Config", dict(reorder_and_upcast_attn=True, **TOKENS), BIGCODE_DIMS),
+    TinyCase("gptj-partial-interleaved", "GPTJConfig", dict(rotary_dim=8, **TOKENS), BIGCODE_DIMS),
+    TinyCase("gpt_neox-parallel", "GPTNeoXConfig", dict(max_position_embeddings=64)),
+    TinyCase(
+        "gpt_neox-sequential",
+        "GPTNeoXConfig",
+        dict(use_parallel_residual=False, attention_bias=False, rotary_pct=0.5, rotary_emb_base=500.0, max_position_embeddings=64),
+    ),
+    TinyCase("phi-qk-layernorm", "PhiConfig", dict(num_key_value_heads=2, qk_layernorm=True, max_position_embeddings=64)),
+    TinyCase("opt-pre-ln", "OPTConfig", {}, OPT_DIMS),
+    TinyCase("opt-post-ln-projected", "OPTConfig", dict(do_layer_norm_before=False, word_embed_proj_dim=32), OPT_DIMS),
+    TinyCase("falcon-mqa-parallel", "FalconConfig", dict(max_position_embeddings=64), FALCON_DIMS),
+    TinyCase(
+        "falcon-new-arch-gqa",
+        "FalconConfig",
+        dict(new_decoder_architecture=True, num_kv_heads=2, tie_word_embeddings=False, max_position_embeddings=64),
+        FALCON_DIMS,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -99,6 +120,12 @@ ONE_PER_ARCHITECTURE = [
     "gemma3-local-global",
     "phi3-longrope-partial",
     "gpt_bigcode-mqa",
+    "gpt2-conv1d",
+    "gptj-partial-interleaved",
+    "gpt_neox-parallel",
+    "phi-qk-layernorm",
+    "opt-post-ln-projected",
+    "falcon-new-arch-gqa",
 ]
 
 
