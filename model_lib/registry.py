@@ -54,6 +54,8 @@ ARCHITECTURES: dict[str, str] = {
     "PhiForCausalLM": "model_lib.families.phi:PHI",
     "OPTForCausalLM": "model_lib.families.opt:OPT",
     "FalconForCausalLM": "model_lib.families.bloom:FALCON",
+    "BloomForCausalLM": "model_lib.families.bloom:BLOOM",
+    "MptForCausalLM": "model_lib.families.mpt:MPT",
 }
 
 

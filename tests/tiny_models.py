@@ -37,6 +37,8 @@ BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4
 TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # for configs whose default ids exceed VOCAB
 OPT_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
+BLOOM_DIMS = dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # MLP fixed at 4 x hidden
+MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)  # MLP fixed at 4 x d_model
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -107,6 +109,14 @@ CASES = [
         dict(new_decoder_architecture=True, num_kv_heads=2, tie_word_embeddings=False, max_position_embeddings=64),
         FALCON_DIMS,
     ),
+    TinyCase(
+        "falcon-alibi-sequential-bias",
+        "FalconConfig",
+        dict(alibi=True, parallel_attn=False, multi_query=False, bias=True, max_position_embeddings=64),
+        FALCON_DIMS,
+    ),
+    TinyCase("bloom-alibi", "BloomConfig", {}, BLOOM_DIMS),
+    TinyCase("mpt-clip-qkv", "MptConfig", dict(attn_config=dict(clip_qkv=0.25, softmax_scale=0.2), **TOKENS), MPT_DIMS),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -126,6 +136,8 @@ ONE_PER_ARCHITECTURE = [
     "phi-qk-layernorm",
     "opt-post-ln-projected",
     "falcon-new-arch-gqa",
+    "bloom-alibi",
+    "mpt-clip-qkv",
 ]
 
 

@@ -39,6 +39,8 @@ def _rewrite_weights(folder, edit):
         "gpt_neox-sequential",
         "opt-post-ln-projected",
         "falcon-new-arch-gqa",
+        "bloom-alibi",
+        "mpt-clip-qkv",
     ],
 )
 def test_save_reload_round_trip(case, tiny_checkpoint, tmp_path, forward):
