@@ -75,7 +75,7 @@ def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Famil
     else:
         hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     config = family.config_from_hf(hf, architectures[0])
-    return config.replace(dtype=resolve_dtype(dtype, raw)), family
+    return config.replace(dtype=resolve_dtype(dtype, raw)), family.for_config(config)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -172,9 +172,10 @@ def load_params(
     loaded: dict[str, jax.Array] = {}
     sources: dict[str, str] = {}
     for file, name, tensor in iter_tensors(path):
-        if family.weight_map.is_ignored(name) or (config.tie_word_embeddings and name == "lm_head.weight"):
+        hf_key = family.weight_map.canonical(name)
+        if family.weight_map.is_ignored(hf_key) or (config.tie_word_embeddings and hf_key == "lm_head.weight"):
             continue
-        for key, array in _to_ours(name, tensor, family, config, expected):
+        for key, array in _to_ours(hf_key, tensor, family, config, expected):
             if key not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {config.architecture})")
             if key in loaded:
@@ -238,7 +239,7 @@ def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str,
 def save_pretrained(model: nnx.Module, path: str | Path, *, max_shard_size: int = 5 * 1024**3) -> None:
     """Write config.json and safetensors (sharded above `max_shard_size` bytes) in HF layout."""
     config: ModelConfig = model.config
-    family = get_family(config.architecture)
+    family = get_family(config.architecture).for_config(config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     shard: dict[str, np.ndarray] = {}

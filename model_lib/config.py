@@ -73,6 +73,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     embedding_multiplier: float = 1.0  # Granite multiplier, Gemma sqrt(hidden)
     embedding_norm: bool = False  # BLOOM normalises the token embeddings
+    # Token-embedding width when it differs from hidden_size (OPT-350m): the embeddings
+    # go through `project_in` to the hidden size and the final states through `project_out`.
+    embedding_size: int | None = None
 
     # Normalisation.
     norm_kind: str = "rms"  # "rms" | "layer"
@@ -80,7 +83,8 @@ class ModelConfig:
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm and Nemotron's LayerNorm1p scale by (1 + w)
     norm_bias: bool = False  # LayerNorm bias
     # "pre": norm -> sublayer -> add; "sandwich": norms on both sides (Gemma2/3, Glm4);
-    # "post": sublayer -> norm -> add (Exaone4).
+    # "post": sublayer -> norm -> add (Exaone4); "post_residual": add -> norm, the original
+    # Transformer's post-LN (OPT-350m), with the norms post_attention/post_feedforward_layernorm.
     block_norms: str = "pre"
     # "none": attention then MLP; "shared_norm": x + attn(n(x)) + mlp(n(x)) (GPT-J, Phi, Cohere,
     # Falcon); "two_norms": x + attn(n1(x)) + mlp(n2(x)) (GPT-NeoX, Falcon-40B).
@@ -151,7 +155,7 @@ class ModelConfig:
             raise ValueError(f"{len(self.alibi_slopes)} alibi slopes for {self.num_heads} heads")
         for name, value, allowed in (
             ("position_embedding", self.position_embedding, ("rope", "learned", "alibi", "none")),
-            ("block_norms", self.block_norms, ("pre", "sandwich", "post")),
+            ("block_norms", self.block_norms, ("pre", "sandwich", "post", "post_residual")),
             ("parallel_block", self.parallel_block, ("none", "shared_norm", "two_norms")),
             ("qk_norm", self.qk_norm, ("none", "head", "per_head")),
             ("attention_kind", self.attention_kind, ("standard", "mla")),
@@ -165,6 +169,11 @@ class ModelConfig:
             or self.head_dim < max(self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim)
         ):
             raise ValueError("MLA needs num_kv_heads == num_heads and head_dim >= both the qk and the v head dims")
+
+    @property
+    def embed_width(self) -> int:
+        """Width of the token embeddings and of the LM head's input."""
+        return self.embedding_size or self.hidden_size
 
     @property
     def query_scale(self) -> float:

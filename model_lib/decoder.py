@@ -49,12 +49,12 @@ class DecoderLayer(nnx.Module):
         self.residual_multiplier = config.residual_multiplier
         self.self_attn = (MLAttention if config.attention_kind == "mla" else Attention)(config, layer, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
-        self.input_layernorm = None if config.block_norms == "post" else make_norm(config)
+        self.input_layernorm = None if config.block_norms in ("post", "post_residual") else make_norm(config)
         if config.parallel_block != "shared_norm":
             self.post_attention_layernorm = make_norm(config)
         if config.block_norms == "sandwich":
             self.pre_feedforward_layernorm = make_norm(config)
-        if config.block_norms in ("sandwich", "post"):
+        if config.block_norms in ("sandwich", "post", "post_residual"):
             self.post_feedforward_layernorm = make_norm(config)
 
     def __call__(self, x: jax.Array, batch: Batch, kv_cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -64,6 +64,10 @@ class DecoderLayer(nnx.Module):
             attn_out, kv_cache = self.self_attn(h, batch, kv_cache)
             mlp_in = h if self.parallel_block == "shared_norm" else self.post_attention_layernorm(x)
             return x + scale * (attn_out + self.mlp(mlp_in)), kv_cache
+        if self.block_norms == "post_residual":
+            attn_out, kv_cache = self.self_attn(x, batch, kv_cache)
+            x = self.post_attention_layernorm(x + scale * attn_out)
+            return self.post_feedforward_layernorm(x + scale * self.mlp(x)), kv_cache
         if self.block_norms == "post":
             attn_out, kv_cache = self.self_attn(x, batch, kv_cache)
             x = x + scale * self.post_attention_layernorm(attn_out)
@@ -84,7 +88,12 @@ class DecoderModel(nnx.Module):
         dtype = jnp.dtype(config.dtype)
         common = dict(dtype=dtype, init_std=config.initializer_range, rngs=rngs)
         self.embedding_multiplier = config.embedding_multiplier
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, axes=("vocab", "embed"), **common)
+        self.embed_tokens = Embed(config.vocab_size, config.embed_width, axes=("vocab", "embed"), **common)
+        # Narrower token embeddings (OPT-350m) are projected to the hidden size and back.
+        narrow, width = config.embedding_size is not None, config.embed_width
+        project = dict(use_bias=False, dtype=dtype, init_std=config.initializer_range, rngs=rngs)
+        self.project_in = Linear(width, config.hidden_size, axes=(None, "embed"), **project) if narrow else None
+        self.project_out = Linear(config.hidden_size, width, axes=("embed", None), **project) if narrow else None
         self.position_offset = config.position_offset
         self.embed_positions = (
             Embed(
@@ -109,6 +118,8 @@ class DecoderModel(nnx.Module):
         if self.embedding_multiplier != 1.0:
             # Scale in the weight dtype, as the reference does (Gemma's sqrt(E) rounds in bf16).
             x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
+        if self.project_in is not None:
+            x = self.project_in(x)
         if self.embed_positions is not None:
             x = x + self.embed_positions(batch.positions + self.position_offset)
         if self.embed_layernorm is not None:
@@ -122,6 +133,8 @@ class DecoderModel(nnx.Module):
             new_caches.append(cache)
         if self.norm is not None:
             x = self.norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
         return x, (None if kv_caches is None else new_caches)
 
 
@@ -135,7 +148,7 @@ class CausalLM(nnx.Module):
             None
             if config.tie_word_embeddings
             else Linear(
-                config.hidden_size,
+                config.embed_width,
                 config.vocab_size,
                 axes=("embed", "vocab"),
                 use_bias=config.lm_head_bias,

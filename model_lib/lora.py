@@ -113,7 +113,7 @@ def _matches(hf_module: str, targets: list[str] | str) -> bool:
 
 def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list[tuple[str, Linear]]]:
     """HF module path -> our linear layers that hold it (one, or the parts of a fused module)."""
-    family = get_family(model.config.architecture)
+    family = get_family(model.config.architecture).for_config(model.config)
     groups: dict[str, list[tuple[str, Linear]]] = {}
     order: dict[str, int] = {}  # fused parts in the HF tensor's order (q, k, v), not graph order
     for path, layer in linear_layers(model).items():
@@ -167,7 +167,7 @@ def merge_lora(model: nnx.Module) -> None:
 
 def _fused_spec(model: nnx.Module, path: str):
     """The fused-module spec that `path` is a part of (its B rows follow that layout), or None."""
-    fused = get_family(model.config.architecture).weight_map.fused_for_ours(path)
+    fused = get_family(model.config.architecture).for_config(model.config).weight_map.fused_for_ours(path)
     return fused[0] if fused else None
 
 

@@ -6,6 +6,7 @@ a config mapping in `model_lib/families/`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -27,6 +28,14 @@ class Family:
     # The checkpoint's config.json names a model_type only remote code defines
     # (InternLM2, Baichuan, Qwen 1, ChatGLM): read it as plain fields.
     remote_code: bool = False
+    # Where tensor names depend on the variant (Falcon-40B's ln_attn/ln_mlp): config -> weight map.
+    weight_map_for: Callable[[ModelConfig], WeightMap] | None = None
+
+    def for_config(self, config: ModelConfig) -> "Family":
+        """This family with the weight map of `config`'s variant."""
+        if self.weight_map_for is None:
+            return self
+        return dataclasses.replace(self, weight_map=self.weight_map_for(config), weight_map_for=None)
 
 
 # architecture -> "module:ATTRIBUTE" of its Family
@@ -48,6 +57,14 @@ ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "model_lib.families.phi3:PHI3",
     "GPTBigCodeForCausalLM": "model_lib.families.gpt_bigcode:GPT_BIGCODE",
     "MiniCPM3ForCausalLM": "model_lib.families.minicpm3:MINICPM3",
+    "GPT2LMHeadModel": "model_lib.families.gpt2:GPT2",
+    "GPTJForCausalLM": "model_lib.families.gpt2:GPTJ",
+    "GPTNeoXForCausalLM": "model_lib.families.gpt_neox:GPT_NEOX",
+    "PhiForCausalLM": "model_lib.families.phi:PHI",
+    "OPTForCausalLM": "model_lib.families.opt:OPT",
+    "FalconForCausalLM": "model_lib.families.bloom:FALCON",
+    "BloomForCausalLM": "model_lib.families.bloom:BLOOM",
+    "MptForCausalLM": "model_lib.families.mpt:MPT",
 }
 
 

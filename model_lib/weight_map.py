@@ -7,7 +7,9 @@ are data, not code:
 - `fused`: one HF projection that we hold as several (`qkv_proj` -> q/k/v), with
   the output-dimension layout needed to split it on load and join it on save;
 - `ignored`: HF tensors that carry nothing we need (cached rotary buffers);
-- `conv1d`: HF modules whose weight is stored `[in, out]` (GPT-2's Conv1D).
+- `conv1d`: HF modules whose weight is stored `[in, out]` (GPT-2's Conv1D);
+- `bare_prefix`: the base-model prefix that checkpoints saved from the bare
+  base model omit (GPT-2's and BLOOM's own `h.0...`, OPT's `decoder...`).
 
 Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
 `kernel [in, out]`; `model_lib/checkpoint.py` handles that for all families,
@@ -76,6 +78,13 @@ class WeightMap:
     fused: tuple[Fused, ...] = ()
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq",)
     conv1d: tuple[str, ...] = ()
+    bare_prefix: str = ""
+
+    def canonical(self, hf_key: str) -> str:
+        """`hf_key` with the base-model prefix put back where a bare-model checkpoint left it out."""
+        if not self.bare_prefix or hf_key.startswith((self.bare_prefix, "lm_head.")):
+            return hf_key
+        return self.bare_prefix + hf_key
 
     def is_ignored(self, hf_key: str) -> bool:
         return any(re.fullmatch(p, hf_key) for p in self.ignored)

@@ -36,6 +36,10 @@ SMALL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # for confi
 BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
 # MiniCPM3Config defaults num_key_value_heads to 40 whatever the head count; MLA has one kv head per head.
 MLA_DIMS = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8)
+OPT_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
+BLOOM_DIMS = dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # MLP fixed at 4 x hidden
+MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)  # MLP fixed at 4 x d_model
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -148,6 +152,32 @@ CASES = [
             dim_model_base=32,
         ),
     ),
+    TinyCase("gpt2-conv1d", "GPT2Config", dict(reorder_and_upcast_attn=True, **SMALL_TOKENS), BIGCODE_DIMS),
+    TinyCase("gptj-partial-interleaved", "GPTJConfig", dict(rotary_dim=8, **SMALL_TOKENS), BIGCODE_DIMS),
+    TinyCase("gpt_neox-parallel", "GPTNeoXConfig", dict(max_position_embeddings=64)),
+    TinyCase(
+        "gpt_neox-sequential",
+        "GPTNeoXConfig",
+        dict(use_parallel_residual=False, attention_bias=False, rotary_pct=0.5, rotary_emb_base=500.0, max_position_embeddings=64),
+    ),
+    TinyCase("phi-qk-layernorm", "PhiConfig", dict(num_key_value_heads=2, qk_layernorm=True, max_position_embeddings=64)),
+    TinyCase("opt-pre-ln", "OPTConfig", {}, OPT_DIMS),
+    TinyCase("opt-post-ln-projected", "OPTConfig", dict(do_layer_norm_before=False, word_embed_proj_dim=32), OPT_DIMS),
+    TinyCase("falcon-mqa-parallel", "FalconConfig", dict(max_position_embeddings=64), FALCON_DIMS),
+    TinyCase(
+        "falcon-new-arch-gqa",
+        "FalconConfig",
+        dict(new_decoder_architecture=True, num_kv_heads=2, tie_word_embeddings=False, max_position_embeddings=64),
+        FALCON_DIMS,
+    ),
+    TinyCase(
+        "falcon-alibi-sequential-bias",
+        "FalconConfig",
+        dict(alibi=True, parallel_attn=False, multi_query=False, bias=True, max_position_embeddings=64),
+        FALCON_DIMS,
+    ),
+    TinyCase("bloom-alibi", "BloomConfig", {}, BLOOM_DIMS),
+    TinyCase("mpt-clip-qkv", "MptConfig", dict(attn_config=dict(clip_qkv=0.25, softmax_scale=0.2), **SMALL_TOKENS), MPT_DIMS),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -170,6 +200,14 @@ ONE_PER_ARCHITECTURE = [
     "glm4-post-norms",
     "cohere-qknorm",
     "minicpm3-mla-longrope",
+    "gpt2-conv1d",
+    "gptj-partial-interleaved",
+    "gpt_neox-parallel",
+    "phi-qk-layernorm",
+    "opt-post-ln-projected",
+    "falcon-new-arch-gqa",
+    "bloom-alibi",
+    "mpt-clip-qkv",
 ]
 
 

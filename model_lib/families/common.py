@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeConfig
+from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeConfig
 from model_lib.weight_map import Fused
 
 
@@ -113,3 +113,79 @@ def gate_up_fused(hf_module: str = "model.layers.{i}.mlp.gate_up_proj") -> Fused
     return Fused(
         hf_module, "model.layers.{i}.mlp", ("gate_proj", "up_proj"), lambda c: (1, (c.intermediate_size, c.intermediate_size))
     )
+
+
+def require(hf: PretrainedConfig, family: str, **supported: Any) -> None:
+    """Raise a ValueError naming the first option of `hf` that is not at its one supported value."""
+    for name, value in supported.items():
+        actual = getattr(hf, name, value)
+        if actual != value:
+            raise ValueError(f"{family} with {name}={actual!r} is not supported (only {name}={value!r})")
+
+
+def classic_fields(
+    hf: PretrainedConfig,
+    architecture: str,
+    family: str,
+    *,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    norm_eps: float,
+    activation: str,
+    num_kv_heads: int | None = None,
+) -> dict[str, Any]:
+    """Fields of a LayerNorm decoder with a plain MLP and no rotary (GPT-2 lineage, OPT, BLOOM, MPT).
+
+    Reads the sizes through transformers' standard attribute names (each config's
+    `attribute_map` resolves GPT-2's `n_embd`, MPT's `d_model`, ...); families add
+    positions, biases and block layout.
+    """
+    hidden, heads, layers = hf.hidden_size, hf.num_attention_heads, hf.num_hidden_layers
+    return dict(
+        architecture=architecture,
+        family=family,
+        vocab_size=hf.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate_size,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=num_kv_heads or heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        norm_kind="layer",
+        norm_eps=norm_eps,
+        norm_bias=True,
+        mlp_gated=False,
+        activation=activation,
+        layer_types=(FULL_ATTENTION,) * layers,
+        rope=None,
+        initializer_range=getattr(hf, "initializer_range", 0.02),
+        hf_config_json=hf_json(hf),
+        **token_ids(hf),
+    )
+
+
+def module_renames(top: dict[str, str], layer_prefix: str, layer: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """WeightMap renames from top-level modules and per-layer modules (relative to `layer_prefix`)."""
+    per_layer = tuple((f"{layer_prefix}.{hf}", f"model.layers.{{i}}.{ours}") for hf, ours in layer.items())
+    return tuple(top.items()) + per_layer
+
+
+def qkv_concatenated(c: ModelConfig) -> tuple[int, tuple[int, ...]]:
+    """Fused qkv laid out `[q | k | v]` (GPT-2's c_attn, MPT's Wqkv)."""
+    kv = c.num_kv_heads * c.head_dim
+    return 1, (c.num_heads * c.head_dim, kv, kv)
+
+
+def qkv_per_kv_group(c: ModelConfig) -> tuple[int, tuple[int, ...]]:
+    """Fused qkv laid out per KV head: `[its query heads | k | v]`, i.e. `[q_h | k_h | v_h]` per head
+    without GQA (GPT-NeoX, BLOOM, Falcon, GPTBigCode; `[q | k | v]` under MQA)."""
+    kv = c.num_kv_heads * c.head_dim
+    return c.num_kv_heads, (c.num_heads * c.head_dim, kv, kv)
+
+
+def refuse_tied_head_bias(hf: PretrainedConfig, family: str) -> None:
+    """Families whose lm_head has a bias: tying would drop it, so refuse tied checkpoints."""
+    if getattr(hf, "tie_word_embeddings", False):
+        raise ValueError(f"{family} with tie_word_embeddings=True is not supported (its lm_head has a bias)")

@@ -29,7 +29,20 @@ def _rewrite_weights(folder, edit):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("case", ["phi3-longrope-partial", "gpt_bigcode-mha-untied", "qwen3-qknorm"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "phi3-longrope-partial",
+        "gpt_bigcode-mha-untied",
+        "qwen3-qknorm",
+        "gpt2-conv1d",
+        "gpt_neox-sequential",
+        "opt-post-ln-projected",
+        "falcon-new-arch-gqa",
+        "bloom-alibi",
+        "mpt-clip-qkv",
+    ],
+)
 def test_save_reload_round_trip(case, tiny_checkpoint, tmp_path, forward):
     """Saving gives back HF's own tensors (fused ones re-joined), and transformers loads it."""
     import transformers

@@ -30,7 +30,13 @@ def _randomise_b(model, seed=0):
 
 @pytest.mark.parametrize(
     "case,targets,rslora",
-    [("llama-gqa", ["q_proj", "v_proj"], False), ("phi3-sliding", "all-linear", True), ("gpt_bigcode-mha-untied", ["c_attn", "c_fc"], False)],
+    [
+        ("llama-gqa", ["q_proj", "v_proj"], False),
+        ("phi3-sliding", "all-linear", True),
+        ("gpt_bigcode-mha-untied", ["c_attn", "c_fc"], False),
+        ("gpt2-conv1d", ["c_attn", "c_proj"], False),  # Conv1D modules, fused [q | k | v]
+        ("falcon-new-arch-gqa", "all-linear", False),  # qkv fused per KV group
+    ],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):
     from peft import PeftModel
