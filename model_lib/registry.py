@@ -39,6 +39,7 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma3ForCausalLM": "model_lib.families.gemma:GEMMA3",
     "Phi3ForCausalLM": "model_lib.families.phi3:PHI3",
     "GPTBigCodeForCausalLM": "model_lib.families.gpt_bigcode:GPT_BIGCODE",
+    "DeciLMForCausalLM": "model_lib.families.deci:DECI",
 }
 
 

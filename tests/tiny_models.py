@@ -26,14 +26,28 @@ class TinyCase:
     config_class: str
     overrides: dict[str, Any] = field(default_factory=dict)
     dims: dict[str, Any] = field(default_factory=lambda: dict(DIMS))
+    # Remote-code architectures (no transformers class): the architecture, and the
+    # "module:function" that writes the checkpoint in its remote layout from this case
+    # and returns the torch reference (e.g. tests/deci_reference.py).
+    remote: tuple[str, str] | None = None
 
     def hf_config(self) -> transformers.PretrainedConfig:
         return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
+
+    @property
+    def architecture(self) -> str:
+        if self.remote is not None:
+            return self.remote[0]
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config().model_type]
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults exceed VOCAB
 BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
+DECI = ("DeciLMForCausalLM", "tests.deci_reference:build_deci_checkpoint")
+DECI_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -86,6 +100,20 @@ CASES = [
     TinyCase("phi3-sliding", "Phi3Config", dict(num_key_value_heads=4, sliding_window=6, **PHI3_TOKENS)),
     TinyCase("gpt_bigcode-mqa", "GPTBigCodeConfig", dict(multi_query=True), BIGCODE_DIMS),
     TinyCase("gpt_bigcode-mha-untied", "GPTBigCodeConfig", dict(multi_query=False, tie_word_embeddings=False), BIGCODE_DIMS),
+    # Every block standard (group 2, ffn_mult 6 -> 256 = intermediate): the reference is LlamaForCausalLM.
+    TinyCase("deci-uniform", "LlamaConfig", dict(num_key_value_heads=2, intermediate_size=256, **DECI_TOKENS), remote=DECI),
+    # (attention, ffn) per layer: GQA groups 2 and 4, ffn_mult 6 and 12 (256 and 512), no-op and linear sublayers.
+    TinyCase(
+        "deci-heterogeneous",
+        "LlamaConfig",
+        dict(
+            num_hidden_layers=5,
+            block_configs=[(2, 6.0), ("none", 12.0), (4, "linear"), ("linear", "none"), ("none", "none")],
+            rope_scaling={**LLAMA3, "rope_theta": 50_000.0},
+            **DECI_TOKENS,
+        ),
+        remote=DECI,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -99,6 +127,7 @@ ONE_PER_ARCHITECTURE = [
     "gemma3-local-global",
     "phi3-longrope-partial",
     "gpt_bigcode-mqa",
+    "deci-heterogeneous",
 ]
 
 
@@ -132,8 +161,13 @@ def build_tokenizer():
 
 def build_checkpoint(case: TinyCase, folder: Path):
     """Build the transformers model (seed 0) and save it with a tiny tokenizer; return the model."""
+    import importlib
+
     import torch
 
+    if case.remote is not None:
+        module, function = case.remote[1].split(":")
+        return getattr(importlib.import_module(module), function)(case, folder)
     torch.manual_seed(0)
     config = case.hf_config()
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
