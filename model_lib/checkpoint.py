@@ -71,10 +71,16 @@ def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Famil
     family = get_family(architectures[0])
     if family.remote_code:
         # Only remote code knows this model_type; its config.json is read as plain fields.
-        hf = PretrainedConfig.from_dict(raw)
+        # A plain config standardises legacy rotary keys (`rope_scaling`, `rope_theta`) into
+        # `rope_parameters` only once its other fields exist, so they are set afterwards.
+        hf = PretrainedConfig.from_dict({k: v for k, v in raw.items() if k != "rope_scaling"})
+        if raw.get("rope_scaling") or "rope_theta" in raw:
+            hf.rope_parameters = dict(raw.get("rope_scaling") or {"rope_type": "default"})
+            hf.standardize_rope_params()
+        config = family.config_from_hf(hf, architectures[0]).replace(hf_config_json=json.dumps(raw, sort_keys=True))
     else:
         hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    config = family.config_from_hf(hf, architectures[0])
+        config = family.config_from_hf(hf, architectures[0])
     return config.replace(dtype=resolve_dtype(dtype, raw)), family.for_config(config)
 
 

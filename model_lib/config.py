@@ -122,6 +122,16 @@ class ModelConfig:
     activation: str = "silu"
     mlp_bias: bool = False
 
+    # Heterogeneous stacks (DeciLM / Nemotron-NAS): per-layer overrides, one entry per
+    # layer; an empty tuple means every layer uses the global field. Attention kinds:
+    # "attention", "linear" (one hidden->hidden projection `self_attn.linear_attn`, no
+    # rotary, no KV cache), "none" (no attention and no input_layernorm); MLP kinds:
+    # "mlp", "linear" (`mlp.linear_mlp`), "none" (no MLP and no post_attention_layernorm).
+    layer_num_kv_heads: tuple[int, ...] = ()
+    layer_intermediate_sizes: tuple[int, ...] = ()
+    layer_attention: tuple[str, ...] = ()
+    layer_mlp: tuple[str, ...] = ()
+
     # Residual stream and output.
     residual_multiplier: float = 1.0
     logit_multiplier: float = 1.0  # Granite divides logits by `logits_scaling`
@@ -170,6 +180,28 @@ class ModelConfig:
         ):
             raise ValueError("MLA needs num_kv_heads == num_heads and head_dim >= both the qk and the v head dims")
 
+        for name, values in (
+            ("layer_num_kv_heads", self.layer_num_kv_heads),
+            ("layer_intermediate_sizes", self.layer_intermediate_sizes),
+            ("layer_attention", self.layer_attention),
+            ("layer_mlp", self.layer_mlp),
+        ):
+            if values and len(values) != self.num_layers:
+                raise ValueError(f"{name} has {len(values)} entries for {self.num_layers} layers")
+        for name, values, allowed in (
+            ("layer_attention", self.layer_attention, ("attention", "linear", "none")),
+            ("layer_mlp", self.layer_mlp, ("mlp", "linear", "none")),
+        ):
+            if not set(values) <= set(allowed):
+                raise ValueError(f"unknown {name} {sorted(set(values) - set(allowed))}; expected {allowed}")
+        for layer, kv in enumerate(self.layer_num_kv_heads):  # layers without attention may say 0
+            if self.layer_attention_kind(layer) == "attention" and (kv < 1 or self.num_heads % kv):
+                raise ValueError(f"layer {layer}: num_heads ({self.num_heads}) is not a multiple of its {kv} kv heads")
+        if (set(self.layer_attention) - {"attention"} or set(self.layer_mlp) - {"mlp"}) and (
+            self.block_norms != "pre" or self.parallel_block != "none"
+        ):
+            raise ValueError("linear or absent sublayers need sequential blocks with pre norms")
+
     @property
     def embed_width(self) -> int:
         """Width of the token embeddings and of the LM head's input."""
@@ -187,6 +219,24 @@ class ModelConfig:
         if self.rope_local is not None and self.layer_types[layer] == SLIDING_ATTENTION:
             return self.rope_local
         return self.rope
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.layer_num_kv_heads[layer] if self.layer_num_kv_heads else self.num_kv_heads
+
+    def layer_intermediate_size(self, layer: int) -> int:
+        return self.layer_intermediate_sizes[layer] if self.layer_intermediate_sizes else self.intermediate_size
+
+    def layer_attention_kind(self, layer: int) -> str:
+        """One of "attention", "linear", "none" (see `layer_attention`)."""
+        return self.layer_attention[layer] if self.layer_attention else "attention"
+
+    def layer_mlp_kind(self, layer: int) -> str:
+        """One of "mlp", "linear", "none" (see `layer_mlp`)."""
+        return self.layer_mlp[layer] if self.layer_mlp else "mlp"
+
+    def layer_cache_kv_heads(self, layer: int) -> int:
+        """KV heads this layer keeps in the paged cache: 0 for layers without attention."""
+        return self.layer_kv_heads(layer) if self.layer_attention_kind(layer) == "attention" else 0
 
     def hf_config_dict(self) -> dict[str, Any]:
         return json.loads(self.hf_config_json)

@@ -17,6 +17,8 @@ from flax import nnx
 from model_lib.config import ModelConfig
 from model_lib.layers import MLP, Attention, DenseBatch, Embed, KVCache, Linear, PagedBatch, make_norm
 from model_lib.layers.mla import MLAttention
+from model_lib.layers.attention import LinearAttention
+from model_lib.layers.mlp import LinearMLP
 
 Batch = DenseBatch | PagedBatch
 
@@ -40,17 +42,29 @@ class DecoderLayer(nnx.Module):
     """One block. Norm placement (`block_norms`) and parallel attention+MLP follow the config.
 
     HF's `post_attention_layernorm` is the norm in front of the MLP in `pre` blocks
-    and the second norm of a `two_norms` parallel block.
+    and the second norm of a `two_norms` parallel block. In `pre` blocks either
+    sublayer may be a single linear projection or absent (`layer_attention`,
+    `layer_mlp`); an absent sublayer takes its norm with it and passes x through.
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.block_norms = config.block_norms
         self.parallel_block = config.parallel_block
         self.residual_multiplier = config.residual_multiplier
-        self.self_attn = (MLAttention if config.attention_kind == "mla" else Attention)(config, layer, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
-        self.input_layernorm = None if config.block_norms in ("post", "post_residual") else make_norm(config)
-        if config.parallel_block != "shared_norm":
+        attention, mlp = config.layer_attention_kind(layer), config.layer_mlp_kind(layer)
+        attention_class = MLAttention if config.attention_kind == "mla" else Attention
+        self.self_attn = (
+            attention_class(config, layer, rngs=rngs)
+            if attention == "attention"
+            else LinearAttention(config, rngs=rngs) if attention == "linear" else None
+        )
+        self.mlp = (
+            MLP(config, layer, rngs=rngs) if mlp == "mlp" else LinearMLP(config, rngs=rngs) if mlp == "linear" else None
+        )
+        self.input_layernorm = (
+            None if config.block_norms in ("post", "post_residual") or attention == "none" else make_norm(config)
+        )
+        if config.parallel_block != "shared_norm" and mlp != "none":
             self.post_attention_layernorm = make_norm(config)
         if config.block_norms == "sandwich":
             self.pre_feedforward_layernorm = make_norm(config)
@@ -72,10 +86,14 @@ class DecoderLayer(nnx.Module):
             attn_out, kv_cache = self.self_attn(x, batch, kv_cache)
             x = x + scale * self.post_attention_layernorm(attn_out)
             return x + scale * self.post_feedforward_layernorm(self.mlp(x)), kv_cache
-        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)
         if self.block_norms == "pre":
-            x = x + scale * attn_out
-            return x + scale * self.mlp(self.post_attention_layernorm(x)), kv_cache
+            if self.self_attn is not None:
+                attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)
+                x = x + scale * attn_out
+            if self.mlp is not None:
+                x = x + scale * self.mlp(self.post_attention_layernorm(x))
+            return x, kv_cache
+        attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)
         x = x + scale * self.post_attention_layernorm(attn_out)
         mlp_out = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x + scale * mlp_out, kv_cache
@@ -182,7 +200,7 @@ class CausalLM(nnx.Module):
         """The family forward, for both batch shapes (DESIGN.md "one forward, two batch shapes").
 
         Dense `[B, T]` batches attend within the batch; a `PagedBatch` reads and
-        writes the paged `kv_caches` (one `(k, v)` per layer). `logits_indices`
+        writes the paged `kv_caches` (one `(k, v)` per layer; None for a layer without attention). `logits_indices`
         picks the token positions (along the leading token axis) that need
         logits, so a decode step projects only the last token of each sequence.
         """

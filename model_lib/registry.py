@@ -65,6 +65,7 @@ ARCHITECTURES: dict[str, str] = {
     "FalconForCausalLM": "model_lib.families.bloom:FALCON",
     "BloomForCausalLM": "model_lib.families.bloom:BLOOM",
     "MptForCausalLM": "model_lib.families.mpt:MPT",
+    "DeciLMForCausalLM": "model_lib.families.deci:DECI",
 }
 
 

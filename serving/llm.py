@@ -24,12 +24,17 @@ Prompt = str | dict[str, Any]
 
 def load_tokenizer(path: str | Path) -> Any:
     """The checkpoint's tokenizer (`transformers.AutoTokenizer`), or None if it ships none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
 
     path = Path(path)
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    # A remote-code config.json (`auto_map`) may not read as a plain transformers config
+    # (legacy llama3 rotary keys); the tokenizer files name their own class.
+    config_file = path / "config.json"
+    remote = config_file.is_file() and "auto_map" in json.loads(config_file.read_text())
+    extra = {"config": PretrainedConfig()} if remote else {}
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False, **extra)
 
 
 def generation_eos_ids(path: str | Path, config_eos: tuple[int, ...]) -> tuple[int, ...]:

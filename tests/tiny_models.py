@@ -26,9 +26,21 @@ class TinyCase:
     config_class: str
     overrides: dict[str, Any] = field(default_factory=dict)
     dims: dict[str, Any] = field(default_factory=lambda: dict(DIMS))
+    # Remote-code architectures (no transformers class): the architecture, and the
+    # "module:function" that writes the checkpoint in its remote layout from this case
+    # and returns the torch reference (e.g. tests/deci_reference.py).
+    remote: tuple[str, str] | None = None
 
     def hf_config(self) -> transformers.PretrainedConfig:
         return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
+
+    @property
+    def architecture(self) -> str:
+        if self.remote is not None:
+            return self.remote[0]
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config().model_type]
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
@@ -40,6 +52,7 @@ OPT_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=
 FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
 BLOOM_DIMS = dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # MLP fixed at 4 x hidden
 MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)  # MLP fixed at 4 x d_model
+DECI = ("DeciLMForCausalLM", "tests.deci_reference:build_deci_checkpoint")
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -178,6 +191,20 @@ CASES = [
     ),
     TinyCase("bloom-alibi", "BloomConfig", {}, BLOOM_DIMS),
     TinyCase("mpt-clip-qkv", "MptConfig", dict(attn_config=dict(clip_qkv=0.25, softmax_scale=0.2), **SMALL_TOKENS), MPT_DIMS),
+    # Every block standard (group 2, ffn_mult 6 -> 256 = intermediate): the reference is LlamaForCausalLM.
+    TinyCase("deci-uniform", "LlamaConfig", dict(num_key_value_heads=2, intermediate_size=256, **SMALL_TOKENS), remote=DECI),
+    # (attention, ffn) per layer: GQA groups 2 and 4, ffn_mult 6 and 12 (256 and 512), no-op and linear sublayers.
+    TinyCase(
+        "deci-heterogeneous",
+        "LlamaConfig",
+        dict(
+            num_hidden_layers=5,
+            block_configs=[(2, 6.0), ("none", 12.0), (4, "linear"), ("linear", "none"), ("none", "none")],
+            rope_scaling={**LLAMA3, "rope_theta": 50_000.0},
+            **SMALL_TOKENS,
+        ),
+        remote=DECI,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -208,6 +235,7 @@ ONE_PER_ARCHITECTURE = [
     "falcon-new-arch-gqa",
     "bloom-alibi",
     "mpt-clip-qkv",
+    "deci-heterogeneous",
 ]
 
 
@@ -241,8 +269,13 @@ def build_tokenizer():
 
 def build_checkpoint(case: TinyCase, folder: Path):
     """Build the transformers model (seed 0) and save it with a tiny tokenizer; return the model."""
+    import importlib
+
     import torch
 
+    if case.remote is not None:
+        module, function = case.remote[1].split(":")
+        return getattr(importlib.import_module(module), function)(case, folder)
     torch.manual_seed(0)
     config = case.hf_config()
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

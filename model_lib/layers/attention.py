@@ -1,6 +1,7 @@
 """Self-attention: projections, optional q/k norm, rotary, and the one dispatch point.
 
-Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads), per-layer sliding window,
+Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads, per layer where the config
+says so), per-layer sliding window,
 per-layer rotary (Gemma3's local/global bases) or none (ALiBi, NoPE layers),
 ALiBi slopes, attention soft-cap, q/k norms, q/k/v clipping and a custom query
 scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`).
@@ -96,7 +97,7 @@ def attend(
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        self.num_kv_heads = config.layer_kv_heads(layer)
         self.head_dim = config.head_dim
         self.scale = config.query_scale
         self.softcap = config.attn_logit_softcap
@@ -148,3 +149,29 @@ class Attention(nnx.Module):
             alibi_slopes=slopes,
         )
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache
+
+
+class LinearAttention(nnx.Module):
+    """Attention replaced by one bias-free hidden->hidden projection `linear_attn`.
+
+    DeciLM / Nemotron-NAS `replace_with_linear`: each token is mapped on its own (no
+    rotary, no mixing across tokens), so the layer keeps no KV cache. Same call
+    signature as `Attention`; the output dimension shards like an MLP's inner one.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.linear_attn = Linear(
+            hidden,
+            hidden,
+            axes=("embed", "mlp"),
+            use_bias=False,
+            dtype=jnp.dtype(config.dtype),
+            init_std=config.initializer_range,
+            rngs=rngs,
+        )
+
+    def __call__(
+        self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: KVCache | None = None
+    ) -> tuple[jax.Array, KVCache | None]:
+        return self.linear_attn(x), kv_cache

@@ -1,4 +1,5 @@
-"""Feed-forward blocks: gated (`down(act(gate(x)) * up(x))`) or plain (`down(act(up(x)))`)."""
+"""Feed-forward blocks: gated (`down(act(gate(x)) * up(x))`) or plain (`down(act(up(x)))`),
+with the layer's own intermediate size; and the one-projection replacement `LinearMLP`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from model_lib.layers.linear import Linear
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs):
         self.act = activation(config.activation)
         common = dict(
             use_bias=config.mlp_bias,
@@ -20,7 +21,8 @@ class MLP(nnx.Module):
             init_std=config.initializer_range,
             rngs=rngs,
         )
-        hidden, inner = config.hidden_size, config.intermediate_size
+        hidden = config.hidden_size
+        inner = config.intermediate_size if layer is None else config.layer_intermediate_size(layer)
         self.gate_proj = Linear(hidden, inner, axes=("embed", "mlp"), **common) if config.mlp_gated else None
         self.up_proj = Linear(hidden, inner, axes=("embed", "mlp"), **common)
         self.down_proj = Linear(inner, hidden, axes=("mlp", "embed"), **common)
@@ -29,3 +31,22 @@ class MLP(nnx.Module):
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LinearMLP(nnx.Module):
+    """MLP replaced by one bias-free hidden->hidden projection `linear_mlp` (DeciLM's `replace_with_linear`)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        hidden = config.hidden_size
+        self.linear_mlp = Linear(
+            hidden,
+            hidden,
+            axes=("embed", "mlp"),
+            use_bias=False,
+            dtype=jnp.dtype(config.dtype),
+            init_std=config.initializer_range,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_mlp(x)

@@ -86,7 +86,8 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         mc = model.config
-        page_bytes = 2 * mc.num_layers * mc.num_kv_heads * config.page_size * mc.head_dim * np.dtype(mc.dtype).itemsize
+        kv_heads = sum(mc.layer_cache_kv_heads(i) for i in range(mc.num_layers))  # over layers with a KV cache
+        page_bytes = max(2 * kv_heads * config.page_size * mc.head_dim * np.dtype(mc.dtype).itemsize, 1)
         num_pages = config.num_pages or _default_num_pages(config, page_bytes, max_pages_per_seq)
         if num_pages < max_pages_per_seq:
             raise ValueError(

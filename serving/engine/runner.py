@@ -69,12 +69,18 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphdef, self.state = nnx.split(model)
-        shape = (config.num_kv_heads, num_pages, page_size, config.head_dim)
         dtype = jnp.dtype(config.dtype)
-        sharding = plan.sharding(("kv_heads", None, None, None), shape) if plan is not None else None
-        zeros = partial(jnp.zeros, shape, dtype, device=sharding)
-        self.kv_caches: list[KVCache] = [(zeros(), zeros()) for _ in range(config.num_layers)]
-        self.kv_cache_bytes = 2 * config.num_layers * int(np.prod(shape)) * dtype.itemsize
+
+        def pages(kv_heads: int) -> KVCache | None:
+            """One layer's (k, v) pages with its own kv heads; None for a layer without attention."""
+            if not kv_heads:
+                return None
+            shape = (kv_heads, num_pages, page_size, config.head_dim)
+            sharding = plan.sharding(("kv_heads", None, None, None), shape) if plan is not None else None
+            return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
+
+        self.kv_caches: list[KVCache | None] = [pages(config.layer_cache_kv_heads(i)) for i in range(config.num_layers)]
+        self.kv_cache_bytes = sum(a.nbytes for cache in self.kv_caches if cache is not None for a in cache)
         self._step = jax.jit(partial(_step, self.graphdef), donate_argnums=(1,))
         self.compiled_shapes: set[tuple[int, int, int]] = set()
 
