@@ -1,4 +1,4 @@
-"""Plain-jnp causal attention with segments, sliding window and soft-cap.
+"""Plain-jnp causal attention with segments, sliding window, soft-cap and ALiBi.
 
 Glossary: B batch, T query tokens, S key tokens, H query heads, K kv heads,
 G = H // K query heads per kv head, D head_dim.
@@ -8,6 +8,11 @@ when both carry the same non-zero segment id, the key's position is not after th
 query's, and (with a window W) `q_pos - k_pos < W`. Segment 0 marks padding. Rows
 with no visible key (padding queries) get a uniform softmax over a finite fill
 value instead of NaN.
+
+ALiBi (`alibi_slopes [H]`, one slope per query head, so heads of one kv group may
+differ): `logits = softcap(scale * q.k) + slope[h] * (k_pos - q_pos)`. This relative
+form is <= 0 for every visible key and differs from the absolute `slope * k_pos`
+of HF BLOOM/MPT/Baichuan only by a per-row constant, which softmax removes.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ def attention(
     scale: float,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of `q [B,T,H,D]` over `k, v [B,S,K,D]`; returns `[B,T,H,D]` in q's dtype."""
     batch, q_len, num_heads, head_dim = q.shape
@@ -55,6 +61,10 @@ def attention(
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
+    if alibi_slopes is not None:
+        distance = (kv_positions[:, None, :] - q_positions[:, :, None]).astype(jnp.float32)  # [B, T, S]
+        slopes = alibi_slopes.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1, 1)
+        logits = logits + slopes * distance[:, None, None]
     visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window)
     logits = jnp.where(visible[:, None, None, :, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -34,7 +34,8 @@ def ragged_paged_attention(
     implementation: str | None = None,
     **options,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`, `sinks`.
+    """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`,
+    `sinks`, `alibi_slopes`.
 
     Returns (out [T,H,D], k_cache, v_cache).
     """

@@ -20,7 +20,13 @@ The batch layout travels as one `PagedMetadata`:
 The new tokens of sequence s sit at positions `kv_lens[s] - q_len(s) ...
 kv_lens[s] - 1`; they are written into their pages, then every token attends
 causally to its own sequence (optionally within a sliding window, with a
-soft-cap and with per-head attention sinks).
+soft-cap, with per-head attention sinks and with ALiBi).
+
+ALiBi (`alibi_slopes [H]`, one slope per query head): `logits = softcap(scale *
+q.k) + slope[h] * (k_pos - q_pos)`, with q_pos the token's position in its
+sequence and k_pos the key's index in it; the same relative form as the dense
+reference (<= 0 for visible keys, equal up to a per-row constant to the absolute
+`slope * k_pos` of HF BLOOM/MPT/Baichuan). Sinks get no bias.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: jax.Array | None = None,
+    alibi_slopes: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV; `[T, H, D]`."""
     num_tokens, num_heads, head_dim = q.shape
@@ -98,6 +105,10 @@ def paged_attention(
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     kv_index = jnp.arange(max_kv, dtype=jnp.int32)[None, :]
+    if alibi_slopes is not None:
+        distance = (kv_index - positions[:, None]).astype(jnp.float32)  # [T, max_kv]
+        slopes = alibi_slopes.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1)
+        logits = logits + slopes * distance[:, None, None, :]
     visible = (kv_index <= positions[:, None]) & valid[:, None]
     if sliding_window is not None:
         visible &= positions[:, None] - kv_index < sliding_window

@@ -10,7 +10,9 @@ sharing that kv head, so each KV page is loaded once per GQA group), and runs an
 online softmax over the sequence's pages, `PAGES_PER_STEP` pages per iteration,
 skipping pages that causality or the sliding window rule out. The grid has a
 static upper bound of q-blocks (`T // BLOCK_Q + S`); programs past the real count
-return at once.
+return at once. With ALiBi the slopes of the program's G query heads are loaded
+once, and each row's bias `slope * (k_pos - q_pos)` is added to the soft-capped
+logits inside the page loop.
 
 Glossary: T tokens, S sequences, H query heads, K kv heads, G = H // K,
 D head_dim, B page size, R = BLOCK_Q * G rows per program.
@@ -54,6 +56,7 @@ def _kernel(
     kv_lens_ref,  # [S]
     page_tables_ref,  # [S, M_pad]
     sinks_ref,  # [H] or None
+    alibi_ref,  # [H] or None
     q_ref,  # [T_pad * G, D] rows of this kv head
     k_ref,  # [P, B, D] pages of this kv head
     v_ref,  # [P, B, D]
@@ -97,6 +100,9 @@ def _kernel(
             sinks = sinks_ref[pl.ds(h * groups, groups)].astype(jnp.float32)  # [G]
             m0 = jnp.broadcast_to(sinks[None, :], (block_q, groups)).reshape(rows)
             l0 = jnp.ones((rows,), jnp.float32)  # exp(sink - m0)
+        if alibi_ref is not None:
+            slopes = alibi_ref[pl.ds(h * groups, groups)].astype(jnp.float32)  # [G]
+            row_slope = jnp.broadcast_to(slopes[None, :], (block_q, groups)).reshape(rows)
         acc0 = jnp.zeros((rows, head_dim), jnp.float32)
 
         def body(step, carry):
@@ -108,6 +114,8 @@ def _kernel(
             if softcap is not None:
                 logits = jnp.tanh(logits / softcap) * softcap
             kv_pos = step * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+            if alibi_ref is not None:
+                logits += row_slope[:, None] * (kv_pos - row_pos[:, None]).astype(jnp.float32)
             visible = (kv_pos <= row_pos[:, None]) & (kv_pos < kv_len)
             if sliding_window is not None:
                 visible &= row_pos[:, None] - kv_pos < sliding_window
@@ -150,6 +158,7 @@ def paged_attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     sinks: jax.Array | None = None,
+    alibi_slopes: jax.Array | None = None,
     pages_per_step: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -195,6 +204,7 @@ def paged_attention(
             whole(*kv_lens.shape),
             whole(*page_tables.shape),
             None if sinks is None else whole(num_heads),
+            None if alibi_slopes is None else whole(num_heads),
             per_head(padded_tokens * groups, head_dim),
             per_head(*k_cache.shape[1:]),
             per_head(*v_cache.shape[1:]),
@@ -204,7 +214,7 @@ def paged_attention(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_r{rows}_k{pages_per_step * page_size}",
-    )(block_seq, block_start, cu_q_lens, kv_lens, page_tables, sinks, q_rows, k_cache, v_cache)
+    )(block_seq, block_start, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, q_rows, k_cache, v_cache)
 
     out = out.reshape(num_kv_heads, padded_tokens, groups, head_dim)[:, :num_tokens]
     out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)

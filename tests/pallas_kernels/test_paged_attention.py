@@ -19,9 +19,9 @@ dense_attention = jax.jit(attention, static_argnames=OPTIONS[:3])
 
 @partial(jax.jit, static_argnames=OPTIONS)
 def ragged_paged_attention(q, k, v, k_cache, v_cache, meta, *, scale, sliding_window=None, softcap=None, sinks=None,
-                           implementation=None):
+                           alibi_slopes=None, implementation=None):
     return paged_op(q, k, v, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                    sinks=sinks, implementation=implementation)
+                    sinks=sinks, alibi_slopes=alibi_slopes, implementation=implementation)
 
 PAGE_SIZE = 4
 HEAD_DIM = 16
@@ -63,7 +63,12 @@ def make_case(seqs, num_heads, num_kv_heads, *, seed=0, num_pages=64, pad_tokens
     return inputs, (qs, full_k, full_v)
 
 
-def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None):
+def alibi(num_heads):
+    """Geometric per-head slopes like BLOOM's, steep enough to matter on these short sequences."""
+    return jnp.asarray(2.0 ** -np.arange(num_heads), jnp.float32)
+
+
+def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None, alibi_slopes=None):
     qs, full_k, full_v = parts
     outs = []
     for (q_len, kv_len), q, key, value in zip(seqs, qs, full_k, full_v):
@@ -72,7 +77,7 @@ def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None):
             jnp.asarray(q)[None], jnp.asarray(key)[None], jnp.asarray(value)[None],
             q_positions=q_pos, kv_positions=jnp.arange(kv_len)[None],
             q_segment_ids=jnp.ones_like(q_pos), kv_segment_ids=jnp.ones((1, kv_len), jnp.int32),
-            scale=scale, sliding_window=sliding_window, softcap=softcap,
+            scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
         )
         outs.append(np.asarray(out[0]))
     return np.concatenate(outs)
@@ -109,6 +114,61 @@ def test_reference_window_and_softcap():
     np.testing.assert_allclose(out[:total], expected, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape,groups,window,softcap", [("decode", 4, None, None), ("prefill", 1, 5, None),
+                                                        ("mixed", 4, 3, 2.0)])
+def test_reference_alibi_matches_dense_attention(shape, groups, window, softcap):
+    seqs = SHAPES[shape]
+    inputs, parts = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=20 + groups)
+    options = dict(scale=0.3, sliding_window=window, softcap=softcap, alibi_slopes=alibi(2 * groups))
+    out, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
+    total = sum(q for q, _ in seqs)
+    np.testing.assert_allclose(out[:total], dense_expected(seqs, parts, **options), atol=2e-5)
+    plain, _, _ = ragged_paged_attention(**inputs, scale=0.3, sliding_window=window, softcap=softcap,
+                                         implementation="reference")
+    assert np.abs(np.asarray(out - plain)).max() > 0.1, "ALiBi must change the output"
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_alibi_by_hand(window):
+    """q = 0 makes every logit 0 and v = one-hot(key index) reads the weights out: token at position i
+    must get softmax(s * (j - i)) over its visible keys j (dense packed row, paged reference, kernel)."""
+    slope, seqs = 0.7, [(4, 9), (5, 5), (1, 7)]
+
+    def expected(i):
+        j = np.arange(0 if window is None else max(0, i - window + 1), i + 1)
+        w = np.zeros(HEAD_DIM)
+        w[j] = np.exp(slope * (j - i))
+        return w / w.sum()
+
+    # Dense: all sequences packed into one row, positions restarting per segment.
+    positions = np.concatenate([np.arange(kv) for _, kv in seqs])
+    segments = np.concatenate([np.full(kv, s + 1) for s, (_, kv) in enumerate(seqs)])
+    n = len(positions)
+    pos, seg = jnp.asarray(positions)[None], jnp.asarray(segments)[None]
+    dense = dense_attention(
+        jnp.zeros((1, n, 1, HEAD_DIM)), jnp.ones((1, n, 1, HEAD_DIM)), jax.nn.one_hot(pos, HEAD_DIM)[:, :, None],
+        q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+        scale=1.0, sliding_window=window, alibi_slopes=jnp.array([slope]),
+    )
+    np.testing.assert_allclose(dense[0, :, 0], np.stack([expected(i) for i in positions]), atol=1e-6)
+
+    # Paged: the new tokens are the last q_len positions of each sequence.
+    inputs, _ = make_case(seqs, num_heads=1, num_kv_heads=1, seed=7)
+    pages = np.asarray(inputs["meta"].page_tables)
+    v_cache, v = np.zeros(inputs["v_cache"].shape, np.float32), np.zeros(inputs["v"].shape, np.float32)
+    new_positions = np.concatenate([np.arange(kv - q, kv) for q, kv in seqs])
+    v[np.arange(len(new_positions)), 0, new_positions] = 1
+    for s, (_, kv_len) in enumerate(seqs):
+        for p in range(kv_len):
+            v_cache[0, pages[s, p // PAGE_SIZE], p % PAGE_SIZE, p] = 1
+    inputs.update(q=jnp.zeros_like(inputs["q"]), v=jnp.asarray(v), v_cache=jnp.asarray(v_cache))
+    want = np.stack([expected(i) for i in new_positions])
+    for implementation in ("reference", "interpret"):
+        out, _, _ = ragged_paged_attention(**inputs, scale=1.0, sliding_window=window,
+                                           alibi_slopes=jnp.array([slope]), implementation=implementation)
+        np.testing.assert_allclose(out[: len(want), 0], want, atol=1e-6, err_msg=implementation)
+
+
 def test_reference_sinks_take_probability_mass():
     """A sink is an extra logit with a zero value: with sink -inf nothing changes, with a huge sink output -> 0."""
     inputs, parts = make_case([(3, 6)], num_heads=2, num_kv_heads=1, seed=6)
@@ -126,23 +186,31 @@ def test_reference_sinks_take_probability_mass():
 
 
 @pytest.mark.parametrize(
-    "shape,groups,window,softcap,sinks",
+    "shape,groups,window,softcap,sinks,with_alibi",
     [
-        ("decode", 1, None, None, False),
-        ("decode", 4, None, None, True),
-        ("prefill", 8, None, None, False),
-        ("prefill", 4, 5, None, False),
-        ("mixed", 1, None, 3.0, False),
-        ("mixed", 4, 3, None, True),
-        ("mixed", 8, None, None, False),
+        ("decode", 1, None, None, False, False),
+        ("decode", 4, None, None, True, False),
+        ("prefill", 8, None, None, False, False),
+        ("prefill", 4, 5, None, False, False),
+        ("mixed", 1, None, 3.0, False, False),
+        ("mixed", 4, 3, None, True, False),
+        ("mixed", 8, None, None, False, False),
+        ("decode", 1, None, None, False, True),
+        ("decode", 4, 6, None, False, True),
+        ("prefill", 1, 5, None, False, True),
+        ("prefill", 4, None, None, True, True),
+        ("mixed", 1, 3, 3.0, False, True),
+        ("mixed", 4, None, None, False, True),
     ],
 )
-def test_kernel_matches_reference_in_interpret_mode(shape, groups, window, softcap, sinks):
+def test_kernel_matches_reference_in_interpret_mode(shape, groups, window, softcap, sinks, with_alibi):
     seqs = SHAPES[shape]
     inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=11 + groups)
     options = dict(scale=0.25, sliding_window=window, softcap=softcap)
     if sinks:
         options["sinks"] = jnp.asarray(np.random.RandomState(3).randn(2 * groups), jnp.float32)
+    if with_alibi:
+        options["alibi_slopes"] = alibi(2 * groups)
     expected, k_ref, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
     out, k_cache, _ = ragged_paged_attention(**inputs, **options, implementation="interpret")
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
