@@ -11,6 +11,7 @@ shaped or truncated tensors, a missing config, an unknown architecture.
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from pathlib import Path
@@ -71,10 +72,13 @@ def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Famil
     family = get_family(architectures[0])
     if family.remote_code:
         # Only remote code knows this model_type; its config.json is read as plain fields.
-        hf = PretrainedConfig.from_dict(raw)
+        hf = PretrainedConfig.from_dict(copy.deepcopy(raw))  # it edits nested dicts (rope_scaling) in place
     else:
         hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     config = family.config_from_hf(hf, architectures[0])
+    if family.remote_code:
+        # Saved back as it came, in the field names the remote code reads.
+        config = config.replace(hf_config_json=json.dumps(raw, sort_keys=True))
     return config.replace(dtype=resolve_dtype(dtype, raw)), family
 
 
@@ -172,7 +176,9 @@ def load_params(
     loaded: dict[str, jax.Array] = {}
     sources: dict[str, str] = {}
     for file, name, tensor in iter_tensors(path):
-        if family.weight_map.is_ignored(name) or (config.tie_word_embeddings and name == "lm_head.weight"):
+        if family.weight_map.is_ignored(name) or (
+            config.tie_word_embeddings and family.weight_map.module_to_ours(name.rpartition(".")[0]) == "lm_head"
+        ):
             continue
         for key, array in _to_ours(name, tensor, family, config, expected):
             if key not in expected:

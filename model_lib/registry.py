@@ -39,6 +39,14 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma3ForCausalLM": "model_lib.families.gemma:GEMMA3",
     "Phi3ForCausalLM": "model_lib.families.phi3:PHI3",
     "GPTBigCodeForCausalLM": "model_lib.families.gpt_bigcode:GPT_BIGCODE",
+    "InternLMForCausalLM": "model_lib.families.internlm:INTERNLM",
+    "InternLM2ForCausalLM": "model_lib.families.internlm:INTERNLM2",
+    "InternLM3ForCausalLM": "model_lib.families.internlm:INTERNLM3",
+    "BaichuanForCausalLM": "model_lib.families.baichuan:BAICHUAN",
+    "BaiChuanForCausalLM": "model_lib.families.baichuan:BAICHUAN",
+    "QWenLMHeadModel": "model_lib.families.qwen:QWEN",
+    "ChatGLMModel": "model_lib.families.chatglm:CHATGLM",
+    "ChatGLMForConditionalGeneration": "model_lib.families.chatglm:CHATGLM",
 }
 
 

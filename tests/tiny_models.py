@@ -3,7 +3,9 @@
 One row per variant that matters (GQA/MQA, tied/untied, each rotary scaling,
 sliding windows shorter than the test sequence, biases, multipliers). Each row is
 built with transformers + PyTorch at a fixed seed and saved with
-`save_pretrained`, once per test session.
+`save_pretrained`, once per test session. Rows with a `layout` then re-pack the
+saved checkpoint into a layout only remote code reads (`tests/remote_layouts.py`);
+the native model stays the reference.
 """
 
 from __future__ import annotations
@@ -26,13 +28,25 @@ class TinyCase:
     config_class: str
     overrides: dict[str, Any] = field(default_factory=dict)
     dims: dict[str, Any] = field(default_factory=lambda: dict(DIMS))
+    # A remote-code layout to write (`tests/remote_layouts.py`), its options, and the
+    # architecture its config.json names (required with a layout).
+    layout: str | None = None
+    layout_options: dict[str, Any] = field(default_factory=dict)
+    architecture: str | None = None
 
     def hf_config(self) -> transformers.PretrainedConfig:
         return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
 
+    def hf_architecture(self) -> str:
+        """The architecture the checkpoint's config.json names."""
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return self.architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config().model_type]
+
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi-3's defaults exceed VOCAB
+GLM_TOKENS = dict(pad_token_id=0, eos_token_id=2)  # GLM's defaults exceed VOCAB
 BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
 
 CASES = [
@@ -86,6 +100,45 @@ CASES = [
     TinyCase("phi3-sliding", "Phi3Config", dict(num_key_value_heads=4, sliding_window=6, **PHI3_TOKENS)),
     TinyCase("gpt_bigcode-mqa", "GPTBigCodeConfig", dict(multi_query=True), BIGCODE_DIMS),
     TinyCase("gpt_bigcode-mha-untied", "GPTBigCodeConfig", dict(multi_query=False, tie_word_embeddings=False), BIGCODE_DIMS),
+    # Remote-code layouts, checked against the native class they re-pack.
+    TinyCase(
+        "internlm-bias-dynamic",
+        "LlamaConfig",
+        dict(attention_bias=True, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 1.0}),
+        layout="internlm",
+        architecture="InternLMForCausalLM",
+    ),
+    TinyCase(
+        "internlm2-gqa-dynamic",
+        "LlamaConfig",
+        dict(num_key_value_heads=2, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        layout="internlm2",
+        architecture="InternLM2ForCausalLM",
+    ),
+    TinyCase("internlm3-gqa", "InternLM3Config", dict(num_key_value_heads=2, head_dim=16), layout="internlm3", architecture="InternLM3ForCausalLM"),
+    TinyCase("baichuan-7b", "LlamaConfig", layout="baichuan", layout_options=dict(version=1), architecture="BaiChuanForCausalLM"),
+    TinyCase("baichuan2-7b-normhead", "LlamaConfig", layout="baichuan", architecture="BaichuanForCausalLM"),
+    TinyCase(
+        "qwen-mha",
+        "Qwen2Config",
+        dict(num_key_value_heads=4, rope_theta=50_000.0, max_position_embeddings=64),
+        layout="qwen",
+        architecture="QWenLMHeadModel",
+    ),
+    TinyCase(
+        "chatglm-mqa",
+        "GlmConfig",
+        dict(num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 50_000.0}, **GLM_TOKENS),
+        layout="chatglm",
+        architecture="ChatGLMModel",
+    ),
+    TinyCase(
+        "chatglm-mha",
+        "GlmConfig",
+        dict(num_key_value_heads=4, head_dim=16, **GLM_TOKENS),
+        layout="chatglm",
+        architecture="ChatGLMForConditionalGeneration",
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -99,6 +152,14 @@ ONE_PER_ARCHITECTURE = [
     "gemma3-local-global",
     "phi3-longrope-partial",
     "gpt_bigcode-mqa",
+    "internlm-bias-dynamic",
+    "internlm2-gqa-dynamic",
+    "internlm3-gqa",
+    "baichuan-7b",
+    "baichuan2-7b-normhead",
+    "qwen-mha",
+    "chatglm-mqa",
+    "chatglm-mha",
 ]
 
 
@@ -142,6 +203,10 @@ def build_checkpoint(case: TinyCase, folder: Path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder)
+    if case.layout is not None:
+        from tests.remote_layouts import write
+
+        write(case.layout, model, folder, case.architecture, **case.layout_options)
     if case.dims.get("vocab_size", VOCAB) == VOCAB:
         build_tokenizer().save_pretrained(folder)
     return model

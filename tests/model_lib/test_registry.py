@@ -17,12 +17,10 @@ def test_readme_table_is_the_registry():
 
 
 def test_every_architecture_has_parity_cases():
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    covered = {MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[case.hf_config().model_type] for case in CASES}
+    covered = {case.hf_architecture() for case in CASES}
     assert covered == set(ARCHITECTURES)
 
 
 def test_unknown_architecture():
-    with pytest.raises(UnknownArchitectureError, match="supported: GPTBigCodeForCausalLM, Gemma3ForCausalLM"):
+    with pytest.raises(UnknownArchitectureError, match="supported: BaiChuanForCausalLM, BaichuanForCausalLM, .*, LlamaForCausalLM"):
         get_family("NopeForCausalLM")
