@@ -11,6 +11,7 @@ shaped or truncated tensors, a missing config, an unknown architecture.
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from pathlib import Path
@@ -73,7 +74,7 @@ def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Famil
         # Only remote code knows this model_type; its config.json is read as plain fields.
         # A plain config standardises legacy rotary keys (`rope_scaling`, `rope_theta`) into
         # `rope_parameters` only once its other fields exist, so they are set afterwards.
-        hf = PretrainedConfig.from_dict({k: v for k, v in raw.items() if k != "rope_scaling"})
+        hf = PretrainedConfig.from_dict(copy.deepcopy({k: v for k, v in raw.items() if k != "rope_scaling"}))
         if raw.get("rope_scaling") or "rope_theta" in raw:
             hf.rope_parameters = dict(raw.get("rope_scaling") or {"rope_type": "default"})
             hf.standardize_rope_params()
@@ -179,7 +180,9 @@ def load_params(
     sources: dict[str, str] = {}
     for file, name, tensor in iter_tensors(path):
         hf_key = family.weight_map.canonical(name)
-        if family.weight_map.is_ignored(hf_key) or (config.tie_word_embeddings and hf_key == "lm_head.weight"):
+        if family.weight_map.is_ignored(hf_key) or (
+            config.tie_word_embeddings and family.weight_map.module_to_ours(hf_key.rpartition(".")[0]) == "lm_head"
+        ):
             continue
         for key, array in _to_ours(hf_key, tensor, family, config, expected):
             if key not in expected:

@@ -49,6 +49,10 @@ class RopeConfig:
     attention_factor: float | None = None
     # GPT-J / GLM rotate adjacent pairs instead of the two halves.
     interleaved: bool = False
+    # dynamic: the length is first rounded up to `max_position` times a power of two,
+    # so the base grows in steps (Qwen's `use_dynamic_ntk`; with factor 2 this is its
+    # NTK alpha 2^ceil(log2(len / max_position) + 1) - 1).
+    dynamic_power_of_two: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class ModelConfig:
     clip_qkv: float | None = None  # clamp q, k, v to [-c, c] (MPT, DBRX)
     attention_scale: float | None = None  # None -> head_dim ** -0.5
     attn_logit_softcap: float | None = None
+    # Queries at positions p >= n are scaled by log(p + 1) / log(n) (Qwen's `use_logn_attn`, n = seq_length).
+    logn_attention_length: int | None = None
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     rope: RopeConfig | None = None  # full-attention layers (all layers if rope_local is None)
@@ -136,6 +142,7 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     logit_multiplier: float = 1.0  # Granite divides logits by `logits_scaling`
     lm_head_bias: bool = False  # GPT-J, Phi
+    lm_head_unit_norm: bool = False  # each vocab row of lm_head scaled to unit L2 norm on use (Baichuan2's NormHead)
     final_logit_softcap: float | None = None
 
     # Tokens the serving side needs.

@@ -170,6 +170,7 @@ class CausalLM(nnx.Module):
                 config.vocab_size,
                 axes=("embed", "vocab"),
                 use_bias=config.lm_head_bias,
+                unit_norm_outputs=config.lm_head_unit_norm,
                 dtype=jnp.dtype(config.dtype),
                 init_std=config.initializer_range,
                 rngs=rngs,

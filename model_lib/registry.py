@@ -66,6 +66,14 @@ ARCHITECTURES: dict[str, str] = {
     "BloomForCausalLM": "model_lib.families.bloom:BLOOM",
     "MptForCausalLM": "model_lib.families.mpt:MPT",
     "DeciLMForCausalLM": "model_lib.families.deci:DECI",
+    "InternLMForCausalLM": "model_lib.families.internlm:INTERNLM",
+    "InternLM2ForCausalLM": "model_lib.families.internlm:INTERNLM2",
+    "InternLM3ForCausalLM": "model_lib.families.internlm:INTERNLM3",
+    "BaichuanForCausalLM": "model_lib.families.baichuan:BAICHUAN",
+    "BaiChuanForCausalLM": "model_lib.families.baichuan:BAICHUAN",
+    "QWenLMHeadModel": "model_lib.families.qwen:QWEN",
+    "ChatGLMModel": "model_lib.families.chatglm:CHATGLM",
+    "ChatGLMForConditionalGeneration": "model_lib.families.chatglm:CHATGLM",
 }
 
 

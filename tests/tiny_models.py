@@ -3,7 +3,9 @@
 One row per variant that matters (GQA/MQA, tied/untied, each rotary scaling,
 sliding windows shorter than the test sequence, biases, multipliers). Each row is
 built with transformers + PyTorch at a fixed seed and saved with
-`save_pretrained`, once per test session.
+`save_pretrained`, once per test session. Rows with a `layout` then re-pack the
+saved checkpoint into a layout only remote code reads (`tests/remote_layouts.py`);
+the native model stays the reference.
 """
 
 from __future__ import annotations
@@ -26,25 +28,28 @@ class TinyCase:
     config_class: str
     overrides: dict[str, Any] = field(default_factory=dict)
     dims: dict[str, Any] = field(default_factory=lambda: dict(DIMS))
-    # Remote-code architectures (no transformers class): the architecture, and the
-    # "module:function" that writes the checkpoint in its remote layout from this case
-    # and returns the torch reference (e.g. tests/deci_reference.py).
-    remote: tuple[str, str] | None = None
+    # A remote-code layout to write (`tests/remote_layouts.py`), its options, and the
+    # architecture its config.json names (required with a layout).
+    layout: str | None = None
+    layout_options: dict[str, Any] = field(default_factory=dict)
+    architecture: str | None = None
+    # "module:function" that writes the checkpoint itself (no native class holds the
+    # same weights) and returns its torch reference, e.g. tests/deci_reference.py.
+    builder: str | None = None
 
     def hf_config(self) -> transformers.PretrainedConfig:
         return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
 
-    @property
-    def architecture(self) -> str:
-        if self.remote is not None:
-            return self.remote[0]
+    def hf_architecture(self) -> str:
+        """The architecture the checkpoint's config.json names."""
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config().model_type]
+        return self.architecture or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.hf_config().model_type]
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
 SMALL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # for configs whose defaults exceed VOCAB
+GLM_TOKENS = dict(pad_token_id=0, eos_token_id=2)  # GLM's defaults exceed VOCAB
 BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
 # MiniCPM3Config defaults num_key_value_heads to 40 whatever the head count; MLA has one kv head per head.
 MLA_DIMS = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8)
@@ -52,7 +57,7 @@ OPT_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=96, num_hidden_layers=
 FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hidden_layers=2, num_attention_heads=4)
 BLOOM_DIMS = dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # MLP fixed at 4 x hidden
 MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)  # MLP fixed at 4 x d_model
-DECI = ("DeciLMForCausalLM", "tests.deci_reference:build_deci_checkpoint")
+DECI_BUILDER = "tests.deci_reference:build_deci_checkpoint"
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -192,7 +197,13 @@ CASES = [
     TinyCase("bloom-alibi", "BloomConfig", {}, BLOOM_DIMS),
     TinyCase("mpt-clip-qkv", "MptConfig", dict(attn_config=dict(clip_qkv=0.25, softmax_scale=0.2), **SMALL_TOKENS), MPT_DIMS),
     # Every block standard (group 2, ffn_mult 6 -> 256 = intermediate): the reference is LlamaForCausalLM.
-    TinyCase("deci-uniform", "LlamaConfig", dict(num_key_value_heads=2, intermediate_size=256, **SMALL_TOKENS), remote=DECI),
+    TinyCase(
+        "deci-uniform",
+        "LlamaConfig",
+        dict(num_key_value_heads=2, intermediate_size=256, **SMALL_TOKENS),
+        architecture="DeciLMForCausalLM",
+        builder=DECI_BUILDER,
+    ),
     # (attention, ffn) per layer: GQA groups 2 and 4, ffn_mult 6 and 12 (256 and 512), no-op and linear sublayers.
     TinyCase(
         "deci-heterogeneous",
@@ -203,7 +214,47 @@ CASES = [
             rope_scaling={**LLAMA3, "rope_theta": 50_000.0},
             **SMALL_TOKENS,
         ),
-        remote=DECI,
+        architecture="DeciLMForCausalLM",
+        builder=DECI_BUILDER,
+    ),
+    # Remote-code layouts, checked against the native class they re-pack.
+    TinyCase(
+        "internlm-bias-dynamic",
+        "LlamaConfig",
+        dict(attention_bias=True, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 1.0}),
+        layout="internlm",
+        architecture="InternLMForCausalLM",
+    ),
+    TinyCase(
+        "internlm2-gqa-dynamic",
+        "LlamaConfig",
+        dict(num_key_value_heads=2, max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        layout="internlm2",
+        architecture="InternLM2ForCausalLM",
+    ),
+    TinyCase("internlm3-gqa", "InternLM3Config", dict(num_key_value_heads=2, head_dim=16), layout="internlm3", architecture="InternLM3ForCausalLM"),
+    TinyCase("baichuan-7b", "LlamaConfig", layout="baichuan", layout_options=dict(version=1), architecture="BaiChuanForCausalLM"),
+    TinyCase("baichuan2-7b-normhead", "LlamaConfig", layout="baichuan", architecture="BaichuanForCausalLM"),
+    TinyCase(
+        "qwen-mha",
+        "Qwen2Config",
+        dict(num_key_value_heads=4, rope_theta=50_000.0, max_position_embeddings=64),
+        layout="qwen",
+        architecture="QWenLMHeadModel",
+    ),
+    TinyCase(
+        "chatglm-mqa",
+        "GlmConfig",
+        dict(num_key_value_heads=2, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 50_000.0}, **GLM_TOKENS),
+        layout="chatglm",
+        architecture="ChatGLMModel",
+    ),
+    TinyCase(
+        "chatglm-mha",
+        "GlmConfig",
+        dict(num_key_value_heads=4, head_dim=16, **GLM_TOKENS),
+        layout="chatglm",
+        architecture="ChatGLMForConditionalGeneration",
     ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
@@ -236,6 +287,14 @@ ONE_PER_ARCHITECTURE = [
     "bloom-alibi",
     "mpt-clip-qkv",
     "deci-heterogeneous",
+    "internlm-bias-dynamic",
+    "internlm2-gqa-dynamic",
+    "internlm3-gqa",
+    "baichuan-7b",
+    "baichuan2-7b-normhead",
+    "qwen-mha",
+    "chatglm-mqa",
+    "chatglm-mha",
 ]
 
 
@@ -273,8 +332,8 @@ def build_checkpoint(case: TinyCase, folder: Path):
 
     import torch
 
-    if case.remote is not None:
-        module, function = case.remote[1].split(":")
+    if case.builder is not None:
+        module, function = case.builder.split(":")
         return getattr(importlib.import_module(module), function)(case, folder)
     torch.manual_seed(0)
     config = case.hf_config()
@@ -284,6 +343,10 @@ def build_checkpoint(case: TinyCase, folder: Path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder)
+    if case.layout is not None:
+        from tests.remote_layouts import write
+
+        write(case.layout, model, folder, case.architecture, **case.layout_options)
     if case.dims.get("vocab_size", VOCAB) == VOCAB:
         build_tokenizer().save_pretrained(folder)
     return model

@@ -72,9 +72,28 @@ def hf_json(hf: PretrainedConfig) -> str:
     return json.dumps(hf.to_dict(), sort_keys=True, default=str)
 
 
-def llama_like_fields(hf: PretrainedConfig, architecture: str, family: str) -> dict[str, Any]:
+def remote_rope_params(hf: PretrainedConfig, default_theta: float = 10000.0) -> dict[str, Any]:
+    """`rope_scaling` and `rope_theta` of a remote-code config as one `rope_parameters` dict.
+
+    `PretrainedConfig.from_dict` merges the two into `rope_parameters` only when
+    `rope_scaling` is set; otherwise `rope_theta` stays a plain field (or is absent).
+    """
+    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(hf, "rope_theta", None) or default_theta)
+    return params
+
+
+def gate_up_layout(c: ModelConfig) -> tuple[int, tuple[int, ...]]:
+    """A fused `[gate | up]` MLP projection."""
+    return 1, (c.intermediate_size, c.intermediate_size)
+
+
+def llama_like_fields(
+    hf: PretrainedConfig, architecture: str, family: str, *, max_position_embeddings: int | None = None
+) -> dict[str, Any]:
     """Fields of a RoPE + RMSNorm + gated-MLP decoder as transformers' Llama names them."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    max_position_embeddings = max_position_embeddings or hf.max_position_embeddings
     types = layer_types(hf)
     return dict(
         architecture=architecture,
@@ -86,7 +105,7 @@ def llama_like_fields(hf: PretrainedConfig, architecture: str, family: str) -> d
         num_heads=hf.num_attention_heads,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
         head_dim=head_dim,
-        max_position_embeddings=hf.max_position_embeddings,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         norm_kind="rms",
         norm_eps=getattr(hf, "rms_norm_eps", 1e-6),
@@ -99,7 +118,7 @@ def llama_like_fields(hf: PretrainedConfig, architecture: str, family: str) -> d
         rope=rope_from_params(
             getattr(hf, "rope_parameters", None),
             head_dim=head_dim,
-            max_position=hf.max_position_embeddings,
+            max_position=max_position_embeddings,
             partial_rotary_factor=getattr(hf, "partial_rotary_factor", 1.0) or 1.0,
         ),
         initializer_range=getattr(hf, "initializer_range", 0.02),
@@ -110,9 +129,7 @@ def llama_like_fields(hf: PretrainedConfig, architecture: str, family: str) -> d
 
 def gate_up_fused(hf_module: str = "model.layers.{i}.mlp.gate_up_proj") -> Fused:
     """A fused `[gate | up]` MLP input projection (Phi-3, GLM), split into gate_proj and up_proj."""
-    return Fused(
-        hf_module, "model.layers.{i}.mlp", ("gate_proj", "up_proj"), lambda c: (1, (c.intermediate_size, c.intermediate_size))
-    )
+    return Fused(hf_module, "model.layers.{i}.mlp", ("gate_proj", "up_proj"), gate_up_layout)
 
 
 def require(hf: PretrainedConfig, family: str, **supported: Any) -> None:

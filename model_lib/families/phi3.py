@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import gate_up_fused, llama_like_fields
+from model_lib.families.common import gate_up_fused, llama_like_fields, qkv_concatenated
 from model_lib.registry import Family
 from model_lib.weight_map import Fused, WeightMap
 
@@ -15,17 +15,12 @@ def phi3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(**{**llama_like_fields(hf, architecture, "phi3"), "qkv_bias": False, "o_bias": False})
 
 
-def _qkv_layout(c: ModelConfig) -> tuple[int, tuple[int, ...]]:
-    kv = c.num_kv_heads * c.head_dim
-    return 1, (c.num_heads * c.head_dim, kv, kv)
-
-
 PHI3 = Family(
     "phi3",
     phi3_config,
     WeightMap(
         fused=(
-            Fused("model.layers.{i}.self_attn.qkv_proj", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), _qkv_layout),
+            Fused("model.layers.{i}.self_attn.qkv_proj", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_concatenated),
             gate_up_fused(),
         )
     ),

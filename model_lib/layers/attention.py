@@ -3,8 +3,9 @@
 Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads, per layer where the config
 says so), per-layer sliding window,
 per-layer rotary (Gemma3's local/global bases) or none (ALiBi, NoPE layers),
-ALiBi slopes, attention soft-cap, q/k norms, q/k/v clipping and a custom query
-scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`).
+ALiBi slopes, attention soft-cap, q/k norms, q/k/v clipping, a custom query
+scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`) and Qwen's
+log-length query scaling past the trained length.
 
 Glossary: B batch, T tokens, P pages, E hidden, H heads, K kv heads, D head_dim.
 """
@@ -94,6 +95,15 @@ def attend(
     raise TypeError(f"unsupported attention inputs {type(batch).__name__}")
 
 
+def logn_query_scale(positions: jax.Array, length: int) -> jax.Array:
+    """Per-token query factor: log(p + 1) / log(length) once p + 1 exceeds `length`, else 1.
+
+    Keeps attention entropy level past the trained length (Qwen's `use_logn_attn`).
+    """
+    count = positions.astype(jnp.float32) + 1.0
+    return jnp.where(count > length, jnp.log(count) / jnp.log(float(length)), 1.0)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
@@ -105,6 +115,7 @@ class Attention(nnx.Module):
         self.rope = config.layer_rope(layer)
         self.alibi_slopes = config.alibi_slopes
         self.clip_qkv = config.clip_qkv
+        self.logn_length = config.logn_attention_length
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         common = dict(dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
         self.q_proj = Linear(hidden, q_dim, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **common)
@@ -136,6 +147,8 @@ class Attention(nnx.Module):
             cos, sin = rotary_cos_sin(self.rope, batch.positions, batch.seq_lens, q.dtype)
             q = apply_rotary(q, cos, sin, self.rope.interleaved)
             k = apply_rotary(k, cos, sin, self.rope.interleaved)
+        if self.logn_length is not None:
+            q = q * logn_query_scale(batch.positions, self.logn_length).astype(q.dtype)[..., None, None]
         slopes = None if self.alibi_slopes is None else jnp.asarray(self.alibi_slopes, jnp.float32)
         out, kv_cache = attend(
             q,

@@ -34,8 +34,12 @@ class Linear(nnx.Module):
         dtype: jnp.dtype,
         init_std: float,
         rngs: nnx.Rngs,
+        unit_norm_outputs: bool = False,
     ):
         self.in_features, self.out_features, self.axes = in_features, out_features, axes
+        # Scale each output's weight vector (a kernel column, an HF weight row) to unit
+        # L2 norm on use, as Baichuan2's NormHead does at every forward.
+        self.unit_norm_outputs = unit_norm_outputs
         init = jax.nn.initializers.normal(init_std)
         self.kernel: nnx.Param | None = nnx.Param(
             init(rngs.params(), (in_features, out_features), dtype), logical_axes=axes
@@ -53,8 +57,14 @@ class Linear(nnx.Module):
     def weight(self, dtype: jnp.dtype) -> jax.Array:
         """The base kernel `[in, out]` in `dtype` (dequantized if stored as NF4)."""
         if self.nf4 is not None:
-            return dequantize_nf4(self.nf4, dtype)
-        return self.kernel[...].astype(dtype)
+            kernel = dequantize_nf4(self.nf4, dtype)
+        else:
+            kernel = self.kernel[...].astype(dtype)
+        if self.unit_norm_outputs:
+            k32 = kernel.astype(jnp.float32)
+            norm = jnp.sqrt(jnp.sum(k32 * k32, axis=0, keepdims=True))
+            kernel = (k32 / jnp.maximum(norm, 1e-12)).astype(dtype)
+        return kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x, self.weight(x.dtype))

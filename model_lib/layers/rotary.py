@@ -104,6 +104,8 @@ def rope_frequencies(rope: RopeConfig, seq_lens: jnp.ndarray) -> tuple[jnp.ndarr
     if kind == "dynamic":
         # NTK-aware base growth once the sequence runs past the trained length.
         seq_len = jnp.maximum(seq_len, rope.max_position).astype(jnp.float32)
+        if rope.dynamic_power_of_two:
+            seq_len = rope.max_position * 2.0 ** jnp.ceil(jnp.log2(seq_len / rope.max_position))
         dim = rope.rotary_dim
         base = rope.theta * ((rope.factor * seq_len / rope.max_position) - (rope.factor - 1)) ** (dim / (dim - 2))
         exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim

@@ -9,6 +9,7 @@ import pytest
 import model_lib
 from tests.tiny_models import (
     CASES,
+    CASES_BY_NAME,
     ONE_PER_ARCHITECTURE,
     SEQ_LEN,
     assert_logits_close,
@@ -22,7 +23,7 @@ from tests.tiny_models import (
 def test_logits_match_transformers(case, tiny_checkpoint, forward):
     folder, hf_model = tiny_checkpoint(case)
     model = model_lib.from_pretrained(folder)
-    assert model.config.architecture == hf_model.config.architectures[0]
+    assert model.config.architecture == CASES_BY_NAME[case].hf_architecture()
 
     ids = random_ids(2, SEQ_LEN, seed=1)
     ours = forward(model, ids, np.ones_like(ids))
