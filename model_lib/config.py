@@ -118,6 +118,31 @@ class ModelConfig:
     activation: str = "silu"
     mlp_bias: bool = False
 
+    # Mixture of experts (`model_lib/layers/moe.py`): layers whose `moe_layers` entry is
+    # True replace the MLP by `num_experts` gated experts of width `moe_intermediate_size`,
+    # `num_experts_per_tok` of them per token. Router kinds: "softmax" (softmax, top-k,
+    # renormalised when `norm_topk_prob`; top-k of the logits then softmax is the same),
+    # "sparsemixer" (PhiMoE), "sigmoid" (Glm4-MoE/DeepSeek-V3: sigmoid scores, top-k of
+    # score + correction bias within the best `moe_topk_group` of `moe_num_groups` groups).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()  # per layer; empty: no MoE layer
+    router_kind: str = "softmax"
+    norm_topk_prob: bool = True
+    router_bias: bool = False  # gpt-oss
+    router_jitter: float = 0.0  # PhiMoE's sparsemixer threshold (router_jitter_noise)
+    routed_scaling_factor: float = 1.0  # multiplies the routing weights
+    moe_num_groups: int = 1
+    moe_topk_group: int = 1
+    expert_bias: bool = False  # biases on the expert projections (gpt-oss)
+    # gpt-oss's clamped SwiGLU: (clip(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l).
+    expert_swiglu_limit: float | None = None
+    expert_swiglu_alpha: float = 1.702
+    shared_expert_size: int = 0  # width of the always-on shared expert (0: none)
+    shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(x @ w)
+    router_aux_loss_coef: float = 0.0  # load-balancing loss weight for full fine-tuning
+
     # Residual stream and output.
     residual_multiplier: float = 1.0
     logit_multiplier: float = 1.0  # Granite divides logits by `logits_scaling`
@@ -155,6 +180,7 @@ class ModelConfig:
             ("parallel_block", self.parallel_block, ("none", "shared_norm", "two_norms")),
             ("qk_norm", self.qk_norm, ("none", "head", "per_head")),
             ("attention_kind", self.attention_kind, ("standard", "mla")),
+            ("router_kind", self.router_kind, ("softmax", "sparsemixer", "sigmoid")),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
@@ -165,6 +191,14 @@ class ModelConfig:
             or self.head_dim < max(self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim)
         ):
             raise ValueError("MLA needs num_kv_heads == num_heads and head_dim >= both the qk and the v head dims")
+
+        if self.moe_layers and len(self.moe_layers) != self.num_layers:
+            raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
+        if any(self.moe_layers) and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"MoE needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= num_experts ({self.num_experts})")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     @property
     def query_scale(self) -> float:

@@ -17,6 +17,7 @@ from flax import nnx
 from model_lib.config import ModelConfig
 from model_lib.layers import MLP, Attention, DenseBatch, Embed, KVCache, Linear, PagedBatch, make_norm
 from model_lib.layers.mla import MLAttention
+from model_lib.layers.moe import MoE
 
 Batch = DenseBatch | PagedBatch
 
@@ -48,7 +49,7 @@ class DecoderLayer(nnx.Module):
         self.parallel_block = config.parallel_block
         self.residual_multiplier = config.residual_multiplier
         self.self_attn = (MLAttention if config.attention_kind == "mla" else Attention)(config, layer, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MoE(config, rngs=rngs) if config.is_moe_layer(layer) else MLP(config, rngs=rngs)
         self.input_layernorm = None if config.block_norms == "post" else make_norm(config)
         if config.parallel_block != "shared_norm":
             self.post_attention_layernorm = make_norm(config)

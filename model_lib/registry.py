@@ -48,6 +48,9 @@ ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "model_lib.families.phi3:PHI3",
     "GPTBigCodeForCausalLM": "model_lib.families.gpt_bigcode:GPT_BIGCODE",
     "MiniCPM3ForCausalLM": "model_lib.families.minicpm3:MINICPM3",
+    "MixtralForCausalLM": "model_lib.families.mixtral:MIXTRAL",
+    "Qwen2MoeForCausalLM": "model_lib.families.qwen_moe:QWEN2_MOE",
+    "Qwen3MoeForCausalLM": "model_lib.families.qwen_moe:QWEN3_MOE",
 }
 
 

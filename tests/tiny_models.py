@@ -8,6 +8,7 @@ built with transformers + PyTorch at a fixed seed and saved with
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ class TinyCase:
     config_class: str
     overrides: dict[str, Any] = field(default_factory=dict)
     dims: dict[str, Any] = field(default_factory=lambda: dict(DIMS))
+    # Extra noise (regex over parameter / persistent buffer names -> std), e.g. to make MoE
+    # routers decisive so that float rounding never decides a top-k choice.
+    noise: dict[str, float] = field(default_factory=dict)
 
     def hf_config(self) -> transformers.PretrainedConfig:
         return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
@@ -36,6 +40,9 @@ SMALL_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # for confi
 BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=64)
 # MiniCPM3Config defaults num_key_value_heads to 40 whatever the head count; MLA has one kv head per head.
 MLA_DIMS = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8)
+# MoE: 4 experts, top-2; router weights (HF names: gate, router) get large noise so that top-k is decisive.
+MOE = dict(num_experts_per_tok=2)
+ROUTER_NOISE = {r".*\.(gate|router(\.layer)?)\.weight": 0.5}
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -148,6 +155,29 @@ CASES = [
             dim_model_base=32,
         ),
     ),
+    TinyCase("mixtral-moe", "MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, **MOE, sliding_window=5), noise=ROUTER_NOISE),
+    TinyCase(
+        "qwen2_moe-shared",
+        "Qwen2MoeConfig",
+        dict(
+            num_key_value_heads=2,
+            num_hidden_layers=3,
+            num_experts=4,
+            **MOE,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "qwen3_moe-sparse-step",
+        "Qwen3MoeConfig",
+        dict(num_key_value_heads=2, head_dim=32, num_experts=8, **MOE, moe_intermediate_size=32, decoder_sparse_step=2, norm_topk_prob=True),
+        noise=ROUTER_NOISE,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -170,7 +200,11 @@ ONE_PER_ARCHITECTURE = [
     "glm4-post-norms",
     "cohere-qknorm",
     "minicpm3-mla-longrope",
+    "mixtral-moe",
+    "qwen2_moe-shared",
+    "qwen3_moe-sparse-step",
 ]
+MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step"]
 
 
 CHAT_TEMPLATE = (
@@ -212,6 +246,12 @@ def build_checkpoint(case: TinyCase, folder: Path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+        persistent = set(model.state_dict())
+        tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in persistent)]
+        for pattern, std in case.noise.items():
+            for name, t in tensors:
+                if re.fullmatch(pattern, name):
+                    t.add_(torch.randn_like(t) * std)
     model.save_pretrained(folder)
     if case.dims.get("vocab_size", VOCAB) == VOCAB:
         build_tokenizer().save_pretrained(folder)

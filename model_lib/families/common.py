@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, RopeConfig
-from model_lib.weight_map import Fused
+from model_lib.weight_map import Fused, Stacked
 
 
 def rope_from_params(
@@ -113,3 +113,25 @@ def gate_up_fused(hf_module: str = "model.layers.{i}.mlp.gate_up_proj") -> Fused
     return Fused(
         hf_module, "model.layers.{i}.mlp", ("gate_proj", "up_proj"), lambda c: (1, (c.intermediate_size, c.intermediate_size))
     )
+
+
+def moe_fields(
+    hf: PretrainedConfig, *, num_experts: int, moe_intermediate_size: int, moe_layers: Any = None, **extra: Any
+) -> dict[str, Any]:
+    """MoE fields of `ModelConfig`: every layer MoE unless `moe_layers` (one bool per layer) says otherwise."""
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=hf.num_experts_per_tok,
+        moe_intermediate_size=moe_intermediate_size,
+        moe_layers=tuple(bool(m) for m in moe_layers) if moe_layers is not None else (True,) * hf.num_hidden_layers,
+        router_aux_loss_coef=float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
+        **extra,
+    )
+
+
+def expert_stack(hf_experts: str, names: dict[str, str]) -> tuple[Stacked, ...]:
+    """Per-expert HF modules `{hf_experts}.{e}.<hf name>` stacked into `model.layers.{i}.mlp.experts.<ours>`."""
+    return tuple(Stacked(f"{hf_experts}.{{e}}.{hf}", f"model.layers.{{i}}.mlp.experts.{ours}") for hf, ours in names.items())
+
+
+GATE_UP_DOWN = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}

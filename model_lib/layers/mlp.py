@@ -12,7 +12,7 @@ from model_lib.layers.linear import Linear
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, intermediate_size: int | None = None):
         self.act = activation(config.activation)
         common = dict(
             use_bias=config.mlp_bias,
@@ -20,7 +20,7 @@ class MLP(nnx.Module):
             init_std=config.initializer_range,
             rngs=rngs,
         )
-        hidden, inner = config.hidden_size, config.intermediate_size
+        hidden, inner = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = Linear(hidden, inner, axes=("embed", "mlp"), **common) if config.mlp_gated else None
         self.up_proj = Linear(hidden, inner, axes=("embed", "mlp"), **common)
         self.down_proj = Linear(inner, hidden, axes=("mlp", "embed"), **common)

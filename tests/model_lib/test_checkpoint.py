@@ -29,7 +29,9 @@ def _rewrite_weights(folder, edit):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("case", ["phi3-longrope-partial", "gpt_bigcode-mha-untied", "qwen3-qknorm"])
+@pytest.mark.parametrize(
+    "case", ["phi3-longrope-partial", "gpt_bigcode-mha-untied", "qwen3-qknorm", "mixtral-moe", "qwen2_moe-shared"]
+)
 def test_save_reload_round_trip(case, tiny_checkpoint, tmp_path, forward):
     """Saving gives back HF's own tensors (fused ones re-joined), and transformers loads it."""
     import transformers
@@ -109,6 +111,22 @@ def test_wrong_fused_shape_is_named(tiny_checkpoint, tmp_path):
 
     _rewrite_weights(copy, shrink)
     with pytest.raises(CheckpointError, match=r"qkv_proj\.weight' has shape \(188, 64\): output dimension 188, expected 192"):
+        model_lib.from_pretrained(copy)
+
+
+def test_missing_and_extra_experts_are_named(tiny_checkpoint, tmp_path):
+    """Per-expert tensors stack into one parameter; a missing or surplus expert is named."""
+    folder, _ = tiny_checkpoint("mixtral-moe")
+    copy = tmp_path / "mixtral"
+    shutil.copytree(folder, copy)
+    _rewrite_weights(copy, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight$"):
+        model_lib.from_pretrained(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(folder, copy)
+    extra = "model.layers.0.block_sparse_moe.experts.4.w1.weight"
+    _rewrite_weights(copy, lambda t: t.update({extra: t["model.layers.0.block_sparse_moe.experts.0.w1.weight"]}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.block_sparse_moe\.experts\.4\.w1\.weight' .*expert 4 of 4"):
         model_lib.from_pretrained(copy)
 
 

@@ -1,0 +1,58 @@
+"""The shared MoE layer: grouped matmul, routing and the router load-balancing loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import model_lib
+from model_lib.layers.moe import capture_router_logits, collect_router_logits, grouped_matmul, router_aux_loss
+from tests.tiny_models import SEQ_LEN, padded_batch
+
+
+def test_grouped_matmul_matches_a_per_expert_loop_with_empty_groups():
+    rng = np.random.RandomState(0)
+    sizes = np.array([3, 0, 5, 0, 2], np.int32)
+    lhs = rng.randn(int(sizes.sum()), 6).astype(np.float32)
+    rhs = rng.randn(len(sizes), 6, 4).astype(np.float32)
+    ends = np.cumsum(sizes)
+    expected = np.concatenate([lhs[e - s : e] @ rhs[g] for g, (s, e) in enumerate(zip(sizes, ends))])
+    np.testing.assert_allclose(grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["mixtral-moe", "qwen2_moe-shared"])
+def test_router_aux_loss_matches_transformers(case, tiny_checkpoint):
+    import torch
+
+    folder, hf_model = tiny_checkpoint(case)
+    ids, mask, _ = padded_batch(seed=9)
+    with torch.no_grad():
+        out = hf_model(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_router_logits=True)
+    model = model_lib.from_pretrained(folder)
+    assert model.config.router_aux_loss_coef == hf_model.config.router_aux_loss_coef
+
+    collect_router_logits(model)
+    logits, router_logits = capture_router_logits(lambda m, ids, mask: m(ids, mask))(model, ids, mask)
+    assert len(router_logits) == sum(model.config.moe_layers)
+    np.testing.assert_allclose(float(router_aux_loss(model.config, router_logits, mask)), float(out.aux_loss), rtol=1e-5)
+
+    # Inside a jitted step (as the trainer runs it), with gradients into the router.
+    @nnx.jit
+    def loss(model, ids, mask):
+        def f(model):
+            _, router_logits = capture_router_logits(lambda m: m(ids, mask))(model)
+            return router_aux_loss(model.config, router_logits, mask)
+
+        return nnx.value_and_grad(f)(model)
+
+    value, grads = loss(model, jnp.asarray(ids), jnp.asarray(mask))
+    np.testing.assert_allclose(float(value), float(out.aux_loss), rtol=1e-5)
+    router_grad = grads["model"]["layers"][0]["mlp"]["gate"]["kernel"][...]
+    assert float(jnp.abs(router_grad).max()) > 0
+    assert np.isfinite(np.asarray(router_grad)).all()
+
+    collect_router_logits(model, False)
+    assert capture_router_logits(lambda m: m(ids, mask))(model)[1] == []
