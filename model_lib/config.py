@@ -47,6 +47,9 @@ class RopeConfig:
     long_factor: tuple[float, ...] = ()
     # yarn / longrope: multiplier on cos and sin; None derives it from `factor`.
     attention_factor: float | None = None
+    # longrope (PhiMoE): cos/sin multipliers of the short and long regimes instead of one.
+    short_mscale: float | None = None
+    long_mscale: float | None = None
     # GPT-J / GLM rotate adjacent pairs instead of the two halves.
     interleaved: bool = False
 

@@ -51,6 +51,9 @@ ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "model_lib.families.mixtral:MIXTRAL",
     "Qwen2MoeForCausalLM": "model_lib.families.qwen_moe:QWEN2_MOE",
     "Qwen3MoeForCausalLM": "model_lib.families.qwen_moe:QWEN3_MOE",
+    "PhimoeForCausalLM": "model_lib.families.mixtral:PHIMOE",
+    "GraniteMoeForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE",
+    "GraniteMoeSharedForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE_SHARED",
 }
 
 

@@ -42,6 +42,7 @@ BIGCODE_DIMS = dict(vocab_size=VOCAB, n_embd=64, n_inner=96, n_layer=2, n_head=4
 MLA_DIMS = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8)
 # MoE: 4 experts, top-2; router weights (HF names: gate, router) get large noise so that top-k is decisive.
 MOE = dict(num_experts_per_tok=2)
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)
 ROUTER_NOISE = {r".*\.(gate|router(\.layer)?)\.weight": 0.5}
 
 CASES = [
@@ -178,6 +179,45 @@ CASES = [
         dict(num_key_value_heads=2, head_dim=32, num_experts=8, **MOE, moe_intermediate_size=32, decoder_sparse_step=2, norm_topk_prob=True),
         noise=ROUTER_NOISE,
     ),
+    TinyCase(
+        "granitemoe-multipliers",
+        "GraniteMoeConfig",
+        dict(num_key_value_heads=2, num_local_experts=4, **MOE, intermediate_size=32, **GRANITE_MULTIPLIERS),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "granitemoeshared-shared",
+        "GraniteMoeSharedConfig",
+        dict(num_key_value_heads=2, num_local_experts=4, **MOE, intermediate_size=32, shared_intermediate_size=48, **GRANITE_MULTIPLIERS),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "phimoe-sparsemixer-longrope",
+        "PhimoeConfig",
+        dict(
+            num_key_value_heads=2,
+            num_local_experts=4,
+            **MOE,
+            intermediate_size=32,
+            attention_bias=True,
+            lm_head_bias=True,
+            router_jitter_noise=0.01,
+            **SMALL_TOKENS,
+            max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 1.0, 1.1, 1.3, 1.4],
+                # transformers' PhiMoE rotary always takes the short factors (only the mscale
+                # follows the length); equal factors keep the comparison about the mscale switch.
+                "long_factor": [1.0, 1.2, 1.5, 2.0, 1.0, 1.1, 1.3, 1.4],
+                "short_mscale": 1.1,
+                "long_mscale": 1.3,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+        noise=ROUTER_NOISE,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -203,8 +243,12 @@ ONE_PER_ARCHITECTURE = [
     "mixtral-moe",
     "qwen2_moe-shared",
     "qwen3_moe-sparse-step",
+    "granitemoe-multipliers",
+    "granitemoeshared-shared",
+    "phimoe-sparsemixer-longrope",
 ]
-MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step"]
+MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
+             "phimoe-sparsemixer-longrope"]
 
 
 CHAT_TEMPLATE = (

@@ -45,6 +45,8 @@ def rope_from_params(
         short_factor=tuple(params.get("short_factor") or ()),
         long_factor=tuple(params.get("long_factor") or ()),
         attention_factor=params.get("attention_factor"),
+        short_mscale=params.get("short_mscale"),
+        long_mscale=params.get("long_mscale"),
     )
     if kind not in ("default", "linear", "dynamic", "yarn", "longrope", "llama3"):
         raise ValueError(f"unsupported rope_type {kind!r}")
@@ -119,14 +121,14 @@ def moe_fields(
     hf: PretrainedConfig, *, num_experts: int, moe_intermediate_size: int, moe_layers: Any = None, **extra: Any
 ) -> dict[str, Any]:
     """MoE fields of `ModelConfig`: every layer MoE unless `moe_layers` (one bool per layer) says otherwise."""
-    return dict(
+    fields = dict(
         num_experts=num_experts,
-        num_experts_per_tok=hf.num_experts_per_tok,
+        num_experts_per_tok=getattr(hf, "num_experts_per_tok", 0),
         moe_intermediate_size=moe_intermediate_size,
         moe_layers=tuple(bool(m) for m in moe_layers) if moe_layers is not None else (True,) * hf.num_hidden_layers,
         router_aux_loss_coef=float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
-        **extra,
     )
+    return {**fields, **extra}
 
 
 def expert_stack(hf_experts: str, names: dict[str, str]) -> tuple[Stacked, ...]:

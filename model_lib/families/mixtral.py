@@ -20,9 +20,33 @@ def mixtral_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     )
 
 
+def phimoe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    return ModelConfig(
+        **{
+            **llama_like_fields(hf, architecture, "phimoe"),
+            "norm_kind": "layer",
+            "norm_bias": True,
+            "lm_head_bias": bool(hf.lm_head_bias),
+        },
+        **moe_fields(
+            hf,
+            num_experts=hf.num_local_experts,
+            moe_intermediate_size=hf.intermediate_size,
+            router_kind="sparsemixer",
+            router_jitter=float(hf.router_jitter_noise),
+        ),
+    )
+
+
 MIXTRAL_WEIGHTS = WeightMap(
     renames=(("model.layers.{i}.block_sparse_moe.gate", "model.layers.{i}.mlp.gate"),),
     stacked=expert_stack("model.layers.{i}.block_sparse_moe.experts", {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}),
 )
 
 MIXTRAL = Family("mixtral", mixtral_config, MIXTRAL_WEIGHTS, quirks="sparse MoE (softmax top-k, per-expert w1/w2/w3), sliding window")
+PHIMOE = Family(
+    "phimoe",
+    phimoe_config,
+    MIXTRAL_WEIGHTS,
+    quirks="sparsemixer top-2 router, LayerNorm, LongRoPE with short/long mscale, optional attention/LM-head biases",
+)

@@ -30,7 +30,7 @@ def _rewrite_weights(folder, edit):
 
 
 @pytest.mark.parametrize(
-    "case", ["phi3-longrope-partial", "gpt_bigcode-mha-untied", "qwen3-qknorm", "mixtral-moe", "qwen2_moe-shared"]
+    "case", ["phi3-longrope-partial", "gpt_bigcode-mha-untied", "qwen3-qknorm", "mixtral-moe", "qwen2_moe-shared", "granitemoeshared-shared"]
 )
 def test_save_reload_round_trip(case, tiny_checkpoint, tmp_path, forward):
     """Saving gives back HF's own tensors (fused ones re-joined), and transformers loads it."""

@@ -56,3 +56,21 @@ def test_router_aux_loss_matches_transformers(case, tiny_checkpoint):
 
     collect_router_logits(model, False)
     assert capture_router_logits(lambda m: m(ids, mask))(model)[1] == []
+
+
+def test_sparsemixer_matches_transformers():
+    import torch
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    from model_lib.families.mixtral import phimoe_config
+    from model_lib.layers.moe import route
+    from tests.tiny_models import CASES_BY_NAME
+
+    config = phimoe_config(CASES_BY_NAME["phimoe-sparsemixer-longrope"].hf_config(), "PhimoeForCausalLM")
+    config = config.replace(router_jitter=0.2)
+    scores = np.random.RandomState(0).randn(64, config.num_experts).astype(np.float32)
+    ref_w, ref_ids = sparsemixer(torch.as_tensor(scores), jitter_eps=0.2, training=False, top_k=2)
+    ids, weights = route(config, jnp.asarray(scores), None)
+    np.testing.assert_array_equal(np.asarray(ids), ref_ids.numpy())
+    np.testing.assert_allclose(np.asarray(weights), ref_w.numpy(), rtol=1e-6)
+    assert (ref_w.numpy() < 0.999).any()  # the band holds more than one expert somewhere
