@@ -148,6 +148,8 @@ def _to_ours(
     """
     weight_map = family.weight_map
     module, _, leaf = weight_map.tensor_to_ours(name).rpartition(".")
+    if weight_map.is_expert_rows(module):
+        tensor = tensor.reshape(config.num_experts, -1, *tensor.shape[1:])
     if leaf == "weight" and weight_map.is_conv1d(module):
         tensor = _swap_last(tensor)
     stacked = weight_map.stacked_for_hf(module)
@@ -259,7 +261,9 @@ def hf_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndar
     weight_map = family.weight_map
     for name, array in _hf_linear_tensors(model, family):
         module, _, leaf = weight_map.tensor_to_ours(name).rpartition(".")
-        yield name, (_swap_last(array) if leaf == "weight" and weight_map.is_conv1d(module) else array)
+        if leaf == "weight" and weight_map.is_conv1d(module):
+            array = _swap_last(array)
+        yield name, (array.reshape(-1, *array.shape[2:]) if weight_map.is_expert_rows(module) else array)
 
 
 def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:

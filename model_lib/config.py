@@ -99,6 +99,7 @@ class ModelConfig:
     clip_qkv: float | None = None  # clamp q, k, v to [-c, c] (MPT, DBRX)
     attention_scale: float | None = None  # None -> head_dim ** -0.5
     attn_logit_softcap: float | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit `self_attn.sinks` in each softmax
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     rope: RopeConfig | None = None  # full-attention layers (all layers if rope_local is None)

@@ -10,6 +10,8 @@ are data, not code:
 - `conv1d`: HF modules whose weight is stored `[in, out]` (GPT-2's Conv1D);
 - `stacked`: per-expert HF modules (`experts.{e}.w1`) that we hold as one module
   with a leading expert axis (`mlp.experts.gate_proj`, kernel `[X, in, out]`);
+- `expert_rows`: our expert modules whose HF weight flattens the experts into its
+  first axis (`[X * out, in]`, DBRX), reshaped to `[X, out, in]` on load;
 - `tensor_renames`: whole tensor names that differ in their last part too
   (gpt-oss's `experts.gate_up_proj` is our `experts.gate_up.weight`).
 
@@ -98,6 +100,10 @@ class WeightMap:
     conv1d: tuple[str, ...] = ()
     stacked: tuple[Stacked, ...] = ()
     tensor_renames: tuple[tuple[str, str], ...] = ()  # (HF tensor name, our HF-style tensor name)
+    expert_rows: tuple[str, ...] = ()
+
+    def is_expert_rows(self, module: str) -> bool:
+        return any(_pattern_regex(p).match(module) for p in self.expert_rows)
 
     def is_ignored(self, hf_key: str) -> bool:
         return any(re.fullmatch(p, hf_key) for p in self.ignored)

@@ -218,6 +218,56 @@ CASES = [
         ),
         noise=ROUTER_NOISE,
     ),
+    TinyCase(
+        "dbrx-clip-moe",
+        "DbrxConfig",
+        dict(
+            attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000.0),
+            ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0),
+            **SMALL_TOKENS,
+        ),
+        dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64),
+        noise=ROUTER_NOISE,
+    ),
+    # Sliding then full layer, YaRN, sinks; swiglu_limit small enough that the clamps bite.
+    TinyCase(
+        "gpt_oss-sinks-sliding",
+        "GptOssConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            **MOE,
+            intermediate_size=32,
+            sliding_window=4,
+            swiglu_limit=0.05,
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 16, "rope_theta": 150000.0},
+            **SMALL_TOKENS,
+        ),
+        noise={**ROUTER_NOISE, r".*\.sinks": 1.0},
+    ),
+    TinyCase(
+        "glm4_moe-grouped-sigmoid",
+        "Glm4MoeConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=8,
+            **MOE,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            use_qk_norm=True,
+            attention_bias=True,
+            **SMALL_TOKENS,
+        ),
+        noise={**ROUTER_NOISE, r".*\.e_score_correction_bias": 0.3},
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -246,9 +296,13 @@ ONE_PER_ARCHITECTURE = [
     "granitemoe-multipliers",
     "granitemoeshared-shared",
     "phimoe-sparsemixer-longrope",
+    "dbrx-clip-moe",
+    "gpt_oss-sinks-sliding",
+    "glm4_moe-grouped-sigmoid",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
-             "phimoe-sparsemixer-longrope"]
+             "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
+             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid"]
 
 
 CHAT_TEMPLATE = (

@@ -21,6 +21,8 @@ def mixtral_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 
 def phimoe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    if hf.num_experts_per_tok != 2:
+        raise ValueError(f"PhiMoE's sparsemixer routes to 2 experts; num_experts_per_tok={hf.num_experts_per_tok} is not supported")
     return ModelConfig(
         **{
             **llama_like_fields(hf, architecture, "phimoe"),

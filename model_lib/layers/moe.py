@@ -109,8 +109,6 @@ def route(config: ModelConfig, logits: jax.Array, correction_bias: jax.Array | N
         if config.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     elif config.router_kind == "sparsemixer":
-        if k != 2:
-            raise ValueError(f"sparsemixer routing picks 2 experts, num_experts_per_tok is {k}")
         first, w1 = _sparsemixer_pick(logits, logits, config.router_jitter)
         rest = jnp.put_along_axis(logits, first, -jnp.inf, axis=-1, inplace=False)
         second, w2 = _sparsemixer_pick(logits, rest, config.router_jitter)

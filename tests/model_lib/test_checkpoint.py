@@ -30,7 +30,18 @@ def _rewrite_weights(folder, edit):
 
 
 @pytest.mark.parametrize(
-    "case", ["phi3-longrope-partial", "gpt_bigcode-mha-untied", "qwen3-qknorm", "mixtral-moe", "qwen2_moe-shared", "granitemoeshared-shared"]
+    "case",
+    [
+        "phi3-longrope-partial",
+        "gpt_bigcode-mha-untied",
+        "qwen3-qknorm",
+        "mixtral-moe",
+        "qwen2_moe-shared",
+        "granitemoeshared-shared",
+        "dbrx-clip-moe",
+        "gpt_oss-sinks-sliding",
+        "glm4_moe-grouped-sigmoid",
+    ],
 )
 def test_save_reload_round_trip(case, tiny_checkpoint, tmp_path, forward):
     """Saving gives back HF's own tensors (fused ones re-joined), and transformers loads it."""

@@ -74,3 +74,19 @@ def test_sparsemixer_matches_transformers():
     np.testing.assert_array_equal(np.asarray(ids), ref_ids.numpy())
     np.testing.assert_allclose(np.asarray(weights), ref_w.numpy(), rtol=1e-6)
     assert (ref_w.numpy() < 0.999).any()  # the band holds more than one expert somewhere
+
+
+def test_unsupported_moe_options_are_named():
+    import transformers
+
+    from model_lib.families.dbrx import dbrx_config
+    from model_lib.families.mixtral import phimoe_config
+    from tests.tiny_models import CASES_BY_NAME
+
+    case = CASES_BY_NAME["dbrx-clip-moe"]
+    overrides = {**case.overrides, "ffn_config": {**case.overrides["ffn_config"], "moe_normalize_expert_weights": 2.0}}
+    with pytest.raises(ValueError, match="moe_normalize_expert_weights"):
+        dbrx_config(transformers.DbrxConfig(**case.dims, **overrides), "DbrxForCausalLM")
+    case = CASES_BY_NAME["phimoe-sparsemixer-longrope"]
+    with pytest.raises(ValueError, match="num_experts_per_tok=3"):
+        phimoe_config(transformers.PhimoeConfig(**{**case.dims, **case.overrides, "num_experts_per_tok": 3}), "PhimoeForCausalLM")
