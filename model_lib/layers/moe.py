@@ -70,25 +70,30 @@ class ExpertLinear(nnx.Module):
         return y
 
 
-class Router(Linear):
-    """`gate`: expert logits `x @ kernel [E, X]` (+ bias), plus Glm4-MoE's `e_score_correction_bias [X]`."""
+class Router(nnx.Module):
+    """`gate`: float32 expert logits `x @ kernel [E, X]` (+ bias), plus Glm4-MoE's `e_score_correction_bias [X]`.
+
+    Not a `Linear`: LoRA's `all-linear` leaves the router alone, as PEFT does for
+    transformers' router modules.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        super().__init__(
-            config.hidden_size,
-            config.num_experts,
-            axes=("embed", None),
-            use_bias=config.router_bias,
-            dtype=jnp.dtype(config.dtype),
-            init_std=config.initializer_range,
-            rngs=rngs,
-        )
+        dtype = jnp.dtype(config.dtype)
+        init = jax.nn.initializers.normal(config.initializer_range)
+        self.kernel = nnx.Param(init(rngs.params(), (config.hidden_size, config.num_experts), dtype), logical_axes=("embed", None))
+        self.bias = nnx.Param(jnp.zeros((config.num_experts,), dtype), logical_axes=(None,)) if config.router_bias else None
         # transformers keeps this buffer in float32 whatever the model dtype.
         self.e_score_correction_bias = (
             nnx.Param(jnp.zeros((config.num_experts,), jnp.float32), logical_axes=(None,))
             if config.router_kind == "sigmoid"
             else nnx.data(None)
         )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if self.bias is not None:
+            logits = logits + self.bias[...].astype(jnp.float32)
+        return logits
 
 
 def _sparsemixer_pick(scores: jax.Array, choice: jax.Array, jitter: float) -> tuple[jax.Array, jax.Array]:
@@ -177,7 +182,7 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         lead, hidden = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, hidden)  # [T, E]
-        logits = self.gate(tokens.astype(jnp.float32)).astype(jnp.float32)  # [T, X]
+        logits = self.gate(tokens)  # [T, X] float32
         if self.sow_router_logits:
             self.sow(nnx.Intermediate, "router_logits", logits)
         correction = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]

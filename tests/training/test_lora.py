@@ -31,7 +31,7 @@ def _randomise_b(model, seed=0):
 @pytest.mark.parametrize(
     "case,targets,rslora",
     [("llama-gqa", ["q_proj", "v_proj"], False), ("phi3-sliding", "all-linear", True), ("gpt_bigcode-mha-untied", ["c_attn", "c_fc"], False),
-     ("mixtral-moe", ["q_proj", "k_proj", "v_proj", "o_proj"], False)],
+     ("mixtral-moe", ["q_proj", "k_proj", "v_proj", "o_proj"], False), ("qwen2_moe-shared", "all-linear", False)],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):
     from peft import PeftModel
