@@ -141,14 +141,31 @@ def abstract_params(model: nnx.Module) -> dict[str, nnx.Variable]:
     return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
 
 
+def _swap_last(array: np.ndarray) -> np.ndarray:
+    """HF linear `[..., out, in]` <-> our kernel `[..., in, out]` (`.T` for 2-D, per expert for stacks)."""
+    return np.swapaxes(array, -1, -2)
+
+
 def _to_ours(
     name: str, tensor: np.ndarray, family: Family, config: ModelConfig, expected: dict[str, nnx.Variable]
-) -> list[tuple[str, np.ndarray]]:
-    """One HF tensor -> our (path, array) pairs, in our layout."""
-    module, _, leaf = name.rpartition(".")
-    if leaf == "weight" and family.weight_map.is_conv1d(module):
-        tensor = tensor.T
-    fused = family.weight_map.fused_for_hf(module)
+) -> list[tuple[str, np.ndarray, int | None]]:
+    """One HF tensor -> our (path, array, expert index or None) triples, in our layout.
+
+    A stacked parameter's per-expert pieces come back one at a time with their expert index.
+    """
+    weight_map = family.weight_map
+    module, _, leaf = weight_map.tensor_to_ours(name).rpartition(".")
+    if weight_map.is_expert_rows(module):
+        tensor = tensor.reshape(config.num_experts, -1, *tensor.shape[1:])
+    if leaf == "weight" and weight_map.is_conv1d(module):
+        tensor = _swap_last(tensor)
+    stacked = weight_map.stacked_for_hf(module)
+    if stacked is not None:
+        ours, expert = stacked
+        if leaf == "weight" and f"{ours}.kernel" in expected:
+            return [(f"{ours}.kernel", _swap_last(tensor), expert)]
+        return [(f"{ours}.{leaf}", tensor, expert)]
+    fused = weight_map.fused_for_hf(module)
     if fused is not None:
         spec, modules = fused
         try:
@@ -156,18 +173,19 @@ def _to_ours(
         except ValueError as e:
             raise CheckpointError(f"tensor {name!r} has shape {tensor.shape}: {e}") from None
     else:
-        targets = [(family.weight_map.module_to_ours(module), tensor)]
+        targets = [(weight_map.module_to_ours(module), tensor)]
     out = []
     for ours, array in targets:
         if leaf == "weight" and f"{ours}.kernel" in expected:
-            out.append((f"{ours}.kernel", array.T))  # HF linear [out, in] -> kernel [in, out]
+            out.append((f"{ours}.kernel", _swap_last(array), None))  # HF linear [out, in] -> kernel [in, out]
         else:
-            out.append((f"{ours}.{leaf}", array))
+            out.append((f"{ours}.{leaf}", array, None))
     return out
 
 
 def _hf_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if key.endswith(".kernel") else tuple(shape)
+    shape = tuple(shape)
+    return (*shape[:-2], shape[-1], shape[-2]) if key.endswith(".kernel") and len(shape) >= 2 else shape
 
 
 def load_params(
@@ -178,49 +196,84 @@ def load_params(
     expected = abstract_params(model)
     loaded: dict[str, jax.Array] = {}
     sources: dict[str, str] = {}
+    # Per-expert pieces of stacked parameters, held until the last expert arrives.
+    pending: dict[str, dict[int, np.ndarray]] = {}
+
+    def place(key: str, array: np.ndarray) -> None:
+        variable = expected[key]
+        array = np.ascontiguousarray(array.astype(variable.get_value().dtype, copy=False))
+        axes = variable.get_metadata().get("logical_axes")
+        loaded[key] = plan.place(array, axes) if plan is not None else jnp.asarray(array)
+
     for file, name, tensor in iter_tensors(path):
         hf_key = family.weight_map.canonical(name)
         if family.weight_map.is_ignored(hf_key) or (
             config.tie_word_embeddings and family.weight_map.module_to_ours(hf_key.rpartition(".")[0]) == "lm_head"
         ):
             continue
-        for key, array in _to_ours(hf_key, tensor, family, config, expected):
+        for key, array, expert in _to_ours(hf_key, tensor, family, config, expected):
             if key not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {config.architecture})")
-            if key in loaded:
-                raise CheckpointError(f"tensor {name!r} in {file} duplicates one from {sources[key]}")
-            variable = expected[key]
-            want = tuple(variable.shape)
+            want = tuple(expected[key].shape)
+            if expert is not None:
+                if expert >= want[0]:
+                    raise CheckpointError(f"unexpected tensor {name!r} in {file}: expert {expert} of {want[0]}")
+                want = want[1:]
+                source = f"{key}[{expert}]"
+            else:
+                source = key
+            if source in sources or key in loaded:
+                raise CheckpointError(f"tensor {name!r} in {file} duplicates one from {sources.get(source, sources.get(key))}")
             if tuple(array.shape) != want:
                 raise CheckpointError(
                     f"tensor {name!r} in {file} has shape {_hf_shape(key, array.shape)}, "
                     f"the config implies {_hf_shape(key, want)}"
                 )
-            array = np.ascontiguousarray(array.astype(variable.get_value().dtype, copy=False))
-            axes = variable.get_metadata().get("logical_axes")
-            loaded[key] = plan.place(array, axes) if plan is not None else jnp.asarray(array)
-            sources[key] = f"{file.name}:{name}"
-    missing = [k for k in expected if k not in loaded]
+            sources[source] = f"{file.name}:{name}"
+            if expert is None:
+                place(key, array)
+                continue
+            pieces = pending.setdefault(key, {})
+            pieces[expert] = array
+            if len(pieces) == expected[key].shape[0]:
+                place(key, np.stack([pieces[e] for e in range(len(pieces))]))
+                del pending[key]
+    missing = []
+    for key in expected:
+        if key in loaded:
+            continue
+        if key in pending:
+            missing += [_hf_name(key, family, e) for e in range(expected[key].shape[0]) if e not in pending[key]]
+        else:
+            missing.append(_hf_name(key, family))
     if missing:
-        names = [_hf_name(k, family) for k in missing]
-        raise CheckpointError(f"checkpoint {path} is missing tensors: {', '.join(names[:8])}" + (" ..." if len(names) > 8 else ""))
+        raise CheckpointError(
+            f"checkpoint {path} is missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "")
+        )
     return loaded
 
 
-def _hf_name(key: str, family: Family) -> str:
-    """Our parameter path -> the HF tensor that holds it."""
+def _hf_name(key: str, family: Family, expert: int | None = None) -> str:
+    """Our parameter path -> the HF tensor that holds it (one expert's, for a stacked parameter)."""
+    weight_map = family.weight_map
     module, _, leaf = key.rpartition(".")
     hf_leaf = "weight" if leaf == "kernel" else leaf
-    fused = family.weight_map.fused_for_ours(module)
-    hf_module = fused[1] if fused else family.weight_map.module_to_hf(module)
-    return f"{hf_module}.{hf_leaf}"
+    stacked = weight_map.stacked_for_ours(module)
+    if stacked is not None:
+        return f"{stacked.replace('{e}', '{e}' if expert is None else str(expert))}.{hf_leaf}"
+    fused = weight_map.fused_for_ours(module)
+    hf_module = fused[1] if fused else weight_map.module_to_hf(module)
+    return weight_map.tensor_to_hf(f"{hf_module}.{hf_leaf}")
 
 
 def hf_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:
     """Our parameters as HF-named host arrays in the checkpoint's layout."""
+    weight_map = family.weight_map
     for name, array in _hf_linear_tensors(model, family):
-        module, _, leaf = name.rpartition(".")
-        yield name, (array.T if leaf == "weight" and family.weight_map.is_conv1d(module) else array)
+        module, _, leaf = weight_map.tensor_to_ours(name).rpartition(".")
+        if leaf == "weight" and weight_map.is_conv1d(module):
+            array = _swap_last(array)
+        yield name, (array.reshape(-1, *array.shape[2:]) if weight_map.is_expert_rows(module) else array)
 
 
 def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:
@@ -231,13 +284,17 @@ def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str,
         module, _, leaf = key.rpartition(".")
         array = np.asarray(jax.device_get(variable.get_value()))
         if leaf == "kernel":
-            array = array.T
+            array = _swap_last(array)
+        if family.weight_map.stacked_for_ours(module) is not None:
+            for expert in range(array.shape[0]):
+                yield _hf_name(key, family, expert), array[expert]
+            continue
         fused = family.weight_map.fused_for_ours(module)
         if fused is None:
             yield _hf_name(key, family), array
             continue
         spec, hf_module, parts = fused
-        name = f"{hf_module}.{'weight' if leaf == 'kernel' else leaf}"
+        name = family.weight_map.tensor_to_hf(f"{hf_module}.{'weight' if leaf == 'kernel' else leaf}")
         group = pending.setdefault(name, {})
         group[module] = array
         if len(group) == len(parts):

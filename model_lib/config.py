@@ -47,6 +47,9 @@ class RopeConfig:
     long_factor: tuple[float, ...] = ()
     # yarn / longrope: multiplier on cos and sin; None derives it from `factor`.
     attention_factor: float | None = None
+    # longrope (PhiMoE): cos/sin multipliers of the short and long regimes instead of one.
+    short_mscale: float | None = None
+    long_mscale: float | None = None
     # GPT-J / GLM rotate adjacent pairs instead of the two halves.
     interleaved: bool = False
     # dynamic: the length is first rounded up to `max_position` times a power of two,
@@ -106,6 +109,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     # Queries at positions p >= n are scaled by log(p + 1) / log(n) (Qwen's `use_logn_attn`, n = seq_length).
     logn_attention_length: int | None = None
+    attention_sinks: bool = False  # gpt-oss: a learned per-head logit `self_attn.sinks` in each softmax
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     rope: RopeConfig | None = None  # full-attention layers (all layers if rope_local is None)
@@ -137,6 +141,30 @@ class ModelConfig:
     layer_intermediate_sizes: tuple[int, ...] = ()
     layer_attention: tuple[str, ...] = ()
     layer_mlp: tuple[str, ...] = ()
+    # Mixture of experts (`model_lib/layers/moe.py`): layers whose `moe_layers` entry is
+    # True replace the MLP by `num_experts` gated experts of width `moe_intermediate_size`,
+    # `num_experts_per_tok` of them per token. Router kinds: "softmax" (softmax, top-k,
+    # renormalised when `norm_topk_prob`; top-k of the logits then softmax is the same),
+    # "sparsemixer" (PhiMoE), "sigmoid" (Glm4-MoE/DeepSeek-V3: sigmoid scores, top-k of
+    # score + correction bias within the best `moe_topk_group` of `moe_num_groups` groups).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()  # per layer; empty: no MoE layer
+    router_kind: str = "softmax"
+    norm_topk_prob: bool = True
+    router_bias: bool = False  # gpt-oss
+    router_jitter: float = 0.0  # PhiMoE's sparsemixer threshold (router_jitter_noise)
+    routed_scaling_factor: float = 1.0  # multiplies the routing weights
+    moe_num_groups: int = 1
+    moe_topk_group: int = 1
+    expert_bias: bool = False  # biases on the expert projections (gpt-oss)
+    # gpt-oss's clamped SwiGLU: (clip(up, -l, l) + 1) * g * sigmoid(alpha * g), g = min(gate, l).
+    expert_swiglu_limit: float | None = None
+    expert_swiglu_alpha: float = 1.702
+    shared_expert_size: int = 0  # width of the always-on shared expert (0: none)
+    shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(x @ w)
+    router_aux_loss_coef: float = 0.0  # load-balancing loss weight for full fine-tuning
 
     # Residual stream and output.
     residual_multiplier: float = 1.0
@@ -176,6 +204,7 @@ class ModelConfig:
             ("parallel_block", self.parallel_block, ("none", "shared_norm", "two_norms")),
             ("qk_norm", self.qk_norm, ("none", "head", "per_head")),
             ("attention_kind", self.attention_kind, ("standard", "mla")),
+            ("router_kind", self.router_kind, ("softmax", "sparsemixer", "sigmoid")),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
@@ -208,6 +237,14 @@ class ModelConfig:
             self.block_norms != "pre" or self.parallel_block != "none"
         ):
             raise ValueError("linear or absent sublayers need sequential blocks with pre norms")
+
+        if self.moe_layers and len(self.moe_layers) != self.num_layers:
+            raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
+        if any(self.moe_layers) and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"MoE needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= num_experts ({self.num_experts})")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     @property
     def embed_width(self) -> int:

@@ -19,6 +19,7 @@ from model_lib.layers import MLP, Attention, DenseBatch, Embed, KVCache, Linear,
 from model_lib.layers.mla import MLAttention
 from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
+from model_lib.layers.moe import MoE
 
 Batch = DenseBatch | PagedBatch
 
@@ -58,9 +59,10 @@ class DecoderLayer(nnx.Module):
             if attention == "attention"
             else LinearAttention(config, rngs=rngs) if attention == "linear" else None
         )
-        self.mlp = (
-            MLP(config, layer, rngs=rngs) if mlp == "mlp" else LinearMLP(config, rngs=rngs) if mlp == "linear" else None
-        )
+        if mlp == "mlp":
+            self.mlp = MoE(config, rngs=rngs) if config.is_moe_layer(layer) else MLP(config, layer, rngs=rngs)
+        else:
+            self.mlp = LinearMLP(config, rngs=rngs) if mlp == "linear" else None
         self.input_layernorm = (
             None if config.block_norms in ("post", "post_residual") or attention == "none" else make_norm(config)
         )

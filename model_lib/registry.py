@@ -74,6 +74,15 @@ ARCHITECTURES: dict[str, str] = {
     "QWenLMHeadModel": "model_lib.families.qwen:QWEN",
     "ChatGLMModel": "model_lib.families.chatglm:CHATGLM",
     "ChatGLMForConditionalGeneration": "model_lib.families.chatglm:CHATGLM",
+    "MixtralForCausalLM": "model_lib.families.mixtral:MIXTRAL",
+    "Qwen2MoeForCausalLM": "model_lib.families.qwen_moe:QWEN2_MOE",
+    "Qwen3MoeForCausalLM": "model_lib.families.qwen_moe:QWEN3_MOE",
+    "PhimoeForCausalLM": "model_lib.families.mixtral:PHIMOE",
+    "DbrxForCausalLM": "model_lib.families.dbrx:DBRX",
+    "Glm4MoeForCausalLM": "model_lib.families.glm4_moe:GLM4_MOE",
+    "GptOssForCausalLM": "model_lib.families.gpt_oss:GPT_OSS",
+    "GraniteMoeForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE",
+    "GraniteMoeSharedForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE_SHARED",
 }
 
 

@@ -10,9 +10,15 @@ are data, not code:
 - `conv1d`: HF modules whose weight is stored `[in, out]` (GPT-2's Conv1D);
 - `bare_prefix`: the base-model prefix that checkpoints saved from the bare
   base model omit (GPT-2's and BLOOM's own `h.0...`, OPT's `decoder...`).
+- `stacked`: per-expert HF modules (`experts.{e}.w1`) that we hold as one module
+  with a leading expert axis (`mlp.experts.gate_proj`, kernel `[X, in, out]`);
+- `expert_rows`: our expert modules whose HF weight flattens the experts into its
+  first axis (`[X * out, in]`, DBRX), reshaped to `[X, out, in]` on load;
+- `tensor_renames`: whole tensor names that differ in their last part too
+  (gpt-oss's `experts.gate_up_proj` is our `experts.gate_up.weight`).
 
 Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
-`kernel [in, out]`; `model_lib/checkpoint.py` handles that for all families,
+`kernel [in, out]` (the last two axes swap, so `[X, out, in]` expert stacks too); `model_lib/checkpoint.py` handles that for all families,
 after `conv1d` weights are brought to `[out, in]` like the rest.
 """
 
@@ -32,8 +38,9 @@ FusedLayout = Callable[[ModelConfig], tuple[int, tuple[int, ...]]]
 
 @functools.lru_cache(maxsize=None)
 def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """`a.{i}.b` -> a regex matching `a.<digits>.b` with the layer index captured."""
-    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    """`a.{i}.b` -> a regex matching `a.<digits>.b` with the layer index (and expert `{e}`) captured."""
+    escaped = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile("^" + escaped + "$")
 
 
 def _fill(pattern: str, match: re.Match[str]) -> str:
@@ -47,29 +54,44 @@ class Fused:
     `layout(config)` returns `(groups, sizes)`: the output dimension is viewed as
     `[groups, sum(sizes) // groups]` and split per group into `sizes // groups`
     (groups > 1 for per-head interleaving, as in GPTBigCode's multi-head `c_attn`).
+    `experts=True`: the tensors carry a leading expert axis (`[X, out, in]`, `[X, out]`).
     """
 
     hf_module: str
     parent: str
     parts: tuple[str, ...]
     layout: FusedLayout
+    experts: bool = False
 
     def split(self, tensor: np.ndarray, config: ModelConfig) -> list[np.ndarray]:
         """Split an HF weight `[out, in]` or bias `[out]` into the parts' HF layouts."""
         groups, sizes = self.layout(config)
         total = sum(sizes)
-        if tensor.shape[0] != total:
-            raise ValueError(f"output dimension {tensor.shape[0]}, expected {total} ({'+'.join(map(str, sizes))})")
-        grouped = tensor.reshape(groups, total // groups, *tensor.shape[1:])
+        lead, rest = tensor.shape[: int(self.experts)], tensor.shape[int(self.experts) + 1 :]
+        found = tensor.shape[len(lead)] if tensor.ndim > len(lead) else None
+        if found != total:
+            raise ValueError(f"output dimension {found}, expected {total} ({'+'.join(map(str, sizes))})")
+        grouped = tensor.reshape(*lead, groups, total // groups, *rest)
         bounds = np.cumsum([s // groups for s in sizes])[:-1]
-        return [p.reshape(size, *tensor.shape[1:]) for p, size in zip(np.split(grouped, bounds, axis=1), sizes)]
+        axis = len(lead) + 1
+        return [p.reshape(*lead, size, *rest) for p, size in zip(np.split(grouped, bounds, axis=axis), sizes)]
 
     def join(self, parts: list[np.ndarray], config: ModelConfig) -> np.ndarray:
         """Inverse of `split`."""
         groups, sizes = self.layout(config)
-        grouped = [p.reshape(groups, s // groups, *p.shape[1:]) for p, s in zip(parts, sizes)]
-        joined = np.concatenate(grouped, axis=1)
-        return joined.reshape(sum(sizes), *parts[0].shape[1:])
+        n = int(self.experts)
+        lead, rest = parts[0].shape[:n], parts[0].shape[n + 1 :]
+        grouped = [p.reshape(*lead, groups, s // groups, *rest) for p, s in zip(parts, sizes)]
+        joined = np.concatenate(grouped, axis=n + 1)
+        return joined.reshape(*lead, sum(sizes), *rest)
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """Per-expert HF modules (`hf_module` with `{i}` and `{e}`) held as one module with the expert axis first."""
+
+    hf_module: str
+    module: str
 
 
 @dataclass(frozen=True)
@@ -78,6 +100,9 @@ class WeightMap:
     fused: tuple[Fused, ...] = ()
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq",)
     conv1d: tuple[str, ...] = ()
+    stacked: tuple[Stacked, ...] = ()
+    tensor_renames: tuple[tuple[str, str], ...] = ()  # (HF tensor name, our HF-style tensor name)
+    expert_rows: tuple[str, ...] = ()
     bare_prefix: str = ""
 
     def canonical(self, hf_key: str) -> str:
@@ -85,6 +110,9 @@ class WeightMap:
         if not self.bare_prefix or hf_key.startswith((self.bare_prefix, "lm_head.")):
             return hf_key
         return self.bare_prefix + hf_key
+
+    def is_expert_rows(self, module: str) -> bool:
+        return any(_pattern_regex(p).match(module) for p in self.expert_rows)
 
     def is_ignored(self, hf_key: str) -> bool:
         return any(re.fullmatch(p, hf_key) for p in self.ignored)
@@ -103,6 +131,32 @@ class WeightMap:
             if m := _pattern_regex(ours).match(module):
                 return _fill(hf, m)
         return module
+
+    def stacked_for_hf(self, hf_module: str) -> tuple[str, int] | None:
+        """(our stacked module, expert index) if `hf_module` is one expert's module."""
+        for spec in self.stacked:
+            if m := _pattern_regex(spec.hf_module).match(hf_module):
+                return _fill(spec.module, m), int(m.group("e"))
+        return None
+
+    def stacked_for_ours(self, module: str) -> str | None:
+        """The HF module pattern (`{e}` left open) of one of our stacked modules."""
+        for spec in self.stacked:
+            if m := _pattern_regex(spec.module).match(module):
+                return _fill(spec.hf_module, m)
+        return None
+
+    def tensor_to_ours(self, hf_name: str) -> str:
+        for hf, ours in self.tensor_renames:
+            if m := _pattern_regex(hf).match(hf_name):
+                return _fill(ours, m)
+        return hf_name
+
+    def tensor_to_hf(self, name: str) -> str:
+        for hf, ours in self.tensor_renames:
+            if m := _pattern_regex(ours).match(name):
+                return _fill(hf, m)
+        return name
 
     def fused_for_hf(self, hf_module: str) -> tuple[Fused, list[str]] | None:
         """The fused spec that `hf_module` matches, with our part module paths."""

@@ -10,6 +10,7 @@ the native model stays the reference.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ class TinyCase:
     # "module:function" that writes the checkpoint itself (no native class holds the
     # same weights) and returns its torch reference, e.g. tests/deci_reference.py.
     builder: str | None = None
+    # Extra noise (regex over parameter / persistent buffer names -> std), e.g. to make MoE
+    # routers decisive so that float rounding never decides a top-k choice.
+    noise: dict[str, float] = field(default_factory=dict)
 
     def hf_config(self) -> transformers.PretrainedConfig:
         return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
@@ -58,6 +62,10 @@ FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hid
 BLOOM_DIMS = dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # MLP fixed at 4 x hidden
 MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)  # MLP fixed at 4 x d_model
 DECI_BUILDER = "tests.deci_reference:build_deci_checkpoint"
+# MoE: 4 experts, top-2; router weights (HF names: gate, router) get large noise so that top-k is decisive.
+MOE = dict(num_experts_per_tok=2)
+GRANITE_MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)
+ROUTER_NOISE = {r".*\.(gate|router(\.layer)?)\.weight": 0.5}
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -256,6 +264,118 @@ CASES = [
         layout="chatglm",
         architecture="ChatGLMForConditionalGeneration",
     ),
+    TinyCase("mixtral-moe", "MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, **MOE, sliding_window=5), noise=ROUTER_NOISE),
+    TinyCase(
+        "qwen2_moe-shared",
+        "Qwen2MoeConfig",
+        dict(
+            num_key_value_heads=2,
+            num_hidden_layers=3,
+            num_experts=4,
+            **MOE,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "qwen3_moe-sparse-step",
+        "Qwen3MoeConfig",
+        dict(num_key_value_heads=2, head_dim=32, num_experts=8, **MOE, moe_intermediate_size=32, decoder_sparse_step=2, norm_topk_prob=True),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "granitemoe-multipliers",
+        "GraniteMoeConfig",
+        dict(num_key_value_heads=2, num_local_experts=4, **MOE, intermediate_size=32, **GRANITE_MULTIPLIERS),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "granitemoeshared-shared",
+        "GraniteMoeSharedConfig",
+        dict(num_key_value_heads=2, num_local_experts=4, **MOE, intermediate_size=32, shared_intermediate_size=48, **GRANITE_MULTIPLIERS),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "phimoe-sparsemixer-longrope",
+        "PhimoeConfig",
+        dict(
+            num_key_value_heads=2,
+            num_local_experts=4,
+            **MOE,
+            intermediate_size=32,
+            attention_bias=True,
+            lm_head_bias=True,
+            router_jitter_noise=0.01,
+            **SMALL_TOKENS,
+            max_position_embeddings=32,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 1.0, 1.1, 1.3, 1.4],
+                # transformers' PhiMoE rotary always takes the short factors (only the mscale
+                # follows the length); equal factors keep the comparison about the mscale switch.
+                "long_factor": [1.0, 1.2, 1.5, 2.0, 1.0, 1.1, 1.3, 1.4],
+                "short_mscale": 1.1,
+                "long_mscale": 1.3,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+        noise=ROUTER_NOISE,
+    ),
+    TinyCase(
+        "dbrx-clip-moe",
+        "DbrxConfig",
+        dict(
+            attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000.0),
+            ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0),
+            **SMALL_TOKENS,
+        ),
+        dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64),
+        noise=ROUTER_NOISE,
+    ),
+    # Sliding then full layer, YaRN, sinks; swiglu_limit small enough that the clamps bite.
+    TinyCase(
+        "gpt_oss-sinks-sliding",
+        "GptOssConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            **MOE,
+            intermediate_size=32,
+            sliding_window=4,
+            swiglu_limit=0.05,
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                             "original_max_position_embeddings": 16, "rope_theta": 150000.0},
+            **SMALL_TOKENS,
+        ),
+        noise={**ROUTER_NOISE, r".*\.sinks": 1.0},
+    ),
+    TinyCase(
+        "glm4_moe-grouped-sigmoid",
+        "Glm4MoeConfig",
+        dict(
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=8,
+            **MOE,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            use_qk_norm=True,
+            attention_bias=True,
+            **SMALL_TOKENS,
+        ),
+        noise={**ROUTER_NOISE, r".*\.e_score_correction_bias": 0.3},
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -295,7 +415,19 @@ ONE_PER_ARCHITECTURE = [
     "qwen-mha",
     "chatglm-mqa",
     "chatglm-mha",
+    "mixtral-moe",
+    "qwen2_moe-shared",
+    "qwen3_moe-sparse-step",
+    "granitemoe-multipliers",
+    "granitemoeshared-shared",
+    "phimoe-sparsemixer-longrope",
+    "dbrx-clip-moe",
+    "gpt_oss-sinks-sliding",
+    "glm4_moe-grouped-sigmoid",
 ]
+MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
+             "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
+             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid"]
 
 
 CHAT_TEMPLATE = (
@@ -342,6 +474,12 @@ def build_checkpoint(case: TinyCase, folder: Path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+        persistent = set(model.state_dict())
+        tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in persistent)]
+        for pattern, std in case.noise.items():
+            for name, t in tensors:
+                if re.fullmatch(pattern, name):
+                    t.add_(torch.randn_like(t) * std)
     model.save_pretrained(folder)
     if case.layout is not None:
         from tests.remote_layouts import write

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeConfig
-from model_lib.weight_map import Fused
+from model_lib.weight_map import Fused, Stacked
 
 
 def rope_from_params(
@@ -45,6 +45,8 @@ def rope_from_params(
         short_factor=tuple(params.get("short_factor") or ()),
         long_factor=tuple(params.get("long_factor") or ()),
         attention_factor=params.get("attention_factor"),
+        short_mscale=params.get("short_mscale"),
+        long_mscale=params.get("long_mscale"),
     )
     if kind not in ("default", "linear", "dynamic", "yarn", "longrope", "llama3"):
         raise ValueError(f"unsupported rope_type {kind!r}")
@@ -206,3 +208,25 @@ def refuse_tied_head_bias(hf: PretrainedConfig, family: str) -> None:
     """Families whose lm_head has a bias: tying would drop it, so refuse tied checkpoints."""
     if getattr(hf, "tie_word_embeddings", False):
         raise ValueError(f"{family} with tie_word_embeddings=True is not supported (its lm_head has a bias)")
+
+
+def moe_fields(
+    hf: PretrainedConfig, *, num_experts: int, moe_intermediate_size: int, moe_layers: Any = None, **extra: Any
+) -> dict[str, Any]:
+    """MoE fields of `ModelConfig`: every layer MoE unless `moe_layers` (one bool per layer) says otherwise."""
+    fields = dict(
+        num_experts=num_experts,
+        num_experts_per_tok=getattr(hf, "num_experts_per_tok", 0),
+        moe_intermediate_size=moe_intermediate_size,
+        moe_layers=tuple(bool(m) for m in moe_layers) if moe_layers is not None else (True,) * hf.num_hidden_layers,
+        router_aux_loss_coef=float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
+    )
+    return {**fields, **extra}
+
+
+def expert_stack(hf_experts: str, names: dict[str, str]) -> tuple[Stacked, ...]:
+    """Per-expert HF modules `{hf_experts}.{e}.<hf name>` stacked into `model.layers.{i}.mlp.experts.<ours>`."""
+    return tuple(Stacked(f"{hf_experts}.{{e}}.{hf}", f"model.layers.{{i}}.mlp.experts.{ours}") for hf, ours in names.items())
+
+
+GATE_UP_DOWN = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}

@@ -3,9 +3,9 @@
 Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads, per layer where the config
 says so), per-layer sliding window,
 per-layer rotary (Gemma3's local/global bases) or none (ALiBi, NoPE layers),
-ALiBi slopes, attention soft-cap, q/k norms, q/k/v clipping, a custom query
-scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`) and Qwen's
-log-length query scaling past the trained length.
+ALiBi slopes, attention sinks, attention soft-cap, q/k norms, q/k/v clipping, a
+custom query scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`) and
+Qwen's log-length query scaling past the trained length.
 
 Glossary: B batch, T tokens, P pages, E hidden, H heads, K kv heads, D head_dim.
 """
@@ -65,11 +65,14 @@ def attend(
     sliding_window: int | None,
     softcap: float | None,
     alibi_slopes: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """The single point where attention leaves the model for `pallas_kernels`."""
     options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if alibi_slopes is not None:
         options["alibi_slopes"] = alibi_slopes
+    if sinks is not None:
+        options["sinks"] = sinks
     if isinstance(batch, DenseBatch):
         out = dense_attention(
             q,
@@ -129,6 +132,12 @@ class Attention(nnx.Module):
         }[config.qk_norm]
         self.q_norm = None if norm_shapes[0] is None else make_norm(config, norm_shapes[0])
         self.k_norm = None if norm_shapes[1] is None else make_norm(config, norm_shapes[1])
+        # gpt-oss: a learned per-head logit in every softmax denominator.
+        self.sinks = (
+            nnx.Param(jnp.zeros((self.num_heads,), jnp.dtype(config.dtype)), logical_axes=("q_heads",))
+            if config.attention_sinks
+            else nnx.data(None)
+        )
 
     def __call__(
         self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: KVCache | None = None
@@ -160,6 +169,7 @@ class Attention(nnx.Module):
             sliding_window=self.sliding_window,
             softcap=self.softcap,
             alibi_slopes=slopes,
+            sinks=None if self.sinks is None else self.sinks[...],
         )
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache
 

@@ -13,7 +13,9 @@ from model_lib.layers.linear import Linear
 
 
 class MLP(nnx.Module):
-    def __init__(self, config: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs):
+    def __init__(
+        self, config: ModelConfig, layer: int | None = None, *, rngs: nnx.Rngs, intermediate_size: int | None = None
+    ):
         self.act = activation(config.activation)
         common = dict(
             use_bias=config.mlp_bias,
@@ -22,7 +24,7 @@ class MLP(nnx.Module):
             rngs=rngs,
         )
         hidden = config.hidden_size
-        inner = config.intermediate_size if layer is None else config.layer_intermediate_size(layer)
+        inner = intermediate_size or (config.intermediate_size if layer is None else config.layer_intermediate_size(layer))
         self.gate_proj = Linear(hidden, inner, axes=("embed", "mlp"), **common) if config.mlp_gated else None
         self.up_proj = Linear(hidden, inner, axes=("embed", "mlp"), **common)
         self.down_proj = Linear(inner, hidden, axes=("mlp", "embed"), **common)

@@ -82,13 +82,13 @@ def _longrope_attention_factor(rope: RopeConfig) -> float:
     return math.sqrt(1 + math.log(rope.factor) / math.log(rope.original_max_position))
 
 
-def rope_frequencies(rope: RopeConfig, seq_lens: jnp.ndarray) -> tuple[jnp.ndarray, float]:
+def rope_frequencies(rope: RopeConfig, seq_lens: jnp.ndarray) -> tuple[jnp.ndarray, float | jnp.ndarray]:
     """Inverse frequencies (float32) and the cos/sin multiplier.
 
     `seq_lens [..., T]` is the length of each token's sequence, which dynamic NTK
     and LongRoPE depend on; looking at each sequence's own length keeps its logits
     independent of what else is in the batch. The frequencies are `[R/2]`, or
-    `[..., T, R/2]` for those two kinds.
+    `[..., T, R/2]` for those two kinds (LongRoPE's per-regime multiplier is `[..., T, 1]`).
     """
     kind = rope.kind
     if kind == "default":
@@ -115,7 +115,10 @@ def rope_frequencies(rope: RopeConfig, seq_lens: jnp.ndarray) -> tuple[jnp.ndarr
         short = base / np.asarray(rope.short_factor, np.float32)
         long = base / np.asarray(rope.long_factor, np.float32)
         use_long = seq_len > rope.original_max_position
-        return jnp.where(use_long, jnp.asarray(long), jnp.asarray(short)), _longrope_attention_factor(rope)
+        attention_factor = _longrope_attention_factor(rope)
+        if rope.short_mscale is not None and rope.long_mscale is not None:
+            attention_factor = jnp.where(use_long, rope.long_mscale, rope.short_mscale).astype(jnp.float32)
+        return jnp.where(use_long, jnp.asarray(long), jnp.asarray(short)), attention_factor
     raise ValueError(f"unsupported rope type {kind!r}")
 
 

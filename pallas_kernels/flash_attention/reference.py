@@ -52,8 +52,13 @@ def attention(
     sliding_window: int | None = None,
     softcap: float | None = None,
     alibi_slopes: jax.Array | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
-    """Attention of `q [B,T,H,D]` over `k, v [B,S,K,D]`; returns `[B,T,H,D]` in q's dtype."""
+    """Attention of `q [B,T,H,D]` over `k, v [B,S,K,D]`; returns `[B,T,H,D]` in q's dtype.
+
+    `sinks [H]` (gpt-oss): one learned logit per query head that joins every row's
+    softmax denominator and attends to nothing.
+    """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
@@ -67,6 +72,12 @@ def attention(
         logits = logits + slopes * distance[:, None, None]
     visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window)
     logits = jnp.where(visible[:, None, None, :, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    else:
+        sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1, 1)
+        row_max = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+        weights = jnp.exp(logits - row_max)
+        probs = (weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sink - row_max))).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)

@@ -41,6 +41,12 @@ def _rewrite_weights(folder, edit):
         "falcon-new-arch-gqa",
         "bloom-alibi",
         "mpt-clip-qkv",
+        "mixtral-moe",
+        "qwen2_moe-shared",
+        "granitemoeshared-shared",
+        "dbrx-clip-moe",
+        "gpt_oss-sinks-sliding",
+        "glm4_moe-grouped-sigmoid",
     ],
 )
 def test_save_reload_round_trip(case, tiny_checkpoint, tmp_path, forward):
@@ -122,6 +128,22 @@ def test_wrong_fused_shape_is_named(tiny_checkpoint, tmp_path):
 
     _rewrite_weights(copy, shrink)
     with pytest.raises(CheckpointError, match=r"qkv_proj\.weight' has shape \(188, 64\): output dimension 188, expected 192"):
+        model_lib.from_pretrained(copy)
+
+
+def test_missing_and_extra_experts_are_named(tiny_checkpoint, tmp_path):
+    """Per-expert tensors stack into one parameter; a missing or surplus expert is named."""
+    folder, _ = tiny_checkpoint("mixtral-moe")
+    copy = tmp_path / "mixtral"
+    shutil.copytree(folder, copy)
+    _rewrite_weights(copy, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight$"):
+        model_lib.from_pretrained(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(folder, copy)
+    extra = "model.layers.0.block_sparse_moe.experts.4.w1.weight"
+    _rewrite_weights(copy, lambda t: t.update({extra: t["model.layers.0.block_sparse_moe.experts.0.w1.weight"]}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.block_sparse_moe\.experts\.4\.w1\.weight' .*expert 4 of 4"):
         model_lib.from_pretrained(copy)
 
 

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import model_lib
 from model_lib.sharding import ShardingPlan, load_mesh_preset, make_mesh
-from tests.tiny_models import ONE_PER_ARCHITECTURE, SEQ_LEN, assert_logits_close, padded_batch
+from tests.tiny_models import MOE_CASES, ONE_PER_ARCHITECTURE, SEQ_LEN, assert_logits_close, padded_batch
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
@@ -33,12 +33,28 @@ def test_sharded_logits_equal_unsharded(case, preset, tiny_checkpoint, forward):
     assert_logits_close(forward(model, ids, mask), reference, rel=1e-5)
 
 
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_expert_parallel_logits_equal_unsharded(case, tiny_checkpoint, forward):
+    """The `ep` preset splits the stacked expert weights over the `expert` axis."""
+    folder, _ = tiny_checkpoint(case)
+    ids, mask, _ = padded_batch(seed=6)
+    reference = np.asarray(forward(model_lib.from_pretrained(folder), ids, mask))
+
+    model = model_lib.from_pretrained(folder, mesh="ep")
+    moe = next(layer.mlp for layer in model.model.layers if hasattr(layer.mlp, "experts"))
+    kernel = moe.experts.gate_proj.kernel[...]
+    assert kernel.sharding.spec[0] in ("expert", ("expert",)), kernel.sharding.spec
+    assert len(kernel.sharding.device_set) == 8
+    assert_logits_close(forward(model, ids, mask), reference, rel=1e-5)
+
+
 def test_presets_shape_the_mesh():
     tp = load_mesh_preset("tp")
     assert dict(tp.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 8, "expert": 1}
     fsdp_tp = load_mesh_preset("fsdp_tp")
     assert dict(fsdp_tp.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}
     assert dict(load_mesh_preset("fsdp_tp", tensor=4).mesh.shape)["fsdp"] == 2
+    assert dict(load_mesh_preset("ep").mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2, "expert": 4}
 
 
 def test_partition_spec_rules():

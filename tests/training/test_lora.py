@@ -36,6 +36,8 @@ def _randomise_b(model, seed=0):
         ("gpt_bigcode-mha-untied", ["c_attn", "c_fc"], False),
         ("gpt2-conv1d", ["c_attn", "c_proj"], False),  # Conv1D modules, fused [q | k | v]
         ("falcon-new-arch-gqa", "all-linear", False),  # qkv fused per KV group
+        ("mixtral-moe", ["q_proj", "k_proj", "v_proj", "o_proj"], False),
+        ("qwen2_moe-shared", "all-linear", False),
     ],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):

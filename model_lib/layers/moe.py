@@ -1,0 +1,268 @@
+"""Mixture-of-experts feed-forward block: router, sorted dispatch, grouped matmul, combine.
+
+Capacity-free (no token is dropped) and static-shaped: every token picks
+`num_experts_per_tok` (k) experts, the `M = tokens * k` (token, expert) pairs are
+sorted by expert, each expert's contiguous rows go through its own weights in
+one grouped matmul (`grouped_matmul`, the semantics of `jax.lax.ragged_dot`), and
+the weighted outputs return to their tokens through the inverse permutation.
+
+Router kinds (`ModelConfig.router_kind`):
+- "softmax": softmax over experts, top-k, renormalised when `norm_topk_prob`
+  (Mixtral, Qwen-MoE, GraniteMoe, gpt-oss: top-k of the logits then a softmax
+  over those k is the renormalised form); optional router bias (gpt-oss).
+- "sparsemixer": PhiMoE's inference-time sparsemixer (top-2, each weight a
+  softmax over the experts within a relative `router_jitter` band of the pick).
+- "sigmoid": Glm4-MoE / DeepSeek-V3: sigmoid scores; choice by score +
+  `e_score_correction_bias` within the best `moe_topk_group` of `moe_num_groups`
+  groups; weights are the plain scores, optionally renormalised.
+All kinds then scale by `routed_scaling_factor`. An optional shared expert (a
+plain MLP, Qwen2-MoE's behind a sigmoid gate) is added to the routed output.
+
+The router's load-balancing loss (transformers' `load_balancing_loss_func`) is
+available to the trainer without changing the forward's outputs:
+`collect_router_logits(model)` makes every MoE block sow its router logits as an
+`nnx.Intermediate`, `capture_router_logits(step_fn)` returns them next to the step's
+result, and `router_aux_loss(config, logits, mask)` computes the loss.
+
+Glossary: T tokens, E hidden, X experts, k experts per token, M = T * k, I expert width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model_lib.config import ModelConfig
+from model_lib.layers.activations import activation
+from model_lib.layers.linear import Linear
+from model_lib.layers.mlp import MLP
+from pallas_kernels.moe import grouped_matmul
+
+
+class ExpertLinear(nnx.Module):
+    """One projection per expert, stacked: `kernel [X, in, out]`, optional `bias [X, out]`."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, *, axes: tuple[str, str, str],
+                 use_bias: bool, dtype: jnp.dtype, init_std: float, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(init_std)
+        self.kernel = nnx.Param(init(rngs.params(), (num_experts, in_features, out_features), dtype), logical_axes=axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((num_experts, out_features), dtype), logical_axes=(axes[0], axes[2])) if use_bias else None
+        )
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array) -> jax.Array:
+        """`x [M, in]` sorted by expert (`expert_ids [M]`, counts `group_sizes [X]`) -> `[M, out]`."""
+        # The Pallas kernel on GPU where the shapes allow, jax.lax.ragged_dot elsewhere.
+        y = grouped_matmul(x, self.kernel[...].astype(x.dtype), group_sizes)
+        if self.bias is not None:
+            y = y + jnp.take(self.bias[...].astype(x.dtype), expert_ids, axis=0)
+        return y
+
+
+class Router(nnx.Module):
+    """`gate`: float32 expert logits `x @ kernel [E, X]` (+ bias), plus Glm4-MoE's `e_score_correction_bias [X]`.
+
+    Not a `Linear`: LoRA's `all-linear` leaves the router alone, as PEFT does for
+    transformers' router modules.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(config.dtype)
+        init = jax.nn.initializers.normal(config.initializer_range)
+        self.kernel = nnx.Param(init(rngs.params(), (config.hidden_size, config.num_experts), dtype), logical_axes=("embed", None))
+        self.bias = nnx.Param(jnp.zeros((config.num_experts,), dtype), logical_axes=(None,)) if config.router_bias else None
+        # transformers keeps this buffer in float32 whatever the model dtype.
+        self.e_score_correction_bias = (
+            nnx.Param(jnp.zeros((config.num_experts,), jnp.float32), logical_axes=(None,))
+            if config.router_kind == "sigmoid"
+            else nnx.data(None)
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        if self.bias is not None:
+            logits = logits + self.bias[...].astype(jnp.float32)
+        return logits
+
+
+def _sparsemixer_pick(scores: jax.Array, choice: jax.Array, jitter: float) -> tuple[jax.Array, jax.Array]:
+    """One sparsemixer step: the argmax of `choice` and its softmax weight over the experts near it."""
+    index = jnp.argmax(choice, axis=-1)[:, None]
+    top = jnp.take_along_axis(choice, index, axis=-1)
+    factor = jnp.maximum(jnp.abs(scores), top)
+    masked = jnp.where((top - scores) / factor > 2 * jitter, -jnp.inf, choice)
+    weight = jnp.take_along_axis(jax.nn.softmax(masked, axis=-1), index, axis=-1)
+    return index, weight
+
+
+def route(config: ModelConfig, logits: jax.Array, correction_bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """float32 router logits `[T, X]` -> (expert ids `[T, k]`, float32 weights `[T, k]`)."""
+    k = config.num_experts_per_tok
+    if config.router_kind == "softmax":
+        weights, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+        if config.norm_topk_prob:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    elif config.router_kind == "sparsemixer":
+        first, w1 = _sparsemixer_pick(logits, logits, config.router_jitter)
+        rest = jnp.put_along_axis(logits, first, -jnp.inf, axis=-1, inplace=False)
+        second, w2 = _sparsemixer_pick(logits, rest, config.router_jitter)
+        ids, weights = jnp.concatenate([first, second], -1), jnp.concatenate([w1, w2], -1)
+    else:  # sigmoid, grouped
+        scores = jax.nn.sigmoid(logits)
+        choice = scores + correction_bias.astype(jnp.float32)
+        groups = config.moe_num_groups
+        if groups > 1:
+            grouped = choice.reshape(choice.shape[0], groups, -1)
+            group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, groups]
+            _, best = jax.lax.top_k(group_scores, config.moe_topk_group)
+            keep = jnp.zeros_like(group_scores, bool).at[jnp.arange(best.shape[0])[:, None], best].set(True)
+            choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(choice.shape)
+        _, ids = jax.lax.top_k(choice, k)
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+        if config.norm_topk_prob:
+            weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return ids, weights * config.routed_scaling_factor
+
+
+class Experts(nnx.Module):
+    """The stacked gated experts: `down(act(gate(x)) * up(x))` per expert."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.act = activation(config.activation)
+        self.swiglu_limit = config.expert_swiglu_limit
+        self.swiglu_alpha = config.expert_swiglu_alpha
+        n, hidden, inner = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        common = dict(use_bias=config.expert_bias, dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
+        self.gate_proj = ExpertLinear(n, hidden, inner, axes=("expert", "embed", "mlp"), **common)
+        self.up_proj = ExpertLinear(n, hidden, inner, axes=("expert", "embed", "mlp"), **common)
+        self.down_proj = ExpertLinear(n, inner, hidden, axes=("expert", "mlp", "embed"), **common)
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array) -> jax.Array:
+        gate = self.gate_proj(x, group_sizes, expert_ids)
+        up = self.up_proj(x, group_sizes, expert_ids)
+        if self.swiglu_limit is None:
+            h = self.act(gate) * up
+        else:
+            limit = self.swiglu_limit
+            gate = jnp.minimum(gate, limit)
+            up = jnp.clip(up, -limit, limit)
+            h = (up + 1) * gate * jax.nn.sigmoid(gate * self.swiglu_alpha)
+        return self.down_proj(h, group_sizes, expert_ids)
+
+
+class MoE(nnx.Module):
+    """The MoE block that stands in the decoder layer's `mlp` slot."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.gate = Router(config, rngs=rngs)
+        self.experts = Experts(config, rngs=rngs)
+        self.shared_expert = (
+            MLP(config, intermediate_size=config.shared_expert_size, rngs=rngs) if config.shared_expert_size else nnx.data(None)
+        )
+        self.shared_expert_gate = (
+            Linear(config.hidden_size, 1, axes=("embed", None), use_bias=False, dtype=jnp.dtype(config.dtype),
+                   init_std=config.initializer_range, rngs=rngs)
+            if config.shared_expert_gate
+            else nnx.data(None)
+        )
+        self.sow_router_logits = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        tokens = x.reshape(-1, hidden)  # [T, E]
+        logits = self.gate(tokens)  # [T, X] float32
+        if self.sow_router_logits:
+            self.sow(nnx.Intermediate, "router_logits", logits)
+        correction = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
+        ids, weights = route(self.config, logits, correction)  # [T, k]
+        k = ids.shape[-1]
+
+        # Dispatch: sort the M = T * k (token, expert) pairs by expert.
+        flat_ids = ids.reshape(-1)  # [M]
+        order = jnp.argsort(flat_ids, stable=True)
+        sorted_ids = flat_ids[order]
+        group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
+        y = self.experts(jnp.take(tokens, order // k, axis=0), group_sizes, sorted_ids)  # [M, E]
+
+        # Combine: weight each pair, undo the sort, sum each token's k outputs.
+        y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        out = jnp.sum(y[inverse].reshape(-1, k, hidden), axis=1).astype(x.dtype)
+
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = jax.nn.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
+        return out.reshape(*lead, hidden)
+
+
+def moe_blocks(model: nnx.Module) -> list[MoE]:
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, MoE)]
+
+
+def collect_router_logits(model: nnx.Module, enabled: bool = True) -> None:
+    """Make every MoE block sow its float32 router logits `[T, X]` (call outside jit, before tracing)."""
+    for block in moe_blocks(model):
+        block.sow_router_logits = enabled
+
+
+def capture_router_logits(fn: Callable[..., Any]) -> Callable[..., tuple[Any, list[jax.Array]]]:
+    """Wrap `fn(model, ...)` to return `(its result, [router logits [T, X] per MoE layer call, in order])`.
+
+    Works inside `nnx.jit` / `nnx.grad`; the model must have had `collect_router_logits(model)`.
+    """
+    captured = nnx.capture(fn, nnx.Intermediate)
+
+    def wrapped(model: nnx.Module, *args: Any, **kwargs: Any) -> tuple[Any, list[jax.Array]]:
+        result, state = captured(model, *args, **kwargs)
+        logits = []
+        for path, value in sorted(nnx.to_flat_state(state), key=lambda item: _layer_order(item[0])):
+            if path[-1] == "router_logits":
+                logits.extend(value.get_value() if isinstance(value, nnx.Variable) else value)
+        return result, logits
+
+    return wrapped
+
+
+def _layer_order(path: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in path)
+
+
+def load_balancing_loss(
+    router_logits: list[jax.Array], num_experts: int, top_k: int, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """transformers' `load_balancing_loss_func`: X * sum_x (tokens routed to x) * (mean router prob of x).
+
+    Both factors are averaged over every layer's (non-padding) tokens; the token
+    count sums the k choices. `attention_mask [B, T]` flattens to the `[B * T]` rows.
+    """
+    counts = jnp.zeros((num_experts,), jnp.float32)
+    probs = jnp.zeros((num_experts,), jnp.float32)
+    rows = jnp.zeros((), jnp.float32)
+    for logits in router_logits:
+        p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        _, chosen = jax.lax.top_k(p, top_k)
+        mask = (
+            jnp.ones((p.shape[0],), jnp.float32)
+            if attention_mask is None
+            else jnp.asarray(attention_mask, jnp.float32).reshape(-1)
+        )
+        counts = counts + jnp.sum(jax.nn.one_hot(chosen, num_experts) * mask[:, None, None], axis=(0, 1))
+        probs = probs + jnp.sum(p * mask[:, None], axis=0)
+        rows = rows + jnp.sum(mask)
+    return jnp.sum((counts / rows) * (probs / rows)) * num_experts
+
+
+def router_aux_loss(config: ModelConfig, router_logits: list[jax.Array], attention_mask: jax.Array | None = None) -> jax.Array:
+    """The unweighted load-balancing loss of captured router logits (0 when there are none).
+
+    The trainer adds `config.router_aux_loss_coef * router_aux_loss(...)` to its loss.
+    """
+    if not router_logits:
+        return jnp.zeros((), jnp.float32)
+    return load_balancing_loss(router_logits, config.num_experts, config.num_experts_per_tok, attention_mask)
