@@ -53,6 +53,10 @@ class TrainConfig:
     warmup_steps: int = 0
     torch_dtype: str = "bfloat16"  # compute dtype; full fine-tuning keeps float32 master weights
     gradient_checkpointing: bool = False
+    # MoE models: add the router load-balancing loss (transformers' names); the
+    # coefficient defaults to the checkpoint's `router_aux_loss_coef`.
+    output_router_logits: bool = False
+    router_aux_loss_coef: float | None = None
     mesh: str | None = None  # preset from configs/mesh (e.g. fsdp_tp)
 
     # Bookkeeping.

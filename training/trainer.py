@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import model_lib
 from model_lib.layers.linear import LoRAParam
+from model_lib.layers.moe import capture_router_logits, collect_router_logits, moe_blocks, router_aux_loss
 from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, quantize_model_nf4, save_peft_adapter
 from model_lib.sharding import ShardingPlan, as_plan
 from training.config import TrainConfig
@@ -61,8 +62,17 @@ def _cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def token_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross entropy over the batch's targets, and how many there are."""
+def token_loss(model: nnx.Module, batch: Batch, router_aux_coef: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross entropy over the batch's targets, and how many there are.
+
+    With `router_aux_coef` (MoE models prepared by `collect_router_logits`), the
+    router load-balancing loss is added per target token, so the step's mean loss
+    is mean cross entropy + coef * aux, as in transformers.
+    """
+    if router_aux_coef:
+        (ce_sum, count), router_logits = capture_router_logits(token_loss)(model, batch)
+        aux = router_aux_loss(model.config, router_logits, batch.segment_ids != 0)
+        return ce_sum + router_aux_coef * aux * count, count
     logits = model(batch.input_ids, segment_ids=batch.segment_ids)
     mask = batch.targets != IGNORE
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, batch.targets, 0))
@@ -130,6 +140,11 @@ class Trainer:
             )
             apply_lora(model, self.lora_config, seed=c.seed)
         model.model.remat = c.gradient_checkpointing
+        self.router_aux_coef = 0.0
+        if c.output_router_logits and moe_blocks(model):
+            coef = c.router_aux_loss_coef
+            self.router_aux_coef = float(model.config.router_aux_loss_coef if coef is None else coef)
+            collect_router_logits(model)
         self.param_bytes = param_bytes(model)
         self.model = model
         trainable = LoRAParam if c.peft_method != "none" else nnx.Param
@@ -190,6 +205,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.config, self.total_steps)
         self.opt_state = self.optimizer.init(self.trainable)
         graphdef, eval_graphdef, optimizer, dtype = self.graphdef, self.eval_graphdef, self.optimizer, self.compute_dtype
+        router_aux_coef = self.router_aux_coef
 
         seed = self.config.seed
 
@@ -206,7 +222,7 @@ class Trainer:
                     model = nnx.merge(graphdef, _cast_floating(params, dtype), rng, _cast_floating(frozen, dtype))
                     # Dropout masks are a pure function of (seed, micro-batch index): resumable without RNG state.
                     nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(seed), index))
-                    return token_loss(model, batch)
+                    return token_loss(model, batch, router_aux_coef)
 
                 (loss, n), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
                 return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import model_lib
+from model_lib.layers.moe import capture_router_logits, collect_router_logits, router_aux_loss
 from model_lib.lora import load_peft_adapter
 from tests.tiny_models import build_tokenizer
 from training.config import TrainConfig
@@ -59,25 +60,51 @@ def greedy_accuracy(model, words: list[str]) -> float:
     return float(np.mean([a == w[::-1] for a, w in zip(answers, words)]))
 
 
-def test_lora_with_the_train_launcher_learns_the_task(reverse_task, tmp_path):
-    folder, data, held_out = reverse_task
-    base = model_lib.from_pretrained(folder)
-    assert greedy_accuracy(base, held_out) < 0.1
-    out = tmp_path / "lora"
+def _launch(folder, data, out, *extra: str) -> dict:
+    """Run the `train` launcher (LoRA preset) on the reverse task; return its summary line."""
     cmd = [sys.executable, "-m", "training.cli", "--config", "configs/lora.yaml", "--model_name_or_path", str(folder),
            "--training_data_path", str(data), "--output_dir", str(out), "--lora_dropout", "0", "--max_steps", "300",
            "--per_device_train_batch_size", "32", "--learning_rate", "3e-3", "--warmup_ratio", "0.03",
            "--max_seq_length", "16", "--torch_dtype", "float32", "--save_steps", "0", "--eval_steps", "0",
-           "--progress_bar", "false"]
+           "--progress_bar", "false", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [BASE, "mixtral-moe"])
+def test_lora_with_the_train_launcher_learns_the_task(case, reverse_task, tiny_checkpoint, tmp_path):
+    """Dense and mixture-of-experts bases (Mixtral: LoRA on the attention projections)."""
+    _, data, held_out = reverse_task
+    folder, _ = tiny_checkpoint(case)
+    base = model_lib.from_pretrained(folder)
+    assert greedy_accuracy(base, held_out) < 0.1
+    out = tmp_path / "lora"
+    summary = _launch(folder, data, out)
     assert summary["steps"] == 300
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert (out / "tokenizer.json").is_file() and (out / "metrics.jsonl").is_file()
     tuned = model_lib.from_pretrained(folder)
     load_peft_adapter(tuned, out)
     assert greedy_accuracy(tuned, held_out) >= 0.9
+
+
+def test_router_aux_loss_joins_the_full_fine_tuning_loss(reverse_task, tiny_checkpoint, tmp_path):
+    """`output_router_logits` adds coef x the load-balancing loss (checked against transformers in
+    tests/model_lib/test_moe.py) to each step's mean cross entropy."""
+    _, data, _ = reverse_task
+    folder, _ = tiny_checkpoint("mixtral-moe")
+    settings = dict(peft_method="none", max_steps=1, per_device_train_batch_size=8)
+    plain = Trainer(_config(folder, data, tmp_path / "plain", **settings))
+    with_aux = Trainer(_config(folder, data, tmp_path / "aux", output_router_logits=True, router_aux_loss_coef=0.5, **settings))
+    batch = jax.tree.map(jnp.asarray, plain.micro_batch(0))
+    model = model_lib.from_pretrained(folder)
+    collect_router_logits(model)
+    _, router_logits = capture_router_logits(token_loss)(model, batch)
+    aux = float(router_aux_loss(model.config, router_logits, batch.segment_ids != 0))
+    assert aux > 1.0  # X * sum(fraction * prob) is k=2 when perfectly balanced
+    difference = with_aux.train().losses[0] - plain.train().losses[0]
+    np.testing.assert_allclose(difference, 0.5 * aux, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method,steps", [("none", 150), ("qlora", 300)])
