@@ -25,7 +25,7 @@ serve: $(RUNTIME_STAMP)
 	$(VENV)/bin/serve $(SERVE_ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -q -m "not gpu" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -q -m "not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

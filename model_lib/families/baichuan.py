@@ -23,10 +23,10 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields, qkv_concatenated
+from model_lib.families.common import llama_like_fields, qkv_fused
 from model_lib.layers.alibi import alibi_slopes
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 BAICHUAN2_VOCAB = 125696
 
@@ -44,7 +44,7 @@ BAICHUAN = Family(
     "baichuan",
     baichuan_config,
     WeightMap(
-        fused=(Fused("model.layers.{i}.self_attn.W_pack", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_concatenated),)
+        fused=(qkv_fused("model.layers.{i}.self_attn.W_pack"),)
     ),
     quirks="fused `W_pack`; ALiBi when the config has no max_position_embeddings (13B); Baichuan2 NormHead",
     remote_code=True,

@@ -25,10 +25,10 @@ import numpy as np
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import classic_fields, module_renames, qkv_per_kv_group, require, rope_from_params
+from model_lib.families.common import classic_fields, module_renames, qkv_fused, qkv_per_kv_group, require, rope_from_params
 from model_lib.layers.alibi import alibi_slopes
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def bloom_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -95,7 +95,7 @@ LAYER = {
     "mlp.dense_h_to_4h": "mlp.up_proj",
     "mlp.dense_4h_to_h": "mlp.down_proj",
 }
-QKV = (Fused(f"{LAYERS}.self_attention.query_key_value", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_per_kv_group),)
+QKV = (qkv_fused(f"{LAYERS}.self_attention.query_key_value", qkv_per_kv_group),)
 NAMED_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, ModelConfig, RopeConfig
-from model_lib.families.common import gate_up_fused, hf_json, qkv_concatenated, token_ids
+from model_lib.families.common import gate_up_fused, hf_json, qkv_fused, token_ids
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 _UNSUPPORTED = (
     ("position_encoding_2d", "ChatGLM-6B (v1) 2D positions"),
@@ -90,7 +90,7 @@ CHATGLM = Family(
             (f"{_LAYER}.mlp.dense_4h_to_h", "model.layers.{i}.mlp.down_proj"),
         ),
         fused=(
-            Fused(f"{_LAYER}.self_attention.query_key_value", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_concatenated),
+            qkv_fused(f"{_LAYER}.self_attention.query_key_value"),
             gate_up_fused(f"{_LAYER}.mlp.dense_h_to_4h"),
         ),
         ignored=(r"transformer\.rotary_pos_emb\.inv_freq",),

@@ -8,7 +8,7 @@ transformers' config conventions (`rope_parameters`, `layer_types`, token ids).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from transformers import PretrainedConfig
 
@@ -230,3 +230,8 @@ def expert_stack(hf_experts: str, names: dict[str, str]) -> tuple[Stacked, ...]:
 
 
 GATE_UP_DOWN = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+
+
+def qkv_fused(hf_module: str, layout: Callable[[ModelConfig], tuple[int, tuple[int, ...]]] = qkv_concatenated) -> Fused:
+    """A fused q/k/v projection, split into the layer's `self_attn.{q,k,v}_proj` by `layout`."""
+    return Fused(hf_module, "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), layout)

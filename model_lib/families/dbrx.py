@@ -8,9 +8,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, ModelConfig
-from model_lib.families.common import hf_json, moe_fields, rope_from_params, token_ids
+from model_lib.families.common import hf_json, moe_fields, qkv_fused, rope_from_params, token_ids
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def dbrx_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -72,7 +72,7 @@ DBRX = Family(
             ("transformer.blocks.{i}.ffn.router.layer", "model.layers.{i}.mlp.gate"),
         ),
         fused=(
-            Fused("transformer.blocks.{i}.norm_attn_norm.attn.Wqkv", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), _qkv_layout),
+            qkv_fused("transformer.blocks.{i}.norm_attn_norm.attn.Wqkv", _qkv_layout),
         ),
         tensor_renames=tuple(
             (f"transformer.blocks.{{i}}.ffn.experts.mlp.{hf}", f"{_EXPERTS}.{ours}.weight")

@@ -17,9 +17,9 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig, RopeConfig
-from model_lib.families.common import classic_fields, module_renames, qkv_concatenated, refuse_tied_head_bias, require
+from model_lib.families.common import classic_fields, module_renames, qkv_fused, refuse_tied_head_bias, require
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 TOP = {"transformer.wte": "model.embed_tokens", "transformer.wpe": "model.embed_positions", "transformer.ln_f": "model.norm"}
 LAYERS = "transformer.h.{i}"
@@ -32,7 +32,6 @@ GPT2_LAYER = {
 }
 GPT2_RENAMES = module_renames(TOP, LAYERS, GPT2_LAYER)
 C_ATTN = f"{LAYERS}.attn.c_attn"
-ATTENTION = "model.layers.{i}.self_attn"
 CAUSAL_MASK_BUFFERS = (r".*\.attn\.(masked_)?bias",)
 
 
@@ -92,7 +91,7 @@ GPT2 = Family(
     gpt2_config,
     WeightMap(
         renames=GPT2_RENAMES,
-        fused=(Fused(C_ATTN, ATTENTION, ("q_proj", "k_proj", "v_proj"), qkv_concatenated),),
+        fused=(qkv_fused(C_ATTN),),
         conv1d=(C_ATTN, f"{LAYERS}.attn.c_proj", f"{LAYERS}.mlp.c_fc", f"{LAYERS}.mlp.c_proj"),
         ignored=CAUSAL_MASK_BUFFERS,
         bare_prefix="transformer.",

@@ -7,10 +7,10 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import qkv_per_kv_group
-from model_lib.families.gpt2 import ATTENTION, C_ATTN, GPT2_RENAMES, gpt2_style_config
+from model_lib.families.common import qkv_fused, qkv_per_kv_group
+from model_lib.families.gpt2 import C_ATTN, GPT2_RENAMES, gpt2_style_config
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def gpt_bigcode_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -22,7 +22,7 @@ GPT_BIGCODE = Family(
     gpt_bigcode_config,
     WeightMap(
         renames=GPT2_RENAMES,
-        fused=(Fused(C_ATTN, ATTENTION, ("q_proj", "k_proj", "v_proj"), qkv_per_kv_group),),
+        fused=(qkv_fused(C_ATTN, qkv_per_kv_group),),
     ),
     quirks="MQA via fused c_attn, learned positions, LayerNorm, GELU MLP, biases",
 )

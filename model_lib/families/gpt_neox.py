@@ -8,9 +8,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import classic_fields, module_renames, qkv_per_kv_group, rope_from_params
+from model_lib.families.common import classic_fields, module_renames, qkv_fused, qkv_per_kv_group, rope_from_params
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def gpt_neox_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -52,12 +52,7 @@ GPT_NEOX = Family(
             },
         ),
         fused=(
-            Fused(
-                "gpt_neox.layers.{i}.attention.query_key_value",
-                "model.layers.{i}.self_attn",
-                ("q_proj", "k_proj", "v_proj"),
-                qkv_per_kv_group,
-            ),
+            qkv_fused("gpt_neox.layers.{i}.attention.query_key_value", qkv_per_kv_group),
         ),
         ignored=(r".*\.attention\.(masked_)?bias", r".*\.rotary_emb\.inv_freq"),
     ),

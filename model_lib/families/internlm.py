@@ -20,9 +20,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields, qkv_per_kv_group, remote_rope_params, rope_from_params
+from model_lib.families.common import llama_like_fields, qkv_fused, qkv_per_kv_group, remote_rope_params, rope_from_params
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def _with_rope(hf: PretrainedConfig, architecture: str, family: str, params: dict, bias: bool) -> ModelConfig:
@@ -63,7 +63,7 @@ INTERNLM2 = Family(
             ("model.layers.{i}.ffn_norm", "model.layers.{i}.post_attention_layernorm"),
             ("output", "lm_head"),
         ),
-        fused=(Fused("model.layers.{i}.attention.wqkv", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_per_kv_group),),
+        fused=(qkv_fused("model.layers.{i}.attention.wqkv", qkv_per_kv_group),),
     ),
     quirks="fused `wqkv` interleaved per KV group, InternLM2 names, dynamic NTK",
     remote_code=True,

@@ -13,10 +13,10 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import classic_fields, module_renames, qkv_concatenated, require
+from model_lib.families.common import classic_fields, module_renames, qkv_fused, require
 from model_lib.layers.alibi import alibi_slopes
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def mpt_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -61,7 +61,7 @@ MPT = Family(
                 "ffn.down_proj": "mlp.down_proj",
             },
         ),
-        fused=(Fused("transformer.blocks.{i}.attn.Wqkv", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_concatenated),),
+        fused=(qkv_fused("transformer.blocks.{i}.attn.Wqkv"),),
     ),
     quirks="ALiBi with alibi_bias_max, no biases, LayerNorm without bias, fused Wqkv, clip_qkv",
 )

@@ -6,9 +6,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import gate_up_fused, llama_like_fields, qkv_concatenated
+from model_lib.families.common import gate_up_fused, llama_like_fields, qkv_fused
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def phi3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -20,7 +20,7 @@ PHI3 = Family(
     phi3_config,
     WeightMap(
         fused=(
-            Fused("model.layers.{i}.self_attn.qkv_proj", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_concatenated),
+            qkv_fused("model.layers.{i}.self_attn.qkv_proj"),
             gate_up_fused(),
         )
     ),

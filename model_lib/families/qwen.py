@@ -25,9 +25,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, ModelConfig, RopeConfig
-from model_lib.families.common import hf_json, qkv_concatenated, token_ids
+from model_lib.families.common import hf_json, qkv_fused, token_ids
 from model_lib.registry import Family
-from model_lib.weight_map import Fused, WeightMap
+from model_lib.weight_map import WeightMap
 
 
 def qwen_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -89,7 +89,7 @@ QWEN = Family(
             ("transformer.h.{i}.mlp.w2", "model.layers.{i}.mlp.gate_proj"),
             ("transformer.h.{i}.mlp.c_proj", "model.layers.{i}.mlp.down_proj"),
         ),
-        fused=(Fused("transformer.h.{i}.attn.c_attn", "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), qkv_concatenated),),
+        fused=(qkv_fused("transformer.h.{i}.attn.c_attn"),),
     ),
     quirks="fused `c_attn`, GPT-2-style names, halved intermediate_size, dynamic NTK and logn attention past seq_length",
     remote_code=True,

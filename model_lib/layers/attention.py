@@ -19,6 +19,7 @@ from flax import struct
 
 from model_lib.config import ModelConfig
 from model_lib.layers.linear import Linear
+from model_lib.layers.mlp import hidden_projection
 from model_lib.layers.norms import make_norm
 from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
 from pallas_kernels.flash_attention import attention as dense_attention
@@ -183,16 +184,7 @@ class LinearAttention(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        hidden = config.hidden_size
-        self.linear_attn = Linear(
-            hidden,
-            hidden,
-            axes=("embed", "mlp"),
-            use_bias=False,
-            dtype=jnp.dtype(config.dtype),
-            init_std=config.initializer_range,
-            rngs=rngs,
-        )
+        self.linear_attn = hidden_projection(config, rngs)
 
     def __call__(
         self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: KVCache | None = None

@@ -35,20 +35,25 @@ class MLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def hidden_projection(config: ModelConfig, rngs: nnx.Rngs) -> Linear:
+    """A bias-free hidden->hidden projection whose output shards like an MLP's inner dimension."""
+    hidden = config.hidden_size
+    return Linear(
+        hidden,
+        hidden,
+        axes=("embed", "mlp"),
+        use_bias=False,
+        dtype=jnp.dtype(config.dtype),
+        init_std=config.initializer_range,
+        rngs=rngs,
+    )
+
+
 class LinearMLP(nnx.Module):
     """MLP replaced by one bias-free hidden->hidden projection `linear_mlp` (DeciLM's `replace_with_linear`)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        hidden = config.hidden_size
-        self.linear_mlp = Linear(
-            hidden,
-            hidden,
-            axes=("embed", "mlp"),
-            use_bias=False,
-            dtype=jnp.dtype(config.dtype),
-            init_std=config.initializer_range,
-            rngs=rngs,
-        )
+        self.linear_mlp = hidden_projection(config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_mlp(x)

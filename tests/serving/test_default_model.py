@@ -15,6 +15,9 @@ from tests.serving.helpers import start_server
 sys.path.insert(0, str(DEFAULT_MODEL.parents[1] / "scripts"))
 from build_default_model import NUMBERS, answer, is_held_out, question  # noqa: E402
 
+# Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("default_model")
+
 
 def test_bundled_model_files():
     names = {p.name for p in DEFAULT_MODEL.iterdir()}

@@ -7,6 +7,9 @@ import pytest
 from serving import LLM, SamplingParams
 from tests.serving.helpers import hf_greedy, prompts, token_prompts
 
+# Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("engine")
+
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 CASE = "llama-gqa"
 

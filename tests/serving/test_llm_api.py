@@ -7,6 +7,9 @@ import pytest
 
 from serving import LLM, SamplingParams
 
+# Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("llm_api")
+
 CASE = "qwen3-qknorm"
 PROMPTS = ["The cat sat on", "Hello, world", "A longer prompt that spans several pages of the cache."]
 

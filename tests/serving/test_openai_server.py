@@ -15,6 +15,9 @@ import pytest
 
 from tests.serving.helpers import start_server
 
+# Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("openai_server")
+
 API_KEY = "sk-test-key"
 MODEL = "tiny"
 PROMPTS = [f"Prompt number {i}: the quick brown fox" for i in range(8)]
