@@ -22,9 +22,6 @@ from model_lib.registry import get_family
 from serving import LLM, SamplingParams
 from tests.tiny_models import CASES, VOCAB, TinyCase, assert_logits_close, build_checkpoint, hf_logits, random_ids
 
-# Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("convert_parity")
-
 REMOTE_CASES = [c.name for c in CASES if c.layout is not None]
 
 

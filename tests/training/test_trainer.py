@@ -23,9 +23,6 @@ from training.config import TrainConfig
 from training.data import IGNORE, DataConfig, make_batch, pack_rows, to_example
 from training.trainer import Trainer, token_loss, train
 
-# Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
-pytestmark = pytest.mark.xdist_group("trainer")
-
 BASE = "llama-gqa"
 
 
