@@ -75,13 +75,13 @@ def hf_json(hf: PretrainedConfig) -> str:
 
 
 def remote_rope_params(hf: PretrainedConfig, default_theta: float = 10000.0) -> dict[str, Any]:
-    """`rope_scaling` and `rope_theta` of a remote-code config as one `rope_parameters` dict.
+    """The `rope_parameters` of a remote-code config, with `default_theta` where it names no base.
 
-    `PretrainedConfig.from_dict` merges the two into `rope_parameters` only when
-    `rope_scaling` is set; otherwise `rope_theta` stays a plain field (or is absent).
+    `checkpoint.load_config` already folded its `rope_scaling` / `rope_theta` into
+    `rope_parameters`; a config with neither has none.
     """
-    params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
-    params.setdefault("rope_theta", getattr(hf, "rope_theta", None) or default_theta)
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", default_theta)
     return params
 
 
