@@ -22,7 +22,11 @@ def test_notebook_runs(path):
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    # The kernel starts while the other test worker keeps both cores busy: allow it more than nbclient's 60 s.
+    client = NotebookClient(
+        notebook, timeout=900, startup_timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+    )
+    client.execute()
     outputs = "".join(
         out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
     )
