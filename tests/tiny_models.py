@@ -10,6 +10,7 @@ the native model stays the reference.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,8 @@ class TinyCase:
     noise: dict[str, float] = field(default_factory=dict)
 
     def hf_config(self) -> transformers.PretrainedConfig:
-        return getattr(transformers, self.config_class)(**{**self.dims, **self.overrides})
+        # A copy: transformers' configs edit nested dicts (rope_parameters) in place.
+        return getattr(transformers, self.config_class)(**copy.deepcopy({**self.dims, **self.overrides}))
 
     def hf_architecture(self) -> str:
         """The architecture the checkpoint's config.json names."""
@@ -498,12 +500,12 @@ def _reset_dynamic_rope(model) -> None:
             module.max_seq_len_cached = module.original_max_seq_len
 
 
-def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
+def hf_logits(model, input_ids: np.ndarray, **forward_options: Any) -> np.ndarray:
     import torch
 
     _reset_dynamic_rope(model)
     with torch.no_grad():
-        return model(torch.as_tensor(input_ids)).logits.float().numpy()
+        return model(torch.as_tensor(input_ids), **forward_options).logits.float().numpy()
 
 
 def random_ids(batch: int, length: int, seed: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields, qkv_fused
+from model_lib.families.common import llama_like_fields, qkv_fused, rope_from_params
 from model_lib.layers.alibi import alibi_slopes
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
@@ -33,11 +33,13 @@ BAICHUAN2_VOCAB = 125696
 
 def baichuan_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     rotary = getattr(hf, "max_position_embeddings", None) is not None
-    fields = llama_like_fields(hf, architecture, "baichuan", max_position_embeddings=None if rotary else hf.model_max_length)
-    alibi = {} if rotary else dict(position_embedding="alibi", alibi_slopes=alibi_slopes(hf.num_attention_heads), rope=None)
+    max_position = None if rotary else hf.model_max_length
+    fields = llama_like_fields(hf, architecture, "baichuan", max_position_embeddings=max_position, reads_head_dim=False)
+    # The remote code's rotary is fixed (base 10000, no scaling): rotary keys of the config mean nothing.
+    rope = rope_from_params(None, head_dim=fields["head_dim"], max_position=fields["max_position_embeddings"])
+    positions = dict(rope=rope) if rotary else dict(position_embedding="alibi", alibi_slopes=alibi_slopes(hf.num_attention_heads), rope=None)
     norm_head = hasattr(hf, "z_loss_weight") or hf.vocab_size == BAICHUAN2_VOCAB
-    plain = dict(num_kv_heads=hf.num_attention_heads, qkv_bias=False, o_bias=False, mlp_bias=False)
-    return ModelConfig(**{**fields, **alibi, **plain, "lm_head_unit_norm": norm_head})
+    return ModelConfig(**{**fields, **positions, "num_kv_heads": hf.num_attention_heads, "lm_head_unit_norm": norm_head})
 
 
 BAICHUAN = Family(

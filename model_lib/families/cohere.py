@@ -14,7 +14,7 @@ from model_lib.registry import Family
 
 
 def cohere_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    fields = llama_like_fields(hf, architecture, "cohere")
+    fields = llama_like_fields(hf, architecture, "cohere", attention_bias=True)
     return ModelConfig(
         **{
             **fields,

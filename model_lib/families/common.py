@@ -17,12 +17,17 @@ from model_lib.weight_map import Fused, Stacked
 
 
 def rope_from_params(
-    params: dict[str, Any] | None, *, head_dim: int, max_position: int, partial_rotary_factor: float = 1.0
+    params: dict[str, Any] | None, *, head_dim: int, max_position: int, partial_rotary: bool = False
 ) -> RopeConfig:
-    """A `RopeConfig` from one transformers `rope_parameters` dict."""
+    """A `RopeConfig` from one transformers `rope_parameters` dict.
+
+    `partial_rotary`: the class rotates only `partial_rotary_factor` of each head (GLM,
+    GPT-NeoX, Nemotron, Phi, Phi-3). transformers' configs fold that key into
+    `rope_parameters` for every class; the others ignore it.
+    """
     params = dict(params or {})
     kind = params.get("rope_type") or params.get("type") or "default"
-    partial = params.get("partial_rotary_factor", partial_rotary_factor)
+    partial = params.get("partial_rotary_factor", 1.0) if partial_rotary else 1.0
     original = params.get("original_max_position_embeddings")
     factor = params.get("factor")
     if factor is None:
@@ -55,13 +60,30 @@ def rope_from_params(
     return rope
 
 
-def layer_types(hf: PretrainedConfig) -> tuple[str, ...]:
-    """Per-layer attention kind; a bare `sliding_window` means every layer slides (Mistral, Phi-3)."""
+# How a class reads `sliding_window` (see `window_fields`).
+NO_WINDOW = "none"  # the class has no sliding window: `sliding_window` / `layer_types` mean nothing
+EVERY_LAYER = "every_layer"  # every layer slides by `sliding_window` when it is set (Mistral)
+PER_LAYER_TYPE = "layer_types"  # per `layer_types`, which the config derives (Qwen2, Gemma2)
+
+
+def window_fields(hf: PretrainedConfig, windows: str) -> dict[str, Any]:
+    """`layer_types` and `sliding_window` as the transformers class reads them.
+
+    `PER_LAYER_TYPE` takes the config's `layer_types`: transformers' configs derive them
+    in `__init__` from their own keys (Qwen2's `use_sliding_window` / `max_window_layers`,
+    Exaone4's `sliding_window_pattern`) and null `sliding_window` where those turn it off.
+    """
     n = hf.num_hidden_layers
-    types = getattr(hf, "layer_types", None)
-    if types:
-        return tuple(types)
-    return ((SLIDING_ATTENTION,) if getattr(hf, "sliding_window", None) else (FULL_ATTENTION,)) * n
+    window = getattr(hf, "sliding_window", None) if windows != NO_WINDOW else None
+    if windows == PER_LAYER_TYPE:
+        types = tuple(getattr(hf, "layer_types", None) or (FULL_ATTENTION,) * n)
+    elif windows == EVERY_LAYER:
+        types = ((SLIDING_ATTENTION,) if window is not None else (FULL_ATTENTION,)) * n
+    elif windows == NO_WINDOW:
+        types = (FULL_ATTENTION,) * n
+    else:
+        raise ValueError(f"unknown window reading {windows!r}")
+    return dict(layer_types=types, sliding_window=window if SLIDING_ATTENTION in types else None)
 
 
 def token_ids(hf: PretrainedConfig) -> dict[str, Any]:
@@ -81,7 +103,8 @@ def remote_rope_params(hf: PretrainedConfig, default_theta: float = 10000.0) -> 
     `rope_parameters`; a config with neither has none.
     """
     params = dict(getattr(hf, "rope_parameters", None) or {})
-    params.setdefault("rope_theta", default_theta)
+    if params.get("rope_theta") is None:  # a folded rope_scaling without rope_theta leaves None
+        params["rope_theta"] = default_theta
     return params
 
 
@@ -91,12 +114,28 @@ def gate_up_layout(c: ModelConfig) -> tuple[int, tuple[int, ...]]:
 
 
 def llama_like_fields(
-    hf: PretrainedConfig, architecture: str, family: str, *, max_position_embeddings: int | None = None
+    hf: PretrainedConfig,
+    architecture: str,
+    family: str,
+    *,
+    max_position_embeddings: int | None = None,
+    attention_bias: bool = False,
+    mlp_bias: bool = False,
+    windows: str = NO_WINDOW,
+    partial_rotary: bool = False,
+    reads_head_dim: bool = True,
 ) -> dict[str, Any]:
-    """Fields of a RoPE + RMSNorm + gated-MLP decoder as transformers' Llama names them."""
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    """Fields of a RoPE + RMSNorm + gated-MLP decoder as transformers' Llama names them.
+
+    The keyword flags say which optional keys the family's class reads, so that a key
+    it ignores is ignored here too: `attention_bias` (on q/k/v/o), `mlp_bias`, the
+    sliding window (`windows`, see `window_fields`), `partial_rotary_factor`
+    (`partial_rotary`), `head_dim` (`reads_head_dim`; else hidden_size / heads).
+    """
+    derived_head_dim = hf.hidden_size // hf.num_attention_heads
+    head_dim = (getattr(hf, "head_dim", None) if reads_head_dim else None) or derived_head_dim
     max_position_embeddings = max_position_embeddings or hf.max_position_embeddings
-    types = layer_types(hf)
+    attn_bias = attention_bias and bool(getattr(hf, "attention_bias", False))
     return dict(
         architecture=architecture,
         family=family,
@@ -111,17 +150,16 @@ def llama_like_fields(
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         norm_kind="rms",
         norm_eps=getattr(hf, "rms_norm_eps", 1e-6),
-        qkv_bias=bool(getattr(hf, "attention_bias", False)),
-        o_bias=bool(getattr(hf, "attention_bias", False)),
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qkv_bias=attn_bias,
+        o_bias=attn_bias,
+        mlp_bias=mlp_bias and bool(getattr(hf, "mlp_bias", False)),
         activation=getattr(hf, "hidden_act", "silu"),
-        layer_types=types,
-        sliding_window=getattr(hf, "sliding_window", None) if SLIDING_ATTENTION in types else None,
+        **window_fields(hf, windows),
         rope=rope_from_params(
             getattr(hf, "rope_parameters", None),
             head_dim=head_dim,
             max_position=max_position_embeddings,
-            partial_rotary_factor=getattr(hf, "partial_rotary_factor", 1.0) or 1.0,
+            partial_rotary=partial_rotary,
         ),
         initializer_range=getattr(hf, "initializer_range", 0.02),
         hf_config_json=hf_json(hf),

@@ -71,7 +71,7 @@ def _block(layer: int, block: dict[str, Any], heads: int, hidden: int) -> tuple[
 
 
 def deci_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    fields = llama_like_fields(hf, architecture, "deci")
+    fields = llama_like_fields(hf, architecture, "deci", attention_bias=True, mlp_bias=True)
     heads, layers = hf.num_attention_heads, hf.num_hidden_layers
     blocks = getattr(hf, "block_configs", None)
     per_layer_kv = getattr(hf, "num_key_value_heads_per_layer", None)

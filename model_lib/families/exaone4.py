@@ -6,12 +6,12 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields
+from model_lib.families.common import PER_LAYER_TYPE, llama_like_fields
 from model_lib.registry import Family
 
 
 def exaone4_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    fields = llama_like_fields(hf, architecture, "exaone4")
+    fields = llama_like_fields(hf, architecture, "exaone4", windows=PER_LAYER_TYPE)
     # With a sliding window configured, only the sliding layers rotate (even if none slide).
     hybrid = hf.sliding_window is not None
     return ModelConfig(

@@ -13,27 +13,28 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields, rope_from_params
+from model_lib.families.common import PER_LAYER_TYPE, llama_like_fields, rope_from_params
 from model_lib.registry import Family
 
 
-def _gemma_fields(hf: PretrainedConfig, architecture: str, family: str) -> dict[str, Any]:
+def _gemma_fields(hf: PretrainedConfig, architecture: str, family: str, *, activation: str, **reads: Any) -> dict[str, Any]:
+    """Gemma's common fields; Gemma reads its activation from `hidden_act`, Gemma 2/3 from `hidden_activation`."""
     return {
-        **llama_like_fields(hf, architecture, family),
-        "activation": getattr(hf, "hidden_activation", None) or hf.hidden_act,
+        **llama_like_fields(hf, architecture, family, attention_bias=True, **reads),
+        "activation": activation,
         "norm_weight_offset": 1.0,
         "embedding_multiplier": hf.hidden_size**0.5,
     }
 
 
 def gemma_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    return ModelConfig(**_gemma_fields(hf, architecture, "gemma"))
+    return ModelConfig(**_gemma_fields(hf, architecture, "gemma", activation=hf.hidden_act))
 
 
 def gemma2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(
         **{
-            **_gemma_fields(hf, architecture, "gemma2"),
+            **_gemma_fields(hf, architecture, "gemma2", activation=hf.hidden_activation, windows=PER_LAYER_TYPE),
             "block_norms": "sandwich",
             "attention_scale": hf.query_pre_attn_scalar**-0.5,
             "attn_logit_softcap": hf.attn_logit_softcapping,
@@ -45,7 +46,7 @@ def gemma2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError("Gemma3 with use_bidirectional_attention (embedding models) is not supported")
-    fields = _gemma_fields(hf, architecture, "gemma3")
+    fields = _gemma_fields(hf, architecture, "gemma3", activation=hf.hidden_activation, windows=PER_LAYER_TYPE)
     rope = {
         kind: rope_from_params(params, head_dim=fields["head_dim"], max_position=hf.max_position_embeddings)
         for kind, params in hf.rope_parameters.items()

@@ -20,7 +20,8 @@ from model_lib.weight_map import WeightMap
 
 
 def glm_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    fields = llama_like_fields(hf, architecture, "glm")
+    # attention_bias puts biases on q/k/v only.
+    fields = llama_like_fields(hf, architecture, "glm", attention_bias=True, partial_rotary=True)
     return ModelConfig(**{**fields, "o_bias": False, "rope": dataclasses.replace(fields["rope"], interleaved=True)})
 
 

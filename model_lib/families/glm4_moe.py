@@ -15,7 +15,7 @@ from model_lib.weight_map import IDENTITY, WeightMap
 
 
 def glm4_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    fields = llama_like_fields(hf, architecture, "glm4_moe")
+    fields = llama_like_fields(hf, architecture, "glm4_moe", attention_bias=True, partial_rotary=True)
     return ModelConfig(
         **{**fields, "o_bias": False, "qk_norm": "head" if hf.use_qk_norm else "none"},
         **moe_fields(

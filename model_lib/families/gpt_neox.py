@@ -23,7 +23,12 @@ def gpt_neox_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
         norm_eps=hf.layer_norm_eps,
         activation=hf.hidden_act,
     )
-    rope = rope_from_params(hf.rope_parameters, head_dim=fields["head_dim"], max_position=hf.max_position_embeddings)
+    # transformers sizes the rotary by `head_dim` when the config has one (the attention
+    # heads stay hidden_size / heads): rotary_dim = head_dim * partial_rotary_factor.
+    rotary_head_dim = getattr(hf, "head_dim", None) or fields["head_dim"]
+    rope = rope_from_params(hf.rope_parameters, head_dim=rotary_head_dim, max_position=hf.max_position_embeddings, partial_rotary=True)
+    if rope.rotary_dim > fields["head_dim"]:
+        raise ValueError(f"GPT-NeoX with head_dim={hf.head_dim} rotates {rope.rotary_dim} features of {fields['head_dim']}-wide heads")
     return ModelConfig(
         **{
             **fields,

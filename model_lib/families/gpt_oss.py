@@ -9,14 +9,14 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields, moe_fields
+from model_lib.families.common import PER_LAYER_TYPE, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import Fused, WeightMap
 
 
 def gpt_oss_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(
-        **{**llama_like_fields(hf, architecture, "gpt_oss"), "attention_sinks": True},
+        **{**llama_like_fields(hf, architecture, "gpt_oss", attention_bias=True, windows=PER_LAYER_TYPE), "attention_sinks": True},
         **moe_fields(
             hf,
             num_experts=hf.num_local_experts,

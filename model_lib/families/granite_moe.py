@@ -15,7 +15,7 @@ from model_lib.weight_map import Fused, WeightMap
 
 
 def granite_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    return granite_config(hf, architecture).replace(
+    return granite_config(hf, architecture, mlp_bias=False).replace(
         family="granite_moe",
         shared_expert_size=getattr(hf, "shared_intermediate_size", 0) or 0,
         **moe_fields(hf, num_experts=hf.num_local_experts, moe_intermediate_size=hf.intermediate_size),

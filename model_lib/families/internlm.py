@@ -26,7 +26,8 @@ from model_lib.weight_map import WeightMap
 
 
 def _with_rope(hf: PretrainedConfig, architecture: str, family: str, params: dict, bias: bool) -> ModelConfig:
-    fields = llama_like_fields(hf, architecture, family)
+    # The remote code sizes heads as hidden_size / heads and reads no Llama bias keys.
+    fields = llama_like_fields(hf, architecture, family, reads_head_dim=False)
     rope = rope_from_params(params, head_dim=fields["head_dim"], max_position=fields["max_position_embeddings"])
     return ModelConfig(**{**fields, "rope": rope, "qkv_bias": bias, "o_bias": bias, "mlp_bias": False})
 
@@ -45,7 +46,8 @@ def internlm2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 
 def internlm3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    return ModelConfig(**llama_like_fields(hf, architecture, "internlm3"))
+    # transformers runs InternLM3 as LlamaForCausalLM (its config maps qkv_bias / bias onto Llama's keys).
+    return ModelConfig(**llama_like_fields(hf, architecture, "internlm3", attention_bias=True, mlp_bias=True))
 
 
 INTERNLM = Family("internlm", internlm_config, quirks="Llama with q/k/v/o biases, dynamic NTK `rotary`", remote_code=True)

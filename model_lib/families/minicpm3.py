@@ -18,7 +18,7 @@ from model_lib.registry import Family
 
 def minicpm3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     # transformers sets hf.head_dim = qk_rope_head_dim, so the rotary built here spans the rope part.
-    fields = llama_like_fields(hf, architecture, "minicpm3")
+    fields = llama_like_fields(hf, architecture, "minicpm3", attention_bias=True, mlp_bias=True)
     qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
     return ModelConfig(
         **{

@@ -8,14 +8,14 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import expert_stack, llama_like_fields, moe_fields
+from model_lib.families.common import EVERY_LAYER, expert_stack, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
 
 def mixtral_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(
-        **llama_like_fields(hf, architecture, "mixtral"),
+        **llama_like_fields(hf, architecture, "mixtral", windows=EVERY_LAYER),
         **moe_fields(hf, num_experts=hf.num_local_experts, moe_intermediate_size=hf.intermediate_size),
     )
 
@@ -25,7 +25,7 @@ def phimoe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
         raise ValueError(f"PhiMoE's sparsemixer routes to 2 experts; num_experts_per_tok={hf.num_experts_per_tok} is not supported")
     return ModelConfig(
         **{
-            **llama_like_fields(hf, architecture, "phimoe"),
+            **llama_like_fields(hf, architecture, "phimoe", attention_bias=True, windows=EVERY_LAYER),
             "norm_kind": "layer",
             "norm_bias": True,
             "lm_head_bias": bool(hf.lm_head_bias),

@@ -13,7 +13,7 @@ from model_lib.registry import Family
 def nemotron_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(
         **{
-            **llama_like_fields(hf, architecture, "nemotron"),
+            **llama_like_fields(hf, architecture, "nemotron", attention_bias=True, mlp_bias=True, partial_rotary=True),
             "norm_kind": "layer",
             "norm_bias": True,
             "norm_weight_offset": 1.0,

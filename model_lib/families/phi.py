@@ -14,7 +14,7 @@ from model_lib.weight_map import WeightMap
 
 def phi_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     refuse_tied_head_bias(hf, "Phi")
-    fields = llama_like_fields(hf, architecture, "phi")
+    fields = llama_like_fields(hf, architecture, "phi", partial_rotary=True)
     return ModelConfig(
         **{
             **fields,

@@ -6,13 +6,13 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import gate_up_fused, llama_like_fields, qkv_fused
+from model_lib.families.common import EVERY_LAYER, gate_up_fused, llama_like_fields, qkv_fused
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
 
 def phi3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    return ModelConfig(**{**llama_like_fields(hf, architecture, "phi3"), "qkv_bias": False, "o_bias": False})
+    return ModelConfig(**llama_like_fields(hf, architecture, "phi3", windows=EVERY_LAYER, partial_rotary=True))
 
 
 PHI3 = Family(

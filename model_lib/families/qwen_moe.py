@@ -10,7 +10,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import GATE_UP_DOWN, expert_stack, llama_like_fields, moe_fields
+from model_lib.families.common import EVERY_LAYER, GATE_UP_DOWN, PER_LAYER_TYPE, expert_stack, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
@@ -30,7 +30,7 @@ def _qwen_moe_fields(hf: PretrainedConfig) -> dict[str, Any]:
 
 
 def qwen2_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    fields = llama_like_fields(hf, architecture, "qwen2_moe")
+    fields = llama_like_fields(hf, architecture, "qwen2_moe", windows=PER_LAYER_TYPE)
     return ModelConfig(
         **{**fields, "qkv_bias": bool(getattr(hf, "qkv_bias", True)), "o_bias": False},
         **_qwen_moe_fields(hf),
@@ -40,7 +40,9 @@ def qwen2_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 
 def qwen3_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
-    return ModelConfig(**{**llama_like_fields(hf, architecture, "qwen3_moe"), "qk_norm": "head"}, **_qwen_moe_fields(hf))
+    # Qwen3-MoE slides every layer (its config nulls sliding_window unless use_sliding_window).
+    fields = llama_like_fields(hf, architecture, "qwen3_moe", attention_bias=True, windows=EVERY_LAYER)
+    return ModelConfig(**{**fields, "qk_norm": "head"}, **_qwen_moe_fields(hf))
 
 
 QWEN_MOE_WEIGHTS = WeightMap(stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields
+from model_lib.families.common import EVERY_LAYER, llama_like_fields
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
@@ -14,7 +14,7 @@ from model_lib.weight_map import WeightMap
 def starcoder2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(
         **{
-            **llama_like_fields(hf, architecture, "starcoder2"),
+            **llama_like_fields(hf, architecture, "starcoder2", windows=EVERY_LAYER),
             "norm_kind": "layer",
             "norm_bias": True,
             "norm_eps": hf.norm_epsilon,
