@@ -44,9 +44,20 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> str | None:
+    """Why the kernel cannot take these sizes, or None when it can."""
+    sizes = dict(groups=num_heads // num_kv_heads, head_dim=head_dim, page_size=page_size)
+    odd = [f"{name}={n}" for name, n in sizes.items() if not _is_pow2(n)]
+    if odd:
+        return f"{', '.join(odd)} not a power of two"
+    if head_dim < 16:
+        return f"head_dim={head_dim} < 16"
+    return None
+
+
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> bool:
     """Whether the tile shapes this kernel needs exist for these sizes."""
-    return all(_is_pow2(n) for n in (num_heads // num_kv_heads, head_dim, page_size)) and head_dim >= 16
+    return unsupported_reason(num_heads, num_kv_heads, head_dim, page_size) is None
 
 
 def _kernel(
