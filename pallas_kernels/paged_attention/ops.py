@@ -20,7 +20,7 @@ from pallas_kernels.paged_attention.reference import PagedMetadata
 
 def choose_implementation(q: jax.Array, k_cache: jax.Array) -> str:
     """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "reference"."""
-    reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2])
+    reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2], k_cache.size)
     return "reference" if reason else "kernel"
 
 
@@ -42,7 +42,8 @@ def ragged_paged_attention(
     """
     k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta)
     if implementation is None:
-        reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2])
+        reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2],
+                                                  k_cache.size)
         if reason is None:
             kernel = functools.partial(triton_kernel.paged_attention, **options)
             attend = functools.partial(reference.paged_attention, **options)
