@@ -14,8 +14,9 @@ extra; no CUDA plugin, no driver):
 3. `compile_to_ptx(module)`: the `triton` package's own CUDA pipeline for sm_90a (TTIR
    passes, TTGIR with Hopper pipelining and MMA selection, LLVM, PTX), then `ptxas -v`
    (bundled with the triton wheel) for registers, spills and stack frame.
-4. `problems(report)`: what makes a kernel unfit: register spills, and matmul tiles of 64+
-   rows that did not become wgmma (Hopper's warpgroup MMA; `mma.sync` is the Ampere path).
+4. `problems(report)`: what makes a kernel unfit: register spills, more shared memory than
+   an H100 block has, and matmul tiles of 64+ rows that did not become wgmma (Hopper's
+   warpgroup MMA; `mma.sync` is the Ampere path).
 
 XLA compiles these modules with its own copy of the same Triton pipeline; the triton
 package matching the GPU image (3.6) is the closest stand-in available off the GPU.
@@ -39,6 +40,7 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 CAPABILITY = 90  # sm_90 (compiled as sm_90a, which has wgmma)
 MMA_ROWS = 64  # the M side of one wgmma instruction per warpgroup
+MAX_SHARED_BYTES = 227 * 1024  # shared memory one H100 block may use
 
 
 class TritonIRError(RuntimeError):
@@ -217,6 +219,8 @@ def problems(report: PtxReport) -> list[str]:
     if report.spill_stores or report.spill_loads:
         found.append(f"{report.name}: register spills ({report.spill_stores} B stores, {report.spill_loads} B loads, "
                      f"{report.registers} registers)")
+    if report.shared_bytes > MAX_SHARED_BYTES:
+        found.append(f"{report.name}: {report.shared_bytes} B of shared memory > {MAX_SHARED_BYTES} B per block")
     big = [tile for tile in report.dot_tiles if tile[0] >= MMA_ROWS]
     if big and not report.wgmma:
         found.append(f"{report.name}: matmul tiles {big} of {MMA_ROWS}+ rows compile without wgmma")

@@ -98,7 +98,7 @@ def block_config(num_tokens: int, num_seqs: int, num_kv_heads: int, groups: int,
         while splits > 1 and splits > kv_steps:
             splits //= 2
         return BlockConfig(rows, block_k, min(splits, MAX_SPLITS), 4, 3)
-    return BlockConfig(64, min(block_k, 64), 1, 4, 2)
+    return BlockConfig(64, min(block_k, 64), 1, 8 if padded_dim > 128 else 4, 2)  # 8 warps: no spills at D 256
 
 
 def _kernel(
