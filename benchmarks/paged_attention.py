@@ -1,12 +1,20 @@
-"""Decode KV bandwidth of ragged paged attention: our kernel vs the XLA reference vs
-`jax.experimental.pallas.ops.gpu.paged_attention`, in one run (NVIDIA GPU).
+"""Ragged paged attention on an NVIDIA GPU: decode KV bandwidth and prefill FLOP rate of our
+kernel against the alternatives, in one run.
 
-Every sequence decodes one token over `context` cached tokens. The floor is the
-KV read: batch * context * kv_heads * head_dim * 2 (k and v) * itemsize bytes;
-achieved bandwidth = those bytes / median time. The device's measured copy
-bandwidth (a large device-to-device copy) is printed beside it.
+Decode: every sequence decodes one token over `context` cached tokens. The floor is the KV
+read: batch * context * kv_heads * head_dim * 2 (k and v) * itemsize bytes; achieved
+bandwidth = those bytes / median time, beside the device's measured copy bandwidth (a
+large device-to-device copy, bytes read + written), the XLA reference and
+`jax.experimental.pallas.ops.gpu.paged_attention` (jax's bundled Triton decode kernel).
 
-    PYTHONPATH=. python benchmarks/paged_attention.py [--batches 1 8 64 256 --contexts 512 4096 32768]
+Prefill: `batch` fresh sequences of `length` tokens (a whole prompt per step), causal;
+FLOPs = 2 * 2 * batch * heads * length^2 * head_dim / 2; against
+`jax.nn.dot_product_attention(implementation="cudnn")` on the same q, k, v laid out dense.
+
+Every kernel output is checked against the XLA reference first (relative error < 2e-2).
+
+    PYTHONPATH=. python benchmarks/paged_attention.py [--batches 1 8 64 --contexts 512 4096] [--prefill-lengths 2048]
+    PYTHONPATH=. python benchmarks/paged_attention.py --dry-run   # tiny shapes, kernels interpreted, any backend
 """
 
 from __future__ import annotations
@@ -35,58 +43,133 @@ def median_seconds(fn, *args, repeats: int = 20) -> float:
     return float(np.median(times))
 
 
-def copy_bandwidth(num_bytes: int = 1 << 30) -> float:
-    x = jnp.ones((num_bytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 0)
+def copy_bandwidth(num_bytes: int) -> float:
+    x = jax.random.normal(jax.random.key(9), (num_bytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001)
     return 2 * num_bytes / median_seconds(copy, x)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192, 32768])
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--max-kv-gib", type=float, default=24.0)
-    args = parser.parse_args()
-    if jax.default_backend() != "gpu":
-        raise SystemExit("this benchmark needs an NVIDIA GPU")
+def relative_error(got, want) -> float:
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
+
+def paged_inputs(batch: int, q_len: int, context: int, args, seed: int):
+    """Random q [B * q_len, H, D], caches and metadata; sequences of `context` tokens whose last q_len are new."""
+    pages_per_seq = -(-context // args.page_size)
+    num_pages = batch * pages_per_seq
+    key = jax.random.key(seed)
     dtype = jnp.bfloat16
-    peak = copy_bandwidth()
-    print(json.dumps(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, copy_gb_s=round(peak / 1e9))))
-    print("| batch | context | ours GB/s | XLA ref GB/s | jax pallas GB/s | ours % of copy |")
-    print("|---|---|---|---|---|---|")
+    k_cache = jax.random.normal(key, (args.kv_heads, num_pages, args.page_size, args.head_dim), dtype)
+    v_cache = jax.random.normal(jax.random.fold_in(key, 1), k_cache.shape, dtype)
+    q = jax.random.normal(jax.random.fold_in(key, 2), (batch * q_len, args.heads, args.head_dim), dtype)
+    rng = np.random.default_rng(seed)
+    page_tables = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages_per_seq), jnp.int32)
+    meta = PagedMetadata(jnp.arange(batch + 1, dtype=jnp.int32) * q_len, jnp.full((batch,), context, jnp.int32),
+                         page_tables, jnp.int32(batch))
+    return q, k_cache, v_cache, meta
+
+
+def decode_rows(args, interpret: bool, peak: float) -> list[dict]:
     scale = args.head_dim**-0.5
+    records = []
     for batch in args.batches:
         for context in args.contexts:
             kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * 2
             if kv_bytes > args.max_kv_gib * 2**30:
                 continue
-            pages_per_seq = context // args.page_size
-            num_pages = batch * pages_per_seq
-            rng = np.random.default_rng(batch * 7 + context)
-            key = jax.random.key(0)
-            k_cache = jax.random.normal(key, (args.kv_heads, num_pages, args.page_size, args.head_dim), dtype)
-            v_cache = jax.random.normal(jax.random.fold_in(key, 1), k_cache.shape, dtype)
-            q = jax.random.normal(jax.random.fold_in(key, 2), (batch, args.heads, args.head_dim), dtype)
-            page_tables = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages_per_seq), jnp.int32)
-            kv_lens = jnp.full((batch,), context, jnp.int32)
-            cu_q_lens = jnp.arange(batch + 1, dtype=jnp.int32)
-            meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, jnp.int32(batch))
+            q, k_cache, v_cache, meta = paged_inputs(batch, 1, context, args, seed=batch * 7 + context)
+            ours = jax.jit(functools.partial(triton_kernel.paged_attention, scale=scale, interpret=interpret))
+            xla = jax.jit(functools.partial(reference.paged_attention, scale=scale))
+            splits = min(16, meta.page_tables.shape[1])
+            theirs = jax.jit(lambda q, k, v, m: jax_pallas.paged_attention(
+                q * scale, k, v, m.page_tables, m.kv_lens, k_splits=splits, interpret=interpret))
+            expected = xla(q, k_cache, v_cache, meta)
+            for name, fn in (("ours", ours), ("jax_pallas", theirs)):
+                error = relative_error(fn(q, k_cache, v_cache, meta), expected)
+                assert error < 2e-2, f"{name} error {error:.2e} at batch {batch} context {context}"
+            row = dict(batch=batch, context=context, kv_bytes=kv_bytes)
+            for name, fn in (("ours", ours), ("xla", xla), ("jax_pallas", theirs)):
+                row[f"{name}_gb_s"] = kv_bytes / median_seconds(fn, q, k_cache, v_cache, meta, repeats=args.repeats) / 1e9
+            row["ours_of_copy"] = row["ours_gb_s"] * 1e9 / peak
+            records.append(row)
+            print(json.dumps(row), flush=True)
+    return records
 
-            ours = functools.partial(triton_kernel.paged_attention, meta=meta, scale=scale)
-            xla = jax.jit(functools.partial(reference.paged_attention, meta=meta, scale=scale))
-            splits = min(16, pages_per_seq)
-            theirs = jax.jit(lambda q, k, v: jax_pallas.paged_attention(q * scale, k, v, page_tables, kv_lens, k_splits=splits))
-            expected = xla(q, k_cache, v_cache)
-            got = ours(q, k_cache, v_cache)
-            error = float(jnp.linalg.norm((got - expected).astype(jnp.float32)) / jnp.linalg.norm(expected.astype(jnp.float32)))
-            assert error < 2e-2, f"kernel error {error} at batch {batch} context {context}"
-            row = [kv_bytes / median_seconds(f, q, k_cache, v_cache) / 1e9 for f in (ours, xla, theirs)]
-            print(f"| {batch} | {context} | {row[0]:.0f} | {row[1]:.0f} | {row[2]:.0f} | {100 * row[0] * 1e9 / peak:.0f}% |")
+
+def prefill_rows(args, interpret: bool) -> list[dict]:
+    scale = args.head_dim**-0.5
+    records = []
+    dense_impl = "xla" if interpret else "cudnn"
+    for batch in args.prefill_batches:
+        for length in args.prefill_lengths:
+            q, k_cache, v_cache, meta = paged_inputs(batch, length, length, args, seed=length + batch)
+            ours = jax.jit(functools.partial(triton_kernel.paged_attention, scale=scale, interpret=interpret))
+            # The same keys and values, dense: [B, T, K, D] in token order.
+            def dense_kv(cache, meta=meta):
+                pages = cache[:, meta.page_tables]  # [K, B, M, page, D]
+                return pages.reshape(args.kv_heads, batch, -1, args.head_dim)[:, :, :length].transpose(1, 2, 0, 3)
+
+            k, v = dense_kv(k_cache), dense_kv(v_cache)
+            dense_q = q.reshape(batch, length, args.heads, args.head_dim)
+            cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, scale=scale,
+                                              implementation=dense_impl))
+            want = cudnn(dense_q, k, v).reshape(q.shape)
+            error = relative_error(ours(q, k_cache, v_cache, meta), want)
+            assert error < 2e-2, f"prefill error {error:.2e} at batch {batch} length {length}"
+            flops = 2 * 2 * batch * args.heads * length * length * args.head_dim / 2
+            row = dict(batch=batch, length=length, flops=flops)
+            row["ours_tflop_s"] = flops / median_seconds(ours, q, k_cache, v_cache, meta, repeats=args.repeats) / 1e12
+            row[f"{dense_impl}_tflop_s"] = flops / median_seconds(cudnn, dense_q, k, v, repeats=args.repeats) / 1e12
+            records.append(row)
+            print(json.dumps(row), flush=True)
+    return records
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 32768])
+    parser.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[2048])
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--max-kv-gib", type=float, default=24.0)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, the kernels interpreted, any backend")
+    parser.add_argument("--json", help="write every record to this file")
+    args = parser.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    if args.dry_run:
+        args.batches, args.contexts, args.prefill_batches, args.prefill_lengths = [2], [64], [1], [32]
+        args.heads, args.kv_heads, args.head_dim, args.repeats = 4, 2, 16, 1
+    elif interpret:
+        raise SystemExit("this benchmark needs an NVIDIA GPU; use --dry-run elsewhere")
+
+    peak = copy_bandwidth(1 << (22 if args.dry_run else 30))
+    header = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, copy_gb_s=round(peak / 1e9),
+                  heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, page_size=args.page_size,
+                  dry_run=args.dry_run)
+    print(json.dumps(header))
+    decode, prefill = decode_rows(args, interpret, peak), prefill_rows(args, interpret)
+    print("| batch | context | ours GB/s | XLA ref GB/s | jax pallas GB/s | ours % of copy | ours / jax pallas |")
+    print("|---|---|---|---|---|---|---|")
+    for r in decode:
+        print(f"| {r['batch']} | {r['context']} | {r['ours_gb_s']:.0f} | {r['xla_gb_s']:.0f} | {r['jax_pallas_gb_s']:.0f} "
+              f"| {100 * r['ours_of_copy']:.0f}% | {r['ours_gb_s'] / r['jax_pallas_gb_s']:.2f} |")
+    dense = "xla" if interpret else "cudnn"
+    print(f"\n| prefill batch | length | ours TFLOP/s | {dense} TFLOP/s | ours / {dense} |")
+    print("|---|---|---|---|---|")
+    for r in prefill:
+        print(f"| {r['batch']} | {r['length']} | {r['ours_tflop_s']:.1f} | {r[f'{dense}_tflop_s']:.1f} "
+              f"| {r['ours_tflop_s'] / r[f'{dense}_tflop_s']:.2f} |")
+    result = dict(header=header, decode=decode, prefill=prefill)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

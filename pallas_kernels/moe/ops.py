@@ -8,29 +8,31 @@ static M). Empty groups are allowed. Products accumulate in float32; the result 
 lhs's dtype. The semantics are those of `jax.lax.ragged_dot(lhs, rhs, group_sizes)`,
 and the op is differentiable in lhs and rhs (not in group_sizes).
 
-Implementations, picked by `implementation` or by backend and shape when it is None:
+Implementations, picked by `implementation` or, when it is None, by lowering platform and
+shape (`pallas_kernels.dispatch.on_cuda`):
 - "kernel": the Pallas Triton kernels of `triton_kernel.py` (forward, and a custom VJP
   whose input gradient is the same kernel on rhs read transposed and whose weight
-  gradient is a transposed grouped matmul kernel). Chosen on NVIDIA GPUs when K and N
-  are multiples of 16 and lhs and rhs share a float32, bfloat16 or float16 dtype.
+  gradient is a transposed grouped matmul kernel). Used when lowering for CUDA where K
+  and N are multiples of 16 and lhs and rhs share a float32, bfloat16 or float16 dtype.
 - "interpret": the same kernels on the Pallas interpreter (any backend; for tests).
-- "reference": `jax.lax.ragged_dot` (the CPU path, and the fallback).
+- "reference": `jax.lax.ragged_dot` (every other platform, and the logged fallback).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
+from pallas_kernels.dispatch import on_cuda, warn_fallback
 from pallas_kernels.moe import reference, triton_kernel
 
 IMPLEMENTATIONS = ("kernel", "interpret", "reference")
 
 
 def choose_implementation(lhs: jax.Array, rhs: jax.Array) -> str:
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and triton_kernel.supported(lhs.shape, rhs.shape, lhs.dtype, rhs.dtype):
-        return "kernel"
-    return "reference"
+    """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "reference"."""
+    return "kernel" if triton_kernel.supported(lhs.shape, rhs.shape, lhs.dtype, rhs.dtype) else "reference"
 
 
 def grouped_matmul(
@@ -47,7 +49,13 @@ def grouped_matmul(
     if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.shape != (rhs.shape[0],) or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"expected lhs [M, K], rhs [G, K, N], group_sizes [G]; got {lhs.shape}, {rhs.shape}, "
                          f"{group_sizes.shape}")
-    implementation = implementation or choose_implementation(lhs, rhs)
+    if implementation is None:
+        if choose_implementation(lhs, rhs) == "kernel":
+            kernel = functools.partial(triton_kernel.grouped_matmul, **options)
+            return on_cuda(kernel, reference.grouped_matmul, lhs, rhs, group_sizes)
+        warn_fallback("grouped_matmul", f"K={lhs.shape[1]}, N={rhs.shape[2]} (multiples of 16 needed), dtypes "
+                                        f"{lhs.dtype}/{rhs.dtype} (one of float32, bfloat16, float16 for both)")
+        implementation = "reference"
     if implementation == "reference":
         return reference.grouped_matmul(lhs, rhs, group_sizes)
     if implementation in ("kernel", "interpret"):

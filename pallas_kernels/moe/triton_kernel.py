@@ -4,34 +4,42 @@ Same contract as `reference.grouped_matmul` (see `ops.py`), plus the two kernels
 of its backward pass, tied together by a `jax.custom_vjp` in `grouped_matmul`.
 
 gmm (`lhs [M, K] x rhs [G, K, N] -> [M, N]`, also the input gradient with
-`transpose_rhs`, where rhs is read as `[G, N, K]` without a transposed copy):
-the rows are cut into row tiles of `BLOCK_M` rows of one group each; a group's
-tiles start at its first row, so a tile never straddles two groups. Rows past
-`sum(group_sizes)` form one more pseudo-group whose tiles store zeros. The
-tile -> (group, first row, group end) schedule is computed on device from
-group_sizes with a static length `cdiv(M, BLOCK_M) + G`, a bound on the real
-tile count (`schedule`); programs past the real count return at once. Each
-program computes one `[BLOCK_M, BLOCK_N]` output tile with a K loop, float32
-accumulation, and a masked store of its group's rows. A tile that would read
-past row M is shifted back to end at row M (the store mask still picks its own
-rows), so every load is in bounds and unmasked. The 1-D grid walks
-(row tile, N tile) in supergroups of `GROUP_M` row tiles (the Triton matmul
+`transpose_rhs`, where rhs is read as `[G, N, K]` without a transposed copy): the
+rows are cut into row tiles of `BLOCK_M` rows on a fixed grid (tile t holds rows
+`[t * BLOCK_M, (t + 1) * BLOCK_M)`), so every load starts at a multiple of BLOCK_M.
+A tile that holds rows of several groups is visited once per group; each visit
+stores only its group's rows (disjoint masks, so every output row has one writer).
+Rows past `sum(group_sizes)` form one more pseudo-group whose visits store zeros.
+The visit -> (group, tile, group rows) schedule is computed on device from
+group_sizes with a static length `cdiv(M, BLOCK_M) + G`, a bound on the real visit
+count (`schedule`); programs past the real count return at once. Each program
+computes one `[BLOCK_M, BLOCK_N]` output tile with a K loop of static length
+(pipelined `num_stages` deep), float32 accumulation, and a masked store. The 1-D
+grid walks (visit, N tile) in supergroups of `GROUP_M` visits (the Triton matmul
 swizzle), so neighbouring programs share lhs row tiles and rhs column tiles in L2.
 
 tgmm (`lhs [M, K], rhs [M, N] -> [G, K, N]`, `out[g] = lhs_g^T @ rhs_g`, the
 weight gradient): program `(k, n, g)` owns one `[BLOCK_K, BLOCK_N]` tile of
-`out[g]` and loops over the group's rows `BLOCK_M` at a time, zeroing rows
-outside the group in both operands (rows past the groups may hold anything).
-A group without rows stores zeros.
+`out[g]` and loops over the row tiles of the grid that hold the group's rows,
+loading only the group's rows (masked loads fill the others with zeros, so rows
+past the groups may hold anything). A group without rows stores zeros.
 
-Every output element is written by exactly one program. Triton needs
+Block sizes come from the shape (`gmm_config`, `tgmm_config`): decode-sized
+problems (few rows per group) take 16-row tiles with long K steps and deep
+pipelining (they are bound by reading the weights); prefill-sized ones take
+128-row tiles on 8 warps, which Triton turns into Hopper wgmma. Triton needs
 power-of-two tile sides of at least 16: K and N must be multiples of 16
-(`supported`; ops.py falls back to `jax.lax.ragged_dot` otherwise). M is padded
-to one row tile when smaller than `BLOCK_M`.
+(`supported`; ops.py falls back to `jax.lax.ragged_dot` otherwise). M is padded to
+a whole number of row tiles.
+
+Loop bounds are computed with integer arithmetic, never `jnp.where(pred, n, 0)`:
+jax's Triton lowering types such literal branches as the predicate's i1, which made
+the old K loop's bound a boolean (invalid IR).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -70,39 +78,81 @@ def supported(lhs_shape, rhs_shape, lhs_dtype, rhs_dtype) -> bool:
     )
 
 
-def default_block_m(num_rows: int, num_groups: int) -> int:
-    """Row tile for the average group size (small groups waste less of a small tile), 16..128."""
-    return min(128, max(MIN_BLOCK, pl.next_power_of_2(max(1, num_rows // num_groups))))
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Tile sides and launch settings of one kernel call."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
-def schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Row tiles that never straddle two groups: per tile its group (G for the zero tail past the
-    groups, -1 for an unused tile), its first row and its group's end row.
+def _clamp_pow2(n: int, low: int, high: int) -> int:
+    return min(high, max(low, pl.next_power_of_2(max(1, n))))
+
+
+def gmm_config(num_rows: int, depth: int, width: int, num_groups: int, itemsize: int) -> BlockConfig:
+    """Tiles for `[M, depth] x [G, depth, width]` (the forward and the input gradient).
+
+    Groups of 64+ rows on average: 128 x 128(256) tiles on 8 warps (wgmma, compute-bound).
+    Smaller groups: a row tile near the average group size (less of it wasted on rows of
+    other groups) and long K steps, 4 stages deep: such calls are bound by reading the weights.
+    """
+    rows_per_group = max(1, num_rows // num_groups)
+    wide = itemsize <= 2
+    if rows_per_group >= 64 and num_rows >= 128:
+        return BlockConfig(128, fit_block(width, 256 if wide else 128), fit_block(depth, 64 if wide else 32), 8,
+                           3 if wide else 2)
+    block_m = _clamp_pow2(rows_per_group, MIN_BLOCK, 64)
+    return BlockConfig(block_m, fit_block(width, 64), fit_block(depth, 128 if wide else 64), 4, 4 if wide else 3)
+
+
+def tgmm_config(num_rows: int, depth: int, width: int, num_groups: int, itemsize: int) -> BlockConfig:
+    """Tiles for the weight gradient: `[BLOCK_K, BLOCK_N]` output tiles (the dot's M side is BLOCK_K,
+    so 128 gives wgmma), contracting BLOCK_M rows per step."""
+    wide = itemsize <= 2
+    block_m = _clamp_pow2(num_rows // num_groups, MIN_BLOCK, 64 if wide else 32)
+    return BlockConfig(block_m, fit_block(width, 128), fit_block(depth, 128 if wide else 64), 8, 3)
+
+
+def _override(config: BlockConfig, **given) -> BlockConfig:
+    """The config with the caller's options (None: keep), block sizes cut to divide their dimensions."""
+    return dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+
+
+def schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> tuple[jax.Array, ...]:
+    """Visits of row-grid tiles by the groups whose rows they hold: per visit its group (G for the
+    zero tail past the groups, -1 for an unused visit), its row tile, and its group's first and end row.
 
     Static length `cdiv(M, BLOCK_M) + G`: G groups and the tail split M rows into G + 1 pieces,
-    and `sum(cdiv(size, BLOCK_M)) < M / BLOCK_M + G + 1` over G + 1 pieces.
+    and pieces that share a tile visit it once each: at most `tiles + pieces - 1` visits.
     """
     num_groups = group_sizes.shape[0]
     starts, ends = group_bounds(group_sizes, num_rows)
     piece_start = jnp.concatenate([starts, ends[-1:]])  # [G + 1]: the groups, then the tail
     piece_end = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
-    tiles = (piece_end - piece_start + block_m - 1) // block_m
+    first_tile = piece_start // block_m
+    nonempty = (piece_end > piece_start).astype(jnp.int32)
+    tiles = nonempty * ((piece_end - 1) // block_m - first_tile + 1)
     cu_tiles = jnp.cumsum(tiles).astype(jnp.int32)
-    tile = jnp.arange(pl.cdiv(num_rows, block_m) + num_groups, dtype=jnp.int32)
-    piece = jnp.minimum(jnp.searchsorted(cu_tiles, tile, side="right"), num_groups).astype(jnp.int32)
-    first = piece_start[piece] + (tile - (cu_tiles[piece] - tiles[piece])) * block_m
-    return jnp.where(tile < cu_tiles[-1], piece, -1), first, piece_end[piece]
+    visit = jnp.arange(pl.cdiv(num_rows, block_m) + num_groups, dtype=jnp.int32)
+    piece = jnp.minimum(jnp.searchsorted(cu_tiles, visit, side="right"), num_groups).astype(jnp.int32)
+    tile = first_tile[piece] + visit - (cu_tiles[piece] - tiles[piece])
+    return jnp.where(visit < cu_tiles[-1], piece, -1), tile, piece_start[piece], piece_end[piece]
 
 
 def _gmm_kernel(
-    tile_group_ref,  # [T] group of each row tile; G: zero tail; -1: unused
-    tile_start_ref,  # [T] first row of each tile
-    tile_end_ref,  # [T] end row of the tile's group
-    lhs_ref,  # [M, K]
+    visit_group_ref,  # [V] group of each visit; G: zero tail; -1: unused
+    visit_tile_ref,  # [V] row tile of each visit
+    visit_start_ref,  # [V] first row of the visit's group
+    visit_end_ref,  # [V] end row of the visit's group
+    lhs_ref,  # [M_pad, K]
     rhs_ref,  # [G, K, N], or [G, N, K] with transpose_rhs
-    out_ref,  # [M, N]
+    out_ref,  # [M_pad, N]
     *,
-    num_tiles: int,
+    num_visits: int,
     block_m: int,
     block_n: int,
     block_k: int,
@@ -110,47 +160,47 @@ def _gmm_kernel(
     transpose_rhs: bool,
     precision,
 ):
-    num_rows, depth = lhs_ref.shape
+    depth = lhs_ref.shape[1]
     num_groups = rhs_ref.shape[0]
     num_n = out_ref.shape[1] // block_n
-    # Swizzle: GROUP_M row tiles x all N tiles, row tile fastest.
+    # Swizzle: GROUP_M visits x all N tiles, visit fastest.
     pid = pl.program_id(0)
     width = group_m * num_n
-    first_tile = (pid // width) * group_m
-    height = jnp.minimum(num_tiles - first_tile, group_m)
-    tile = first_tile + (pid % width) % height
+    first_visit = (pid // width) * group_m
+    height = jnp.minimum(num_visits - first_visit, group_m)
+    visit = first_visit + (pid % width) % height
     n = (pid % width) // height
-    group = tile_group_ref[tile]
+    group = visit_group_ref[visit]
+    row0 = pl.multiple_of(visit_tile_ref[visit] * block_m, block_m)
+    rows = row0 + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+    mine = ((rows >= visit_start_ref[visit]) & (rows < visit_end_ref[visit]))[:, None]
+    cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
+    out = out_ref.at[pl.ds(row0, block_m), cols]
 
-    @pl.when(group >= 0)
+    @pl.when((group >= 0) & (group < num_groups))
     def _():
-        start = tile_start_ref[tile]
-        end = jnp.minimum(start + block_m, tile_end_ref[tile])
-        window = jnp.minimum(start, num_rows - block_m)  # stays inside [0, M)
-        rows = window + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
-        mine = (rows >= start) & (rows < end)
-        expert = jnp.minimum(group, num_groups - 1)
-        cols = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
-
         def body(step, acc):
             ks = pl.ds(pl.multiple_of(step * block_k, block_k), block_k)
-            a = lhs_ref[pl.ds(window, block_m), ks]
+            a = lhs_ref[pl.ds(row0, block_m), ks]
             if transpose_rhs:
-                b = rhs_ref[expert, cols, ks]  # [BLOCK_N, BLOCK_K]
+                b = rhs_ref[group, cols, ks]  # [BLOCK_N, BLOCK_K]
                 return acc + pltriton.dot(a, b, trans_b=True, precision=precision).astype(jnp.float32)
-            b = rhs_ref[expert, ks, cols]  # [BLOCK_K, BLOCK_N]
+            b = rhs_ref[group, ks, cols]  # [BLOCK_K, BLOCK_N]
             return acc + pltriton.dot(a, b, precision=precision).astype(jnp.float32)
 
-        steps = jnp.where(group < num_groups, depth // block_k, 0)  # the tail stores zeros
-        acc = lax.fori_loop(0, steps, body, jnp.zeros((block_m, block_n), jnp.float32))
-        pltriton.store(out_ref.at[pl.ds(window, block_m), cols], acc.astype(out_ref.dtype), mask=mine[:, None])
+        acc = lax.fori_loop(0, depth // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+        pltriton.store(out, acc.astype(out_ref.dtype), mask=mine)
+
+    @pl.when(group == num_groups)  # rows past the groups
+    def _():
+        pltriton.store(out, jnp.zeros((block_m, block_n), out_ref.dtype), mask=mine)
 
 
 def _tgmm_kernel(
     group_start_ref,  # [G]
     group_end_ref,  # [G]
-    lhs_ref,  # [M, K]
-    rhs_ref,  # [M, N]
+    lhs_ref,  # [M_pad, K]
+    rhs_ref,  # [M_pad, N]
     out_ref,  # [G, K, N]
     *,
     block_m: int,
@@ -159,33 +209,34 @@ def _tgmm_kernel(
     precision,
 ):
     k, n, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_rows = lhs_ref.shape[0]
     start, end = group_start_ref[g], group_end_ref[g]
+    first_tile = start // block_m
+    steps = (end > start).astype(jnp.int32) * ((end - 1) // block_m - first_tile + 1)
     ks = pl.ds(pl.multiple_of(k * block_k, block_k), block_k)
     ns = pl.ds(pl.multiple_of(n * block_n, block_n), block_n)
 
     def body(step, acc):
-        first = start + step * block_m
-        window = jnp.minimum(first, num_rows - block_m)
-        rows = window + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
-        mine = ((rows >= first) & (rows < end))[:, None]
-        a = lhs_ref[pl.ds(window, block_m), ks]
-        b = rhs_ref[pl.ds(window, block_m), ns]
-        a = jnp.where(mine, a, jnp.zeros_like(a))
-        b = jnp.where(mine, b, jnp.zeros_like(b))
+        row0 = pl.multiple_of((first_tile + step) * block_m, block_m)
+        rows = row0 + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+        mine = ((rows >= start) & (rows < end))[:, None]
+        a = pltriton.load(lhs_ref.at[pl.ds(row0, block_m), ks], mask=mine, other=0)
+        b = pltriton.load(rhs_ref.at[pl.ds(row0, block_m), ns], mask=mine, other=0)
         return acc + pltriton.dot(a, b, trans_a=True, precision=precision).astype(jnp.float32)
 
-    steps = pl.cdiv(end - start, block_m)
     acc = lax.fori_loop(0, steps, body, jnp.zeros((block_k, block_n), jnp.float32))
     out_ref[g, ks, ns] = acc.astype(out_ref.dtype)
 
 
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-    return x if x.shape[0] >= rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+    extra = -x.shape[0] % multiple
+    return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
 
 
-def _warps(block_a: int, block_b: int) -> int:
-    return 8 if block_a * block_b >= 128 * 128 else 4
+def _check_blocks(config: BlockConfig, depth: int, width: int) -> BlockConfig:
+    block_k, block_n = fit_block(depth, config.block_k), fit_block(width, config.block_n)
+    if block_k is None or block_n is None:
+        raise ValueError(f"no tile fits K={depth}, N={width}: both must be multiples of {MIN_BLOCK}")
+    return dataclasses.replace(config, block_k=block_k, block_n=block_n)
 
 
 @functools.partial(
@@ -200,40 +251,39 @@ def gmm(
     *,
     transpose_rhs: bool = False,
     block_m: int | None = None,
-    block_n: int = 128,
+    block_n: int | None = None,
     block_k: int | None = None,
     group_m: int = 8,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     precision=None,
     interpret: bool = False,
 ) -> jax.Array:
     """Kernel version of `reference.grouped_matmul`; `[M, N]` in lhs's dtype.
 
-    With `transpose_rhs`, rhs is `[G, N, K]` and group g multiplies by `rhs[g].T`. Block sizes
-    are upper bounds: each is cut to the largest power of two that divides its dimension.
+    With `transpose_rhs`, rhs is `[G, N, K]` and group g multiplies by `rhs[g].T`. Settings not
+    given come from `gmm_config`; block sizes are upper bounds, cut to divide their dimensions.
     """
     num_rows, depth = lhs.shape
     num_groups = rhs.shape[0]
     width = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     assert (rhs.shape[2] if transpose_rhs else rhs.shape[1]) == depth, (lhs.shape, rhs.shape, transpose_rhs)
-    block_m = block_m or default_block_m(num_rows, num_groups)
-    block_k = fit_block(depth, block_k or (64 if lhs.dtype.itemsize <= 2 else 32))
-    block_n = fit_block(width, block_n)
-    if block_k is None or block_n is None:
-        raise ValueError(f"no tile fits K={depth}, N={width}: both must be multiples of {MIN_BLOCK}")
-    num_warps = num_warps or _warps(block_m, block_n)
+    config = gmm_config(num_rows, depth, width, num_groups, lhs.dtype.itemsize)
+    config = _override(config, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                       num_stages=num_stages)
+    config = _check_blocks(config, depth, width)
+    block_m = config.block_m
 
     lhs_padded = _pad_rows(lhs, block_m)
     padded_rows = lhs_padded.shape[0]
-    tile_group, tile_start, tile_end = schedule(group_sizes, padded_rows, block_m)
-    num_tiles = tile_group.shape[0]
+    visit_group, visit_tile, visit_start, visit_end = schedule(group_sizes, padded_rows, block_m)
+    num_visits = visit_group.shape[0]
     kernel = functools.partial(
         _gmm_kernel,
-        num_tiles=num_tiles,
+        num_visits=num_visits,
         block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
+        block_n=config.block_n,
+        block_k=config.block_k,
         group_m=group_m,
         transpose_rhs=transpose_rhs,
         precision=precision,
@@ -241,14 +291,14 @@ def gmm(
     whole = lambda *shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
         kernel,
-        grid=(num_tiles * (width // block_n),),
-        in_specs=[whole(num_tiles), whole(num_tiles), whole(num_tiles), whole(*lhs_padded.shape), whole(*rhs.shape)],
+        grid=(num_visits * (width // config.block_n),),
+        in_specs=[whole(num_visits)] * 4 + [whole(*lhs_padded.shape), whole(*rhs.shape)],
         out_specs=whole(padded_rows, width),
         out_shape=jax.ShapeDtypeStruct((padded_rows, width), lhs.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"gmm{'_t' if transpose_rhs else ''}_m{block_m}_n{block_n}_k{block_k}",
-    )(tile_group, tile_start, tile_end, lhs_padded, rhs)
+        name=f"gmm{'_t' if transpose_rhs else ''}_m{block_m}_n{config.block_n}_k{config.block_k}",
+    )(visit_group, visit_tile, visit_start, visit_end, lhs_padded, rhs)
     return out[:num_rows]
 
 
@@ -262,10 +312,10 @@ def tgmm(
     group_sizes: jax.Array,
     *,
     block_m: int | None = None,
-    block_n: int = 128,
-    block_k: int = 128,
+    block_n: int | None = None,
+    block_k: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 3,
+    num_stages: int | None = None,
     precision=None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -274,25 +324,25 @@ def tgmm(
     width = rhs.shape[1]
     num_groups = group_sizes.shape[0]
     assert rhs.shape[0] == num_rows, (lhs.shape, rhs.shape)
-    block_m = block_m or min(64 if lhs.dtype.itemsize <= 2 else 32, default_block_m(num_rows, num_groups))
-    block_k, block_n = fit_block(depth, block_k), fit_block(width, block_n)
-    if block_k is None or block_n is None:
-        raise ValueError(f"no tile fits K={depth}, N={width}: both must be multiples of {MIN_BLOCK}")
-    num_warps = num_warps or _warps(block_k, block_n)
+    config = tgmm_config(num_rows, depth, width, num_groups, lhs.dtype.itemsize)
+    config = _override(config, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                       num_stages=num_stages)
+    config = _check_blocks(config, depth, width)
 
-    lhs, rhs = _pad_rows(lhs, block_m), _pad_rows(rhs, block_m)
+    lhs, rhs = _pad_rows(lhs, config.block_m), _pad_rows(rhs, config.block_m)
     starts, ends = group_bounds(group_sizes, num_rows)
-    kernel = functools.partial(_tgmm_kernel, block_m=block_m, block_k=block_k, block_n=block_n, precision=precision)
+    kernel = functools.partial(_tgmm_kernel, block_m=config.block_m, block_k=config.block_k, block_n=config.block_n,
+                               precision=precision)
     whole = lambda *shape: pl.BlockSpec(shape, lambda k, n, g: (0,) * len(shape))  # noqa: E731
     return pl.pallas_call(
         kernel,
-        grid=(depth // block_k, width // block_n, num_groups),
+        grid=(depth // config.block_k, width // config.block_n, num_groups),
         in_specs=[whole(num_groups), whole(num_groups), whole(*lhs.shape), whole(*rhs.shape)],
         out_specs=whole(num_groups, depth, width),
         out_shape=jax.ShapeDtypeStruct((num_groups, depth, width), lhs.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"tgmm_m{block_m}_k{block_k}_n{block_n}",
+        name=f"tgmm_m{config.block_m}_k{config.block_k}_n{config.block_n}",
     )(starts, ends, lhs, rhs)
 
 

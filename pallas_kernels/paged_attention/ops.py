@@ -1,26 +1,27 @@
 """Public ragged paged attention: writes the step's KV into its pages, then attends.
 
 The write is an XLA scatter on the (donated) cache; the attention runs the Pallas
-Triton kernel on NVIDIA GPUs when the shapes allow it, and the jnp reference
-elsewhere. `implementation` forces one ("kernel", "interpret" for the kernel on
-the Pallas interpreter, "reference").
+Triton kernel where the step is lowered for CUDA and the shapes allow it
+(`pallas_kernels.dispatch.on_cuda`), and the jnp reference elsewhere; a shape the
+kernel does not cover is logged once at WARNING. `implementation` forces one
+("kernel", "interpret" for the kernel on the Pallas interpreter, "reference").
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
+from pallas_kernels.dispatch import on_cuda, warn_fallback
 from pallas_kernels.paged_attention import reference, triton_kernel
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
 def choose_implementation(q: jax.Array, k_cache: jax.Array) -> str:
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, page_size = k_cache.shape[0], k_cache.shape[2]
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and triton_kernel.supported(num_heads, num_kv_heads, head_dim, page_size):
-        return "kernel"
-    return "reference"
+    """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "reference"."""
+    reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2], k_cache.size)
+    return "reference" if reason else "kernel"
 
 
 def ragged_paged_attention(
@@ -40,7 +41,15 @@ def ragged_paged_attention(
     Returns (out [T,H,D], k_cache, v_cache).
     """
     k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta)
-    implementation = implementation or choose_implementation(q, k_cache)
+    if implementation is None:
+        reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2],
+                                                  k_cache.size)
+        if reason is None:
+            kernel = functools.partial(triton_kernel.paged_attention, **options)
+            attend = functools.partial(reference.paged_attention, **options)
+            return on_cuda(kernel, attend, q, k_cache, v_cache, meta), k_cache, v_cache
+        warn_fallback("ragged_paged_attention", reason)
+        implementation = "reference"
     if implementation == "reference":
         out = reference.paged_attention(q, k_cache, v_cache, meta, **options)
     elif implementation in ("kernel", "interpret"):

@@ -3,28 +3,38 @@
 Same contract as `reference.paged_attention` (the KV write happens before, as an
 XLA scatter on the donated cache; see `ops.py`).
 
-Work split: the step's queries are cut into q-blocks that never straddle two
-sequences (`BLOCK_Q` tokens of one sequence). Program `(b, h)` takes q-block `b`
-and kv head `h`, stacks the block's `BLOCK_Q x G` query rows (all query heads
-sharing that kv head, so each KV page is loaded once per GQA group), and runs an
-online softmax over the sequence's pages, `PAGES_PER_STEP` pages per iteration,
-skipping pages that causality or the sliding window rule out. The grid has a
-static upper bound of q-blocks (`T // BLOCK_Q + S`); programs past the real count
-return at once. With ALiBi the slopes of the program's G query heads are loaded
-once, and each row's bias `slope * (k_pos - q_pos)` is added to the soft-capped
-logits inside the page loop.
+Work split: per kv head, the step's queries are flattened to rows `token * G + g`
+(the G query heads sharing that kv head, so each KV page is loaded once per GQA
+group) and cut into q-blocks of `R` rows that never straddle two sequences. Any G
+works: a block's rows need not align with tokens. Program `(b, h, s)` takes q-block
+`b`, kv head `h` and KV split `s`, and runs an online softmax over its share of the
+sequence's pages, `BLOCK_K` tokens per iteration (`BLOCK_K // B` pages), skipping
+pages that causality or the sliding window rule out, pipelined `num_stages` deep.
+The grid has a static upper bound of q-blocks (`T * G // R + S`); programs past the
+real count return at once.
+
+Shapes picked from the step (`block_config`): decode-like steps (about one token per
+sequence) take `R = max(16, G)` rows, prefill chunks 64-row tiles (tensor-core sized,
+so a chunk reads each KV page once per 64 / G tokens). When there are few sequences
+(decode at small batch), the KV range is split across `num_splits` programs
+(flash-decoding) that write unnormalised partial outputs with their row max and sum;
+a log-sum-exp merge in XLA combines them. Sinks join split 0's softmax; ALiBi adds
+`slope[h] * (k_pos - q_pos)` per row after the soft-cap.
+
+Triton needs power-of-two tile sides: head_dim is padded to the next power of two
+inside the kernel (masked gather loads from the unpadded cache, masked columns
+dropped on the way out); page sizes must be powers of two (8 to 128 are the serving
+ones). Offsets are 32-bit: a cache of 2^31 or more elements per layer is refused
+(`unsupported_reason`). The Pallas Triton backend is deprecated from jax 0.11 on
+(DESIGN.md); this kernel is the measured baseline for a Mosaic GPU version.
 
 Glossary: T tokens, S sequences, H query heads, K kv heads, G = H // K,
-D head_dim, B page size, R = BLOCK_Q * G rows per program.
-
-Triton needs power-of-two tile sides: D, B, G and R must be powers of two (ops.py
-falls back to the reference otherwise). The Pallas Triton backend is deprecated
-from jax 0.11 on (DESIGN.md); this kernel is the first, measured baseline for a
-Mosaic GPU version.
+D head_dim (Dp padded), B page size, R rows per program, NS KV splits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -38,78 +48,151 @@ from pallas_kernels.paged_attention.reference import PagedMetadata
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
+NUM_SMS = 132  # H100 / H200 SXM multiprocessors: the split-KV target is two programs per SM
+MAX_SPLITS = 16
+MAX_OFFSET = 2**31  # 32-bit element offsets into one layer's cache
 
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                       cache_elements: int = 0) -> str | None:
+    """Why the kernel cannot take these sizes, or None when it can."""
+    if num_heads % num_kv_heads:
+        return f"{num_heads} heads are not a multiple of {num_kv_heads} kv heads"
+    if not _is_pow2(page_size):
+        return f"page_size={page_size} is not a power of two"
+    if head_dim < 16 or head_dim > 256:
+        return f"head_dim={head_dim} is outside 16..256"
+    if cache_elements >= MAX_OFFSET:
+        return f"a layer's cache has {cache_elements} >= 2^31 elements (32-bit offsets)"
+    return None
+
+
 def supported(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> bool:
     """Whether the tile shapes this kernel needs exist for these sizes."""
-    return all(_is_pow2(n) for n in (num_heads // num_kv_heads, head_dim, page_size)) and head_dim >= 16
+    return unsupported_reason(num_heads, num_kv_heads, head_dim, page_size) is None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    rows: int  # R: query rows (token x head) per program
+    block_k: int  # KV tokens per iteration
+    num_splits: int  # KV splits per q-block (1: no merge)
+    num_warps: int
+    num_stages: int
+
+
+def block_config(num_tokens: int, num_seqs: int, num_kv_heads: int, groups: int, head_dim: int, page_size: int,
+                 max_pages: int) -> BlockConfig:
+    """Tile shapes for one step's static shapes (see the module docstring)."""
+    padded_dim = max(16, pl.next_power_of_2(head_dim))
+    block_k = 64 if padded_dim > 128 else 128  # a slice of a page when pages are larger
+    if num_tokens <= 2 * num_seqs:  # decode-like: about one token per sequence
+        rows = max(16, pl.next_power_of_2(groups))
+        busy = max(1, num_seqs * num_kv_heads)
+        splits = pl.next_power_of_2(-(-2 * NUM_SMS // busy))
+        kv_steps = max(1, max_pages * page_size // block_k)
+        while splits > 1 and splits > kv_steps:
+            splits //= 2
+        return BlockConfig(rows, block_k, min(splits, MAX_SPLITS), 4, 3)
+    return BlockConfig(64, min(block_k, 64), 1, 8 if padded_dim > 128 else 4, 2)  # 8 warps: no spills at D 256
 
 
 def _kernel(
     block_seq_ref,  # [NB] sequence of each q-block, -1 past the last
-    block_start_ref,  # [NB] first token of each q-block
+    block_row_ref,  # [NB] first row (token * G + g) of each q-block
     cu_q_lens_ref,  # [S+1]
     kv_lens_ref,  # [S]
     page_tables_ref,  # [S, M_pad]
     sinks_ref,  # [H] or None
     alibi_ref,  # [H] or None
-    q_ref,  # [T_pad * G, D] rows of this kv head
+    q_ref,  # [T * G + R, D] rows of this kv head
     k_ref,  # [P, B, D] pages of this kv head
     v_ref,  # [P, B, D]
-    o_ref,  # [T_pad * G, D]
+    o_ref,  # [NS, T * G + R, Dp]: the output, or with splits the unnormalised partial outputs
+    m_ref,  # [NS, T * G + R] row max per split, or None without splits
+    l_ref,  # [NS, T * G + R] row sum per split, or None
     *,
-    block_q: int,
+    rows: int,
     groups: int,
-    pages_per_step: int,
+    block_k: int,
+    num_splits: int,
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
 ):
-    b, h = pl.program_id(0), pl.program_id(1)
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq = block_seq_ref[b]
 
     @pl.when(seq >= 0)
     def _():
         page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
-        block_k = pages_per_step * page_size
-        rows = block_q * groups
-        start = block_start_ref[b]
+        padded_dim = o_ref.shape[2]
+        pages_per_step = max(1, block_k // page_size)
+        row0 = block_row_ref[b]
         q_start, q_end = cu_q_lens_ref[seq], cu_q_lens_ref[seq + 1]
         kv_len = kv_lens_ref[seq]
         first_pos = kv_len - (q_end - q_start)  # position of the sequence's first new token
 
-        row_token = start + lax.broadcasted_iota(jnp.int32, (rows,), 0) // groups
-        row_valid = row_token < q_end
-        row_pos = first_pos + (row_token - q_start)
-
-        q = q_ref[pl.ds(start * groups, rows), :]  # [R, D]
-        last_pos = first_pos + (jnp.minimum(start + block_q, q_end) - 1 - q_start)
-        hi = pl.cdiv(jnp.minimum(kv_len, last_pos + 1), block_k)
+        row = row0 + lax.broadcasted_iota(jnp.int32, (rows,), 0)
+        row_valid = row < q_end * groups
+        row_head = row % groups
+        row_pos = first_pos + (row // groups - q_start)
+        last_row = jnp.minimum(row0 + rows, q_end * groups) - 1
+        hi = pl.cdiv(jnp.minimum(kv_len, first_pos + last_row // groups - q_start + 1), block_k)
         lo = 0
         if sliding_window is not None:
-            lo = jnp.maximum(first_pos + (start - q_start) - sliding_window + 1, 0) // block_k
+            lo = jnp.maximum(first_pos + row0 // groups - q_start - sliding_window + 1, 0) // block_k
+        per_split = pl.cdiv(hi - lo, num_splits)
+        split_lo = lo + split * per_split
+        split_hi = jnp.minimum(hi, split_lo + per_split)
 
+        cols = lax.broadcasted_iota(jnp.int32, (rows, padded_dim), 1)
+        if padded_dim == head_dim:
+            q = q_ref[pl.ds(row0, rows), :]  # [R, D]
+        else:
+            q_rows = row0 + lax.broadcasted_iota(jnp.int32, (rows, padded_dim), 0)
+            q = pltriton.load(q_ref.at[q_rows, jnp.minimum(cols, head_dim - 1)], mask=cols < head_dim, other=0)
+
+        def load_kv(ref, step):
+            """The step's BLOCK_K tokens `[BLOCK_K, Dp]`: whole pages, or a slice of one page when pages are
+            larger than a step."""
+            if block_k >= page_size:
+                pages = page_tables_ref[seq, pl.ds(step * pages_per_step, pages_per_step)]
+                shape = (pages_per_step, page_size, padded_dim)
+                page = jnp.broadcast_to(pages[:, None, None], shape)
+                slot = lax.broadcasted_iota(jnp.int32, shape, 1)
+            else:
+                page = page_tables_ref[seq, (step * block_k) // page_size]
+                shape = (block_k, padded_dim)
+                slot = (step * block_k) % page_size + lax.broadcasted_iota(jnp.int32, shape, 0)
+            if padded_dim == head_dim and block_k >= page_size:
+                return ref[pages].reshape(block_k, head_dim)
+            if padded_dim == head_dim:
+                return ref[page, pl.ds(pl.multiple_of((step * block_k) % page_size, block_k), block_k), :]
+            dim = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+            tile = pltriton.load(ref.at[page, slot, jnp.minimum(dim, head_dim - 1)], mask=dim < head_dim, other=0)
+            return tile.reshape(block_k, padded_dim)
+
+        first_split = split == 0
         if sinks_ref is None:
             m0 = jnp.full((rows,), MASK_VALUE, jnp.float32)
             l0 = jnp.zeros((rows,), jnp.float32)
         else:
-            sinks = sinks_ref[pl.ds(h * groups, groups)].astype(jnp.float32)  # [G]
-            m0 = jnp.broadcast_to(sinks[None, :], (block_q, groups)).reshape(rows)
-            l0 = jnp.ones((rows,), jnp.float32)  # exp(sink - m0)
+            sinks = sinks_ref[h * groups + row_head].astype(jnp.float32)  # [R]
+            m0 = jnp.where(first_split, sinks, jnp.full_like(sinks, MASK_VALUE))
+            l0 = jnp.where(first_split, jnp.ones_like(sinks), jnp.zeros_like(sinks))  # exp(sink - m0)
         if alibi_ref is not None:
-            slopes = alibi_ref[pl.ds(h * groups, groups)].astype(jnp.float32)  # [G]
-            row_slope = jnp.broadcast_to(slopes[None, :], (block_q, groups)).reshape(rows)
-        acc0 = jnp.zeros((rows, head_dim), jnp.float32)
+            row_slope = alibi_ref[h * groups + row_head].astype(jnp.float32)  # [R]
+        acc0 = jnp.zeros((rows, padded_dim), jnp.float32)
 
         def body(step, carry):
             acc, m, l = carry
-            pages = page_tables_ref[seq, pl.ds(step * pages_per_step, pages_per_step)]
-            k = k_ref[pages].reshape(block_k, head_dim)
-            v = v_ref[pages].reshape(block_k, head_dim)
+            k = load_kv(k_ref, step)
+            v = load_kv(v_ref, step)
             logits = pltriton.dot(q, k.T).astype(jnp.float32) * scale  # [R, block_k]
             if softcap is not None:
                 logits = jnp.tanh(logits / softcap) * softcap
@@ -127,26 +210,41 @@ def _kernel(
             acc = acc * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
             return acc, m_next, l_next
 
-        acc, _, l = lax.fori_loop(lo, hi, body, (acc0, m0, l0))
-        out = (acc / l[:, None]).astype(o_ref.dtype)
-        pltriton.store(o_ref.at[pl.ds(start * groups, rows), :], out, mask=row_valid[:, None])
+        acc, m, l = lax.fori_loop(split_lo, split_hi, body, (acc0, m0, l0))
+        out_rows = pl.ds(row0, rows)
+        if m_ref is None:
+            out = (acc / l[:, None]).astype(o_ref.dtype)
+            pltriton.store(o_ref.at[split, out_rows, :], out, mask=row_valid[:, None])
+        else:
+            pltriton.store(o_ref.at[split, out_rows, :], acc, mask=row_valid[:, None])
+            pltriton.store(m_ref.at[split, out_rows], m, mask=row_valid)
+            pltriton.store(l_ref.at[split, out_rows], l, mask=row_valid)
 
 
-def q_blocks(cu_q_lens: jax.Array, num_tokens: int, block_q: int) -> tuple[jax.Array, jax.Array]:
-    """Per q-block: its sequence (-1 if unused) and first token; static count T // BLOCK_Q + S."""
+def q_blocks(cu_q_lens: jax.Array, num_tokens: int, groups: int, rows: int) -> tuple[jax.Array, jax.Array]:
+    """Per q-block: its sequence (-1 if unused) and first row; static count T * G // R + S."""
     num_seqs = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    blocks_per_seq = (q_lens + block_q - 1) // block_q
+    q_rows = (cu_q_lens[1:] - cu_q_lens[:-1]) * groups
+    blocks_per_seq = (q_rows + rows - 1) // rows
     cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(blocks_per_seq).astype(jnp.int32)])
-    block = jnp.arange(num_tokens // block_q + num_seqs, dtype=jnp.int32)
+    block = jnp.arange(num_tokens * groups // rows + num_seqs, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(cu_blocks[1:], block, side="right"), num_seqs - 1).astype(jnp.int32)
-    start = cu_q_lens[seq] + (block - cu_blocks[seq]) * block_q
-    return jnp.where(block < cu_blocks[-1], seq, -1), start
+    first_row = cu_q_lens[seq] * groups + (block - cu_blocks[seq]) * rows
+    return jnp.where(block < cu_blocks[-1], seq, -1), first_row
+
+
+def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
+    """Log-sum-exp merge of split partials `acc [..., NS, R, D]`, `m, l [..., NS, R]` -> `[..., R, D]`."""
+    m_max = jnp.max(m, axis=-2, keepdims=True)
+    weight = jnp.exp(m - m_max)  # [..., NS, R]
+    total = jnp.sum(weight * l, axis=-2)
+    return jnp.sum(weight[..., None] * acc, axis=-3) / total[..., None]
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "sliding_window", "softcap", "pages_per_step", "num_warps", "num_stages", "interpret"),
+    static_argnames=("scale", "sliding_window", "softcap", "rows", "block_k", "num_splits", "num_warps", "num_stages",
+                     "interpret"),
 )
 def paged_attention(
     q: jax.Array,
@@ -159,64 +257,86 @@ def paged_attention(
     softcap: float | None = None,
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
-    pages_per_step: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    rows: int | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Kernel version of `reference.paged_attention`; `[T, H, D]`."""
+    """Kernel version of `reference.paged_attention`; `[T, H, D]`. Settings not given come from
+    `block_config`."""
     cu_q_lens, kv_lens, page_tables = meta.cu_q_lens, meta.kv_lens, meta.page_tables
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
-    block_q = max(1, 16 // groups)  # at least 16 rows: the smallest Triton dot tile
-    rows = block_q * groups
-    if pages_per_step is None:
-        pages_per_step = max(1, 64 // page_size)
-    pages_per_step = min(pages_per_step, pl.next_power_of_2(page_tables.shape[1]))
+    reason = unsupported_reason(num_heads, num_kv_heads, head_dim, page_size, k_cache.size)
+    if reason:
+        raise ValueError(f"paged attention kernel: {reason}")
+    config = block_config(num_tokens, cu_q_lens.shape[0] - 1, num_kv_heads, groups, head_dim, page_size,
+                          page_tables.shape[1])
+    given = dict(rows=rows, block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
+    rows, block_k, splits = config.rows, config.block_k, config.num_splits
+    padded_dim = max(16, pl.next_power_of_2(head_dim))
 
-    # Rows grouped per kv head: [K, T_pad * G, D], padded so every block load stays in bounds.
-    padded_tokens = num_tokens + block_q
+    # Rows grouped per kv head: [K, T * G + R, D], padded so every block load stays in bounds.
+    total_rows = num_tokens * groups + rows
     q_rows = q.reshape(num_tokens, num_kv_heads, groups, head_dim).transpose(1, 0, 2, 3)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, block_q), (0, 0), (0, 0))).reshape(num_kv_heads, padded_tokens * groups, head_dim)
+    q_rows = q_rows.reshape(num_kv_heads, num_tokens * groups, head_dim)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, rows), (0, 0)))
+    pages_per_step = max(1, block_k // page_size)
     extra_pages = -page_tables.shape[1] % pages_per_step
     page_tables = jnp.pad(page_tables, ((0, 0), (0, extra_pages)))
-    block_seq, block_start = q_blocks(cu_q_lens, num_tokens, block_q)
+    block_seq, block_row = q_blocks(cu_q_lens, num_tokens, groups, rows)
 
     kernel = functools.partial(
         _kernel,
-        block_q=block_q,
+        rows=rows,
         groups=groups,
-        pages_per_step=pages_per_step,
+        block_k=block_k,
+        num_splits=splits,
         scale=scale,
         sliding_window=sliding_window,
         softcap=softcap,
     )
-    whole = lambda *shape: pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))  # noqa: E731
-    per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda b, h: (h,) + (0,) * len(shape))  # noqa: E731
-    out = pl.pallas_call(
-        kernel,
-        grid=(block_seq.shape[0], num_kv_heads),
+    whole = lambda *shape: pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))  # noqa: E731
+    per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda b, h, s: (h,) + (0,) * len(shape))  # noqa: E731
+    out_dtype = q.dtype if splits == 1 else jnp.float32
+    out_shapes = [jax.ShapeDtypeStruct((num_kv_heads, splits, total_rows, padded_dim), out_dtype)]
+    out_specs = [per_head(splits, total_rows, padded_dim)]
+    if splits > 1:
+        out_shapes += [jax.ShapeDtypeStruct((num_kv_heads, splits, total_rows), jnp.float32)] * 2
+        out_specs += [per_head(splits, total_rows)] * 2
+    outs = pl.pallas_call(
+        kernel if splits > 1 else functools.partial(_no_split_outputs, kernel),
+        grid=(block_seq.shape[0], num_kv_heads, splits),
         in_specs=[
             whole(*block_seq.shape),
-            whole(*block_start.shape),
+            whole(*block_row.shape),
             whole(*cu_q_lens.shape),
             whole(*kv_lens.shape),
             whole(*page_tables.shape),
             None if sinks is None else whole(num_heads),
             None if alibi_slopes is None else whole(num_heads),
-            per_head(padded_tokens * groups, head_dim),
+            per_head(total_rows, head_dim),
             per_head(*k_cache.shape[1:]),
             per_head(*v_cache.shape[1:]),
         ],
-        out_specs=per_head(padded_tokens * groups, head_dim),
-        out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        out_specs=out_specs,
+        out_shape=out_shapes,
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"ragged_paged_attention_r{rows}_k{pages_per_step * page_size}",
-    )(block_seq, block_start, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, q_rows, k_cache, v_cache)
+        name=f"ragged_paged_attention_r{rows}_k{block_k}_d{padded_dim}_s{splits}",
+    )(block_seq, block_row, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, q_rows, k_cache, v_cache)
 
-    out = out.reshape(num_kv_heads, padded_tokens, groups, head_dim)[:, :num_tokens]
+    out = outs[0][:, 0] if splits == 1 else merge_splits(*outs)  # [K, T * G + R, Dp]
+    out = out[:, : num_tokens * groups, :head_dim].reshape(num_kv_heads, num_tokens, groups, head_dim)
     out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
     valid = jnp.arange(num_tokens) < cu_q_lens[meta.num_seqs]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
+
+
+def _no_split_outputs(kernel, *refs):
+    """The kernel without the split partials' row max and sum outputs."""
+    return kernel(*refs, None, None)

@@ -27,8 +27,10 @@ PAGE_SIZE = 4
 HEAD_DIM = 16
 
 
-def make_case(seqs, num_heads, num_kv_heads, *, seed=0, num_pages=64, pad_tokens=3, pad_seqs=2):
+def make_case(seqs, num_heads, num_kv_heads, *, seed=0, num_pages=64, pad_tokens=3, pad_seqs=2, page_size=PAGE_SIZE,
+              head_dim=HEAD_DIM):
     """Random ragged batch. `seqs` lists (q_len, kv_len); pages are handed out shuffled."""
+    PAGE_SIZE, HEAD_DIM = page_size, head_dim  # noqa: N806 (the module defaults, overridden)
     rng = np.random.RandomState(seed)
     max_pages = max(-(-kv // PAGE_SIZE) for _, kv in seqs) + 1
     free = list(rng.permutation(num_pages))
@@ -215,6 +217,58 @@ def test_kernel_matches_reference_in_interpret_mode(shape, groups, window, softc
     out, k_cache, _ = ragged_paged_attention(**inputs, **options, implementation="interpret")
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(k_cache, k_ref)
+
+
+# Shapes the first kernel left to the reference: GQA groups 7, 5, 3; head_dim padded inside the
+# kernel (24 -> 32, 40 -> 64); page sizes 8 and 16; split KV (flash-decoding) forced; KV steps
+# shorter than a page. name -> (seqs, heads, kv heads, page size, head_dim, kernel settings, options).
+NEW_SHAPES = {
+    "groups7-decode": (SHAPES["decode"], 14, 2, 4, 16, {}, {}),
+    "groups5-prefill-d24": (SHAPES["prefill"], 10, 2, 8, 24, {}, {}),
+    "groups3-mixed-d40-sinks-window": (MIXED, 6, 2, 8, 40, {}, dict(sinks=True, sliding_window=3)),
+    "splits4-decode-alibi": (SHAPES["decode"], 8, 2, 4, 16, dict(num_splits=4, block_k=8), dict(alibi=True)),
+    "splits2-decode-d24-sinks": (SHAPES["decode"], 14, 2, 8, 24, dict(num_splits=2, block_k=8), dict(sinks=True)),
+    "subpage-steps-mixed": (MIXED, 4, 2, 16, 16, dict(block_k=8, rows=16), dict(softcap=2.0)),
+    "subpage-steps-d24-prefill": (SHAPES["prefill"], 6, 2, 16, 24, dict(block_k=8), dict(sliding_window=5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_SHAPES))
+def test_kernel_any_groups_head_dims_pages_and_splits(name):
+    from pallas_kernels.paged_attention import reference, triton_kernel
+
+    seqs, heads, kv_heads, page_size, head_dim, settings, flags = NEW_SHAPES[name]
+    inputs, _ = make_case(seqs, heads, kv_heads, seed=len(name), page_size=page_size, head_dim=head_dim)
+    options = dict(scale=0.3, sliding_window=flags.get("sliding_window"), softcap=flags.get("softcap"))
+    if flags.get("sinks"):
+        options["sinks"] = jnp.asarray(np.random.RandomState(4).randn(heads), jnp.float32)
+    if flags.get("alibi"):
+        options["alibi_slopes"] = alibi(heads)
+    _, k_cache, v_cache = ragged_paged_attention(**inputs, scale=0.3, implementation="reference")
+    q, meta = inputs["q"], inputs["meta"]
+    expected = reference.paged_attention(q, k_cache, v_cache, meta, **options)
+    got = triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, **settings, interpret=True)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_no_fallback_for_serving_shapes(caplog):
+    """The dispatch takes the kernel for every shape the issue lists; an odd page size falls back, logged once."""
+    from pallas_kernels.paged_attention import triton_kernel
+    from pallas_kernels.paged_attention.ops import choose_implementation
+
+    for groups in (1, 2, 3, 4, 5, 7, 8, 16):
+        for head_dim in (64, 80, 96, 112, 128, 192, 256):
+            for page_size in (8, 16, 32, 64, 128):
+                assert triton_kernel.supported(groups * 2, 2, head_dim, page_size), (groups, head_dim, page_size)
+    q, cache = jnp.zeros((4, 8, 64)), jnp.zeros((2, 4, 12, 64))
+    assert choose_implementation(q, cache) == "reference"
+    meta = PagedMetadata(jnp.arange(5, dtype=jnp.int32), jnp.ones(4, jnp.int32), jnp.zeros((4, 1), jnp.int32),
+                         jnp.int32(4))
+    with caplog.at_level("WARNING", logger="pallas_kernels"):
+        for _ in range(2):
+            paged_op(q, q[:, :2], q[:, :2], cache, cache, meta, scale=1.0)
+    warnings = [r for r in caplog.records if "page_size=12" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 @pytest.mark.gpu

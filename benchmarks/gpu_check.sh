@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The one script a session runs first when it is lent an NVIDIA GPU (H100 / H200): at most
+# 8 minutes, every part under its own time limit, and a markdown block for benchmarks/RESULTS.md
+# printed last. It installs nothing: it runs this checkout on the machine's own packages.
+#
+#   1. pytest -m gpu              the kernels against the references, compiled on the GPU
+#   2. benchmarks/paged_attention.py   decode GB/s vs measured copy and jax's bundled paged_attention;
+#                                      prefill TFLOP/s vs jax.nn.dot_product_attention(cudnn)
+#   3. benchmarks/moe.py          grouped matmul TFLOP/s vs jax.lax.ragged_dot and a dense matmul of equal FLOPs
+#   4. benchmarks/engine_gpu.py   random-weight bf16 Llama-3.1-8B shape: batch-1 decode tok/s and offline
+#                                 throughput (256 prompts, 512 in / 256 out); a Mixtral-shaped MoE with 4 layers
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine (PYTHON=python3 by default)
+#   bash benchmarks/gpu_check.sh --dry-run  # anywhere: every part on tiny shapes, kernels interpreted off GPU
+# Logs and JSON go to $GPU_CHECK_OUT (default: a new temporary folder; $OUT on the lent machine).
+set -u
+cd "$(dirname "$0")/.."
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY_RUN=1; fi
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+LOGS=${GPU_CHECK_OUT:-${OUT:-$(mktemp -d)}}
+mkdir -p "$LOGS"
+REPORT="$LOGS/gpu_check.md"
+STATUS=0
+
+# part NAME SECONDS COMMAND...: run one part under its limit, keep its log, note its outcome.
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s): $*" >&2
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  local outcome="ok"
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then outcome="TIMED OUT after ${limit}s"; STATUS=1
+  elif [[ $rc -ne 0 ]]; then outcome="FAILED (exit $rc)"; STATUS=1; fi
+  {
+    echo
+    echo "### $name: $outcome in $((SECONDS - start))s"
+    echo
+    echo "\`$*\`"
+    echo
+    # JSON records as a code block, then the markdown tables (one blank line before each).
+    if grep -q '^{' "$LOGS/$name.log"; then echo '```'; grep '^{' "$LOGS/$name.log"; echo '```'; fi
+    awk '/^\|/ { if (!inside) print ""; inside = 1; print; next } { inside = 0 }' "$LOGS/$name.log"
+    grep -E '^[0-9]+ (passed|failed|skipped|deselected|error)|^=+ .*(passed|failed|skipped|error)' "$LOGS/$name.log" | tail -n 1
+    if [[ $outcome != ok ]]; then echo; echo '```'; tail -n 15 "$LOGS/$name.log"; echo '```'; fi
+  } >>"$REPORT"
+  tail -n 3 "$LOGS/$name.log" >&2
+}
+
+{
+  echo "## GPU check ($(date -u +%Y-%m-%d), $( (nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo 'no GPU') | head -n 1))"
+  echo
+  echo "- Versions: $("$PYTHON" -c 'import sys, jax; import importlib.util as u; t = __import__("triton").__version__ if u.find_spec("triton") else "none"; print(f"Python {sys.version.split()[0]}, jax {jax.__version__}, triton {t}, backend {jax.default_backend()}")' 2>&1)"
+  echo "- Command: \`bash benchmarks/gpu_check.sh$([[ $DRY_RUN == 1 ]] && echo ' --dry-run')\` at $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+} >"$REPORT"
+
+if [[ $DRY_RUN == 1 ]]; then
+  part pytest_gpu 300 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider
+  part paged_attention 300 "$PYTHON" benchmarks/paged_attention.py --dry-run --json "$LOGS/paged_attention.json"
+  part grouped_matmul 300 "$PYTHON" benchmarks/moe.py --dry-run --configs mixtral --json "$LOGS/moe.json"
+  part engine 300 "$PYTHON" benchmarks/engine_gpu.py --dry-run --json "$LOGS/engine.json"
+else
+  part pytest_gpu 90 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider
+  part paged_attention 75 "$PYTHON" benchmarks/paged_attention.py --batches 1 8 64 --contexts 4096 \
+    --prefill-batches 1 4 --prefill-lengths 2048 --json "$LOGS/paged_attention.json"
+  part grouped_matmul 70 "$PYTHON" benchmarks/moe.py --configs mixtral qwen3 --tokens 64 4096 --iters 10 --samples 5 \
+    --json "$LOGS/moe.json"
+  part engine_llama8b 150 "$PYTHON" benchmarks/engine_gpu.py --models llama8b --json "$LOGS/engine_llama8b.json"
+  part engine_mixtral 80 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \
+    --json "$LOGS/engine_mixtral.json"
+fi
+
+echo
+cat "$REPORT"
+exit $STATUS
