@@ -43,7 +43,7 @@ BOUNDS: dict[str, Bound] = {
     "top_p": Bound(0, 1, low_open=True),
     "top_k": Bound(-1, INT32_MAX),  # -1 or 0: off; beyond the vocabulary: off
     "min_p": Bound(0, 1),
-    "repetition_penalty": Bound(0, 100, low_open=True),
+    "repetition_penalty": Bound(0.01, 100),  # vLLM's > 0, kept clear of float32 underflow
     "presence_penalty": Bound(-2, 2),
     "frequency_penalty": Bound(-2, 2),
     "seed": Bound(INT64_MIN, INT64_MAX),  # what OpenAI and vLLM take: a signed 64-bit integer

@@ -64,7 +64,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     # top-p: keep the smallest head of the sorted distribution whose mass reaches top_p.
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p[:, None]
+    keep = (mass_before < top_p[:, None]) | (jnp.arange(vocab)[None, :] == 0)  # the top token always stays
     last_kept = jnp.take_along_axis(ordered, (jnp.sum(keep, axis=-1) - 1)[:, None], axis=-1)
     logits = jnp.where(logits < last_kept, -jnp.inf, logits)
 

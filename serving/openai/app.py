@@ -31,7 +31,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from serving.metrics import ServingMetrics
@@ -94,6 +94,43 @@ def _parse_error_message(e: StarletteHTTPException) -> str:
     if isinstance(cause, RecursionError):
         return "the JSON body is nested too deeply"
     return f"could not parse the body: {cause!r}" if cause else str(e.detail)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: a body over `max_body_size` bytes gets 413 without being read in full.
+
+    A declared Content-Length over the cap is refused before reading; otherwise
+    the body is counted as it streams in, and the read that crosses the cap
+    raises the 413 (an OpenAI error object, through the app's handlers).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_size: int):
+        self.app = app
+        self.max_body_size = max_body_size
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.max_body_size} bytes (--max-body-size)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_size:
+            await self.too_large().response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_size:
+                    raise StarletteHTTPException(413, self.too_large().message)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class APIKeyMiddleware:
@@ -402,8 +439,9 @@ class OpenAIServer:
 
     # -- the application ------------------------------------------------------
     def app(self) -> FastAPI:
-        app = FastAPI(title="jaxllm OpenAI-compatible server", max_body_size=self.max_body_size)
-        if self.api_key is not None:
+        app = FastAPI(title="jaxllm OpenAI-compatible server")
+        app.add_middleware(BodyLimitMiddleware, max_body_size=self.max_body_size)
+        if self.api_key is not None:  # added last: the outermost
             # Checked before the body is read, so a bad key is a 401 whatever else is wrong.
             protected = ("/v1", "/metrics") if self.protect_metrics else ("/v1",)
             app.add_middleware(APIKeyMiddleware, api_key=self.api_key, protected=protected)
@@ -417,13 +455,14 @@ class OpenAIServer:
             problems = []
             for err in e.errors():
                 where = ".".join(str(part) for part in err.get("loc", ())[1:] if _is_field(part)) or "body"
-                problems.append(f"{where}: {err.get('msg')}")
+                message = str(err["ctx"]["error"]) if err.get("type") == "value_error" else err.get("msg")
+                problems.append(message if where == "body" else f"{where}: {message}")
             return APIError(400, "; ".join(problems)).response()
 
         @app.exception_handler(StarletteHTTPException)
         async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
             # FastAPI's body-parsing 400, the body limit's 413, routing's 404 and 405.
-            message = _parse_error_message(e) if e.status_code == 400 else f"{e.detail} ({e.status_code})"
+            message = _parse_error_message(e) if e.status_code == 400 else str(e.detail)
             response = APIError(e.status_code, message).response()
             response.headers.update(e.headers or {})
             return response
@@ -444,14 +483,14 @@ class OpenAIServer:
             logger.exception("request failed")
             return APIError(500, f"internal error: {e!r}").response()
 
-        @app.get("/health", responses=_declared(503))
+        @app.get("/health", response_class=Response, responses=_declared(503))
         async def health() -> Response:
             if self.engine.alive:
                 return Response(status_code=200)
             error = self.engine.error
             return APIError(503, f"the engine stopped: {error!r}" if error else "the engine is not running").response()
 
-        @app.get("/metrics", responses=_declared(401))
+        @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}, **_declared(401)})
         async def metrics() -> Response:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -476,8 +515,11 @@ class OpenAIServer:
                 for operations in schema.get("paths", {}).values():
                     for operation in operations.values():
                         operation.get("responses", {}).pop("422", None)  # validation errors are 400s
+                components = schema.get("components", {}).get("schemas", {})
                 for name in ("HTTPValidationError", "ValidationError"):
-                    schema.get("components", {}).get("schemas", {}).pop(name, None)
+                    components.pop(name, None)
+                for name in ("CompletionRequest", "ChatCompletionRequest"):  # the one model name served
+                    components[name]["properties"]["model"]["enum"] = [self.model_name]
                 app.openapi_schema = schema
             return app.openapi_schema
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from serving.engine.limits import RequestLimits
 from serving.llm import LLM
 from serving.openai.app import DEFAULT_MAX_BODY_SIZE, OpenAIServer
 
+DEATH_GRACE_S = 2.0  # after the engine dies: seconds of 503s (in-flight errors, a health probe) before exiting
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "jaxllm-tiny-chat"
 
 
@@ -110,8 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     uvicorn_server = _Server(config, engine, f"http://{args.host}:{args.port}")
 
     def stop_serving() -> None:
-        # The engine died (a device failure): stop, and exit non-zero for a supervisor to restart us.
-        uvicorn_server.should_exit = True
+        # The engine died (a device failure): /health answers 503 with the reason for a moment,
+        # then the server stops and the process exits non-zero for a supervisor to restart it.
+        timer = threading.Timer(DEATH_GRACE_S, lambda: setattr(uvicorn_server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
 
     try:
         uvicorn_server.run()

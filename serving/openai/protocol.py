@@ -17,6 +17,10 @@ from serving.sampling_params import BOUNDS, SamplingParams
 from serving.text_input import find_lone_surrogate
 
 
+# Strict types: JSON's true is not the integer 1, nor "1" a number (as the schema says).
+STRICT = ConfigDict(extra="allow", strict=True)
+
+
 def bounded(name: str, default: Any = None) -> Any:
     """A field whose JSON schema states the range `SamplingParams` enforces for `name`."""
     bound = BOUNDS[name]
@@ -25,7 +29,7 @@ def bounded(name: str, default: Any = None) -> Any:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     @model_validator(mode="before")
     @classmethod
@@ -36,6 +40,8 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
@@ -127,7 +133,7 @@ class CompletionRequest(_SamplingFields):
 class ContentPart(BaseModel):
     """One part of a message's content; only text parts are supported."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     type: str
     text: str | None = None
@@ -142,7 +148,7 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None

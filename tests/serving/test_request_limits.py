@@ -43,7 +43,7 @@ LIMITS = RequestLimits(max_n=4, max_logprobs=5, max_stop=2, max_stop_len=8)
         (dict(top_k=-2), r"top_k must be in \[-1, 2147483647\]"),
         (dict(top_k=2**31), r"top_k must be in \[-1, 2147483647\]"),
         (dict(min_p=-0.1), "min_p must be in"),
-        (dict(repetition_penalty=0), r"repetition_penalty must be in \(0, 100\]"),
+        (dict(repetition_penalty=5e-324), r"repetition_penalty must be in \[0.01, 100\]"),
         (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
         (dict(frequency_penalty=-3), r"frequency_penalty must be in \[-2, 2\]"),
         (dict(seed=2**63), "seed must be in"),
