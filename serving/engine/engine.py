@@ -29,7 +29,7 @@ from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
 from serving.engine.limits import RequestLimits, check_max_model_len, validate_request
 from serving.engine.runner import ModelRunner, bucket
-from serving.engine.sampler import NO_TOKEN, SampleOutput, SamplingBatch, sample
+from serving.engine.sampler import NO_TOKEN, SampleOutput, batch_from_rows, sample, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
@@ -79,21 +79,11 @@ def _default_num_pages(config: EngineConfig, page_bytes: int, max_pages_per_seq:
     return max(min(wanted, budget // page_bytes), max_pages_per_seq)
 
 
-# The per-sequence columns of a SamplingBatch, and the values of a padding row.
-SAMPLING_COLUMNS = (
-    ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32),
-    ("repetition_penalty", np.float32), ("presence_penalty", np.float32), ("frequency_penalty", np.float32),
-    ("seeds", np.uint32), ("steps", np.int32),
-)
-NEUTRAL_ROW = (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0)
-
-
 def _sampling_row(seq: Sequence) -> tuple:
-    """One sequence's SamplingBatch row, converted (and so range-checked) on its own."""
+    """One sequence's SamplingBatch row (`ROW_COLUMNS` order), converted and so range-checked on its own."""
     p = seq.params
-    values = (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
-              p.frequency_penalty, seq.seed, len(seq.output_ids))
-    return tuple(dtype(value) for (_, dtype), value in zip(SAMPLING_COLUMNS, values))
+    return sampling_row(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                        p.frequency_penalty, seq.seed, len(seq.output_ids))
 
 
 def _token_ids(ids: Any) -> list[int]:
@@ -286,11 +276,8 @@ class LLMEngine:
         )
 
     def _sample(self, logits: jax.Array, scheduled: list[ScheduledSequence], rows: list[tuple]) -> dict[str, np.ndarray]:
-        padded = rows + [NEUTRAL_ROW] * (logits.shape[0] - len(rows))
-        seqs = [item.seq for item in scheduled]
-        columns = list(zip(*padded))
         batch_rows = logits.shape[0]
-
+        seqs = [item.seq for item in scheduled]
         use_penalties = any(s.params.uses_penalties for s in seqs)
         prompt_ids = output_ids = None
         if use_penalties:
@@ -302,11 +289,7 @@ class LLMEngine:
                 if s.params.repetition_penalty != 1.0:
                     prompt_ids[r, : len(s.prompt_ids)] = s.prompt_ids
                 output_ids[r, : len(s.output_ids)] = s.output_ids
-        batch = SamplingBatch(
-            **{name: np.asarray(column, dtype) for (name, dtype), column in zip(SAMPLING_COLUMNS, columns)},
-            prompt_ids=prompt_ids,
-            output_ids=output_ids,
-        )
+        batch = batch_from_rows(rows, batch_rows, prompt_ids, output_ids)
         wanted = max((s.params.logprobs or 0) for s in seqs)
         num_logprobs = 0 if wanted == 0 else bucket(wanted, 4, self.max_logprobs)
         sampled = [s.params for s in seqs if not s.params.greedy]
