@@ -294,3 +294,12 @@ def test_a_device_failure_is_reported_and_the_process_exits_nonzero(tiny_checkpo
         if proc.poll() is None:
             proc.kill()
     assert any("injected device failure" in line for line in lines)
+
+
+def test_max_model_len_beyond_the_positions_is_refused_at_startup():
+    # The bundled model has 64 positions.
+    result = subprocess.run([sys.executable, "-m", "serving.openai.cli", "--max-model-len", "128", "--port", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "max_model_len=128 is longer than the model's 64 positions" in result.stderr
+    assert "--allow-long-max-model-len" in result.stderr
