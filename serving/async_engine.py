@@ -5,6 +5,12 @@ engine thread drains the inbox between steps, runs steps while there is work,
 and hands each request's outputs back to the event loop that asked. Leaving the
 `generate` iterator early (a client that disconnects, a cancelled task) aborts
 the request, which frees its KV pages before the next step.
+
+A request the engine fails on its own (see `LLMEngine.step`) raises
+`RequestFailedError` in its caller and nothing else. An exception out of a
+step (the device failed) ends the loop: every waiting caller gets
+`EngineDeadError`, `alive` turns false, `error` says why, and `on_death` runs
+(the server uses it to exit non-zero, so that a supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from serving.engine import LLMEngine
 from serving.outputs import RequestOutput
@@ -27,6 +33,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped (shut down or crashed); no request can be served."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed this one request (an exception of its own); the engine goes on."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -34,8 +44,9 @@ class _Stream:
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
         self.engine = engine
+        self.on_death = on_death
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
@@ -56,7 +67,12 @@ class AsyncLLMEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._thread.is_alive() and not self._stop.is_set() and self._error is None
+
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the engine loop, if it crashed."""
+        return self._error
 
     # -- requests -------------------------------------------------------------
     async def generate(
@@ -65,7 +81,7 @@ class AsyncLLMEngine:
         """Outputs of one request as it progresses (cumulative), the last one `finished`."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
-        self.engine.validate_prompt(prompt_ids)
+        self.engine.validate_request(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._inbox.put(("add", (request_id, prompt_ids, params, prompt)))
@@ -76,6 +92,9 @@ class AsyncLLMEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True  # the engine already retired it
+                    raise RequestFailedError(item.error)
                 finished = item.finished
                 yield item
                 if finished:
@@ -109,6 +128,9 @@ class AsyncLLMEngine:
                     self.engine.add_request(*payload)
                 except ValueError as e:
                     self._deliver(request_id, e)
+                except Exception as e:  # noqa: BLE001 - fails this request only
+                    logger.exception("request %s could not be added", request_id)
+                    self._deliver(request_id, RequestFailedError(f"the request could not be added: {e!r}"))
             else:
                 self.engine.abort_request(payload)
 
@@ -131,3 +153,5 @@ class AsyncLLMEngine:
                 self.engine.abort_request(request_id)
             for request_id in list(self._streams):
                 self._deliver(request_id, error)
+            if self._error is not None and self.on_death is not None:
+                self.on_death(self._error)

@@ -18,6 +18,7 @@ from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine
 from serving.outputs import RequestOutput
 from serving.sampling_params import SamplingParams
+from serving.text_input import check_text
 
 Prompt = str | dict[str, Any]
 
@@ -89,6 +90,7 @@ class LLM:
             raise TypeError(f"a prompt is a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
         if self.tokenizer is None:
             raise ValueError(f"{self.model_path} has no tokenizer; pass prompts as {{'prompt_token_ids': [...]}}")
+        check_text(prompt, "the prompt")
         return prompt, self.tokenizer.encode(prompt)
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
@@ -103,7 +105,12 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt together (continuous batching); outputs in prompt order."""
+        """Generate for every prompt together (continuous batching); outputs in prompt order.
+
+        Bad parameters or prompts raise ValueError before anything runs. A request
+        that fails inside the engine comes back with `error` set (finish_reason
+        "error"); the others complete as usual.
+        """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if sampling_params is None:

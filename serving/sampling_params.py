@@ -1,13 +1,61 @@
-"""`SamplingParams`: how one request is decoded (vLLM's names and defaults)."""
+"""`SamplingParams`: how one request is decoded (vLLM's names and defaults).
+
+Every numeric field has a bound (`BOUNDS`, one table shared with the server's
+request schema). Limits that depend on the engine (n, logprobs, stop strings,
+max_tokens against max_model_len) are checked by `LLMEngine.validate_request`.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MIN_TEMPERATURE = 1e-2  # smaller positive temperatures are raised to this (as vLLM), to keep logits finite
+
+
+class Bound(NamedTuple):
+    """Closed range [low, high]; `low_open` makes the lower end exclusive."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return (value > self.low if self.low_open else value >= self.low) and value <= self.high
+
+    def describe(self) -> str:
+        return f"{'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}]"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+INTEGER_FIELDS = ("n", "top_k", "seed", "max_tokens", "logprobs")
+BOUNDS: dict[str, Bound] = {
+    "n": Bound(1, INT32_MAX),
+    "temperature": Bound(0, 100),
+    "top_p": Bound(0, 1, low_open=True),
+    "top_k": Bound(-1, INT32_MAX),  # -1 or 0: off; beyond the vocabulary: off
+    "min_p": Bound(0, 1),
+    "repetition_penalty": Bound(0.01, 100),  # vLLM's > 0, kept clear of float32 underflow
+    "presence_penalty": Bound(-2, 2),
+    "frequency_penalty": Bound(-2, 2),
+    "seed": Bound(INT64_MIN, INT64_MAX),  # what OpenAI and vLLM take: a signed 64-bit integer
+    "max_tokens": Bound(1, INT32_MAX),
+    "logprobs": Bound(0, INT32_MAX),  # the engine caps it (max_logprobs)
+}
+TOKEN_ID_BOUND = Bound(0, INT32_MAX)
 
 
 @dataclass
 class SamplingParams:
-    """Per-request decoding settings; validated on construction.
+    """Per-request decoding settings; validated on construction (ValueError naming the field).
 
     temperature 0 means greedy. top_k 0 or -1, top_p 1 and min_p 0 disable
     those filters. `seed` makes sampling reproducible whatever else is batched
@@ -32,34 +80,27 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
 
-    MAX_LOGPROBS = 20
-
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in (self.stop or []) if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is None and name in ("seed", "max_tokens", "logprobs"):
+                continue
+            if name in INTEGER_FIELDS and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer in {bound.describe()}, got {value!r}")
+            if not bound.holds(value):
+                raise ValueError(f"{name} must be in {bound.describe()}, got {value!r}")
         if self.top_k == -1:
             self.top_k = 0
-        checks = [
-            (isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be -1, 0 or positive, got {self.top_k!r}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            (self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
-             f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple, type(None))) or not all(isinstance(s, str) for s in self.stop or []):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not all(isinstance(t, int) and not isinstance(t, bool) and TOKEN_ID_BOUND.holds(t) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers in {TOKEN_ID_BOUND.describe()}")
 
     @property
     def greedy(self) -> bool:

@@ -4,12 +4,19 @@
 `SamplingParams`) and call `step()` repeatedly; each step runs one ragged batch
 and returns the outputs of the requests that progressed. Requests can be
 aborted at any time; their pages go back to the pool at once.
+
+Faults stay with their request: an exception while preparing one sequence's
+sampling row, or while appending and detokenizing its token, fails that
+request (an output with `error` set) and the step goes on for the others. Only
+what runs on the device (the model step and the sampler) can fail a whole
+step; that exception leaves `step()` and the engine is no longer usable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +27,9 @@ from model_lib import CausalLM
 from model_lib.sharding import ShardingPlan
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
+from serving.engine.limits import RequestLimits, check_max_model_len, validate_request
 from serving.engine.runner import ModelRunner, bucket
-from serving.engine.sampler import NO_TOKEN, SampleOutput, SamplingBatch, sample
+from serving.engine.sampler import NO_TOKEN, SampleOutput, batch_from_rows, sample, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
@@ -35,6 +43,7 @@ class EngineConfig:
     """Engine sizes (vLLM's option names)."""
 
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    allow_long_max_model_len: bool = False  # allow max_model_len beyond the model's (rope-scaled) positions
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     page_size: int = 16
@@ -42,6 +51,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     seed: int = 0
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 @dataclass
@@ -69,6 +79,23 @@ def _default_num_pages(config: EngineConfig, page_bytes: int, max_pages_per_seq:
     return max(min(wanted, budget // page_bytes), max_pages_per_seq)
 
 
+def _sampling_row(seq: Sequence) -> tuple:
+    """One sequence's SamplingBatch row (`ROW_COLUMNS` order), converted and so range-checked on its own."""
+    p = seq.params
+    return sampling_row(p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.presence_penalty,
+                        p.frequency_penalty, seq.seed, len(seq.output_ids))
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """Plain ints from any integer sequence (numpy ints included); ValueError for anything else."""
+    if isinstance(ids, (str, bytes)) or any(isinstance(t, bool) for t in ids):
+        raise ValueError("prompt token ids must be integers")
+    try:
+        return [operator.index(t) for t in ids]
+    except TypeError:
+        raise ValueError("prompt token ids must be integers") from None
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -82,7 +109,8 @@ class LLMEngine:
         self.model_config = model.config
         self.config = config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.max_model_len = check_max_model_len(config.max_model_len, model.config, config.allow_long_max_model_len)
+        self.max_logprobs = min(config.limits.max_logprobs, model.config.vocab_size)
         self.eos_token_ids = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         mc = model.config
@@ -131,14 +159,19 @@ class LLMEngine:
                 "which must leave room for at least one generated token"
             )
 
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """`validate_prompt`, then the engine's limits on the parameters (ValueError naming the limit)."""
+        self.validate_prompt(prompt_ids)
+        validate_request(params, self.config.limits, self.model_config.vocab_size)
+
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> None:
         """Queue a request; raises ValueError for a prompt the engine cannot serve."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        prompt_ids = [int(t) for t in prompt_ids]
-        self.validate_prompt(prompt_ids)
+        prompt_ids = _token_ids(prompt_ids)
+        self.validate_request(prompt_ids, params)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []
@@ -146,7 +179,8 @@ class LLMEngine:
             if params.seed is None:
                 seed = int(self._rng.integers(2**31))
             else:
-                seed = int(np.random.SeedSequence([params.seed, index]).generate_state(1)[0])
+                # Signed 64-bit seeds (OpenAI's range) as their unsigned two's complement.
+                seed = int(np.random.SeedSequence([params.seed % 2**64, index]).generate_state(1)[0])
             seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens)
             seq.logprobs = [] if params.logprobs is not None else None
             self._next_seq_id += 1
@@ -176,64 +210,88 @@ class LLMEngine:
         return len(self.scheduler.running)
 
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return self.scheduler.num_waiting
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one batch; outputs of the requests that progressed, and of those that failed in it."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        failed: dict[str, RequestOutput] = {}
+        rows: dict[Sequence, tuple] = {}
+        for item in scheduled:
+            try:
+                rows[item.seq] = _sampling_row(item.seq)
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                self._fail(item.seq.request_id, "preparing its sampling parameters", e, failed)
+        scheduled = [item for item in scheduled if not item.seq.finished]
+        if not scheduled:
+            return list(failed.values())
+        # The device part: an exception here leaves step() (the engine cannot go on).
         logits = self.runner.execute(scheduled)
-        sampled = self._sample(logits, scheduled)
+        sampled = self._sample(logits, scheduled, [rows[item.seq] for item in scheduled])
         completes = [item.completes_sequence for item in scheduled]
         self.scheduler.update_after_step(scheduled)
         touched: dict[str, _Request] = {}
         for i, item in enumerate(scheduled):
-            if not completes[i]:
-                continue  # a prefill chunk: no token yet
-            request = self.requests[item.seq.request_id]
-            self._append_token(request, item.seq, sampled, i)
-            touched[request.request_id] = request
-        outputs = [self._output(request) for request in touched.values()]
+            request = self.requests.get(item.seq.request_id)
+            if not completes[i] or request is None:
+                continue  # a prefill chunk (no token yet), or a request that failed in this loop
+            try:
+                self._append_token(request, item.seq, sampled, i)
+                touched[request.request_id] = request
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                touched.pop(request.request_id, None)
+                self._fail(request.request_id, "appending and detokenizing its token", e, failed)
+        outputs = []
         for request in touched.values():
+            try:
+                outputs.append(self._output(request))
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                self._fail(request.request_id, "building its output", e, failed)
+                continue
             if request.finished:
                 del self.requests[request.request_id]
-        return outputs
+        return outputs + list(failed.values())
 
-    def _sample(self, logits: jax.Array, scheduled: list[ScheduledSequence]) -> dict[str, np.ndarray]:
-        rows = logits.shape[0]
+    def _fail(self, request_id: str, phase: str, error: Exception, failed: dict[str, RequestOutput]) -> None:
+        """Retire a request after an exception of its own; its output carries the error."""
+        logger.error("request %s failed while %s", request_id, phase, exc_info=error)
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.sequences:
+            self.scheduler.finish(seq, "error")
+        failed[request_id] = RequestOutput(
+            request_id=request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_ids,
+            outputs=[
+                CompletionOutput(index=seq.index, text=seq.text, token_ids=list(seq.output_ids), finish_reason="error")
+                for seq in request.sequences
+            ],
+            finished=True,
+            error=f"the request failed while {phase}: {error!r}",
+        )
+
+    def _sample(self, logits: jax.Array, scheduled: list[ScheduledSequence], rows: list[tuple]) -> dict[str, np.ndarray]:
+        batch_rows = logits.shape[0]
         seqs = [item.seq for item in scheduled]
-        pad = rows - len(seqs)
-
-        def column(values, dtype):
-            return np.asarray(list(values) + [0] * pad, dtype)
-
         use_penalties = any(s.params.uses_penalties for s in seqs)
         prompt_ids = output_ids = None
         if use_penalties:
             width_p = bucket(max(len(s.prompt_ids) for s in seqs), 16, self.max_model_len)
             width_o = bucket(max(max(len(s.output_ids) for s in seqs), 1), 16, self.max_model_len)
-            prompt_ids = np.full((rows, width_p), NO_TOKEN, np.int32)
-            output_ids = np.full((rows, width_o), NO_TOKEN, np.int32)
+            prompt_ids = np.full((batch_rows, width_p), NO_TOKEN, np.int32)
+            output_ids = np.full((batch_rows, width_o), NO_TOKEN, np.int32)
             for r, s in enumerate(seqs):
                 if s.params.repetition_penalty != 1.0:
                     prompt_ids[r, : len(s.prompt_ids)] = s.prompt_ids
                 output_ids[r, : len(s.output_ids)] = s.output_ids
-        batch = SamplingBatch(
-            temperature=column((s.params.temperature for s in seqs), np.float32),
-            top_k=column((s.params.top_k for s in seqs), np.int32),
-            top_p=np.asarray([s.params.top_p for s in seqs] + [1.0] * pad, np.float32),
-            min_p=column((s.params.min_p for s in seqs), np.float32),
-            repetition_penalty=np.asarray([s.params.repetition_penalty for s in seqs] + [1.0] * pad, np.float32),
-            presence_penalty=column((s.params.presence_penalty for s in seqs), np.float32),
-            frequency_penalty=column((s.params.frequency_penalty for s in seqs), np.float32),
-            seeds=column((s.seed for s in seqs), np.uint32),
-            steps=column((len(s.output_ids) for s in seqs), np.int32),
-            prompt_ids=prompt_ids,
-            output_ids=output_ids,
-        )
+        batch = batch_from_rows(rows, batch_rows, prompt_ids, output_ids)
         wanted = max((s.params.logprobs or 0) for s in seqs)
-        num_logprobs = 0 if wanted == 0 else bucket(wanted, 4, SamplingParams.MAX_LOGPROBS)
+        num_logprobs = 0 if wanted == 0 else bucket(wanted, 4, self.max_logprobs)
         sampled = [s.params for s in seqs if not s.params.greedy]
         out: SampleOutput = sample(
             logits,

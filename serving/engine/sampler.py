@@ -15,6 +15,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 NO_TOKEN = -1
@@ -33,6 +34,27 @@ class SamplingBatch:
     steps: jax.Array  # [S] int32: tokens generated so far (folds into the key)
     prompt_ids: jax.Array | None  # [S, Lp] int32 padded with NO_TOKEN (repetition penalty)
     output_ids: jax.Array | None  # [S, Lo] int32 padded with NO_TOKEN (all penalties)
+
+
+# The per-sequence fields of a SamplingBatch with their dtypes, and a padding row's values.
+ROW_COLUMNS = (
+    ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32), ("min_p", np.float32),
+    ("repetition_penalty", np.float32), ("presence_penalty", np.float32), ("frequency_penalty", np.float32),
+    ("seeds", np.uint32), ("steps", np.int32),
+)
+PAD_ROW = (0.0, 0, 1.0, 0.0, 1.0, 0.0, 0.0, 0, 0)
+
+
+def sampling_row(*values: float) -> tuple:
+    """One sequence's row in `ROW_COLUMNS` order, each value in its dtype (OverflowError if it does not fit)."""
+    return tuple(dtype(value) for (_, dtype), value in zip(ROW_COLUMNS, values, strict=True))
+
+
+def batch_from_rows(rows: list[tuple], num_rows: int, prompt_ids: np.ndarray | None, output_ids: np.ndarray | None) -> SamplingBatch:
+    """The host-side batch of `rows`, padded with neutral rows to `num_rows`."""
+    columns = zip(*(rows + [PAD_ROW] * (num_rows - len(rows))))
+    arrays = {name: np.asarray(column, dtype) for (name, dtype), column in zip(ROW_COLUMNS, columns)}
+    return SamplingBatch(**arrays, prompt_ids=prompt_ids, output_ids=output_ids)
 
 
 def _token_counts(ids: jax.Array, vocab: int) -> jax.Array:
@@ -64,7 +86,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: 
     # top-p: keep the smallest head of the sorted distribution whose mass reaches top_p.
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p[:, None]
+    keep = (mass_before < top_p[:, None]) | (jnp.arange(vocab)[None, :] == 0)  # the top token always stays
     last_kept = jnp.take_along_axis(ordered, (jnp.sum(keep, axis=-1) - 1)[:, None], axis=-1)
     logits = jnp.where(logits < last_kept, -jnp.inf, logits)
 

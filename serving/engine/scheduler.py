@@ -9,6 +9,10 @@ skips the pages it finds. When pages run out, the most recently started running
 sequence is preempted: its pages go back to the pool and it waits at the front
 of the queue, to be recomputed (cheaply, if its pages survive in the prefix
 cache).
+
+Retiring a sequence is O(1): running sequences sit in an insertion-ordered
+dict, and a waiting one that finishes (an abort) is only marked, then dropped
+when it reaches the head of the queue.
 """
 
 from __future__ import annotations
@@ -39,28 +43,36 @@ class Scheduler:
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()  # may hold finished sequences, skipped at the head
+        self.running: dict[Sequence, None] = {}  # in start order
+        self.num_waiting = 0  # unfinished sequences in `waiting`
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.num_waiting += 1
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.num_waiting or self.running)
+
+    def _waiting_head(self) -> Sequence | None:
+        while self.waiting and self.waiting[0].finished:
+            self.waiting.popleft()
+        return self.waiting[0] if self.waiting else None
 
     def _pages_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = -(-(seq.num_computed + num_new_tokens) // self.pool.page_size)
         return max(0, total - len(seq.pages))
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
+        del self.running[seq]
         self.pool.release(seq.pages)
         seq.pages, seq.page_keys, seq.num_computed = [], [], 0
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self.num_waiting += 1
         logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
 
     def schedule(self) -> list[ScheduledSequence]:
@@ -74,7 +86,7 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             while self._pages_needed(seq, num_new) > self.pool.num_free():
-                victim = self.running[-1]
+                victim = next(reversed(self.running))
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -84,8 +96,7 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        while budget > 0 and len(self.running) < self.max_num_seqs and (seq := self._waiting_head()) is not None:
             if not seq.pages:
                 # Reuse cached pages of the prefix, but always compute the last token (it gives the logits).
                 seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1)
@@ -98,8 +109,9 @@ class Scheduler:
                 break
             seq.pages += self.pool.allocate(needed)
             self.waiting.popleft()
+            self.num_waiting -= 1
             seq.status = Status.RUNNING
-            self.running.append(seq)
+            self.running[seq] = None
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         return scheduled
@@ -122,10 +134,12 @@ class Scheduler:
         """Retire a sequence (finished or aborted) and give its pages back."""
         if seq.finished:
             return
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        if seq.status is Status.RUNNING:
+            del self.running[seq]
+        else:
+            self.num_waiting -= 1  # left in the queue, dropped when it reaches the head
+            if not self.num_waiting:
+                self.waiting.clear()
         self.pool.release(seq.pages)
         seq.pages = []
         seq.status = Status.FINISHED

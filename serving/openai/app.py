@@ -1,30 +1,43 @@
 """The OpenAI-compatible FastAPI app: /v1/models, /v1/completions, /v1/chat/completions,
 /health and /metrics.
 
-Errors are OpenAI error objects: 400 for malformed JSON, bad parameters and
-prompts that do not fit the context; 401 for a missing or wrong API key; 404 for
-an unknown model. A client that goes away (streaming or not) aborts its
-requests, so their KV pages return to the pool.
+Every error is an OpenAI error object with a status the OpenAPI document
+declares: 400 for a body that is not JSON (or not UTF-8, or nested too deeply),
+bad parameters and prompts that do not fit the context; 401 for a missing or
+wrong API key; 404 for an unknown model or path; 405 for a wrong method; 413
+for a body over `max_body_size`; 500 for a request the engine failed (the
+engine goes on); 503 once the engine has stopped. Tokenization and chat
+templates run on a worker thread, never on the event loop. A client that goes
+away (streaming or not) aborts its requests, so their KV pages return to the
+pool; the API-key check is a pure ASGI middleware, which keeps disconnects
+visible to the endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.async_engine import AsyncLLMEngine, EngineDeadError
+from serving.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from serving.metrics import ServingMetrics
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai.responses import (
+    ErrorResponse,
     ResponseHeader,
     StreamCursor,
     chat_logprobs,
@@ -38,12 +51,108 @@ from serving.sampling_params import SamplingParams
 
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_MAX_BODY_SIZE = 4 * 2**20  # bytes
+ERROR_KINDS = {401: "authentication_error", 404: "NotFoundError", 500: "server_error", 503: "server_error"}
+# What the OpenAPI document declares for each kind of route (FastAPI's 422 is never sent).
+GENERATION_ERRORS = (400, 401, 404, 413, 500, 503)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or ERROR_KINDS.get(status, "invalid_request_error")
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.kind, self.status, self.param), status_code=self.status)
+
+
+def as_api_error(e: Exception) -> APIError:
+    """The error object for an exception out of a generation (also sent as a stream's last event)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e))
+    if isinstance(e, RequestFailedError):
+        return APIError(500, str(e))
+    if isinstance(e, ValueError):
+        return APIError(400, str(e))
+    return APIError(500, f"internal error: {e!r}")
+
+
+def _declared(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": "an OpenAI error object"} for status in statuses}
+
+
+def _parse_error_message(e: StarletteHTTPException) -> str:
+    """FastAPI's generic body-parsing 400, with the reason it chains."""
+    cause = e.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply"
+    return f"could not parse the body: {cause!r}" if cause else str(e.detail)
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI: a body over `max_body_size` bytes gets 413 without being read in full.
+
+    A declared Content-Length over the cap is refused before reading; otherwise
+    the body is counted as it streams in, and the read that crosses the cap
+    raises the 413 (an OpenAI error object, through the app's handlers).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_size: int):
+        self.app = app
+        self.max_body_size = max_body_size
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.max_body_size} bytes (--max-body-size)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body_size:
+            await self.too_large().response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_size:
+                    raise StarletteHTTPException(413, self.too_large().message)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class APIKeyMiddleware:
+    """Pure ASGI: requests to the protected paths need 'Authorization: Bearer KEY' (compared in constant time).
+
+    Unlike a Starlette BaseHTTPMiddleware it passes `receive` through untouched,
+    so an endpoint still sees the client disconnect.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str, protected: tuple[str, ...]):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.protected):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "Missing or invalid API key (send 'Authorization: Bearer <key>')."
+                await APIError(401, message).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -59,13 +168,31 @@ class ClientGone(Exception):
 class OpenAIServer:
     """Request handling shared by the endpoints; `app()` builds the FastAPI application."""
 
-    def __init__(self, engine: AsyncLLMEngine, tokenizer: Any, model_name: str, api_key: str | None = None):
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        tokenizer: Any,
+        model_name: str,
+        api_key: str | None = None,
+        *,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        protect_metrics: bool = False,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key
+        self.max_body_size = max_body_size
+        self.protect_metrics = protect_metrics
         self.metrics = ServingMetrics(engine.engine, model_name)
         self.max_model_len = engine.engine.max_model_len
+        self.max_n = engine.engine.config.limits.max_n
+        # One worker: a fast tokenizer must not be used by two threads at once (its padding state is shared).
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="jaxllm-tokenize")
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """Run tokenizer work on the tokenizing thread, so the event loop keeps serving."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
 
     # -- checks ---------------------------------------------------------------
     def check_model(self, name: str) -> None:
@@ -88,12 +215,20 @@ class OpenAIServer:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
+    def check_count(self, num_prompts: int, params: SamplingParams) -> None:
+        if num_prompts * params.n > self.max_n:
+            raise APIError(
+                400, f"the request asks for {num_prompts} prompt(s) x n={params.n} completions; "
+                f"at most {self.max_n} per request (--max-n)", param="n"
+            )
+
     def check_fits(self, prompts: list[Prompt], params: SamplingParams) -> None:
+        self.check_count(len(prompts), params)
         for prompt in prompts:
             try:
-                self.engine.engine.validate_prompt(prompt.ids)
+                self.engine.engine.validate_request(prompt.ids, params)
             except ValueError as e:
-                raise APIError(400, str(e), param="prompt") from None
+                raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else None) from None
             wanted = len(prompt.ids) + (params.max_tokens or 0)
             if wanted > self.max_model_len:
                 raise APIError(
@@ -102,6 +237,13 @@ class OpenAIServer:
                     f"{wanted} ({len(prompt.ids)} in the prompt, {params.max_tokens} to generate).",
                     param="max_tokens",
                 )
+
+    @staticmethod
+    def error_event(e: Exception) -> dict[str, Any]:
+        error = as_api_error(e)
+        if error.status >= 500:
+            logger.error("request failed: %s", error.message)
+        return error_body(error.message, error.kind, error.status, error.param)
 
     # -- running requests -----------------------------------------------------
     async def run(self, prompts: list[Prompt], params: SamplingParams, base_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -119,6 +261,9 @@ class OpenAIServer:
                         timer.finished([c.finish_reason for c in out.outputs])
                     inbox.put_nowait((i, out))
             except Exception as e:  # noqa: BLE001 - handed to the consumer
+                if isinstance(e, RequestFailedError):
+                    finished = True
+                    timer.finished(["error"] * params.n)
                 inbox.put_nowait((i, e))
             finally:
                 if not finished:
@@ -165,10 +310,15 @@ class OpenAIServer:
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
         self.check_model(body.model)
         params = self.params(lambda: body.sampling_params(body.max_tokens, body.logprobs))
-        prompts = [self.prepare(p) for p in body.prompts()]
+        self.check_count(len(body.prompts()), params)  # before tokenizing them all
+        prompts = await self.off_loop(lambda: [self.prepare(p) for p in body.prompts()])
         self.check_fits(prompts, params)
         header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", self.model_name)
-        echo = [(p.text if p.text is not None else self.tokenizer.decode(p.ids)) if body.echo and self.tokenizer else "" for p in prompts]
+
+        def echo_text(p: Prompt) -> str:
+            return p.text if p.text is not None else self.tokenizer.decode(p.ids)
+
+        echo = await self.off_loop(lambda: [echo_text(p) if body.echo and self.tokenizer else "" for p in prompts])
         prompt_tokens = sum(len(p.ids) for p in prompts)
 
         def choice(i: int, c, text: str, tokens: list[int], entries, finish: str | None, offset: int) -> dict[str, Any]:
@@ -211,8 +361,8 @@ class OpenAIServer:
                         yield sse(header.wrap("text_completion", choices=[choice(i, c, text, tokens, entries, c.finish_reason, offset)]))
                 if include_usage:
                     yield sse(header.wrap("text_completion", choices=[], usage=usage(prompt_tokens, completion_tokens)))
-            except (ValueError, EngineDeadError) as e:
-                yield sse(error_body(str(e), "server_error", 500))
+            except Exception as e:  # noqa: BLE001 - the stream has begun: its status is sent
+                yield sse(self.error_event(e))
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -221,11 +371,11 @@ class OpenAIServer:
     def chat_prompt(self, body: ChatCompletionRequest) -> Prompt:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
         # The template already holds any BOS; do not add special tokens twice.
         return self.prepare(text, add_special_tokens=False)
 
@@ -233,7 +383,7 @@ class OpenAIServer:
         self.check_model(body.model)
         top_n = body.top_logprobs or 0
         params = self.params(lambda: body.sampling_params(body.token_limit(), top_n if body.logprobs else None))
-        prompt = self.chat_prompt(body)
+        prompt = await self.off_loop(lambda: self.chat_prompt(body))
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt.ids))
         self.check_fits([prompt], params)
@@ -281,8 +431,8 @@ class OpenAIServer:
                         yield sse(header.wrap("chat.completion.chunk", choices=[chunk]))
                 if include_usage:
                     yield sse(header.wrap("chat.completion.chunk", choices=[], usage=usage(len(prompt.ids), completion_tokens)))
-            except (ValueError, EngineDeadError) as e:
-                yield sse(error_body(str(e), "server_error", 500))
+            except Exception as e:  # noqa: BLE001 - the stream has begun: its status is sent
+                yield sse(self.error_event(e))
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -290,60 +440,96 @@ class OpenAIServer:
     # -- the application ------------------------------------------------------
     def app(self) -> FastAPI:
         app = FastAPI(title="jaxllm OpenAI-compatible server")
-
-        @app.middleware("http")
-        async def authorize(request: Request, call_next):
+        app.add_middleware(BodyLimitMiddleware, max_body_size=self.max_body_size)
+        if self.api_key is not None:  # added last: the outermost
             # Checked before the body is read, so a bad key is a 401 whatever else is wrong.
-            if self.api_key is not None and request.url.path.startswith("/v1"):
-                if request.headers.get("authorization") != f"Bearer {self.api_key}":
-                    message = "Missing or invalid API key (send 'Authorization: Bearer <key>')."
-                    return JSONResponse(error_body(message, "authentication_error", 401), status_code=401)
-            return await call_next(request)
+            protected = ("/v1", "/metrics") if self.protect_metrics else ("/v1",)
+            app.add_middleware(APIKeyMiddleware, api_key=self.api_key, protected=protected)
 
         @app.exception_handler(APIError)
         async def _api_error(_: Request, e: APIError) -> JSONResponse:
-            return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status)
+            return e.response()
 
         @app.exception_handler(RequestValidationError)
         async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
             problems = []
             for err in e.errors():
-                where = ".".join(str(part) for part in err.get("loc", ())[1:]) or "body"
-                problems.append(f"{where}: {err.get('msg')}")
-            return JSONResponse(error_body("; ".join(problems), "invalid_request_error", 400), status_code=400)
+                where = ".".join(str(part) for part in err.get("loc", ())[1:] if _is_field(part)) or "body"
+                message = str(err["ctx"]["error"]) if err.get("type") == "value_error" else err.get("msg")
+                problems.append(message if where == "body" else f"{where}: {message}")
+            return APIError(400, "; ".join(problems)).response()
+
+        @app.exception_handler(StarletteHTTPException)
+        async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+            # FastAPI's body-parsing 400, the body limit's 413, routing's 404 and 405.
+            message = _parse_error_message(e) if e.status_code == 400 else str(e.detail)
+            response = APIError(e.status_code, message).response()
+            response.headers.update(e.headers or {})
+            return response
 
         @app.exception_handler(ClientGone)
         async def _gone(_: Request, __: ClientGone) -> Response:
             return Response(status_code=499)
 
+        @app.exception_handler(RequestFailedError)
+        @app.exception_handler(EngineDeadError)
+        async def _engine(_: Request, e: Exception) -> JSONResponse:
+            error = as_api_error(e)
+            logger.error("request failed: %s", error.message)
+            return error.response()
+
         @app.exception_handler(Exception)
         async def _unexpected(_: Request, e: Exception) -> JSONResponse:
             logger.exception("request failed")
-            return JSONResponse(error_body(f"internal error: {e!r}", "server_error", 500), status_code=500)
+            return APIError(500, f"internal error: {e!r}").response()
 
-        @app.exception_handler(EngineDeadError)
-        async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
-            return JSONResponse(error_body(str(e), "server_error", 503), status_code=503)
-
-        @app.get("/health")
+        @app.get("/health", response_class=Response, responses=_declared(503))
         async def health() -> Response:
-            return Response(status_code=200 if self.engine.alive else 503)
+            if self.engine.alive:
+                return Response(status_code=200)
+            error = self.engine.error
+            return APIError(503, f"the engine stopped: {error!r}" if error else "the engine is not running").response()
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}, **_declared(401)})
         async def metrics() -> Response:
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-        @app.get("/v1/models")
+        @app.get("/v1/models", responses=_declared(401))
         async def models() -> dict[str, Any]:
             card = {"id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "jaxllm", "max_model_len": self.max_model_len}
             return {"object": "list", "data": [card]}
 
-        @app.post("/v1/completions")
+        generation = {**_declared(*GENERATION_ERRORS), 200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+        @app.post("/v1/completions", responses=generation)
         async def completions(body: CompletionRequest, raw: Request) -> Response:
             return await self.completions(body, raw)
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", responses=generation)
         async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
             return await self.chat(body, raw)
 
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+                for operations in schema.get("paths", {}).values():
+                    for operation in operations.values():
+                        operation.get("responses", {}).pop("422", None)  # validation errors are 400s
+                components = schema.get("components", {}).get("schemas", {})
+                for name in ("HTTPValidationError", "ValidationError"):
+                    components.pop(name, None)
+                for name in ("CompletionRequest", "ChatCompletionRequest"):  # the one model name served
+                    components[name]["properties"]["model"]["enum"] = [self.model_name]
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = openapi
         return app
+
+
+def _is_field(part: Any) -> bool:
+    """A location part that names a field or an index, not one of pydantic's union branches."""
+    return isinstance(part, int) or (isinstance(part, str) and part.isidentifier() and part not in _UNION_TAGS)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}

@@ -8,15 +8,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 
 from pathlib import Path
 
 import uvicorn
 
 from serving.async_engine import AsyncLLMEngine
+from serving.engine.limits import RequestLimits
 from serving.llm import LLM
-from serving.openai.app import OpenAIServer
+from serving.openai.app import DEFAULT_MAX_BODY_SIZE, OpenAIServer
 
+DEATH_GRACE_S = 2.0  # after the engine dies: seconds of 503s (in-flight errors, a health probe) before exiting
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "jaxllm-tiny-chat"
 
 
@@ -29,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-model-name", help="model name clients send (default: the model path)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--allow-long-max-model-len", action="store_true",
+                   help="accept a --max-model-len beyond the model's (rope-scaled) positions")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -39,6 +44,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    limits = p.add_argument_group("request limits")
+    limits.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
+                        help=f"largest request body in bytes, larger ones get 413 (default {DEFAULT_MAX_BODY_SIZE})")
+    limits.add_argument("--max-n", type=int, default=RequestLimits.max_n,
+                        help="completions one request may ask for: n times its prompts (default %(default)s)")
+    limits.add_argument("--max-logprobs", type=int, default=RequestLimits.max_logprobs)
+    limits.add_argument("--max-stop", type=int, default=RequestLimits.max_stop,
+                        help="stop strings, and separately stop token ids, per request (default %(default)s)")
+    limits.add_argument("--max-stop-len", type=int, default=RequestLimits.max_stop_len,
+                        help="characters in one stop string (default %(default)s)")
+    limits.add_argument("--protect-metrics", action="store_true",
+                        help="with --api-key, require the key on /metrics too (default: /metrics is open)")
     return p.parse_args(argv)
 
 
@@ -58,35 +75,55 @@ class _Server(uvicorn.Server):
         # Running streams end at once (their requests are aborted) so shutdown never waits on them.
         self.engine.shutdown(timeout=0)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after its shutdown (exit status 128+sig); a clean stop exits 0.
+        getattr(self, "_captured_signals", []).clear()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM(
-        args.model,
-        dtype=None if args.dtype == "auto" else args.dtype,
-        mesh=args.mesh,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-    )
-    engine = AsyncLLMEngine(llm.engine)
+    limits = RequestLimits(args.max_n, args.max_logprobs, args.max_stop, args.max_stop_len)
+    try:
+        llm = LLM(
+            args.model,
+            dtype=None if args.dtype == "auto" else args.dtype,
+            mesh=args.mesh,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            page_size=args.page_size,
+            num_pages=args.num_pages,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enable_prefix_caching=args.enable_prefix_caching,
+            seed=args.seed,
+            allow_long_max_model_len=args.allow_long_max_model_len,
+            limits=limits,
+        )
+    except ValueError as e:  # a setting the model cannot take (e.g. --max-model-len): say it, no traceback
+        sys.exit(f"serve: {e}")
+    engine = AsyncLLMEngine(llm.engine, on_death=lambda _: stop_serving())
     engine.start()
     default_name = DEFAULT_MODEL.name if Path(args.model).resolve() == DEFAULT_MODEL else args.model
-    server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or default_name, args.api_key)
+    server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or default_name, args.api_key,
+                          max_body_size=args.max_body_size, protect_metrics=args.protect_metrics)
     config = uvicorn.Config(
         server.app(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )
+    uvicorn_server = _Server(config, engine, f"http://{args.host}:{args.port}")
+
+    def stop_serving() -> None:
+        # The engine died (a device failure): /health answers 503 with the reason for a moment,
+        # then the server stops and the process exits non-zero for a supervisor to restart it.
+        timer = threading.Timer(DEATH_GRACE_S, lambda: setattr(uvicorn_server, "should_exit", True))
+        timer.daemon = True
+        timer.start()
+
     try:
-        _Server(config, engine, f"http://{args.host}:{args.port}").run()
+        uvicorn_server.run()
     finally:
         engine.shutdown()
+    if engine.error is not None:
+        sys.exit(f"serve: the engine stopped: {engine.error!r}")
     sys.exit(0)
 
 

@@ -2,6 +2,9 @@
 
 Unknown fields are accepted and ignored, as OpenAI does; fields we cannot honour
 (`logit_bias`, `suffix`, `best_of` other than `n`, tools) are refused by name.
+Strings with lone surrogates are refused wherever they sit. Numeric fields
+carry their bounds (`sampling_params.BOUNDS`) in the schema; `SamplingParams`
+enforces them, so the offline API and the server say the same thing.
 """
 
 from __future__ import annotations
@@ -10,26 +13,49 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.sampling_params import SamplingParams
+from serving.sampling_params import BOUNDS, SamplingParams
+from serving.text_input import find_lone_surrogate
+
+
+# Strict types: JSON's true is not the integer 1, nor "1" a number (as the schema says).
+STRICT = ConfigDict(extra="allow", strict=True)
+
+
+def bounded(name: str, default: Any = None) -> Any:
+    """A field whose JSON schema states the range `SamplingParams` enforces for `name`."""
+    bound = BOUNDS[name]
+    low = {"exclusiveMinimum": bound.low} if bound.low_open else {"minimum": bound.low}
+    return Field(default, json_schema_extra={**low, "maximum": bound.high})
+
+
+class _Request(BaseModel):
+    model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        if (where := find_lone_surrogate(data)) is not None:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate (not valid Unicode text)")
+        return data
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class _SamplingFields(_Request):
     model: str
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
+    n: int = bounded("n", 1)
+    temperature: float | None = bounded("temperature")
+    top_p: float | None = bounded("top_p")
+    top_k: int | None = bounded("top_k")
+    min_p: float | None = bounded("min_p")
+    presence_penalty: float | None = bounded("presence_penalty")
+    frequency_penalty: float | None = bounded("frequency_penalty")
+    repetition_penalty: float | None = bounded("repetition_penalty")
+    seed: int | None = bounded("seed")
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
@@ -78,8 +104,8 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = bounded("max_tokens", 16)
+    logprobs: int | None = bounded("logprobs")
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -104,29 +130,41 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are supported."""
+
+    model_config = STRICT
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise ValueError(f"message content of type {self.type!r} is not supported (text only)")
+        if self.text is None:
+            raise ValueError("a text content part needs a string `text`")
+        return self
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(f"message content of type {part.get('type')!r} is not supported (text only)")
-            parts.append(part.get("text", ""))
-        return "".join(parts)
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = bounded("max_tokens")
+    max_completion_tokens: int | None = bounded("max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = bounded("logprobs")
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
 

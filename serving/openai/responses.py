@@ -7,9 +7,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pydantic import BaseModel
+
 from serving.outputs import CompletionOutput, Logprob
 
 Decode = Callable[[int], str]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error object (what `error_body` builds), for the OpenAPI document."""
+
+    error: ErrorInfo
 
 
 def error_body(message: str, kind: str, code: int | str | None = None, param: str | None = None) -> dict[str, Any]:

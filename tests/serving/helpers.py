@@ -41,8 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], timeout: float = 180):
-    """Start `serve` (python -m serving.openai.cli) on a free 127.0.0.1 port; wait for its ready line.
+def start_server(args: list[str], timeout: float = 180, module: str = "serving.openai.cli"):
+    """Start `serve` (python -m serving.openai.cli, or a `module` that wraps it) on a free 127.0.0.1 port;
+    wait for its ready line.
 
     Returns (base URL, process, output lines so far); the caller stops the process.
     """
@@ -53,7 +54,7 @@ def start_server(args: list[str], timeout: float = 180):
     import pytest
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "serving.openai.cli", "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     ready = threading.Event()

@@ -105,13 +105,3 @@ def test_logprobs_are_the_models(llm, forward):
         assert entry[token].decoded_token == llm.get_tokenizer().decode([token])
     assert completion.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(completion.token_ids, completion.logprobs)))
 
-
-def test_bad_sampling_params_are_named():
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        SamplingParams(temperature=-1)
-    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
-        SamplingParams(top_p=0)
-    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1"):
-        SamplingParams(max_tokens=-3)
-    with pytest.raises(ValueError, match="logprobs must be between 0 and 20"):
-        SamplingParams(logprobs=50)

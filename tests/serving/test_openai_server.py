@@ -135,8 +135,8 @@ def test_64_concurrent_streams_match_their_solo_text(server, client):
     [
         (b'{"model": "tiny", "prompt": "hi",', 400, "JSON decode error"),
         (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": "many"}).encode(), 400, "max_tokens"),
-        (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -2}).encode(), 400, "max_tokens must be an integer >= 1"),
-        (json.dumps({"model": MODEL, "prompt": "hi", "temperature": -1}).encode(), 400, "temperature must be >= 0"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": -2}).encode(), 400, "max_tokens must be in [1, 2147483647]"),
+        (json.dumps({"model": MODEL, "prompt": "hi", "temperature": -1}).encode(), 400, "temperature must be in [0, 100]"),
         (json.dumps({"model": "gpt-4", "prompt": "hi"}).encode(), 404, "does not exist"),
         (json.dumps({"model": MODEL, "prompt": "x" * 200}).encode(), 400, "max_model_len is 96"),
         (json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 200}).encode(), 400, "maximum context length is 96"),
@@ -194,8 +194,7 @@ def test_sigterm_stops_the_server_cleanly_mid_stream(server, client):
     next(iter(stream))
     started = time.time()
     server["proc"].send_signal(signal.SIGTERM)
-    # uvicorn re-raises the signal after its shutdown, the conventional exit status of a terminated server.
-    assert server["proc"].wait(30) in (0, -signal.SIGTERM)
+    assert server["proc"].wait(30) == 0  # a clean stop, not uvicorn's re-raised signal
     assert time.time() - started < 15, "shutdown waited on the running stream"
     with pytest.raises(openai.APIError):
         list(stream)  # the stream is cut off, not left hanging

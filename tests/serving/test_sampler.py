@@ -28,7 +28,7 @@ def softmax(x):
 def numpy_filter(logits, top_k, top_p, min_p):
     out = logits.astype(np.float64).copy()
     if top_k > 0:
-        out[logits < np.sort(logits)[::-1][top_k - 1]] = -np.inf
+        out[logits < np.sort(logits)[::-1][min(top_k, len(logits)) - 1]] = -np.inf
     probs, kept, mass = softmax(out), [], 0.0
     for i in np.argsort(-out):
         kept.append(i)
@@ -43,7 +43,8 @@ def numpy_filter(logits, top_k, top_p, min_p):
 
 @pytest.mark.parametrize(
     "top_k,top_p,min_p",
-    [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2), (4, 0.8, 0.05), (1, 0.3, 0.0), (6, 0.95, 0.3)],
+    [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.2), (4, 0.8, 0.05), (1, 0.3, 0.0), (6, 0.95, 0.3),
+     (0, 0.0, 0.0), (2**31 - 1, 1.0, 0.0)],  # a top_p that underflowed float32 keeps the top token; top_k past V is off
 )
 def test_filters_match_numpy(top_k, top_p, min_p):
     rows = len(LOGITS)
