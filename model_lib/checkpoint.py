@@ -202,8 +202,10 @@ def load_params(
     def place(key: str, array: np.ndarray) -> None:
         variable = expected[key]
         array = np.ascontiguousarray(array.astype(variable.get_value().dtype, copy=False))
-        axes = variable.get_metadata().get("logical_axes")
-        loaded[key] = plan.place(array, axes) if plan is not None else jnp.asarray(array)
+        if plan is None or "logical_axes" not in variable.get_metadata():
+            loaded[key] = jnp.asarray(array) if plan is None else plan.place(array)
+        else:
+            loaded[key] = plan.place(array, sharding=plan.variable_sharding(variable, array.shape))
 
     for file, name, tensor in iter_tensors(path):
         hf_key = family.weight_map.canonical(name)

@@ -32,8 +32,11 @@ def from_pretrained(
     """
     path = Path(path)
     config, family = load_config(path, dtype)
+    plan = as_plan(mesh)
+    if plan is not None:
+        plan.check_heads(config)  # before any tensor is read
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-    values = load_params(abstract, family, path, as_plan(mesh))
+    values = load_params(abstract, family, path, plan)
     graphdef, state = nnx.split(abstract)
     filled = [(p, v.replace(value=values[".".join(map(str, p))])) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))

@@ -142,10 +142,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> dict[
         a = LoRAParam(
             jax.random.uniform(rngs.params(), (first.in_features, config.r), jnp.float32, -bound, bound).astype(dtype),
             logical_axes=(first.axes[0], None),
+            head_size=first.head_size,
         )
         for _, layer in parts:
             layer.lora_a = a  # shared by the parts of a fused module
-            layer.lora_b = LoRAParam(jnp.zeros((config.r, layer.out_features), dtype), logical_axes=(None, layer.axes[1]))
+            layer.lora_b = LoRAParam(
+                jnp.zeros((config.r, layer.out_features), dtype), logical_axes=(None, layer.axes[1]), head_size=layer.head_size
+            )
             layer.lora_scale = config.scale
             layer.lora_dropout = dropout
     return groups
