@@ -234,12 +234,19 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
     return config
 
 
+def nf4_targets(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> dict[str, Linear]:
+    """The linear layers that QLoRA stores in NF4: every one but the output head."""
+    return {path: layer for path, layer in linear_layers(model).items() if path not in skip and layer.kernel is not None}
+
+
 def quantize_model_nf4(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> None:
-    """Replace every linear kernel (but the output head) by its NF4 form, in place."""
-    for path, layer in linear_layers(model).items():
-        if path in skip or layer.kernel is None:
-            continue
-        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
+    """Replace every linear kernel (but the output head) by its NF4 form, in place.
+
+    For a model already in memory; `from_pretrained(..., quantization="nf4")` quantizes while loading.
+    """
+    for layer in nf4_targets(model, skip=skip).values():
+        kernel = layer.kernel
+        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(kernel[...])), axes=layer.axes, head_size=layer.head_size)
         layer.kernel = None
 
 
@@ -260,6 +267,7 @@ __all__ = [
     "apply_lora",
     "load_peft_adapter",
     "merge_lora",
+    "nf4_targets",
     "param_bytes",
     "quantize_model_nf4",
     "save_peft_adapter",

@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import model_lib
 from model_lib.layers.linear import LoRAParam
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, moe_blocks, router_aux_loss
-from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, quantize_model_nf4, save_peft_adapter
+from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, save_peft_adapter
 from model_lib.sharding import ShardingPlan, as_plan
 from training.config import TrainConfig
 from training.data import IGNORE, Batch, DataConfig, epoch_batches, load_examples, split_validation
@@ -129,10 +129,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(c.model_name_or_path)
         # Full fine-tuning trains float32 master weights; adapters train over a base kept in the compute dtype.
         base_dtype = "float32" if c.peft_method == "none" else c.torch_dtype
-        model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan)
+        # QLoRA quantizes the base while it streams from the checkpoint: no full-precision copy on the device.
+        quantization = "nf4" if c.peft_method == "qlora" else None
+        model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan, quantization=quantization)
         self.lora_config = None
-        if c.peft_method == "qlora":
-            quantize_model_nf4(model)
         if c.peft_method != "none":
             self.lora_config = LoraConfig(
                 r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model_lib.quantization import NF4Weight, dequantize_nf4
+from model_lib.quantization import NF4Weight, dequantize_nf4, nf4_matmul
 
 
 class LoRAParam(nnx.Param):
@@ -70,7 +70,10 @@ class Linear(nnx.Module):
         return kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.weight(x.dtype))
+        if self.nf4 is not None and not self.unit_norm_outputs:
+            y = nf4_matmul(x, self.nf4)  # never holds the dequantized kernel past its use
+        else:
+            y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:
