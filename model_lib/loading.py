@@ -22,7 +22,8 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
     return shard_model(model, plan) if plan is not None else model
 
 
-QUANTIZATIONS = ("nf4",)
+# nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head.
+QUANTIZATIONS = ("nf4", "nf4-embeddings")
 
 
 def from_pretrained(
@@ -40,6 +41,7 @@ def from_pretrained(
     `quantization="nf4"`: every linear kernel but the output head is quantized on the
     host as it is read (QLoRA's base); only its NF4 form reaches the device. The
     result equals loading in `dtype` and calling `quantize_model_nf4`.
+    `"nf4-embeddings"` also quantizes an untied model's token embedding and output head.
     """
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantization!r}; supported: {QUANTIZATIONS}")
@@ -49,10 +51,11 @@ def from_pretrained(
     if plan is not None:
         plan.check_heads(config)  # before any tensor is read
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-    targets = nf4_targets(abstract) if quantization == "nf4" else {}
-    values = load_params(abstract, family, path, plan, quantize=frozenset(f"{p}.kernel" for p in targets))
-    for module, layer in targets.items():
-        layer.nf4, layer.kernel = values.pop(f"{module}.kernel"), None
+    targets = nf4_targets(abstract, embeddings=quantization == "nf4-embeddings") if quantization else {}
+    values = load_params(abstract, family, path, plan, quantize=frozenset(targets))
+    for key, layer in targets.items():
+        layer.nf4 = values.pop(key)
+        setattr(layer, key.rsplit(".", 1)[1], None)
     graphdef, state = nnx.split(abstract)
     filled = []
     for p, v in nnx.to_flat_state(state):

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
 from model_lib.quantization import quantize_nf4
 from model_lib.registry import Family, get_family
@@ -234,20 +235,33 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
     return config
 
 
-def nf4_targets(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> dict[str, Linear]:
-    """The linear layers that QLoRA stores in NF4: every one but the output head."""
-    return {path: layer for path, layer in linear_layers(model).items() if path not in skip and layer.kernel is not None}
+def nf4_targets(model: nnx.Module, *, embeddings: bool = False) -> dict[str, Linear | Embed]:
+    """Parameter key -> the layer that QLoRA stores in NF4.
 
-
-def quantize_model_nf4(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> None:
-    """Replace every linear kernel (but the output head) by its NF4 form, in place.
-
-    For a model already in memory; `from_pretrained(..., quantization="nf4")` quantizes while loading.
+    Every linear kernel but the output head, as bitsandbytes does; with `embeddings`, also the
+    token embedding and the output head (an untied model's largest frozen tables).
     """
-    for layer in nf4_targets(model, skip=skip).values():
-        kernel = layer.kernel
-        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(kernel[...])), axes=layer.axes, head_size=layer.head_size)
-        layer.kernel = None
+    targets: dict[str, Linear | Embed] = {
+        f"{path}.kernel": layer
+        for path, layer in linear_layers(model).items()
+        if (embeddings or path != OUTPUT_HEAD) and layer.kernel is not None
+    }
+    embed = getattr(model.model, "embed_tokens", None)
+    if embeddings and isinstance(embed, Embed) and not model.config.tie_word_embeddings and embed.weight is not None:
+        targets["model.embed_tokens.weight"] = embed
+    return targets
+
+
+def quantize_model_nf4(model: nnx.Module, *, embeddings: bool = False) -> None:
+    """Replace the `nf4_targets` of a model already in memory by their NF4 form, in place.
+
+    `from_pretrained(..., quantization="nf4")` quantizes while loading instead.
+    """
+    for key, layer in nf4_targets(model, embeddings=embeddings).items():
+        leaf = key.rsplit(".", 1)[1]
+        value = getattr(layer, leaf)[...]
+        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(value)), axes=layer.axes, head_size=getattr(layer, "head_size", 1))
+        setattr(layer, leaf, None)
 
 
 def param_bytes(model: nnx.Module) -> int:

@@ -218,16 +218,27 @@ def nf4_matmul(x: jax.Array, q: NF4Weight, *, budget: int = DEQUANT_CHUNK_VALUES
 
         return whole(x, q.packed[...], q.absmax_q[...], scales, q.offset[...])
 
-    rows = q.shape[0]
-
-    def split(a: jax.Array) -> jax.Array:  # [in, c * w] -> [c, in, w]
-        return a.reshape(rows, chunks, -1).swapaxes(0, 1)
+    widths = {"packed": q.packed.shape[1] // chunks, "blocks": q.absmax_q.shape[1] // chunks}
 
     @jax.checkpoint
-    def one_chunk(x, packed, absmax_q, scales, offset):
+    def one_chunk(x, packed, absmax_q, scales, offset, index):
+        # Slices of the stored arrays (no transposed copy of the whole kernel), dequantized and used at once.
+        packed = jax.lax.dynamic_slice_in_dim(packed, index * widths["packed"], widths["packed"], axis=1)
+        absmax_q = jax.lax.dynamic_slice_in_dim(absmax_q, index * widths["blocks"], widths["blocks"], axis=1)
+        scales = jax.lax.dynamic_slice_in_dim(scales, index * widths["blocks"], widths["blocks"], axis=1)
         return jnp.dot(x, _dequantize(packed, absmax_q, scales, offset, dtype))
 
-    offset = q.offset[...]
-    out = jax.lax.map(lambda p: one_chunk(x, *p, offset), (split(q.packed[...]), split(q.absmax_q[...]), split(scales)))
-    # [c, ..., w] -> [..., c * w]
+    arrays = (q.packed[...], q.absmax_q[...], scales, q.offset[...])
+    out = jax.lax.map(lambda index: one_chunk(x, *arrays, index), jnp.arange(chunks))  # [c, ..., w]
     return jnp.moveaxis(out, 0, -2).reshape(*x.shape[:-1], q.shape[1])
+
+
+def nf4_take_rows(q: NF4Weight, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Rows `ids` of a quantized `[num, features]` table (an embedding lookup), dequantizing only those."""
+    if not rows_layout(q.shape):
+        return jnp.take(dequantize_nf4(q, dtype), ids, axis=0)
+    blocks_per_row = q.absmax_q.shape[1]
+    block = ids[..., None] * blocks_per_row + jnp.arange(blocks_per_row)  # [..., F / 64] global block index
+    scales = q.absmax_scale[...][block // ABSMAX_BLOCK]
+    packed, absmax_q = jnp.take(q.packed[...], ids, axis=0), jnp.take(q.absmax_q[...], ids, axis=0)
+    return _dequantize(packed, absmax_q, scales, q.offset[...], dtype)

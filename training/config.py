@@ -35,6 +35,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False
+    # QLoRA: also keep the token embedding and output head in NF4 (bitsandbytes keeps them in bf16).
+    quantize_embeddings: bool = False
 
     # Optimisation.
     num_train_epochs: float = 1.0

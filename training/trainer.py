@@ -130,7 +130,9 @@ class Trainer:
         # Full fine-tuning trains float32 master weights; adapters train over a base kept in the compute dtype.
         base_dtype = "float32" if c.peft_method == "none" else c.torch_dtype
         # QLoRA quantizes the base while it streams from the checkpoint: no full-precision copy on the device.
-        quantization = "nf4" if c.peft_method == "qlora" else None
+        quantization = None
+        if c.peft_method == "qlora":
+            quantization = "nf4-embeddings" if c.quantize_embeddings else "nf4"
         model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan, quantization=quantization)
         self.lora_config = None
         if c.peft_method != "none":

@@ -156,6 +156,18 @@ def test_quantizing_while_loading_equals_quantizing_after(tiny_checkpoint, forwa
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         model_lib.from_pretrained(folder, quantization="int3")
 
+    # "nf4-embeddings" also stores the token embedding and output head in NF4; lookups read single rows.
+    everything = model_lib.from_pretrained(folder, dtype="bfloat16")
+    quantize_model_nf4(everything, embeddings=True)
+    streamed_all = model_lib.from_pretrained(folder, dtype="bfloat16", quantization="nf4-embeddings")
+    for model in (everything, streamed_all):
+        assert model.lm_head.kernel is None and model.model.embed_tokens.weight is None
+    embed = streamed_all.model.embed_tokens
+    np.testing.assert_array_equal(embed.nf4.packed[...], everything.model.embed_tokens.nf4.packed[...])
+    np.testing.assert_array_equal(embed(jnp.asarray(ids)), jnp.take(dequantize_nf4(embed.nf4, jnp.bfloat16), ids, axis=0))
+    np.testing.assert_array_equal(np.asarray(forward(streamed_all, ids, mask)), np.asarray(forward(everything, ids, mask)))
+    assert_logits_close(forward(streamed_all, ids, mask), reference, rel=0.2)  # the head's rounding, not a bug
+
 
 def test_nf4_matmul_in_column_chunks_matches_the_whole_kernel():
     import jax
