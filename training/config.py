@@ -60,6 +60,11 @@ class TrainConfig:
     output_router_logits: bool = False
     router_aux_loss_coef: float | None = None
     mesh: str | None = None  # preset from configs/mesh (e.g. fsdp_tp)
+    # Multi-host (jax.distributed): coordinator host:port (process 0), process count and this process's id.
+    # Unset, they come from the environment jax.distributed reads (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI).
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     # Bookkeeping.
     logging_steps: int = 1
