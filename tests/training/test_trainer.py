@@ -238,3 +238,16 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(reverse_t
     reference = model_lib.from_pretrained(tmp_path / "single")
     ids = np.arange(24, dtype=np.int32).reshape(2, 12) % exported.config.vocab_size
     np.testing.assert_allclose(np.asarray(exported(ids)), np.asarray(reference(ids)), rtol=1e-4, atol=1e-5)
+
+
+def test_multi_process_is_requested_by_flags_or_the_cluster_environment():
+    from training.distributed import initialize, multi_process_requested
+
+    assert not multi_process_requested(None, None, None, {})
+    assert not multi_process_requested(None, None, None, {"SLURM_NTASKS": "1"})
+    assert multi_process_requested(None, None, None, {"SLURM_NTASKS": "4"})
+    assert multi_process_requested(None, None, None, {"JAX_COORDINATOR_ADDRESS": "host0:1234"})
+    assert multi_process_requested("host0:1234", 2, 0, {})
+    assert initialize(environ={}) is False  # a single process never initializes
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+        initialize("127.0.0.1:1", 2, 5, environ={})
