@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model_lib.config import ModelConfig
+from model_lib.quantization import NF4Weight, nf4_storage_axes, quantize_nf4_host
 from model_lib.registry import Family, get_family
 from model_lib.sharding import ShardingPlan
 
@@ -188,10 +189,36 @@ def _hf_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*shape[:-2], shape[-1], shape[-2]) if key.endswith(".kernel") and len(shape) >= 2 else shape
 
 
+def quantize_and_place(array: np.ndarray, variable: nnx.Variable, plan: ShardingPlan | None) -> NF4Weight:
+    """NF4 form of one kernel read from the checkpoint, placed (sharded like the kernel) on the mesh.
+
+    Quantized on the host a few rows at a time from the checkpoint's own array (a transposed
+    view is fine); the full-precision kernel never reaches the device.
+    """
+    metadata = variable.get_metadata()
+    axes, head_size = metadata.get("logical_axes"), metadata.get("head_size", 1)
+    host = quantize_nf4_host(array, variable.get_value().dtype)
+    storage = nf4_storage_axes(host.shape, axes, head_size)
+
+    def put(name: str, value: np.ndarray) -> jax.Array:
+        if plan is None:
+            return jnp.asarray(value)
+        meta = storage.get(name, {"logical_axes": (None,) * value.ndim, "head_size": 1})
+        return plan.place(value, sharding=plan.sharding(meta["logical_axes"], value.shape, meta["head_size"]))
+
+    return NF4Weight(
+        put("packed", host.packed), put("absmax_q", host.absmax_q), put("absmax_scale", host.absmax_scale),
+        put("offset", np.asarray(host.offset, np.float32)), host.shape, axes=axes, head_size=head_size,
+    )
+
+
 def load_params(
-    model: nnx.Module, family: Family, path: Path, plan: ShardingPlan | None
-) -> dict[str, jax.Array]:
-    """Read every tensor the abstract `model` expects, converted and placed."""
+    model: nnx.Module, family: Family, path: Path, plan: ShardingPlan | None, *, quantize: frozenset[str] = frozenset()
+) -> dict[str, jax.Array | NF4Weight]:
+    """Read every tensor the abstract `model` expects, converted and placed.
+
+    Kernels whose keys are in `quantize` come back as `NF4Weight`s, quantized as they are read.
+    """
     config: ModelConfig = model.config
     expected = abstract_params(model)
     loaded: dict[str, jax.Array] = {}
@@ -201,9 +228,14 @@ def load_params(
 
     def place(key: str, array: np.ndarray) -> None:
         variable = expected[key]
+        if key in quantize:
+            loaded[key] = quantize_and_place(array, variable, plan)
+            return
         array = np.ascontiguousarray(array.astype(variable.get_value().dtype, copy=False))
-        axes = variable.get_metadata().get("logical_axes")
-        loaded[key] = plan.place(array, axes) if plan is not None else jnp.asarray(array)
+        if plan is None or "logical_axes" not in variable.get_metadata():
+            loaded[key] = jnp.asarray(array) if plan is None else plan.place(array)
+        else:
+            loaded[key] = plan.place(array, sharding=plan.variable_sharding(variable, array.shape))
 
     for file, name, tensor in iter_tensors(path):
         hf_key = family.weight_map.canonical(name)

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 from model_lib.checkpoint import abstract_params, load_config, load_params
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM
+from model_lib.lora import nf4_targets
 from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 
@@ -21,21 +22,45 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
     return shard_model(model, plan) if plan is not None else model
 
 
+# nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head.
+QUANTIZATIONS = ("nf4", "nf4-embeddings")
+
+
 def from_pretrained(
-    path: str | Path, *, dtype: Any = None, mesh: Mesh | ShardingPlan | str | None = None
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    mesh: Mesh | ShardingPlan | str | None = None,
+    quantization: str | None = None,
 ) -> CausalLM:
     """Load a Hugging Face checkpoint folder (config.json + safetensors).
 
     `dtype`: float32, bfloat16 or float16 (default: the checkpoint's own).
     `mesh`: a `ShardingPlan`, a preset name from `configs/mesh/`, or a `Mesh`
     (default rules); each tensor is placed sharded as it is read.
+    `quantization="nf4"`: every linear kernel but the output head is quantized on the
+    host as it is read (QLoRA's base); only its NF4 form reaches the device. The
+    result equals loading in `dtype` and calling `quantize_model_nf4`.
+    `"nf4-embeddings"` also quantizes an untied model's token embedding and output head.
     """
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantization!r}; supported: {QUANTIZATIONS}")
     path = Path(path)
     config, family = load_config(path, dtype)
+    plan = as_plan(mesh)
+    if plan is not None:
+        plan.check_heads(config)  # before any tensor is read
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-    values = load_params(abstract, family, path, as_plan(mesh))
+    targets = nf4_targets(abstract, embeddings=quantization == "nf4-embeddings") if quantization else {}
+    values = load_params(abstract, family, path, plan, quantize=frozenset(targets))
+    for key, layer in targets.items():
+        layer.nf4 = values.pop(key)
+        setattr(layer, key.rsplit(".", 1)[1], None)
     graphdef, state = nnx.split(abstract)
-    filled = [(p, v.replace(value=values[".".join(map(str, p))])) for p, v in nnx.to_flat_state(state)]
+    filled = []
+    for p, v in nnx.to_flat_state(state):
+        key = ".".join(map(str, p))
+        filled.append((p, v.replace(value=values[key]) if key in values else v))  # NF4 storage is already real
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
 from model_lib.quantization import quantize_nf4
 from model_lib.registry import Family, get_family
@@ -142,10 +143,13 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> dict[
         a = LoRAParam(
             jax.random.uniform(rngs.params(), (first.in_features, config.r), jnp.float32, -bound, bound).astype(dtype),
             logical_axes=(first.axes[0], None),
+            head_size=first.head_size,
         )
         for _, layer in parts:
             layer.lora_a = a  # shared by the parts of a fused module
-            layer.lora_b = LoRAParam(jnp.zeros((config.r, layer.out_features), dtype), logical_axes=(None, layer.axes[1]))
+            layer.lora_b = LoRAParam(
+                jnp.zeros((config.r, layer.out_features), dtype), logical_axes=(None, layer.axes[1]), head_size=layer.head_size
+            )
             layer.lora_scale = config.scale
             layer.lora_dropout = dropout
     return groups
@@ -231,13 +235,33 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
     return config
 
 
-def quantize_model_nf4(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> None:
-    """Replace every linear kernel (but the output head) by its NF4 form, in place."""
-    for path, layer in linear_layers(model).items():
-        if path in skip or layer.kernel is None:
-            continue
-        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
-        layer.kernel = None
+def nf4_targets(model: nnx.Module, *, embeddings: bool = False) -> dict[str, Linear | Embed]:
+    """Parameter key -> the layer that QLoRA stores in NF4.
+
+    Every linear kernel but the output head, as bitsandbytes does; with `embeddings`, also the
+    token embedding and the output head (an untied model's largest frozen tables).
+    """
+    targets: dict[str, Linear | Embed] = {
+        f"{path}.kernel": layer
+        for path, layer in linear_layers(model).items()
+        if (embeddings or path != OUTPUT_HEAD) and layer.kernel is not None
+    }
+    embed = getattr(model.model, "embed_tokens", None)
+    if embeddings and isinstance(embed, Embed) and not model.config.tie_word_embeddings and embed.weight is not None:
+        targets["model.embed_tokens.weight"] = embed
+    return targets
+
+
+def quantize_model_nf4(model: nnx.Module, *, embeddings: bool = False) -> None:
+    """Replace the `nf4_targets` of a model already in memory by their NF4 form, in place.
+
+    `from_pretrained(..., quantization="nf4")` quantizes while loading instead.
+    """
+    for key, layer in nf4_targets(model, embeddings=embeddings).items():
+        leaf = key.rsplit(".", 1)[1]
+        value = getattr(layer, leaf)[...]
+        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(value)), axes=layer.axes, head_size=getattr(layer, "head_size", 1))
+        setattr(layer, leaf, None)
 
 
 def param_bytes(model: nnx.Module) -> int:
@@ -257,6 +281,7 @@ __all__ = [
     "apply_lora",
     "load_peft_adapter",
     "merge_lora",
+    "nf4_targets",
     "param_bytes",
     "quantize_model_nf4",
     "save_peft_adapter",

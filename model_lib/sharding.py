@@ -5,9 +5,14 @@ Every parameter carries `logical_axes` metadata (`("embed", "mlp")`); a
 rules mapping each logical name to zero or more mesh axes. Presets live in
 `configs/mesh/*.yaml`. Model code never names a mesh axis.
 
-A dimension that the chosen mesh axes do not divide is left replicated on those
-axes (for example the single kv head of an MQA model under 8-way tensor
-parallelism), so any preset works with any model.
+Attention heads are split whole. A projection's head dimension is flat (`heads x
+head_dim`), so its parameters carry `head_size` metadata and divisibility is tested
+on the head count, never on the flat size: query heads must divide over their mesh
+axes; kv heads either divide or, when there are fewer of them than the tensor size
+(and it is a multiple of them), stay replicated on every device, as vLLM does; any
+other mesh is refused with an error that names the valid tensor sizes. The paged
+KV cache `[K, ...]` follows the same rule. Other dimensions that the chosen mesh
+axes do not divide are left replicated on those axes.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -38,6 +43,29 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+HEAD_AXES = ("q_heads", "kv_heads")
+# Head axes whose heads may be replicated when there are fewer than devices.
+REPLICABLE_HEAD_AXES = ("kv_heads",)
+
+
+class HeadSplitError(ValueError):
+    """A mesh that would cut an attention head or leave query heads indivisible."""
+
+
+def head_split_ok(heads: int, size: int, *, replicable: bool) -> bool:
+    """Whether `heads` whole heads fit `size` devices: an even split, or (kv heads) replication."""
+    return heads % size == 0 or (replicable and heads < size and size % heads == 0)
+
+
+def valid_tensor_sizes(num_heads: int, kv_heads: Iterable[int]) -> list[int]:
+    """Tensor sizes that split `num_heads` query heads and every layer's kv heads whole."""
+    kv = [k for k in kv_heads if k]
+    return [
+        t for t in range(1, num_heads + 1)
+        if head_split_ok(num_heads, t, replicable=False) and all(head_split_ok(k, t, replicable=True) for k in kv)
+    ]
+
+
 def _as_axes(rule: str | Sequence[str] | None) -> tuple[str, ...]:
     if rule is None:
         return ()
@@ -51,23 +79,68 @@ class ShardingPlan:
     mesh: Mesh
     rules: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
 
-    def partition_spec(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+    def axis_size(self, name: str) -> int:
+        """Devices that the rules spread logical axis `name` over."""
+        return math.prod(self.mesh.shape[a] for a in _as_axes(self.rules.get(name)) if a in self.mesh.shape)
+
+    def partition_spec(
+        self, logical_axes: Sequence[str | None], shape: Sequence[int], head_size: int = 1
+    ) -> PartitionSpec:
+        """Mesh axes of every dimension; a head axis holds `size / head_size` heads, split whole."""
         used: set[str] = set()
         spec: list[tuple[str, ...] | None] = []
         for name, size in zip(logical_axes, shape):
             axes = [a for a in _as_axes(self.rules.get(name)) if a in self.mesh.shape and a not in used]
+            if name in HEAD_AXES:
+                axes = self._head_axes(name, size, head_size, axes)
             while axes and size % math.prod(self.mesh.shape[a] for a in axes):
                 axes.pop()
             used.update(axes)
             spec.append(tuple(axes) if axes else None)
         return PartitionSpec(*spec)
 
-    def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
-        return NamedSharding(self.mesh, self.partition_spec(logical_axes, shape))
+    def _head_axes(self, name: str, size: int, head_size: int, axes: list[str]) -> list[str]:
+        if size % head_size:
+            raise ValueError(f"a {name} dimension of {size} is not a whole number of {head_size}-wide heads")
+        heads, devices = size // head_size, math.prod(self.mesh.shape[a] for a in axes)
+        if heads % devices == 0:
+            return axes
+        if head_split_ok(heads, devices, replicable=name in REPLICABLE_HEAD_AXES):
+            return []  # fewer kv heads than devices: every device holds them all
+        replicable = name in REPLICABLE_HEAD_AXES
+        valid = [t for t in range(1, max(heads, self.mesh.size) + 1) if head_split_ok(heads, t, replicable=replicable)]
+        raise HeadSplitError(
+            f"{heads} {name} cannot be split whole over mesh axes {axes} of size {devices}; "
+            f"valid sizes: {', '.join(map(str, valid))}"
+        )
 
-    def place(self, array: np.ndarray, logical_axes: Sequence[str | None]) -> jax.Array:
+    def check_heads(self, config: Any) -> None:
+        """Refuse a mesh that would split a head of `config` (a `ModelConfig`), naming the valid sizes."""
+        kv = sorted({config.layer_cache_kv_heads(i) for i in range(config.num_layers)} - {0})
+        q_size, kv_size = self.axis_size("q_heads"), self.axis_size("kv_heads")
+        if head_split_ok(config.num_heads, q_size, replicable=False) and all(
+            head_split_ok(k, kv_size, replicable=True) for k in kv
+        ):
+            return
+        raise HeadSplitError(
+            f"{config.num_heads} query heads and {kv} kv heads cannot be split whole over a tensor size of "
+            f"{q_size} (q_heads -> {self.rules.get('q_heads')}, kv_heads -> {self.rules.get('kv_heads')}); "
+            f"valid tensor sizes: {', '.join(map(str, valid_tensor_sizes(config.num_heads, kv)))}"
+        )
+
+    def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int], head_size: int = 1) -> NamedSharding:
+        return NamedSharding(self.mesh, self.partition_spec(logical_axes, shape, head_size))
+
+    def variable_sharding(self, variable: nnx.Variable, shape: Sequence[int]) -> NamedSharding:
+        """The sharding that a parameter's `logical_axes` (and `head_size`) metadata ask for."""
+        metadata = variable.get_metadata()
+        return self.sharding(metadata["logical_axes"], shape, metadata.get("head_size", 1))
+
+    def place(
+        self, array: np.ndarray, logical_axes: Sequence[str | None] | None = None, *, sharding: NamedSharding | None = None
+    ) -> jax.Array:
         """Put a host array on the mesh, copying to each device only its own shard."""
-        sharding = self.sharding(logical_axes, array.shape)
+        sharding = sharding if sharding is not None else self.sharding(logical_axes or (None,) * array.ndim, array.shape)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
@@ -124,9 +197,10 @@ def as_plan(mesh: Mesh | ShardingPlan | str | None) -> ShardingPlan | None:
 
 def shard_model(model: nnx.Module, plan: ShardingPlan) -> nnx.Module:
     """Move every parameter of an existing model onto the plan's mesh (in place)."""
+    if hasattr(model, "config"):
+        plan.check_heads(model.config)
     for _, variable in nnx.iter_graph(model):
         if isinstance(variable, nnx.Variable) and "logical_axes" in variable.get_metadata():
             value = variable.get_value()
-            sharding = plan.sharding(variable.get_metadata()["logical_axes"], value.shape)
-            variable.set_value(jax.device_put(value, sharding))
+            variable.set_value(jax.device_put(value, plan.variable_sharding(variable, value.shape)))
     return model

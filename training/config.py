@@ -35,6 +35,8 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False
+    # QLoRA: also keep the token embedding and output head in NF4 (bitsandbytes keeps them in bf16).
+    quantize_embeddings: bool = False
 
     # Optimisation.
     num_train_epochs: float = 1.0
@@ -58,6 +60,11 @@ class TrainConfig:
     output_router_logits: bool = False
     router_aux_loss_coef: float | None = None
     mesh: str | None = None  # preset from configs/mesh (e.g. fsdp_tp)
+    # Multi-host (jax.distributed): coordinator host:port (process 0), process count and this process's id.
+    # Unset, they come from the environment jax.distributed reads (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI).
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     # Bookkeeping.
     logging_steps: int = 1

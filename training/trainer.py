@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -29,13 +30,15 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 import model_lib
 from model_lib.layers.linear import LoRAParam
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, moe_blocks, router_aux_loss
-from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, quantize_model_nf4, save_peft_adapter
+from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, save_peft_adapter
 from model_lib.sharding import ShardingPlan, as_plan
+from training import distributed
 from training.config import TrainConfig
 from training.data import IGNORE, Batch, DataConfig, epoch_batches, load_examples, split_validation
 
@@ -115,6 +118,10 @@ class Trainer:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        # Before any JAX computation: join the other processes, then build the mesh over all their devices.
+        self.multi_process = distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+        if self.multi_process and config.mesh is None:
+            raise ValueError("a multi-process run needs a mesh preset (e.g. --mesh fsdp_tp) over all processes' devices")
         self.plan: ShardingPlan | None = as_plan(config.mesh)
         self.compute_dtype = jnp.dtype(config.torch_dtype)
         self._load_model()
@@ -129,10 +136,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(c.model_name_or_path)
         # Full fine-tuning trains float32 master weights; adapters train over a base kept in the compute dtype.
         base_dtype = "float32" if c.peft_method == "none" else c.torch_dtype
-        model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan)
-        self.lora_config = None
+        # QLoRA quantizes the base while it streams from the checkpoint: no full-precision copy on the device.
+        quantization = None
         if c.peft_method == "qlora":
-            quantize_model_nf4(model)
+            quantization = "nf4-embeddings" if c.quantize_embeddings else "nf4"
+        model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan, quantization=quantization)
+        self.lora_config = None
         if c.peft_method != "none":
             self.lora_config = LoraConfig(
                 r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
@@ -152,8 +161,11 @@ class Trainer:
         self.graphdef, self.trainable, self.rng_state, self.frozen = nnx.split(model, trainable, nnx.RngState, ...)
         model.eval()
         self.eval_graphdef = nnx.split(model, trainable, nnx.RngState, ...)[0]
-        if self.plan is not None and c.peft_method != "none":
-            self.trainable = jax.device_put(self.trainable, self._replicated())
+        if self.plan is not None:
+            # Global arrays on the mesh (every process holds the same values): adapters and RNG replicated.
+            if c.peft_method != "none":
+                self.trainable = self._global(self.trainable)
+            self.rng_state = self._global(self.rng_state)
 
     def _load_data(self) -> None:
         c = self.config
@@ -183,6 +195,22 @@ class Trainer:
     def _replicated(self) -> NamedSharding:
         return NamedSharding(self.plan.mesh, PartitionSpec())
 
+    def _global(self, tree: Any, sharding: NamedSharding | None = None) -> Any:
+        """Host-identical values as global arrays (each process fills only its own devices)."""
+        sharding = sharding or self._replicated()
+
+        mesh_devices = set(self.plan.mesh.devices.flat)
+
+        def put(x: Any) -> Any:
+            if isinstance(x, jax.Array) and x.sharding.device_set == mesh_devices:
+                return x  # already a global array on the mesh
+            host = np.asarray(jax.device_get(x)) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else None
+            if host is None:  # typed PRNG keys: place their raw key data
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+            return self.plan.place(host, sharding=sharding)
+
+        return jax.tree.map(put, tree)
+
     def _batch_args(self, epoch: int) -> dict[str, Any]:
         c = self.config
         return dict(rows_per_batch=self.rows, max_seq_length=c.max_seq_length, packing=c.packing, seed=c.seed, epoch=epoch)
@@ -199,11 +227,14 @@ class Trainer:
         if self.plan is None:
             return jax.tree.map(jnp.asarray, stacked)
         sharding = NamedSharding(self.plan.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return jax.tree.map(lambda x: jax.device_put(x, sharding), stacked)
+        return self._global(stacked, sharding)
 
     def _build_steps(self) -> None:
         self.optimizer = make_optimizer(self.config, self.total_steps)
-        self.opt_state = self.optimizer.init(self.trainable)
+        if self.plan is None:
+            self.opt_state = self.optimizer.init(self.trainable)
+        else:  # moments placed like the parameters they follow; step counts replicated on the mesh
+            self.opt_state = self._global(self.optimizer.init(self.trainable))
         graphdef, eval_graphdef, optimizer, dtype = self.graphdef, self.eval_graphdef, self.optimizer, self.compute_dtype
         router_aux_coef = self.router_aux_coef
 
@@ -294,8 +325,9 @@ class Trainer:
         result = TrainResult(self.output_dir, start_step, param_bytes=self.param_bytes)
         stop = {"signal": False}
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-        metrics_file = (self.output_dir / "metrics.jsonl").open("a")
-        writer = _tensorboard(self.output_dir)
+        leader = distributed.is_leader()  # one process writes the shared metrics
+        metrics_file = (self.output_dir / "metrics.jsonl").open("a") if leader else open(os.devnull, "w")
+        writer = _tensorboard(self.output_dir) if leader else None
         progress = _progress(c.progress_bar, self.total_steps, start_step)
         step = start_step
         try:
@@ -362,9 +394,14 @@ class Trainer:
 
     def export(self) -> None:
         c = self.config
-        model = self.trained_model()
+        trainable = self.trainable
+        if self.multi_process:  # every process takes part in the gather; the leader writes
+            trainable = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), trainable)
+            if not distributed.is_leader():
+                return
+        model = nnx.merge(self.eval_graphdef, trainable, self.rng_state, self.frozen)
         if self.lora_config is None:
-            exported = nnx.merge(self.eval_graphdef, _cast_floating(self.trainable, jnp.dtype(self._base_dtype())),
+            exported = nnx.merge(self.eval_graphdef, _cast_floating(trainable, jnp.dtype(self._base_dtype())),
                                  self.rng_state, self.frozen)
             model_lib.save_pretrained(exported, self.output_dir)
             self._copy_tokenizer(self.output_dir)

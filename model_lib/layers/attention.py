@@ -121,7 +121,7 @@ class Attention(nnx.Module):
         self.clip_qkv = config.clip_qkv
         self.logn_length = config.logn_attention_length
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        common = dict(dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
+        common = dict(dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs, head_size=self.head_dim)
         self.q_proj = Linear(hidden, q_dim, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **common)
         self.k_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
         self.v_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)

@@ -1,10 +1,16 @@
-"""Token and learned-position embeddings; `weight [num, features]` as in HF."""
+"""Token and learned-position embeddings; `weight [num, features]` as in HF.
+
+The table may be replaced by its NF4 form (QLoRA with quantized embeddings): a lookup
+then dequantizes only the rows it reads.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from model_lib.quantization import NF4Weight, dequantize_nf4, nf4_take_rows
 
 
 class Embed(nnx.Module):
@@ -21,11 +27,18 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
     ):
         init = jax.nn.initializers.normal(init_std)
-        self.weight = nnx.Param(init(rngs.params(), (num_embeddings, features), dtype), logical_axes=axes)
+        self.axes, self.dtype = axes, jnp.dtype(dtype)
+        self.weight: nnx.Param | None = nnx.Param(init(rngs.params(), (num_embeddings, features), dtype), logical_axes=axes)
+        self.nf4: NF4Weight | None = nnx.data(None)
+
+    def table(self) -> jax.Array:
+        return dequantize_nf4(self.nf4, self.dtype) if self.nf4 is not None else self.weight[...]
 
     def __call__(self, ids: jax.Array) -> jax.Array:
+        if self.nf4 is not None:
+            return nf4_take_rows(self.nf4, ids, self.dtype)
         return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """`x [..., features] -> [..., num_embeddings]` through the same table."""
-        return jnp.dot(x, self.weight[...].T)
+        return jnp.dot(x, self.table().T)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model_lib.quantization import NF4Weight, dequantize_nf4
+from model_lib.quantization import NF4Weight, dequantize_nf4, nf4_matmul
 
 
 class LoRAParam(nnx.Param):
@@ -35,17 +35,20 @@ class Linear(nnx.Module):
         init_std: float,
         rngs: nnx.Rngs,
         unit_norm_outputs: bool = False,
+        head_size: int = 1,
     ):
         self.in_features, self.out_features, self.axes = in_features, out_features, axes
+        # Width of one attention head along a `q_heads` / `kv_heads` axis: sharding splits whole heads.
+        self.head_size = head_size
         # Scale each output's weight vector (a kernel column, an HF weight row) to unit
         # L2 norm on use, as Baichuan2's NormHead does at every forward.
         self.unit_norm_outputs = unit_norm_outputs
         init = jax.nn.initializers.normal(init_std)
         self.kernel: nnx.Param | None = nnx.Param(
-            init(rngs.params(), (in_features, out_features), dtype), logical_axes=axes
+            init(rngs.params(), (in_features, out_features), dtype), logical_axes=axes, head_size=head_size
         )
         self.bias = (
-            nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:]) if use_bias else None
+            nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:], head_size=head_size) if use_bias else None
         )
         # Slots filled later (quantization, adapters): declared data so they may change type.
         self.nf4: NF4Weight | None = nnx.data(None)
@@ -67,7 +70,10 @@ class Linear(nnx.Module):
         return kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.weight(x.dtype))
+        if self.nf4 is not None and not self.unit_norm_outputs:
+            y = nf4_matmul(x, self.nf4)  # never holds the dequantized kernel past its use
+        else:
+            y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:

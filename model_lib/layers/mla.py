@@ -72,21 +72,30 @@ class MLAttention(nnx.Module):
         # Latent dimensions stay whole (None); head dimensions split like the other families'.
         q_out = heads * self.qk_dim
         if self.q_lora_rank is None:
-            self.q_proj = Linear(hidden, q_out, axes=("embed", "q_heads"), use_bias=False, **common)
+            self.q_proj = Linear(hidden, q_out, axes=("embed", "q_heads"), use_bias=False, head_size=self.qk_dim, **common)
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
         else:
             self.q_proj = None
             self.q_a_proj = Linear(hidden, self.q_lora_rank, axes=("embed", None), use_bias=config.qkv_bias, **common)
             self.q_a_layernorm = latent_norm(self.q_lora_rank)
-            self.q_b_proj = Linear(self.q_lora_rank, q_out, axes=(None, "q_heads"), use_bias=False, **common)
+            self.q_b_proj = Linear(
+                self.q_lora_rank, q_out, axes=(None, "q_heads"), use_bias=False, head_size=self.qk_dim, **common
+            )
         self.kv_a_proj_with_mqa = Linear(
             hidden, self.kv_lora_rank + self.rope_dim, axes=("embed", None), use_bias=config.qkv_bias, **common
         )
         self.kv_a_layernorm = latent_norm(self.kv_lora_rank)
         self.kv_b_proj = Linear(
-            self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), axes=(None, "kv_heads"), use_bias=False, **common
+            self.kv_lora_rank,
+            heads * (self.nope_dim + self.v_dim),
+            axes=(None, "kv_heads"),
+            use_bias=False,
+            head_size=self.nope_dim + self.v_dim,
+            **common,
         )
-        self.o_proj = Linear(heads * self.v_dim, hidden, axes=("q_heads", "embed"), use_bias=config.o_bias, **common)
+        self.o_proj = Linear(
+            heads * self.v_dim, hidden, axes=("q_heads", "embed"), use_bias=config.o_bias, head_size=self.v_dim, **common
+        )
 
     def __call__(
         self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: KVCache | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from model_lib.sharding import load_mesh_preset
 from serving import LLM, SamplingParams
 from tests.serving.helpers import hf_greedy, prompts, token_prompts
 
@@ -99,7 +100,7 @@ def test_bad_requests_are_refused_with_a_reason(tiny_checkpoint):
 
 
 def test_tensor_parallel_engine_gives_the_same_tokens(tiny_checkpoint, expected):
-    """Parameters and KV pages sharded over 8 simulated devices (tp preset): same greedy tokens."""
+    """Parameters and KV pages sharded over 8 simulated devices (tp preset, tensor 4): same greedy tokens."""
     import jax
 
     if jax.device_count() < 8:
@@ -107,7 +108,8 @@ def test_tensor_parallel_engine_gives_the_same_tokens(tiny_checkpoint, expected)
     folder, _ = tiny_checkpoint("gemma3-local-global")
     prompt_ids, _ = expected
     single = LLM(folder, max_model_len=40, page_size=4, max_num_batched_tokens=64)
-    sharded = LLM(folder, max_model_len=40, page_size=4, max_num_batched_tokens=64, mesh="tp")
+    # 4 query heads split over tensor 4 (x 2 data); the single kv head is replicated.
+    sharded = LLM(folder, max_model_len=40, page_size=4, max_num_batched_tokens=64, mesh=load_mesh_preset("tp", tensor=4, data=2))
     q_proj = sharded.engine.runner.state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
     assert len(q_proj.get_value().sharding.device_set) == 8
     ours = [o.outputs[0].token_ids for o in sharded.generate(token_prompts(prompt_ids), GREEDY)]

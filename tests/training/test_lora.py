@@ -18,7 +18,7 @@ from model_lib.lora import (
     save_peft_adapter,
 )
 from model_lib.quantization import dequantize_nf4, quantize_nf4
-from tests.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, random_ids
+from tests.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, padded_batch, random_ids
 
 
 def _randomise_b(model, seed=0):
@@ -118,3 +118,66 @@ def test_nf4_round_trip_and_memory(tiny_checkpoint):
     # 4-bit codes plus double-quantized constants: just over a quarter of bf16 per quantized weight.
     assert layer.nf4.nbytes() < 0.3 * 2 * 64 * 96
     assert param_bytes(model) < before
+
+
+def test_quantizing_while_loading_equals_quantizing_after(tiny_checkpoint, forward):
+    """NF4 made tensor by tensor from the checkpoint is the NF4 of the loaded model, and shards under fsdp."""
+    from model_lib.quantization import quantize_nf4_host
+
+    folder, _ = tiny_checkpoint("llama-gqa")
+    after = model_lib.from_pretrained(folder, dtype="bfloat16")
+    quantize_model_nf4(after)
+    streamed = model_lib.from_pretrained(folder, dtype="bfloat16", quantization="nf4")
+    # float32 here so that the sharded comparison is not bf16 rounding of reordered sums.
+    sharded = model_lib.from_pretrained(folder, dtype="float32", quantization="nf4", mesh="fsdp_tp")
+    for path, layer in linear_layers(after).items():
+        other = linear_layers(streamed)[path]
+        if layer.nf4 is None:
+            assert path == "lm_head" and other.nf4 is None
+            continue
+        assert other.kernel is None
+        for name in ("packed", "absmax_q", "absmax_scale", "offset"):
+            np.testing.assert_array_equal(getattr(other.nf4, name)[...], getattr(layer.nf4, name)[...])
+    # Rows layout (out % 64 == 0) keeps the kernel's axes: an o_proj [heads * 16, embed] shards embed over fsdp.
+    o_proj = sharded.model.layers[0].self_attn.o_proj.nf4
+    assert o_proj.packed[...].shape == (64, 32) and "fsdp" in str(o_proj.packed[...].sharding.spec)
+    ids, mask, _ = padded_batch(seed=3)
+    reference = np.asarray(forward(after, ids, mask))
+    np.testing.assert_array_equal(np.asarray(forward(streamed, ids, mask)), reference)
+    unsharded32 = np.asarray(forward(model_lib.from_pretrained(folder, dtype="float32", quantization="nf4"), ids, mask))
+    assert_logits_close(forward(sharded, ids, mask), unsharded32, rel=1e-5)
+
+    # Chunked host quantization (a few rows at a time, from a transposed view) gives the same bytes.
+    weight = np.random.RandomState(1).randn(192, 256).astype(np.float32).T  # [in 256, out 192] view
+    whole, chunked = quantize_nf4_host(weight, chunk_values=1 << 30), quantize_nf4_host(weight, chunk_values=128)
+    for name in ("packed", "absmax_q", "absmax_scale"):
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name))
+    assert chunked.offset == whole.offset
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        model_lib.from_pretrained(folder, quantization="int3")
+
+    # "nf4-embeddings" also stores the token embedding and output head in NF4; lookups read single rows.
+    everything = model_lib.from_pretrained(folder, dtype="bfloat16")
+    quantize_model_nf4(everything, embeddings=True)
+    streamed_all = model_lib.from_pretrained(folder, dtype="bfloat16", quantization="nf4-embeddings")
+    for model in (everything, streamed_all):
+        assert model.lm_head.kernel is None and model.model.embed_tokens.weight is None
+    embed = streamed_all.model.embed_tokens
+    np.testing.assert_array_equal(embed.nf4.packed[...], everything.model.embed_tokens.nf4.packed[...])
+    np.testing.assert_array_equal(embed(jnp.asarray(ids)), jnp.take(dequantize_nf4(embed.nf4, jnp.bfloat16), ids, axis=0))
+    np.testing.assert_array_equal(np.asarray(forward(streamed_all, ids, mask)), np.asarray(forward(everything, ids, mask)))
+    assert_logits_close(forward(streamed_all, ids, mask), reference, rel=0.2)  # the head's rounding, not a bug
+
+
+def test_nf4_matmul_in_column_chunks_matches_the_whole_kernel():
+    import jax
+
+    from model_lib.quantization import nf4_matmul
+
+    q = quantize_nf4(np.random.RandomState(2).randn(128, 512).astype(np.float32) * 0.05)
+    x = jnp.asarray(np.random.RandomState(3).randn(3, 5, 128), jnp.float32)
+    whole = jnp.dot(x, dequantize_nf4(q, jnp.float32))
+    chunked = nf4_matmul(x, q, budget=128 * 128)  # 4 column chunks
+    np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    grad = jax.grad(lambda x: nf4_matmul(x, q, budget=128 * 128).sum())(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jax.grad(lambda x: jnp.dot(x, dequantize_nf4(q, jnp.float32)).sum())(x)), rtol=1e-5, atol=1e-6)

@@ -186,3 +186,68 @@ def test_sharded_training_matches_single_device(reverse_task, tmp_path):
     # fsdp_tp on 8 devices: fsdp 4 x tensor 2, so 2 rows per device make the same global batch of 8.
     sharded = train(_config(folder, data, tmp_path / "sharded", per_device_train_batch_size=2, mesh="fsdp_tp", **common))
     np.testing.assert_allclose(sharded.losses, single.losses, rtol=2e-5)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_in_two_processes(config: TrainConfig, timeout: float = 300) -> None:
+    """`train` as 2 jax.distributed processes of 4 CPU devices each on 127.0.0.1 (one global mesh of 8)."""
+    flags = [f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in config.to_dict().items() if v is not None]
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "training.cli", *flags, f"--coordinator_address=127.0.0.1:{port}",
+             "--num_processes=2", f"--process_id={i}"],
+            env=env, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (p, out) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+
+
+def test_two_processes_train_like_one_and_resume_from_their_checkpoint(reverse_task, tmp_path):
+    """2 processes x 4 devices give the 8-device single-process losses; their orbax checkpoint resumes."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 simulated devices (tests/conftest.py sets XLA_FLAGS)")
+    folder, data, _ = reverse_task
+    # Full fine-tuning: fsdp-sharded parameters and optimizer state, so every process saves its own shards.
+    common = dict(peft_method="none", learning_rate=1e-3, lr_scheduler_type="constant", per_device_train_batch_size=2,
+                  mesh="fsdp_tp", logging_steps=1)
+    single = train(_config(folder, data, tmp_path / "single", max_steps=4, **common))
+    _train_in_two_processes(_config(folder, data, tmp_path / "multi", max_steps=2, **common))  # saves at step 2
+    _train_in_two_processes(_config(folder, data, tmp_path / "multi", max_steps=4, **common))  # resumes at step 2
+    records = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in records], single.losses, rtol=2e-5)
+    # The leader gathered the sharded parameters and exported them.
+    exported = model_lib.from_pretrained(tmp_path / "multi")
+    reference = model_lib.from_pretrained(tmp_path / "single")
+    ids = np.arange(24, dtype=np.int32).reshape(2, 12) % exported.config.vocab_size
+    np.testing.assert_allclose(np.asarray(exported(ids)), np.asarray(reference(ids)), rtol=1e-4, atol=1e-5)
+
+
+def test_multi_process_is_requested_by_flags_or_the_cluster_environment():
+    from training.distributed import initialize, multi_process_requested
+
+    assert not multi_process_requested(None, None, None, {})
+    assert not multi_process_requested(None, None, None, {"SLURM_NTASKS": "1"})
+    assert multi_process_requested(None, None, None, {"SLURM_NTASKS": "4"})
+    assert multi_process_requested(None, None, None, {"JAX_COORDINATOR_ADDRESS": "host0:1234"})
+    assert multi_process_requested("host0:1234", 2, 0, {})
+    assert initialize(environ={}) is False  # a single process never initializes
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
+        initialize("127.0.0.1:1", 2, 5, environ={})
