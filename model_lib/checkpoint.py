@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model_lib.config import ModelConfig
+from model_lib.gguf import is_gguf_file, iter_gguf_tensors, load_gguf_config
 from model_lib.registry import Family, get_family
 from model_lib.sharding import ShardingPlan
 
@@ -61,10 +62,12 @@ def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> str:
 
 
 def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Family]:
-    """`ModelConfig` and family of a checkpoint folder, without reading any weights."""
+    """`ModelConfig` and family of a checkpoint folder or GGUF file, without reading any weights."""
     from transformers import AutoConfig, PretrainedConfig
 
     path = Path(path)
+    if is_gguf_file(path):
+        return load_gguf_config(path, dtype)
     raw = read_config_json(path)
     architectures = raw.get("architectures") or []
     if not architectures:
@@ -191,7 +194,7 @@ def _hf_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def load_params(
     model: nnx.Module, family: Family, path: Path, plan: ShardingPlan | None
 ) -> dict[str, jax.Array]:
-    """Read every tensor the abstract `model` expects, converted and placed."""
+    """Read every tensor the abstract `model` expects from a checkpoint folder or GGUF file, converted and placed."""
     config: ModelConfig = model.config
     expected = abstract_params(model)
     loaded: dict[str, jax.Array] = {}
@@ -205,7 +208,8 @@ def load_params(
         axes = variable.get_metadata().get("logical_axes")
         loaded[key] = plan.place(array, axes) if plan is not None else jnp.asarray(array)
 
-    for file, name, tensor in iter_tensors(path):
+    tensors = iter_gguf_tensors(path, family, config, expected) if is_gguf_file(path) else iter_tensors(path)
+    for file, name, tensor in tensors:
         hf_key = family.weight_map.canonical(name)
         if family.weight_map.is_ignored(hf_key) or (
             config.tie_word_embeddings and family.weight_map.module_to_ours(hf_key.rpartition(".")[0]) == "lm_head"

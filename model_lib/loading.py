@@ -24,8 +24,9 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
 def from_pretrained(
     path: str | Path, *, dtype: Any = None, mesh: Mesh | ShardingPlan | str | None = None
 ) -> CausalLM:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors).
+    """Load a Hugging Face checkpoint folder (config.json + safetensors) or a GGUF file.
 
+    A GGUF file's quantized blocks are dequantized to `dtype` (default float32).
     `dtype`: float32, bfloat16 or float16 (default: the checkpoint's own).
     `mesh`: a `ShardingPlan`, a preset name from `configs/mesh/`, or a `Mesh`
     (default rules); each tensor is placed sharded as it is read.
