@@ -13,6 +13,7 @@ From there the ordinary checkpoint path (`checkpoint.load_params`) takes over.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,16 +34,68 @@ def is_gguf_file(path: str | Path) -> bool:
     return path.suffix == GGUF_SUFFIX and path.is_file()
 
 
-def load_hf_config(path: Path) -> Any:
-    """The transformers config that transformers itself builds from the file's metadata."""
-    from transformers import AutoConfig
+@functools.lru_cache(maxsize=2)
+def _open(path: str, mtime_ns: int) -> tuple[Any, dict[str, Any]]:
+    """The file's `GGUFReader` and its metadata as Python values, parsed once per file version."""
+    from gguf import GGUFReader
 
     from model_lib.checkpoint import CheckpointError
 
     try:
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    except (ValueError, KeyError, NotImplementedError) as e:
-        raise CheckpointError(f"cannot read the config of GGUF file {path}: {e}") from None
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from None
+    return reader, {key: field.contents() for key, field in reader.fields.items()}
+
+
+def open_gguf(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    path = Path(path).resolve()
+    return _open(str(path), path.stat().st_mtime_ns)
+
+
+def gguf_config_dict(metadata: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """The config dict transformers' `load_gguf_checkpoint(path, return_tensors=False)` builds.
+
+    Rebuilt from transformers' own key tables because its GGUF readers import torch, which
+    serving does not install; tests/model_lib/test_gguf.py checks the two agree.
+    """
+    from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
+
+    from model_lib.checkpoint import CheckpointError
+
+    arch = metadata["general.architecture"]
+    # transformers tests list membership, so only a file named exactly "mistral" becomes Mistral.
+    renamed = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss"}.get(arch, arch)
+    if arch == "llama" and metadata.get("general.name") == "mistral":
+        renamed = "mistral"
+    if renamed not in GGUF_CONFIG_MAPPING:
+        raise CheckpointError(f"GGUF architecture {arch!r} is not one transformers reads")
+    config: dict[str, Any] = {"tie_word_embeddings": "output.weight" not in tensor_names or arch in ("falcon", "bloom")}
+    for key, value in GGUF_CONFIG_DEFAULTS_MAPPING.get(renamed, GGUF_CONFIG_DEFAULTS_MAPPING.get(arch) or {}).items():
+        config.setdefault(key, value)
+    for key, value in metadata.items():
+        prefix, _, rest = key.replace(arch, renamed).partition(".")
+        target = GGUF_CONFIG_MAPPING.get(prefix, {}).get(rest)
+        if target is not None and target != -1:
+            config[target] = value.replace(arch, renamed) if isinstance(value, str) and arch in value else value
+    if config["model_type"] == "gemma3":
+        config["model_type"] = "gemma3_text"
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
+        config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
+    return config
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """The transformers config of a GGUF file, as `AutoConfig.from_pretrained(..., gguf_file=)` makes it."""
+    from transformers import CONFIG_MAPPING
+
+    from model_lib.checkpoint import CheckpointError
+
+    reader, metadata = open_gguf(path)
+    config = gguf_config_dict(metadata, {t.name for t in reader.tensors})
+    if config["model_type"] not in CONFIG_MAPPING:
+        raise CheckpointError(f"GGUF model_type {config['model_type']!r} has no transformers config class")
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
 
 
 def causal_lm_architecture(hf: Any) -> str:
@@ -60,7 +113,6 @@ def load_gguf_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, 
     """`ModelConfig` and family of a GGUF file; dequantized weights default to float32 (as in transformers)."""
     from model_lib.checkpoint import resolve_dtype
 
-    path = Path(path)
     hf = load_hf_config(path)
     architecture = causal_lm_architecture(hf)
     family = get_family(architecture)
@@ -180,16 +232,12 @@ def iter_gguf_tensors(
     Stacked expert tensors `[X, out, in]` come out as X per-expert tensors. A tensor gguf's
     name map cannot place comes out under its GGUF name, which the loader reports as unexpected.
     """
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from model_lib.checkpoint import CheckpointError
 
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from None
-    arch = str(reader.fields["general.architecture"].contents())
+    reader, metadata = open_gguf(path)
+    arch = metadata["general.architecture"]
     undo = UNDO.get(arch, ())
     names = gguf_to_hf_names(arch, config.num_layers, hf_tensor_names(expected, family), family.weight_map.bare_prefix)
     for tensor in reader.tensors:
@@ -208,15 +256,31 @@ def iter_gguf_tensors(
 
 
 def load_gguf_tokenizer(path: str | Path) -> Any:
-    """The tokenizer (with its chat template) transformers builds from the file's metadata, or None."""
-    from transformers import AutoTokenizer
+    """The tokenizer and chat template transformers builds from the file (`AutoTokenizer`, `gguf_file=`), or None.
 
-    from model_lib.checkpoint import CheckpointError
+    Its steps (transformers' `get_gguf_tokenizer` then `convert_gguf_tokenizer`) on metadata
+    read with `gguf`, since transformers' own reader imports torch.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
 
-    path = Path(path)
-    try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    except KeyError as e:  # no tokenizer.ggml.* metadata
-        if "tokenizer" in str(e):
-            return None
-        raise CheckpointError(f"cannot build the tokenizer of GGUF file {path}: {e}") from None
+    _, metadata = open_gguf(path)
+    if "tokenizer.ggml.tokens" not in metadata:
+        return None
+    grouped = {
+        group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece files that say nothing
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+
