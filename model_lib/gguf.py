@@ -6,7 +6,7 @@ there. Tensors are read with the `gguf` package (`GGUFReader`, `gguf.quants.dequ
 every ggml block type it knows, Q4_0 ... Q6_K, F16, BF16, F32), renamed from llama.cpp's
 names to the Hugging Face ones with `gguf`'s own `TensorNameMap`, and brought back to the
 Hugging Face layout by undoing what llama.cpp's converter did to them (the rotary
-permutation of Llama's q/k, BLOOM's and Falcon's regrouped query_key_value, GPT-2's
+permutation of Llama's q/k, BLOOM's regrouped query_key_value, GPT-2's
 transposed Conv1D weights, Gemma's and Nemotron's `w + 1` norms, stacked MoE experts).
 From there the ordinary checkpoint path (`checkpoint.load_params`) takes over.
 """
@@ -145,21 +145,6 @@ def _bloom_qkv(array: np.ndarray, name: str, config: ModelConfig) -> np.ndarray:
     return np.stack([q, k, v], axis=1).reshape(array.shape)
 
 
-def _falcon_qkv(array: np.ndarray, name: str, config: ModelConfig) -> np.ndarray:
-    """llama.cpp splits Falcon's per-KV-group [q..., k, v] rows into [Q; K; V]; group them again.
-
-    With one KV head (Falcon-7B, multi-query) both orders are the same.
-    """
-    if not name.endswith(".attn_qkv.weight") or config.num_kv_heads == 1:
-        return array
-    groups, per_group, d = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
-    q_rows = config.num_heads * d
-    q = array[:q_rows].reshape(groups, per_group * d, *array.shape[1:])
-    k = array[q_rows : q_rows + groups * d].reshape(groups, d, *array.shape[1:])
-    v = array[q_rows + groups * d :].reshape(groups, d, *array.shape[1:])
-    return np.concatenate([q, k, v], axis=1).reshape(array.shape)
-
-
 _GPT2_CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
@@ -182,7 +167,6 @@ def _shared_expert_gate(array: np.ndarray, name: str, config: ModelConfig) -> np
 UNDO: dict[str, tuple[Callable[[np.ndarray, str, ModelConfig], np.ndarray], ...]] = {
     "llama": (_llama_qk,),
     "bloom": (_bloom_qkv,),
-    "falcon": (_falcon_qkv,),
     "gpt2": (_gpt2_conv1d,),
     "gemma2": (_norm_minus_one,),
     "gemma3": (_norm_minus_one,),
