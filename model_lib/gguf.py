@@ -150,7 +150,7 @@ _GPT2_CONV1D = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_d
 
 def _gpt2_conv1d(array: np.ndarray, name: str, config: ModelConfig) -> np.ndarray:
     """llama.cpp stores GPT-2's Conv1D weights `[out, in]`; HF keeps them `[in, out]`."""
-    return array.T if name.endswith(_GPT2_CONV1D) and not name.startswith("output.") else array
+    return array.T if name.endswith(_GPT2_CONV1D) else array
 
 
 def _norm_minus_one(array: np.ndarray, name: str, config: ModelConfig) -> np.ndarray:
@@ -193,9 +193,11 @@ def gguf_to_hf_names(arch: str, num_layers: int, hf_names: set[str], bare_prefix
     """GGUF tensor name -> HF tensor name, by gguf's `TensorNameMap` (expert names keep `{e}` open)."""
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
+    from model_lib.checkpoint import CheckpointError
+
     gguf_arch = next((a for a, n in MODEL_ARCH_NAMES.items() if n == arch), None)
     if gguf_arch is None:
-        raise ValueError(f"the gguf package knows no architecture {arch!r}")
+        raise CheckpointError(f"the gguf package knows no architecture {arch!r}")
     name_map = get_tensor_name_map(gguf_arch, num_layers)
     mapping: dict[str, str] = {}
     for hf_name in sorted(hf_names):
@@ -223,7 +225,10 @@ def iter_gguf_tensors(
     reader, metadata = open_gguf(path)
     arch = metadata["general.architecture"]
     undo = UNDO.get(arch, ())
-    names = gguf_to_hf_names(arch, config.num_layers, hf_tensor_names(expected, family), family.weight_map.bare_prefix)
+    # `lm_head` too when tied: Falcon and BLOOM files may carry an `output.weight` that transformers
+    # ignores (it ties them whatever the file holds), and the loader skips a tied head by this name.
+    hf_names = hf_tensor_names(expected, family) | {"lm_head.weight"}
+    names = gguf_to_hf_names(arch, config.num_layers, hf_names, family.weight_map.bare_prefix)
     for tensor in reader.tensors:
         try:
             array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)

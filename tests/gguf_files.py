@@ -21,6 +21,8 @@ from tests.tiny_models import CHAT_TEMPLATE, VOCAB
 
 # transformers' config key -> the GGUF architecture name llama.cpp writes.
 GGUF_ARCH = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "mistral": "llama"}
+# llama.cpp converts Falcon-7B from its .bin files, which hold the tied lm_head: its GGUFs carry output.weight.
+TIED_OUTPUT_WRITTEN = {"falcon"}
 # K-quant block layouts: byte offsets of the fp16 scales in a block, and a scale that keeps weights ~0.02.
 K_QUANT_SCALES = {
     "Q2_K": {80: 5e-4, 82: 1e-3},
@@ -172,8 +174,11 @@ def write_gguf(folder: Path, hf, out: Path, qtype_name: str = "F32", name: str =
     for key, value in _metadata_values(hf, arch_key).items():
         _add(writer, f"{arch}.{key}", value)
     _write_tokenizer(writer)
+    if hf.tie_word_embeddings and arch in TIED_OUTPUT_WRITTEN:
+        embeddings = next(w for n, w in tensors.items() if n.endswith("word_embeddings.weight"))
+        tensors["lm_head.weight"] = embeddings.copy()
     for hf_name, w in sorted(_stack_experts(tensors).items()):
-        if hf.tie_word_embeddings and hf_name.startswith("lm_head."):
+        if hf.tie_word_embeddings and hf_name.startswith("lm_head.") and arch not in TIED_OUTPUT_WRITTEN:
             continue
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias")) or name_map.get_name(
             hf_name.removeprefix("transformer."), try_suffixes=(".weight", ".bias")

@@ -83,3 +83,44 @@ def test_gguf_logits_match_transformers(arch, case, qtype, tmp_path, tmp_path_fa
     ids = random_ids(2, 12, seed=3)
     ours = np.asarray(forward(model, ids, np.ones_like(ids)))
     assert_logits_close(ours, hf_logits(reference, ids))
+
+
+def test_gguf_tokenizer_matches_transformers(tmp_path, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder, hf_config = _source(ARCHITECTURES["llama"], tmp_path_factory)
+    file = write_gguf(folder, hf_config, tmp_path / "tok.gguf", "F32")
+    ours, reference = gguf.load_gguf_tokenizer(file), AutoTokenizer.from_pretrained(tmp_path, gguf_file=file.name)
+    text = "the theory of 23 km\nis in the east"
+    assert ours(text)["input_ids"] == reference(text)["input_ids"]
+    assert ours.decode(ours(text)["input_ids"]) == text
+    messages = [{"role": "user", "content": "Convert 3 km to metres."}]
+    assert ours.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == reference.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (reference.bos_token, reference.eos_token, reference.pad_token)
+
+
+def _metadata_only(path, arch: str, **uint32):
+    import gguf as gguf_package
+
+    writer = gguf_package.GGUFWriter(str(path), arch)
+    for key, value in uint32.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_errors_name_the_problem(tmp_path):
+    not_gguf = tmp_path / "broken.gguf"
+    not_gguf.write_bytes(b"this is not a GGUF file")
+    with pytest.raises(model_lib.CheckpointError, match="cannot read GGUF file"):
+        model_lib.from_pretrained(not_gguf)
+    with pytest.raises(model_lib.CheckpointError, match="'gptneox' is not one transformers reads"):
+        model_lib.from_pretrained(_metadata_only(tmp_path / "neox.gguf", "gptneox", block_count=2))
+    # transformers reads Mamba GGUFs; the registry has no state-space family yet.
+    with pytest.raises(model_lib.UnknownArchitectureError, match="MambaForCausalLM"):
+        model_lib.from_pretrained(_metadata_only(tmp_path / "mamba.gguf", "mamba", block_count=2, vocab_size=VOCAB))
