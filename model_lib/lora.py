@@ -1,4 +1,4 @@
-"""LoRA adapters on the shared `Linear`, PEFT import/export, merging, and NF4 quantization of a model.
+"""LoRA adapters on the shared `Linear`, PEFT import/export, merging, and NF4 / int8 quantization of a model.
 
 Targets are named as PEFT names them, against the Hugging Face module paths:
 a list of names matches modules whose path ends with one of them (`q_proj`), a
@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from model_lib.layers.linear import Linear, LoRAParam
-from model_lib.quantization import quantize_nf4
+from model_lib.quantization import quantize_int8, quantize_nf4
 from model_lib.registry import Family, get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -156,8 +156,8 @@ def merge_lora(model: nnx.Module) -> None:
     for layer in linear_layers(model).values():
         if layer.lora_a is None:
             continue
-        if layer.nf4 is not None:
-            raise ValueError("cannot merge into NF4 weights; load the base model unquantized to merge")
+        if layer.nf4 is not None or layer.int8 is not None:
+            raise ValueError("cannot merge into quantized weights; load the base model unquantized to merge")
         kernel = layer.kernel[...]
         delta = jnp.dot(layer.lora_a[...].astype(jnp.float32), layer.lora_b[...].astype(jnp.float32)) * layer.lora_scale
         layer.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
@@ -231,13 +231,22 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
     return config
 
 
-def quantize_model_nf4(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> None:
-    """Replace every linear kernel (but the output head) by its NF4 form, in place."""
+def _quantize_linears(model: nnx.Module, slot: str, quantize: Callable[[np.ndarray], Any], skip: tuple[str, ...]) -> None:
     for path, layer in linear_layers(model).items():
         if path in skip or layer.kernel is None:
             continue
-        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
+        setattr(layer, slot, quantize(np.asarray(jax.device_get(layer.kernel[...]), np.float32)))
         layer.kernel = None
+
+
+def quantize_model_nf4(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> None:
+    """Replace every linear kernel (but the output head) by its NF4 form, in place."""
+    _quantize_linears(model, "nf4", quantize_nf4, skip)
+
+
+def quantize_model_int8(model: nnx.Module, *, skip: tuple[str, ...] = (OUTPUT_HEAD,)) -> None:
+    """Replace every linear kernel (but the output head) by its weight-only int8 form, in place."""
+    _quantize_linears(model, "int8", quantize_int8, skip)
 
 
 def param_bytes(model: nnx.Module) -> int:
@@ -258,6 +267,7 @@ __all__ = [
     "load_peft_adapter",
     "merge_lora",
     "param_bytes",
+    "quantize_model_int8",
     "quantize_model_nf4",
     "save_peft_adapter",
     "target_groups",

@@ -58,7 +58,8 @@ class LLM:
 
     Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
-    `gpu_memory_utilization`, `enable_prefix_caching`, `seed`.
+    `gpu_memory_utilization`, `enable_prefix_caching`, `seed`; `quantization="int8"` serves
+    weight-only int8 linear layers.
     """
 
     def __init__(
@@ -68,11 +69,12 @@ class LLM:
         tokenizer: str | Path | None = None,
         dtype: Any = None,
         mesh: Mesh | ShardingPlan | str | None = None,
+        quantization: str | None = None,
         **engine_args: Any,
     ):
         plan = as_plan(mesh)
         self.model_path = Path(model)
-        net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan)
+        net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.engine = LLMEngine(
             net,

@@ -1,4 +1,4 @@
-"""Linear projection: base weight (plain or NF4-quantized) plus optional LoRA adapter slots.
+"""Linear projection: base weight (plain, NF4- or int8-quantized) plus optional LoRA adapter slots.
 
 The base weight is `kernel [in, out]` (HF checkpoints store `weight [out, in]`;
 the loader transposes). Under QLoRA the kernel is replaced by its NF4 form and
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model_lib.quantization import NF4Weight, dequantize_nf4
+from model_lib.quantization import Int8Weight, NF4Weight, dequantize_int8, dequantize_nf4, int8_matmul
 
 
 class LoRAParam(nnx.Param):
@@ -49,15 +49,18 @@ class Linear(nnx.Module):
         )
         # Slots filled later (quantization, adapters): declared data so they may change type.
         self.nf4: NF4Weight | None = nnx.data(None)
+        self.int8: Int8Weight | None = nnx.data(None)
         self.lora_a: LoRAParam | None = nnx.data(None)
         self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale = 0.0
         self.lora_dropout: nnx.Dropout | None = nnx.data(None)
 
     def weight(self, dtype: jnp.dtype) -> jax.Array:
-        """The base kernel `[in, out]` in `dtype` (dequantized if stored as NF4)."""
+        """The base kernel `[in, out]` in `dtype` (dequantized if stored as NF4 or int8)."""
         if self.nf4 is not None:
             kernel = dequantize_nf4(self.nf4, dtype)
+        elif self.int8 is not None:
+            kernel = dequantize_int8(self.int8, dtype)
         else:
             kernel = self.kernel[...].astype(dtype)
         if self.unit_norm_outputs:
@@ -67,7 +70,10 @@ class Linear(nnx.Module):
         return kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x, self.weight(x.dtype))
+        if self.int8 is not None and not self.unit_norm_outputs:
+            y = int8_matmul(x, self.int8)
+        else:
+            y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:
