@@ -6,7 +6,7 @@ int8 (`quantization="int8"`, from the float32 weights; float32 compute). Every r
 the same Q4_1 file, so "agreement" measures what each format adds on top of Q4_1. Bytes per
 parameter count what the loaded model holds (`param_bytes`; the GGUF's blocks are not kept
 quantized yet), next to the file's own. Decode: one chat prompt, 256 tokens, `ignore_eos`,
-after a warm-up generation of the same shapes (compilation excluded).
+after a short warm-up generation of the same shapes (compilation excluded).
 
     python -m benchmarks.quantized_cpu [--tokens 256]   # from the repository root
 """
@@ -54,14 +54,17 @@ def main() -> None:
         load = time.perf_counter() - start
         ids = llm.get_tokenizer().apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
         params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-        llm.generate({"prompt_token_ids": list(ids)}, params)  # warm-up: every shape compiles
+        # Warm-up: the prefill and the batch-1 decode step compile (decode shapes do not grow with length).
+        llm.generate({"prompt_token_ids": list(ids)}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         start = time.perf_counter()
         tokens = llm.generate({"prompt_token_ids": list(ids)}, params)[0].outputs[0].token_ids
         seconds = time.perf_counter() - start
         del llm
         per_param = bytes_per_param(path, options["dtype"], options.get("quantization"))
         results[name] = dict(bytes_per_param=per_param, tok_s=len(tokens) / seconds, tokens=tokens, load=load)
-        print(f"{name}: load {load:.1f} s, {len(tokens) / seconds:.1f} tok/s, {per_param:.2f} B/param", flush=True)
+        base = results[next(iter(results))]["tokens"]
+        match = np.mean([a == b for a, b in zip(tokens, base)])
+        print(f"{name}: load {load:.1f} s, {len(tokens) / seconds:.1f} tok/s, {per_param:.2f} B/param, match {match:.3f}", flush=True)
     base = results["bf16"]["tokens"]
     file_bytes = path.stat().st_size
     print(f"\nfile: {path.name}, {file_bytes / 2**20:.1f} MiB\n")
