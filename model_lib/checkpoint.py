@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model_lib.config import ModelConfig
+from model_lib.gguf import is_gguf_file, iter_gguf_tensors, load_gguf_config
 from model_lib.quantization import NF4Weight, nf4_storage_axes, quantize_nf4_host
 from model_lib.registry import Family, get_family
 from model_lib.sharding import ShardingPlan
@@ -62,10 +63,12 @@ def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> str:
 
 
 def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Family]:
-    """`ModelConfig` and family of a checkpoint folder, without reading any weights."""
+    """`ModelConfig` and family of a checkpoint folder or GGUF file, without reading any weights."""
     from transformers import AutoConfig, PretrainedConfig
 
     path = Path(path)
+    if is_gguf_file(path):
+        return load_gguf_config(path, dtype)
     raw = read_config_json(path)
     architectures = raw.get("architectures") or []
     if not architectures:
@@ -215,7 +218,7 @@ def quantize_and_place(array: np.ndarray, variable: nnx.Variable, plan: Sharding
 def load_params(
     model: nnx.Module, family: Family, path: Path, plan: ShardingPlan | None, *, quantize: frozenset[str] = frozenset()
 ) -> dict[str, jax.Array | NF4Weight]:
-    """Read every tensor the abstract `model` expects, converted and placed.
+    """Read every tensor the abstract `model` expects from a checkpoint folder or GGUF file, converted and placed.
 
     Kernels whose keys are in `quantize` come back as `NF4Weight`s, quantized as they are read.
     """
@@ -237,7 +240,8 @@ def load_params(
         else:
             loaded[key] = plan.place(array, sharding=plan.variable_sharding(variable, array.shape))
 
-    for file, name, tensor in iter_tensors(path):
+    tensors = iter_gguf_tensors(path, family, config, expected) if is_gguf_file(path) else iter_tensors(path)
+    for file, name, tensor in tensors:
         hf_key = family.weight_map.canonical(name)
         if family.weight_map.is_ignored(hf_key) or (
             config.tie_word_embeddings and family.weight_map.module_to_ours(hf_key.rpartition(".")[0]) == "lm_head"

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from model_lib.checkpoint import abstract_params, load_config, load_params
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM
-from model_lib.lora import nf4_targets
+from model_lib.lora import nf4_targets, quantize_model_int8
 from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 
@@ -22,8 +22,9 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
     return shard_model(model, plan) if plan is not None else model
 
 
-# nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head.
-QUANTIZATIONS = ("nf4", "nf4-embeddings")
+# nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head;
+# int8: weight-only int8 of the same kernels as nf4.
+QUANTIZATIONS = ("nf4", "nf4-embeddings", "int8")
 
 
 def from_pretrained(
@@ -33,8 +34,9 @@ def from_pretrained(
     mesh: Mesh | ShardingPlan | str | None = None,
     quantization: str | None = None,
 ) -> CausalLM:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors).
+    """Load a Hugging Face checkpoint folder (config.json + safetensors) or a GGUF file.
 
+    A GGUF file's quantized blocks are dequantized to `dtype` (default float32).
     `dtype`: float32, bfloat16 or float16 (default: the checkpoint's own).
     `mesh`: a `ShardingPlan`, a preset name from `configs/mesh/`, or a `Mesh`
     (default rules); each tensor is placed sharded as it is read.
@@ -42,16 +44,21 @@ def from_pretrained(
     host as it is read (QLoRA's base); only its NF4 form reaches the device. The
     result equals loading in `dtype` and calling `quantize_model_nf4`.
     `"nf4-embeddings"` also quantizes an untied model's token embedding and output head.
+    `"int8"` keeps every linear kernel but the output head as weight-only int8 with
+    per-output-channel scales (quantized after loading; MoE experts stay in `dtype`).
     """
     if quantization not in (None, *QUANTIZATIONS):
-        raise ValueError(f"unknown quantization {quantization!r}; supported: {QUANTIZATIONS}")
+        raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
+    if quantization == "int8" and mesh is not None:
+        raise ValueError("int8 quantization with a mesh is not supported yet (int8 weights are not sharded)")
     path = Path(path)
     config, family = load_config(path, dtype)
     plan = as_plan(mesh)
     if plan is not None:
         plan.check_heads(config)  # before any tensor is read
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
-    targets = nf4_targets(abstract, embeddings=quantization == "nf4-embeddings") if quantization else {}
+    nf4 = quantization in ("nf4", "nf4-embeddings")
+    targets = nf4_targets(abstract, embeddings=quantization == "nf4-embeddings") if nf4 else {}
     values = load_params(abstract, family, path, plan, quantize=frozenset(targets))
     for key, layer in targets.items():
         layer.nf4 = values.pop(key)
@@ -61,7 +68,10 @@ def from_pretrained(
     for p, v in nnx.to_flat_state(state):
         key = ".".join(map(str, p))
         filled.append((p, v.replace(value=values[key]) if key in values else v))  # NF4 storage is already real
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    model = nnx.merge(graphdef, nnx.from_flat_state(filled))
+    if quantization == "int8":
+        quantize_model_int8(model)
+    return model
 
 
 __all__ = ["abstract_params", "from_config", "from_pretrained"]

@@ -1,4 +1,4 @@
-"""LoRA adapters on the shared `Linear`, PEFT import/export, merging, and NF4 quantization of a model.
+"""LoRA adapters on the shared `Linear`, PEFT import/export, merging, and NF4 / int8 quantization of a model.
 
 Targets are named as PEFT names them, against the Hugging Face module paths:
 a list of names matches modules whose path ends with one of them (`q_proj`), a
@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
-from model_lib.quantization import quantize_nf4
+from model_lib.quantization import quantize_int8, quantize_nf4
 from model_lib.registry import Family, get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -160,8 +160,8 @@ def merge_lora(model: nnx.Module) -> None:
     for layer in linear_layers(model).values():
         if layer.lora_a is None:
             continue
-        if layer.nf4 is not None:
-            raise ValueError("cannot merge into NF4 weights; load the base model unquantized to merge")
+        if layer.nf4 is not None or layer.int8 is not None:
+            raise ValueError("cannot merge into quantized weights; load the base model unquantized to merge")
         kernel = layer.kernel[...]
         delta = jnp.dot(layer.lora_a[...].astype(jnp.float32), layer.lora_b[...].astype(jnp.float32)) * layer.lora_scale
         layer.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
@@ -264,6 +264,13 @@ def quantize_model_nf4(model: nnx.Module, *, embeddings: bool = False) -> None:
         setattr(layer, leaf, None)
 
 
+def quantize_model_int8(model: nnx.Module) -> None:
+    """Replace every linear kernel but the output head (the layers QLoRA quantizes) by weight-only int8, in place."""
+    for key, layer in nf4_targets(model).items():
+        layer.int8 = quantize_int8(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
+        layer.kernel = None
+
+
 def param_bytes(model: nnx.Module) -> int:
     """Bytes held by parameters and quantized weights (not RNG state)."""
     _, state = nnx.split(model)
@@ -283,6 +290,7 @@ __all__ = [
     "merge_lora",
     "nf4_targets",
     "param_bytes",
+    "quantize_model_int8",
     "quantize_model_nf4",
     "save_peft_adapter",
     "target_groups",

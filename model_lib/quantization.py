@@ -1,4 +1,11 @@
-"""NF4 weight quantization with double quantization, as in QLoRA / bitsandbytes.
+"""Weight quantization: NF4 with double quantization (QLoRA / bitsandbytes) and weight-only int8.
+
+Int8 (`quantization="int8"`, vLLM's name for it is a weight-only int8 scheme): each output
+channel of a `[in, out]` kernel keeps int8 values and one float32 scale, absmax / 127
+(symmetric, round to nearest). The matmul runs on the int8 values and scales the output
+columns, `(x @ q) * scale`, which is `x @ (q * scale)` without materialising the float kernel.
+
+NF4:
 
 A weight is flattened and cut into blocks of 64 values; each block stores
 4-bit indices into the 16-value NormalFloat code (two per byte) and its absmax.
@@ -242,3 +249,34 @@ def nf4_take_rows(q: NF4Weight, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
     scales = q.absmax_scale[...][block // ABSMAX_BLOCK]
     packed, absmax_q = jnp.take(q.packed[...], ids, axis=0), jnp.take(q.absmax_q[...], ids, axis=0)
     return _dequantize(packed, absmax_q, scales, q.offset[...], dtype)
+
+
+class Int8Weight(nnx.Module):
+    """The weight-only int8 form of one `[in, out]` kernel: int8 values and a float32 scale per output."""
+
+    def __init__(self, values: np.ndarray, scale: np.ndarray):
+        self.values = QuantState(jnp.asarray(values))  # [in, out] int8
+        self.scale = QuantState(jnp.asarray(scale))  # [out] float32
+        self.shape = tuple(values.shape)
+
+    def nbytes(self) -> int:
+        return int(self.values.get_value().nbytes + self.scale.get_value().nbytes)
+
+
+def quantize_int8(weight: np.ndarray) -> Int8Weight:
+    """Symmetric per-output-channel int8 of a float `[in, out]` kernel (host side)."""
+    w = np.asarray(weight, np.float32)
+    scale = np.abs(w).max(axis=0) / 127.0
+    values = np.clip(np.round(w / np.where(scale == 0, 1.0, scale)), -127, 127).astype(np.int8)
+    return Int8Weight(values, scale.astype(np.float32))
+
+
+def dequantize_int8(q: Int8Weight, dtype: jnp.dtype) -> jax.Array:
+    """`[in, out]` weight in `dtype` (the published layout's meaning: values * scale per column)."""
+    return (q.values[...].astype(jnp.float32) * q.scale[...]).astype(dtype)
+
+
+def int8_matmul(x: jax.Array, q: Int8Weight) -> jax.Array:
+    """`x @ dequantize_int8(q)` with the scale applied to the output (the CPU reference path)."""
+    return (jnp.dot(x, q.values[...].astype(x.dtype)) * q.scale[...].astype(x.dtype)).astype(x.dtype)
+

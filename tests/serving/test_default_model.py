@@ -1,4 +1,4 @@
-"""The bundled default model: served by `serve` with no model argument, it converts km to m."""
+"""The bundled toy model (models/jaxllm-tiny-chat): served by `serve models/jaxllm-tiny-chat`, it converts km to m."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import sys
 import openai
 import pytest
 
-from serving.openai.cli import DEFAULT_MODEL
+from serving.default_model import BUNDLED_MODEL
 from tests.serving.helpers import start_server
 
-sys.path.insert(0, str(DEFAULT_MODEL.parents[1] / "scripts"))
+sys.path.insert(0, str(BUNDLED_MODEL.parents[1] / "scripts"))
 from build_default_model import NUMBERS, answer, is_held_out, question  # noqa: E402
 
 # Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
@@ -20,14 +20,14 @@ pytestmark = pytest.mark.xdist_group("default_model")
 
 
 def test_bundled_model_files():
-    names = {p.name for p in DEFAULT_MODEL.iterdir()}
+    names = {p.name for p in BUNDLED_MODEL.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
-    assert sum(p.stat().st_size for p in DEFAULT_MODEL.iterdir()) <= 20 * 2**20
+    assert sum(p.stat().st_size for p in BUNDLED_MODEL.iterdir()) <= 20 * 2**20
 
 
 @pytest.fixture(scope="module")
 def default_server():
-    base, proc, _ = start_server(["--log-level", "warning", "--max-model-len", "64"])  # no model: the bundled one
+    base, proc, _ = start_server([str(BUNDLED_MODEL), "--log-level", "warning", "--max-model-len", "64"])
     yield base + "/v1"
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)

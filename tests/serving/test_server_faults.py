@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from serving.default_model import BUNDLED_MODEL
 from tests.serving.device_fault_server import FAULT_PROMPT
 from tests.serving.helpers import start_server
 
@@ -298,7 +299,7 @@ def test_a_device_failure_is_reported_and_the_process_exits_nonzero(tiny_checkpo
 
 def test_max_model_len_beyond_the_positions_is_refused_at_startup():
     # The bundled model has 64 positions.
-    result = subprocess.run([sys.executable, "-m", "serving.openai.cli", "--max-model-len", "128", "--port", "0"],
+    result = subprocess.run([sys.executable, "-m", "serving.openai.cli", str(BUNDLED_MODEL), "--max-model-len", "128", "--port", "0"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "max_model_len=128 is longer than the model's 64 positions" in result.stderr
