@@ -226,8 +226,11 @@ class Trainer:
         stacked = Batch(*(np.stack([getattr(b, f) for b in batches]) for f in ("input_ids", "segment_ids", "targets")))
         if self.plan is None:
             return jax.tree.map(jnp.asarray, stacked)
-        sharding = NamedSharding(self.plan.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return self._global(stacked, sharding)
+        return self._global(stacked, self._batch_sharding())
+
+    def _batch_sharding(self) -> NamedSharding:
+        """Stacked micro-batches `[accumulation, rows, seq]`: rows split over data x fsdp."""
+        return NamedSharding(self.plan.mesh, PartitionSpec(None, ("data", "fsdp")))
 
     def _build_steps(self) -> None:
         self.optimizer = make_optimizer(self.config, self.total_steps)
@@ -239,6 +242,8 @@ class Trainer:
         router_aux_coef = self.router_aux_coef
 
         seed = self.config.seed
+        # The residual stream's rows split like the batch (data x fsdp) at every block boundary.
+        activations = None if self.plan is None else NamedSharding(self.plan.mesh, PartitionSpec(("data", "fsdp")))
 
         def train_step(trainable, opt_state, rng_state, frozen, batches: Batch, step: jax.Array):
             accumulation = batches.input_ids.shape[0]
@@ -253,6 +258,7 @@ class Trainer:
                     model = nnx.merge(graphdef, _cast_floating(params, dtype), rng, _cast_floating(frozen, dtype))
                     # Dropout masks are a pure function of (seed, micro-batch index): resumable without RNG state.
                     nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(seed), index))
+                    model.model.activation_sharding = activations
                     return token_loss(model, batch, router_aux_coef)
 
                 (loss, n), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
@@ -272,7 +278,21 @@ class Trainer:
             model = nnx.merge(eval_graphdef, _cast_floating(trainable, dtype), rng_state, _cast_floating(frozen, dtype))
             return token_loss(model, batch)
 
-        self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        if self.plan is None:
+            self.train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        else:
+            # Explicit shardings: state stays where it was placed, the batch splits over data x fsdp,
+            # scalars are replicated; XLA never picks another layout for the parameters.
+            self.frozen = self._global(self.frozen)
+            state = tuple(jax.tree.map(lambda x: x.sharding, t) for t in (self.trainable, self.opt_state, self.rng_state))
+            frozen = jax.tree.map(lambda x: x.sharding, self.frozen)
+            replicated = self._replicated()
+            self.train_step = jax.jit(
+                train_step,
+                in_shardings=(*state, frozen, self._batch_sharding(), replicated),
+                out_shardings=(*state, replicated, replicated),
+                donate_argnums=(0, 1),
+            )
         self.eval_step = jax.jit(eval_step)
 
     # -- checkpoints ----------------------------------------------------------

@@ -251,3 +251,45 @@ def test_multi_process_is_requested_by_flags_or_the_cluster_environment():
     assert initialize(environ={}) is False  # a single process never initializes
     with pytest.raises(ValueError, match=r"process_id must be in \[0, 2\)"):
         initialize("127.0.0.1:1", 2, 5, environ={})
+
+
+def _all_gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
+    """Result shapes of every all-gather in optimized HLO text."""
+    import re
+
+    shapes = set()
+    for line in hlo.splitlines():
+        lhs, _, rhs = line.partition(" = ")
+        if re.match(r"\(?\w+\[[\d,]*\]", rhs) and re.search(r"\ball-gather(-start)?\(", rhs):
+            result = rhs.split(" all-gather")[0]
+            shapes.update(tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", result))
+    return shapes
+
+
+def test_tensor_parallel_step_never_gathers_a_whole_parameter(tiny_checkpoint, reverse_task, tmp_path):
+    """The compiled LoRA step on `tp` (8 heads over 8 devices) keeps every tensor-sharded base weight split."""
+    import shutil
+
+    import transformers
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 simulated devices (tests/conftest.py sets XLA_FLAGS)")
+    _, data, _ = reverse_task
+    source, _ = tiny_checkpoint(BASE)
+    folder = tmp_path / "heads8"
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(source / name, folder / name)
+    trainer = Trainer(_config(folder, data, tmp_path / "out", mesh="tp", max_steps=1, per_device_train_batch_size=2))
+    batch = trainer._device_batch([trainer.micro_batch(0)])
+    hlo = trainer.train_step.lower(trainer.trainable, trainer.opt_state, trainer.rng_state, trainer.frozen, batch, 0).compile().as_text()
+    split = {tuple(x.shape) for x in jax.tree.leaves(trainer.frozen) if "tensor" in str(x.sharding.spec)}
+    assert (64, 256) in split and (256, 64) in split  # q_proj and o_proj: 8 whole heads of 32 over 8 devices
+    assert not split & _all_gathered_shapes(hlo), split & _all_gathered_shapes(hlo)
+    # The check sees a gather when there is one: replicating q_proj gathers its whole [64, 256].
+    q = trainer.frozen["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
+    gather = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(trainer.plan.mesh, PartitionSpec()))
+    assert (64, 256) in _all_gathered_shapes(gather.lower(q).compile().as_text())
