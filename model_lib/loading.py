@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from model_lib.checkpoint import abstract_params, load_config, load_params
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM
-from model_lib.lora import nf4_targets, quantize_model_int8
+from model_lib.lora import quantization_targets, quantize_model_int8
 from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 
@@ -58,7 +58,7 @@ def from_pretrained(
         plan.check_heads(config)  # before any tensor is read
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     nf4 = quantization in ("nf4", "nf4-embeddings")
-    targets = nf4_targets(abstract, embeddings=quantization == "nf4-embeddings") if nf4 else {}
+    targets = quantization_targets(abstract, embeddings=quantization == "nf4-embeddings") if nf4 else {}
     values = load_params(abstract, family, path, plan, quantize=frozenset(targets))
     for key, layer in targets.items():
         layer.nf4 = values.pop(key)

@@ -235,8 +235,8 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
     return config
 
 
-def nf4_targets(model: nnx.Module, *, embeddings: bool = False) -> dict[str, Linear | Embed]:
-    """Parameter key -> the layer that QLoRA stores in NF4.
+def quantization_targets(model: nnx.Module, *, embeddings: bool = False) -> dict[str, Linear | Embed]:
+    """Parameter key -> the layer whose weight is stored quantized (NF4 under QLoRA, or int8).
 
     Every linear kernel but the output head, as bitsandbytes does; with `embeddings`, also the
     token embedding and the output head (an untied model's largest frozen tables).
@@ -253,11 +253,11 @@ def nf4_targets(model: nnx.Module, *, embeddings: bool = False) -> dict[str, Lin
 
 
 def quantize_model_nf4(model: nnx.Module, *, embeddings: bool = False) -> None:
-    """Replace the `nf4_targets` of a model already in memory by their NF4 form, in place.
+    """Replace the `quantization_targets` of a model already in memory by their NF4 form, in place.
 
     `from_pretrained(..., quantization="nf4")` quantizes while loading instead.
     """
-    for key, layer in nf4_targets(model, embeddings=embeddings).items():
+    for key, layer in quantization_targets(model, embeddings=embeddings).items():
         leaf = key.rsplit(".", 1)[1]
         value = getattr(layer, leaf)[...]
         layer.nf4 = quantize_nf4(np.asarray(jax.device_get(value)), axes=layer.axes, head_size=getattr(layer, "head_size", 1))
@@ -265,8 +265,8 @@ def quantize_model_nf4(model: nnx.Module, *, embeddings: bool = False) -> None:
 
 
 def quantize_model_int8(model: nnx.Module) -> None:
-    """Replace every linear kernel but the output head (the layers QLoRA quantizes) by weight-only int8, in place."""
-    for key, layer in nf4_targets(model).items():
+    """Replace the `quantization_targets` (linear kernels but the output head) by weight-only int8, in place."""
+    for key, layer in quantization_targets(model).items():
         layer.int8 = quantize_int8(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
         layer.kernel = None
 
@@ -288,7 +288,7 @@ __all__ = [
     "apply_lora",
     "load_peft_adapter",
     "merge_lora",
-    "nf4_targets",
+    "quantization_targets",
     "param_bytes",
     "quantize_model_int8",
     "quantize_model_nf4",
