@@ -1,0 +1,131 @@
+"""Kernels under `shard_map`: paged attention split by heads, the MoE experts split by expert and width.
+
+A jitted step that runs on a mesh activates its `ShardingPlan` with `kernel_plan(plan)`
+inside the traced function; the two kernel call sites (`attend` and the MoE block) then
+run their custom calls per device on local shards, so XLA never gathers a KV cache or
+an expert stack around them. Mesh axes come from the plan's logical-axis rules
+(`q_heads`, `kv_heads`, `expert`, `mlp`, `batch`); no model code names one. Without an
+active plan (or on a mesh that shards none of these axes) everything runs as before.
+
+Attention: query heads split over the `q_heads` axes; kv heads split the same way, or,
+when there are fewer kv heads than devices, each device keeps the whole (replicated)
+cache, writes every head into it, and attends with the one kv head its query heads use.
+
+Experts (`EXPERT_PARALLEL`): "psum" (default): tokens stay where they are, each expert
+shard runs its experts on every (token, expert) pair routed to them and the partial
+outputs are summed over the expert and width axes. "all_to_all": tokens split over
+the expert axes, pairs travel to their expert's shard and back in worst-case-sized
+buffers (no token is dropped), and the token slices are gathered again. The notes in
+benchmarks/RESULTS.md ("Expert parallelism") give the measurements behind the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from model_lib.sharding import ShardingPlan
+from pallas_kernels.paged_attention import PagedMetadata, attend_pages, ragged_paged_attention, write_kv
+
+EXPERT_PARALLEL = ("psum", "all_to_all")
+
+_PLAN: contextvars.ContextVar[tuple[ShardingPlan, str] | None] = contextvars.ContextVar("kernel_plan", default=None)
+
+
+@contextlib.contextmanager
+def kernel_plan(plan: ShardingPlan | None, expert_parallel: str = "psum") -> Iterator[None]:
+    """Run the kernels traced in this block under `shard_map` on `plan`'s mesh (None: unsharded)."""
+    if expert_parallel not in EXPERT_PARALLEL:
+        raise ValueError(f"unknown expert_parallel {expert_parallel!r}; choose one of {EXPERT_PARALLEL}")
+    token = _PLAN.set(None if plan is None else (plan, expert_parallel))
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
+
+
+def active_plan() -> ShardingPlan | None:
+    current = _PLAN.get()
+    return None if current is None else current[0]
+
+
+def _mesh_axes(plan: ShardingPlan, *logical: str) -> tuple[str, ...]:
+    """Mesh axes (size > 1) that the rules give any of these logical axes, in mesh order."""
+    named = {a for name in logical for a in plan.rules.get(name, ()) or ()}
+    return tuple(a for a in plan.mesh.axis_names if a in named and plan.mesh.shape[a] > 1)
+
+
+def _only(spec: PartitionSpec, axes: Sequence[str]) -> PartitionSpec:
+    """`spec` keeping only mesh `axes` (the others are gathered before the call)."""
+    kept = []
+    for entry in spec:
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(a for a in names if a in axes)
+        kept.append(names or None)
+    return PartitionSpec(*kept)
+
+
+def _spec_axes(spec: PartitionSpec) -> tuple[str, ...]:
+    return tuple(a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry))
+
+
+def _shard_index(axes: Sequence[str]) -> jax.Array:
+    """This device's position along `axes` taken together (0 when there are none)."""
+    return jax.lax.axis_index(tuple(axes)) if axes else jnp.zeros((), jnp.int32)
+
+
+def _shard_map(fn: Callable, plan: ShardingPlan, in_specs: Any, out_specs: Any) -> Callable:
+    return jax.shard_map(fn, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+# -- paged attention ----------------------------------------------------------------------------
+
+
+def paged_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    meta: PagedMetadata,
+    *,
+    implementation: str | None = None,
+    **options: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]`), per head shard."""
+    plan = active_plan()
+    axes = () if plan is None else _mesh_axes(plan, "q_heads", "kv_heads")
+    q_spec = PartitionSpec() if not axes else _only(plan.partition_spec((None, "q_heads", None), q.shape), axes)
+    q_axes = _spec_axes(q_spec)
+    if not q_axes:
+        return ragged_paged_attention(q, k, v, k_cache, v_cache, meta, implementation=implementation, **options)
+    kv_spec = _only(plan.partition_spec((None, "kv_heads", None), k.shape), axes)
+    cache_spec = _only(plan.partition_spec(("kv_heads", None, None, None), k_cache.shape), axes)
+    kv_axes = _spec_axes(cache_spec)
+    if kv_axes and kv_axes != q_axes:
+        raise ValueError(f"query heads split over {q_axes} but kv heads over {kv_axes}; both need the same axes")
+    # Replicated kv heads: shard i's query heads all use kv head i // (shards / K).
+    group = math.prod(plan.mesh.shape[a] for a in q_axes) // k_cache.shape[0]
+    per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
+
+    def local(q, k, v, k_cache, v_cache, meta, per_head):
+        k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta)
+        k_use, v_use = k_cache, v_cache
+        if not kv_axes:
+            head = jax.lax.axis_index(q_axes) // group
+            k_use, v_use = (jax.lax.dynamic_slice_in_dim(c, head, 1, axis=0) for c in (k_cache, v_cache))
+        out = attend_pages(q, k_use, v_use, meta, implementation=implementation, **options, **per_head)
+        return out, k_cache, v_cache
+
+    per_head_specs = {name: PartitionSpec(q_spec[1]) for name in per_head}
+    in_specs = (q_spec, kv_spec, kv_spec, cache_spec, cache_spec, PartitionSpec(), per_head_specs)
+    run = _shard_map(local, plan, in_specs, (q_spec, cache_spec, cache_spec))
+    return run(q, k, v, k_cache, v_cache, meta, per_head)
