@@ -129,3 +129,90 @@ def paged_attention(
     in_specs = (q_spec, kv_spec, kv_spec, cache_spec, cache_spec, PartitionSpec(), per_head_specs)
     run = _shard_map(local, plan, in_specs, (q_spec, cache_spec, cache_spec))
     return run(q, k, v, k_cache, v_cache, meta, per_head)
+
+
+# -- mixture of experts -------------------------------------------------------------------------
+
+
+def routed_experts(
+    experts: nnx.Module,
+    tokens: jax.Array,
+    ids: jax.Array,
+    weights: jax.Array,
+    apply_experts: Callable[..., jax.Array],
+    combine: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """Tokens `[T, E]` through their routed experts (`ids`, `weights` `[T, k]`): float32 `[T, E]`.
+
+    `apply_experts(experts, tokens, rows, keys, lead_shard)` and `combine(pair_outputs, weights)`
+    are the MoE block's dispatch and combine; here they run on each device's shard of the experts.
+    """
+    current = _PLAN.get()
+    k = ids.shape[-1]
+    rows = jnp.arange(ids.size, dtype=jnp.int32) // k
+    if current is None:
+        return combine(apply_experts(experts, tokens, rows, ids.reshape(-1)), weights)
+    plan, strategy = current
+    graphdef, state = nnx.split(experts)
+    axes = _mesh_axes(plan, "expert", "mlp")
+    specs = jax.tree.map(lambda v: _only(plan.variable_sharding(v, v.shape).spec, axes), state,
+                         is_leaf=lambda v: isinstance(v, nnx.Variable))
+    kernel = experts.gate_proj.kernel
+    kernel_spec = _only(plan.partition_spec(kernel.get_metadata()["logical_axes"], kernel.shape), axes)
+    expert_axes = _spec_axes(PartitionSpec(kernel_spec[0]))
+    width_axes = _spec_axes(PartitionSpec(kernel_spec[2]))
+    used = set(expert_axes + width_axes)
+    if not used:
+        return combine(apply_experts(experts, tokens, rows, ids.reshape(-1)), weights)
+    free = [a for a in plan.mesh.axis_names if a not in used]
+    if strategy == "all_to_all" and expert_axes:  # whole token slices per (batch shard, expert shard)
+        batch_axes = tuple(a for a in _mesh_axes(plan, "batch") if a in free)
+        pad = -tokens.shape[0] % math.prod(plan.mesh.shape[a] for a in expert_axes + batch_axes)
+        tokens, ids, weights = (jnp.pad(a, ((0, pad), (0, 0))) for a in (tokens, ids, weights))
+    token_spec = _only(plan.partition_spec(("batch", None), tokens.shape), free)
+    partial_axes = tuple(a for a in plan.mesh.axis_names if a in used)
+
+    def shard(state):
+        """This device's experts, its first global expert id, and whether it adds the output bias."""
+        local = nnx.merge(graphdef, state)
+        first = jax.lax.axis_index(expert_axes) * local.num_experts if expert_axes else 0
+        lead = jax.lax.axis_index(width_axes) == 0 if width_axes else True
+        return local, first, lead
+
+    def psum(state, tokens, ids, weights):
+        local, first, lead = shard(state)
+        keys = ids.reshape(-1) - first
+        keys = jnp.where((keys >= 0) & (keys < local.num_experts), keys, local.num_experts)
+        rows = jnp.arange(keys.shape[0], dtype=jnp.int32) // k
+        return jax.lax.psum(combine(apply_experts(local, tokens, rows, keys, lead), weights), partial_axes)
+
+    def all_to_all(state, tokens, ids, weights):
+        local, first, lead = shard(state)
+        per_shard = local.num_experts
+        shards = math.prod(plan.mesh.shape[a] for a in expert_axes)
+        n = tokens.shape[0] // shards  # this shard's slice of the (padded) tokens
+        start = jax.lax.axis_index(expert_axes) * n
+        mine, my_ids, my_weights = (jax.lax.dynamic_slice_in_dim(a, start, n, axis=0) for a in (tokens, ids, weights))
+        flat = my_ids.reshape(-1)  # [m], m = n * k pairs
+        m = flat.shape[0]
+        dest = flat // per_shard
+        order = jnp.argsort(flat, stable=True)
+        sorted_dest = dest[order]
+        counts = jnp.bincount(dest, length=shards)
+        slot = sorted_dest * m + jnp.arange(m) - (jnp.cumsum(counts) - counts)[sorted_dest]
+        # Worst-case buffers (every pair may go to one shard): nothing is dropped.
+        send = jnp.zeros((shards * m, mine.shape[1]), mine.dtype).at[slot].set(mine[order // k])
+        send_keys = jnp.full((shards * m,), per_shard, flat.dtype).at[slot].set(flat[order] - sorted_dest * per_shard)
+        received = jax.lax.all_to_all(send, expert_axes, 0, 0, tiled=True)
+        received_keys = jax.lax.all_to_all(send_keys, expert_axes, 0, 0, tiled=True)
+        y = apply_experts(local, received, jnp.arange(shards * m, dtype=jnp.int32), received_keys, lead)
+        back = jax.lax.all_to_all(y, expert_axes, 0, 0, tiled=True)
+        pairs = jnp.zeros((m, y.shape[1]), y.dtype).at[order].set(back[slot])
+        out = combine(pairs, my_weights)
+        if width_axes:
+            out = jax.lax.psum(out, width_axes)
+        return jax.lax.all_gather(out, expert_axes, axis=0, tiled=True)
+
+    body = all_to_all if strategy == "all_to_all" and expert_axes else psum
+    run = _shard_map(body, plan, (specs, token_spec, token_spec, token_spec), token_spec)
+    return run(state, tokens, ids, weights)[: rows.shape[0] // k]

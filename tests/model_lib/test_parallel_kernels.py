@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from functools import partial
+
 from model_lib import parallel
 from model_lib.sharding import HeadSplitError, ShardingPlan, make_mesh
 from tests.pallas_kernels.test_paged_attention import make_case
@@ -64,3 +66,49 @@ def test_paged_attention_refuses_a_split_head():
     plan = tensor_plan(4)
     with pytest.raises(HeadSplitError, match="valid sizes"):
         run_attention(**inputs, sinks=jnp.zeros(6), plan=plan, implementation="reference")
+
+
+def moe_config(**changes):
+    from model_lib.config import ModelConfig
+
+    base = dict(architecture="GptOssForCausalLM", family="gpt_oss", vocab_size=64, hidden_size=16,
+                intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
+                max_position_embeddings=64, layer_types=("full_attention",), num_experts=8, num_experts_per_tok=2,
+                moe_intermediate_size=32, moe_layers=(True,), expert_bias=True, router_bias=True,
+                expert_swiglu_limit=7.0, initializer_range=0.5)
+    return ModelConfig(**{**base, **changes})
+
+
+def run_moe(moe, x, plan, strategy="psum"):
+    from flax import nnx
+
+    @nnx.jit
+    def step(moe, x):
+        with parallel.kernel_plan(plan, strategy):
+            return moe(x)
+
+    return step(moe, x)
+
+
+@pytest.mark.parametrize("strategy", parallel.EXPERT_PARALLEL)
+def test_moe_kernel_under_shard_map_expert4_tensor2(strategy, monkeypatch):
+    """Experts split 4 ways, their width 2 ways (with output biases that one width shard adds)."""
+    from flax import nnx
+
+    from model_lib.layers import moe as moe_layer
+    from model_lib.sharding import load_mesh_preset, shard_model
+    from pallas_kernels.moe import grouped_matmul
+
+    monkeypatch.setattr(moe_layer, "grouped_matmul", partial(grouped_matmul, implementation="interpret"))
+    moe = moe_layer.MoE(moe_config(), rngs=nnx.Rngs(0))
+    for i, projection in enumerate((moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj)):
+        bias = projection.bias[...]
+        projection.bias[...] = jnp.asarray(np.random.RandomState(i).randn(*bias.shape), bias.dtype)
+    x = jnp.asarray(np.random.RandomState(0).randn(13, 16), jnp.float32)  # 13 tokens: a2a pads to 16
+    expected = run_moe(moe, x, None)
+    plan = load_mesh_preset("ep")
+    assert dict(plan.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2, "expert": 4}
+    shard_model(moe, plan)
+    assert moe.experts.down_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(("expert",), ("tensor",), None)
+    got = run_moe(moe, x, plan, strategy)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
