@@ -43,6 +43,9 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Mesh axes that split a batch's rows (data parallelism, FSDP): the trainer's batches and residual stream.
+DATA_AXES = ("data", "fsdp")
+
 HEAD_AXES = ("q_heads", "kv_heads")
 # Head axes whose heads may be replicated when there are fewer than devices.
 REPLICABLE_HEAD_AXES = ("kv_heads",)
@@ -131,6 +134,13 @@ class ShardingPlan:
     def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int], head_size: int = 1) -> NamedSharding:
         return NamedSharding(self.mesh, self.partition_spec(logical_axes, shape, head_size))
 
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def rows_sharding(self, leading: int = 0) -> NamedSharding:
+        """Rows split over `DATA_AXES` after `leading` whole dimensions (a batch, the residual stream)."""
+        return NamedSharding(self.mesh, PartitionSpec(*(None,) * leading, DATA_AXES))
+
     def variable_sharding(self, variable: nnx.Variable, shape: Sequence[int]) -> NamedSharding:
         """The sharding that a parameter's `logical_axes` (and `head_size`) metadata ask for."""
         metadata = variable.get_metadata()
@@ -193,6 +203,11 @@ def as_plan(mesh: Mesh | ShardingPlan | str | None) -> ShardingPlan | None:
     if isinstance(mesh, Mesh):
         return ShardingPlan(mesh)
     raise TypeError(f"expected a Mesh, ShardingPlan or preset name, got {type(mesh).__name__}")
+
+
+def shardings_of(tree: Any) -> Any:
+    """Each array's sharding: the in/out shardings of a jitted step that keeps arrays where they are."""
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def shard_model(model: nnx.Module, plan: ShardingPlan) -> nnx.Module:
