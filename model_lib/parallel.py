@@ -11,7 +11,7 @@ Attention: query heads split over the `q_heads` axes; kv heads split the same wa
 when there are fewer kv heads than devices, each device keeps the whole (replicated)
 cache, writes every head into it, and attends with the one kv head its query heads use.
 
-Experts (`EXPERT_PARALLEL`): "psum" (default): tokens stay where they are, each expert
+Experts (`ShardingPlan.expert_parallel`, a mesh preset's `expert_parallel:`): "psum" (default): tokens stay where they are, each expert
 shard runs its experts on every (token, expert) pair routed to them and the partial
 outputs are summed over the expert and width axes. "all_to_all": tokens split over
 the expert axes, pairs travel to their expert's shard and back in worst-case-sized
@@ -35,17 +35,13 @@ from jax.sharding import PartitionSpec
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention import PagedMetadata, attend_pages, ragged_paged_attention, write_kv
 
-EXPERT_PARALLEL = ("psum", "all_to_all")
-
-_PLAN: contextvars.ContextVar[tuple[ShardingPlan, str] | None] = contextvars.ContextVar("kernel_plan", default=None)
+_PLAN: contextvars.ContextVar[ShardingPlan | None] = contextvars.ContextVar("kernel_plan", default=None)
 
 
 @contextlib.contextmanager
-def kernel_plan(plan: ShardingPlan | None, expert_parallel: str = "psum") -> Iterator[None]:
+def kernel_plan(plan: ShardingPlan | None) -> Iterator[None]:
     """Run the kernels traced in this block under `shard_map` on `plan`'s mesh (None: unsharded)."""
-    if expert_parallel not in EXPERT_PARALLEL:
-        raise ValueError(f"unknown expert_parallel {expert_parallel!r}; choose one of {EXPERT_PARALLEL}")
-    token = _PLAN.set(None if plan is None else (plan, expert_parallel))
+    token = _PLAN.set(plan)
     try:
         yield
     finally:
@@ -53,8 +49,7 @@ def kernel_plan(plan: ShardingPlan | None, expert_parallel: str = "psum") -> Ite
 
 
 def active_plan() -> ShardingPlan | None:
-    current = _PLAN.get()
-    return None if current is None else current[0]
+    return _PLAN.get()
 
 
 def _mesh_axes(plan: ShardingPlan, *logical: str) -> tuple[str, ...]:
@@ -147,12 +142,12 @@ def routed_experts(
     `apply_experts(experts, tokens, rows, keys, lead_shard)` and `combine(pair_outputs, weights)`
     are the MoE block's dispatch and combine; here they run on each device's shard of the experts.
     """
-    current = _PLAN.get()
+    plan = active_plan()
     k = ids.shape[-1]
     rows = jnp.arange(ids.size, dtype=jnp.int32) // k
-    if current is None:
+    if plan is None:
         return combine(apply_experts(experts, tokens, rows, ids.reshape(-1)), weights)
-    plan, strategy = current
+    strategy = plan.expert_parallel
     graphdef, state = nnx.split(experts)
     axes = _mesh_axes(plan, "expert", "mlp")
     specs = jax.tree.map(lambda v: _only(plan.variable_sharding(v, v.shape).spec, axes), state,

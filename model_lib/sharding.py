@@ -46,6 +46,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 # Mesh axes that split a batch's rows (data parallelism, FSDP): the trainer's batches and residual stream.
 DATA_AXES = ("data", "fsdp")
 
+EXPERT_PARALLEL = ("psum", "all_to_all")
+
 HEAD_AXES = ("q_heads", "kv_heads")
 # Head axes whose heads may be replicated when there are fewer than devices.
 REPLICABLE_HEAD_AXES = ("kv_heads",)
@@ -81,6 +83,12 @@ class ShardingPlan:
 
     mesh: Mesh
     rules: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    # How an MoE layer splits over the expert axes (`model_lib/parallel.py`): "psum" or "all_to_all".
+    expert_parallel: str = "psum"
+
+    def __post_init__(self) -> None:
+        if self.expert_parallel not in EXPERT_PARALLEL:
+            raise ValueError(f"unknown expert_parallel {self.expert_parallel!r}; choose one of {EXPERT_PARALLEL}")
 
     def axis_size(self, name: str) -> int:
         """Devices that the rules spread logical axis `name` over."""
@@ -191,7 +199,7 @@ def load_mesh_preset(
     preset: dict[str, Any] = yaml.safe_load(path.read_text())
     mesh = make_mesh({**preset.get("mesh", {}), **axis_sizes}, devices)
     rules = {name: _as_axes(rule) for name, rule in preset.get("rules", {}).items()}
-    return ShardingPlan(mesh, rules)
+    return ShardingPlan(mesh, rules, preset.get("expert_parallel", "psum"))
 
 
 def as_plan(mesh: Mesh | ShardingPlan | str | None) -> ShardingPlan | None:

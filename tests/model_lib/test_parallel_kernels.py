@@ -3,15 +3,16 @@ equal the unsharded call."""
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from functools import partial
-
 from model_lib import parallel
-from model_lib.sharding import HeadSplitError, ShardingPlan, make_mesh
+from model_lib.sharding import EXPERT_PARALLEL, HeadSplitError, ShardingPlan, make_mesh
 from tests.pallas_kernels.test_paged_attention import make_case
 
 pytestmark = pytest.mark.skipif(
@@ -79,18 +80,18 @@ def moe_config(**changes):
     return ModelConfig(**{**base, **changes})
 
 
-def run_moe(moe, x, plan, strategy="psum"):
+def run_moe(moe, x, plan):
     from flax import nnx
 
     @nnx.jit
     def step(moe, x):
-        with parallel.kernel_plan(plan, strategy):
+        with parallel.kernel_plan(plan):
             return moe(x)
 
     return step(moe, x)
 
 
-@pytest.mark.parametrize("strategy", parallel.EXPERT_PARALLEL)
+@pytest.mark.parametrize("strategy", EXPERT_PARALLEL)
 def test_moe_kernel_under_shard_map_expert4_tensor2(strategy, monkeypatch):
     """Experts split 4 ways, their width 2 ways (with output biases that one width shard adds)."""
     from flax import nnx
@@ -106,9 +107,9 @@ def test_moe_kernel_under_shard_map_expert4_tensor2(strategy, monkeypatch):
         projection.bias[...] = jnp.asarray(np.random.RandomState(i).randn(*bias.shape), bias.dtype)
     x = jnp.asarray(np.random.RandomState(0).randn(13, 16), jnp.float32)  # 13 tokens: a2a pads to 16
     expected = run_moe(moe, x, None)
-    plan = load_mesh_preset("ep")
+    plan = dataclasses.replace(load_mesh_preset("ep"), expert_parallel=strategy)
     assert dict(plan.mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 2, "expert": 4}
     shard_model(moe, plan)
     assert moe.experts.down_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(("expert",), ("tensor",), None)
-    got = run_moe(moe, x, plan, strategy)
+    got = run_moe(moe, x, plan)
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)

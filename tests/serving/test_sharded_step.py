@@ -1,0 +1,73 @@
+"""The sharded serving step, compiled on 8 simulated devices with the GPU's kernel choice (the Pallas
+kernels, here on the interpreter): XLA never all-gathers a KV cache or an expert stack around them."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
+)
+
+NUM_PAGES, PAGE_SIZE, HEAD_DIM, EXPERTS = 16, 4, 16, 8
+
+
+def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """Result shapes of every all-gather in optimized HLO text."""
+    found = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather\(", hlo)
+    return [tuple(int(d) for d in dims.split(",") if d) for dims in found]
+
+
+def is_cache_or_experts(shape: tuple[int, ...]) -> bool:
+    """A KV cache `[K, pages, page_size, D]` (any K) or a stack holding every expert `[X, ...]`."""
+    return shape[1:] == (NUM_PAGES, PAGE_SIZE, HEAD_DIM) or (len(shape) == 3 and shape[0] == EXPERTS)
+
+
+def compiled_step_hlo(shard_kernels: bool, monkeypatch) -> str:
+    from model_lib import CausalLM
+    from model_lib.config import ModelConfig
+    from model_lib.layers import PagedBatch
+    from model_lib.parallel import kernel_plan
+    from model_lib.sharding import load_mesh_preset, shard_model
+    from pallas_kernels.moe import ops as moe_ops
+    from pallas_kernels.paged_attention import PagedMetadata
+    from pallas_kernels.paged_attention import ops as attention_ops
+    from serving.engine import runner as runner_module
+
+    # What a CUDA lowering picks (the Pallas kernels), run on the interpreter.
+    kernels = lambda kernel, reference, *args: kernel(*args, interpret=True)  # noqa: E731
+    monkeypatch.setattr(attention_ops, "on_cuda", kernels)
+    monkeypatch.setattr(moe_ops, "on_cuda", kernels)
+    if not shard_kernels:  # the control: the same step with the kernels outside shard_map
+        monkeypatch.setattr(runner_module, "kernel_plan", lambda plan: kernel_plan(None))
+    config = ModelConfig(
+        architecture="MixtralForCausalLM", family="mixtral", vocab_size=64, hidden_size=32, intermediate_size=32,
+        num_layers=1, num_heads=4, num_kv_heads=2, head_dim=HEAD_DIM, max_position_embeddings=64,
+        layer_types=("full_attention",), num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=32,
+        moe_layers=(True,),
+    )
+    plan = load_mesh_preset("ep")  # expert 4 x tensor 2
+    model = shard_model(CausalLM(config, rngs=nnx.Rngs(0)), plan)
+    runner = runner_module.ModelRunner(model, num_pages=NUM_PAGES, page_size=PAGE_SIZE, max_num_seqs=4,
+                                       max_num_batched_tokens=8, max_model_len=16, plan=plan)
+    assert runner.kv_caches[0][0].sharding.spec[0] == "tensor"
+    tokens, seqs, pages = 8, 4, 4
+    meta = PagedMetadata(np.zeros(seqs + 1, np.int32), np.zeros(seqs, np.int32), np.zeros((seqs, pages), np.int32),
+                         np.int32(0))
+    batch = PagedBatch(np.zeros(tokens, np.int32), np.zeros(tokens, np.int32), meta)
+    args = (runner.state, runner.kv_caches, np.zeros(tokens, np.int32), batch, np.zeros(seqs, np.int32))
+    return runner._step.lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("shard_kernels", [True, False], ids=["shard_map", "control"])
+def test_sharded_step_gathers_no_cache_or_expert_stack(shard_kernels, monkeypatch):
+    gathered = [s for s in gathered_shapes(compiled_step_hlo(shard_kernels, monkeypatch)) if is_cache_or_experts(s)]
+    if shard_kernels:
+        assert gathered == []
+    else:  # kernels outside shard_map: XLA gathers both around the calls, and the check sees it
+        assert any(len(s) == 4 for s in gathered) and any(len(s) == 3 for s in gathered), gathered
