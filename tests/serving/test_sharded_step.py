@@ -3,24 +3,18 @@ kernels, here on the interpreter): XLA never all-gathers a KV cache or an expert
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
 import pytest
 from flax import nnx
+
+from tests.hlo_checks import all_gathered_shapes
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
 )
 
 NUM_PAGES, PAGE_SIZE, HEAD_DIM, EXPERTS = 16, 4, 16, 8
-
-
-def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
-    """Result shapes of every all-gather in optimized HLO text."""
-    found = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} all-gather\(", hlo)
-    return [tuple(int(d) for d in dims.split(",") if d) for dims in found]
 
 
 def is_cache_or_experts(shape: tuple[int, ...]) -> bool:
@@ -66,8 +60,8 @@ def compiled_step_hlo(shard_kernels: bool, monkeypatch) -> str:
 
 @pytest.mark.parametrize("shard_kernels", [True, False], ids=["shard_map", "control"])
 def test_sharded_step_gathers_no_cache_or_expert_stack(shard_kernels, monkeypatch):
-    gathered = [s for s in gathered_shapes(compiled_step_hlo(shard_kernels, monkeypatch)) if is_cache_or_experts(s)]
+    gathered = {s for s in all_gathered_shapes(compiled_step_hlo(shard_kernels, monkeypatch)) if is_cache_or_experts(s)}
     if shard_kernels:
-        assert gathered == []
+        assert not gathered, gathered
     else:  # kernels outside shard_map: XLA gathers both around the calls, and the check sees it
         assert any(len(s) == 4 for s in gathered) and any(len(s) == 3 for s in gathered), gathered
