@@ -113,3 +113,11 @@ def test_moe_kernel_under_shard_map_expert4_tensor2(strategy, monkeypatch):
     assert moe.experts.down_proj.kernel[...].sharding.spec == jax.sharding.PartitionSpec(("expert",), ("tensor",), None)
     got = run_moe(moe, x, plan)
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_expert_parallel_is_a_plan_setting():
+    from model_lib.sharding import load_mesh_preset
+
+    assert load_mesh_preset("ep").expert_parallel == "psum"  # configs/mesh/ep.yaml
+    with pytest.raises(ValueError, match="unknown expert_parallel 'ring'"):
+        dataclasses.replace(load_mesh_preset("ep"), expert_parallel="ring")
