@@ -145,7 +145,8 @@ def routed_experts(
     if plan is None:
         return combine(apply_experts(experts, tokens, rows, ids.reshape(-1)), weights)
     strategy = plan.expert_parallel
-    graphdef, state = nnx.split(experts)
+    # Only the parameters cross into shard_map; the rest (e.g. nnx.capture's storage) is closed over.
+    graphdef, state, rest = nnx.split(experts, nnx.Param, ...)
     axes = _mesh_axes(plan, "expert", "mlp")
     specs = jax.tree.map(lambda v: _only(plan.variable_sharding(v, v.shape).spec, axes), state,
                          is_leaf=lambda v: isinstance(v, nnx.Variable))
@@ -166,7 +167,7 @@ def routed_experts(
 
     def shard(state):
         """This device's experts, its first global expert id, and whether it adds the output bias."""
-        local = nnx.merge(graphdef, state)
+        local = nnx.merge(graphdef, state, rest)
         first = jax.lax.axis_index(expert_axes) * local.num_experts if expert_axes else 0
         lead = jax.lax.axis_index(width_axes) == 0 if width_axes else True
         return local, first, lead

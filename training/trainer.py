@@ -37,6 +37,7 @@ import model_lib
 from model_lib.layers.linear import LoRAParam
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, moe_blocks, router_aux_loss
 from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, save_peft_adapter
+from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan, as_plan, shardings_of
 from training import distributed
 from training.config import TrainConfig
@@ -241,7 +242,7 @@ class Trainer:
         graphdef, eval_graphdef, optimizer, dtype = self.graphdef, self.eval_graphdef, self.optimizer, self.compute_dtype
         router_aux_coef = self.router_aux_coef
 
-        seed = self.config.seed
+        seed, plan = self.config.seed, self.plan
         # The residual stream's rows split like the batch (data x fsdp) at every block boundary.
         activations = None if self.plan is None else self.plan.rows_sharding()
 
@@ -259,7 +260,8 @@ class Trainer:
                     # Dropout masks are a pure function of (seed, micro-batch index): resumable without RNG state.
                     nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(seed), index))
                     model.model.activation_sharding = activations
-                    return token_loss(model, batch, router_aux_coef)
+                    with kernel_plan(plan):  # MoE experts run per expert / width shard
+                        return token_loss(model, batch, router_aux_coef)
 
                 (loss, n), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
                 return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
