@@ -13,6 +13,10 @@ axes; kv heads either divide or, when there are fewer of them than the tensor si
 other mesh is refused with an error that names the valid tensor sizes. The paged
 KV cache `[K, ...]` follows the same rule. Other dimensions that the chosen mesh
 axes do not divide are left replicated on those axes.
+
+A jitted step on a mesh runs the kernels under `shard_map` through the same plan
+(`model_lib/parallel.py`), and uses `replicated`, `rows_sharding` and `shardings_of`
+for its explicit in/out shardings and block-boundary constraints.
 """
 
 from __future__ import annotations
