@@ -11,9 +11,11 @@ Attention: query heads split over the `q_heads` axes; kv heads split the same wa
 when there are fewer kv heads than devices, each device keeps the whole (replicated)
 cache, writes every head into it, and attends with the one kv head its query heads use.
 
-Experts (`ShardingPlan.expert_parallel`, a mesh preset's `expert_parallel:`): "psum" (default): tokens stay where they are, each expert
-shard runs its experts on every (token, expert) pair routed to them and the partial
-outputs are summed over the expert and width axes. "all_to_all": tokens split over
+Experts, split over the `expert` axes and their width over the `mlp` axes, as
+`ShardingPlan.expert_parallel` (a mesh preset's `expert_parallel:`) says. "psum" (the
+default): tokens stay where they are, each expert shard runs its experts on every
+(token, expert) pair routed to them, and the partial outputs are summed over the expert
+and width axes (one width shard adds the output biases). "all_to_all": tokens split over
 the expert axes, pairs travel to their expert's shard and back in worst-case-sized
 buffers (no token is dropped), and the token slices are gathered again. The notes in
 benchmarks/RESULTS.md ("Expert parallelism") give the measurements behind the default.
