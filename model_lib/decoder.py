@@ -129,8 +129,8 @@ class DecoderModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
         self.norm = make_norm(config) if config.final_norm else None
         self.remat = False  # recompute each layer's activations in the backward pass (training)
-        # Set by the trainer's jitted step: the residual stream `[B, T, E]` is constrained to it at
-        # every block boundary (batch split over the data axes), so XLA keeps activations sharded.
+        # Set by a jitted step on a mesh: the residual stream is constrained to it at every block
+        # boundary (training: `[B, T, E]` rows split over the data axes; serving: `[T, E]` replicated).
         self.activation_sharding = None
 
     def __call__(
@@ -153,7 +153,7 @@ class DecoderModel(nnx.Module):
                 x, cache = nnx.remat(DecoderLayer.__call__)(layer, x, batch)
             else:
                 x, cache = layer(x, batch, None if kv_caches is None else kv_caches[i])
-            if self.activation_sharding is not None and x.ndim == 3:
+            if self.activation_sharding is not None:
                 x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
             new_caches.append(cache)
         if self.norm is not None:

@@ -13,6 +13,10 @@ axes; kv heads either divide or, when there are fewer of them than the tensor si
 other mesh is refused with an error that names the valid tensor sizes. The paged
 KV cache `[K, ...]` follows the same rule. Other dimensions that the chosen mesh
 axes do not divide are left replicated on those axes.
+
+A jitted step on a mesh runs the kernels under `shard_map` through the same plan
+(`model_lib/parallel.py`), and uses `replicated`, `rows_sharding` and `shardings_of`
+for its explicit in/out shardings and block-boundary constraints.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "expert": ("expert",),
 }
 
+
+# Mesh axes that split a batch's rows (data parallelism, FSDP): the trainer's batches and residual stream.
+DATA_AXES = ("data", "fsdp")
+
+EXPERT_PARALLEL = ("psum", "all_to_all")
 
 HEAD_AXES = ("q_heads", "kv_heads")
 # Head axes whose heads may be replicated when there are fewer than devices.
@@ -78,6 +87,12 @@ class ShardingPlan:
 
     mesh: Mesh
     rules: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    # How an MoE layer splits over the expert axes (`model_lib/parallel.py`): "psum" or "all_to_all".
+    expert_parallel: str = "psum"
+
+    def __post_init__(self) -> None:
+        if self.expert_parallel not in EXPERT_PARALLEL:
+            raise ValueError(f"unknown expert_parallel {self.expert_parallel!r}; choose one of {EXPERT_PARALLEL}")
 
     def axis_size(self, name: str) -> int:
         """Devices that the rules spread logical axis `name` over."""
@@ -131,6 +146,13 @@ class ShardingPlan:
     def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int], head_size: int = 1) -> NamedSharding:
         return NamedSharding(self.mesh, self.partition_spec(logical_axes, shape, head_size))
 
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def rows_sharding(self, leading: int = 0) -> NamedSharding:
+        """Rows split over `DATA_AXES` after `leading` whole dimensions (a batch, the residual stream)."""
+        return NamedSharding(self.mesh, PartitionSpec(*(None,) * leading, DATA_AXES))
+
     def variable_sharding(self, variable: nnx.Variable, shape: Sequence[int]) -> NamedSharding:
         """The sharding that a parameter's `logical_axes` (and `head_size`) metadata ask for."""
         metadata = variable.get_metadata()
@@ -181,7 +203,7 @@ def load_mesh_preset(
     preset: dict[str, Any] = yaml.safe_load(path.read_text())
     mesh = make_mesh({**preset.get("mesh", {}), **axis_sizes}, devices)
     rules = {name: _as_axes(rule) for name, rule in preset.get("rules", {}).items()}
-    return ShardingPlan(mesh, rules)
+    return ShardingPlan(mesh, rules, preset.get("expert_parallel", "psum"))
 
 
 def as_plan(mesh: Mesh | ShardingPlan | str | None) -> ShardingPlan | None:
@@ -193,6 +215,11 @@ def as_plan(mesh: Mesh | ShardingPlan | str | None) -> ShardingPlan | None:
     if isinstance(mesh, Mesh):
         return ShardingPlan(mesh)
     raise TypeError(f"expected a Mesh, ShardingPlan or preset name, got {type(mesh).__name__}")
+
+
+def shardings_of(tree: Any) -> Any:
+    """Each array's sharding: the in/out shardings of a jitted step that keeps arrays where they are."""
+    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def shard_model(model: nnx.Module, plan: ShardingPlan) -> nnx.Module:

@@ -31,13 +31,14 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 import model_lib
 from model_lib.layers.linear import LoRAParam
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, moe_blocks, router_aux_loss
 from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, save_peft_adapter
-from model_lib.sharding import ShardingPlan, as_plan
+from model_lib.parallel import kernel_plan
+from model_lib.sharding import ShardingPlan, as_plan, shardings_of
 from training import distributed
 from training.config import TrainConfig
 from training.data import IGNORE, Batch, DataConfig, epoch_batches, load_examples, split_validation
@@ -193,7 +194,7 @@ class Trainer:
         return int(np.prod([self.plan.mesh.shape[a] for a in ("data", "fsdp") if a in self.plan.mesh.shape]))
 
     def _replicated(self) -> NamedSharding:
-        return NamedSharding(self.plan.mesh, PartitionSpec())
+        return self.plan.replicated()
 
     def _global(self, tree: Any, sharding: NamedSharding | None = None) -> Any:
         """Host-identical values as global arrays (each process fills only its own devices)."""
@@ -230,7 +231,7 @@ class Trainer:
 
     def _batch_sharding(self) -> NamedSharding:
         """Stacked micro-batches `[accumulation, rows, seq]`: rows split over data x fsdp."""
-        return NamedSharding(self.plan.mesh, PartitionSpec(None, ("data", "fsdp")))
+        return self.plan.rows_sharding(leading=1)
 
     def _build_steps(self) -> None:
         self.optimizer = make_optimizer(self.config, self.total_steps)
@@ -241,9 +242,9 @@ class Trainer:
         graphdef, eval_graphdef, optimizer, dtype = self.graphdef, self.eval_graphdef, self.optimizer, self.compute_dtype
         router_aux_coef = self.router_aux_coef
 
-        seed = self.config.seed
+        seed, plan = self.config.seed, self.plan
         # The residual stream's rows split like the batch (data x fsdp) at every block boundary.
-        activations = None if self.plan is None else NamedSharding(self.plan.mesh, PartitionSpec(("data", "fsdp")))
+        activations = None if self.plan is None else self.plan.rows_sharding()
 
         def train_step(trainable, opt_state, rng_state, frozen, batches: Batch, step: jax.Array):
             accumulation = batches.input_ids.shape[0]
@@ -259,7 +260,8 @@ class Trainer:
                     # Dropout masks are a pure function of (seed, micro-batch index): resumable without RNG state.
                     nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(seed), index))
                     model.model.activation_sharding = activations
-                    return token_loss(model, batch, router_aux_coef)
+                    with kernel_plan(plan):  # MoE experts run per expert / width shard
+                        return token_loss(model, batch, router_aux_coef)
 
                 (loss, n), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
                 return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n), None
@@ -284,8 +286,8 @@ class Trainer:
             # Explicit shardings: state stays where it was placed, the batch splits over data x fsdp,
             # scalars are replicated; XLA never picks another layout for the parameters.
             self.frozen = self._global(self.frozen)
-            state = tuple(jax.tree.map(lambda x: x.sharding, t) for t in (self.trainable, self.opt_state, self.rng_state))
-            frozen = jax.tree.map(lambda x: x.sharding, self.frozen)
+            state = tuple(shardings_of(t) for t in (self.trainable, self.opt_state, self.rng_state))
+            frozen = shardings_of(self.frozen)
             replicated = self._replicated()
             self.train_step = jax.jit(
                 train_step,

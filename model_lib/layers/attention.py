@@ -23,7 +23,8 @@ from model_lib.layers.mlp import hidden_projection
 from model_lib.layers.norms import make_norm
 from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
 from pallas_kernels.flash_attention import attention as dense_attention
-from pallas_kernels.paged_attention import PagedMetadata, ragged_paged_attention
+from model_lib import parallel
+from pallas_kernels.paged_attention import PagedMetadata
 
 KVCache = tuple[jax.Array, jax.Array]  # one layer's (k, v) pages, each [K, P, page_size, D]
 
@@ -87,7 +88,8 @@ def attend(
         )
         return out, kv_cache
     if isinstance(batch, PagedBatch):
-        out, k_cache, v_cache = ragged_paged_attention(
+        # Under a mesh (`parallel.kernel_plan`) the kernel runs per head shard.
+        out, k_cache, v_cache = parallel.paged_attention(
             q,
             k,
             v,

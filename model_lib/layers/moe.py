@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model_lib import parallel
 from model_lib.config import ModelConfig
 from model_lib.layers.activations import activation
 from model_lib.layers.linear import Linear
@@ -53,12 +54,18 @@ class ExpertLinear(nnx.Module):
             nnx.Param(jnp.zeros((num_experts, out_features), dtype), logical_axes=(axes[0], axes[2])) if use_bias else None
         )
 
-    def __call__(self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array) -> jax.Array:
-        """`x [M, in]` sorted by expert (`expert_ids [M]`, counts `group_sizes [X]`) -> `[M, out]`."""
+    def __call__(
+        self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array, with_bias: bool | jax.Array = True
+    ) -> jax.Array:
+        """`x [M, in]` sorted by expert (`expert_ids [M]`, counts `group_sizes [X]`) -> `[M, out]`.
+
+        `with_bias` False (or a traced False) leaves the bias out: one partial-sum shard adds it.
+        """
         # The Pallas kernel on GPU where the shapes allow, jax.lax.ragged_dot elsewhere.
         y = grouped_matmul(x, self.kernel[...].astype(x.dtype), group_sizes)
-        if self.bias is not None:
-            y = y + jnp.take(self.bias[...].astype(x.dtype), expert_ids, axis=0)
+        if self.bias is not None and with_bias is not False:
+            bias = jnp.take(self.bias[...].astype(x.dtype), expert_ids, axis=0)
+            y = y + (bias if with_bias is True else jnp.where(with_bias, bias, jnp.zeros_like(bias)))
         return y
 
 
@@ -140,7 +147,15 @@ class Experts(nnx.Module):
         self.up_proj = ExpertLinear(n, hidden, inner, axes=("expert", "embed", "mlp"), **common)
         self.down_proj = ExpertLinear(n, inner, hidden, axes=("expert", "mlp", "embed"), **common)
 
-    def __call__(self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array) -> jax.Array:
+    @property
+    def num_experts(self) -> int:
+        """Experts held here (a shard's own under `shard_map`)."""
+        return self.gate_proj.kernel.shape[0]
+
+    def __call__(
+        self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array, lead_shard: bool | jax.Array = True
+    ) -> jax.Array:
+        """`lead_shard`: whether this shard adds the output bias (False on all but one width shard)."""
         gate = self.gate_proj(x, group_sizes, expert_ids)
         up = self.up_proj(x, group_sizes, expert_ids)
         if self.swiglu_limit is None:
@@ -150,7 +165,31 @@ class Experts(nnx.Module):
             gate = jnp.minimum(gate, limit)
             up = jnp.clip(up, -limit, limit)
             h = (up + 1) * gate * jax.nn.sigmoid(gate * self.swiglu_alpha)
-        return self.down_proj(h, group_sizes, expert_ids)
+        return self.down_proj(h, group_sizes, expert_ids, with_bias=lead_shard)
+
+
+def apply_experts(
+    experts: Experts, tokens: jax.Array, rows: jax.Array, keys: jax.Array, lead_shard: bool | jax.Array = True
+) -> jax.Array:
+    """Pair i is token `rows[i]` for local expert `keys[i]` (`>= experts.num_experts`: not here) -> `[R, E]`.
+
+    Dispatch: the pairs are sorted by expert, each expert's contiguous rows go through
+    one grouped matmul, and the outputs return to pair order (zeros for pairs not here).
+    """
+    num = experts.num_experts
+    order = jnp.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    group_sizes = jnp.bincount(keys, length=num).astype(jnp.int32)
+    y = experts(jnp.take(tokens, rows[order], axis=0), group_sizes, jnp.minimum(sorted_keys, num - 1), lead_shard)
+    y = jnp.where((sorted_keys < num)[:, None], y, jnp.zeros((), y.dtype))
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return y[inverse]
+
+
+def combine(y: jax.Array, weights: jax.Array) -> jax.Array:
+    """Pair outputs `[T * k, E]` (token-major) weighted by `weights [T, k]` and summed per token: float32 `[T, E]`."""
+    y = y.astype(jnp.float32) * weights.reshape(-1)[:, None]
+    return jnp.sum(y.reshape(weights.shape[0], weights.shape[1], -1), axis=1)
 
 
 class MoE(nnx.Module):
@@ -179,19 +218,8 @@ class MoE(nnx.Module):
             self.sow(nnx.Intermediate, "router_logits", logits)
         correction = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
         ids, weights = route(self.config, logits, correction)  # [T, k]
-        k = ids.shape[-1]
-
-        # Dispatch: sort the M = T * k (token, expert) pairs by expert.
-        flat_ids = ids.reshape(-1)  # [M]
-        order = jnp.argsort(flat_ids, stable=True)
-        sorted_ids = flat_ids[order]
-        group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
-        y = self.experts(jnp.take(tokens, order // k, axis=0), group_sizes, sorted_ids)  # [M, E]
-
-        # Combine: weight each pair, undo the sort, sum each token's k outputs.
-        y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-        out = jnp.sum(y[inverse].reshape(-1, k, hidden), axis=1).astype(x.dtype)
+        # Under a mesh (`parallel.kernel_plan`) each expert shard runs its own experts.
+        out = parallel.routed_experts(self.experts, tokens, ids, weights, apply_experts, combine).astype(x.dtype)
 
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)

@@ -41,19 +41,30 @@ def ragged_paged_attention(
     Returns (out [T,H,D], k_cache, v_cache).
     """
     k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta)
+    return attend_pages(q, k_cache, v_cache, meta, implementation=implementation, **options), k_cache, v_cache
+
+
+def attend_pages(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    meta: PagedMetadata,
+    *,
+    implementation: str | None = None,
+    **options,
+) -> jax.Array:
+    """The attention half of `ragged_paged_attention`, over caches that already hold the step's KV."""
     if implementation is None:
         reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2],
                                                   k_cache.size)
         if reason is None:
             kernel = functools.partial(triton_kernel.paged_attention, **options)
             attend = functools.partial(reference.paged_attention, **options)
-            return on_cuda(kernel, attend, q, k_cache, v_cache, meta), k_cache, v_cache
+            return on_cuda(kernel, attend, q, k_cache, v_cache, meta)
         warn_fallback("ragged_paged_attention", reason)
         implementation = "reference"
     if implementation == "reference":
-        out = reference.paged_attention(q, k_cache, v_cache, meta, **options)
-    elif implementation in ("kernel", "interpret"):
-        out = triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, interpret=implementation == "interpret")
-    else:
-        raise ValueError(f"unknown paged attention implementation {implementation!r}")
-    return out, k_cache, v_cache
+        return reference.paged_attention(q, k_cache, v_cache, meta, **options)
+    if implementation in ("kernel", "interpret"):
+        return triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, interpret=implementation == "interpret")
+    raise ValueError(f"unknown paged attention implementation {implementation!r}")

@@ -21,9 +21,11 @@ from flax import nnx
 
 from model_lib import CausalLM
 from model_lib.layers import KVCache, PagedBatch
+from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.scheduler import ScheduledSequence
+from serving.engine.step_shardings import place_serving_step
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +47,12 @@ class StepInputs:
     logits_indices: np.ndarray  # [S_pad] flat index of each sequence's last token
 
 
-def _step(graphdef, state, kv_caches, input_ids, batch, logits_indices):
+def _step(graphdef, plan, state, kv_caches, input_ids, batch, logits_indices):
     model = nnx.merge(graphdef, state)
-    return model.forward(input_ids, batch, kv_caches, logits_indices)
+    if plan is not None:  # every device runs every token: the residual stream stays replicated
+        model.model.activation_sharding = plan.replicated()
+    with kernel_plan(plan):  # kernels run per head / expert shard
+        return model.forward(input_ids, batch, kv_caches, logits_indices)
 
 
 class ModelRunner:
@@ -81,7 +86,8 @@ class ModelRunner:
 
         self.kv_caches: list[KVCache | None] = [pages(config.layer_cache_kv_heads(i)) for i in range(config.num_layers)]
         self.kv_cache_bytes = sum(a.nbytes for cache in self.kv_caches if cache is not None for a in cache)
-        self._step = jax.jit(partial(_step, self.graphdef), donate_argnums=(1,))
+        self.state, shardings = place_serving_step(plan, self.state, self.kv_caches)
+        self._step = jax.jit(partial(_step, self.graphdef, plan), donate_argnums=(1,), **shardings)
         self.compiled_shapes: set[tuple[int, int, int]] = set()
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:

@@ -215,3 +215,45 @@ def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
     args = (trainer.trainable, trainer.opt_state, trainer.rng_state, trainer.frozen, batches, np.int32(0))
     lowered = gpu_lowering.lower_for_h100(trainer.train_step, *gpu_lowering.abstract(args))
     assert_compiles(lowered, TRAINING_FAMILIES[family])
+
+
+def test_sharded_serving_step_compiles_with_kernels_on_local_shards():
+    """The serving step on an abstract mesh of 8 H100s (ep preset: expert 4 x tensor 2): the kernels run under
+    shard_map on local shards (2 of 4 query heads, 1 of 2 kv heads; 2 of 8 experts, half their width)."""
+    from functools import partial
+
+    from flax import nnx
+    from jax.sharding import AbstractMesh, AxisType
+
+    from model_lib import CausalLM
+    from model_lib.config import ModelConfig
+    from model_lib.sharding import MESH_AXES, ShardingPlan, load_mesh_preset
+    from serving.engine import runner as runner_module
+    from serving.engine.step_shardings import place_serving_step
+
+    config = ModelConfig(
+        architecture="MixtralForCausalLM", family="mixtral", vocab_size=64, hidden_size=64, intermediate_size=64,
+        num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
+        layer_types=("full_attention",), num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+        moe_layers=(True,), dtype="bfloat16",
+    )
+    mesh = AbstractMesh((1, 1, 2, 4), MESH_AXES, axis_types=(AxisType.Auto,) * 4, abstract_device=gpu_lowering.H100)
+    plan = ShardingPlan(mesh, load_mesh_preset("ep").rules)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
+
+    def placed(variable):
+        value = variable.get_value()
+        sharding = plan.variable_sharding(variable, value.shape) if "logical_axes" in variable.get_metadata() else (
+            plan.replicated())
+        return S(value.shape, value.dtype, sharding=sharding)
+
+    state = jax.tree.map(placed, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    shape = (2, 64, PAGE_SIZE, 16)
+    cache = S(shape, BF16, sharding=plan.sharding(("kv_heads", None, None, None), shape))
+    _, shardings = place_serving_step(plan, state, [(cache, cache)])
+    step = jax.jit(partial(runner_module._step, graphdef, plan), donate_argnums=(1,), **shardings)
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = step.trace(state, [(cache, cache)], *step_args(*STEP_SHAPES["decode"])).lower(
+            lowering_platforms=(gpu_lowering.H100.platform,))
+    # Local shapes: expert width 64 / 2 = 32 in the gate/up kernels (n) and the down kernel (k).
+    assert_compiles(lowered, ("ragged_paged_attention", "gmm_m16_n32_k64", "gmm_m16_n64_k32"))

@@ -18,6 +18,7 @@ import pytest
 import model_lib
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, router_aux_loss
 from model_lib.lora import load_peft_adapter
+from tests.hlo_checks import all_gathered_shapes
 from tests.tiny_models import build_tokenizer
 from training.config import TrainConfig
 from training.data import IGNORE, DataConfig, make_batch, pack_rows, to_example
@@ -253,19 +254,6 @@ def test_multi_process_is_requested_by_flags_or_the_cluster_environment():
         initialize("127.0.0.1:1", 2, 5, environ={})
 
 
-def _all_gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
-    """Result shapes of every all-gather in optimized HLO text."""
-    import re
-
-    shapes = set()
-    for line in hlo.splitlines():
-        lhs, _, rhs = line.partition(" = ")
-        if re.match(r"\(?\w+\[[\d,]*\]", rhs) and re.search(r"\ball-gather(-start)?\(", rhs):
-            result = rhs.split(" all-gather")[0]
-            shapes.update(tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", result))
-    return shapes
-
-
 def test_tensor_parallel_step_never_gathers_a_whole_parameter(tiny_checkpoint, reverse_task, tmp_path):
     """The compiled LoRA step on `tp` (8 heads over 8 devices) keeps every tensor-sharded base weight split."""
     import shutil
@@ -288,8 +276,8 @@ def test_tensor_parallel_step_never_gathers_a_whole_parameter(tiny_checkpoint, r
     hlo = trainer.train_step.lower(trainer.trainable, trainer.opt_state, trainer.rng_state, trainer.frozen, batch, 0).compile().as_text()
     split = {tuple(x.shape) for x in jax.tree.leaves(trainer.frozen) if "tensor" in str(x.sharding.spec)}
     assert (64, 256) in split and (256, 64) in split  # q_proj and o_proj: 8 whole heads of 32 over 8 devices
-    assert not split & _all_gathered_shapes(hlo), split & _all_gathered_shapes(hlo)
+    assert not split & all_gathered_shapes(hlo), split & all_gathered_shapes(hlo)
     # The check sees a gather when there is one: replicating q_proj gathers its whole [64, 256].
     q = trainer.frozen["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
     gather = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(trainer.plan.mesh, PartitionSpec()))
-    assert (64, 256) in _all_gathered_shapes(gather.lower(q).compile().as_text())
+    assert (64, 256) in all_gathered_shapes(gather.lower(q).compile().as_text())
