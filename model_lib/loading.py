@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from model_lib.checkpoint import abstract_params, load_config, load_params
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM
-from model_lib.lora import quantization_targets, quantize_model_int8
+from model_lib.lora import WEIGHT_ONLY, quantization_targets, quantize_model_weight_only
 from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 
@@ -23,8 +23,8 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
 
 
 # nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head;
-# int8: weight-only int8 of the same kernels as nf4.
-QUANTIZATIONS = ("nf4", "nf4-embeddings", "int8")
+# int8 / int4: weight-only int8 / int4 (group 128) of the same kernels as nf4.
+QUANTIZATIONS = ("nf4", "nf4-embeddings", *WEIGHT_ONLY)
 
 
 def from_pretrained(
@@ -45,12 +45,14 @@ def from_pretrained(
     result equals loading in `dtype` and calling `quantize_model_nf4`.
     `"nf4-embeddings"` also quantizes an untied model's token embedding and output head.
     `"int8"` keeps every linear kernel but the output head as weight-only int8 with
-    per-output-channel scales (quantized after loading; MoE experts stay in `dtype`).
+    per-output-channel scales; `"int4"` as weight-only int4 with a scale and zero point per
+    128 input rows (one group per column where 128 does not divide the input width). Both are
+    quantized after loading; MoE experts stay in `dtype`.
     """
     if quantization not in (None, *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
-    if quantization == "int8" and mesh is not None:
-        raise ValueError("int8 quantization with a mesh is not supported yet (int8 weights are not sharded)")
+    if quantization in WEIGHT_ONLY and mesh is not None:
+        raise ValueError(f"{quantization} quantization with a mesh is not supported yet (its weights are not sharded)")
     path = Path(path)
     config, family = load_config(path, dtype)
     plan = as_plan(mesh)
@@ -61,7 +63,7 @@ def from_pretrained(
     targets = quantization_targets(abstract, embeddings=quantization == "nf4-embeddings") if nf4 else {}
     values = load_params(abstract, family, path, plan, quantize=frozenset(targets))
     for key, layer in targets.items():
-        layer.nf4 = values.pop(key)
+        layer.quantized = values.pop(key)
         setattr(layer, key.rsplit(".", 1)[1], None)
     graphdef, state = nnx.split(abstract)
     filled = []
@@ -69,8 +71,8 @@ def from_pretrained(
         key = ".".join(map(str, p))
         filled.append((p, v.replace(value=values[key]) if key in values else v))  # NF4 storage is already real
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
-    if quantization == "int8":
-        quantize_model_int8(model)
+    if quantization in WEIGHT_ONLY:
+        quantize_model_weight_only(model, quantization)
     return model
 
 

@@ -49,8 +49,8 @@ def test_int8_logits_match_the_layout_reference(models, forward):
     folder, hf_model, reference = models
     model = model_lib.from_pretrained(folder, quantization="int8")
     layers = linear_layers(model)
-    assert layers["model.layers.0.self_attn.q_proj"].int8.values[...].dtype == np.int8
-    assert layers["lm_head"].int8 is None and layers["lm_head"].kernel is not None
+    assert layers["model.layers.0.self_attn.q_proj"].quantized.values[...].dtype == np.int8
+    assert layers["lm_head"].quantized is None and layers["lm_head"].kernel is not None
     ids, mask, spans = padded_batch(seed=5)
     ours = np.asarray(forward(model, ids, mask))
     for row, (start, end) in enumerate(spans):
