@@ -8,10 +8,14 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from model_lib.checkpoint import abstract_params, load_config, load_params
+from model_lib.checkpoint import abstract_params, load_config, load_params, read_config_json
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM
-from model_lib.lora import WEIGHT_ONLY, quantization_targets, quantize_model_weight_only
+from model_lib.gguf import is_gguf_file
+from model_lib.lora import WEIGHT_ONLY, linear_layers, quantization_targets, quantize_model_weight_only
+from model_lib.quantization import QuantizedWeight
+from model_lib.quantization.checkpoints import METHODS as CHECKPOINT_METHODS
+from model_lib.quantization.checkpoints import Scheme, scheme_for
 from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 
@@ -25,6 +29,21 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
 # nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head;
 # int8 / int4: weight-only int8 / int4 (group 128) of the same kernels as nf4.
 QUANTIZATIONS = ("nf4", "nf4-embeddings", *WEIGHT_ONLY)
+
+
+def checkpoint_scheme(path: Path, quantization: str | None) -> Scheme | None:
+    """The checkpoint's own quantization (from config.json), checked against the requested one."""
+    if quantization not in (None, *QUANTIZATIONS, *CHECKPOINT_METHODS):
+        raise ValueError(f"unknown quantization {quantization!r}; supported: "
+                         f"{', '.join((*QUANTIZATIONS, *CHECKPOINT_METHODS))}")
+    scheme = None if is_gguf_file(path) else scheme_for(read_config_json(path))
+    if scheme is None and quantization in CHECKPOINT_METHODS:
+        raise ValueError(f"quantization={quantization!r} reads a pre-quantized checkpoint, and {path} has no "
+                         "quantization_config")
+    if scheme is not None and quantization not in (None, scheme.method):
+        raise ValueError(f"{path} is already quantized ({scheme.method}); omit quantization or pass "
+                         f"{scheme.method!r}")
+    return scheme
 
 
 def from_pretrained(
@@ -48,12 +67,16 @@ def from_pretrained(
     per-output-channel scales; `"int4"` as weight-only int4 with a scale and zero point per
     128 input rows (one group per column where 128 does not divide the input width). Both are
     quantized after loading; MoE experts stay in `dtype`.
+    A pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, FP8: a `quantization_config` in
+    config.json) is detected and read as it is (`model_lib.quantization.checkpoints`): its int4 /
+    int8 weights stay quantized on the device, FP8 weights are dequantized to `dtype`.
+    `quantization` may then be omitted or name the checkpoint's method.
     """
-    if quantization not in (None, *QUANTIZATIONS):
-        raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
-    if quantization in WEIGHT_ONLY and mesh is not None:
-        raise ValueError(f"{quantization} quantization with a mesh is not supported yet (its weights are not sharded)")
     path = Path(path)
+    scheme = checkpoint_scheme(path, quantization)
+    if (quantization in WEIGHT_ONLY or scheme is not None) and mesh is not None:
+        raise ValueError(f"{quantization or scheme.method} quantization with a mesh is not supported yet "
+                         "(its weights are not sharded)")
     config, family = load_config(path, dtype)
     plan = as_plan(mesh)
     if plan is not None:
@@ -61,8 +84,10 @@ def from_pretrained(
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     nf4 = quantization in ("nf4", "nf4-embeddings")
     targets = quantization_targets(abstract, embeddings=quantization == "nf4-embeddings") if nf4 else {}
-    values = load_params(abstract, family, path, plan, quantize=frozenset(targets))
-    for key, layer in targets.items():
+    values = load_params(abstract, family, path, plan, quantize=frozenset(targets), scheme=scheme)
+    layers = {**{f"{p}.kernel": layer for p, layer in linear_layers(abstract).items()}, **targets}
+    for key in [k for k, v in values.items() if isinstance(v, QuantizedWeight)]:
+        layer = layers[key]
         layer.quantized = values.pop(key)
         setattr(layer, key.rsplit(".", 1)[1], None)
     graphdef, state = nnx.split(abstract)

@@ -24,6 +24,7 @@ from pallas_kernels import gpu_lowering  # noqa: E402
 from pallas_kernels.moe import triton_kernel as moe_kernel  # noqa: E402
 from pallas_kernels.paged_attention import PagedMetadata  # noqa: E402
 from pallas_kernels.paged_attention import triton_kernel as paged_kernel  # noqa: E402
+from pallas_kernels.quantized_matmul import triton_kernel as quant_kernel  # noqa: E402
 
 S = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
@@ -109,6 +110,28 @@ def test_grouped_matmul_kernels_compile(shape, pass_):
     else:  # d_rhs[g] = lhs_g^T d_out_g
         fn, args, prefix = moe_kernel.tgmm, (S((rows, depth), BF16), S((rows, width), BF16), sizes), "tgmm"
     assert_compiles(gpu_lowering.lower_for_h100(jax.jit(fn), *args), (prefix,))
+
+
+# Llama-3-8B layers (K, N): q/o_proj, gate/up_proj, down_proj; rows: decode batches and a prefill chunk.
+QUANT_LAYERS = {"attn": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
+QUANT_ROWS = {"decode-m1": 1, "decode-m16": 16, "prefill-m512": 512}
+
+
+@pytest.mark.parametrize("rows", sorted(QUANT_ROWS))
+@pytest.mark.parametrize("layer", sorted(QUANT_LAYERS))
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_quantized_matmul_kernels_compile(bits, layer, rows):
+    """Fused dequantize-matmul (int4 group 128, int8 per channel); prefill tiles of 128 rows must be wgmma."""
+    depth, width = QUANT_LAYERS[layer]
+    x = S((QUANT_ROWS[rows], depth), BF16)
+    if bits == "int4":
+        groups = S((depth // 128, width), jnp.float32), S((depth // 128, width), jnp.uint8)
+        fn, args = quant_kernel.int4_matmul, (x, S((depth // 2, width), jnp.uint8), *groups)
+    else:
+        fn, args = quant_kernel.int8_matmul, (x, S((depth, width), jnp.int8), S((width,), jnp.float32))
+    reports = assert_compiles(gpu_lowering.lower_for_h100(fn, *args), (f"{bits}_matmul",))
+    if QUANT_ROWS[rows] >= 128:
+        assert all(report.wgmma for report in reports)
 
 
 def test_invalid_triton_ir_is_reported():
