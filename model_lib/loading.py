@@ -29,13 +29,14 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
 # nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head;
 # int8 / int4: weight-only int8 / int4 (group 128) of the same kernels as nf4.
 QUANTIZATIONS = ("nf4", "nf4-embeddings", *WEIGHT_ONLY)
+# Every name `from_pretrained(quantization=...)` takes: the above, and pre-quantized checkpoint methods.
+ALL_QUANTIZATIONS = (*QUANTIZATIONS, *CHECKPOINT_METHODS)
 
 
 def checkpoint_scheme(path: Path, quantization: str | None) -> Scheme | None:
     """The checkpoint's own quantization (from config.json), checked against the requested one."""
-    if quantization not in (None, *QUANTIZATIONS, *CHECKPOINT_METHODS):
-        raise ValueError(f"unknown quantization {quantization!r}; supported: "
-                         f"{', '.join((*QUANTIZATIONS, *CHECKPOINT_METHODS))}")
+    if quantization not in (None, *ALL_QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(ALL_QUANTIZATIONS)}")
     scheme = None if is_gguf_file(path) else scheme_for(read_config_json(path))
     if scheme is None and quantization in CHECKPOINT_METHODS:
         raise ValueError(f"quantization={quantization!r} reads a pre-quantized checkpoint, and {path} has no "
