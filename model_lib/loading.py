@@ -66,7 +66,7 @@ def from_pretrained(
     `"nf4-embeddings"` also quantizes an untied model's token embedding and output head.
     `"int8"` keeps every linear kernel but the output head as weight-only int8 with
     per-output-channel scales; `"int4"` as weight-only int4 with a scale and zero point per
-    128 input rows (one group per column where 128 does not divide the input width). Both are
+    128 input rows (64 or 32 where 128 does not divide the input width, else one group per column). Both are
     quantized after loading; MoE experts stay in `dtype`.
     A pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, FP8: a `quantization_config` in
     config.json) is detected and read as it is (`model_lib.quantization.checkpoints`): its int4 /

@@ -1,7 +1,7 @@
 """Weight-only int4 with group scales and zero points (`quantization="int4"`; AWQ / GPTQ's scheme).
 
 A `[in, out]` kernel is cut along its input rows into groups of `group_size` (128 by default,
-as AWQ and GPTQ use); each group and output column keeps a float32 scale and an integer zero
+as AWQ and GPTQ use; 64 or 32 where 128 does not divide the input width); each group and output column keeps a float32 scale and an integer zero
 point, and each weight a 4-bit value q in [0, 15]: `w = (q - zero) * scale` (asymmetric,
 round to nearest: `scale = (max - min) / 15`, `zero = round(-min / scale)`). The values are
 packed two per byte in `pallas_kernels.quantized_matmul`'s group-halves layout; the matmul is
@@ -57,8 +57,13 @@ class Int4Weight(QuantizedWeight):
 
 
 def group_size_for(in_features: int, group_size: int = GROUP_SIZE) -> int:
-    """`group_size` where it divides the input width, else one group per column (the whole input)."""
-    return group_size if in_features % group_size == 0 else in_features
+    """`group_size`, halved down to 32 until it divides the input width (SmolLM2's 576 takes 64); else
+    one group per column (the whole input)."""
+    while group_size >= 32:
+        if in_features % group_size == 0:
+            return group_size
+        group_size //= 2
+    return in_features
 
 
 def check_group_size(in_features: int, group_size: int) -> None:

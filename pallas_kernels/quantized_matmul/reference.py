@@ -46,10 +46,32 @@ def dequantize_int4(packed: jax.Array, scales: jax.Array, zeros: jax.Array, dtyp
     return w.reshape(2 * packed.shape[0], -1).astype(dtype)
 
 
+# Up to this many rows the matmul runs group by group on the 4-bit values (no dequantized kernel).
+GROUPED_ROWS = 16
+
+
 def int4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array) -> jax.Array:
-    """`x [M, K] @ dequantize_int4(...) -> [M, N]` in x's dtype."""
-    w = dequantize_int4(packed, scales, zeros, x.dtype)
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    """`x [M, K] @ dequantize_int4(...) -> [M, N]` in x's dtype.
+
+    Decode-sized calls use `x @ W = sum_g ((x_g @ q_g) * s_g - sum(x_g) * z_g * s_g)` over the groups g,
+    which reads the 4-bit values once and never builds the float kernel (on a CPU the dequantized
+    kernel costs several passes over K x N floats per token); its `[M, K / G, N]` partial sums
+    would outgrow the kernel itself for long prefills, which dequantize first.
+    """
+    if x.shape[0] > GROUPED_ROWS:
+        w = dequantize_int4(packed, scales, zeros, x.dtype)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    groups, n = scales.shape
+    half = packed.shape[0] // groups
+    # float32 throughout (exact for x and the 4-bit values; XLA's CPU batched dot takes no bf16 -> f32).
+    low = (packed & 0xF).reshape(groups, half, n).astype(jnp.float32)  # rows [0, G / 2) of each group
+    high = (packed >> 4).reshape(groups, half, n).astype(jnp.float32)  # rows [G / 2, G)
+    xg = x.astype(jnp.float32).reshape(x.shape[0], groups, 2, half)
+    partial = jnp.einsum("mgk,gkn->mgn", xg[:, :, 0], low) + jnp.einsum("mgk,gkn->mgn", xg[:, :, 1], high)
+    scales = scales.astype(jnp.float32)
+    sums = xg.sum(axis=(2, 3))  # [M, K / G]
+    out = jnp.einsum("mgn,gn->mn", partial, scales) - sums @ (zeros.astype(jnp.float32) * scales)
+    return out.astype(x.dtype)
 
 
 def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array) -> jax.Array:

@@ -218,6 +218,24 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
         assert_compiles(lowered, expected)
 
 
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
+    """A weight-only quantized model's decode step runs its linear layers through the fused kernel."""
+    from model_lib import from_config
+    from model_lib.lora import quantize_model_weight_only
+    from serving.engine.runner import ModelRunner
+
+    model = from_config(tiny_config("llama-gqa", tmp_path))
+    quantize_model_weight_only(model, method)
+    runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
+                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8)
+    lowered = gpu_lowering.lower_for_h100(
+        runner._step, gpu_lowering.abstract(runner.state), gpu_lowering.abstract(runner.kv_caches),
+        *step_args(*STEP_SHAPES["decode"])
+    )
+    assert_compiles(lowered, ("ragged_paged_attention", f"{method}_matmul"))
+
+
 TRAINING_FAMILIES = {"llama-gqa": (), "mixtral-moe": ("gmm_", "gmm_t", "tgmm")}
 
 
