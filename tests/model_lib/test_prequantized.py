@@ -6,7 +6,11 @@ the loader's unpacking), and adds the `quantization_config` the producing tool w
 reference is transformers holding the weights those packed values stand for (dequantized here by
 the published formula): transformers itself needs GPU-only packages (AutoAWQ, GPTQModel) or the
 `compressed-tensors` package, not installed, to read these formats. Our model must keep the int4
-and int8 formats quantized on the device and match the reference logits.
+and int8 formats quantized on the device and match the reference logits. The block-scaled FP8
+format (`quant_method: fp8`) transformers reads on a CPU itself (dequantized to bfloat16): our
+dequantized weights must equal its weights where the tiles divide the weight (for a partial last
+tile transformers' CPU fallback derives another row split, `out / tiles`, than DeepSeek-V3's
+`row // block`, which we follow).
 """
 
 from __future__ import annotations
@@ -126,16 +130,19 @@ def compressed_int8(w: np.ndarray, rng):
     return tensors, (q * scale).astype(np.float32)
 
 
-def fp8(strategy: str):
+def fp8(strategy: str, block: int = 0):
+    """FP8 per tensor, per channel, or per `block` x `block` tile (DeepSeek-V3: a partial last tile
+    keeps the scale of tile `row // block`)."""
+
     def pack(w: np.ndarray, rng):
         import torch
 
         if strategy == "block":
-            rows, cols = math.ceil(w.shape[0] / 64), math.ceil(w.shape[1] / 64)
-            padded = np.zeros((rows * 64, cols * 64), np.float32)
+            rows, cols = math.ceil(w.shape[0] / block), math.ceil(w.shape[1] / block)
+            padded = np.zeros((rows * block, cols * block), np.float32)
             padded[: w.shape[0], : w.shape[1]] = np.abs(w)
-            scale = (padded.reshape(rows, 64, cols, 64).max(axis=(1, 3)) / FP8_MAX).astype(np.float32)
-            full = np.repeat(np.repeat(scale, 64, 0), 64, 1)[: w.shape[0], : w.shape[1]]
+            scale = (padded.reshape(rows, block, cols, block).max(axis=(1, 3)) / FP8_MAX).astype(np.float32)
+            full = np.repeat(np.repeat(scale, block, 0), block, 1)[: w.shape[0], : w.shape[1]]
         else:
             scale = (np.abs(w).max(axis=1, keepdims=True) if strategy == "channel" else np.abs(w).max(keepdims=True)[0])
             scale = (scale / FP8_MAX).astype(np.float32)
@@ -171,8 +178,11 @@ FORMATS = {
         num_bits=8, type="float", symmetric=True, strategy="channel")), type(None)),
     "ct-fp8-tensor": (fp8("tensor"), ct_config("float-quantized", dict(
         num_bits=8, type="float", symmetric=True, strategy="tensor")), type(None)),
-    "fp8-block": (fp8("block"), dict(quant_method="fp8", activation_scheme="dynamic", weight_block_size=[64, 64]),
+    "fp8-block": (fp8("block", 32), dict(quant_method="fp8", activation_scheme="dynamic", weight_block_size=[32, 32]),
                   type(None)),
+    # 64-wide tiles leave partial tiles on 96-row / 96-column weights
+    "fp8-block-partial": (fp8("block", 64), dict(quant_method="fp8", activation_scheme="dynamic",
+                                                 weight_block_size=[64, 64]), type(None)),
 }
 
 
@@ -227,6 +237,21 @@ def test_logits_match_the_published_layout(name, checkpoints, forward):
     ours = np.asarray(forward(model, ids, mask))
     for row, (start, end) in enumerate(spans):
         assert_logits_close(ours[row, start:end], hf_logits(reference, ids[row : row + 1, start:end])[0])
+
+
+def test_fp8_block_weights_equal_transformers_own_dequantization(checkpoints):
+    import torch
+    import transformers
+
+    folder, _ = checkpoints("fp8-block")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours = linear_layers(model_lib.from_pretrained(folder, dtype="float32"))
+    for name, module in theirs.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            expected = module.weight.detach().float().numpy()
+            got = np.asarray(ours[name].kernel[...]).T.astype(np.float32)
+            # transformers rounds the dequantized weight to bfloat16 (no GPU): equal up to that rounding.
+            np.testing.assert_allclose(got, expected, rtol=2.0**-8, atol=0, err_msg=name)
 
 
 def test_act_order_checkpoint_serves_greedy_as_the_reference(checkpoints):
