@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from model_lib.config import ModelConfig
 from model_lib.gguf import is_gguf_file, iter_gguf_tensors, load_gguf_config
-from model_lib.quantization import NF4Weight, QuantizedWeight, nf4_storage_axes, quantize_nf4_host
+from model_lib.quantization import NF4Weight, QuantizedWeight, QuantState, nf4_storage_axes, quantize_nf4_host
 from model_lib.quantization.checkpoints import HostQuantized, QuantizedTensors, Scheme
 from model_lib.registry import Family, get_family
 from model_lib.sharding import ShardingPlan
@@ -394,6 +394,10 @@ def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str,
 def save_pretrained(model: nnx.Module, path: str | Path, *, max_shard_size: int = 5 * 1024**3) -> None:
     """Write config.json and safetensors (sharded above `max_shard_size` bytes) in HF layout."""
     config: ModelConfig = model.config
+    _, state = nnx.split(model)
+    if any(isinstance(v, QuantState) for _, v in nnx.to_flat_state(state)):
+        raise ValueError("cannot export quantized weights in the float layout; load the model without "
+                         "quantization (or from a float checkpoint) to export it")
     family = get_family(config.architecture).for_config(config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -429,4 +433,5 @@ def save_pretrained(model: nnx.Module, path: str | Path, *, max_shard_size: int 
     hf_config["architectures"] = [config.architecture]
     hf_config["dtype"] = config.dtype
     hf_config.pop("torch_dtype", None)
+    hf_config.pop("quantization_config", None)  # the weights written are float (FP8 ones were dequantized)
     (path / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True))

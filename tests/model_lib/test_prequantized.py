@@ -286,3 +286,15 @@ def test_serve_accepts_quantization_flags():
     assert parse_args(["model", "--quantization", "awq"]).quantization == "awq"
     with pytest.raises(SystemExit):
         parse_args(["model", "--quantization", "int3"])
+
+
+def test_export_writes_float_weights_and_refuses_quantized_ones(checkpoints, tmp_path):
+    folder, _ = checkpoints("fp8-block")
+    model = model_lib.from_pretrained(folder, dtype="float32")
+    model_lib.save_pretrained(model, tmp_path / "float")
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+    again = linear_layers(model_lib.from_pretrained(tmp_path / "float", dtype="float32"))
+    q_proj = "model.layers.0.self_attn.q_proj"
+    np.testing.assert_array_equal(np.asarray(again[q_proj].kernel[...]), np.asarray(linear_layers(model)[q_proj].kernel[...]))
+    with pytest.raises(ValueError, match="cannot export quantized weights"):
+        model_lib.save_pretrained(model_lib.from_pretrained(checkpoints("awq-gemm")[0]), tmp_path / "awq")
