@@ -112,8 +112,9 @@ def test_grouped_matmul_kernels_compile(shape, pass_):
     assert_compiles(gpu_lowering.lower_for_h100(jax.jit(fn), *args), (prefix,))
 
 
-# Llama-3-8B layers (K, N): q/o_proj, gate/up_proj, down_proj; rows: decode batches and a prefill chunk.
-QUANT_LAYERS = {"attn": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
+# Llama-3-8B layers (K, N): gate/up_proj, down_proj (q/o_proj tile like down_proj); rows: decode
+# batches and a prefill chunk.
+QUANT_LAYERS = {"gate_up": (4096, 14336), "down": (14336, 4096)}
 QUANT_ROWS = {"decode-m1": 1, "decode-m16": 16, "prefill-m512": 512}
 
 

@@ -33,9 +33,10 @@ def numpy_weight(q, scales, zeros):
     return (q.astype(np.float32) - zeros[g].astype(np.float32)) * scales[g]
 
 
-@pytest.mark.parametrize("group_size", [32, 128])
-def test_int4_reference_follows_the_layout(group_size):
-    x, q, scales, zeros = int4_inputs(0, group_size)
+# Both reference forms: per-group products (decode-sized) and the dequantized kernel (more rows).
+@pytest.mark.parametrize("group_size,rows", [(32, 3), (128, 40)])
+def test_int4_reference_follows_the_layout(group_size, rows):
+    x, q, scales, zeros = int4_inputs(0, group_size, rows)
     packed = reference.pack_int4(q, group_size)
     assert packed.shape == (K // 2, N) and packed.dtype == np.uint8
     # Group-halves layout: low nibbles hold each group's first half, high nibbles its second.
@@ -50,8 +51,7 @@ def test_int4_reference_follows_the_layout(group_size):
 CASES = [(1, jnp.float32), (5, jnp.bfloat16), (16, jnp.float32), (130, jnp.bfloat16)]
 
 
-@pytest.mark.parametrize("rows,dtype", CASES)
-@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("rows,dtype,group_size", [(*case, 128) for case in CASES] + [(5, jnp.float32, 64)])
 def test_int4_kernel_matches_reference(rows, dtype, group_size):
     x, q, scales, zeros = int4_inputs(rows, group_size, rows)
     args = (jnp.asarray(x, dtype), jnp.asarray(reference.pack_int4(q, group_size)), jnp.asarray(scales),
