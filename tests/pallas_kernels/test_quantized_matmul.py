@@ -102,3 +102,29 @@ def test_bad_shapes_and_untiled_calls_are_refused():
     with pytest.raises(ValueError, match="no int4 tiles fit"):
         triton_kernel.int4_matmul(jnp.zeros((2, 80)), jnp.zeros((40, 128), jnp.uint8), jnp.ones((2, 128)),
                                   jnp.zeros((2, 128), jnp.uint8), interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("rows", [1, 16, 512])
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_kernels_match_reference_on_gpu(bits, rows):
+    """Llama-8B gate/up shape, compiled for the GPU; the reference in float32 (not TF32)."""
+    depth, width = 4096, 14336
+    rng = np.random.RandomState(rows)
+    x = jnp.asarray(rng.randn(rows, depth), jnp.bfloat16)
+    if bits == "int4":
+        _, q, scales, zeros = int4_inputs(rows, 128)  # the small K x N table, tiled to the layer
+        q, scales, zeros = np.tile(q, (depth // K, width // N)), np.tile(scales, (depth // K, width // N)), \
+            np.tile(zeros, (depth // K, width // N))
+        weights = (jnp.asarray(reference.pack_int4(q, 128)), jnp.asarray(scales), jnp.asarray(zeros))
+        op = int4_matmul
+    else:
+        weights = (jnp.asarray(rng.randint(-127, 128, (depth, width)).astype(np.int8)),
+                   jnp.asarray((rng.rand(width) * 0.01).astype(np.float32)))
+        op = int8_matmul
+    got = jax.jit(lambda x, *w: op(x, *w, implementation="kernel"))(x, *weights)
+    with jax.default_matmul_precision("float32"):
+        want = jax.jit(lambda x, *w: op(x, *w, implementation="reference"))(x.astype(jnp.float32), *weights)
+    error = float(jnp.linalg.norm(got.astype(jnp.float32) - want) / jnp.linalg.norm(want))
+    assert error < 1e-2, error
