@@ -88,9 +88,11 @@ def test_logits_match_the_layout_reference(models, forward):
     assert float_bytes - param_bytes(model) > saved * linear_float  # values + scales (+ zero points)
 
 
-def test_greedy_serving_matches_the_layout_reference(models):
-    method, folder, reference, _, _ = models
-    llm = LLM(folder, quantization=method, max_model_len=64, page_size=8)
+def test_int8_greedy_serving_matches_the_layout_reference(tiny_checkpoint):
+    """int8 here; an int4 model serves through the same `LLM` path in test_prequantized.py (act-order GPTQ)."""
+    folder, hf_model = tiny_checkpoint("llama-gqa")
+    reference = _reference(hf_model, int8_rounded)
+    llm = LLM(folder, quantization="int8", max_model_len=64, page_size=8)
     batch = prompts()
     outputs = llm.generate([{"prompt_token_ids": p} for p in batch], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for prompt, output in zip(batch, outputs):
