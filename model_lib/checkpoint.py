@@ -26,7 +26,8 @@ from safetensors.numpy import save_file
 
 from model_lib.config import ModelConfig
 from model_lib.gguf import is_gguf_file, iter_gguf_tensors, load_gguf_config
-from model_lib.quantization import NF4Weight, nf4_storage_axes, quantize_nf4_host
+from model_lib.quantization import NF4Weight, QuantizedWeight, QuantState, nf4_storage_axes, quantize_nf4_host
+from model_lib.quantization.checkpoints import HostQuantized, QuantizedTensors, Scheme
 from model_lib.registry import Family, get_family
 from model_lib.sharding import ShardingPlan
 
@@ -107,18 +108,21 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def _check_complete(file: Path) -> None:
-    """Name the first tensor that a truncated file cuts off (safetensors only says 'incomplete')."""
-    size = file.stat().st_size
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, header) of a safetensors file."""
     with file.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{file} is truncated: no safetensors header")
         (header_len,) = struct.unpack("<Q", prefix)
-        if 8 + header_len > size:
-            raise CheckpointError(f"{file} is truncated inside its header ({size} bytes)")
-        header = json.loads(f.read(header_len))
-    data_size = size - 8 - header_len
+        if 8 + header_len > file.stat().st_size:
+            raise CheckpointError(f"{file} is truncated inside its header ({file.stat().st_size} bytes)")
+        return header_len, json.loads(f.read(header_len))
+
+
+def _check_complete(file: Path, header_len: int, header: dict[str, Any]) -> None:
+    """Name the first tensor that a truncated file cuts off (safetensors only says 'incomplete')."""
+    data_size = file.stat().st_size - 8 - header_len
     for name, info in header.items():
         if name != "__metadata__" and info["data_offsets"][1] > data_size:
             raise CheckpointError(
@@ -127,14 +131,29 @@ def _check_complete(file: Path) -> None:
             )
 
 
+# safetensors dtypes numpy has no type for (FP8 checkpoints): read from the bytes as ml_dtypes.
+RAW_DTYPES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _read_raw(file: Path, header_len: int, info: dict[str, Any]) -> np.ndarray:
+    import ml_dtypes
+
+    start, end = info["data_offsets"]
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len + start, shape=(end - start,))
+    return np.asarray(data).view(getattr(ml_dtypes, RAW_DTYPES[info["dtype"]])).reshape(info["shape"])
+
+
 def iter_tensors(path: Path) -> Iterator[tuple[Path, str, np.ndarray]]:
     """(file, name, host array) for every tensor of the checkpoint, one at a time."""
     for file in checkpoint_files(path):
-        _check_complete(file)
+        header_len, header = _header(file)
+        _check_complete(file, header_len, header)
         try:
             with safe_open(file, framework="numpy") as f:
                 for name in f.keys():
-                    yield file, name, f.get_tensor(name)
+                    info = header[name]
+                    raw = info["dtype"] in RAW_DTYPES
+                    yield file, name, _read_raw(file, header_len, info) if raw else f.get_tensor(name)
         except SafetensorError as e:
             raise CheckpointError(f"cannot read {file}: {e}") from None
 
@@ -215,12 +234,31 @@ def quantize_and_place(array: np.ndarray, variable: nnx.Variable, plan: Sharding
     )
 
 
+def _plain_kernel(hf_key: str, family: Family, expected: dict[str, nnx.Variable]) -> str | None:
+    """Our kernel key for an HF linear `<module>.weight` that maps one-to-one (not fused, stacked or Conv1D)."""
+    weight_map = family.weight_map
+    module = weight_map.tensor_to_ours(hf_key).rpartition(".")[0]
+    if (weight_map.is_expert_rows(module) or weight_map.is_conv1d(module) or weight_map.stacked_for_hf(module)
+            or weight_map.fused_for_hf(module)):
+        return None
+    key = f"{weight_map.module_to_ours(module)}.kernel"
+    return key if key in expected else None
+
+
 def load_params(
-    model: nnx.Module, family: Family, path: Path, plan: ShardingPlan | None, *, quantize: frozenset[str] = frozenset()
-) -> dict[str, jax.Array | NF4Weight]:
+    model: nnx.Module,
+    family: Family,
+    path: Path,
+    plan: ShardingPlan | None,
+    *,
+    quantize: frozenset[str] = frozenset(),
+    scheme: Scheme | None = None,
+) -> dict[str, jax.Array | QuantizedWeight]:
     """Read every tensor the abstract `model` expects from a checkpoint folder or GGUF file, converted and placed.
 
-    Kernels whose keys are in `quantize` come back as `NF4Weight`s, quantized as they are read.
+    Kernels whose keys are in `quantize` come back as `NF4Weight`s, quantized as they are read. With
+    a pre-quantization `scheme`, its int4 / int8 linear weights come back as `Int4Weight` / `Int8Weight`
+    (dequantized where the module is not a plain linear kernel here), FP8 ones dequantized.
     """
     config: ModelConfig = model.config
     expected = abstract_params(model)
@@ -241,12 +279,27 @@ def load_params(
             loaded[key] = plan.place(array, sharding=plan.variable_sharding(variable, array.shape))
 
     tensors = iter_gguf_tensors(path, family, config, expected) if is_gguf_file(path) else iter_tensors(path)
+    if scheme is not None:
+        tensors = QuantizedTensors(scheme, tensors)
     for file, name, tensor in tensors:
         hf_key = family.weight_map.canonical(name)
         if family.weight_map.is_ignored(hf_key) or (
             config.tie_word_embeddings and family.weight_map.module_to_ours(hf_key.rpartition(".")[0]) == "lm_head"
         ):
             continue
+        if isinstance(tensor, HostQuantized):
+            key = _plain_kernel(hf_key, family, expected)
+            if key is None:  # a fused or per-expert module: read as the float weight it stands for
+                tensor = tensor.dequantized()
+            else:
+                if key in loaded:
+                    raise CheckpointError(f"tensor {name!r} in {file} duplicates one from {sources.get(key)}")
+                if tensor.shape != tuple(expected[key].shape):
+                    raise CheckpointError(f"quantized {name!r} in {file} holds shape {_hf_shape(key, tensor.shape)}, "
+                                          f"the config implies {_hf_shape(key, tuple(expected[key].shape))}")
+                sources[key] = f"{file.name}:{name}"
+                loaded[key] = tensor.to_weight()
+                continue
         for key, array, expert in _to_ours(hf_key, tensor, family, config, expected):
             if key not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {config.architecture})")
@@ -341,6 +394,10 @@ def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str,
 def save_pretrained(model: nnx.Module, path: str | Path, *, max_shard_size: int = 5 * 1024**3) -> None:
     """Write config.json and safetensors (sharded above `max_shard_size` bytes) in HF layout."""
     config: ModelConfig = model.config
+    _, state = nnx.split(model)
+    if any(isinstance(v, QuantState) for _, v in nnx.to_flat_state(state)):
+        raise ValueError("cannot export quantized weights in the float layout; load the model without "
+                         "quantization (or from a float checkpoint) to export it")
     family = get_family(config.architecture).for_config(config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -376,4 +433,5 @@ def save_pretrained(model: nnx.Module, path: str | Path, *, max_shard_size: int 
     hf_config["architectures"] = [config.architecture]
     hf_config["dtype"] = config.dtype
     hf_config.pop("torch_dtype", None)
+    hf_config.pop("quantization_config", None)  # the weights written are float (FP8 ones were dequantized)
     (path / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True))

@@ -8,10 +8,14 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from model_lib.checkpoint import abstract_params, load_config, load_params
+from model_lib.checkpoint import abstract_params, load_config, load_params, read_config_json
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM
-from model_lib.lora import quantization_targets, quantize_model_int8
+from model_lib.gguf import is_gguf_file
+from model_lib.lora import WEIGHT_ONLY, linear_layers, quantization_targets, quantize_model_weight_only
+from model_lib.quantization import QuantizedWeight
+from model_lib.quantization.checkpoints import METHODS as CHECKPOINT_METHODS
+from model_lib.quantization.checkpoints import Scheme, scheme_for
 from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 
@@ -23,8 +27,24 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
 
 
 # nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head;
-# int8: weight-only int8 of the same kernels as nf4.
-QUANTIZATIONS = ("nf4", "nf4-embeddings", "int8")
+# int8 / int4: weight-only int8 / int4 (group 128) of the same kernels as nf4.
+QUANTIZATIONS = ("nf4", "nf4-embeddings", *WEIGHT_ONLY)
+# Every name `from_pretrained(quantization=...)` takes: the above, and pre-quantized checkpoint methods.
+ALL_QUANTIZATIONS = (*QUANTIZATIONS, *CHECKPOINT_METHODS)
+
+
+def checkpoint_scheme(path: Path, quantization: str | None) -> Scheme | None:
+    """The checkpoint's own quantization (from config.json), checked against the requested one."""
+    if quantization not in (None, *ALL_QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(ALL_QUANTIZATIONS)}")
+    scheme = None if is_gguf_file(path) else scheme_for(read_config_json(path))
+    if scheme is None and quantization in CHECKPOINT_METHODS:
+        raise ValueError(f"quantization={quantization!r} reads a pre-quantized checkpoint, and {path} has no "
+                         "quantization_config")
+    if scheme is not None and quantization not in (None, scheme.method):
+        raise ValueError(f"{path} is already quantized ({scheme.method}); omit quantization or pass "
+                         f"{scheme.method!r}")
+    return scheme
 
 
 def from_pretrained(
@@ -45,13 +65,19 @@ def from_pretrained(
     result equals loading in `dtype` and calling `quantize_model_nf4`.
     `"nf4-embeddings"` also quantizes an untied model's token embedding and output head.
     `"int8"` keeps every linear kernel but the output head as weight-only int8 with
-    per-output-channel scales (quantized after loading; MoE experts stay in `dtype`).
+    per-output-channel scales; `"int4"` as weight-only int4 with a scale and zero point per
+    128 input rows (64 or 32 where 128 does not divide the input width, else one group per column). Both are
+    quantized after loading; MoE experts stay in `dtype`.
+    A pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, FP8: a `quantization_config` in
+    config.json) is detected and read as it is (`model_lib.quantization.checkpoints`): its int4 /
+    int8 weights stay quantized on the device, FP8 weights are dequantized to `dtype`.
+    `quantization` may then be omitted or name the checkpoint's method.
     """
-    if quantization not in (None, *QUANTIZATIONS):
-        raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
-    if quantization == "int8" and mesh is not None:
-        raise ValueError("int8 quantization with a mesh is not supported yet (int8 weights are not sharded)")
     path = Path(path)
+    scheme = checkpoint_scheme(path, quantization)
+    if (quantization in WEIGHT_ONLY or scheme is not None) and mesh is not None:
+        raise ValueError(f"{quantization or scheme.method} quantization with a mesh is not supported yet "
+                         "(its weights are not sharded)")
     config, family = load_config(path, dtype)
     plan = as_plan(mesh)
     if plan is not None:
@@ -59,9 +85,11 @@ def from_pretrained(
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     nf4 = quantization in ("nf4", "nf4-embeddings")
     targets = quantization_targets(abstract, embeddings=quantization == "nf4-embeddings") if nf4 else {}
-    values = load_params(abstract, family, path, plan, quantize=frozenset(targets))
-    for key, layer in targets.items():
-        layer.nf4 = values.pop(key)
+    values = load_params(abstract, family, path, plan, quantize=frozenset(targets), scheme=scheme)
+    layers = {**{f"{p}.kernel": layer for p, layer in linear_layers(abstract).items()}, **targets}
+    for key in [k for k, v in values.items() if isinstance(v, QuantizedWeight)]:
+        layer = layers[key]
+        layer.quantized = values.pop(key)
         setattr(layer, key.rsplit(".", 1)[1], None)
     graphdef, state = nnx.split(abstract)
     filled = []
@@ -69,8 +97,8 @@ def from_pretrained(
         key = ".".join(map(str, p))
         filled.append((p, v.replace(value=values[key]) if key in values else v))  # NF4 storage is already real
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
-    if quantization == "int8":
-        quantize_model_int8(model)
+    if quantization in WEIGHT_ONLY:
+        quantize_model_weight_only(model, quantization)
     return model
 
 

@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
-from model_lib.quantization import quantize_int8, quantize_nf4
+from model_lib.quantization import quantize_int4, quantize_int8, quantize_nf4
 from model_lib.registry import Family, get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -160,7 +160,7 @@ def merge_lora(model: nnx.Module) -> None:
     for layer in linear_layers(model).values():
         if layer.lora_a is None:
             continue
-        if layer.nf4 is not None or layer.int8 is not None:
+        if layer.quantized is not None:
             raise ValueError("cannot merge into quantized weights; load the base model unquantized to merge")
         kernel = layer.kernel[...]
         delta = jnp.dot(layer.lora_a[...].astype(jnp.float32), layer.lora_b[...].astype(jnp.float32)) * layer.lora_scale
@@ -259,16 +259,26 @@ def quantize_model_nf4(model: nnx.Module, *, embeddings: bool = False) -> None:
     """
     for key, layer in quantization_targets(model, embeddings=embeddings).items():
         leaf = key.rsplit(".", 1)[1]
-        value = getattr(layer, leaf)[...]
-        layer.nf4 = quantize_nf4(np.asarray(jax.device_get(value)), axes=layer.axes, head_size=getattr(layer, "head_size", 1))
+        value = np.asarray(jax.device_get(getattr(layer, leaf)[...]))
+        layer.quantized = quantize_nf4(value, axes=layer.axes, head_size=getattr(layer, "head_size", 1))
         setattr(layer, leaf, None)
 
 
-def quantize_model_int8(model: nnx.Module) -> None:
-    """Replace the `quantization_targets` (linear kernels but the output head) by weight-only int8, in place."""
-    for key, layer in quantization_targets(model).items():
-        layer.int8 = quantize_int8(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
+# Weight-only formats quantized from a model in memory (linear kernels but the output head).
+WEIGHT_ONLY = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+def quantize_model_weight_only(model: nnx.Module, method: str) -> None:
+    """Replace the `quantization_targets` by their weight-only `method` form ("int8" or "int4"), in place."""
+    quantize = WEIGHT_ONLY[method]
+    for layer in quantization_targets(model).values():
+        layer.quantized = quantize(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
         layer.kernel = None
+
+
+def quantize_model_int8(model: nnx.Module) -> None:
+    """Weight-only int8 of the `quantization_targets`, in place."""
+    quantize_model_weight_only(model, "int8")
 
 
 def param_bytes(model: nnx.Module) -> int:
@@ -292,6 +302,7 @@ __all__ = [
     "param_bytes",
     "quantize_model_int8",
     "quantize_model_nf4",
+    "quantize_model_weight_only",
     "save_peft_adapter",
     "target_groups",
 ]

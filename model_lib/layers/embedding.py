@@ -29,14 +29,14 @@ class Embed(nnx.Module):
         init = jax.nn.initializers.normal(init_std)
         self.axes, self.dtype = axes, jnp.dtype(dtype)
         self.weight: nnx.Param | None = nnx.Param(init(rngs.params(), (num_embeddings, features), dtype), logical_axes=axes)
-        self.nf4: NF4Weight | None = nnx.data(None)
+        self.quantized: NF4Weight | None = nnx.data(None)
 
     def table(self) -> jax.Array:
-        return dequantize_nf4(self.nf4, self.dtype) if self.nf4 is not None else self.weight[...]
+        return dequantize_nf4(self.quantized, self.dtype) if self.quantized is not None else self.weight[...]
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        if self.nf4 is not None:
-            return nf4_take_rows(self.nf4, ids, self.dtype)
+        if self.quantized is not None:
+            return nf4_take_rows(self.quantized, ids, self.dtype)
         return jnp.take(self.weight[...], ids, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:

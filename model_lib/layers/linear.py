@@ -1,8 +1,9 @@
-"""Linear projection: base weight (plain, NF4- or int8-quantized) plus optional LoRA adapter slots.
+"""Linear projection: base weight (plain or in a quantized format) plus optional LoRA adapter slots.
 
 The base weight is `kernel [in, out]` (HF checkpoints store `weight [out, in]`;
-the loader transposes). Under QLoRA the kernel is replaced by its NF4 form and
-dequantized inside the jitted step. A LoRA adapter adds `dropout(x) @ A @ B *
+the loader transposes). A quantized base (NF4 under QLoRA, int8, int4, ...) replaces the
+kernel by a `QuantizedWeight` in the one `quantized` slot; the layer only calls its
+`matmul` and `dequantize`, whatever the format. A LoRA adapter adds `dropout(x) @ A @ B *
 scale` with `A [in, r]`, `B [r, out]` (see `model_lib/lora.py`); the same layer
 serves the trainer and the server, so every projection of every family gains
 adapters and quantization at once.
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model_lib.quantization import Int8Weight, NF4Weight, dequantize_int8, dequantize_nf4, int8_matmul, nf4_matmul
+from model_lib.quantization import QuantizedWeight
 
 
 class LoRAParam(nnx.Param):
@@ -51,19 +52,16 @@ class Linear(nnx.Module):
             nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=axes[1:], head_size=head_size) if use_bias else None
         )
         # Slots filled later (quantization, adapters): declared data so they may change type.
-        self.nf4: NF4Weight | None = nnx.data(None)
-        self.int8: Int8Weight | None = nnx.data(None)
+        self.quantized: QuantizedWeight | None = nnx.data(None)
         self.lora_a: LoRAParam | None = nnx.data(None)
         self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale = 0.0
         self.lora_dropout: nnx.Dropout | None = nnx.data(None)
 
     def weight(self, dtype: jnp.dtype) -> jax.Array:
-        """The base kernel `[in, out]` in `dtype` (dequantized if stored as NF4 or int8)."""
-        if self.nf4 is not None:
-            kernel = dequantize_nf4(self.nf4, dtype)
-        elif self.int8 is not None:
-            kernel = dequantize_int8(self.int8, dtype)
+        """The base kernel `[in, out]` in `dtype` (dequantized if stored quantized)."""
+        if self.quantized is not None:
+            kernel = self.quantized.dequantize(dtype)
         else:
             kernel = self.kernel[...].astype(dtype)
         if self.unit_norm_outputs:
@@ -73,10 +71,8 @@ class Linear(nnx.Module):
         return kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.nf4 is not None and not self.unit_norm_outputs:
-            y = nf4_matmul(x, self.nf4)  # never holds the dequantized kernel past its use
-        elif self.int8 is not None and not self.unit_norm_outputs:
-            y = int8_matmul(x, self.int8)
+        if self.quantized is not None and not self.unit_norm_outputs:
+            y = self.quantized.matmul(x)  # never holds the dequantized kernel past its use
         else:
             y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:

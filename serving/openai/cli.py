@@ -12,6 +12,7 @@ import threading
 
 import uvicorn
 
+from model_lib.loading import ALL_QUANTIZATIONS
 from serving.async_engine import AsyncLLMEngine
 from serving.engine.limits import RequestLimits
 from serving.default_model import default_model_path, served_name
@@ -36,6 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--quantization", "-q", choices=ALL_QUANTIZATIONS,
+                   help="weight format: int8, int4 (weight-only, group 128) or nf4, quantized at load; or the "
+                        "method of a pre-quantized checkpoint (awq, gptq, compressed-tensors, fp8), which is "
+                        "detected from its config.json without this flag")
     p.add_argument("--mesh", help="mesh preset from configs/mesh (e.g. tp) or a YAML path")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=16)
     p.add_argument("--num-pages", type=int, help="KV pages (default: from free device memory)")
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             args.model,
             dtype=None if args.dtype == "auto" else args.dtype,
             mesh=args.mesh,
+            quantization=args.quantization,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -24,6 +24,7 @@ from pallas_kernels import gpu_lowering  # noqa: E402
 from pallas_kernels.moe import triton_kernel as moe_kernel  # noqa: E402
 from pallas_kernels.paged_attention import PagedMetadata  # noqa: E402
 from pallas_kernels.paged_attention import triton_kernel as paged_kernel  # noqa: E402
+from pallas_kernels.quantized_matmul import triton_kernel as quant_kernel  # noqa: E402
 
 S = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
@@ -111,6 +112,29 @@ def test_grouped_matmul_kernels_compile(shape, pass_):
     assert_compiles(gpu_lowering.lower_for_h100(jax.jit(fn), *args), (prefix,))
 
 
+# Llama-3-8B layers (K, N): gate/up_proj, down_proj (q/o_proj tile like down_proj); rows: decode
+# batches and a prefill chunk.
+QUANT_LAYERS = {"gate_up": (4096, 14336), "down": (14336, 4096)}
+QUANT_ROWS = {"decode-m1": 1, "decode-m16": 16, "prefill-m512": 512}
+
+
+@pytest.mark.parametrize("rows", sorted(QUANT_ROWS))
+@pytest.mark.parametrize("layer", sorted(QUANT_LAYERS))
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_quantized_matmul_kernels_compile(bits, layer, rows):
+    """Fused dequantize-matmul (int4 group 128, int8 per channel); prefill tiles of 128 rows must be wgmma."""
+    depth, width = QUANT_LAYERS[layer]
+    x = S((QUANT_ROWS[rows], depth), BF16)
+    if bits == "int4":
+        groups = S((depth // 128, width), jnp.float32), S((depth // 128, width), jnp.uint8)
+        fn, args = quant_kernel.int4_matmul, (x, S((depth // 2, width), jnp.uint8), *groups)
+    else:
+        fn, args = quant_kernel.int8_matmul, (x, S((depth, width), jnp.int8), S((width,), jnp.float32))
+    reports = assert_compiles(gpu_lowering.lower_for_h100(fn, *args), (f"{bits}_matmul",))
+    if QUANT_ROWS[rows] >= 128:
+        assert all(report.wgmma for report in reports)
+
+
 def test_invalid_triton_ir_is_reported():
     """The check itself: a module that does not verify raises (the i1-typed loop bound that
     `jnp.where(pred, n, 0)` gave the old MoE kernel), so the tests above cannot pass vacuously."""
@@ -193,6 +217,24 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
             runner._step, gpu_lowering.abstract(runner.state), gpu_lowering.abstract(runner.kv_caches), *step_args(*shape)
         )
         assert_compiles(lowered, expected)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
+    """A weight-only quantized model's decode step runs its linear layers through the fused kernel."""
+    from model_lib import from_config
+    from model_lib.lora import quantize_model_weight_only
+    from serving.engine.runner import ModelRunner
+
+    model = from_config(tiny_config("llama-gqa", tmp_path))
+    quantize_model_weight_only(model, method)
+    runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
+                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8)
+    lowered = gpu_lowering.lower_for_h100(
+        runner._step, gpu_lowering.abstract(runner.state), gpu_lowering.abstract(runner.kv_caches),
+        *step_args(*STEP_SHAPES["decode"])
+    )
+    assert_compiles(lowered, ("ragged_paged_attention", f"{method}_matmul"))
 
 
 TRAINING_FAMILIES = {"llama-gqa": (), "mixtral-moe": ("gmm_", "gmm_t", "tgmm")}

@@ -114,9 +114,9 @@ def test_nf4_round_trip_and_memory(tiny_checkpoint):
     before = param_bytes(model)
     quantize_model_nf4(model)
     layer = model.model.layers[0].mlp.up_proj
-    assert layer.kernel is None and layer.nf4 is not None
+    assert layer.kernel is None and layer.quantized is not None
     # 4-bit codes plus double-quantized constants: just over a quarter of bf16 per quantized weight.
-    assert layer.nf4.nbytes() < 0.3 * 2 * 64 * 96
+    assert layer.quantized.nbytes() < 0.3 * 2 * 64 * 96
     assert param_bytes(model) < before
 
 
@@ -132,14 +132,14 @@ def test_quantizing_while_loading_equals_quantizing_after(tiny_checkpoint, forwa
     sharded = model_lib.from_pretrained(folder, dtype="float32", quantization="nf4", mesh="fsdp_tp")
     for path, layer in linear_layers(after).items():
         other = linear_layers(streamed)[path]
-        if layer.nf4 is None:
-            assert path == "lm_head" and other.nf4 is None
+        if layer.quantized is None:
+            assert path == "lm_head" and other.quantized is None
             continue
         assert other.kernel is None
         for name in ("packed", "absmax_q", "absmax_scale", "offset"):
-            np.testing.assert_array_equal(getattr(other.nf4, name)[...], getattr(layer.nf4, name)[...])
+            np.testing.assert_array_equal(getattr(other.quantized, name)[...], getattr(layer.quantized, name)[...])
     # Rows layout (out % 64 == 0) keeps the kernel's axes: an o_proj [heads * 16, embed] shards embed over fsdp.
-    o_proj = sharded.model.layers[0].self_attn.o_proj.nf4
+    o_proj = sharded.model.layers[0].self_attn.o_proj.quantized
     assert o_proj.packed[...].shape == (64, 32) and "fsdp" in str(o_proj.packed[...].sharding.spec)
     ids, mask, _ = padded_batch(seed=3)
     reference = np.asarray(forward(after, ids, mask))
@@ -163,8 +163,8 @@ def test_quantizing_while_loading_equals_quantizing_after(tiny_checkpoint, forwa
     for model in (everything, streamed_all):
         assert model.lm_head.kernel is None and model.model.embed_tokens.weight is None
     embed = streamed_all.model.embed_tokens
-    np.testing.assert_array_equal(embed.nf4.packed[...], everything.model.embed_tokens.nf4.packed[...])
-    np.testing.assert_array_equal(embed(jnp.asarray(ids)), jnp.take(dequantize_nf4(embed.nf4, jnp.bfloat16), ids, axis=0))
+    np.testing.assert_array_equal(embed.quantized.packed[...], everything.model.embed_tokens.quantized.packed[...])
+    np.testing.assert_array_equal(embed(jnp.asarray(ids)), jnp.take(dequantize_nf4(embed.quantized, jnp.bfloat16), ids, axis=0))
     np.testing.assert_array_equal(np.asarray(forward(streamed_all, ids, mask)), np.asarray(forward(everything, ids, mask)))
     assert_logits_close(forward(streamed_all, ids, mask), reference, rel=0.2)  # the head's rounding, not a bug
 

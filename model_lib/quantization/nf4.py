@@ -1,11 +1,4 @@
-"""Weight quantization: NF4 with double quantization (QLoRA / bitsandbytes) and weight-only int8.
-
-Int8 (`quantization="int8"`, vLLM's name for it is a weight-only int8 scheme): each output
-channel of a `[in, out]` kernel keeps int8 values and one float32 scale, absmax / 127
-(symmetric, round to nearest). The matmul runs on the int8 values and scales the output
-columns, `(x @ q) * scale`, which is `x @ (q * scale)` without materialising the float kernel.
-
-NF4:
+"""NF4 with double quantization (QLoRA / bitsandbytes).
 
 A weight is flattened and cut into blocks of 64 values; each block stores
 4-bit indices into the 16-value NormalFloat code (two per byte) and its absmax.
@@ -31,7 +24,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from model_lib.quantization.base import QuantizedWeight, QuantState, on_device
 
 BLOCK = 64
 ABSMAX_BLOCK = 256
@@ -54,10 +48,6 @@ CHUNK_VALUES = 1 << 20
 # Values dequantized at a time inside the jitted step: a larger kernel is multiplied in
 # column chunks, each dequantized, used and dropped (the backward recomputes them).
 DEQUANT_CHUNK_VALUES = 1 << 24
-
-
-class QuantState(nnx.Variable):
-    """Frozen quantized storage (never trained, never cast)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +88,7 @@ def nf4_storage_axes(
     }
 
 
-class NF4Weight(nnx.Module):
+class NF4Weight(QuantizedWeight):
     """The NF4 form of one `[in, out]` kernel; arrays may be host (copied to the device) or placed."""
 
     def __init__(
@@ -113,18 +103,17 @@ class NF4Weight(nnx.Module):
         head_size: int = 1,
     ):
         meta = nf4_storage_axes(shape, axes, head_size)
-        self.packed = QuantState(_on_device(packed), **meta["packed"])
-        self.absmax_q = QuantState(_on_device(absmax_q), **meta["absmax_q"])
-        self.absmax_scale = QuantState(_on_device(absmax_scale), logical_axes=(None,))
-        self.offset = QuantState(_on_device(np.asarray(offset, np.float32)), logical_axes=())
+        self.packed = QuantState(on_device(packed), **meta["packed"])
+        self.absmax_q = QuantState(on_device(absmax_q), **meta["absmax_q"])
+        self.absmax_scale = QuantState(on_device(absmax_scale), logical_axes=(None,))
+        self.offset = QuantState(on_device(np.asarray(offset, np.float32)), logical_axes=())
         self.shape = tuple(shape)
 
-    def nbytes(self) -> int:
-        return sum(int(v.get_value().nbytes) for v in (self.packed, self.absmax_q, self.absmax_scale, self.offset))
+    def matmul(self, x: jax.Array) -> jax.Array:
+        return nf4_matmul(x, self)
 
-
-def _on_device(value: Any) -> Any:
-    return jnp.asarray(value) if isinstance(value, np.ndarray) else value
+    def dequantize(self, dtype: Any) -> jax.Array:
+        return dequantize_nf4(self, dtype)
 
 
 def quantize_nf4_host(weight: np.ndarray, dtype: Any = None, *, chunk_values: int = CHUNK_VALUES) -> NF4Host:
@@ -249,34 +238,3 @@ def nf4_take_rows(q: NF4Weight, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
     scales = q.absmax_scale[...][block // ABSMAX_BLOCK]
     packed, absmax_q = jnp.take(q.packed[...], ids, axis=0), jnp.take(q.absmax_q[...], ids, axis=0)
     return _dequantize(packed, absmax_q, scales, q.offset[...], dtype)
-
-
-class Int8Weight(nnx.Module):
-    """The weight-only int8 form of one `[in, out]` kernel: int8 values and a float32 scale per output."""
-
-    def __init__(self, values: np.ndarray, scale: np.ndarray):
-        self.values = QuantState(jnp.asarray(values))  # [in, out] int8
-        self.scale = QuantState(jnp.asarray(scale))  # [out] float32
-        self.shape = tuple(values.shape)
-
-    def nbytes(self) -> int:
-        return int(self.values.get_value().nbytes + self.scale.get_value().nbytes)
-
-
-def quantize_int8(weight: np.ndarray) -> Int8Weight:
-    """Symmetric per-output-channel int8 of a float `[in, out]` kernel (host side)."""
-    w = np.asarray(weight, np.float32)
-    scale = np.abs(w).max(axis=0) / 127.0
-    values = np.clip(np.round(w / np.where(scale == 0, 1.0, scale)), -127, 127).astype(np.int8)
-    return Int8Weight(values, scale.astype(np.float32))
-
-
-def dequantize_int8(q: Int8Weight, dtype: jnp.dtype) -> jax.Array:
-    """`[in, out]` weight in `dtype` (the published layout's meaning: values * scale per column)."""
-    return (q.values[...].astype(jnp.float32) * q.scale[...]).astype(dtype)
-
-
-def int8_matmul(x: jax.Array, q: Int8Weight) -> jax.Array:
-    """`x @ dequantize_int8(q)` with the scale applied to the output (the CPU reference path)."""
-    return (jnp.dot(x, q.values[...].astype(x.dtype)) * q.scale[...].astype(x.dtype)).astype(x.dtype)
-

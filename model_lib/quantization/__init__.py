@@ -1,0 +1,47 @@
+"""Stored weight formats, one module each, behind one interface (`QuantizedWeight`: matmul, dequantize).
+
+- `nf4`: NF4 with double quantization (QLoRA's frozen base; trains LoRA adapters).
+- `int8`: weight-only int8, one scale per output channel.
+- `int4`: weight-only int4, group scales and zero points (AWQ / GPTQ's scheme).
+The matmuls of int8 and int4 are `pallas_kernels.quantized_matmul` (fused kernels on GPU).
+"""
+
+from model_lib.quantization.base import QuantizedWeight, QuantState
+from model_lib.quantization.int4 import Int4Weight, quantize_int4
+from model_lib.quantization.int8 import Int8Weight, dequantize_int8, quantize_int8
+from model_lib.quantization.nf4 import (
+    ABSMAX_BLOCK,
+    BLOCK,
+    NF4_CODE,
+    NF4Host,
+    NF4Weight,
+    dequantize_nf4,
+    nf4_matmul,
+    nf4_storage_axes,
+    nf4_take_rows,
+    quantize_nf4,
+    quantize_nf4_host,
+    rows_layout,
+)
+
+__all__ = [
+    "ABSMAX_BLOCK",
+    "BLOCK",
+    "NF4_CODE",
+    "Int4Weight",
+    "Int8Weight",
+    "NF4Host",
+    "NF4Weight",
+    "QuantState",
+    "QuantizedWeight",
+    "dequantize_int8",
+    "dequantize_nf4",
+    "nf4_matmul",
+    "nf4_storage_axes",
+    "nf4_take_rows",
+    "quantize_int4",
+    "quantize_int8",
+    "quantize_nf4",
+    "quantize_nf4_host",
+    "rows_layout",
+]
