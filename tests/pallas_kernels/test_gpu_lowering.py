@@ -111,6 +111,18 @@ def test_grouped_matmul_kernels_compile(shape, pass_):
     assert_compiles(gpu_lowering.lower_for_h100(jax.jit(fn), *args), (prefix,))
 
 
+@pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
+def test_mosaic_grouped_matmul_lowers(shape):
+    """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its
+    module parsed back and verified, with TMA and wgmma in it. PTX needs the CUDA plugin (a GPU)."""
+    from pallas_kernels.moe import mosaic_kernel
+
+    rows, depth, width, groups = MOE_SHAPES[shape]
+    args = (S((rows, depth), BF16), S((groups, depth, width), BF16), S((groups,), jnp.int32))
+    modules = gpu_lowering.mosaic_modules(gpu_lowering.lower_for_h100(mosaic_kernel.gmm, *args))
+    assert len(modules) == 1 and modules[0].wgmma and modules[0].tma, [m.summary() for m in modules]
+
+
 def test_invalid_triton_ir_is_reported():
     """The check itself: a module that does not verify raises (the i1-typed loop bound that
     `jnp.where(pred, n, 0)` gave the old MoE kernel), so the tests above cannot pass vacuously."""
