@@ -93,7 +93,7 @@ def make_functions(implementations, kernel_options: dict, interpret: bool, backw
     mosaic = mosaic_kernel.grouped_matmul
     if interpret and "mosaic" in implementations:
         if backward:
-            raise SystemExit("the Mosaic kernel's backward is Triton's, compiled only on a GPU: drop --backward or mosaic")
+            raise SystemExit("the Mosaic kernel's backward is Triton's (GPU only): drop --backward or mosaic")
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
         mosaic = functools.partial(mosaic_kernel.gmm, interpret=InterpretGPUParams(), num_sms=4)
@@ -180,12 +180,12 @@ def main(argv=None) -> list[dict]:
                 moved = 2 * moved + rows * width * jnp.dtype(dtype).itemsize
             floor_s = max(flops / (peak["matmul_tflop_s"] * 1e12), moved / (peak["copy_gb_s"] * 1e9))
 
-            for kernel in (k for k in KERNELS if k in functions and "ragged_dot" in functions):
-                got, want = functions[kernel](*sets[0]), functions["ragged_dot"](*sets[0])
+            for checked in (k for k in KERNELS if k in functions and "ragged_dot" in functions):
+                got, want = functions[checked](*sets[0]), functions["ragged_dot"](*sets[0])
                 names = ("d_lhs", "d_rhs") if args.backward else ("out",)
                 for name, g, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
                     error = relative_error(g, w)
-                    assert error < 2e-2, (f"{config} tokens={tokens} {kernel} {name}: relative error {error:.2e} "
+                    assert error < 2e-2, (f"{config} tokens={tokens} {checked} {name}: relative error {error:.2e} "
                                           "vs ragged_dot")
 
             record = dict(config=config, tokens=tokens, rows=rows, hidden=hidden, out=width, experts=experts,

@@ -9,7 +9,7 @@ large device-to-device copy, bytes read + written), the XLA reference and
 The Mosaic GPU decode kernel (`mosaic_decode.py`, pages of 64 or 128 tokens only) runs on
 the same batch laid out in pages of `--mosaic-page-size` tokens, beside our Triton kernel on
 those pages ("mosaic / ours" compares the two at that page size). A dry run skips it: Mosaic
-GPU's interpreter cannot run it (no rule for the transposed K ref of Q K^T).
+GPU's interpreter cannot run it (see mosaic_decode.py).
 
 Prefill: `batch` fresh sequences of `length` tokens (a whole prompt per step), causal;
 FLOPs = 2 * 2 * batch * heads * length^2 * head_dim / 2; against

@@ -19,8 +19,9 @@ K a multiple of 64 (one 128-byte swizzled K step) and N a multiple of 64. M is p
 a whole number of row tiles. The weight gradients stay with the Triton kernels
 (`grouped_matmul` wraps this forward in the Triton custom VJP).
 
-Only lowered on this machine (no CUDA plugin); a GPU checks its numbers
-(`tests/pallas_kernels/test_moe_mosaic.py`, `gpu`-marked) and its speed (`benchmarks/moe.py`).
+Checked here by lowering for an H100 (`tests/pallas_kernels/test_gpu_lowering.py`) and on
+Mosaic GPU's interpreter (`tests/pallas_kernels/test_moe_mosaic.py`); a GPU checks its compiled
+numbers (`tests/pallas_kernels/test_moe.py`, `gpu`-marked) and its speed (`benchmarks/moe.py`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ Steps past a sequence's last page re-read that page (an L2 hit) and are masked. 
 (flash-decoding) give few sequences enough programs for the SMs; their partials
 (acc, row max, row sum) are merged outside with `triton_kernel.merge_splits`.
 
-Only lowered and interpreted on this machine (no CUDA plugin); a GPU checks it
+Only lowered on this machine (no CUDA plugin): Mosaic GPU's interpreter cannot run it (jax
+0.10.2 has no rule for the transposed K ref of `Q K^T`; 0.11.2 gets past that and fails on the
+wgmma whose A operand, P, is in registers). A GPU checks it
 (`tests/pallas_kernels/test_paged_attention.py`, `gpu`-marked) and times it
 (`benchmarks/paged_attention.py`).
 """

@@ -288,7 +288,7 @@ def test_kernel_matches_reference_on_gpu(shape, groups):
 @pytest.mark.parametrize(("page_size", "groups"), [(64, 1), (64, 7), (128, 4)])
 def test_mosaic_decode_matches_reference_on_gpu(page_size, groups):
     """The Mosaic GPU decode kernel (decode-only batches; 2 padded sequences with no token) in bf16.
-    Mosaic GPU's interpreter cannot run it on the CPU: it has no rule for the transposed K ref of Q K^T."""
+    Mosaic GPU's interpreter cannot run it on the CPU (see mosaic_decode.py)."""
     seqs = [(1, 1), (1, 200), (1, page_size), (1, 700)]
     inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=groups, pad_tokens=2, page_size=page_size,
                           head_dim=128)
