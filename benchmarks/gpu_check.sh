@@ -4,9 +4,11 @@
 # printed last. It installs nothing: it runs this checkout on the machine's own packages.
 #
 #   1. pytest -m gpu              the kernels against the references, compiled on the GPU
-#   2. benchmarks/paged_attention.py   decode GB/s vs measured copy and jax's bundled paged_attention;
+#   2. benchmarks/paged_attention.py   decode GB/s vs measured copy and jax's bundled paged_attention,
+#                                      our Mosaic GPU decode kernel vs our Triton one (pages of 64);
 #                                      prefill TFLOP/s vs jax.nn.dot_product_attention(cudnn)
-#   3. benchmarks/moe.py          grouped matmul TFLOP/s vs jax.lax.ragged_dot and a dense matmul of equal FLOPs
+#   3. benchmarks/moe.py          grouped matmul TFLOP/s (Triton and Mosaic GPU kernels) vs jax.lax.ragged_dot
+#                                 and a dense matmul of equal FLOPs
 #   4. benchmarks/quantized_matmul.py  int4 / int8 fused dequantize-matmul GB/s and TFLOP/s vs XLA
 #                                      (dequantize, then dot) and a dense bf16 matmul, Llama-8B layers
 #   5. benchmarks/engine_gpu.py   random-weight bf16 Llama-3.1-8B shape: batch-1 decode tok/s and offline
@@ -69,14 +71,14 @@ if [[ $DRY_RUN == 1 ]]; then
   part engine 300 "$PYTHON" benchmarks/engine_gpu.py --dry-run --json "$LOGS/engine.json"
 else
   part pytest_gpu 90 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider
-  part paged_attention 75 "$PYTHON" benchmarks/paged_attention.py --batches 1 8 64 --contexts 4096 \
+  part paged_attention 80 "$PYTHON" benchmarks/paged_attention.py --batches 1 8 64 --contexts 4096 \
     --prefill-batches 1 4 --prefill-lengths 2048 --json "$LOGS/paged_attention.json"
   part grouped_matmul 70 "$PYTHON" benchmarks/moe.py --configs mixtral qwen3 --tokens 64 4096 --iters 10 --samples 5 \
     --json "$LOGS/moe.json"
   part quantized_matmul 45 "$PYTHON" benchmarks/quantized_matmul.py --rows 1 16 512 --iters 10 --samples 3 \
     --json "$LOGS/quantized_matmul.json"
-  part engine_llama8b 150 "$PYTHON" benchmarks/engine_gpu.py --models llama8b --json "$LOGS/engine_llama8b.json"
-  part engine_mixtral 80 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \
+  part engine_llama8b 120 "$PYTHON" benchmarks/engine_gpu.py --models llama8b --json "$LOGS/engine_llama8b.json"
+  part engine_mixtral 75 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \
     --json "$LOGS/engine_mixtral.json"
 fi
 

@@ -1,5 +1,5 @@
-"""Grouped (MoE expert) matmul on an NVIDIA GPU: our Pallas kernel vs `jax.lax.ragged_dot`
-vs a dense bf16 matmul of the same FLOPs, in one run.
+"""Grouped (MoE expert) matmul on an NVIDIA GPU: our Pallas kernel (Triton) and its Mosaic GPU
+version vs `jax.lax.ragged_dot` vs a dense bf16 matmul of the same FLOPs, in one run.
 
 One expert projection `[M, K] x [G, K, N] -> [M, N]` with M = tokens * top_k rows, routed
 by top-k over random (optionally skewed) router logits:
@@ -17,8 +17,10 @@ Timing: warm-up calls first (compilation, autotuning); then `--samples` samples 
 `--iters` back-to-back calls each, cycling through `--sets` input sets (fresh random
 lhs and routing, so repeated calls do not hit the same cached activations), synchronised
 once per sample; the per-call time is the sample's time over iters, and the table gives
-the median (full samples go to `--json`). Before timing, the kernel's output is checked
-against ragged_dot (relative Frobenius error of bf16 operands, < 2e-2).
+the median (full samples go to `--json`). Before timing, each kernel's output is checked
+against ragged_dot (relative Frobenius error of bf16 operands, < 2e-2). The Mosaic kernel
+("mosaic": forward only; its gradient is the Triton backward) runs on Mosaic GPU's
+interpreter in a CPU dry run, on 4 simulated SMs.
 
     PYTHONPATH=. python benchmarks/moe.py [--configs mixtral qwen3] [--tokens 64 512 4096 16384] [--backward]
     PYTHONPATH=. python benchmarks/moe.py --dry-run   # any backend: tiny K=N=64, every path once, no timing claims
@@ -36,13 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.moe import reference, triton_kernel
+from pallas_kernels.moe import mosaic_kernel, reference, triton_kernel
 
 CONFIGS = {
     "mixtral": dict(hidden=4096, out=14336, experts=8, top_k=2),
     "qwen3": dict(hidden=2048, out=768, experts=128, top_k=8),
 }
-IMPLEMENTATIONS = ("kernel", "ragged_dot", "dense")
+IMPLEMENTATIONS = ("kernel", "mosaic", "ragged_dot", "dense")
+KERNELS = ("kernel", "mosaic")  # checked against ragged_dot before timing
 ALIASES = {"reference": "ragged_dot", "interpret": "kernel"}
 
 
@@ -87,8 +90,16 @@ def make_functions(implementations, kernel_options: dict, interpret: bool, backw
     [K, N] (one expert's weight: the same FLOPs), the others ignore it. With `backward`, f returns
     the gradient of sum(out^2)/2 in lhs and in the weight it uses."""
     kernel = functools.partial(triton_kernel.grouped_matmul, interpret=interpret, **kernel_options)
+    mosaic = mosaic_kernel.grouped_matmul
+    if interpret and "mosaic" in implementations:
+        if backward:
+            raise SystemExit("the Mosaic kernel's backward is Triton's (GPU only): drop --backward or mosaic")
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        mosaic = functools.partial(mosaic_kernel.gmm, interpret=InterpretGPUParams(), num_sms=4)
     forward = {
         "kernel": (lambda lhs, rhs, gs, dense_rhs: kernel(lhs, rhs, gs), (0, 1)),
+        "mosaic": (lambda lhs, rhs, gs, dense_rhs: mosaic(lhs, rhs, gs), (0, 1)),
         "ragged_dot": (lambda lhs, rhs, gs, dense_rhs: reference.grouped_matmul(lhs, rhs, gs), (0, 1)),
         "dense": (lambda lhs, rhs, gs, dense_rhs: jnp.dot(lhs, dense_rhs, preferred_element_type=jnp.float32)
                   .astype(lhs.dtype), (0, 3)),
@@ -129,7 +140,9 @@ def main(argv=None) -> list[dict]:
 
     on_gpu = jax.default_backend() == "gpu"
     implementations = list(dict.fromkeys(ALIASES.get(name, name) for name in args.implementations))
-    if "kernel" in implementations and not on_gpu and not args.dry_run:
+    if args.dry_run and args.backward and "mosaic" in implementations:
+        implementations.remove("mosaic")  # its backward is the Triton one, compiled only on a GPU
+    if set(KERNELS) & set(implementations) and not on_gpu and not args.dry_run:
         raise SystemExit("the compiled kernel needs an NVIDIA GPU; use --dry-run or --implementations ragged_dot dense")
     tokens_list = args.tokens or ([64] if args.dry_run else [64, 512, 4096, 16384])
     iters, samples = (1, 1) if args.dry_run else (args.iters, args.samples)
@@ -167,12 +180,13 @@ def main(argv=None) -> list[dict]:
                 moved = 2 * moved + rows * width * jnp.dtype(dtype).itemsize
             floor_s = max(flops / (peak["matmul_tflop_s"] * 1e12), moved / (peak["copy_gb_s"] * 1e9))
 
-            if "kernel" in functions and "ragged_dot" in functions:
-                got, want = functions["kernel"](*sets[0]), functions["ragged_dot"](*sets[0])
+            for checked in (k for k in KERNELS if k in functions and "ragged_dot" in functions):
+                got, want = functions[checked](*sets[0]), functions["ragged_dot"](*sets[0])
                 names = ("d_lhs", "d_rhs") if args.backward else ("out",)
                 for name, g, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
                     error = relative_error(g, w)
-                    assert error < 2e-2, f"{config} tokens={tokens} {name}: relative error {error:.2e} vs ragged_dot"
+                    assert error < 2e-2, (f"{config} tokens={tokens} {checked} {name}: relative error {error:.2e} "
+                                          "vs ragged_dot")
 
             record = dict(config=config, tokens=tokens, rows=rows, hidden=hidden, out=width, experts=experts,
                           top_k=top_k, experts_used=used, max_rows=int(group_sizes.max()), flops=flops,
@@ -193,15 +207,17 @@ def main(argv=None) -> list[dict]:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
     # "x vs y" columns are time(y) / time(x): above 1 when ours is faster.
-    print("| config | tokens | rows | ours ms | ours TFLOP/s | ragged_dot TFLOP/s | dense TFLOP/s "
-          "| ours speed-up vs ragged_dot | ours vs dense | floor ms | floor / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    # "mosaic" is the Mosaic GPU kernel; "mosaic vs ours" > 1 when it beats the Triton kernel.
+    print("| config | tokens | rows | ours ms | ours TFLOP/s | mosaic TFLOP/s | ragged_dot TFLOP/s | dense TFLOP/s "
+          "| ours speed-up vs ragged_dot | ours vs dense | mosaic vs ours | floor ms | floor / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         of_floor = f"{100 * r['floor_ms'] / r['kernel']['ms']:.0f}%" if "kernel" in r else "-"
         print(f"| {r['config']} | {r['tokens']} | {r['rows']} | {cell(r, 'kernel', 'ms', '{:.4g}')} "
-              f"| {cell(r, 'kernel', 'tflop_s', '{:.4g}')} | {cell(r, 'ragged_dot', 'tflop_s', '{:.4g}')} "
+              f"| {cell(r, 'kernel', 'tflop_s', '{:.4g}')} | {cell(r, 'mosaic', 'tflop_s', '{:.4g}')} "
+              f"| {cell(r, 'ragged_dot', 'tflop_s', '{:.4g}')} "
               f"| {cell(r, 'dense', 'tflop_s', '{:.4g}')} | {ratio(r, 'kernel', 'ragged_dot')} "
-              f"| {ratio(r, 'kernel', 'dense')} | {r['floor_ms']:.4g} | {of_floor} |")
+              f"| {ratio(r, 'kernel', 'dense')} | {ratio(r, 'mosaic', 'kernel')} | {r['floor_ms']:.4g} | {of_floor} |")
     return records
 
 

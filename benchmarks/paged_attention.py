@@ -6,6 +6,10 @@ read: batch * context * kv_heads * head_dim * 2 (k and v) * itemsize bytes; achi
 bandwidth = those bytes / median time, beside the device's measured copy bandwidth (a
 large device-to-device copy, bytes read + written), the XLA reference and
 `jax.experimental.pallas.ops.gpu.paged_attention` (jax's bundled Triton decode kernel).
+The Mosaic GPU decode kernel (`mosaic_decode.py`, pages of 64 or 128 tokens only) runs on
+the same batch laid out in pages of `--mosaic-page-size` tokens, beside our Triton kernel on
+those pages ("mosaic / ours" compares the two at that page size). A dry run skips it: Mosaic
+GPU's interpreter cannot run it (see mosaic_decode.py).
 
 Prefill: `batch` fresh sequences of `length` tokens (a whole prompt per step), causal;
 FLOPs = 2 * 2 * batch * heads * length^2 * head_dim / 2; against
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_pallas
 
-from pallas_kernels.paged_attention import reference, triton_kernel
+from pallas_kernels.paged_attention import mosaic_decode, reference, triton_kernel
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
@@ -54,13 +58,15 @@ def relative_error(got, want) -> float:
     return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
-def paged_inputs(batch: int, q_len: int, context: int, args, seed: int):
-    """Random q [B * q_len, H, D], caches and metadata; sequences of `context` tokens whose last q_len are new."""
-    pages_per_seq = -(-context // args.page_size)
+def paged_inputs(batch: int, q_len: int, context: int, args, seed: int, page_size: int | None = None):
+    """Random q [B * q_len, H, D], caches and metadata; sequences of `context` tokens whose last q_len are new,
+    in pages of `page_size` (default `args.page_size`) tokens."""
+    page_size = page_size or args.page_size
+    pages_per_seq = -(-context // page_size)
     num_pages = batch * pages_per_seq
     key = jax.random.key(seed)
     dtype = jnp.bfloat16
-    k_cache = jax.random.normal(key, (args.kv_heads, num_pages, args.page_size, args.head_dim), dtype)
+    k_cache = jax.random.normal(key, (args.kv_heads, num_pages, page_size, args.head_dim), dtype)
     v_cache = jax.random.normal(jax.random.fold_in(key, 1), k_cache.shape, dtype)
     q = jax.random.normal(jax.random.fold_in(key, 2), (batch * q_len, args.heads, args.head_dim), dtype)
     rng = np.random.default_rng(seed)
@@ -92,9 +98,23 @@ def decode_rows(args, interpret: bool, peak: float) -> list[dict]:
             for name, fn in (("ours", ours), ("xla", xla), ("jax_pallas", theirs)):
                 row[f"{name}_gb_s"] = kv_bytes / median_seconds(fn, q, k_cache, v_cache, meta, repeats=args.repeats) / 1e9
             row["ours_of_copy"] = row["ours_gb_s"] * 1e9 / peak
+            if not interpret:
+                row.update(mosaic_row(args, batch, context, kv_bytes))
             records.append(row)
             print(json.dumps(row), flush=True)
     return records
+
+
+def mosaic_row(args, batch: int, context: int, kv_bytes: int) -> dict:
+    """GB/s of the Mosaic decode kernel and of our Triton kernel on one batch in `--mosaic-page-size` pages."""
+    inputs = paged_inputs(batch, 1, context, args, seed=batch * 7 + context, page_size=args.mosaic_page_size)
+    scale = args.head_dim**-0.5
+    mosaic = jax.jit(functools.partial(mosaic_decode.paged_attention, scale=scale))
+    ours = jax.jit(functools.partial(triton_kernel.paged_attention, scale=scale))
+    error = relative_error(mosaic(*inputs), jax.jit(functools.partial(reference.paged_attention, scale=scale))(*inputs))
+    assert error < 2e-2, f"mosaic error {error:.2e} at batch {batch} context {context}"
+    return {f"{name}_gb_s": kv_bytes / median_seconds(fn, *inputs, repeats=args.repeats) / 1e9
+            for name, fn in (("mosaic", mosaic), ("ours_mosaic_pages", ours))}
 
 
 def prefill_rows(args, interpret: bool) -> list[dict]:
@@ -136,6 +156,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--mosaic-page-size", type=int, default=64, choices=mosaic_decode.PAGE_SIZES)
     parser.add_argument("--max-kv-gib", type=float, default=24.0)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, the kernels interpreted, any backend")
@@ -154,11 +175,15 @@ def main(argv=None) -> dict:
                   dry_run=args.dry_run)
     print(json.dumps(header))
     decode, prefill = decode_rows(args, interpret, peak), prefill_rows(args, interpret)
-    print("| batch | context | ours GB/s | XLA ref GB/s | jax pallas GB/s | ours % of copy | ours / jax pallas |")
-    print("|---|---|---|---|---|---|---|")
+    pages = args.mosaic_page_size
+    print(f"| batch | context | ours GB/s | XLA ref GB/s | jax pallas GB/s | ours % of copy | ours / jax pallas "
+          f"| mosaic GB/s (pages of {pages}) | ours GB/s (pages of {pages}) | mosaic / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in decode:
+        mosaic = (f"{r['mosaic_gb_s']:.0f} | {r['ours_mosaic_pages_gb_s']:.0f} "
+                  f"| {r['mosaic_gb_s'] / r['ours_mosaic_pages_gb_s']:.2f}") if "mosaic_gb_s" in r else "- | - | -"
         print(f"| {r['batch']} | {r['context']} | {r['ours_gb_s']:.0f} | {r['xla_gb_s']:.0f} | {r['jax_pallas_gb_s']:.0f} "
-              f"| {100 * r['ours_of_copy']:.0f}% | {r['ours_gb_s'] / r['jax_pallas_gb_s']:.2f} |")
+              f"| {100 * r['ours_of_copy']:.0f}% | {r['ours_gb_s'] / r['jax_pallas_gb_s']:.2f} | {mosaic} |")
     dense = "xla" if interpret else "cudnn"
     print(f"\n| prefill batch | length | ours TFLOP/s | {dense} TFLOP/s | ours / {dense} |")
     print("|---|---|---|---|---|")

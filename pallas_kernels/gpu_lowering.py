@@ -20,6 +20,13 @@ extra; no CUDA plugin, no driver):
 
 XLA compiles these modules with its own copy of the same Triton pipeline; the triton
 package matching the GPU image (3.6) is the closest stand-in available off the GPU.
+
+Mosaic GPU kernels (`mosaic_modules`) go less far: their Python lowering (layout inference,
+the mosaic_gpu dialect down to gpu/nvvm/llvm ops, the shared-memory budget) runs when the
+computation is lowered, and the module in each `mosaic_gpu_v2` custom call is parsed back
+and verified here, but the rest of their pipeline (the C++ passes to LLVM and PTX) lives in
+the CUDA plugin's Mosaic GPU bindings, which a CPU-only jaxlib lacks: no PTX, no register
+or spill figures for them off the GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import jax
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_CALL = "mosaic_gpu_v2"
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
 CAPABILITY = 90  # sm_90 (compiled as sm_90a, which has wgmma)
 MMA_ROWS = 64  # the M side of one wgmma instruction per warpgroup
@@ -45,6 +53,10 @@ MAX_SHARED_BYTES = 227 * 1024  # shared memory one H100 block may use
 
 class TritonIRError(RuntimeError):
     """A Triton module that does not parse or verify, or that the Triton pipeline rejects."""
+
+
+class MosaicIRError(RuntimeError):
+    """A Mosaic GPU module that does not parse or verify."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,32 +114,81 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, tree)
 
 
-def triton_modules(lowered: jax.stages.Lowered) -> list[TritonModule]:
-    """Every Triton kernel in a lowered computation, verified (see the module docstring)."""
+def _custom_call_configs(lowered: jax.stages.Lowered, target: str, read: Callable) -> list:
+    """`read(backend_config)` for every custom call to `target` in the StableHLO (inside its context)."""
     from jax._src.lib.mlir import ir
 
     found = []
 
     def visit(op):
         op = op.operation
-        if op.name == "stablehlo.custom_call" and ir.StringAttr(op.attributes["call_target_name"]).value == TRITON_CALL:
+        if op.name == "stablehlo.custom_call" and ir.StringAttr(op.attributes["call_target_name"]).value == target:
             found.append(op)
         return ir.WalkResult.ADVANCE
 
     module = lowered.compiler_ir("stablehlo")
     with module.context:
         module.operation.walk(visit)
-        configs = [ir.DictAttr(op.attributes["mhlo.backend_config"]) for op in found]
-        return [
-            TritonModule(
-                name=ir.StringAttr(config["name"]).value,
-                num_warps=ir.IntegerAttr(config["num_warps"]).value,
-                num_stages=ir.IntegerAttr(config["num_stages"]).value,
-                grid=tuple(ir.IntegerAttr(config[f"grid_{axis}"]).value for axis in "xyz"),
-                ir=_bytecode_to_text(ir.StringAttr(config["ir"]).value_bytes, ir.StringAttr(config["name"]).value),
-            )
-            for config in configs
-        ]
+        return [read(ir.DictAttr(op.attributes["mhlo.backend_config"])) for op in found]
+
+
+def triton_modules(lowered: jax.stages.Lowered) -> list[TritonModule]:
+    """Every Triton kernel in a lowered computation, verified (see the module docstring)."""
+    from jax._src.lib.mlir import ir
+
+    def read(config):
+        return TritonModule(
+            name=ir.StringAttr(config["name"]).value,
+            num_warps=ir.IntegerAttr(config["num_warps"]).value,
+            num_stages=ir.IntegerAttr(config["num_stages"]).value,
+            grid=tuple(ir.IntegerAttr(config[f"grid_{axis}"]).value for axis in "xyz"),
+            ir=_bytecode_to_text(ir.StringAttr(config["ir"]).value_bytes, ir.StringAttr(config["name"]).value),
+        )
+
+    return _custom_call_configs(lowered, TRITON_CALL, read)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicModule:
+    """One Mosaic GPU kernel as lowered, parsed back and verified: what its gpu/nvvm ops use."""
+
+    ir: str = dataclasses.field(repr=False)
+
+    @property
+    def wgmma(self) -> bool:
+        return "nvvm.wgmma" in self.ir or "wgmma.mma_async" in self.ir
+
+    @property
+    def tma(self) -> bool:
+        return "cp.async.bulk.tensor" in self.ir
+
+    def summary(self) -> str:
+        return f"mosaic kernel: {len(self.ir)} chars of IR, wgmma={self.wgmma}, tma={self.tma}"
+
+
+def mosaic_modules(lowered: jax.stages.Lowered) -> list[MosaicModule]:
+    """Every Mosaic GPU kernel in a lowered computation, parsed back (the lowering's own
+    deserialisation pass) and verified; raises `MosaicIRError` for a module that does not verify."""
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import core, dialect
+
+    def verify(bytecode: bytes) -> MosaicModule:
+        context = jax_mlir.make_ir_context()
+        with context, ir.Location.unknown():
+            dialect.register_dialect(context)
+            context.allow_unregistered_dialects = True  # the serialised form's versioned dialect, until deserialised
+            try:
+                module = core._run_serde_pass(ir.Module.parse(bytecode), serialize=False)
+                context.allow_unregistered_dialects = False
+                if not module.operation.verify():
+                    raise MosaicIRError("a Mosaic GPU module does not verify")
+            except Exception as error:  # MLIRError: the verifier's diagnostics
+                raise MosaicIRError(f"a Mosaic GPU module does not verify: {error}") from error
+            return MosaicModule(module.operation.get_asm(enable_debug_info=False))
+
+    return [verify(data) for data in _custom_call_configs(lowered, MOSAIC_CALL,
+                                                          lambda config: ir.StringAttr(config["module"]).value_bytes)]
 
 
 def _bytecode_to_text(bytecode: bytes, name: str) -> str:

@@ -15,6 +15,9 @@ shape (`pallas_kernels.dispatch.on_cuda`):
   gradient is a transposed grouped matmul kernel). Used when lowering for CUDA where K
   and N are multiples of 16 and lhs and rhs share a float32, bfloat16 or float16 dtype.
 - "interpret": the same kernels on the Pallas interpreter (any backend; for tests).
+- "mosaic": the Mosaic GPU forward kernel of `mosaic_kernel.py` (TMA, wgmma, a persistent
+  grid) with the Triton backward; bfloat16/float16, K and N multiples of 64; CUDA only.
+  Never chosen by itself until a GPU measures it faster (`benchmarks/moe.py`).
 - "reference": `jax.lax.ragged_dot` (every other platform, and the logged fallback).
 """
 
@@ -25,9 +28,9 @@ import functools
 import jax
 
 from pallas_kernels.dispatch import on_cuda, warn_fallback
-from pallas_kernels.moe import reference, triton_kernel
+from pallas_kernels.moe import mosaic_kernel, reference, triton_kernel
 
-IMPLEMENTATIONS = ("kernel", "interpret", "reference")
+IMPLEMENTATIONS = ("kernel", "interpret", "mosaic", "reference")
 
 
 def choose_implementation(lhs: jax.Array, rhs: jax.Array) -> str:
@@ -60,4 +63,9 @@ def grouped_matmul(
         return reference.grouped_matmul(lhs, rhs, group_sizes)
     if implementation in ("kernel", "interpret"):
         return triton_kernel.grouped_matmul(lhs, rhs, group_sizes, interpret=implementation == "interpret", **options)
+    if implementation == "mosaic":
+        reason = mosaic_kernel.unsupported_reason(lhs.shape, rhs.shape, lhs.dtype, rhs.dtype)
+        if reason or options:
+            raise ValueError(f"the Mosaic grouped matmul does not cover {reason or f'options {sorted(options)}'}")
+        return mosaic_kernel.grouped_matmul(lhs, rhs, group_sizes)
     raise ValueError(f"unknown grouped matmul implementation {implementation!r}")

@@ -227,7 +227,7 @@ def _tgmm_kernel(
     out_ref[g, ks, ns] = acc.astype(out_ref.dtype)
 
 
-def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     extra = -x.shape[0] % multiple
     return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
 
@@ -274,7 +274,7 @@ def gmm(
     config = _check_blocks(config, depth, width)
     block_m = config.block_m
 
-    lhs_padded = _pad_rows(lhs, block_m)
+    lhs_padded = pad_rows(lhs, block_m)
     padded_rows = lhs_padded.shape[0]
     visit_group, visit_tile, visit_start, visit_end = schedule(group_sizes, padded_rows, block_m)
     num_visits = visit_group.shape[0]
@@ -329,7 +329,7 @@ def tgmm(
                        num_stages=num_stages)
     config = _check_blocks(config, depth, width)
 
-    lhs, rhs = _pad_rows(lhs, config.block_m), _pad_rows(rhs, config.block_m)
+    lhs, rhs = pad_rows(lhs, config.block_m), pad_rows(rhs, config.block_m)
     starts, ends = group_bounds(group_sizes, num_rows)
     kernel = functools.partial(_tgmm_kernel, block_m=config.block_m, block_k=config.block_k, block_n=config.block_n,
                                precision=precision)
@@ -360,7 +360,8 @@ def _grouped_matmul_fwd(lhs, rhs, group_sizes, options):
     return _grouped_matmul(lhs, rhs, group_sizes, options), (lhs, rhs, group_sizes)
 
 
-def _grouped_matmul_bwd(options, residuals, d_out):
+def grouped_matmul_bwd(options, residuals, d_out):
+    """The custom VJP's backward (shared with `mosaic_kernel.grouped_matmul`): `options` as a tuple of pairs."""
     lhs, rhs, group_sizes = residuals
     options = dict(options)
     d_lhs = gmm(d_out, rhs, group_sizes, transpose_rhs=True, **options)  # contracts over N
@@ -368,7 +369,7 @@ def _grouped_matmul_bwd(options, residuals, d_out):
     return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
 
 
-_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+_grouped_matmul.defvjp(_grouped_matmul_fwd, grouped_matmul_bwd)
 
 
 def grouped_matmul(

@@ -4,7 +4,10 @@ The write is an XLA scatter on the (donated) cache; the attention runs the Palla
 Triton kernel where the step is lowered for CUDA and the shapes allow it
 (`pallas_kernels.dispatch.on_cuda`), and the jnp reference elsewhere; a shape the
 kernel does not cover is logged once at WARNING. `implementation` forces one
-("kernel", "interpret" for the kernel on the Pallas interpreter, "reference").
+("kernel", "interpret" for the kernel on the Pallas interpreter, "reference", or
+"mosaic": the Mosaic GPU decode kernel of `mosaic_decode.py`, CUDA only, for the subset it
+documents: decode-only batches, `scale` alone, page size 64/128, head_dim a multiple of 64;
+never chosen by itself until a GPU measures it faster, `benchmarks/paged_attention.py`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import functools
 import jax
 
 from pallas_kernels.dispatch import on_cuda, warn_fallback
-from pallas_kernels.paged_attention import reference, triton_kernel
+from pallas_kernels.paged_attention import mosaic_decode, reference, triton_kernel
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
@@ -67,4 +70,11 @@ def attend_pages(
         return reference.paged_attention(q, k_cache, v_cache, meta, **options)
     if implementation in ("kernel", "interpret"):
         return triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, interpret=implementation == "interpret")
+    if implementation == "mosaic":
+        reason = mosaic_decode.unsupported_reason(q.shape[0], meta.kv_lens.shape[0], q.shape[1], k_cache.shape[0],
+                                                  q.shape[2], k_cache.shape[2], q.dtype)
+        unsupported = {k: v for k, v in options.items() if k != "scale" and v is not None}
+        if reason or unsupported:
+            raise ValueError(f"the Mosaic decode attention does not cover {reason or sorted(unsupported)}")
+        return mosaic_decode.paged_attention(q, k_cache, v_cache, meta, scale=options["scale"])
     raise ValueError(f"unknown paged attention implementation {implementation!r}")

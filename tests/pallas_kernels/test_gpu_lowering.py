@@ -87,6 +87,26 @@ def test_paged_attention_kernel_compiles(case):
     assert_compiles(lowered, ("ragged_paged_attention",))
 
 
+# name -> paged_args(...) arguments of decode steps the Mosaic decode kernel covers (page size 64 or 128)
+MOSAIC_DECODE_CASES = {
+    "llama8b-decode-b1": dict(tokens=1, seqs=1, heads=32, kv_heads=8, head_dim=128, page_size=64, pages_per_seq=64),
+    "llama8b-decode-b64": dict(tokens=64, seqs=64, heads=32, kv_heads=8, head_dim=128, page_size=64, pages_per_seq=64),
+    "qwen7b-groups7-decode": dict(tokens=8, seqs=8, heads=28, kv_heads=4, head_dim=128, page_size=128,
+                                  pages_per_seq=32),
+    "d256-page64": dict(tokens=4, seqs=4, heads=16, kv_heads=8, head_dim=256, page_size=64, pages_per_seq=32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOSAIC_DECODE_CASES))
+def test_mosaic_decode_attention_lowers(case):
+    """The Mosaic GPU decode kernel lowered for an H100 and its module verified, with TMA and wgmma."""
+    from pallas_kernels.paged_attention import mosaic_decode
+
+    run = jax.jit(functools.partial(mosaic_decode.paged_attention, scale=0.1))
+    modules = gpu_lowering.mosaic_modules(gpu_lowering.lower_for_h100(run, *paged_args(**MOSAIC_DECODE_CASES[case])))
+    assert len(modules) == 1 and modules[0].wgmma and modules[0].tma, [m.summary() for m in modules]
+
+
 # name -> (M rows, K, N, G groups); Mixtral-8x7B w1 and w2, Qwen3-30B-A3B's gate/up.
 MOE_SHAPES = {
     "mixtral-decode": (16, 4096, 14336, 8),
@@ -133,6 +153,18 @@ def test_quantized_matmul_kernels_compile(bits, layer, rows):
     reports = assert_compiles(gpu_lowering.lower_for_h100(fn, *args), (f"{bits}_matmul",))
     if QUANT_ROWS[rows] >= 128:
         assert all(report.wgmma for report in reports)
+
+
+@pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
+def test_mosaic_grouped_matmul_lowers(shape):
+    """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its
+    module parsed back and verified, with TMA and wgmma in it. PTX needs the CUDA plugin (a GPU)."""
+    from pallas_kernels.moe import mosaic_kernel
+
+    rows, depth, width, groups = MOE_SHAPES[shape]
+    args = (S((rows, depth), BF16), S((groups, depth, width), BF16), S((groups,), jnp.int32))
+    modules = gpu_lowering.mosaic_modules(gpu_lowering.lower_for_h100(mosaic_kernel.gmm, *args))
+    assert len(modules) == 1 and modules[0].wgmma and modules[0].tma, [m.summary() for m in modules]
 
 
 def test_invalid_triton_ir_is_reported():

@@ -281,3 +281,33 @@ def test_kernel_matches_reference_on_gpu(shape, groups):
     expected, _, _ = ragged_paged_attention(**inputs, scale=0.25, sliding_window=4, implementation="reference")
     out, _, _ = ragged_paged_attention(**inputs, scale=0.25, sliding_window=4, implementation="kernel")
     np.testing.assert_allclose(out, expected, atol=2e-3, rtol=2e-3)  # TF32-class dot precision
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize(("page_size", "groups"), [(64, 1), (64, 7), (128, 4)])
+def test_mosaic_decode_matches_reference_on_gpu(page_size, groups):
+    """The Mosaic GPU decode kernel (decode-only batches; 2 padded sequences with no token) in bf16.
+    Mosaic GPU's interpreter cannot run it on the CPU (see mosaic_decode.py)."""
+    seqs = [(1, 1), (1, 200), (1, page_size), (1, 700)]
+    inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=groups, pad_tokens=2, page_size=page_size,
+                          head_dim=128)
+    inputs = {k: v.astype(jnp.bfloat16) if k != "meta" else v for k, v in inputs.items()}
+    expected, _, _ = ragged_paged_attention(**inputs, scale=0.08, implementation="reference")
+    out, _, _ = ragged_paged_attention(**inputs, scale=0.08, implementation="mosaic")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=3e-2, rtol=3e-2)
+
+
+def test_mosaic_decode_refuses_what_it_does_not_cover():
+    from pallas_kernels.paged_attention import mosaic_decode
+
+    reason = mosaic_decode.unsupported_reason
+    assert reason(8, 8, 32, 8, 128, 64, jnp.bfloat16) is None
+    assert "decode-only" in reason(9, 8, 32, 8, 128, 64, jnp.bfloat16)
+    assert "page size 16" in reason(8, 8, 32, 8, 128, 16, jnp.bfloat16)
+    assert "head_dim 96" in reason(8, 8, 32, 8, 96, 64, jnp.bfloat16)
+    assert "float32" in reason(8, 8, 32, 8, 128, 64, jnp.float32)
+    assert "shared memory" in reason(8, 8, 32, 8, 256, 128, jnp.bfloat16)
+    inputs, _ = make_case([(1, 5)], num_heads=4, num_kv_heads=2, pad_tokens=0, pad_seqs=0)
+    with pytest.raises(ValueError, match="does not cover"):  # page size 4, head_dim 16
+        ragged_paged_attention(**inputs, scale=0.1, implementation="mosaic")
