@@ -166,14 +166,6 @@ def tiny_config(name: str, folder):
     return config
 
 
-def step_args(tokens: int, seqs: int, pages: int):
-    from model_lib.layers import PagedBatch
-
-    meta = PagedMetadata(S((seqs + 1,), jnp.int32), S((seqs,), jnp.int32), S((seqs, pages), jnp.int32), S((), jnp.int32))
-    batch = PagedBatch(positions=S((tokens,), jnp.int32), seq_lens=S((tokens,), jnp.int32), meta=meta)
-    return S((tokens,), jnp.int32), batch, S((seqs,), jnp.int32)
-
-
 @pytest.mark.parametrize("family", sorted(SERVING_FAMILIES))
 def test_serving_step_compiles_with_kernels(family, tmp_path):
     from flax import nnx
@@ -189,9 +181,7 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
     for name, shape in STEP_SHAPES.items():
         if name == "prefill" and family not in PREFILL_TOO:
             continue
-        lowered = gpu_lowering.lower_for_h100(
-            runner._step, gpu_lowering.abstract(runner.state), gpu_lowering.abstract(runner.kv_caches), *step_args(*shape)
-        )
+        lowered = gpu_lowering.lower_for_h100(runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(shape))))
         assert_compiles(lowered, expected)
 
 
