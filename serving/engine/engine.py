@@ -32,7 +32,7 @@ from serving.engine.runner import ModelRunner, bucket
 from serving.engine.sampler import SampleOutput, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
-from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, use_compilation_cache, warm_up
+from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
@@ -54,8 +54,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     limits: RequestLimits = field(default_factory=RequestLimits)
-    # Skip compiling every step shape at start (compile each on first use instead); vLLM's flag name.
-    enforce_eager: bool = field(default_factory=lambda: env_flag(ENFORCE_EAGER_ENV))
+    # True: skip compiling every step shape at start (each compiles on first use); vLLM's flag name.
+    # None: warm up on an accelerator, not on the CPU backend (see serving/engine/warmup.py).
+    enforce_eager: bool | None = field(default_factory=lambda: env_flag(ENFORCE_EAGER_ENV))
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxllm/xla or $JAXLLM_COMPILATION_CACHE_DIR; "": off
 
 
@@ -158,7 +159,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
         logger.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_pages, config.page_size, self.runner.kv_cache_bytes / 2**20)
-        if not config.enforce_eager:
+        if should_warm_up(config.enforce_eager):
             warm_up(self)
 
     # -- requests -------------------------------------------------------------

@@ -36,6 +36,12 @@ from serving.engine.scheduler import ScheduledSequence
 logger = logging.getLogger(__name__)
 
 
+# Smallest buckets: fewer shapes to compile at almost no cost (a decode step of up to 8 sequences
+# reads the weights once either way; a page table of 8 pages is a few hundred bytes).
+MIN_TOKEN_BUCKET = 8
+MIN_PAGE_BUCKET = 8
+
+
 def bucket(n: int, smallest: int, largest: int) -> int:
     """Smallest power of two >= n (and >= smallest), capped at `largest`."""
     size = smallest
@@ -111,12 +117,13 @@ class ModelRunner:
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
-        return [(t, min(t, self.max_num_seqs), p)
-                for t in buckets(1, self.max_num_batched_tokens) for p in buckets(1, self.max_pages_per_seq)]
+        tokens = buckets(min(MIN_TOKEN_BUCKET, self.max_num_batched_tokens), self.max_num_batched_tokens)
+        pages = buckets(min(MIN_PAGE_BUCKET, self.max_pages_per_seq), self.max_pages_per_seq)
+        return [(t, min(t, self.max_num_seqs), p) for t in tokens for p in pages]
 
     def _padded(self, num_tokens: int, num_seqs: int, num_pages: int) -> tuple[int, int, int]:
-        token_pad = bucket(max(num_tokens, num_seqs), 1, self.max_num_batched_tokens)
-        return token_pad, min(token_pad, self.max_num_seqs), bucket(num_pages, 1, self.max_pages_per_seq)
+        token_pad = bucket(max(num_tokens, num_seqs), MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        return token_pad, min(token_pad, self.max_num_seqs), bucket(num_pages, MIN_PAGE_BUCKET, self.max_pages_per_seq)
 
     def empty_inputs(self, shape: tuple[int, int, int]) -> StepInputs:
         """All-padding inputs of `shape` (no sequence): what warm-up runs to compile a shape."""

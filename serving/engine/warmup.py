@@ -9,8 +9,13 @@ Warm-up steps hold no sequence, so what they write to the KV pages is never read
 The persistent compilation cache (`jax_compilation_cache_dir`) makes the second
 start fast. It is on by default under the user cache directory; the environment
 variable `JAXLLM_COMPILATION_CACHE_DIR` (or `EngineConfig.compilation_cache_dir`)
-moves it, and an empty value turns it off. `JAXLLM_ENFORCE_EAGER=1` makes
-`EngineConfig.enforce_eager` default to true (no warm-up; the test suite sets it).
+moves it, and an empty value turns it off.
+
+Whether to warm up (`EngineConfig.enforce_eager` false) defaults to: yes on an
+accelerator, no on the CPU backend, where each shape of a deep model compiles for
+tens of seconds while layers are unrolled (on demand, a CPU server compiles only
+the few shapes its traffic uses). `JAXLLM_ENFORCE_EAGER=1`/`0` sets the default
+either way (the test suite sets 1); `serve --[no-]enforce-eager` overrides it.
 """
 
 from __future__ import annotations
@@ -37,8 +42,19 @@ CACHE_DIR_ENV = "JAXLLM_COMPILATION_CACHE_DIR"
 ENFORCE_EAGER_ENV = "JAXLLM_ENFORCE_EAGER"
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def env_flag(name: str) -> bool | None:
+    """True/False for a set boolean variable ("1"/"0", "true"/"false", ...), None when unset or empty."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{name}={value!r}: expected 1 or 0")
+    return value in ("1", "true", "yes", "on")
+
+
+def should_warm_up(enforce_eager: bool | None) -> bool:
+    """`enforce_eager` None: warm up unless the backend is the CPU."""
+    return not enforce_eager if enforce_eager is not None else jax.default_backend() != "cpu"
 
 
 def default_cache_dir() -> str:

@@ -42,9 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--enforce-eager", action="store_true", default=None,
-                   help="skip compiling every step shape at start-up (each compiles on first use); "
-                        "default: off, or on when JAXLLM_ENFORCE_EAGER=1")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip compiling every step shape at start-up (each compiles on first use); default: "
+                        "$JAXLLM_ENFORCE_EAGER, else warm up on a GPU and not on the CPU backend")
     p.add_argument("--compilation-cache-dir",
                    help="persistent XLA compilation cache ('' to disable; default: $JAXLLM_COMPILATION_CACHE_DIR "
                         "or ~/.cache/jaxllm/xla)")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             allow_long_max_model_len=args.allow_long_max_model_len,
             limits=limits,
             compilation_cache_dir=args.compilation_cache_dir,
-            **({} if args.enforce_eager is None else {"enforce_eager": True}),
+            **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager}),
         )
     except ValueError as e:  # a setting the model cannot take (e.g. --max-model-len): say it, no traceback
         sys.exit(f"serve: {e}")
