@@ -7,8 +7,9 @@ arrays, dispatch, sampling bookkeeping, appending tokens and building outputs. T
 is a real one (SmolLM2-135M's 30 layers, tiny hidden size), so flattening it costs what it costs.
 
     host_ms(batch)  = wall time per decode step with a trivial device step
-    idle fraction   = 1 - steps x device_ms / wall, at `--idle-batch` with a `--device-ms` device step:
-                      the share of the time the (stub) device waits for the host
+    idle fraction   = at `--idle-batch` with a `--device-ms` device step: the gaps between one step's
+                      callback ending and the next one's starting, over the time from the first start
+                      to the last end (the share of the time the stub device waits for the host)
 
     python -m benchmarks.engine_host [--batches 1 4 16 64 256] [--steps 50] [--device-ms 8]
     python -m benchmarks.engine_host --dry-run   # two small batches, a few steps
@@ -28,7 +29,7 @@ VOCAB = 512
 LAYERS = 30  # SmolLM2-135M's depth: the parameter tree has its number of leaves
 
 
-def build_model():
+def build_model(layers: int = LAYERS):
     """A float32 Llama of SmolLM2-135M's depth with a tiny width (random weights, built from a config alone)."""
     import tempfile
     from pathlib import Path
@@ -38,7 +39,7 @@ def build_model():
     import model_lib
     from model_lib import load_config
 
-    hf = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=LAYERS,
+    hf = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
     raw = hf.to_dict() | {"architectures": ["LlamaForCausalLM"]}
     with tempfile.TemporaryDirectory() as folder:
@@ -47,11 +48,16 @@ def build_model():
     return model_lib.from_config(config)
 
 
+BUSY: list[tuple[float, float]] = []  # (start, end) of each stub device step's callback
+
+
 def stub_forward(device_ms: float):
     """A forward of the model's signature doing trivial work: logits that make token t + 1 follow t."""
 
     def busy(x):
+        start = time.perf_counter()
         time.sleep(device_ms / 1000)
+        BUSY.append((start, time.perf_counter()))
         return x
 
     def forward(self, input_ids, batch, kv_caches=None, logits_indices=None):
@@ -82,15 +88,15 @@ def decode_seconds(engine, batch: int, steps: int, tag: str) -> float:
     return seconds
 
 
-def make_engine(max_num_seqs: int):
+def make_engine(max_num_seqs: int, layers: int):
     from serving.engine.engine import EngineConfig, LLMEngine
 
     config = dict(max_model_len=256, max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_seqs * 8, 64),
                   num_pages=max_num_seqs * 16 + 16, enable_prefix_caching=False)
     try:
-        return LLMEngine(build_model(), None, EngineConfig(**config, enforce_eager=True))
+        return LLMEngine(build_model(layers), None, EngineConfig(**config, enforce_eager=True))
     except TypeError:  # an engine without warm-up options
-        return LLMEngine(build_model(), None, EngineConfig(**config))
+        return LLMEngine(build_model(layers), None, EngineConfig(**config))
 
 
 def main(argv=None) -> dict:
@@ -104,6 +110,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.dry_run:
         args.batches, args.steps, args.idle_batch, args.device_ms = [1, 4], 3, 4, 1.0
+    layers = 2 if args.dry_run else LAYERS
 
     from model_lib import CausalLM
 
@@ -111,19 +118,22 @@ def main(argv=None) -> dict:
     result: dict = {"jax": jax.__version__, "backend": jax.default_backend(), "steps": args.steps}
     try:
         CausalLM.forward = stub_forward(0.0)
-        engine = make_engine(max(args.batches))
+        engine = make_engine(max(args.batches), layers)
         decode_seconds(engine, max(args.batches), 2, "warm")  # compiles the shapes used below
         for b in args.batches:
             decode_seconds(engine, b, 2, f"warm{b}")
         result["host_ms"] = {b: round(1000 * decode_seconds(engine, b, args.steps, f"b{b}") / args.steps, 3)
                              for b in args.batches}
         CausalLM.forward = stub_forward(args.device_ms)
-        engine = make_engine(args.idle_batch)
+        engine = make_engine(args.idle_batch, layers)
         decode_seconds(engine, args.idle_batch, 2, "warm")
+        BUSY.clear()
         wall = decode_seconds(engine, args.idle_batch, args.steps, "idle")
+        spans = BUSY[4 : 4 + args.steps]  # the timed decode steps (after the prefill and first decodes)
+        gaps = sum(max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:]))
         result["idle"] = {"batch": args.idle_batch, "device_ms": args.device_ms,
                           "step_ms": round(1000 * wall / args.steps, 3),
-                          "idle_fraction": round(max(0.0, 1 - args.steps * args.device_ms / 1000 / wall), 4)}
+                          "idle_fraction": round(gaps / (spans[-1][1] - spans[0][0]), 4)}
     finally:
         CausalLM.forward = original
     print(json.dumps(result, indent=1))

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -41,7 +42,10 @@ def first_answer_seconds(serve_args: list[str], cache_dir: str, timeout: float) 
         else:
             raise RuntimeError(f"serve exited with {proc.wait()}")
         ready = time.perf_counter() - start
-        body = json.dumps({"model": "x", "prompt": "Hello", "max_tokens": 8, "temperature": 0}).encode()
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=timeout) as response:
+            model = json.loads(response.read())["data"][0]["id"]
+        body = json.dumps({"model": model, "prompt": "Hello", "max_tokens": 8, "temperature": 0}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
                                          {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -49,7 +53,11 @@ def first_answer_seconds(serve_args: list[str], cache_dir: str, timeout: float) 
         return {"ready_s": round(ready, 1), "first_answer_s": round(time.perf_counter() - start, 1), "text": text}
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def main(argv=None) -> dict:
@@ -60,10 +68,11 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.dry_run:
         return {"serve_args": args.serve_args}
+    result: dict = {"serve_args": args.serve_args}
     with tempfile.TemporaryDirectory() as cache:
-        result = {"serve_args": args.serve_args,
-                  "first_start": first_answer_seconds(args.serve_args, cache, args.timeout),
-                  "second_start": first_answer_seconds(args.serve_args, cache, args.timeout)}
+        for run in ("first_start", "second_start"):
+            result[run] = first_answer_seconds(args.serve_args, cache, args.timeout)
+            print(run, result[run], flush=True)
     print(json.dumps(result, indent=1))
     return result
 

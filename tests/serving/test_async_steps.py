@@ -131,3 +131,11 @@ def test_nothing_compiles_after_warm_up(tiny_checkpoint):
         jax._src.monitoring.unregister_event_duration_listener(listen)  # noqa: SLF001
     assert all(o.finished for o in outputs[:5]) and llm.engine.pool.all_free()
     assert compiled == [], f"{len(compiled)} compilations after warm-up"
+
+
+def test_engine_host_benchmark_dry_run():
+    from benchmarks.engine_host import main
+
+    result = main(["--dry-run"])
+    assert set(result["host_ms"]) == {1, 4} and all(ms > 0 for ms in result["host_ms"].values())
+    assert 0 <= result["idle"]["idle_fraction"] < 1
