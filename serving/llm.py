@@ -148,7 +148,8 @@ class LLM:
         return [finished[request_id] for request_id in ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every step that changes it (cumulative text and ids)."""
+        """Yield the request's output after every step that changes it (cumulative text and ids, or only
+        what is new with `output_kind=RequestOutputKind.DELTA`)."""
         request_id = self._add(prompt, sampling_params or SamplingParams())
         try:
             while True:
