@@ -2,6 +2,6 @@
 
 from serving.llm import LLM
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
-from serving.sampling_params import SamplingParams
+from serving.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestOutput", "RequestOutputKind", "SamplingParams"]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -17,8 +18,9 @@ import model_lib
 from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine
+from serving.engine.warmup import use_compilation_cache
 from serving.outputs import RequestOutput
-from serving.sampling_params import SamplingParams
+from serving.sampling_params import RequestOutputKind, SamplingParams
 from serving.text_input import check_text
 
 Prompt = str | dict[str, Any]
@@ -59,7 +61,8 @@ class LLM:
 
     Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
-    `gpu_memory_utilization`, `enable_prefix_caching`, `seed`; `quantization` (vLLM's name): "int8" or
+    `gpu_memory_utilization`, `enable_prefix_caching`, `seed`, `enforce_eager` (no start-up
+    compilation of every shape), `compilation_cache_dir`; `quantization` (vLLM's name): "int8" or
     "int4" serve weight-only int8 / int4 (group 128) linear layers; a pre-quantized checkpoint
     (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
     """
@@ -74,6 +77,7 @@ class LLM:
         quantization: str | None = None,
         **engine_args: Any,
     ):
+        use_compilation_cache(engine_args.get("compilation_cache_dir"))  # before anything compiles
         plan = as_plan(mesh)
         self.model_path = Path(model)
         net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
@@ -131,7 +135,8 @@ class LLM:
         ids = []
         try:
             for prompt, params in zip(prompts, sampling_params):
-                ids.append(self._add(prompt, params))
+                # One output per request, when it finishes: no per-step copies of its lists.
+                ids.append(self._add(prompt, dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)))
             finished: dict[str, RequestOutput] = {}
             while len(finished) < len(ids):
                 for output in self.engine.step():
@@ -144,7 +149,8 @@ class LLM:
         return [finished[request_id] for request_id in ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield the request's output after every step that changes it (cumulative text and ids)."""
+        """Yield the request's output after every step that changes it (cumulative text and ids, or only
+        what is new with `output_kind=RequestOutputKind.DELTA`)."""
         request_id = self._add(prompt, sampling_params or SamplingParams())
         try:
             while True:

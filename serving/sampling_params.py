@@ -7,6 +7,7 @@ max_tokens against max_model_len) are checked by `LLMEngine.validate_request`.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -14,6 +15,14 @@ from typing import NamedTuple
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MIN_TEMPERATURE = 1e-2  # smaller positive temperatures are raised to this (as vLLM), to keep logits finite
+
+
+class RequestOutputKind(enum.Enum):
+    """What each engine output of a request holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far, after every step (the default)
+    DELTA = 1  # only what is new since the previous output
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 class Bound(NamedTuple):
@@ -79,6 +88,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         for name, bound in BOUNDS.items():
@@ -98,6 +108,8 @@ class SamplingParams:
         if not isinstance(self.stop, (list, tuple, type(None))) or not all(isinstance(s, str) for s in self.stop or []):
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop = [s for s in (self.stop or []) if s]
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not all(isinstance(t, int) and not isinstance(t, bool) and TOKEN_ID_BOUND.holds(t) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be integers in {TOKEN_ID_BOUND.describe()}")

@@ -11,6 +11,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Engines compile shapes on first use (no start-up warm-up) and keep no on-disk compilation cache;
+# tests that check warm-up turn it on themselves. Servers started by tests inherit both.
+os.environ.setdefault("JAXLLM_ENFORCE_EAGER", "1")
+os.environ.setdefault("JAXLLM_COMPILATION_CACHE_DIR", "")
 
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402

@@ -29,11 +29,13 @@ from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
 from serving.engine.limits import RequestLimits, check_max_model_len, validate_request
 from serving.engine.runner import ModelRunner, bucket
-from serving.engine.sampler import NO_TOKEN, SampleOutput, batch_from_rows, sample, sampling_row
+from serving.engine.sampler import SampleOutput, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
+from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
+from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
-from serving.sampling_params import SamplingParams
+from serving.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # True: skip compiling every step shape at start (each compiles on first use); vLLM's flag name.
+    # None: warm up on an accelerator, not on the CPU backend (see serving/engine/warmup.py).
+    enforce_eager: bool | None = field(default_factory=lambda: env_flag(ENFORCE_EAGER_ENV))
+    compilation_cache_dir: str | None = None  # None: ~/.cache/jaxllm/xla or $JAXLLM_COMPILATION_CACHE_DIR; "": off
 
 
 @dataclass
@@ -66,6 +72,15 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(seq.finished for seq in self.sequences)
+
+
+@dataclass
+class _InFlight:
+    """A dispatched step: what it ran and its samples (device arrays, not read yet)."""
+
+    scheduled: list[ScheduledSequence]
+    completes: list[bool]
+    sampled: SampleOutput
 
 
 def _default_num_pages(config: EngineConfig, page_bytes: int, max_pages_per_seq: int) -> int:
@@ -108,6 +123,7 @@ class LLMEngine:
     ):
         self.model_config = model.config
         self.config = config = config or EngineConfig()
+        use_compilation_cache(config.compilation_cache_dir)
         self.tokenizer = tokenizer
         self.max_model_len = check_max_model_len(config.max_model_len, model.config, config.allow_long_max_model_len)
         self.max_logprobs = min(config.limits.max_logprobs, model.config.vocab_size)
@@ -135,12 +151,16 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             plan=plan,
         )
+        self.slot_state = new_slot_state(config.max_num_seqs, mc.vocab_size, self.max_model_len)
+        self._in_flight: _InFlight | None = None
         self.requests: dict[str, _Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
         logger.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_pages, config.page_size, self.runner.kv_cache_bytes / 2**20)
+        if should_warm_up(config.enforce_eager):
+            warm_up(self)
 
     # -- requests -------------------------------------------------------------
     def validate_prompt(self, prompt_ids: list[int]) -> None:
@@ -214,32 +234,84 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; outputs of the requests that progressed, and of those that failed in it."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
+        """Dispatch the next batch, then read the previous one; outputs of the requests that progressed.
+
+        Steps overlap (vLLM's async scheduling): step N+1 is scheduled, prepared and dispatched
+        while step N still runs, its decode inputs taken on the device from N's samples; only
+        then does the host wait for N's tokens. A sequence that N finishes (a stop token) was
+        already scheduled in N+1: that extra token is dropped and its pages are freed. Requests
+        that fail in this call come back with `error` set.
+        """
         failed: dict[str, RequestOutput] = {}
-        rows: dict[Sequence, tuple] = {}
-        for item in scheduled:
-            try:
-                rows[item.seq] = _sampling_row(item.seq)
-            except Exception as e:  # noqa: BLE001 - fails this request only
-                self._fail(item.seq.request_id, "preparing its sampling parameters", e, failed)
+        scheduled = self.scheduler.schedule()
+        self._write_joined_rows(failed)
         scheduled = [item for item in scheduled if not item.seq.finished]
-        if not scheduled:
-            return list(failed.values())
         # The device part: an exception here leaves step() (the engine cannot go on).
-        logits = self.runner.execute(scheduled)
-        sampled = self._sample(logits, scheduled, [rows[item.seq] for item in scheduled])
-        completes = [item.completes_sequence for item in scheduled]
-        self.scheduler.update_after_step(scheduled)
-        touched: dict[str, _Request] = {}
-        for i, item in enumerate(scheduled):
-            request = self.requests.get(item.seq.request_id)
-            if not completes[i] or request is None:
-                continue  # a prefill chunk (no token yet), or a request that failed in this loop
+        launched = self._launch(scheduled) if scheduled else None
+        previous, self._in_flight = self._in_flight, launched
+        outputs = self._read(previous, failed) if previous is not None else []
+        return outputs + list(failed.values())
+
+    def _write_joined_rows(self, failed: dict[str, RequestOutput]) -> None:
+        """Write the device sampling rows of the sequences that just joined the running batch."""
+        slots, rows = [], []
+        for seq in self.scheduler.take_joined():
             try:
-                self._append_token(request, item.seq, sampled, i)
+                row = _sampling_row(seq)
+                counts = count_row(seq.prompt_ids, seq.output_ids, self.model_config.vocab_size) \
+                    if seq.params.uses_penalties else None
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                self._fail(seq.request_id, "preparing its sampling parameters", e, failed)
+                continue
+            slots.append(seq.slot)
+            rows.append(row)
+            if counts is not None:
+                self.slot_state = write_counts(self.slot_state, np.int32(seq.slot), counts)
+        if rows:
+            size = bucket(len(rows), 1, self.config.max_num_seqs)
+            padded = np.full(size, self.config.max_num_seqs, np.int32)  # out of range: dropped
+            padded[: len(slots)] = slots
+            self.slot_state = write_rows(self.slot_state, padded, batch_from_rows(rows, size, None, None))
+
+    def _launch(self, scheduled: list[ScheduledSequence]) -> _InFlight:
+        """Dispatch the model step and the sampler (nothing waits for the device)."""
+        completes = [item.completes_sequence for item in scheduled]
+        logits = self.runner.execute(scheduled)
+        rows = logits.shape[0]
+        slots = np.full(rows, self.config.max_num_seqs, np.int32)
+        slots[: len(scheduled)] = [item.seq.slot for item in scheduled]
+        mask = np.zeros(rows, bool)
+        mask[: len(scheduled)] = completes
+        seqs = [item.seq for item, done in zip(scheduled, completes) if done]
+        wants_logprobs = any(s.params.logprobs is not None for s in seqs)
+        sampled, self.slot_state, last_tokens = sample_slots(
+            logits, self.slot_state, self.runner.fed_tokens, slots, mask,
+            num_logprobs=self.max_logprobs if wants_logprobs else None,
+            use_penalties=any(s.params.uses_penalties for s in seqs),
+        )
+        self.runner.fed_tokens = last_tokens
+        self.scheduler.update_after_step(scheduled)
+        for seq in seqs:
+            seq.num_pending += 1
+        return _InFlight(scheduled, completes, sampled)
+
+    def _read(self, flight: _InFlight, failed: dict[str, RequestOutput]) -> list[RequestOutput]:
+        """Wait for a dispatched step's samples; append them, apply stops, build outputs."""
+        fields = {f.name: getattr(flight.sampled, f.name) for f in dataclasses.fields(flight.sampled)}
+        sampled = {k: np.asarray(v) for k, v in jax.device_get(fields).items() if v is not None}
+        touched: dict[str, _Request] = {}
+        for i, item in enumerate(flight.scheduled):
+            seq = item.seq
+            if not flight.completes[i]:
+                continue  # a prefill chunk: no token yet
+            seq.num_pending -= 1
+            request = self.requests.get(seq.request_id)
+            if seq.finished or request is None:
+                continue  # the extra token of a sequence that finished (or failed) meanwhile
+            try:
+                self._append_token(request, seq, sampled, i)
+                if not seq.finished:
+                    self.scheduler.register_full_pages(seq)
                 touched[request.request_id] = request
             except Exception as e:  # noqa: BLE001 - fails this request only
                 touched.pop(request.request_id, None)
@@ -247,13 +319,15 @@ class LLMEngine:
         outputs = []
         for request in touched.values():
             try:
-                outputs.append(self._output(request))
+                output = self._output(request)
             except Exception as e:  # noqa: BLE001 - fails this request only
                 self._fail(request.request_id, "building its output", e, failed)
                 continue
+            if output is not None:
+                outputs.append(output)
             if request.finished:
                 del self.requests[request.request_id]
-        return outputs + list(failed.values())
+        return outputs
 
     def _fail(self, request_id: str, phase: str, error: Exception, failed: dict[str, RequestOutput]) -> None:
         """Retire a request after an exception of its own; its output carries the error."""
@@ -275,43 +349,14 @@ class LLMEngine:
             error=f"the request failed while {phase}: {error!r}",
         )
 
-    def _sample(self, logits: jax.Array, scheduled: list[ScheduledSequence], rows: list[tuple]) -> dict[str, np.ndarray]:
-        batch_rows = logits.shape[0]
-        seqs = [item.seq for item in scheduled]
-        use_penalties = any(s.params.uses_penalties for s in seqs)
-        prompt_ids = output_ids = None
-        if use_penalties:
-            width_p = bucket(max(len(s.prompt_ids) for s in seqs), 16, self.max_model_len)
-            width_o = bucket(max(max(len(s.output_ids) for s in seqs), 1), 16, self.max_model_len)
-            prompt_ids = np.full((batch_rows, width_p), NO_TOKEN, np.int32)
-            output_ids = np.full((batch_rows, width_o), NO_TOKEN, np.int32)
-            for r, s in enumerate(seqs):
-                if s.params.repetition_penalty != 1.0:
-                    prompt_ids[r, : len(s.prompt_ids)] = s.prompt_ids
-                output_ids[r, : len(s.output_ids)] = s.output_ids
-        batch = batch_from_rows(rows, batch_rows, prompt_ids, output_ids)
-        wanted = max((s.params.logprobs or 0) for s in seqs)
-        num_logprobs = 0 if wanted == 0 else bucket(wanted, 4, self.max_logprobs)
-        sampled = [s.params for s in seqs if not s.params.greedy]
-        out: SampleOutput = sample(
-            logits,
-            batch,
-            num_logprobs=num_logprobs,
-            use_penalties=use_penalties,
-            use_sampling=bool(sampled),
-            use_filters=any(p.top_k or p.top_p < 1 or p.min_p for p in sampled),
-        )
-        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-        return {k: np.asarray(v) for k, v in jax.device_get(fields).items() if v is not None}
-
     def _append_token(self, request: _Request, seq: Sequence, sampled: dict[str, np.ndarray], row: int) -> None:
         token = int(sampled["tokens"][row])
         params = seq.params
         seq.output_ids.append(token)
         self.num_generated_tokens += 1
-        logprob = float(sampled["logprobs"][row])
-        seq.cumulative_logprob += logprob
         if seq.logprobs is not None:
+            logprob = float(sampled["logprobs"][row])
+            seq.cumulative_logprob += logprob
             entry = {token: Logprob(logprob, int(sampled["ranks"][row]), self._decode_one(token))}
             for rank in range(params.logprobs):
                 tid = int(sampled["top_ids"][row, rank])
@@ -350,22 +395,37 @@ class LLMEngine:
         hold = max(map(len, seq.params.stop)) - 1
         return seq.text[: max(0, len(seq.text) - hold)]
 
-    def _output(self, request: _Request) -> RequestOutput:
+    def _output(self, request: _Request) -> RequestOutput | None:
+        """The request's output after a step, in its `output_kind` (None: nothing to send yet)."""
+        kind = request.params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not request.finished:
+            return None
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_ids,
-            outputs=[
-                CompletionOutput(
-                    index=seq.index,
-                    text=self._visible_text(seq),
-                    token_ids=list(seq.output_ids),
-                    cumulative_logprob=seq.cumulative_logprob,
-                    logprobs=None if seq.logprobs is None else list(seq.logprobs),
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-                for seq in request.sequences
-            ],
+            outputs=[self._completion(seq, kind, request.finished) for seq in request.sequences],
             finished=request.finished,
+        )
+
+    def _completion(self, seq: Sequence, kind: RequestOutputKind, final: bool) -> CompletionOutput:
+        text = self._visible_text(seq)
+        if kind is RequestOutputKind.DELTA:
+            start, seq.emitted = seq.emitted, len(seq.output_ids)
+            text_start, seq.emitted_text = seq.emitted_text, len(text)
+            token_ids, text = seq.output_ids[start:], text[text_start:]
+            logprobs = None if seq.logprobs is None else seq.logprobs[start:]
+        elif final:  # the sequence's own lists: nothing appends to them any more
+            token_ids, logprobs = seq.output_ids, seq.logprobs
+        else:
+            token_ids = list(seq.output_ids)
+            logprobs = None if seq.logprobs is None else list(seq.logprobs)
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=token_ids,
+            cumulative_logprob=None if seq.logprobs is None else seq.cumulative_logprob,
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
         )

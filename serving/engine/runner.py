@@ -2,9 +2,17 @@
 
 Host-side, a step's sequences become flat arrays padded to bucket shapes, so
 the number of compilations stays bounded: tokens pad to a power of two (at
-most `max_num_batched_tokens`), the sequence axis pads to
-min(token bucket, max_num_seqs), and the page-table width pads to a power of
-two. Each new shape is logged once.
+most `max_num_batched_tokens`), the sequence axis is tied to the token bucket
+(min(token bucket, max_num_seqs)), and the page-table width pads to a power of
+two. Each new shape is logged once; `step_shapes` lists every one the sizes
+allow, which `warm_up` compiles at start.
+
+A token the previous step sampled and the host has not read yet is fed on the
+device: its input position names the sequence's slot (`feed`), and the step
+takes the token from `fed_tokens` (the sampler's `last_tokens`).
+
+The parameters are passed as a flat list of leaves (flattened once), so a
+call does not walk the model's parameter tree.
 """
 
 from __future__ import annotations
@@ -30,6 +38,12 @@ from serving.engine.step_shardings import place_serving_step
 logger = logging.getLogger(__name__)
 
 
+# Smallest buckets: fewer shapes to compile at almost no cost (a decode step of up to 8 sequences
+# reads the weights once either way; a page table of 8 pages is a few hundred bytes).
+MIN_TOKEN_BUCKET = 8
+MIN_PAGE_BUCKET = 8
+
+
 def bucket(n: int, smallest: int, largest: int) -> int:
     """Smallest power of two >= n (and >= smallest), capped at `largest`."""
     size = smallest
@@ -43,14 +57,29 @@ class StepInputs:
     """One step's host arrays, padded to bucket shapes."""
 
     input_ids: np.ndarray  # [T_pad]
+    feed: np.ndarray  # [T_pad] slot whose last sampled token is this input (-1: input_ids has it)
     batch: PagedBatch  # numpy fields
     logits_indices: np.ndarray  # [S_pad] flat index of each sequence's last token
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(tokens, sequences, pages per sequence): what the step compiles for."""
+        return self.input_ids.shape[0], self.logits_indices.shape[0], self.batch.meta.page_tables.shape[1]
 
-def _step(graphdef, plan, state, kv_caches, input_ids, batch, logits_indices):
-    model = nnx.merge(graphdef, state)
+
+def buckets(smallest: int, largest: int) -> list[int]:
+    """Every value `bucket(n, smallest, largest)` takes for 1 <= n <= largest."""
+    sizes = [smallest]
+    while sizes[-1] < largest:
+        sizes.append(min(sizes[-1] * 2, largest))
+    return sizes
+
+
+def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices):
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     if plan is not None:  # every device runs every token: the residual stream stays replicated
         model.model.activation_sharding = plan.replicated()
+    input_ids = jnp.where(feed >= 0, jnp.take(fed_tokens, feed, mode="clip"), input_ids)
     with kernel_plan(plan):  # kernels run per head / expert shard
         return model.forward(input_ids, batch, kv_caches, logits_indices)
 
@@ -74,6 +103,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.graphdef, self.state = nnx.split(model)
+        self.params, treedef = jax.tree.flatten(self.state)
         dtype = jnp.dtype(config.dtype)
 
         def pages(kv_heads: int) -> KVCache | None:
@@ -86,17 +116,37 @@ class ModelRunner:
 
         self.kv_caches: list[KVCache | None] = [pages(config.layer_cache_kv_heads(i)) for i in range(config.num_layers)]
         self.kv_cache_bytes = sum(a.nbytes for cache in self.kv_caches if cache is not None for a in cache)
-        self.state, shardings = place_serving_step(plan, self.state, self.kv_caches)
-        self._step = jax.jit(partial(_step, self.graphdef, plan), donate_argnums=(1,), **shardings)
+        self.params, shardings = place_serving_step(plan, self.params, self.kv_caches, num_host_inputs=5)
+        self._step = jax.jit(partial(_step, self.graphdef, treedef, plan), donate_argnums=(1,), **shardings)
+        self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
         self.compiled_shapes: set[tuple[int, int, int]] = set()
+
+    def step_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
+        tokens = buckets(min(MIN_TOKEN_BUCKET, self.max_num_batched_tokens), self.max_num_batched_tokens)
+        pages = buckets(min(MIN_PAGE_BUCKET, self.max_pages_per_seq), self.max_pages_per_seq)
+        return [(t, min(t, self.max_num_seqs), p) for t in tokens for p in pages]
+
+    def _padded(self, num_tokens: int, num_seqs: int, num_pages: int) -> tuple[int, int, int]:
+        token_pad = bucket(max(num_tokens, num_seqs), MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        return token_pad, min(token_pad, self.max_num_seqs), bucket(num_pages, MIN_PAGE_BUCKET, self.max_pages_per_seq)
+
+    @staticmethod
+    def empty_inputs(shape: tuple[int, int, int]) -> StepInputs:
+        """All-padding inputs of `shape` (no sequence): what warm-up runs to compile a shape."""
+        token_pad, seq_pad, page_pad = shape
+        meta = PagedMetadata(np.zeros(seq_pad + 1, np.int32), np.zeros(seq_pad, np.int32),
+                             np.zeros((seq_pad, page_pad), np.int32), np.int32(0))
+        batch = PagedBatch(positions=np.zeros(token_pad, np.int32), seq_lens=np.zeros(token_pad, np.int32), meta=meta)
+        return StepInputs(np.zeros(token_pad, np.int32), np.full(token_pad, -1, np.int32), batch,
+                          np.zeros(seq_pad, np.int32))
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
         num_tokens = sum(item.num_new_tokens for item in scheduled)
-        token_pad = bucket(num_tokens, 1, self.max_num_batched_tokens)
-        seq_pad = min(token_pad, bucket(len(scheduled), 1, self.max_num_seqs))
-        page_pad = bucket(max(len(item.seq.pages) for item in scheduled), 1, self.max_pages_per_seq)
+        token_pad, seq_pad, page_pad = self._padded(num_tokens, len(scheduled), max(len(item.seq.pages) for item in scheduled))
 
         input_ids = np.zeros(token_pad, np.int32)
+        feed = np.full(token_pad, -1, np.int32)
         positions = np.zeros(token_pad, np.int32)
         seq_lens = np.zeros(token_pad, np.int32)
         cu_q_lens = np.zeros(seq_pad + 1, np.int32)
@@ -107,7 +157,9 @@ class ModelRunner:
         for i, item in enumerate(scheduled):
             seq, n = item.seq, item.num_new_tokens
             start, end = seq.num_computed, seq.num_computed + n
-            input_ids[offset : offset + n] = seq.token_slice(start, end)
+            known = min(end, seq.num_known_tokens)  # the rest (at most one) was sampled on the device
+            input_ids[offset : offset + known - start] = seq.token_slice(start, known)
+            feed[offset + known - start : offset + n] = seq.slot
             positions[offset : offset + n] = np.arange(start, end)
             seq_lens[offset : offset + n] = end
             kv_lens[i] = end
@@ -118,16 +170,22 @@ class ModelRunner:
         cu_q_lens[len(scheduled) + 1 :] = offset
         meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, np.int32(len(scheduled)))
         batch = PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta)
-        return StepInputs(input_ids, batch, logits_indices)
+        return StepInputs(input_ids, feed, batch, logits_indices)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> jax.Array:
-        """Run one step; logits `[S_pad, V]`, row i for `scheduled[i]` (left on the device)."""
-        inputs = self.prepare(scheduled)
-        shape = (inputs.input_ids.shape[0], inputs.logits_indices.shape[0], inputs.batch.meta.page_tables.shape[1])
+        """Dispatch one step; logits `[S_pad, V]`, row i for `scheduled[i]` (left on the device, not waited for)."""
+        return self.run(self.prepare(scheduled))
+
+    def step_args(self, inputs: StepInputs) -> tuple:
+        """The jitted step's arguments for `inputs`, in order."""
+        return (self.params, self.kv_caches, inputs.input_ids, inputs.feed, self.fed_tokens, inputs.batch,
+                inputs.logits_indices)
+
+    def run(self, inputs: StepInputs) -> jax.Array:
+        """Dispatch the step on prepared inputs (the KV cache is donated and replaced)."""
+        shape = inputs.shape
         start = time.perf_counter()
-        logits, self.kv_caches = self._step(
-            self.state, self.kv_caches, inputs.input_ids, inputs.batch, inputs.logits_indices
-        )
+        logits, self.kv_caches = self._step(*self.step_args(inputs))
         if shape not in self.compiled_shapes:
             self.compiled_shapes.add(shape)
             logits.block_until_ready()

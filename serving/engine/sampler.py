@@ -64,14 +64,22 @@ def _token_counts(ids: jax.Array, vocab: int) -> jax.Array:
     return jnp.zeros((ids.shape[0], vocab), jnp.int32).at[rows, jnp.where(valid, ids, 0)].add(valid.astype(jnp.int32))
 
 
-def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
-    vocab = logits.shape[-1]
-    output_counts = _token_counts(batch.output_ids, vocab)
-    seen = (_token_counts(batch.prompt_ids, vocab) + output_counts) > 0
+def penalize(logits: jax.Array, seen: jax.Array, output_counts: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Repetition (tokens `seen` in prompt or output), frequency and presence (output counts) penalties."""
     rep = batch.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - batch.frequency_penalty[:, None] * output_counts
     return logits - batch.presence_penalty[:, None] * (output_counts > 0)
+
+
+def _history(batch: SamplingBatch, vocab: int) -> tuple[jax.Array, jax.Array]:
+    """(seen in prompt or output, output counts), both [S, V], from the batch's id lists."""
+    output_counts = _token_counts(batch.output_ids, vocab)
+    return (_token_counts(batch.prompt_ids, vocab) + output_counts) > 0, output_counts
+
+
+def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    return penalize(logits, *_history(batch, logits.shape[-1]), batch)
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
@@ -104,10 +112,53 @@ def sequence_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
 @struct.dataclass
 class SampleOutput:
     tokens: jax.Array  # [S] int32
-    logprobs: jax.Array  # [S] raw logprob of each chosen token
-    ranks: jax.Array  # [S] 1-based rank of each chosen token in the raw distribution
+    logprobs: jax.Array | None  # [S] raw logprob of each chosen token (None: no row asked for logprobs)
+    ranks: jax.Array | None  # [S] 1-based rank of each chosen token in the raw distribution
     top_ids: jax.Array | None  # [S, N]
     top_logprobs: jax.Array | None  # [S, N]
+
+
+def _when(flag: bool | jax.Array, fn, operand: jax.Array) -> jax.Array:
+    """`fn(operand)` if `flag`, else `operand`: decided when tracing for a Python bool, on the device otherwise."""
+    if isinstance(flag, bool):
+        return fn(operand) if flag else operand
+    return jax.lax.cond(flag, fn, lambda x: x, operand)
+
+
+def choose_tokens(
+    logits: jax.Array,
+    batch: SamplingBatch,
+    penalties: tuple[jax.Array, jax.Array] | None,
+    *,
+    num_logprobs: int | None,
+    use_sampling: bool | jax.Array,
+    use_filters: bool | jax.Array,
+) -> SampleOutput:
+    """Next token of every row: penalties (`(seen, output_counts)`, or None), then greedy or drawn.
+
+    `use_sampling`/`use_filters` skip the draw and the sort: at trace time when they are Python
+    bools, at run time (`lax.cond`) when they are device booleans. `num_logprobs` None skips
+    log-probabilities altogether.
+    """
+    raw = logits = logits.astype(jnp.float32)
+    if penalties is not None:
+        logits = penalize(logits, *penalties, batch)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(tokens: jax.Array) -> jax.Array:
+        scaled = logits / jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+        scaled = _when(use_filters, lambda s: filter_logits(s, batch.top_k, batch.top_p, batch.min_p), scaled)
+        drawn = jax.vmap(jax.random.categorical)(sequence_keys(batch.seeds, batch.steps), scaled)
+        return jnp.where(batch.temperature > 0, drawn, tokens).astype(jnp.int32)
+
+    tokens = _when(use_sampling, draw, greedy)
+    if num_logprobs is None:
+        return SampleOutput(tokens, None, None, None, None)
+    raw_logprobs = jax.nn.log_softmax(raw, axis=-1)
+    token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    ranks = jnp.sum(raw_logprobs > token_logprobs[:, None], axis=-1) + 1
+    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs) if num_logprobs else (None, None)
+    return SampleOutput(tokens, token_logprobs, ranks, top_ids, top_logprobs)
 
 
 @partial(jax.jit, static_argnames=("num_logprobs", "use_penalties", "use_sampling", "use_filters"))
@@ -115,28 +166,16 @@ def sample(
     logits: jax.Array,
     batch: SamplingBatch,
     *,
-    num_logprobs: int,
+    num_logprobs: int | None,
     use_penalties: bool,
     use_sampling: bool = True,
     use_filters: bool = True,
 ) -> SampleOutput:
-    """Next token of every sequence, with the log-probabilities requests asked for.
+    """Next token of every sequence of a host-built batch, with the log-probabilities asked for.
 
     The static flags drop work no row needs (all-greedy steps skip the draw,
     steps without top-k/top-p/min-p skip the sort); rows stay independent.
     """
-    logits = logits.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    if use_penalties:
-        logits = apply_penalties(logits, batch)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if use_sampling:
-        scaled = logits / jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
-        if use_filters:
-            scaled = filter_logits(scaled, batch.top_k, batch.top_p, batch.min_p)
-        drawn = jax.vmap(jax.random.categorical)(sequence_keys(batch.seeds, batch.steps), scaled)
-        tokens = jnp.where(batch.temperature > 0, drawn, tokens).astype(jnp.int32)
-    token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    ranks = jnp.sum(raw_logprobs > token_logprobs[:, None], axis=-1) + 1
-    top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs) if num_logprobs else (None, None)
-    return SampleOutput(tokens, token_logprobs, ranks, top_ids, top_logprobs)
+    penalties = _history(batch, logits.shape[-1]) if use_penalties else None
+    return choose_tokens(logits, batch, penalties, num_logprobs=num_logprobs, use_sampling=use_sampling,
+                         use_filters=use_filters)

@@ -10,6 +10,15 @@ sequence is preempted: its pages go back to the pool and it waits at the front
 of the queue, to be recomputed (cheaply, if its pages survive in the prefix
 cache).
 
+Steps run asynchronously (see `LLMEngine.step`): a sequence may have a token
+sampled on the device that the host has not read (`num_pending`). It is
+scheduled on top of that token, except when that token already reaches its
+max_tokens; and a preempted sequence waits until its pending token is read,
+since recomputing needs every token on the host.
+
+A running sequence holds one of `max_num_seqs` slots (its row of the device
+sampling state); `take_joined` names those that joined since the last call.
+
 Retiring a sequence is O(1): running sequences sit in an insertion-ordered
 dict, and a waiting one that finishes (an abort) is only marked, then dropped
 when it reaches the head of the queue.
@@ -47,6 +56,8 @@ class Scheduler:
         self.running: dict[Sequence, None] = {}  # in start order
         self.num_waiting = 0  # unfinished sequences in `waiting`
         self.num_preemptions = 0
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._joined: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -64,8 +75,18 @@ class Scheduler:
         total = -(-(seq.num_computed + num_new_tokens) // self.pool.page_size)
         return max(0, total - len(seq.pages))
 
-    def _preempt(self, seq: Sequence) -> None:
+    def take_joined(self) -> list[Sequence]:
+        """Sequences that took a slot since the last call (their device rows need writing)."""
+        joined, self._joined = [s for s in self._joined if s.slot is not None], []
+        return joined
+
+    def _leave(self, seq: Sequence) -> None:
         del self.running[seq]
+        self._free_slots.append(seq.slot)
+        seq.slot = None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._leave(seq)
         self.pool.release(seq.pages)
         seq.pages, seq.page_keys, seq.num_computed = [], [], 0
         seq.status = Status.WAITING
@@ -84,6 +105,8 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if seq.at_token_limit:
+                continue  # its last token is on the way
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             while self._pages_needed(seq, num_new) > self.pool.num_free():
                 victim = next(reversed(self.running))
@@ -97,6 +120,8 @@ class Scheduler:
             budget -= num_new
 
         while budget > 0 and len(self.running) < self.max_num_seqs and (seq := self._waiting_head()) is not None:
+            if seq.num_pending:
+                break  # preempted with a token still on the way: recompute once it is read
             if not seq.pages:
                 # Reuse cached pages of the prefix, but always compute the last token (it gives the logits).
                 seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1)
@@ -112,30 +137,35 @@ class Scheduler:
             self.num_waiting -= 1
             seq.status = Status.RUNNING
             self.running[seq] = None
+            seq.slot = self._free_slots.pop()
+            self._joined.append(seq)
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
         return scheduled
 
     def update_after_step(self, scheduled: list[ScheduledSequence]) -> None:
-        """Advance progress and name the pages that just became full."""
-        page_size = self.pool.page_size
+        """Advance progress (the step is dispatched) and name the pages that became full."""
         for item in scheduled:
-            seq = item.seq
-            seq.num_computed += item.num_new_tokens
-            full = min(seq.num_computed // page_size, len(seq.pages))
-            while len(seq.page_keys) < full:
-                i = len(seq.page_keys)
-                previous = seq.page_keys[-1] if seq.page_keys else None
-                key = next_page_key(previous, seq.token_slice(i * page_size, (i + 1) * page_size))
-                seq.page_keys.append(key)
-                self.pool.register(seq.pages[i], key)
+            item.seq.num_computed += item.num_new_tokens
+            self.register_full_pages(item.seq)
+
+    def register_full_pages(self, seq: Sequence) -> None:
+        """Name the pages whose tokens are all computed and known (read back from the device)."""
+        page_size = self.pool.page_size
+        full = min(min(seq.num_computed, seq.num_known_tokens) // page_size, len(seq.pages))
+        while len(seq.page_keys) < full:
+            i = len(seq.page_keys)
+            previous = seq.page_keys[-1] if seq.page_keys else None
+            key = next_page_key(previous, seq.token_slice(i * page_size, (i + 1) * page_size))
+            seq.page_keys.append(key)
+            self.pool.register(seq.pages[i], key)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """Retire a sequence (finished or aborted) and give its pages back."""
         if seq.finished:
             return
         if seq.status is Status.RUNNING:
-            del self.running[seq]
+            self._leave(seq)
         else:
             self.num_waiting -= 1  # left in the queue, dropped when it reaches the head
             if not self.num_waiting:

@@ -38,14 +38,29 @@ class Sequence:
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     num_preemptions: int = 0
+    slot: int | None = None  # its row of the device-side sampling state while running
+    num_pending: int = 0  # tokens sampled by dispatched steps that the host has not read yet
+    emitted: int = 0  # output tokens already handed out in delta outputs
+    emitted_text: int = 0  # characters of text already handed out in delta outputs
 
     @property
     def tokens(self) -> list[int]:
+        """The known tokens (prompt and read outputs)."""
         return self.prompt_ids + self.output_ids
 
     @property
-    def num_tokens(self) -> int:
+    def num_known_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens including those still on the device: what the next step builds on."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def at_token_limit(self) -> bool:
+        """Its pending tokens bring it to max_tokens: it finishes ("length") once they are read."""
+        return len(self.output_ids) + self.num_pending >= self.max_tokens
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """`tokens[start:end]` without building the whole token list."""

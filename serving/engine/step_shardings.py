@@ -28,8 +28,11 @@ def _on_mesh(plan: ShardingPlan, tree: Any) -> Any:
     return jax.tree.map(keep, tree)
 
 
-def place_serving_step(plan: ShardingPlan | None, state: Any, kv_caches: Any) -> tuple[Any, dict[str, Any]]:
-    """(`state` on the mesh, the `jax.jit` keyword arguments of `_step(state, kv_caches, ids, batch, indices)`)."""
+def place_serving_step(
+    plan: ShardingPlan | None, state: Any, kv_caches: Any, *, num_host_inputs: int
+) -> tuple[Any, dict[str, Any]]:
+    """(`state` on the mesh, the `jax.jit` keyword arguments of a step `(state, kv_caches, *host_inputs)`
+    that returns `(logits, kv_caches)`)."""
     if plan is None:
         return state, {}
     state_shardings, cache_shardings = _on_mesh(plan, state), _on_mesh(plan, kv_caches)
@@ -37,6 +40,6 @@ def place_serving_step(plan: ShardingPlan | None, state: Any, kv_caches: Any) ->
         state = jax.device_put(state, state_shardings)
     replicated = plan.replicated()
     return state, dict(
-        in_shardings=(state_shardings, cache_shardings, replicated, replicated, replicated),
+        in_shardings=(state_shardings, cache_shardings, *[replicated] * num_host_inputs),
         out_shardings=(replicated, cache_shardings),
     )

@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip compiling every step shape at start-up (each compiles on first use); default: "
+                        "$JAXLLM_ENFORCE_EAGER, else warm up on a GPU and not on the CPU backend")
+    p.add_argument("--compilation-cache-dir",
+                   help="persistent XLA compilation cache ('' to disable; default: $JAXLLM_COMPILATION_CACHE_DIR "
+                        "or ~/.cache/jaxllm/xla)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     limits = p.add_argument_group("request limits")
     limits.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             allow_long_max_model_len=args.allow_long_max_model_len,
             limits=limits,
+            compilation_cache_dir=args.compilation_cache_dir,
+            **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager}),
         )
     except ValueError as e:  # a setting the model cannot take (e.g. --max-model-len): say it, no traceback
         sys.exit(f"serve: {e}")

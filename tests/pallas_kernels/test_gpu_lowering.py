@@ -222,14 +222,6 @@ def tiny_config(name: str, folder):
     return config
 
 
-def step_args(tokens: int, seqs: int, pages: int):
-    from model_lib.layers import PagedBatch
-
-    meta = PagedMetadata(S((seqs + 1,), jnp.int32), S((seqs,), jnp.int32), S((seqs, pages), jnp.int32), S((), jnp.int32))
-    batch = PagedBatch(positions=S((tokens,), jnp.int32), seq_lens=S((tokens,), jnp.int32), meta=meta)
-    return S((tokens,), jnp.int32), batch, S((seqs,), jnp.int32)
-
-
 @pytest.mark.parametrize("family", sorted(SERVING_FAMILIES))
 def test_serving_step_compiles_with_kernels(family, tmp_path):
     from flax import nnx
@@ -245,9 +237,7 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
     for name, shape in STEP_SHAPES.items():
         if name == "prefill" and family not in PREFILL_TOO:
             continue
-        lowered = gpu_lowering.lower_for_h100(
-            runner._step, gpu_lowering.abstract(runner.state), gpu_lowering.abstract(runner.kv_caches), *step_args(*shape)
-        )
+        lowered = gpu_lowering.lower_for_h100(runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(shape))))
         assert_compiles(lowered, expected)
 
 
@@ -263,8 +253,7 @@ def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
     runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
                          max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8)
     lowered = gpu_lowering.lower_for_h100(
-        runner._step, gpu_lowering.abstract(runner.state), gpu_lowering.abstract(runner.kv_caches),
-        *step_args(*STEP_SHAPES["decode"])
+        runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
     )
     assert_compiles(lowered, ("ragged_paged_attention", f"{method}_matmul"))
 
@@ -324,10 +313,13 @@ def test_sharded_serving_step_compiles_with_kernels_on_local_shards():
     state = jax.tree.map(placed, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
     shape = (2, 64, PAGE_SIZE, 16)
     cache = S(shape, BF16, sharding=plan.sharding(("kv_heads", None, None, None), shape))
-    _, shardings = place_serving_step(plan, state, [(cache, cache)])
-    step = jax.jit(partial(runner_module._step, graphdef, plan), donate_argnums=(1,), **shardings)
+    params, treedef = jax.tree.flatten(state)
+    _, shardings = place_serving_step(plan, params, [(cache, cache)], num_host_inputs=5)
+    step = jax.jit(partial(runner_module._step, graphdef, treedef, plan), donate_argnums=(1,), **shardings)
+    inputs = runner_module.ModelRunner.empty_inputs(STEP_SHAPES["decode"])
+    host_inputs = (inputs.input_ids, inputs.feed, np.zeros(8, np.int32), inputs.batch, inputs.logits_indices)
     with jax.sharding.use_abstract_mesh(mesh):
-        lowered = step.trace(state, [(cache, cache)], *step_args(*STEP_SHAPES["decode"])).lower(
+        lowered = step.trace(params, [(cache, cache)], *host_inputs).lower(
             lowering_platforms=(gpu_lowering.H100.platform,))
     # Local shapes: expert width 64 / 2 = 32 in the gate/up kernels (n) and the down kernel (k).
     assert_compiles(lowered, ("ragged_paged_attention", "gmm_m16_n32_k64", "gmm_m16_n64_k32"))

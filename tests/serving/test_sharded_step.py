@@ -26,13 +26,14 @@ def step_inputs():
     """A prefill step of two sequences (3 and 5 tokens) in a step padded to 8 tokens and 4 sequences."""
     from model_lib.layers import PagedBatch
     from pallas_kernels.paged_attention import PagedMetadata
+    from serving.engine.runner import StepInputs
 
     meta = PagedMetadata(np.array([0, 3, 8, 8, 8], np.int32), np.array([3, 5, 0, 0], np.int32),
                          np.array([[0, 0, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], np.int32), np.int32(2))
     positions = np.array([0, 1, 2, 0, 1, 2, 3, 4], np.int32)
     seq_lens = np.array([3, 3, 3, 5, 5, 5, 5, 5], np.int32)
     ids = np.random.RandomState(0).randint(0, 64, 8).astype(np.int32)
-    return ids, PagedBatch(positions, seq_lens, meta), np.array([2, 7, 0, 0], np.int32)
+    return StepInputs(ids, np.full(8, -1, np.int32), PagedBatch(positions, seq_lens, meta), np.array([2, 7, 0, 0], np.int32))
 
 
 @pytest.mark.parametrize("shard_kernels", [True, False], ids=["shard_map", "control"])
@@ -55,7 +56,7 @@ def test_sharded_step_gathers_no_cache_or_expert_stack(shard_kernels, monkeypatc
     model = CausalLM(config, rngs=nnx.Rngs(0))
     if shard_kernels:  # the unsharded step's logits (jnp references), to compare with
         single = runner_module.ModelRunner(model, **sizes)
-        expected = single._step(single.state, single.kv_caches, *step_inputs())[0]
+        expected = single._step(*single.step_args(step_inputs()))[0]
 
     # What a CUDA lowering picks (the Pallas kernels), run on the interpreter.
     kernels = lambda kernel, reference, *args: kernel(*args, interpret=True)  # noqa: E731
@@ -66,7 +67,7 @@ def test_sharded_step_gathers_no_cache_or_expert_stack(shard_kernels, monkeypatc
     plan = load_mesh_preset("ep")  # expert 4 x tensor 2
     runner = runner_module.ModelRunner(shard_model(model, plan), **sizes, plan=plan)
     assert runner.kv_caches[0][0].sharding.spec[0] == "tensor"
-    args = (runner.state, runner.kv_caches, *step_inputs())
+    args = runner.step_args(step_inputs())
     compiled = runner._step.lower(*args).compile()
     gathered = {s for s in all_gathered_shapes(compiled.as_text()) if is_cache_or_experts(s)}
     if shard_kernels:

@@ -1,0 +1,108 @@
+"""Start-up compilation: every shape a configuration can produce, and the persistent XLA cache.
+
+Serving then never stops to compile: `warm_up` runs the model step once for each
+(token bucket, page-table bucket) shape (the sequence bucket is tied to the token
+bucket) and every sampler variant reachable with it (logprobs or not, penalties or
+not; drawing and filtering are decided on the device), then the slot-row writers.
+Warm-up steps hold no sequence, so what they write to the KV pages is never read.
+
+The persistent compilation cache (`jax_compilation_cache_dir`) makes the second
+start fast. It is on by default under the user cache directory; the environment
+variable `JAXLLM_COMPILATION_CACHE_DIR` (or `EngineConfig.compilation_cache_dir`)
+moves it, and an empty value turns it off.
+
+Whether to warm up (`EngineConfig.enforce_eager` false) defaults to: yes on an
+accelerator, no on the CPU backend, where each shape of a deep model compiles for
+tens of seconds while layers are unrolled (on demand, a CPU server compiles only
+the few shapes its traffic uses). `JAXLLM_ENFORCE_EAGER=1`/`0` sets the default
+either way (the test suite sets 1); `serve --[no-]enforce-eager` overrides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from serving.engine.runner import buckets
+from serving.engine.sampler import batch_from_rows
+from serving.engine.slot_state import sample_slots, write_counts, write_rows
+
+if TYPE_CHECKING:
+    from serving.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+CACHE_DIR_ENV = "JAXLLM_COMPILATION_CACHE_DIR"
+ENFORCE_EAGER_ENV = "JAXLLM_ENFORCE_EAGER"
+
+
+def env_flag(name: str) -> bool | None:
+    """True/False for a set boolean variable ("1"/"0", "true"/"false", ...), None when unset or empty."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{name}={value!r}: expected 1 or 0")
+    return value in ("1", "true", "yes", "on")
+
+
+def should_warm_up(enforce_eager: bool | None) -> bool:
+    """`enforce_eager` None: warm up unless the backend is the CPU."""
+    return not enforce_eager if enforce_eager is not None else jax.default_backend() != "cpu"
+
+
+def default_cache_dir() -> str:
+    """`$JAXLLM_COMPILATION_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxllm/xla` (~/.cache/jaxllm/xla); "" = off."""
+    if CACHE_DIR_ENV in os.environ:
+        return os.environ[CACHE_DIR_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "jaxllm" / "xla")
+
+
+def use_compilation_cache(path: str | None) -> None:
+    """Point JAX's persistent compilation cache at `path` (None: the default; "": leave it off).
+
+    JAX decides on its first compilation whether a cache is used, so call this before anything
+    compiles (the CLI and `LLM` do, before loading the model).
+    """
+    path = default_cache_dir() if path is None else path
+    if not path or jax.config.jax_compilation_cache_dir == path:
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the small sampler programs too
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def warm_up(engine: LLMEngine, progress: bool = True) -> int:
+    """Compile every step and sampler shape of `engine`'s configuration; returns the number of step shapes."""
+    from tqdm.auto import tqdm
+
+    runner, num_slots = engine.runner, engine.config.max_num_seqs
+    shapes = runner.step_shapes()
+    start = time.perf_counter()
+    for shape in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress):
+        runner.compiled_shapes.add(shape)
+        logits = runner.run(runner.empty_inputs(shape))
+        slots = np.full(logits.shape[0], num_slots, np.int32)  # no slot: nothing is advanced
+        for num_logprobs in (None, engine.max_logprobs):
+            for use_penalties in (False, True):
+                sampled, engine.slot_state, _ = sample_slots(
+                    logits, engine.slot_state, runner.fed_tokens, slots, np.zeros(logits.shape[0], bool),
+                    num_logprobs=num_logprobs, use_penalties=use_penalties,
+                )
+        jax.block_until_ready(sampled.tokens)
+    for size in buckets(1, num_slots):
+        rows = batch_from_rows([], size, None, None)
+        engine.slot_state = write_rows(engine.slot_state, np.full(size, num_slots, np.int32), rows)
+    vocab = engine.model_config.vocab_size
+    engine.slot_state = write_counts(engine.slot_state, np.int32(0), np.zeros(vocab, np.int32))
+    jax.block_until_ready(engine.slot_state)
+    logger.info("warm-up: %d step shapes compiled in %.1fs", len(shapes), time.perf_counter() - start)
+    return len(shapes)

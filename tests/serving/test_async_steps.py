@@ -1,0 +1,141 @@
+"""Asynchronous steps and start-up warm-up: tokens fed on the device, extra tokens of finished
+sequences dropped, outputs as deltas, sampling state kept on the device, nothing compiled after
+warm-up."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax import monitoring
+
+from serving import LLM, RequestOutputKind, SamplingParams
+from serving.engine.slot_state import PROMPT_BIT, count_row
+from tests.serving.helpers import prompts
+
+pytestmark = pytest.mark.xdist_group("async_steps")
+
+CASE = "qwen3-qknorm"
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(CASE)
+    return LLM(folder, max_model_len=48, page_size=4, max_num_batched_tokens=32, max_num_seqs=8)
+
+
+def test_decode_inputs_come_from_the_device_and_reads_lag_one_step(llm, monkeypatch):
+    engine = llm.engine
+    prepared = []
+    prepare = engine.runner.prepare
+    monkeypatch.setattr(engine.runner, "prepare", lambda scheduled: prepared.append(prepare(scheduled)) or prepared[-1])
+    engine.add_request("a", prompts((5,))[0], GREEDY)
+    assert engine.step() == []  # the prefill is dispatched; nothing read yet
+    seq = engine.requests["a"].sequences[0]
+    assert seq.num_pending == 1 and seq.output_ids == [] and (prepared[0].feed == -1).all()
+    first = engine.step()  # dispatches the first decode, then reads the prefill's token
+    assert first[0].outputs[0].token_ids == seq.output_ids and len(seq.output_ids) == 1 and seq.num_pending == 1
+    assert prepared[1].feed[0] == seq.slot and (prepared[1].feed[1:] == -1).all()  # not from the host
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    assert out[0].outputs[0].token_ids == llm.generate({"prompt_token_ids": prompts((5,))[0]}, GREEDY)[0].outputs[0].token_ids
+
+
+def test_a_stop_token_drops_the_speculative_step_and_frees_its_pages(llm):
+    prompt = prompts((9,), seed=3)[0]
+    free = llm.generate({"prompt_token_ids": prompt}, GREEDY)[0].outputs[0].token_ids
+    stop = free[2]
+    engine = llm.engine
+    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, stop_token_ids=[stop]))
+    seq = engine.requests["s"].sequences[0]
+    finished = None
+    while finished is None:
+        finished = next((o for o in engine.step() if o.finished), None)
+    # Step 4 (sampling the 4th token) was dispatched before the stop token was read: its token is dropped.
+    assert finished.outputs[0].token_ids == free[: free.index(stop) + 1]
+    assert engine._in_flight is not None and seq in [item.seq for item in engine._in_flight.scheduled]
+    assert engine.pool.all_free() and seq.slot is None
+    engine.step()  # reads the extra token and drops it
+    assert finished.outputs[0].token_ids == free[: free.index(stop) + 1] and not engine.has_unfinished_requests()
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(llm):
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=10, n=2, logprobs=2, ignore_eos=True)
+    whole = list(llm.stream("The cat sat on", params))[-1]
+    delta_params = SamplingParams(**{**params.__dict__, "output_kind": RequestOutputKind.DELTA})
+    deltas = list(llm.stream("The cat sat on", delta_params))
+    for c in whole.outputs:
+        parts = [o.outputs[c.index] for o in deltas]
+        assert sum((p.token_ids for p in parts), []) == c.token_ids
+        assert "".join(p.text for p in parts) == c.text
+        entries = sum((p.logprobs for p in parts), [])
+        assert [sorted(e) for e in entries] == [sorted(e) for e in c.logprobs]
+        for got, want in zip(entries, c.logprobs):
+            assert {t: lp.logprob for t, lp in got.items()} == pytest.approx({t: lp.logprob for t, lp in want.items()}, abs=1e-5)
+    assert deltas[-1].finished and len(deltas) > 2
+
+
+def test_logprobs_cost_nothing_unless_asked(llm):
+    engine = llm.engine
+    engine.add_request("g", [5, 6, 7], GREEDY)
+    engine.step()
+    assert engine._in_flight.sampled.logprobs is None and engine._in_flight.sampled.top_ids is None
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    assert out[0].outputs[0].cumulative_logprob is None
+
+
+def test_penalty_counts_live_on_the_device(llm):
+    """A penalised request's count row is written when it joins, then advanced by the sampler only."""
+    engine = llm.engine
+    prompt = [5, 6, 7, 5]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, frequency_penalty=1.5, repetition_penalty=1.3)
+    engine.add_request("p", prompt, params)
+    seq = engine.requests["p"].sequences[0]
+    engine.step()
+    slot = seq.slot
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    tokens = out[0].outputs[0].token_ids
+    row = np.asarray(engine.slot_state.counts[slot])
+    # Every token was counted on the device except the last one read (its step was the last dispatched).
+    np.testing.assert_array_equal(row, count_row(prompt, tokens, len(row)))
+    assert (row[prompt] & PROMPT_BIT).all()
+    assert tokens == llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids
+
+
+def test_nothing_compiles_after_warm_up(tiny_checkpoint):
+    folder, _ = tiny_checkpoint(CASE)
+    llm = LLM(folder, max_model_len=16, page_size=4, max_num_batched_tokens=8, max_num_seqs=4, enforce_eager=False)
+    assert len(llm.engine.runner.compiled_shapes) == len(llm.engine.runner.step_shapes())
+    compiled = []
+
+    def listen(event: str, duration: float, **_) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            compiled.append(duration)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        workload = [
+            ({"prompt_token_ids": prompts((11,))[0]}, SamplingParams(temperature=0, max_tokens=4)),
+            ("The cat sat on", SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1, max_tokens=5, n=2)),
+            ("Hello, world", SamplingParams(temperature=0, logprobs=3, max_tokens=6, stop=["o"])),
+            ("A prompt", SamplingParams(temperature=1.0, min_p=0.1, presence_penalty=0.5, max_tokens=8)),
+            ("The cat sat on", SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=3)),
+        ]
+        outputs = llm.generate([p for p, _ in workload], [s for _, s in workload])
+        outputs += list(llm.stream("Hello", SamplingParams(temperature=0, max_tokens=3)))
+    finally:
+        jax._src.monitoring.unregister_event_duration_listener(listen)  # noqa: SLF001
+    assert all(o.finished for o in outputs[:5]) and llm.engine.pool.all_free()
+    assert compiled == [], f"{len(compiled)} compilations after warm-up"
+
+
+def test_engine_host_benchmark_dry_run():
+    from benchmarks.engine_host import main
+
+    result = main(["--dry-run"])
+    assert set(result["host_ms"]) == {1, 4} and all(ms > 0 for ms in result["host_ms"].values())
+    assert 0 <= result["idle"]["idle_fraction"] < 1
