@@ -2,9 +2,11 @@
 
 The write is an XLA scatter on the (donated) cache; the attention runs the Pallas
 Triton kernel where the step is lowered for CUDA and the shapes allow it
-(`pallas_kernels.dispatch.on_cuda`), and the jnp reference elsewhere; a shape the
-kernel does not cover is logged once at WARNING. `implementation` forces one
-("kernel", "interpret" for the kernel on the Pallas interpreter, "reference").
+(`pallas_kernels.dispatch.on_cuda`), and the tiled jnp path (`tiled.py`: per-sequence
+query tiles, 3-6x faster than the reference for prefill on CPU) elsewhere; a shape
+the kernel does not cover is logged once at WARNING. `implementation` forces one
+("kernel", "interpret" for the kernel on the Pallas interpreter, "tiled", or
+"reference", the definition of correct).
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import functools
 import jax
 
 from pallas_kernels.dispatch import on_cuda, warn_fallback
-from pallas_kernels.paged_attention import reference, triton_kernel
+from pallas_kernels.paged_attention import reference, tiled, triton_kernel
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
 def choose_implementation(q: jax.Array, k_cache: jax.Array) -> str:
-    """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "reference"."""
+    """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "tiled"."""
     reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2], k_cache.size)
-    return "reference" if reason else "kernel"
+    return "tiled" if reason else "kernel"
 
 
 def ragged_paged_attention(
@@ -46,12 +48,14 @@ def ragged_paged_attention(
                                                   k_cache.size)
         if reason is None:
             kernel = functools.partial(triton_kernel.paged_attention, **options)
-            attend = functools.partial(reference.paged_attention, **options)
+            attend = functools.partial(tiled.paged_attention, **options)
             return on_cuda(kernel, attend, q, k_cache, v_cache, meta), k_cache, v_cache
         warn_fallback("ragged_paged_attention", reason)
-        implementation = "reference"
+        implementation = "tiled"
     if implementation == "reference":
         out = reference.paged_attention(q, k_cache, v_cache, meta, **options)
+    elif implementation == "tiled":
+        out = tiled.paged_attention(q, k_cache, v_cache, meta, **options)
     elif implementation in ("kernel", "interpret"):
         out = triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, interpret=implementation == "interpret")
     else:
