@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from model_lib import CausalLM
-from model_lib.layers import KVCache, PagedBatch
+from model_lib.layer_scan import scanned_view
+from model_lib.layers import PagedBatch
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.scheduler import ScheduledSequence
@@ -68,19 +69,12 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.graphdef, self.state = nnx.split(model)
-        dtype = jnp.dtype(config.dtype)
-
-        def pages(kv_heads: int) -> KVCache | None:
-            """One layer's (k, v) pages with its own kv heads; None for a layer without attention."""
-            if not kv_heads:
-                return None
-            shape = (kv_heads, num_pages, page_size, config.head_dim)
-            sharding = plan.sharding(("kv_heads", None, None, None), shape) if plan is not None else None
-            return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
-
-        self.kv_caches: list[KVCache | None] = [pages(config.layer_cache_kv_heads(i)) for i in range(config.num_layers)]
-        self.kv_cache_bytes = sum(a.nbytes for cache in self.kv_caches if cache is not None for a in cache)
+        # Repeated layers run through one lax.scan, so compile time does not grow with depth.
+        view = scanned_view(model)
+        self.graphdef, self.state = nnx.split(view)
+        sharding_fn = plan.sharding if plan is not None else None
+        self.kv_caches = view.make_kv_caches(num_pages, page_size, jnp.dtype(config.dtype), sharding_fn)
+        self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
         self._step = jax.jit(partial(_step, self.graphdef), donate_argnums=(1,))
         self.compiled_shapes: set[tuple[int, int, int]] = set()
 
