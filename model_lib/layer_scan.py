@@ -59,12 +59,19 @@ class LayerScan(nnx.Module):
 
 
 def stack_arrays(arrays: list[jax.Array]) -> jax.Array:
-    """Stack same-shaped arrays on a new leading axis, keeping a named sharding (unsplit leading axis)."""
+    """Stack same-shaped arrays on a new leading axis, keeping a named sharding (unsplit leading axis).
+
+    Shape-only leaves (`jax.ShapeDtypeStruct`, from `nnx.eval_shape`) stack to a shape-only leaf.
+    """
+    def stack(*xs):
+        return jnp.stack(xs)
+
+    if isinstance(arrays[0], jax.ShapeDtypeStruct):
+        return jax.eval_shape(stack, *arrays)
     sharding = arrays[0].sharding
     if isinstance(sharding, NamedSharding):
-        stacked = NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
-        return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=stacked)(*arrays)
-    return jnp.stack(arrays)
+        return jax.jit(stack, out_shardings=NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))(*arrays)
+    return stack(*arrays)
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
