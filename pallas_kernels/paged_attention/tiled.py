@@ -8,9 +8,9 @@ with `q_len` new tokens fills `ceil(q_len / Q)` tiles, the last one partly), and
 each tile reads its sequence's pages once:
 
 - N tiles in all, a static bound: `min(T, ceil(T / Q) + S)`;
-- keys/values `[K, N, M*B, D]`, logits `[N, Q, K, G, M*B]`: memory O(T x context)
-  for prefill, where the reference needs O(T x context) keys too, and decode
-  (`Q = 1`) reads each sequence's own pages once, as the reference does.
+- keys/values `[K, N, M*B, D]` (N instead of T copies), logits `[N, Q, K, G, M*B]`:
+  memory O(T x context); decode steps (`Q = 1`, one token per sequence) read each
+  sequence's own pages once and run the reference itself.
 
 `Q` is the largest power of two <= T / S (the mean tokens per sequence slot), so
 the padding rows of partial tiles never exceed the step's own token count.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights
 
 
@@ -65,6 +66,9 @@ def paged_attention(
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
     rows = tile_size(num_tokens, meta.kv_lens.shape[0])
+    if rows == 1:  # one-row tiles are the tokens themselves: the reference's own layout (decode steps)
+        return reference.paged_attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
+                                         softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
     seq, token, positions, valid = tile_layout(meta, num_tokens, rows)
     num_tiles = seq.shape[0]
     pages = meta.page_tables[seq]  # [N, M]
@@ -72,15 +76,11 @@ def paged_attention(
     keys = k_cache[:, pages].reshape(num_kv_heads, num_tiles, max_kv, head_dim)
     values = v_cache[:, pages].reshape(num_kv_heads, num_tiles, max_kv, head_dim)
 
-    # One-row tiles are the tokens themselves, in order: no gather or scatter needed.
-    tile_q = q if rows == 1 else q.at[token].get(mode="fill", fill_value=0)
-    qg = tile_q.reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
+    qg = q.at[token].get(mode="fill", fill_value=0).reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("nqkgd,knsd->nqkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
                               alibi_slopes=alibi_slopes).astype(values.dtype)
     out = jnp.einsum("nqkgs,knsd->nqkgd", probs, values, preferred_element_type=jnp.float32)
     out = out.reshape(num_tiles * rows, num_heads, head_dim).astype(q.dtype)
-    if rows == 1:
-        return jnp.where(valid.reshape(-1, 1, 1), out, 0)
     # Every real token sits in exactly one tile row; padding rows point past the end and drop.
     return jnp.zeros_like(q).at[token.reshape(-1)].set(out, mode="drop")

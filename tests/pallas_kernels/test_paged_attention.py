@@ -226,13 +226,14 @@ def test_kernel_matches_reference_in_interpret_mode(shape, groups, window, softc
     np.testing.assert_array_equal(k_cache, k_ref)
 
 
-# Beyond SHAPES (tiles of 1, 2 and 4 rows): one long prefill chunk beside decodes (8-row tiles, a partial
+# Beyond SHAPES (tiles of 2 and 4 rows; decode steps make one-row tiles, which run the reference
+# itself): one long prefill chunk beside decodes (8-row tiles, a partial
 # last tile) and two chunks continuing cached sequences, no padding rows or sequences (8-row tiles).
 TILED_SHAPES = {**SHAPES, "long-chunk": [(37, 45), (1, 9), (1, 3)], "continued-chunks": [(9, 30), (8, 8)]}
 
 
 @pytest.mark.parametrize("shape,groups,window,softcap,sinks,with_alibi",
-                         OPTION_CASES + [("long-chunk", 4, 7, 2.0, True, True), ("long-chunk", 1, None, None, False, False),
+                         [case for case in OPTION_CASES if case[0] != "decode"] + [("long-chunk", 4, 7, 2.0, True, True), ("long-chunk", 1, None, None, False, False),
                                          ("continued-chunks", 8, None, None, False, True)])
 def test_tiled_path_matches_reference(shape, groups, window, softcap, sinks, with_alibi):
     """The CPU path (per-sequence query tiles) against the reference, padding rows and sequences included."""
@@ -248,7 +249,8 @@ def test_tiled_path_matches_reference(shape, groups, window, softcap, sinks, wit
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(k_cache, k_ref)
     assert tile_size(inputs["q"].shape[0], inputs["meta"].kv_lens.shape[0]) == {
-        "decode": 1, "mixed": 2, "prefill": 4, "long-chunk": 8, "continued-chunks": 8}[shape]
+        "mixed": 2, "prefill": 4, "long-chunk": 8, "continued-chunks": 8}[shape]
+    assert tile_size(7, 6) == 1  # SHAPES["decode"] with its padding: 7 tokens, 6 sequence slots
 
 
 # Shapes the first kernel left to the reference: GQA groups 7, 5, 3; head_dim padded inside the
