@@ -20,7 +20,6 @@ import numpy as np
 from flax import nnx
 
 from model_lib import CausalLM
-from model_lib.layer_scan import scanned_view
 from model_lib.layers import PagedBatch
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention import PagedMetadata
@@ -69,11 +68,12 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        # Repeated layers run through one lax.scan, so compile time does not grow with depth.
-        view = scanned_view(model)
-        self.graphdef, self.state = nnx.split(view)
+        # Layers stay unrolled: `model_lib.layer_scan.scanned_view` compiles in flat time against depth,
+        # but its scan copies each layer's whole KV pool in and out per step (RESULTS.md), so it waits
+        # for an attention op that takes the stacked pool and a layer index.
+        self.graphdef, self.state = nnx.split(model)
         sharding_fn = plan.sharding if plan is not None else None
-        self.kv_caches = view.make_kv_caches(num_pages, page_size, jnp.dtype(config.dtype), sharding_fn)
+        self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(config.dtype), sharding_fn)
         self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
         self._step = jax.jit(partial(_step, self.graphdef), donate_argnums=(1,))
         self.compiled_shapes: set[tuple[int, int, int]] = set()
