@@ -13,6 +13,11 @@ The parameter tree that loading, export, LoRA, quantization, sharding and the
 trainer see is untouched: only the view stacks the layer parameters (leading
 axis = repeats), once, at serving start. The KV caches follow the segments:
 `CausalLM.make_kv_caches` builds them from whichever layout the model has.
+
+Not yet used by the serving runner: on XLA:CPU the scan copies each layer's whole
+KV pool in and out of the body every step (benchmarks/RESULTS.md), which costs
+more than it saves until the paged attention op reads and writes the stacked pool
+by layer index.
 """
 
 from __future__ import annotations
