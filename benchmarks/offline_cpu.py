@@ -1,11 +1,13 @@
 """Offline generation throughput on this machine's CPU: `LLM.generate` vs transformers.
 
 Both run the same random-weight Llama-layout model (built here, nothing
-downloaded), greedy, fixed prompt and output lengths, at batch 1 and batch 32,
-in one process. Our figure excludes compilation (a warm-up run with the same
-shapes goes first); transformers gets a warm-up run too.
+downloaded), greedy, fixed prompt and output lengths, at each batch size, in one
+process. Our figure excludes compilation (a warm-up run with the same shapes goes
+first, timed as "warm-up"); transformers gets a warm-up run too. `--preset` picks
+a named shape (`smollm2-135m`: the SmolLM2-135M-Instruct layout; `llama-15m`);
+single flags override it.
 
-    PYTHONPATH=. python benchmarks/offline_cpu.py [--hidden 256 --layers 4 ...]
+    PYTHONPATH=. python -m benchmarks.offline_cpu --preset smollm2-135m --batches 1 16 64
 """
 
 from __future__ import annotations
@@ -25,14 +27,21 @@ import transformers
 from serving import LLM, SamplingParams
 
 
+PRESETS = {
+    "smollm2-135m": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
+    "llama-15m": dict(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2, vocab=8000, tied=False),
+}
+
+
 def build_model(args: argparse.Namespace, folder: Path) -> transformers.PreTrainedModel:
     config = transformers.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
-        intermediate_size=args.hidden * 8 // 3 // 16 * 16,
+        intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
+        tie_word_embeddings=args.tied,
         max_position_embeddings=args.prompt_len + args.output_len + 16,
     )
     torch.manual_seed(0)
@@ -70,15 +79,23 @@ def ours_tokens_per_second(llm: LLM, prompts: np.ndarray, output_len: int) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--preset", choices=sorted(PRESETS))
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--intermediate", type=int, help="default: 8/3 of hidden, rounded down to 16")
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--kv-heads", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--tied", action=argparse.BooleanOptionalAction, default=None, help="tie the LM head")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     args = parser.parse_args()
+    defaults = dict(hidden=256, intermediate=None, layers=4, heads=8, kv_heads=2, vocab=4096, tied=False)
+    for name, value in {**defaults, **PRESETS.get(args.preset, {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.intermediate = args.intermediate or args.hidden * 8 // 3 // 16 * 16
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -101,7 +118,8 @@ def main() -> None:
                                 ratio=round(ours / hf, 2), jaxllm_warmup_s=round(warmup, 1)))
     meta = dict(device=f"CPU ({platform.processor() or platform.machine()}), {jax.device_count()} jax device(s)",
                 jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
-                model=f"Llama h{args.hidden} L{args.layers} H{args.heads}/{args.kv_heads} V{args.vocab} float32",
+                model=f"Llama h{args.hidden} i{args.intermediate} L{args.layers} H{args.heads}/{args.kv_heads} "
+                      f"V{args.vocab} {'tied' if args.tied else 'untied'} float32",
                 prompt_len=args.prompt_len, output_len=args.output_len)
     print(json.dumps(meta))
     print("| batch | jaxllm tok/s | transformers tok/s | ratio | jaxllm warm-up s |")

@@ -10,6 +10,8 @@ Glossary: B batch, T tokens, E hidden, V vocab.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,6 +19,7 @@ from flax import nnx
 from model_lib.config import ModelConfig
 from model_lib.layers import MLP, Attention, DenseBatch, Embed, KVCache, Linear, PagedBatch, make_norm
 from model_lib.layers.mla import MLAttention
+from model_lib.layer_scan import segment_layers
 from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
 from model_lib.layers.moe import MoE
@@ -198,6 +201,37 @@ class CausalLM(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits
 
+    def make_kv_caches(
+        self,
+        num_pages: int,
+        page_size: int,
+        dtype: jnp.dtype,
+        sharding_fn: Callable[[tuple, tuple], jax.sharding.Sharding] | None = None,
+    ) -> list:
+        """Zeroed paged KV caches in the layout `forward` expects; the serving engine treats them as opaque.
+
+        One entry per entry of `model.layers`: a layer's `(k, v)` pages `[K, P, page_size, D]`
+        (None for a layer without a KV cache), or for a `LayerScan` segment a tuple over its
+        block's layers of pages stacked `[repeats, K, P, page_size, D]`. `sharding_fn(logical
+        axes, shape)` places each array (kv heads split like the attention weights).
+        """
+        config = self.config
+
+        def pages(layer: int, repeats: int | None) -> KVCache | None:
+            kv_heads = config.layer_cache_kv_heads(layer)
+            if not kv_heads:
+                return None
+            shape, axes = (kv_heads, num_pages, page_size, config.head_dim), ("kv_heads", None, None, None)
+            if repeats is not None:
+                shape, axes = (repeats, *shape), (None, *axes)
+            sharding = None if sharding_fn is None else sharding_fn(axes, shape)
+            return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
+
+        return [
+            pages(start, None) if repeats == 1 else tuple(pages(start + j, repeats) for j in range(period))
+            for start, period, repeats in segment_layers(self)
+        ]
+
     def forward(
         self,
         input_ids: jax.Array,
@@ -208,7 +242,7 @@ class CausalLM(nnx.Module):
         """The family forward, for both batch shapes (DESIGN.md "one forward, two batch shapes").
 
         Dense `[B, T]` batches attend within the batch; a `PagedBatch` reads and
-        writes the paged `kv_caches` (one `(k, v)` per layer; None for a layer without attention). `logits_indices`
+        writes the paged `kv_caches` (the layout of `make_kv_caches`). `logits_indices`
         picks the token positions (along the leading token axis) that need
         logits, so a decode step projects only the last token of each sequence.
         """

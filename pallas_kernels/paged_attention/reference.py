@@ -78,6 +78,45 @@ def write_kv(
     return k_cache, v_cache
 
 
+def attention_weights(
+    logits: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+    *,
+    sliding_window: int | None,
+    softcap: float | None,
+    sinks: jax.Array | None,
+    alibi_slopes: jax.Array | None,
+) -> jax.Array:
+    """Scaled logits `[..., K, G, L]` over keys 0..L-1 of each row's sequence -> float32 softmax weights.
+
+    `positions` and `valid` (shape `[...]`) give each query row's position and whether it is real;
+    soft-cap, ALiBi, the causal/window mask and the sinks apply as the module docstring says.
+    """
+    num_kv_heads, groups, num_keys = logits.shape[-3:]
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    kv_index = jnp.arange(num_keys, dtype=jnp.int32)
+    q_pos = positions[..., None, None, None]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, groups, 1)
+        logits = logits + slopes * (kv_index - q_pos).astype(jnp.float32)
+    visible = (kv_index <= q_pos) & valid[..., None, None, None]
+    if sliding_window is not None:
+        visible &= q_pos - kv_index < sliding_window
+    logits = jnp.where(visible, logits, MASK_VALUE)
+
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32).reshape(num_kv_heads, groups, 1)
+        row_max = jnp.maximum(row_max, sink)
+    weights = jnp.exp(logits - row_max)
+    denominator = jnp.sum(weights, axis=-1, keepdims=True)
+    if sinks is not None:
+        denominator = denominator + jnp.exp(sink - row_max)
+    return weights / denominator
+
+
 def paged_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -102,27 +141,8 @@ def paged_attention(
 
     qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    kv_index = jnp.arange(max_kv, dtype=jnp.int32)[None, :]
-    if alibi_slopes is not None:
-        distance = (kv_index - positions[:, None]).astype(jnp.float32)  # [T, max_kv]
-        slopes = alibi_slopes.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1)
-        logits = logits + slopes * distance[:, None, None, :]
-    visible = (kv_index <= positions[:, None]) & valid[:, None]
-    if sliding_window is not None:
-        visible &= positions[:, None] - kv_index < sliding_window
-    logits = jnp.where(visible[:, None, None, :], logits, MASK_VALUE)
-
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1)
-        row_max = jnp.maximum(row_max, sink)
-    weights = jnp.exp(logits - row_max)
-    denominator = jnp.sum(weights, axis=-1, keepdims=True)
-    if sinks is not None:
-        denominator = denominator + jnp.exp(sink - row_max)
-    probs = (weights / denominator).astype(values.dtype)
+    probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
+                              alibi_slopes=alibi_slopes).astype(values.dtype)
     out = jnp.einsum("tkgs,ktsd->tkgd", probs, values, preferred_element_type=jnp.float32)
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

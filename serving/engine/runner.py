@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from model_lib import CausalLM
-from model_lib.layers import KVCache, PagedBatch
+from model_lib.layers import PagedBatch
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention import PagedMetadata
@@ -102,20 +102,14 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
+        # Layers stay unrolled: `model_lib.layer_scan.scanned_view` compiles in flat time against depth,
+        # but its scan copies each layer's whole KV pool in and out per step (RESULTS.md), so it waits
+        # for an attention op that takes the stacked pool and a layer index.
         self.graphdef, self.state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(self.state)
-        dtype = jnp.dtype(config.dtype)
-
-        def pages(kv_heads: int) -> KVCache | None:
-            """One layer's (k, v) pages with its own kv heads; None for a layer without attention."""
-            if not kv_heads:
-                return None
-            shape = (kv_heads, num_pages, page_size, config.head_dim)
-            sharding = plan.sharding(("kv_heads", None, None, None), shape) if plan is not None else None
-            return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
-
-        self.kv_caches: list[KVCache | None] = [pages(config.layer_cache_kv_heads(i)) for i in range(config.num_layers)]
-        self.kv_cache_bytes = sum(a.nbytes for cache in self.kv_caches if cache is not None for a in cache)
+        sharding_fn = plan.sharding if plan is not None else None
+        self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(config.dtype), sharding_fn)
+        self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
         self.params, shardings = place_serving_step(plan, self.params, self.kv_caches, num_host_inputs=5)
         self._step = jax.jit(partial(_step, self.graphdef, treedef, plan), donate_argnums=(1,), **shardings)
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens

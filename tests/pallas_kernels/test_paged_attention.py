@@ -187,36 +187,70 @@ def test_reference_sinks_take_probability_mass():
     np.testing.assert_allclose(half[0, 0], 0.5 * plain[0, 0], rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "shape,groups,window,softcap,sinks,with_alibi",
-    [
-        ("decode", 1, None, None, False, False),
-        ("decode", 4, None, None, True, False),
-        ("prefill", 8, None, None, False, False),
-        ("prefill", 4, 5, None, False, False),
-        ("mixed", 1, None, 3.0, False, False),
-        ("mixed", 4, 3, None, True, False),
-        ("mixed", 8, None, None, False, False),
-        ("decode", 1, None, None, False, True),
-        ("decode", 4, 6, None, False, True),
-        ("prefill", 1, 5, None, False, True),
-        ("prefill", 4, None, None, True, True),
-        ("mixed", 1, 3, 3.0, False, True),
-        ("mixed", 4, None, None, False, True),
-    ],
-)
-def test_kernel_matches_reference_in_interpret_mode(shape, groups, window, softcap, sinks, with_alibi):
-    seqs = SHAPES[shape]
-    inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=11 + groups)
-    options = dict(scale=0.25, sliding_window=window, softcap=softcap)
+# (shape, groups, window, softcap, sinks, with_alibi): the option mixes both the kernel and the tiled path
+# are checked against the reference on.
+OPTION_CASES = [
+    ("decode", 1, None, None, False, False),
+    ("decode", 4, None, None, True, False),
+    ("prefill", 8, None, None, False, False),
+    ("prefill", 4, 5, None, False, False),
+    ("mixed", 1, None, 3.0, False, False),
+    ("mixed", 4, 3, None, True, False),
+    ("mixed", 8, None, None, False, False),
+    ("decode", 1, None, None, False, True),
+    ("decode", 4, 6, None, False, True),
+    ("prefill", 1, 5, None, False, True),
+    ("prefill", 4, None, None, True, True),
+    ("mixed", 1, 3, 3.0, False, True),
+    ("mixed", 4, None, None, False, True),
+]
+
+
+def case_options(groups, window, softcap, sinks, with_alibi, scale=0.25):
+    options = dict(scale=scale, sliding_window=window, softcap=softcap)
     if sinks:
         options["sinks"] = jnp.asarray(np.random.RandomState(3).randn(2 * groups), jnp.float32)
     if with_alibi:
         options["alibi_slopes"] = alibi(2 * groups)
+    return options
+
+
+@pytest.mark.parametrize("shape,groups,window,softcap,sinks,with_alibi", OPTION_CASES)
+def test_kernel_matches_reference_in_interpret_mode(shape, groups, window, softcap, sinks, with_alibi):
+    seqs = SHAPES[shape]
+    inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=11 + groups)
+    options = case_options(groups, window, softcap, sinks, with_alibi)
     expected, k_ref, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
     out, k_cache, _ = ragged_paged_attention(**inputs, **options, implementation="interpret")
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(k_cache, k_ref)
+
+
+# Beyond SHAPES (tiles of 2 and 4 rows; decode steps make one-row tiles, which run the reference
+# itself): one long prefill chunk beside decodes (8-row tiles, a partial
+# last tile) and two chunks continuing cached sequences, no padding rows or sequences (8-row tiles).
+TILED_SHAPES = {**SHAPES, "long-chunk": [(37, 45), (1, 9), (1, 3)], "continued-chunks": [(9, 30), (8, 8)]}
+
+
+@pytest.mark.parametrize("shape,groups,window,softcap,sinks,with_alibi",
+                         [case for case in OPTION_CASES if case[0] != "decode"] + [("long-chunk", 4, 7, 2.0, True, True), ("long-chunk", 1, None, None, False, False),
+                                         ("continued-chunks", 8, None, None, False, True)])
+def test_tiled_path_matches_reference(shape, groups, window, softcap, sinks, with_alibi):
+    """The CPU path (per-sequence query tiles) against the reference, padding rows and sequences included."""
+    from pallas_kernels.paged_attention.tiled import tile_size
+
+    seqs = TILED_SHAPES[shape]
+    pad_tokens = 0 if shape == "continued-chunks" else 3
+    inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=17 + groups, pad_tokens=pad_tokens,
+                          pad_seqs=0 if shape == "continued-chunks" else 2)
+    options = case_options(groups, window, softcap, sinks, with_alibi)
+    expected, k_ref, v_ref = ragged_paged_attention(**inputs, **options, implementation="reference")
+    out, k_cache, v_cache = ragged_paged_attention(**inputs, **options, implementation="tiled")
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(k_cache, k_ref)
+    assert tile_size(inputs["q"].shape[0], inputs["meta"].kv_lens.shape[0]) == {
+        "mixed": 2, "prefill": 4, "long-chunk": 8, "continued-chunks": 8}[shape]
+    assert tile_size(7, 6) == 1  # SHAPES["decode"] with its padding: 7 tokens, 6 sequence slots
 
 
 # Shapes the first kernel left to the reference: GQA groups 7, 5, 3; head_dim padded inside the
@@ -261,7 +295,7 @@ def test_no_fallback_for_serving_shapes(caplog):
             for page_size in (8, 16, 32, 64, 128):
                 assert triton_kernel.supported(groups * 2, 2, head_dim, page_size), (groups, head_dim, page_size)
     q, cache = jnp.zeros((4, 8, 64)), jnp.zeros((2, 4, 12, 64))
-    assert choose_implementation(q, cache) == "reference"
+    assert choose_implementation(q, cache) == "tiled"
     meta = PagedMetadata(jnp.arange(5, dtype=jnp.int32), jnp.ones(4, jnp.int32), jnp.zeros((4, 1), jnp.int32),
                          jnp.int32(4))
     with caplog.at_level("WARNING", logger="pallas_kernels"):

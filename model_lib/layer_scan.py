@@ -1,0 +1,150 @@
+"""Serving view of a decoder: runs of structurally identical layers go through one `lax.scan`.
+
+With the layers unrolled, a jitted step's compile time grows with depth (30 copies
+of the same block for SmolLM2). `scanned_view(model)` returns a model for serving
+whose `model.layers` holds segments instead of layers: a `LayerScan` for each run
+of repeated blocks (a block is `period` consecutive layers, so Gemma 2's
+local/global alternation scans as blocks of two), and the plain `DecoderLayer`
+where a layer matches neither neighbour (DeciLM's heterogeneous stacks). Two
+layers match when their graph definitions (every static setting: window, rotary,
+sublayer kinds) and their parameter shapes, dtypes and shardings agree.
+
+The parameter tree that loading, export, LoRA, quantization, sharding and the
+trainer see is untouched: only the view stacks the layer parameters (leading
+axis = repeats), once, at serving start. The KV caches follow the segments:
+`CausalLM.make_kv_caches` builds them from whichever layout the model has.
+
+Not yet used by the serving runner: on XLA:CPU the scan copies each layer's whole
+KV pool in and out of the body every step (benchmarks/RESULTS.md), which costs
+more than it saves until the paged attention op reads and writes the stacked pool
+by layer index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+MAX_PERIOD = 4  # longest repeating block looked for (Gemma 2: 2; Gemma 3: local x5 + global is left unrolled)
+
+
+class LayerScan(nnx.Module):
+    """`repeats` copies of a block of `period` layers, parameters stacked on a leading axis.
+
+    Called like one layer, `(x, batch, cache) -> (x, cache)`, where `cache` is a tuple
+    with one entry per layer of the block: its `(k, v)` pages stacked `[repeats, ...]`,
+    or None for a layer without a KV cache.
+    """
+
+    def __init__(self, layers: list[nnx.Module], period: int):
+        self.period = period
+        self.repeats = len(layers) // period
+        self.block = nnx.List([stack_modules(layers[j::period]) for j in range(period)])
+
+    @property
+    def num_layers(self) -> int:
+        return self.period * self.repeats
+
+    def __call__(self, x: jax.Array, batch, cache: tuple | None = None):
+        graphdefs, states = zip(*(nnx.split(layer) for layer in self.block))
+        caches = (None,) * self.period if cache is None else cache
+
+        def body(x, slices):
+            layer_states, layer_caches = slices
+            new_caches = []
+            for graphdef, state, layer_cache in zip(graphdefs, layer_states, layer_caches):
+                x, layer_cache = nnx.merge(graphdef, state)(x, batch, layer_cache)
+                new_caches.append(layer_cache)
+            return x, tuple(new_caches)
+
+        x, new_caches = jax.lax.scan(body, x, (states, caches))
+        return x, (None if cache is None else new_caches)
+
+
+def stack_arrays(arrays: list[jax.Array]) -> jax.Array:
+    """Stack same-shaped arrays on a new leading axis, keeping a named sharding (unsplit leading axis).
+
+    Shape-only leaves (`jax.ShapeDtypeStruct`, from `nnx.eval_shape`) stack to a shape-only leaf.
+    """
+    def stack(*xs):
+        return jnp.stack(xs)
+
+    if isinstance(arrays[0], jax.ShapeDtypeStruct):
+        return jax.eval_shape(stack, *arrays)
+    sharding = arrays[0].sharding
+    if isinstance(sharding, NamedSharding):
+        return jax.jit(stack, out_shardings=NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec)))(*arrays)
+    return stack(*arrays)
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """One module of the shared structure whose variables hold every module's values stacked."""
+    graphdef = nnx.graphdef(modules[0])
+    states = [nnx.state(module) for module in modules]
+    return nnx.merge(graphdef, jax.tree.map(lambda *leaves: stack_arrays(list(leaves)), *states))
+
+
+def structure_key(layer: nnx.Module):
+    """What must agree for two layers to share one scanned body."""
+    graphdef, state = nnx.split(layer)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return graphdef, tuple((path, a.shape, a.dtype, getattr(a.sharding, "spec", None)) for path, a in leaves)
+
+
+def plan_segments(keys: list, max_period: int = MAX_PERIOD) -> list[tuple[int, int, int]]:
+    """Cut layers (by structure key) into segments `(start, period, repeats)`, fewest segments first.
+
+    For each period, a greedy walk takes a block that repeats at least twice as one
+    scanned segment and a lone layer otherwise; the period giving fewest segments wins
+    (ties: the shorter period).
+    """
+    best = None
+    for period in range(1, max_period + 1):
+        segments, start = [], 0
+        while start < len(keys):
+            block = keys[start : start + period]
+            repeats = 1
+            while keys[start + repeats * period : start + (repeats + 1) * period] == block:
+                repeats += 1
+            if len(block) == period and repeats >= 2:
+                segments.append((start, period, repeats))
+                start += period * repeats
+            else:
+                segments.append((start, 1, 1))
+                start += 1
+        if best is None or len(segments) < len(best):
+            best = segments
+    return best
+
+
+def scanned_view(model: nnx.Module) -> nnx.Module:
+    """A serving copy of `model` whose layer stack runs as scanned segments (see the module docstring).
+
+    The copy shares every non-layer parameter with `model`; the scanned segments hold
+    stacked copies of their layers. A model with no repeated layers comes back as is.
+    """
+    segments = plan_segments([structure_key(layer) for layer in model.model.layers])
+    if all(repeats == 1 for _, _, repeats in segments):
+        return model
+    view = nnx.merge(*nnx.split(model))  # shares the arrays; its layer list is replaced below
+    layers = list(view.model.layers)
+    view.model.layers = nnx.List([
+        layers[start] if repeats == 1 else LayerScan(layers[start : start + period * repeats], period)
+        for start, period, repeats in segments
+    ])
+    return view
+
+
+def segment_layers(model: nnx.Module) -> list[tuple[int, int, int]]:
+    """`(first layer, period, repeats)` of each entry of `model.model.layers` (plain layers: `(i, 1, 1)`)."""
+    segments, start = [], 0
+    for entry in model.model.layers:
+        if isinstance(entry, LayerScan):
+            segments.append((start, entry.period, entry.repeats))
+            start += entry.num_layers
+        else:
+            segments.append((start, 1, 1))
+            start += 1
+    return segments
