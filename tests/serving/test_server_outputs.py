@@ -72,14 +72,23 @@ def events(text: str) -> list[dict]:
 
 
 def test_streamed_deltas_add_up_to_the_whole_response(llm, monkeypatch):
-    kinds = []
+    kinds = []  # the output kind of every request the engine received
     add_request = llm.engine.add_request
-    monkeypatch.setattr(llm.engine, "add_request", lambda *a: kinds.append(a[2].output_kind) or add_request(*a))
+
+    def spy(request_id, prompt_ids, params, prompt=None):
+        kinds.append(params.output_kind)
+        add_request(request_id, prompt_ids, params, prompt)
+
+    monkeypatch.setattr(llm.engine, "add_request", spy)
     engine = AsyncLLMEngine(llm.engine)
     server = OpenAIServer(engine, llm.tokenizer, MODEL)
     app = server.app()
-    generated = lambda: server.metrics.registry.get_sample_value("jaxllm:generation_tokens_total", {"model_name": MODEL})
-    ttfts = lambda: server.metrics.registry.get_sample_value("jaxllm:time_to_first_token_seconds_count", {"model_name": MODEL})
+
+    def metrics() -> tuple[float, float]:
+        """(generated tokens, requests with a time to first token) so far."""
+        read = server.metrics.registry.get_sample_value
+        labels = {"model_name": MODEL}
+        return read("jaxllm:generation_tokens_total", labels), read("jaxllm:time_to_first_token_seconds_count", labels)
     base = dict(model=MODEL, prompt="12345", temperature=0, max_tokens=12, ignore_eos=True)
     chat = dict(model=MODEL, messages=[{"role": "user", "content": "12345"}], temperature=0, max_tokens=12, n=2,
                 logprobs=True, top_logprobs=2)
@@ -89,10 +98,10 @@ def test_streamed_deltas_add_up_to_the_whole_response(llm, monkeypatch):
         greedy = json.loads(free)["choices"][0]["text"]
         stop = greedy[3:5]  # held back while streaming, cut from the text (here inside a token)
         body = {**base, "n": 2, "stop": [stop], "logprobs": 2, "echo": True}
-        before = (generated(), ttfts())
+        before = metrics()
         status, whole = await post(app, "/v1/completions", body)
         assert status == 200
-        counted = (generated() - before[0], ttfts() - before[1])
+        counted = tuple(after - b for after, b in zip(metrics(), before))
         status, streamed = await post(app, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
         assert status == 200
         _, chat_whole = await post(app, "/v1/chat/completions", {**chat, "stop": [stop]})
