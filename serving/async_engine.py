@@ -78,7 +78,7 @@ class AsyncLLMEngine:
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses (cumulative), the last one `finished`."""
+        """Outputs of one request as it progresses (in `params.output_kind`), the last one `finished`."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         self.engine.validate_request(prompt_ids, params)

@@ -49,9 +49,8 @@ class RequestTimer:
         self.start = self.last = time.perf_counter()
         self.tokens = 0
 
-    def tokens_seen(self, total_tokens: int) -> None:
-        """Called with the request's total generated tokens after each engine output."""
-        new = total_tokens - self.tokens
+    def tokens_seen(self, new: int) -> None:
+        """Called with the request's newly generated tokens after each engine (DELTA) output."""
         if new <= 0:
             return
         now = time.perf_counter()
@@ -60,7 +59,7 @@ class RequestTimer:
         else:
             self.metrics.itl.observe(now - self.last)
         self.metrics.generation_tokens.inc(new)
-        self.tokens, self.last = total_tokens, now
+        self.tokens, self.last = self.tokens + new, now
 
     def finished(self, reasons: list[str | None]) -> None:
         self.metrics.e2e.observe(time.perf_counter() - self.start)

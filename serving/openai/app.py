@@ -16,6 +16,7 @@ visible to the endpoints.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -47,7 +48,7 @@ from serving.openai.responses import (
     usage,
 )
 from serving.outputs import RequestOutput
-from serving.sampling_params import SamplingParams
+from serving.sampling_params import RequestOutputKind, SamplingParams
 
 
 logger = logging.getLogger(__name__)
@@ -247,8 +248,9 @@ class OpenAIServer:
 
     # -- running requests -----------------------------------------------------
     async def run(self, prompts: list[Prompt], params: SamplingParams, base_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs of all prompts interleaved as (prompt index, cumulative output)."""
+        """Outputs of all prompts interleaved as (prompt index, DELTA output): no per-step copies of what was sent."""
         inbox: asyncio.Queue = asyncio.Queue()
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
 
         async def pump(i: int, prompt: Prompt) -> None:
             timer = self.metrics.request(len(prompt.ids))
@@ -287,14 +289,16 @@ class OpenAIServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def collect(self, raw: Request, prompts: list[Prompt], params: SamplingParams, base_id: str) -> dict[int, RequestOutput]:
-        """Final outputs; aborts everything if the client disconnects first."""
+        """Whole outputs (the deltas added up); aborts everything if the client disconnects first."""
 
         async def gather() -> dict[int, RequestOutput]:
-            final = {}
+            whole: dict[int, RequestOutput] = {}
             async for i, out in self.run(prompts, params, base_id):
-                if out.finished:
-                    final[i] = out
-            return final
+                if i in whole:
+                    whole[i].add(out)
+                else:
+                    whole[i] = out
+            return whole
 
         task = asyncio.create_task(gather())
         while True:
@@ -350,15 +354,13 @@ class OpenAIServer:
                         cursor = cursors.setdefault((i, c.index), StreamCursor())
                         if cursor.done:
                             continue
-                        offset = cursor.text_len
-                        text, tokens, entries = cursor.advance(c)
+                        offset, text = cursor.advance(c), c.text
                         if not cursor.started:
                             text, cursor.started = echo[i] + text, True
-                        cursor.done = c.finish_reason is not None
-                        if not (text or tokens or cursor.done):
+                        if not (text or c.token_ids or cursor.done):
                             continue
-                        completion_tokens += len(tokens)
-                        yield sse(header.wrap("text_completion", choices=[choice(i, c, text, tokens, entries, c.finish_reason, offset)]))
+                        completion_tokens += len(c.token_ids)
+                        yield sse(header.wrap("text_completion", choices=[choice(i, c, text, c.token_ids, c.logprobs, c.finish_reason, offset)]))
                 if include_usage:
                     yield sse(header.wrap("text_completion", choices=[], usage=usage(prompt_tokens, completion_tokens)))
             except Exception as e:  # noqa: BLE001 - the stream has begun: its status is sent
@@ -421,13 +423,12 @@ class OpenAIServer:
                             cursor.started = True
                             first = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                             yield sse(header.wrap("chat.completion.chunk", choices=[first]))
-                        text, tokens, entries = cursor.advance(c)
-                        cursor.done = c.finish_reason is not None
-                        if not (text or tokens or cursor.done):
+                        cursor.advance(c)
+                        if not (c.text or c.token_ids or cursor.done):
                             continue
-                        completion_tokens += len(tokens)
-                        delta = {"content": text} if text else {}
-                        chunk = {"index": c.index, "delta": delta, "logprobs": logprobs(tokens, entries), "finish_reason": c.finish_reason}
+                        completion_tokens += len(c.token_ids)
+                        delta = {"content": c.text} if c.text else {}
+                        chunk = {"index": c.index, "delta": delta, "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
                         yield sse(header.wrap("chat.completion.chunk", choices=[chunk]))
                 if include_usage:
                     yield sse(header.wrap("chat.completion.chunk", choices=[], usage=usage(len(prompt.ids), completion_tokens)))

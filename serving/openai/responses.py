@@ -82,19 +82,17 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], decod
 
 @dataclass
 class StreamCursor:
-    """What one choice has already sent, so each chunk carries only what is new."""
+    """Where one streamed choice stands (the engine hands out DELTA outputs: each chunk is one delta)."""
 
-    text_len: int = 0
-    token_len: int = 0
+    text_len: int = 0  # characters of generated text sent so far
     started: bool = False
     done: bool = False
 
-    def advance(self, output: CompletionOutput) -> tuple[str, list[int], list[dict[int, Logprob]] | None]:
-        text = output.text[self.text_len :]
-        tokens = output.token_ids[self.token_len :]
-        entries = None if output.logprobs is None else output.logprobs[self.token_len :]
-        self.text_len, self.token_len = len(output.text), len(output.token_ids)
-        return text, tokens, entries
+    def advance(self, delta: CompletionOutput) -> int:
+        """Count the delta as sent; the offset of its text in the whole generated text."""
+        offset, self.text_len = self.text_len, self.text_len + len(delta.text)
+        self.done = delta.finish_reason is not None
+        return offset
 
 
 @dataclass
