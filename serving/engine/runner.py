@@ -38,9 +38,12 @@ from serving.engine.step_shardings import place_serving_step
 logger = logging.getLogger(__name__)
 
 
-# Smallest buckets: fewer shapes to compile at almost no cost (a decode step of up to 8 sequences
-# reads the weights once either way; a page table of 8 pages is a few hundred bytes).
+# Smallest buckets: fewer shapes to compile at almost no cost on an accelerator (a decode step of up
+# to 8 sequences reads the weights once either way; a page table of 8 pages is a few hundred bytes).
+# The CPU computes every padded row: there tokens start at 1 (SmolLM2-135M batch-1 decode, 2 cores:
+# 14.7 tok/s with a floor of 8, 25.7 with 1; benchmarks/RESULTS.md).
 MIN_TOKEN_BUCKET = 8
+MIN_CPU_TOKEN_BUCKET = 1
 MIN_PAGE_BUCKET = 8
 
 
@@ -102,6 +105,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
+        self.min_token_bucket = MIN_CPU_TOKEN_BUCKET if jax.default_backend() == "cpu" else MIN_TOKEN_BUCKET
         # Layers stay unrolled: `model_lib.layer_scan.scanned_view` compiles in flat time against depth,
         # but its scan copies each layer's whole KV pool in and out per step (RESULTS.md), so it waits
         # for an attention op that takes the stacked pool and a layer index.
@@ -117,12 +121,12 @@ class ModelRunner:
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
-        tokens = buckets(min(MIN_TOKEN_BUCKET, self.max_num_batched_tokens), self.max_num_batched_tokens)
+        tokens = buckets(min(self.min_token_bucket, self.max_num_batched_tokens), self.max_num_batched_tokens)
         pages = buckets(min(MIN_PAGE_BUCKET, self.max_pages_per_seq), self.max_pages_per_seq)
         return [(t, min(t, self.max_num_seqs), p) for t in tokens for p in pages]
 
     def _padded(self, num_tokens: int, num_seqs: int, num_pages: int) -> tuple[int, int, int]:
-        token_pad = bucket(max(num_tokens, num_seqs), MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        token_pad = bucket(max(num_tokens, num_seqs), self.min_token_bucket, self.max_num_batched_tokens)
         return token_pad, min(token_pad, self.max_num_seqs), bucket(num_pages, MIN_PAGE_BUCKET, self.max_pages_per_seq)
 
     @staticmethod
