@@ -49,21 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.moe.reference import group_bounds
-
-DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MIN_BLOCK = 16  # the smallest side of a Triton dot tile
-
-
-def fit_block(dim: int, preferred: int) -> int | None:
-    """Largest power of two <= `preferred` (and >= 16) dividing `dim`; None if there is none."""
-    block = pl.next_power_of_2(max(preferred, MIN_BLOCK))
-    if block > preferred:
-        block //= 2
-    while block >= MIN_BLOCK:
-        if dim % block == 0:
-            return block
-        block //= 2
-    return None
+from pallas_kernels.triton_tiles import DTYPES, MIN_BLOCK, BlockConfig, fit_block
 
 
 def supported(lhs_shape, rhs_shape, lhs_dtype, rhs_dtype) -> bool:
@@ -76,17 +62,6 @@ def supported(lhs_shape, rhs_shape, lhs_dtype, rhs_dtype) -> bool:
         and fit_block(k, MIN_BLOCK) is not None
         and fit_block(n, MIN_BLOCK) is not None
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    """Tile sides and launch settings of one kernel call."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
 
 
 def _clamp_pow2(n: int, low: int, high: int) -> int:

@@ -20,7 +20,6 @@ int4 half a group holds a whole number of 16-row steps).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -29,30 +28,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-MIN_BLOCK = 16  # the smallest side of a Triton dot tile
+from pallas_kernels.triton_tiles import DTYPES, MIN_BLOCK, BlockConfig, fit_block
+
 DECODE_ROWS = 64  # up to this many rows a call is bound by reading the weights
-
-
-def fit_block(dim: int, preferred: int) -> int | None:
-    """Largest power of two <= `preferred` (and >= 16) dividing `dim`; None if there is none."""
-    block = preferred
-    while block >= MIN_BLOCK:
-        if dim % block == 0:
-            return block
-        block //= 2
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    """Tile sides and launch settings of one kernel call."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
 
 
 def config(num_rows: int, depth: int, width: int) -> BlockConfig | None:
