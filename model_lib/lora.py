@@ -276,11 +276,6 @@ def quantize_model_weight_only(model: nnx.Module, method: str) -> None:
         layer.kernel = None
 
 
-def quantize_model_int8(model: nnx.Module) -> None:
-    """Weight-only int8 of the `quantization_targets`, in place."""
-    quantize_model_weight_only(model, "int8")
-
-
 def param_bytes(model: nnx.Module) -> int:
     """Bytes held by parameters and quantized weights (not RNG state)."""
     _, state = nnx.split(model)
@@ -300,7 +295,6 @@ __all__ = [
     "merge_lora",
     "quantization_targets",
     "param_bytes",
-    "quantize_model_int8",
     "quantize_model_nf4",
     "quantize_model_weight_only",
     "save_peft_adapter",
