@@ -38,6 +38,9 @@ def _randomise_b(model, seed=0):
         ("falcon-new-arch-gqa", "all-linear", False),  # qkv fused per KV group
         ("mixtral-moe", ["q_proj", "k_proj", "v_proj", "o_proj"], False),
         ("qwen2_moe-shared", "all-linear", False),
+        # MLA projections by name; all-linear adds the dense and shared-expert MLPs (PEFT leaves the 3-D experts alone).
+        ("deepseek_v2-greedy-qlora", ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"], False),
+        ("deepseek_v3-noaux-yarn", "all-linear", False),
     ],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):
