@@ -46,8 +46,8 @@ def main() -> None:
           f"kv_lora_rank {config.kv_lora_rank} + rope {config.qk_rope_head_dim}, {args.dtype}")
     print("| layout | values per token and layer | bytes per token and layer | bytes per token (all layers) |")
     print("|---|---|---|---|")
-    print(f"| per-head expanded K and V (today) | {expanded // layers // dtype.itemsize} | {expanded // layers} | {expanded} |")
-    print(f"| latent (LatentKV) | {latent // layers // dtype.itemsize} | {latent // layers} | {latent} |")
+    for name, total in (("per-head expanded K and V (today)", expanded), ("latent (LatentKV)", latent)):
+        print(f"| {name} | {total // layers // dtype.itemsize} | {total // layers} | {total} |")
     print(f"ratio expanded / latent: {expanded / latent:.1f}x")
 
 

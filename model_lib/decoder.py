@@ -216,7 +216,8 @@ class CausalLM(nnx.Module):
                 rngs=rngs,
             )
         )
-        self.mtp = nnx.List([MTPLayer(config, rngs=rngs) for _ in range(config.num_mtp_layers)]) if config.num_mtp_layers else None
+        mtp = [MTPLayer(config, rngs=rngs) for _ in range(config.num_mtp_layers)]
+        self.mtp = nnx.List(mtp) if mtp else None  # stored for speculative decoding, not run
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states `[..., E]` -> float32 logits `[..., V]`."""

@@ -13,8 +13,8 @@ from typing import Any, Callable
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeConfig
-from model_lib.weight_map import Fused, Stacked
 from model_lib.layers.mla import mla_softmax_scale
+from model_lib.weight_map import Fused, Stacked
 
 
 def rope_from_params(

@@ -31,7 +31,14 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import GATE_UP_DOWN, SHARED_EXPERTS_RENAMES, expert_stack, llama_like_fields, mla_fields, moe_fields
+from model_lib.families.common import (
+    GATE_UP_DOWN,
+    SHARED_EXPERTS_RENAMES,
+    expert_stack,
+    llama_like_fields,
+    mla_fields,
+    moe_fields,
+)
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
@@ -68,7 +75,9 @@ def deepseek_v2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
         raise ValueError(f"DeepSeek-V2 topk_method {method!r} is not supported; expected one of {V2_ROUTERS}")
     grouped = method == "group_limited_greedy"
     if grouped and not (hf.n_group and hf.topk_group):
-        raise ValueError(f"topk_method 'group_limited_greedy' needs n_group and topk_group (got {hf.n_group}, {hf.topk_group})")
+        raise ValueError(
+            f"topk_method 'group_limited_greedy' needs n_group and topk_group (got {hf.n_group}, {hf.topk_group})"
+        )
     return ModelConfig(
         **_deepseek_fields(
             hf,
@@ -103,7 +112,9 @@ def deepseek_v3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     )
 
 
-DEEPSEEK_WEIGHTS = WeightMap(renames=SHARED_EXPERTS_RENAMES, stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN))
+DEEPSEEK_WEIGHTS = WeightMap(
+    renames=SHARED_EXPERTS_RENAMES, stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN)
+)
 
 
 def deepseek_v3_weights(config: ModelConfig) -> WeightMap:
