@@ -108,3 +108,26 @@ def test_mtp_block_follows_the_checkpoint(tiny_checkpoint, published, tmp_path):
     write(tmp_path / "unannounced", dequantized, {**config, "num_nextn_predict_layers": 0})
     with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.2\."):
         model_lib.from_pretrained(tmp_path / "unannounced")
+
+
+def test_unsupported_router_settings_are_named():
+    import dataclasses
+
+    import transformers
+
+    from model_lib.families.deepseek import deepseek_v2_config, deepseek_v3_config
+    from tests.tiny_models import CASES_BY_NAME
+
+    def config(name: str, **changes):
+        case = CASES_BY_NAME[name]
+        return getattr(transformers, case.config_class)(**{**case.dims, **case.overrides, **changes})
+
+    with pytest.raises(ValueError, match="topk_method 'noaux_tc' is not supported"):
+        deepseek_v2_config(config("deepseek_v2-greedy-qlora", topk_method="noaux_tc"), "DeepseekV2ForCausalLM")
+    with pytest.raises(ValueError, match="needs n_group and topk_group"):
+        deepseek_v2_config(config("deepseek_v2-greedy-qlora", topk_method="group_limited_greedy"), "DeepseekV2ForCausalLM")
+    with pytest.raises(ValueError, match=r"moe_num_groups \(3\) to divide num_experts \(8\)"):
+        deepseek_v3_config(config("deepseek_v3-noaux-yarn", n_group=3), "DeepseekV3ForCausalLM")
+    good = deepseek_v3_config(config("deepseek_v3-noaux-yarn"), "DeepseekV3ForCausalLM")
+    with pytest.raises(ValueError, match="num_mtp_layers"):
+        dataclasses.replace(good, num_mtp_layers=100)
