@@ -407,13 +407,14 @@ CASES = [
              max_position_embeddings=32, rope_parameters=dict(DEEPSEEK_YARN, mscale=0.9, mscale_all_dim=0.7)),
         noise=ROUTER_NOISE,
     ),
-    # DeepSeek-MoE style: fine-grained experts (16 of width 16, top 4), two shared experts, 3 layers, greedy.
+    # DeepSeek-MoE style: fine-grained experts (16 of width 16, top 4), two shared experts, 3 layers, greedy;
+    # moe_layer_freq as DeepSeek's configs carry it (transformers ignores it: every layer past the first is MoE).
     TinyCase(
         "deepseek_v2-moe-fine-grained",
         "DeepseekV2Config",
         dict(**MLA_DIMS, **{**DEEPSEEK_MOE, "n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 16,
                             "n_shared_experts": 2},
-             num_hidden_layers=3, q_lora_rank=None, qk_nope_head_dim=16, v_head_dim=16),
+             num_hidden_layers=3, q_lora_rank=None, qk_nope_head_dim=16, v_head_dim=16, moe_layer_freq=2),
         noise=ROUTER_NOISE,
     ),
     # V3: sigmoid router with correction bias in 4 groups (best 2), renormalised, scaled 2.5; YaRN with mscale.
