@@ -87,7 +87,25 @@ def load_config(path: str | Path, dtype: Any = None) -> tuple[ModelConfig, Famil
     else:
         hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         config = family.config_from_hf(hf, architectures[0])
+    config = _mtp_layers_held(config, path)
     return config.replace(dtype=resolve_dtype(dtype, raw)), family.for_config(config)
+
+
+def tensor_names(path: Path) -> list[str]:
+    """Names of the checkpoint's tensors, from its index or the file headers (no tensor is read)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        return list(json.loads(index.read_text()).get("weight_map", {}))
+    return [name for file in checkpoint_files(path) for name in _header(file)[1] if name != "__metadata__"]
+
+
+def _mtp_layers_held(config: ModelConfig, path: Path) -> ModelConfig:
+    """No MTP block where the checkpoint holds none of `model.layers.{num_layers}` (transformers saves
+    DeepSeek-V3 without it whatever `num_nextn_predict_layers` says); a config alone keeps its count."""
+    if not config.num_mtp_layers or not any(path.glob("*.safetensors")):
+        return config
+    prefix = f"model.layers.{config.num_layers}."
+    return config if any(name.startswith(prefix) for name in tensor_names(path)) else config.replace(num_mtp_layers=0)
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from typing import Any
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+MAX_MTP_LAYERS = 16  # a bound on `num_mtp_layers` read from a config (DeepSeek-V3 has 1)
 
 
 @dataclass(frozen=True)
@@ -144,9 +145,11 @@ class ModelConfig:
     # Mixture of experts (`model_lib/layers/moe.py`): layers whose `moe_layers` entry is
     # True replace the MLP by `num_experts` gated experts of width `moe_intermediate_size`,
     # `num_experts_per_tok` of them per token. Router kinds: "softmax" (softmax, top-k,
-    # renormalised when `norm_topk_prob`; top-k of the logits then softmax is the same),
-    # "sparsemixer" (PhiMoE), "sigmoid" (Glm4-MoE/DeepSeek-V3: sigmoid scores, top-k of
-    # score + correction bias within the best `moe_topk_group` of `moe_num_groups` groups).
+    # renormalised when `norm_topk_prob`; top-k of the logits then softmax is the same;
+    # with groups, within the best `moe_topk_group` groups by their best expert: DeepSeek-V2's
+    # group_limited_greedy), "sparsemixer" (PhiMoE), "sigmoid" (Glm4-MoE/DeepSeek-V3: sigmoid
+    # scores, top-k of score + correction bias within the best `moe_topk_group` of
+    # `moe_num_groups` groups by the sum of their best two).
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
@@ -165,6 +168,10 @@ class ModelConfig:
     shared_expert_size: int = 0  # width of the always-on shared expert (0: none)
     shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(x @ w)
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight for full fine-tuning
+    # Multi-token-prediction blocks the checkpoint holds after the stack (DeepSeek-V3's
+    # `num_nextn_predict_layers`, tensors `model.layers.{num_layers + k}.*`): loaded and kept
+    # on `CausalLM.mtp` for speculative decoding, never run by the forward.
+    num_mtp_layers: int = 0
 
     # Residual stream and output.
     residual_multiplier: float = 1.0
@@ -242,6 +249,15 @@ class ModelConfig:
             raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
         if any(self.moe_layers) and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"MoE needs 0 < num_experts_per_tok ({self.num_experts_per_tok}) <= num_experts ({self.num_experts})")
+        if any(self.moe_layers) and self.moe_num_groups > 1 and (
+            self.num_experts % self.moe_num_groups or not 0 < self.moe_topk_group <= self.moe_num_groups
+        ):
+            raise ValueError(
+                f"expert groups need moe_num_groups ({self.moe_num_groups}) to divide num_experts ({self.num_experts}) "
+                f"and 0 < moe_topk_group ({self.moe_topk_group}) <= moe_num_groups"
+            )
+        if not 0 <= self.num_mtp_layers <= MAX_MTP_LAYERS:
+            raise ValueError(f"num_mtp_layers ({self.num_mtp_layers}) must be in [0, {MAX_MTP_LAYERS}]")
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]

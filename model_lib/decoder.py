@@ -104,6 +104,36 @@ class DecoderLayer(nnx.Module):
         return x + scale * mlp_out, kv_cache
 
 
+class SharedHead(nnx.Module):
+    """An MTP block's own output norm and LM head (`shared_head.norm`, `shared_head.head`)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.norm = make_norm(config)
+        self.head = Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                           dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
+
+
+class MTPLayer(DecoderLayer):
+    """One multi-token-prediction block (DeepSeek-V3), stored for speculative decoding and never run here.
+
+    A decoder layer with the last layer's kinds (DeepSeek-V3's MTP layers are MoE layers like
+    every layer past `first_k_dense_replace`) plus what DeepSeek's MTP module adds: `enorm` on
+    the next token's embedding and `hnorm` on the previous hidden state, `eh_proj` joining the
+    two `[2E -> E]`, and its own `embed_tokens` and `shared_head` (copies of the model's in the
+    published checkpoints). Tensor names are the checkpoint's under `model.layers.{N + k}`.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, config.num_layers - 1, rngs=rngs)
+        dtype, hidden = jnp.dtype(config.dtype), config.hidden_size
+        common = dict(dtype=dtype, init_std=config.initializer_range, rngs=rngs)
+        self.embed_tokens = Embed(config.vocab_size, hidden, axes=("vocab", "embed"), **common)
+        self.enorm = make_norm(config)
+        self.hnorm = make_norm(config)
+        self.eh_proj = Linear(2 * hidden, hidden, axes=(None, "embed"), use_bias=False, **common)
+        self.shared_head = SharedHead(config, rngs=rngs)
+
+
 class DecoderModel(nnx.Module):
     """Embeddings, the layer stack and the final norm (HF's `model.`)."""
 
@@ -186,6 +216,8 @@ class CausalLM(nnx.Module):
                 rngs=rngs,
             )
         )
+        mtp = [MTPLayer(config, rngs=rngs) for _ in range(config.num_mtp_layers)]
+        self.mtp = nnx.List(mtp) if mtp else None  # stored for speculative decoding, not run
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states `[..., E]` -> float32 logits `[..., V]`."""

@@ -83,6 +83,9 @@ ARCHITECTURES: dict[str, str] = {
     "GptOssForCausalLM": "model_lib.families.gpt_oss:GPT_OSS",
     "GraniteMoeForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE",
     "GraniteMoeSharedForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE_SHARED",
+    "DeepseekV2ForCausalLM": "model_lib.families.deepseek:DEEPSEEK_V2",
+    "DeepseekV3ForCausalLM": "model_lib.families.deepseek:DEEPSEEK_V3",
+    "NemotronNASForCausalLM": "model_lib.families.deci:DECI",  # TensorRT-LLM's name for DeciLM
 }
 
 

@@ -16,6 +16,9 @@ are data, not code:
   first axis (`[X * out, in]`, DBRX), reshaped to `[X, out, in]` on load;
 - `tensor_renames`: whole tensor names that differ in their last part too
   (gpt-oss's `experts.gate_up_proj` is our `experts.gate_up.weight`).
+- `relocated`: module subtrees held elsewhere in our model, applied after the
+  mappings above (DeepSeek-V3's MTP block `model.layers.{N}` is our `mtp.0`, so its
+  experts stack and its shared experts rename as every layer's do).
 
 Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
 `kernel [in, out]` (the last two axes swap, so `[X, out, in]` expert stacks too); `model_lib/checkpoint.py` handles that for all families,
@@ -104,6 +107,14 @@ class WeightMap:
     tensor_renames: tuple[tuple[str, str], ...] = ()  # (HF tensor name, our HF-style tensor name)
     expert_rows: tuple[str, ...] = ()
     bare_prefix: str = ""
+    relocated: tuple[tuple[str, str], ...] = ()  # (module path as mapped from HF, our module path)
+
+    def _relocate(self, module: str, inverse: bool = False) -> str:
+        for mapped, ours in self.relocated:
+            source, target = (ours, mapped) if inverse else (mapped, ours)
+            if module == source or module.startswith(source + "."):
+                return target + module[len(source) :]
+        return module
 
     def canonical(self, hf_key: str) -> str:
         """`hf_key` with the base-model prefix put back where a bare-model checkpoint left it out."""
@@ -123,10 +134,11 @@ class WeightMap:
     def module_to_ours(self, hf_module: str) -> str:
         for hf, ours in self.renames:
             if m := _pattern_regex(hf).match(hf_module):
-                return _fill(ours, m)
-        return hf_module
+                return self._relocate(_fill(ours, m))
+        return self._relocate(hf_module)
 
     def module_to_hf(self, module: str) -> str:
+        module = self._relocate(module, inverse=True)
         for hf, ours in self.renames:
             if m := _pattern_regex(ours).match(module):
                 return _fill(hf, m)
@@ -136,11 +148,12 @@ class WeightMap:
         """(our stacked module, expert index) if `hf_module` is one expert's module."""
         for spec in self.stacked:
             if m := _pattern_regex(spec.hf_module).match(hf_module):
-                return _fill(spec.module, m), int(m.group("e"))
+                return self._relocate(_fill(spec.module, m)), int(m.group("e"))
         return None
 
     def stacked_for_ours(self, module: str) -> str | None:
         """The HF module pattern (`{e}` left open) of one of our stacked modules."""
+        module = self._relocate(module, inverse=True)
         for spec in self.stacked:
             if m := _pattern_regex(spec.module).match(module):
                 return _fill(spec.hf_module, m)
@@ -162,16 +175,17 @@ class WeightMap:
         """The fused spec that `hf_module` matches, with our part module paths."""
         for spec in self.fused:
             if m := _pattern_regex(spec.hf_module).match(hf_module):
-                parent = _fill(spec.parent, m)
+                parent = self._relocate(_fill(spec.parent, m))
                 return spec, [f"{parent}.{part}" for part in spec.parts]
         return None
 
     def fused_for_ours(self, module: str) -> tuple[Fused, str, list[str]] | None:
         """If `module` is one part of a fused HF module: (spec, HF module, all our parts)."""
-        parent, _, part = module.rpartition(".")
+        ours_parent, _, part = module.rpartition(".")
+        parent = self._relocate(ours_parent, inverse=True)
         for spec in self.fused:
             if part in spec.parts and (m := _pattern_regex(spec.parent).match(parent)):
-                return spec, _fill(spec.hf_module, m), [f"{parent}.{p}" for p in spec.parts]
+                return spec, _fill(spec.hf_module, m), [f"{ours_parent}.{p}" for p in spec.parts]
         return None
 
 

@@ -68,6 +68,9 @@ DECI_BUILDER = "tests.deci_reference:build_deci_checkpoint"
 MOE = dict(num_experts_per_tok=2)
 GRANITE_MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)
 ROUTER_NOISE = {r".*\.(gate|router(\.layer)?)\.weight": 0.5}
+# DeepSeek MoE: 8 experts of width 32 (2 per token), one shared expert, the first layer dense.
+DEEPSEEK_MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1)
+DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -227,6 +230,14 @@ CASES = [
         architecture="DeciLMForCausalLM",
         builder=DECI_BUILDER,
     ),
+    # TensorRT-LLM names Nemotron-NAS checkpoints NemotronNASForCausalLM: the same DeciLM layout.
+    TinyCase(
+        "deci-nemotron-nas-alias",
+        "LlamaConfig",
+        dict(num_hidden_layers=3, block_configs=[(2, 3.0), (4, "none"), ("none", 6.0)], **SMALL_TOKENS),
+        architecture="NemotronNASForCausalLM",
+        builder=DECI_BUILDER,
+    ),
     # Remote-code layouts, checked against the native class they re-pack.
     TinyCase(
         "internlm-bias-dynamic",
@@ -378,6 +389,51 @@ CASES = [
         ),
         noise={**ROUTER_NOISE, r".*\.e_score_correction_bias": 0.3},
     ),
+    # DeepSeek: MLA (kv latent rank 16, rope part 8) with MoE past `first_k_dense_replace`; 8 experts.
+    # V2 greedy softmax router, q through a rank-32 bottleneck, MLP biases, routed scaling.
+    TinyCase(
+        "deepseek_v2-greedy-qlora",
+        "DeepseekV2Config",
+        dict(**MLA_DIMS, **DEEPSEEK_MOE, q_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16, mlp_bias=True,
+             topk_method="greedy", routed_scaling_factor=1.5),
+        noise=ROUTER_NOISE,
+    ),
+    # V2-Lite style: plain q_proj, v heads wider than qk, biases, group-limited router (4 groups, best 2), YaRN with mscale.
+    TinyCase(
+        "deepseek_v2-lite-grouped-yarn",
+        "DeepseekV2Config",
+        dict(**MLA_DIMS, **{**DEEPSEEK_MOE, "num_experts_per_tok": 3}, q_lora_rank=None, qk_nope_head_dim=8, v_head_dim=24,
+             attention_bias=True, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+             max_position_embeddings=32, rope_parameters=dict(DEEPSEEK_YARN, mscale=0.9, mscale_all_dim=0.7)),
+        noise=ROUTER_NOISE,
+    ),
+    # DeepSeek-MoE style: fine-grained experts (16 of width 16, top 4), two shared experts, 3 layers, greedy;
+    # moe_layer_freq as DeepSeek's configs carry it (transformers ignores it: every layer past the first is MoE).
+    TinyCase(
+        "deepseek_v2-moe-fine-grained",
+        "DeepseekV2Config",
+        dict(**MLA_DIMS, **{**DEEPSEEK_MOE, "n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 16,
+                            "n_shared_experts": 2},
+             num_hidden_layers=3, q_lora_rank=None, qk_nope_head_dim=16, v_head_dim=16, moe_layer_freq=2),
+        noise=ROUTER_NOISE,
+    ),
+    # V3: sigmoid router with correction bias in 4 groups (best 2), renormalised, scaled 2.5; YaRN with mscale.
+    TinyCase(
+        "deepseek_v3-noaux-yarn",
+        "DeepseekV3Config",
+        dict(**MLA_DIMS, **DEEPSEEK_MOE, q_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16, n_group=4, topk_group=2,
+             routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=32,
+             rope_parameters=dict(DEEPSEEK_YARN, mscale=1.0, mscale_all_dim=0.8)),
+        noise={**ROUTER_NOISE, r".*\.e_score_correction_bias": 0.3},
+    ),
+    # V3 with rotate-half rope (rope_interleave False), plain q_proj, no renormalisation, every layer MoE.
+    TinyCase(
+        "deepseek_v3-halfrope-allmoe",
+        "DeepseekV3Config",
+        dict(**MLA_DIMS, **{**DEEPSEEK_MOE, "first_k_dense_replace": 0}, q_lora_rank=None, qk_nope_head_dim=8,
+             v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=False, rope_interleave=False, attention_bias=True),
+        noise={**ROUTER_NOISE, r".*\.e_score_correction_bias": 0.3},
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -426,10 +482,12 @@ ONE_PER_ARCHITECTURE = [
     "dbrx-clip-moe",
     "gpt_oss-sinks-sliding",
     "glm4_moe-grouped-sigmoid",
+    "deepseek_v2-lite-grouped-yarn",
+    "deepseek_v3-noaux-yarn",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
-             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid"]
+             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "deepseek_v2-lite-grouped-yarn", "deepseek_v3-noaux-yarn"]
 
 
 CHAT_TEMPLATE = (

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeConfig
+from model_lib.layers.mla import mla_softmax_scale
 from model_lib.weight_map import Fused, Stacked
 
 
@@ -273,3 +274,29 @@ GATE_UP_DOWN = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "do
 def qkv_fused(hf_module: str, layout: Callable[[ModelConfig], tuple[int, tuple[int, ...]]] = qkv_concatenated) -> Fused:
     """A fused q/k/v projection, split into the layer's `self_attn.{q,k,v}_proj` by `layout`."""
     return Fused(hf_module, "model.layers.{i}.self_attn", ("q_proj", "k_proj", "v_proj"), layout)
+
+
+def mla_fields(hf: PretrainedConfig, rope: RopeConfig | None) -> dict[str, Any]:
+    """Multi-head latent attention fields (MiniCPM3, DeepSeek-V2/V3; `model_lib/layers/mla.py`).
+
+    The expanded K/V have one head per query head; the cache head holds the larger of
+    the qk and v head dims. The softmax scale takes DeepSeek's YaRN mscale correction.
+    """
+    qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
+    return dict(
+        attention_kind="mla",
+        q_lora_rank=hf.q_lora_rank,
+        kv_lora_rank=hf.kv_lora_rank,
+        qk_nope_head_dim=hf.qk_nope_head_dim,
+        qk_rope_head_dim=hf.qk_rope_head_dim,
+        v_head_dim=hf.v_head_dim,
+        num_kv_heads=hf.num_attention_heads,
+        head_dim=max(qk_head_dim, hf.v_head_dim),
+        attention_scale=mla_softmax_scale(qk_head_dim, rope),
+    )
+
+
+SHARED_EXPERTS_RENAMES = tuple(
+    (f"model.layers.{{i}}.mlp.shared_experts.{p}", f"model.layers.{{i}}.mlp.shared_expert.{p}") for p in GATE_UP_DOWN
+)
+"""`mlp.shared_experts` (Glm4-MoE, DeepSeek: the always-on experts as one MLP) is our `mlp.shared_expert`."""

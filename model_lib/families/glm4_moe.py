@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import GATE_UP_DOWN, expert_stack, llama_like_fields, moe_fields
+from model_lib.families.common import GATE_UP_DOWN, SHARED_EXPERTS_RENAMES, expert_stack, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import IDENTITY, WeightMap
 
@@ -37,9 +37,7 @@ GLM4_MOE = Family(
     "glm4_moe",
     glm4_moe_config,
     WeightMap(
-        renames=tuple(
-            (f"model.layers.{{i}}.mlp.shared_experts.{p}", f"model.layers.{{i}}.mlp.shared_expert.{p}") for p in GATE_UP_DOWN
-        ),
+        renames=SHARED_EXPERTS_RENAMES,
         stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN),
         ignored=(*IDENTITY.ignored, r"model\.layers\.(46|92)\..*"),
     ),

@@ -11,28 +11,17 @@ import math
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import llama_like_fields
-from model_lib.layers.mla import mla_softmax_scale
+from model_lib.families.common import llama_like_fields, mla_fields
 from model_lib.registry import Family
 
 
 def minicpm3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     # transformers sets hf.head_dim = qk_rope_head_dim, so the rotary built here spans the rope part.
     fields = llama_like_fields(hf, architecture, "minicpm3", attention_bias=True, mlp_bias=True)
-    qk_head_dim = hf.qk_nope_head_dim + hf.qk_rope_head_dim
     return ModelConfig(
         **{
             **fields,
-            "attention_kind": "mla",
-            "q_lora_rank": hf.q_lora_rank,
-            "kv_lora_rank": hf.kv_lora_rank,
-            "qk_nope_head_dim": hf.qk_nope_head_dim,
-            "qk_rope_head_dim": hf.qk_rope_head_dim,
-            "v_head_dim": hf.v_head_dim,
-            # The expanded K/V have one head per query head; the cache head holds the larger of k and v.
-            "num_kv_heads": hf.num_attention_heads,
-            "head_dim": max(qk_head_dim, hf.v_head_dim),
-            "attention_scale": mla_softmax_scale(qk_head_dim, fields["rope"]),
+            **mla_fields(hf, fields["rope"]),
             "embedding_multiplier": float(hf.scale_emb),
             "residual_multiplier": hf.scale_depth / math.sqrt(hf.num_hidden_layers),
             "logit_multiplier": hf.dim_model_base / hf.hidden_size,

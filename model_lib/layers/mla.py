@@ -1,4 +1,4 @@
-"""Multi-head latent attention (MLA): MiniCPM3 now, DeepSeek-V2/V3 later.
+"""Multi-head latent attention (MLA): MiniCPM3 and DeepSeek-V2/V3.
 
 Queries: `q_a_proj -> q_a_layernorm -> q_b_proj` (or one `q_proj` when
 `q_lora_rank` is None, as in DeepSeek-V2-Lite), per head `[nope | rope]`.

@@ -9,7 +9,9 @@ the weighted outputs return to their tokens through the inverse permutation.
 Router kinds (`ModelConfig.router_kind`):
 - "softmax": softmax over experts, top-k, renormalised when `norm_topk_prob`
   (Mixtral, Qwen-MoE, GraniteMoe, gpt-oss: top-k of the logits then a softmax
-  over those k is the renormalised form); optional router bias (gpt-oss).
+  over those k is the renormalised form); optional router bias (gpt-oss). With
+  `moe_num_groups` > 1 the choice stays within the `moe_topk_group` groups whose
+  best expert scores highest (DeepSeek-V2's `group_limited_greedy`).
 - "sparsemixer": PhiMoE's inference-time sparsemixer (top-2, each weight a
   softmax over the experts within a relative `router_jitter` band of the pick).
 - "sigmoid": Glm4-MoE / DeepSeek-V3: sigmoid scores; choice by score +
@@ -105,11 +107,27 @@ def _sparsemixer_pick(scores: jax.Array, choice: jax.Array, jitter: float) -> tu
     return index, weight
 
 
+def _within_best_groups(
+    config: ModelConfig, scores: jax.Array, group_score: Callable[[jax.Array], jax.Array], outside: float
+) -> jax.Array:
+    """`scores [T, X]` with every expert outside the best `moe_topk_group` of `moe_num_groups` groups set to `outside`.
+
+    `group_score` maps one token's grouped scores `[T, G, X / G]` to `[T, G]`.
+    """
+    grouped = scores.reshape(scores.shape[0], config.moe_num_groups, -1)  # [T, G, X/G]
+    _, best = jax.lax.top_k(group_score(grouped), config.moe_topk_group)
+    keep = jnp.zeros(grouped.shape[:2], bool).at[jnp.arange(best.shape[0])[:, None], best].set(True)
+    return jnp.where(keep[:, :, None], grouped, outside).reshape(scores.shape)
+
+
 def route(config: ModelConfig, logits: jax.Array, correction_bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """float32 router logits `[T, X]` -> (expert ids `[T, k]`, float32 weights `[T, k]`)."""
     k = config.num_experts_per_tok
     if config.router_kind == "softmax":
-        weights, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+        scores = jax.nn.softmax(logits, axis=-1)
+        if config.moe_num_groups > 1:  # a group scores by its best expert; the others' scores become 0
+            scores = _within_best_groups(config, scores, lambda g: jnp.max(g, axis=-1), 0.0)
+        weights, ids = jax.lax.top_k(scores, k)
         if config.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     elif config.router_kind == "sparsemixer":
@@ -120,13 +138,8 @@ def route(config: ModelConfig, logits: jax.Array, correction_bias: jax.Array | N
     else:  # sigmoid, grouped
         scores = jax.nn.sigmoid(logits)
         choice = scores + correction_bias.astype(jnp.float32)
-        groups = config.moe_num_groups
-        if groups > 1:
-            grouped = choice.reshape(choice.shape[0], groups, -1)
-            group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, groups]
-            _, best = jax.lax.top_k(group_scores, config.moe_topk_group)
-            keep = jnp.zeros_like(group_scores, bool).at[jnp.arange(best.shape[0])[:, None], best].set(True)
-            choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(choice.shape)
+        if config.moe_num_groups > 1:  # a group scores by the sum of its best two
+            choice = _within_best_groups(config, choice, lambda g: jnp.sum(jax.lax.top_k(g, 2)[0], axis=-1), -jnp.inf)
         _, ids = jax.lax.top_k(choice, k)
         weights = jnp.take_along_axis(scores, ids, axis=-1)
         if config.norm_topk_prob:

@@ -94,6 +94,10 @@ NO_GROUND_TRUTH: dict[str, set[str]] = {
     "GptOssForCausalLM": {"partial_rotary_factor"},
     # logits_scaling: a read-only property of the config class.
     "MiniCPM3ForCausalLM": {"logits_scaling", "partial_rotary_factor"},
+    # YaRN sizes its rotary by partial_rotary_factor, the rope part of the head does not: shapes clash.
+    # DeepseekV3Config lets a stray head_dim overwrite the qk_rope_head_dim it sets: the same clash.
+    "DeepseekV2ForCausalLM": {"partial_rotary_factor"},
+    "DeepseekV3ForCausalLM": {"head_dim", "partial_rotary_factor"},
     "PhimoeForCausalLM": {"head_dim", "partial_rotary_factor"},
     # MosaicML's own code applies logit_scale, transformers' MPT not: refused by name (model_lib/families/mpt.py).
     "MptForCausalLM": {"logit_scale"},
