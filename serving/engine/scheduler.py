@@ -117,7 +117,7 @@ class Scheduler:
                         break
                 if seq.status is not Status.RUNNING:
                     continue
-                seq.pages += self.pool.allocate(needed)
+                seq.pages += self.pool.allocate(needed)  # in place: `InputBatch` knows a slot's rows by this list
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 
