@@ -7,6 +7,15 @@ first, timed as "warm-up"); transformers gets a warm-up run too. `--preset` pick
 a named shape (`smollm2-135m`: the SmolLM2-135M-Instruct layout; `llama-15m`);
 single flags override it.
 
+Roofline: `workload_flops` counts the useful float work of one batch (the matmuls of
+every layer for every prompt and fed token, attention's QK^T and PV over the causal
+context, the LM head for the rows that give a token); padding and recomputation are
+not counted, so both implementations are measured against the same figure. Two
+ceilings are measured in the same process, for jnp (XLA:CPU) and torch: a large
+square float32 matmul (compute-bound) and `batch` rows through a weight as large as
+the model's matmul weights (the weight-streaming bound of a decode step). Each row
+prints achieved GFLOP/s for both implementations.
+
     PYTHONPATH=. python -m benchmarks.offline_cpu --preset smollm2-135m --batches 1 16 64
 """
 
@@ -48,6 +57,60 @@ def build_model(args: argparse.Namespace, folder: Path) -> transformers.PreTrain
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)
     return model
+
+
+def workload_flops(args: argparse.Namespace, batch: int) -> dict[str, float]:
+    """Useful FLOPs of generating `output_len` tokens after `prompt_len`-token prompts, `batch` sequences.
+
+    Prefill feeds every prompt token; decode feeds output_len - 1 tokens (the last sampled one is
+    never fed). Matmul FLOPs are 2 x weights per fed token; attention is 4 x heads x head_dim per
+    (token, key) pair over the causal context; the LM head runs once per generated token.
+    """
+    head_dim = args.hidden // args.heads
+    q, kv = args.heads * head_dim, args.kv_heads * head_dim
+    layer_weights = args.hidden * (q + 2 * kv) + q * args.hidden + 3 * args.hidden * args.intermediate
+    p, n = args.prompt_len, args.output_len
+    decode_tokens = n - 1
+    prefill_keys = p * (p + 1) // 2  # token i attends to i + 1 keys
+    decode_keys = sum(p + j + 1 for j in range(1, n))  # the j-th fed output token sits at position p + j
+    attention = 4 * args.heads * head_dim * args.layers
+    lm_head = 2 * args.hidden * args.vocab * n
+    return {
+        "prefill": batch * (2 * layer_weights * args.layers * p + attention * prefill_keys),
+        "decode": batch * (2 * layer_weights * args.layers * decode_tokens + attention * decode_keys),
+        "lm_head": batch * lm_head,
+    }
+
+
+def _best_seconds(fn, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_ceilings(args: argparse.Namespace, batch: int, size: int = 2048) -> dict[str, float]:
+    """GFLOP/s of float32 matmuls on this machine, jnp and torch: `size`^3, and `batch` rows x all weights."""
+    import jax.numpy as jnp
+
+    weights = args.layers * (args.hidden * 4 * args.hidden + 3 * args.hidden * args.intermediate) + args.hidden * args.vocab
+    width = weights // args.hidden  # [hidden, width]: as many bytes as the model's matmul weights
+    rng = np.random.RandomState(1)
+    square = rng.standard_normal((size, size)).astype(np.float32)
+    rows, wide = rng.standard_normal((batch, args.hidden)).astype(np.float32), rng.standard_normal((args.hidden, width)).astype(np.float32)
+    matmul = jax.jit(jnp.matmul)
+    out = {}
+    for name, (a, b) in {"square": (square, square), "stream": (rows, wide)}.items():
+        flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        ja, jb = jnp.asarray(a), jnp.asarray(b)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        out[f"jnp_{name}"] = flops / _best_seconds(lambda: matmul(ja, jb).block_until_ready()) / 1e9
+        with torch.no_grad():
+            out[f"torch_{name}"] = flops / _best_seconds(lambda: torch.matmul(ta, tb)) / 1e9
+    return out
 
 
 def hf_tokens_per_second(model, prompts: np.ndarray, output_len: int) -> float:
@@ -114,18 +177,27 @@ def main() -> None:
             prompts = rng.randint(3, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
             hf = hf_tokens_per_second(hf_model, prompts, args.output_len)
             ours, warmup = ours_tokens_per_second(llm, prompts, args.output_len)
+            gflop = sum(workload_flops(args, batch).values()) / 1e9
+            seconds_per_token = 1 / (batch * args.output_len)  # tok/s -> batches per second
             results.append(dict(batch=batch, jaxllm_tok_s=round(ours, 1), transformers_tok_s=round(hf, 1),
-                                ratio=round(ours / hf, 2), jaxllm_warmup_s=round(warmup, 1)))
+                                ratio=round(ours / hf, 2), jaxllm_warmup_s=round(warmup, 1), gflop=round(gflop, 1),
+                                jaxllm_gflop_s=round(gflop * ours * seconds_per_token, 1),
+                                transformers_gflop_s=round(gflop * hf * seconds_per_token, 1),
+                                ceilings={k: round(v, 1) for k, v in matmul_ceilings(args, batch).items()}))
     meta = dict(device=f"CPU ({platform.processor() or platform.machine()}), {jax.device_count()} jax device(s)",
                 jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
                 model=f"Llama h{args.hidden} i{args.intermediate} L{args.layers} H{args.heads}/{args.kv_heads} "
                       f"V{args.vocab} {'tied' if args.tied else 'untied'} float32",
                 prompt_len=args.prompt_len, output_len=args.output_len)
     print(json.dumps(meta))
-    print("| batch | jaxllm tok/s | transformers tok/s | ratio | jaxllm warm-up s |")
-    print("|---|---|---|---|---|")
+    print("| batch | jaxllm tok/s | transformers tok/s | ratio | jaxllm warm-up s | GFLOP | jaxllm GFLOP/s "
+          "| transformers GFLOP/s | matmul GFLOP/s: jnp / torch square, jnp / torch batch rows |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['batch']} | {r['jaxllm_tok_s']} | {r['transformers_tok_s']} | {r['ratio']} | {r['jaxllm_warmup_s']} |")
+        c = r["ceilings"]
+        print(f"| {r['batch']} | {r['jaxllm_tok_s']} | {r['transformers_tok_s']} | {r['ratio']} | {r['jaxllm_warmup_s']} "
+              f"| {r['gflop']} | {r['jaxllm_gflop_s']} | {r['transformers_gflop_s']} "
+              f"| {c['jnp_square']} / {c['torch_square']}, {c['jnp_stream']} / {c['torch_stream']} |")
 
 
 if __name__ == "__main__":

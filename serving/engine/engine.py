@@ -245,7 +245,8 @@ class LLMEngine:
         failed: dict[str, RequestOutput] = {}
         scheduled = self.scheduler.schedule()
         self._write_joined_rows(failed)
-        scheduled = [item for item in scheduled if not item.seq.finished]
+        if failed:
+            scheduled = [item for item in scheduled if not item.seq.finished]
         # The device part: an exception here leaves step() (the engine cannot go on).
         launched = self._launch(scheduled) if scheduled else None
         previous, self._in_flight = self._in_flight, launched
@@ -299,17 +300,18 @@ class LLMEngine:
         """Wait for a dispatched step's samples; append them, apply stops, build outputs."""
         fields = {f.name: getattr(flight.sampled, f.name) for f in dataclasses.fields(flight.sampled)}
         sampled = {k: np.asarray(v) for k, v in jax.device_get(fields).items() if v is not None}
+        tokens = sampled["tokens"].tolist()  # plain ints, converted once
         touched: dict[str, _Request] = {}
-        for i, item in enumerate(flight.scheduled):
+        for i, (item, completes) in enumerate(zip(flight.scheduled, flight.completes)):
             seq = item.seq
-            if not flight.completes[i]:
+            if not completes:
                 continue  # a prefill chunk: no token yet
             seq.num_pending -= 1
             request = self.requests.get(seq.request_id)
             if seq.finished or request is None:
                 continue  # the extra token of a sequence that finished (or failed) meanwhile
             try:
-                self._append_token(request, seq, sampled, i)
+                self._append_token(request, seq, tokens[i], sampled, i)
                 if not seq.finished:
                     self.scheduler.register_full_pages(seq)
                 touched[request.request_id] = request
@@ -318,14 +320,15 @@ class LLMEngine:
                 self._fail(request.request_id, "appending and detokenizing its token", e, failed)
         outputs = []
         for request in touched.values():
+            finished = request.finished
             try:
-                output = self._output(request)
+                output = self._output(request, finished)
             except Exception as e:  # noqa: BLE001 - fails this request only
                 self._fail(request.request_id, "building its output", e, failed)
                 continue
             if output is not None:
                 outputs.append(output)
-            if request.finished:
+            if finished:
                 del self.requests[request.request_id]
         return outputs
 
@@ -349,8 +352,7 @@ class LLMEngine:
             error=f"the request failed while {phase}: {error!r}",
         )
 
-    def _append_token(self, request: _Request, seq: Sequence, sampled: dict[str, np.ndarray], row: int) -> None:
-        token = int(sampled["tokens"][row])
+    def _append_token(self, request: _Request, seq: Sequence, token: int, sampled: dict[str, np.ndarray], row: int) -> None:
         params = seq.params
         seq.output_ids.append(token)
         self.num_generated_tokens += 1
@@ -395,17 +397,17 @@ class LLMEngine:
         hold = max(map(len, seq.params.stop)) - 1
         return seq.text[: max(0, len(seq.text) - hold)]
 
-    def _output(self, request: _Request) -> RequestOutput | None:
+    def _output(self, request: _Request, finished: bool) -> RequestOutput | None:
         """The request's output after a step, in its `output_kind` (None: nothing to send yet)."""
         kind = request.params.output_kind
-        if kind is RequestOutputKind.FINAL_ONLY and not request.finished:
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=request.prompt_ids,
-            outputs=[self._completion(seq, kind, request.finished) for seq in request.sequences],
-            finished=request.finished,
+            outputs=[self._completion(seq, kind, finished) for seq in request.sequences],
+            finished=finished,
         )
 
     def _completion(self, seq: Sequence, kind: RequestOutputKind, final: bool) -> CompletionOutput:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -32,6 +31,7 @@ from model_lib.layers import PagedBatch
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention import PagedMetadata
+from serving.engine.input_batch import InputBatch, StepInputs
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.step_shardings import place_serving_step
 
@@ -53,21 +53,6 @@ def bucket(n: int, smallest: int, largest: int) -> int:
     while size < n:
         size *= 2
     return min(size, largest) if n <= largest else n
-
-
-@dataclass
-class StepInputs:
-    """One step's host arrays, padded to bucket shapes."""
-
-    input_ids: np.ndarray  # [T_pad]
-    feed: np.ndarray  # [T_pad] slot whose last sampled token is this input (-1: input_ids has it)
-    batch: PagedBatch  # numpy fields
-    logits_indices: np.ndarray  # [S_pad] flat index of each sequence's last token
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(tokens, sequences, pages per sequence): what the step compiles for."""
-        return self.input_ids.shape[0], self.logits_indices.shape[0], self.batch.meta.page_tables.shape[1]
 
 
 def buckets(smallest: int, largest: int) -> list[int]:
@@ -118,6 +103,7 @@ class ModelRunner:
         self._step = jax.jit(partial(_step, self.graphdef, treedef, plan), donate_argnums=(1,), **shardings)
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
         self.compiled_shapes: set[tuple[int, int, int]] = set()
+        self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq)
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
@@ -140,35 +126,10 @@ class ModelRunner:
                           np.zeros(seq_pad, np.int32))
 
     def prepare(self, scheduled: list[ScheduledSequence]) -> StepInputs:
+        """The step's host arrays for `scheduled` (every sequence holding a slot), padded to its bucket shape."""
         num_tokens = sum(item.num_new_tokens for item in scheduled)
-        token_pad, seq_pad, page_pad = self._padded(num_tokens, len(scheduled), max(len(item.seq.pages) for item in scheduled))
-
-        input_ids = np.zeros(token_pad, np.int32)
-        feed = np.full(token_pad, -1, np.int32)
-        positions = np.zeros(token_pad, np.int32)
-        seq_lens = np.zeros(token_pad, np.int32)
-        cu_q_lens = np.zeros(seq_pad + 1, np.int32)
-        kv_lens = np.zeros(seq_pad, np.int32)
-        page_tables = np.zeros((seq_pad, page_pad), np.int32)
-        logits_indices = np.zeros(seq_pad, np.int32)
-        offset = 0
-        for i, item in enumerate(scheduled):
-            seq, n = item.seq, item.num_new_tokens
-            start, end = seq.num_computed, seq.num_computed + n
-            known = min(end, seq.num_known_tokens)  # the rest (at most one) was sampled on the device
-            input_ids[offset : offset + known - start] = seq.token_slice(start, known)
-            feed[offset + known - start : offset + n] = seq.slot
-            positions[offset : offset + n] = np.arange(start, end)
-            seq_lens[offset : offset + n] = end
-            kv_lens[i] = end
-            page_tables[i, : len(seq.pages)] = seq.pages
-            offset += n
-            cu_q_lens[i + 1] = offset
-            logits_indices[i] = offset - 1
-        cu_q_lens[len(scheduled) + 1 :] = offset
-        meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, np.int32(len(scheduled)))
-        batch = PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta)
-        return StepInputs(input_ids, feed, batch, logits_indices)
+        shape = self._padded(num_tokens, len(scheduled), max(len(item.seq.pages) for item in scheduled))
+        return self.inputs.build(scheduled, shape)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> jax.Array:
         """Dispatch one step; logits `[S_pad, V]`, row i for `scheduled[i]` (left on the device, not waited for)."""

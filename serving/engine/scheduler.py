@@ -108,14 +108,16 @@ class Scheduler:
             if seq.at_token_limit:
                 continue  # its last token is on the way
             num_new = min(seq.num_tokens - seq.num_computed, budget)
-            while self._pages_needed(seq, num_new) > self.pool.num_free():
-                victim = next(reversed(self.running))
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
-                continue
-            seq.pages += self.pool.allocate(self._pages_needed(seq, num_new))
+            needed = self._pages_needed(seq, num_new)  # 0 for most decode steps: nothing to allocate
+            if needed:
+                while needed > self.pool.num_free():
+                    victim = next(reversed(self.running))
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
+                    continue
+                seq.pages += self.pool.allocate(needed)  # in place: `InputBatch` knows a slot's rows by this list
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 
@@ -151,6 +153,8 @@ class Scheduler:
 
     def register_full_pages(self, seq: Sequence) -> None:
         """Name the pages whose tokens are all computed and known (read back from the device)."""
+        if not self.pool.enable_prefix_caching:
+            return  # keys only serve prefix matching
         page_size = self.pool.page_size
         full = min(min(seq.num_computed, seq.num_known_tokens) // page_size, len(seq.pages))
         while len(seq.page_keys) < full:

@@ -4,6 +4,8 @@ warm-up."""
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -138,4 +140,9 @@ def test_engine_host_benchmark_dry_run():
 
     result = main(["--dry-run"])
     assert set(result["host_ms"]) == {1, 4} and all(ms > 0 for ms in result["host_ms"].values())
-    assert 0 <= result["idle"]["idle_fraction"] < 1
+    assert all(ms > 0 for ms in result["host_cpu_ms"].values())
+    if shutil.which("c++") is None:
+        assert "C++ compiler" in result["idle"]["error"]
+        return
+    idle = result["idle"]
+    assert 0 <= idle["host_wait"] <= idle["idle_fraction"] < 1 and idle["step_ms"] >= idle["device_ms"]
