@@ -70,6 +70,7 @@ PAGED_CASES = {
                              dict(sinks=S((64,), jnp.float32), sliding_window=128)),
     "bloom-alibi-mha": (dict(tokens=64, seqs=8, heads=32, kv_heads=32, head_dim=128),
                         dict(alibi_slopes=S((32,), jnp.float32))),
+    "llama4-chunked-prefill": (dict(tokens=512, seqs=2, heads=40, kv_heads=8, head_dim=128), dict(chunk_size=8192)),
 }
 
 
