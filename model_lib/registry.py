@@ -83,6 +83,8 @@ ARCHITECTURES: dict[str, str] = {
     "GptOssForCausalLM": "model_lib.families.gpt_oss:GPT_OSS",
     "GraniteMoeForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE",
     "GraniteMoeSharedForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE_SHARED",
+    "Llama4ForCausalLM": "model_lib.families.llama4:LLAMA4",
+    "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",
 }
 
 

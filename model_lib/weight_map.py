@@ -16,6 +16,9 @@ are data, not code:
   first axis (`[X * out, in]`, DBRX), reshaped to `[X, out, in]` on load;
 - `tensor_renames`: whole tensor names that differ in their last part too
   (gpt-oss's `experts.gate_up_proj` is our `experts.gate_up.weight`).
+- `nested_prefix`: the prefix of the language model's tensors in a multimodal
+  checkpoint whose text path we load (Llama 4's `language_model.`), removed on load
+  and put back on save; the other towers' tensors go in `ignored`.
 
 Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
 `kernel [in, out]` (the last two axes swap, so `[X, out, in]` expert stacks too); `model_lib/checkpoint.py` handles that for all families,
@@ -104,9 +107,13 @@ class WeightMap:
     tensor_renames: tuple[tuple[str, str], ...] = ()  # (HF tensor name, our HF-style tensor name)
     expert_rows: tuple[str, ...] = ()
     bare_prefix: str = ""
+    nested_prefix: str = ""
 
     def canonical(self, hf_key: str) -> str:
-        """`hf_key` with the base-model prefix put back where a bare-model checkpoint left it out."""
+        """`hf_key` with the base-model prefix put back where a bare-model checkpoint left it out
+        (and a multimodal checkpoint's `nested_prefix` taken off)."""
+        if self.nested_prefix:
+            return hf_key.removeprefix(self.nested_prefix)
         if not self.bare_prefix or hf_key.startswith((self.bare_prefix, "lm_head.")):
             return hf_key
         return self.bare_prefix + hf_key
