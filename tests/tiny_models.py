@@ -70,6 +70,8 @@ FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hid
 BLOOM_DIMS = dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # MLP fixed at 4 x hidden
 MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)  # MLP fixed at 4 x d_model
 DECI_BUILDER = "tests.deci_reference:build_deci_checkpoint"
+GROK_BUILDER = "tests.grok_reference:build_grok_checkpoint"
+ARCTIC_BUILDER = "tests.arctic_reference:build_arctic_checkpoint"
 # MoE: 4 experts, top-2; router weights (HF names: gate, router) get large noise so that top-k is decisive.
 MOE = dict(num_experts_per_tok=2)
 GRANITE_MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)
@@ -411,6 +413,9 @@ CASES = [
         reference="language_model",
         noise=ROUTER_NOISE,
     ),
+    # Remote code with an own reference (the case's dims and overrides are its config.json fields).
+    TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",
+             builder=GROK_BUILDER),
     TinyCase(
         "glm4_moe-grouped-sigmoid",
         "Glm4MoeConfig",
@@ -481,10 +486,12 @@ ONE_PER_ARCHITECTURE = [
     "glm4_moe-grouped-sigmoid",
     "llama4-chunked-nope-moe",
     "llama4-conditional-text",
+    "grok1-softcap-moe",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
-             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "llama4-chunked-nope-moe"]
+             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "llama4-chunked-nope-moe",
+             "grok1-softcap-moe"]
 
 
 CHAT_TEMPLATE = (
