@@ -83,6 +83,7 @@ ARCHITECTURES: dict[str, str] = {
     "GptOssForCausalLM": "model_lib.families.gpt_oss:GPT_OSS",
     "GraniteMoeForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE",
     "GraniteMoeSharedForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE_SHARED",
+    "ArcticForCausalLM": "model_lib.families.arctic:ARCTIC",
     "Grok1ModelForCausalLM": "model_lib.families.grok:GROK1",
     "Llama4ForCausalLM": "model_lib.families.llama4:LLAMA4",
     "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",

@@ -416,6 +416,9 @@ CASES = [
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",
              builder=GROK_BUILDER),
+    # Layer 0 dense, layers 1 and 3 MoE beside the residual MLP (parallel_attn_mlp_res), layer 2 dense.
+    TinyCase("arctic-residual-moe", "PretrainedConfig", dict(intermediate_size=32, num_hidden_layers=4),
+             architecture="ArcticForCausalLM", builder=ARCTIC_BUILDER),
     TinyCase(
         "glm4_moe-grouped-sigmoid",
         "Glm4MoeConfig",
@@ -487,11 +490,12 @@ ONE_PER_ARCHITECTURE = [
     "llama4-chunked-nope-moe",
     "llama4-conditional-text",
     "grok1-softcap-moe",
+    "arctic-residual-moe",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
              "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "llama4-chunked-nope-moe",
-             "grok1-softcap-moe"]
+             "grok1-softcap-moe", "arctic-residual-moe"]
 
 
 CHAT_TEMPLATE = (
