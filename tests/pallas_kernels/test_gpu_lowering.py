@@ -197,6 +197,7 @@ SERVING_FAMILIES = {
     "bloom-alibi": False,
     "minicpm3-mla-longrope": False,
     "gemma2-softcaps": False,
+    "llama4-chunked-nope-moe": True,
 }
 GROUPS7 = dict(num_attention_heads=14, num_key_value_heads=2, head_dim=16, hidden_size=64)
 # (tokens, sequences, pages per sequence): a decode step for every family, and a prefill chunk where
