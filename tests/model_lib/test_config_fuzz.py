@@ -109,6 +109,10 @@ REMOTE_CODE_READS: dict[str, set[str]] = {
     "chatglm": set(),
     # Llama-derived remote code: Llama's keys (and head_dim, read by later Llama copies).
     "deci": {"attention_bias", "mlp_bias", "rms_norm_eps", "hidden_act", "rope_theta", "head_dim"},
+    # hpcai-tech's Grok-1 port: fixed rotary base, GELU and head size; Arctic: Mistral-derived
+    # attention (its sliding_window is refused by name) with Llama's keys.
+    "grok1": {"rms_norm_eps"},
+    "arctic": {"rms_norm_eps", "hidden_act", "rope_theta", "sliding_window"},
 }
 
 
