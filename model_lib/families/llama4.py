@@ -27,7 +27,7 @@ import logging
 
 from transformers import PretrainedConfig
 
-from model_lib.config import ModelConfig
+from model_lib.config import CHUNKED_ATTENTION, FULL_ATTENTION, ModelConfig
 from model_lib.families.common import GATE_UP_DOWN, PER_LAYER_TYPE, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import IDENTITY, Fused, WeightMap
@@ -47,6 +47,9 @@ def llama4_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     rope_layers = list(text.no_rope_layers)[:layers]
     if len(rope_layers) != layers:
         raise ValueError(f"no_rope_layers has {len(rope_layers)} entries for {layers} layers")
+    unknown = set(text.layer_types) - {FULL_ATTENTION, CHUNKED_ATTENTION}
+    if unknown:
+        raise ValueError(f"Llama 4 layer_types {sorted(unknown)} are not supported (only full and chunked attention)")
     fields = llama_like_fields(text, architecture, "llama4", attention_bias=True, windows=PER_LAYER_TYPE)
     temperature = bool(text.attn_temperature_tuning)
     return ModelConfig(
