@@ -487,8 +487,7 @@ ONE_PER_ARCHITECTURE = [
     "dbrx-clip-moe",
     "gpt_oss-sinks-sliding",
     "glm4_moe-grouped-sigmoid",
-    "llama4-chunked-nope-moe",
-    "llama4-conditional-text",
+    "llama4-chunked-nope-moe",  # also stands for Llama4ForConditionalGeneration: the same text model
     "grok1-softcap-moe",
     "arctic-residual-moe",
 ]
