@@ -8,6 +8,9 @@ path), written out again here: Llama attention and RMSNorms; layer i is MoE when
 `parallel_attn_mlp_res`, an MoE layer computes h = x + attn(input_layernorm(x)) and returns
 h + residual_mlp(residual_layernorm(h)) + moe(post_attention_layernorm(x)), the residual MLP
 of width hidden_size (`ArcticDecoderLayer.forward`, `ArcticMLP(is_residual_mlp=True)`).
+Source read: the model hub's remote code `modeling_arctic.py`, in a public Gaudi (optimum-habana
+style) copy whose `ArcticMLP` / `ArcticMoE._moe_foreward` / `ArcticDecoderLayer.forward` keep the
+original math; the residual order agrees with vLLM's `vllm/model_executor/models/arctic.py`.
 """
 
 from __future__ import annotations
