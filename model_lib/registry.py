@@ -66,6 +66,7 @@ ARCHITECTURES: dict[str, str] = {
     "BloomForCausalLM": "model_lib.families.bloom:BLOOM",
     "MptForCausalLM": "model_lib.families.mpt:MPT",
     "DeciLMForCausalLM": "model_lib.families.deci:DECI",
+    "NemotronNASForCausalLM": "model_lib.families.deci:DECI",  # TensorRT-LLM's name for the same checkpoints
     "InternLMForCausalLM": "model_lib.families.internlm:INTERNLM",
     "InternLM2ForCausalLM": "model_lib.families.internlm:INTERNLM2",
     "InternLM3ForCausalLM": "model_lib.families.internlm:INTERNLM3",

@@ -52,12 +52,12 @@ def block_config(attention: Any, ffn: Any) -> dict[str, Any]:
     }
 
 
-def remote_config(llama: transformers.LlamaConfig, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+def remote_config(llama: transformers.LlamaConfig, blocks: list[dict[str, Any]], architecture: str = ARCHITECTURE) -> dict[str, Any]:
     """config.json of a DeciLM checkpoint (Llama fields, legacy rotary keys, per-layer blocks)."""
     rope = dict(llama.rope_parameters)
     theta = rope.pop("rope_theta")
     return {
-        "architectures": [ARCHITECTURE],
+        "architectures": [architecture],
         "model_type": "nemotron-nas",
         "auto_map": {
             "AutoConfig": "configuration_decilm.DeciLMConfig",
@@ -190,12 +190,14 @@ def build_deci_checkpoint(case: TinyCase, folder: Path) -> nn.Module:
                 nn.init.normal_(module.weight, std=llama.initializer_range)
     model = model.float().eval()
     _perturb(model)
-    write_deci_checkpoint(folder, model.state_dict(), llama, layers)
-    model.config.architectures = [ARCHITECTURE]
+    architecture = case.architecture or ARCHITECTURE
+    write_deci_checkpoint(folder, model.state_dict(), llama, layers, architecture)
+    model.config.architectures = [architecture]
     return model
 
 
-def write_deci_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], llama: transformers.LlamaConfig, layers) -> None:
+def write_deci_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], llama: transformers.LlamaConfig, layers,
+                          architecture: str = ARCHITECTURE) -> None:
     """config.json in the remote layout, the tensors as safetensors, and the tiny tokenizer."""
     tensors = {k: v for k, v in tensors.items() if "rotary_emb" not in k}
-    write_remote_checkpoint(folder, tensors, remote_config(llama, [block_config(a, f) for a, f in layers]))
+    write_remote_checkpoint(folder, tensors, remote_config(llama, [block_config(a, f) for a, f in layers], architecture))

@@ -254,6 +254,14 @@ CASES = [
         architecture="DeciLMForCausalLM",
         builder=DECI_BUILDER,
     ),
+    # TensorRT-LLM's name for the same checkpoints.
+    TinyCase(
+        "nemotron_nas-name",
+        "LlamaConfig",
+        dict(num_key_value_heads=2, intermediate_size=256, **SMALL_TOKENS),
+        architecture="NemotronNASForCausalLM",
+        builder=DECI_BUILDER,
+    ),
     # Remote-code layouts, checked against the native class they re-pack.
     TinyCase(
         "internlm-bias-dynamic",
