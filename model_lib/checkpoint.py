@@ -380,7 +380,8 @@ def hf_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndar
         module, _, leaf = weight_map.tensor_to_ours(name).rpartition(".")
         if leaf == "weight" and weight_map.is_conv1d(module):
             array = _swap_last(array)
-        yield name, (array.reshape(-1, *array.shape[2:]) if weight_map.is_expert_rows(module) else array)
+        array = array.reshape(-1, *array.shape[2:]) if weight_map.is_expert_rows(module) else array
+        yield weight_map.nested_prefix + name, array
 
 
 def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:

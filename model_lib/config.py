@@ -15,6 +15,7 @@ from typing import Any
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 MAX_MTP_LAYERS = 16  # a bound on `num_mtp_layers` read from a config (DeepSeek-V3 has 1)
+CHUNKED_ATTENTION = "chunked_attention"  # Llama 4: keys in the query's own chunk of `attention_chunk_size` positions
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     # Norm of q and k over head_dim before rotary: "head" shares the weight across heads
-    # (Qwen3, Gemma3, Phi), "per_head" has one per head (Cohere); "none".
+    # (Qwen3, Gemma3, Phi), "per_head" has one per head (Cohere); "l2": Llama 4's weightless
+    # RMS norm (eps `norm_eps`) AFTER rotary, on layers with rotary only; "none".
     qk_norm: str = "none"
     clip_qkv: float | None = None  # clamp q, k, v to [-c, c] (MPT, DBRX)
     attention_scale: float | None = None  # None -> head_dim ** -0.5
@@ -113,6 +115,12 @@ class ModelConfig:
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit `self_attn.sinks` in each softmax
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
+    attention_chunk_size: int | None = None  # chunked_attention layers (Llama 4)
+    nope_layers: tuple[bool, ...] = ()  # per layer: True = no rotary (Llama 4's NoPE layers); empty: none
+    # Llama 4's attention temperature tuning on NoPE layers: queries at position p are scaled by
+    # 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor_scale)).
+    attn_temperature_floor_scale: int | None = None
+    attn_temperature_scale: float = 0.0
     rope: RopeConfig | None = None  # full-attention layers (all layers if rope_local is None)
     rope_local: RopeConfig | None = None  # sliding-window layers, where they differ (Gemma3)
     # Multi-head latent attention (MiniCPM3, DeepSeek-V2/V3) when attention_kind == "mla".
@@ -149,12 +157,15 @@ class ModelConfig:
     # with groups, within the best `moe_topk_group` groups by their best expert: DeepSeek-V2's
     # group_limited_greedy), "sparsemixer" (PhiMoE), "sigmoid" (Glm4-MoE/DeepSeek-V3: sigmoid
     # scores, top-k of score + correction bias within the best `moe_topk_group` of
-    # `moe_num_groups` groups by the sum of their best two).
+    # `moe_num_groups` groups by the sum of their best two), "topk_sigmoid" (Llama 4: top-k of
+    # the logits, each weight the sigmoid of its logit).
+    # `moe_scale_input` (Llama 4): the weight scales each expert's input instead of its output.
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     moe_layers: tuple[bool, ...] = ()  # per layer; empty: no MoE layer
     router_kind: str = "softmax"
+    moe_scale_input: bool = False
     norm_topk_prob: bool = True
     router_bias: bool = False  # gpt-oss
     router_jitter: float = 0.0  # PhiMoE's sparsemixer threshold (router_jitter_noise)
@@ -167,6 +178,11 @@ class ModelConfig:
     expert_swiglu_alpha: float = 1.702
     shared_expert_size: int = 0  # width of the always-on shared expert (0: none)
     shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(x @ w)
+    # Arctic's `parallel_attn_mlp_res`: an MoE layer's MoE reads the block input x (its norm
+    # `post_attention_layernorm`) in parallel with attention, and a dense `residual_mlp` of this
+    # width (behind `residual_layernorm`) runs on the post-attention stream h:
+    # out = h + residual_mlp(residual_layernorm(h)) + moe(post_attention_layernorm(x)), h = x + attn(...).
+    moe_residual_mlp_size: int = 0
     router_aux_loss_coef: float = 0.0  # load-balancing loss weight for full fine-tuning
     # Multi-token-prediction blocks the checkpoint holds after the stack (DeepSeek-V3's
     # `num_nextn_predict_layers`, tensors `model.layers.{num_layers + k}.*`): loaded and kept
@@ -201,6 +217,15 @@ class ModelConfig:
             )
         if SLIDING_ATTENTION in self.layer_types and not self.sliding_window:
             raise ValueError("sliding-window layers need a positive sliding_window")
+        if CHUNKED_ATTENTION in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
+            raise ValueError("chunked-attention layers need a positive attention_chunk_size")
+        unknown_types = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION, CHUNKED_ATTENTION}
+        if unknown_types:
+            raise ValueError(f"unknown layer_types {sorted(unknown_types)}")
+        if self.nope_layers and len(self.nope_layers) != self.num_layers:
+            raise ValueError(f"nope_layers has {len(self.nope_layers)} entries for {self.num_layers} layers")
+        if self.attn_temperature_floor_scale is not None and self.attn_temperature_floor_scale < 1:
+            raise ValueError(f"attn_temperature_floor_scale must be >= 1, got {self.attn_temperature_floor_scale}")
         if (self.position_embedding == "alibi") != (self.alibi_slopes is not None):
             raise ValueError("alibi_slopes are set exactly when position_embedding is 'alibi'")
         if self.alibi_slopes is not None and len(self.alibi_slopes) != self.num_heads:
@@ -209,14 +234,16 @@ class ModelConfig:
             ("position_embedding", self.position_embedding, ("rope", "learned", "alibi", "none")),
             ("block_norms", self.block_norms, ("pre", "sandwich", "post", "post_residual")),
             ("parallel_block", self.parallel_block, ("none", "shared_norm", "two_norms")),
-            ("qk_norm", self.qk_norm, ("none", "head", "per_head")),
+            ("qk_norm", self.qk_norm, ("none", "head", "per_head", "l2")),
             ("attention_kind", self.attention_kind, ("standard", "mla")),
-            ("router_kind", self.router_kind, ("softmax", "sparsemixer", "sigmoid")),
+            ("router_kind", self.router_kind, ("softmax", "sparsemixer", "sigmoid", "topk_sigmoid")),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
         if self.parallel_block != "none" and self.block_norms != "pre":
             raise ValueError("parallel blocks take pre norms only")
+        if self.moe_residual_mlp_size and (self.block_norms != "pre" or self.parallel_block != "none"):
+            raise ValueError("an MoE residual MLP (Arctic) needs sequential blocks with pre norms")
         if self.attention_kind == "mla" and (
             self.num_kv_heads != self.num_heads
             or self.head_dim < max(self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim)
@@ -275,7 +302,13 @@ class ModelConfig:
         """Sliding window of one layer, or None for full attention."""
         return self.sliding_window if self.layer_types[layer] == SLIDING_ATTENTION else None
 
+    def layer_chunk(self, layer: int) -> int | None:
+        """Attention chunk size of one layer, or None when it is not a chunked-attention layer."""
+        return self.attention_chunk_size if self.layer_types[layer] == CHUNKED_ATTENTION else None
+
     def layer_rope(self, layer: int) -> RopeConfig | None:
+        if self.nope_layers and self.nope_layers[layer]:
+            return None
         if self.rope_local is not None and self.layer_types[layer] == SLIDING_ATTENTION:
             return self.rope_local
         return self.rope

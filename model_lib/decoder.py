@@ -49,6 +49,8 @@ class DecoderLayer(nnx.Module):
     and the second norm of a `two_norms` parallel block. In `pre` blocks either
     sublayer may be a single linear projection or absent (`layer_attention`,
     `layer_mlp`); an absent sublayer takes its norm with it and passes x through.
+    Arctic's MoE layers (`moe_residual_mlp_size`) run the MoE on the block input beside a
+    dense `residual_mlp` on the post-attention stream (see `ModelConfig`).
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
@@ -75,6 +77,9 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = make_norm(config)
         if config.block_norms in ("sandwich", "post", "post_residual"):
             self.post_feedforward_layernorm = make_norm(config)
+        residual_mlp = config.moe_residual_mlp_size if config.is_moe_layer(layer) else 0
+        self.residual_layernorm = make_norm(config) if residual_mlp else None
+        self.residual_mlp = MLP(config, intermediate_size=residual_mlp, rngs=rngs) if residual_mlp else None
 
     def __call__(self, x: jax.Array, batch: Batch, kv_cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         scale = self.residual_multiplier
@@ -91,6 +96,11 @@ class DecoderLayer(nnx.Module):
             attn_out, kv_cache = self.self_attn(x, batch, kv_cache)
             x = x + scale * self.post_attention_layernorm(attn_out)
             return x + scale * self.post_feedforward_layernorm(self.mlp(x)), kv_cache
+        if self.residual_mlp is not None:
+            attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)
+            h = x + scale * attn_out
+            moe_out = self.mlp(self.post_attention_layernorm(x))
+            return h + scale * (self.residual_mlp(self.residual_layernorm(h)) + moe_out), kv_cache
         if self.block_norms == "pre":
             if self.self_attn is not None:
                 attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)

@@ -100,13 +100,14 @@ def linear_layers(model: nnx.Module) -> dict[str, Linear]:
 
 
 def _hf_module(path: str, family: Family) -> str:
+    """The HF module path PEFT names (inside a multimodal checkpoint: under its `nested_prefix`)."""
     fused = family.weight_map.fused_for_ours(path)
-    return fused[1] if fused else family.weight_map.module_to_hf(path)
+    return family.weight_map.nested_prefix + (fused[1] if fused else family.weight_map.module_to_hf(path))
 
 
 def _matches(hf_module: str, targets: list[str] | str) -> bool:
     if targets == "all-linear":
-        return hf_module != OUTPUT_HEAD
+        return hf_module != OUTPUT_HEAD and not hf_module.endswith("." + OUTPUT_HEAD)
     if isinstance(targets, str):
         return re.fullmatch(targets, hf_module) is not None
     return any(hf_module == t or hf_module.endswith("." + t) for t in targets)

@@ -66,6 +66,7 @@ ARCHITECTURES: dict[str, str] = {
     "BloomForCausalLM": "model_lib.families.bloom:BLOOM",
     "MptForCausalLM": "model_lib.families.mpt:MPT",
     "DeciLMForCausalLM": "model_lib.families.deci:DECI",
+    "NemotronNASForCausalLM": "model_lib.families.deci:DECI",  # TensorRT-LLM's name for the same checkpoints
     "InternLMForCausalLM": "model_lib.families.internlm:INTERNLM",
     "InternLM2ForCausalLM": "model_lib.families.internlm:INTERNLM2",
     "InternLM3ForCausalLM": "model_lib.families.internlm:INTERNLM3",
@@ -85,7 +86,10 @@ ARCHITECTURES: dict[str, str] = {
     "GraniteMoeSharedForCausalLM": "model_lib.families.granite_moe:GRANITE_MOE_SHARED",
     "DeepseekV2ForCausalLM": "model_lib.families.deepseek:DEEPSEEK_V2",
     "DeepseekV3ForCausalLM": "model_lib.families.deepseek:DEEPSEEK_V3",
-    "NemotronNASForCausalLM": "model_lib.families.deci:DECI",  # TensorRT-LLM's name for DeciLM
+    "ArcticForCausalLM": "model_lib.families.arctic:ARCTIC",
+    "Grok1ModelForCausalLM": "model_lib.families.grok:GROK1",
+    "Llama4ForCausalLM": "model_lib.families.llama4:LLAMA4",
+    "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",
 }
 
 

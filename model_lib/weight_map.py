@@ -19,6 +19,9 @@ are data, not code:
 - `relocated`: module subtrees held elsewhere in our model, applied after the
   mappings above (DeepSeek-V3's MTP block `model.layers.{N}` is our `mtp.0`, so its
   experts stack and its shared experts rename as every layer's do).
+- `nested_prefix`: the prefix of the language model's tensors in a multimodal
+  checkpoint whose text path we load (Llama 4's `language_model.`), removed on load
+  and put back on save; the other towers' tensors go in `ignored`.
 
 Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
 `kernel [in, out]` (the last two axes swap, so `[X, out, in]` expert stacks too); `model_lib/checkpoint.py` handles that for all families,
@@ -108,6 +111,7 @@ class WeightMap:
     expert_rows: tuple[str, ...] = ()
     bare_prefix: str = ""
     relocated: tuple[tuple[str, str], ...] = ()  # (module path as mapped from HF, our module path)
+    nested_prefix: str = ""
 
     def _relocate(self, module: str, inverse: bool = False) -> str:
         for mapped, ours in self.relocated:
@@ -117,7 +121,10 @@ class WeightMap:
         return module
 
     def canonical(self, hf_key: str) -> str:
-        """`hf_key` with the base-model prefix put back where a bare-model checkpoint left it out."""
+        """`hf_key` with the base-model prefix put back where a bare-model checkpoint left it out
+        (and a multimodal checkpoint's `nested_prefix` taken off)."""
+        if self.nested_prefix:
+            return hf_key.removeprefix(self.nested_prefix)
         if not self.bare_prefix or hf_key.startswith((self.bare_prefix, "lm_head.")):
             return hf_key
         return self.bare_prefix + hf_key

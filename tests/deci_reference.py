@@ -15,18 +15,17 @@ standard, and that Llama is the reference.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 import transformers
-from safetensors.torch import save_file
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from tests.tiny_models import VOCAB, TinyCase, build_tokenizer
+from tests.own_reference import GreedyReference, write_remote_checkpoint
+from tests.tiny_models import TinyCase
 
 ARCHITECTURE = "DeciLMForCausalLM"
 
@@ -53,9 +52,7 @@ def block_config(attention: Any, ffn: Any) -> dict[str, Any]:
     }
 
 
-def remote_config(
-    llama: transformers.LlamaConfig, blocks: list[dict[str, Any]], architecture: str = ARCHITECTURE
-) -> dict[str, Any]:
+def remote_config(llama: transformers.LlamaConfig, blocks: list[dict[str, Any]], architecture: str = ARCHITECTURE) -> dict[str, Any]:
     """config.json of a DeciLM checkpoint (Llama fields, legacy rotary keys, per-layer blocks)."""
     rope = dict(llama.rope_parameters)
     theta = rope.pop("rope_theta")
@@ -143,7 +140,7 @@ def _intermediate_size(ffn_mult: float, hidden: int) -> int:
     return size if size % 256 == 0 else size + 256 - size % 256
 
 
-class DeciReference(nn.Module):
+class DeciReference(GreedyReference):
     """`DeciLMForCausalLM` forward on CPU; module names are the checkpoint's tensor names."""
 
     def __init__(self, config: transformers.LlamaConfig, layers: list[tuple[Any, Any]]):
@@ -165,18 +162,6 @@ class DeciReference(nn.Module):
         for layer in self.model.layers:
             x = layer(x, position_embeddings, mask)
         return SimpleNamespace(logits=self.lm_head(self.model.norm(x)))
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False, **_: Any) -> torch.Tensor:
-        """Greedy decoding of one prompt, stopping after an EOS token (transformers' `generate`)."""
-        assert not do_sample and input_ids.shape[0] == 1
-        eos = self.config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
-        for _ in range(max_new_tokens):
-            token = self(input_ids).logits[0, -1].argmax()
-            input_ids = torch.cat([input_ids, token.view(1, 1)], dim=1)
-            if int(token) in eos:
-                break
-        return input_ids
 
 
 def _perturb(model: nn.Module) -> None:
@@ -211,14 +196,8 @@ def build_deci_checkpoint(case: TinyCase, folder: Path) -> nn.Module:
     return model
 
 
-def write_deci_checkpoint(
-    folder: Path, tensors: dict[str, torch.Tensor], llama: transformers.LlamaConfig, layers, architecture: str = ARCHITECTURE
-) -> None:
+def write_deci_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], llama: transformers.LlamaConfig, layers,
+                          architecture: str = ARCHITECTURE) -> None:
     """config.json in the remote layout, the tensors as safetensors, and the tiny tokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in tensors.items() if "rotary_emb" not in k}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = remote_config(llama, [block_config(a, f) for a, f in layers], architecture)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    if llama.vocab_size == VOCAB:
-        build_tokenizer().save_pretrained(folder)
+    tensors = {k: v for k, v in tensors.items() if "rotary_emb" not in k}
+    write_remote_checkpoint(folder, tensors, remote_config(llama, [block_config(a, f) for a, f in layers], architecture))

@@ -38,6 +38,12 @@ class TinyCase:
     # "module:function" that writes the checkpoint itself (no native class holds the
     # same weights) and returns its torch reference, e.g. tests/deci_reference.py.
     builder: str | None = None
+    # The transformers class to build where AutoModelForCausalLM would pick another
+    # (Llama 4's conditional-generation checkpoint, whose text path we load).
+    model_class: str | None = None
+    # The submodule of the built model that is the reference (a conditional checkpoint's
+    # `language_model`; transformers' Llama 4 conditional forward fails without images).
+    reference: str | None = None
     # Extra noise (regex over parameter / persistent buffer names -> std), e.g. to make MoE
     # routers decisive so that float rounding never decides a top-k choice.
     noise: dict[str, float] = field(default_factory=dict)
@@ -64,6 +70,8 @@ FALCON_DIMS = dict(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_hid
 BLOOM_DIMS = dict(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # MLP fixed at 4 x hidden
 MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len=64)  # MLP fixed at 4 x d_model
 DECI_BUILDER = "tests.deci_reference:build_deci_checkpoint"
+GROK_BUILDER = "tests.grok_reference:build_grok_checkpoint"
+ARCTIC_BUILDER = "tests.arctic_reference:build_arctic_checkpoint"
 # MoE: 4 experts, top-2; router weights (HF names: gate, router) get large noise so that top-k is decisive.
 MOE = dict(num_experts_per_tok=2)
 GRANITE_MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)
@@ -71,6 +79,25 @@ ROUTER_NOISE = {r".*\.(gate|router(\.layer)?)\.weight": 0.5}
 # DeepSeek MoE: 8 experts of width 32 (2 per token), one shared expert, the first layer dense.
 DEEPSEEK_MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1)
 DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0)
+# Llama 4: layer 2 NoPE (full attention, temperature tuning within SEQ_LEN), layers 0-1 rotary with
+# chunks of 4 positions and q/k L2 norm; layers 1 and 2 MoE (4 experts, sigmoid top-1 scaling the input).
+LLAMA4_TEXT = dict(
+    num_hidden_layers=3,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=32,
+    intermediate_size_mlp=96,
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    moe_layers=[1, 2],
+    no_rope_layers=[1, 1, 0],
+    attention_chunk_size=4,
+    floor_scale=3,
+    attn_scale=0.5,
+    **SMALL_TOKENS,
+)
+LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                     patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -369,6 +396,40 @@ CASES = [
         ),
         noise={**ROUTER_NOISE, r".*\.sinks": 1.0},
     ),
+    TinyCase("llama4-chunked-nope-moe", "Llama4TextConfig", LLAMA4_TEXT, noise=ROUTER_NOISE),
+    # The text path of a conditional-generation checkpoint (vision tower saved, not loaded): top-2
+    # routing, no q/k norm, llama3 rotary, no temperature tuning, every layer MoE.
+    TinyCase(
+        "llama4-conditional-text",
+        "Llama4Config",
+        dict(
+            text_config={
+                **DIMS,
+                **LLAMA4_TEXT,
+                "num_experts_per_tok": 2,
+                "moe_layers": None,
+                "interleave_moe_layer_step": 1,
+                "use_qk_norm": False,
+                "attn_temperature_tuning": False,
+                "num_hidden_layers": 2,
+                "no_rope_layers": [1, 0],
+                "rope_parameters": {**LLAMA3, "rope_theta": 500_000.0},
+            },
+            vision_config=LLAMA4_VISION,
+            **SMALL_TOKENS,
+        ),
+        dims={},
+        architecture="Llama4ForConditionalGeneration",
+        model_class="Llama4ForConditionalGeneration",
+        reference="language_model",
+        noise=ROUTER_NOISE,
+    ),
+    # Remote code with an own reference (the case's dims and overrides are its config.json fields).
+    TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",
+             builder=GROK_BUILDER),
+    # Layer 0 dense, layers 1 and 3 MoE beside the residual MLP (parallel_attn_mlp_res), layer 2 dense.
+    TinyCase("arctic-residual-moe", "PretrainedConfig", dict(intermediate_size=32, num_hidden_layers=4),
+             architecture="ArcticForCausalLM", builder=ARCTIC_BUILDER),
     TinyCase(
         "glm4_moe-grouped-sigmoid",
         "Glm4MoeConfig",
@@ -484,10 +545,14 @@ ONE_PER_ARCHITECTURE = [
     "glm4_moe-grouped-sigmoid",
     "deepseek_v2-lite-grouped-yarn",
     "deepseek_v3-noaux-yarn",
+    "llama4-chunked-nope-moe",  # also stands for Llama4ForConditionalGeneration: the same text model
+    "grok1-softcap-moe",
+    "arctic-residual-moe",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
-             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "deepseek_v2-lite-grouped-yarn", "deepseek_v3-noaux-yarn"]
+             "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "deepseek_v2-lite-grouped-yarn", "deepseek_v3-noaux-yarn",
+             "llama4-chunked-nope-moe", "grok1-softcap-moe", "arctic-residual-moe"]
 
 
 CHAT_TEMPLATE = (
@@ -529,7 +594,10 @@ def build_checkpoint(case: TinyCase, folder: Path):
         return getattr(importlib.import_module(module), function)(case, folder)
     torch.manual_seed(0)
     config = case.hf_config()
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if case.model_class is None:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    else:
+        model = getattr(transformers, case.model_class)(config).float().eval()
     # Random init leaves norms at 1 / 0; perturb every parameter so each one matters.
     with torch.no_grad():
         for p in model.parameters():
@@ -547,7 +615,7 @@ def build_checkpoint(case: TinyCase, folder: Path):
         write(case.layout, model, folder, case.architecture, **case.layout_options)
     if case.dims.get("vocab_size", VOCAB) == VOCAB:
         build_tokenizer().save_pretrained(folder)
-    return model
+    return model if case.reference is None else getattr(model, case.reference)
 
 
 def _reset_dynamic_rope(model) -> None:

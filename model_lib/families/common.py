@@ -269,6 +269,7 @@ def expert_stack(hf_experts: str, names: dict[str, str]) -> tuple[Stacked, ...]:
 
 
 GATE_UP_DOWN = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+W1_W3_W2 = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral-style expert names
 
 
 def qkv_fused(hf_module: str, layout: Callable[[ModelConfig], tuple[int, tuple[int, ...]]] = qkv_concatenated) -> Fused:

@@ -1,11 +1,12 @@
 """Self-attention: projections, optional q/k norm, rotary, and the one dispatch point.
 
 Covers MHA, GQA and MQA (`num_kv_heads` 1..num_heads, per layer where the config
-says so), per-layer sliding window,
+says so), per-layer sliding window or attention chunk (Llama 4),
 per-layer rotary (Gemma3's local/global bases) or none (ALiBi, NoPE layers),
 ALiBi slopes, attention sinks, attention soft-cap, q/k norms, q/k/v clipping, a
-custom query scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`) and
-Qwen's log-length query scaling past the trained length.
+custom query scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`),
+Qwen's log-length query scaling past the trained length, and Llama 4's q/k L2 norm
+after rotary and attention temperature tuning on its NoPE layers.
 
 Glossary: B batch, T tokens, P pages, E hidden, H heads, K kv heads, D head_dim.
 """
@@ -68,9 +69,12 @@ def attend(
     softcap: float | None,
     alibi_slopes: jax.Array | None = None,
     sinks: jax.Array | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """The single point where attention leaves the model for `pallas_kernels`."""
     options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
+    if chunk_size is not None:
+        options["chunk_size"] = chunk_size
     if alibi_slopes is not None:
         options["alibi_slopes"] = alibi_slopes
     if sinks is not None:
@@ -110,6 +114,18 @@ def logn_query_scale(positions: jax.Array, length: int) -> jax.Array:
     return jnp.where(count > length, jnp.log(count) / jnp.log(float(length)), 1.0)
 
 
+def temperature_query_scale(positions: jax.Array, floor_scale: int, scale: float) -> jax.Array:
+    """Llama 4's per-token query factor on NoPE layers: 1 + scale * log(1 + floor((p + 1) / floor_scale))."""
+    steps = jnp.floor((positions.astype(jnp.float32) + 1.0) / floor_scale)
+    return jnp.log1p(steps) * scale + 1.0
+
+
+def l2_norm(x: jax.Array, eps: float) -> jax.Array:
+    """Weightless RMS norm over the last axis, in float32 (Llama 4's q/k `L2Norm`)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
@@ -118,7 +134,15 @@ class Attention(nnx.Module):
         self.scale = config.query_scale
         self.softcap = config.attn_logit_softcap
         self.sliding_window = config.layer_window(layer)
+        self.chunk_size = config.layer_chunk(layer)
         self.rope = config.layer_rope(layer)
+        # Llama 4: L2 norm after rotary on rotary layers, temperature tuning on the others.
+        self.l2_qk_eps = config.norm_eps if config.qk_norm == "l2" and self.rope is not None else None
+        self.temperature = (
+            (config.attn_temperature_floor_scale, config.attn_temperature_scale)
+            if config.attn_temperature_floor_scale is not None and self.rope is None
+            else None
+        )
         self.alibi_slopes = config.alibi_slopes
         self.clip_qkv = config.clip_qkv
         self.logn_length = config.logn_attention_length
@@ -130,6 +154,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(q_dim, hidden, axes=("q_heads", "embed"), use_bias=config.o_bias, **common)
         norm_shapes = {
             "none": (None, None),
+            "l2": (None, None),
             "head": (self.head_dim, self.head_dim),
             "per_head": ((self.num_heads, self.head_dim), (self.num_kv_heads, self.head_dim)),
         }[config.qk_norm]
@@ -159,6 +184,11 @@ class Attention(nnx.Module):
             cos, sin = rotary_cos_sin(self.rope, batch.positions, batch.seq_lens, q.dtype)
             q = apply_rotary(q, cos, sin, self.rope.interleaved)
             k = apply_rotary(k, cos, sin, self.rope.interleaved)
+        if self.l2_qk_eps is not None:
+            q, k = l2_norm(q, self.l2_qk_eps), l2_norm(k, self.l2_qk_eps)
+        if self.temperature is not None:
+            factor = temperature_query_scale(batch.positions, *self.temperature)
+            q = (q.astype(jnp.float32) * factor[..., None, None]).astype(q.dtype)
         if self.logn_length is not None:
             q = q * logn_query_scale(batch.positions, self.logn_length).astype(q.dtype)[..., None, None]
         slopes = None if self.alibi_slopes is None else jnp.asarray(self.alibi_slopes, jnp.float32)
@@ -173,6 +203,7 @@ class Attention(nnx.Module):
             softcap=self.softcap,
             alibi_slopes=slopes,
             sinks=None if self.sinks is None else self.sinks[...],
+            chunk_size=self.chunk_size,
         )
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache
 

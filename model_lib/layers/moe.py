@@ -17,7 +17,10 @@ Router kinds (`ModelConfig.router_kind`):
 - "sigmoid": Glm4-MoE / DeepSeek-V3: sigmoid scores; choice by score +
   `e_score_correction_bias` within the best `moe_topk_group` of `moe_num_groups`
   groups; weights are the plain scores, optionally renormalised.
-All kinds then scale by `routed_scaling_factor`. An optional shared expert (a
+- "topk_sigmoid": Llama 4: top-k of the logits, each weight the sigmoid of its logit.
+All kinds then scale by `routed_scaling_factor`. With `moe_scale_input` (Llama 4) the
+weight multiplies each (token, expert) pair's input and the expert outputs are summed
+unweighted. An optional shared expert (a
 plain MLP, Qwen2-MoE's behind a sigmoid gate) is added to the routed output.
 
 The router's load-balancing loss (transformers' `load_balancing_loss_func`) is
@@ -130,6 +133,9 @@ def route(config: ModelConfig, logits: jax.Array, correction_bias: jax.Array | N
         weights, ids = jax.lax.top_k(scores, k)
         if config.norm_topk_prob:
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    elif config.router_kind == "topk_sigmoid":
+        top, ids = jax.lax.top_k(logits, k)
+        weights = jax.nn.sigmoid(top)
     elif config.router_kind == "sparsemixer":
         first, w1 = _sparsemixer_pick(logits, logits, config.router_jitter)
         rest = jnp.put_along_axis(logits, first, -jnp.inf, axis=-1, inplace=False)
@@ -232,7 +238,15 @@ class MoE(nnx.Module):
         correction = None if self.gate.e_score_correction_bias is None else self.gate.e_score_correction_bias[...]
         ids, weights = route(self.config, logits, correction)  # [T, k]
         # Under a mesh (`parallel.kernel_plan`) each expert shard runs its own experts.
-        out = parallel.routed_experts(self.experts, tokens, ids, weights, apply_experts, combine).astype(x.dtype)
+        if self.config.moe_scale_input:
+            # Each (token, expert) pair is its own row, scaled before its expert; unit combine weights.
+            k = ids.shape[-1]
+            pairs = (tokens[:, None, :] * weights[..., None].astype(tokens.dtype)).reshape(-1, hidden)  # [T*k, E]
+            unit = jnp.ones((pairs.shape[0], 1), jnp.float32)
+            out = parallel.routed_experts(self.experts, pairs, ids.reshape(-1, 1), unit, apply_experts, combine)
+            out = jnp.sum(out.reshape(-1, k, hidden), axis=1).astype(x.dtype)
+        else:
+            out = parallel.routed_experts(self.experts, tokens, ids, weights, apply_experts, combine).astype(x.dtype)
 
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)

@@ -41,7 +41,7 @@ def ragged_paged_attention(
     **options,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`,
-    `sinks`, `alibi_slopes`.
+    `sinks`, `alibi_slopes`, `chunk_size`.
 
     Returns (out [T,H,D], k_cache, v_cache).
     """

@@ -19,8 +19,10 @@ The batch layout travels as one `PagedMetadata`:
 
 The new tokens of sequence s sit at positions `kv_lens[s] - q_len(s) ...
 kv_lens[s] - 1`; they are written into their pages, then every token attends
-causally to its own sequence (optionally within a sliding window, with a
-soft-cap, with per-head attention sinks and with ALiBi).
+causally to its own sequence (optionally within a sliding window, or within its
+chunk of `chunk_size` positions (Llama 4's chunked local attention: key and
+query share floor(pos / chunk_size)), with a soft-cap, with per-head attention
+sinks and with ALiBi).
 
 ALiBi (`alibi_slopes [H]`, one slope per query head): `logits = softcap(scale *
 q.k) + slope[h] * (k_pos - q_pos)`, with q_pos the token's position in its
@@ -87,11 +89,12 @@ def attention_weights(
     softcap: float | None,
     sinks: jax.Array | None,
     alibi_slopes: jax.Array | None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Scaled logits `[..., K, G, L]` over keys 0..L-1 of each row's sequence -> float32 softmax weights.
 
     `positions` and `valid` (shape `[...]`) give each query row's position and whether it is real;
-    soft-cap, ALiBi, the causal/window mask and the sinks apply as the module docstring says.
+    soft-cap, ALiBi, the causal/window/chunk mask and the sinks apply as the module docstring says.
     """
     num_kv_heads, groups, num_keys = logits.shape[-3:]
     if softcap is not None:
@@ -104,6 +107,8 @@ def attention_weights(
     visible = (kv_index <= q_pos) & valid[..., None, None, None]
     if sliding_window is not None:
         visible &= q_pos - kv_index < sliding_window
+    if chunk_size is not None:
+        visible &= kv_index // chunk_size == q_pos // chunk_size
     logits = jnp.where(visible, logits, MASK_VALUE)
 
     row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -128,6 +133,7 @@ def paged_attention(
     softcap: float | None = None,
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV; `[T, H, D]`."""
     num_tokens, num_heads, head_dim = q.shape
@@ -142,7 +148,7 @@ def paged_attention(
     qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                              alibi_slopes=alibi_slopes).astype(values.dtype)
+                              alibi_slopes=alibi_slopes, chunk_size=chunk_size).astype(values.dtype)
     out = jnp.einsum("tkgs,ktsd->tkgd", probs, values, preferred_element_type=jnp.float32)
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)

@@ -60,6 +60,7 @@ def paged_attention(
     softcap: float | None = None,
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV; `[T, H, D]` (see `reference.py`)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -68,7 +69,7 @@ def paged_attention(
     rows = tile_size(num_tokens, meta.kv_lens.shape[0])
     if rows == 1:  # one-row tiles are the tokens themselves: the reference's own layout (decode steps)
         return reference.paged_attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
-                                         softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes)
+                                         softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, chunk_size=chunk_size)
     seq, token, positions, valid = tile_layout(meta, num_tokens, rows)
     num_tiles = seq.shape[0]
     pages = meta.page_tables[seq]  # [N, M]
@@ -79,7 +80,7 @@ def paged_attention(
     qg = q.at[token].get(mode="fill", fill_value=0).reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("nqkgd,knsd->nqkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                              alibi_slopes=alibi_slopes).astype(values.dtype)
+                              alibi_slopes=alibi_slopes, chunk_size=chunk_size).astype(values.dtype)
     out = jnp.einsum("nqkgs,knsd->nqkgd", probs, values, preferred_element_type=jnp.float32)
     out = out.reshape(num_tiles * rows, num_heads, head_dim).astype(q.dtype)
     # Every real token sits in exactly one tile row; padding rows point past the end and drop.

@@ -9,7 +9,8 @@ group) and cut into q-blocks of `R` rows that never straddle two sequences. Any 
 works: a block's rows need not align with tokens. Program `(b, h, s)` takes q-block
 `b`, kv head `h` and KV split `s`, and runs an online softmax over its share of the
 sequence's pages, `BLOCK_K` tokens per iteration (`BLOCK_K // B` pages), skipping
-pages that causality or the sliding window rule out, pipelined `num_stages` deep.
+pages that causality, the sliding window or the attention chunk rule out, pipelined
+`num_stages` deep.
 The grid has a static upper bound of q-blocks (`T * G // R + S`); programs past the
 real count return at once.
 
@@ -123,6 +124,7 @@ def _kernel(
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
+    chunk_size: int | None,
 ):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     seq = block_seq_ref[b]
@@ -146,6 +148,9 @@ def _kernel(
         lo = 0
         if sliding_window is not None:
             lo = jnp.maximum(first_pos + row0 // groups - q_start - sliding_window + 1, 0) // block_k
+        if chunk_size is not None:  # the first row's chunk starts here; later rows' chunks start later
+            chunk_start = (first_pos + row0 // groups - q_start) // chunk_size * chunk_size
+            lo = jnp.maximum(lo, chunk_start // block_k)
         per_split = pl.cdiv(hi - lo, num_splits)
         split_lo = lo + split * per_split
         split_hi = jnp.minimum(hi, split_lo + per_split)
@@ -202,6 +207,8 @@ def _kernel(
             visible = (kv_pos <= row_pos[:, None]) & (kv_pos < kv_len)
             if sliding_window is not None:
                 visible &= row_pos[:, None] - kv_pos < sliding_window
+            if chunk_size is not None:
+                visible &= kv_pos // chunk_size == row_pos[:, None] // chunk_size
             logits = jnp.where(visible, logits, MASK_VALUE)
             m_next = jnp.maximum(m, logits.max(axis=-1))
             correction = jnp.exp2((m - m_next) * LOG2E)
@@ -243,7 +250,7 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "sliding_window", "softcap", "rows", "block_k", "num_splits", "num_warps", "num_stages",
+    static_argnames=("scale", "sliding_window", "softcap", "chunk_size", "rows", "block_k", "num_splits", "num_warps", "num_stages",
                      "interpret"),
 )
 def paged_attention(
@@ -257,6 +264,7 @@ def paged_attention(
     softcap: float | None = None,
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
+    chunk_size: int | None = None,
     rows: int | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -299,6 +307,7 @@ def paged_attention(
         scale=scale,
         sliding_window=sliding_window,
         softcap=softcap,
+        chunk_size=chunk_size,
     )
     whole = lambda *shape: pl.BlockSpec(shape, lambda b, h, s: (0,) * len(shape))  # noqa: E731
     per_head = lambda *shape: pl.BlockSpec((None, *shape), lambda b, h, s: (h,) + (0,) * len(shape))  # noqa: E731

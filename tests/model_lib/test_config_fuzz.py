@@ -101,6 +101,9 @@ NO_GROUND_TRUTH: dict[str, set[str]] = {
     "PhimoeForCausalLM": {"head_dim", "partial_rotary_factor"},
     # MosaicML's own code applies logit_scale, transformers' MPT not: refused by name (model_lib/families/mpt.py).
     "MptForCausalLM": {"logit_scale"},
+    # transformers' Llama 4 builds masks for full and chunked layers only (a sliding layer is a KeyError);
+    # we refuse other layer types by name.
+    "Llama4ForCausalLM": {"layer_types"},
 }
 
 # Stray keys that a remote-code family's published modeling/config code does read
@@ -113,6 +116,10 @@ REMOTE_CODE_READS: dict[str, set[str]] = {
     "chatglm": set(),
     # Llama-derived remote code: Llama's keys (and head_dim, read by later Llama copies).
     "deci": {"attention_bias", "mlp_bias", "rms_norm_eps", "hidden_act", "rope_theta", "head_dim"},
+    # hpcai-tech's Grok-1 port: fixed rotary base, GELU and head size; Arctic: Mistral-derived
+    # attention (its sliding_window is refused by name) with Llama's keys.
+    "grok1": {"rms_norm_eps"},
+    "arctic": {"rms_norm_eps", "hidden_act", "rope_theta", "sliding_window"},
 }
 
 
@@ -132,7 +139,7 @@ def _stray_keys(case: TinyCase, architecture: str, subset: bool) -> dict[str, An
         groups = [g for g in groups if rng.random() < 0.5]
     own = {**case.dims, **case.overrides}
     skip = set(own) | NO_GROUND_TRUTH.get(architecture, set())
-    layers = case.hf_config().num_hidden_layers
+    layers = case.hf_config().get_text_config().num_hidden_layers
     keys = {}
     for group in groups:
         for key, value in group.items():

@@ -27,7 +27,7 @@ def test_logits_match_transformers(case, tiny_checkpoint, forward):
 
     ids = random_ids(2, SEQ_LEN, seed=1)
     ours = forward(model, ids, np.ones_like(ids))
-    assert ours.dtype == jnp.float32 and ours.shape == (2, SEQ_LEN, hf_model.config.vocab_size)
+    assert ours.dtype == jnp.float32 and ours.shape == (2, SEQ_LEN, hf_model.config.get_text_config().vocab_size)
     assert_logits_close(ours, hf_logits(hf_model, ids))
 
     # Left and right padding: real tokens get the logits of the unpadded sequence.

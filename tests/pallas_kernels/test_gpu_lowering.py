@@ -70,6 +70,7 @@ PAGED_CASES = {
                              dict(sinks=S((64,), jnp.float32), sliding_window=128)),
     "bloom-alibi-mha": (dict(tokens=64, seqs=8, heads=32, kv_heads=32, head_dim=128),
                         dict(alibi_slopes=S((32,), jnp.float32))),
+    "llama4-chunked-prefill": (dict(tokens=512, seqs=2, heads=40, kv_heads=8, head_dim=128), dict(chunk_size=8192)),
 }
 
 
@@ -196,6 +197,7 @@ SERVING_FAMILIES = {
     "bloom-alibi": False,
     "minicpm3-mla-longrope": False,
     "gemma2-softcaps": False,
+    "llama4-chunked-nope-moe": True,
 }
 GROUPS7 = dict(num_attention_heads=14, num_key_value_heads=2, head_dim=16, hidden_size=64)
 # (tokens, sequences, pages per sequence): a decode step for every family, and a prefill chunk where

@@ -13,15 +13,15 @@ from pallas_kernels.flash_attention.reference import attention
 from pallas_kernels.paged_attention import PagedMetadata
 from pallas_kernels.paged_attention import ragged_paged_attention as paged_op
 
-OPTIONS = ("scale", "sliding_window", "softcap", "implementation")
-dense_attention = jax.jit(attention, static_argnames=OPTIONS[:3])
+OPTIONS = ("scale", "sliding_window", "softcap", "chunk_size", "implementation")
+dense_attention = jax.jit(attention, static_argnames=OPTIONS[:4])
 
 
 @partial(jax.jit, static_argnames=OPTIONS)
 def ragged_paged_attention(q, k, v, k_cache, v_cache, meta, *, scale, sliding_window=None, softcap=None, sinks=None,
-                           alibi_slopes=None, implementation=None):
+                           alibi_slopes=None, chunk_size=None, implementation=None):
     return paged_op(q, k, v, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window, softcap=softcap,
-                    sinks=sinks, alibi_slopes=alibi_slopes, implementation=implementation)
+                    sinks=sinks, alibi_slopes=alibi_slopes, chunk_size=chunk_size, implementation=implementation)
 
 PAGE_SIZE = 4
 HEAD_DIM = 16
@@ -70,7 +70,7 @@ def alibi(num_heads):
     return jnp.asarray(2.0 ** -np.arange(num_heads), jnp.float32)
 
 
-def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None, alibi_slopes=None):
+def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None, alibi_slopes=None, chunk_size=None):
     qs, full_k, full_v = parts
     outs = []
     for (q_len, kv_len), q, key, value in zip(seqs, qs, full_k, full_v):
@@ -80,6 +80,7 @@ def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None, ali
             q_positions=q_pos, kv_positions=jnp.arange(kv_len)[None],
             q_segment_ids=jnp.ones_like(q_pos), kv_segment_ids=jnp.ones((1, kv_len), jnp.int32),
             scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
+            chunk_size=chunk_size,
         )
         outs.append(np.asarray(out[0]))
     return np.concatenate(outs)
@@ -114,6 +115,48 @@ def test_reference_window_and_softcap():
     total = sum(q for q, _ in MIXED)
     expected = dense_expected(MIXED, parts, scale=0.4, sliding_window=3, softcap=2.0)
     np.testing.assert_allclose(out[:total], expected, atol=2e-5)
+
+
+# Chunked local attention (Llama 4): sequences of up to 17 positions cross chunks of 3 (not page-aligned),
+# 4 (one page) and 8 (two pages); decode tokens sit at a chunk's first position (kv_len 1, 5, 9, 17).
+CHUNKED_SHAPES = {**SHAPES, "long-chunk": [(37, 45), (1, 9), (1, 3)]}
+
+
+@pytest.mark.parametrize("shape,groups,chunk", [("mixed", 4, 3), ("mixed", 1, 4), ("decode", 4, 4), ("prefill", 8, 3),
+                                                ("long-chunk", 4, 8)])
+def test_chunked_attention_reference_tiled_and_kernel_agree(shape, groups, chunk):
+    seqs = CHUNKED_SHAPES[shape]
+    inputs, parts = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=30 + chunk)
+    options = dict(scale=0.3, chunk_size=chunk, softcap=2.0 if shape == "mixed" else None)
+    expected, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
+    total = sum(q for q, _ in seqs)
+    np.testing.assert_allclose(expected[:total], dense_expected(seqs, parts, **options), atol=2e-5)
+    plain, _, _ = ragged_paged_attention(**inputs, scale=0.3, softcap=options["softcap"], implementation="reference")
+    assert np.abs(np.asarray(expected - plain)).max() > 0.1, "the chunk mask must change the output"
+    for implementation in ("tiled", "interpret"):
+        out, _, _ = ragged_paged_attention(**inputs, **options, implementation=implementation)
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5, err_msg=implementation)
+
+
+def test_chunked_attention_by_hand():
+    """q = 0 and one-hot values read the weights out: a token at position i attends uniformly to the
+    positions of its own chunk up to i (dense row and paged reference)."""
+    chunk, seqs = 4, [(6, 11), (3, 3)]
+    inputs, _ = make_case(seqs, num_heads=1, num_kv_heads=1, seed=8)
+    pages = np.asarray(inputs["meta"].page_tables)
+    v_cache, v = np.zeros(inputs["v_cache"].shape, np.float32), np.zeros(inputs["v"].shape, np.float32)
+    new_positions = np.concatenate([np.arange(kv - q, kv) for q, kv in seqs])
+    v[np.arange(len(new_positions)), 0, new_positions] = 1
+    for s, (_, kv_len) in enumerate(seqs):
+        for p in range(kv_len):
+            v_cache[0, pages[s, p // PAGE_SIZE], p % PAGE_SIZE, p] = 1
+    inputs.update(q=jnp.zeros_like(inputs["q"]), v=jnp.asarray(v), v_cache=jnp.asarray(v_cache))
+    want = np.zeros((len(new_positions), HEAD_DIM))
+    for row, i in enumerate(new_positions):
+        start = i // chunk * chunk
+        want[row, start : i + 1] = 1.0 / (i + 1 - start)
+    out, _, _ = ragged_paged_attention(**inputs, scale=1.0, chunk_size=chunk, implementation="reference")
+    np.testing.assert_allclose(out[: len(want), 0], want, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,groups,window,softcap", [("decode", 4, None, None), ("prefill", 1, 5, None),

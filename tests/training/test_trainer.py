@@ -73,9 +73,10 @@ def _launch(folder, data, out, *extra: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", [BASE, "mixtral-moe"])
+@pytest.mark.parametrize("case", [BASE, "mixtral-moe", "llama4-chunked-nope-moe"])
 def test_lora_with_the_train_launcher_learns_the_task(case, reverse_task, tiny_checkpoint, tmp_path):
-    """Dense and mixture-of-experts bases (Mixtral: LoRA on the attention projections)."""
+    """Dense and mixture-of-experts bases (all-linear: Mixtral adapts its attention projections, Llama 4 also its
+    dense and shared-expert MLPs)."""
     _, data, held_out = reverse_task
     folder, _ = tiny_checkpoint(case)
     base = model_lib.from_pretrained(folder)
