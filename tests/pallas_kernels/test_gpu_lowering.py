@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +156,49 @@ def test_quantized_matmul_kernels_compile(bits, layer, rows):
         assert all(report.wgmma for report in reports)
 
 
+FP8 = jnp.float8_e4m3fn
+FP8_DOT = re.compile(r"stablehlo\.dot_general .*: \(tensor<(\d+)x(\d+)x(\w+)>, tensor<(\d+)x(\d+)x(\w+)>\) -> tensor<\d+x\d+x(\w+)>")
+
+
+def dot_operand_types(lowered) -> list[tuple[str, str, str]]:
+    """(lhs, rhs, result) element types of every dot_general in the StableHLO."""
+    return [(m[2], m[5], m[6]) for m in FP8_DOT.findall(lowered.as_text())]
+
+
+@pytest.mark.parametrize("rows", sorted(QUANT_ROWS))
+@pytest.mark.parametrize("scales", ["channel", "block128"])
+def test_fp8_matmul_lowers_to_fp8_dots(scales, rows):
+    """W8A8 FP8 for CUDA: every product is a dot_general on float8_e4m3fn operands with float32 results,
+    which XLA's GPU compiler turns into cuBLASLt FP8 GEMMs; the float reference is not in the CUDA branch."""
+    from pallas_kernels.quantized_matmul import fp8_matmul
+
+    depth, width = QUANT_LAYERS["gate_up"]
+    groups = 1 if scales == "channel" else depth // 128
+    args = S((QUANT_ROWS[rows], depth), BF16), S((width, depth), FP8), S((groups, width), jnp.float32)
+    dots = dot_operand_types(gpu_lowering.lower_for_h100(jax.jit(fp8_matmul), *args))
+    assert dots == [("f8E4M3FN", "f8E4M3FN", "f32")], dots
+
+
+def test_pallas_triton_fp8_dot_is_not_an_fp8_mma():
+    """Why fp8_matmul has no Pallas kernel: jax's Triton lowering emits `tt.dot` with maxNumImpreciseAcc 0,
+    so for a float32 accumulator Triton upcasts FP8 tiles to float16 and uses Ampere mma.sync, never the
+    e4m3 wgmma. If this fails, a jax release lowers FP8 dots to FP8 MMAs and a Pallas kernel is worth writing."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    def kernel(x_ref, w_ref, o_ref):
+        o_ref[...] = jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    call = pl.pallas_call(kernel, out_shape=S((128, 128), jnp.float32), name="fp8_dot_probe",
+                          compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1))
+    lowered = gpu_lowering.lower_for_h100(jax.jit(call), S((128, 128), FP8), S((128, 128), FP8))
+    (report,) = gpu_lowering.check_lowered(lowered)[0]
+    mmas = {line.split()[0] for line in report.ptx.splitlines() if "mma" in line}
+    assert not report.wgmma and mmas == {"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"}, mmas
+    assert "cvt.rn.f16x2.e4m3x2" in report.ptx  # the FP8 tiles upcast before the float16 MMA
+
+
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
 def test_mosaic_grouped_matmul_lowers(shape):
     """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its
@@ -256,6 +300,24 @@ def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
         runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
     )
     assert_compiles(lowered, ("ragged_paged_attention", f"{method}_matmul"))
+
+
+def test_fp8_serving_step_multiplies_in_fp8(tmp_path):
+    """A `quantization="fp8"` model's decode step: every linear layer but the head an FP8 x FP8 dot."""
+    from model_lib import from_config
+    from model_lib.lora import quantize_model_weight_only
+    from serving.engine.runner import ModelRunner
+
+    config = tiny_config("llama-gqa", tmp_path)
+    model = from_config(config)
+    quantize_model_weight_only(model, "fp8")
+    runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
+                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8)
+    lowered = gpu_lowering.lower_for_h100(
+        runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
+    )
+    fp8_dots = [d for d in dot_operand_types(lowered) if d == ("f8E4M3FN", "f8E4M3FN", "f32")]
+    assert len(fp8_dots) == 7 * config.num_layers  # q, k, v, o, gate, up, down
 
 
 TRAINING_FAMILIES = {"llama-gqa": (), "mixtral-moe": ("gmm_", "gmm_t", "tgmm")}
