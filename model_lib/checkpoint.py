@@ -28,9 +28,8 @@ from model_lib.config import ModelConfig
 from model_lib.gguf import is_gguf_file, iter_gguf_tensors, load_gguf_config
 from model_lib.quantization import NF4Weight, QuantizedWeight, QuantState, nf4_storage_axes, quantize_nf4_host
 from model_lib.quantization.checkpoints import HostQuantized, QuantizedTensors, Scheme
-from model_lib.quantization.fp8 import HostFp8
 from model_lib.registry import Family, get_family
-from model_lib.sharding import ShardingPlan
+from model_lib.sharding import ShardingPlan, shard_quantized
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -301,8 +300,8 @@ def load_params(
                                           f"the config implies {_hf_shape(key, tuple(expected[key].shape))}")
                 sources[key] = f"{file.name}:{name}"
                 meta = expected[key].get_metadata()
-                loaded[key] = (tensor.to_weight(meta.get("logical_axes"), meta.get("head_size", 1))
-                               if isinstance(tensor, HostFp8) else tensor.to_weight())
+                weight = tensor.to_weight(meta.get("logical_axes"), meta.get("head_size", 1))
+                loaded[key] = weight if plan is None else shard_quantized(weight, plan, key)
                 continue
         for key, array, expert in _to_ours(hf_key, tensor, family, config, expected):
             if key not in expected:

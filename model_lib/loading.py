@@ -68,7 +68,8 @@ def from_pretrained(
     A GGUF file's quantized blocks are dequantized to `dtype` (default float32).
     `dtype`: float32, bfloat16 or float16 (default: the checkpoint's own).
     `mesh`: a `ShardingPlan`, a preset name from `configs/mesh/`, or a `Mesh`
-    (default rules); each tensor is placed sharded as it is read.
+    (default rules); each tensor is placed sharded as it is read (int8 / int4 / FP8 weights once
+    quantized, with their scales; a mesh that cuts a group of inputs from its scales is refused).
     `quantization="nf4"`: every linear kernel but the output head is quantized on the
     host as it is read (QLoRA's base); only its NF4 form reaches the device. The
     result equals loading in `dtype` and calling `quantize_model_nf4`.
@@ -87,9 +88,6 @@ def from_pretrained(
     """
     path = Path(path)
     scheme = checkpoint_scheme(path, quantization)
-    if (quantization in WEIGHT_ONLY or scheme is not None) and mesh is not None:
-        raise ValueError(f"{quantization or scheme.method} quantization with a mesh is not supported yet "
-                         "(its weights are not sharded)")
     config, family = load_config(path, dtype)
     plan = as_plan(mesh)
     if plan is not None:
@@ -110,7 +108,7 @@ def from_pretrained(
         filled.append((p, v.replace(value=values[key]) if key in values else v))  # NF4 storage is already real
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
     if quantization in WEIGHT_ONLY and scheme is None:
-        quantize_model_weight_only(model, quantization)
+        quantize_model_weight_only(model, quantization, plan)
     return model
 
 

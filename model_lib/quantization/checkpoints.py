@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -77,8 +77,8 @@ class HostInt4:
             w = w[np.argsort(self.perm)]
         return np.ascontiguousarray(w.T)
 
-    def to_weight(self) -> QuantizedWeight:
-        return int4.from_values(self.q, self.scales, self.zeros, self.perm)
+    def to_weight(self, axes: Sequence[str | None] | None = None, head_size: int = 1) -> QuantizedWeight:
+        return int4.from_values(self.q, self.scales, self.zeros, self.perm, axes=axes, head_size=head_size)
 
 
 @dataclass
@@ -95,8 +95,8 @@ class HostInt8:
     def dequantized(self) -> np.ndarray:
         return np.ascontiguousarray((self.values.astype(np.float32) * self.scale).T)
 
-    def to_weight(self) -> QuantizedWeight:
-        return Int8Weight(self.values, self.scale)
+    def to_weight(self, axes: Sequence[str | None] | None = None, head_size: int = 1) -> QuantizedWeight:
+        return Int8Weight(self.values, self.scale, axes=axes, head_size=head_size)
 
 
 HostQuantized = (HostInt4, HostInt8, HostFp8)

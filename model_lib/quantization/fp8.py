@@ -14,7 +14,8 @@ The matmul quantizes activations per token and K group and multiplies FP8 x FP8 
 accumulation (`pallas_kernels.quantized_matmul.fp8_matmul`: FP8 GEMMs by XLA on GPU, the jnp
 reference elsewhere). Checkpoints read on the host become `HostFp8` (see `from_checkpoint`).
 
-Storage carries logical axes: `values` the kernel's two axes swapped, `scales` `(None, out)`.
+Storage carries logical axes (`values` the kernel's two swapped, `scales` its groups' and columns')
+and shards with the kernel (`model_lib.quantization.base`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from model_lib.quantization.base import QuantizedWeight, QuantState, on_device
+from model_lib.quantization.base import QuantizedWeight, QuantState, on_device, storage_meta
 from pallas_kernels.quantized_matmul import fp8_matmul
 from pallas_kernels.quantized_matmul.fp8_reference import FP8_MAX, dequantize_fp8
 
@@ -42,12 +43,16 @@ class Fp8Error(ValueError):
 class Fp8Weight(QuantizedWeight):
     """The FP8 form of one `[in, out]` kernel: `values [out, Kp]` float8_e4m3fn, `scales [G, out]` float32."""
 
+    GROUPED = ("values", 1, ("scales",))
+
     def __init__(self, values: Any, scales: Any, in_features: int, *, axes: Sequence[str | None] | None = None,
                  head_size: int = 1):
-        in_axis, out_axis = axes if axes is not None else (None, None)
-        self.values = QuantState(on_device(values), logical_axes=(out_axis, in_axis), head_size=head_size)
-        self.scales = QuantState(on_device(scales), logical_axes=(None, out_axis), head_size=head_size)
         self.shape = (int(in_features), int(values.shape[0]))
+        group = values.shape[1] // scales.shape[0]
+        self.values = QuantState(on_device(values), **storage_meta(axes, head_size, ("out", "in")))
+        # one group (per tensor / channel): no input axis to follow
+        scale_dims = ("in" if scales.shape[0] > 1 else None, "out")
+        self.scales = QuantState(on_device(scales), **storage_meta(axes, head_size, scale_dims, group))
 
     def matmul(self, x: jax.Array) -> jax.Array:
         return fp8_matmul(x, self.values[...], self.scales[...])

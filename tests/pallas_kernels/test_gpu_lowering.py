@@ -302,24 +302,6 @@ def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
     assert_compiles(lowered, ("ragged_paged_attention", f"{method}_matmul"))
 
 
-def test_fp8_serving_step_multiplies_in_fp8(tmp_path):
-    """A `quantization="fp8"` model's decode step: every linear layer but the head an FP8 x FP8 dot."""
-    from model_lib import from_config
-    from model_lib.lora import quantize_model_weight_only
-    from serving.engine.runner import ModelRunner
-
-    config = tiny_config("llama-gqa", tmp_path)
-    model = from_config(config)
-    quantize_model_weight_only(model, "fp8")
-    runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
-                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8)
-    lowered = gpu_lowering.lower_for_h100(
-        runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
-    )
-    fp8_dots = [d for d in dot_operand_types(lowered) if d == ("f8E4M3FN", "f8E4M3FN", "f32")]
-    assert len(fp8_dots) == 7 * config.num_layers  # q, k, v, o, gate, up, down
-
-
 TRAINING_FAMILIES = {"llama-gqa": (), "mixtral-moe": ("gmm_", "gmm_t", "tgmm")}
 
 
