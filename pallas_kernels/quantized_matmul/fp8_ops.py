@@ -1,16 +1,22 @@
 """Public W8A8 FP8 matmul: `fp8_matmul(x [..., K], values [N, Kp], scales [G, N])`.
 
 Contract in `fp8_reference.py`. Implementations, picked by `implementation` or, when it is None,
-by lowering platform (`pallas_kernels.dispatch.on_cuda`):
+by lowering platform (`pallas_kernels.dispatch.on_cuda`) and rows:
+- "kernel": the Pallas Triton kernel of `fp8_kernel.py` (FP8 weights read once, widened to bf16
+  in registers for the MMA): the CUDA path for decode-sized calls (up to 64 rows), which are
+  bound by reading the weights;
+- "interpret": the same kernel on the Pallas interpreter (any backend; for tests);
 - "xla": activations quantized in jnp, then `lax.dot_general` on float8_e4m3fn operands with
   float32 results (`preferred_element_type`), one per K group, each scaled by its activation
   and weight scales and summed in float32. XLA's GPU compiler rewrites an FP8 x FP8 dot into a
-  cuBLASLt FP8 GEMM (wgmma on Hopper); other backends upcast. The CUDA path.
+  cuBLASLt FP8 GEMM (FP8 wgmma on Hopper); other backends upcast. The CUDA path for larger
+  calls (prefill), which are bound by arithmetic;
 - "reference": the jnp reference (every other platform).
-No Pallas kernel: the Pallas Triton lowering of jax 0.10-0.11 emits `tt.dot` without
-`maxNumImpreciseAcc`, so Triton refuses Hopper's FP8 wgmma for a float32 accumulator and upcasts
-the FP8 tiles to float16 for an Ampere `mma.sync` (checked on the PTX for sm_90a): it would read
-FP8 weights but multiply in float16.
+The Pallas kernel does not multiply in FP8: the Pallas Triton lowering of jax 0.10-0.11 emits
+`tt.dot` without `maxNumImpreciseAcc`, so Triton refuses Hopper's FP8 wgmma for a float32
+accumulator and widens FP8 tiles to float16 for an Ampere `mma.sync` (checked on the PTX for
+sm_90a, `tests/pallas_kernels/test_gpu_lowering.py`). Widening exactly to bf16 gives the same
+products, and wgmma where tiles have 64 rows.
 
 `Kp` may exceed x's K (a weight whose last K block is partial is zero-padded to whole groups);
 x is zero-padded to match, which changes no product. Differentiable in x: the input gradient is
@@ -26,9 +32,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.dispatch import on_cuda
-from pallas_kernels.quantized_matmul import fp8_reference
+from pallas_kernels.quantized_matmul import fp8_kernel, fp8_reference
 
-IMPLEMENTATIONS = ("xla", "reference")
+IMPLEMENTATIONS = ("kernel", "interpret", "xla", "reference")
 
 
 def _fp8_dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -54,13 +60,22 @@ def xla_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array) -> jax.Ar
     return acc.astype(x.dtype)
 
 
+def _cuda(x: jax.Array, values: jax.Array, scales: jax.Array) -> jax.Array:
+    """The CUDA choice: the Pallas kernel where its decode tiles fit, XLA's FP8 GEMMs otherwise."""
+    if fp8_kernel.fp8_config(x.shape[0], values.shape[1], values.shape[0], scales.shape[0]) is not None:
+        return fp8_kernel.fp8_matmul(x, values, scales)
+    return xla_fp8_matmul(x, values, scales)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fp8(x, values, scales, implementation):
     if implementation == "reference":
         return fp8_reference.fp8_matmul(x, values, scales)
     if implementation == "auto":
-        return on_cuda(xla_fp8_matmul, fp8_reference.fp8_matmul, x, values, scales)
-    return xla_fp8_matmul(x, values, scales)
+        return on_cuda(_cuda, fp8_reference.fp8_matmul, x, values, scales)
+    if implementation == "xla":
+        return xla_fp8_matmul(x, values, scales)
+    return fp8_kernel.fp8_matmul(x, values, scales, interpret=implementation == "interpret")
 
 
 def _fp8_fwd(x, values, scales, implementation):

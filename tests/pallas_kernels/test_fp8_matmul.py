@@ -2,8 +2,9 @@
 
 numpy (with ml_dtypes' float8_e4m3fn for the rounding) quantizes the activations per token and
 K group as the contract says and sums the products group by group in float64; the jnp reference
-(the CPU path) and the "xla" implementation (FP8 x FP8 `dot_general`, the CUDA path, which XLA's
-CPU backend also runs) must both match it, for the three weight-scale layouts.
+(the CPU path), the Pallas kernel in interpret mode (the CUDA decode path) and the "xla"
+implementation (FP8 x FP8 `dot_general`, the CUDA prefill path, which XLA's CPU backend also runs)
+must all match it, for the three weight-scale layouts.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def numpy_w8a8(x: np.ndarray, values: np.ndarray, scales: np.ndarray) -> np.ndar
     return out
 
 
-@pytest.mark.parametrize("implementation", ["reference", "xla"])
+@pytest.mark.parametrize("implementation", ["reference", "interpret", "xla"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fp8_matmul_matches_numpy(layout, implementation):
     values, scales, depth = weights(layout)
@@ -106,4 +107,4 @@ def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="fp8_matmul"):
         fp8_matmul(jnp.zeros((2, depth - 128), jnp.float32), jnp.asarray(values), jnp.asarray(scales))  # a group short
     with pytest.raises(ValueError, match="unknown fp8_matmul implementation"):
-        fp8_matmul(x, jnp.asarray(values), jnp.asarray(scales), implementation="kernel")
+        fp8_matmul(x, jnp.asarray(values), jnp.asarray(scales), implementation="triton")

@@ -165,18 +165,28 @@ def dot_operand_types(lowered) -> list[tuple[str, str, str]]:
     return [(m[2], m[5], m[6]) for m in FP8_DOT.findall(lowered.as_text())]
 
 
-@pytest.mark.parametrize("rows", sorted(QUANT_ROWS))
+FP8_ROWS = {"decode-m1": 1, "decode-m64": 64, "prefill-m512": 512}
+
+
+@pytest.mark.parametrize("rows", sorted(FP8_ROWS))
 @pytest.mark.parametrize("scales", ["channel", "block128"])
-def test_fp8_matmul_lowers_to_fp8_dots(scales, rows):
-    """W8A8 FP8 for CUDA: every product is a dot_general on float8_e4m3fn operands with float32 results,
-    which XLA's GPU compiler turns into cuBLASLt FP8 GEMMs; the float reference is not in the CUDA branch."""
+def test_fp8_matmul_compiles_for_hopper(scales, rows):
+    """W8A8 FP8 for CUDA at Llama-3-8B's gate/up shape. Decode rows: the Pallas kernel (FP8 weights,
+    bf16 MMAs; wgmma at 64 rows), with no XLA dot left. Prefill rows: every product a dot_general on
+    float8_e4m3fn operands with float32 results, which XLA's GPU compiler turns into cuBLASLt FP8
+    GEMMs; no float reference in the CUDA branch."""
     from pallas_kernels.quantized_matmul import fp8_matmul
 
     depth, width = QUANT_LAYERS["gate_up"]
     groups = 1 if scales == "channel" else depth // 128
-    args = S((QUANT_ROWS[rows], depth), BF16), S((width, depth), FP8), S((groups, width), jnp.float32)
-    dots = dot_operand_types(gpu_lowering.lower_for_h100(jax.jit(fp8_matmul), *args))
-    assert dots == [("f8E4M3FN", "f8E4M3FN", "f32")], dots
+    args = S((FP8_ROWS[rows], depth), BF16), S((width, depth), FP8), S((groups, width), jnp.float32)
+    lowered = gpu_lowering.lower_for_h100(jax.jit(fp8_matmul), *args)
+    dots = dot_operand_types(lowered)
+    if FP8_ROWS[rows] <= 64:
+        reports = assert_compiles(lowered, ("fp8_matmul",))
+        assert dots == [] and all(report.wgmma for report in reports) == (FP8_ROWS[rows] == 64)
+    else:
+        assert dots == [("f8E4M3FN", "f8E4M3FN", "f32")] and not gpu_lowering.triton_modules(lowered), dots
 
 
 def test_pallas_triton_fp8_dot_is_not_an_fp8_mma():
