@@ -108,3 +108,25 @@ def test_bad_shapes_are_refused():
         fp8_matmul(jnp.zeros((2, depth - 128), jnp.float32), jnp.asarray(values), jnp.asarray(scales))  # a group short
     with pytest.raises(ValueError, match="unknown fp8_matmul implementation"):
         fp8_matmul(x, jnp.asarray(values), jnp.asarray(scales), implementation="triton")
+
+
+# (K groups, rows, implementation): per channel and 128-wide blocks through the kernel and XLA's FP8 GEMMs
+GPU_CASES = [(1, 1, None), (32, 1, None), (32, 64, None), (1, 512, None), (32, 512, None), (32, 16, "xla")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("groups, rows, implementation", GPU_CASES)
+def test_cuda_paths_match_reference_on_gpu(groups, rows, implementation):
+    """Llama-8B gate/up shape compiled for the GPU (auto: the kernel up to 64 rows, XLA's FP8 GEMMs
+    beyond), per-channel and 128-wide block scales; the reference in float32 (not TF32)."""
+    depth, width = 4096, 14336
+    rng = np.random.default_rng(rows)
+    values = jnp.asarray((rng.standard_normal((width, depth)) * 100).clip(-448, 448).astype(E4M3))
+    scales = jnp.asarray(rng.uniform(1e-4, 1e-3, (groups, width)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((rows, depth)), jnp.bfloat16)
+    got = jax.jit(lambda *a: fp8_matmul(*a, implementation=implementation))(x, values, scales)
+    with jax.default_matmul_precision("float32"):
+        want = jax.jit(lambda *a: fp8_matmul(*a, implementation="reference"))(x.astype(jnp.float32), values, scales)
+    error = float(jnp.linalg.norm(got.astype(jnp.float32) - want) / jnp.linalg.norm(want))
+    assert error < 1e-2, error
