@@ -77,3 +77,31 @@ def test_fp8_request_on_other_schemes_is_refused(checkpoints):
         model_lib.from_pretrained(checkpoints("awq-gemm")[0], quantization="fp8")
     with pytest.raises(ValueError, match=r"already quantized \(fp8\)"):
         model_lib.from_pretrained(checkpoints("fp8-block")[0], quantization="int8")
+
+
+def test_checkpoint_scales_read_by_their_layout():
+    """Each llm-compressor / DeepSeek scale layout against numpy's `weight * scale` by the published meaning."""
+    import ml_dtypes
+
+    from model_lib.quantization.fp8 import Fp8Error, from_checkpoint
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((96, 80)) * 50).astype(ml_dtypes.float8_e4m3fn)  # HF [out, in]
+    w = weight.astype(np.float32)
+    tiles = rng.uniform(0.5, 2.0, (2, 2)).astype(np.float32)  # 64 x 64 blocks: partial last tiles both ways
+    layouts = {  # name -> (scale, block, expected float weight)
+        "tensor": (np.float32(0.25), None, w * 0.25),
+        "channel": (np.arange(1, 97, dtype=np.float32).reshape(96, 1), None, w * np.arange(1, 97)[:, None]),
+        "group": (np.stack([np.ones(96), 2 * np.ones(96)], 1).astype(np.float32), None,
+                  w * np.repeat([1.0, 2.0], 40)[None, :]),
+        "block": (tiles, (64, 64), w * np.repeat(np.repeat(tiles, 64, 0), 64, 1)[:96, :80]),
+    }
+    for name, (scale, block, expected) in layouts.items():
+        host = from_checkpoint("m", weight, scale, block)
+        assert host.shape == (80, 96), name
+        np.testing.assert_array_equal(host.dequantized(), expected.astype(np.float32), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(host.to_weight().dequantize("float32")).T, host.dequantized())
+    with pytest.raises(Fp8Error, match=r"m.weight_scale_inv \(3, 2\) does not tile \(96, 80\) in blocks of \(64, 64\)"):
+        from_checkpoint("m", weight, np.ones((3, 2), np.float32), (64, 64))
+    with pytest.raises(Fp8Error, match=r"m.weight_scale \(95, 1\) fits neither"):
+        from_checkpoint("m", weight, np.ones((95, 1), np.float32), None)
