@@ -68,3 +68,16 @@ def test_a_split_that_cuts_a_group_is_refused(tiny_checkpoint):
     with pytest.raises(GroupSplitError, match=r"mlp\.down_proj\.kernel: .* cuts its 3 groups of 32 inputs .*"
                                               r"valid sizes: 1, 3$"):
         model_lib.from_pretrained(folder, quantization="int4", mesh=load_mesh_preset("tp", tensor=4, data=2))
+
+
+def test_sharded_fp8_serving_generates_as_unsharded(tiny_checkpoint):
+    """The engine on a mesh (tensor 2 x data 4) with W8A8 FP8 layers: greedy tokens equal the unsharded engine's."""
+    from serving import LLM, SamplingParams
+
+    folder, _ = tiny_checkpoint("llama-gqa")
+    prompts = [{"prompt_token_ids": [3, 5, 7, 9]}, {"prompt_token_ids": [11, 4]}]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    runs = [LLM(folder, dtype="float32", quantization="fp8", max_model_len=64, page_size=8, mesh=mesh).generate(
+        prompts, params) for mesh in (None, load_mesh_preset("tp", tensor=2, data=4))]
+    unsharded, sharded = ([o.outputs[0].token_ids for o in run] for run in runs)
+    assert sharded == unsharded
