@@ -67,7 +67,7 @@ if [[ $DRY_RUN == 1 ]]; then
   part paged_attention 300 "$PYTHON" benchmarks/paged_attention.py --dry-run --json "$LOGS/paged_attention.json"
   part grouped_matmul 300 "$PYTHON" benchmarks/moe.py --dry-run --configs mixtral --json "$LOGS/moe.json"
   part quantized_matmul 300 "$PYTHON" benchmarks/quantized_matmul.py --dry-run --rows 1 130 --layers down \
-    --json "$LOGS/quantized_matmul.json"
+    --formats int4 int8 fp8 --json "$LOGS/quantized_matmul.json"
   part engine 300 "$PYTHON" benchmarks/engine_gpu.py --dry-run --json "$LOGS/engine.json"
 else
   part pytest_gpu 90 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider

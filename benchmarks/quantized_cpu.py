@@ -5,8 +5,12 @@ Rows: the GGUF's weights dequantized to bfloat16 (the baseline) and to float32; 
 and int4 (`quantization="int8"` / `"int4"`: group 128, or 64 where 128 does not divide the input
 width, as SmolLM2's 576; float32 compute); and FP8: a checkpoint in llm-compressor's
 `float-quantized` layout (float8_e4m3fn weights, one float32 scale per output channel) written
-at run time from the float32 weights, loaded as a pre-quantized checkpoint (dequantized to float32:
-W8A8 FP8 compute is not built). Every row starts from the same Q4_1 file, so "agreement" measures
+at run time from the float32 weights, loaded as a pre-quantized checkpoint: dequantized to float32
+(`fp8-channel`, the CPU default) or kept in float8_e4m3fn with W8A8 compute (`fp8-w8a8`:
+`quantization="fp8"`, activations quantized per token; the jnp reference on a CPU, FP8 GEMMs on a
+GPU); `fp8-dynamic` quantizes the float32 weights to FP8 per channel at load (`quantization="fp8"`
+on the GGUF). On a CPU the FP8 rows say nothing about speed (the reference upcasts): bytes per
+parameter and agreement are their figures. Every row starts from the same Q4_1 file, so "agreement" measures
 what each format adds on top of Q4_1; agreement with the float32 row is printed too. Bytes per
 parameter count what the loaded model holds (`param_bytes`) over the float model's parameter count.
 Decode: one chat prompt, 256 tokens, `ignore_eos`, after a short warm-up generation of the same
@@ -35,6 +39,8 @@ ROWS = {
     "int8": dict(dtype="float32", quantization="int8"),
     "int4": dict(dtype="float32", quantization="int4"),
     "fp8-channel": dict(dtype="float32", fp8=True),
+    "fp8-w8a8": dict(dtype="float32", fp8=True, quantization="fp8"),
+    "fp8-dynamic": dict(dtype="float32", quantization="fp8"),
 }
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 FP8_MAX = 448.0  # largest float8_e4m3fn value

@@ -1,5 +1,9 @@
-"""Weight-only int4 / int8 matmul on an NVIDIA GPU: our fused Pallas kernels vs the XLA reference
+"""Weight-only int4 / int8 and W8A8 FP8 matmul on an NVIDIA GPU: ours vs the XLA reference
 (dequantize, then dot) vs a dense bf16 matmul of the same shape, in one run.
+
+"ours" is the fused Pallas kernel for int4 / int8; for FP8 (`--formats fp8`: 128 x 128 block
+scales as DeepSeek-V3 ships, activations quantized per token and 128-wide group) it is what
+`fp8_matmul` picks on CUDA: the Pallas kernel up to 64 rows, XLA's FP8 GEMMs beyond.
 
 Shapes: Llama-3-8B's gate/up (K=4096, N=14336) and down (K=14336, N=4096) projections at decode
 batches (M rows) and a prefill chunk. A decode call is bound by reading the weights: GB/s counts
@@ -8,7 +12,7 @@ the measured device-to-device copy bandwidth; a prefill call is bound by FLOPs (
 the measured dense bf16 matmul rate. Before timing, each kernel's output is checked against the
 reference (relative Frobenius error < 2e-2, bf16 activations).
 
-    PYTHONPATH=. python benchmarks/quantized_matmul.py [--rows 1 16 64 512] [--formats int4 int8]
+    PYTHONPATH=. python benchmarks/quantized_matmul.py [--rows 1 16 64 512] [--formats int4 int8 fp8]
     PYTHONPATH=. python benchmarks/quantized_matmul.py --dry-run   # any backend: tiny shapes, kernels interpreted
 """
 
@@ -22,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.moe import ceilings, median_seconds, relative_error
-from pallas_kernels.quantized_matmul import ops, reference
+from pallas_kernels.quantized_matmul import fp8_ops, ops, reference
+from pallas_kernels.quantized_matmul.fp8_kernel import DECODE_ROWS
 
 LAYERS = {"gate_up": (4096, 14336), "down": (14336, 4096)}
 GROUP = 128
@@ -30,6 +35,9 @@ GROUP = 128
 
 def weights(fmt: str, depth: int, width: int, seed: int) -> tuple[jax.Array, ...]:
     rng = np.random.default_rng(seed)
+    if fmt == "fp8":  # values [N, K], one scale per 128-wide K group and output column
+        values = jnp.asarray(rng.standard_normal((width, depth), np.float32) * 100, jnp.float8_e4m3fn)
+        return values, jnp.asarray(rng.random((depth // GROUP, width), np.float32) * 1e-3 + 1e-4)
     if fmt == "int4":
         q = rng.integers(0, 16, (depth, width), dtype=np.uint8)
         scales = (rng.random((depth // GROUP, width), np.float32) * 0.01 + 1e-3)
@@ -39,7 +47,21 @@ def weights(fmt: str, depth: int, width: int, seed: int) -> tuple[jax.Array, ...
     return jnp.asarray(values), jnp.asarray((rng.random(width, np.float32) * 0.01).astype(np.float32))
 
 
+def fp8_functions(interpret: bool) -> dict:
+    def ours(x, *w):  # off GPU (--dry-run): the interpreted kernel where it applies, else the XLA FP8 path
+        implementation = None if not interpret else "interpret" if x.shape[0] <= DECODE_ROWS else "xla"
+        return fp8_ops.fp8_matmul(x, *w, implementation=implementation)
+
+    return {
+        "kernel": jax.jit(ours),
+        "xla": jax.jit(lambda x, *w: fp8_ops.fp8_matmul(x, *w, implementation="reference")),
+        "dense": jax.jit(lambda x, dense: jnp.dot(x, dense, preferred_element_type=jnp.float32).astype(x.dtype)),
+    }
+
+
 def functions(fmt: str, interpret: bool) -> dict:
+    if fmt == "fp8":
+        return fp8_functions(interpret)
     op = ops.int4_matmul if fmt == "int4" else ops.int8_matmul
     kernel = "interpret" if interpret else "kernel"
     return {
@@ -52,7 +74,7 @@ def functions(fmt: str, interpret: bool) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512])
-    parser.add_argument("--formats", nargs="+", choices=["int4", "int8"], default=["int4", "int8"])
+    parser.add_argument("--formats", nargs="+", choices=["int4", "int8", "fp8"], default=["int4", "int8"])
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=sorted(LAYERS))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--samples", type=int, default=5)

@@ -29,7 +29,7 @@ from model_lib.gguf import is_gguf_file, iter_gguf_tensors, load_gguf_config
 from model_lib.quantization import NF4Weight, QuantizedWeight, QuantState, nf4_storage_axes, quantize_nf4_host
 from model_lib.quantization.checkpoints import HostQuantized, QuantizedTensors, Scheme
 from model_lib.registry import Family, get_family
-from model_lib.sharding import ShardingPlan
+from model_lib.sharding import ShardingPlan, shard_quantized
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -276,7 +276,8 @@ def load_params(
 
     Kernels whose keys are in `quantize` come back as `NF4Weight`s, quantized as they are read. With
     a pre-quantization `scheme`, its int4 / int8 linear weights come back as `Int4Weight` / `Int8Weight`
-    (dequantized where the module is not a plain linear kernel here), FP8 ones dequantized.
+    and FP8 ones as `Fp8Weight` where the scheme keeps them (dequantized where the module is not a
+    plain linear kernel here).
     """
     config: ModelConfig = model.config
     expected = abstract_params(model)
@@ -316,7 +317,9 @@ def load_params(
                     raise CheckpointError(f"quantized {name!r} in {file} holds shape {_hf_shape(key, tensor.shape)}, "
                                           f"the config implies {_hf_shape(key, tuple(expected[key].shape))}")
                 sources[key] = f"{file.name}:{name}"
-                loaded[key] = tensor.to_weight()
+                meta = expected[key].get_metadata()
+                weight = tensor.to_weight(meta.get("logical_axes"), meta.get("head_size", 1))
+                loaded[key] = weight if plan is None else shard_quantized(weight, plan, key)
                 continue
         for key, array, expert in _to_ours(hf_key, tensor, family, config, expected):
             if key not in expected:

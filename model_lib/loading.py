@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -27,10 +29,16 @@ def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan
 
 
 # nf4: linear kernels but the output head; nf4-embeddings: also the token embedding and output head;
-# int8 / int4: weight-only int8 / int4 (group 128) of the same kernels as nf4.
+# int8 / int4: weight-only int8 / int4 (group 128) of the same kernels as nf4; fp8: W8A8 FP8 (per channel).
 QUANTIZATIONS = ("nf4", "nf4-embeddings", *WEIGHT_ONLY)
 # Every name `from_pretrained(quantization=...)` takes: the above, and pre-quantized checkpoint methods.
-ALL_QUANTIZATIONS = (*QUANTIZATIONS, *CHECKPOINT_METHODS)
+ALL_QUANTIZATIONS = tuple(dict.fromkeys((*QUANTIZATIONS, *CHECKPOINT_METHODS)))
+
+
+def keeps_fp8(quantization: str | None) -> bool:
+    """Whether an FP8 checkpoint's e4m3 weights stay FP8 (W8A8 compute): when `quantization="fp8"` asks
+    for it, and by default on a CUDA backend; elsewhere they are dequantized on load."""
+    return quantization == "fp8" or jax.default_backend() == "gpu"
 
 
 def checkpoint_scheme(path: Path, quantization: str | None) -> Scheme | None:
@@ -38,13 +46,13 @@ def checkpoint_scheme(path: Path, quantization: str | None) -> Scheme | None:
     if quantization not in (None, *ALL_QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(ALL_QUANTIZATIONS)}")
     scheme = None if is_gguf_file(path) else scheme_for(read_config_json(path))
-    if scheme is None and quantization in CHECKPOINT_METHODS:
+    if scheme is None and quantization in CHECKPOINT_METHODS and quantization not in WEIGHT_ONLY:
         raise ValueError(f"quantization={quantization!r} reads a pre-quantized checkpoint, and {path} has no "
                          "quantization_config")
-    if scheme is not None and quantization not in (None, scheme.method):
+    if scheme is not None and quantization not in (None, scheme.method, *(("fp8",) if scheme.fp8 else ())):
         raise ValueError(f"{path} is already quantized ({scheme.method}); omit quantization or pass "
                          f"{scheme.method!r}")
-    return scheme
+    return scheme if scheme is None or not scheme.fp8 else dataclasses.replace(scheme, keep_fp8=keeps_fp8(quantization))
 
 
 def from_pretrained(
@@ -59,7 +67,8 @@ def from_pretrained(
     A GGUF file's quantized blocks are dequantized to `dtype` (default float32).
     `dtype`: float32, bfloat16 or float16 (default: the checkpoint's own).
     `mesh`: a `ShardingPlan`, a preset name from `configs/mesh/`, or a `Mesh`
-    (default rules); each tensor is placed sharded as it is read.
+    (default rules); each tensor is placed sharded as it is read (int8 / int4 / FP8 weights once
+    quantized, with their scales; a mesh that cuts a group of inputs from its scales is refused).
     `quantization="nf4"`: every linear kernel but the output head is quantized on the
     host as it is read (QLoRA's base); only its NF4 form reaches the device. The
     result equals loading in `dtype` and calling `quantize_model_nf4`.
@@ -67,17 +76,17 @@ def from_pretrained(
     `"int8"` keeps every linear kernel but the output head as weight-only int8 with
     per-output-channel scales; `"int4"` as weight-only int4 with a scale and zero point per
     128 input rows (64 or 32 where 128 does not divide the input width, else one group per column). Both are
-    quantized after loading; MoE experts stay in `dtype`.
+    quantized after loading; MoE experts stay in `dtype`. `"fp8"` on a float checkpoint keeps the
+    same kernels as float8_e4m3fn with per-output-channel scales (dynamic FP8, as vLLM's) and
+    multiplies them W8A8 (activations quantized per token; `model_lib.quantization.fp8`).
     A pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, FP8: a `quantization_config` in
     config.json) is detected and read as it is (`model_lib.quantization.checkpoints`): its int4 /
-    int8 weights stay quantized on the device, FP8 weights are dequantized to `dtype`.
-    `quantization` may then be omitted or name the checkpoint's method.
+    int8 weights stay quantized on the device. Its FP8 (e4m3) linear weights stay FP8 (W8A8) with
+    `quantization="fp8"` and by default on CUDA; elsewhere they are dequantized to `dtype`.
+    `quantization` may then be omitted or name the checkpoint's method (or "fp8" for FP8 weights).
     """
     path = Path(path)
     scheme = checkpoint_scheme(path, quantization)
-    if (quantization in WEIGHT_ONLY or scheme is not None) and mesh is not None:
-        raise ValueError(f"{quantization or scheme.method} quantization with a mesh is not supported yet "
-                         "(its weights are not sharded)")
     config, family = load_config(path, dtype)
     plan = as_plan(mesh)
     if plan is not None:
@@ -97,8 +106,8 @@ def from_pretrained(
         key = ".".join(map(str, p))
         filled.append((p, v.replace(value=values[key]) if key in values else v))  # NF4 storage is already real
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
-    if quantization in WEIGHT_ONLY:
-        quantize_model_weight_only(model, quantization)
+    if quantization in WEIGHT_ONLY and scheme is None:
+        quantize_model_weight_only(model, quantization, plan)
     return model
 
 

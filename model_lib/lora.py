@@ -26,8 +26,9 @@ from safetensors.numpy import load_file, save_file
 
 from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
-from model_lib.quantization import quantize_int4, quantize_int8, quantize_nf4
+from model_lib.quantization import quantize_fp8, quantize_int4, quantize_int8, quantize_nf4
 from model_lib.registry import Family, get_family
+from model_lib.sharding import ShardingPlan, shard_quantized
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -265,15 +266,19 @@ def quantize_model_nf4(model: nnx.Module, *, embeddings: bool = False) -> None:
         setattr(layer, leaf, None)
 
 
-# Weight-only formats quantized from a model in memory (linear kernels but the output head).
-WEIGHT_ONLY = {"int8": quantize_int8, "int4": quantize_int4}
+# Formats quantized from a model in memory (linear kernels but the output head): weight-only int8 and
+# int4, and FP8 with per-channel scales (W8A8: activations are quantized too, per token).
+WEIGHT_ONLY = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
 
 
-def quantize_model_weight_only(model: nnx.Module, method: str) -> None:
-    """Replace the `quantization_targets` by their weight-only `method` form ("int8" or "int4"), in place."""
+def quantize_model_weight_only(model: nnx.Module, method: str, plan: ShardingPlan | None = None) -> None:
+    """Replace the `quantization_targets` by their `method` form ("int8", "int4" or "fp8"), in place; with a
+    `plan`, each quantized weight is placed on its mesh as it is made (a split that cuts a group is refused)."""
     quantize = WEIGHT_ONLY[method]
-    for layer in quantization_targets(model).values():
-        layer.quantized = quantize(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
+    for path, layer in quantization_targets(model).items():
+        kernel = np.asarray(jax.device_get(layer.kernel[...]), np.float32)
+        weight = quantize(kernel, axes=layer.axes, head_size=layer.head_size)
+        layer.quantized = weight if plan is None else shard_quantized(weight, plan, path)
         layer.kernel = None
 
 

@@ -17,6 +17,10 @@ axes do not divide are left replicated on those axes.
 A jitted step on a mesh runs the kernels under `shard_map` through the same plan
 (`model_lib/parallel.py`), and uses `replicated`, `rows_sharding` and `shardings_of`
 for its explicit in/out shardings and block-boundary constraints.
+
+Quantized weights (int8, int4, FP8, NF4) carry their kernel's axes on their storage and shard the
+same way; a mesh that would cut an int4 / FP8 group of inputs from its scales is refused
+(`GroupSplitError`, naming the valid sizes).
 """
 
 from __future__ import annotations
@@ -222,12 +226,38 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def shard_model(model: nnx.Module, plan: ShardingPlan) -> nnx.Module:
-    """Move every parameter of an existing model onto the plan's mesh (in place)."""
-    if hasattr(model, "config"):
-        plan.check_heads(model.config)
-    for _, variable in nnx.iter_graph(model):
+class GroupSplitError(ValueError):
+    """A mesh that would cut a quantized weight's group of inputs from its scales."""
+
+
+def _place_variables(module: nnx.Module, plan: ShardingPlan) -> None:
+    for _, variable in nnx.iter_graph(module):
         if isinstance(variable, nnx.Variable) and "logical_axes" in variable.get_metadata():
             value = variable.get_value()
             variable.set_value(jax.device_put(value, plan.variable_sharding(variable, value.shape)))
+
+
+def shard_quantized(weight: Any, plan: ShardingPlan, name: str) -> Any:
+    """Place one `QuantizedWeight` (`name`: its layer) on the plan's mesh; refuse a split that cuts a group."""
+    problem = weight.split_problem(plan)
+    if problem:
+        raise GroupSplitError(f"{name}: {problem}")
+    _place_variables(weight, plan)
+    return weight
+
+
+def shard_model(model: nnx.Module, plan: ShardingPlan) -> nnx.Module:
+    """Move every parameter of an existing model (quantized storage too) onto the plan's mesh (in place).
+
+    Refuses, before moving anything, a mesh that would split a head or cut a quantized weight's group.
+    """
+    from model_lib.quantization.base import QuantizedWeight
+
+    if hasattr(model, "config"):
+        plan.check_heads(model.config)
+    for path, node in nnx.iter_graph(model):
+        problem = node.split_problem(plan) if isinstance(node, QuantizedWeight) else None
+        if problem:
+            raise GroupSplitError(f"{'.'.join(map(str, path))}: {problem}")
+    _place_variables(model, plan)
     return model

@@ -63,8 +63,9 @@ class LLM:
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
     `gpu_memory_utilization`, `enable_prefix_caching`, `seed`, `enforce_eager` (no start-up
     compilation of every shape), `compilation_cache_dir`; `quantization` (vLLM's name): "int8" or
-    "int4" serve weight-only int8 / int4 (group 128) linear layers; a pre-quantized checkpoint
-    (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
+    "int4" serve weight-only int8 / int4 (group 128) linear layers, "fp8" W8A8 FP8 ones (per-channel
+    FP8 weights of a float checkpoint, or an FP8 checkpoint's own kept in FP8); a pre-quantized
+    checkpoint (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
     """
 
     def __init__(

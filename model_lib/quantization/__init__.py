@@ -3,10 +3,12 @@
 - `nf4`: NF4 with double quantization (QLoRA's frozen base; trains LoRA adapters).
 - `int8`: weight-only int8, one scale per output channel.
 - `int4`: weight-only int4, group scales and zero points (AWQ / GPTQ's scheme).
-The matmuls of int8 and int4 are `pallas_kernels.quantized_matmul` (fused kernels on GPU).
+- `fp8`: float8_e4m3fn weights with tensor, channel, group or 128 x 128 block scales; W8A8 compute.
+The matmuls of int8, int4 and fp8 are `pallas_kernels.quantized_matmul` (fused kernels / FP8 GEMMs on GPU).
 """
 
 from model_lib.quantization.base import QuantizedWeight, QuantState
+from model_lib.quantization.fp8 import Fp8Weight, quantize_fp8
 from model_lib.quantization.int4 import Int4Weight, quantize_int4
 from model_lib.quantization.int8 import Int8Weight, dequantize_int8, quantize_int8
 from model_lib.quantization.nf4 import (
@@ -27,6 +29,7 @@ from model_lib.quantization.nf4 import (
 __all__ = [
     "ABSMAX_BLOCK",
     "BLOCK",
+    "Fp8Weight",
     "NF4_CODE",
     "Int4Weight",
     "Int8Weight",
@@ -39,6 +42,7 @@ __all__ = [
     "nf4_matmul",
     "nf4_storage_axes",
     "nf4_take_rows",
+    "quantize_fp8",
     "quantize_int4",
     "quantize_int8",
     "quantize_nf4",

@@ -6,8 +6,8 @@ quantized linear module are held back, and at the end of the stream each module 
 one `<module>.weight` entry holding a `HostInt4`, `HostInt8` or float array. The loader keeps
 `HostInt4` / `HostInt8` quantized on the device (`Int4Weight` / `Int8Weight`, the same path as
 `quantization="int4"` / `"int8"`) and dequantizes them only for modules that are not a plain
-linear kernel here (fused or per-expert tensors). FP8 weights are dequantized on the host
-(W8A8 FP8 compute is not built).
+linear kernel here (fused or per-expert tensors). FP8 weights come out as `HostFp8` (kept in
+float8_e4m3fn as `Fp8Weight`, W8A8) where the scheme says `keep_fp8`, else dequantized on the host.
 
 Layouts (HF linear weight `W [out, in]`; our kernel is `W.T [in, out]`; `q` unsigned 4-bit):
 - AWQ (AutoAWQ GEMM, `quant_method: awq`, `version: gemm`): `qweight [in, out / 8]` int32 packed
@@ -26,8 +26,9 @@ Layouts (HF linear weight `W [out, in]`; our kernel is `W.T [in, out]`; `q` unsi
   `weight_shape = [out, in]`; `W = (q - zp) * scale`. 8-bit symmetric per-channel weights are
   kept as int8; other 8-bit schemes are dequantized.
 - FP8: `weight [out, in]` float8_e4m3fn times `weight_scale` (compressed-tensors
-  `float-quantized`: a scalar or `[out, 1]`) or times `weight_scale_inv`, one per 128 x 128 block
-  (`quant_method: fp8`, `weight_block_size`, as DeepSeek-V3 ships).
+  `float-quantized`: a scalar, `[out, 1]` or `[out, G]`) or times `weight_scale_inv`, one per
+  128 x 128 block (`quant_method: fp8`, `weight_block_size`, as DeepSeek-V3 ships); read by
+  `model_lib.quantization.fp8.from_checkpoint`. float8_e5m2 weights are always dequantized.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from model_lib.quantization import int4
+from model_lib.quantization import fp8, int4
 from model_lib.quantization.base import QuantizedWeight
+from model_lib.quantization.fp8 import HostFp8
 from model_lib.quantization.int8 import Int8Weight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -75,8 +77,8 @@ class HostInt4:
             w = w[np.argsort(self.perm)]
         return np.ascontiguousarray(w.T)
 
-    def to_weight(self) -> QuantizedWeight:
-        return int4.from_values(self.q, self.scales, self.zeros, self.perm)
+    def to_weight(self, axes: Sequence[str | None] | None = None, head_size: int = 1) -> QuantizedWeight:
+        return int4.from_values(self.q, self.scales, self.zeros, self.perm, axes=axes, head_size=head_size)
 
 
 @dataclass
@@ -93,11 +95,11 @@ class HostInt8:
     def dequantized(self) -> np.ndarray:
         return np.ascontiguousarray((self.values.astype(np.float32) * self.scale).T)
 
-    def to_weight(self) -> QuantizedWeight:
-        return Int8Weight(self.values, self.scale)
+    def to_weight(self, axes: Sequence[str | None] | None = None, head_size: int = 1) -> QuantizedWeight:
+        return Int8Weight(self.values, self.scale, axes=axes, head_size=head_size)
 
 
-HostQuantized = (HostInt4, HostInt8)
+HostQuantized = (HostInt4, HostInt8, HostFp8)
 
 
 def unpack_int32(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
@@ -137,6 +139,12 @@ class Scheme:
     gptq_v1: bool = True  # GPTQ qzeros hold z - 1
     pack_format: str = "pack-quantized"  # compressed-tensors: pack-quantized or float-quantized
     block: tuple[int, int] | None = None  # FP8 `weight_block_size` (rows, columns of the HF weight)
+    keep_fp8: bool = False  # FP8 e4m3 weights stay FP8 (`HostFp8`) instead of being dequantized
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the scheme's weights are FP8 (`quant_method: fp8` or compressed-tensors `float-quantized`)."""
+        return self.method == "fp8" or self.pack_format == "float-quantized"
 
     @property
     def leaves(self) -> tuple[str, ...]:
@@ -150,7 +158,7 @@ class Scheme:
     def convert(self, module: str, tensors: dict[str, np.ndarray]) -> Any:
         """One module's tensors -> a `HostInt4`, `HostInt8` or float `[out, in]` array."""
         if "weight" in tensors and str(tensors["weight"].dtype) in FP8_DTYPES:
-            return _fp8(module, tensors, self.block)
+            return _fp8(module, tensors, self.block, self.keep_fp8)
         if self.method in ("awq", "gptq"):
             return (_awq if self.method == "awq" else _gptq)(module, tensors, self)
         if "weight_packed" in tensors:
@@ -203,19 +211,20 @@ def _packed(module: str, tensors: dict[str, np.ndarray], scheme: Scheme) -> Any:
     return ((q.astype(np.float32) - np.repeat(zp, group, 1)) * np.repeat(scale, group, 1)).astype(np.float32)
 
 
-def _fp8(module: str, tensors: dict[str, np.ndarray], block: tuple[int, int] | None) -> np.ndarray:
-    weight = tensors["weight"].astype(np.float32)
+def _fp8(module: str, tensors: dict[str, np.ndarray], block: tuple[int, int] | None, keep: bool) -> Any:
+    weight = tensors["weight"]
     if "weight_scale_inv" in tensors:  # one scale per block
-        scale = _float(tensors["weight_scale_inv"])
+        scale = tensors["weight_scale_inv"]
         block = block or tuple(math.ceil(n / s) for n, s in zip(weight.shape, scale.shape))
-        if scale.shape != tuple(math.ceil(n / b) for n, b in zip(weight.shape, block)):
-            raise QuantizedCheckpointError(f"{module}.weight_scale_inv {scale.shape} does not tile {weight.shape} "
-                                           f"in blocks of {block}")
-        full = np.repeat(np.repeat(scale, block[0], 0), block[1], 1)[: weight.shape[0], : weight.shape[1]]
-        return weight * full
-    (scale,) = _need(module, tensors, "weight_scale")
-    scale = _float(scale)
-    return weight * (scale.reshape(-1, 1) if scale.size == weight.shape[0] else scale.reshape(()))
+    else:
+        (scale,), block = _need(module, tensors, "weight_scale"), None
+    if str(weight.dtype) != "float8_e4m3fn":  # e5m2 values do not all fit e4m3: dequantized
+        keep, weight = False, weight.astype(np.float32)
+    try:
+        host = fp8.from_checkpoint(module, weight, scale, block)
+    except fp8.Fp8Error as error:
+        raise QuantizedCheckpointError(str(error)) from None
+    return host if keep else host.dequantized()
 
 
 def scheme_for(hf_config: dict[str, Any]) -> Scheme | None:
@@ -281,5 +290,5 @@ class QuantizedTensors:
                 yield file, name, array
         for module, tensors in held.items():
             if set(tensors) <= {"input_scale"}:
-                continue  # an activation scale alone: W8A8 compute is not built, the weight is read as it is
+                continue  # a static activation scale alone: activations are quantized per token instead
             yield files[module], f"{module}.weight", self.scheme.convert(module, tensors)

@@ -17,14 +17,14 @@ this one on the host, so AWQ, GPTQ and compressed-tensors weights serve through 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_lib.quantization.base import QuantizedWeight, QuantState, on_device
+from model_lib.quantization.base import QuantizedWeight, QuantState, on_device, storage_meta
 from pallas_kernels.quantized_matmul import int4_matmul
 from pallas_kernels.quantized_matmul.reference import dequantize_int4, pack_int4
 
@@ -35,12 +35,18 @@ MAX_GROUP_SIZE = 1 << 16  # a bound on checkpoint-given group sizes (per-channel
 class Int4Weight(QuantizedWeight):
     """The int4 form of one `[in, out]` kernel: `packed [in / 2, out]` uint8, `scales` and `zeros` `[in / G, out]`."""
 
-    def __init__(self, packed: Any, scales: Any, zeros: Any, perm: Any = None):
-        self.packed = QuantState(on_device(packed))
-        self.scales = QuantState(on_device(scales))  # float32
-        self.zeros = QuantState(on_device(zeros))  # uint8
-        self.perm = QuantState(on_device(perm)) if perm is not None else nnx.data(None)  # [in] int32
+    GROUPED = ("packed", 0, ("scales", "zeros"))
+
+    def __init__(self, packed: Any, scales: Any, zeros: Any, perm: Any = None, *,
+                 axes: Sequence[str | None] | None = None, head_size: int = 1):
         self.shape = (2 * packed.shape[0], packed.shape[1])
+        group = self.shape[0] // scales.shape[0]
+        self.packed = QuantState(on_device(packed), **storage_meta(axes, head_size, ("in", "out"), 2))
+        groups = storage_meta(axes, head_size, ("in", "out"), group)
+        self.scales = QuantState(on_device(scales), **groups)  # float32
+        self.zeros = QuantState(on_device(zeros), **groups)  # uint8
+        # [in] int32: a gather of x's columns, replicated
+        self.perm = QuantState(on_device(perm), logical_axes=(None,)) if perm is not None else nnx.data(None)
 
     @property
     def group_size(self) -> int:
@@ -72,17 +78,20 @@ def check_group_size(in_features: int, group_size: int) -> None:
                          f"input width {in_features}")
 
 
-def from_values(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, perm: np.ndarray | None = None) -> Int4Weight:
-    """An `Int4Weight` from unpacked `q [in, out]` (0..15), `scales`/`zeros [in / G, out]` (host arrays)."""
+def from_values(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, perm: np.ndarray | None = None, *,
+                axes: Sequence[str | None] | None = None, head_size: int = 1) -> Int4Weight:
+    """An `Int4Weight` from unpacked `q [in, out]` (0..15), `scales`/`zeros [in / G, out]` (host arrays);
+    `axes`: the kernel's logical axes."""
     group_size = q.shape[0] // scales.shape[0]
     check_group_size(q.shape[0], group_size)
     if zeros.min() < 0 or zeros.max() > 255:
         raise ValueError(f"int4 zero points must lie in [0, 255], got [{zeros.min()}, {zeros.max()}]")
     return Int4Weight(pack_int4(q, group_size), np.asarray(scales, np.float32), np.asarray(zeros, np.uint8),
-                      None if perm is None else np.asarray(perm, np.int32))
+                      None if perm is None else np.asarray(perm, np.int32), axes=axes, head_size=head_size)
 
 
-def quantize_int4(weight: np.ndarray, group_size: int | None = None) -> Int4Weight:
+def quantize_int4(weight: np.ndarray, group_size: int | None = None, *, axes: Sequence[str | None] | None = None,
+                  head_size: int = 1) -> Int4Weight:
     """Asymmetric int4 of a float `[in, out]` kernel (host side), groups of `group_size` input rows."""
     w = np.asarray(weight, np.float32)
     group_size = group_size_for(w.shape[0]) if group_size is None else group_size
@@ -93,4 +102,4 @@ def quantize_int4(weight: np.ndarray, group_size: int | None = None) -> Int4Weig
     scales = np.where(scales == 0, 1.0, scales)
     zeros = np.clip(np.round(-low / scales), 0, 15)
     q = np.clip(np.round(groups / scales[:, None]) + zeros[:, None], 0, 15).reshape(w.shape)
-    return from_values(q.astype(np.uint8), scales, zeros)
+    return from_values(q.astype(np.uint8), scales, zeros, axes=axes, head_size=head_size)

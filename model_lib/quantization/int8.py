@@ -8,22 +8,22 @@ columns, `(x @ q) * scale`, which is `x @ (q * scale)` without materialising the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model_lib.quantization.base import QuantizedWeight, QuantState, on_device
+from model_lib.quantization.base import QuantizedWeight, QuantState, on_device, storage_meta
 from pallas_kernels.quantized_matmul import int8_matmul
 
 
 class Int8Weight(QuantizedWeight):
     """The weight-only int8 form of one `[in, out]` kernel."""
 
-    def __init__(self, values: Any, scale: Any):
-        self.values = QuantState(on_device(values))  # [in, out] int8
-        self.scale = QuantState(on_device(scale))  # [out] float32
+    def __init__(self, values: Any, scale: Any, *, axes: Sequence[str | None] | None = None, head_size: int = 1):
+        self.values = QuantState(on_device(values), **storage_meta(axes, head_size, ("in", "out")))  # [in, out] int8
+        self.scale = QuantState(on_device(scale), **storage_meta(axes, head_size, ("out",)))  # [out] float32
         self.shape = tuple(values.shape)
 
     def matmul(self, x: jax.Array) -> jax.Array:
@@ -33,12 +33,12 @@ class Int8Weight(QuantizedWeight):
         return dequantize_int8(self, dtype)
 
 
-def quantize_int8(weight: np.ndarray) -> Int8Weight:
-    """Symmetric per-output-channel int8 of a float `[in, out]` kernel (host side)."""
+def quantize_int8(weight: np.ndarray, *, axes: Sequence[str | None] | None = None, head_size: int = 1) -> Int8Weight:
+    """Symmetric per-output-channel int8 of a float `[in, out]` kernel (host side); `axes`: the kernel's."""
     w = np.asarray(weight, np.float32)
     scale = np.abs(w).max(axis=0) / 127.0
     values = np.clip(np.round(w / np.where(scale == 0, 1.0, scale)), -127, 127).astype(np.int8)
-    return Int8Weight(values, scale.astype(np.float32))
+    return Int8Weight(values, scale.astype(np.float32), axes=axes, head_size=head_size)
 
 
 def dequantize_int8(q: Int8Weight, dtype: Any) -> jax.Array:

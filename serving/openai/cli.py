@@ -38,9 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", "-q", choices=ALL_QUANTIZATIONS,
-                   help="weight format: int8, int4 (weight-only, group 128) or nf4, quantized at load; or the "
-                        "method of a pre-quantized checkpoint (awq, gptq, compressed-tensors, fp8), which is "
-                        "detected from its config.json without this flag")
+                   help="weight format: int8, int4 (weight-only, group 128), fp8 (W8A8, per-channel) or nf4, "
+                        "quantized at load; or the method of a pre-quantized checkpoint (awq, gptq, "
+                        "compressed-tensors, fp8), which is detected from its config.json without this flag "
+                        "(fp8 keeps an FP8 checkpoint's weights in FP8, the default on CUDA)")
     p.add_argument("--mesh", help="mesh preset from configs/mesh (e.g. tp) or a YAML path")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=16)
     p.add_argument("--num-pages", type=int, help="KV pages (default: from free device memory)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,59 @@ def test_quantized_matmul_kernels_compile(bits, layer, rows):
     reports = assert_compiles(gpu_lowering.lower_for_h100(fn, *args), (f"{bits}_matmul",))
     if QUANT_ROWS[rows] >= 128:
         assert all(report.wgmma for report in reports)
+
+
+FP8 = jnp.float8_e4m3fn
+FP8_DOT = re.compile(r"stablehlo\.dot_general .*: \(tensor<(\d+)x(\d+)x(\w+)>, tensor<(\d+)x(\d+)x(\w+)>\) -> tensor<\d+x\d+x(\w+)>")
+
+
+def dot_operand_types(lowered) -> list[tuple[str, str, str]]:
+    """(lhs, rhs, result) element types of every dot_general in the StableHLO."""
+    return [(m[2], m[5], m[6]) for m in FP8_DOT.findall(lowered.as_text())]
+
+
+FP8_ROWS = {"decode-m1": 1, "decode-m64": 64, "prefill-m512": 512}
+
+
+@pytest.mark.parametrize("rows", sorted(FP8_ROWS))
+@pytest.mark.parametrize("scales", ["channel", "block128"])
+def test_fp8_matmul_compiles_for_hopper(scales, rows):
+    """W8A8 FP8 for CUDA at Llama-3-8B's gate/up shape. Decode rows: the Pallas kernel (FP8 weights,
+    bf16 MMAs; wgmma at 64 rows), with no XLA dot left. Prefill rows: every product a dot_general on
+    float8_e4m3fn operands with float32 results, which XLA's GPU compiler turns into cuBLASLt FP8
+    GEMMs; no float reference in the CUDA branch."""
+    from pallas_kernels.quantized_matmul import fp8_matmul
+
+    depth, width = QUANT_LAYERS["gate_up"]
+    groups = 1 if scales == "channel" else depth // 128
+    args = S((FP8_ROWS[rows], depth), BF16), S((width, depth), FP8), S((groups, width), jnp.float32)
+    lowered = gpu_lowering.lower_for_h100(jax.jit(fp8_matmul), *args)
+    dots = dot_operand_types(lowered)
+    if FP8_ROWS[rows] <= 64:
+        reports = assert_compiles(lowered, ("fp8_matmul",))
+        assert dots == [] and all(report.wgmma for report in reports) == (FP8_ROWS[rows] == 64)
+    else:
+        assert dots == [("f8E4M3FN", "f8E4M3FN", "f32")] and not gpu_lowering.triton_modules(lowered), dots
+
+
+def test_pallas_triton_fp8_dot_is_not_an_fp8_mma():
+    """Why fp8_matmul has no Pallas kernel: jax's Triton lowering emits `tt.dot` with maxNumImpreciseAcc 0,
+    so for a float32 accumulator Triton upcasts FP8 tiles to float16 and uses Ampere mma.sync, never the
+    e4m3 wgmma. If this fails, a jax release lowers FP8 dots to FP8 MMAs and a Pallas kernel is worth writing."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+
+    def kernel(x_ref, w_ref, o_ref):
+        o_ref[...] = jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+
+    call = pl.pallas_call(kernel, out_shape=S((128, 128), jnp.float32), name="fp8_dot_probe",
+                          compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1))
+    lowered = gpu_lowering.lower_for_h100(jax.jit(call), S((128, 128), FP8), S((128, 128), FP8))
+    (report,) = gpu_lowering.check_lowered(lowered)[0]
+    mmas = {line.split()[0] for line in report.ptx.splitlines() if "mma" in line}
+    assert not report.wgmma and mmas == {"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"}, mmas
+    assert "cvt.rn.f16x2.e4m3x2" in report.ptx  # the FP8 tiles upcast before the float16 MMA
 
 
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
