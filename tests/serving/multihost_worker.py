@@ -13,18 +13,24 @@ import sys
 from serving.sampling_params import SamplingParams
 from tests.serving.helpers import prompts, token_prompts
 
-# Small enough that the 30-token prompt is prefilled in chunks beside the others' decodes.
-ENGINE = dict(mesh="tp", max_model_len=64, max_num_seqs=8, max_num_batched_tokens=16, page_size=4, num_pages=64, enforce_eager=True)
+# The 16-token budget prefills the short prompts and the long prompt's first chunk in step 1, the rest of it
+# beside their first decodes in step 2 (a mixed batch); it starts one step late and stops one token early,
+# so every sequence ends in the same step: few step shapes to compile.
+ENGINE = dict(mesh="tp", max_model_len=64, max_num_seqs=8, max_num_batched_tokens=16, page_size=16, num_pages=32,
+              enforce_eager=True)
+MAX_TOKENS = 8
 
 
 def run_requests(llm) -> list[list[list[int]]]:
-    """Greedy prompts in one mixed prefill/decode batch, plus seeded sampling (n=2), penalties and logprobs."""
-    requests = token_prompts(prompts()) + token_prompts(prompts((5, 11), seed=1))
-    params = [SamplingParams(temperature=0, max_tokens=8)] * 4 + [
-        SamplingParams(temperature=0.8, top_p=0.9, seed=7, n=2, max_tokens=6),
-        SamplingParams(temperature=0, repetition_penalty=1.5, logprobs=2, max_tokens=6),
+    """Greedy prompts, seeded sampling (n=2) and penalties with logprobs, in one continuous batch; token ids."""
+    short, long = prompts((3, 4, 3), seed=0), prompts((13,), seed=1)
+    params = [
+        SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=7, n=2, max_tokens=MAX_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0, repetition_penalty=1.5, logprobs=2, max_tokens=MAX_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=MAX_TOKENS - 1, ignore_eos=True),
     ]
-    return [[c.token_ids for c in out.outputs] for out in llm.generate(requests, params)]
+    return [[c.token_ids for c in out.outputs] for out in llm.generate(token_prompts(short + long), params)]
 
 
 def main(folder: str, coordinator: str, num_processes: str, process_id: str) -> None:
