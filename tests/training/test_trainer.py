@@ -255,6 +255,7 @@ def test_tensor_parallel_step_never_gathers_a_whole_parameter(tiny_checkpoint, r
     split = {tuple(x.shape) for x in jax.tree.leaves(trainer.frozen) if "tensor" in str(x.sharding.spec)}
     assert (64, 256) in split and (256, 64) in split  # q_proj and o_proj: 8 whole heads of 32 over 8 devices
     assert not split & all_gathered_shapes(hlo), split & all_gathered_shapes(hlo)
+    assert not [s for s in all_gathered_shapes(hlo) if len(s) == 4]  # attention's q/k/v stay split by heads
     # The check sees a gather when there is one: replicating q_proj gathers its whole [64, 256].
     q = trainer.frozen["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
     gather = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(trainer.plan.mesh, PartitionSpec()))
