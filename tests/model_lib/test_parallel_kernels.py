@@ -194,7 +194,8 @@ def dense_step(plan):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
 
 
-@pytest.mark.parametrize("mesh, heads, kv_heads", DENSE_CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("mesh, heads, kv_heads", DENSE_CASES,
+                         ids=lambda x: "x".join(f"{a}{n}" for a, n in x.items()) if isinstance(x, dict) else str(x))
 def test_dense_attention_under_shard_map_equals_unsharded(mesh, heads, kv_heads):
     """Forward and gradients equal the unsharded op; the compiled step gathers no q/k/v (or output)."""
     inputs = dense_inputs(heads, kv_heads)
