@@ -1,15 +1,17 @@
-"""Kernels under `shard_map`: paged attention split by heads, the MoE experts split by expert and width.
+"""Kernels under `shard_map`: attention split by heads (and dense attention by batch rows), the MoE
+experts split by expert and width.
 
 A jitted step that runs on a mesh activates its `ShardingPlan` with `kernel_plan(plan)`
-inside the traced function; the two kernel call sites (`attend` and the MoE block) then
-run their custom calls per device on local shards, so XLA never gathers a KV cache or
-an expert stack around them. Mesh axes come from the plan's logical-axis rules
-(`q_heads`, `kv_heads`, `expert`, `mlp`, `batch`); no model code names one. Without an
-active plan (or on a mesh that shards none of these axes) everything runs as before.
+inside the traced function; the kernel call sites (`attend`, for paged and dense batches,
+and the MoE block) then run their custom calls per device on local shards, so XLA never
+gathers a KV cache, q/k/v or an expert stack around them. Mesh axes come from the plan's
+logical-axis rules (`q_heads`, `kv_heads`, `expert`, `mlp`, `batch`); no model code names one.
+Without an active plan (or on a mesh that shards none of these axes) everything runs as before.
 
 Attention: query heads split over the `q_heads` axes; kv heads split the same way, or,
 when there are fewer kv heads than devices, each device keeps the whole (replicated)
 cache, writes every head into it, and attends with the one kv head its query heads use.
+Dense (training) attention also splits its batch rows over the `batch` axes (data, fsdp).
 
 Experts, split over the `expert` axes and their width over the `mlp` axes, as
 `ShardingPlan.expert_parallel` (a mesh preset's `expert_parallel:`) says. "psum" (the
@@ -35,6 +37,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from model_lib.sharding import ShardingPlan
+from pallas_kernels.flash_attention import attention as flash_attention
 from pallas_kernels.paged_attention import PagedMetadata, attend_pages, ragged_paged_attention, write_kv
 
 _PLAN: contextvars.ContextVar[ShardingPlan | None] = contextvars.ContextVar("kernel_plan", default=None)
@@ -80,6 +83,63 @@ def _shard_map(fn: Callable, plan: ShardingPlan, in_specs: Any, out_specs: Any) 
     return jax.shard_map(fn, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def _heads_group(plan: ShardingPlan, q_axes: tuple[str, ...], kv_axes: tuple[str, ...], kv_heads: int) -> int:
+    """Query-head shards per kv head when the kv heads are replicated (shard i uses kv head i // group)."""
+    if kv_axes and kv_axes != q_axes:
+        raise ValueError(f"query heads split over {q_axes} but kv heads over {kv_axes}; both need the same axes")
+    return math.prod(plan.mesh.shape[a] for a in q_axes) // kv_heads
+
+
+def _own_kv_head(arrays: Sequence[jax.Array], q_axes: tuple[str, ...], group: int, axis: int) -> list[jax.Array]:
+    """Inside shard_map, with replicated kv heads: the one kv head this shard's query heads use."""
+    head = jax.lax.axis_index(q_axes) // group
+    return [jax.lax.dynamic_slice_in_dim(a, head, 1, axis=axis) for a in arrays]
+
+
+# -- dense attention (training, scoring) ------------------------------------------------------------
+
+
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    **options: Any,
+) -> jax.Array:
+    """`flash_attention.attention` (q `[B, T, H, D]`, k/v `[B, S, K, D]`), per batch and head shard.
+
+    Rows split over the `batch` axes (data, fsdp) where they divide, heads over the `q_heads` /
+    `kv_heads` axes as the parameters are; replicated kv heads as in `paged_attention`.
+    """
+    plan = active_plan()
+    axes = () if plan is None else _mesh_axes(plan, "batch", "q_heads", "kv_heads")
+    q_spec = PartitionSpec() if not axes else _only(plan.partition_spec(("batch", None, "q_heads", None), q.shape), axes)
+    if not _spec_axes(q_spec):
+        return flash_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
+                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **options)
+    q_axes = _spec_axes(PartitionSpec(q_spec[2]))
+    kv_spec = PartitionSpec(q_spec[0], None, *_only(plan.partition_spec(("kv_heads", None), k.shape[2:]), q_axes))
+    kv_axes = _spec_axes(PartitionSpec(kv_spec[2]))
+    group = _heads_group(plan, q_axes, kv_axes, k.shape[2]) if q_axes else 1
+    rows_spec = PartitionSpec(q_spec[0], None)
+    per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
+
+    def local(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, per_head):
+        if q_axes and not kv_axes:
+            k, v = _own_kv_head((k, v), q_axes, group, axis=2)
+        return flash_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
+                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **options, **per_head)
+
+    per_head_specs = {name: PartitionSpec(q_spec[2]) for name in per_head}
+    in_specs = (q_spec, kv_spec, kv_spec, rows_spec, rows_spec, rows_spec, rows_spec, per_head_specs)
+    run = _shard_map(local, plan, in_specs, q_spec)
+    return run(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, per_head)
+
+
 # -- paged attention ----------------------------------------------------------------------------
 
 
@@ -104,18 +164,12 @@ def paged_attention(
     kv_spec = _only(plan.partition_spec((None, "kv_heads", None), k.shape), axes)
     cache_spec = _only(plan.partition_spec(("kv_heads", None, None, None), k_cache.shape), axes)
     kv_axes = _spec_axes(cache_spec)
-    if kv_axes and kv_axes != q_axes:
-        raise ValueError(f"query heads split over {q_axes} but kv heads over {kv_axes}; both need the same axes")
-    # Replicated kv heads: shard i's query heads all use kv head i // (shards / K).
-    group = math.prod(plan.mesh.shape[a] for a in q_axes) // k_cache.shape[0]
+    group = _heads_group(plan, q_axes, kv_axes, k_cache.shape[0])
     per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
 
     def local(q, k, v, k_cache, v_cache, meta, per_head):
         k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta)
-        k_use, v_use = k_cache, v_cache
-        if not kv_axes:
-            head = jax.lax.axis_index(q_axes) // group
-            k_use, v_use = (jax.lax.dynamic_slice_in_dim(c, head, 1, axis=0) for c in (k_cache, v_cache))
+        k_use, v_use = (k_cache, v_cache) if kv_axes else _own_kv_head((k_cache, v_cache), q_axes, group, axis=0)
         out = attend_pages(q, k_use, v_use, meta, implementation=implementation, **options, **per_head)
         return out, k_cache, v_cache
 

@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jax
 from jax.sharding import Mesh
 
 import model_lib
+from model_lib import distributed
 from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
-from serving.engine import EngineConfig, LLMEngine
+from serving.engine import EngineConfig, LLMEngine, multihost
 from serving.engine.warmup import use_compilation_cache
 from serving.outputs import RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
@@ -66,6 +68,13 @@ class LLM:
     "int4" serve weight-only int8 / int4 (group 128) linear layers, "fp8" W8A8 FP8 ones (per-channel
     FP8 weights of a float checkpoint, or an FP8 checkpoint's own kept in FP8); a pre-quantized
     checkpoint (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
+
+    Multi-host (`jax.distributed`, `model_lib/distributed.py`): `coordinator_address` (process
+    0's host:port), `num_processes` and `process_id`, or the environment jax.distributed reads
+    (SLURM, Open MPI, `JAX_COORDINATOR_ADDRESS`). Every process builds the same `LLM` over one
+    mesh of all processes' devices; process 0 (`is_leader`) generates, the others call
+    `follow()`, which replays the leader's device calls until the leader's `shutdown()` (or
+    its exit). See `serving/engine/multihost.py`.
     """
 
     def __init__(
@@ -76,8 +85,12 @@ class LLM:
         dtype: Any = None,
         mesh: Mesh | ShardingPlan | str | None = None,
         quantization: str | None = None,
+        coordinator_address: str | None = None,
+        num_processes: int | None = None,
+        process_id: int | None = None,
         **engine_args: Any,
     ):
+        distributed.initialize(coordinator_address, num_processes, process_id)  # before any JAX computation
         use_compilation_cache(engine_args.get("compilation_cache_dir"))  # before anything compiles
         plan = as_plan(mesh)
         self.model_path = Path(model)
@@ -91,9 +104,26 @@ class LLM:
             plan=plan,
         )
         self._counter = 0
+        self.is_leader = distributed.is_leader()
+        self._leader = multihost.Leader(self.engine) if self.is_leader and jax.process_count() > 1 else None
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def follow(self) -> None:
+        """On a follower process: run the leader's steps until the leader shuts down."""
+        if self.is_leader:
+            raise RuntimeError("process 0 leads: it generates, the other processes follow")
+        multihost.follow(self.engine)
+
+    def shutdown(self) -> None:
+        """On a multi-host leader: end the followers' `follow()` (idempotent; also runs at exit)."""
+        if self._leader is not None:
+            self._leader.shutdown()
+
+    def _check_leader(self) -> None:
+        if not self.is_leader:
+            raise RuntimeError(f"process {jax.process_index()} follows process 0: call follow(), not generate()")
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -108,6 +138,7 @@ class LLM:
         return prompt, self.tokenizer.encode(prompt)
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+        self._check_leader()
         text, ids = self._prompt_ids(prompt)
         request_id = str(self._counter)
         self._counter += 1

@@ -39,7 +39,7 @@ from model_lib.layers.moe import capture_router_logits, collect_router_logits, m
 from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, save_peft_adapter
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan, as_plan, shardings_of
-from training import distributed
+from model_lib import distributed
 from training.config import TrainConfig
 from training.data import IGNORE, Batch, DataConfig, epoch_batches, load_examples, split_validation
 

@@ -23,7 +23,6 @@ from model_lib.layers.linear import Linear
 from model_lib.layers.mlp import hidden_projection
 from model_lib.layers.norms import make_norm
 from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
-from pallas_kernels.flash_attention import attention as dense_attention
 from model_lib import parallel
 from pallas_kernels.paged_attention import PagedMetadata
 
@@ -80,7 +79,8 @@ def attend(
     if sinks is not None:
         options["sinks"] = sinks
     if isinstance(batch, DenseBatch):
-        out = dense_attention(
+        # Under a mesh (`parallel.kernel_plan`) it runs per batch and head shard.
+        out = parallel.dense_attention(
             q,
             k,
             v,

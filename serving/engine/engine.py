@@ -25,11 +25,12 @@ import numpy as np
 
 from model_lib import CausalLM
 from model_lib.sharding import ShardingPlan
+from serving.engine import multihost
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
 from serving.engine.limits import RequestLimits, check_max_model_len, validate_request
-from serving.engine.runner import ModelRunner, bucket
-from serving.engine.sampler import SampleOutput, batch_from_rows, sampling_row
+from serving.engine.runner import ModelRunner, StepInputs, bucket
+from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
@@ -85,13 +86,15 @@ class _InFlight:
 
 def _default_num_pages(config: EngineConfig, page_bytes: int, max_pages_per_seq: int) -> int:
     wanted = config.max_num_seqs * max_pages_per_seq
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform == "gpu" else None
     if stats and "bytes_limit" in stats:
         budget = int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0)
     else:
         budget = 1 << 30
-    return max(min(wanted, budget // page_bytes), max_pages_per_seq)
+    num_pages = max(min(wanted, budget // page_bytes), max_pages_per_seq)
+    # Every process of a multi-host engine allocates the same cache: the one that fits them all.
+    return multihost.smallest(num_pages) if jax.process_count() > 1 else num_pages
 
 
 def _sampling_row(seq: Sequence) -> tuple:
@@ -267,34 +270,52 @@ class LLMEngine:
             slots.append(seq.slot)
             rows.append(row)
             if counts is not None:
-                self.slot_state = write_counts(self.slot_state, np.int32(seq.slot), counts)
+                self._write_counts(np.int32(seq.slot), counts)
         if rows:
             size = bucket(len(rows), 1, self.config.max_num_seqs)
             padded = np.full(size, self.config.max_num_seqs, np.int32)  # out of range: dropped
             padded[: len(slots)] = slots
-            self.slot_state = write_rows(self.slot_state, padded, batch_from_rows(rows, size, None, None))
+            self._write_rows(padded, batch_from_rows(rows, size, None, None))
 
     def _launch(self, scheduled: list[ScheduledSequence]) -> _InFlight:
         """Dispatch the model step and the sampler (nothing waits for the device)."""
         completes = [item.completes_sequence for item in scheduled]
-        logits = self.runner.execute(scheduled)
-        rows = logits.shape[0]
+        inputs = self.runner.prepare(scheduled)
+        rows = inputs.logits_indices.shape[0]  # the step's logits rows
         slots = np.full(rows, self.config.max_num_seqs, np.int32)
         slots[: len(scheduled)] = [item.seq.slot for item in scheduled]
         mask = np.zeros(rows, bool)
         mask[: len(scheduled)] = completes
         seqs = [item.seq for item, done in zip(scheduled, completes) if done]
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
-        sampled, self.slot_state, last_tokens = sample_slots(
-            logits, self.slot_state, self.runner.fed_tokens, slots, mask,
-            num_logprobs=self.max_logprobs if wants_logprobs else None,
-            use_penalties=any(s.params.uses_penalties for s in seqs),
-        )
-        self.runner.fed_tokens = last_tokens
+        sampled = self._dispatch(inputs, slots, mask, self.max_logprobs if wants_logprobs else None,
+                                 any(s.params.uses_penalties for s in seqs))
         self.scheduler.update_after_step(scheduled)
         for seq in seqs:
             seq.num_pending += 1
         return _InFlight(scheduled, completes, sampled)
+
+    # -- device calls ---------------------------------------------------------
+    # The only methods that take host values into jitted computations: a multi-host leader
+    # broadcasts each call and the followers replay it (serving/engine/multihost.py).
+    DEVICE_CALLS = ("_write_counts", "_write_rows", "_dispatch")
+
+    def _write_counts(self, slot: np.int32, counts: np.ndarray) -> None:
+        self.slot_state = write_counts(self.slot_state, slot, counts)
+
+    def _write_rows(self, slots: np.ndarray, rows: SamplingBatch) -> None:
+        self.slot_state = write_rows(self.slot_state, slots, rows)
+
+    def _dispatch(
+        self, inputs: StepInputs, slots: np.ndarray, completes: np.ndarray, num_logprobs: int | None, use_penalties: bool
+    ) -> SampleOutput:
+        """The model step on `inputs`, then the sampler on its logits (row i with slot `slots[i]`)."""
+        logits = self.runner.run(inputs)
+        sampled, self.slot_state, self.runner.fed_tokens = sample_slots(
+            logits, self.slot_state, self.runner.fed_tokens, slots, completes,
+            num_logprobs=num_logprobs, use_penalties=use_penalties,
+        )
+        return sampled
 
     def _read(self, flight: _InFlight, failed: dict[str, RequestOutput]) -> list[RequestOutput]:
         """Wait for a dispatched step's samples; append them, apply stops, build outputs."""

@@ -131,17 +131,14 @@ class ModelRunner:
         shape = self._padded(num_tokens, len(scheduled), max(len(item.seq.pages) for item in scheduled))
         return self.inputs.build(scheduled, shape)
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> jax.Array:
-        """Dispatch one step; logits `[S_pad, V]`, row i for `scheduled[i]` (left on the device, not waited for)."""
-        return self.run(self.prepare(scheduled))
-
     def step_args(self, inputs: StepInputs) -> tuple:
         """The jitted step's arguments for `inputs`, in order."""
         return (self.params, self.kv_caches, inputs.input_ids, inputs.feed, self.fed_tokens, inputs.batch,
                 inputs.logits_indices)
 
     def run(self, inputs: StepInputs) -> jax.Array:
-        """Dispatch the step on prepared inputs (the KV cache is donated and replaced)."""
+        """Dispatch the step on prepared inputs (the KV cache is donated and replaced); logits `[S_pad, V]`,
+        row i for the i-th sequence (left on the device, not waited for)."""
         shape = inputs.shape
         start = time.perf_counter()
         logits, self.kv_caches = self._step(*self.step_args(inputs))

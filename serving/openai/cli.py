@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="persistent XLA compilation cache ('' to disable; default: $JAXLLM_COMPILATION_CACHE_DIR "
                         "or ~/.cache/jaxllm/xla)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    nodes = p.add_argument_group(
+        "multi-host (jax.distributed)",
+        "one process per node over one mesh of all their devices; process 0 serves HTTP, the others follow. "
+        "Unset, the values come from the environment jax.distributed reads (SLURM, Open MPI, "
+        "JAX_COORDINATOR_ADDRESS); a single process needs none.")
+    nodes.add_argument("--coordinator-address", help="process 0's host:port (any free port)")
+    nodes.add_argument("--num-processes", type=int, help="number of processes (nodes)")
+    nodes.add_argument("--process-id", type=int, help="this process's rank, 0 to num-processes - 1")
     limits = p.add_argument_group("request limits")
     limits.add_argument("--max-body-size", type=int, default=DEFAULT_MAX_BODY_SIZE,
                         help=f"largest request body in bytes, larger ones get 413 (default {DEFAULT_MAX_BODY_SIZE})")
@@ -116,10 +124,17 @@ def main(argv: list[str] | None = None) -> None:
             allow_long_max_model_len=args.allow_long_max_model_len,
             limits=limits,
             compilation_cache_dir=args.compilation_cache_dir,
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
             **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager}),
         )
     except ValueError as e:  # a setting the model cannot take (e.g. --max-model-len): say it, no traceback
         sys.exit(f"serve: {e}")
+    if not llm.is_leader:  # a follower: the leader's steps until it shuts down, no HTTP
+        logging.getLogger(__name__).info("following process 0 (it serves HTTP)")
+        llm.follow()
+        sys.exit(0)
     engine = AsyncLLMEngine(llm.engine, on_death=lambda _: stop_serving())
     engine.start()
     server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or served_name(args.model), args.api_key,
@@ -140,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn_server.run()
     finally:
         engine.shutdown()
+        llm.shutdown()  # multi-host: the followers exit
     if engine.error is not None:
         sys.exit(f"serve: the engine stopped: {engine.error!r}")
     sys.exit(0)

@@ -13,6 +13,7 @@ import pytest
 
 from model_lib import parallel
 from model_lib.sharding import EXPERT_PARALLEL, HeadSplitError, ShardingPlan, make_mesh
+from tests.hlo_checks import all_gathered_shapes
 from tests.pallas_kernels.test_paged_attention import make_case
 
 pytestmark = pytest.mark.skipif(
@@ -156,3 +157,65 @@ def test_moe_gradients_under_shard_map_equal_unsharded(strategy):
     assert [path for path, _ in got] == [path for path, _ in expected]
     for (path, a), (_, b) in zip(expected, got):
         np.testing.assert_allclose(b.get_value(), a.get_value(), rtol=1e-4, atol=1e-4, err_msg=str(path))
+
+
+# (mesh, query heads, kv heads): dense (training) attention split over batch rows and heads; kv heads
+# split with the query heads, replicated (fewer than the tensor size), and one (MQA).
+DENSE_CASES = [({"fsdp": 4, "tensor": 2}, 4, 2), ({"data": 2, "tensor": 4}, 8, 2), ({"tensor": 8}, 8, 1)]
+
+
+# Logical axes of `dense_inputs`: laid out as a sharded training step holds them.
+DENSE_AXES = {"q": ("batch", None, "q_heads", None), "k": ("batch", None, "kv_heads", None),
+              "v": ("batch", None, "kv_heads", None), "weights": ("batch", None, "q_heads", None),
+              "sinks": ("q_heads",), "segments": ("batch", None), "positions": ("batch", None)}
+
+
+def dense_inputs(heads: int, kv_heads: int, batch: int = 4, length: int = 8, head_dim: int = 16) -> dict:
+    """Random q/k/v, packed rows (two segments and padding), sinks, and a cotangent to weigh the output."""
+    rng = np.random.RandomState(heads + kv_heads)
+    arrays = dict(q=(batch, length, heads, head_dim), k=(batch, length, kv_heads, head_dim),
+                  v=(batch, length, kv_heads, head_dim), sinks=(heads,), weights=(batch, length, heads, head_dim))
+    inputs = {name: jnp.asarray(rng.randn(*shape), jnp.float32) for name, shape in arrays.items()}  # `loss` order
+    segments = np.array([[1] * 3 + [2] * 4 + [0]] * batch, np.int32)
+    positions = np.array([[0, 1, 2, 0, 1, 2, 3, 0]] * batch, np.int32)
+    return dict(inputs, segments=jnp.asarray(segments), positions=jnp.asarray(positions))
+
+
+def dense_step(plan):
+    """Forward and gradients (q, k, v, sinks) of a weighted sum of dense attention, jitted."""
+
+    def loss(q, k, v, sinks, weights, segments, positions):
+        with parallel.kernel_plan(plan):
+            out = parallel.dense_attention(q, k, v, q_positions=positions, kv_positions=positions,
+                                           q_segment_ids=segments, kv_segment_ids=segments, scale=0.25,
+                                           sliding_window=3, softcap=20.0, sinks=sinks)
+        return jnp.sum(out * weights), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+@pytest.mark.parametrize("mesh, heads, kv_heads", DENSE_CASES,
+                         ids=lambda x: "x".join(f"{a}{n}" for a, n in x.items()) if isinstance(x, dict) else str(x))
+def test_dense_attention_under_shard_map_equals_unsharded(mesh, heads, kv_heads):
+    """Forward and gradients equal the unsharded op; the compiled step gathers no q/k/v (or output)."""
+    inputs = dense_inputs(heads, kv_heads)
+    (_, expected), expected_grads = dense_step(None)(*inputs.values())
+    plan = ShardingPlan(make_mesh(mesh))
+    placed = {name: jax.device_put(x, plan.sharding(DENSE_AXES[name], x.shape)) for name, x in inputs.items()}
+    step = dense_step(plan)
+    compiled = step.lower(*placed.values()).compile()
+    assert not [s for s in all_gathered_shapes(compiled.as_text()) if len(s) == 4]
+    (_, out), grads = compiled(*placed.values())
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    for name, got, want in zip("q k v sinks".split(), grads, expected_grads):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def test_the_gather_check_sees_q_k_v_gathered_outside_shard_map():
+    """The control: the same step with the op outside shard_map lets XLA gather k/v (replicated kv heads)."""
+    mesh, heads, kv_heads = DENSE_CASES[1]
+    inputs = dense_inputs(heads, kv_heads)
+    plan = ShardingPlan(make_mesh(mesh))
+    placed = {name: jax.device_put(x, plan.sharding(DENSE_AXES[name], x.shape)) for name, x in inputs.items()}
+    hlo = dense_step(None).lower(*placed.values()).compile().as_text()
+    assert (2, 8, kv_heads, 16) in all_gathered_shapes(hlo)

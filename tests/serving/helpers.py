@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.processes import free_port
 from tests.tiny_models import VOCAB
 
 PROMPT_LENGTHS = (3, 9, 17, 30)  # crossing every tiny sliding window and several pages
@@ -31,14 +32,6 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int = MAX_TOKENS) -> 
 
 def token_prompts(prompt_ids: list[list[int]]) -> list[dict]:
     return [{"prompt_token_ids": p} for p in prompt_ids]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: list[str], timeout: float = 180, module: str = "serving.openai.cli"):

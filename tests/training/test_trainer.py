@@ -19,6 +19,7 @@ import model_lib
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, router_aux_loss
 from model_lib.lora import load_peft_adapter
 from tests.hlo_checks import all_gathered_shapes
+from tests.processes import finish, start_processes
 from tests.tiny_models import build_tokenizer
 from training.config import TrainConfig
 from training.data import IGNORE, DataConfig, make_batch, pack_rows, to_example
@@ -190,35 +191,12 @@ def test_sharded_training_matches_single_device(reverse_task, tmp_path):
     np.testing.assert_allclose(sharded.losses, single.losses, rtol=2e-5)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_in_two_processes(config: TrainConfig, timeout: float = 300) -> None:
     """`train` as 2 jax.distributed processes of 4 CPU devices each on 127.0.0.1 (one global mesh of 8)."""
     flags = [f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in config.to_dict().items() if v is not None]
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "training.cli", *flags, f"--coordinator_address=127.0.0.1:{port}",
-             "--num_processes=2", f"--process_id={i}"],
-            env=env, cwd=os.getcwd(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for i, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+    finish(start_processes(lambda i, coordinator: [
+        "-m", "training.cli", *flags, f"--coordinator_address={coordinator}", "--num_processes=2", f"--process_id={i}"
+    ]), timeout)
 
 
 def test_two_processes_train_like_one_and_resume_from_their_checkpoint(reverse_task, tmp_path):
@@ -243,7 +221,7 @@ def test_two_processes_train_like_one_and_resume_from_their_checkpoint(reverse_t
 
 
 def test_multi_process_is_requested_by_flags_or_the_cluster_environment():
-    from training.distributed import initialize, multi_process_requested
+    from model_lib.distributed import initialize, multi_process_requested
 
     assert not multi_process_requested(None, None, None, {})
     assert not multi_process_requested(None, None, None, {"SLURM_NTASKS": "1"})
@@ -278,6 +256,7 @@ def test_tensor_parallel_step_never_gathers_a_whole_parameter(tiny_checkpoint, r
     split = {tuple(x.shape) for x in jax.tree.leaves(trainer.frozen) if "tensor" in str(x.sharding.spec)}
     assert (64, 256) in split and (256, 64) in split  # q_proj and o_proj: 8 whole heads of 32 over 8 devices
     assert not split & all_gathered_shapes(hlo), split & all_gathered_shapes(hlo)
+    assert not [s for s in all_gathered_shapes(hlo) if len(s) == 4]  # attention's q/k/v stay split by heads
     # The check sees a gather when there is one: replicating q_proj gathers its whole [64, 256].
     q = trainer.frozen["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
     gather = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(trainer.plan.mesh, PartitionSpec()))

@@ -2,10 +2,12 @@
 
 Every process runs the same program over one global mesh of all processes' devices;
 `jax.distributed.initialize` connects them through a coordinator (process 0's host). It
-is called when the run asks for it: the `--coordinator_address / --num_processes /
---process_id` flags, or the environment that `jax.distributed` itself reads
-(`JAX_COORDINATOR_ADDRESS`, or a SLURM / Open MPI / MPI job of more than one task, whose
-coordinator, process count and id it detects). A single process never initializes.
+is called when the run asks for it: the coordinator address, process count and process id
+(`train --coordinator_address / --num_processes / --process_id`, `serve --coordinator-address
+/ --num-processes / --process-id`, `LLM(coordinator_address=..., ...)`), or the environment
+that `jax.distributed` itself reads (`JAX_COORDINATOR_ADDRESS`, or a SLURM / Open MPI / MPI
+job of more than one task, whose coordinator, process count and id it detects). A single
+process never initializes. Shared by training and serving.
 """
 
 from __future__ import annotations
