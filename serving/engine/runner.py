@@ -13,6 +13,11 @@ takes the token from `fed_tokens` (the sampler's `last_tokens`).
 
 The parameters are passed as a flat list of leaves (flattened once), so a
 call does not walk the model's parameter tree.
+
+The step runs the model's serving view (`model_lib.layer_scan.scanned_view`): runs of
+identical layers go through one `lax.scan` whose carry holds their stacked KV pools,
+so a step compiles in about the same time at any depth and updates the donated pools
+in place. `scan_layers=False` keeps the layers unrolled (for comparisons).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from model_lib import CausalLM
+from model_lib.layer_scan import scanned_view
 from model_lib.layers import PagedBatch
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
@@ -98,6 +104,7 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_model_len: int,
         plan: ShardingPlan | None = None,
+        scan_layers: bool = True,
     ):
         config = model.config
         self.config = config
@@ -106,9 +113,8 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.min_token_bucket = MIN_CPU_TOKEN_BUCKET if jax.default_backend() == "cpu" else MIN_TOKEN_BUCKET
-        # Layers stay unrolled: `model_lib.layer_scan.scanned_view` compiles in flat time against depth,
-        # but its scan copies each layer's whole KV pool in and out per step (RESULTS.md), so it waits
-        # for an attention op that takes the stacked pool and a layer index.
+        if scan_layers:
+            model = scanned_view(model)
         self.graphdef, self.state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(self.state)
         sharding_fn = plan.sharding if plan is not None else None
