@@ -6,8 +6,8 @@ process. Our figure excludes compilation (a warm-up run with the same shapes goe
 first, timed as "warm-up"); transformers gets a warm-up run too. `--preset` picks
 a named shape (`smollm2-135m`: the SmolLM2-135M-Instruct layout; `llama-15m`);
 single flags override it. `--compare-unrolled` also times an engine whose layers
-are unrolled (`scan_layers=False`) in the same process, against the default
-scanned layer stack.
+are unrolled (`scan_layers=False`, the CPU default) in the same process, against
+one whose layer stacks are scanned (`scan_layers=True`).
 
     PYTHONPATH=. python -m benchmarks.offline_cpu --preset smollm2-135m --batches 1 16 64
 """
@@ -106,7 +106,7 @@ def main() -> None:
         engine_args = dict(dtype="float32", max_model_len=args.prompt_len + args.output_len + 16,
                            max_num_seqs=max(args.batches), max_num_batched_tokens=max(512, args.prompt_len * 4),
                            page_size=16)
-        llm = LLM(folder, **engine_args)
+        llm = LLM(folder, **engine_args, **({"scan_layers": True} if args.compare_unrolled else {}))
         unrolled = LLM(folder, **engine_args, scan_layers=False) if args.compare_unrolled else None
         rng = np.random.RandomState(0)
         results = []

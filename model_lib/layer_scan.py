@@ -16,11 +16,15 @@ axis = repeats), once, at serving start. The KV caches follow the segments:
 segment's pools stacked `[K, repeats, P, B, D]` (kv heads stay the leading, sharded
 axis).
 
-The serving runner steps through this view. The stacked pools are the scan's carry,
-and the paged attention op writes and reads the running layer's pages of them in
-place (`PagedBatch.layer`; `pallas_kernels.paged_attention.reference.layer_pages`):
-with the pools as scanned inputs and outputs instead, XLA:CPU copied every layer's
-whole pool in and out of the loop body on every step (benchmarks/RESULTS.md).
+The serving runner steps through this view (by default on accelerators). The stacked
+pools are the scan's carry, and the paged attention op writes and reads the running
+layer's pages of them in place (`PagedBatch.layer`;
+`pallas_kernels.paged_attention.reference.layer_pages`): with the pools as scanned
+inputs and outputs instead, XLA:CPU copied every layer's whole pool in and out of the
+loop body on every step. What the loop body still copies is each layer's weights,
+sliced out of the stack before its matmuls (XLA:CPU fuses no dynamic slice into a
+dot): on the CPU the scanned step measured 1.2-1.4x slower than the unrolled one, so
+the CPU backend serves unrolled by default (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class EngineConfig:
     enforce_eager: bool | None = field(default_factory=lambda: env_flag(ENFORCE_EAGER_ENV))
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxllm/xla or $JAXLLM_COMPILATION_CACHE_DIR; "": off
     # Run repeated layers through one lax.scan (compile time flat in depth); False unrolls them.
-    scan_layers: bool = True
+    # None: scan on an accelerator, unroll on the CPU backend (see serving/engine/runner.py).
+    scan_layers: bool | None = None
 
 
 @dataclass
