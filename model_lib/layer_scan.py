@@ -23,7 +23,7 @@ layer's pages of them in place (`PagedBatch.layer`;
 inputs and outputs instead, XLA:CPU copied every layer's whole pool in and out of the
 loop body on every step. What the loop body still copies is each layer's weights,
 sliced out of the stack before its matmuls (XLA:CPU fuses no dynamic slice into a
-dot): on the CPU the scanned step measured 1.2-1.4x slower than the unrolled one, so
+dot): on the CPU the scanned step measured up to 1.4x slower than the unrolled one, so
 the CPU backend serves unrolled by default (benchmarks/RESULTS.md).
 """
 

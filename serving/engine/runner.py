@@ -18,7 +18,7 @@ With `scan_layers` (the default on accelerators) the step runs the model's servi
 (`model_lib.layer_scan.scanned_view`): runs of identical layers go through one
 `lax.scan` whose carry holds their stacked KV pools, so a step compiles in about the
 same time at any depth and updates the donated pools in place. The CPU backend keeps
-the layers unrolled by default: there the scanned step measured 1.2-1.4x slower (the
+the layers unrolled by default: there the scanned step measured up to 1.4x slower (the
 loop body copies each layer's weights out of the stack before its matmuls; XLA:CPU
 does not fuse a dynamic slice into a dot), and CPU servers compile on demand anyway
 (benchmarks/RESULTS.md).
