@@ -5,7 +5,9 @@ downloaded), greedy, fixed prompt and output lengths, at each batch size, in one
 process. Our figure excludes compilation (a warm-up run with the same shapes goes
 first, timed as "warm-up"); transformers gets a warm-up run too. `--preset` picks
 a named shape (`smollm2-135m`: the SmolLM2-135M-Instruct layout; `llama-15m`);
-single flags override it.
+single flags override it. `--compare-unrolled` also times an engine whose layers
+are unrolled (`scan_layers=False`, the CPU default) in the same process, against
+one whose layer stacks are scanned (`scan_layers=True`).
 
 Roofline: `workload_flops` counts the useful float work of one batch (the matmuls of
 every layer for every prompt and fed token, attention's QK^T and PV over the causal
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--compare-unrolled", action="store_true", help="also time the layers unrolled")
     args = parser.parse_args()
     defaults = dict(hidden=256, intermediate=None, layers=4, heads=8, kv_heads=2, vocab=4096, tied=False)
     for name, value in {**defaults, **PRESETS.get(args.preset, {})}.items():
@@ -163,14 +166,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         hf_model = build_model(args, folder)
-        llm = LLM(
-            folder,
-            dtype="float32",
-            max_model_len=args.prompt_len + args.output_len + 16,
-            max_num_seqs=max(args.batches),
-            max_num_batched_tokens=max(512, args.prompt_len * 4),
-            page_size=16,
-        )
+        engine_args = dict(dtype="float32", max_model_len=args.prompt_len + args.output_len + 16,
+                           max_num_seqs=max(args.batches), max_num_batched_tokens=max(512, args.prompt_len * 4),
+                           page_size=16)
+        llm = LLM(folder, **engine_args, **({"scan_layers": True} if args.compare_unrolled else {}))
+        unrolled = LLM(folder, **engine_args, scan_layers=False) if args.compare_unrolled else None
         rng = np.random.RandomState(0)
         results = []
         for batch in args.batches:
@@ -179,25 +179,33 @@ def main() -> None:
             ours, warmup = ours_tokens_per_second(llm, prompts, args.output_len)
             gflop = sum(workload_flops(args, batch).values()) / 1e9
             seconds_per_token = 1 / (batch * args.output_len)  # tok/s -> batches per second
-            results.append(dict(batch=batch, jaxllm_tok_s=round(ours, 1), transformers_tok_s=round(hf, 1),
-                                ratio=round(ours / hf, 2), jaxllm_warmup_s=round(warmup, 1), gflop=round(gflop, 1),
-                                jaxllm_gflop_s=round(gflop * ours * seconds_per_token, 1),
-                                transformers_gflop_s=round(gflop * hf * seconds_per_token, 1),
-                                ceilings={k: round(v, 1) for k, v in matmul_ceilings(args, batch).items()}))
+            ceilings = matmul_ceilings(args, batch)
+            result = dict(batch=batch, jaxllm_tok_s=round(ours, 1), transformers_tok_s=round(hf, 1),
+                          ratio=round(ours / hf, 2), jaxllm_warmup_s=round(warmup, 1), gflop=round(gflop, 1),
+                          jaxllm_gflop_s=round(gflop * ours * seconds_per_token, 1),
+                          transformers_gflop_s=round(gflop * hf * seconds_per_token, 1),
+                          ceilings=f"{ceilings['jnp_square']:.1f} / {ceilings['torch_square']:.1f}, "
+                                   f"{ceilings['jnp_stream']:.1f} / {ceilings['torch_stream']:.1f}")
+            if unrolled is not None:
+                flat, flat_warmup = ours_tokens_per_second(unrolled, prompts, args.output_len)
+                result.update(unrolled_tok_s=round(flat, 1), scanned_over_unrolled=round(ours / flat, 2),
+                              unrolled_warmup_s=round(flat_warmup, 1))
+            results.append(result)
     meta = dict(device=f"CPU ({platform.processor() or platform.machine()}), {jax.device_count()} jax device(s)",
                 jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
                 model=f"Llama h{args.hidden} i{args.intermediate} L{args.layers} H{args.heads}/{args.kv_heads} "
                       f"V{args.vocab} {'tied' if args.tied else 'untied'} float32",
                 prompt_len=args.prompt_len, output_len=args.output_len)
     print(json.dumps(meta))
-    print("| batch | jaxllm tok/s | transformers tok/s | ratio | jaxllm warm-up s | GFLOP | jaxllm GFLOP/s "
-          "| transformers GFLOP/s | matmul GFLOP/s: jnp / torch square, jnp / torch batch rows |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    # ceilings: matmul GFLOP/s, jnp / torch square, jnp / torch batch rows
+    columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "jaxllm_warmup_s", "gflop", "jaxllm_gflop_s",
+               "transformers_gflop_s", "ceilings"]
+    if args.compare_unrolled:
+        columns += ["unrolled_tok_s", "scanned_over_unrolled", "unrolled_warmup_s"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in results:
-        c = r["ceilings"]
-        print(f"| {r['batch']} | {r['jaxllm_tok_s']} | {r['transformers_tok_s']} | {r['ratio']} | {r['jaxllm_warmup_s']} "
-              f"| {r['gflop']} | {r['jaxllm_gflop_s']} | {r['transformers_gflop_s']} "
-              f"| {c['jnp_square']} / {c['torch_square']}, {c['jnp_stream']} / {c['torch_stream']} |")
+        print("| " + " | ".join(str(r[c]) for c in columns) + " |")
 
 
 if __name__ == "__main__":

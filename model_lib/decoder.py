@@ -254,7 +254,7 @@ class CausalLM(nnx.Module):
 
         One entry per entry of `model.layers`: a layer's `(k, v)` pages `[K, P, page_size, D]`
         (None for a layer without a KV cache), or for a `LayerScan` segment a tuple over its
-        block's layers of pages stacked `[repeats, K, P, page_size, D]`. `sharding_fn(logical
+        block's layers of pages stacked `[K, repeats, P, page_size, D]`. `sharding_fn(logical
         axes, shape)` places each array (kv heads split like the attention weights).
         """
         config = self.config
@@ -265,7 +265,7 @@ class CausalLM(nnx.Module):
                 return None
             shape, axes = (kv_heads, num_pages, page_size, config.head_dim), ("kv_heads", None, None, None)
             if repeats is not None:
-                shape, axes = (repeats, *shape), (None, *axes)
+                shape, axes = (kv_heads, repeats, *shape[1:]), ("kv_heads", None, *axes[1:])
             sharding = None if sharding_fn is None else sharding_fn(axes, shape)
             return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
 

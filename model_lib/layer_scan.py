@@ -12,12 +12,19 @@ sublayer kinds) and their parameter shapes, dtypes and shardings agree.
 The parameter tree that loading, export, LoRA, quantization, sharding and the
 trainer see is untouched: only the view stacks the layer parameters (leading
 axis = repeats), once, at serving start. The KV caches follow the segments:
-`CausalLM.make_kv_caches` builds them from whichever layout the model has.
+`CausalLM.make_kv_caches` builds them from whichever layout the model has, a
+segment's pools stacked `[K, repeats, P, B, D]` (kv heads stay the leading, sharded
+axis).
 
-Not yet used by the serving runner: on XLA:CPU the scan copies each layer's whole
-KV pool in and out of the body every step (benchmarks/RESULTS.md), which costs
-more than it saves until the paged attention op reads and writes the stacked pool
-by layer index.
+The serving runner steps through this view (by default on accelerators). The stacked
+pools are the scan's carry, and the paged attention op writes and reads the running
+layer's pages of them in place (`PagedBatch.layer`;
+`pallas_kernels.paged_attention.reference.layer_pages`): with the pools as scanned
+inputs and outputs instead, XLA:CPU copied every layer's whole pool in and out of the
+loop body on every step. What the loop body still copies is each layer's weights,
+sliced out of the stack before its matmuls (XLA:CPU fuses no dynamic slice into a
+dot): on the CPU the scanned step measured up to 1.4x slower than the unrolled one, so
+the CPU backend serves unrolled by default (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ class LayerScan(nnx.Module):
     """`repeats` copies of a block of `period` layers, parameters stacked on a leading axis.
 
     Called like one layer, `(x, batch, cache) -> (x, cache)`, where `cache` is a tuple
-    with one entry per layer of the block: its `(k, v)` pages stacked `[repeats, ...]`,
-    or None for a layer without a KV cache.
+    with one entry per layer of the block: its `(k, v)` pools stacked `[K, repeats, P, B, D]`,
+    or None for a layer without a KV cache. The pools ride in the scan's carry and each
+    layer reads and writes its own pages in place (the `PagedBatch.layer` index), so
+    XLA updates the donated buffers instead of copying a layer's pool in and out.
     """
 
     def __init__(self, layers: list[nnx.Module], period: int):
@@ -49,18 +58,20 @@ class LayerScan(nnx.Module):
 
     def __call__(self, x: jax.Array, batch, cache: tuple | None = None):
         graphdefs, states = zip(*(nnx.split(layer) for layer in self.block))
-        caches = (None,) * self.period if cache is None else cache
+        caches = (None,) * self.period if cache is None else tuple(cache)
 
-        def body(x, slices):
-            layer_states, layer_caches = slices
+        def body(carry, slices):
+            x, caches = carry
+            layer_states, index = slices
+            layer_batch = batch if cache is None else batch.replace(layer=index)
             new_caches = []
-            for graphdef, state, layer_cache in zip(graphdefs, layer_states, layer_caches):
-                x, layer_cache = nnx.merge(graphdef, state)(x, batch, layer_cache)
+            for graphdef, state, layer_cache in zip(graphdefs, layer_states, caches):
+                x, layer_cache = nnx.merge(graphdef, state)(x, layer_batch, layer_cache)
                 new_caches.append(layer_cache)
-            return x, tuple(new_caches)
+            return (x, tuple(new_caches)), None
 
-        x, new_caches = jax.lax.scan(body, x, (states, caches))
-        return x, (None if cache is None else new_caches)
+        (x, caches), _ = jax.lax.scan(body, (x, caches), (states, jnp.arange(self.repeats, dtype=jnp.int32)))
+        return x, (None if cache is None else caches)
 
 
 def stack_arrays(arrays: list[jax.Array]) -> jax.Array:

@@ -10,7 +10,8 @@ Without an active plan (or on a mesh that shards none of these axes) everything 
 
 Attention: query heads split over the `q_heads` axes; kv heads split the same way, or,
 when there are fewer kv heads than devices, each device keeps the whole (replicated)
-cache, writes every head into it, and attends with the one kv head its query heads use.
+cache, writes every head into it, and attends with the one kv head its query heads use
+(addressed in place, as a stacked pool's layer is: `reference.layer_pages`).
 Dense (training) attention also splits its batch rows over the `batch` axes (data, fsdp).
 
 Experts, split over the `expert` axes and their width over the `mlp` axes, as
@@ -151,32 +152,38 @@ def paged_attention(
     v_cache: jax.Array,
     meta: PagedMetadata,
     *,
+    layer: jax.Array | int | None = None,
     implementation: str | None = None,
     **options: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]`), per head shard."""
+    """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]` or stacked
+    `[K, L, P, S, D]` with `layer`), per head shard."""
     plan = active_plan()
     axes = () if plan is None else _mesh_axes(plan, "q_heads", "kv_heads")
     q_spec = PartitionSpec() if not axes else _only(plan.partition_spec((None, "q_heads", None), q.shape), axes)
     q_axes = _spec_axes(q_spec)
     if not q_axes:
-        return ragged_paged_attention(q, k, v, k_cache, v_cache, meta, implementation=implementation, **options)
+        return ragged_paged_attention(q, k, v, k_cache, v_cache, meta, layer=layer, implementation=implementation,
+                                      **options)
     kv_spec = _only(plan.partition_spec((None, "kv_heads", None), k.shape), axes)
-    cache_spec = _only(plan.partition_spec(("kv_heads", None, None, None), k_cache.shape), axes)
+    cache_axes = ("kv_heads",) + (None,) * (k_cache.ndim - 1)
+    cache_spec = _only(plan.partition_spec(cache_axes, k_cache.shape), axes)
     kv_axes = _spec_axes(cache_spec)
     group = _heads_group(plan, q_axes, kv_axes, k_cache.shape[0])
     per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
+    layer = None if layer is None else jnp.asarray(layer, jnp.int32)
 
-    def local(q, k, v, k_cache, v_cache, meta, per_head):
-        k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta)
-        k_use, v_use = (k_cache, v_cache) if kv_axes else _own_kv_head((k_cache, v_cache), q_axes, group, axis=0)
-        out = attend_pages(q, k_use, v_use, meta, implementation=implementation, **options, **per_head)
+    def local(q, k, v, k_cache, v_cache, meta, per_head, layer):
+        k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta, layer)
+        head = None if kv_axes else jax.lax.axis_index(q_axes) // group
+        out = attend_pages(q, k_cache, v_cache, meta, layer=layer, head=head, implementation=implementation,
+                           **options, **per_head)
         return out, k_cache, v_cache
 
     per_head_specs = {name: PartitionSpec(q_spec[1]) for name in per_head}
-    in_specs = (q_spec, kv_spec, kv_spec, cache_spec, cache_spec, PartitionSpec(), per_head_specs)
+    in_specs = (q_spec, kv_spec, kv_spec, cache_spec, cache_spec, PartitionSpec(), per_head_specs, PartitionSpec())
     run = _shard_map(local, plan, in_specs, (q_spec, cache_spec, cache_spec))
-    return run(q, k, v, k_cache, v_cache, meta, per_head)
+    return run(q, k, v, k_cache, v_cache, meta, per_head, layer)
 
 
 # -- mixture of experts -------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
 from model_lib import parallel
 from pallas_kernels.paged_attention import PagedMetadata
 
-KVCache = tuple[jax.Array, jax.Array]  # one layer's (k, v) pages, each [K, P, page_size, D]
+KVCache = tuple[jax.Array, jax.Array]  # (k, v) pages, each [K, P, page_size, D] or stacked [K, L, P, page_size, D]
 
 
 @struct.dataclass
@@ -48,12 +48,15 @@ class PagedBatch:
     """Attention inputs of a flat ragged step `[T]` over the paged KV cache.
 
     Tokens are grouped by sequence (`meta.cu_q_lens`); see
-    `pallas_kernels/paged_attention/reference.py` for the layout.
+    `pallas_kernels/paged_attention/reference.py` for the layout. A scanned layer
+    stack (`model_lib.layer_scan`) sets `layer` to the index of the running layer in
+    its stacked KV pools.
     """
 
     positions: jax.Array  # [T] int32
     seq_lens: jax.Array  # [T] int32: KV length of each token's sequence after this step
     meta: PagedMetadata  # sequences' token offsets, KV lengths and page tables
+    layer: jax.Array | None = None  # [] int32: layer of stacked `[K, L, P, B, D]` pools; None: one-layer pools
 
 
 def attend(
@@ -99,6 +102,7 @@ def attend(
             v,
             *kv_cache,
             batch.meta,
+            layer=batch.layer,
             **options,
         )
         return out, (k_cache, v_cache)

@@ -10,6 +10,10 @@ the kernel does not cover is logged once at WARNING. `implementation` forces one
 `mosaic_decode.py`, CUDA only, for the subset it documents: decode-only batches, `scale`
 alone, page size 64/128, head_dim a multiple of 64; never chosen by itself until a GPU
 measures it faster, `benchmarks/paged_attention.py`).
+
+`layer` names the layer of a stacked pool `[K, L, P, B, D]` (a scanned layer stack);
+it is folded into the page axis once here (`reference.layer_pages`), so every
+implementation reads that layer's pages in place as if it had a one-layer pool.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ from pallas_kernels.paged_attention import mosaic_decode, reference, tiled, trit
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
+def _kernel_unsupported(q: jax.Array, k_cache: jax.Array) -> str | None:
+    """Why the Triton kernel cannot take q over this one-layer (or folded) pool `[K, P, B, D]`."""
+    return triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2], k_cache.size,
+                                            k_cache.dtype.itemsize)
+
+
 def choose_implementation(q: jax.Array, k_cache: jax.Array) -> str:
     """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "tiled"."""
-    reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2], k_cache.size)
-    return "tiled" if reason else "kernel"
+    return "tiled" if _kernel_unsupported(q, k_cache) else "kernel"
 
 
 def ragged_paged_attention(
@@ -37,16 +46,18 @@ def ragged_paged_attention(
     v_cache: jax.Array,
     meta: PagedMetadata,
     *,
+    layer: jax.Array | int | None = None,
     implementation: str | None = None,
     **options,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`,
-    `sinks`, `alibi_slopes`, `chunk_size`.
+    `sinks`, `alibi_slopes`, `chunk_size`; `layer` as the module docstring says.
 
     Returns (out [T,H,D], k_cache, v_cache).
     """
-    k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta)
-    return attend_pages(q, k_cache, v_cache, meta, implementation=implementation, **options), k_cache, v_cache
+    k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta, layer)
+    out = attend_pages(q, k_cache, v_cache, meta, layer=layer, implementation=implementation, **options)
+    return out, k_cache, v_cache
 
 
 def attend_pages(
@@ -55,13 +66,19 @@ def attend_pages(
     v_cache: jax.Array,
     meta: PagedMetadata,
     *,
+    layer: jax.Array | int | None = None,
+    head: jax.Array | int | None = None,
     implementation: str | None = None,
     **options,
 ) -> jax.Array:
-    """The attention half of `ragged_paged_attention`, over caches that already hold the step's KV."""
+    """The attention half of `ragged_paged_attention`, over caches that already hold the step's KV.
+
+    `head` reads a pool whose kv heads are all present (replicated) with the one kv head `head`
+    (every query head of `q` uses it), again without slicing a copy (`reference.layer_pages`).
+    """
+    (k_cache, v_cache), meta = reference.layer_pages((k_cache, v_cache), meta, layer, head)
     if implementation is None:
-        reason = triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2],
-                                                  k_cache.size)
+        reason = _kernel_unsupported(q, k_cache)
         if reason is None:
             kernel = functools.partial(triton_kernel.paged_attention, **options)
             attend = functools.partial(tiled.paged_attention, **options)

@@ -14,7 +14,11 @@ The batch layout travels as one `PagedMetadata`:
   last offset (zero new tokens).
 - kv_lens `[S]`: each sequence's KV length after this step (cached + new).
 - page_tables `[S, M]`: page ids of each sequence in order.
-- k_cache/v_cache `[K, P, B, D]`: the paged pool of one layer.
+- k_cache/v_cache `[K, P, B, D]`: the paged pool of one layer, or a stacked pool
+  `[K, L, P, B, D]` of L layers (a scanned layer stack carries it through its loop)
+  with `layer` naming the one to read and write. The layer is folded into the page
+  axis (`layer_pages`: a free reshape to `[K, L*P, B, D]` and page ids offset by
+  `layer * P`), so no path copies a layer's pool out of the stack.
 - num_seqs: how many of the S rows are real.
 
 The new tokens of sequence s sit at positions `kv_lens[s] - q_len(s) ...
@@ -62,14 +66,46 @@ def token_layout(meta: PagedMetadata, num_tokens: int):
     return seq, jnp.where(valid, positions, 0), valid
 
 
+def layer_pages(
+    caches: tuple[jax.Array, ...],
+    meta: PagedMetadata,
+    layer: jax.Array | int | None = None,
+    head: jax.Array | int | None = None,
+) -> tuple[tuple[jax.Array, ...], PagedMetadata]:
+    """One layer's pages of pools as one-layer pools plus page tables that address them, without a copy.
+
+    Each cache is `[K, P, ...]` (`layer` None) or stacked `[K, L, P, ...]` (same K, L, P for all); each
+    comes back as `[K, L*P, ...]` (a reshape XLA makes a bitcast), with page ids offset by `layer * P`.
+    With `head` (a replicated pool read by one kv head's query heads) the kv heads fold into the pages
+    too: `[1, K*L*P, ...]`. Any trailing layout works (pages of values, or of per-token scales).
+    """
+    if layer is None and head is None:
+        return tuple(caches), meta
+    lead = caches[0].shape[:3] if layer is not None else (caches[0].shape[0], 1, caches[0].shape[1])
+    num_kv_heads, num_layers, num_pages = lead
+    offset = 0 if layer is None else layer * num_pages
+    if head is None:
+        folded = (num_kv_heads, num_layers * num_pages)
+    else:
+        folded = (1, num_kv_heads * num_layers * num_pages)
+        offset = offset + head * num_layers * num_pages
+    rest = 3 if layer is not None else 2
+    pools = tuple(c.reshape(*folded, *c.shape[rest:]) for c in caches)
+    return pools, meta.replace(page_tables=meta.page_tables + jnp.asarray(offset, meta.page_tables.dtype))
+
+
 def write_kv(
     k: jax.Array,
     v: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     meta: PagedMetadata,
+    layer: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter the step's keys/values into their pages (padding tokens are dropped)."""
+    """Scatter the step's keys/values into their pages (padding tokens are dropped); `layer` of a stacked
+    pool (see the module docstring) or None for a one-layer pool. Returns the caches in their own shape."""
+    shape = k_cache.shape
+    (k_cache, v_cache), meta = layer_pages((k_cache, v_cache), meta, layer)
     num_pages, page_size = k_cache.shape[1], k_cache.shape[2]
     seq, positions, valid = token_layout(meta, k.shape[0])
     page = meta.page_tables[seq, positions // page_size]
@@ -77,7 +113,7 @@ def write_kv(
     slot = positions % page_size
     k_cache = k_cache.at[:, page, slot].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
     v_cache = v_cache.at[:, page, slot].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
+    return k_cache.reshape(shape), v_cache.reshape(shape)
 
 
 def attention_weights(
@@ -134,8 +170,10 @@ def paged_attention(
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
     chunk_size: int | None = None,
+    layer: jax.Array | int | None = None,
 ) -> jax.Array:
-    """Attention of the step's queries over the (already written) paged KV; `[T, H, D]`."""
+    """Attention of the step's queries over the (already written) paged KV of `layer`; `[T, H, D]`."""
+    (k_cache, v_cache), meta = layer_pages((k_cache, v_cache), meta, layer)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
@@ -161,11 +199,12 @@ def ragged_paged_attention(
     k_cache: jax.Array,
     v_cache: jax.Array,
     meta: PagedMetadata,
+    layer: jax.Array | int | None = None,
     **options,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Write the step's k/v into the pages, then attend (options as `paged_attention`).
+    """Write the step's k/v into the pages of `layer`, then attend (options as `paged_attention`).
 
     Returns (out, k_cache, v_cache).
     """
-    k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta)
-    return paged_attention(q, k_cache, v_cache, meta, **options), k_cache, v_cache
+    k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta, layer)
+    return paged_attention(q, k_cache, v_cache, meta, layer=layer, **options), k_cache, v_cache

@@ -25,8 +25,11 @@ a log-sum-exp merge in XLA combines them. Sinks join split 0's softmax; ALiBi ad
 Triton needs power-of-two tile sides: head_dim is padded to the next power of two
 inside the kernel (masked gather loads from the unpadded cache, masked columns
 dropped on the way out); page sizes must be powers of two (8 to 128 are the serving
-ones). Offsets are 32-bit: a cache of 2^31 or more elements per layer is refused
-(`unsupported_reason`). The Pallas Triton backend is deprecated from jax 0.11 on
+ones). Pallas computes a ref's element offsets in 64 bits only when the whole array
+exceeds 2^32 bytes (`_compute_offsets_from_indices` in jax's Triton lowering), so a
+pool of 2^31 or more elements that still fits in 4 GiB (1-byte values) would
+overflow and is refused (`unsupported_reason`); a layer stack's folded pool
+(`reference.layer_pages`) is one such array. The Pallas Triton backend is deprecated from jax 0.11 on
 (DESIGN.md); this kernel is the measured baseline for a Mosaic GPU version.
 
 Glossary: T tokens, S sequences, H query heads, K kv heads, G = H // K,
@@ -51,7 +54,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 NUM_SMS = 132  # H100 / H200 SXM multiprocessors: the split-KV target is two programs per SM
 MAX_SPLITS = 16
-MAX_OFFSET = 2**31  # 32-bit element offsets into one layer's cache
+MAX_OFFSET = 2**31  # signed 32-bit element offsets, used by Pallas for arrays of up to 2^32 bytes
 
 
 def _is_pow2(n: int) -> bool:
@@ -59,7 +62,7 @@ def _is_pow2(n: int) -> bool:
 
 
 def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                       cache_elements: int = 0) -> str | None:
+                       cache_elements: int = 0, itemsize: int = 2) -> str | None:
     """Why the kernel cannot take these sizes, or None when it can."""
     if num_heads % num_kv_heads:
         return f"{num_heads} heads are not a multiple of {num_kv_heads} kv heads"
@@ -67,8 +70,8 @@ def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, page_si
         return f"page_size={page_size} is not a power of two"
     if head_dim < 16 or head_dim > 256:
         return f"head_dim={head_dim} is outside 16..256"
-    if cache_elements >= MAX_OFFSET:
-        return f"a layer's cache has {cache_elements} >= 2^31 elements (32-bit offsets)"
+    if cache_elements >= MAX_OFFSET and cache_elements * itemsize <= 2**32:
+        return f"a cache of {cache_elements} >= 2^31 elements in <= 4 GiB (32-bit offsets)"
     return None
 
 
@@ -278,7 +281,7 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
-    reason = unsupported_reason(num_heads, num_kv_heads, head_dim, page_size, k_cache.size)
+    reason = unsupported_reason(num_heads, num_kv_heads, head_dim, page_size, k_cache.size, k_cache.dtype.itemsize)
     if reason:
         raise ValueError(f"paged attention kernel: {reason}")
     config = block_config(num_tokens, cu_q_lens.shape[0] - 1, num_kv_heads, groups, head_dim, page_size,

@@ -59,6 +59,9 @@ class EngineConfig:
     # None: warm up on an accelerator, not on the CPU backend (see serving/engine/warmup.py).
     enforce_eager: bool | None = field(default_factory=lambda: env_flag(ENFORCE_EAGER_ENV))
     compilation_cache_dir: str | None = None  # None: ~/.cache/jaxllm/xla or $JAXLLM_COMPILATION_CACHE_DIR; "": off
+    # Run repeated layers through one lax.scan (compile time flat in depth); False unrolls them.
+    # None: scan on an accelerator, unroll on the CPU backend (see serving/engine/runner.py).
+    scan_layers: bool | None = None
 
 
 @dataclass
@@ -153,6 +156,7 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             plan=plan,
+            scan_layers=config.scan_layers,
         )
         self.slot_state = new_slot_state(config.max_num_seqs, mc.vocab_size, self.max_model_len)
         self._in_flight: _InFlight | None = None

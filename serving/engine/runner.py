@@ -13,6 +13,15 @@ takes the token from `fed_tokens` (the sampler's `last_tokens`).
 
 The parameters are passed as a flat list of leaves (flattened once), so a
 call does not walk the model's parameter tree.
+
+With `scan_layers` (the default on accelerators) the step runs the model's serving view
+(`model_lib.layer_scan.scanned_view`): runs of identical layers go through one
+`lax.scan` whose carry holds their stacked KV pools, so a step compiles in about the
+same time at any depth and updates the donated pools in place. The CPU backend keeps
+the layers unrolled by default: there the scanned step measured up to 1.4x slower (the
+loop body copies each layer's weights out of the stack before its matmuls; XLA:CPU
+does not fuse a dynamic slice into a dot), and CPU servers compile on demand anyway
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from model_lib import CausalLM
+from model_lib.layer_scan import scanned_view
 from model_lib.layers import PagedBatch
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
@@ -83,6 +93,7 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_model_len: int,
         plan: ShardingPlan | None = None,
+        scan_layers: bool | None = None,
     ):
         config = model.config
         self.config = config
@@ -91,9 +102,9 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.min_token_bucket = MIN_CPU_TOKEN_BUCKET if jax.default_backend() == "cpu" else MIN_TOKEN_BUCKET
-        # Layers stay unrolled: `model_lib.layer_scan.scanned_view` compiles in flat time against depth,
-        # but its scan copies each layer's whole KV pool in and out per step (RESULTS.md), so it waits
-        # for an attention op that takes the stacked pool and a layer index.
+        self.scan_layers = jax.default_backend() != "cpu" if scan_layers is None else scan_layers
+        if self.scan_layers:
+            model = scanned_view(model)
         self.graphdef, self.state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(self.state)
         sharding_fn = plan.sharding if plan is not None else None

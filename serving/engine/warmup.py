@@ -12,9 +12,12 @@ variable `JAXLLM_COMPILATION_CACHE_DIR` (or `EngineConfig.compilation_cache_dir`
 moves it, and an empty value turns it off.
 
 Whether to warm up (`EngineConfig.enforce_eager` false) defaults to: yes on an
-accelerator, no on the CPU backend, where each shape of a deep model compiles for
-tens of seconds while layers are unrolled (on demand, a CPU server compiles only
-the few shapes its traffic uses). `JAXLLM_ENFORCE_EAGER=1`/`0` sets the default
+accelerator, no on the CPU backend. Scanned layer stacks make a shape's compile time
+flat in depth, but the default configuration still has 84 step shapes (12 token x 7
+page-table buckets), each compiled for tens of seconds on a small shared CPU, and
+warm-up runs each one, the largest (2048 tokens, 256 sequences, 512 pages) gathering
+gigabytes on the tiled attention path (benchmarks/RESULTS.md); on demand, a CPU
+server compiles only the few shapes its traffic uses. `JAXLLM_ENFORCE_EAGER=1`/`0` sets the default
 either way (the test suite sets 1); `serve --[no-]enforce-eager` overrides it.
 """
 

@@ -61,15 +61,16 @@ def test_view_scans_keeps_the_model_tree_and_matches_the_unrolled_step():
     assert view.model.embed_tokens.weight[...] is model.model.embed_tokens.weight[...]  # shared, not copied
 
     per_layer, stacked = model.make_kv_caches(3, 4, jnp.float32), view.make_kv_caches(3, 4, jnp.float32)
-    assert len(per_layer) == 3 and [a.shape for a in jax.tree.leaves(stacked)] == [(3, 2, 3, 4, 16)] * 2
+    assert len(per_layer) == 3 and [a.shape for a in jax.tree.leaves(stacked)] == [(2, 3, 3, 4, 16)] * 2
     ids, batch = prefill_step(model.config.vocab_size)
     want, want_caches = jax.jit(lambda c: model.forward(ids, batch, c))(per_layer)
     got, got_caches = jax.jit(lambda c: view.forward(ids, batch, c))(stacked)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     (got_k, got_v), = got_caches[0]
-    np.testing.assert_allclose(got_k, jnp.stack([k for k, _ in want_caches]), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(got_v, jnp.stack([v for _, v in want_caches]), rtol=1e-6, atol=1e-6)
-    assert np.abs(np.asarray(got_k[:, :, 2])).max() > 0  # the prompt's keys landed in page 2
+    np.testing.assert_allclose(got_k, jnp.stack([k for k, _ in want_caches], axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_v, jnp.stack([v for _, v in want_caches], axis=1), rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(got_k[:, :, 2])).max() > 0  # the prompt's keys landed in page 2 of every layer
+    assert np.abs(np.asarray(got_k[:, :, 1])).max() == 0  # and nowhere else
 
 
 def test_step_program_does_not_grow_with_depth():
@@ -93,7 +94,7 @@ def test_alternating_layers_scan_as_blocks_and_lone_layers_stay_unrolled():
     assert [(type(e), e.period, e.repeats) for e in view.model.layers] == [(LayerScan, 2, 2)]
     ids, batch = prefill_step(local_global.vocab_size)
     caches = view.make_kv_caches(3, 4, jnp.float32)
-    assert [a.shape for a in jax.tree.leaves(caches)] == [(2, 2, 3, 4, 16)] * 4
+    assert [a.shape for a in jax.tree.leaves(caches)] == [(2, 2, 3, 4, 16)] * 4  # [K, repeats, P, B, D]
     logits, _ = jax.jit(lambda c: view.forward(ids, batch, c))(caches)
     unrolled = model_lib.from_config(local_global, seed=1)
     want, _ = jax.jit(lambda c: unrolled.forward(ids, batch, c))(unrolled.make_kv_caches(3, 4, jnp.float32))

@@ -30,20 +30,21 @@ def tensor_plan(size: int) -> ShardingPlan:
     return ShardingPlan(make_mesh({"tensor": size, "data": -1}))
 
 
-def run_attention(q, k, v, k_cache, v_cache, meta, sinks, *, plan, implementation):
+def run_attention(q, k, v, k_cache, v_cache, meta, sinks, *, plan, implementation, layer=None):
     @jax.jit
-    def step(q, k, v, k_cache, v_cache, meta, sinks):
+    def step(q, k, v, k_cache, v_cache, meta, sinks, layer):
         with parallel.kernel_plan(plan):
-            return parallel.paged_attention(q, k, v, k_cache, v_cache, meta, scale=0.25, sinks=sinks,
+            return parallel.paged_attention(q, k, v, k_cache, v_cache, meta, scale=0.25, sinks=sinks, layer=layer,
                                             implementation=implementation)
 
-    return step(q, k, v, k_cache, v_cache, meta, sinks)
+    return step(q, k, v, k_cache, v_cache, meta, sinks, layer)
 
 
 def place(plan, inputs, sinks):
     """Inputs laid out as the sharded step holds them: caches and k/v on kv heads, q on heads."""
+    cache_axes = ("kv_heads",) + (None,) * (inputs["k_cache"].ndim - 1)  # one layer's pool or a stacked one
     axes = {"q": (None, "q_heads", None), "k": (None, "kv_heads", None), "v": (None, "kv_heads", None),
-            "k_cache": ("kv_heads", None, None, None), "v_cache": ("kv_heads", None, None, None)}
+            "k_cache": cache_axes, "v_cache": cache_axes}
     placed = {n: jax.device_put(x, plan.sharding(axes[n], x.shape)) if n in axes else x for n, x in inputs.items()}
     return placed, jax.device_put(sinks, plan.sharding(("q_heads",), sinks.shape))
 
@@ -61,6 +62,24 @@ def test_paged_attention_kernel_under_shard_map(tensor, heads, kv_heads):
     np.testing.assert_allclose(out, expected[0], atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(k_cache, expected[1])
     np.testing.assert_array_equal(v_cache, expected[2])
+
+
+@pytest.mark.parametrize("kv_heads", [1, 4])  # replicated on 4 devices, and split
+def test_stacked_pool_layer_under_shard_map(kv_heads):
+    """A layer of a stacked pool `[K, L, P, B, D]` (kv heads split or replicated) equals the one-layer call."""
+    inputs, _ = make_case(SEQS, num_heads=28, num_kv_heads=kv_heads, seed=kv_heads, num_pages=8)
+    sinks = jnp.asarray(np.random.RandomState(kv_heads).randn(28), jnp.float32)
+    expected = run_attention(**inputs, sinks=sinks, plan=None, implementation="reference")
+    other = jnp.asarray(np.random.RandomState(3).randn(*inputs["k_cache"].shape).astype(np.float32))
+    stacked = {**inputs, "k_cache": jnp.stack([other, inputs["k_cache"]], 1),
+               "v_cache": jnp.stack([other, inputs["v_cache"]], 1)}
+    plan = tensor_plan(4)
+    placed, placed_sinks = place(plan, stacked, sinks)
+    out, k_cache, v_cache = run_attention(**placed, sinks=placed_sinks, plan=plan, implementation="interpret",
+                                          layer=jnp.int32(1))
+    np.testing.assert_allclose(out, expected[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(k_cache[:, 1], expected[1])
+    np.testing.assert_array_equal(v_cache[:, 0], other)
 
 
 def test_paged_attention_refuses_a_split_head():

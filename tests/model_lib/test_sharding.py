@@ -134,8 +134,8 @@ def test_heads_split_whole_or_refused(num_heads, kv_heads, tensor, forward):
     assert k.sharding.shard_shape(k.shape)[1] == kv_per_device * 128
     # The KV cache follows the same rule.
     runner = ModelRunner(model, num_pages=4, page_size=4, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=16, plan=plan)
-    k_cache = jax.tree.leaves(runner.kv_caches)[0]  # [K, P, B, D], stacked [layers, K, P, B, D] when scanned
-    assert k_cache.sharding.shard_shape(k_cache.shape)[-4] == kv_per_device
+    k_cache = jax.tree.leaves(runner.kv_caches)[0]  # [K, P, B, D], stacked [K, layers, P, B, D] when scanned
+    assert k_cache.sharding.shard_shape(k_cache.shape)[0] == kv_per_device
     assert_logits_close(forward(model, ids, mask), unsharded, rel=1e-5)
 
 

@@ -288,7 +288,7 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
     config = tiny_config(family, tmp_path)
     model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))  # shapes only: nothing to initialise
     runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
-                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8)
+                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8, scan_layers=True)
     expected = ("ragged_paged_attention", "gmm") if SERVING_FAMILIES[family] else ("ragged_paged_attention",)
     for name, shape in STEP_SHAPES.items():
         if name == "prefill" and family not in PREFILL_TOO:
@@ -307,7 +307,7 @@ def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
     model = from_config(tiny_config("llama-gqa", tmp_path))
     quantize_model_weight_only(model, method)
     runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
-                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8)
+                         max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8, scan_layers=True)
     lowered = gpu_lowering.lower_for_h100(
         runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
     )

@@ -269,6 +269,28 @@ def test_kernel_matches_reference_in_interpret_mode(shape, groups, window, softc
     np.testing.assert_array_equal(k_cache, k_ref)
 
 
+@pytest.mark.parametrize("implementation", ["reference", "tiled", "interpret"])
+def test_layer_of_a_stacked_pool_is_read_and_written_in_place(implementation):
+    """Layer 1 of a stacked `[K, L, P, B, D]` pool (a traced index, as in a scanned stack) gives the
+    one-layer call's output and pages; the other layers' pages are left as they were."""
+    inputs, _ = make_case(MIXED, num_heads=8, num_kv_heads=2, seed=5, num_pages=16)
+    options = dict(scale=0.3, sliding_window=6, softcap=None)
+    expected, k_want, v_want = ragged_paged_attention(**inputs, **options, implementation="reference")
+    rng = np.random.RandomState(6)
+    others = [jnp.asarray(rng.randn(*inputs["k_cache"].shape).astype(np.float32)) for _ in range(4)]
+    k_pool = jnp.stack([others[0], inputs["k_cache"], others[1]], axis=1)  # [K, 3, P, B, D]
+    v_pool = jnp.stack([others[2], inputs["v_cache"], others[3]], axis=1)
+    step = jax.jit(partial(paged_op, **options, implementation=implementation))
+    out, k_pool, v_pool = step(inputs["q"], inputs["k"], inputs["v"], k_pool, v_pool, inputs["meta"],
+                               layer=jnp.int32(1))
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    np.testing.assert_array_equal(k_pool[:, 1], k_want)
+    np.testing.assert_array_equal(v_pool[:, 1], v_want)
+    for layer, (k_other, v_other) in zip((0, 2), ((others[0], others[2]), (others[1], others[3]))):
+        np.testing.assert_array_equal(k_pool[:, layer], k_other)
+        np.testing.assert_array_equal(v_pool[:, layer], v_other)
+
+
 # Beyond SHAPES (tiles of 2 and 4 rows; decode steps make one-row tiles, which run the reference
 # itself): one long prefill chunk beside decodes (8-row tiles, a partial
 # last tile) and two chunks continuing cached sequences, no padding rows or sequences (8-row tiles).

@@ -110,7 +110,10 @@ def test_penalty_counts_live_on_the_device(llm):
 
 def test_nothing_compiles_after_warm_up(tiny_checkpoint):
     folder, _ = tiny_checkpoint(CASE)
-    llm = LLM(folder, max_model_len=16, page_size=4, max_num_batched_tokens=8, max_num_seqs=4, enforce_eager=False)
+    # Layers scanned, as an accelerator serves them (the CPU default unrolls them).
+    llm = LLM(folder, max_model_len=16, page_size=4, max_num_batched_tokens=8, max_num_seqs=4, enforce_eager=False,
+              scan_layers=True)
+    assert llm.engine.runner.scan_layers
     assert len(llm.engine.runner.compiled_shapes) == len(llm.engine.runner.step_shapes())
     compiled = []
 
