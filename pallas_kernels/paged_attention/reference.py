@@ -14,7 +14,8 @@ The batch layout travels as one `PagedMetadata`:
   last offset (zero new tokens).
 - kv_lens `[S]`: each sequence's KV length after this step (cached + new).
 - page_tables `[S, M]`: page ids of each sequence in order.
-- k_cache/v_cache `[K, P, B, D]`: the paged pool of one layer.
+- k_cache/v_cache `[K, P, B, D]`: the paged pool of one layer, or quantized pages with their
+  scales (`kv_quant.QuantizedPages`): written quantized, read dequantized to q's dtype.
 - num_seqs: how many of the S rows are real.
 
 The new tokens of sequence s sit at positions `kv_lens[s] - q_len(s) ...
@@ -34,6 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values, store_tokens
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -63,19 +66,19 @@ def token_layout(meta: PagedMetadata, num_tokens: int):
 def write_kv(
     k: jax.Array,
     v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
-) -> tuple[jax.Array, jax.Array]:
-    """Scatter the step's keys/values into their pages (padding tokens are dropped)."""
-    num_pages, page_size = k_cache.shape[1], k_cache.shape[2]
+) -> tuple[Pages, Pages]:
+    """Scatter the step's keys/values into their pages (padding tokens are dropped; quantized on the way
+    into quantized pages)."""
+    num_pages, page_size = page_values(k_cache).shape[1:3]
     seq, positions, valid = token_layout(meta, k.shape[0])
     page = meta.page_tables[seq, positions // page_size]
     page = jnp.where(valid, page, num_pages)  # out of range -> dropped
     slot = positions % page_size
-    k_cache = k_cache.at[:, page, slot].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[:, page, slot].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
+    index = (slice(None), page, slot)
+    return store_tokens(k_cache, index, k.swapaxes(0, 1)), store_tokens(v_cache, index, v.swapaxes(0, 1))
 
 
 def attention_weights(
@@ -119,8 +122,8 @@ def attention_weights(
 
 def paged_attention(
     q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     scale: float,
@@ -131,13 +134,13 @@ def paged_attention(
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV; `[T, H, D]`."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_cache.shape
+    num_kv_heads, _, page_size, _ = page_values(k_cache).shape
     groups = num_heads // num_kv_heads
     seq, positions, valid = token_layout(meta, num_tokens)
     pages = meta.page_tables[seq]  # [T, M]
     max_kv = pages.shape[1] * page_size
-    keys = k_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
-    values = v_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
+    keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tokens, max_kv, head_dim)
+    values = gather_pages(v_cache, pages, q.dtype).reshape(num_kv_heads, num_tokens, max_kv, head_dim)
 
     qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
@@ -152,11 +155,11 @@ def ragged_paged_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     **options,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, Pages, Pages]:
     """Write the step's k/v into the pages, then attend (options as `paged_attention`).
 
     Returns (out, k_cache, v_cache).
