@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec
 
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention import PagedMetadata, attend_pages, ragged_paged_attention, write_kv
+from pallas_kernels.paged_attention.kv_quant import Pages, page_values
 
 _PLAN: contextvars.ContextVar[ShardingPlan | None] = contextvars.ContextVar("kernel_plan", default=None)
 
@@ -87,14 +88,17 @@ def paged_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     implementation: str | None = None,
     **options: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]`), per head shard."""
+) -> tuple[jax.Array, Pages, Pages]:
+    """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]`), per head shard.
+
+    Quantized caches (`QuantizedPages`) split their scales `[K, P, S]` on kv heads like their values.
+    """
     plan = active_plan()
     axes = () if plan is None else _mesh_axes(plan, "q_heads", "kv_heads")
     q_spec = PartitionSpec() if not axes else _only(plan.partition_spec((None, "q_heads", None), q.shape), axes)
@@ -102,12 +106,12 @@ def paged_attention(
     if not q_axes:
         return ragged_paged_attention(q, k, v, k_cache, v_cache, meta, implementation=implementation, **options)
     kv_spec = _only(plan.partition_spec((None, "kv_heads", None), k.shape), axes)
-    cache_spec = _only(plan.partition_spec(("kv_heads", None, None, None), k_cache.shape), axes)
+    cache_spec = _only(plan.partition_spec(("kv_heads", None, None, None), page_values(k_cache).shape), axes)
     kv_axes = _spec_axes(cache_spec)
     if kv_axes and kv_axes != q_axes:
         raise ValueError(f"query heads split over {q_axes} but kv heads over {kv_axes}; both need the same axes")
     # Replicated kv heads: shard i's query heads all use kv head i // (shards / K).
-    group = math.prod(plan.mesh.shape[a] for a in q_axes) // k_cache.shape[0]
+    group = math.prod(plan.mesh.shape[a] for a in q_axes) // page_values(k_cache).shape[0]
     per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
 
     def local(q, k, v, k_cache, v_cache, meta, per_head):
@@ -115,13 +119,14 @@ def paged_attention(
         k_use, v_use = k_cache, v_cache
         if not kv_axes:
             head = jax.lax.axis_index(q_axes) // group
-            k_use, v_use = (jax.lax.dynamic_slice_in_dim(c, head, 1, axis=0) for c in (k_cache, v_cache))
+            k_use, v_use = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, head, 1, axis=0), (k_cache, v_cache))
         out = attend_pages(q, k_use, v_use, meta, implementation=implementation, **options, **per_head)
         return out, k_cache, v_cache
 
     per_head_specs = {name: PartitionSpec(q_spec[1]) for name in per_head}
-    in_specs = (q_spec, kv_spec, kv_spec, cache_spec, cache_spec, PartitionSpec(), per_head_specs)
-    run = _shard_map(local, plan, in_specs, (q_spec, cache_spec, cache_spec))
+    cache_specs = jax.tree.map(lambda c: PartitionSpec(*cache_spec[: c.ndim]), k_cache)  # scales: the values' spec
+    in_specs = (q_spec, kv_spec, kv_spec, cache_specs, cache_specs, PartitionSpec(), per_head_specs)
+    run = _shard_map(local, plan, in_specs, (q_spec, cache_specs, cache_specs))
     return run(q, k, v, k_cache, v_cache, meta, per_head)
 
 

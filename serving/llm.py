@@ -62,7 +62,9 @@ class LLM:
     Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
     `gpu_memory_utilization`, `enable_prefix_caching`, `seed`, `enforce_eager` (no start-up
-    compilation of every shape), `compilation_cache_dir`; `quantization` (vLLM's name): "int8" or
+    compilation of every shape), `compilation_cache_dir`, `kv_cache_dtype` ("auto", "bfloat16",
+    "float16", "float32", or quantized pages with per-token scales: "int8", "fp8" = "fp8_e4m3",
+    "fp8_e5m2"); `quantization` (vLLM's name): "int8" or
     "int4" serve weight-only int8 / int4 (group 128) linear layers; a pre-quantized checkpoint
     (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
     """

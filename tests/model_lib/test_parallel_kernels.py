@@ -43,7 +43,10 @@ def place(plan, inputs, sinks):
     """Inputs laid out as the sharded step holds them: caches and k/v on kv heads, q on heads."""
     axes = {"q": (None, "q_heads", None), "k": (None, "kv_heads", None), "v": (None, "kv_heads", None),
             "k_cache": ("kv_heads", None, None, None), "v_cache": ("kv_heads", None, None, None)}
-    placed = {n: jax.device_put(x, plan.sharding(axes[n], x.shape)) if n in axes else x for n, x in inputs.items()}
+    def put(name, x):  # quantized caches: scales [K, P, B] placed like their values
+        return jax.tree.map(lambda a: jax.device_put(a, plan.sharding(axes[name][: a.ndim], a.shape)), x)
+
+    placed = {n: put(n, x) if n in axes else x for n, x in inputs.items()}
     return placed, jax.device_put(sinks, plan.sharding(("q_heads",), sinks.shape))
 
 
@@ -60,6 +63,24 @@ def test_paged_attention_kernel_under_shard_map(tensor, heads, kv_heads):
     np.testing.assert_allclose(out, expected[0], atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(k_cache, expected[1])
     np.testing.assert_array_equal(v_cache, expected[2])
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["kv-split", "kv-replicated"])
+def test_quantized_pages_under_shard_map(kv_heads):
+    """int8 pages with their scales: split on kv heads like the values (or replicated), same as unsharded."""
+    from tests.pallas_kernels.test_paged_attention import quantized_pages
+
+    inputs, _ = make_case(SEQS, num_heads=28, num_kv_heads=kv_heads, seed=kv_heads, num_pages=8)
+    inputs.update(k_cache=quantized_pages(inputs["k_cache"], "int8"), v_cache=quantized_pages(inputs["v_cache"], "int8"))
+    sinks = jnp.asarray(np.random.RandomState(kv_heads).randn(28), jnp.float32)
+    expected = run_attention(**inputs, sinks=sinks, plan=None, implementation="reference")
+    plan = tensor_plan(4)
+    placed, placed_sinks = place(plan, inputs, sinks)
+    out, k_cache, v_cache = run_attention(**placed, sinks=placed_sinks, plan=plan, implementation="interpret")
+    assert (k_cache.scales.sharding.spec != jax.sharding.PartitionSpec()) == (kv_heads == 4)
+    np.testing.assert_allclose(out, expected[0], atol=2e-5, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves((k_cache, v_cache)), jax.tree.leaves(expected[1:])):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_paged_attention_refuses_a_split_head():
