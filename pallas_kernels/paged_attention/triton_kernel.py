@@ -183,7 +183,8 @@ def _kernel(
             if padded_dim == head_dim:
                 return ref[page, pl.ds(pl.multiple_of((step * block_k) % page_size, block_k), block_k), :]
             dim = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
-            tile = pltriton.load(ref.at[page, slot, jnp.minimum(dim, head_dim - 1)], mask=dim < head_dim, other=0)
+            zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # Triton casts no integer to float8
+            tile = pltriton.load(ref.at[page, slot, jnp.minimum(dim, head_dim - 1)], mask=dim < head_dim, other=zero)
             return tile.reshape(block_k, padded_dim)
 
         def load_tile(ref, step):

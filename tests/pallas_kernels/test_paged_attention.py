@@ -390,26 +390,27 @@ def test_kv_cache_dtype_names():
         resolve_kv_cache_dtype("int4", jnp.float32)
 
 
-# (dtype, shape, groups, kernel settings, options): the kernel (interpret) and the tiled path against the reference
-# on the same quantized pages; settings cover whole-page steps, sub-page steps, split KV and padded head_dim.
+# (dtype, shape, groups, head_dim, kernel settings, options): the kernel (interpret) and the tiled path against the
+# reference on the same quantized pages; settings cover whole-page steps, sub-page steps, split KV and a padded
+# head_dim (masked gather loads).
 QUANT_CASES = [
-    ("int8", "mixed", 4, {}, dict(sinks=True)),
-    ("int8", "decode", 2, dict(num_splits=2, block_k=8), dict(alibi=True)),
-    ("fp8_e4m3", "prefill", 1, {}, dict(sliding_window=5)),
-    ("fp8_e4m3", "long-chunk", 4, dict(block_k=8, rows=16), dict(softcap=2.0)),
-    ("fp8_e5m2", "mixed", 8, {}, {}),
+    ("int8", "mixed", 4, 16, {}, dict(sinks=True)),
+    ("int8", "decode", 2, 24, dict(num_splits=2, block_k=8), dict(alibi=True)),
+    ("fp8_e4m3", "prefill", 1, 16, {}, dict(sliding_window=5)),
+    ("fp8_e4m3", "long-chunk", 4, 24, dict(block_k=8, rows=16), dict(softcap=2.0)),
+    ("fp8_e5m2", "mixed", 8, 16, {}, {}),
 ]
 # Against the float cache: max |out - out_float| (outputs are averages of N(0, 1) values).
 QUANT_TOLERANCE = {"int8": 0.03, "fp8_e4m3": 0.15, "fp8_e5m2": 0.3}
 
 
-@pytest.mark.parametrize("name,shape,groups,settings,flags", QUANT_CASES)
-def test_quantized_pages_kernel_and_tiled_match_reference(name, shape, groups, settings, flags):
+@pytest.mark.parametrize("name,shape,groups,head_dim,settings,flags", QUANT_CASES)
+def test_quantized_pages_kernel_and_tiled_match_reference(name, shape, groups, head_dim, settings, flags):
     from pallas_kernels.paged_attention import reference, triton_kernel
     from pallas_kernels.paged_attention.kv_quant import dequantize_pages, quantize_kv
 
     seqs = TILED_SHAPES[shape]
-    inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=31 + groups, page_size=8)
+    inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=31 + groups, page_size=8, head_dim=head_dim)
     options = case_options(groups, flags.get("sliding_window"), flags.get("softcap"), flags.get("sinks", False),
                            flags.get("alibi", False))
     float_out, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")

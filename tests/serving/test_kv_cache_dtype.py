@@ -23,11 +23,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 # Two prompts sharing a 12-token prefix (3 full pages); every sequence fits max_model_len (one page bucket).
 PROMPTS = [prompts((12,), seed=5)[0] + p for p in prompts((3, 6), seed=6)]
 ENGINE = dict(max_model_len=32, page_size=PAGE_SIZE, max_num_batched_tokens=64)
-# name -> max |logit - float cache logit| over a 23-token prefill (measured: int8 0.004, fp8 0.03, fp8_e5m2 0.06).
-LOGIT_BOUND = {"int8": 0.01, "fp8": 0.06, "fp8_e5m2": 0.15}
+# name -> max |logit - float cache logit| over a 23-token prefill (measured: int8 0.005, fp8 0.018, fp8_e5m2 0.048).
+LOGIT_BOUND = {"int8": 0.01, "fp8": 0.05, "fp8_e5m2": 0.12}
 # name -> least greedy token agreement with "auto" (a random tiny model: logits within ~1 of each other, so
 # argmax flips come easily and one flip changes the rest of the sequence; SmolLM2 figures in RESULTS.md).
-AGREEMENT_BOUND = {"int8": 0.9, "fp8": 0.7}
+AGREEMENT_BOUND = {"int8": 0.9, "fp8": 0.6}  # measured over 24 tokens: int8 1.0, fp8 0.75
 
 
 def generated(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
