@@ -5,7 +5,8 @@ The model runs in float32 (dequantized from the Q4_1 GGUF; bfloat16 dots are slo
 float32 cache. Rows: auto, bfloat16 pages, and quantized pages with a float32 scale per token and kv head: int8,
 fp8 (e4m3), fp8_e5m2. Bytes per token per layer: K and V of every kv head, scales included. Decode: one chat
 prompt, 256 tokens, `ignore_eos`, batch 1, after a short warm-up generation of the same shapes (compilation
-excluded). On the CPU the attention is the jnp path, which dequantizes gathered pages before the dot: expect no
+excluded: pages of 64 tokens keep every page table in one bucket, and without prefix caching the timed prefill
+has the warm-up's shape). On the CPU the attention is the jnp path, which dequantizes gathered pages before the dot: expect no
 speed-up here (the pages are smaller, the work is not); the Triton kernel is the GPU path.
 
     python -m benchmarks.kv_cache_dtype_cpu [--tokens 256] [--rows auto,int8]   # from the repository root
@@ -27,7 +28,8 @@ def main() -> None:
     gguf = default_model_path()
     results = {}
     for name in args.rows.split(","):
-        llm = LLM(gguf, dtype=MODEL_DTYPE, max_model_len=512, max_num_seqs=1, kv_cache_dtype=name)
+        llm = LLM(gguf, dtype=MODEL_DTYPE, max_model_len=512, max_num_seqs=1, page_size=64,
+                  enable_prefix_caching=False, kv_cache_dtype=name)
         config = llm.engine.model_config
         kv_heads = config.layer_cache_kv_heads(0)
         per_layer = 2 * kv_heads * bytes_per_token(config.head_dim, resolve_kv_cache_dtype(name, config.dtype))

@@ -108,3 +108,13 @@ def test_unknown_kv_cache_dtype_is_refused(tiny_checkpoint):
     folder, _ = tiny_checkpoint(CASE)
     with pytest.raises(ValueError, match="unknown kv_cache_dtype 'fp4'; supported: auto, bfloat16, .*, int8"):
         LLM(folder, kv_cache_dtype="fp4", **ENGINE)
+
+
+def test_serve_cli_kv_cache_dtype(capsys):
+    from serving.openai.cli import parse_args
+
+    assert parse_args(["model"]).kv_cache_dtype == "auto"
+    assert parse_args(["model", "--kv-cache-dtype", "fp8_e5m2"]).kv_cache_dtype == "fp8_e5m2"
+    with pytest.raises(SystemExit):
+        parse_args(["model", "--kv-cache-dtype", "int4"])
+    assert "fp8_e4m3" in capsys.readouterr().err  # the valid names are listed
