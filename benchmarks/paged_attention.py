@@ -11,6 +11,11 @@ the same batch laid out in pages of `--mosaic-page-size` tokens, beside our Trit
 those pages ("mosaic / ours" compares the two at that page size). A dry run skips it: Mosaic
 GPU's interpreter cannot run it (see mosaic_decode.py).
 
+Quantized pages (`--kv-dtypes int8 fp8 ...`, `kv_cache_dtype` names): the same decode batch with its
+pages quantized (one float32 scale per token and kv head), our kernel checked against the XLA
+reference on those pages; GB/s of the bytes it reads (values and scales) and its time against the
+bf16 pages. Not part of `gpu_check.sh` (its part limits are spoken for; not yet timed on a GPU).
+
 Prefill: `batch` fresh sequences of `length` tokens (a whole prompt per step), causal;
 FLOPs = 2 * 2 * batch * heads * length^2 * head_dim / 2; against
 `jax.nn.dot_product_attention(implementation="cudnn")` on the same q, k, v laid out dense.
@@ -33,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_pallas
 
-from pallas_kernels.paged_attention import mosaic_decode, reference, triton_kernel
+from pallas_kernels.paged_attention import QuantizedPages, mosaic_decode, reference, triton_kernel
+from pallas_kernels.paged_attention.kv_quant import bytes_per_token, quantize_kv, resolve_kv_cache_dtype
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
@@ -100,6 +106,9 @@ def decode_rows(args, interpret: bool, peak: float) -> list[dict]:
             row["ours_of_copy"] = row["ours_gb_s"] * 1e9 / peak
             if not interpret:
                 row.update(mosaic_row(args, batch, context, kv_bytes))
+            for name in args.kv_dtypes:
+                row.update(quantized_row(args, name, (q, k_cache, v_cache, meta), batch * context, row["ours_gb_s"],
+                                         interpret))
             records.append(row)
             print(json.dumps(row), flush=True)
     return records
@@ -115,6 +124,22 @@ def mosaic_row(args, batch: int, context: int, kv_bytes: int) -> dict:
     assert error < 2e-2, f"mosaic error {error:.2e} at batch {batch} context {context}"
     return {f"{name}_gb_s": kv_bytes / median_seconds(fn, *inputs, repeats=args.repeats) / 1e9
             for name, fn in (("mosaic", mosaic), ("ours_mosaic_pages", ours))}
+
+
+def quantized_row(args, name: str, inputs, tokens: int, bf16_gb_s: float, interpret: bool) -> dict:
+    """GB/s of our kernel on the batch's pages quantized to `name`, and its speed against the bf16 pages."""
+    q, k_cache, v_cache, meta = inputs
+    dtype = resolve_kv_cache_dtype(name, jnp.bfloat16)
+    k_pages, v_pages = (QuantizedPages(*quantize_kv(c, dtype)) for c in (k_cache, v_cache))
+    scale = args.head_dim**-0.5
+    ours = jax.jit(functools.partial(triton_kernel.paged_attention, scale=scale, interpret=interpret))
+    xla = jax.jit(functools.partial(reference.paged_attention, scale=scale))
+    error = relative_error(ours(q, k_pages, v_pages, meta), xla(q, k_pages, v_pages, meta))
+    assert error < 2e-2, f"{name} pages: error {error:.2e}"
+    kv_bytes = 2 * tokens * args.kv_heads * bytes_per_token(args.head_dim, dtype)
+    seconds = median_seconds(ours, q, k_pages, v_pages, meta, repeats=args.repeats)
+    bf16_seconds = 2 * tokens * args.kv_heads * args.head_dim * 2 / (bf16_gb_s * 1e9)
+    return {f"{name}_gb_s": kv_bytes / seconds / 1e9, f"{name}_speedup": bf16_seconds / seconds}
 
 
 def prefill_rows(args, interpret: bool) -> list[dict]:
@@ -160,6 +185,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-kv-gib", type=float, default=24.0)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, the kernels interpreted, any backend")
+    parser.add_argument("--kv-dtypes", nargs="*", default=[], help="decode on quantized pages too (int8, fp8, ...)")
     parser.add_argument("--json", help="write every record to this file")
     args = parser.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
@@ -184,6 +210,13 @@ def main(argv=None) -> dict:
                   f"| {r['mosaic_gb_s'] / r['ours_mosaic_pages_gb_s']:.2f}") if "mosaic_gb_s" in r else "- | - | -"
         print(f"| {r['batch']} | {r['context']} | {r['ours_gb_s']:.0f} | {r['xla_gb_s']:.0f} | {r['jax_pallas_gb_s']:.0f} "
               f"| {100 * r['ours_of_copy']:.0f}% | {r['ours_gb_s'] / r['jax_pallas_gb_s']:.2f} | {mosaic} |")
+    if args.kv_dtypes:
+        names = " | ".join(f"{n} GB/s | {n} speed vs bf16" for n in args.kv_dtypes)
+        print(f"\n| batch | context | bf16 GB/s | {names} |")
+        print("|---|---|---|" + "---|---|" * len(args.kv_dtypes))
+        for r in decode:
+            cells = " | ".join(f"{r[f'{n}_gb_s']:.0f} | {r[f'{n}_speedup']:.2f}x" for n in args.kv_dtypes)
+            print(f"| {r['batch']} | {r['context']} | {r['ours_gb_s']:.0f} | {cells} |")
     dense = "xla" if interpret else "cudnn"
     print(f"\n| prefill batch | length | ours TFLOP/s | {dense} TFLOP/s | ours / {dense} |")
     print("|---|---|---|---|---|")

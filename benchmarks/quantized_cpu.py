@@ -90,13 +90,29 @@ def match(tokens: list[int], base: list[int]) -> tuple[float, int | None]:
     return float(np.mean([a == b for a, b in zip(tokens, base)])), first
 
 
+def parse_args(rows) -> argparse.Namespace:
+    """`--tokens` to generate and `--rows`, a comma-separated subset of `rows`."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rows", default=",".join(rows), help=f"comma-separated subset of {', '.join(rows)}")
+    return parser.parse_args()
+
+
+def greedy_decode(llm: LLM, max_tokens: int) -> tuple[list[int], float]:
+    """PROMPT's greedy tokens (`ignore_eos`) and their rate in tokens/s, after a short warm-up generation of
+    the same shapes (the prefill and batch-1 decode steps compile; decode shapes do not grow with length)."""
+    ids = llm.get_tokenizer().apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    llm.generate({"prompt_token_ids": list(ids)}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    start = time.perf_counter()
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    tokens = llm.generate({"prompt_token_ids": list(ids)}, params)[0].outputs[0].token_ids
+    return tokens, len(tokens) / (time.perf_counter() - start)
+
+
 def main() -> None:
     import model_lib
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
-    args = parser.parse_args()
+    args = parse_args(ROWS)
     gguf = default_model_path()
     count = float_param_count(gguf)
     scratch = tempfile.TemporaryDirectory()
@@ -107,17 +123,11 @@ def main() -> None:
         start = time.perf_counter()
         llm = LLM(path, tokenizer=gguf, max_model_len=512, max_num_seqs=1, **options)
         load = time.perf_counter() - start
-        ids = llm.get_tokenizer().apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
-        params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-        # Warm-up: the prefill and the batch-1 decode step compile (decode shapes do not grow with length).
-        llm.generate({"prompt_token_ids": list(ids)}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-        start = time.perf_counter()
-        tokens = llm.generate({"prompt_token_ids": list(ids)}, params)[0].outputs[0].token_ids
-        seconds = time.perf_counter() - start
+        tokens, tok_s = greedy_decode(llm, args.tokens)
         del llm
         per_param = param_bytes(model_lib.from_pretrained(path, **options)) / count
-        results[name] = dict(bytes_per_param=per_param, tok_s=len(tokens) / seconds, tokens=tokens, load=load)
-        print(f"{name}: load {load:.1f} s, {len(tokens) / seconds:.2f} tok/s, {per_param:.2f} B/param", flush=True)
+        results[name] = dict(bytes_per_param=per_param, tok_s=tok_s, tokens=tokens, load=load)
+        print(f"{name}: load {load:.1f} s, {tok_s:.2f} tok/s, {per_param:.2f} B/param", flush=True)
     print(f"\nfile: {gguf.name}, {gguf.stat().st_size / 2**20:.1f} MiB, {count} parameters\n")
     base = results.get("bf16", next(iter(results.values())))["tokens"]
     f32 = results.get("gguf-q4_1-f32", {}).get("tokens")

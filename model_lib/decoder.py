@@ -23,6 +23,7 @@ from model_lib.layer_scan import segment_layers
 from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
 from model_lib.layers.moe import MoE
+from pallas_kernels.paged_attention.kv_quant import empty_pages
 
 Batch = DenseBatch | PagedBatch
 
@@ -254,7 +255,9 @@ class CausalLM(nnx.Module):
 
         One entry per entry of `model.layers`: a layer's `(k, v)` pages `[K, P, page_size, D]`
         (None for a layer without a KV cache), or for a `LayerScan` segment a tuple over its
-        block's layers of pages stacked `[K, repeats, P, page_size, D]`. `sharding_fn(logical
+        block's layers of pages stacked `[K, repeats, P, page_size, D]`. An int8 / float8
+        `dtype` makes each pool a `QuantizedPages` (values and float32 scales: the values' shape
+        without the last axis; `pallas_kernels/paged_attention/kv_quant.py`). `sharding_fn(logical
         axes, shape)` places each array (kv heads split like the attention weights).
         """
         config = self.config
@@ -266,8 +269,7 @@ class CausalLM(nnx.Module):
             shape, axes = (kv_heads, num_pages, page_size, config.head_dim), ("kv_heads", None, None, None)
             if repeats is not None:
                 shape, axes = (kv_heads, repeats, *shape[1:]), ("kv_heads", None, *axes[1:])
-            sharding = None if sharding_fn is None else sharding_fn(axes, shape)
-            return jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding)
+            return empty_pages(shape, axes, dtype, sharding_fn), empty_pages(shape, axes, dtype, sharding_fn)
 
         return [
             pages(start, None) if repeats == 1 else tuple(pages(start + j, repeats) for j in range(period))

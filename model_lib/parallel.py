@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.flash_attention import attention as flash_attention
 from pallas_kernels.paged_attention import PagedMetadata, attend_pages, ragged_paged_attention, write_kv
+from pallas_kernels.paged_attention.kv_quant import Pages, page_values
 
 _PLAN: contextvars.ContextVar[ShardingPlan | None] = contextvars.ContextVar("kernel_plan", default=None)
 
@@ -148,16 +149,19 @@ def paged_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     layer: jax.Array | int | None = None,
     implementation: str | None = None,
     **options: Any,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, Pages, Pages]:
     """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]` or stacked
-    `[K, L, P, S, D]` with `layer`), per head shard."""
+    `[K, L, P, S, D]` with `layer`), per head shard.
+
+    Quantized caches (`QuantizedPages`) split their scales `[K, (L,) P, S]` on kv heads like their values.
+    """
     plan = active_plan()
     axes = () if plan is None else _mesh_axes(plan, "q_heads", "kv_heads")
     q_spec = PartitionSpec() if not axes else _only(plan.partition_spec((None, "q_heads", None), q.shape), axes)
@@ -166,10 +170,11 @@ def paged_attention(
         return ragged_paged_attention(q, k, v, k_cache, v_cache, meta, layer=layer, implementation=implementation,
                                       **options)
     kv_spec = _only(plan.partition_spec((None, "kv_heads", None), k.shape), axes)
-    cache_axes = ("kv_heads",) + (None,) * (k_cache.ndim - 1)
-    cache_spec = _only(plan.partition_spec(cache_axes, k_cache.shape), axes)
+    values = page_values(k_cache)
+    cache_axes = ("kv_heads",) + (None,) * (values.ndim - 1)
+    cache_spec = _only(plan.partition_spec(cache_axes, values.shape), axes)
     kv_axes = _spec_axes(cache_spec)
-    group = _heads_group(plan, q_axes, kv_axes, k_cache.shape[0])
+    group = _heads_group(plan, q_axes, kv_axes, values.shape[0])
     per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
     layer = None if layer is None else jnp.asarray(layer, jnp.int32)
 
@@ -181,8 +186,9 @@ def paged_attention(
         return out, k_cache, v_cache
 
     per_head_specs = {name: PartitionSpec(q_spec[1]) for name in per_head}
-    in_specs = (q_spec, kv_spec, kv_spec, cache_spec, cache_spec, PartitionSpec(), per_head_specs, PartitionSpec())
-    run = _shard_map(local, plan, in_specs, (q_spec, cache_spec, cache_spec))
+    cache_specs = jax.tree.map(lambda c: PartitionSpec(*cache_spec[: c.ndim]), k_cache)  # scales: the values' spec
+    in_specs = (q_spec, kv_spec, kv_spec, cache_specs, cache_specs, PartitionSpec(), per_head_specs, PartitionSpec())
+    run = _shard_map(local, plan, in_specs, (q_spec, cache_specs, cache_specs))
     return run(q, k, v, k_cache, v_cache, meta, per_head, layer)
 
 

@@ -64,7 +64,9 @@ class LLM:
     Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
     `gpu_memory_utilization`, `enable_prefix_caching`, `seed`, `enforce_eager` (no start-up
-    compilation of every shape), `compilation_cache_dir`, `scan_layers` (repeated layers through one
+    compilation of every shape), `compilation_cache_dir`, `kv_cache_dtype` ("auto", "bfloat16",
+    "float16", "float32", or quantized pages with per-token scales: "int8", "fp8" = "fp8_e4m3",
+    "fp8_e5m2"), `scan_layers` (repeated layers through one
     `lax.scan`; default: on an accelerator, not on the CPU backend); `quantization` (vLLM's name): "int8" or
     "int4" serve weight-only int8 / int4 (group 128) linear layers, "fp8" W8A8 FP8 ones (per-channel
     FP8 weights of a float checkpoint, or an FP8 checkpoint's own kept in FP8); a pre-quantized

@@ -25,8 +25,9 @@ from model_lib.layers.norms import make_norm
 from model_lib.layers.rotary import apply_rotary, rotary_cos_sin
 from model_lib import parallel
 from pallas_kernels.paged_attention import PagedMetadata
+from pallas_kernels.paged_attention.kv_quant import Pages
 
-KVCache = tuple[jax.Array, jax.Array]  # (k, v) pages, each [K, P, page_size, D] or stacked [K, L, P, page_size, D]
+KVCache = tuple[Pages, Pages]  # (k, v) pages, each [K, P, page_size, D] or stacked [K, L, P, page_size, D] (or quantized with scales)
 
 
 @struct.dataclass

@@ -9,8 +9,10 @@ the kernel does not cover is logged once at WARNING. `implementation` forces one
 (the definition of correct), or "mosaic": the Mosaic GPU decode kernel of
 `mosaic_decode.py`, CUDA only, for the subset it documents: decode-only batches, `scale`
 alone, page size 64/128, head_dim a multiple of 64; never chosen by itself until a GPU
-measures it faster, `benchmarks/paged_attention.py`).
+measures it faster, `benchmarks/paged_attention.py`; float pages only).
 
+Caches are page pools `[K, P, B, D]` or quantized pages with scales (`kv_quant.py`):
+the write quantizes, every implementation but "mosaic" dequantizes on read.
 `layer` names the layer of a stacked pool `[K, L, P, B, D]` (a scanned layer stack);
 it is folded into the page axis once here (`reference.layer_pages`), so every
 implementation reads that layer's pages in place as if it had a one-layer pool.
@@ -24,16 +26,18 @@ import jax
 
 from pallas_kernels.dispatch import on_cuda, warn_fallback
 from pallas_kernels.paged_attention import mosaic_decode, reference, tiled, triton_kernel
+from pallas_kernels.paged_attention.kv_quant import Pages, QuantizedPages, page_values
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
-def _kernel_unsupported(q: jax.Array, k_cache: jax.Array) -> str | None:
+def _kernel_unsupported(q: jax.Array, k_cache: Pages) -> str | None:
     """Why the Triton kernel cannot take q over this one-layer (or folded) pool `[K, P, B, D]`."""
-    return triton_kernel.unsupported_reason(q.shape[1], k_cache.shape[0], q.shape[2], k_cache.shape[2], k_cache.size,
-                                            k_cache.dtype.itemsize)
+    pages = page_values(k_cache)
+    return triton_kernel.unsupported_reason(q.shape[1], pages.shape[0], q.shape[2], pages.shape[2], pages.size,
+                                            pages.dtype.itemsize)
 
 
-def choose_implementation(q: jax.Array, k_cache: jax.Array) -> str:
+def choose_implementation(q: jax.Array, k_cache: Pages) -> str:
     """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "tiled"."""
     return "tiled" if _kernel_unsupported(q, k_cache) else "kernel"
 
@@ -42,14 +46,14 @@ def ragged_paged_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     layer: jax.Array | int | None = None,
     implementation: str | None = None,
     **options,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, Pages, Pages]:
     """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`,
     `sinks`, `alibi_slopes`, `chunk_size`; `layer` as the module docstring says.
 
@@ -62,8 +66,8 @@ def ragged_paged_attention(
 
 def attend_pages(
     q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     layer: jax.Array | int | None = None,
@@ -92,6 +96,9 @@ def attend_pages(
     if implementation in ("kernel", "interpret"):
         return triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, interpret=implementation == "interpret")
     if implementation == "mosaic":
+        if isinstance(k_cache, QuantizedPages):
+            raise ValueError(f"the Mosaic decode attention does not cover quantized KV pages "
+                             f"({k_cache.values.dtype.name}); use the Triton kernel")
         reason = mosaic_decode.unsupported_reason(q.shape[0], meta.kv_lens.shape[0], q.shape[1], k_cache.shape[0],
                                                   q.shape[2], k_cache.shape[2], q.dtype)
         unsupported = {k: v for k, v in options.items() if k != "scale" and v is not None}

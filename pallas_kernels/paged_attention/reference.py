@@ -19,6 +19,8 @@ The batch layout travels as one `PagedMetadata`:
   with `layer` naming the one to read and write. The layer is folded into the page
   axis (`layer_pages`: a free reshape to `[K, L*P, B, D]` and page ids offset by
   `layer * P`), so no path copies a layer's pool out of the stack.
+  Quantized pages travel with their scales (`kv_quant.QuantizedPages`): written quantized,
+  read dequantized to q's dtype.
 - num_seqs: how many of the S rows are real.
 
 The new tokens of sequence s sit at positions `kv_lens[s] - q_len(s) ...
@@ -40,6 +42,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values, store_tokens
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -81,7 +85,8 @@ def layer_pages(
     """
     if layer is None and head is None:
         return tuple(caches), meta
-    lead = caches[0].shape[:3] if layer is not None else (caches[0].shape[0], 1, caches[0].shape[1])
+    values = page_values(caches[0])
+    lead = values.shape[:3] if layer is not None else (values.shape[0], 1, values.shape[1])
     num_kv_heads, num_layers, num_pages = lead
     offset = 0 if layer is None else layer * num_pages
     if head is None:
@@ -90,30 +95,31 @@ def layer_pages(
         folded = (1, num_kv_heads * num_layers * num_pages)
         offset = offset + head * num_layers * num_pages
     rest = 3 if layer is not None else 2
-    pools = tuple(c.reshape(*folded, *c.shape[rest:]) for c in caches)
+    pools = tuple(jax.tree.map(lambda c: c.reshape(*folded, *c.shape[rest:]), cache) for cache in caches)
     return pools, meta.replace(page_tables=meta.page_tables + jnp.asarray(offset, meta.page_tables.dtype))
 
 
 def write_kv(
     k: jax.Array,
     v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     layer: jax.Array | int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Scatter the step's keys/values into their pages (padding tokens are dropped); `layer` of a stacked
-    pool (see the module docstring) or None for a one-layer pool. Returns the caches in their own shape."""
-    shape = k_cache.shape
-    (k_cache, v_cache), meta = layer_pages((k_cache, v_cache), meta, layer)
-    num_pages, page_size = k_cache.shape[1], k_cache.shape[2]
+) -> tuple[Pages, Pages]:
+    """Scatter the step's keys/values into their pages (padding tokens are dropped; quantized on the way
+    into quantized pages); `layer` of a stacked pool (see the module docstring) or None for a one-layer
+    pool. Returns the caches in their own shape."""
+    caches = (k_cache, v_cache)
+    (k_cache, v_cache), meta = layer_pages(caches, meta, layer)
+    num_pages, page_size = page_values(k_cache).shape[1:3]
     seq, positions, valid = token_layout(meta, k.shape[0])
     page = meta.page_tables[seq, positions // page_size]
     page = jnp.where(valid, page, num_pages)  # out of range -> dropped
     slot = positions % page_size
-    k_cache = k_cache.at[:, page, slot].set(k.swapaxes(0, 1).astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[:, page, slot].set(v.swapaxes(0, 1).astype(v_cache.dtype), mode="drop")
-    return k_cache.reshape(shape), v_cache.reshape(shape)
+    index = (slice(None), page, slot)
+    written = store_tokens(k_cache, index, k.swapaxes(0, 1)), store_tokens(v_cache, index, v.swapaxes(0, 1))
+    return jax.tree.map(lambda new, old: new.reshape(old.shape), written, caches)
 
 
 def attention_weights(
@@ -160,8 +166,8 @@ def attention_weights(
 
 def paged_attention(
     q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     scale: float,
@@ -175,13 +181,13 @@ def paged_attention(
     """Attention of the step's queries over the (already written) paged KV of `layer`; `[T, H, D]`."""
     (k_cache, v_cache), meta = layer_pages((k_cache, v_cache), meta, layer)
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_cache.shape
+    num_kv_heads, _, page_size, _ = page_values(k_cache).shape
     groups = num_heads // num_kv_heads
     seq, positions, valid = token_layout(meta, num_tokens)
     pages = meta.page_tables[seq]  # [T, M]
     max_kv = pages.shape[1] * page_size
-    keys = k_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
-    values = v_cache[:, pages].reshape(num_kv_heads, num_tokens, max_kv, head_dim)
+    keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tokens, max_kv, head_dim)
+    values = gather_pages(v_cache, pages, q.dtype).reshape(num_kv_heads, num_tokens, max_kv, head_dim)
 
     qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
@@ -196,12 +202,12 @@ def ragged_paged_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     layer: jax.Array | int | None = None,
     **options,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, Pages, Pages]:
     """Write the step's k/v into the pages of `layer`, then attend (options as `paged_attention`).
 
     Returns (out, k_cache, v_cache).

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import reference
+from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values
 from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights
 
 
@@ -51,8 +52,8 @@ def tile_layout(meta: PagedMetadata, num_tokens: int, rows: int):
 
 def paged_attention(
     q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     scale: float,
@@ -64,7 +65,7 @@ def paged_attention(
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV; `[T, H, D]` (see `reference.py`)."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, _, page_size, _ = k_cache.shape
+    num_kv_heads, _, page_size, _ = page_values(k_cache).shape
     groups = num_heads // num_kv_heads
     rows = tile_size(num_tokens, meta.kv_lens.shape[0])
     if rows == 1:  # one-row tiles are the tokens themselves: the reference's own layout (decode steps)
@@ -74,8 +75,8 @@ def paged_attention(
     num_tiles = seq.shape[0]
     pages = meta.page_tables[seq]  # [N, M]
     max_kv = pages.shape[1] * page_size
-    keys = k_cache[:, pages].reshape(num_kv_heads, num_tiles, max_kv, head_dim)
-    values = v_cache[:, pages].reshape(num_kv_heads, num_tiles, max_kv, head_dim)
+    keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tiles, max_kv, head_dim)
+    values = gather_pages(v_cache, pages, q.dtype).reshape(num_kv_heads, num_tiles, max_kv, head_dim)
 
     qg = q.at[token].get(mode="fill", fill_value=0).reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("nqkgd,knsd->nqkgs", qg, keys, preferred_element_type=jnp.float32) * scale

@@ -22,6 +22,12 @@ so a chunk reads each KV page once per 64 / G tokens). When there are few sequen
 a log-sum-exp merge in XLA combines them. Sinks join split 0's softmax; ALiBi adds
 `slope[h] * (k_pos - q_pos)` per row after the soft-cap.
 
+Quantized pages (`kv_quant.QuantizedPages`: int8 / float8 values, one float32 scale per
+token slot and kv head) are loaded as stored and converted to q's dtype (exact: int8 and
+float8 values are bfloat16 numbers); their scales are per key, so they multiply the
+logits' columns (K) and the probabilities' columns before the PV product (V) inside the
+loop, instead of every element of the tiles.
+
 Triton needs power-of-two tile sides: head_dim is padded to the next power of two
 inside the kernel (masked gather loads from the unpadded cache, masked columns
 dropped on the way out); page sizes must be powers of two (8 to 128 are the serving
@@ -48,6 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.paged_attention.kv_quant import Pages, QuantizedPages, page_values
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -116,6 +123,8 @@ def _kernel(
     q_ref,  # [T * G + R, D] rows of this kv head
     k_ref,  # [P, B, D] pages of this kv head
     v_ref,  # [P, B, D]
+    k_scale_ref,  # [P, B] scales of quantized pages, or None
+    v_scale_ref,  # [P, B] or None
     o_ref,  # [NS, T * G + R, Dp]: the output, or with splits the unnormalised partial outputs
     m_ref,  # [NS, T * G + R] row max per split, or None without splits
     l_ref,  # [NS, T * G + R] row sum per split, or None
@@ -182,8 +191,22 @@ def _kernel(
             if padded_dim == head_dim:
                 return ref[page, pl.ds(pl.multiple_of((step * block_k) % page_size, block_k), block_k), :]
             dim = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
-            tile = pltriton.load(ref.at[page, slot, jnp.minimum(dim, head_dim - 1)], mask=dim < head_dim, other=0)
+            zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # Triton casts no integer to float8
+            tile = pltriton.load(ref.at[page, slot, jnp.minimum(dim, head_dim - 1)], mask=dim < head_dim, other=zero)
             return tile.reshape(block_k, padded_dim)
+
+        def load_tile(ref, step):
+            """`load_kv` in q's dtype (quantized and other-dtype pages are converted)."""
+            tile = load_kv(ref, step)
+            return tile if tile.dtype == q.dtype else tile.astype(q.dtype)
+
+        def load_scales(ref, step):
+            """The step's BLOCK_K per-token scales `[BLOCK_K]` (float32)."""
+            if block_k >= page_size:
+                pages = page_tables_ref[seq, pl.ds(step * pages_per_step, pages_per_step)]
+                return ref[pages].reshape(block_k)
+            page = page_tables_ref[seq, (step * block_k) // page_size]
+            return ref[page, pl.ds(pl.multiple_of((step * block_k) % page_size, block_k), block_k)]
 
         first_split = split == 0
         if sinks_ref is None:
@@ -199,9 +222,11 @@ def _kernel(
 
         def body(step, carry):
             acc, m, l = carry
-            k = load_kv(k_ref, step)
-            v = load_kv(v_ref, step)
+            k = load_tile(k_ref, step)
+            v = load_tile(v_ref, step)
             logits = pltriton.dot(q, k.T).astype(jnp.float32) * scale  # [R, block_k]
+            if k_scale_ref is not None:
+                logits *= load_scales(k_scale_ref, step)[None, :]
             if softcap is not None:
                 logits = jnp.tanh(logits / softcap) * softcap
             kv_pos = step * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
@@ -217,6 +242,8 @@ def _kernel(
             correction = jnp.exp2((m - m_next) * LOG2E)
             p = jnp.exp2((logits - m_next[:, None]) * LOG2E)
             l_next = l * correction + p.sum(axis=-1)
+            if v_scale_ref is not None:
+                p *= load_scales(v_scale_ref, step)[None, :]
             acc = acc * correction[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
             return acc, m_next, l_next
 
@@ -258,8 +285,8 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 )
 def paged_attention(
     q: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
+    k_cache: Pages,
+    v_cache: Pages,
     meta: PagedMetadata,
     *,
     scale: float,
@@ -276,9 +303,12 @@ def paged_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """Kernel version of `reference.paged_attention`; `[T, H, D]`. Settings not given come from
-    `block_config`."""
+    `block_config`. Caches may be quantized (`kv_quant.QuantizedPages`)."""
     cu_q_lens, kv_lens, page_tables = meta.cu_q_lens, meta.kv_lens, meta.page_tables
     num_tokens, num_heads, head_dim = q.shape
+    k_scales = k_cache.scales if isinstance(k_cache, QuantizedPages) else None
+    v_scales = v_cache.scales if isinstance(v_cache, QuantizedPages) else None
+    k_cache, v_cache = page_values(k_cache), page_values(v_cache)
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
     reason = unsupported_reason(num_heads, num_kv_heads, head_dim, page_size, k_cache.size, k_cache.dtype.itemsize)
@@ -334,13 +364,17 @@ def paged_attention(
             per_head(total_rows, head_dim),
             per_head(*k_cache.shape[1:]),
             per_head(*v_cache.shape[1:]),
+            None if k_scales is None else per_head(*k_scales.shape[1:]),
+            None if v_scales is None else per_head(*v_scales.shape[1:]),
         ],
         out_specs=out_specs,
         out_shape=out_shapes,
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"ragged_paged_attention_r{rows}_k{block_k}_d{padded_dim}_s{splits}",
-    )(block_seq, block_row, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, q_rows, k_cache, v_cache)
+        name=f"ragged_paged_attention_r{rows}_k{block_k}_d{padded_dim}_s{splits}"
+             + ("" if k_scales is None else f"_{k_cache.dtype.name}"),
+    )(block_seq, block_row, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, q_rows, k_cache, v_cache, k_scales,
+      v_scales)
 
     out = outs[0][:, 0] if splits == 1 else merge_splits(*outs)  # [K, T * G + R, Dp]
     out = out[:, : num_tokens * groups, :head_dim].reshape(num_kv_heads, num_tokens, groups, head_dim)

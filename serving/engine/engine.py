@@ -25,6 +25,7 @@ import numpy as np
 
 from model_lib import CausalLM
 from model_lib.sharding import ShardingPlan
+from pallas_kernels.paged_attention.kv_quant import bytes_per_token, resolve_kv_cache_dtype
 from serving.engine import multihost
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
@@ -53,6 +54,9 @@ class EngineConfig:
     num_pages: int | None = None  # default: from free device memory (GPU) or a 1 GiB budget (CPU)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # Page dtype, vLLM's names: "auto" (the model's), "bfloat16", "float16", "float32", or quantized with a
+    # float32 scale per token and kv head: "int8", "fp8" (= "fp8_e4m3"), "fp8_e5m2".
+    kv_cache_dtype: str = "auto"
     seed: int = 0
     limits: RequestLimits = field(default_factory=RequestLimits)
     # True: skip compiling every step shape at start (each compiles on first use); vLLM's flag name.
@@ -136,8 +140,9 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         mc = model.config
+        cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, mc.dtype)
         kv_heads = sum(mc.layer_cache_kv_heads(i) for i in range(mc.num_layers))  # over layers with a KV cache
-        page_bytes = max(2 * kv_heads * config.page_size * mc.head_dim * np.dtype(mc.dtype).itemsize, 1)
+        page_bytes = max(2 * kv_heads * config.page_size * bytes_per_token(mc.head_dim, cache_dtype), 1)
         num_pages = config.num_pages or _default_num_pages(config, page_bytes, max_pages_per_seq)
         if num_pages < max_pages_per_seq:
             raise ValueError(
@@ -157,6 +162,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             plan=plan,
             scan_layers=config.scan_layers,
+            kv_cache_dtype=cache_dtype,
         )
         self.slot_state = new_slot_state(config.max_num_seqs, mc.vocab_size, self.max_model_len)
         self._in_flight: _InFlight | None = None
@@ -165,7 +171,8 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
-        logger.info("KV cache: %d pages x %d tokens (%.1f MiB)", num_pages, config.page_size, self.runner.kv_cache_bytes / 2**20)
+        logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, config.page_size, cache_dtype.name,
+                    self.runner.kv_cache_bytes / 2**20)
         if should_warm_up(config.enforce_eager):
             warm_up(self)
 

@@ -94,7 +94,9 @@ class ModelRunner:
         max_model_len: int,
         plan: ShardingPlan | None = None,
         scan_layers: bool | None = None,
+        kv_cache_dtype: jnp.dtype | None = None,
     ):
+        """`kv_cache_dtype`: the pages' dtype (default the model's; int8 / float8 pages are quantized)."""
         config = model.config
         self.config = config
         self.page_size = page_size
@@ -108,7 +110,8 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(self.state)
         sharding_fn = plan.sharding if plan is not None else None
-        self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(config.dtype), sharding_fn)
+        self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(kv_cache_dtype or config.dtype),
+                                              sharding_fn)
         self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
         self.params, shardings = place_serving_step(plan, self.params, self.kv_caches, num_host_inputs=5)
         self._step = jax.jit(partial(_step, self.graphdef, treedef, plan), donate_argnums=(1,), **shardings)

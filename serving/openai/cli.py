@@ -13,6 +13,7 @@ import threading
 import uvicorn
 
 from model_lib.loading import ALL_QUANTIZATIONS
+from pallas_kernels.paged_attention import KV_CACHE_DTYPES
 from serving.async_engine import AsyncLLMEngine
 from serving.engine.limits import RequestLimits
 from serving.default_model import default_model_path, served_name
@@ -42,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "quantized at load; or the method of a pre-quantized checkpoint (awq, gptq, "
                         "compressed-tensors, fp8), which is detected from its config.json without this flag "
                         "(fp8 keeps an FP8 checkpoint's weights in FP8, the default on CUDA)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV page dtype: auto (the model's), a float dtype, or int8 / fp8 (= fp8_e4m3) / fp8_e5m2 "
+                        "pages with a float32 scale per token and kv head (about half the bytes of bfloat16)")
     p.add_argument("--mesh", help="mesh preset from configs/mesh (e.g. tp) or a YAML path")
     p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=16)
     p.add_argument("--num-pages", type=int, help="KV pages (default: from free device memory)")
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             num_pages=args.num_pages,
             gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=args.enable_prefix_caching,
+            kv_cache_dtype=args.kv_cache_dtype,
             seed=args.seed,
             allow_long_max_model_len=args.allow_long_max_model_len,
             limits=limits,

@@ -13,6 +13,7 @@ import pytest
 
 from model_lib import parallel
 from model_lib.sharding import EXPERT_PARALLEL, HeadSplitError, ShardingPlan, make_mesh
+from pallas_kernels.paged_attention.kv_quant import page_values
 from tests.hlo_checks import all_gathered_shapes
 from tests.pallas_kernels.test_paged_attention import make_case
 
@@ -42,10 +43,13 @@ def run_attention(q, k, v, k_cache, v_cache, meta, sinks, *, plan, implementatio
 
 def place(plan, inputs, sinks):
     """Inputs laid out as the sharded step holds them: caches and k/v on kv heads, q on heads."""
-    cache_axes = ("kv_heads",) + (None,) * (inputs["k_cache"].ndim - 1)  # one layer's pool or a stacked one
+    cache_axes = ("kv_heads",) + (None,) * (page_values(inputs["k_cache"]).ndim - 1)  # one layer's pool or a stacked one
     axes = {"q": (None, "q_heads", None), "k": (None, "kv_heads", None), "v": (None, "kv_heads", None),
             "k_cache": cache_axes, "v_cache": cache_axes}
-    placed = {n: jax.device_put(x, plan.sharding(axes[n], x.shape)) if n in axes else x for n, x in inputs.items()}
+    def put(name, x):  # quantized caches: scales placed like their values, less the last axis
+        return jax.tree.map(lambda a: jax.device_put(a, plan.sharding(axes[name][: a.ndim], a.shape)), x)
+
+    placed = {n: put(n, x) if n in axes else x for n, x in inputs.items()}
     return placed, jax.device_put(sinks, plan.sharding(("q_heads",), sinks.shape))
 
 
@@ -80,6 +84,24 @@ def test_stacked_pool_layer_under_shard_map(kv_heads):
     np.testing.assert_allclose(out, expected[0], atol=2e-5, rtol=1e-5)
     np.testing.assert_array_equal(k_cache[:, 1], expected[1])
     np.testing.assert_array_equal(v_cache[:, 0], other)
+
+
+@pytest.mark.parametrize("kv_heads", [1], ids=["kv-replicated"])  # 4 (kv-split) passes too; left out for CI time
+def test_quantized_pages_under_shard_map(kv_heads):
+    """int8 pages with their scales: split on kv heads like the values (or replicated), same as unsharded."""
+    from tests.pallas_kernels.test_paged_attention import quantized_pages
+
+    inputs, _ = make_case(SEQS, num_heads=28, num_kv_heads=kv_heads, seed=kv_heads, num_pages=8)
+    inputs.update(k_cache=quantized_pages(inputs["k_cache"], "int8"), v_cache=quantized_pages(inputs["v_cache"], "int8"))
+    sinks = jnp.asarray(np.random.RandomState(kv_heads).randn(28), jnp.float32)
+    expected = run_attention(**inputs, sinks=sinks, plan=None, implementation="reference")
+    plan = tensor_plan(4)
+    placed, placed_sinks = place(plan, inputs, sinks)
+    out, k_cache, v_cache = run_attention(**placed, sinks=placed_sinks, plan=plan, implementation="interpret")
+    assert (k_cache.scales.sharding.spec != jax.sharding.PartitionSpec()) == (kv_heads == 4)
+    np.testing.assert_allclose(out, expected[0], atol=2e-5, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves((k_cache, v_cache)), jax.tree.leaves(expected[1:])):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_paged_attention_refuses_a_split_head():

@@ -89,6 +89,35 @@ def test_paged_attention_kernel_compiles(case):
     assert_compiles(lowered, ("ragged_paged_attention",))
 
 
+# (PAGED_CASES name, page dtype): quantized pages and their scales through each load path of the kernel: whole
+# pages with split KV (decode), 64-row prefill tiles, the masked gather of a padded head_dim, sub-page steps.
+QUANTIZED_PAGED_CASES = [
+    ("llama8b-decode-b8", "int8"),
+    ("llama8b-prefill-chunk", "int8"),
+    ("d80-page8", "int8"),
+    ("d192-page128", "int8"),
+    ("llama8b-decode-b8", "float8_e4m3fn"),
+    ("llama8b-prefill-chunk", "float8_e4m3fn"),
+    ("d80-page8", "float8_e5m2"),
+]
+
+
+@pytest.mark.parametrize("case,dtype", QUANTIZED_PAGED_CASES)
+def test_paged_attention_kernel_compiles_with_quantized_pages(case, dtype):
+    from pallas_kernels.paged_attention import QuantizedPages
+
+    shape, _ = PAGED_CASES[case]
+    q, cache, _, meta = paged_args(**shape)
+    pages = QuantizedPages(S(cache.shape, jnp.dtype(dtype)), S(cache.shape[:-1], jnp.float32))
+
+    @jax.jit
+    def run(q, k_cache, v_cache, meta):
+        return paged_kernel.paged_attention(q, k_cache, v_cache, meta, scale=0.1)
+
+    reports = assert_compiles(gpu_lowering.lower_for_h100(run, q, pages, pages, meta), ("ragged_paged_attention",))
+    assert all(r.name.endswith(f"_{dtype}") for r in reports), [r.name for r in reports]
+
+
 # name -> paged_args(...) arguments of decode steps the Mosaic decode kernel covers (page size 64 or 128)
 MOSAIC_DECODE_CASES = {
     "llama8b-decode-b1": dict(tokens=1, seqs=1, heads=32, kv_heads=8, head_dim=128, page_size=64, pages_per_seq=64),
@@ -312,6 +341,27 @@ def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
         runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
     )
     assert_compiles(lowered, ("ragged_paged_attention", f"{method}_matmul"))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_quantized_kv_serving_step_reaches_the_kernel(kv_cache_dtype, tmp_path):
+    """A decode step over int8 / fp8 KV pages (`kv_cache_dtype`) runs the paged attention kernel on them."""
+    from flax import nnx
+
+    from model_lib import CausalLM
+    from pallas_kernels.paged_attention.kv_quant import resolve_kv_cache_dtype
+    from serving.engine.runner import ModelRunner
+
+    config = tiny_config("llama-gqa", tmp_path)
+    model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    dtype = resolve_kv_cache_dtype(kv_cache_dtype, config.dtype)
+    runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8, max_num_batched_tokens=64,
+                         max_model_len=PAGE_SIZE * 8, kv_cache_dtype=dtype)
+    lowered = gpu_lowering.lower_for_h100(
+        runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
+    )
+    reports = assert_compiles(lowered, ("ragged_paged_attention",))
+    assert all(r.name.endswith(f"_{dtype.name}") for r in reports if r.name.startswith("ragged")), reports
 
 
 TRAINING_FAMILIES = {"llama-gqa": (), "mixtral-moe": ("gmm_", "gmm_t", "tgmm")}

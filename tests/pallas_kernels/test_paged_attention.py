@@ -410,3 +410,99 @@ def test_mosaic_decode_refuses_what_it_does_not_cover():
     inputs, _ = make_case([(1, 5)], num_heads=4, num_kv_heads=2, pad_tokens=0, pad_seqs=0)
     with pytest.raises(ValueError, match="does not cover"):  # page size 4, head_dim 16
         ragged_paged_attention(**inputs, scale=0.1, implementation="mosaic")
+
+
+# -- quantized KV pages (int8 / float8 values, one float32 scale per token slot and kv head) ----------------------
+
+# kv_cache_dtype name -> bound on |x - dequantize(quantize(x))| relative to each vector's absmax: half a step of
+# 127 levels for int8; half an ulp at the top binade for float8 (3 mantissa bits in e4m3, 2 in e5m2).
+ROUND_TRIP_BOUND = {"int8": 0.5 / 127, "fp8_e4m3": 2.0**-4, "fp8_e5m2": 2.0**-3}
+
+
+def quantized_pages(cache, name):
+    from pallas_kernels.paged_attention.kv_quant import KV_CACHE_DTYPES, QuantizedPages, quantize_kv
+
+    return QuantizedPages(*quantize_kv(cache, KV_CACHE_DTYPES[name]))
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP_BOUND))
+def test_quantize_kv_round_trip(name):
+    from pallas_kernels.paged_attention.kv_quant import dequantize_pages
+
+    x = jnp.asarray(np.random.RandomState(0).randn(5, 3, 16) * np.array([1e-3, 1.0, 300.0])[:, None], jnp.float32)
+    x = x.at[0, 0].set(0.0)  # a zero vector: zero scale, zeros back
+    pages = quantized_pages(x, name)
+    assert pages.scales.dtype == jnp.float32 and pages.scales.shape == (5, 3)
+    back = dequantize_pages(pages, jnp.float32)
+    absmax = np.abs(np.asarray(x)).max(-1, keepdims=True)
+    assert np.all(np.abs(np.asarray(back - x)) <= ROUND_TRIP_BOUND[name] * absmax * 1.0001)
+    assert not np.asarray(back[0, 0]).any() and float(pages.scales[0, 0]) == 0.0
+    # The largest entry of each vector lands on the format's largest value (no overflow, full range used).
+    from pallas_kernels.paged_attention.kv_quant import QMAX
+
+    np.testing.assert_allclose(np.abs(np.asarray(pages.values, np.float32)).max(-1)[1:], QMAX[pages.values.dtype])
+
+
+def test_kv_cache_dtype_names():
+    from pallas_kernels.paged_attention.kv_quant import bytes_per_token, is_quantized, resolve_kv_cache_dtype
+
+    assert resolve_kv_cache_dtype("auto", jnp.bfloat16) == jnp.bfloat16
+    assert resolve_kv_cache_dtype("fp8", jnp.bfloat16) == resolve_kv_cache_dtype("fp8_e4m3", jnp.float32)
+    assert [is_quantized(resolve_kv_cache_dtype(n, jnp.float32)) for n in ("float16", "int8", "fp8_e5m2")] == [
+        False, True, True]
+    assert (bytes_per_token(64, jnp.bfloat16), bytes_per_token(64, jnp.int8)) == (128, 68)
+    with pytest.raises(ValueError, match="unknown kv_cache_dtype 'int4'; supported: auto, .*fp8_e5m2, int8"):
+        resolve_kv_cache_dtype("int4", jnp.float32)
+
+
+# (dtype, shape, groups, head_dim, kernel settings, options): the kernel (interpret) and the tiled path against the
+# reference on the same quantized pages; settings cover whole-page steps, sub-page steps, split KV and a padded
+# head_dim (masked gather loads).
+QUANT_CASES = [
+    ("int8", "decode", 2, 24, dict(num_splits=2, block_k=8), dict(alibi=True, sinks=True)),
+    ("fp8_e4m3", "long-chunk", 4, 24, dict(block_k=8, rows=16), dict(softcap=2.0, sliding_window=5)),
+    ("fp8_e5m2", "mixed", 8, 16, {}, {}),
+]
+# Against the float cache: max |out - out_float| (outputs are averages of N(0, 1) values).
+QUANT_TOLERANCE = {"int8": 0.03, "fp8_e4m3": 0.15, "fp8_e5m2": 0.3}
+
+
+@pytest.mark.parametrize("name,shape,groups,head_dim,settings,flags", QUANT_CASES)
+def test_quantized_pages_kernel_and_tiled_match_reference(name, shape, groups, head_dim, settings, flags):
+    from pallas_kernels.paged_attention import reference, triton_kernel
+    from pallas_kernels.paged_attention.kv_quant import dequantize_pages, quantize_kv
+
+    seqs = TILED_SHAPES[shape]
+    inputs, _ = make_case(seqs, num_heads=2 * groups, num_kv_heads=2, seed=31 + groups, page_size=8, head_dim=head_dim)
+    options = case_options(groups, flags.get("sliding_window"), flags.get("softcap"), flags.get("sinks", False),
+                           flags.get("alibi", False))
+    float_out, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
+    quant = dict(inputs, k_cache=quantized_pages(inputs["k_cache"], name),
+                 v_cache=quantized_pages(inputs["v_cache"], name))
+    expected, k_cache, v_cache = ragged_paged_attention(**quant, **options, implementation="reference")
+
+    # The step's new keys were quantized into their slots.
+    s, (q_len, kv_len) = 0, seqs[0]
+    page, slot = quant["meta"].page_tables[s, (kv_len - 1) // 8], (kv_len - 1) % 8
+    values, scales = quantize_kv(inputs["k"][q_len - 1], k_cache.values.dtype)
+    np.testing.assert_array_equal(np.asarray(k_cache.values[:, page, slot], np.float32), np.asarray(values, np.float32))
+    np.testing.assert_array_equal(k_cache.scales[:, page, slot], scales)
+
+    q, meta = inputs["q"], inputs["meta"]
+    got = triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, **settings, interpret=True)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)
+    tiled, _, _ = ragged_paged_attention(**quant, **options, implementation="tiled")
+    np.testing.assert_allclose(tiled, expected, atol=2e-5, rtol=1e-5)
+    # The reference on quantized pages is the reference on their dequantized floats.
+    plain = reference.paged_attention(q, dequantize_pages(k_cache, jnp.float32), dequantize_pages(v_cache, jnp.float32),
+                                      meta, **options)
+    np.testing.assert_allclose(plain, expected, atol=1e-6)
+    error = float(np.abs(np.asarray(expected - float_out)).max())
+    assert 0 < error < QUANT_TOLERANCE[name], error
+
+
+def test_mosaic_decode_refuses_quantized_pages():
+    inputs, _ = make_case([(1, 5)], num_heads=4, num_kv_heads=2, pad_tokens=0, pad_seqs=0)
+    inputs.update(k_cache=quantized_pages(inputs["k_cache"], "int8"), v_cache=quantized_pages(inputs["v_cache"], "int8"))
+    with pytest.raises(ValueError, match="quantized KV pages \\(int8\\)"):
+        ragged_paged_attention(**inputs, scale=0.1, implementation="mosaic")
