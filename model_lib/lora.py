@@ -26,7 +26,9 @@ from safetensors.numpy import load_file, save_file
 
 from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
+from model_lib.layers.moe import expert_layers
 from model_lib.quantization import quantize_int4, quantize_int8, quantize_nf4
+from model_lib.quantization.stacked import StackedWeight
 from model_lib.registry import Family, get_family
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -269,11 +271,17 @@ WEIGHT_ONLY = {"int8": quantize_int8, "int4": quantize_int4}
 
 
 def quantize_model_weight_only(model: nnx.Module, method: str) -> None:
-    """Replace the `quantization_targets` by their weight-only `method` form ("int8" or "int4"), in place."""
+    """Replace the `quantization_targets` and the MoE expert stacks by their weight-only `method` form
+    ("int8" or "int4"; each expert quantized alone), in place."""
     quantize = WEIGHT_ONLY[method]
     for layer in quantization_targets(model).values():
         layer.quantized = quantize(np.asarray(jax.device_get(layer.kernel[...]), np.float32))
         layer.kernel = None
+    for layer in expert_layers(model).values():
+        if layer.kernel is not None:
+            kernels = np.asarray(jax.device_get(layer.kernel[...]), np.float32)
+            layer.quantized = StackedWeight([quantize(kernel) for kernel in kernels])
+            layer.kernel = None
 
 
 def param_bytes(model: nnx.Module) -> int:
