@@ -9,8 +9,8 @@
 #                                      prefill TFLOP/s vs jax.nn.dot_product_attention(cudnn)
 #   3. benchmarks/moe.py          grouped matmul TFLOP/s (Triton and Mosaic GPU kernels) vs jax.lax.ragged_dot
 #                                 and a dense matmul of equal FLOPs
-#   4. benchmarks/quantized_matmul.py  int4 / int8 fused dequantize-matmul GB/s and TFLOP/s vs XLA
-#                                      (dequantize, then dot) and a dense bf16 matmul, Llama-8B layers
+#   4. benchmarks/quantized_matmul.py  int4 / int8 / GGUF Q4_1 / Q8_0 fused dequantize-matmul GB/s and
+#                                      TFLOP/s vs XLA (dequantize, then dot) and a dense bf16 matmul, Llama-8B layers
 #   5. benchmarks/engine_gpu.py   random-weight bf16 Llama-3.1-8B shape: batch-1 decode tok/s and offline
 #                                 throughput (256 prompts, 512 in / 256 out); a Mixtral-shaped MoE with 4 layers
 #
@@ -75,7 +75,7 @@ else
     --prefill-batches 1 4 --prefill-lengths 2048 --json "$LOGS/paged_attention.json"
   part grouped_matmul 70 "$PYTHON" benchmarks/moe.py --configs mixtral qwen3 --tokens 64 4096 --iters 10 --samples 5 \
     --json "$LOGS/moe.json"
-  part quantized_matmul 45 "$PYTHON" benchmarks/quantized_matmul.py --rows 1 16 512 --iters 10 --samples 3 \
+  part quantized_matmul 50 "$PYTHON" benchmarks/quantized_matmul.py --rows 1 512 --iters 10 --samples 3 \
     --json "$LOGS/quantized_matmul.json"
   part engine_llama8b 120 "$PYTHON" benchmarks/engine_gpu.py --models llama8b --json "$LOGS/engine_llama8b.json"
   part engine_mixtral 75 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \

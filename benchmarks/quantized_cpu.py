@@ -6,13 +6,14 @@ and int4 (`quantization="int8"` / `"int4"`: group 128, or 64 where 128 does not 
 width, as SmolLM2's 576; float32 compute); and FP8: a checkpoint in llm-compressor's
 `float-quantized` layout (float8_e4m3fn weights, one float32 scale per output channel) written
 at run time from the float32 weights, loaded as a pre-quantized checkpoint (dequantized to float32:
-W8A8 FP8 compute is not built). Every row starts from the same Q4_1 file, so "agreement" measures
+W8A8 FP8 compute is not built); and the GGUF's own Q4_1 blocks kept quantized (`quantization="gguf"`,
+float32 compute; its Q8_0 token embedding, tied to the head, is dequantized). Every row starts from the same Q4_1 file, so "agreement" measures
 what each format adds on top of Q4_1; agreement with the float32 row is printed too. Bytes per
 parameter count what the loaded model holds (`param_bytes`) over the float model's parameter count.
 Decode: one chat prompt, 256 tokens, `ignore_eos`, after a short warm-up generation of the same
 shapes (compilation excluded).
 
-    python -m benchmarks.quantized_cpu [--tokens 256] [--rows bf16,int4]   # from the repository root
+    python -m benchmarks.quantized_cpu [--tokens 256] [--formats bf16,gguf-q4_1]   # from the repository root
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ROWS = {
     "int8": dict(dtype="float32", quantization="int8"),
     "int4": dict(dtype="float32", quantization="int4"),
     "fp8-channel": dict(dtype="float32", fp8=True),
+    "gguf-q4_1": dict(dtype="float32", quantization="gguf"),
 }
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -89,13 +91,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--formats", "--rows", dest="formats", default=",".join(ROWS),
+                        help=f"comma-separated subset of {', '.join(ROWS)} (bf16 is the baseline: include it)")
     args = parser.parse_args()
     gguf = default_model_path()
     count = float_param_count(gguf)
     scratch = tempfile.TemporaryDirectory()
     results = {}
-    for name in args.rows.split(","):
+    formats = args.formats.split(",")
+    unknown = [f for f in formats if f not in ROWS]
+    if unknown:
+        parser.error(f"unknown formats {unknown}; choose from {', '.join(ROWS)}")
+    for name in formats:
         options = dict(ROWS[name])
         path = write_fp8_checkpoint(gguf, Path(scratch.name) / "fp8") if options.pop("fp8", False) else gguf
         start = time.perf_counter()
