@@ -250,6 +250,22 @@ def _expert_kernel(hf_key: str, family: Family, expected: dict[str, nnx.Variable
     return (key, stacked[1]) if key in expected else None
 
 
+EMBEDDING_TABLE = "model.embed_tokens.weight"
+
+
+def _block_table(hf_key: str, tensor: Any, family: Family, expected: dict[str, nnx.Variable]) -> str | None:
+    """The token embedding's key for its GGUF blocks, kept as the `[features, vocab]` kernel of the tied head."""
+    if not isinstance(tensor, HostGGUFBlocks) or family.weight_map.tensor_to_ours(hf_key) != EMBEDDING_TABLE:
+        return None
+    return EMBEDDING_TABLE if EMBEDDING_TABLE in expected else None
+
+
+def _kernel_shape(key: str, expected: dict[str, nnx.Variable]) -> tuple[int, ...]:
+    """The `[in, out]` shape a quantized weight for `key` holds (an embedding table's transposed)."""
+    shape = tuple(expected[key].shape)
+    return shape[::-1] if key == EMBEDDING_TABLE else shape
+
+
 def _plain_kernel(hf_key: str, family: Family, expected: dict[str, nnx.Variable]) -> str | None:
     """Our kernel key for an HF linear `<module>.weight` that maps one-to-one (not fused, stacked or Conv1D)."""
     weight_map = family.weight_map
@@ -321,7 +337,7 @@ def load_params(
             continue
         targets = None
         if isinstance(tensor, HOST_QUANTIZED):
-            key = _plain_kernel(hf_key, family, expected)
+            key = _plain_kernel(hf_key, family, expected) or _block_table(hf_key, tensor, family, expected)
             piece = _expert_kernel(hf_key, family, expected) if key is None else None
             if piece is not None:  # a stacked expert's piece, held below until its experts are complete
                 targets = [(piece[0], tensor, piece[1])]
@@ -330,7 +346,7 @@ def load_params(
             else:
                 if key in loaded:
                     raise CheckpointError(f"tensor {name!r} in {file} duplicates one from {sources.get(key)}")
-                if tensor.shape != tuple(expected[key].shape):
+                if tensor.shape != _kernel_shape(key, expected):
                     raise CheckpointError(f"quantized {name!r} in {file} holds shape {_hf_shape(key, tensor.shape)}, "
                                           f"the config implies {_hf_shape(key, tuple(expected[key].shape))}")
                 sources[key] = f"{file.name}:{name}"

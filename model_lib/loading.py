@@ -97,7 +97,7 @@ def from_pretrained(
     values = load_params(abstract, family, path, plan, quantize=frozenset(targets), scheme=scheme,
                          gguf_blocks=quantization == GGUF)
     layers = {**{f"{p}.kernel": layer for p, layer in {**linear_layers(abstract), **expert_layers(abstract)}.items()},
-              **targets}
+              "model.embed_tokens.weight": getattr(getattr(abstract, "model", None), "embed_tokens", None), **targets}
     for key in [k for k, v in values.items() if isinstance(v, QuantizedWeight)]:
         layer = layers.get(key)
         if layer is None:  # a kernel of no linear layer (an MoE router): the float weight it stands for

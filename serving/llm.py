@@ -63,8 +63,9 @@ class LLM:
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
     `gpu_memory_utilization`, `enable_prefix_caching`, `seed`, `enforce_eager` (no start-up
     compilation of every shape), `compilation_cache_dir`; `quantization` (vLLM's name): "int8" or
-    "int4" serve weight-only int8 / int4 (group 128) linear layers; a pre-quantized checkpoint
-    (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
+    "int4" serve weight-only int8 / int4 (group 128) linear layers and MoE experts, "gguf" keeps a
+    GGUF file's Q4_0 / Q4_1 / Q8_0 blocks quantized; a pre-quantized checkpoint (AWQ, GPTQ,
+    compressed-tensors, FP8) is detected from its config.json.
     """
 
     def __init__(

@@ -3,7 +3,10 @@
 - `nf4`: NF4 with double quantization (QLoRA's frozen base; trains LoRA adapters).
 - `int8`: weight-only int8, one scale per output channel.
 - `int4`: weight-only int4, group scales and zero points (AWQ / GPTQ's scheme).
-The matmuls of int8 and int4 are `pallas_kernels.quantized_matmul` (fused kernels on GPU).
+- `gguf_blocks`: GGUF's Q4_0, Q4_1 and Q8_0 blocks of 32 as the file holds them (`quantization="gguf"`).
+- `stacked`: MoE expert stacks of any of these formats, one quantized weight per expert.
+The matmuls of int8 and int4 are `pallas_kernels.quantized_matmul`, GGUF blocks'
+`pallas_kernels.block_matmul` (fused kernels on GPU).
 """
 
 from model_lib.quantization.base import QuantizedWeight, QuantState

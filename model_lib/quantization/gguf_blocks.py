@@ -74,6 +74,14 @@ class GGUFBlockWeight(QuantizedWeight):
     def dequantize(self, dtype: Any) -> jax.Array:
         return dequantize(self.qs[...], self.scales[...], self._offsets(), self.bits, self.zero, dtype)
 
+    def take_columns(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        """Kernel columns `ids` as rows `[..., in]` in `dtype`: the lookup of an embedding table kept as blocks
+        (`[vocab, features]` in the file, so its blocks run along the features, as a kernel's)."""
+        columns = lambda a: None if a is None else jnp.take(a, ids.reshape(-1), axis=1)  # noqa: E731
+        w = dequantize(columns(self.qs[...]), columns(self.scales[...]), columns(self._offsets()), self.bits,
+                       self.zero, dtype)  # [in, ids]
+        return w.T.reshape(*ids.shape, -1)
+
 
 def _float16(columns: np.ndarray) -> np.ndarray:
     """`[out, blocks, 2]` bytes -> float16 `[blocks, out]`."""

@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--quantization", "-q", choices=ALL_QUANTIZATIONS,
-                   help="weight format: int8, int4 (weight-only, group 128) or nf4, quantized at load; or the "
+                   help="weight format: int8, int4 (weight-only, group 128) or nf4, quantized at load; gguf "
+                        "keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks quantized (else they are dequantized); or the "
                         "method of a pre-quantized checkpoint (awq, gptq, compressed-tensors, fp8), which is "
                         "detected from its config.json without this flag")
     p.add_argument("--mesh", help="mesh preset from configs/mesh (e.g. tp) or a YAML path")

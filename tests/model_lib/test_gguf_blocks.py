@@ -1,7 +1,7 @@
 """GGUF Q4_0 / Q4_1 / Q8_0 blocks kept quantized (`quantization="gguf"`), on tiny files written at test
 time with the gguf package's quantizers (tests/gguf_files.py).
 
-Each kept weight must dequantize to exactly the float kernel the dequantizing load reads from the
+Each kept weight (linear kernels, expert stacks, the token embedding) must dequantize to exactly the float kernel the dequantizing load reads from the
 same file (`gguf.quants.dequantize`, llama.cpp's q/k row permutation undone), bit for bit in
 float32; the logits must match the dequantizing load tightly (same weights, the matmul reordered)
 and transformers loading the file with `gguf_file=` as the dequantized parity tests do.
@@ -21,17 +21,19 @@ from serving import LLM, SamplingParams
 from tests.gguf_files import write_gguf
 from tests.model_lib.test_gguf import ARCHITECTURES, _source
 from tests.serving.helpers import hf_greedy, prompts
-from tests.tiny_models import assert_logits_close, hf_logits, random_ids
+from tests.tiny_models import TinyCase, assert_logits_close, hf_logits, random_ids
 
 pytestmark = pytest.mark.xdist_group("gguf_blocks")
 
-# (architecture, ggml type): every kept type on Llama (rotary rows permuted), and a Qwen2-MoE
-# (stacked experts, quantized router and shared expert) in Q4_1.
-TABLE = [("llama", "Q4_0"), ("llama", "Q4_1"), ("llama", "Q8_0"), ("qwen2moe", "Q4_1")]
+CASES = {**ARCHITECTURES, "llama-tied": TinyCase("gguf-llama-tied", "LlamaConfig",
+                                                  dict(num_key_value_heads=2, tie_word_embeddings=True))}
+# (case, ggml type): every kept type on Llama (rotary rows permuted), a tied Llama (the head is the
+# embedding's blocks), and a Qwen2-MoE (stacked experts, quantized router and shared expert) in Q4_1.
+TABLE = [("llama", "Q4_0"), ("llama", "Q4_1"), ("llama", "Q8_0"), ("llama-tied", "Q8_0"), ("qwen2moe", "Q4_1")]
 
 
 def _file(arch: str, qtype: str, tmp_path, tmp_path_factory):
-    folder, hf_config = _source(ARCHITECTURES[arch], tmp_path_factory)
+    folder, hf_config = _source(CASES[arch], tmp_path_factory)
     return write_gguf(folder, hf_config, tmp_path / f"{arch}-{qtype}.gguf", qtype, name=f"tiny {arch}")
 
 
@@ -58,9 +60,13 @@ def test_kept_blocks_match_the_dequantized_load_and_transformers(arch, qtype, tm
         np.testing.assert_array_equal(np.asarray(layer.quantized.dequantize(jnp.float32)),
                                       np.asarray(float_experts[path].kernel[...]), err_msg=path)
     assert not float_experts or expert_layers(kept)
+    embed = kept.model.embed_tokens  # token_embd is block-quantized too: kept, looked up column by column
+    assert isinstance(embed.quantized, GGUFBlockWeight) and embed.weight is None
+    np.testing.assert_array_equal(np.asarray(embed.table()), np.asarray(dequantized.model.embed_tokens.weight[...]))
+    ids = random_ids(2, 12, seed=3)
+    np.testing.assert_array_equal(np.asarray(embed(ids)), np.asarray(dequantized.model.embed_tokens(ids)))
     assert param_bytes(kept) < 0.5 * param_bytes(dequantized)
 
-    ids = random_ids(2, 12, seed=3)
     ours = np.asarray(forward(kept, ids, np.ones_like(ids)))
     assert_logits_close(ours, np.asarray(forward(dequantized, ids, np.ones_like(ids))), rel=1e-5)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=file.name, dtype=torch.float32).eval()
