@@ -63,8 +63,10 @@ def from_pretrained(
 
     A GGUF file's quantized blocks are dequantized to `dtype` (default float32); with
     `quantization="gguf"` its Q4_0, Q4_1 and Q8_0 tensors stay in their blocks on the device
-    (`model_lib.quantization.gguf_blocks`; linear kernels, the output head and MoE expert stacks,
-    the rest of the model in `dtype`), other block types are dequantized.
+    (`model_lib.quantization.gguf_blocks`; linear kernels, the output head, MoE expert stacks and
+    the token embedding, the rest of the model in `dtype`), other block types are dequantized.
+    Without it the blocks are dequantized on every device: on a CPU the float32 model decodes
+    faster (benchmarks/RESULTS.md); kept blocks hold about a fifth of its memory.
     `dtype`: float32, bfloat16 or float16 (default: the checkpoint's own).
     `mesh`: a `ShardingPlan`, a preset name from `configs/mesh/`, or a `Mesh`
     (default rules); each tensor is placed sharded as it is read.
@@ -76,10 +78,10 @@ def from_pretrained(
     per-output-channel scales; `"int4"` as weight-only int4 with a scale and zero point per
     128 input rows (64 or 32 where 128 does not divide the input width, else one group per column). Both are
     quantized after loading; MoE expert stacks are quantized too, each expert alone
-    (`model_lib.quantization.StackedWeight`).
+    (`model_lib.quantization.stacked.StackedWeight`).
     A pre-quantized checkpoint (AWQ, GPTQ, compressed-tensors, FP8: a `quantization_config` in
     config.json) is detected and read as it is (`model_lib.quantization.checkpoints`): its int4 /
-    int8 weights stay quantized on the device (MoE experts too), FP8 weights are dequantized to `dtype`.
+    int8 weights stay quantized on the device (per-expert ones stacked), FP8 weights are dequantized to `dtype`.
     `quantization` may then be omitted or name the checkpoint's method.
     """
     path = Path(path)
