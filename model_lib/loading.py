@@ -66,7 +66,7 @@ def from_pretrained(
     (`model_lib.quantization.gguf_blocks`; linear kernels, the output head, MoE expert stacks and
     the token embedding, the rest of the model in `dtype`), other block types are dequantized.
     Without it the blocks are dequantized on every device: on a CPU the float32 model decodes
-    faster (benchmarks/RESULTS.md); kept blocks hold about a fifth of its memory.
+    5.4x faster than the kept blocks (benchmarks/RESULTS.md), which hold a fifth of its memory.
     `dtype`: float32, bfloat16 or float16 (default: the checkpoint's own).
     `mesh`: a `ShardingPlan`, a preset name from `configs/mesh/`, or a `Mesh`
     (default rules); each tensor is placed sharded as it is read.
