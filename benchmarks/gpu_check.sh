@@ -9,8 +9,8 @@
 #                                      prefill TFLOP/s vs jax.nn.dot_product_attention(cudnn)
 #   3. benchmarks/moe.py          grouped matmul TFLOP/s (Triton and Mosaic GPU kernels) vs jax.lax.ragged_dot
 #                                 and a dense matmul of equal FLOPs
-#   4. benchmarks/quantized_matmul.py  int4 / int8 fused dequantize-matmul GB/s and TFLOP/s vs XLA
-#                                      (dequantize, then dot) and a dense bf16 matmul, Llama-8B layers
+#   4. benchmarks/quantized_matmul.py  int4 / int8 / GGUF Q4_1 / Q8_0 fused dequantize-matmul GB/s and
+#                                      TFLOP/s vs XLA (dequantize, then dot) and a dense bf16 matmul, Llama-8B layers
 #   5. benchmarks/engine_gpu.py   random-weight bf16 Llama-3.1-8B shape: batch-1 decode tok/s and offline
 #                                 throughput (256 prompts, 512 in / 256 out); a Mixtral-shaped MoE with 4 layers
 #
@@ -67,7 +67,7 @@ if [[ $DRY_RUN == 1 ]]; then
   part paged_attention 300 "$PYTHON" benchmarks/paged_attention.py --dry-run --json "$LOGS/paged_attention.json"
   part grouped_matmul 300 "$PYTHON" benchmarks/moe.py --dry-run --configs mixtral --json "$LOGS/moe.json"
   part quantized_matmul 300 "$PYTHON" benchmarks/quantized_matmul.py --dry-run --rows 1 130 --layers down \
-    --formats int4 int8 fp8 --json "$LOGS/quantized_matmul.json"
+    --formats int4 int8 q4_1 q8_0 fp8 --json "$LOGS/quantized_matmul.json"
   part engine 300 "$PYTHON" benchmarks/engine_gpu.py --dry-run --json "$LOGS/engine.json"
 else
   part pytest_gpu 90 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider
@@ -75,10 +75,10 @@ else
     --prefill-batches 1 4 --prefill-lengths 2048 --json "$LOGS/paged_attention.json"
   part grouped_matmul 70 "$PYTHON" benchmarks/moe.py --configs mixtral qwen3 --tokens 64 4096 --iters 10 --samples 5 \
     --json "$LOGS/moe.json"
-  part quantized_matmul 45 "$PYTHON" benchmarks/quantized_matmul.py --rows 1 16 512 --iters 10 --samples 3 \
+  part quantized_matmul 50 "$PYTHON" benchmarks/quantized_matmul.py --rows 1 512 --iters 10 --samples 3 \
     --json "$LOGS/quantized_matmul.json"
   part engine_llama8b 120 "$PYTHON" benchmarks/engine_gpu.py --models llama8b --json "$LOGS/engine_llama8b.json"
-  part engine_mixtral 75 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \
+  part engine_mixtral 70 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \
     --json "$LOGS/engine_mixtral.json"
 fi
 

@@ -27,7 +27,7 @@ def main() -> None:
     args = parse_args(ROWS)
     gguf = default_model_path()
     results = {}
-    for name in args.rows.split(","):
+    for name in args.formats.split(","):
         llm = LLM(gguf, dtype=MODEL_DTYPE, max_model_len=512, max_num_seqs=1, page_size=64,
                   enable_prefix_caching=False, kv_cache_dtype=name)
         config = llm.engine.model_config

@@ -10,13 +10,14 @@ at run time from the float32 weights, loaded as a pre-quantized checkpoint: dequ
 `quantization="fp8"`, activations quantized per token; the jnp reference on a CPU, FP8 GEMMs on a
 GPU); `fp8-dynamic` quantizes the float32 weights to FP8 per channel at load (`quantization="fp8"`
 on the GGUF). On a CPU the FP8 rows say nothing about speed (the reference upcasts): bytes per
-parameter and agreement are their figures. Every row starts from the same Q4_1 file, so "agreement" measures
+parameter and agreement are their figures. `gguf-q4_1` keeps the GGUF's own Q4_1 blocks quantized
+(`quantization="gguf"`, float32 compute). Every row starts from the same Q4_1 file, so "agreement" measures
 what each format adds on top of Q4_1; agreement with the float32 row is printed too. Bytes per
 parameter count what the loaded model holds (`param_bytes`) over the float model's parameter count.
 Decode: one chat prompt, 256 tokens, `ignore_eos`, after a short warm-up generation of the same
 shapes (compilation excluded).
 
-    python -m benchmarks.quantized_cpu [--tokens 256] [--rows bf16,int4]   # from the repository root
+    python -m benchmarks.quantized_cpu [--tokens 256] [--formats bf16,gguf-q4_1]   # from the repository root
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ROWS = {
     "fp8-channel": dict(dtype="float32", fp8=True),
     "fp8-w8a8": dict(dtype="float32", fp8=True, quantization="fp8"),
     "fp8-dynamic": dict(dtype="float32", quantization="fp8"),
+    "gguf-q4_1": dict(dtype="float32", quantization="gguf"),
 }
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -91,10 +93,11 @@ def match(tokens: list[int], base: list[int]) -> tuple[float, int | None]:
 
 
 def parse_args(rows) -> argparse.Namespace:
-    """`--tokens` to generate and `--rows`, a comma-separated subset of `rows`."""
+    """`--tokens` to generate and `--formats` (alias `--rows`), a comma-separated subset of `rows`."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--rows", default=",".join(rows), help=f"comma-separated subset of {', '.join(rows)}")
+    parser.add_argument("--formats", "--rows", dest="formats", default=",".join(rows),
+                        help=f"comma-separated subset of {', '.join(rows)} (the first is the baseline: include it)")
     return parser.parse_args()
 
 
@@ -117,7 +120,11 @@ def main() -> None:
     count = float_param_count(gguf)
     scratch = tempfile.TemporaryDirectory()
     results = {}
-    for name in args.rows.split(","):
+    formats = args.formats.split(",")
+    unknown = [f for f in formats if f not in ROWS]
+    if unknown:
+        parser.error(f"unknown formats {unknown}; choose from {', '.join(ROWS)}")
+    for name in formats:
         options = dict(ROWS[name])
         path = write_fp8_checkpoint(gguf, Path(scratch.name) / "fp8") if options.pop("fp8", False) else gguf
         start = time.perf_counter()

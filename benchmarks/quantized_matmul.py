@@ -1,5 +1,6 @@
-"""Weight-only int4 / int8 and W8A8 FP8 matmul on an NVIDIA GPU: ours vs the XLA reference
-(dequantize, then dot) vs a dense bf16 matmul of the same shape, in one run.
+"""Weight-only int4 / int8, GGUF Q4_1 / Q8_0 blocks and W8A8 FP8 matmul on an NVIDIA GPU: ours vs the
+XLA reference (dequantize, then dot) vs a dense bf16 matmul of the same shape, in one run.
+GGUF blocks of 32 run `pallas_kernels.block_matmul`.
 
 "ours" is the fused Pallas kernel for int4 / int8; for FP8 (`--formats fp8`: 128 x 128 block
 scales as DeepSeek-V3 ships, activations quantized per token and 128-wide group) it is what
@@ -12,7 +13,7 @@ the measured device-to-device copy bandwidth; a prefill call is bound by FLOPs (
 the measured dense bf16 matmul rate. Before timing, each kernel's output is checked against the
 reference (relative Frobenius error < 2e-2, bf16 activations).
 
-    PYTHONPATH=. python benchmarks/quantized_matmul.py [--rows 1 16 64 512] [--formats int4 int8 fp8]
+    PYTHONPATH=. python benchmarks/quantized_matmul.py [--rows 1 16 64 512] [--formats int4 int8 q4_1 q8_0 fp8]
     PYTHONPATH=. python benchmarks/quantized_matmul.py --dry-run   # any backend: tiny shapes, kernels interpreted
 """
 
@@ -26,11 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.moe import ceilings, median_seconds, relative_error
+from pallas_kernels.block_matmul import block_matmul
 from pallas_kernels.quantized_matmul import fp8_ops, ops, reference
 from pallas_kernels.quantized_matmul.fp8_kernel import DECODE_ROWS
 
 LAYERS = {"gate_up": (4096, 14336), "down": (14336, 4096)}
 GROUP = 128
+GGUF_BLOCK = 32
+FORMATS = ("int4", "int8", "q4_1", "q8_0")
 
 
 def weights(fmt: str, depth: int, width: int, seed: int) -> tuple[jax.Array, ...]:
@@ -38,6 +42,14 @@ def weights(fmt: str, depth: int, width: int, seed: int) -> tuple[jax.Array, ...
     if fmt == "fp8":  # values [N, K], one scale per 128-wide K group and output column
         values = jnp.asarray(rng.standard_normal((width, depth), np.float32) * 100, jnp.float8_e4m3fn)
         return values, jnp.asarray(rng.random((depth // GROUP, width), np.float32) * 1e-3 + 1e-4)
+    if fmt.startswith("q"):  # GGUF blocks: values, float16 scales (and Q4_1's float16 offsets)
+        blocks = (depth // GGUF_BLOCK, width)
+        scales = (rng.random(blocks, np.float32) * 0.01 + 1e-3).astype(np.float16)
+        if fmt == "q8_0":
+            return jnp.asarray(rng.integers(-127, 128, (depth, width), dtype=np.int8)), jnp.asarray(scales), None
+        offsets = (-rng.random(blocks, np.float32) * 0.08).astype(np.float16)
+        packed = rng.integers(0, 256, (depth // 2, width), dtype=np.uint8)
+        return jnp.asarray(packed), jnp.asarray(scales), jnp.asarray(offsets)
     if fmt == "int4":
         q = rng.integers(0, 16, (depth, width), dtype=np.uint8)
         scales = (rng.random((depth // GROUP, width), np.float32) * 0.01 + 1e-3)
@@ -62,7 +74,9 @@ def fp8_functions(interpret: bool) -> dict:
 def functions(fmt: str, interpret: bool) -> dict:
     if fmt == "fp8":
         return fp8_functions(interpret)
-    op = ops.int4_matmul if fmt == "int4" else ops.int8_matmul
+    op = {"int4": ops.int4_matmul, "int8": ops.int8_matmul,
+          "q4_1": lambda x, *w, **o: block_matmul(x, *w, bits=4, **o),
+          "q8_0": lambda x, *w, **o: block_matmul(x, *w, bits=8, **o)}[fmt]
     kernel = "interpret" if interpret else "kernel"
     return {
         "kernel": jax.jit(lambda x, *w: op(x, *w, implementation=kernel)),
@@ -74,7 +88,7 @@ def functions(fmt: str, interpret: bool) -> dict:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64, 512])
-    parser.add_argument("--formats", nargs="+", choices=["int4", "int8", "fp8"], default=["int4", "int8"])
+    parser.add_argument("--formats", nargs="+", choices=(*FORMATS, "fp8"), default=list(FORMATS))
     parser.add_argument("--layers", nargs="+", choices=sorted(LAYERS), default=sorted(LAYERS))
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--samples", type=int, default=5)
@@ -95,7 +109,7 @@ def main(argv=None) -> list[dict]:
             depth, width = (256, 256) if args.dry_run else LAYERS[layer]
             w = weights(fmt, depth, width, seed=depth)
             dense = jax.random.normal(jax.random.key(0), (depth, width), jnp.bfloat16) * depth**-0.5
-            stored = sum(a.nbytes for a in w)
+            stored = sum(a.nbytes for a in w if a is not None)
             for rows in args.rows:
                 xs = [jax.random.normal(jax.random.key(s), (rows, depth), jnp.bfloat16) for s in range(3)]
                 error = relative_error(fns["kernel"](xs[0], *w), fns["xla"](xs[0], *w))

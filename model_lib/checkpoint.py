@@ -28,6 +28,8 @@ from model_lib.config import ModelConfig
 from model_lib.gguf import is_gguf_file, iter_gguf_tensors, load_gguf_config
 from model_lib.quantization import NF4Weight, QuantizedWeight, QuantState, nf4_storage_axes, quantize_nf4_host
 from model_lib.quantization.checkpoints import HostQuantized, QuantizedTensors, Scheme
+from model_lib.quantization.gguf_blocks import HostGGUFBlocks
+from model_lib.quantization.stacked import StackedWeight
 from model_lib.registry import Family, get_family
 from model_lib.sharding import ShardingPlan, shard_quantized
 
@@ -252,6 +254,36 @@ def quantize_and_place(array: np.ndarray, variable: nnx.Variable, plan: Sharding
     )
 
 
+HOST_QUANTIZED = (*HostQuantized, HostGGUFBlocks)
+
+
+def _expert_kernel(hf_key: str, family: Family, expected: dict[str, nnx.Variable]) -> tuple[str, int] | None:
+    """(our stacked kernel key, expert) for an HF per-expert linear `<experts.e.module>.weight` (not fused or Conv1D)."""
+    weight_map = family.weight_map
+    module, _, leaf = weight_map.tensor_to_ours(hf_key).rpartition(".")
+    stacked = weight_map.stacked_for_hf(module)
+    if leaf != "weight" or stacked is None or weight_map.is_expert_rows(module) or weight_map.is_conv1d(module):
+        return None
+    key = f"{stacked[0]}.kernel"
+    return (key, stacked[1]) if key in expected else None
+
+
+EMBEDDING_TABLE = "model.embed_tokens.weight"
+
+
+def _block_table(hf_key: str, tensor: Any, family: Family, expected: dict[str, nnx.Variable]) -> str | None:
+    """The token embedding's key for its GGUF blocks, kept as the `[features, vocab]` kernel of the tied head."""
+    if not isinstance(tensor, HostGGUFBlocks) or family.weight_map.tensor_to_ours(hf_key) != EMBEDDING_TABLE:
+        return None
+    return EMBEDDING_TABLE if EMBEDDING_TABLE in expected else None
+
+
+def _kernel_shape(key: str, expected: dict[str, nnx.Variable]) -> tuple[int, ...]:
+    """The `[in, out]` shape a quantized weight for `key` holds (an embedding table's transposed)."""
+    shape = tuple(expected[key].shape)
+    return shape[::-1] if key == EMBEDDING_TABLE else shape
+
+
 def _plain_kernel(hf_key: str, family: Family, expected: dict[str, nnx.Variable]) -> str | None:
     """Our kernel key for an HF linear `<module>.weight` that maps one-to-one (not fused, stacked or Conv1D)."""
     weight_map = family.weight_map
@@ -263,6 +295,16 @@ def _plain_kernel(hf_key: str, family: Family, expected: dict[str, nnx.Variable]
     return key if key in expected else None
 
 
+def _stack_pieces(pieces: list[Any]) -> np.ndarray | StackedWeight:
+    """Per-expert pieces of one stacked kernel: a `StackedWeight` when all are quantized alike, else float32."""
+    if all(isinstance(p, HOST_QUANTIZED) for p in pieces):
+        try:
+            return StackedWeight([p.to_weight() for p in pieces])
+        except ValueError:
+            pass  # experts quantized in different layouts: read as the float weights they stand for
+    return np.stack([p.dequantized().T if isinstance(p, HOST_QUANTIZED) else p for p in pieces])
+
+
 def load_params(
     model: nnx.Module,
     family: Family,
@@ -271,13 +313,16 @@ def load_params(
     *,
     quantize: frozenset[str] = frozenset(),
     scheme: Scheme | None = None,
+    gguf_blocks: bool = False,
 ) -> dict[str, jax.Array | QuantizedWeight]:
     """Read every tensor the abstract `model` expects from a checkpoint folder or GGUF file, converted and placed.
 
     Kernels whose keys are in `quantize` come back as `NF4Weight`s, quantized as they are read. With
     a pre-quantization `scheme`, its int4 / int8 linear weights come back as `Int4Weight` / `Int8Weight`
     and FP8 ones as `Fp8Weight` where the scheme keeps them (dequantized where the module is not a
-    plain linear kernel here).
+    plain linear kernel here), and with `gguf_blocks` a GGUF file's Q4_0 / Q4_1 / Q8_0 ones as
+    `GGUFBlockWeight`s (per-expert pieces of a stacked expert kernel as one `StackedWeight`;
+    dequantized where the module is neither).
     """
     config: ModelConfig = model.config
     expected = abstract_params(model)
@@ -297,7 +342,10 @@ def load_params(
         else:
             loaded[key] = plan.place(array, sharding=plan.variable_sharding(variable, array.shape))
 
-    tensors = iter_gguf_tensors(path, family, config, expected) if is_gguf_file(path) else iter_tensors(path)
+    if is_gguf_file(path):
+        tensors = iter_gguf_tensors(path, family, config, expected, keep_blocks=gguf_blocks)
+    else:
+        tensors = iter_tensors(path)
     if scheme is not None:
         tensors = QuantizedTensors(scheme, tensors)
     for file, name, tensor in tensors:
@@ -306,14 +354,18 @@ def load_params(
             config.tie_word_embeddings and family.weight_map.module_to_ours(hf_key.rpartition(".")[0]) == "lm_head"
         ):
             continue
-        if isinstance(tensor, HostQuantized):
-            key = _plain_kernel(hf_key, family, expected)
-            if key is None:  # a fused or per-expert module: read as the float weight it stands for
-                tensor = tensor.dequantized()
+        targets = None
+        if isinstance(tensor, HOST_QUANTIZED):
+            key = _plain_kernel(hf_key, family, expected) or _block_table(hf_key, tensor, family, expected)
+            piece = _expert_kernel(hf_key, family, expected) if key is None else None
+            if piece is not None:  # a stacked expert's piece, held below until its experts are complete
+                targets = [(piece[0], tensor, piece[1])]
+            elif key is None:
+                tensor = tensor.dequantized()  # a fused module: read as the float weight it stands for
             else:
                 if key in loaded:
                     raise CheckpointError(f"tensor {name!r} in {file} duplicates one from {sources.get(key)}")
-                if tensor.shape != tuple(expected[key].shape):
+                if tensor.shape != _kernel_shape(key, expected):
                     raise CheckpointError(f"quantized {name!r} in {file} holds shape {_hf_shape(key, tensor.shape)}, "
                                           f"the config implies {_hf_shape(key, tuple(expected[key].shape))}")
                 sources[key] = f"{file.name}:{name}"
@@ -321,7 +373,7 @@ def load_params(
                 weight = tensor.to_weight(meta.get("logical_axes"), meta.get("head_size", 1))
                 loaded[key] = weight if plan is None else shard_quantized(weight, plan, key)
                 continue
-        for key, array, expert in _to_ours(hf_key, tensor, family, config, expected):
+        for key, array, expert in targets or _to_ours(hf_key, tensor, family, config, expected):
             if key not in expected:
                 raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {config.architecture})")
             want = tuple(expected[key].shape)
@@ -346,7 +398,11 @@ def load_params(
             pieces = pending.setdefault(key, {})
             pieces[expert] = array
             if len(pieces) == expected[key].shape[0]:
-                place(key, np.stack([pieces[e] for e in range(len(pieces))]))
+                stacked = _stack_pieces([pieces[e] for e in range(len(pieces))])
+                if isinstance(stacked, StackedWeight):
+                    loaded[key] = stacked
+                else:
+                    place(key, stacked)
                 del pending[key]
     missing = []
     for key in expected:

@@ -9,6 +9,13 @@ Hugging Face layout by undoing what llama.cpp's converter did to them (the rotar
 permutation of Llama's q/k, BLOOM's regrouped query_key_value, GPT-2's
 transposed Conv1D weights, Gemma's and Nemotron's `w + 1` norms, stacked MoE experts).
 From there the ordinary checkpoint path (`checkpoint.load_params`) takes over.
+
+With `keep_blocks` (`quantization="gguf"`), Q4_0, Q4_1 and Q8_0 tensors are not dequantized: they
+come out as their blocks (`model_lib.quantization.gguf_blocks.HostGGUFBlocks`), which the loader
+keeps quantized for linear kernels and expert stacks. llama.cpp's transforms that only move rows
+(the rotary permutation, BLOOM's regrouping) commute with blocks that run along the rows, so they
+are applied to the blocks; a tensor whose transform is no row permutation (GPT-2's transposed
+weights), and every other type (K-quants, Q5_0/Q5_1, F16, BF16, F32), is dequantized as before.
 """
 
 from __future__ import annotations
@@ -210,14 +217,42 @@ def gguf_to_hf_names(arch: str, num_layers: int, hf_names: set[str], bare_prefix
     return mapping
 
 
+def _row_order(undo: tuple[Callable[[np.ndarray, str, ModelConfig], np.ndarray], ...], name: str,
+               rows: tuple[int, ...], config: ModelConfig) -> np.ndarray | None:
+    """The row permutation `undo` applies to a tensor with `rows` leading dims, or None if it does more."""
+    index = np.arange(int(np.prod(rows))).reshape(*rows, 1)
+    moved = index
+    for step in undo:
+        moved = step(moved, name, config)
+    if moved.shape != index.shape or not np.array_equal(np.sort(moved.reshape(-1)), index.reshape(-1)):
+        return None
+    return moved.reshape(-1)
+
+
+def _kept_blocks(tensor: Any, undo, config: ModelConfig) -> np.ndarray | None:
+    """A Q4_0 / Q4_1 / Q8_0 tensor's raw blocks `[..., out, bytes]` with llama.cpp's row moves undone, or None."""
+    from model_lib.quantization.gguf_blocks import BLOCK_TYPES
+
+    data = np.asarray(tensor.data)
+    if tensor.tensor_type.name not in BLOCK_TYPES or data.ndim < 2:
+        return None
+    order = _row_order(undo, tensor.name, data.shape[:-1], config)
+    if order is None:
+        return None
+    return data.reshape(-1, data.shape[-1])[order].reshape(data.shape)
+
+
 def iter_gguf_tensors(
-    path: Path, family: Family, config: ModelConfig, expected: dict[str, nnx.Variable]
-) -> Iterator[tuple[Path, str, np.ndarray]]:
+    path: Path, family: Family, config: ModelConfig, expected: dict[str, nnx.Variable], keep_blocks: bool = False
+) -> Iterator[tuple[Path, str, Any]]:
     """(file, HF name, float32 array in the HF layout) for every tensor of the GGUF file, one at a time.
 
     Stacked expert tensors `[X, out, in]` come out as X per-expert tensors. A tensor gguf's
     name map cannot place comes out under its GGUF name, which the loader reports as unexpected.
+    With `keep_blocks`, Q4_0 / Q4_1 / Q8_0 tensors come out as `HostGGUFBlocks` (module docstring).
     """
+    from model_lib.quantization.gguf_blocks import HostGGUFBlocks
+
     from gguf.quants import dequantize
 
     from model_lib.checkpoint import CheckpointError
@@ -230,12 +265,18 @@ def iter_gguf_tensors(
     hf_names = hf_tensor_names(expected, family) | {"lm_head.weight"}
     names = gguf_to_hf_names(arch, config.num_layers, hf_names, family.weight_map.bare_prefix)
     for tensor in reader.tensors:
-        try:
-            array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        except (NotImplementedError, ValueError) as e:
-            raise CheckpointError(f"cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}) in {path}: {e}") from None
-        for step in undo:
-            array = step(array, tensor.name, config)
+        blocks = _kept_blocks(tensor, undo, config) if keep_blocks else None
+        if blocks is not None:
+            array = [HostGGUFBlocks(tensor.tensor_type.name, b) for b in blocks] if blocks.ndim == 3 else \
+                HostGGUFBlocks(tensor.tensor_type.name, blocks)
+        else:
+            try:
+                array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            except (NotImplementedError, ValueError) as e:
+                raise CheckpointError(f"cannot dequantize tensor {tensor.name!r} ({tensor.tensor_type.name}) in {path}: "
+                                      f"{e}") from None
+            for step in undo:
+                array = step(array, tensor.name, config)
         hf_name = names.get(tensor.name, tensor.name)
         if "{e}" in hf_name:
             for expert, piece in enumerate(array):

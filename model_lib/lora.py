@@ -26,7 +26,9 @@ from safetensors.numpy import load_file, save_file
 
 from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
+from model_lib.layers.moe import expert_layers
 from model_lib.quantization import quantize_fp8, quantize_int4, quantize_int8, quantize_nf4
+from model_lib.quantization.stacked import StackedWeight
 from model_lib.registry import Family, get_family
 from model_lib.sharding import ShardingPlan, shard_quantized
 
@@ -272,13 +274,22 @@ WEIGHT_ONLY = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8
 
 
 def quantize_model_weight_only(model: nnx.Module, method: str, plan: ShardingPlan | None = None) -> None:
-    """Replace the `quantization_targets` by their `method` form ("int8", "int4" or "fp8"), in place; with a
-    `plan`, each quantized weight is placed on its mesh as it is made (a split that cuts a group is refused)."""
+    """Replace the `quantization_targets` and the MoE expert stacks by their `method` form ("int8", "int4"
+    or "fp8"; each expert quantized alone), in place; with a `plan`, each quantized weight is placed on
+    its mesh as it is made (a split that cuts a group is refused; quantized expert stacks do not shard yet)."""
+    experts = {path: layer for path, layer in expert_layers(model).items() if layer.kernel is not None}
+    if experts and plan is not None:
+        raise ValueError(f"{method} quantization of MoE experts on a mesh is not supported yet "
+                         f"(quantized expert stacks are not sharded): {next(iter(experts))}")
     quantize = WEIGHT_ONLY[method]
     for path, layer in quantization_targets(model).items():
         kernel = np.asarray(jax.device_get(layer.kernel[...]), np.float32)
         weight = quantize(kernel, axes=layer.axes, head_size=layer.head_size)
         layer.quantized = weight if plan is None else shard_quantized(weight, plan, path)
+        layer.kernel = None
+    for layer in experts.values():
+        kernels = np.asarray(jax.device_get(layer.kernel[...]), np.float32)
+        layer.quantized = StackedWeight([quantize(kernel) for kernel in kernels])
         layer.kernel = None
 
 

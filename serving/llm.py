@@ -68,7 +68,8 @@ class LLM:
     "float16", "float32", or quantized pages with per-token scales: "int8", "fp8" = "fp8_e4m3",
     "fp8_e5m2"), `scan_layers` (repeated layers through one
     `lax.scan`; default: on an accelerator, not on the CPU backend); `quantization` (vLLM's name): "int8" or
-    "int4" serve weight-only int8 / int4 (group 128) linear layers, "fp8" W8A8 FP8 ones (per-channel
+    "int4" serve weight-only int8 / int4 (group 128) linear layers and MoE experts, "gguf" keeps a
+    GGUF file's Q4_0 / Q4_1 / Q8_0 blocks quantized, "fp8" W8A8 FP8 ones (per-channel
     FP8 weights of a float checkpoint, or an FP8 checkpoint's own kept in FP8); a pre-quantized
     checkpoint (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
 

@@ -45,11 +45,16 @@ from model_lib.config import ModelConfig
 from model_lib.layers.activations import activation
 from model_lib.layers.linear import Linear
 from model_lib.layers.mlp import MLP
+from model_lib.quantization.stacked import StackedWeight
 from pallas_kernels.moe import grouped_matmul
 
 
 class ExpertLinear(nnx.Module):
-    """One projection per expert, stacked: `kernel [X, in, out]`, optional `bias [X, out]`."""
+    """One projection per expert, stacked: `kernel [X, in, out]`, optional `bias [X, out]`.
+
+    A quantized stack (`model_lib.quantization.StackedWeight`: int8, int4 or GGUF blocks per
+    expert) replaces the kernel in the `quantized` slot, as in `Linear`.
+    """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, *, axes: tuple[str, str, str],
                  use_bias: bool, dtype: jnp.dtype, init_std: float, rngs: nnx.Rngs):
@@ -58,6 +63,11 @@ class ExpertLinear(nnx.Module):
         self.bias = (
             nnx.Param(jnp.zeros((num_experts, out_features), dtype), logical_axes=(axes[0], axes[2])) if use_bias else None
         )
+        self.quantized: StackedWeight | None = nnx.data(None)
+
+    @property
+    def num_experts(self) -> int:
+        return (self.kernel if self.quantized is None else self.quantized).shape[0]
 
     def __call__(
         self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array, with_bias: bool | jax.Array = True
@@ -66,8 +76,10 @@ class ExpertLinear(nnx.Module):
 
         `with_bias` False (or a traced False) leaves the bias out: one partial-sum shard adds it.
         """
-        # The Pallas kernel on GPU where the shapes allow, jax.lax.ragged_dot elsewhere.
-        y = grouped_matmul(x, self.kernel[...].astype(x.dtype), group_sizes)
+        if self.quantized is not None:
+            y = self.quantized.grouped_matmul(x, group_sizes)
+        else:  # the Pallas kernel on GPU where the shapes allow, jax.lax.ragged_dot elsewhere
+            y = grouped_matmul(x, self.kernel[...].astype(x.dtype), group_sizes)
         if self.bias is not None and with_bias is not False:
             bias = jnp.take(self.bias[...].astype(x.dtype), expert_ids, axis=0)
             y = y + (bias if with_bias is True else jnp.where(with_bias, bias, jnp.zeros_like(bias)))
@@ -169,7 +181,7 @@ class Experts(nnx.Module):
     @property
     def num_experts(self) -> int:
         """Experts held here (a shard's own under `shard_map`)."""
-        return self.gate_proj.kernel.shape[0]
+        return self.gate_proj.num_experts
 
     def __call__(
         self, x: jax.Array, group_sizes: jax.Array, expert_ids: jax.Array, lead_shard: bool | jax.Array = True
@@ -254,6 +266,11 @@ class MoE(nnx.Module):
                 shared = jax.nn.sigmoid(self.shared_expert_gate(tokens)) * shared
             out = out + shared
         return out.reshape(*lead, hidden)
+
+
+def expert_layers(model: nnx.Module) -> dict[str, ExpertLinear]:
+    """Our path ('model.layers.0.mlp.experts.gate_proj') -> ExpertLinear, for every expert projection."""
+    return {".".join(map(str, path)): node for path, node in nnx.iter_graph(model) if isinstance(node, ExpertLinear)}
 
 
 def moe_blocks(model: nnx.Module) -> list[MoE]:

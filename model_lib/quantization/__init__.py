@@ -4,7 +4,10 @@
 - `int8`: weight-only int8, one scale per output channel.
 - `int4`: weight-only int4, group scales and zero points (AWQ / GPTQ's scheme).
 - `fp8`: float8_e4m3fn weights with tensor, channel, group or 128 x 128 block scales; W8A8 compute.
-The matmuls of int8, int4 and fp8 are `pallas_kernels.quantized_matmul` (fused kernels / FP8 GEMMs on GPU).
+- `gguf_blocks`: GGUF's Q4_0, Q4_1 and Q8_0 blocks of 32 as the file holds them (`quantization="gguf"`).
+- `stacked`: MoE expert stacks of any of these formats, one quantized weight per expert.
+The matmuls of int8, int4 and fp8 are `pallas_kernels.quantized_matmul` (fused kernels / FP8 GEMMs on
+GPU), GGUF blocks' `pallas_kernels.block_matmul` (a fused kernel on GPU).
 """
 
 from model_lib.quantization.base import QuantizedWeight, QuantState

@@ -238,6 +238,26 @@ def test_pallas_triton_fp8_dot_is_not_an_fp8_mma():
     assert not report.wgmma and mmas == {"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"}, mmas
     assert "cvt.rn.f16x2.e4m3x2" in report.ptx  # the FP8 tiles upcast before the float16 MMA
 
+# GGUF block types (bits, zero, offsets): blocks of 32 rows, i.e. 16-deep K steps.
+BLOCK_TYPES = {"Q4_0": (4, 8, False), "Q4_1": (4, 0, True), "Q8_0": (8, 0, False)}
+
+
+@pytest.mark.parametrize("rows", ["decode-m1", "prefill-m512"])
+@pytest.mark.parametrize("qtype", sorted(BLOCK_TYPES))
+def test_block_matmul_kernel_compiles(qtype, rows):
+    """Fused GGUF-block dequantize-matmul (Llama-3-8B gate/up_proj); prefill tiles of 128 rows must be wgmma."""
+    from pallas_kernels.block_matmul import triton_kernel as block_kernel
+
+    bits, zero, has_offsets = BLOCK_TYPES[qtype]
+    depth, width = QUANT_LAYERS["gate_up"]
+    blocks = S((depth // 32, width), jnp.float16)
+    qs = S((depth // 2, width), jnp.uint8) if bits == 4 else S((depth, width), jnp.int8)
+    fn = jax.jit(functools.partial(block_kernel.block_matmul, bits=bits, zero=zero))
+    args = (S((QUANT_ROWS[rows], depth), BF16), qs, blocks, blocks if has_offsets else None)
+    reports = assert_compiles(gpu_lowering.lower_for_h100(fn, *args), (f"block{bits}_matmul",))
+    if QUANT_ROWS[rows] >= 128:
+        assert all(report.wgmma for report in reports)
+
 
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
 def test_mosaic_grouped_matmul_lowers(shape):
@@ -326,21 +346,30 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
         assert_compiles(lowered, expected)
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+# quantization -> the fused kernel its linear layers must reach
+WEIGHT_ONLY_KERNELS = {"int4": "int4_matmul", "int8": "int8_matmul", "gguf-Q4_1": "block4_matmul"}
+
+
+@pytest.mark.parametrize("method", sorted(WEIGHT_ONLY_KERNELS))
 def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
     """A weight-only quantized model's decode step runs its linear layers through the fused kernel."""
     from model_lib import from_config
-    from model_lib.lora import quantize_model_weight_only
+    from model_lib.lora import quantization_targets, quantize_model_weight_only
+    from model_lib.quantization.gguf_blocks import quantize_gguf
     from serving.engine.runner import ModelRunner
 
     model = from_config(tiny_config("llama-gqa", tmp_path))
-    quantize_model_weight_only(model, method)
+    if method.startswith("gguf-"):  # GGUF blocks, as `quantization="gguf"` loads them
+        for layer in quantization_targets(model).values():
+            layer.quantized, layer.kernel = quantize_gguf(np.asarray(layer.kernel[...]), method[5:]), None
+    else:
+        quantize_model_weight_only(model, method)
     runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8,
                          max_num_batched_tokens=64, max_model_len=PAGE_SIZE * 8, scan_layers=True)
     lowered = gpu_lowering.lower_for_h100(
         runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
     )
-    assert_compiles(lowered, ("ragged_paged_attention", f"{method}_matmul"))
+    assert_compiles(lowered, ("ragged_paged_attention", WEIGHT_ONLY_KERNELS[method]))
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
