@@ -99,7 +99,7 @@ def from_pretrained(
     path = Path(path)
     scheme = checkpoint_scheme(path, quantization)
     if quantization == GGUF and mesh is not None:
-        raise ValueError("quantization='gguf' with a mesh is not supported yet (GGUF blocks are not sharded)")
+        raise ValueError("gguf quantization with a mesh is not supported yet (GGUF blocks are not sharded)")
     config, family = load_config(path, dtype)
     plan = as_plan(mesh)
     if plan is not None:

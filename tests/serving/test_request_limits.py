@@ -154,7 +154,7 @@ def test_a_device_failure_stops_the_async_engine_and_says_why(llm, monkeypatch):
         assert (await one("ok", GREEDY)).finished
         with pytest.raises(ValueError, match="max_n"):
             await one("too-many", SamplingParams(n=5))
-        monkeypatch.setattr(llm.engine.runner, "execute", lambda scheduled: (_ for _ in ()).throw(RuntimeError("XLA: device lost")))
+        monkeypatch.setattr(llm.engine.runner, "run", lambda inputs: (_ for _ in ()).throw(RuntimeError("XLA: device lost")))
         with pytest.raises(EngineDeadError, match="device lost"):
             await one("dead", GREEDY)
 
