@@ -138,11 +138,10 @@ def test_chunked_attention_reference_tiled_and_kernel_agree(shape, groups, chunk
         np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5, err_msg=implementation)
 
 
-def test_chunked_attention_by_hand():
-    """q = 0 and one-hot values read the weights out: a token at position i attends uniformly to the
-    positions of its own chunk up to i (dense row and paged reference)."""
-    chunk, seqs = 4, [(6, 11), (3, 3)]
-    inputs, _ = make_case(seqs, num_heads=1, num_kv_heads=1, seed=8)
+def weights_readout_case(seqs, seed):
+    """One head with q = 0 and one-hot values (value i marks position i), so the output rows are the
+    attention weights over positions; also the positions of the step's new tokens."""
+    inputs, _ = make_case(seqs, num_heads=1, num_kv_heads=1, seed=seed)
     pages = np.asarray(inputs["meta"].page_tables)
     v_cache, v = np.zeros(inputs["v_cache"].shape, np.float32), np.zeros(inputs["v"].shape, np.float32)
     new_positions = np.concatenate([np.arange(kv - q, kv) for q, kv in seqs])
@@ -151,6 +150,14 @@ def test_chunked_attention_by_hand():
         for p in range(kv_len):
             v_cache[0, pages[s, p // PAGE_SIZE], p % PAGE_SIZE, p] = 1
     inputs.update(q=jnp.zeros_like(inputs["q"]), v=jnp.asarray(v), v_cache=jnp.asarray(v_cache))
+    return inputs, new_positions
+
+
+def test_chunked_attention_by_hand():
+    """q = 0 and one-hot values read the weights out: a token at position i attends uniformly to the
+    positions of its own chunk up to i (dense row and paged reference)."""
+    chunk, seqs = 4, [(6, 11), (3, 3)]
+    inputs, new_positions = weights_readout_case(seqs, seed=8)
     want = np.zeros((len(new_positions), HEAD_DIM))
     for row, i in enumerate(new_positions):
         start = i // chunk * chunk
@@ -198,15 +205,7 @@ def test_alibi_by_hand(window):
     np.testing.assert_allclose(dense[0, :, 0], np.stack([expected(i) for i in positions]), atol=1e-6)
 
     # Paged: the new tokens are the last q_len positions of each sequence.
-    inputs, _ = make_case(seqs, num_heads=1, num_kv_heads=1, seed=7)
-    pages = np.asarray(inputs["meta"].page_tables)
-    v_cache, v = np.zeros(inputs["v_cache"].shape, np.float32), np.zeros(inputs["v"].shape, np.float32)
-    new_positions = np.concatenate([np.arange(kv - q, kv) for q, kv in seqs])
-    v[np.arange(len(new_positions)), 0, new_positions] = 1
-    for s, (_, kv_len) in enumerate(seqs):
-        for p in range(kv_len):
-            v_cache[0, pages[s, p // PAGE_SIZE], p % PAGE_SIZE, p] = 1
-    inputs.update(q=jnp.zeros_like(inputs["q"]), v=jnp.asarray(v), v_cache=jnp.asarray(v_cache))
+    inputs, new_positions = weights_readout_case(seqs, seed=7)
     want = np.stack([expected(i) for i in new_positions])
     for implementation in ("reference", "interpret"):
         out, _, _ = ragged_paged_attention(**inputs, scale=1.0, sliding_window=window,
