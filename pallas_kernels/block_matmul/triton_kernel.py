@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.quantized_matmul.triton_kernel import _call as launch
+from pallas_kernels.quantized_matmul.triton_kernel import launch
 from pallas_kernels.quantized_matmul.triton_kernel import config, supported
 from pallas_kernels.triton_tiles import BlockConfig
 

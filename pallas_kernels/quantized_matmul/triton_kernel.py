@@ -96,7 +96,7 @@ def _int8_kernel(x_ref, values_ref, scale_ref, out_ref, *, tiles: BlockConfig, p
     out_ref[rows, cols] = (acc * scale_ref[cols].astype(jnp.float32)[None, :]).astype(out_ref.dtype)
 
 
-def _call(kernel, name: str, tiles: BlockConfig, x: jax.Array, weights: tuple[jax.Array, ...], width: int,
+def launch(kernel, name: str, tiles: BlockConfig, x: jax.Array, weights: tuple[jax.Array, ...], width: int,
           interpret: bool) -> jax.Array:
     """Pad x to whole row tiles, launch the `(M tiles, N tiles)` grid over whole-array refs, unpad."""
     num_rows = x.shape[0]
@@ -124,7 +124,7 @@ def int4_matmul(x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.A
     if not supported(x.dtype, tiles):
         raise ValueError(f"no int4 tiles fit x {x.shape} {x.dtype}, N={packed.shape[1]}, group {group_size}")
     kernel = functools.partial(_int4_kernel, tiles=tiles, group_size=group_size, precision=precision)
-    return _call(kernel, "int4_matmul", tiles, x, (packed, scales, zeros), packed.shape[1], interpret)
+    return launch(kernel, "int4_matmul", tiles, x, (packed, scales, zeros), packed.shape[1], interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("precision", "interpret"))
@@ -135,4 +135,4 @@ def int8_matmul(x: jax.Array, values: jax.Array, scale: jax.Array, *, precision=
     if not supported(x.dtype, tiles):
         raise ValueError(f"no int8 tiles fit x {x.shape} {x.dtype}, weights {values.shape}")
     kernel = functools.partial(_int8_kernel, tiles=tiles, precision=precision)
-    return _call(kernel, "int8_matmul", tiles, x, (values, scale), values.shape[1], interpret)
+    return launch(kernel, "int8_matmul", tiles, x, (values, scale), values.shape[1], interpret)
