@@ -76,3 +76,20 @@ def padded_inputs(seed: int = 0, lengths=LENGTHS, type_ids: bool = False):
         if type_ids:
             types[row, n // 2 : n] = 1
     return ids, mask, types
+
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_bert_tokenizer(folder: Path):
+    """A WordPiece BERT tokenizer over exactly VOCAB ids (lower-case letters, digits, punctuation, a few
+    words), written to `folder` with `save_pretrained`."""
+    pieces = BERT_SPECIALS + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    pieces += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    pieces += ["the", "quick", "brown", "fox", "dog", "cat", "is", "an", "what", "capital", "of", "france", "paris"]
+    pieces += [f"[unused{i}]" for i in range(VOCAB - len(pieces))]
+    assert len(pieces) == VOCAB
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = transformers.BertTokenizerFast(vocab={p: i for i, p in enumerate(pieces)})
+    tokenizer.save_pretrained(folder)
+    return tokenizer

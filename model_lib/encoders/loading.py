@@ -66,6 +66,7 @@ class PoolingModel:
     num_labels: int
     id2label: tuple[str, ...]
     type_vocab_size: int  # token types a pair input may use (1: none)
+    multi_label: bool = False  # a classifier trained for multi-label problems (sigmoid per label)
 
     def outputs(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         """The task's raw outputs of a right-padded `[B, T]` batch: float32 pooled `[B, E]` (embed), class
@@ -156,4 +157,5 @@ def load_pooling_model(path: str | Path, *, dtype: Any = None) -> PoolingModel:
     net = _load_encoder(path, config)
     return PoolingModel(architecture, POOLING_ARCHITECTURES[architecture], net, read_pooling_spec(path, "cls"),
                         config.max_tokens, config.vocab_size, config.hidden_size, config.pad_token_id,
-                        config.num_labels, config.id2label, config.type_vocab_size)
+                        config.num_labels, config.id2label, config.type_vocab_size,
+                        config.problem_type == "multi_label_classification")
