@@ -156,10 +156,56 @@ def score_pairs(data_1: str | list[str], data_2: str | list[str]) -> list[tuple[
     return list(zip(first, second))
 
 
-def pair_input(tokenizer: Any, first: str, second: str, type_vocab_size: int) -> tuple[list[int], tuple[int, ...] | None]:
-    """A cross-encoder's input for a text pair: the tokenizer's pair encoding and its token types."""
+PoolingInput = tuple[str | None, list[int], PoolingParams]  # (text, token ids, params) of one request
+
+
+@dataclass
+class ScorePlan:
+    """The requests that score text pairs, and how their outputs combine into one score per pair.
+
+    A cross-encoder (a classifier with one label) reads each pair as one input, the tokenizer's pair
+    encoding with its token types, and scores it with its sigmoid probability. An embedding model
+    embeds each distinct text once; a pair's score is the cosine similarity of its two embeddings.
+    """
+
+    inputs: list[PoolingInput]
+    embedded_pairs: list[tuple[int, int]] | None  # embedding models: each pair's two input indices
+
+    def scores(self, outputs: list[PoolingRequestOutput]) -> list[PoolingRequestOutput]:
+        if self.embedded_pairs is None:
+            return outputs
+        results = []
+        for i, (first, second) in enumerate(self.embedded_pairs):
+            a, b = outputs[first], outputs[second]
+            error = a.error or b.error
+            score = None if error else ScoringOutput(cosine(a.outputs.embedding, b.outputs.embedding))
+            results.append(PoolingRequestOutput(f"score-{i}", a.prompt_token_ids + b.prompt_token_ids, score, error=error))
+        return results
+
+
+def plan_scores(model_task: str, num_labels: int, type_vocab_size: int, tokenizer: Any,
+                data_1: str | list[str], data_2: str | list[str]) -> ScorePlan:
+    """The `ScorePlan` of `score(data_1, data_2)` on a model of `model_task` (ValueError if it cannot score)."""
+    pairs = score_pairs(data_1, data_2)
+    if model_task not in ("embed", "classify"):
+        raise ValueError(f"score needs an embedding model or a cross-encoder; this model serves {model_task}")
     if tokenizer is None:
-        raise ValueError("scoring text pairs needs the model's tokenizer")
-    encoded = tokenizer(first, second)
-    types = encoded.get("token_type_ids") if type_vocab_size > 1 else None
-    return list(encoded["input_ids"]), None if types is None else tuple(types)
+        raise ValueError("scoring texts needs the model's tokenizer")
+    for text in (t for pair in pairs for t in pair):
+        if not isinstance(text, str):
+            raise ValueError("score takes texts")
+    if model_task == "classify":
+        if num_labels != 1:
+            raise ValueError(f"score needs a cross-encoder with one label; this classifier has {num_labels}: "
+                             "use classify")
+        inputs = []
+        for first, second in pairs:
+            encoded = tokenizer(first, second)
+            types = encoded.get("token_type_ids") if type_vocab_size > 1 else None
+            params = PoolingParams("score", token_type_ids=None if types is None else tuple(types))
+            inputs.append((None, list(encoded["input_ids"]), params))
+        return ScorePlan(inputs, None)
+    texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+    index = {text: i for i, text in enumerate(texts)}
+    inputs = [(text, tokenizer.encode(text), PoolingParams("embed")) for text in texts]
+    return ScorePlan(inputs, [(index[a], index[b]) for a, b in pairs])

@@ -11,14 +11,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from serving.engine.pooling_engine import PoolingEngine
-from serving.pooling import (
-    PoolingParams,
-    PoolingRequestOutput,
-    ScoringOutput,
-    cosine,
-    pair_input,
-    score_pairs,
-)
+from serving.pooling import PoolingInput, PoolingParams, PoolingRequestOutput, plan_scores
 
 
 class PoolingMethods:
@@ -33,7 +26,7 @@ class PoolingMethods:
                              f"{getattr(self, 'model_path', 'this model')} generates text")
         return self.engine
 
-    def _run_pooling(self, inputs: list[tuple[str | None, list[int], PoolingParams]]) -> list[PoolingRequestOutput]:
+    def _run_pooling(self, inputs: list[PoolingInput]) -> list[PoolingRequestOutput]:
         self._check_leader()
         engine = self._pooling_engine(inputs[0][2].task if inputs else "pooling")
         for _, ids, params in inputs:
@@ -77,30 +70,9 @@ class PoolingMethods:
         return self._pool_prompts(prompts, PoolingParams("reward"))
 
     def score(self, data_1: str | Sequence[str], data_2: str | Sequence[str]) -> list[PoolingRequestOutput]:
-        """Relevance of each (data_1, data_2) pair (`outputs.score`): 1 -> N or N -> N texts.
-
-        A cross-encoder (a classifier with one label) reads each pair as one input (the tokenizer's
-        pair encoding, token types included) and gives its sigmoid probability; an embedding model
-        gives the cosine similarity of the two texts' embeddings.
-        """
-        engine = self._pooling_engine("score")
-        pairs = score_pairs(data_1, data_2)
-        if engine.model.task == "classify":
-            if engine.model.num_labels != 1:
-                raise ValueError(f"score needs a cross-encoder with one label; this classifier has "
-                                 f"{engine.model.num_labels}: use classify")
-            inputs = []
-            for first, second in pairs:
-                ids, types = pair_input(self.tokenizer, first, second, engine.model.type_vocab_size)
-                inputs.append((None, ids, PoolingParams("score", token_type_ids=types)))
-            return self._run_pooling(inputs)
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        embedded = dict(zip(texts, self.embed(texts)))
-        outputs = []
-        for i, (first, second) in enumerate(pairs):
-            a, b = embedded[first], embedded[second]
-            error = a.error or b.error
-            outputs.append(PoolingRequestOutput(
-                f"score-{i}", a.prompt_token_ids + b.prompt_token_ids,
-                None if error else ScoringOutput(cosine(a.outputs.embedding, b.outputs.embedding)), error=error))
-        return outputs
+        """Relevance of each (data_1, data_2) pair (`outputs.score`): 1 -> N or N -> N texts. A cross-encoder
+        gives its sigmoid probability of the pair, an embedding model the cosine similarity of the two
+        texts' embeddings (`serving.pooling.ScorePlan`)."""
+        model = self._pooling_engine("score").model
+        plan = plan_scores(model.task, model.num_labels, model.type_vocab_size, self.tokenizer, data_1, data_2)
+        return plan.scores(self._run_pooling(plan.inputs))
