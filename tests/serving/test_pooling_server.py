@@ -5,8 +5,11 @@ routes equal the offline references."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import signal
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -14,8 +17,10 @@ import numpy as np
 import openai
 import pytest
 import torch
+import uvicorn
 
 from tests.encoder_models import build_bert_tokenizer, build_encoder, build_reward, padded_inputs
+from tests.processes import free_port
 from tests.serving.helpers import start_server
 
 pytestmark = pytest.mark.xdist_group("pooling_server")
@@ -33,6 +38,31 @@ def _stop(server) -> None:
     if server["proc"].poll() is None:
         server["proc"].send_signal(signal.SIGTERM)
         server["proc"].wait(30)
+
+
+@contextlib.contextmanager
+def serve_in_thread(folder):
+    """The same app as `serve`, in this process (no second JAX start-up): uvicorn on a thread."""
+    from serving.async_engine import AsyncLLMEngine
+    from serving.llm import LLM
+    from serving.openai.app import OpenAIServer
+
+    llm = LLM(folder, max_num_seqs=4)
+    engine = AsyncLLMEngine(llm.engine)
+    engine.start()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(OpenAIServer(engine, llm.tokenizer, "tiny").app(), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        yield dict(base=f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.shutdown()
 
 
 def post(server, path: str, body: dict) -> tuple[int, dict]:
@@ -107,8 +137,7 @@ def test_score_rerank_and_pooling_of_an_embedding_model(bert):
 def test_cross_encoder_and_reward_model_routes(tmp_path):
     ref = build_encoder("BertForSequenceClassification", tmp_path / "ce", "BertConfig", num_labels=1)
     tokenizer = build_bert_tokenizer(tmp_path / "ce")
-    server = _serve(tmp_path / "ce")
-    try:
+    with serve_in_thread(tmp_path / "ce") as server:
         status, answer = post(server, "/classify", {"model": "tiny", "input": TEXTS})
         with torch.no_grad():
             logits = ref(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.numpy()[:, 0]
@@ -123,16 +152,11 @@ def test_cross_encoder_and_reward_model_routes(tmp_path):
         assert [r["index"] for r in answer["results"]] == list(np.argsort(-pairs))
         status, answer = post(server, "/v1/embeddings", {"model": "tiny", "input": "a cat"})
         assert status == 400 and "serves classify, score, encode" in answer["error"]["message"]
-    finally:
-        _stop(server)
     reward = build_reward("Qwen2ForRewardModel", tmp_path / "rm")
-    server = _serve(tmp_path / "rm")
-    try:
+    with serve_in_thread(tmp_path / "rm") as server:
         ids, mask, _ = padded_inputs(seed=3, lengths=(6,))
         status, answer = post(server, "/pooling", {"model": "tiny", "input": ids[0].tolist()})
         with torch.no_grad():
             expected = reward(torch.as_tensor(ids).long(), torch.as_tensor(mask).long()).numpy()[0]
         assert status == 200
         np.testing.assert_allclose(answer["data"][0]["data"], expected, atol=2e-6)
-    finally:
-        _stop(server)
