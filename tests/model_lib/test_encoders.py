@@ -112,3 +112,13 @@ def test_checkpoint_errors_name_the_tensor(tmp_path):
     save_file({**tensors, "encoder.layer.1.output.dense.bias": bias[:-1]}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"'encoder\.layer\.1\.output\.dense\.bias'.* shape \(31,\)"):
         load_pooling_model(tmp_path)
+
+
+def test_readme_lists_every_pooling_architecture():
+    from pathlib import Path
+
+    from model_lib.encoders import POOLING_ARCHITECTURES
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("| pooling architecture |"):].split("\n\n")[0]
+    assert all(f"`{architecture}`" in table for architecture in POOLING_ARCHITECTURES)
