@@ -5,7 +5,8 @@ It answers the engine interface `AsyncLLMEngine` drives (`add_request`, `abort_r
 server's request handling (disconnects, engine death, per-request failures) is the generation path's.
 Each `step()` runs one dense batch: waiting requests in arrival order, at most `max_num_seqs` rows and
 `max_num_batched_tokens` padded tokens (a single longer request runs alone), padded right to a
-power-of-two row count and length, so few shapes ever compile. A request finishes in its step.
+power-of-two row count and length, so few shapes ever compile (`shapes()`: all of them, compiled at
+start-up where the generation engine warms up too). A request finishes in its step.
 
 Faults stay with their requests: a bad prompt or parameter is a ValueError at `add_request`; an
 exception while turning one row into its output fails that request; an exception out of the forward
@@ -26,7 +27,8 @@ from flax import nnx
 
 from model_lib.encoders import PoolingModel
 from serving.engine.engine import EngineConfig, _token_ids
-from serving.engine.runner import bucket
+from serving.engine.runner import bucket, buckets
+from serving.engine.warmup import should_warm_up
 from serving.pooling import SERVED_TASKS, PoolingParams, PoolingRequestOutput, PoolingTask, task_output
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class PoolingEngine:
         self.task = PoolingTask(model.task, model.spec.normalize, model.num_labels, model.multi_label)
         self.requests: OrderedDict[str, _PoolingRequest] = OrderedDict()
         self.num_prompt_tokens = 0
+        if should_warm_up(self.config.enforce_eager):
+            self.warm_up()
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -119,9 +123,8 @@ class PoolingEngine:
         batch: list[_PoolingRequest] = []
         longest = 0
         for request in self.requests.values():
-            length = bucket(max(longest, len(request.ids)), MIN_LENGTH, self.max_model_len)
-            if batch and (len(batch) + 1 > self.config.max_num_seqs
-                          or (len(batch) + 1) * length > self.config.max_num_batched_tokens):
+            rows, length = self.batch_shape([max(longest, len(request.ids))] * (len(batch) + 1))
+            if batch and (len(batch) + 1 > self.config.max_num_seqs or rows * length > self.config.max_num_batched_tokens):
                 break
             batch.append(request)
             longest = max(longest, len(request.ids))
@@ -129,13 +132,33 @@ class PoolingEngine:
             del self.requests[request.request_id]
         return batch
 
+    def batch_shape(self, lengths: list[int]) -> tuple[int, int]:
+        """The padded `[rows, length]` a batch of inputs of these lengths runs as."""
+        return bucket(len(lengths), 1, self.config.max_num_seqs), bucket(max(lengths), MIN_LENGTH, self.max_model_len)
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every batch shape a step can run: each length bucket with the row buckets the budget allows."""
+        budget, most = self.config.max_num_batched_tokens, self.config.max_num_seqs
+        return [(rows, length) for length in buckets(MIN_LENGTH, self.max_model_len)
+                for rows in buckets(1, most) if rows == 1 or rows * length <= budget]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
+        out = _forward(self.model.net, self.model.spec.kind, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+        return np.asarray(jax.device_get(out))
+
+    def warm_up(self) -> None:
+        """Compile every batch shape now, so that none compiles while serving."""
+        for rows, length in self.shapes():
+            zeros = np.zeros((rows, length), np.int32)
+            self._run(zeros, np.ones_like(zeros), zeros)
+        logger.info("pooling engine: compiled %d batch shapes", len(self.shapes()))
+
     def step(self) -> list[PoolingRequestOutput]:
         """Run the next batch of waiting requests; their outputs (each finished, or failed with `error`)."""
         batch = self._take_batch()
         if not batch:
             return []
-        rows = bucket(len(batch), 1, self.config.max_num_seqs)
-        length = bucket(max(len(r.ids) for r in batch), MIN_LENGTH, self.max_model_len)
+        rows, length = self.batch_shape([len(r.ids) for r in batch])
         ids = np.full((rows, length), self.model.pad_token_id, np.int32)
         mask = np.zeros((rows, length), np.int32)
         types = np.zeros((rows, length), np.int32)
@@ -145,8 +168,7 @@ class PoolingEngine:
             if request.params.token_type_ids is not None:
                 types[row, :n] = request.params.token_type_ids
         try:
-            raw = np.asarray(jax.device_get(_forward(self.model.net, self.model.spec.kind, jnp.asarray(ids),
-                                                      jnp.asarray(mask), jnp.asarray(types))))
+            raw = self._run(ids, mask, types)
         except Exception as e:  # noqa: BLE001 - fails this batch's requests only
             logger.exception("pooling batch of %d requests failed", len(batch))
             return [self._failed(r, f"the request failed while running its batch: {e!r}") for r in batch]

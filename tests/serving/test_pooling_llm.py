@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from serving import LLM
+from serving.engine import EngineConfig
 from serving.engine.pooling_engine import PoolingEngine
 from serving.pooling import PoolingParams
 from tests.encoder_models import LENGTHS, build_bert_tokenizer, build_encoder, build_reward, padded_inputs
@@ -82,12 +83,24 @@ def test_a_failing_request_fails_alone(bert, monkeypatch):
     assert not engine.has_unfinished_requests()
 
 
-def test_batches_keep_to_the_token_budget(bert):
-    engine = PoolingEngine(bert[0].engine.model, None, bert[0].engine.config.__class__(max_num_batched_tokens=32))
+def test_batches_keep_to_the_token_budget_and_the_warmed_shapes(bert, monkeypatch):
+    config = EngineConfig(max_num_batched_tokens=32, max_num_seqs=4)
+    engine = PoolingEngine(bert[0].engine.model, None, config)
+    assert engine.shapes() == [(1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (1, 32), (1, 64)]
     for i, n in enumerate((3, 20, 4, 4)):
         engine.add_request(str(i), [5] * n, PoolingParams("embed"))
     # 3 and 20 tokens pad to 2 x 32 > 32: the first batch is one row; then 20 (32 alone); then 4 + 4 (2 x 8).
     assert [[o.request_id for o in engine.step()] for _ in range(3)] == [["0"], ["1"], ["2", "3"]]
+    ran = []
+    monkeypatch.setattr(engine, "_run", lambda ids, mask, types: ran.append(ids.shape) or np.zeros((len(ids), 32)))
+    lengths = np.random.RandomState(0).randint(1, 65, size=60)
+    for i, n in enumerate(lengths):
+        engine.add_request(f"r{i}", [5] * int(n), PoolingParams("embed"))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert set(ran) <= set(engine.shapes()) and sum(rows for rows, _ in ran) >= len(lengths)
+    small = PoolingEngine(bert[0].engine.model, None, EngineConfig(max_model_len=8, max_num_seqs=2, enforce_eager=False))
+    assert small.shapes() == [(1, 8), (2, 8)]  # run at start-up (warm-up on)
 
 
 @pytest.mark.parametrize("labels", [1, 3])
