@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from serving.metrics import ServingMetrics
 from serving.engine.pooling_engine import PoolingEngine
-from serving.openai.pooling import POOLING_REQUESTS, add_pooling_routes
+from serving.openai.pooling import GUARDED_PATHS, POOLING_REQUESTS, add_pooling_routes
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai.responses import (
     ErrorResponse,
@@ -460,7 +460,7 @@ class OpenAIServer:
         app.add_middleware(BodyLimitMiddleware, max_body_size=self.max_body_size)
         if self.api_key is not None:  # added last: the outermost
             # Checked before the body is read, so a bad key is a 401 whatever else is wrong.
-            protected = ("/v1", "/metrics") if self.protect_metrics else ("/v1",)
+            protected = ("/v1", *GUARDED_PATHS, *(("/metrics",) if self.protect_metrics else ()))
             app.add_middleware(APIKeyMiddleware, api_key=self.api_key, protected=protected)
 
         @app.exception_handler(APIError)

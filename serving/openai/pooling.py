@@ -213,6 +213,10 @@ class PoolingRoutes:
                 "usage": {"total_tokens": _usage(outputs)["total_tokens"]}, "results": results}
 
 
+# Paths outside /v1 that `--api-key` guards too (vLLM leaves them open; they run the model as /v1 does).
+GUARDED_PATHS = ("/pooling", "/classify", "/score", "/rerank", "/v2/rerank")
+
+
 def add_pooling_routes(app: FastAPI, server: "OpenAIServer", responses: dict) -> None:
     """Register the pooling routes on the server's app (`responses`: the OpenAPI error declarations)."""
     routes = PoolingRoutes(server)

@@ -41,7 +41,7 @@ def _stop(server) -> None:
 
 
 @contextlib.contextmanager
-def serve_in_thread(folder):
+def serve_in_thread(folder, api_key: str | None = None):
     """The same app as `serve`, in this process (no second JAX start-up): uvicorn on a thread."""
     from serving.async_engine import AsyncLLMEngine
     from serving.llm import LLM
@@ -51,14 +51,14 @@ def serve_in_thread(folder):
     engine = AsyncLLMEngine(llm.engine)
     engine.start()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(OpenAIServer(engine, llm.tokenizer, "tiny").app(), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(OpenAIServer(engine, llm.tokenizer, "tiny", api_key).app(), host="127.0.0.1",
                                            port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         while not server.started:
             time.sleep(0.05)
-        yield dict(base=f"http://127.0.0.1:{port}")
+        yield dict(base=f"http://127.0.0.1:{port}", **({"key": api_key} if api_key else {}))
     finally:
         server.should_exit = True
         thread.join(30)
@@ -66,8 +66,8 @@ def serve_in_thread(folder):
 
 
 def post(server, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(server["base"] + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {server['key']}"} if "key" in server else {})}
+    request = urllib.request.Request(server["base"] + path, data=json.dumps(body).encode(), method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -137,7 +137,9 @@ def test_score_rerank_and_pooling_of_an_embedding_model(bert):
 def test_cross_encoder_and_reward_model_routes(tmp_path):
     ref = build_encoder("BertForSequenceClassification", tmp_path / "ce", "BertConfig", num_labels=1)
     tokenizer = build_bert_tokenizer(tmp_path / "ce")
-    with serve_in_thread(tmp_path / "ce") as server:
+    with serve_in_thread(tmp_path / "ce", api_key="sk-pool") as server:
+        for path in ("/classify", "/score", "/rerank", "/pooling", "/v1/embeddings"):  # --api-key guards them all
+            assert post({"base": server["base"]}, path, {"model": "tiny", "input": "a"})[0] == 401
         status, answer = post(server, "/classify", {"model": "tiny", "input": TEXTS})
         with torch.no_grad():
             logits = ref(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits.numpy()[:, 0]
