@@ -66,6 +66,13 @@ class RerankRequest(_Request):
     top_n: int | None = Field(None, ge=0, le=MAX_INPUTS)
 
 
+def _refused(status: int, message: str, param: str | None = None) -> Exception:
+    """The app's `APIError` (imported here: the app module imports this one)."""
+    from serving.openai.app import APIError
+
+    return APIError(status, message, param=param)
+
+
 def _encode(values: np.ndarray | list[float], encoding_format: str) -> list[Any] | str:
     """A float list, or OpenAI's base64 of little-endian float32 bytes."""
     array = np.asarray(values, np.float32)
@@ -86,35 +93,29 @@ class PoolingRoutes:
         self.server = server
 
     def engine(self, route: str) -> PoolingEngine:
-        from serving.openai.app import APIError
-
         engine = self.server.engine.engine
         if not isinstance(engine, PoolingEngine):
-            raise APIError(400, f"{route} needs a pooling model (an encoder, classifier or reward model); "
+            raise _refused(400, f"{route} needs a pooling model (an encoder, classifier or reward model); "
                                 f"`{self.server.model_name}` generates text: use /v1/completions or /v1/chat/completions")
         return engine
 
     def inputs(self, body: Any, params: PoolingParams) -> list[PoolingInput]:
         """Tokenized inputs of a request (text or token ids, one or a list), each checked by the engine."""
-        from serving.openai.app import APIError
-
         raw = body.input
         items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
         if not items:
-            raise APIError(400, "input is empty", param="input")
+            raise _refused(400, "input is empty", param="input")
         if len(items) > MAX_INPUTS:
-            raise APIError(400, f"{len(items)} inputs; at most {MAX_INPUTS} per request", param="input")
+            raise _refused(400, f"{len(items)} inputs; at most {MAX_INPUTS} per request", param="input")
         return [(p.text, p.ids, params) for p in (self.server.prepare(item) for item in items)]
 
     def check(self, inputs: list[PoolingInput]) -> None:
-        from serving.openai.app import APIError
-
         for _, ids, params in inputs:
             try:
                 self.server.engine.engine.validate_request(ids, params)
             except ValueError as e:
                 message = str(e)
-                raise APIError(400, message, param="dimensions" if "dimensions" in message else "input") from None
+                raise _refused(400, message, param="dimensions" if "dimensions" in message else "input") from None
 
     async def run(self, raw: Request, inputs: list[PoolingInput], base_id: str) -> list[PoolingRequestOutput]:
         """Every input's output, in order; aborts them all if the client leaves first."""
@@ -143,9 +144,7 @@ class PoolingRoutes:
     async def pooled(self, raw: Request, body: Any, route: str, params: PoolingParams, prefix: str):
         engine = self.engine(route)
         if params.task not in engine.tasks:
-            from serving.openai.app import APIError
-
-            raise APIError(400, f"`{self.server.model_name}` ({engine.model.architecture}) serves "
+            raise _refused(400, f"`{self.server.model_name}` ({engine.model.architecture}) serves "
                                 f"{', '.join(engine.tasks)}; {route} needs {params.task}")
         self.server.check_model(body.model)
         inputs = await self.server.off_loop(lambda: self.inputs(body, params))
@@ -178,19 +177,17 @@ class PoolingRoutes:
         return header.wrap("list", data=data, usage=_usage(outputs))
 
     async def scores(self, raw: Request, body: Any, route: str, text_1: Any, text_2: Any) -> tuple[ResponseHeader, list]:
-        from serving.openai.app import APIError
-
         model = self.engine(route).model
         self.server.check_model(body.model)
         count = 1 if isinstance(text_2, str) else len(text_2)
         if max(count, 1 if isinstance(text_1, str) else len(text_1)) > MAX_INPUTS:
-            raise APIError(400, f"at most {MAX_INPUTS} texts on each side per request")
+            raise _refused(400, f"at most {MAX_INPUTS} texts on each side per request")
         try:
             plan = await self.server.off_loop(
                 lambda: plan_scores(model.task, model.num_labels, model.type_vocab_size, self.server.tokenizer,
                                     text_1, text_2))
         except ValueError as e:
-            raise APIError(400, str(e)) from None
+            raise _refused(400, str(e)) from None
         header = ResponseHeader(f"score-{uuid.uuid4().hex}", self.server.model_name)
         return header, plan.scores(await self.run(raw, plan.inputs, header.id))
 
@@ -200,10 +197,8 @@ class PoolingRoutes:
         return header.wrap("list", data=data, usage=_usage(outputs))
 
     async def rerank(self, body: RerankRequest, raw: Request) -> dict[str, Any]:
-        from serving.openai.app import APIError
-
         if not body.documents:
-            raise APIError(400, "documents is empty", param="documents")
+            raise _refused(400, "documents is empty", param="documents")
         header, outputs = await self.scores(raw, body, "/rerank", body.query, body.documents)
         ranked = sorted(range(len(outputs)), key=lambda i: -outputs[i].outputs.score)
         top = ranked[: body.top_n] if body.top_n else ranked

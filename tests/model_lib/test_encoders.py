@@ -122,3 +122,11 @@ def test_readme_lists_every_pooling_architecture():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     table = readme[readme.index("| pooling architecture |"):].split("\n\n")[0]
     assert all(f"`{architecture}`" in table for architecture in POOLING_ARCHITECTURES)
+
+
+def test_decoder_loading_points_pooling_checkpoints_to_their_loader(tmp_path):
+    import model_lib
+
+    build_encoder("BertModel", tmp_path, "BertConfig")
+    with pytest.raises(model_lib.UnknownArchitectureError, match="BertModel is a pooling model: load it with"):
+        model_lib.from_pretrained(tmp_path)
