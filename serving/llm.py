@@ -17,10 +17,11 @@ from jax.sharding import Mesh
 
 import model_lib
 from model_lib import distributed
-from model_lib.encoders import load_pooling_model, pooling_architecture
+from model_lib.encoders import decoder_pooling_model, load_pooling_model, pooling_architecture
 from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine, multihost
+from serving.engine.combined import GenerationWithPooling
 from serving.engine.pooling_engine import PoolingEngine
 from serving.engine.warmup import use_compilation_cache
 from serving.outputs import RequestOutput
@@ -66,7 +67,9 @@ class LLM(PoolingMethods):
 
     A pooling checkpoint (`model_lib.encoders.POOLING_ARCHITECTURES`: BERT-style encoders and
     classifiers, Qwen2 reward models) gets a `PoolingEngine` instead and serves `embed`, `classify`,
-    `score`, `reward` and `encode` (`serving/pooling_api.py`), not `generate`.
+    `score`, `reward` and `encode` (`serving/pooling_api.py`), not `generate`. `enable_embeddings=True`
+    makes a generative model serve `embed` (its last token's final hidden state, normalised) besides
+    `generate`, through the same engine (`serving/engine/combined.py`).
 
     Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
@@ -99,6 +102,7 @@ class LLM(PoolingMethods):
         coordinator_address: str | None = None,
         num_processes: int | None = None,
         process_id: int | None = None,
+        enable_embeddings: bool = False,
         **engine_args: Any,
     ):
         distributed.initialize(coordinator_address, num_processes, process_id)  # before any JAX computation
@@ -119,6 +123,12 @@ class LLM(PoolingMethods):
                 eos_token_ids=generation_eos_ids(model, net.config.eos_token_ids),
                 plan=plan,
             )
+            if enable_embeddings:
+                if plan is not None or jax.process_count() > 1:
+                    raise ValueError("enable_embeddings runs unsharded on one process for now")
+                pooling = PoolingEngine(decoder_pooling_model(net, self.engine.max_model_len), self.tokenizer,
+                                        EngineConfig(**engine_args))
+                self.engine = GenerationWithPooling(self.engine, pooling)
         self._counter = 0
         self.is_leader = distributed.is_leader()
         self._leader = multihost.Leader(self.engine) if self.is_leader and jax.process_count() > 1 else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from serving.engine.combined import pooling_engine_of
 from serving.engine.pooling_engine import PoolingEngine
 from serving.pooling import PoolingInput, PoolingParams, PoolingRequestOutput, plan_scores
 
@@ -21,10 +22,12 @@ class PoolingMethods:
     tokenizer: Any
 
     def _pooling_engine(self, task: str) -> PoolingEngine:
-        if not isinstance(self.engine, PoolingEngine):
+        engine = pooling_engine_of(self.engine)
+        if engine is None:
             raise ValueError(f"{task} needs a pooling model (an encoder, classifier or reward model); "
-                             f"{getattr(self, 'model_path', 'this model')} generates text")
-        return self.engine
+                             f"{getattr(self, 'model_path', 'this model')} generates text (LLM(..., "
+                             "enable_embeddings=True) also serves its embeddings)")
+        return engine
 
     def _run_pooling(self, inputs: list[PoolingInput]) -> list[PoolingRequestOutput]:
         self._check_leader()

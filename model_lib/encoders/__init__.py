@@ -2,8 +2,14 @@
 reward models, loaded from HF checkpoints; see `loading.py` for the architecture table."""
 
 from model_lib.encoders.config import EncoderConfig
-from model_lib.encoders.loading import POOLING_ARCHITECTURES, PoolingModel, load_pooling_model, pooling_architecture
+from model_lib.encoders.loading import (
+    POOLING_ARCHITECTURES,
+    PoolingModel,
+    decoder_pooling_model,
+    load_pooling_model,
+    pooling_architecture,
+)
 from model_lib.encoders.pooling import POOLING_KINDS, PoolingSpec, pool
 
 __all__ = ["EncoderConfig", "POOLING_ARCHITECTURES", "POOLING_KINDS", "PoolingModel", "PoolingSpec",
-           "load_pooling_model", "pool", "pooling_architecture"]
+           "decoder_pooling_model", "load_pooling_model", "pool", "pooling_architecture"]

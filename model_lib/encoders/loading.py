@@ -25,7 +25,7 @@ from model_lib.checkpoint import CheckpointError, abstract_params, iter_tensors,
 from model_lib.encoders.bert import EncoderForSequenceClassification, EncoderModel
 from model_lib.encoders.config import EncoderConfig, encoder_config_from_hf
 from model_lib.encoders.pooling import PoolingSpec, pool, read_pooling_spec
-from model_lib.encoders.reward import REWARD_LABELS, RewardModel
+from model_lib.encoders.reward import REWARD_LABELS, DecoderEmbedder, RewardModel
 
 # architecture -> task: "embed" (pooled hidden states), "classify" (class logits; cross-encoder scores),
 # "reward" (per-token value-head outputs)
@@ -159,3 +159,11 @@ def load_pooling_model(path: str | Path, *, dtype: Any = None) -> PoolingModel:
                         config.max_tokens, config.vocab_size, config.hidden_size, config.pad_token_id,
                         config.num_labels, config.id2label, config.type_vocab_size,
                         config.problem_type == "multi_label_classification")
+
+
+def decoder_pooling_model(lm: nnx.Module, max_tokens: int) -> PoolingModel:
+    """An embedding `PoolingModel` over a loaded causal LM: its last real token's final hidden state,
+    L2-normalised (vLLM's default for decoder embedders), sharing the LM's weights."""
+    config = lm.config
+    return PoolingModel(config.architecture, "embed", DecoderEmbedder(lm), PoolingSpec("last", normalize=True),
+                        max_tokens, config.vocab_size, config.hidden_size, 0, 0, (), 1)

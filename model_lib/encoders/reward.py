@@ -23,6 +23,26 @@ from model_lib.layers.linear import Linear
 REWARD_LABELS = {"Qwen2ForRewardModel": 1, "Qwen2ForProcessRewardModel": 2}
 
 
+def decoder_hidden_states(model: DecoderModel, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """`[B, T]` ids (right-padded; mask 1 = token) -> a decoder's final hidden states `[B, T, E]` (causal)."""
+    segment_ids = attention_mask.astype(jnp.int32)
+    positions = positions_from_segments(segment_ids)
+    seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
+    hidden, _ = model(input_ids, DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens))
+    return hidden
+
+
+class DecoderEmbedder(nnx.Module):
+    """A causal LM's final hidden states for pooling (vLLM's decoder embedding models): it holds the
+    serving model itself, so generation and embeddings share one copy of the weights."""
+
+    def __init__(self, lm: nnx.Module):
+        self.lm = lm
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        return decoder_hidden_states(self.lm.model, input_ids, attention_mask)
+
+
 class RewardModel(nnx.Module):
     def __init__(self, config: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
         self.config = config
@@ -34,12 +54,7 @@ class RewardModel(nnx.Module):
                                Linear(e, num_labels, axes=(None, None), **common)])
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """`[B, T]` ids (right-padded; mask 1 = token) -> final hidden states `[B, T, E]` (causal)."""
-        segment_ids = attention_mask.astype(jnp.int32)
-        positions = positions_from_segments(segment_ids)
-        seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
-        hidden, _ = self.model(input_ids, DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens))
-        return hidden
+        return decoder_hidden_states(self.model, input_ids, attention_mask)
 
     def token_scores(self, hidden: jax.Array) -> jax.Array:
         """`[B, T, E]` -> float32 value-head outputs `[B, T, L]`."""

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from pydantic import Field
 
 from serving.async_engine import RequestFailedError
+from serving.engine.combined import pooling_engine_of
 from serving.engine.pooling_engine import PoolingEngine
 from serving.openai.protocol import _Request
 from serving.openai.responses import ResponseHeader
@@ -93,8 +94,8 @@ class PoolingRoutes:
         self.server = server
 
     def engine(self, route: str) -> PoolingEngine:
-        engine = self.server.engine.engine
-        if not isinstance(engine, PoolingEngine):
+        engine = pooling_engine_of(self.server.engine.engine)
+        if engine is None:
             raise _refused(400, f"{route} needs a pooling model (an encoder, classifier or reward model); "
                                 f"`{self.server.model_name}` generates text: use /v1/completions or /v1/chat/completions")
         return engine

@@ -144,3 +144,34 @@ def test_pooling_on_a_generative_model_is_refused(tiny_checkpoint):
     folder, _ = tiny_checkpoint("qwen3-qknorm")
     with pytest.raises(ValueError, match="needs a pooling model"):
         LLM(folder, max_model_len=32).embed(["hello"])
+
+
+def test_a_generative_model_embeds_and_generates_through_one_engine(tiny_checkpoint):
+    from serving.engine.combined import GenerationWithPooling
+    from serving.sampling_params import SamplingParams
+    from tests.serving.helpers import hf_greedy, prompts
+
+    folder, hf = tiny_checkpoint("qwen3-qknorm")
+    llm = LLM(folder, max_model_len=64, enable_embeddings=True)
+    engine: GenerationWithPooling = llm.engine
+    gen_prompts, embed_prompts = prompts((3, 9, 17)), prompts((4, 11, 6, 20), seed=1)
+    for i, p in enumerate(gen_prompts):
+        engine.add_request(f"g{i}", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for i, p in enumerate(embed_prompts):
+        engine.add_request(f"e{i}", p, PoolingParams("embed"))
+    done: dict[str, tuple[int, object]] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = (step, output)
+    # The embeddings did not wait for the generation to drain, nor did generation wait for them.
+    assert max(done[f"e{i}"][0] for i in range(4)) < min(done[f"g{i}"][0] for i in range(3))
+    for i, p in enumerate(gen_prompts):
+        assert done[f"g{i}"][1].outputs[0].token_ids == hf_greedy(hf, p, 8)
+    for i, p in enumerate(embed_prompts):
+        with torch.no_grad():
+            last = hf.model(input_ids=torch.tensor([p])).last_hidden_state[0, -1].numpy()
+        np.testing.assert_allclose(done[f"e{i}"][1].outputs.embedding, last / np.linalg.norm(last), atol=2e-5)
+    assert llm.embed(["hello"])[0].outputs.hidden_size == hf.config.hidden_size
