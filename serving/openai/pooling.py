@@ -1,8 +1,9 @@
 """The pooling routes: `POST /v1/embeddings` (OpenAI's shape), `/classify`, `/score` (`/v1/score`),
 `/rerank` (`/v1/rerank`, `/v2/rerank`) and `/pooling` (vLLM's shapes).
 
-Requests go through the same engine thread as generation (`AsyncLLMEngine` over a `PoolingEngine`);
-a client that disconnects aborts its requests. A route the served model has no task for (embeddings on
+Requests go through the same engine thread as generation (`AsyncLLMEngine` over a `PoolingEngine`, or
+over `GenerationWithPooling` for a generative model that also embeds); a client that disconnects
+aborts its requests. A route the served model has no task for (embeddings on
 a generative model, classify on an embedding model) is a 400 naming what the model serves, as are
 over-long inputs, `dimensions` on a model without Matryoshka training, and more than
 `MAX_INPUTS` inputs.
