@@ -5,7 +5,8 @@ G = H // K query heads per kv head, D head_dim.
 
 Masking is by position and segment, never by index: a key is visible to a query
 when both carry the same non-zero segment id, the key's position is not after the
-query's (unless `causal=False`: encoders' bidirectional attention), with a window W `q_pos - k_pos < W`, and with a chunk size C (Llama 4's chunked
+query's (unless `causal=False`: encoders' bidirectional attention), with a window W
+`q_pos - k_pos < W`, and with a chunk size C (Llama 4's chunked
 local attention) `k_pos // C == q_pos // C`. Segment 0 marks padding. Rows
 with no visible key (padding queries) get a uniform softmax over a finite fill
 value instead of NaN.
