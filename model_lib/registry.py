@@ -105,8 +105,13 @@ def get_family(architecture: str) -> Family:
     try:
         target = ARCHITECTURES[architecture]
     except KeyError:
+        from model_lib.encoders.loading import POOLING_ARCHITECTURES
+
+        hint = (f" ({architecture} is a pooling model: load it with model_lib.encoders.load_pooling_model, "
+                "or serving.LLM / serve, which serve its embed, classify, score or reward task)"
+                if architecture in POOLING_ARCHITECTURES else "")
         raise UnknownArchitectureError(
-            f"unknown architecture {architecture!r}; supported: {', '.join(supported_architectures())}"
+            f"unknown architecture {architecture!r}; supported: {', '.join(supported_architectures())}{hint}"
         ) from None
     module, attribute = target.split(":")
     return getattr(importlib.import_module(module), attribute)

@@ -17,11 +17,15 @@ from jax.sharding import Mesh
 
 import model_lib
 from model_lib import distributed
+from model_lib.encoders import decoder_pooling_model, load_pooling_model, pooling_architecture
 from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine, multihost
+from serving.engine.combined import GenerationWithPooling
+from serving.engine.pooling_engine import PoolingEngine
 from serving.engine.warmup import use_compilation_cache
 from serving.outputs import RequestOutput
+from serving.pooling_api import PoolingMethods
 from serving.sampling_params import RequestOutputKind, SamplingParams
 from serving.text_input import check_text
 
@@ -58,8 +62,14 @@ def generation_eos_ids(path: str | Path, config_eos: tuple[int, ...]) -> tuple[i
     return tuple(sorted(eos))
 
 
-class LLM:
+class LLM(PoolingMethods):
     """Load a checkpoint folder or GGUF file and generate from it.
+
+    A pooling checkpoint (`model_lib.encoders.POOLING_ARCHITECTURES`: BERT-style encoders and
+    classifiers, Qwen2 reward models) gets a `PoolingEngine` instead and serves `embed`, `classify`,
+    `score`, `reward` and `encode` (`serving/pooling_api.py`), not `generate`. `enable_embeddings=True`
+    makes a generative model serve `embed` (its last token's final hidden state, normalised) besides
+    `generate`, through the same engine (`serving/engine/combined.py`).
 
     Engine options use vLLM's names: `max_model_len`, `max_num_seqs`,
     `max_num_batched_tokens`, `page_size` (vLLM's block_size), `num_pages`,
@@ -92,21 +102,33 @@ class LLM:
         coordinator_address: str | None = None,
         num_processes: int | None = None,
         process_id: int | None = None,
+        enable_embeddings: bool = False,
         **engine_args: Any,
     ):
         distributed.initialize(coordinator_address, num_processes, process_id)  # before any JAX computation
         use_compilation_cache(engine_args.get("compilation_cache_dir"))  # before anything compiles
         plan = as_plan(mesh)
         self.model_path = Path(model)
-        net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
         self.tokenizer = load_tokenizer(tokenizer or model)
-        self.engine = LLMEngine(
-            net,
-            self.tokenizer,
-            EngineConfig(**engine_args),
-            eos_token_ids=generation_eos_ids(model, net.config.eos_token_ids),
-            plan=plan,
-        )
+        if pooling_architecture(model) is not None:
+            if plan is not None or quantization is not None or jax.process_count() > 1:
+                raise ValueError("pooling models run unsharded and unquantized on one process for now")
+            self.engine = PoolingEngine(load_pooling_model(model, dtype=dtype), self.tokenizer, EngineConfig(**engine_args))
+        else:
+            net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
+            self.engine = LLMEngine(
+                net,
+                self.tokenizer,
+                EngineConfig(**engine_args),
+                eos_token_ids=generation_eos_ids(model, net.config.eos_token_ids),
+                plan=plan,
+            )
+            if enable_embeddings:
+                if plan is not None or jax.process_count() > 1:
+                    raise ValueError("enable_embeddings runs unsharded on one process for now")
+                pooling = PoolingEngine(decoder_pooling_model(net, self.engine.max_model_len), self.tokenizer,
+                                        EngineConfig(**engine_args))
+                self.engine = GenerationWithPooling(self.engine, pooling)
         self._counter = 0
         self.is_leader = distributed.is_leader()
         self._leader = multihost.Leader(self.engine) if self.is_leader and jax.process_count() > 1 else None
@@ -143,6 +165,9 @@ class LLM:
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
         self._check_leader()
+        if isinstance(self.engine, PoolingEngine):
+            raise ValueError(f"{self.model_path} is a pooling model ({self.engine.model.architecture}): use "
+                             f"{', '.join(self.engine.tasks)}, not generate")
         text, ids = self._prompt_ids(prompt)
         request_id = str(self._counter)
         self._counter += 1

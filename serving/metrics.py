@@ -29,10 +29,13 @@ class ServingMetrics:
         gauges = {
             "jaxllm:num_requests_running": ("Sequences in the running batch", engine.num_running),
             "jaxllm:num_requests_waiting": ("Sequences waiting to be scheduled", engine.num_waiting),
-            "jaxllm:kv_cache_usage_perc": ("Fraction of KV pages in use", engine.pool.usage),
-            "jaxllm:prefix_cache_hit_rate": ("Prefix-cache hits over queried tokens", engine.pool.hit_rate),
-            "jaxllm:num_preemptions": ("Sequences preempted so far", lambda: engine.scheduler.num_preemptions),
         }
+        if hasattr(engine, "pool"):  # a pooling engine keeps no KV pages
+            gauges.update({
+                "jaxllm:kv_cache_usage_perc": ("Fraction of KV pages in use", engine.pool.usage),
+                "jaxllm:prefix_cache_hit_rate": ("Prefix-cache hits over queried tokens", engine.pool.hit_rate),
+                "jaxllm:num_preemptions": ("Sequences preempted so far", lambda: engine.scheduler.num_preemptions),
+            })
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, **labels).labels(model_name).set_function(read)
 

@@ -5,7 +5,8 @@ G = H // K query heads per kv head, D head_dim.
 
 Masking is by position and segment, never by index: a key is visible to a query
 when both carry the same non-zero segment id, the key's position is not after the
-query's, with a window W `q_pos - k_pos < W`, and with a chunk size C (Llama 4's chunked
+query's (unless `causal=False`: encoders' bidirectional attention), with a window W
+`q_pos - k_pos < W`, and with a chunk size C (Llama 4's chunked
 local attention) `k_pos // C == q_pos // C`. Segment 0 marks padding. Rows
 with no visible key (padding queries) get a uniform softmax over a finite fill
 value instead of NaN.
@@ -31,11 +32,14 @@ def attention_mask(
     kv_segment_ids: jax.Array,
     sliding_window: int | None,
     chunk_size: int | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """Boolean `[B, T, S]`: which keys each query may attend to."""
     q_pos, k_pos = q_positions[:, :, None], kv_positions[:, None, :]
     q_seg, k_seg = q_segment_ids[:, :, None], kv_segment_ids[:, None, :]
-    visible = (q_seg == k_seg) & (k_seg != 0) & (k_pos <= q_pos)
+    visible = (q_seg == k_seg) & (k_seg != 0)
+    if causal:
+        visible &= k_pos <= q_pos
     if sliding_window is not None:
         visible &= q_pos - k_pos < sliding_window
     if chunk_size is not None:
@@ -58,6 +62,7 @@ def attention(
     alibi_slopes: jax.Array | None = None,
     sinks: jax.Array | None = None,
     chunk_size: int | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """Attention of `q [B,T,H,D]` over `k, v [B,S,K,D]`; returns `[B,T,H,D]` in q's dtype.
 
@@ -75,7 +80,7 @@ def attention(
         distance = (kv_positions[:, None, :] - q_positions[:, :, None]).astype(jnp.float32)  # [B, T, S]
         slopes = alibi_slopes.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1, 1)
         logits = logits + slopes * distance[:, None, None]
-    visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk_size)
+    visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk_size, causal)
     logits = jnp.where(visible[:, None, None, :, :], logits, MASK_VALUE)
     if sinks is None:
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

@@ -23,7 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -36,6 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from serving.metrics import ServingMetrics
+from serving.engine.pooling_engine import PoolingEngine
+from serving.openai.pooling import GUARDED_PATHS, POOLING_REQUESTS, add_pooling_routes
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai.responses import (
     ErrorResponse,
@@ -196,6 +198,14 @@ class OpenAIServer:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, work)
 
     # -- checks ---------------------------------------------------------------
+    def check_generates(self) -> None:
+        """A 400 for a generation route on a pooling model, naming what it serves."""
+        engine = self.engine.engine
+        if isinstance(engine, PoolingEngine):
+            raise APIError(400, f"`{self.model_name}` ({engine.model.architecture}) is a pooling model: it serves "
+                                f"{', '.join(engine.tasks)} (/v1/embeddings, /classify, /score, /rerank, /pooling), "
+                                "not text generation")
+
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.", "NotFoundError", "model")
@@ -300,7 +310,11 @@ class OpenAIServer:
                     whole[i] = out
             return whole
 
-        task = asyncio.create_task(gather())
+        return await self.until_done(raw, gather())
+
+    async def until_done(self, raw: Request, work: Awaitable[T]) -> T:
+        """`work`'s result; cancels it (aborting its requests) and raises ClientGone if the client leaves first."""
+        task = asyncio.ensure_future(work)
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
@@ -312,6 +326,7 @@ class OpenAIServer:
 
     # -- /v1/completions ------------------------------------------------------
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
+        self.check_generates()
         self.check_model(body.model)
         params = self.params(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         self.check_count(len(body.prompts()), params)  # before tokenizing them all
@@ -382,6 +397,7 @@ class OpenAIServer:
         return self.prepare(text, add_special_tokens=False)
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
+        self.check_generates()
         self.check_model(body.model)
         top_n = body.top_logprobs or 0
         params = self.params(lambda: body.sampling_params(body.token_limit(), top_n if body.logprobs else None))
@@ -444,7 +460,7 @@ class OpenAIServer:
         app.add_middleware(BodyLimitMiddleware, max_body_size=self.max_body_size)
         if self.api_key is not None:  # added last: the outermost
             # Checked before the body is read, so a bad key is a 401 whatever else is wrong.
-            protected = ("/v1", "/metrics") if self.protect_metrics else ("/v1",)
+            protected = ("/v1", *GUARDED_PATHS, *(("/metrics",) if self.protect_metrics else ()))
             app.add_middleware(APIKeyMiddleware, api_key=self.api_key, protected=protected)
 
         @app.exception_handler(APIError)
@@ -510,6 +526,8 @@ class OpenAIServer:
         async def chat(body: ChatCompletionRequest, raw: Request) -> Response:
             return await self.chat(body, raw)
 
+        add_pooling_routes(app, self, _declared(*GENERATION_ERRORS))
+
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:
                 schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
@@ -519,7 +537,7 @@ class OpenAIServer:
                 components = schema.get("components", {}).get("schemas", {})
                 for name in ("HTTPValidationError", "ValidationError"):
                     components.pop(name, None)
-                for name in ("CompletionRequest", "ChatCompletionRequest"):  # the one model name served
+                for name in ("CompletionRequest", "ChatCompletionRequest", *POOLING_REQUESTS):  # the one model served
                     components[name]["properties"]["model"]["enum"] = [self.model_name]
                 app.openapi_schema = schema
             return app.openapi_schema

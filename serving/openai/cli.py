@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compilation-cache-dir",
                    help="persistent XLA compilation cache ('' to disable; default: $JAXLLM_COMPILATION_CACHE_DIR "
                         "or ~/.cache/jaxllm/xla)")
+    p.add_argument("--enable-embeddings", action="store_true",
+                   help="a generative model also serves /v1/embeddings (its last token's final hidden state, "
+                        "normalised), through the same engine")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     nodes = p.add_argument_group(
         "multi-host (jax.distributed)",
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             coordinator_address=args.coordinator_address,
             num_processes=args.num_processes,
             process_id=args.process_id,
+            enable_embeddings=args.enable_embeddings,
             **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager}),
         )
     except ValueError as e:  # a setting the model cannot take (e.g. --max-model-len): say it, no traceback
