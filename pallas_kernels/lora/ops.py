@@ -1,0 +1,40 @@
+"""Public many-adapter LoRA product (SGMV-style): tokens sorted by adapter, two grouped matmuls.
+
+Contract (see `reference.py`): `lora_delta(x [T, K], a [L, K, R], b [L, R, N], slots [T]) -> [T, N]`,
+token t multiplied by adapter `slots[t]`'s `A` then `B`; slots outside `[0, L)` (-1: no
+adapter) give zeros.
+
+How: a stable sort of the tokens by slot (no-adapter tokens last) makes each adapter's tokens
+one contiguous group, so the shrink `x @ A` and the expand `h @ B` are the grouped matmuls of
+`pallas_kernels.moe` (rows past the groups, the no-adapter tokens, come out as zeros), and the
+rows are put back in token order. Each adapter's weights are read once per call, however many
+of its tokens the batch holds, which is what makes one batch of many adapters cheap (the
+segmented gather matmul of Punica / S-LoRA). On CUDA the grouped matmuls are the Pallas Triton
+kernels where K, R and N are multiples of 16 (the serving stacks pad R to one), elsewhere
+`jax.lax.ragged_dot`; `implementation` forces one (`pallas_kernels.moe.IMPLEMENTATIONS`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.moe import grouped_matmul
+
+
+def lora_delta(
+    x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, *, implementation: str | None = None
+) -> jax.Array:
+    """See the module docstring; `[T, N]` in x's dtype."""
+    if x.ndim != 2 or a.ndim != 3 or b.ndim != 3 or slots.shape != x.shape[:1]:
+        raise ValueError(f"expected x [T, K], a [L, K, R], b [L, R, N], slots [T]; got {x.shape}, {a.shape}, "
+                         f"{b.shape}, {slots.shape}")
+    if a.shape[1] != x.shape[1] or b.shape[:2] != (a.shape[0], a.shape[2]):
+        raise ValueError(f"stacks do not fit: x {x.shape}, a {a.shape}, b {b.shape}")
+    num_slots = a.shape[0]
+    group = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots).astype(jnp.int32)  # L: no adapter
+    order = jnp.argsort(group, stable=True)
+    sizes = jnp.bincount(group, length=num_slots + 1)[:num_slots].astype(jnp.int32)
+    h = grouped_matmul(x[order], a.astype(x.dtype), sizes, implementation=implementation)  # [T, R] by slot
+    out = grouped_matmul(h, b.astype(x.dtype), sizes, implementation=implementation)  # [T, N] by slot
+    return jnp.zeros_like(out).at[order].set(out)
