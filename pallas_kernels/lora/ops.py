@@ -23,9 +23,9 @@ from pallas_kernels.moe import grouped_matmul
 
 
 def lora_delta(
-    x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, *, implementation: str | None = None
+    x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, *, implementation: str | None = None, **options
 ) -> jax.Array:
-    """See the module docstring; `[T, N]` in x's dtype."""
+    """See the module docstring; `[T, N]` in x's dtype. `options` go to both grouped matmuls."""
     if x.ndim != 2 or a.ndim != 3 or b.ndim != 3 or slots.shape != x.shape[:1]:
         raise ValueError(f"expected x [T, K], a [L, K, R], b [L, R, N], slots [T]; got {x.shape}, {a.shape}, "
                          f"{b.shape}, {slots.shape}")
@@ -35,6 +35,6 @@ def lora_delta(
     group = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots).astype(jnp.int32)  # L: no adapter
     order = jnp.argsort(group, stable=True)
     sizes = jnp.bincount(group, length=num_slots + 1)[:num_slots].astype(jnp.int32)
-    h = grouped_matmul(x[order], a.astype(x.dtype), sizes, implementation=implementation)  # [T, R] by slot
-    out = grouped_matmul(h, b.astype(x.dtype), sizes, implementation=implementation)  # [T, N] by slot
+    h = grouped_matmul(x[order], a.astype(x.dtype), sizes, implementation=implementation, **options)  # [T, R] by slot
+    out = grouped_matmul(h, b.astype(x.dtype), sizes, implementation=implementation, **options)  # [T, N] by slot
     return jnp.zeros_like(out).at[order].set(out)

@@ -163,6 +163,22 @@ def test_grouped_matmul_kernels_compile(shape, pass_):
     assert_compiles(gpu_lowering.lower_for_h100(jax.jit(fn), *args), (prefix,))
 
 
+# Multi-LoRA (SGMV-style, `pallas_kernels.lora`): 4 adapters of rank 16 on a Llama-3-8B projection
+# (K = N = 4096), by tokens: a decode batch and a prefill chunk. Both the shrink (N = R) and the
+# expand (K = R) grouped matmuls must be the kernel.
+LORA_TOKENS = {"decode-t16": 16, "prefill-t512": 512}
+
+
+@pytest.mark.parametrize("tokens", sorted(LORA_TOKENS))
+def test_multi_lora_product_compiles(tokens):
+    from pallas_kernels.lora import lora_delta
+
+    rows = LORA_TOKENS[tokens]
+    args = (S((rows, 4096), BF16), S((4, 4096, 16), BF16), S((4, 16, 4096), BF16), S((rows,), jnp.int32))
+    reports = assert_compiles(gpu_lowering.lower_for_h100(jax.jit(lora_delta), *args), ("gmm_",))
+    assert len([r for r in reports if r.name.startswith("gmm_")]) >= 2, [r.name for r in reports]
+
+
 # Llama-3-8B layers (K, N): gate/up_proj, down_proj (q/o_proj tile like down_proj); rows: decode
 # batches and a prefill chunk.
 QUANT_LAYERS = {"gate_up": (4096, 14336), "down": (14336, 4096)}
