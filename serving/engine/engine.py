@@ -244,8 +244,8 @@ class LLMEngine:
             for _ in sequences
         ]
         adapter = self.lora.acquire(lora_name) if lora_name is not None else None  # nothing fails past here
-        for seq in sequences:
-            if adapter is not None:
+        if adapter is not None:
+            for seq in sequences:
                 seq.lora_slot, seq.cache_salt = adapter.slot, adapter.cache_salt
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_ids), params, sequences, detokenizers,
                                              adapter.slot if adapter is not None else None)
