@@ -25,6 +25,7 @@ import pytest
 import model_lib
 from model_lib.lora import LoraConfig, apply_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from serving import LLM, LoRARequest, SamplingParams
+from serving.lora import LoRAManager
 from tests.serving.helpers import start_server
 from tests.training.test_lora import _randomise_b
 
@@ -132,6 +133,10 @@ def test_slots_limits_and_unloading_in_use(llm, adapters, tmp_path, forward):
     lora = llm.engine.lora
     for name in list(lora.adapters):
         lora.unload(name)
+    with pytest.raises(ValueError, match=r"max_loras must be in \[1, 64\]"):
+        LoRAManager(lora.model, max_loras=65, max_lora_rank=8)
+    with pytest.raises(ValueError, match=r"max_lora_rank must be in \[1, 512\]"):
+        LoRAManager(lora.model, max_loras=1, max_lora_rank=0)
     wide = model_lib.from_pretrained(folder)
     config = LoraConfig(r=16, target_modules=["q_proj"])
     apply_lora(wide, config)
@@ -264,3 +269,14 @@ def write_data(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"input": w + ">", "output": w[::-1]}) + "\n" for w in ["abc", "bca", "cab", "acb"]))
     return data
+
+
+def test_serve_lora_flags():
+    from serving.openai.cli import parse_args
+
+    args = parse_args(["m", "--enable-lora", "--lora-modules", "a=/x/a", '{"name": "b", "path": "/x/b"}',
+                       "--max-loras", "2"])
+    assert args.lora_modules == [("a", "/x/a"), ("b", "/x/b")] and args.max_loras == 2 and args.max_lora_rank == 16
+    for bad in (["m", "--lora-modules", "a=/x/a"], ["m", "--enable-lora", "--lora-modules", "no-path"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
