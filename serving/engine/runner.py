@@ -14,6 +14,10 @@ takes the token from `fed_tokens` (the sampler's `last_tokens`).
 The parameters are passed as a flat list of leaves (flattened once), so a
 call does not walk the model's parameter tree.
 
+With served LoRA adapters (`serving/lora/`) the step also takes the adapter stacks and each
+token's adapter slot (`StepInputs.lora_slots`); the stacks are arguments of fixed shape, so
+loading an adapter replaces their contents without a new compilation.
+
 With `scan_layers` (the default on accelerators) the step runs the model's serving view
 (`model_lib.layer_scan.scanned_view`): runs of identical layers go through one
 `lax.scan` whose carry holds their stacked KV pools, so a step compiles in about the
