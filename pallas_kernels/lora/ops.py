@@ -10,8 +10,12 @@ one contiguous group, so the shrink `x @ A` and the expand `h @ B` are the group
 rows are put back in token order. Each adapter's weights are read once per call, however many
 of its tokens the batch holds, which is what makes one batch of many adapters cheap (the
 segmented gather matmul of Punica / S-LoRA). On CUDA the grouped matmuls are the Pallas Triton
-kernels where K, R and N are multiples of 16 (the serving stacks pad R to one), elsewhere
-`jax.lax.ragged_dot`; `implementation` forces one (`pallas_kernels.moe.IMPLEMENTATIONS`).
+kernels where K, R and N are multiples of 16 (the serving stacks pad R to one). Elsewhere a step
+of at most `GATHER_MAX_TOKENS` tokens (decode) takes the per-token gather of `reference.py`, which
+XLA:CPU runs about twice as fast as `jax.lax.ragged_dot` there, and longer ones the grouped form
+on `jax.lax.ragged_dot` (3-4x faster than the gather at 128 tokens; SmolLM2-135M's widest layer,
+4 adapters of rank 16, benchmarks/RESULTS.md). `implementation` forces the grouped form on one
+grouped matmul implementation (`pallas_kernels.moe.IMPLEMENTATIONS`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import on_cuda
+from pallas_kernels.lora import reference
 from pallas_kernels.moe import grouped_matmul
+
+GATHER_MAX_TOKENS = 16  # off CUDA: up to this many tokens, gather each token's adapter
 
 
 def lora_delta(
@@ -31,6 +39,15 @@ def lora_delta(
                          f"{b.shape}, {slots.shape}")
     if a.shape[1] != x.shape[1] or b.shape[:2] != (a.shape[0], a.shape[2]):
         raise ValueError(f"stacks do not fit: x {x.shape}, a {a.shape}, b {b.shape}")
+    if implementation is not None:
+        return _grouped(x, a, b, slots, implementation, **options)
+    if x.shape[0] <= GATHER_MAX_TOKENS:
+        return on_cuda(lambda *args: _grouped(*args, None, **options), reference.lora_delta, x, a, b, slots)
+    return _grouped(x, a, b, slots, None, **options)
+
+
+def _grouped(x: jax.Array, a: jax.Array, b: jax.Array, slots: jax.Array, implementation: str | None,
+             **options) -> jax.Array:
     num_slots = a.shape[0]
     group = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots).astype(jnp.int32)  # L: no adapter
     order = jnp.argsort(group, stable=True)

@@ -50,3 +50,10 @@ def test_shapes_are_checked():
         lora_delta(x, a, b, slots[:5])
     with pytest.raises(ValueError, match="stacks do not fit"):
         lora_delta(x, a, b[:, :8], slots)
+
+
+@pytest.mark.parametrize("tokens", [8, T])  # the CPU's gather form (decode-sized steps), then the grouped one
+def test_default_path_matches_reference(tokens):
+    x, a, b, slots = _inputs(2, SLOTS["mixed"][:tokens])
+    got = jax.jit(lora_delta)(x, a, b, slots)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(reference.lora_delta(x, a, b, slots)), rtol=2e-5, atol=2e-5)
