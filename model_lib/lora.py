@@ -200,8 +200,14 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, b
     (path / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2))
 
 
-def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
-    """Attach a PEFT LoRA adapter from a folder (in place); returns its config."""
+def read_peft_adapter(model: nnx.Module, path: str | Path) -> tuple[LoraConfig, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A PEFT LoRA adapter folder read against `model`'s layers, without touching them.
+
+    Returns its config and, per targeted linear layer (our path), `A [in, r]` and `B [r, out]` in
+    float32 (a fused HF module's B split into its parts, which share A). Missing files, missing or
+    wrongly shaped tensors, tensors for modules the config does not target, and targets this model
+    has no linear layer for are errors naming them.
+    """
     path = Path(path)
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
@@ -213,13 +219,13 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
     tensors = load_file(weights_file)
     # PEFT may keep the adapter name in the key ('lora_A.default.weight').
     tensors = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k): v for k, v in tensors.items()}
-    groups = apply_lora(model, config)
+    weights: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     used = set()
-    for hf_module, parts in groups.items():
+    for hf_module, parts in target_groups(model, config.target_modules).items():
         a_key, b_key = _peft_key(hf_module, "A"), _peft_key(hf_module, "B")
         if a_key not in tensors or b_key not in tensors:
             raise ValueError(f"adapter {weights_file} lacks {a_key if a_key not in tensors else b_key}")
-        a, b = tensors[a_key], tensors[b_key]
+        a, b = np.asarray(tensors[a_key], np.float32), np.asarray(tensors[b_key], np.float32)
         layers = [layer for _, layer in parts]
         expected_b = (sum(layer.out_features for layer in layers), config.r)
         if a.shape != (config.r, layers[0].in_features) or b.shape != expected_b:
@@ -227,15 +233,26 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
                 f"adapter tensors of {hf_module} have shapes {a.shape} / {b.shape}, "
                 f"expected {(config.r, layers[0].in_features)} / {expected_b}"
             )
-        dtype = layers[0].lora_a[...].dtype
-        layers[0].lora_a.set_value(jnp.asarray(a.T, dtype))
         fused = _fused_spec(model, parts[0][0])
-        for layer, b_part in zip(layers, fused.split(b, model.config) if fused else [b]):
-            layer.lora_b.set_value(jnp.asarray(b_part.T, dtype))
+        for (layer_path, _), b_part in zip(parts, fused.split(b, model.config) if fused else [b]):
+            weights[layer_path] = (a.T, np.asarray(b_part).T)
         used.update((a_key, b_key))
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"adapter {weights_file} has tensors for modules its config does not target: {unused[:4]}")
+    return config, weights
+
+
+def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
+    """Attach a PEFT LoRA adapter from a folder (in place); returns its config."""
+    config, weights = read_peft_adapter(model, path)
+    apply_lora(model, config)
+    layers = linear_layers(model)
+    for layer_path, (a, b) in weights.items():
+        layer = layers[layer_path]
+        dtype = layer.lora_a[...].dtype
+        layer.lora_a.set_value(jnp.asarray(a, dtype))  # the parts of a fused module share A (set alike)
+        layer.lora_b.set_value(jnp.asarray(b, dtype))
     return config
 
 
@@ -309,6 +326,7 @@ __all__ = [
     "LoraConfig",
     "apply_lora",
     "load_peft_adapter",
+    "read_peft_adapter",
     "merge_lora",
     "quantization_targets",
     "param_bytes",

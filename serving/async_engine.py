@@ -20,13 +20,15 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, TypeVar
 
 from serving.engine import LLMEngine
 from serving.outputs import RequestOutput
 from serving.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -76,15 +78,17 @@ class AsyncLLMEngine:
 
     # -- requests -------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses (in `params.output_kind`), the last one `finished`."""
+        """Outputs of one request as it progresses (in `params.output_kind`), the last one `finished`;
+        `lora_name`: a loaded LoRA adapter to run it with."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         self.engine.validate_request(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._inbox.put(("add", (request_id, prompt_ids, params, prompt)))
+        self._inbox.put(("add", (request_id, prompt_ids, params, prompt, lora_name)))
         self._wake.set()
         finished = False
         try:
@@ -107,6 +111,16 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    async def call(self, work: Callable[[], T]) -> T:
+        """`work()` on the engine thread between two steps (what changes engine state, such as loading
+        a LoRA adapter); its result, or its exception raised here."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put(("call", (work, future)))
+        self._wake.set()
+        return await future
 
     # -- the engine thread ----------------------------------------------------
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
@@ -131,8 +145,43 @@ class AsyncLLMEngine:
                 except Exception as e:  # noqa: BLE001 - fails this request only
                     logger.exception("request %s could not be added", request_id)
                     self._deliver(request_id, RequestFailedError(f"the request could not be added: {e!r}"))
+            elif kind == "call":
+                self._call(*payload)
             else:
                 self.engine.abort_request(payload)
+
+    def _refuse_calls(self, error: BaseException) -> None:
+        """The loop ended: calls still queued get `error` instead of hanging."""
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "call":
+                self._settle(payload[1], None, error)
+
+    def _call(self, work: Callable[[], object], future: asyncio.Future) -> None:
+        try:
+            result, error = work(), None
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            result, error = None, e
+        self._settle(future, result, error)
+
+    @staticmethod
+    def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+        loop = future.get_loop()
+        if loop.is_closed():
+            return
+
+        def settle() -> None:
+            if future.done():  # the caller was cancelled
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        loop.call_soon_threadsafe(settle)
 
     def _run(self) -> None:
         try:
@@ -153,5 +202,6 @@ class AsyncLLMEngine:
                 self.engine.abort_request(request_id)
             for request_id in list(self._streams):
                 self._deliver(request_id, error)
+            self._refuse_calls(error)
             if self._error is not None and self.on_death is not None:
                 self.on_death(self._error)

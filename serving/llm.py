@@ -24,6 +24,7 @@ from serving.engine import EngineConfig, LLMEngine, multihost
 from serving.engine.combined import GenerationWithPooling
 from serving.engine.pooling_engine import PoolingEngine
 from serving.engine.warmup import use_compilation_cache
+from serving.lora import LoRARequest
 from serving.outputs import RequestOutput
 from serving.pooling_api import PoolingMethods
 from serving.sampling_params import RequestOutputKind, SamplingParams
@@ -82,6 +83,8 @@ class LLM(PoolingMethods):
     GGUF file's Q4_0 / Q4_1 / Q8_0 blocks quantized, "fp8" W8A8 FP8 ones (per-channel
     FP8 weights of a float checkpoint, or an FP8 checkpoint's own kept in FP8); a pre-quantized
     checkpoint (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
+    `enable_lora`, `max_loras`, `max_lora_rank`: serve PEFT LoRA adapters, up to `max_loras` of them
+    in one batch; `generate(..., lora_request=LoRARequest(name, id, path))` loads one on first use.
 
     Multi-host (`jax.distributed`, `model_lib/distributed.py`): `coordinator_address` (process
     0's host:port), `num_processes` and `process_id`, or the environment jax.distributed reads
@@ -163,23 +166,42 @@ class LLM(PoolingMethods):
         check_text(prompt, "the prompt")
         return prompt, self.tokenizer.encode(prompt)
 
-    def _add(self, prompt: Prompt, params: SamplingParams) -> str:
+    def _adapter(self, lora_request: LoRARequest | None) -> str | None:
+        """The engine's name for the request's adapter, loading it on first use."""
+        if lora_request is None:
+            return None
+        lora = self.engine.lora
+        if lora is None:
+            raise ValueError("a lora_request needs LLM(..., enable_lora=True)")
+        loaded = lora.adapters.get(lora_request.lora_name)
+        if loaded is None:
+            lora.load(lora_request.lora_name, lora_request.lora_path, lora_request.lora_int_id)
+        elif Path(loaded.path) != Path(lora_request.lora_path):
+            raise ValueError(f"adapter {lora_request.lora_name!r} is loaded from {loaded.path}, "
+                             f"not {lora_request.lora_path}")
+        return lora_request.lora_name
+
+    def _add(self, prompt: Prompt, params: SamplingParams, lora_request: LoRARequest | None = None) -> str:
         self._check_leader()
         if isinstance(self.engine, PoolingEngine):
             raise ValueError(f"{self.model_path} is a pooling model ({self.engine.model.architecture}): use "
                              f"{', '.join(self.engine.tasks)}, not generate")
         text, ids = self._prompt_ids(prompt)
+        lora_name = self._adapter(lora_request)
         request_id = str(self._counter)
         self._counter += 1
-        self.engine.add_request(request_id, ids, params, prompt=text)
+        self.engine.add_request(request_id, ids, params, prompt=text, lora_name=lora_name)
         return request_id
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt together (continuous batching); outputs in prompt order.
+
+        `lora_request`: one adapter for every prompt, or one per prompt (None: the base model).
 
         Bad parameters or prompts raise ValueError before anything runs. A request
         that fails inside the engine comes back with `error` set (finish_reason
@@ -193,11 +215,16 @@ class LLM(PoolingMethods):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(lora_request)} LoRA requests")
         ids = []
         try:
-            for prompt, params in zip(prompts, sampling_params):
+            for prompt, params, lora in zip(prompts, sampling_params, lora_request):
                 # One output per request, when it finishes: no per-step copies of its lists.
-                ids.append(self._add(prompt, dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)))
+                final = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                ids.append(self._add(prompt, final, lora))
             finished: dict[str, RequestOutput] = {}
             while len(finished) < len(ids):
                 for output in self.engine.step():

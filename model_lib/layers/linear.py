@@ -4,7 +4,9 @@ The base weight is `kernel [in, out]` (HF checkpoints store `weight [out, in]`;
 the loader transposes). A quantized base (NF4 under QLoRA, int8, int4, ...) replaces the
 kernel by a `QuantizedWeight` in the one `quantized` slot; the layer only calls its
 `matmul` and `dequantize`, whatever the format. A LoRA adapter adds `dropout(x) @ A @ B *
-scale` with `A [in, r]`, `B [r, out]` (see `model_lib/lora.py`); the same layer
+scale` with `A [in, r]`, `B [r, out]` (see `model_lib/lora.py`); a server of many adapters
+gives it `[max_loras, ...]` stacks instead and the step's per-token slot index picks each
+token's adapter (`model_lib/layers/lora_slots.py`, `serving/lora/`). The same layer
 serves the trainer and the server, so every projection of every family gains
 adapters and quantization at once.
 """
@@ -15,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model_lib.layers.lora_slots import LoRAStack, current_adapter_slots
 from model_lib.quantization import QuantizedWeight
+from pallas_kernels.lora import lora_delta
 
 
 class LoRAParam(nnx.Param):
@@ -57,6 +61,9 @@ class Linear(nnx.Module):
         self.lora_b: LoRAParam | None = nnx.data(None)
         self.lora_scale = 0.0
         self.lora_dropout: nnx.Dropout | None = nnx.data(None)
+        # Served adapters: `[max_loras, in, R]` / `[max_loras, R, out]`, scaling folded into B.
+        self.lora_stack_a: LoRAStack | None = nnx.data(None)
+        self.lora_stack_b: LoRAStack | None = nnx.data(None)
 
     def weight(self, dtype: jnp.dtype) -> jax.Array:
         """The base kernel `[in, out]` in `dtype` (dequantized if stored quantized)."""
@@ -81,4 +88,8 @@ class Linear(nnx.Module):
             h = self.lora_dropout(x) if self.lora_dropout is not None else x
             delta = jnp.dot(jnp.dot(h, self.lora_a[...].astype(x.dtype)), self.lora_b[...].astype(x.dtype))
             y = y + delta * jnp.asarray(self.lora_scale, x.dtype)
+        if self.lora_stack_a is not None and (slots := current_adapter_slots()) is not None:
+            flat = x.reshape(-1, self.in_features)  # [T, in]: the ragged step's tokens
+            delta = lora_delta(flat, self.lora_stack_a[...], self.lora_stack_b[...], slots)
+            y = y + delta.reshape(y.shape)
         return y

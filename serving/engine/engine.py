@@ -37,6 +37,7 @@ from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
+from serving.lora.manager import LoRAManager
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
 
@@ -67,6 +68,11 @@ class EngineConfig:
     # Run repeated layers through one lax.scan (compile time flat in depth); False unrolls them.
     # None: scan on an accelerator, unroll on the CPU backend (see serving/engine/runner.py).
     scan_layers: bool | None = None
+    # Many LoRA adapters in one batch (vLLM's names): adapters are loaded into `max_loras` slots of
+    # rank up to `max_lora_rank` (`serving/lora/manager.py`); requests pick one by name.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
 
 
 @dataclass
@@ -77,6 +83,7 @@ class _Request:
     params: SamplingParams
     sequences: list[Sequence]
     detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+    lora_slot: int | None = None  # the adapter slot it holds until it leaves the engine
 
     @property
     def finished(self) -> bool:
@@ -160,6 +167,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )
+        if config.enable_lora and jax.process_count() > 1:
+            raise ValueError("LoRA adapters are not served across processes yet (multi-host)")
+        self.lora = LoRAManager(model, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank) \
+            if config.enable_lora else None
         self.runner = ModelRunner(
             model,
             num_pages=num_pages,
@@ -170,6 +181,7 @@ class LLMEngine:
             plan=plan,
             scan_layers=config.scan_layers,
             kv_cache_dtype=cache_dtype,
+            lora=self.lora,
         )
         self.slot_state = new_slot_state(config.max_num_seqs, mc.vocab_size, self.max_model_len)
         self._in_flight: _InFlight | None = None
@@ -206,13 +218,19 @@ class LLMEngine:
         validate_request(params, self.config.limits, self.model_config.vocab_size)
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        lora_name: str | None = None,
     ) -> None:
-        """Queue a request; raises ValueError for a prompt the engine cannot serve."""
+        """Queue a request (with the loaded LoRA adapter `lora_name`, if given); raises ValueError for a
+        prompt the engine cannot serve or an adapter it does not hold."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = _token_ids(prompt_ids)
         self.validate_request(prompt_ids, params)
+        if lora_name is not None and self.lora is None:
+            raise ValueError("this engine serves no LoRA adapters (enable_lora is off)")
+        if lora_name is not None and lora_name not in self.lora.adapters:
+            raise ValueError(f"no LoRA adapter named {lora_name!r} is loaded")
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []
@@ -232,7 +250,12 @@ class LLMEngine:
             else None
             for _ in sequences
         ]
-        self.requests[request_id] = _Request(request_id, prompt, list(prompt_ids), params, sequences, detokenizers)
+        adapter = self.lora.acquire(lora_name) if lora_name is not None else None  # nothing fails past here
+        if adapter is not None:
+            for seq in sequences:
+                seq.lora_slot, seq.cache_salt = adapter.slot, adapter.cache_salt
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_ids), params, sequences, detokenizers,
+                                             adapter.slot if adapter is not None else None)
         for seq in sequences:
             self.scheduler.add(seq)
         self.num_prompt_tokens += len(prompt_ids)
@@ -243,6 +266,13 @@ class LLMEngine:
         if request is not None:
             for seq in request.sequences:
                 self.scheduler.finish(seq, "abort")
+            self._release_adapter(request)
+
+    def _release_adapter(self, request: _Request) -> None:
+        """A request left the engine: its adapter slot may be freed (see `LoRAManager.unload`)."""
+        if request.lora_slot is not None:
+            self.lora.release(request.lora_slot)
+            request.lora_slot = None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -368,7 +398,7 @@ class LLMEngine:
             if output is not None:
                 outputs.append(output)
             if finished:
-                del self.requests[request.request_id]
+                self._release_adapter(self.requests.pop(request.request_id))
         return outputs
 
     def _fail(self, request_id: str, phase: str, error: Exception, failed: dict[str, RequestOutput]) -> None:
@@ -379,6 +409,7 @@ class LLMEngine:
             return
         for seq in request.sequences:
             self.scheduler.finish(seq, "error")
+        self._release_adapter(request)
         failed[request_id] = RequestOutput(
             request_id=request_id,
             prompt=request.prompt,

@@ -29,6 +29,7 @@ class StepInputs:
     feed: np.ndarray  # [T_pad] slot whose last sampled token is this input (-1: input_ids has it)
     batch: PagedBatch  # numpy fields
     logits_indices: np.ndarray  # [S_pad] flat index of each sequence's last token
+    lora_slots: np.ndarray | None = None  # [T_pad] each token's adapter slot (-1: none); with served adapters
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -39,8 +40,9 @@ class StepInputs:
 class InputBatch:
     """Builds `StepInputs` for scheduled sequences; holds the slots' page tables between steps."""
 
-    def __init__(self, max_num_seqs: int, max_pages_per_seq: int):
+    def __init__(self, max_num_seqs: int, max_pages_per_seq: int, *, with_lora: bool = False):
         self.pad_slot = max_num_seqs
+        self.with_lora = with_lora
         self.page_tables = np.zeros((max_num_seqs + 1, max_pages_per_seq), np.int32)
         # The page list each slot's row was written from (a sequence's list only grows while it holds
         # its slot; preemption and finishing replace it), and how many of its pages the row holds.
@@ -61,7 +63,7 @@ class InputBatch:
         """The arrays of one step over `scheduled` (each sequence holding a slot), padded to `shape`."""
         token_pad, seq_pad, page_pad = shape
         num_seqs = len(scheduled)
-        starts, counts, known, slots, ids = [], [], [], [], []
+        starts, counts, known, slots, ids, adapters = [], [], [], [], [], []
         for item in scheduled:
             seq, start = item.seq, item.seq.num_computed
             # The tokens the host knows; the rest (at most one) was sampled on the device.
@@ -72,6 +74,7 @@ class InputBatch:
             counts.append(item.num_new_tokens)
             known.append(num_known)
             slots.append(seq.slot)
+            adapters.append(seq.lora_slot)
             self._sync_pages(seq.slot, seq.pages)
 
         counts_a = np.asarray(counts, np.int32)
@@ -102,5 +105,9 @@ class InputBatch:
         rows[:num_seqs] = slots_a
         page_tables = self.page_tables[rows, :page_pad]  # a copy: the next step may rewrite the rows
         meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, np.int32(num_seqs))
+        lora_slots = None
+        if self.with_lora:
+            lora_slots = np.full(token_pad, -1, np.int32)
+            lora_slots[:num_tokens] = np.asarray(adapters, np.int32)[owner]
         batch = PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta, slots=rows)
-        return StepInputs(input_ids, feed, batch, logits_indices)
+        return StepInputs(input_ids, feed, batch, logits_indices, lora_slots)

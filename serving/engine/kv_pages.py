@@ -16,16 +16,17 @@ from typing import Sequence
 PageKey = tuple[int, tuple[int, ...]]  # (hash of the previous page's key, this page's tokens)
 
 
-def next_page_key(previous: PageKey | None, page_tokens: Sequence[int]) -> PageKey:
-    """Key of a full page given the key of the page before it (None for the first)."""
-    return (0 if previous is None else hash(previous), tuple(page_tokens))
+def next_page_key(previous: PageKey | None, page_tokens: Sequence[int], salt: int = 0) -> PageKey:
+    """Key of a full page given the key of the page before it (None for the first, which carries
+    `salt`: what else than the tokens decides the page's contents, such as a LoRA adapter)."""
+    return (salt if previous is None else hash(previous), tuple(page_tokens))
 
 
-def page_keys(tokens: Sequence[int], page_size: int, num_pages: int) -> list[PageKey]:
+def page_keys(tokens: Sequence[int], page_size: int, num_pages: int, salt: int = 0) -> list[PageKey]:
     """Chained keys of the first `num_pages` full pages of `tokens`."""
     keys: list[PageKey] = []
     for i in range(num_pages):
-        keys.append(next_page_key(keys[-1] if keys else None, tokens[i * page_size : (i + 1) * page_size]))
+        keys.append(next_page_key(keys[-1] if keys else None, tokens[i * page_size : (i + 1) * page_size], salt))
     return keys
 
 
@@ -84,7 +85,7 @@ class PagePool:
                     self._free.append(page)
 
     # -- prefix caching -------------------------------------------------------
-    def match_prefix(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], list[PageKey]]:
+    def match_prefix(self, tokens: Sequence[int], max_tokens: int, salt: int = 0) -> tuple[list[int], list[PageKey]]:
         """Take the cached pages holding the longest prefix of `tokens` (at most `max_tokens`).
 
         Returns the pages (each now referenced once more) and their keys.
@@ -93,7 +94,7 @@ class PagePool:
             return [], []
         pages, keys = [], []
         wanted = max_tokens // self.page_size
-        for key in page_keys(tokens, self.page_size, wanted):
+        for key in page_keys(tokens, self.page_size, wanted, salt):
             page = self._page_of.get(key)
             if page is None:
                 break

@@ -14,6 +14,10 @@ takes the token from `fed_tokens` (the sampler's `last_tokens`).
 The parameters are passed as a flat list of leaves (flattened once), so a
 call does not walk the model's parameter tree.
 
+With served LoRA adapters (`serving/lora/`) the step also takes the adapter stacks and each
+token's adapter slot (`StepInputs.lora_slots`); the stacks are arguments of fixed shape, so
+loading an adapter replaces their contents without a new compilation.
+
 With `scan_layers` (the default on accelerators) the step runs the model's serving view
 (`model_lib.layer_scan.scanned_view`): runs of identical layers go through one
 `lax.scan` whose carry holds their stacked KV pools, so a step compiles in about the
@@ -44,6 +48,7 @@ from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.input_batch import InputBatch, StepInputs
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.step_shardings import place_serving_step
+from serving.lora.manager import LoRAManager, adapters_in_step
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +78,14 @@ def buckets(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
-def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices):
+def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices, lora=None,
+          *, lora_paths=()):
+    """`lora`: with served adapters, (their stacks, the per-token slot index `[T_pad]`)."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     if plan is not None:  # every device runs every token: the residual stream stays replicated
         model.model.activation_sharding = plan.replicated()
     input_ids = jnp.where(feed >= 0, jnp.take(fed_tokens, feed, mode="clip"), input_ids)
-    with kernel_plan(plan):  # kernels run per head / expert shard
+    with kernel_plan(plan), adapters_in_step(model, lora_paths, lora):  # kernels run per head / expert shard
         return model.forward(input_ids, batch, kv_caches, logits_indices)
 
 
@@ -95,8 +102,10 @@ class ModelRunner:
         plan: ShardingPlan | None = None,
         scan_layers: bool | None = None,
         kv_cache_dtype: jnp.dtype | None = None,
+        lora: LoRAManager | None = None,
     ):
-        """`kv_cache_dtype`: the pages' dtype (default the model's; int8 / float8 pages are quantized)."""
+        """`kv_cache_dtype`: the pages' dtype (default the model's; int8 / float8 pages are quantized);
+        `lora`: served adapters, whose stacks every step takes (the layers stay unrolled then)."""
         config = model.config
         self.config = config
         self.page_size = page_size
@@ -105,6 +114,11 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.min_token_bucket = MIN_CPU_TOKEN_BUCKET if jax.default_backend() == "cpu" else MIN_TOKEN_BUCKET
         self.scan_layers = jax.default_backend() != "cpu" if scan_layers is None else scan_layers
+        if lora is not None:
+            if scan_layers:
+                raise ValueError("scan_layers does not serve LoRA adapters yet; leave it unset or False")
+            self.scan_layers = False  # the adapter stacks are handed to the unrolled layers by path
+        self.lora = lora
         if self.scan_layers:
             model = scanned_view(model)
         self.graphdef, self.state = nnx.split(model)
@@ -113,11 +127,14 @@ class ModelRunner:
         self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(kv_cache_dtype or config.dtype),
                                               sharding_fn, num_slots=max_num_seqs + 1)
         self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
-        self.params, shardings = place_serving_step(plan, self.params, self.kv_caches, num_host_inputs=5)
-        self._step = jax.jit(partial(_step, self.graphdef, treedef, plan), donate_argnums=(1,), **shardings)
+        self.params, shardings = place_serving_step(plan, self.params, self.kv_caches,
+                                                     num_host_inputs=5 if lora is None else 6)
+        paths = lora.paths if lora is not None else ()
+        self._step = jax.jit(partial(_step, self.graphdef, treedef, plan, lora_paths=paths), donate_argnums=(1,),
+                             **shardings)
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
         self.compiled_shapes: set[tuple[int, int, int]] = set()
-        self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq)
+        self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq, with_lora=lora is not None)
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
@@ -149,8 +166,12 @@ class ModelRunner:
 
     def step_args(self, inputs: StepInputs) -> tuple:
         """The jitted step's arguments for `inputs`, in order."""
-        return (self.params, self.kv_caches, inputs.input_ids, inputs.feed, self.fed_tokens, inputs.batch,
+        args = (self.params, self.kv_caches, inputs.input_ids, inputs.feed, self.fed_tokens, inputs.batch,
                 inputs.logits_indices)
+        if self.lora is None:
+            return args
+        slots = inputs.lora_slots if inputs.lora_slots is not None else np.full(inputs.input_ids.shape, -1, np.int32)
+        return (*args, (self.lora.stacks, slots))
 
     def run(self, inputs: StepInputs) -> jax.Array:
         """Dispatch the step on prepared inputs (the KV cache is donated and replaced); logits `[S_pad, V]`,

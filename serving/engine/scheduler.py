@@ -126,7 +126,7 @@ class Scheduler:
                 break  # preempted with a token still on the way: recompute once it is read
             if not seq.pages:
                 # Reuse cached pages of the prefix, but always compute the last token (it gives the logits).
-                seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1)
+                seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1, seq.cache_salt)
                 seq.num_computed = len(seq.pages) * self.pool.page_size
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             needed = self._pages_needed(seq, num_new)
@@ -160,7 +160,7 @@ class Scheduler:
         while len(seq.page_keys) < full:
             i = len(seq.page_keys)
             previous = seq.page_keys[-1] if seq.page_keys else None
-            key = next_page_key(previous, seq.token_slice(i * page_size, (i + 1) * page_size))
+            key = next_page_key(previous, seq.token_slice(i * page_size, (i + 1) * page_size), seq.cache_salt)
             seq.page_keys.append(key)
             self.pool.register(seq.pages[i], key)
 

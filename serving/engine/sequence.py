@@ -42,6 +42,8 @@ class Sequence:
     num_pending: int = 0  # tokens sampled by dispatched steps that the host has not read yet
     emitted: int = 0  # output tokens already handed out in delta outputs
     emitted_text: int = 0  # characters of text already handed out in delta outputs
+    lora_slot: int = -1  # its LoRA adapter's slot in the served stacks (-1: the base model)
+    cache_salt: int = 0  # salts its prefix-cache page keys (its adapter's load; 0: the base model)
 
     @property
     def tokens(self) -> list[int]:

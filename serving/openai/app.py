@@ -38,6 +38,7 @@ from serving.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedE
 from serving.metrics import ServingMetrics
 from serving.engine.pooling_engine import PoolingEngine
 from serving.openai.pooling import GUARDED_PATHS, POOLING_REQUESTS, add_pooling_routes
+from serving.openai.lora_routes import adapter_cards, add_lora_routes
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai.responses import (
     ErrorResponse,
@@ -180,13 +181,18 @@ class OpenAIServer:
         *,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         protect_metrics: bool = False,
+        allow_runtime_lora_updating: bool = False,
     ):
+        """`allow_runtime_lora_updating`: add vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`
+        (an engine with LoRA enabled only)."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.api_key = api_key
         self.max_body_size = max_body_size
         self.protect_metrics = protect_metrics
+        self.lora = engine.engine.lora  # served adapters (None: LoRA off)
+        self.allow_runtime_lora_updating = allow_runtime_lora_updating and self.lora is not None
         self.metrics = ServingMetrics(engine.engine, model_name)
         self.max_model_len = engine.engine.max_model_len
         self.max_n = engine.engine.config.limits.max_n
@@ -206,9 +212,14 @@ class OpenAIServer:
                                 f"{', '.join(engine.tasks)} (/v1/embeddings, /classify, /score, /rerank, /pooling), "
                                 "not text generation")
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.", "NotFoundError", "model")
+    def check_model(self, name: str) -> str | None:
+        """The LoRA adapter that `name` selects (None: the base model); 404 for a model not served."""
+        if name == self.model_name:
+            return None
+        if self.lora is not None and name in self.lora.adapters:
+            return name
+        served = ", ".join(f"`{n}`" for n in [self.model_name, *(self.lora.adapters if self.lora else ())])
+        raise APIError(404, f"The model `{name}` does not exist; this server serves {served}.", "NotFoundError", "model")
 
     def decode(self, token: int) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode([token])
@@ -257,8 +268,10 @@ class OpenAIServer:
         return error_body(error.message, error.kind, error.status, error.param)
 
     # -- running requests -----------------------------------------------------
-    async def run(self, prompts: list[Prompt], params: SamplingParams, base_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Outputs of all prompts interleaved as (prompt index, DELTA output): no per-step copies of what was sent."""
+    async def run(self, prompts: list[Prompt], params: SamplingParams, base_id: str,
+                  lora_name: str | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Outputs of all prompts interleaved as (prompt index, DELTA output): no per-step copies of what was sent;
+        `lora_name`: the LoRA adapter they run with."""
         inbox: asyncio.Queue = asyncio.Queue()
         params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
 
@@ -266,7 +279,7 @@ class OpenAIServer:
             timer = self.metrics.request(len(prompt.ids))
             finished = False
             try:
-                async for out in self.engine.generate(f"{base_id}-{i}", prompt.ids, params, prompt.text):
+                async for out in self.engine.generate(f"{base_id}-{i}", prompt.ids, params, prompt.text, lora_name):
                     timer.tokens_seen(sum(len(c.token_ids) for c in out.outputs))
                     if out.finished:
                         finished = True
@@ -298,12 +311,13 @@ class OpenAIServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def collect(self, raw: Request, prompts: list[Prompt], params: SamplingParams, base_id: str) -> dict[int, RequestOutput]:
+    async def collect(self, raw: Request, prompts: list[Prompt], params: SamplingParams, base_id: str,
+                      lora_name: str | None = None) -> dict[int, RequestOutput]:
         """Whole outputs (the deltas added up); aborts everything if the client disconnects first."""
 
         async def gather() -> dict[int, RequestOutput]:
             whole: dict[int, RequestOutput] = {}
-            async for i, out in self.run(prompts, params, base_id):
+            async for i, out in self.run(prompts, params, base_id, lora_name):
                 if i in whole:
                     whole[i].add(out)
                 else:
@@ -327,12 +341,12 @@ class OpenAIServer:
     # -- /v1/completions ------------------------------------------------------
     async def completions(self, body: CompletionRequest, raw: Request) -> Response:
         self.check_generates()
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         params = self.params(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         self.check_count(len(body.prompts()), params)  # before tokenizing them all
         prompts = await self.off_loop(lambda: [self.prepare(p) for p in body.prompts()])
         self.check_fits(prompts, params)
-        header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", self.model_name)
+        header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", body.model)
 
         def echo_text(p: Prompt) -> str:
             return p.text if p.text is not None else self.tokenizer.decode(p.ids)
@@ -349,7 +363,7 @@ class OpenAIServer:
             }
 
         if not body.stream:
-            final = await self.collect(raw, prompts, params, header.id)
+            final = await self.collect(raw, prompts, params, header.id, lora)
             choices = [
                 choice(i, c, echo[i] + c.text, c.token_ids, c.logprobs, c.finish_reason, len(echo[i]))
                 for i in sorted(final)
@@ -364,7 +378,7 @@ class OpenAIServer:
             cursors: dict[tuple[int, int], StreamCursor] = {}
             completion_tokens = 0
             try:
-                async for i, out in self.run(prompts, params, header.id):
+                async for i, out in self.run(prompts, params, header.id, lora):
                     for c in out.outputs:
                         cursor = cursors.setdefault((i, c.index), StreamCursor())
                         if cursor.done:
@@ -398,20 +412,20 @@ class OpenAIServer:
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         self.check_generates()
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         top_n = body.top_logprobs or 0
         params = self.params(lambda: body.sampling_params(body.token_limit(), top_n if body.logprobs else None))
         prompt = await self.off_loop(lambda: self.chat_prompt(body))
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt.ids))
         self.check_fits([prompt], params)
-        header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", self.model_name)
+        header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", body.model)
 
         def logprobs(tokens: list[int], entries) -> dict[str, Any] | None:
             return None if entries is None else chat_logprobs(tokens, entries, self.decode, top_n)
 
         if not body.stream:
-            final = (await self.collect(raw, [prompt], params, header.id))[0]
+            final = (await self.collect(raw, [prompt], params, header.id, lora))[0]
             choices = [
                 {
                     "index": c.index,
@@ -430,7 +444,7 @@ class OpenAIServer:
             cursors: dict[int, StreamCursor] = {}
             completion_tokens = 0
             try:
-                async for _, out in self.run([prompt], params, header.id):
+                async for _, out in self.run([prompt], params, header.id, lora):
                     for c in out.outputs:
                         cursor = cursors.setdefault(c.index, StreamCursor())
                         if cursor.done:
@@ -514,9 +528,11 @@ class OpenAIServer:
         @app.get("/v1/models", responses=_declared(401))
         async def models() -> dict[str, Any]:
             card = {"id": self.model_name, "object": "model", "created": int(time.time()), "owned_by": "jaxllm", "max_model_len": self.max_model_len}
-            return {"object": "list", "data": [card]}
+            return {"object": "list", "data": [card, *adapter_cards(self.lora, card)]}
 
         generation = {**_declared(*GENERATION_ERRORS), 200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+        if self.allow_runtime_lora_updating:
+            add_lora_routes(app, self.engine, self.model_name)
 
         @app.post("/v1/completions", responses=generation)
         async def completions(body: CompletionRequest, raw: Request) -> Response:
@@ -537,8 +553,9 @@ class OpenAIServer:
                 components = schema.get("components", {}).get("schemas", {})
                 for name in ("HTTPValidationError", "ValidationError"):
                     components.pop(name, None)
-                for name in ("CompletionRequest", "ChatCompletionRequest", *POOLING_REQUESTS):  # the one model served
-                    components[name]["properties"]["model"]["enum"] = [self.model_name]
+                for name in ("CompletionRequest", "ChatCompletionRequest", *POOLING_REQUESTS):  # the one model name served
+                    if self.lora is None:  # adapters' names come and go
+                        components[name]["properties"]["model"]["enum"] = [self.model_name]
                 app.openapi_schema = schema
             return app.openapi_schema
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 
@@ -18,8 +19,10 @@ from serving.async_engine import AsyncLLMEngine
 from serving.engine.limits import RequestLimits
 from serving.default_model import default_model_path, served_name
 from serving.llm import LLM
+from serving.lora.manager import MAX_LORA_RANK_LIMIT, MAX_LORAS_LIMIT
 from serving.openai.app import DEFAULT_MAX_BODY_SIZE, OpenAIServer
 
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load / unload routes
 DEATH_GRACE_S = 2.0  # after the engine dies: seconds of 503s (in-flight errors, a health probe) before exiting
 
 
@@ -62,6 +65,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a generative model also serves /v1/embeddings (its last token's final hidden state, "
                         "normalised), through the same engine")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    lora = p.add_argument_group("LoRA adapters", "serve PEFT LoRA adapters, each under its own model name, "
+                                "many in one batch")
+    lora.add_argument("--enable-lora", action="store_true")
+    lora.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", type=_lora_module,
+                      help="adapters to load at start: NAME=PATH (a PEFT folder: adapter_config.json + "
+                           "adapter_model.safetensors), or vLLM's JSON {\"name\": ..., \"path\": ...}")
+    lora.add_argument("--max-loras", type=int, default=1,
+                      help=f"adapters held at once, in one batch (1 to {MAX_LORAS_LIMIT}; default %(default)s)")
+    lora.add_argument("--max-lora-rank", type=int, default=16,
+                      help=f"largest adapter rank (1 to {MAX_LORA_RANK_LIMIT}; default %(default)s)")
+    lora.add_argument("--allow-runtime-lora-updating", action=argparse.BooleanOptionalAction,
+                      default=os.environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
+                      help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default: "
+                           f"${RUNTIME_LORA_ENV}, as in vLLM)")
     nodes = p.add_argument_group(
         "multi-host (jax.distributed)",
         "one process per node over one mesh of all their devices; process 0 serves HTTP, the others follow. "
@@ -82,7 +99,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="characters in one stop string (default %(default)s)")
     limits.add_argument("--protect-metrics", action="store_true",
                         help="with --api-key, require the key on /metrics too (default: /metrics is open)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lora_modules and not args.enable_lora:
+        p.error("--lora-modules needs --enable-lora")
+    return args
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """(name, path) from NAME=PATH or vLLM's JSON form."""
+    if text.lstrip().startswith("{"):
+        import json
+
+        try:
+            spec = json.loads(text)
+            return str(spec["name"]), str(spec["path"])
+        except (ValueError, KeyError, TypeError):
+            raise argparse.ArgumentTypeError(f"expected {{\"name\": ..., \"path\": ...}}, got {text!r}") from None
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 class _Server(uvicorn.Server):
@@ -136,9 +172,14 @@ def main(argv: list[str] | None = None) -> None:
             num_processes=args.num_processes,
             process_id=args.process_id,
             enable_embeddings=args.enable_embeddings,
+            enable_lora=args.enable_lora,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
             **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager}),
         )
-    except ValueError as e:  # a setting the model cannot take (e.g. --max-model-len): say it, no traceback
+        for name, path in args.lora_modules:
+            llm.engine.lora.load(name, path)
+    except (ValueError, FileNotFoundError) as e:  # a setting the model cannot take (e.g. --max-model-len): say it
         sys.exit(f"serve: {e}")
     if not llm.is_leader:  # a follower: the leader's steps until it shuts down, no HTTP
         logging.getLogger(__name__).info("following process 0 (it serves HTTP)")
@@ -147,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     engine = AsyncLLMEngine(llm.engine, on_death=lambda _: stop_serving())
     engine.start()
     server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or served_name(args.model), args.api_key,
-                          max_body_size=args.max_body_size, protect_metrics=args.protect_metrics)
+                          max_body_size=args.max_body_size, protect_metrics=args.protect_metrics,
+                          allow_runtime_lora_updating=args.allow_runtime_lora_updating)
     config = uvicorn.Config(
         server.app(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )

@@ -143,12 +143,18 @@ class PoolingRoutes:
 
         return await self.server.until_done(raw, every())
 
+    def check_base_model(self, name: str) -> None:
+        """404 for a model not served; 400 for a LoRA adapter's name (adapters serve generation only)."""
+        if self.server.check_model(name) is not None:
+            raise _refused(400, f"`{name}` is a LoRA adapter; pooling routes serve the base model "
+                                f"`{self.server.model_name}` only")
+
     async def pooled(self, raw: Request, body: Any, route: str, params: PoolingParams, prefix: str):
         engine = self.engine(route)
         if params.task not in engine.tasks:
             raise _refused(400, f"`{self.server.model_name}` ({engine.model.architecture}) serves "
                                 f"{', '.join(engine.tasks)}; {route} needs {params.task}")
-        self.server.check_model(body.model)
+        self.check_base_model(body.model)
         inputs = await self.server.off_loop(lambda: self.inputs(body, params))
         header = ResponseHeader(f"{prefix}-{uuid.uuid4().hex}", self.server.model_name)
         return header, await self.run(raw, inputs, header.id)
@@ -180,7 +186,7 @@ class PoolingRoutes:
 
     async def scores(self, raw: Request, body: Any, route: str, text_1: Any, text_2: Any) -> tuple[ResponseHeader, list]:
         model = self.engine(route).model
-        self.server.check_model(body.model)
+        self.check_base_model(body.model)
         count = 1 if isinstance(text_2, str) else len(text_2)
         if max(count, 1 if isinstance(text_1, str) else len(text_1)) > MAX_INPUTS:
             raise _refused(400, f"at most {MAX_INPUTS} texts on each side per request")

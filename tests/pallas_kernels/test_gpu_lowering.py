@@ -163,6 +163,22 @@ def test_grouped_matmul_kernels_compile(shape, pass_):
     assert_compiles(gpu_lowering.lower_for_h100(jax.jit(fn), *args), (prefix,))
 
 
+# Multi-LoRA (SGMV-style, `pallas_kernels.lora`): 4 adapters of rank 16 on a Llama-3-8B projection
+# (K = N = 4096), a 512-token prefill chunk (wgmma tiles; decode-sized tiles are in the serving step
+# test below). Both the shrink (N = R) and the expand (K = R) grouped matmuls must be the kernel.
+LORA_TOKENS = {"prefill-t512": 512}
+
+
+@pytest.mark.parametrize("tokens", sorted(LORA_TOKENS))
+def test_multi_lora_product_compiles(tokens):
+    from pallas_kernels.lora import lora_delta
+
+    rows = LORA_TOKENS[tokens]
+    args = (S((rows, 4096), BF16), S((4, 4096, 16), BF16), S((4, 16, 4096), BF16), S((rows,), jnp.int32))
+    reports = assert_compiles(gpu_lowering.lower_for_h100(jax.jit(lora_delta), *args), ("gmm_",))
+    assert len([r for r in reports if r.name.startswith("gmm_")]) >= 2, [r.name for r in reports]
+
+
 # Llama-3-8B layers (K, N): gate/up_proj, down_proj (q/o_proj tile like down_proj); rows: decode
 # batches and a prefill chunk.
 QUANT_LAYERS = {"gate_up": (4096, 14336), "down": (14336, 4096)}
@@ -370,6 +386,25 @@ def test_weight_only_serving_step_reaches_the_fused_kernel(method, tmp_path):
         runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
     )
     assert_compiles(lowered, ("ragged_paged_attention", WEIGHT_ONLY_KERNELS[method]))
+
+
+def test_multi_lora_serving_step_reaches_the_kernel(tmp_path):
+    """A decode step with served LoRA adapters runs every layer's adapter product through the grouped matmul."""
+    from flax import nnx
+
+    from model_lib import CausalLM
+    from serving.engine.runner import ModelRunner
+    from serving.lora import LoRAManager
+
+    model = nnx.eval_shape(lambda: CausalLM(tiny_config("llama-gqa", tmp_path), rngs=nnx.Rngs(0)))
+    lora = LoRAManager(model, max_loras=4, max_lora_rank=16)
+    runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8, max_num_batched_tokens=64,
+                         max_model_len=PAGE_SIZE * 8, lora=lora)
+    lowered = gpu_lowering.lower_for_h100(
+        runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["decode"])))
+    )
+    reports = assert_compiles(lowered, ("ragged_paged_attention", "gmm_"))
+    assert len([r for r in reports if r.name.startswith("gmm_")]) >= 2, [r.name for r in reports]
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
