@@ -120,23 +120,28 @@ class BlockConfig:
     num_stages: int
 
 
+def _decode_splits(busy_programs: int, kv_tokens: int, block_k: int) -> int:
+    """KV splits (flash-decoding) that bring a decode step to about two programs per SM."""
+    splits = pl.next_power_of_2(-(-2 * NUM_SMS // max(1, busy_programs)))
+    kv_steps = max(1, kv_tokens // block_k)
+    while splits > 1 and splits > kv_steps:
+        splits //= 2
+    return min(splits, MAX_SPLITS)
+
+
 def block_config(num_tokens: int, num_seqs: int, num_kv_heads: int, groups: int, head_dim: int, page_size: int,
                  max_pages: int, value_dim: int | None = None) -> BlockConfig:
     """Tile shapes for one step's static shapes (see the module docstring)."""
-    if value_dim is not None:  # latent pages: a [rows, 512] accumulator and [block_k, 576] key tiles
-        decode = num_tokens <= 2 * num_seqs
+    decode = num_tokens <= 2 * num_seqs  # decode-like: about one token per sequence
+    if value_dim is not None:  # latent pages: a [rows, 512] accumulator and [32, 576] key tiles; 8 warps: no spills
         rows = min(LATENT_ROWS, max(16, pl.next_power_of_2(groups))) if decode else LATENT_ROWS
-        return BlockConfig(rows, 32, 1, 4 if rows <= 16 else 8, 2)
+        splits = _decode_splits(num_seqs * -(-groups // rows), max_pages * page_size, 32) if decode else 1
+        return BlockConfig(rows, 32, splits, 8, 2)
     padded_dim = max(16, pl.next_power_of_2(head_dim))
     block_k = 64 if padded_dim > 128 else 128  # a slice of a page when pages are larger
-    if num_tokens <= 2 * num_seqs:  # decode-like: about one token per sequence
+    if decode:
         rows = max(16, pl.next_power_of_2(groups))
-        busy = max(1, num_seqs * num_kv_heads)
-        splits = pl.next_power_of_2(-(-2 * NUM_SMS // busy))
-        kv_steps = max(1, max_pages * page_size // block_k)
-        while splits > 1 and splits > kv_steps:
-            splits //= 2
-        return BlockConfig(rows, block_k, min(splits, MAX_SPLITS), 4, 3)
+        return BlockConfig(rows, block_k, _decode_splits(num_seqs * num_kv_heads, max_pages * page_size, block_k), 4, 3)
     return BlockConfig(64, min(block_k, 64), 1, 8 if padded_dim > 128 else 4, 2)  # 8 warps: no spills at D 256
 
 
