@@ -22,7 +22,7 @@ pytestmark = pytest.mark.xdist_group("mla_latent")
 
 PAGE_SIZE = 4
 MLA_CASES = ["minicpm3-noqlora-widev-untied", "deepseek_v2-greedy-qlora", "deepseek_v3-halfrope-allmoe"]
-ENGINE_CASE = "deepseek_v3-noaux-yarn"
+ENGINE_CASE = "deepseek_v3-halfrope-allmoe"  # two identical MoE layers: one scanned run
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
@@ -80,11 +80,13 @@ def test_latent_engine_prefix_caching_chunked_prefill_and_preemption(tiny_checkp
     folder, _ = tiny_checkpoint(ENGINE_CASE)
     prompt_ids, refs = engine_expected
     # A 12-token step budget chunks every prompt; 12 pages of 4 tokens cannot hold all four sequences at once.
-    llm = LLM(folder, max_model_len=32, page_size=PAGE_SIZE, max_num_batched_tokens=12, num_pages=12)
+    # The scanned step (the accelerator default) carries both layers' latent pools stacked.
+    llm = LLM(folder, max_model_len=32, page_size=PAGE_SIZE, max_num_batched_tokens=12, num_pages=12, scan_layers=True)
     engine, config = llm.engine, llm.engine.model_config
     # The runner allocates kv_lora_rank + qk_rope_head_dim values per token and layer, nothing per head.
-    per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * jnp.dtype(config.dtype).itemsize
-    assert engine.runner.kv_cache_bytes == 12 * PAGE_SIZE * per_token * config.num_layers
+    width = config.kv_lora_rank + config.qk_rope_head_dim
+    assert [p.shape for p in jax.tree.leaves(engine.runner.kv_caches)] == [(1, 2, 12, PAGE_SIZE, width)]
+    assert engine.runner.kv_cache_bytes == 12 * PAGE_SIZE * width * jnp.dtype(config.dtype).itemsize * config.num_layers
     first = generated(llm, prompt_ids[:1])
     assert engine.pool.prefix_hits == 0
     rest = generated(llm, prompt_ids[1:])
