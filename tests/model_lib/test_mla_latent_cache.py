@@ -112,3 +112,25 @@ def test_latent_pages_replicated_and_heads_split_under_tensor_parallelism(tiny_c
                 if "kv_b_proj" in jax.tree_util.keystr(path))
     assert not kv_b.sharding.is_fully_replicated
     assert generated(llm, prompt_ids) == refs
+
+
+def test_absorbed_path_folds_a_kv_b_proj_adapter(tiny_checkpoint, forward):
+    """A LoRA adapter on kv_b_proj (trained, not merged) enters the absorbed W_UK / W_UV: the paged latent
+    path gives the dense (expanded) forward's logits for the adapted model."""
+    from model_lib.lora import LoraConfig, apply_lora
+
+    folder, _ = tiny_checkpoint(MLA_CASES[1])
+    model = model_lib.from_pretrained(folder)
+    groups = apply_lora(model, LoraConfig(r=4, target_modules=["kv_b_proj"]))
+    rng = np.random.RandomState(5)
+    for _, parts in groups.items():
+        for _, layer in parts:
+            layer.lora_b.set_value(jnp.asarray(rng.randn(*layer.lora_b.shape) * 0.2, jnp.float32))
+    ids = random_ids(1, 10, seed=9)[0]
+    num_pages = -(-len(ids) // PAGE_SIZE)
+    caches = model.make_kv_caches(num_pages, PAGE_SIZE, jnp.float32)
+    paged, _ = paged_forward(model, jnp.asarray(ids), one_sequence_step(ids, 0, num_pages), caches)
+    dense = forward(model, ids[None], np.ones((1, len(ids)), np.int32))[0]
+    assert_logits_close(paged, np.asarray(dense))
+    base = hf_logits(tiny_checkpoint(MLA_CASES[1])[1], ids[None])[0]
+    assert float(np.abs(np.asarray(paged) - base).max()) > 1e-2  # the adapter moved the logits
