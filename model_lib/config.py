@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_lib.cache_spec import CacheSpec, LatentKV, PagedKV
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 MAX_MTP_LAYERS = 16  # a bound on `num_mtp_layers` read from a config (DeepSeek-V3 has 1)
@@ -330,6 +332,13 @@ class ModelConfig:
     def layer_cache_kv_heads(self, layer: int) -> int:
         """KV heads this layer keeps in the paged cache: 0 for layers without attention."""
         return self.layer_kv_heads(layer) if self.layer_attention_kind(layer) == "attention" else 0
+
+    def layer_cache_spec(self, layer: int) -> CacheSpec | None:
+        """The serving state this layer keeps (`model_lib/cache_spec.py`); None for none."""
+        kv_heads = self.layer_cache_kv_heads(layer)
+        if kv_heads and self.attention_kind == "mla":  # one latent page for all heads (`layers/mla.py`)
+            return LatentKV(self.kv_lora_rank + self.qk_rope_head_dim)
+        return PagedKV(kv_heads, self.head_dim) if kv_heads else None
 
     def hf_config_dict(self) -> dict[str, Any]:
         return json.loads(self.hf_config_json)

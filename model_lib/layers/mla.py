@@ -13,7 +13,7 @@ K `[nope | rope]` and V, padded to `config.head_dim` (max of the qk and v head d
 the one `attend()` dispatch; zero padding changes no score and no real output feature.
 
 Paged batches (serving) cache the latent itself: one `LatentCache` pool `[1, P, B, L+R]`
-per layer, shared by all heads (`latent_cache_dim`), each token's normed latent `c_kv`
+per layer, shared by all heads (`ModelConfig.layer_cache_spec`: `LatentKV`), each token's normed latent `c_kv`
 followed by its rotated rope key. They attend in the absorbed form, for prefill chunks and
 decode tokens alike: `kv_b_proj` splits per head into W_UK `[L, H, N]` and W_UV `[L, H, V]`;
 the query becomes `[q_nope @ W_UK^T | q_rope]` (width L+R), so its scores against the
@@ -50,11 +50,6 @@ def mla_softmax_scale(qk_head_dim: int, rope: RopeConfig | None) -> float:
     if rope is not None and rope.kind != "default" and rope.mscale_all_dim:
         scale *= _yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
     return scale
-
-
-def latent_cache_dim(config: ModelConfig) -> int:
-    """Values per token and layer in an MLA layer's latent pages: kv_lora_rank + qk_rope_head_dim."""
-    return config.kv_lora_rank + config.qk_rope_head_dim
 
 
 def _pad_heads(x: jax.Array, dim: int) -> jax.Array:

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import model_lib
+from model_lib.cache_spec import LatentKV, cache_specs
 from model_lib.layers import PagedBatch
 from model_lib.sharding import load_mesh_preset
 from pallas_kernels.paged_attention import PagedMetadata
@@ -51,6 +52,7 @@ def test_latent_pages_prefill_chunks_and_decode_match_transformers(case, tiny_ch
     num_pages = -(-len(ids) // PAGE_SIZE)
     caches = model.make_kv_caches(num_pages, PAGE_SIZE, jnp.float32)
     width = config.kv_lora_rank + config.qk_rope_head_dim
+    assert cache_specs(config) == [LatentKV(width)] * config.num_layers
     assert [c.shape for c in jax.tree.leaves(caches)] == [(1, num_pages, PAGE_SIZE, width)] * config.num_layers
     for start, end in ((0, 7), (7, 12), (12, 13), (13, 14)):
         batch = one_sequence_step(ids[:end], start, num_pages)
