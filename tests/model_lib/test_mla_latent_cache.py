@@ -13,7 +13,8 @@ import model_lib
 from model_lib.cache_spec import LatentKV, cache_specs
 from model_lib.layers import PagedBatch
 from model_lib.sharding import load_mesh_preset
-from pallas_kernels.paged_attention import PagedMetadata
+from pallas_kernels.paged_attention import PagedMetadata, QuantizedPages
+from pallas_kernels.paged_attention.kv_quant import page_values
 from serving import LLM, SamplingParams
 from tests.serving.helpers import prompts, token_prompts
 from tests.tiny_models import assert_logits_close, hf_logits, random_ids
@@ -41,8 +42,13 @@ def one_sequence_step(ids: np.ndarray, start: int, num_pages: int) -> PagedBatch
                       meta=meta)
 
 
-@pytest.mark.parametrize("case", MLA_CASES)
-def test_latent_pages_prefill_chunks_and_decode_match_transformers(case, tiny_checkpoint):
+# (case, page dtype, bound on |logit - transformers| relative to the logit scale); int8 pages: 2.1e-3
+# measured on the first chunk.
+LOGITS_CASES = [(case, "float32", 1e-4) for case in MLA_CASES] + [(MLA_CASES[2], "int8", 1e-2)]
+
+
+@pytest.mark.parametrize("case,page_dtype,bound", LOGITS_CASES)
+def test_latent_pages_prefill_chunks_and_decode_match_transformers(case, page_dtype, bound, tiny_checkpoint):
     """Two prefill chunks then two decode tokens over latent pages: each step's logits equal transformers' on the
     prefix so far (the second chunk and the decode steps read the latents the earlier steps wrote)."""
     folder, hf_model = tiny_checkpoint(case)
@@ -50,14 +56,15 @@ def test_latent_pages_prefill_chunks_and_decode_match_transformers(case, tiny_ch
     config = model.config
     ids = random_ids(1, 14, seed=8)[0]
     num_pages = -(-len(ids) // PAGE_SIZE)
-    caches = model.make_kv_caches(num_pages, PAGE_SIZE, jnp.float32)
+    caches = model.make_kv_caches(num_pages, PAGE_SIZE, jnp.dtype(page_dtype))
     width = config.kv_lora_rank + config.qk_rope_head_dim
     assert cache_specs(config) == [LatentKV(width)] * config.num_layers
-    assert [c.shape for c in jax.tree.leaves(caches)] == [(1, num_pages, PAGE_SIZE, width)] * config.num_layers
+    pools = [page_values(c) for c in jax.tree.leaves(caches, is_leaf=lambda c: isinstance(c, QuantizedPages))]
+    assert [(p.shape, p.dtype) for p in pools] == [((1, num_pages, PAGE_SIZE, width), page_dtype)] * config.num_layers
     for start, end in ((0, 7), (7, 12), (12, 13), (13, 14)):
         batch = one_sequence_step(ids[:end], start, num_pages)
         logits, caches = paged_forward(model, jnp.asarray(ids[start:end]), batch, caches)
-        assert_logits_close(logits, hf_logits(hf_model, ids[None, :end])[0, start:end])
+        assert_logits_close(logits, hf_logits(hf_model, ids[None, :end])[0, start:end], rel=bound)
 
 
 @pytest.fixture(scope="module")
