@@ -101,3 +101,16 @@ def test_latent_pages_refusals_are_named():
         reference.paged_attention(case["q"], case["k_cache"], None, case["meta"], scale=0.1, value_dim=64)
     assert "latent pages of 1024 + 64" in triton_kernel.unsupported_reason(128, 1, 1088, 64, value_dim=1024)
     assert triton_kernel.unsupported_reason(128, 1, 576, 64, value_dim=512) is None  # DeepSeek-V3's 512 + 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("shape", ["decode", "mixed"])
+def test_latent_kernel_matches_reference_on_gpu(shape):
+    """DeepSeek-V3's latent pages (512 + 64, bfloat16, pages of 64) with the 16 heads of a tp-8 shard."""
+    case = latent_case(SHAPES[shape], 16, 512, 64, page_size=64, seed=7)
+    case = {name: value.astype(jnp.bfloat16) if name != "meta" else value for name, value in case.items()}
+    options = dict(scale=576**-0.5, value_dim=512)
+    expected, _ = latent_op(**case, **options, implementation="reference")
+    out, _ = latent_op(**case, **options, implementation="kernel")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=3e-2, rtol=2e-2)  # bf16 outputs
