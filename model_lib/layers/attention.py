@@ -28,7 +28,8 @@ from pallas_kernels.paged_attention import PagedMetadata
 from pallas_kernels.paged_attention.kv_quant import Pages
 
 KVCache = tuple[Pages, Pages]  # (k, v) pages, each [K, P, page_size, D] or stacked [K, L, P, page_size, D] (or quantized with scales)
-LatentCache = Pages  # MLA: one latent pool [1, P, page_size, D] (or stacked [1, L, P, page_size, D]) shared by all heads
+# MLA: one latent pool [1, P, page_size, D] (or stacked [1, L, P, page_size, D]) shared by all heads
+LatentCache = Pages
 
 
 @struct.dataclass

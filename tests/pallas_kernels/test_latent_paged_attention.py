@@ -113,4 +113,5 @@ def test_latent_kernel_matches_reference_on_gpu(shape):
     options = dict(scale=576**-0.5, value_dim=512)
     expected, _ = latent_op(**case, **options, implementation="reference")
     out, _ = latent_op(**case, **options, implementation="kernel")
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=3e-2, rtol=2e-2)  # bf16 outputs
+    got, want = np.asarray(out, np.float32), np.asarray(expected, np.float32)
+    np.testing.assert_allclose(got, want, atol=3e-2, rtol=2e-2)  # bfloat16 outputs
