@@ -34,8 +34,11 @@ first `value_dim` columns of the same tile. Every key tile is loaded once per q-
 as two column parts, `[0, value_dim)` and `[value_dim, D)` (512 and 64 wide), the logits
 are the sum of the two parts' products, and the PV product reuses the first part, so all
 the heads of a q-block share one read of each latent page. With G = H (one kv head)
-a q-block's rows are heads of consecutive tokens; rows are capped at 32 so the float32
-accumulator `[R, 512]` stays in registers.
+a q-block's rows are heads of consecutive tokens; rows are capped at 32 and 8 warps run
+each program so the float32 accumulator `[R, 512]` stays in registers (no spills at 512 + 64,
+int8 pages included: the CUDA lowering test); decode steps split the KV range as above. These
+tiles use mma.sync, not wgmma (64-row tiles, FlashMLA's choice, would need the accumulator split
+over two warp groups); not yet timed on a GPU (`benchmarks/mla_attention.py`).
 
 Triton needs power-of-two tile sides: head_dim is padded to the next power of two
 inside the kernel (masked gather loads from the unpadded cache, masked columns
