@@ -44,7 +44,8 @@ def one_sequence_step(ids: np.ndarray, start: int, num_pages: int) -> PagedBatch
 
 # (case, page dtype, bound on |logit - transformers| relative to the logit scale); int8 pages: 2.1e-3
 # measured on the first chunk.
-LOGITS_CASES = [(case, "float32", 1e-4) for case in MLA_CASES] + [(MLA_CASES[2], "int8", 1e-2)]
+# DeepSeek-V2 (MLA_CASES[1]) is held to its dense forward in the adapter test below.
+LOGITS_CASES = [(MLA_CASES[0], "float32", 1e-4), (MLA_CASES[2], "float32", 1e-4), (MLA_CASES[2], "int8", 1e-2)]
 
 
 @pytest.mark.parametrize("case,page_dtype,bound", LOGITS_CASES)
