@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_lib.cache_spec import CacheSpec, PagedKV
+from model_lib.cache_spec import CacheSpec, LatentKV, PagedKV
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -336,6 +336,8 @@ class ModelConfig:
     def layer_cache_spec(self, layer: int) -> CacheSpec | None:
         """The serving state this layer keeps (`model_lib/cache_spec.py`); None for none."""
         kv_heads = self.layer_cache_kv_heads(layer)
+        if kv_heads and self.attention_kind == "mla":  # one latent page for all heads (`layers/mla.py`)
+            return LatentKV(self.kv_lora_rank + self.qk_rope_head_dim)
         return PagedKV(kv_heads, self.head_dim) if kv_heads else None
 
     def hf_config_dict(self) -> dict[str, Any]:

@@ -148,19 +148,20 @@ def dense_attention(
 def paged_attention(
     q: jax.Array,
     k: jax.Array,
-    v: jax.Array,
+    v: jax.Array | None,
     k_cache: Pages,
-    v_cache: Pages,
+    v_cache: Pages | None,
     meta: PagedMetadata,
     *,
     layer: jax.Array | int | None = None,
     implementation: str | None = None,
     **options: Any,
-) -> tuple[jax.Array, Pages, Pages]:
+) -> tuple[jax.Array, Pages, Pages | None]:
     """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]` or stacked
     `[K, L, P, S, D]` with `layer`), per head shard.
 
     Quantized caches (`QuantizedPages`) split their scales `[K, (L,) P, S]` on kv heads like their values.
+    Latent pages (`value_dim`, `v` and `v_cache` None) have one kv head: replicated, read by every shard.
     """
     plan = active_plan()
     axes = () if plan is None else _mesh_axes(plan, "q_heads", "kv_heads")
@@ -187,8 +188,9 @@ def paged_attention(
 
     per_head_specs = {name: PartitionSpec(q_spec[1]) for name in per_head}
     cache_specs = jax.tree.map(lambda c: PartitionSpec(*cache_spec[: c.ndim]), k_cache)  # scales: the values' spec
-    in_specs = (q_spec, kv_spec, kv_spec, cache_specs, cache_specs, PartitionSpec(), per_head_specs, PartitionSpec())
-    run = _shard_map(local, plan, in_specs, (q_spec, cache_specs, cache_specs))
+    v_specs = (kv_spec, cache_specs) if v is not None else (PartitionSpec(), PartitionSpec())  # a prefix of None
+    in_specs = (q_spec, kv_spec, v_specs[0], cache_specs, v_specs[1], PartitionSpec(), per_head_specs, PartitionSpec())
+    run = _shard_map(local, plan, in_specs, (q_spec, cache_specs, v_specs[1]))
     return run(q, k, v, k_cache, v_cache, meta, per_head, layer)
 
 

@@ -28,6 +28,8 @@ from pallas_kernels.paged_attention import PagedMetadata
 from pallas_kernels.paged_attention.kv_quant import Pages
 
 KVCache = tuple[Pages, Pages]  # (k, v) pages, each [K, P, page_size, D] or stacked [K, L, P, page_size, D] (or quantized with scales)
+# MLA: one latent pool [1, P, page_size, D] (or stacked [1, L, P, page_size, D]) shared by all heads
+LatentCache = Pages
 
 
 @struct.dataclass
@@ -66,9 +68,9 @@ class PagedBatch:
 def attend(
     q: jax.Array,
     k: jax.Array,
-    v: jax.Array,
+    v: jax.Array | None,
     batch: DenseBatch | PagedBatch,
-    kv_cache: KVCache | None,
+    kv_cache: KVCache | LatentCache | None,
     *,
     scale: float,
     sliding_window: int | None,
@@ -76,8 +78,14 @@ def attend(
     alibi_slopes: jax.Array | None = None,
     sinks: jax.Array | None = None,
     chunk_size: int | None = None,
-) -> tuple[jax.Array, KVCache | None]:
-    """The single point where attention leaves the model for `pallas_kernels`."""
+    value_dim: int | None = None,
+) -> tuple[jax.Array, KVCache | LatentCache | None]:
+    """The single point where attention leaves the model for `pallas_kernels`.
+
+    `value_dim` (paged batches only): latent pages (MLA's absorbed form). `k` `[T, 1, D]` is the
+    latent key, `v` is None, `kv_cache` the one `LatentCache` pool; V is the first `value_dim`
+    columns of each key and the output is `[T, H, value_dim]`.
+    """
     options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if chunk_size is not None:
         options["chunk_size"] = chunk_size
@@ -98,6 +106,12 @@ def attend(
             **options,
         )
         return out, kv_cache
+    if isinstance(batch, PagedBatch) and value_dim is not None:
+        out, latent_cache, _ = parallel.paged_attention(q, k, None, kv_cache, None, batch.meta, layer=batch.layer,
+                                                        value_dim=value_dim, **options)
+        return out, latent_cache
+    if value_dim is not None:
+        raise TypeError("latent pages (value_dim) are read by paged batches only")
     if isinstance(batch, PagedBatch):
         # Under a mesh (`parallel.kernel_plan`) the kernel runs per head shard.
         out, k_cache, v_cache = parallel.paged_attention(

@@ -8,13 +8,20 @@ through `kv_a_layernorm` and `kv_b_proj` to per-head `[k_nope | v]`, while the o
 Module names are transformers' (DeepseekV2Attention / MiniCPM3Attention), so
 checkpoints load by identity and LoRA targets keep their PEFT names.
 
-KV cache: this layer expands the latent to full per-head K `[nope | rope]` and V and
-pads q, k and v to `config.head_dim` (max of the qk and v head dims), so the paged
-cache holds ordinary `(k, v)` pages with num_kv_heads == num_heads and the runner
-and the one `attend()` dispatch need no MLA knowledge; the output drops the padding.
-Zero padding changes no score and no real output feature. Caching the latent
-(`kv_lora_rank + qk_rope_head_dim` per token) with the absorbed-weights decode is
-future work.
+Dense batches (training, scoring) run the expanded form: the latent goes up to per-head
+K `[nope | rope]` and V, padded to `config.head_dim` (max of the qk and v head dims) for
+the one `attend()` dispatch; zero padding changes no score and no real output feature.
+
+Paged batches (serving) cache the latent itself: one `LatentCache` pool `[1, P, B, L+R]`
+per layer, shared by all heads (`ModelConfig.layer_cache_spec`: `LatentKV`), each token's normed latent `c_kv`
+followed by its rotated rope key. They attend in the absorbed form, for prefill chunks and
+decode tokens alike: `kv_b_proj` splits per head into W_UK `[L, H, N]` and W_UV `[L, H, V]`;
+the query becomes `[q_nope @ W_UK^T | q_rope]` (width L+R), so its scores against the
+latent key `[c_kv | k_rope]` equal q_nope.k_nope + q_rope.k_rope of the expanded form;
+the attention output over V = c_kv (the first L columns of the same page) goes through
+W_UV. This is MQA with one kv head of width L+R whose V is a prefix of K
+(`attend(..., value_dim=L)`). Prefix-cached pages hold latents, so chunked prefill and
+prefix caching read them like any page.
 
 Glossary: B batch, T tokens, E hidden, H heads, N nope dim, R rope dim, V v dim,
 D cache head dim, L kv_lora_rank.
@@ -27,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.config import ModelConfig, RopeConfig
-from model_lib.layers.attention import DenseBatch, KVCache, PagedBatch, attend
+from model_lib.layers.attention import DenseBatch, LatentCache, PagedBatch, attend
 from model_lib.layers.linear import Linear
 from model_lib.layers.norms import RMSNorm
 from model_lib.layers.rotary import _yarn_mscale, apply_rotary, rotary_cos_sin
@@ -98,9 +105,9 @@ class MLAttention(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: KVCache | None = None
-    ) -> tuple[jax.Array, KVCache | None]:
-        """`x [..., E]` (`[B, T, E]` dense or `[T, E]` paged) -> output and the updated KV pages."""
+        self, x: jax.Array, batch: DenseBatch | PagedBatch, kv_cache: LatentCache | None = None
+    ) -> tuple[jax.Array, LatentCache | None]:
+        """`x [..., E]` (`[B, T, E]` dense or `[T, E]` paged) -> output and the updated latent pages."""
         lead, heads = x.shape[:-1], self.num_heads
         if self.q_proj is not None:
             q = self.q_proj(x)
@@ -110,15 +117,18 @@ class MLAttention(nnx.Module):
         q_nope, q_rope = q[..., : self.nope_dim], q[..., self.nope_dim :]
 
         latent = self.kv_a_proj_with_mqa(x)  # [B,T,L+R]
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent[..., : self.kv_lora_rank]))
-        kv = kv.reshape(*lead, heads, self.nope_dim + self.v_dim)  # [B,T,H,N+V]
-        k_nope, v = kv[..., : self.nope_dim], kv[..., self.nope_dim :]
+        c_kv = self.kv_a_layernorm(latent[..., : self.kv_lora_rank])  # [B,T,L]
         k_rope = latent[..., None, self.kv_lora_rank :]  # [B,T,1,R]: one rope key for all heads
 
         if self.rope is not None:
             cos, sin = rotary_cos_sin(self.rope, batch.positions, batch.seq_lens, q.dtype)
             q_rope = apply_rotary(q_rope, cos, sin, self.rope.interleaved)
             k_rope = apply_rotary(k_rope, cos, sin, self.rope.interleaved)
+        if isinstance(batch, PagedBatch):
+            return self._absorbed(q_nope, q_rope, c_kv, k_rope, batch, kv_cache)
+
+        kv = self.kv_b_proj(c_kv).reshape(*lead, heads, self.nope_dim + self.v_dim)  # [B,T,H,N+V]
+        k_nope, v = kv[..., : self.nope_dim], kv[..., self.nope_dim :]
         q = jnp.concatenate([q_nope, q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*lead, heads, self.rope_dim))], axis=-1)
 
@@ -128,3 +138,35 @@ class MLAttention(nnx.Module):
         )
         out = out[..., : self.v_dim].reshape(*lead, heads * self.v_dim)
         return self.o_proj(out), kv_cache
+
+    def _kv_b_weight(self, dtype: jnp.dtype) -> jax.Array:
+        """`kv_b_proj`'s effective kernel `[L, H, N+V]` (dequantized, with a LoRA adapter's delta)."""
+        proj = self.kv_b_proj
+        kernel = proj.weight(dtype)
+        if proj.lora_a is not None:
+            delta = jnp.dot(proj.lora_a[...].astype(dtype), proj.lora_b[...].astype(dtype))
+            kernel = kernel + delta * jnp.asarray(proj.lora_scale, dtype)
+        return kernel.reshape(self.kv_lora_rank, self.num_heads, self.nope_dim + self.v_dim)
+
+    def _absorbed(
+        self,
+        q_nope: jax.Array,
+        q_rope: jax.Array,
+        c_kv: jax.Array,
+        k_rope: jax.Array,
+        batch: PagedBatch,
+        kv_cache: LatentCache,
+    ) -> tuple[jax.Array, LatentCache]:
+        """Paged attention over the latent pages (module docstring): `[T, H*V]` through o_proj."""
+        dtype = q_nope.dtype
+        weight = self._kv_b_weight(dtype)
+        w_uk, w_uv = weight[..., : self.nope_dim], weight[..., self.nope_dim :]  # [L,H,N], [L,H,V]
+        q_latent = jnp.einsum("thn,lhn->thl", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
+        query = jnp.concatenate([q_latent, q_rope], axis=-1)  # [T,H,L+R]
+        key = jnp.concatenate([c_kv[:, None, :], k_rope], axis=-1)  # [T,1,L+R]
+        out, kv_cache = attend(
+            query, key, None, batch, kv_cache, scale=self.scale, sliding_window=self.sliding_window,
+            softcap=self.softcap, value_dim=self.kv_lora_rank,
+        )  # [T,H,L]
+        out = jnp.einsum("thl,lhv->thv", out, w_uv, preferred_element_type=jnp.float32).astype(dtype)
+        return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.v_dim)), kv_cache

@@ -13,6 +13,9 @@ measures it faster, `benchmarks/paged_attention.py`; float pages only).
 
 Caches are page pools `[K, P, B, D]` or quantized pages with scales (`kv_quant.py`):
 the write quantizes, every implementation but "mosaic" dequantizes on read.
+Latent pages (MLA, `value_dim`): one pool `[1, P, B, D]` and no V pool (`v`, `v_cache`
+None); V is the first `value_dim` columns of K (`reference.py`). Every implementation
+but "mosaic" takes them, quantized ones included; "mosaic" refuses them by name.
 `layer` names the layer of a stacked pool `[K, L, P, B, D]` (a scanned layer stack);
 it is folded into the page axis once here (`reference.layer_pages`), so every
 implementation reads that layer's pages in place as if it had a one-layer pool.
@@ -30,34 +33,35 @@ from pallas_kernels.paged_attention.kv_quant import Pages, QuantizedPages, page_
 from pallas_kernels.paged_attention.reference import PagedMetadata
 
 
-def _kernel_unsupported(q: jax.Array, k_cache: Pages) -> str | None:
+def _kernel_unsupported(q: jax.Array, k_cache: Pages, value_dim: int | None = None) -> str | None:
     """Why the Triton kernel cannot take q over this one-layer (or folded) pool `[K, P, B, D]`."""
     pages = page_values(k_cache)
     return triton_kernel.unsupported_reason(q.shape[1], pages.shape[0], q.shape[2], pages.shape[2], pages.size,
-                                            pages.dtype.itemsize)
+                                            pages.dtype.itemsize, value_dim)
 
 
-def choose_implementation(q: jax.Array, k_cache: Pages) -> str:
+def choose_implementation(q: jax.Array, k_cache: Pages, value_dim: int | None = None) -> str:
     """What runs when lowering for CUDA: "kernel" where it covers the shapes, else "tiled"."""
-    return "tiled" if _kernel_unsupported(q, k_cache) else "kernel"
+    return "tiled" if _kernel_unsupported(q, k_cache, value_dim) else "kernel"
 
 
 def ragged_paged_attention(
     q: jax.Array,
     k: jax.Array,
-    v: jax.Array,
+    v: jax.Array | None,
     k_cache: Pages,
-    v_cache: Pages,
+    v_cache: Pages | None,
     meta: PagedMetadata,
     *,
     layer: jax.Array | int | None = None,
     implementation: str | None = None,
     **options,
-) -> tuple[jax.Array, Pages, Pages]:
+) -> tuple[jax.Array, Pages, Pages | None]:
     """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`,
-    `sinks`, `alibi_slopes`, `chunk_size`; `layer` as the module docstring says.
+    `sinks`, `alibi_slopes`, `chunk_size`, `value_dim` (latent pages: `v`, `v_cache` None);
+    `layer` as the module docstring says.
 
-    Returns (out [T,H,D], k_cache, v_cache).
+    Returns (out [T,H,D] (`[T,H,value_dim]`), k_cache, v_cache).
     """
     k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta, layer)
     out = attend_pages(q, k_cache, v_cache, meta, layer=layer, implementation=implementation, **options)
@@ -67,7 +71,7 @@ def ragged_paged_attention(
 def attend_pages(
     q: jax.Array,
     k_cache: Pages,
-    v_cache: Pages,
+    v_cache: Pages | None,
     meta: PagedMetadata,
     *,
     layer: jax.Array | int | None = None,
@@ -82,7 +86,7 @@ def attend_pages(
     """
     (k_cache, v_cache), meta = reference.layer_pages((k_cache, v_cache), meta, layer, head)
     if implementation is None:
-        reason = _kernel_unsupported(q, k_cache)
+        reason = _kernel_unsupported(q, k_cache, options.get("value_dim"))
         if reason is None:
             kernel = functools.partial(triton_kernel.paged_attention, **options)
             attend = functools.partial(tiled.paged_attention, **options)
@@ -96,6 +100,9 @@ def attend_pages(
     if implementation in ("kernel", "interpret"):
         return triton_kernel.paged_attention(q, k_cache, v_cache, meta, **options, interpret=implementation == "interpret")
     if implementation == "mosaic":
+        if v_cache is None:
+            raise ValueError("the Mosaic decode attention does not cover latent pages (value_dim); "
+                             "use the Triton kernel")
         if isinstance(k_cache, QuantizedPages):
             raise ValueError(f"the Mosaic decode attention does not cover quantized KV pages "
                              f"({k_cache.values.dtype.name}); use the Triton kernel")

@@ -22,6 +22,10 @@ The batch layout travels as one `PagedMetadata`:
   Quantized pages travel with their scales (`kv_quant.QuantizedPages`): written quantized,
   read dequantized to q's dtype.
 - num_seqs: how many of the S rows are real.
+- Latent pages (MLA's absorbed form, `value_dim`): there is no V pool (`v`, `v_cache`
+  None); V is the first `value_dim` columns of each key (`[1, P, B, D]`: one kv head of
+  width D = kv_lora_rank + qk_rope_head_dim whose first kv_lora_rank columns are the
+  latent), and the output is `[T, H, value_dim]`.
 
 The new tokens of sequence s sit at positions `kv_lens[s] - q_len(s) ...
 kv_lens[s] - 1`; they are written into their pages, then every token attends
@@ -101,25 +105,44 @@ def layer_pages(
 
 def write_kv(
     k: jax.Array,
-    v: jax.Array,
+    v: jax.Array | None,
     k_cache: Pages,
-    v_cache: Pages,
+    v_cache: Pages | None,
     meta: PagedMetadata,
     layer: jax.Array | int | None = None,
-) -> tuple[Pages, Pages]:
+) -> tuple[Pages, Pages | None]:
     """Scatter the step's keys/values into their pages (padding tokens are dropped; quantized on the way
     into quantized pages); `layer` of a stacked pool (see the module docstring) or None for a one-layer
-    pool. Returns the caches in their own shape."""
+    pool. Latent pages have no V pool (`v`, `v_cache` None: returned None). Returns the caches in their
+    own shape."""
     caches = (k_cache, v_cache)
-    (k_cache, v_cache), meta = layer_pages(caches, meta, layer)
-    num_pages, page_size = page_values(k_cache).shape[1:3]
+    (k_pages, v_pages), meta = layer_pages(caches, meta, layer)
+    num_pages, page_size = page_values(k_pages).shape[1:3]
     seq, positions, valid = token_layout(meta, k.shape[0])
     page = meta.page_tables[seq, positions // page_size]
     page = jnp.where(valid, page, num_pages)  # out of range -> dropped
     slot = positions % page_size
     index = (slice(None), page, slot)
-    written = store_tokens(k_cache, index, k.swapaxes(0, 1)), store_tokens(v_cache, index, v.swapaxes(0, 1))
+    written = tuple(None if pages is None else store_tokens(pages, index, x.swapaxes(0, 1))
+                    for pages, x in ((k_pages, k), (v_pages, v)))
     return jax.tree.map(lambda new, old: new.reshape(old.shape), written, caches)
+
+
+def check_value_layout(v_cache: Pages | None, value_dim: int | None, head_dim: int) -> None:
+    """ValueError unless there is exactly one of a V pool and a `value_dim` (latent pages), in range."""
+    if (v_cache is None) == (value_dim is None):
+        raise ValueError("paged attention takes either a V pool or value_dim (latent pages), not both or neither")
+    if value_dim is not None and not 0 < value_dim <= head_dim:
+        raise ValueError(f"value_dim={value_dim} is outside 1..{head_dim} (the latent pages' width)")
+
+
+def page_value_rows(keys: jax.Array, v_cache: Pages | None, pages: jax.Array, dtype, value_dim: int | None):
+    """The values beside gathered `keys [K, N, S, D]`: the V pool's rows of the same `pages`, or the keys'
+    first `value_dim` columns over latent pages."""
+    check_value_layout(v_cache, value_dim, keys.shape[-1])
+    if v_cache is None:
+        return keys[..., :value_dim]
+    return gather_pages(v_cache, pages, dtype).reshape(keys.shape)
 
 
 def attention_weights(
@@ -176,9 +199,11 @@ def paged_attention(
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
     chunk_size: int | None = None,
+    value_dim: int | None = None,
     layer: jax.Array | int | None = None,
 ) -> jax.Array:
-    """Attention of the step's queries over the (already written) paged KV of `layer`; `[T, H, D]`."""
+    """Attention of the step's queries over the (already written) paged KV of `layer`; `[T, H, D]`
+    (`[T, H, value_dim]` over latent pages, `v_cache` None)."""
     (k_cache, v_cache), meta = layer_pages((k_cache, v_cache), meta, layer)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = page_values(k_cache).shape
@@ -187,7 +212,7 @@ def paged_attention(
     pages = meta.page_tables[seq]  # [T, M]
     max_kv = pages.shape[1] * page_size
     keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tokens, max_kv, head_dim)
-    values = gather_pages(v_cache, pages, q.dtype).reshape(num_kv_heads, num_tokens, max_kv, head_dim)
+    values = page_value_rows(keys, v_cache, pages, q.dtype, value_dim)
 
     qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
@@ -195,15 +220,15 @@ def paged_attention(
                               alibi_slopes=alibi_slopes, chunk_size=chunk_size).astype(values.dtype)
     out = jnp.einsum("tkgs,ktsd->tkgd", probs, values, preferred_element_type=jnp.float32)
     out = jnp.where(valid[:, None, None, None], out, 0.0)
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    return out.reshape(num_tokens, num_heads, values.shape[-1]).astype(q.dtype)
 
 
 def ragged_paged_attention(
     q: jax.Array,
     k: jax.Array,
-    v: jax.Array,
+    v: jax.Array | None,
     k_cache: Pages,
-    v_cache: Pages,
+    v_cache: Pages | None,
     meta: PagedMetadata,
     layer: jax.Array | int | None = None,
     **options,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values
-from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights
+from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights, page_value_rows
 
 
 def tile_size(num_tokens: int, num_seqs: int) -> int:
@@ -62,27 +62,30 @@ def paged_attention(
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
     chunk_size: int | None = None,
+    value_dim: int | None = None,
 ) -> jax.Array:
-    """Attention of the step's queries over the (already written) paged KV; `[T, H, D]` (see `reference.py`)."""
+    """Attention of the step's queries over the (already written) paged KV; `[T, H, D]` (`[T, H, value_dim]`
+    over latent pages; see `reference.py`)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = page_values(k_cache).shape
     groups = num_heads // num_kv_heads
     rows = tile_size(num_tokens, meta.kv_lens.shape[0])
     if rows == 1:  # one-row tiles are the tokens themselves: the reference's own layout (decode steps)
         return reference.paged_attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
-                                         softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, chunk_size=chunk_size)
+                                         softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, chunk_size=chunk_size,
+                                         value_dim=value_dim)
     seq, token, positions, valid = tile_layout(meta, num_tokens, rows)
     num_tiles = seq.shape[0]
     pages = meta.page_tables[seq]  # [N, M]
     max_kv = pages.shape[1] * page_size
     keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tiles, max_kv, head_dim)
-    values = gather_pages(v_cache, pages, q.dtype).reshape(num_kv_heads, num_tiles, max_kv, head_dim)
+    values = page_value_rows(keys, v_cache, pages, q.dtype, value_dim)
 
     qg = q.at[token].get(mode="fill", fill_value=0).reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("nqkgd,knsd->nqkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
                               alibi_slopes=alibi_slopes, chunk_size=chunk_size).astype(values.dtype)
     out = jnp.einsum("nqkgs,knsd->nqkgd", probs, values, preferred_element_type=jnp.float32)
-    out = out.reshape(num_tiles * rows, num_heads, head_dim).astype(q.dtype)
+    out = out.reshape(num_tiles * rows, num_heads, values.shape[-1]).astype(q.dtype)
     # Every real token sits in exactly one tile row; padding rows point past the end and drop.
-    return jnp.zeros_like(q).at[token.reshape(-1)].set(out, mode="drop")
+    return jnp.zeros((num_tokens, *out.shape[1:]), q.dtype).at[token.reshape(-1)].set(out, mode="drop")

@@ -28,6 +28,18 @@ float8 values are bfloat16 numbers); their scales are per key, so they multiply 
 logits' columns (K) and the probabilities' columns before the PV product (V) inside the
 loop, instead of every element of the tiles.
 
+Latent pages (MLA's absorbed form, `value_dim`, FlashMLA style): one kv head of width
+D = kv_lora_rank + qk_rope_head_dim (576 at DeepSeek-V3 shape) and no V pool; V is the
+first `value_dim` columns of the same tile. Every key tile is loaded once per q-block
+as two column parts, `[0, value_dim)` and `[value_dim, D)` (512 and 64 wide), the logits
+are the sum of the two parts' products, and the PV product reuses the first part, so all
+the heads of a q-block share one read of each latent page. With G = H (one kv head)
+a q-block's rows are heads of consecutive tokens; rows are capped at 32 and 8 warps run
+each program so the float32 accumulator `[R, 512]` stays in registers (no spills at 512 + 64,
+int8 pages included: the CUDA lowering test); decode steps split the KV range as above. These
+tiles use mma.sync, not wgmma (64-row tiles, FlashMLA's choice, would need the accumulator split
+over two warp groups); not yet timed on a GPU (`benchmarks/mla_attention.py`).
+
 Triton needs power-of-two tile sides: head_dim is padded to the next power of two
 inside the kernel (masked gather loads from the unpadded cache, masked columns
 dropped on the way out); page sizes must be powers of two (8 to 128 are the serving
@@ -55,7 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.paged_attention.kv_quant import Pages, QuantizedPages, page_values
-from pallas_kernels.paged_attention.reference import PagedMetadata
+from pallas_kernels.paged_attention.reference import PagedMetadata, check_value_layout
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -68,14 +80,29 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+MAX_LATENT_DIM = 512  # widest value part of latent pages (the accumulator's width)
+LATENT_ROWS = 32  # most q rows per program over latent pages: a [32, 512] float32 accumulator
+
+
+def column_parts(head_dim: int, value_dim: int | None) -> tuple[tuple[int, int, int], ...]:
+    """The column parts each key tile is loaded in: `(first column, width, padded width)`; one part for
+    K/V pools, the value part and the rest for latent pages."""
+    bounds = (0, head_dim) if value_dim is None or value_dim == head_dim else (0, value_dim, head_dim)
+    return tuple((lo, hi - lo, max(16, pl.next_power_of_2(hi - lo))) for lo, hi in zip(bounds, bounds[1:]))
+
+
 def unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
-                       cache_elements: int = 0, itemsize: int = 2) -> str | None:
-    """Why the kernel cannot take these sizes, or None when it can."""
+                       cache_elements: int = 0, itemsize: int = 2, value_dim: int | None = None) -> str | None:
+    """Why the kernel cannot take these sizes, or None when it can (`value_dim`: latent pages)."""
     if num_heads % num_kv_heads:
         return f"{num_heads} heads are not a multiple of {num_kv_heads} kv heads"
     if not _is_pow2(page_size):
         return f"page_size={page_size} is not a power of two"
-    if head_dim < 16 or head_dim > 256:
+    if value_dim is not None:
+        rest = head_dim - value_dim
+        if value_dim < 16 or value_dim > MAX_LATENT_DIM or rest > 256:
+            return f"latent pages of {value_dim} + {rest} columns are outside 16..{MAX_LATENT_DIM} + 0..256"
+    elif head_dim < 16 or head_dim > 256:
         return f"head_dim={head_dim} is outside 16..256"
     if cache_elements >= MAX_OFFSET and cache_elements * itemsize <= 2**32:
         return f"a cache of {cache_elements} >= 2^31 elements in <= 4 GiB (32-bit offsets)"
@@ -96,19 +123,28 @@ class BlockConfig:
     num_stages: int
 
 
+def _decode_splits(busy_programs: int, kv_tokens: int, block_k: int) -> int:
+    """KV splits (flash-decoding) that bring a decode step to about two programs per SM."""
+    splits = pl.next_power_of_2(-(-2 * NUM_SMS // max(1, busy_programs)))
+    kv_steps = max(1, kv_tokens // block_k)
+    while splits > 1 and splits > kv_steps:
+        splits //= 2
+    return min(splits, MAX_SPLITS)
+
+
 def block_config(num_tokens: int, num_seqs: int, num_kv_heads: int, groups: int, head_dim: int, page_size: int,
-                 max_pages: int) -> BlockConfig:
+                 max_pages: int, value_dim: int | None = None) -> BlockConfig:
     """Tile shapes for one step's static shapes (see the module docstring)."""
+    decode = num_tokens <= 2 * num_seqs  # decode-like: about one token per sequence
+    if value_dim is not None:  # latent pages: a [rows, 512] accumulator and [32, 576] key tiles; 8 warps: no spills
+        rows = min(LATENT_ROWS, max(16, pl.next_power_of_2(groups))) if decode else LATENT_ROWS
+        splits = _decode_splits(num_seqs * -(-groups // rows), max_pages * page_size, 32) if decode else 1
+        return BlockConfig(rows, 32, splits, 8, 2)
     padded_dim = max(16, pl.next_power_of_2(head_dim))
     block_k = 64 if padded_dim > 128 else 128  # a slice of a page when pages are larger
-    if num_tokens <= 2 * num_seqs:  # decode-like: about one token per sequence
+    if decode:
         rows = max(16, pl.next_power_of_2(groups))
-        busy = max(1, num_seqs * num_kv_heads)
-        splits = pl.next_power_of_2(-(-2 * NUM_SMS // busy))
-        kv_steps = max(1, max_pages * page_size // block_k)
-        while splits > 1 and splits > kv_steps:
-            splits //= 2
-        return BlockConfig(rows, block_k, min(splits, MAX_SPLITS), 4, 3)
+        return BlockConfig(rows, block_k, _decode_splits(num_seqs * num_kv_heads, max_pages * page_size, block_k), 4, 3)
     return BlockConfig(64, min(block_k, 64), 1, 8 if padded_dim > 128 else 4, 2)  # 8 warps: no spills at D 256
 
 
@@ -122,9 +158,9 @@ def _kernel(
     alibi_ref,  # [H] or None
     q_ref,  # [T * G + R, D] rows of this kv head
     k_ref,  # [P, B, D] pages of this kv head
-    v_ref,  # [P, B, D]
+    v_ref,  # [P, B, D], or None over latent pages (V: the first part of K)
     k_scale_ref,  # [P, B] scales of quantized pages, or None
-    v_scale_ref,  # [P, B] or None
+    v_scale_ref,  # [P, B] or None (latent pages: k_scale_ref again)
     o_ref,  # [NS, T * G + R, Dp]: the output, or with splits the unnormalised partial outputs
     m_ref,  # [NS, T * G + R] row max per split, or None without splits
     l_ref,  # [NS, T * G + R] row sum per split, or None
@@ -133,6 +169,7 @@ def _kernel(
     groups: int,
     block_k: int,
     num_splits: int,
+    parts: tuple[tuple[int, int, int], ...],
     scale: float,
     sliding_window: int | None,
     softcap: float | None,
@@ -143,8 +180,7 @@ def _kernel(
 
     @pl.when(seq >= 0)
     def _():
-        page_size, head_dim = k_ref.shape[1], k_ref.shape[2]
-        padded_dim = o_ref.shape[2]
+        page_size = k_ref.shape[1]
         pages_per_step = max(1, block_k // page_size)
         row0 = block_row_ref[b]
         q_start, q_end = cu_q_lens_ref[seq], cu_q_lens_ref[seq + 1]
@@ -167,37 +203,49 @@ def _kernel(
         split_lo = lo + split * per_split
         split_hi = jnp.minimum(hi, split_lo + per_split)
 
-        cols = lax.broadcasted_iota(jnp.int32, (rows, padded_dim), 1)
-        if padded_dim == head_dim:
-            q = q_ref[pl.ds(row0, rows), :]  # [R, D]
-        else:
-            q_rows = row0 + lax.broadcasted_iota(jnp.int32, (rows, padded_dim), 0)
-            q = pltriton.load(q_ref.at[q_rows, jnp.minimum(cols, head_dim - 1)], mask=cols < head_dim, other=0)
+        def load_q(part):
+            """This block's query rows, the columns of one part `[R, part width padded]`."""
+            col0, width, padded = part
+            if (col0, width, padded) == (0, q_ref.shape[1], width):
+                return q_ref[pl.ds(row0, rows), :]  # [R, D]
+            cols = lax.broadcasted_iota(jnp.int32, (rows, padded), 1)
+            q_rows = row0 + lax.broadcasted_iota(jnp.int32, (rows, padded), 0)
+            mask = None if padded == width else cols < width
+            return pltriton.load(q_ref.at[q_rows, col0 + jnp.minimum(cols, width - 1)], mask=mask,
+                                 other=None if mask is None else 0)
 
-        def load_kv(ref, step):
-            """The step's BLOCK_K tokens `[BLOCK_K, Dp]`: whole pages, or a slice of one page when pages are
-            larger than a step."""
+        qs = [load_q(part) for part in parts]
+        q = qs[0]
+
+        def load_kv(ref, step, part):
+            """The step's BLOCK_K tokens, one column part `[BLOCK_K, width padded]`: whole pages, or a slice
+            of one page when pages are larger than a step."""
+            col0, width, padded = part
+            whole_rows = (col0, width, padded) == (0, ref.shape[2], width)
             if block_k >= page_size:
                 pages = page_tables_ref[seq, pl.ds(step * pages_per_step, pages_per_step)]
-                shape = (pages_per_step, page_size, padded_dim)
+                shape = (pages_per_step, page_size, padded)
                 page = jnp.broadcast_to(pages[:, None, None], shape)
                 slot = lax.broadcasted_iota(jnp.int32, shape, 1)
             else:
                 page = page_tables_ref[seq, (step * block_k) // page_size]
-                shape = (block_k, padded_dim)
+                shape = (block_k, padded)
                 slot = (step * block_k) % page_size + lax.broadcasted_iota(jnp.int32, shape, 0)
-            if padded_dim == head_dim and block_k >= page_size:
-                return ref[pages].reshape(block_k, head_dim)
-            if padded_dim == head_dim:
-                return ref[page, pl.ds(pl.multiple_of((step * block_k) % page_size, block_k), block_k), :]
+            if whole_rows and block_k >= page_size:
+                return ref[pages].reshape(block_k, width)
+            if padded == width and block_k < page_size:
+                first = pl.multiple_of((step * block_k) % page_size, block_k)
+                return ref[page, pl.ds(first, block_k), pl.ds(col0, width)]
             dim = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+            mask = None if padded == width else dim < width
             zero = 0 if jnp.issubdtype(ref.dtype, jnp.integer) else 0.0  # Triton casts no integer to float8
-            tile = pltriton.load(ref.at[page, slot, jnp.minimum(dim, head_dim - 1)], mask=dim < head_dim, other=zero)
-            return tile.reshape(block_k, padded_dim)
+            tile = pltriton.load(ref.at[page, slot, col0 + jnp.minimum(dim, width - 1)], mask=mask,
+                                 other=None if mask is None else zero)
+            return tile.reshape(block_k, padded)
 
-        def load_tile(ref, step):
+        def load_tile(ref, step, part):
             """`load_kv` in q's dtype (quantized and other-dtype pages are converted)."""
-            tile = load_kv(ref, step)
+            tile = load_kv(ref, step, part)
             return tile if tile.dtype == q.dtype else tile.astype(q.dtype)
 
         def load_scales(ref, step):
@@ -218,13 +266,16 @@ def _kernel(
             l0 = jnp.where(first_split, jnp.ones_like(sinks), jnp.zeros_like(sinks))  # exp(sink - m0)
         if alibi_ref is not None:
             row_slope = alibi_ref[h * groups + row_head].astype(jnp.float32)  # [R]
-        acc0 = jnp.zeros((rows, padded_dim), jnp.float32)
+        acc0 = jnp.zeros((rows, parts[0][2]), jnp.float32)
 
         def body(step, carry):
             acc, m, l = carry
-            k = load_tile(k_ref, step)
-            v = load_tile(v_ref, step)
-            logits = pltriton.dot(q, k.T).astype(jnp.float32) * scale  # [R, block_k]
+            ks = [load_tile(k_ref, step, part) for part in parts]
+            v = ks[0] if v_ref is None else load_tile(v_ref, step, parts[0])  # latent pages: V is K's first part
+            logits = pltriton.dot(qs[0], ks[0].T).astype(jnp.float32)
+            for q_part, k_part in zip(qs[1:], ks[1:]):
+                logits += pltriton.dot(q_part, k_part.T).astype(jnp.float32)
+            logits *= scale  # [R, block_k]
             if k_scale_ref is not None:
                 logits *= load_scales(k_scale_ref, step)[None, :]
             if softcap is not None:
@@ -280,7 +331,7 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "sliding_window", "softcap", "chunk_size", "rows", "block_k", "num_splits", "num_warps", "num_stages",
+    static_argnames=("scale", "sliding_window", "softcap", "chunk_size", "value_dim", "rows", "block_k", "num_splits", "num_warps", "num_stages",
                      "interpret"),
 )
 def paged_attention(
@@ -295,6 +346,7 @@ def paged_attention(
     sinks: jax.Array | None = None,
     alibi_slopes: jax.Array | None = None,
     chunk_size: int | None = None,
+    value_dim: int | None = None,
     rows: int | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
@@ -302,24 +354,30 @@ def paged_attention(
     num_stages: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Kernel version of `reference.paged_attention`; `[T, H, D]`. Settings not given come from
-    `block_config`. Caches may be quantized (`kv_quant.QuantizedPages`)."""
+    """Kernel version of `reference.paged_attention`; `[T, H, D]` (`[T, H, value_dim]` over latent pages,
+    `v_cache` None). Settings not given come from `block_config`. Caches may be quantized
+    (`kv_quant.QuantizedPages`)."""
     cu_q_lens, kv_lens, page_tables = meta.cu_q_lens, meta.kv_lens, meta.page_tables
     num_tokens, num_heads, head_dim = q.shape
+    check_value_layout(v_cache, value_dim, head_dim)
     k_scales = k_cache.scales if isinstance(k_cache, QuantizedPages) else None
     v_scales = v_cache.scales if isinstance(v_cache, QuantizedPages) else None
-    k_cache, v_cache = page_values(k_cache), page_values(v_cache)
+    if v_cache is None:
+        v_scales = k_scales  # latent pages: one scale per token covers its whole vector
+    k_cache, v_cache = page_values(k_cache), None if v_cache is None else page_values(v_cache)
     num_kv_heads, _, page_size, _ = k_cache.shape
     groups = num_heads // num_kv_heads
-    reason = unsupported_reason(num_heads, num_kv_heads, head_dim, page_size, k_cache.size, k_cache.dtype.itemsize)
+    reason = unsupported_reason(num_heads, num_kv_heads, head_dim, page_size, k_cache.size, k_cache.dtype.itemsize,
+                                value_dim)
     if reason:
         raise ValueError(f"paged attention kernel: {reason}")
     config = block_config(num_tokens, cu_q_lens.shape[0] - 1, num_kv_heads, groups, head_dim, page_size,
-                          page_tables.shape[1])
+                          page_tables.shape[1], value_dim)
     given = dict(rows=rows, block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     config = dataclasses.replace(config, **{k: v for k, v in given.items() if v is not None})
     rows, block_k, splits = config.rows, config.block_k, config.num_splits
-    padded_dim = max(16, pl.next_power_of_2(head_dim))
+    parts = column_parts(head_dim, value_dim)
+    out_dim, padded_dim = parts[0][1], parts[0][2]
 
     # Rows grouped per kv head: [K, T * G + R, D], padded so every block load stays in bounds.
     total_rows = num_tokens * groups + rows
@@ -337,6 +395,7 @@ def paged_attention(
         groups=groups,
         block_k=block_k,
         num_splits=splits,
+        parts=parts,
         scale=scale,
         sliding_window=sliding_window,
         softcap=softcap,
@@ -363,7 +422,7 @@ def paged_attention(
             None if alibi_slopes is None else whole(num_heads),
             per_head(total_rows, head_dim),
             per_head(*k_cache.shape[1:]),
-            per_head(*v_cache.shape[1:]),
+            None if v_cache is None else per_head(*v_cache.shape[1:]),
             None if k_scales is None else per_head(*k_scales.shape[1:]),
             None if v_scales is None else per_head(*v_scales.shape[1:]),
         ],
@@ -372,13 +431,14 @@ def paged_attention(
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_r{rows}_k{block_k}_d{padded_dim}_s{splits}"
+             + ("" if value_dim is None else f"_latent{head_dim}")
              + ("" if k_scales is None else f"_{k_cache.dtype.name}"),
     )(block_seq, block_row, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, q_rows, k_cache, v_cache, k_scales,
       v_scales)
 
     out = outs[0][:, 0] if splits == 1 else merge_splits(*outs)  # [K, T * G + R, Dp]
-    out = out[:, : num_tokens * groups, :head_dim].reshape(num_kv_heads, num_tokens, groups, head_dim)
-    out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, head_dim)
+    out = out[:, : num_tokens * groups, :out_dim].reshape(num_kv_heads, num_tokens, groups, out_dim)
+    out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_heads, out_dim)
     valid = jnp.arange(num_tokens) < cu_q_lens[meta.num_seqs]
     return jnp.where(valid[:, None, None], out, 0).astype(q.dtype)
 

@@ -118,6 +118,38 @@ def test_paged_attention_kernel_compiles_with_quantized_pages(case, dtype):
     assert all(r.name.endswith(f"_{dtype}") for r in reports), [r.name for r in reports]
 
 
+# name -> (paged_args(...) arguments, page dtype) over MLA latent pages at DeepSeek-V3 shape: one kv head of
+# 512 + 64 columns, V its first 512 (`value_dim`); all 128 heads (tp 1) or 16 (tp 8); sub-page steps (page 64)
+# and whole-page steps (page 16); int8 pages with their scales.
+LATENT_CASES = {
+    "dsv3-decode-b8-h128": (dict(tokens=8, seqs=8, heads=128, kv_heads=1, head_dim=576, page_size=64,
+                                 pages_per_seq=64), "bfloat16"),
+    "dsv3-tp8-decode-b32-page16": (dict(tokens=32, seqs=32, heads=16, kv_heads=1, head_dim=576, pages_per_seq=64),
+                                   "bfloat16"),
+    "dsv3-tp8-prefill-chunk": (dict(tokens=512, seqs=2, heads=16, kv_heads=1, head_dim=576, page_size=64,
+                                    pages_per_seq=64), "bfloat16"),
+    "dsv3-tp8-decode-int8": (dict(tokens=32, seqs=32, heads=16, kv_heads=1, head_dim=576, page_size=64,
+                                  pages_per_seq=64), "int8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATENT_CASES))
+def test_latent_paged_attention_kernel_compiles(case):
+    from pallas_kernels.paged_attention import QuantizedPages
+
+    shape, dtype = LATENT_CASES[case]
+    q, cache, _, meta = paged_args(**shape)
+    if dtype != "bfloat16":
+        cache = QuantizedPages(S(cache.shape, jnp.dtype(dtype)), S(cache.shape[:-1], jnp.float32))
+
+    @jax.jit
+    def run(q, cache, meta):
+        return paged_kernel.paged_attention(q, cache, None, meta, scale=0.1, value_dim=512)
+
+    reports = assert_compiles(gpu_lowering.lower_for_h100(run, q, cache, meta), ("ragged_paged_attention",))
+    assert all("_latent576" in r.name for r in reports), [r.name for r in reports]
+
+
 # name -> paged_args(...) arguments of decode steps the Mosaic decode kernel covers (page size 64 or 128)
 MOSAIC_DECODE_CASES = {
     "llama8b-decode-b1": dict(tokens=1, seqs=1, heads=32, kv_heads=8, head_dim=128, page_size=64, pages_per_seq=64),
