@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.quantization import QuantizedWeight
+from pallas_kernels import cpu_matmul
 
 
 class LoRAParam(nnx.Param):
@@ -74,7 +75,7 @@ class Linear(nnx.Module):
         if self.quantized is not None and not self.unit_norm_outputs:
             y = self.quantized.matmul(x)  # never holds the dequantized kernel past its use
         else:
-            y = jnp.dot(x, self.weight(x.dtype))
+            y = cpu_matmul.matmul(x, self.weight(x.dtype))  # jnp.dot, or BLAS for small CPU serving steps
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:
