@@ -7,10 +7,7 @@ first, timed as "warm-up"); transformers gets a warm-up run too. `--preset` pick
 a named shape (`smollm2-135m`: the SmolLM2-135M-Instruct layout; `llama-15m`);
 single flags override it. `--compare-unrolled` also times an engine whose layers
 are unrolled (`scan_layers=False`, the CPU default) in the same process, against
-one whose layer stacks are scanned (`scan_layers=True`). `--compare-blas` also times an
-engine whose steps leave every matmul to XLA (`pallas_kernels.cpu_matmul` off: its row
-limit is 0 while that engine compiles and runs), against the default, where small-row
-float32 matmuls of a step go through numpy's OpenBLAS.
+one whose layer stacks are scanned (`scan_layers=True`).
 
 Roofline: `workload_flops` counts the useful float work of one batch (the matmuls of
 every layer for every prompt and fed token, attention's QK^T and PV over the causal
@@ -27,7 +24,6 @@ prints achieved GFLOP/s for both implementations.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import tempfile
@@ -39,7 +35,6 @@ import numpy as np
 import torch
 import transformers
 
-from pallas_kernels import cpu_matmul
 from serving import LLM, SamplingParams
 
 
@@ -147,16 +142,6 @@ def ours_tokens_per_second(llm: LLM, prompts: np.ndarray, output_len: int) -> tu
     return len(prompts) * output_len / elapsed, warmup
 
 
-@contextlib.contextmanager
-def blas_off():
-    """Steps traced in this block leave every matmul to XLA (the engine's row limit for BLAS is 0)."""
-    rows, cpu_matmul.MAX_ROWS = cpu_matmul.MAX_ROWS, 0
-    try:
-        yield
-    finally:
-        cpu_matmul.MAX_ROWS = rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS))
@@ -171,7 +156,6 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--compare-unrolled", action="store_true", help="also time the layers unrolled")
-    parser.add_argument("--compare-blas", action="store_true", help="also time an engine without the BLAS matmuls")
     args = parser.parse_args()
     defaults = dict(hidden=256, intermediate=None, layers=4, heads=8, kv_heads=2, vocab=4096, tied=False)
     for name, value in {**defaults, **PRESETS.get(args.preset, {})}.items():
@@ -187,7 +171,6 @@ def main() -> None:
                            page_size=16)
         llm = LLM(folder, **engine_args, **({"scan_layers": True} if args.compare_unrolled else {}))
         unrolled = LLM(folder, **engine_args, scan_layers=False) if args.compare_unrolled else None
-        xla_only = LLM(folder, **engine_args) if args.compare_blas else None
         rng = np.random.RandomState(0)
         results = []
         for batch in args.batches:
@@ -207,11 +190,6 @@ def main() -> None:
                 flat, flat_warmup = ours_tokens_per_second(unrolled, prompts, args.output_len)
                 result.update(unrolled_tok_s=round(flat, 1), scanned_over_unrolled=round(ours / flat, 2),
                               unrolled_warmup_s=round(flat_warmup, 1))
-            if xla_only is not None:
-                with blas_off():
-                    plain, plain_warmup = ours_tokens_per_second(xla_only, prompts, args.output_len)
-                result.update(xla_dot_tok_s=round(plain, 1), blas_over_xla_dot=round(ours / plain, 2),
-                              xla_dot_ratio=round(plain / hf, 2))
             results.append(result)
     meta = dict(device=f"CPU ({platform.processor() or platform.machine()}), {jax.device_count()} jax device(s)",
                 jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
@@ -224,8 +202,6 @@ def main() -> None:
                "transformers_gflop_s", "ceilings"]
     if args.compare_unrolled:
         columns += ["unrolled_tok_s", "scanned_over_unrolled", "unrolled_warmup_s"]
-    if args.compare_blas:
-        columns += ["xla_dot_tok_s", "xla_dot_ratio", "blas_over_xla_dot"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in results:

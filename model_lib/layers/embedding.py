@@ -14,7 +14,6 @@ from flax import nnx
 
 from model_lib.quantization import NF4Weight, dequantize_nf4, nf4_take_rows
 from model_lib.quantization.gguf_blocks import GGUFBlockWeight
-from pallas_kernels import cpu_matmul
 
 
 class Embed(nnx.Module):
@@ -51,4 +50,4 @@ class Embed(nnx.Module):
         """`x [..., features] -> [..., num_embeddings]` through the same table."""
         if isinstance(self.quantized, GGUFBlockWeight):
             return self.quantized.matmul(x)
-        return cpu_matmul.matmul(x, self.table(), transpose_w=True)
+        return jnp.dot(x, self.table().T)

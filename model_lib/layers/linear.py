@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.quantization import QuantizedWeight
-from pallas_kernels import cpu_matmul
 
 
 class LoRAParam(nnx.Param):
@@ -75,7 +74,7 @@ class Linear(nnx.Module):
         if self.quantized is not None and not self.unit_norm_outputs:
             y = self.quantized.matmul(x)  # never holds the dequantized kernel past its use
         else:
-            y = cpu_matmul.matmul(x, self.weight(x.dtype))  # jnp.dot, or BLAS for small CPU serving steps
+            y = jnp.dot(x, self.weight(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_a is not None:

@@ -40,7 +40,6 @@ from model_lib.layer_scan import scanned_view
 from model_lib.layers import PagedBatch
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
-from pallas_kernels import cpu_matmul
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.input_batch import InputBatch, StepInputs
 from serving.engine.scheduler import ScheduledSequence
@@ -79,8 +78,7 @@ def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_token
     if plan is not None:  # every device runs every token: the residual stream stays replicated
         model.model.activation_sharding = plan.replicated()
     input_ids = jnp.where(feed >= 0, jnp.take(fed_tokens, feed, mode="clip"), input_ids)
-    # Small unsharded float32 products may take the CPU's BLAS (pallas_kernels.cpu_matmul; CPU lowerings only).
-    with kernel_plan(plan), cpu_matmul.small_m_blas(cpu_matmul.MAX_ROWS if plan is None else 0):
+    with kernel_plan(plan):  # kernels run per head / expert shard
         return model.forward(input_ids, batch, kv_caches, logits_indices)
 
 
