@@ -2,8 +2,7 @@
 
 `matmul(x, w)` multiplies float32 `x [M, K]` by `w [K, N]` (or `w [N, K]` transposed, as a tied
 embedding table) inside a jitted function through `cpu_blas.cc`: an XLA FFI handler compiled
-here at first use with the system's C++ compiler against jaxlib's FFI headers (cached in the
-temp directory by source hash), calling the `cblas_sgemm` / `cblas_sgemv` of numpy's bundled
+at first use (`benchmarks.ffi_build`), calling the `cblas_sgemm` / `cblas_sgemv` of numpy's bundled
 OpenBLAS (`scipy_openblas64`, ILP64), which every process that imports numpy has loaded.
 Nothing is downloaded or linked at build time. `load()` says why when a piece is missing.
 
@@ -16,16 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks.ffi_build import build_ffi_library
 
 SOURCE = Path(__file__).with_name("cpu_blas.cc")
 TARGET = "jaxllm_cpu_blas_f32"
@@ -58,30 +54,11 @@ def _blas_addresses() -> list[int]:
     raise RuntimeError(f"numpy's bundled OpenBLAS ({', '.join(SYMBOLS)}) was not found")
 
 
-def _build() -> Path:
-    source = SOURCE.read_bytes()
-    library = Path(tempfile.gettempdir()) / f"jaxllm_cpu_blas_{hashlib.sha1(source + jax.__version__.encode()).hexdigest()[:12]}.so"
-    if library.exists():
-        return library
-    compiler = os.environ.get("CXX") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++ or $CXX) to build cpu_blas.cc")
-    partial = library.with_suffix(f".{os.getpid()}.tmp")
-    done = subprocess.run([compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-                           str(SOURCE), "-o", str(partial)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"building {SOURCE.name} failed: {done.stderr.strip()[-500:]}")
-    partial.rename(library)
-    return library
-
-
 @functools.cache
 def load() -> str:
     """Build, hand over the BLAS functions and register the custom call (once); its target name."""
-    if jax.default_backend() != "cpu":
-        raise RuntimeError("the BLAS custom call is an XLA:CPU op: run with JAX_PLATFORMS=cpu")
     addresses = _blas_addresses()
-    lib = ctypes.CDLL(str(_build()))
+    lib = ctypes.CDLL(str(build_ffi_library(SOURCE, "jaxllm_cpu_blas")))
     lib.cpu_blas_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     lib.cpu_blas_set(*addresses)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.CpuBlasMatmulF32), platform="cpu")
