@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from benchmarks.ffi_build import build_ffi_library
 
 SOURCE = Path(__file__).with_name("stub_device.cc")
 TARGET = "jaxllm_stub_busy"
@@ -29,18 +26,7 @@ TARGET = "jaxllm_stub_busy"
 @functools.cache
 def _library() -> ctypes.CDLL:
     """Build (once per source version) and load the op; register it with XLA for the CPU."""
-    source = SOURCE.read_bytes()
-    library = Path(tempfile.gettempdir()) / f"jaxllm_stub_device_{hashlib.sha1(source).hexdigest()[:12]}.so"
-    if jax.default_backend() != "cpu":
-        raise RuntimeError("the stub device op is an XLA:CPU custom call: run with JAX_PLATFORMS=cpu")
-    if not library.exists():
-        if shutil.which("c++") is None:
-            raise RuntimeError("the stub device op needs a C++ compiler (c++) to build stub_device.cc")
-        partial = library.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run(["c++", "-std=c++17", "-O2", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-                        str(SOURCE), "-o", str(partial)], check=True)
-        partial.rename(library)
-    lib = ctypes.cdll.LoadLibrary(str(library))
+    lib = ctypes.cdll.LoadLibrary(str(build_ffi_library(SOURCE, "jaxllm_stub_device")))
     lib.stub_spans.argtypes, lib.stub_spans.restype = [ctypes.POINTER(ctypes.c_double), ctypes.c_int], ctypes.c_int
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.StubBusy), platform="cpu")
     return lib

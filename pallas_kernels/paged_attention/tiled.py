@@ -14,9 +14,16 @@ each tile reads its sequence's pages once:
 
 `Q` is the largest power of two <= T / S (the mean tokens per sequence slot), so
 the padding rows of partial tiles never exceed the step's own token count.
+
+Many-sequence steps with long page tables would still gather gigabytes at once (256
+sequences x 8192 keys); when a step's tiles would take more than `GATHER_BYTES` of
+temporaries, they run in blocks one after another (`lax.map`), each within the budget,
+and large decode steps take this path too instead of the reference's whole gather.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +31,9 @@ import jax.numpy as jnp
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values
 from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights, page_value_rows
+
+# Temporaries (gathered pages, logits) one block of tiles may take; larger steps run block by block.
+GATHER_BYTES = 256 << 20
 
 
 def tile_size(num_tokens: int, num_seqs: int) -> int:
@@ -68,24 +78,59 @@ def paged_attention(
     over latent pages; see `reference.py`)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = page_values(k_cache).shape
-    groups = num_heads // num_kv_heads
     rows = tile_size(num_tokens, meta.kv_lens.shape[0])
-    if rows == 1:  # one-row tiles are the tokens themselves: the reference's own layout (decode steps)
-        return reference.paged_attention(q, k_cache, v_cache, meta, scale=scale, sliding_window=sliding_window,
-                                         softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes, chunk_size=chunk_size,
-                                         value_dim=value_dim)
+    options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap, sinks=sinks, alibi_slopes=alibi_slopes,
+                   chunk_size=chunk_size, value_dim=value_dim)
+    per_tile = tile_bytes(rows, num_heads, num_kv_heads, head_dim, meta.page_tables.shape[1] * page_size, q.dtype)
+    if rows == 1 and num_tokens * per_tile <= GATHER_BYTES:
+        # One-row tiles are the tokens themselves: the reference's own layout (small decode steps).
+        return reference.paged_attention(q, k_cache, v_cache, meta, **options)
     seq, token, positions, valid = tile_layout(meta, num_tokens, rows)
     num_tiles = seq.shape[0]
-    pages = meta.page_tables[seq]  # [N, M]
-    max_kv = pages.shape[1] * page_size
-    keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tiles, max_kv, head_dim)
-    values = page_value_rows(keys, v_cache, pages, q.dtype, value_dim)
+    block = tiles_per_block(num_tiles, per_tile)
+    attend = partial(_attend_tiles, q, k_cache, v_cache, meta, **options)
+    if block == num_tiles:
+        out = attend((seq, token, positions, valid))
+    else:  # blocks of tiles one after another: the gathered pages never exceed GATHER_BYTES
+        blocks = -(-num_tiles // block)
+        pad = blocks * block - num_tiles
+        padded = (jnp.pad(seq, (0, pad)), jnp.pad(token, ((0, pad), (0, 0)), constant_values=num_tokens),
+                  jnp.pad(positions, ((0, pad), (0, 0))), jnp.pad(valid, ((0, pad), (0, 0))))
+        out = jax.lax.map(attend, jax.tree.map(lambda a: a.reshape(blocks, block, *a.shape[1:]), padded))
+        token = padded[1]
+    out = out.reshape(-1, num_heads, out.shape[-1])
+    # Every real token sits in exactly one tile row; padding rows point past the end and drop.
+    return jnp.zeros((num_tokens, *out.shape[1:]), q.dtype).at[token.reshape(-1)].set(out, mode="drop")
 
+
+def tile_bytes(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_kv: int, dtype: jnp.dtype) -> int:
+    """Temporary bytes one tile takes: its gathered keys and values, and float32 logits and probabilities."""
+    return 2 * num_kv_heads * max_kv * head_dim * jnp.dtype(dtype).itemsize + 2 * rows * num_heads * max_kv * 4
+
+
+def tiles_per_block(num_tiles: int, per_tile: int) -> int:
+    """All tiles at once when they fit in GATHER_BYTES, else the largest power of two of tiles that does."""
+    if num_tiles * per_tile <= GATHER_BYTES:
+        return num_tiles
+    fit = max(1, GATHER_BYTES // per_tile)
+    return min(num_tiles, 1 << (fit.bit_length() - 1))
+
+
+def _attend_tiles(q, k_cache, v_cache, meta, layout, *, scale, sliding_window, softcap, sinks, alibi_slopes,
+                  chunk_size, value_dim) -> jax.Array:
+    """Outputs `[n, Q, H, D]` (`D` = `value_dim` over latent pages) of the tiles in `layout` (each tile's
+    sequence, token rows, positions, realness)."""
+    seq, token, positions, valid = layout
+    num_tiles, rows = token.shape
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = page_values(k_cache).shape[0]
+    groups = num_heads // num_kv_heads
+    pages = meta.page_tables[seq]  # [n, M]
+    keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tiles, -1, head_dim)
+    values = page_value_rows(keys, v_cache, pages, q.dtype, value_dim)
     qg = q.at[token].get(mode="fill", fill_value=0).reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("nqkgd,knsd->nqkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
                               alibi_slopes=alibi_slopes, chunk_size=chunk_size).astype(values.dtype)
     out = jnp.einsum("nqkgs,knsd->nqkgd", probs, values, preferred_element_type=jnp.float32)
-    out = out.reshape(num_tiles * rows, num_heads, values.shape[-1]).astype(q.dtype)
-    # Every real token sits in exactly one tile row; padding rows point past the end and drop.
-    return jnp.zeros((num_tokens, *out.shape[1:]), q.dtype).at[token.reshape(-1)].set(out, mode="drop")
+    return out.reshape(num_tiles, rows, num_heads, values.shape[-1]).astype(q.dtype)

@@ -115,3 +115,19 @@ def test_latent_kernel_matches_reference_on_gpu(shape):
     out, _ = latent_op(**case, **options, implementation="kernel")
     got, want = np.asarray(out, np.float32), np.asarray(expected, np.float32)
     np.testing.assert_allclose(got, want, atol=3e-2, rtol=2e-2)  # bfloat16 outputs
+
+
+def test_latent_tiled_path_in_blocks_matches_reference(monkeypatch):
+    """Latent pages through the tiled path's blocks (`lax.map` under a budget of three tiles' temporaries)."""
+    from pallas_kernels.paged_attention import tiled
+
+    value_dim, rope_dim = 24, 8
+    case = latent_case(TILED_SHAPES["mixed"], 6, value_dim, rope_dim, seed=29)
+    q, cache, meta = case["q"], case["k_cache"], case["meta"]
+    rows = tiled.tile_size(q.shape[0], meta.kv_lens.shape[0])
+    per_tile = tiled.tile_bytes(rows, q.shape[1], 1, q.shape[2], meta.page_tables.shape[1] * cache.shape[2], q.dtype)
+    monkeypatch.setattr(tiled, "GATHER_BYTES", 3 * per_tile)
+    options = dict(scale=0.25, value_dim=value_dim)
+    expected, _ = latent_op(**case, **options, implementation="reference")
+    got, _ = latent_op(**case, **options, implementation="tiled")
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-5)

@@ -505,3 +505,20 @@ def test_mosaic_decode_refuses_quantized_pages():
     inputs.update(k_cache=quantized_pages(inputs["k_cache"], "int8"), v_cache=quantized_pages(inputs["v_cache"], "int8"))
     with pytest.raises(ValueError, match="quantized KV pages \\(int8\\)"):
         ragged_paged_attention(**inputs, scale=0.1, implementation="mosaic")
+
+
+@pytest.mark.parametrize("shape,groups", [("decode", 4), ("long-chunk", 1), ("mixed", 8)])
+def test_tiled_path_in_blocks_matches_reference(shape, groups, monkeypatch):
+    """A budget of three tiles' temporaries: the tiles (decode tokens included) run in blocks under `lax.map`."""
+    from pallas_kernels.paged_attention import tiled
+
+    inputs, _ = make_case(TILED_SHAPES[shape], num_heads=2 * groups, num_kv_heads=2, seed=23, pad_tokens=3, pad_seqs=2)
+    q, cache, meta = inputs["q"], inputs["k_cache"], inputs["meta"]
+    rows = tiled.tile_size(q.shape[0], meta.kv_lens.shape[0])
+    per_tile = tiled.tile_bytes(rows, q.shape[1], 2, q.shape[2], meta.page_tables.shape[1] * cache.shape[2], q.dtype)
+    monkeypatch.setattr(tiled, "GATHER_BYTES", 3 * per_tile)
+    assert tiled.tiles_per_block(8, per_tile) == 2  # blocks of two tiles (every shape here has more)
+    options = case_options(groups, 5, None, True, False)
+    expected, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
+    out, _, _ = ragged_paged_attention(**inputs, **options, implementation="tiled")
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
