@@ -21,6 +21,9 @@ from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine, multihost
 from serving.engine.warmup import use_compilation_cache
+from serving.multimodal.chat import split_images
+from serving.multimodal.media import MediaFetcher
+from serving.multimodal.prompts import image_inputs, split_prompt
 from serving.outputs import RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
 from serving.text_input import check_text
@@ -92,6 +95,8 @@ class LLM:
         coordinator_address: str | None = None,
         num_processes: int | None = None,
         process_id: int | None = None,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        allowed_local_media_path: str | Path | None = None,
         **engine_args: Any,
     ):
         distributed.initialize(coordinator_address, num_processes, process_id)  # before any JAX computation
@@ -100,6 +105,8 @@ class LLM:
         self.model_path = Path(model)
         net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
         self.tokenizer = load_tokenizer(tokenizer or model)
+        self.image_inputs = image_inputs(model, net.config, limit_mm_per_prompt)
+        self.media = MediaFetcher(allowed_local_media_path)
         self.engine = LLMEngine(
             net,
             self.tokenizer,
@@ -143,11 +150,42 @@ class LLM:
 
     def _add(self, prompt: Prompt, params: SamplingParams) -> str:
         self._check_leader()
+        prompt, images = split_prompt(prompt)
         text, ids = self._prompt_ids(prompt)
+        items = []
+        if images:
+            if self.image_inputs is None:
+                raise ValueError(f"{self.model_path} takes no images")
+            ids, items = self.image_inputs(ids, images)
         request_id = str(self._counter)
         self._counter += 1
-        self.engine.add_request(request_id, ids, params, prompt=text)
+        self.engine.add_request(request_id, ids, params, prompt=text, **({"images": items} if items else {}))
         return request_id
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to OpenAI-style conversations (one, or a list of them) through the chat template.
+
+        Content parts may be text, `image_url` (data:, http(s), or file: under `allowed_local_media_path`)
+        or `image_pil` (a PIL image), as vLLM's `LLM.chat`.
+        """
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_path} has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            converted, images = split_images(conversation, self.media.fetch)
+            text = self.tokenizer.apply_chat_template(converted, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template holds any BOS
+            prompts.append({"prompt": text, "prompt_token_ids": ids,
+                            **({"multi_modal_data": {"image": images}} if images else {})})
+        return self.generate(prompts, sampling_params)
 
     def generate(
         self,

@@ -34,6 +34,8 @@ from serving.engine.runner import ModelRunner, StepInputs, bucket
 from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
+from serving.multimodal.encoder import image_encoder, release_prefilled
+from serving.multimodal.inputs import ImageItem, check_placeholders
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
@@ -66,6 +68,9 @@ class EngineConfig:
     # Run repeated layers through one lax.scan (compile time flat in depth); False unrolls them.
     # None: scan on an accelerator, unroll on the CPU backend (see serving/engine/runner.py).
     scan_layers: bool | None = None
+    # Vision-language models: image feature rows the encoder may compute per step, beside the token
+    # budget (vLLM's name; None: max(max_num_batched_tokens, one image's rows)).
+    max_num_encoder_input_tokens: int | None = None
 
 
 @dataclass
@@ -150,8 +155,10 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len}; lower max_model_len or add pages"
             )
         self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching)
+        self.images = image_encoder(model, config.max_num_encoder_input_tokens, config.max_num_batched_tokens)
         self.scheduler = Scheduler(
-            self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+            self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            encoder_budget=None if self.images is None else self.images.budget,
         )
         self.runner = ModelRunner(
             model,
@@ -199,13 +206,23 @@ class LLMEngine:
         validate_request(params, self.config.limits, self.model_config.vocab_size)
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        images: list[ImageItem] | None = None,
     ) -> None:
-        """Queue a request; raises ValueError for a prompt the engine cannot serve."""
+        """Queue a request; raises ValueError for a prompt the engine cannot serve.
+
+        `images`: the prompt's images, their placeholders already expanded (`serving.multimodal.inputs.ImageInputs`).
+        """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = _token_ids(prompt_ids)
         self.validate_request(prompt_ids, params)
+        images = list(images or [])
+        check_placeholders(prompt_ids, images, self.model_config.multimodal)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []
@@ -215,7 +232,8 @@ class LLMEngine:
             else:
                 # Signed 64-bit seeds (OpenAI's range) as their unsigned two's complement.
                 seed = int(np.random.SeedSequence([params.seed % 2**64, index]).generate_state(1)[0])
-            seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens)
+            seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens,
+                           images=images)
             seq.logprobs = [] if params.logprobs is not None else None
             self._next_seq_id += 1
             sequences.append(seq)
@@ -292,6 +310,8 @@ class LLMEngine:
         """Dispatch the model step and the sampler (nothing waits for the device)."""
         completes = [item.completes_sequence for item in scheduled]
         inputs = self.runner.prepare(scheduled)
+        if self.images is not None:
+            inputs.merged = self.images.merged(scheduled, inputs.shape[0])
         rows = inputs.logits_indices.shape[0]  # the step's logits rows
         slots = np.full(rows, self.config.max_num_seqs, np.int32)
         slots[: len(scheduled)] = [item.seq.slot for item in scheduled]
@@ -302,6 +322,9 @@ class LLMEngine:
         sampled = self._dispatch(inputs, slots, mask, self.max_logprobs if wants_logprobs else None,
                                  any(s.params.uses_penalties for s in seqs))
         self.scheduler.update_after_step(scheduled)
+        for item in scheduled:
+            if item.seq.images and (request := self.requests.get(item.seq.request_id)) is not None:
+                release_prefilled(request.sequences)
         for seq in seqs:
             seq.num_pending += 1
         return _InFlight(scheduled, completes, sampled)

@@ -11,21 +11,25 @@ empty.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Sequence
+from typing import Callable, Sequence
 
-PageKey = tuple[int, tuple[int, ...]]  # (hash of the previous page's key, this page's tokens)
+PageKey = tuple[int, tuple]  # (hash of the previous page's key, this page's tokens and tags)
+# Page index -> tags that the page's KV depends on beyond its tokens (the hashes of the images
+# whose placeholders it holds), appended to its key; () for a text page.
+PageTags = Callable[[int], tuple]
 
 
-def next_page_key(previous: PageKey | None, page_tokens: Sequence[int]) -> PageKey:
+def next_page_key(previous: PageKey | None, page_tokens: Sequence[int], tags: tuple = ()) -> PageKey:
     """Key of a full page given the key of the page before it (None for the first)."""
-    return (0 if previous is None else hash(previous), tuple(page_tokens))
+    return (0 if previous is None else hash(previous), tuple(page_tokens) + tags)
 
 
-def page_keys(tokens: Sequence[int], page_size: int, num_pages: int) -> list[PageKey]:
+def page_keys(tokens: Sequence[int], page_size: int, num_pages: int, tags: PageTags | None = None) -> list[PageKey]:
     """Chained keys of the first `num_pages` full pages of `tokens`."""
     keys: list[PageKey] = []
     for i in range(num_pages):
-        keys.append(next_page_key(keys[-1] if keys else None, tokens[i * page_size : (i + 1) * page_size]))
+        extra = tags(i) if tags is not None else ()
+        keys.append(next_page_key(keys[-1] if keys else None, tokens[i * page_size : (i + 1) * page_size], extra))
     return keys
 
 
@@ -84,16 +88,18 @@ class PagePool:
                     self._free.append(page)
 
     # -- prefix caching -------------------------------------------------------
-    def match_prefix(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], list[PageKey]]:
+    def match_prefix(
+        self, tokens: Sequence[int], max_tokens: int, tags: PageTags | None = None
+    ) -> tuple[list[int], list[PageKey]]:
         """Take the cached pages holding the longest prefix of `tokens` (at most `max_tokens`).
 
-        Returns the pages (each now referenced once more) and their keys.
+        Returns the pages (each now referenced once more) and their keys. `tags`: see `PageTags`.
         """
         if not self.enable_prefix_caching:
             return [], []
         pages, keys = [], []
         wanted = max_tokens // self.page_size
-        for key in page_keys(tokens, self.page_size, wanted):
+        for key in page_keys(tokens, self.page_size, wanted, tags):
             page = self._page_of.get(key)
             if page is None:
                 break

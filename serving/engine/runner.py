@@ -73,13 +73,14 @@ def buckets(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
-def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices):
+def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices, merged):
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     if plan is not None:  # every device runs every token: the residual stream stays replicated
         model.model.activation_sharding = plan.replicated()
     input_ids = jnp.where(feed >= 0, jnp.take(fed_tokens, feed, mode="clip"), input_ids)
     with kernel_plan(plan):  # kernels run per head / expert shard
-        return model.forward(input_ids, batch, kv_caches, logits_indices)
+        extra = {} if merged is None else {"merged": merged}  # text-only models keep their forward's signature
+        return model.forward(input_ids, batch, kv_caches, logits_indices, **extra)
 
 
 class ModelRunner:
@@ -113,10 +114,10 @@ class ModelRunner:
         self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(kv_cache_dtype or config.dtype),
                                               sharding_fn)
         self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
-        self.params, shardings = place_serving_step(plan, self.params, self.kv_caches, num_host_inputs=5)
+        self.params, shardings = place_serving_step(plan, self.params, self.kv_caches, num_host_inputs=6)
         self._step = jax.jit(partial(_step, self.graphdef, treedef, plan), donate_argnums=(1,), **shardings)
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
-        self.compiled_shapes: set[tuple[int, int, int]] = set()
+        self.compiled_shapes: set[tuple] = set()  # (tokens, seqs, pages) [+ "images"]
         self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq)
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
@@ -148,19 +149,21 @@ class ModelRunner:
     def step_args(self, inputs: StepInputs) -> tuple:
         """The jitted step's arguments for `inputs`, in order."""
         return (self.params, self.kv_caches, inputs.input_ids, inputs.feed, self.fed_tokens, inputs.batch,
-                inputs.logits_indices)
+                inputs.logits_indices, inputs.merged)
 
     def run(self, inputs: StepInputs) -> jax.Array:
         """Dispatch the step on prepared inputs (the KV cache is donated and replaced); logits `[S_pad, V]`,
         row i for the i-th sequence (left on the device, not waited for)."""
-        shape = inputs.shape
+        # A step with image rows is its own compiled variant of the shape.
+        shape = inputs.shape if inputs.merged is None else (*inputs.shape, "images")
         start = time.perf_counter()
         logits, self.kv_caches = self._step(*self.step_args(inputs))
         if shape not in self.compiled_shapes:
             self.compiled_shapes.add(shape)
             logits.block_until_ready()
             logger.info(
-                "compiled step for tokens=%d seqs=%d pages/seq=%d in %.1fs (%d shapes so far)",
-                *shape, time.perf_counter() - start, len(self.compiled_shapes),
+                "compiled step for tokens=%d seqs=%d pages/seq=%d%s in %.1fs (%d shapes so far)",
+                *shape[:3], " with images" if inputs.merged is not None else "", time.perf_counter() - start,
+                len(self.compiled_shapes),
             )
         return logits

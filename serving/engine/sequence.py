@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from serving.engine.kv_pages import PageKey
+from serving.multimodal.inputs import ImageItem
 from serving.outputs import Logprob
 from serving.sampling_params import SamplingParams
 
@@ -42,6 +43,8 @@ class Sequence:
     num_pending: int = 0  # tokens sampled by dispatched steps that the host has not read yet
     emitted: int = 0  # output tokens already handed out in delta outputs
     emitted_text: int = 0  # characters of text already handed out in delta outputs
+    # The prompt's images (shared by the request's sequences; serving/multimodal/inputs.py).
+    images: list[ImageItem] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
