@@ -11,6 +11,17 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 
+def count_images(messages: Sequence[dict[str, Any]]) -> int:
+    """Image parts in the messages (counted before anything is fetched)."""
+    return sum(
+        1
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if (part if isinstance(part, dict) else part.model_dump()).get("type") in ("image_url", "image_pil")
+    )
+
+
 def split_images(
     messages: Sequence[dict[str, Any]], fetch: Callable[[str], bytes]
 ) -> tuple[list[dict[str, Any]], list[Any]]:

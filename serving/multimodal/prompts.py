@@ -33,8 +33,10 @@ def split_prompt(prompt: Any) -> tuple[Any, list[Any]]:
 
 def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dict[str, int] | None) -> ImageInputs | None:
     """The image side of a checkpoint's prompts (None for a text-only model)."""
+    if limit_mm_per_prompt is not None and not isinstance(limit_mm_per_prompt, dict):
+        raise ValueError(f"limit_mm_per_prompt must map modalities to counts, e.g. {{'image': 2}}")
     limits = dict(limit_mm_per_prompt or {})
-    if set(limits) - set(MODALITIES):
+    if set(limits) - set(MODALITIES) or not all(isinstance(v, int) for v in limits.values()):
         raise ValueError(f"limit_mm_per_prompt takes the modalities {MODALITIES}, got {sorted(limits)}")
     if config.multimodal is None:
         return None
