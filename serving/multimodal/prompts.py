@@ -15,9 +15,14 @@ MODALITIES = ("image",)
 
 
 def split_prompt(prompt: Any) -> tuple[Any, list[Any]]:
-    """(the prompt without `multi_modal_data`, its images); a text prompt has none."""
-    if not isinstance(prompt, dict) or "multi_modal_data" not in prompt:
+    """(the prompt without `multi_modal_data`, its images); a text prompt has none.
+
+    `{"prompt": text}` without token ids comes back as the text (vLLM's TextPrompt)."""
+    if not isinstance(prompt, dict):
         return prompt, []
+    if "multi_modal_data" not in prompt:
+        text = prompt.get("prompt")
+        return (text, []) if "prompt_token_ids" not in prompt and isinstance(text, str) else (prompt, [])
     data = prompt["multi_modal_data"]
     if not isinstance(data, dict) or set(data) - set(MODALITIES):
         raise ValueError(f"multi_modal_data must be a dict with the keys {MODALITIES}")
