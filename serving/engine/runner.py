@@ -73,7 +73,7 @@ def buckets(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
-def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices, merged):
+def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices, merged=None):
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     if plan is not None:  # every device runs every token: the residual stream stays replicated
         model.model.activation_sharding = plan.replicated()
