@@ -67,10 +67,13 @@ class LlavaForConditionalGeneration(CausalLM):
         pixel_values: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
+        merged: MergedEmbeddings | None = None,
     ) -> jax.Array:
-        """Logits for a `[B, T]` batch whose `image_token_id` runs take the images of `pixel_values` in order."""
-        merged = None
+        """Logits for a `[B, T]` batch whose `image_token_id` runs take the images of `pixel_values` in order
+        (or features already placed: `merged`, as the trainer builds them)."""
         if pixel_values is not None:
+            if merged is not None:
+                raise ValueError("pass pixel_values or merged features, not both")
             input_ids = jnp.asarray(input_ids, jnp.int32)
             features = self.image_features(jnp.asarray(pixel_values))
             merged = MergedEmbeddings(features.reshape(-1, features.shape[-1]),

@@ -3,12 +3,16 @@
 Content parts `{"type": "text", "text": ...}` and `{"type": "image_url", "image_url": {"url": ...}}`
 (OpenAI's) become transformers' `{"type": "text", "text": ...}` and `{"type": "image"}`, which the
 multimodal chat templates render as the model's image placeholder. The offline `LLM.chat` also
-takes `{"type": "image_pil", "image_pil": <PIL image>}` (vLLM's).
+takes `{"type": "image_pil", "image_pil": <PIL image>}` (vLLM's), and training data
+`{"type": "image", "image": <path or URL>}` (transformers' and TRL's).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
+
+
+IMAGE_PARTS = ("image_url", "image_pil", "image")
 
 
 def count_images(messages: Sequence[dict[str, Any]]) -> int:
@@ -18,7 +22,7 @@ def count_images(messages: Sequence[dict[str, Any]]) -> int:
         for message in messages
         if isinstance(message.get("content"), list)
         for part in message["content"]
-        if (part if isinstance(part, dict) else part.model_dump()).get("type") in ("image_url", "image_pil")
+        if (part if isinstance(part, dict) else part.model_dump()).get("type") in IMAGE_PARTS
     )
 
 
@@ -45,8 +49,9 @@ def split_images(
                     raise ValueError("an image_url content part needs image_url.url")
                 images.append(fetch(url))
                 parts.append({"type": "image"})
-            elif kind == "image_pil":
-                images.append(part.get("image_pil"))
+            elif kind in ("image_pil", "image"):  # an image object, or (type "image") a path or URL to fetch
+                image = part.get(kind)
+                images.append(fetch(image) if isinstance(image, str) else image)
                 parts.append({"type": "image"})
             else:
                 raise ValueError(f"message content of type {kind!r} is not supported (text, image_url)")
