@@ -106,6 +106,9 @@ class LLM:
         net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.image_inputs = image_inputs(model, net.config, limit_mm_per_prompt)
+        if self.image_inputs is not None and jax.process_count() > 1:
+            raise ValueError("vision-language models are not supported on multi-host engines yet "
+                             "(the vision tower runs on the leader only)")
         self.media = MediaFetcher(allowed_local_media_path)
         self.engine = LLMEngine(
             net,
