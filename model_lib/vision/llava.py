@@ -40,6 +40,19 @@ class LlavaMultiModalProjector(nnx.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
+def image_features(
+    mm: MultiModalConfig, tower: CLIPVisionTower, projector: LlavaMultiModalProjector, pixel_values: jax.Array
+) -> jax.Array:
+    """The selected tower layers (CLS dropped by the "default" strategy), concatenated and projected:
+    `[B, C, H, W]` -> `[B, F, E]`. A function of the two vision modules alone, so that a server can
+    hold them without the language model."""
+    states = tower.hidden_states(pixel_values, mm.deepest_layer)
+    selected = [states[layer % (mm.vision.num_layers + 1)] for layer in mm.feature_layers]
+    if mm.feature_strategy == "default":
+        selected = [s[:, 1:] for s in selected]  # drop CLS
+    return projector(jnp.concatenate(selected, axis=-1))
+
+
 class LlavaForConditionalGeneration(CausalLM):
     """A decoder whose image placeholder tokens take projected CLIP features."""
 
@@ -52,12 +65,7 @@ class LlavaForConditionalGeneration(CausalLM):
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """Preprocessed images `[B, C, H, W]` -> features `[B, F, E]`, one row per placeholder token."""
-        mm: MultiModalConfig = self.config.multimodal
-        states = self.vision_tower.hidden_states(pixel_values, mm.deepest_layer)
-        selected = [states[layer % (mm.vision.num_layers + 1)] for layer in mm.feature_layers]
-        if mm.feature_strategy == "default":
-            selected = [s[:, 1:] for s in selected]  # drop CLS
-        return self.multi_modal_projector(jnp.concatenate(selected, axis=-1))
+        return image_features(self.config.multimodal, self.vision_tower, self.multi_modal_projector, pixel_values)
 
     def __call__(
         self,

@@ -10,12 +10,15 @@ steps), and are encoded again after a preemption that needs them.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from model_lib.vision.llava import image_features
 
 from model_lib.vision.merge import MergedEmbeddings
 from serving.engine.scheduler import ScheduledSequence
@@ -26,8 +29,9 @@ from serving.multimodal.inputs import ImageItem
 MAX_ENCODER_BUDGET = 1 << 20  # a bound on max_num_encoder_input_tokens
 
 
-def _encode(graphdef, state, pixel_values):
-    return nnx.merge(graphdef, state).image_features(pixel_values)
+def _encode(config, graphdef, state, pixel_values):
+    tower, projector = nnx.merge(graphdef, state)
+    return image_features(config, tower, projector, pixel_values)
 
 
 class ImageEncoder:
@@ -38,8 +42,9 @@ class ImageEncoder:
         self.budget = budget
         self.hidden_size = model.config.hidden_size
         self.dtype = jnp.dtype(model.config.dtype)
-        self.graphdef, self.state = nnx.split(model)
-        self._encode = jax.jit(_encode, static_argnums=0)
+        # The vision modules only: the runner may hold the language model in another (scanned) layout.
+        self.graphdef, self.state = nnx.split((model.vision_tower, model.multi_modal_projector))
+        self._encode = jax.jit(partial(_encode, self.config), static_argnums=0)
         self.num_encoded = 0  # images run through the tower (a preempted request may count twice)
 
     def encode(self, item: ImageItem) -> None:
