@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model_lib.cache_spec import CacheSpec, LatentKV, PagedKV
+from model_lib.vision.config import MultiModalConfig
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -205,6 +206,8 @@ class ModelConfig:
 
     initializer_range: float = 0.02
     dtype: str = "float32"  # parameter and compute dtype
+    # Vision-language models: the vision tower and how its features replace placeholder tokens.
+    multimodal: MultiModalConfig | None = None
     # The checkpoint's own config.json, kept to save the model back unchanged.
     hf_config_json: str = field(default="{}", compare=False, hash=False, repr=False)
 

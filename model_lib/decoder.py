@@ -24,6 +24,7 @@ from model_lib.layer_scan import segment_layers
 from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
 from model_lib.layers.moe import MoE
+from model_lib.vision.merge import MergedEmbeddings
 
 Batch = DenseBatch | PagedBatch
 
@@ -178,13 +179,22 @@ class DecoderModel(nnx.Module):
         self.activation_sharding = None
 
     def __call__(
-        self, input_ids: jax.Array, batch: Batch, kv_caches: list[KVCache] | None = None
+        self,
+        input_ids: jax.Array,
+        batch: Batch,
+        kv_caches: list[KVCache] | None = None,
+        merged: MergedEmbeddings | None = None,
     ) -> tuple[jax.Array, list[KVCache] | None]:
-        """Token ids (`[B, T]` or flat `[T]`) -> final hidden states and the updated KV pages."""
+        """Token ids (`[B, T]` or flat `[T]`) -> final hidden states and the updated KV pages.
+
+        `merged`: encoder outputs (image features) that replace the embeddings of the tokens it indexes.
+        """
         x = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
             # Scale in the weight dtype, as the reference does (Gemma's sqrt(E) rounds in bf16).
             x = x * jnp.asarray(self.embedding_multiplier, x.dtype)
+        if merged is not None:  # after the text-token scaling, which encoder outputs do not take
+            x = merged.apply(x)
         if self.project_in is not None:
             x = self.project_in(x)
         if self.embed_positions is not None:
@@ -278,15 +288,17 @@ class CausalLM(nnx.Module):
         batch: Batch,
         kv_caches: list[KVCache] | None = None,
         logits_indices: jax.Array | None = None,
+        merged: MergedEmbeddings | None = None,
     ) -> tuple[jax.Array, list[KVCache] | None]:
         """The family forward, for both batch shapes (DESIGN.md "one forward, two batch shapes").
 
         Dense `[B, T]` batches attend within the batch; a `PagedBatch` reads and
         writes the paged `kv_caches` (the layout of `make_kv_caches`). `logits_indices`
         picks the token positions (along the leading token axis) that need
-        logits, so a decode step projects only the last token of each sequence.
+        logits, so a decode step projects only the last token of each sequence. `merged` puts encoder
+        outputs in place of the token embeddings it indexes (`model_lib/vision/merge.py`).
         """
-        hidden, kv_caches = self.model(input_ids, batch, kv_caches)
+        hidden, kv_caches = self.model(input_ids, batch, kv_caches, merged)
         if logits_indices is not None:
             hidden = hidden[logits_indices]
         return self.logits(hidden), kv_caches
@@ -298,12 +310,14 @@ class CausalLM(nnx.Module):
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
+        merged: MergedEmbeddings | None = None,
     ) -> jax.Array:
         """Logits for a `[B, T]` batch.
 
         `attention_mask` (1 = token, 0 = padding; left or right) or `segment_ids`
         (packed rows, 0 = padding) say which tokens see which; positions restart
-        at each sequence's first real token unless given.
+        at each sequence's first real token unless given. `merged`: encoder outputs in
+        place of the token embeddings it indexes.
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if segment_ids is None:
@@ -311,5 +325,6 @@ class CausalLM(nnx.Module):
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
         positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
         seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
-        logits, _ = self.forward(input_ids, DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens))
+        batch = DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens)
+        logits, _ = self.forward(input_ids, batch, merged=merged)
         return logits

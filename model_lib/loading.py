@@ -22,9 +22,18 @@ from model_lib.quantization.checkpoints import Scheme, scheme_for
 from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 
+def model_class(config: ModelConfig) -> type[CausalLM]:
+    """The module class of `config`: a vision-language wrapper when it has a vision tower."""
+    if config.multimodal is not None:
+        from model_lib.vision.llava import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+    return CausalLM
+
+
 def from_config(config: ModelConfig, *, seed: int = 0, mesh: Mesh | ShardingPlan | str | None = None) -> CausalLM:
     """A randomly initialised model (for training from scratch and tests)."""
-    model = CausalLM(config, rngs=nnx.Rngs(seed))
+    model = model_class(config)(config, rngs=nnx.Rngs(seed))
     plan = as_plan(mesh)
     return shard_model(model, plan) if plan is not None else model
 
@@ -104,7 +113,7 @@ def from_pretrained(
     plan = as_plan(mesh)
     if plan is not None:
         plan.check_heads(config)  # before any tensor is read
-    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: model_class(config)(config, rngs=nnx.Rngs(0)))
     nf4 = quantization in ("nf4", "nf4-embeddings")
     targets = quantization_targets(abstract, embeddings=quantization == "nf4-embeddings") if nf4 else {}
     values = load_params(abstract, family, path, plan, quantize=frozenset(targets), scheme=scheme,

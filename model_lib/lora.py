@@ -116,12 +116,20 @@ def _matches(hf_module: str, targets: list[str] | str) -> bool:
     return any(hf_module == t or hf_module.endswith("." + t) for t in targets)
 
 
+# Modules of a vision-language model outside its language model: only a regex target reaches them
+# (names such as "q_proj" or "all-linear" adapt the language model, the vision side stays frozen).
+VISION_MODULES = ("vision_tower.", "multi_modal_projector.")
+
+
 def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list[tuple[str, Linear]]]:
     """HF module path -> our linear layers that hold it (one, or the parts of a fused module)."""
     family = get_family(model.config.architecture).for_config(model.config)
     groups: dict[str, list[tuple[str, Linear]]] = {}
     order: dict[str, int] = {}  # fused parts in the HF tensor's order (q, k, v), not graph order
+    by_regex = isinstance(targets, str) and targets != "all-linear"
     for path, layer in linear_layers(model).items():
+        if path.startswith(VISION_MODULES) and not by_regex:
+            continue
         hf = _hf_module(path, family)
         if _matches(hf, targets):
             groups.setdefault(hf, []).append((path, layer))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import math
 from typing import Any, Callable, Iterator, Sequence
 

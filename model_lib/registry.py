@@ -90,6 +90,7 @@ ARCHITECTURES: dict[str, str] = {
     "Grok1ModelForCausalLM": "model_lib.families.grok:GROK1",
     "Llama4ForCausalLM": "model_lib.families.llama4:LLAMA4",
     "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",
+    "LlavaForConditionalGeneration": "model_lib.families.llava:LLAVA",
 }
 
 

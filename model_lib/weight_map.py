@@ -22,6 +22,9 @@ are data, not code:
 - `nested_prefix`: the prefix of the language model's tensors in a multimodal
   checkpoint whose text path we load (Llama 4's `language_model.`), removed on load
   and put back on save; the other towers' tensors go in `ignored`.
+- `key_renames`: regex substitutions on whole tensor names, applied first, for checkpoints
+  whose top-level layout varies by the transformers version that saved them (LLaVA's
+  `language_model.model.` / `model.language_model.`); `relocated` names the save layout.
 
 Separately, every HF `*.weight` of a linear layer is `[out, in]` and ours is
 `kernel [in, out]` (the last two axes swap, so `[X, out, in]` expert stacks too); `model_lib/checkpoint.py` handles that for all families,
@@ -112,6 +115,7 @@ class WeightMap:
     bare_prefix: str = ""
     relocated: tuple[tuple[str, str], ...] = ()  # (module path as mapped from HF, our module path)
     nested_prefix: str = ""
+    key_renames: tuple[tuple[str, str], ...] = ()  # (regex on the HF tensor name, replacement)
 
     def _relocate(self, module: str, inverse: bool = False) -> str:
         for mapped, ours in self.relocated:
@@ -122,7 +126,9 @@ class WeightMap:
 
     def canonical(self, hf_key: str) -> str:
         """`hf_key` with the base-model prefix put back where a bare-model checkpoint left it out
-        (and a multimodal checkpoint's `nested_prefix` taken off)."""
+        (and a multimodal checkpoint's `nested_prefix` taken off, `key_renames` applied)."""
+        for pattern, replacement in self.key_renames:
+            hf_key = re.sub(pattern, replacement, hf_key)
         if self.nested_prefix:
             return hf_key.removeprefix(self.nested_prefix)
         if not self.bare_prefix or hf_key.startswith((self.bare_prefix, "lm_head.")):

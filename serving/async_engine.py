@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, TypeVar
 
 from serving.engine import LLMEngine
+from serving.multimodal.inputs import ImageItem
 from serving.outputs import RequestOutput
 from serving.sampling_params import SamplingParams
 
@@ -78,17 +79,23 @@ class AsyncLLMEngine:
 
     # -- requests -------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        images: list[ImageItem] | None = None,
         lora_name: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as it progresses (in `params.output_kind`), the last one `finished`;
-        `lora_name`: a loaded LoRA adapter to run it with."""
+        """Outputs of one request as it progresses (in `params.output_kind`), the last one `finished`.
+
+        `images`: the prompt's images (`LLMEngine.add_request`); `lora_name`: a loaded LoRA adapter to run it with."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         self.engine.validate_request(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._inbox.put(("add", (request_id, prompt_ids, params, prompt, lora_name)))
+        self._inbox.put(("add", (request_id, prompt_ids, params, prompt, images, lora_name)))
         self._wake.set()
         finished = False
         try:

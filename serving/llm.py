@@ -25,6 +25,9 @@ from serving.engine.combined import GenerationWithPooling
 from serving.engine.pooling_engine import PoolingEngine
 from serving.engine.warmup import use_compilation_cache
 from serving.lora import LoRARequest
+from serving.multimodal.chat import split_images
+from serving.multimodal.media import MediaFetcher
+from serving.multimodal.prompts import image_inputs, split_prompt
 from serving.outputs import RequestOutput
 from serving.pooling_api import PoolingMethods
 from serving.sampling_params import RequestOutputKind, SamplingParams
@@ -106,6 +109,8 @@ class LLM(PoolingMethods):
         num_processes: int | None = None,
         process_id: int | None = None,
         enable_embeddings: bool = False,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        allowed_local_media_path: str | Path | None = None,
         **engine_args: Any,
     ):
         distributed.initialize(coordinator_address, num_processes, process_id)  # before any JAX computation
@@ -113,6 +118,8 @@ class LLM(PoolingMethods):
         plan = as_plan(mesh)
         self.model_path = Path(model)
         self.tokenizer = load_tokenizer(tokenizer or model)
+        self.image_inputs = None
+        self.media = MediaFetcher(allowed_local_media_path)
         if pooling_architecture(model) is not None:
             if plan is not None or quantization is not None or jax.process_count() > 1:
                 raise ValueError("pooling models run unsharded and unquantized on one process for now")
@@ -121,6 +128,10 @@ class LLM(PoolingMethods):
             self.engine = PoolingEngine(load_pooling_model(model, dtype=dtype), self.tokenizer, EngineConfig(**engine_args))
         else:
             net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
+            self.image_inputs = image_inputs(model, net.config, limit_mm_per_prompt)
+            if self.image_inputs is not None and jax.process_count() > 1:
+                raise ValueError("vision-language models are not supported on multi-host engines yet "
+                                 "(the vision tower runs on the leader only)")
             self.engine = LLMEngine(
                 net,
                 self.tokenizer,
@@ -188,12 +199,44 @@ class LLM(PoolingMethods):
         if isinstance(self.engine, PoolingEngine):
             raise ValueError(f"{self.model_path} is a pooling model ({self.engine.model.architecture}): use "
                              f"{', '.join(self.engine.tasks)}, not generate")
+        prompt, images = split_prompt(prompt)
         text, ids = self._prompt_ids(prompt)
+        items = []
+        if images:
+            if self.image_inputs is None:
+                raise ValueError(f"{self.model_path} takes no images")
+            ids, items = self.image_inputs(ids, images)
         lora_name = self._adapter(lora_request)
         request_id = str(self._counter)
         self._counter += 1
-        self.engine.add_request(request_id, ids, params, prompt=text, lora_name=lora_name)
+        self.engine.add_request(request_id, ids, params, prompt=text, lora_name=lora_name,
+                                **({"images": items} if items else {}))
         return request_id
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to OpenAI-style conversations (one, or a list of them) through the chat template.
+
+        Content parts may be text, `image_url` (data:, http(s), or file: under `allowed_local_media_path`)
+        or `image_pil` (a PIL image), as vLLM's `LLM.chat`.
+        """
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.model_path} has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            converted, images = split_images(conversation, self.media.fetch)
+            text = self.tokenizer.apply_chat_template(converted, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template holds any BOS
+            prompts.append({"prompt": text, "prompt_token_ids": ids,
+                            **({"multi_modal_data": {"image": images}} if images else {})})
+        return self.generate(prompts, sampling_params)
 
     def generate(
         self,

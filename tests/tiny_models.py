@@ -98,6 +98,8 @@ LLAMA4_TEXT = dict(
 )
 LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, image_size=32, patch_size=8)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -423,6 +425,16 @@ CASES = [
         model_class="Llama4ForConditionalGeneration",
         reference="language_model",
         noise=ROUTER_NOISE,
+    ),
+    # LLaVA's text path (its image path: tests/model_lib/test_llava.py); token 127 is its image placeholder.
+    TinyCase(
+        "llava-llama",
+        "LlavaConfig",
+        dict(text_config={**DIMS, "num_key_value_heads": 2, **SMALL_TOKENS}, vision_config=LLAVA_VISION,
+             image_token_index=VOCAB - 1),
+        dims={},
+        architecture="LlavaForConditionalGeneration",
+        model_class="LlavaForConditionalGeneration",
     ),
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",

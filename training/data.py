@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from flax import struct
+
+from serving.multimodal.chat import split_images
+from training.images import ExampleImage, TrainingImages
 
 IGNORE = -100
 
@@ -48,6 +51,7 @@ class DataConfig:
 class Example:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids; IGNORE = no loss on predicting this token
+    images: list[ExampleImage] = field(default_factory=list)  # vision-language chat data (training/images.py)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -116,9 +120,11 @@ def _text_example(text: str, tokenizer: Any, config: DataConfig, where: str) -> 
     return Example(ids, labels)
 
 
-def _chat_example(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> Example:
+def _chat_example(messages: list[dict[str, Any]], tokenizer: Any, where: str,
+                  images: TrainingImages | None = None) -> Example:
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: chat 'messages' need a tokenizer with a chat template")
+    messages, pictures = split_images(messages, images.fetch if images is not None else _no_images)
     render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
     full = render(messages, False)
     ids = tokenizer.encode(full, add_special_tokens=False)
@@ -130,11 +136,20 @@ def _chat_example(messages: list[dict[str, Any]], tokenizer: Any, where: str) ->
         start = len(tokenizer.encode(render(messages[:i], True), add_special_tokens=False))
         end = len(tokenizer.encode(render(messages[: i + 1], False), add_special_tokens=False))
         labels[start:end] = ids[start:end]
+    if pictures:
+        if images is None:
+            raise DataError(f"{where}: image parts need a vision-language model")
+        return Example(*images.expand(ids, labels, pictures))
     return Example(ids, labels)
 
 
-def to_example(record: dict[str, Any], tokenizer: Any, config: DataConfig, where: str) -> Example:
-    """One record in any supported format -> token ids and labels."""
+def _no_images(source: str) -> bytes:
+    raise DataError("image parts need a vision-language model")
+
+
+def to_example(record: dict[str, Any], tokenizer: Any, config: DataConfig, where: str,
+               images: TrainingImages | None = None) -> Example:
+    """One record in any supported format -> token ids and labels (and a chat's images)."""
     try:
         if "input_ids" in record:
             ids = [int(t) for t in record["input_ids"]]
@@ -145,7 +160,7 @@ def to_example(record: dict[str, Any], tokenizer: Any, config: DataConfig, where
         if tokenizer is None:
             raise DataError(f"{where}: text data needs a tokenizer (only pretokenized input_ids work without one)")
         if "messages" in record:
-            return _chat_example(record["messages"], tokenizer, where)
+            return _chat_example(record["messages"], tokenizer, where, images)
         if config.data_formatter_template:
             return _text_example(_render(config.data_formatter_template, record, where), tokenizer, config, where)
         if "input" in record and "output" in record:
@@ -166,10 +181,12 @@ def to_example(record: dict[str, Any], tokenizer: Any, config: DataConfig, where
     )
 
 
-def load_examples(path: str | Path, tokenizer: Any, config: DataConfig) -> list[Example]:
+def load_examples(
+    path: str | Path, tokenizer: Any, config: DataConfig, images: TrainingImages | None = None
+) -> list[Example]:
     examples = []
     for where, record in read_records(path):
-        example = to_example(record, tokenizer, config, where)
+        example = to_example(record, tokenizer, config, where, images)
         example.input_ids = example.input_ids[: config.max_seq_length]
         example.labels = example.labels[: config.max_seq_length]
         if len(example.input_ids) >= 2:
@@ -192,6 +209,10 @@ class Batch:
     input_ids: np.ndarray  # [rows, L] int32
     segment_ids: np.ndarray  # [rows, L] int32
     targets: np.ndarray  # [rows, L] int32
+    # Vision-language data: each row's images in `slots` (zeros where a row has fewer), and per token
+    # the feature row it takes among the batch's `rows * slots * F` image rows (-1: its own embedding).
+    pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32
+    image_index: np.ndarray | None = None  # [rows, L] int32
 
     def num_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
@@ -215,8 +236,12 @@ def pack_rows(examples: Sequence[Example], max_seq_length: int, packing: bool) -
     return rows
 
 
-def make_batch(rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None) -> Batch:
-    """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape."""
+def make_batch(
+    rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0
+) -> Batch:
+    """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape.
+
+    `image_slots` > 0: the batch carries images, that many per row (rows of one example each)."""
     shape = (num_rows or len(rows), max_seq_length)
     input_ids = np.zeros(shape, np.int32)
     segment_ids = np.zeros(shape, np.int32)
@@ -230,15 +255,41 @@ def make_batch(rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows:
             # Token t learns to predict label t+1 of its own example; the last token of an example predicts nothing.
             targets[r, at : at + n - 1] = example.labels[1:]
             at += n
-    return Batch(input_ids, segment_ids, targets)
+    if not image_slots:
+        return Batch(input_ids, segment_ids, targets)
+    return Batch(input_ids, segment_ids, targets, *_batch_images(rows, shape, image_slots))
+
+
+def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> tuple[np.ndarray, np.ndarray]:
+    first = next(image for row in rows for example in row for image in example.images)
+    length = first.length  # feature rows per image: the same for every image of a model
+    pixels = np.zeros((shape[0], slots, *first.pixel_values.shape), np.float32)
+    index = np.full(shape, -1, np.int32)
+    for r, row in enumerate(rows):
+        for s, image in enumerate(row[0].images if row else ()):
+            pixels[r, s] = image.pixel_values
+            end = min(image.offset + image.length, shape[1])  # truncation may cut a run
+            base = (r * slots + s) * length - image.offset
+            index[r, image.offset : end] = base + np.arange(image.offset, end, dtype=np.int32)
+    return pixels, index
+
+
+def image_slots(examples: Sequence[Example], packing: bool) -> int:
+    """Images per batch row: the most any example has (0 for text data)."""
+    slots = max((len(e.images) for e in examples), default=0)
+    if slots and packing:
+        raise DataError("packing is not supported with images (each row holds one example and its images)")
+    return slots
 
 
 def epoch_batches(
-    examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int
+    examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int,
+    images_per_row: int = 0,
 ) -> list[Batch]:
     """One epoch in a deterministic shuffled order (same seed and epoch -> same batches)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     rows = pack_rows([examples[i] for i in order], max_seq_length, packing)
     return [
-        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch) for i in range(0, len(rows), rows_per_batch)
+        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row)
+        for i in range(0, len(rows), rows_per_batch)
     ]

@@ -41,7 +41,9 @@ from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan, as_plan, shardings_of
 from model_lib import distributed
 from training.config import TrainConfig
-from training.data import IGNORE, Batch, DataConfig, epoch_batches, load_examples, split_validation
+from model_lib.vision.merge import MergedEmbeddings
+from training.data import IGNORE, Batch, DataConfig, epoch_batches, image_slots, load_examples, split_validation
+from training.images import TrainingImages
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +79,19 @@ def token_loss(model: nnx.Module, batch: Batch, router_aux_coef: float = 0.0) ->
         (ce_sum, count), router_logits = capture_router_logits(token_loss)(model, batch)
         aux = router_aux_loss(model.config, router_logits, batch.segment_ids != 0)
         return ce_sum + router_aux_coef * aux * count, count
-    logits = model(batch.input_ids, segment_ids=batch.segment_ids)
+    logits = model(batch.input_ids, segment_ids=batch.segment_ids, **image_inputs(model, batch))
     mask = batch.targets != IGNORE
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, batch.targets, 0))
     return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
+    """The forward's `merged` image features for a batch with images (nothing for text batches)."""
+    if batch.pixel_values is None:
+        return {}
+    pixels = batch.pixel_values
+    features = model.image_features(pixels.reshape(-1, *pixels.shape[-3:]))  # [rows * slots, F, E]
+    return {"merged": MergedEmbeddings(features.reshape(-1, features.shape[-1]), batch.image_index)}
 
 
 def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -174,14 +185,18 @@ class Trainer:
             dataset_text_field=c.dataset_text_field, response_template=c.response_template,
             data_formatter_template=c.data_formatter_template, max_seq_length=c.max_seq_length, packing=c.packing,
         )
-        examples = load_examples(c.training_data_path, self.tokenizer, data)
+        images = None
+        if self.model.config.multimodal is not None:
+            images = TrainingImages(c.model_name_or_path, self.model.config, Path(c.training_data_path).parent)
+        examples = load_examples(c.training_data_path, self.tokenizer, data, images)
         if c.validation_data_path:
-            self.eval_examples = load_examples(c.validation_data_path, self.tokenizer, data)
+            self.eval_examples = load_examples(c.validation_data_path, self.tokenizer, data, images)
         elif c.validation_split > 0:
             examples, self.eval_examples = split_validation(examples, c.validation_split, c.seed)
         else:
             self.eval_examples = []
         self.examples = examples
+        self.images_per_row = image_slots([*examples, *self.eval_examples], c.packing)
         self.rows = c.per_device_train_batch_size * self._data_parallel()
         self.batches_per_epoch = len(epoch_batches(examples, **self._batch_args(0)))
         steps_per_epoch = max(1, self.batches_per_epoch // c.gradient_accumulation_steps)
@@ -214,7 +229,8 @@ class Trainer:
 
     def _batch_args(self, epoch: int) -> dict[str, Any]:
         c = self.config
-        return dict(rows_per_batch=self.rows, max_seq_length=c.max_seq_length, packing=c.packing, seed=c.seed, epoch=epoch)
+        return dict(rows_per_batch=self.rows, max_seq_length=c.max_seq_length, packing=c.packing, seed=c.seed, epoch=epoch,
+                    images_per_row=self.images_per_row)
 
     def micro_batch(self, index: int) -> Batch:
         """The `index`-th micro-batch of the run: a pure function of (seed, index)."""
@@ -224,7 +240,7 @@ class Trainer:
         return self._epoch_cache[epoch][within]
 
     def _device_batch(self, batches: list[Batch]) -> Batch:
-        stacked = Batch(*(np.stack([getattr(b, f) for b in batches]) for f in ("input_ids", "segment_ids", "targets")))
+        stacked = jax.tree.map(lambda *parts: np.stack(parts), *batches)
         if self.plan is None:
             return jax.tree.map(jnp.asarray, stacked)
         return self._global(stacked, self._batch_sharding())
@@ -332,7 +348,7 @@ class Trainer:
         rows = c.per_device_eval_batch_size * self._data_parallel()
         total, count = 0.0, 0
         batches = epoch_batches(self.eval_examples, rows_per_batch=rows, max_seq_length=c.max_seq_length,
-                                packing=c.packing, seed=c.seed, epoch=0)
+                                packing=c.packing, seed=c.seed, epoch=0, images_per_row=self.images_per_row)
         for batch in batches:
             device_batch = jax.tree.map(lambda x: x[0], self._device_batch([batch]))
             loss, n = self.eval_step(self.trainable, self.rng_state, self.frozen, device_batch)

@@ -10,7 +10,6 @@ raise `CheckpointError` naming the tensor. Reward models load their decoder as t
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

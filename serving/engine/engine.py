@@ -35,6 +35,8 @@ from serving.engine.runner import ModelRunner, StepInputs, bucket
 from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
+from serving.multimodal.encoder import image_encoder, release_prefilled
+from serving.multimodal.inputs import ImageItem, check_placeholders
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
 from serving.lora.manager import LoRAManager
@@ -73,6 +75,9 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
+    # Vision-language models: image feature rows the encoder may compute per step, beside the token
+    # budget (vLLM's name; None: max(max_num_batched_tokens, one image's rows)).
+    max_num_encoder_input_tokens: int | None = None
 
 
 @dataclass
@@ -164,8 +169,10 @@ class LLMEngine:
             logger.info("prefix caching is off: %s keeps per-sequence state that KV pages cannot restore",
                         mc.architecture)
         self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=prefix_caching)
+        self.images = image_encoder(model, config.max_num_encoder_input_tokens, config.max_num_batched_tokens)
         self.scheduler = Scheduler(
-            self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+            self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            encoder_budget=None if self.images is None else self.images.budget,
         )
         if config.enable_lora and jax.process_count() > 1:
             raise ValueError("LoRA adapters are not served across processes yet (multi-host)")
@@ -218,11 +225,19 @@ class LLMEngine:
         validate_request(params, self.config.limits, self.model_config.vocab_size)
 
     def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        images: list[ImageItem] | None = None,
         lora_name: str | None = None,
     ) -> None:
-        """Queue a request (with the loaded LoRA adapter `lora_name`, if given); raises ValueError for a
-        prompt the engine cannot serve or an adapter it does not hold."""
+        """Queue a request; raises ValueError for a prompt the engine cannot serve or an adapter it does not hold.
+
+        `images`: the prompt's images, their placeholders already expanded (`serving.multimodal.inputs.ImageInputs`);
+        `lora_name`: the loaded LoRA adapter to run it with.
+        """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = _token_ids(prompt_ids)
@@ -231,6 +246,8 @@ class LLMEngine:
             raise ValueError("this engine serves no LoRA adapters (enable_lora is off)")
         if lora_name is not None and lora_name not in self.lora.adapters:
             raise ValueError(f"no LoRA adapter named {lora_name!r} is loaded")
+        images = list(images or [])
+        check_placeholders(prompt_ids, images, self.model_config.multimodal)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []
@@ -240,7 +257,8 @@ class LLMEngine:
             else:
                 # Signed 64-bit seeds (OpenAI's range) as their unsigned two's complement.
                 seed = int(np.random.SeedSequence([params.seed % 2**64, index]).generate_state(1)[0])
-            seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens)
+            seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens,
+                           images=images)
             seq.logprobs = [] if params.logprobs is not None else None
             self._next_seq_id += 1
             sequences.append(seq)
@@ -329,6 +347,8 @@ class LLMEngine:
         """Dispatch the model step and the sampler (nothing waits for the device)."""
         completes = [item.completes_sequence for item in scheduled]
         inputs = self.runner.prepare(scheduled)
+        if self.images is not None:
+            inputs.merged = self.images.merged(scheduled, inputs.shape[0])
         rows = inputs.logits_indices.shape[0]  # the step's logits rows
         slots = np.full(rows, self.config.max_num_seqs, np.int32)
         slots[: len(scheduled)] = [item.seq.slot for item in scheduled]
@@ -339,6 +359,9 @@ class LLMEngine:
         sampled = self._dispatch(inputs, slots, mask, self.max_logprobs if wants_logprobs else None,
                                  any(s.params.uses_penalties for s in seqs))
         self.scheduler.update_after_step(scheduled)
+        for item in scheduled:
+            if item.seq.images and (request := self.requests.get(item.seq.request_id)) is not None:
+                release_prefilled(request.sequences)
         for seq in seqs:
             seq.num_pending += 1
         return _InFlight(scheduled, completes, sampled)

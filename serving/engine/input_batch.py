@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model_lib.layers import PagedBatch
+from model_lib.vision.merge import MergedEmbeddings
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.scheduler import ScheduledSequence
 
@@ -30,6 +31,7 @@ class StepInputs:
     batch: PagedBatch  # numpy fields
     logits_indices: np.ndarray  # [S_pad] flat index of each sequence's last token
     lora_slots: np.ndarray | None = None  # [T_pad] each token's adapter slot (-1: none); with served adapters
+    merged: MergedEmbeddings | None = None  # image features in place of placeholder embeddings ([T_pad] index)
 
     @property
     def shape(self) -> tuple[int, int, int]:

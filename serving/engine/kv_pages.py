@@ -11,22 +11,28 @@ empty.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Sequence
+from typing import Callable, Sequence
 
-PageKey = tuple[int, tuple[int, ...]]  # (hash of the previous page's key, this page's tokens)
+PageKey = tuple[int, tuple]  # (hash of the previous page's key, this page's tokens and tags)
+# Page index -> tags that the page's KV depends on beyond its tokens (the hashes of the images
+# whose placeholders it holds), appended to its key; () for a text page.
+PageTags = Callable[[int], tuple]
 
 
-def next_page_key(previous: PageKey | None, page_tokens: Sequence[int], salt: int = 0) -> PageKey:
+def next_page_key(previous: PageKey | None, page_tokens: Sequence[int], salt: int = 0, tags: tuple = ()) -> PageKey:
     """Key of a full page given the key of the page before it (None for the first, which carries
-    `salt`: what else than the tokens decides the page's contents, such as a LoRA adapter)."""
-    return (salt if previous is None else hash(previous), tuple(page_tokens))
+    `salt`: what else than the tokens decides the page's contents, such as a LoRA adapter). `tags`: the
+    hashes of the multimodal items whose placeholders the page holds."""
+    return (salt if previous is None else hash(previous), tuple(page_tokens) + tags)
 
 
-def page_keys(tokens: Sequence[int], page_size: int, num_pages: int, salt: int = 0) -> list[PageKey]:
+def page_keys(tokens: Sequence[int], page_size: int, num_pages: int, salt: int = 0,
+              tags: PageTags | None = None) -> list[PageKey]:
     """Chained keys of the first `num_pages` full pages of `tokens`."""
     keys: list[PageKey] = []
     for i in range(num_pages):
-        keys.append(next_page_key(keys[-1] if keys else None, tokens[i * page_size : (i + 1) * page_size], salt))
+        extra = tags(i) if tags is not None else ()
+        keys.append(next_page_key(keys[-1] if keys else None, tokens[i * page_size : (i + 1) * page_size], salt, extra))
     return keys
 
 
@@ -85,16 +91,18 @@ class PagePool:
                     self._free.append(page)
 
     # -- prefix caching -------------------------------------------------------
-    def match_prefix(self, tokens: Sequence[int], max_tokens: int, salt: int = 0) -> tuple[list[int], list[PageKey]]:
+    def match_prefix(
+        self, tokens: Sequence[int], max_tokens: int, salt: int = 0, tags: PageTags | None = None
+    ) -> tuple[list[int], list[PageKey]]:
         """Take the cached pages holding the longest prefix of `tokens` (at most `max_tokens`).
 
-        Returns the pages (each now referenced once more) and their keys.
+        Returns the pages (each now referenced once more) and their keys. `tags`: see `PageTags`.
         """
         if not self.enable_prefix_caching:
             return [], []
         pages, keys = [], []
         wanted = max_tokens // self.page_size
-        for key in page_keys(tokens, self.page_size, wanted, salt):
+        for key in page_keys(tokens, self.page_size, wanted, salt, tags):
             page = self._page_of.get(key)
             if page is None:
                 break

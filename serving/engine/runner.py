@@ -78,15 +78,17 @@ def buckets(smallest: int, largest: int) -> list[int]:
     return sizes
 
 
-def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices, lora=None,
-          *, lora_paths=()):
-    """`lora`: with served adapters, (their stacks, the per-token slot index `[T_pad]`)."""
+def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices, merged=None,
+          lora=None, *, lora_paths=()):
+    """`merged`: image features in place of placeholder embeddings; `lora`: with served adapters, (their stacks,
+    the per-token slot index `[T_pad]`)."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     if plan is not None:  # every device runs every token: the residual stream stays replicated
         model.model.activation_sharding = plan.replicated()
     input_ids = jnp.where(feed >= 0, jnp.take(fed_tokens, feed, mode="clip"), input_ids)
     with kernel_plan(plan), adapters_in_step(model, lora_paths, lora):  # kernels run per head / expert shard
-        return model.forward(input_ids, batch, kv_caches, logits_indices)
+        extra = {} if merged is None else {"merged": merged}  # text-only models keep their forward's signature
+        return model.forward(input_ids, batch, kv_caches, logits_indices, **extra)
 
 
 class ModelRunner:
@@ -128,12 +130,12 @@ class ModelRunner:
                                               sharding_fn, num_slots=max_num_seqs + 1)
         self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
         self.params, shardings = place_serving_step(plan, self.params, self.kv_caches,
-                                                     num_host_inputs=5 if lora is None else 6)
+                                                     num_host_inputs=6 if lora is None else 7)
         paths = lora.paths if lora is not None else ()
         self._step = jax.jit(partial(_step, self.graphdef, treedef, plan, lora_paths=paths), donate_argnums=(1,),
                              **shardings)
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
-        self.compiled_shapes: set[tuple[int, int, int]] = set()
+        self.compiled_shapes: set[tuple] = set()  # (tokens, seqs, pages) [+ "images"]
         self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq, with_lora=lora is not None)
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
@@ -167,7 +169,7 @@ class ModelRunner:
     def step_args(self, inputs: StepInputs) -> tuple:
         """The jitted step's arguments for `inputs`, in order."""
         args = (self.params, self.kv_caches, inputs.input_ids, inputs.feed, self.fed_tokens, inputs.batch,
-                inputs.logits_indices)
+                inputs.logits_indices, inputs.merged)
         if self.lora is None:
             return args
         slots = inputs.lora_slots if inputs.lora_slots is not None else np.full(inputs.input_ids.shape, -1, np.int32)
@@ -176,14 +178,16 @@ class ModelRunner:
     def run(self, inputs: StepInputs) -> jax.Array:
         """Dispatch the step on prepared inputs (the KV cache is donated and replaced); logits `[S_pad, V]`,
         row i for the i-th sequence (left on the device, not waited for)."""
-        shape = inputs.shape
+        # A step with image rows is its own compiled variant of the shape.
+        shape = inputs.shape if inputs.merged is None else (*inputs.shape, "images")
         start = time.perf_counter()
         logits, self.kv_caches = self._step(*self.step_args(inputs))
         if shape not in self.compiled_shapes:
             self.compiled_shapes.add(shape)
             logits.block_until_ready()
             logger.info(
-                "compiled step for tokens=%d seqs=%d pages/seq=%d in %.1fs (%d shapes so far)",
-                *shape, time.perf_counter() - start, len(self.compiled_shapes),
+                "compiled step for tokens=%d seqs=%d pages/seq=%d%s in %.1fs (%d shapes so far)",
+                *shape[:3], " with images" if inputs.merged is not None else "", time.perf_counter() - start,
+                len(self.compiled_shapes),
             )
         return logits

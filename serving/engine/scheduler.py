@@ -30,8 +30,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from serving.engine.kv_pages import PagePool, next_page_key
+from serving.engine.kv_pages import PagePool, PageTags, next_page_key
 from serving.engine.sequence import Sequence, Status
+from serving.multimodal.inputs import encoder_cut, page_tags
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,15 @@ class ScheduledSequence:
 
 
 class Scheduler:
-    def __init__(self, pool: PagePool, *, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, pool: PagePool, *, max_num_seqs: int, max_num_batched_tokens: int, encoder_budget: int | None = None
+    ):
+        """`encoder_budget`: image feature rows the step may compute (None: a text-only model)."""
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.encoder_budget = encoder_budget
+        self._encoder_left = 0
         self.waiting: deque[Sequence] = deque()  # may hold finished sequences, skipped at the head
         self.running: dict[Sequence, None] = {}  # in start order
         self.num_waiting = 0  # unfinished sequences in `waiting`
@@ -96,9 +102,21 @@ class Scheduler:
         self.num_waiting += 1
         logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
 
+    def _fit_encoder(self, seq: Sequence, num_new: int) -> int:
+        """`num_new` cut before the first image whose features would exceed the step's encoder budget."""
+        if not seq.images:
+            return num_new
+        num_new, spent = encoder_cut(seq.images, seq.num_computed, num_new, self._encoder_left)
+        self._encoder_left -= spent
+        return num_new
+
+    def _page_tags(self, seq: Sequence) -> PageTags | None:
+        return page_tags(seq.images, self.pool.page_size) if seq.images else None
+
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
+        self._encoder_left = self.encoder_budget or 0
 
         for seq in list(self.running):
             if budget == 0:
@@ -107,7 +125,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if seq.at_token_limit:
                 continue  # its last token is on the way
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = self._fit_encoder(seq, min(seq.num_tokens - seq.num_computed, budget))
+            if not num_new:
+                continue  # its next image waits for the next step's encoder budget
             needed = self._pages_needed(seq, num_new)  # 0 for most decode steps: nothing to allocate
             if needed:
                 while needed > self.pool.num_free():
@@ -126,11 +146,12 @@ class Scheduler:
                 break  # preempted with a token still on the way: recompute once it is read
             if not seq.pages:
                 # Reuse cached pages of the prefix, but always compute the last token (it gives the logits).
-                seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1, seq.cache_salt)
+                seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1, seq.cache_salt,
+                                                                   self._page_tags(seq))
                 seq.num_computed = len(seq.pages) * self.pool.page_size
-            num_new = min(seq.num_tokens - seq.num_computed, budget)
+            num_new = self._fit_encoder(seq, min(seq.num_tokens - seq.num_computed, budget))
             needed = self._pages_needed(seq, num_new)
-            if needed > self.pool.num_free():
+            if not num_new or needed > self.pool.num_free():
                 self.pool.release(seq.pages)
                 seq.pages, seq.page_keys, seq.num_computed = [], [], 0
                 break
@@ -157,10 +178,12 @@ class Scheduler:
             return  # keys only serve prefix matching
         page_size = self.pool.page_size
         full = min(min(seq.num_computed, seq.num_known_tokens) // page_size, len(seq.pages))
+        tags = self._page_tags(seq)
         while len(seq.page_keys) < full:
             i = len(seq.page_keys)
             previous = seq.page_keys[-1] if seq.page_keys else None
-            key = next_page_key(previous, seq.token_slice(i * page_size, (i + 1) * page_size), seq.cache_salt)
+            key = next_page_key(previous, seq.token_slice(i * page_size, (i + 1) * page_size), seq.cache_salt,
+                                tags(i) if tags is not None else ())
             seq.page_keys.append(key)
             self.pool.register(seq.pages[i], key)
 

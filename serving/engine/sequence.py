@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from serving.engine.kv_pages import PageKey
+from serving.multimodal.inputs import ImageItem
 from serving.outputs import Logprob
 from serving.sampling_params import SamplingParams
 
@@ -44,6 +45,8 @@ class Sequence:
     emitted_text: int = 0  # characters of text already handed out in delta outputs
     lora_slot: int = -1  # its LoRA adapter's slot in the served stacks (-1: the base model)
     cache_salt: int = 0  # salts its prefix-cache page keys (its adapter's load; 0: the base model)
+    # The prompt's images (shared by the request's sequences; serving/multimodal/inputs.py).
+    images: list[ImageItem] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:

@@ -93,6 +93,11 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
     for shape in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress):
         runner.compiled_shapes.add(shape)
         logits = runner.run(runner.empty_inputs(shape))
+        if engine.images is not None:  # the same shape with image rows
+            inputs = runner.empty_inputs(shape)
+            inputs.merged = engine.images.empty(shape[0])
+            runner.compiled_shapes.add((*shape, "images"))
+            runner.run(inputs)
         slots = np.full(logits.shape[0], num_slots, np.int32)  # no slot: nothing is advanced
         for num_logprobs in (None, engine.max_logprobs):
             for use_penalties in (False, True):
@@ -101,6 +106,8 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
                     num_logprobs=num_logprobs, use_penalties=use_penalties,
                 )
         jax.block_until_ready(sampled.tokens)
+    if engine.images is not None:
+        engine.images.warm_up()
     for size in buckets(1, num_slots):
         rows = batch_from_rows([], size, None, None)
         engine.slot_state = write_rows(engine.slot_state, np.full(size, num_slots, np.int32), rows)

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import jinja2
@@ -39,6 +39,9 @@ from serving.metrics import ServingMetrics
 from serving.engine.pooling_engine import PoolingEngine
 from serving.openai.pooling import GUARDED_PATHS, POOLING_REQUESTS, add_pooling_routes
 from serving.openai.lora_routes import adapter_cards, add_lora_routes
+from serving.multimodal.chat import count_images, split_images
+from serving.multimodal.inputs import ImageInputs, ImageItem
+from serving.multimodal.media import MediaFetcher
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai.responses import (
     ErrorResponse,
@@ -163,6 +166,7 @@ class APIKeyMiddleware:
 class Prompt:
     text: str | None
     ids: list[int]
+    images: list[ImageItem] = field(default_factory=list)  # placeholders already expanded in `ids`
 
 
 class ClientGone(Exception):
@@ -182,9 +186,13 @@ class OpenAIServer:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         protect_metrics: bool = False,
         allow_runtime_lora_updating: bool = False,
+        image_inputs: ImageInputs | None = None,
+        media: MediaFetcher | None = None,
     ):
         """`allow_runtime_lora_updating`: add vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`
-        (an engine with LoRA enabled only)."""
+        (an engine with LoRA enabled only). `image_inputs`: a vision-language model's image preprocessing
+        (chat image parts are refused without it); `media`: how image URLs are fetched (default: data: and
+        http(s) only)."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -193,6 +201,8 @@ class OpenAIServer:
         self.protect_metrics = protect_metrics
         self.lora = engine.engine.lora  # served adapters (None: LoRA off)
         self.allow_runtime_lora_updating = allow_runtime_lora_updating and self.lora is not None
+        self.image_inputs = image_inputs
+        self.media = media or MediaFetcher()
         self.metrics = ServingMetrics(engine.engine, model_name)
         self.max_model_len = engine.engine.max_model_len
         self.max_n = engine.engine.config.limits.max_n
@@ -279,7 +289,9 @@ class OpenAIServer:
             timer = self.metrics.request(len(prompt.ids))
             finished = False
             try:
-                async for out in self.engine.generate(f"{base_id}-{i}", prompt.ids, params, prompt.text, lora_name):
+                images = {"images": prompt.images} if prompt.images else {}
+                async for out in self.engine.generate(f"{base_id}-{i}", prompt.ids, params, prompt.text,
+                                                      lora_name=lora_name, **images):
                     timer.tokens_seen(sum(len(c.token_ids) for c in out.outputs))
                     if out.finished:
                         finished = True
@@ -402,13 +414,34 @@ class OpenAIServer:
     def chat_prompt(self, body: ChatCompletionRequest) -> Prompt:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        images: list = []
+        if any(m.has_images for m in body.messages):
+            messages, images = self.chat_images(body)
+        else:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
         except jinja2.TemplateError as e:
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
         # The template already holds any BOS; do not add special tokens twice.
-        return self.prepare(text, add_special_tokens=False)
+        prompt = self.prepare(text, add_special_tokens=False)
+        if images:
+            try:
+                prompt.ids, prompt.images = self.image_inputs(prompt.ids, images)
+            except ValueError as e:  # an undecodable image, placeholders that do not pair up
+                raise APIError(400, str(e), param="messages") from None
+        return prompt
+
+    def chat_images(self, body: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """The template's messages and the images' bytes (counted against the limit before any is fetched)."""
+        if self.image_inputs is None:
+            raise APIError(400, f"the model `{self.model_name}` takes no images", param="messages")
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        try:
+            self.image_inputs.check_count(count_images(messages))
+            return split_images(messages, self.media.fetch)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
 
     async def chat(self, body: ChatCompletionRequest, raw: Request) -> Response:
         self.check_generates()

@@ -6,6 +6,7 @@ Without MODEL_PATH it serves the default model, SmolLM2-135M-Instruct (the `llm-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -20,6 +21,8 @@ from serving.engine.limits import RequestLimits
 from serving.default_model import default_model_path, served_name
 from serving.llm import LLM
 from serving.lora.manager import MAX_LORA_RANK_LIMIT, MAX_LORAS_LIMIT
+from serving.multimodal.media import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, MediaFetcher
+from serving.multimodal.prompts import DEFAULT_IMAGES_PER_PROMPT
 from serving.openai.app import DEFAULT_MAX_BODY_SIZE, OpenAIServer
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load / unload routes
@@ -97,6 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="stop strings, and separately stop token ids, per request (default %(default)s)")
     limits.add_argument("--max-stop-len", type=int, default=RequestLimits.max_stop_len,
                         help="characters in one stop string (default %(default)s)")
+    media = p.add_argument_group("images (vision-language models)")
+    media.add_argument("--limit-mm-per-prompt", type=json.loads, default=None, metavar="JSON",
+                       help="most items per prompt by modality, e.g. '{\"image\": 2}' (default "
+                            f"{DEFAULT_IMAGES_PER_PROMPT} images); more get 400")
+    media.add_argument("--allowed-local-media-path",
+                       help="folder whose files chat requests may name as file:// image URLs (default: none)")
+    media.add_argument("--media-fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT_S,
+                       help="seconds an http(s) image URL may take (default %(default)s)")
+    media.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                       help="largest image a URL may deliver, in bytes (default %(default)s)")
     limits.add_argument("--protect-metrics", action="store_true",
                         help="with --api-key, require the key on /metrics too (default: /metrics is open)")
     args = p.parse_args(argv)
@@ -175,10 +188,13 @@ def main(argv: list[str] | None = None) -> None:
             enable_lora=args.enable_lora,
             max_loras=args.max_loras,
             max_lora_rank=args.max_lora_rank,
+            limit_mm_per_prompt=args.limit_mm_per_prompt,
             **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager}),
         )
         for name, path in args.lora_modules:
             llm.engine.lora.load(name, path)
+        media = MediaFetcher(args.allowed_local_media_path, timeout_s=args.media_fetch_timeout,
+                             max_bytes=args.max_image_bytes)
     except (ValueError, FileNotFoundError) as e:  # a setting the model cannot take (e.g. --max-model-len): say it
         sys.exit(f"serve: {e}")
     if not llm.is_leader:  # a follower: the leader's steps until it shuts down, no HTTP
@@ -189,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     engine.start()
     server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or served_name(args.model), args.api_key,
                           max_body_size=args.max_body_size, protect_metrics=args.protect_metrics,
-                          allow_runtime_lora_updating=args.allow_runtime_lora_updating)
+                          allow_runtime_lora_updating=args.allow_runtime_lora_updating,
+                          image_inputs=llm.image_inputs, media=media)
     config = uvicorn.Config(
         server.app(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )

@@ -130,20 +130,30 @@ class CompletionRequest(_SamplingFields):
         return list(p)
 
 
+class ImageURL(BaseModel):
+    model_config = STRICT
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class ContentPart(BaseModel):
-    """One part of a message's content; only text parts are supported."""
+    """One part of a message's content: text, or an image (`image_url`: data:, http(s) or file: URL)."""
 
     model_config = STRICT
 
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
     @model_validator(mode="after")
-    def _text_only(self):
-        if self.type != "text":
-            raise ValueError(f"message content of type {self.type!r} is not supported (text only)")
-        if self.text is None:
+    def _known_kind(self):
+        if self.type not in ("text", "image_url"):
+            raise ValueError(f"message content of type {self.type!r} is not supported (text, image_url)")
+        if self.type == "text" and self.text is None:
             raise ValueError("a text content part needs a string `text`")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url content part needs `image_url` with a `url`")
         return self
 
 
@@ -157,6 +167,10 @@ class ChatMessage(BaseModel):
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text or "" for part in self.content)
+
+    @property
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(part.type == "image_url" for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):

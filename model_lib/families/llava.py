@@ -1,0 +1,90 @@
+"""LLaVA (`LlavaForConditionalGeneration`): a CLIP vision tower, a projector, and a registry decoder.
+
+The language model is any identity-loaded family of the registry (`text_config.model_type`:
+llama, mistral, qwen2, ...), mapped by that family; the vision tower is transformers'
+`CLIPVisionModel`. Checkpoints name the parts by the transformers version that saved them:
+hub ones `language_model.model.*`, `language_model.lm_head`, `vision_tower.vision_model.*`,
+`multi_modal_projector.*`; transformers 5 in memory `model.language_model.*`,
+`model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head`. All load; saving writes
+the transformers 5 names.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from model_lib.config import ModelConfig
+from model_lib.families.common import hf_json, require
+from model_lib.registry import Family, get_family
+from model_lib.vision.config import MultiModalConfig, VisionConfig
+from model_lib.weight_map import IDENTITY, WeightMap
+
+
+def _text_family(text: PretrainedConfig) -> tuple[str, Family]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.model_type)
+    family = None
+    if architecture is not None:
+        try:
+            family = get_family(architecture)
+        except ValueError:
+            family = None
+    if family is None or family.weight_map != IDENTITY or family.remote_code:
+        raise ValueError(f"LLaVA with a {text.model_type!r} language model is not supported "
+                         "(the text model must be an identity-loaded family: llama, mistral, qwen2, ...)")
+    return architecture, family
+
+
+def clip_vision_config(vision: PretrainedConfig) -> VisionConfig:
+    require(vision, "LLaVA vision tower", model_type="clip_vision_model")
+    return VisionConfig(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_layers=vision.num_hidden_layers,
+        num_heads=vision.num_attention_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        num_channels=vision.num_channels,
+        norm_eps=vision.layer_norm_eps,
+        activation=vision.hidden_act,
+    )
+
+
+def llava_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    text_architecture, family = _text_family(hf.text_config)
+    layers = hf.vision_feature_layer
+    multimodal = MultiModalConfig(
+        vision=clip_vision_config(hf.vision_config),
+        image_token_id=hf.image_token_id,
+        feature_layers=(layers,) if isinstance(layers, int) else tuple(layers),
+        feature_strategy=hf.vision_feature_select_strategy,
+        projector_activation=hf.projector_hidden_act,
+        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+    )
+    if not 0 <= multimodal.image_token_id < hf.text_config.vocab_size:
+        raise ValueError(f"image_token_id {multimodal.image_token_id} is outside the vocabulary "
+                         f"({hf.text_config.vocab_size})")
+    text = family.config_from_hf(hf.text_config, text_architecture)
+    return text.replace(architecture=architecture, family=f"llava/{text.family}", multimodal=multimodal,
+                        hf_config_json=hf_json(hf))
+
+
+LLAVA_WEIGHTS = WeightMap(
+    key_renames=(
+        (r"^language_model\.model\.", "model."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+        (r"^model\.language_model\.", "model."),
+        (r"^(model\.)?vision_tower\.(vision_model\.)?", "vision_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    ),
+    relocated=(
+        ("model.language_model", "model"),
+        ("model.vision_tower", "vision_tower"),
+        ("model.multi_modal_projector", "multi_modal_projector"),
+    ),
+    ignored=(*IDENTITY.ignored, r".*position_ids"),
+)
+
+LLAVA = Family("llava", llava_config, LLAVA_WEIGHTS,
+               quirks="CLIP vision tower + projector; image features merged at placeholder tokens")

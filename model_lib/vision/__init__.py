@@ -1,0 +1,1 @@
+"""Vision towers, multimodal projectors and the vision-language model wrappers."""

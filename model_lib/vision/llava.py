@@ -1,0 +1,90 @@
+"""LLaVA: a CLIP vision tower, a two-layer projector, and any decoder of the registry.
+
+`LlavaForConditionalGeneration` is a `CausalLM` (its `model` is the language model, so the
+engine, LoRA and the trainer see the decoder they know) that also holds `vision_tower` and
+`multi_modal_projector`. `image_features` runs the tower on preprocessed pixels; the decoder
+takes the features through `MergedEmbeddings` at the image placeholder tokens.
+
+Glossary: B images, S tokens per image, F image feature rows (`MultiModalConfig.image_tokens`),
+E text width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model_lib.config import ModelConfig
+from model_lib.decoder import CausalLM
+from model_lib.layers import Linear
+from model_lib.layers.activations import activation
+from model_lib.vision.clip import CLIPVisionTower
+from model_lib.vision.config import MultiModalConfig
+from model_lib.vision.merge import MergedEmbeddings, placeholder_index
+
+
+class LlavaMultiModalProjector(nnx.Module):
+    """`linear_2(act(linear_1(features)))`: vision width (times feature layers) -> text width."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        mm: MultiModalConfig = config.multimodal
+        common = dict(use_bias=mm.projector_bias, dtype=jnp.dtype(config.dtype), init_std=config.initializer_range,
+                      rngs=rngs)
+        in_features = mm.vision.hidden_size * len(mm.feature_layers)
+        self.act = activation(mm.projector_activation)
+        self.linear_1 = Linear(in_features, config.hidden_size, axes=(None, "embed"), **common)
+        self.linear_2 = Linear(config.hidden_size, config.hidden_size, axes=("embed", None), **common)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def image_features(
+    mm: MultiModalConfig, tower: CLIPVisionTower, projector: LlavaMultiModalProjector, pixel_values: jax.Array
+) -> jax.Array:
+    """The selected tower layers (CLS dropped by the "default" strategy), concatenated and projected:
+    `[B, C, H, W]` -> `[B, F, E]`. A function of the two vision modules alone, so that a server can
+    hold them without the language model."""
+    states = tower.hidden_states(pixel_values, mm.deepest_layer)
+    selected = [states[layer % (mm.vision.num_layers + 1)] for layer in mm.feature_layers]
+    if mm.feature_strategy == "default":
+        selected = [s[:, 1:] for s in selected]  # drop CLS
+    return projector(jnp.concatenate(selected, axis=-1))
+
+
+class LlavaForConditionalGeneration(CausalLM):
+    """A decoder whose image placeholder tokens take projected CLIP features."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if config.multimodal is None:
+            raise ValueError(f"{config.architecture} needs a vision configuration (ModelConfig.multimodal)")
+        super().__init__(config, rngs=rngs)
+        self.vision_tower = CLIPVisionTower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
+        self.multi_modal_projector = LlavaMultiModalProjector(config, rngs=rngs)
+
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """Preprocessed images `[B, C, H, W]` -> features `[B, F, E]`, one row per placeholder token."""
+        return image_features(self.config.multimodal, self.vision_tower, self.multi_modal_projector, pixel_values)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        pixel_values: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        merged: MergedEmbeddings | None = None,
+    ) -> jax.Array:
+        """Logits for a `[B, T]` batch whose `image_token_id` runs take the images of `pixel_values` in order
+        (or features already placed: `merged`, as the trainer builds them)."""
+        if pixel_values is not None:
+            if merged is not None:
+                raise ValueError("pass pixel_values or merged features, not both")
+            input_ids = jnp.asarray(input_ids, jnp.int32)
+            features = self.image_features(jnp.asarray(pixel_values))
+            merged = MergedEmbeddings(features.reshape(-1, features.shape[-1]),
+                                      placeholder_index(input_ids, self.config.multimodal.image_token_id))
+        return super().__call__(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+                                merged=merged)

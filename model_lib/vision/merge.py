@@ -1,0 +1,33 @@
+"""Embeddings merged at placeholder positions: the one way encoder outputs enter the decoder.
+
+Both batch shapes use the same form: `embeds [M, E]` rows and an `index` shaped like the
+token ids (`[B, T]` dense, `[T]` ragged) naming, per token, the row that replaces its
+token embedding, or -1 to keep it. The model gathers and selects; it never looks for
+placeholder ids itself, so chunked prefill may feed any slice of an image's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class MergedEmbeddings:
+    embeds: jax.Array  # [M, E]
+    index: jax.Array  # like input_ids: row of `embeds`, or -1 for the token's own embedding
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """Token embeddings `[..., E]` with the indexed rows put in."""
+        rows = jnp.take(self.embeds, jnp.maximum(self.index, 0), axis=0).astype(x.dtype)
+        return jnp.where((self.index >= 0)[..., None], rows, x)
+
+
+def placeholder_index(input_ids: jax.Array, placeholder_id: int) -> jax.Array:
+    """`index` for features laid out in placeholder order: the k-th placeholder (row-major) takes row k."""
+    mask = input_ids == placeholder_id
+    order = jnp.cumsum(mask.reshape(-1)).reshape(mask.shape) - 1
+    return jnp.where(mask, order, -1).astype(jnp.int32)

@@ -1,0 +1,104 @@
+"""The encoder side of a serving step: image features computed once, handed to the step, dropped.
+
+The scheduler admits at most `budget` encoder output tokens per step (`encoder_cut`); before a
+step runs, `ImageEncoder.merged` encodes the images its chunks reach that have no features yet
+(one jitted call per image, a single compiled shape) and lays the rows the chunks cover out as
+`MergedEmbeddings` over the step's `[T_pad]` tokens. An item's features stay on the host until
+every sequence of its request has prefilled past it (chunked prefill may split an image over
+steps), and are encoded again after a preemption that needs them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model_lib.vision.llava import image_features
+
+from model_lib.vision.merge import MergedEmbeddings
+from serving.engine.scheduler import ScheduledSequence
+from serving.engine.sequence import Sequence as Seq
+from serving.multimodal.inputs import ImageItem
+
+
+MAX_ENCODER_BUDGET = 1 << 20  # a bound on max_num_encoder_input_tokens
+
+
+def _encode(config, graphdef, state, pixel_values):
+    tower, projector = nnx.merge(graphdef, state)
+    return image_features(config, tower, projector, pixel_values)
+
+
+class ImageEncoder:
+    """Runs a vision-language model's `image_features` for the engine."""
+
+    def __init__(self, model: nnx.Module, budget: int):
+        self.config = model.config.multimodal
+        self.budget = budget
+        self.hidden_size = model.config.hidden_size
+        self.dtype = jnp.dtype(model.config.dtype)
+        # The vision modules only: the runner may hold the language model in another (scanned) layout.
+        self.graphdef, self.state = nnx.split((model.vision_tower, model.multi_modal_projector))
+        self._encode = jax.jit(partial(_encode, self.config), static_argnums=0)
+        self.num_encoded = 0  # images run through the tower (a preempted request may count twice)
+
+    def encode(self, item: ImageItem) -> None:
+        pixels = jnp.asarray(item.pixel_values[None])
+        item.features = np.asarray(self._encode(self.graphdef, self.state, pixels)[0])
+        self.num_encoded += 1
+
+    def warm_up(self) -> None:
+        """Compile the encoder for the model's one image shape."""
+        v = self.config.vision
+        jax.block_until_ready(self._encode(self.graphdef, self.state,
+                                           jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)))
+
+    def empty(self, token_pad: int) -> MergedEmbeddings:
+        """A merge that replaces nothing, in the step's shapes (what warm-up compiles)."""
+        return MergedEmbeddings(np.zeros((token_pad, self.hidden_size), self.dtype), np.full(token_pad, -1, np.int32))
+
+    def merged(self, scheduled: Sequence[ScheduledSequence], token_pad: int) -> MergedEmbeddings | None:
+        """The step's image rows, row t for flat token t (None when no chunk reaches an image)."""
+        embeds, index = None, None
+        offset = 0
+        for item in scheduled:
+            seq, start, count = item.seq, item.seq.num_computed, item.num_new_tokens
+            for image in seq.images:
+                lo, hi = max(start, image.offset), min(start + count, image.end)
+                if lo >= hi:
+                    continue
+                if image.features is None:
+                    self.encode(image)
+                if embeds is None:
+                    embeds = np.zeros((token_pad, self.hidden_size), self.dtype)
+                    index = np.full(token_pad, -1, np.int32)
+                rows = slice(offset + lo - start, offset + hi - start)
+                embeds[rows] = image.features[lo - image.offset : hi - image.offset]
+                index[rows] = np.arange(rows.start, rows.stop, dtype=np.int32)
+            offset += count
+        return None if embeds is None else MergedEmbeddings(embeds, index)
+
+
+def release_prefilled(sequences: Iterable[Seq]) -> None:
+    """Drop the features of images that every given sequence (one request's) has prefilled past."""
+    sequences = list(sequences)
+    for image in sequences[0].images if sequences else ():
+        if image.features is not None and all(s.num_computed >= image.end or s.finished for s in sequences):
+            image.features = None
+
+
+def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens: int) -> ImageEncoder | None:
+    """The engine's image encoder (None for a text-only model), under a checked per-step budget."""
+    mm = model.config.multimodal
+    if mm is None:
+        return None
+    budget = max(max_num_batched_tokens, mm.image_tokens) if budget is None else budget
+    if not mm.image_tokens <= budget <= MAX_ENCODER_BUDGET:
+        raise ValueError(f"max_num_encoder_input_tokens must be in [{mm.image_tokens} (one image), "
+                         f"{MAX_ENCODER_BUDGET}], got {budget}")
+    return ImageEncoder(model, budget)

@@ -1,0 +1,125 @@
+"""A prompt's images: placeholder expansion and the per-image record the engine keeps.
+
+A LLaVA prompt marks each image with its `image_token_id`; the model needs one placeholder per
+feature row, so a single placeholder is expanded to `image_tokens` copies (as transformers'
+`LlavaProcessor` does in the text) and a run of exactly `image_tokens` is taken as already
+expanded. Each image then owns the token range `[offset, offset + length)` of the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from model_lib.vision.config import MultiModalConfig
+from serving.multimodal.images import pixel_hash, preprocess
+
+MAX_IMAGES_PER_PROMPT = 256  # a bound on `limit_mm_per_prompt`
+
+
+@dataclass(eq=False)
+class ImageItem:
+    """One image of a request: where its placeholders sit, its pixels, and its features while needed."""
+
+    offset: int
+    length: int
+    hash: str
+    pixel_values: np.ndarray  # [C, H, W] float32
+    features: np.ndarray | None = None  # [length, E] once encoded, dropped when every placeholder has KV
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def placeholder_runs(ids: Sequence[int], token_id: int) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of `token_id` in `ids`."""
+    runs, start = [], None
+    for i, t in enumerate(ids):
+        if t == token_id and start is None:
+            start = i
+        elif t != token_id and start is not None:
+            runs.append((start, i - start))
+            start = None
+    if start is not None:
+        runs.append((start, len(ids) - start))
+    return runs
+
+
+class ImageInputs:
+    """Prompt ids plus images -> expanded ids and one `ImageItem` per image (for one model)."""
+
+    def __init__(self, config: MultiModalConfig, processor: Any, limit_per_prompt: int):
+        if not 0 <= limit_per_prompt <= MAX_IMAGES_PER_PROMPT:
+            raise ValueError(f"limit_mm_per_prompt image must be in [0, {MAX_IMAGES_PER_PROMPT}], "
+                             f"got {limit_per_prompt}")
+        self.config = config
+        self.processor = processor
+        self.limit = limit_per_prompt
+
+    def check_count(self, count: int) -> None:
+        if count > self.limit:
+            raise ValueError(f"the prompt has {count} images; at most {self.limit} per prompt (--limit-mm-per-prompt)")
+
+    def __call__(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageItem]]:
+        """ValueError when the images and the prompt's placeholders do not pair up, or an image is bad."""
+        self.check_count(len(images))
+        token, size = self.config.image_token_id, self.config.image_tokens
+        runs = placeholder_runs(prompt_ids, token)
+        if len(runs) != len(images):
+            raise ValueError(f"the prompt has {len(runs)} image placeholder(s) and {len(images)} image(s) were given")
+        ids: list[int] = []
+        items: list[ImageItem] = []
+        cursor = 0
+        for (start, length), image in zip(runs, images):
+            if length not in (1, size):
+                raise ValueError(f"an image placeholder run of {length} tokens; expected 1 or {size}")
+            pixels = preprocess(self.processor, image)
+            ids += prompt_ids[cursor:start]
+            items.append(ImageItem(len(ids), size, pixel_hash(pixels), pixels))
+            ids += [token] * size
+            cursor = start + length
+        ids += prompt_ids[cursor:]
+        return ids, items
+
+
+def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], config: MultiModalConfig | None) -> None:
+    """ValueError unless every image placeholder of the prompt belongs to exactly one item."""
+    if config is None:
+        if items:
+            raise ValueError("this model takes no images")
+        return
+    runs = placeholder_runs(prompt_ids, config.image_token_id)
+    spans = [(item.offset, item.length) for item in items]
+    if runs != spans:
+        raise ValueError(f"the prompt's image placeholders {runs} do not match its {len(items)} image(s) "
+                         "(pass images with the prompt, one placeholder per image)")
+
+
+def page_tags(items: Sequence[ImageItem], page_size: int) -> Callable[[int], tuple]:
+    """For prefix-cache keys: page index -> a tag naming the hashes of the images overlapping that page."""
+
+    def tags(page: int) -> tuple:
+        start, end = page * page_size, (page + 1) * page_size
+        hashes = tuple(item.hash for item in items if item.offset < end and item.end > start)
+        return (("image", *hashes),) if hashes else ()
+
+    return tags
+
+
+def encoder_cut(items: Sequence[ImageItem], start: int, num_new: int, budget: int) -> tuple[int, int]:
+    """(tokens to schedule, encoder tokens spent) for the chunk `[start, start + num_new)`.
+
+    Images the chunk reaches whose features are not computed cost their length; the chunk
+    stops before the first one that no longer fits in `budget`.
+    """
+    spent = 0
+    for item in items:
+        if item.end <= start or item.offset >= start + num_new or item.features is not None:
+            continue
+        if spent + item.length > budget:
+            return max(0, item.offset - start), spent
+        spent += item.length
+    return num_new, spent

@@ -1,0 +1,48 @@
+"""The multimodal side of the offline API's prompts (vLLM's convention):
+`{"prompt": str or "prompt_token_ids": [...], "multi_modal_data": {"image": image or [images]}}`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from model_lib.config import ModelConfig
+from serving.multimodal.images import load_image_processor
+from serving.multimodal.inputs import ImageInputs
+
+DEFAULT_IMAGES_PER_PROMPT = 16  # vLLM's --limit-mm-per-prompt default is per modality too
+MODALITIES = ("image",)
+
+
+def split_prompt(prompt: Any) -> tuple[Any, list[Any]]:
+    """(the prompt without `multi_modal_data`, its images); a text prompt has none.
+
+    `{"prompt": text}` without token ids comes back as the text (vLLM's TextPrompt)."""
+    if not isinstance(prompt, dict):
+        return prompt, []
+    if "multi_modal_data" not in prompt:
+        text = prompt.get("prompt")
+        return (text, []) if "prompt_token_ids" not in prompt and isinstance(text, str) else (prompt, [])
+    data = prompt["multi_modal_data"]
+    if not isinstance(data, dict) or set(data) - set(MODALITIES):
+        raise ValueError(f"multi_modal_data must be a dict with the keys {MODALITIES}")
+    images = data.get("image", [])
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    rest = {k: v for k, v in prompt.items() if k != "multi_modal_data"}
+    if "prompt_token_ids" not in rest:
+        if not isinstance(rest.get("prompt"), str):
+            raise ValueError("a multimodal prompt needs 'prompt' (text) or 'prompt_token_ids'")
+        return rest["prompt"], images
+    return rest, images
+
+
+def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dict[str, int] | None) -> ImageInputs | None:
+    """The image side of a checkpoint's prompts (None for a text-only model)."""
+    if limit_mm_per_prompt is not None and not isinstance(limit_mm_per_prompt, dict):
+        raise ValueError("limit_mm_per_prompt must map modalities to counts, e.g. {'image': 2}")
+    limits = dict(limit_mm_per_prompt or {})
+    if set(limits) - set(MODALITIES) or not all(isinstance(v, int) for v in limits.values()):
+        raise ValueError(f"limit_mm_per_prompt takes the modalities {MODALITIES}, got {sorted(limits)}")
+    if config.multimodal is None:
+        return None
+    return ImageInputs(config.multimodal, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT))
