@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.engine.kv_pages import PageKey
 from serving.outputs import Logprob
@@ -42,6 +43,7 @@ class Sequence:
     num_pending: int = 0  # tokens sampled by dispatched steps that the host has not read yet
     emitted: int = 0  # output tokens already handed out in delta outputs
     emitted_text: int = 0  # characters of text already handed out in delta outputs
+    matcher: Any = None  # structured output: its xgrammar matcher, advanced by every token read
 
     @property
     def tokens(self) -> list[int]:

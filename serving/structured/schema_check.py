@@ -1,0 +1,57 @@
+"""JSON-schema features xgrammar would silently ignore: found up front, so the request gets a 400 naming them.
+
+xgrammar 0.2.9 enforces types, properties/required/additionalProperties, items/prefixItems,
+min/maxItems, string length and pattern, numeric ranges and multipleOf, enum/const,
+anyOf/oneOf, $ref and the formats below. What it would accept but not enforce (so a
+"strict" response could break the schema) is listed in `IGNORED_KEYWORDS`; `allOf` is
+refused unless it has a single entry, and so is any other `format`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IGNORED_KEYWORDS = frozenset({
+    "uniqueItems", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+    "unevaluatedProperties", "unevaluatedItems", "contentEncoding", "contentMediaType", "contentSchema",
+    "$dynamicRef", "$dynamicAnchor", "$recursiveRef",
+})
+SUPPORTED_FORMATS = frozenset({
+    "date", "time", "date-time", "duration", "email", "ipv4", "ipv6", "hostname", "uuid", "uri", "uri-reference",
+    "json-pointer", "relative-json-pointer",
+})
+# Keywords whose values are maps from names to subschemas, or lists / single subschemas.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalProperties", "contains", "propertyNames")
+MAX_DEPTH = 64
+
+
+def unsupported_features(schema: Any) -> list[str]:
+    """Sorted descriptions of the features in `schema` that would not be enforced (empty: all enforced)."""
+    found: set[str] = set()
+    _walk(schema, found, 0)
+    return sorted(found)
+
+
+def _walk(node: Any, found: set[str], depth: int) -> None:
+    if not isinstance(node, dict):
+        return
+    if depth > MAX_DEPTH:
+        found.add(f"nesting deeper than {MAX_DEPTH} levels")
+        return
+    found.update(key for key in node if key in IGNORED_KEYWORDS)
+    if "format" in node and node.get("format") not in SUPPORTED_FORMATS:
+        found.add(f"format {node['format']!r}")
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+        found.add("allOf with more than one schema")
+    for key in _SCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            for sub in node[key].values():
+                _walk(sub, found, depth + 1)
+    for key in _SCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            for sub in node[key]:
+                _walk(sub, found, depth + 1)
+    for key in _SCHEMA_VALUES:
+        _walk(node.get(key), found, depth + 1)
