@@ -36,7 +36,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
 from serving.metrics import ServingMetrics
+from serving.openai.chat_output import ChatTools, ChoiceStream, assistant_message, finish_reason
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serving.openai.reasoning import REASONING_PARSERS, ReasoningParser
 from serving.openai.responses import (
     ErrorResponse,
     ResponseHeader,
@@ -178,7 +180,13 @@ class OpenAIServer:
         *,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         protect_metrics: bool = False,
+        enable_auto_tool_choice: bool = False,
+        tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ):
+        """`enable_auto_tool_choice` with a `tool_call_parser` (a `TOOL_PARSERS` name) reads tool calls out
+        of the model's text for tool_choice "auto"; `reasoning_parser` (a `REASONING_PARSERS` name) splits
+        `reasoning_content` from chat answers."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -188,6 +196,12 @@ class OpenAIServer:
         self.metrics = ServingMetrics(engine.engine, model_name)
         self.max_model_len = engine.engine.max_model_len
         self.max_n = engine.engine.config.limits.max_n
+        self.tools = ChatTools(enable_auto_tool_choice, tool_call_parser)
+        self.reasoning: ReasoningParser | None = None
+        if reasoning_parser is not None:
+            if reasoning_parser not in REASONING_PARSERS:
+                raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; known: {', '.join(REASONING_PARSERS)}")
+            self.reasoning = REASONING_PARSERS[reasoning_parser]
         # One worker: a fast tokenizer must not be used by two threads at once (its padding state is shared).
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="jaxllm-tokenize")
 
@@ -210,7 +224,8 @@ class OpenAIServer:
             return Prompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         return Prompt(None, list(prompt))
 
-    def params(self, make: Any) -> SamplingParams:
+    def params(self, make: Callable[[], T]) -> T:
+        """`make()`, its ValueError a 400."""
         try:
             return make()
         except ValueError as e:
@@ -373,9 +388,11 @@ class OpenAIServer:
     def chat_prompt(self, body: ChatCompletionRequest) -> Prompt:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.template_message() for m in body.messages]
+        tools = body.template_tools()
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                                                      **({"tools": tools} if tools else {}))
         except jinja2.TemplateError as e:
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
         # The template already holds any BOS; do not add special tokens twice.
@@ -385,6 +402,8 @@ class OpenAIServer:
         self.check_model(body.model)
         top_n = body.top_logprobs or 0
         params = self.params(lambda: body.sampling_params(body.token_limit(), top_n if body.logprobs else None))
+        tool_parser = self.params(lambda: self.tools.parser(body))
+        forced_name = body.named_tool() is not None
         prompt = await self.off_loop(lambda: self.chat_prompt(body))
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt.ids))
@@ -396,15 +415,15 @@ class OpenAIServer:
 
         if not body.stream:
             final = (await self.collect(raw, [prompt], params, header.id))[0]
-            choices = [
-                {
+            choices = []
+            for c in final.outputs:
+                message = assistant_message(c.text, self.reasoning, tool_parser)
+                choices.append({
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": logprobs(c.token_ids, c.logprobs),
-                    "finish_reason": c.finish_reason,
-                }
-                for c in final.outputs
-            ]
+                    "finish_reason": finish_reason(c.finish_reason, "tool_calls" in message, forced_name),
+                })
             completion_tokens = sum(len(c.token_ids) for c in final.outputs)
             return JSONResponse(header.wrap("chat.completion", choices=choices, usage=usage(len(prompt.ids), completion_tokens)))
 
@@ -412,7 +431,14 @@ class OpenAIServer:
 
         async def events() -> AsyncIterator[str]:
             cursors: dict[int, StreamCursor] = {}
+            streams: dict[int, ChoiceStream] = {}
             completion_tokens = 0
+
+            def chunk(index: int, delta: dict[str, Any], entries: dict[str, Any] | None = None,
+                      finish: str | None = None) -> str:
+                choice = {"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish}
+                return sse(header.wrap("chat.completion.chunk", choices=[choice]))
+
             try:
                 async for _, out in self.run([prompt], params, header.id):
                     for c in out.outputs:
@@ -421,15 +447,18 @@ class OpenAIServer:
                             continue
                         if not cursor.started:
                             cursor.started = True
-                            first = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                            yield sse(header.wrap("chat.completion.chunk", choices=[first]))
+                            streams[c.index] = ChoiceStream(self.reasoning, tool_parser)
+                            yield chunk(c.index, {"role": "assistant", "content": ""})
                         cursor.advance(c)
                         if not (c.text or c.token_ids or cursor.done):
                             continue
                         completion_tokens += len(c.token_ids)
-                        delta = {"content": c.text} if c.text else {}
-                        chunk = {"index": c.index, "delta": delta, "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
-                        yield sse(header.wrap("chat.completion.chunk", choices=[chunk]))
+                        stream = streams[c.index]
+                        deltas = stream.feed(c.text, cursor.done) or [{}]
+                        for delta in deltas[:-1]:
+                            yield chunk(c.index, delta)
+                        reason = finish_reason(c.finish_reason, stream.called, forced_name)
+                        yield chunk(c.index, deltas[-1], logprobs(c.token_ids, c.logprobs), reason)
                 if include_usage:
                     yield sse(header.wrap("chat.completion.chunk", choices=[], usage=usage(len(prompt.ids), completion_tokens)))
             except Exception as e:  # noqa: BLE001 - the stream has begun: its status is sent

@@ -28,30 +28,36 @@ MAX_DEPTH = 64
 
 
 def unsupported_features(schema: Any) -> list[str]:
-    """Sorted descriptions of the features in `schema` that would not be enforced (empty: all enforced)."""
-    found: set[str] = set()
-    _walk(schema, found, 0)
-    return sorted(found)
+    """Each feature in `schema` that would not be enforced, with where it sits (`keyword at /json/pointer`)."""
+    found: list[str] = []
+    _walk(schema, found, "")
+    return found
 
 
-def _walk(node: Any, found: set[str], depth: int) -> None:
+def _walk(node: Any, found: list[str], path: str) -> None:
     if not isinstance(node, dict):
         return
-    if depth > MAX_DEPTH:
-        found.add(f"nesting deeper than {MAX_DEPTH} levels")
+    where = path or "/"
+    if path.count("/") > MAX_DEPTH:
+        found.append(f"nesting deeper than {MAX_DEPTH} levels at {where}")
         return
-    found.update(key for key in node if key in IGNORED_KEYWORDS)
+    found.extend(f"{key} at {where}" for key in node if key in IGNORED_KEYWORDS)
     if "format" in node and node.get("format") not in SUPPORTED_FORMATS:
-        found.add(f"format {node['format']!r}")
+        found.append(f"format {node['format']!r} at {where}")
     if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
-        found.add("allOf with more than one schema")
+        found.append(f"allOf with more than one schema at {where}")
     for key in _SCHEMA_MAPS:
         if isinstance(node.get(key), dict):
-            for sub in node[key].values():
-                _walk(sub, found, depth + 1)
+            for name, sub in node[key].items():
+                _walk(sub, found, f"{path}/{key}/{_escaped(str(name))}")
     for key in _SCHEMA_LISTS:
         if isinstance(node.get(key), list):
-            for sub in node[key]:
-                _walk(sub, found, depth + 1)
+            for i, sub in enumerate(node[key]):
+                _walk(sub, found, f"{path}/{key}/{i}")
     for key in _SCHEMA_VALUES:
-        _walk(node.get(key), found, depth + 1)
+        _walk(node.get(key), found, f"{path}/{key}")
+
+
+def _escaped(name: str) -> str:
+    """A JSON-pointer reference token (RFC 6901)."""
+    return name.replace("~", "~0").replace("/", "~1")
