@@ -331,7 +331,7 @@ class OpenAIServer:
         params = self.params(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         self.check_count(len(body.prompts()), params)  # before tokenizing them all
         prompts = await self.off_loop(lambda: [self.prepare(p) for p in body.prompts()])
-        self.check_fits(prompts, params)
+        await self.off_loop(lambda: self.check_fits(prompts, params))  # compiles the grammar, if any
         header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", self.model_name)
 
         def echo_text(p: Prompt) -> str:
@@ -404,10 +404,15 @@ class OpenAIServer:
         params = self.params(lambda: body.sampling_params(body.token_limit(), top_n if body.logprobs else None))
         tool_parser = self.params(lambda: self.tools.parser(body))
         forced_name = body.named_tool() is not None
+        # A grammar holds from the first token: there is no reasoning section before it for a parser that
+        # assumes the prompt opened one (deepseek_r1); a parser that reads the output's own tags still applies.
+        reasoning = self.reasoning
+        if reasoning is not None and reasoning.starts_in_reasoning and params.structured_outputs is not None:
+            reasoning = None
         prompt = await self.off_loop(lambda: self.chat_prompt(body))
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt.ids))
-        self.check_fits([prompt], params)
+        await self.off_loop(lambda: self.check_fits([prompt], params))  # compiles the grammar, if any
         header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", self.model_name)
 
         def logprobs(tokens: list[int], entries) -> dict[str, Any] | None:
@@ -417,7 +422,7 @@ class OpenAIServer:
             final = (await self.collect(raw, [prompt], params, header.id))[0]
             choices = []
             for c in final.outputs:
-                message = assistant_message(c.text, self.reasoning, tool_parser)
+                message = assistant_message(c.text, reasoning, tool_parser)
                 choices.append({
                     "index": c.index,
                     "message": message,
@@ -447,7 +452,7 @@ class OpenAIServer:
                             continue
                         if not cursor.started:
                             cursor.started = True
-                            streams[c.index] = ChoiceStream(self.reasoning, tool_parser)
+                            streams[c.index] = ChoiceStream(reasoning, tool_parser)
                             yield chunk(c.index, {"role": "assistant", "content": ""})
                         cursor.advance(c)
                         if not (c.text or c.token_ids or cursor.done):

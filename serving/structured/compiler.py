@@ -92,7 +92,7 @@ class GrammarCompiler:
             if kind == "choice":
                 return self._compiler.compile_grammar(_choice_grammar(params.choice))
             return self._compiler.compile_grammar(spec)
-        except RuntimeError as e:  # xgrammar's parse errors: the last line says what is wrong
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse errors: the first line says what is wrong
             reason = str(e).strip().splitlines()[0].split(": ", 1)[-1] if str(e).strip() else repr(e)
             raise ValueError(f"structured_outputs.{kind} could not be compiled: {reason}") from None
 

@@ -42,7 +42,7 @@ def _walk(node: Any, found: list[str], path: str) -> None:
         found.append(f"nesting deeper than {MAX_DEPTH} levels at {where}")
         return
     found.extend(f"{key} at {where}" for key in node if key in IGNORED_KEYWORDS)
-    if "format" in node and node.get("format") not in SUPPORTED_FORMATS:
+    if "format" in node and not (isinstance(node["format"], str) and node["format"] in SUPPORTED_FORMATS):
         found.append(f"format {node['format']!r} at {where}")
     if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
         found.append(f"allOf with more than one schema at {where}")

@@ -175,3 +175,32 @@ def test_bitmask_rows_forbid_exactly_what_the_matcher_forbids(compiler):
     top = np.zeros((1, 4), np.int32)
     top[0, 3] = np.int32(-2**31)  # bit 31 of the last word: token 127
     assert np.flatnonzero(np.isfinite(np.asarray(apply_token_bitmask(jnp.zeros((1, VOCAB)), jnp.asarray(top))))).tolist() == [127]
+
+
+TOOL_TEMPLATE = (
+    "{% for t in tools or [] %}tool {{ t['function']['name'] }}\n{% endfor %}"
+    "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %} call {{ c['id'] }} {{ c['function']['name'] }} "
+    "{{ c['function']['arguments']['city'] }}{% endfor %}"
+    "{% if m.get('tool_call_id') %} for {{ m['tool_call_id'] }}{% endif %}{{ '\\n' }}{% endfor %}"
+)
+
+
+def test_tool_messages_and_tools_reach_the_chat_template():
+    from types import SimpleNamespace
+
+    from serving.openai.app import OpenAIServer
+    from serving.openai.protocol import ChatCompletionRequest
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = TOOL_TEMPLATE
+    body = ChatCompletionRequest.model_validate({"model": "m", "tools": TOOLS, "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]})
+    server = SimpleNamespace(tokenizer=tokenizer, prepare=lambda text, add_special_tokens: text)
+    assert OpenAIServer.chat_prompt(server, body) == (
+        "tool get_weather\nuser:Weather?\nassistant: call call_1 get_weather Oslo\ntool:sunny for call_1\n")
+    no_tools = body.model_copy(update={"tool_choice": "none"})
+    assert not OpenAIServer.chat_prompt(server, no_tools).startswith("tool ")

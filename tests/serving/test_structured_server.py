@@ -40,7 +40,7 @@ def server(tiny_checkpoint):
     base, proc, lines = start_server(
         [str(folder), "--served-model-name", MODEL, "--max-model-len", "256", "--page-size", "32",
          "--max-num-seqs", "16", "--max-num-batched-tokens", "32", "--log-level", "warning",
-         "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
+         "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"])
     yield base
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -217,3 +217,15 @@ def test_bad_constraints_are_400s_naming_the_problem(client, body, named):
     assert named in message
     if named.startswith("uniqueItems"):
         assert "not at /properties/b" in message
+
+
+def test_qwen3_reasoning_parser_splits_a_scripted_answer(client):
+    script = "<think>The user wants JSON.</think>\n{}"
+    common = dict(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0,
+                  extra_body={"structured_outputs": {"choice": [script]}})
+    message = client.chat.completions.create(**common).choices[0].message
+    assert (message.reasoning_content, message.content) == ("The user wants JSON.", "\n{}")
+    chunks = list(client.chat.completions.create(stream=True, **common))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "The user wants JSON."
+    assert "".join(d.content or "" for d in deltas) == "\n{}"
