@@ -52,7 +52,8 @@ class StructuredOutputsParams:
     def spec(self) -> str:
         """The constraint as one string (the grammar cache's key, with `kind`)."""
         if self.json is not None:
-            return self.json if isinstance(self.json, str) else json.dumps(self.json, sort_keys=True)
+            # Key order kept: a schema's property order is the order the grammar writes them in.
+            return self.json if isinstance(self.json, str) else json.dumps(self.json)
         if self.choice is not None:
             return json.dumps(list(self.choice))
         return self.regex or self.grammar or ""

@@ -151,8 +151,12 @@ def compiler():
 def test_compiled_grammars_are_cached_and_bad_ones_named(compiler):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     first = compiler.compile(StructuredOutputsParams(json=schema))
-    assert compiler.compile(StructuredOutputsParams(json=json.dumps(schema, sort_keys=True))) is first
+    assert compiler.compile(StructuredOutputsParams(json=json.dumps(schema))) is first
     assert compiler.compile(StructuredOutputsParams(json=schema, whitespace_flexible=True)) is not first
+    # Properties are written in the schema's order, which is part of the cache key.
+    reordered = {**schema, "properties": {"m": {"type": "boolean"}, "n": {"type": "integer"}}, "required": ["n", "m"]}
+    matcher = compiler.matcher(StructuredOutputsParams(json=reordered))
+    assert matcher.accept_string('{"m": true, "n": 1}') and matcher.is_completed()
     for params, error in [(StructuredOutputsParams(regex="a(b"), "regex could not be compiled"),
                           (StructuredOutputsParams(json="{nope"), "not valid JSON"),
                           (StructuredOutputsParams(json={"not": {}}), "not at /"),
