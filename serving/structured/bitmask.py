@@ -19,10 +19,9 @@ ALL_ALLOWED = -1  # an int32 word with every bit set
 
 def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
     """[S, V] logits with the tokens each [S, W] bitmask row forbids set to -inf."""
-    vocab = logits.shape[-1]
-    ids = jnp.arange(vocab, dtype=jnp.int32)
-    words = jnp.take(bitmask, ids // 32, axis=1)  # [S, V]: the word holding each token's bit
-    allowed = jnp.bitwise_and(jnp.right_shift(words, ids % 32), 1) != 0  # arithmetic shift: the bit is exact
+    rows, vocab = logits.shape
+    bits = jnp.right_shift(bitmask[:, :, None], jnp.arange(32, dtype=jnp.int32))  # [S, W, 32], arithmetic shift
+    allowed = (jnp.bitwise_and(bits, 1) != 0).reshape(rows, -1)[:, :vocab]  # token t = word t // 32, bit t % 32
     return jnp.where(allowed, logits, -jnp.inf)
 
 
