@@ -176,6 +176,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self._grammar_compiler: GrammarCompiler | None = None  # built on the first structured request
         self._grammar_lock = threading.Lock()
+        self._all_allowed: dict[int, jax.Array] = {}  # by rows: the bitmask of steps without a grammar
         logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, config.page_size, cache_dtype.name,
                     self.runner.kv_cache_bytes / 2**20)
         if should_warm_up(config.enforce_eager):
@@ -374,13 +375,23 @@ class LLMEngine:
         bitmask: np.ndarray | None = None,
     ) -> SampleOutput:
         """The model step on `inputs`, then the sampler on its logits (row i with slot `slots[i]`, masked by
-        `bitmask` row i when given)."""
+        `bitmask` row i; None: no row has a grammar)."""
         logits = self.runner.run(inputs)
+        if bitmask is None:
+            bitmask = self.unconstrained_bitmask(len(slots))
         sampled, self.slot_state, self.runner.fed_tokens = sample_slots(
             logits, self.slot_state, self.runner.fed_tokens, slots, completes, bitmask,
             num_logprobs=num_logprobs, use_penalties=use_penalties,
         )
         return sampled
+
+    def unconstrained_bitmask(self, rows: int) -> jax.Array:
+        """An all-ones bitmask of `rows` rows, made once per step size and kept on the device: steps without
+        a grammar pass it (nothing to transfer), so one compiled sampler serves constrained and free steps."""
+        mask = self._all_allowed.get(rows)
+        if mask is None:
+            mask = self._all_allowed[rows] = jax.device_put(fill_bitmask((), rows, bitmask_width(self.model_config.vocab_size)))
+        return mask
 
     def _read(self, flight: _InFlight, failed: dict[str, RequestOutput]) -> list[RequestOutput]:
         """Wait for a dispatched step's samples; append them, apply stops, build outputs."""

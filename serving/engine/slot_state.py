@@ -76,8 +76,9 @@ def sample_slots(
     leave no trace. Whether any row draws or filters is decided on the device, so one compiled
     sampler serves every mix of requests. `bitmask` [S, W] (structured output, `serving/structured/
     bitmask.py`) forbids tokens per row before anything else, log-probabilities included (as vLLM);
-    None (no constrained row) compiles the variant without it. Returns the sample, the new state
-    and `last_tokens` [M].
+    the engine always passes one (all ones when no row has a grammar, kept on the device), so the
+    same compiled sampler serves constrained and free steps; None compiles a variant without it.
+    Returns the sample, the new state and `last_tokens` [M].
     """
     if bitmask is not None:
         logits = apply_token_bitmask(logits.astype(jnp.float32), bitmask)

@@ -3,7 +3,8 @@
 Serving then never stops to compile: `warm_up` runs the model step once for each
 (token bucket, page-table bucket) shape (the sequence bucket is tied to the token
 bucket) and every sampler variant reachable with it (logprobs or not, penalties or
-not, a grammar bitmask or not; drawing and filtering are decided on the device), then the slot-row writers.
+not; drawing, filtering and the grammar bitmask, all ones without a grammar, are decided on
+the device), then the slot-row writers.
 Warm-up steps hold no sequence, so what they write to the KV pages is never read.
 
 The persistent compilation cache (`jax_compilation_cache_dir`) makes the second
@@ -23,7 +24,6 @@ either way (the test suite sets 1); `serve --[no-]enforce-eager` overrides it.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -36,8 +36,6 @@ import numpy as np
 from serving.engine.runner import buckets
 from serving.engine.sampler import batch_from_rows
 from serving.engine.slot_state import sample_slots, write_counts, write_rows
-from serving.structured.bitmask import fill_bitmask
-from serving.structured.compiler import bitmask_width
 
 if TYPE_CHECKING:
     from serving.engine.engine import LLMEngine
@@ -97,13 +95,13 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
         runner.compiled_shapes.add(shape)
         logits = runner.run(runner.empty_inputs(shape))
         slots = np.full(logits.shape[0], num_slots, np.int32)  # no slot: nothing is advanced
-        unconstrained = fill_bitmask((), logits.shape[0], bitmask_width(logits.shape[-1]))
-        for num_logprobs, use_penalties, bitmask in itertools.product(
-                (None, engine.max_logprobs), (False, True), (None, unconstrained)):
-            sampled, engine.slot_state, _ = sample_slots(
-                logits, engine.slot_state, runner.fed_tokens, slots, np.zeros(logits.shape[0], bool), bitmask,
-                num_logprobs=num_logprobs, use_penalties=use_penalties,
-            )
+        bitmask = engine.unconstrained_bitmask(logits.shape[0])  # what every step passes, grammar or not
+        for num_logprobs in (None, engine.max_logprobs):
+            for use_penalties in (False, True):
+                sampled, engine.slot_state, _ = sample_slots(
+                    logits, engine.slot_state, runner.fed_tokens, slots, np.zeros(logits.shape[0], bool), bitmask,
+                    num_logprobs=num_logprobs, use_penalties=use_penalties,
+                )
         jax.block_until_ready(sampled.tokens)
     for size in buckets(1, num_slots):
         rows = batch_from_rows([], size, None, None)

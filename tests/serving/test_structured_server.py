@@ -39,7 +39,7 @@ def server(tiny_checkpoint):
     folder, _ = tiny_checkpoint("qwen3-qknorm")
     base, proc, lines = start_server(
         [str(folder), "--served-model-name", MODEL, "--max-model-len", "256", "--page-size", "32",
-         "--max-num-seqs", "16", "--max-num-batched-tokens", "32", "--log-level", "warning",
+         "--max-num-seqs", "8", "--max-num-batched-tokens", "8", "--log-level", "warning",
          "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"])
     yield base
     if proc.poll() is None:
