@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +38,8 @@ from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, u
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
-from serving.structured.bitmask import fill_bitmask
-from serving.structured.compiler import GrammarCompiler, bitmask_width
+from serving.structured.compiler import GrammarCompiler
+from serving.structured.step_masks import StepMasks
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +173,7 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
-        self._grammar_compiler: GrammarCompiler | None = None  # built on the first structured request
-        self._grammar_lock = threading.Lock()
-        self._all_allowed: dict[int, jax.Array] = {}  # by rows: the bitmask of steps without a grammar
+        self.masks = StepMasks(tokenizer, model.config.vocab_size, self.eos_token_ids)  # structured output
         logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, config.page_size, cache_dtype.name,
                     self.runner.kv_cache_bytes / 2**20)
         if should_warm_up(config.enforce_eager):
@@ -210,11 +207,7 @@ class LLMEngine:
     @property
     def grammar_compiler(self) -> GrammarCompiler:
         """The structured-output compiler (xgrammar over this tokenizer), built on first use; thread-safe."""
-        with self._grammar_lock:
-            if self._grammar_compiler is None:
-                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
-                                                         self.eos_token_ids)
-            return self._grammar_compiler
+        return self.masks.compiler
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -303,13 +296,12 @@ class LLMEngine:
         Each grammar's matcher has read every earlier token of its sequence (see `step`).
         """
         rows = {}
-        width = bitmask_width(self.model_config.vocab_size)
         for i, item in enumerate(scheduled):
             seq = item.seq
             if seq.matcher is None or not item.completes_sequence or seq.finished:
                 continue
             try:
-                rows[i] = fill_bitmask([(0, seq.matcher)], 1, width)[0]
+                rows[i] = self.masks.row(seq.matcher)
             except Exception as e:  # noqa: BLE001 - fails this request only
                 self._fail(seq.request_id, "building its grammar mask", e, failed)
         return rows
@@ -347,13 +339,8 @@ class LLMEngine:
         mask[: len(scheduled)] = completes
         seqs = [item.seq for item, done in zip(scheduled, completes) if done]
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
-        bitmask = None
-        if grammar_rows:
-            bitmask = fill_bitmask((), rows, bitmask_width(self.model_config.vocab_size))
-            for i, row in grammar_rows.items():
-                bitmask[i] = row
         sampled = self._dispatch(inputs, slots, mask, self.max_logprobs if wants_logprobs else None,
-                                 any(s.params.uses_penalties for s in seqs), bitmask)
+                                 any(s.params.uses_penalties for s in seqs), self.masks.step(grammar_rows, rows))
         self.scheduler.update_after_step(scheduled)
         for seq in seqs:
             seq.num_pending += 1
@@ -378,20 +365,12 @@ class LLMEngine:
         `bitmask` row i; None: no row has a grammar)."""
         logits = self.runner.run(inputs)
         if bitmask is None:
-            bitmask = self.unconstrained_bitmask(len(slots))
+            bitmask = self.masks.all_allowed(len(slots))
         sampled, self.slot_state, self.runner.fed_tokens = sample_slots(
             logits, self.slot_state, self.runner.fed_tokens, slots, completes, bitmask,
             num_logprobs=num_logprobs, use_penalties=use_penalties,
         )
         return sampled
-
-    def unconstrained_bitmask(self, rows: int) -> jax.Array:
-        """An all-ones bitmask of `rows` rows, made once per step size and kept on the device: steps without
-        a grammar pass it (nothing to transfer), so one compiled sampler serves constrained and free steps."""
-        mask = self._all_allowed.get(rows)
-        if mask is None:
-            mask = self._all_allowed[rows] = jax.device_put(fill_bitmask((), rows, bitmask_width(self.model_config.vocab_size)))
-        return mask
 
     def _read(self, flight: _InFlight, failed: dict[str, RequestOutput]) -> list[RequestOutput]:
         """Wait for a dispatched step's samples; append them, apply stops, build outputs."""
@@ -467,7 +446,7 @@ class LLMEngine:
         if token in params.stop_token_ids:
             self.scheduler.finish(seq, "stop", token)
             return
-        if token in self.eos_token_ids and not params.ignore_eos or seq.matcher is not None and seq.matcher.is_terminated():
+        if (token in self.eos_token_ids and not params.ignore_eos) or (seq.matcher is not None and seq.matcher.is_terminated()):
             self.scheduler.finish(seq, "stop")
             return
         detokenizer = request.detokenizers[seq.index]

@@ -95,7 +95,7 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
         runner.compiled_shapes.add(shape)
         logits = runner.run(runner.empty_inputs(shape))
         slots = np.full(logits.shape[0], num_slots, np.int32)  # no slot: nothing is advanced
-        bitmask = engine.unconstrained_bitmask(logits.shape[0])  # what every step passes, grammar or not
+        bitmask = engine.masks.all_allowed(logits.shape[0])  # what every step passes, grammar or not
         for num_logprobs in (None, engine.max_logprobs):
             for use_penalties in (False, True):
                 sampled, engine.slot_state, _ = sample_slots(
