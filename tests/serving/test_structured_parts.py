@@ -157,6 +157,8 @@ def test_compiled_grammars_are_cached_and_bad_ones_named(compiler):
     reordered = {**schema, "properties": {"m": {"type": "boolean"}, "n": {"type": "integer"}}, "required": ["n", "m"]}
     matcher = compiler.matcher(StructuredOutputsParams(json=reordered))
     assert matcher.accept_string('{"m": true, "n": 1}') and matcher.is_completed()
+    any_object = compiler.matcher(StructuredOutputsParams(json_object=True))
+    assert any_object.accept_string('{"a": [1, {"b": null}]}') and any_object.is_completed()
     for params, error in [(StructuredOutputsParams(regex="a(b"), "regex could not be compiled"),
                           (StructuredOutputsParams(json="{nope"), "not valid JSON"),
                           (StructuredOutputsParams(json={"not": {}}), "not at /"),
