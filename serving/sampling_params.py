@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from serving.structured.params import StructuredOutputsParams
+
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MIN_TEMPERATURE = 1e-2  # smaller positive temperatures are raised to this (as vLLM), to keep logits finite
@@ -89,6 +91,8 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Grammar-constrained output (JSON schema, regex, choice, EBNF): serving/structured/.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         for name, bound in BOUNDS.items():
@@ -113,6 +117,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not all(isinstance(t, int) and not isinstance(t, bool) and TOKEN_ID_BOUND.holds(t) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be integers in {TOKEN_ID_BOUND.describe()}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got {self.structured_outputs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -42,6 +42,8 @@ from serving.engine.slot_state import count_row, new_slot_state, sample_slots, w
 from serving.lora.manager import LoRAManager
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
+from serving.structured.compiler import GrammarCompiler
+from serving.structured.step_masks import StepMasks
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +199,7 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+        self.masks = StepMasks(tokenizer, model.config.vocab_size, self.eos_token_ids)  # structured output
         logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, config.page_size, cache_dtype.name,
                     self.runner.kv_cache_bytes / 2**20)
         if should_warm_up(config.enforce_eager):
@@ -220,9 +223,17 @@ class LLMEngine:
             )
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """`validate_prompt`, then the engine's limits on the parameters (ValueError naming the limit)."""
+        """`validate_prompt`, then the engine's limits on the parameters (ValueError naming the limit),
+        then the structured-output constraint, compiled (and cached) here so a bad one is the caller's error."""
         self.validate_prompt(prompt_ids)
         validate_request(params, self.config.limits, self.model_config.vocab_size)
+        if params.structured_outputs is not None:
+            self.grammar_compiler.compile(params.structured_outputs)
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-output compiler (xgrammar over this tokenizer), built on first use; thread-safe."""
+        return self.masks.compiler
 
     def add_request(
         self,
@@ -260,6 +271,8 @@ class LLMEngine:
             seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens,
                            images=images)
             seq.logprobs = [] if params.logprobs is not None else None
+            if params.structured_outputs is not None:
+                seq.matcher = self.grammar_compiler.matcher(params.structured_outputs)
             self._next_seq_id += 1
             sequences.append(seq)
         detokenizers = [
@@ -314,13 +327,39 @@ class LLMEngine:
         failed: dict[str, RequestOutput] = {}
         scheduled = self.scheduler.schedule()
         self._write_joined_rows(failed)
-        if failed:
-            scheduled = [item for item in scheduled if not item.seq.finished]
+        outputs, drained = [], False
+        if self._in_flight is not None and any(item.seq.matcher is not None and item.seq.num_pending
+                                               for item in scheduled):
+            # A grammar's mask for this step needs the token the step in flight samples: read that
+            # step first (no overlap for this one); sequences it finishes drop out of this step.
+            outputs, self._in_flight, drained = self._read(self._in_flight, failed), None, True
+        grammar_rows = self._grammar_rows(scheduled, failed)
+        if failed or drained:
+            kept = [i for i, item in enumerate(scheduled) if not item.seq.finished]
+            grammar_rows = {new: grammar_rows[old] for new, old in enumerate(kept) if old in grammar_rows}
+            scheduled = [scheduled[i] for i in kept]
         # The device part: an exception here leaves step() (the engine cannot go on).
-        launched = self._launch(scheduled) if scheduled else None
+        launched = self._launch(scheduled, grammar_rows) if scheduled else None
         previous, self._in_flight = self._in_flight, launched
-        outputs = self._read(previous, failed) if previous is not None else []
+        if previous is not None:
+            outputs = self._read(previous, failed)
         return outputs + list(failed.values())
+
+    def _grammar_rows(self, scheduled: list[ScheduledSequence], failed: dict[str, RequestOutput]) -> dict[int, np.ndarray]:
+        """Bitmask rows of the constrained sequences this step samples, by position in `scheduled`.
+
+        Each grammar's matcher has read every earlier token of its sequence (see `step`).
+        """
+        rows = {}
+        for i, item in enumerate(scheduled):
+            seq = item.seq
+            if seq.matcher is None or not item.completes_sequence or seq.finished:
+                continue
+            try:
+                rows[i] = self.masks.row(seq.matcher)
+            except Exception as e:  # noqa: BLE001 - fails this request only
+                self._fail(seq.request_id, "building its grammar mask", e, failed)
+        return rows
 
     def _write_joined_rows(self, failed: dict[str, RequestOutput]) -> None:
         """Write the device sampling rows of the sequences that just joined the running batch."""
@@ -343,8 +382,9 @@ class LLMEngine:
             padded[: len(slots)] = slots
             self._write_rows(padded, batch_from_rows(rows, size, None, None))
 
-    def _launch(self, scheduled: list[ScheduledSequence]) -> _InFlight:
-        """Dispatch the model step and the sampler (nothing waits for the device)."""
+    def _launch(self, scheduled: list[ScheduledSequence], grammar_rows: dict[int, np.ndarray]) -> _InFlight:
+        """Dispatch the model step and the sampler (nothing waits for the device); `grammar_rows`: the
+        bitmask rows of constrained sequences by position in `scheduled`."""
         completes = [item.completes_sequence for item in scheduled]
         inputs = self.runner.prepare(scheduled)
         if self.images is not None:
@@ -357,7 +397,7 @@ class LLMEngine:
         seqs = [item.seq for item, done in zip(scheduled, completes) if done]
         wants_logprobs = any(s.params.logprobs is not None for s in seqs)
         sampled = self._dispatch(inputs, slots, mask, self.max_logprobs if wants_logprobs else None,
-                                 any(s.params.uses_penalties for s in seqs))
+                                 any(s.params.uses_penalties for s in seqs), self.masks.step(grammar_rows, rows))
         self.scheduler.update_after_step(scheduled)
         for item in scheduled:
             if item.seq.images and (request := self.requests.get(item.seq.request_id)) is not None:
@@ -378,12 +418,16 @@ class LLMEngine:
         self.slot_state = write_rows(self.slot_state, slots, rows)
 
     def _dispatch(
-        self, inputs: StepInputs, slots: np.ndarray, completes: np.ndarray, num_logprobs: int | None, use_penalties: bool
+        self, inputs: StepInputs, slots: np.ndarray, completes: np.ndarray, num_logprobs: int | None, use_penalties: bool,
+        bitmask: np.ndarray | None = None,
     ) -> SampleOutput:
-        """The model step on `inputs`, then the sampler on its logits (row i with slot `slots[i]`)."""
+        """The model step on `inputs`, then the sampler on its logits (row i with slot `slots[i]`, masked by
+        `bitmask` row i; None: no row has a grammar)."""
         logits = self.runner.run(inputs)
+        if bitmask is None:
+            bitmask = self.masks.all_allowed(len(slots))
         sampled, self.slot_state, self.runner.fed_tokens = sample_slots(
-            logits, self.slot_state, self.runner.fed_tokens, slots, completes,
+            logits, self.slot_state, self.runner.fed_tokens, slots, completes, bitmask,
             num_logprobs=num_logprobs, use_penalties=use_penalties,
         )
         return sampled
@@ -458,10 +502,12 @@ class LLMEngine:
                 entry.setdefault(tid, Logprob(float(sampled["top_logprobs"][row, rank]), rank + 1, self._decode_one(tid)))
             seq.logprobs.append(entry)
 
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise ValueError(f"token {token} does not continue the request's grammar")
         if token in params.stop_token_ids:
             self.scheduler.finish(seq, "stop", token)
             return
-        if token in self.eos_token_ids and not params.ignore_eos:
+        if (token in self.eos_token_ids and not params.ignore_eos) or (seq.matcher is not None and seq.matcher.is_terminated()):
             self.scheduler.finish(seq, "stop")
             return
         detokenizer = request.detokenizers[seq.index]

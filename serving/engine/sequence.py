@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.engine.kv_pages import PageKey
 from serving.multimodal.inputs import ImageItem
@@ -47,6 +48,7 @@ class Sequence:
     cache_salt: int = 0  # salts its prefix-cache page keys (its adapter's load; 0: the base model)
     # The prompt's images (shared by the request's sequences; serving/multimodal/inputs.py).
     images: list[ImageItem] = field(default_factory=list)
+    matcher: Any = None  # structured output: its xgrammar matcher, advanced by every token read
 
     @property
     def tokens(self) -> list[int]:

@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from serving.engine.sampler import PAD_ROW, ROW_COLUMNS, SampleOutput, SamplingBatch, choose_tokens
+from serving.structured.bitmask import apply_token_bitmask
 
 PROMPT_BIT = 1 << 30  # above any output count max_model_len allows (validated in `new_slot_state`)
 
@@ -64,6 +65,7 @@ def sample_slots(
     last_tokens: jax.Array,
     slots: jax.Array,
     completes: jax.Array,
+    bitmask: jax.Array | None = None,
     *,
     num_logprobs: int | None,
     use_penalties: bool,
@@ -72,8 +74,14 @@ def sample_slots(
 
     Rows that do not complete a sequence (prefill chunks, padding) are sampled as greedy and
     leave no trace. Whether any row draws or filters is decided on the device, so one compiled
-    sampler serves every mix of requests. Returns the sample, the new state and `last_tokens` [M].
+    sampler serves every mix of requests. `bitmask` [S, W] (structured output, `serving/structured/
+    bitmask.py`) forbids tokens per row before anything else, log-probabilities included (as vLLM);
+    the engine always passes one (all ones when no row has a grammar, kept on the device), so the
+    same compiled sampler serves constrained and free steps; None compiles a variant without it.
+    Returns the sample, the new state and `last_tokens` [M].
     """
+    if bitmask is not None:
+        logits = apply_token_bitmask(logits.astype(jnp.float32), bitmask)
     num_slots = last_tokens.shape[0]
     batch = jax.tree.map(lambda column: jnp.take(column, slots, axis=0, mode="clip"), state.params)
     temperature = jnp.where(completes, batch.temperature, 0.0)

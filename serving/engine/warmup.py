@@ -3,7 +3,8 @@
 Serving then never stops to compile: `warm_up` runs the model step once for each
 (token bucket, page-table bucket) shape (the sequence bucket is tied to the token
 bucket) and every sampler variant reachable with it (logprobs or not, penalties or
-not; drawing and filtering are decided on the device), then the slot-row writers.
+not; drawing, filtering and the grammar bitmask, all ones without a grammar, are decided on
+the device), then the slot-row writers.
 Warm-up steps hold no sequence, so what they write to the KV pages is never read.
 
 The persistent compilation cache (`jax_compilation_cache_dir`) makes the second
@@ -99,10 +100,11 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
             runner.compiled_shapes.add((*shape, "images"))
             runner.run(inputs)
         slots = np.full(logits.shape[0], num_slots, np.int32)  # no slot: nothing is advanced
+        bitmask = engine.masks.all_allowed(logits.shape[0])  # what every step passes, grammar or not
         for num_logprobs in (None, engine.max_logprobs):
             for use_penalties in (False, True):
                 sampled, engine.slot_state, _ = sample_slots(
-                    logits, engine.slot_state, runner.fed_tokens, slots, np.zeros(logits.shape[0], bool),
+                    logits, engine.slot_state, runner.fed_tokens, slots, np.zeros(logits.shape[0], bool), bitmask,
                     num_logprobs=num_logprobs, use_penalties=use_penalties,
                 )
         jax.block_until_ready(sampled.tokens)

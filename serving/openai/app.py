@@ -42,7 +42,9 @@ from serving.openai.lora_routes import adapter_cards, add_lora_routes
 from serving.multimodal.chat import count_images, split_images
 from serving.multimodal.inputs import ImageInputs, ImageItem
 from serving.multimodal.media import MediaFetcher
+from serving.openai.chat_output import ChatTools, ChoiceStream, assistant_message, finish_reason
 from serving.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serving.openai.reasoning import REASONING_PARSERS, ReasoningParser
 from serving.openai.responses import (
     ErrorResponse,
     ResponseHeader,
@@ -188,11 +190,16 @@ class OpenAIServer:
         allow_runtime_lora_updating: bool = False,
         image_inputs: ImageInputs | None = None,
         media: MediaFetcher | None = None,
+        enable_auto_tool_choice: bool = False,
+        tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ):
         """`allow_runtime_lora_updating`: add vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`
         (an engine with LoRA enabled only). `image_inputs`: a vision-language model's image preprocessing
         (chat image parts are refused without it); `media`: how image URLs are fetched (default: data: and
-        http(s) only)."""
+        http(s) only). `enable_auto_tool_choice` with a `tool_call_parser` (a `TOOL_PARSERS` name) reads tool
+        calls out of the model's text for tool_choice "auto"; `reasoning_parser` (a `REASONING_PARSERS` name)
+        splits `reasoning_content` from chat answers."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -206,6 +213,12 @@ class OpenAIServer:
         self.metrics = ServingMetrics(engine.engine, model_name)
         self.max_model_len = engine.engine.max_model_len
         self.max_n = engine.engine.config.limits.max_n
+        self.tools = ChatTools(enable_auto_tool_choice, tool_call_parser)
+        self.reasoning: ReasoningParser | None = None
+        if reasoning_parser is not None:
+            if reasoning_parser not in REASONING_PARSERS:
+                raise ValueError(f"unknown reasoning parser {reasoning_parser!r}; known: {', '.join(REASONING_PARSERS)}")
+            self.reasoning = REASONING_PARSERS[reasoning_parser]
         # One worker: a fast tokenizer must not be used by two threads at once (its padding state is shared).
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="jaxllm-tokenize")
 
@@ -241,7 +254,8 @@ class OpenAIServer:
             return Prompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         return Prompt(None, list(prompt))
 
-    def params(self, make: Any) -> SamplingParams:
+    def params(self, make: Callable[[], T]) -> T:
+        """`make()`, its ValueError a 400."""
         try:
             return make()
         except ValueError as e:
@@ -357,7 +371,7 @@ class OpenAIServer:
         params = self.params(lambda: body.sampling_params(body.max_tokens, body.logprobs))
         self.check_count(len(body.prompts()), params)  # before tokenizing them all
         prompts = await self.off_loop(lambda: [self.prepare(p) for p in body.prompts()])
-        self.check_fits(prompts, params)
+        await self.off_loop(lambda: self.check_fits(prompts, params))  # compiles the grammar, if any
         header = ResponseHeader(f"cmpl-{uuid.uuid4().hex}", body.model)
 
         def echo_text(p: Prompt) -> str:
@@ -418,9 +432,11 @@ class OpenAIServer:
         if any(m.has_images for m in body.messages):
             messages, images = self.chat_images(body)
         else:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.template_message() for m in body.messages]
+        tools = body.template_tools()
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
+                                                      **({"tools": tools} if tools else {}))
         except jinja2.TemplateError as e:
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
         # The template already holds any BOS; do not add special tokens twice.
@@ -448,10 +464,17 @@ class OpenAIServer:
         lora = self.check_model(body.model)
         top_n = body.top_logprobs or 0
         params = self.params(lambda: body.sampling_params(body.token_limit(), top_n if body.logprobs else None))
+        tool_parser = self.params(lambda: self.tools.parser(body))
+        forced_name = body.named_tool() is not None
+        # A grammar holds from the first token: there is no reasoning section before it for a parser that
+        # assumes the prompt opened one (deepseek_r1); a parser that reads the output's own tags still applies.
+        reasoning = self.reasoning
+        if reasoning is not None and reasoning.starts_in_reasoning and params.structured_outputs is not None:
+            reasoning = None
         prompt = await self.off_loop(lambda: self.chat_prompt(body))
         if params.max_tokens is None:
             params.max_tokens = max(1, self.max_model_len - len(prompt.ids))
-        self.check_fits([prompt], params)
+        await self.off_loop(lambda: self.check_fits([prompt], params))  # compiles the grammar, if any
         header = ResponseHeader(f"chatcmpl-{uuid.uuid4().hex}", body.model)
 
         def logprobs(tokens: list[int], entries) -> dict[str, Any] | None:
@@ -459,15 +482,15 @@ class OpenAIServer:
 
         if not body.stream:
             final = (await self.collect(raw, [prompt], params, header.id, lora))[0]
-            choices = [
-                {
+            choices = []
+            for c in final.outputs:
+                message = assistant_message(c.text, reasoning, tool_parser)
+                choices.append({
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": logprobs(c.token_ids, c.logprobs),
-                    "finish_reason": c.finish_reason,
-                }
-                for c in final.outputs
-            ]
+                    "finish_reason": finish_reason(c.finish_reason, "tool_calls" in message, forced_name),
+                })
             completion_tokens = sum(len(c.token_ids) for c in final.outputs)
             return JSONResponse(header.wrap("chat.completion", choices=choices, usage=usage(len(prompt.ids), completion_tokens)))
 
@@ -475,7 +498,14 @@ class OpenAIServer:
 
         async def events() -> AsyncIterator[str]:
             cursors: dict[int, StreamCursor] = {}
+            streams: dict[int, ChoiceStream] = {}
             completion_tokens = 0
+
+            def chunk(index: int, delta: dict[str, Any], entries: dict[str, Any] | None = None,
+                      finish: str | None = None) -> str:
+                choice = {"index": index, "delta": delta, "logprobs": entries, "finish_reason": finish}
+                return sse(header.wrap("chat.completion.chunk", choices=[choice]))
+
             try:
                 async for _, out in self.run([prompt], params, header.id, lora):
                     for c in out.outputs:
@@ -484,15 +514,18 @@ class OpenAIServer:
                             continue
                         if not cursor.started:
                             cursor.started = True
-                            first = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                            yield sse(header.wrap("chat.completion.chunk", choices=[first]))
+                            streams[c.index] = ChoiceStream(reasoning, tool_parser)
+                            yield chunk(c.index, {"role": "assistant", "content": ""})
                         cursor.advance(c)
                         if not (c.text or c.token_ids or cursor.done):
                             continue
                         completion_tokens += len(c.token_ids)
-                        delta = {"content": c.text} if c.text else {}
-                        chunk = {"index": c.index, "delta": delta, "logprobs": logprobs(c.token_ids, c.logprobs), "finish_reason": c.finish_reason}
-                        yield sse(header.wrap("chat.completion.chunk", choices=[chunk]))
+                        stream = streams[c.index]
+                        deltas = stream.feed(c.text, cursor.done) or [{}]
+                        for delta in deltas[:-1]:
+                            yield chunk(c.index, delta)
+                        reason = finish_reason(c.finish_reason, stream.called, forced_name)
+                        yield chunk(c.index, deltas[-1], logprobs(c.token_ids, c.logprobs), reason)
                 if include_usage:
                     yield sse(header.wrap("chat.completion.chunk", choices=[], usage=usage(len(prompt.ids), completion_tokens)))
             except Exception as e:  # noqa: BLE001 - the stream has begun: its status is sent

@@ -24,6 +24,8 @@ from serving.lora.manager import MAX_LORA_RANK_LIMIT, MAX_LORAS_LIMIT
 from serving.multimodal.media import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_IMAGE_BYTES, MediaFetcher
 from serving.multimodal.prompts import DEFAULT_IMAGES_PER_PROMPT
 from serving.openai.app import DEFAULT_MAX_BODY_SIZE, OpenAIServer
+from serving.openai.reasoning import REASONING_PARSERS
+from serving.openai.tool_parsers import TOOL_PARSERS
 
 RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the load / unload routes
 DEATH_GRACE_S = 2.0  # after the engine dies: seconds of 503s (in-flight errors, a health probe) before exiting
@@ -82,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       default=os.environ.get(RUNTIME_LORA_ENV, "").lower() in ("1", "true"),
                       help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default: "
                            f"${RUNTIME_LORA_ENV}, as in vLLM)")
+    chat = p.add_argument_group("tool calling and reasoning (chat completions)")
+    chat.add_argument("--enable-auto-tool-choice", action="store_true",
+                      help='read tool calls out of the model\'s text for tool_choice "auto" (needs --tool-call-parser)')
+    chat.add_argument("--tool-call-parser", choices=list(TOOL_PARSERS),
+                      help="the model's tool-call format (required and named tool_choice need none: a grammar enforces them)")
+    chat.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS),
+                      help="split the model's <think> reasoning into reasoning_content")
     nodes = p.add_argument_group(
         "multi-host (jax.distributed)",
         "one process per node over one mesh of all their devices; process 0 serves HTTP, the others follow. "
@@ -156,6 +165,8 @@ class _Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        sys.exit("serve: --enable-auto-tool-choice needs --tool-call-parser")
     if args.model is None:
         try:
             args.model = str(default_model_path())
@@ -206,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     server = OpenAIServer(engine, llm.tokenizer, args.served_model_name or served_name(args.model), args.api_key,
                           max_body_size=args.max_body_size, protect_metrics=args.protect_metrics,
                           allow_runtime_lora_updating=args.allow_runtime_lora_updating,
-                          image_inputs=llm.image_inputs, media=media)
+                          image_inputs=llm.image_inputs, media=media,
+                          enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+                          reasoning_parser=args.reasoning_parser)
     config = uvicorn.Config(
         server.app(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )

@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI API (and vLLM's extra sampling fields), validated by pydantic.
 
 Unknown fields are accepted and ignored, as OpenAI does; fields we cannot honour
-(`logit_bias`, `suffix`, `best_of` other than `n`, tools) are refused by name.
+(`logit_bias`, `suffix`, `best_of` other than `n`) are refused by name. The output constraints
+(`response_format`, `structured_outputs`, `tools`/`tool_choice`) live in `structured_fields.py`.
 Strings with lone surrogates are refused wherever they sit. Numeric fields
 carry their bounds (`sampling_params.BOUNDS`) in the schema; `SamplingParams`
 enforces them, so the offline API and the server say the same thing.
@@ -9,11 +10,14 @@ enforces them, so the offline API and the server say the same thing.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.openai.structured_fields import ConstrainedOutputFields, ToolFields, arguments_text
 from serving.sampling_params import BOUNDS, SamplingParams
+from serving.structured.params import StructuredOutputsParams
 from serving.text_input import find_lone_surrogate
 
 
@@ -45,7 +49,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(ConstrainedOutputFields, _Request):
     model: str
     n: int = bounded("n", 1)
     temperature: float | None = bounded("temperature")
@@ -74,6 +78,10 @@ class _SamplingFields(_Request):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The grammar the output must follow, if any."""
+        return self.output_constraint()
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         given = {
             k: v
@@ -98,6 +106,7 @@ class _SamplingFields(_Request):
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
+            structured_outputs=self.constraint(),
             **given,
         )
 
@@ -157,11 +166,32 @@ class ContentPart(BaseModel):
         return self
 
 
+class CalledFunction(BaseModel):
+    model_config = STRICT
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made (sent back in the conversation)."""
+
+    model_config = STRICT
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -172,23 +202,53 @@ class ChatMessage(BaseModel):
     def has_images(self) -> bool:
         return isinstance(self.content, list) and any(part.type == "image_url" for part in self.content)
 
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates take it: calls' arguments as objects (most templates
+        serialise them), the tool message's `tool_call_id` and `name` kept."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _arguments_object(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        return message
 
-class ChatCompletionRequest(_SamplingFields):
+
+def _arguments_object(arguments: str | dict[str, Any]) -> Any:
+    """A call's arguments parsed from their JSON string (left as text when they are not JSON)."""
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments_text(arguments)
+
+
+class ChatCompletionRequest(ToolFields, _SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = bounded("max_tokens")
     max_completion_tokens: int | None = bounded("max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = bounded("logprobs")
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.tools:
-            raise ValueError("tools are not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        tool_grammar, output_grammar = self.tool_constraint(), self.output_constraint()
+        if tool_grammar is not None and output_grammar is not None:
+            raise ValueError("tool_choice required or a named function cannot be combined with response_format "
+                             "or structured_outputs")
+        return tool_grammar or output_grammar
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

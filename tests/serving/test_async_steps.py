@@ -13,6 +13,7 @@ from jax import monitoring
 
 from serving import LLM, RequestOutputKind, SamplingParams
 from serving.engine.slot_state import PROMPT_BIT, count_row
+from serving.structured import StructuredOutputsParams
 from tests.serving.helpers import prompts
 
 pytestmark = pytest.mark.xdist_group("async_steps")
@@ -129,12 +130,14 @@ def test_nothing_compiles_after_warm_up(tiny_checkpoint):
             ("Hello, world", SamplingParams(temperature=0, logprobs=3, max_tokens=6, stop=["o"])),
             ("A prompt", SamplingParams(temperature=1.0, min_p=0.1, presence_penalty=0.5, max_tokens=8)),
             ("The cat sat on", SamplingParams(temperature=0, repetition_penalty=1.2, max_tokens=3)),
+            ("A prompt", SamplingParams(temperature=0.5, max_tokens=4,
+                                        structured_outputs=StructuredOutputsParams(regex="[a-c]+"))),
         ]
         outputs = llm.generate([p for p, _ in workload], [s for _, s in workload])
         outputs += list(llm.stream("Hello", SamplingParams(temperature=0, max_tokens=3)))
     finally:
         jax._src.monitoring.unregister_event_duration_listener(listen)  # noqa: SLF001
-    assert all(o.finished for o in outputs[:5]) and llm.engine.pool.all_free()
+    assert all(o.finished for o in outputs[:6]) and llm.engine.pool.all_free()
     assert compiled == [], f"{len(compiled)} compilations after warm-up"
 
 
@@ -149,3 +152,60 @@ def test_engine_host_benchmark_dry_run():
         return
     idle = result["idle"]
     assert 0 <= idle["host_wait"] <= idle["idle_fraction"] < 1 and idle["step_ms"] >= idle["device_ms"]
+
+
+# -- structured output: each grammar's mask needs its sequence's previous token on the host ----------------
+REGEX = "[a-d]{3,6}(,[0-9]{1,2})*!"
+
+
+def regex_params(**kw) -> SamplingParams:
+    return SamplingParams(max_tokens=24, structured_outputs=StructuredOutputsParams(regex=REGEX), **kw)
+
+
+def test_grammar_steps_read_the_pending_token_first_and_free_rows_stay_free(llm):
+    import re
+
+    engine = llm.engine
+    free_params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate({"prompt_token_ids": prompts((7,))[0]}, free_params)[0].outputs[0].token_ids
+    engine.add_request("free", prompts((7,))[0], free_params)
+    engine.add_request("json", prompts((5,))[0], regex_params(temperature=1.0, seed=3, n=2))
+    constrained = engine.requests["json"].sequences
+    outputs = {}
+    while engine.has_unfinished_requests():
+        scheduled_with_pending = any(s.num_pending for s in constrained) and engine._in_flight is not None
+        for out in engine.step():
+            outputs[out.request_id] = out
+        # A step that samples a constrained sequence never leaves its previous token unread.
+        assert not (scheduled_with_pending and any(s.num_pending > 1 for s in constrained))
+    assert outputs["free"].outputs[0].token_ids == alone  # a batch with grammars leaves free rows alone
+    texts = [c.text for c in outputs["json"].outputs]
+    assert all(re.fullmatch(REGEX, t) for t in texts) and texts[0] != texts[1], texts
+    assert engine.pool.all_free()
+
+
+def test_grammar_survives_preemption_and_abort(llm):
+    import re
+
+    engine = llm.engine
+    fixed = "[a-d]{12}"  # every answer is 12 characters (12 tokens: the multi-character pieces hold no a-d pairs)
+    params = SamplingParams(max_tokens=16, temperature=0.9, seed=11,
+                            structured_outputs=StructuredOutputsParams(regex=fixed))
+    want = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts((9, 6))], params)]
+    pages_per_seq = -(-(9 + 13) // engine.config.page_size)
+    held = engine.pool.allocate(engine.pool.num_free() - pages_per_seq - 1)  # room for one sequence and a bit
+    before = engine.scheduler.num_preemptions
+    try:
+        got = llm.generate([{"prompt_token_ids": p} for p in prompts((9, 6))], params)
+    finally:
+        engine.pool.release(held)
+    assert engine.scheduler.num_preemptions > before
+    assert [o.outputs[0].token_ids for o in got] == want  # the matcher kept its state through the recompute
+    assert all(re.fullmatch(fixed, o.outputs[0].text) for o in got)
+    engine.add_request("gone", prompts((5,))[0], regex_params(temperature=1.0, n=3))
+    engine.step()
+    engine.step()
+    engine.abort_request("gone")
+    while engine.has_unfinished_requests() or engine._in_flight is not None:
+        engine.step()
+    assert engine.pool.all_free()
