@@ -36,6 +36,7 @@ from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
+from serving.spec_decode.build import speculative_step
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
 
@@ -66,6 +67,9 @@ class EngineConfig:
     # Run repeated layers through one lax.scan (compile time flat in depth); False unrolls them.
     # None: scan on an accelerator, unroll on the CPU backend (see serving/engine/runner.py).
     scan_layers: bool | None = None
+    # vLLM's speculative_config: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
+    # (serving/spec_decode/config.py); None decodes one token per step.
+    speculative_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -130,7 +134,9 @@ class LLMEngine:
         *,
         eos_token_ids: tuple[int, ...] | None = None,
         plan: ShardingPlan | None = None,
+        draft_model: CausalLM | None = None,
     ):
+        """`draft_model`: the draft of a `speculative_config` with method "draft_model"."""
         self.model_config = model.config
         self.config = config = config or EngineConfig()
         use_compilation_cache(config.compilation_cache_dir)
@@ -171,6 +177,7 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+        self.spec = speculative_step(self, config.speculative_config, draft_model)
         logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, config.page_size, cache_dtype.name,
                     self.runner.kv_cache_bytes / 2**20)
         if should_warm_up(config.enforce_eager):
@@ -256,6 +263,8 @@ class LLMEngine:
         already scheduled in N+1: that extra token is dropped and its pages are freed. Requests
         that fail in this call come back with `error` set.
         """
+        if self.spec is not None:
+            return self.spec.step()
         failed: dict[str, RequestOutput] = {}
         scheduled = self.scheduler.schedule()
         self._write_joined_rows(failed)
@@ -339,17 +348,30 @@ class LLMEngine:
             if not completes:
                 continue  # a prefill chunk: no token yet
             seq.num_pending -= 1
-            request = self.requests.get(seq.request_id)
-            if seq.finished or request is None:
-                continue  # the extra token of a sequence that finished (or failed) meanwhile
-            try:
-                self._append_token(request, seq, tokens[i], sampled, i)
-                if not seq.finished:
-                    self.scheduler.register_full_pages(seq)
-                touched[request.request_id] = request
-            except Exception as e:  # noqa: BLE001 - fails this request only
-                touched.pop(request.request_id, None)
-                self._fail(request.request_id, "appending and detokenizing its token", e, failed)
+            self._take_tokens(seq, tokens[i : i + 1], sampled, i, touched, failed)
+        return self._outputs(touched, failed)
+
+    def _take_tokens(self, seq: Sequence, tokens: list[int], sampled: dict[str, np.ndarray], first_row: int,
+                     touched: dict[str, _Request], failed: dict[str, RequestOutput]) -> None:
+        """Append a sequence's new tokens (rows `first_row`, `first_row + 1`, ... of `sampled`) up to a stop."""
+        request = self.requests.get(seq.request_id)
+        if seq.finished or request is None:
+            return  # the extra token of a sequence that finished (or failed) meanwhile
+        try:
+            for row, token in enumerate(tokens, first_row):
+                self._append_token(request, seq, token, sampled, row)
+                if seq.finished:
+                    break
+            if not seq.finished:
+                self.scheduler.roll_back(seq)
+                self.scheduler.register_full_pages(seq)
+            touched[request.request_id] = request
+        except Exception as e:  # noqa: BLE001 - fails this request only
+            touched.pop(request.request_id, None)
+            self._fail(request.request_id, "appending and detokenizing its token", e, failed)
+
+    def _outputs(self, touched: dict[str, _Request], failed: dict[str, RequestOutput]) -> list[RequestOutput]:
+        """The outputs of the requests a step advanced; finished requests are retired."""
         outputs = []
         for request in touched.values():
             finished = request.finished

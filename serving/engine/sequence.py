@@ -42,6 +42,7 @@ class Sequence:
     num_pending: int = 0  # tokens sampled by dispatched steps that the host has not read yet
     emitted: int = 0  # output tokens already handed out in delta outputs
     emitted_text: int = 0  # characters of text already handed out in delta outputs
+    spec_tokens: list[int] = field(default_factory=list)  # drafts to verify after the known tokens (speculation)
 
     @property
     def tokens(self) -> list[int]:
