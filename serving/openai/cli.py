@@ -6,6 +6,7 @@ Without MODEL_PATH it serves the default model, SmolLM2-135M-Instruct (the `llm-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -21,6 +22,16 @@ from serving.llm import LLM
 from serving.openai.app import DEFAULT_MAX_BODY_SIZE, OpenAIServer
 
 DEATH_GRACE_S = 2.0  # after the engine dies: seconds of 503s (in-flight errors, a health probe) before exiting
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compilation-cache-dir",
                    help="persistent XLA compilation cache ('' to disable; default: $JAXLLM_COMPILATION_CACHE_DIR "
                         "or ~/.cache/jaxllm/xla)")
+    p.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                   help='speculative decoding as vLLM configures it, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' or \'{"method": "draft_model", '
+                        '"model": "path/to/draft", "num_speculative_tokens": 4}\'')
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     nodes = p.add_argument_group(
         "multi-host (jax.distributed)",
@@ -129,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             allow_long_max_model_len=args.allow_long_max_model_len,
             limits=limits,
             compilation_cache_dir=args.compilation_cache_dir,
+            speculative_config=args.speculative_config,
             coordinator_address=args.coordinator_address,
             num_processes=args.num_processes,
             process_id=args.process_id,

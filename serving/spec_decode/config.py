@@ -36,8 +36,8 @@ class SpeculativeConfig:
             high = self.prompt_lookup_max if self.prompt_lookup_max is not None else self.prompt_lookup_min
             low = DEFAULT_PROMPT_LOOKUP if low is None else low
             high = DEFAULT_PROMPT_LOOKUP if high is None else high
-            _check_int("prompt_lookup_min", low, 1, MAX_PROMPT_LOOKUP)
             _check_int("prompt_lookup_max", high, 1, MAX_PROMPT_LOOKUP)
+            _check_int("prompt_lookup_min", low, 1, MAX_PROMPT_LOOKUP)
             if low > high:
                 raise ValueError(f"prompt_lookup_min ({low}) exceeds prompt_lookup_max ({high})")
             object.__setattr__(self, "prompt_lookup_min", low)
