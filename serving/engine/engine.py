@@ -36,9 +36,10 @@ from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
-from serving.spec_decode.build import speculative_step
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
+from serving.spec_decode.build import speculative_step
+from serving.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class EngineConfig:
     scan_layers: bool | None = None
     # vLLM's speculative_config: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
     # (serving/spec_decode/config.py); None decodes one token per step.
-    speculative_config: dict[str, Any] | None = None
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
 
 @dataclass
@@ -261,7 +262,9 @@ class LLMEngine:
         while step N still runs, its decode inputs taken on the device from N's samples; only
         then does the host wait for N's tokens. A sequence that N finishes (a stop token) was
         already scheduled in N+1: that extra token is dropped and its pages are freed. Requests
-        that fail in this call come back with `error` set.
+        that fail in this call come back with `error` set. With a `speculative_config` the step
+        is `SpeculativeStep.step` (serving/spec_decode/step.py): synchronous, several tokens per
+        sequence.
         """
         if self.spec is not None:
             return self.spec.step()

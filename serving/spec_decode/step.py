@@ -75,6 +75,7 @@ class SpeculativeStep:
             self.proposer.release(seq)  # finished, aborted or preempted
         wanted = {}
         for seq in running:
+            seq.spec_tokens = []  # drafts of a step that did not schedule it are stale
             room = seq.max_tokens - len(seq.output_ids) - 1  # the target adds one token of its own
             if seq.status is Status.RUNNING and seq.num_computed == seq.num_tokens - 1 and room > 0:
                 wanted[seq] = min(self.k, room)
