@@ -9,12 +9,14 @@ copies the prompt, the repetitive workload prompt lookup is made for. Three engi
 - `ngram` (prompt lookup, k = `--k`, n-grams of `--lookup-min` to `--lookup-max` tokens);
 - `draft_model`: a draft made of the target's first `--draft-layers` decoder layers (with its final
   norm and tied head; the LayerSkip / self-speculation kind of draft), written as a checkpoint
-  folder with the same tokenizer. Skip it with `--draft-layers 0`.
+  folder with the same tokenizer; 30, all of SmolLM2-135M's layers, makes it a copy of the target
+  (every draft accepted: the overhead of running a draft). Skip it with `--draft-layers 0`.
 
-Each engine runs the workload once untimed (compiling its shapes), then once timed. The greedy
+Each engine runs the workload once untimed (compiling its shapes; prefix caching is off so the
+timed run repeats the same shapes), then once timed. The greedy
 outputs of the speculative engines are checked token for token against the plain one.
 
-    python -m benchmarks.spec_decode --batch 1 --max-tokens 128
+    python -m benchmarks.spec_decode --batch 1 --max-tokens 96 --k 3 --draft-layers 30
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def run(llm: LLM, prompt: dict, params: SamplingParams, batch: int) -> tuple[flo
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--k", type=int, default=3, help="num_speculative_tokens (3: a 4-token step, no padding on CPU)")
     p.add_argument("--lookup-min", type=int, default=2)
     p.add_argument("--lookup-max", type=int, default=4)
     p.add_argument("--draft-layers", type=int, default=8, help="decoder layers of the draft (0: no draft run)")
@@ -94,7 +96,8 @@ def main() -> None:
 
     gguf = default_model_path()
     sizes = dict(max_model_len=512, max_num_seqs=max(args.batch, 1), max_num_batched_tokens=512,
-                 num_pages=32 * max(args.batch, 1) + 8)
+                 num_pages=32 * max(args.batch, 1) + 8,
+                 enable_prefix_caching=False)  # else the timed run's prefill is a shorter, new shape
     plain = LLM(gguf, **sizes)
     tokenizer = plain.get_tokenizer()
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
