@@ -100,3 +100,14 @@ def test_greedy_verification_keeps_the_matching_prefix_then_the_argmax():
     drafts = np.tile([[1, 3]], (NUM_SEQS, 1))  # argmaxes are 1, 0, 0: the first matches, the second not
     tokens, accepted = run_verify(drafts, None, temperature=0.0)
     assert (accepted == 1).all() and (tokens[:, :2] == [1, 0]).all()
+
+
+def test_serve_takes_the_speculative_config_as_json(capsys):
+    from serving.openai.cli import parse_args
+
+    assert parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}']).speculative_config \
+        == {"method": "ngram", "num_speculative_tokens": 2}
+    for bad in ("{oops", "[1]"):
+        with pytest.raises(SystemExit):
+            parse_args(["--speculative-config", bad])
+    assert "expected a JSON object" in capsys.readouterr().err
