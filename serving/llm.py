@@ -31,6 +31,8 @@ from serving.multimodal.prompts import image_inputs, split_prompt
 from serving.outputs import RequestOutput
 from serving.pooling_api import PoolingMethods
 from serving.sampling_params import RequestOutputKind, SamplingParams
+from serving.spec_decode import SpeculativeConfig
+from serving.spec_decode.build import check_draft_vocab
 from serving.text_input import check_text
 
 Prompt = str | dict[str, Any]
@@ -80,7 +82,9 @@ class LLM(PoolingMethods):
     `gpu_memory_utilization`, `enable_prefix_caching`, `seed`, `enforce_eager` (no start-up
     compilation of every shape), `compilation_cache_dir`, `kv_cache_dtype` ("auto", "bfloat16",
     "float16", "float32", or quantized pages with per-token scales: "int8", "fp8" = "fp8_e4m3",
-    "fp8_e5m2"), `scan_layers` (repeated layers through one
+    "fp8_e5m2"), `speculative_config` (vLLM's: `{"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4}` or `{"method": "draft_model", "model": path, "num_speculative_tokens": 4}`),
+    `scan_layers` (repeated layers through one
     `lax.scan`; default: on an accelerator, not on the CPU backend); `quantization` (vLLM's name): "int8" or
     "int4" serve weight-only int8 / int4 (group 128) linear layers and MoE experts, "gguf" keeps a
     GGUF file's Q4_0 / Q4_1 / Q8_0 blocks quantized, "fp8" W8A8 FP8 ones (per-channel
@@ -132,12 +136,14 @@ class LLM(PoolingMethods):
             if self.image_inputs is not None and jax.process_count() > 1:
                 raise ValueError("vision-language models are not supported on multi-host engines yet "
                                  "(the vision tower runs on the leader only)")
+            speculative = SpeculativeConfig.parse(engine_args.pop("speculative_config", None))
             self.engine = LLMEngine(
                 net,
                 self.tokenizer,
-                EngineConfig(**engine_args),
+                EngineConfig(**engine_args, speculative_config=speculative),
                 eos_token_ids=generation_eos_ids(model, net.config.eos_token_ids),
                 plan=plan,
+                draft_model=self._load_draft(speculative, dtype, net.config.vocab_size),
             )
             if enable_embeddings:
                 if plan is not None or jax.process_count() > 1:
@@ -148,6 +154,21 @@ class LLM(PoolingMethods):
         self._counter = 0
         self.is_leader = distributed.is_leader()
         self._leader = multihost.Leader(self.engine) if self.is_leader and jax.process_count() > 1 else None
+
+    def _load_draft(self, speculative: SpeculativeConfig | None, dtype: Any, vocab_size: int) -> Any:
+        """The draft checkpoint of a "draft_model" speculative config, checked to share our vocabulary."""
+        if speculative is None or speculative.method != "draft_model":
+            return None
+        if not Path(speculative.model).exists():
+            raise ValueError(f"draft model {speculative.model!r} does not exist")
+        draft = model_lib.from_pretrained(speculative.model, dtype=dtype)
+        check_draft_vocab(draft.config.vocab_size, vocab_size)
+        draft_tokenizer = load_tokenizer(speculative.model)
+        if draft_tokenizer is not None and self.tokenizer is not None:
+            if draft_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError("the draft model's tokenizer maps tokens differently from the target's; "
+                                 "a draft model must share the target's tokenizer")
+        return draft
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

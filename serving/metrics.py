@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serving.engine import LLMEngine
+from serving.spec_decode.stats import SpecDecodeStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 
@@ -38,6 +40,8 @@ class ServingMetrics:
             })
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, **labels).labels(model_name).set_function(read)
+        if engine.spec is not None:
+            self.registry.register(SpecDecodeCollector(engine.spec.stats, model_name))
 
     def request(self, num_prompt_tokens: int) -> "RequestTimer":
         self.prompt_tokens.inc(num_prompt_tokens)
@@ -68,3 +72,32 @@ class RequestTimer:
         self.metrics.e2e.observe(time.perf_counter() - self.start)
         for reason in reasons:
             self.metrics.finished.labels(self.metrics.model_name, reason or "abort").inc()
+
+
+class SpecDecodeCollector:
+    """Speculative decoding counters, read from the engine's stats when scraped (vLLM's names)."""
+
+    def __init__(self, stats: SpecDecodeStats, model_name: str):
+        self.stats, self.model_name = stats, model_name
+
+    def collect(self):
+        stats, labels = self.stats, [self.model_name]
+        counters = {
+            "num_drafts": ("Verified proposals (sequences with drafts, per step)", stats.num_drafts),
+            "num_draft_tokens": ("Draft tokens verified", stats.num_draft_tokens),
+            "num_accepted_tokens": ("Draft tokens accepted", stats.num_accepted_tokens),
+        }
+        for name, (doc, value) in counters.items():
+            family = CounterMetricFamily(f"jaxllm:spec_decode_{name}", doc, labels=["model_name"])
+            family.add_metric(labels, value)
+            yield family
+        per_pos = CounterMetricFamily("jaxllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted at each draft position", labels=["model_name", "position"])
+        for position, value in enumerate(stats.accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(position)], value)
+        yield per_pos
+        mean = GaugeMetricFamily("jaxllm:spec_decode_mean_acceptance_length",
+                                 "Tokens per verified proposal: accepted drafts plus the target's own",
+                                 labels=["model_name"])
+        mean.add_metric(labels, stats.mean_acceptance_length)
+        yield mean

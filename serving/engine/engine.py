@@ -44,6 +44,8 @@ from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
 from serving.structured.compiler import GrammarCompiler
 from serving.structured.step_masks import StepMasks
+from serving.spec_decode.build import speculative_step
+from serving.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,9 @@ class EngineConfig:
     # Vision-language models: image feature rows the encoder may compute per step, beside the token
     # budget (vLLM's name; None: max(max_num_batched_tokens, one image's rows)).
     max_num_encoder_input_tokens: int | None = None
+    # vLLM's speculative_config: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
+    # (serving/spec_decode/config.py); None decodes one token per step.
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
 
 @dataclass
@@ -146,7 +151,9 @@ class LLMEngine:
         *,
         eos_token_ids: tuple[int, ...] | None = None,
         plan: ShardingPlan | None = None,
+        draft_model: CausalLM | None = None,
     ):
+        """`draft_model`: the draft of a `speculative_config` with method "draft_model"."""
         self.model_config = model.config
         self.config = config = config or EngineConfig()
         use_compilation_cache(config.compilation_cache_dir)
@@ -200,6 +207,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
         self.masks = StepMasks(tokenizer, model.config.vocab_size, self.eos_token_ids)  # structured output
+        self.spec = speculative_step(self, config.speculative_config, draft_model)
         logger.info("KV cache: %d pages x %d tokens, %s (%.1f MiB)", num_pages, config.page_size, cache_dtype.name,
                     self.runner.kv_cache_bytes / 2**20)
         if should_warm_up(config.enforce_eager):
@@ -228,6 +236,8 @@ class LLMEngine:
         self.validate_prompt(prompt_ids)
         validate_request(params, self.config.limits, self.model_config.vocab_size)
         if params.structured_outputs is not None:
+            if self.spec is not None:
+                raise ValueError("structured output does not run with speculative decoding yet")
             self.grammar_compiler.compile(params.structured_outputs)
 
     @property
@@ -322,8 +332,12 @@ class LLMEngine:
         while step N still runs, its decode inputs taken on the device from N's samples; only
         then does the host wait for N's tokens. A sequence that N finishes (a stop token) was
         already scheduled in N+1: that extra token is dropped and its pages are freed. Requests
-        that fail in this call come back with `error` set.
+        that fail in this call come back with `error` set. With a `speculative_config` the step
+        is `SpeculativeStep.step` (serving/spec_decode/step.py): synchronous, several tokens per
+        sequence.
         """
+        if self.spec is not None:
+            return self.spec.step()
         failed: dict[str, RequestOutput] = {}
         scheduled = self.scheduler.schedule()
         self._write_joined_rows(failed)
@@ -443,17 +457,30 @@ class LLMEngine:
             if not completes:
                 continue  # a prefill chunk: no token yet
             seq.num_pending -= 1
-            request = self.requests.get(seq.request_id)
-            if seq.finished or request is None:
-                continue  # the extra token of a sequence that finished (or failed) meanwhile
-            try:
-                self._append_token(request, seq, tokens[i], sampled, i)
-                if not seq.finished:
-                    self.scheduler.register_full_pages(seq)
-                touched[request.request_id] = request
-            except Exception as e:  # noqa: BLE001 - fails this request only
-                touched.pop(request.request_id, None)
-                self._fail(request.request_id, "appending and detokenizing its token", e, failed)
+            self._take_tokens(seq, tokens[i : i + 1], sampled, i, touched, failed)
+        return self._outputs(touched, failed)
+
+    def _take_tokens(self, seq: Sequence, tokens: list[int], sampled: dict[str, np.ndarray], first_row: int,
+                     touched: dict[str, _Request], failed: dict[str, RequestOutput]) -> None:
+        """Append a sequence's new tokens (rows `first_row`, `first_row + 1`, ... of `sampled`) up to a stop."""
+        request = self.requests.get(seq.request_id)
+        if seq.finished or request is None:
+            return  # the extra token of a sequence that finished (or failed) meanwhile
+        try:
+            for row, token in enumerate(tokens, first_row):
+                self._append_token(request, seq, token, sampled, row)
+                if seq.finished:
+                    break
+            if not seq.finished:
+                self.scheduler.roll_back(seq)
+                self.scheduler.register_full_pages(seq)
+            touched[request.request_id] = request
+        except Exception as e:  # noqa: BLE001 - fails this request only
+            touched.pop(request.request_id, None)
+            self._fail(request.request_id, "appending and detokenizing its token", e, failed)
+
+    def _outputs(self, touched: dict[str, _Request], failed: dict[str, RequestOutput]) -> list[RequestOutput]:
+        """The outputs of the requests a step advanced; finished requests are retired."""
         outputs = []
         for request in touched.values():
             finished = request.finished

@@ -72,6 +72,9 @@ class InputBatch:
             num_known = max(0, min(item.num_new_tokens, seq.num_known_tokens - start))
             if num_known:
                 ids += seq.token_slice(start, start + num_known)
+            if seq.spec_tokens:  # drafts follow the known tokens (speculation: every token is on the host)
+                ids += seq.spec_tokens
+                num_known += len(seq.spec_tokens)
             starts.append(start)
             counts.append(item.num_new_tokens)
             known.append(num_known)

@@ -151,7 +151,11 @@ def choose_tokens(
         drawn = jax.vmap(jax.random.categorical)(sequence_keys(batch.seeds, batch.steps), scaled)
         return jnp.where(batch.temperature > 0, drawn, tokens).astype(jnp.int32)
 
-    tokens = _when(use_sampling, draw, greedy)
+    return with_logprobs(raw, _when(use_sampling, draw, greedy), num_logprobs)
+
+
+def with_logprobs(raw: jax.Array, tokens: jax.Array, num_logprobs: int | None) -> SampleOutput:
+    """`tokens` [S] with their log-probabilities under the raw logits [S, V] (None: skipped)."""
     if num_logprobs is None:
         return SampleOutput(tokens, None, None, None, None)
     raw_logprobs = jax.nn.log_softmax(raw, axis=-1)

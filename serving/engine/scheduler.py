@@ -45,7 +45,7 @@ class ScheduledSequence:
     @property
     def completes_sequence(self) -> bool:
         """After this step every token has KV, so the last token's logits give the next token."""
-        return self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed + self.num_new_tokens == self.seq.num_tokens + len(self.seq.spec_tokens)
 
 
 class Scheduler:
@@ -94,7 +94,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self._leave(seq)
         self.pool.release(seq.pages)
-        seq.pages, seq.page_keys, seq.num_computed = [], [], 0
+        seq.pages, seq.page_keys, seq.num_computed, seq.spec_tokens = [], [], 0, []
         seq.status = Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -125,7 +125,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if seq.at_token_limit:
                 continue  # its last token is on the way
-            num_new = self._fit_encoder(seq, min(seq.num_tokens - seq.num_computed, budget))
+            missing = seq.num_tokens - seq.num_computed
+            num_new = self._fit_encoder(seq, min(missing + len(seq.spec_tokens), budget))
+            del seq.spec_tokens[max(0, num_new - missing):]  # drafts beyond the budget are not verified
             if not num_new:
                 continue  # its next image waits for the next step's encoder budget
             needed = self._pages_needed(seq, num_new)  # 0 for most decode steps: nothing to allocate
@@ -171,6 +173,17 @@ class Scheduler:
         for item in scheduled:
             item.seq.num_computed += item.num_new_tokens
             self.register_full_pages(item.seq)
+
+    def roll_back(self, seq: Sequence) -> None:
+        """Drop the KV of tokens the sequence did not keep (rejected drafts): its progress, and the pages
+        past the one its next token goes to. A no-op without speculation."""
+        keep_tokens = seq.num_tokens - 1
+        if seq.num_computed <= keep_tokens:
+            return
+        seq.num_computed = keep_tokens
+        keep = -(-seq.num_tokens // self.pool.page_size)
+        self.pool.release(seq.pages[keep:])
+        del seq.pages[keep:]  # in place: `InputBatch` knows a slot's rows by this list
 
     def register_full_pages(self, seq: Sequence) -> None:
         """Name the pages whose tokens are all computed and known (read back from the device)."""

@@ -49,6 +49,7 @@ class Sequence:
     # The prompt's images (shared by the request's sequences; serving/multimodal/inputs.py).
     images: list[ImageItem] = field(default_factory=list)
     matcher: Any = None  # structured output: its xgrammar matcher, advanced by every token read
+    spec_tokens: list[int] = field(default_factory=list)  # drafts to verify after the known tokens (speculation)
 
     @property
     def tokens(self) -> list[int]:

@@ -31,6 +31,16 @@ RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # vLLM's switch for the l
 DEATH_GRACE_S = 2.0  # after the engine dies: seconds of 503s (in-flight errors, a health probe) before exiting
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="serve", description=__doc__)
     p.add_argument("model", nargs="?",
@@ -69,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enable-embeddings", action="store_true",
                    help="a generative model also serves /v1/embeddings (its last token's final hidden state, "
                         "normalised), through the same engine")
+    p.add_argument("--speculative-config", type=_json_object, metavar="JSON",
+                   help='speculative decoding as vLLM configures it, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' or \'{"method": "draft_model", '
+                        '"model": "path/to/draft", "num_speculative_tokens": 4}\'')
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     lora = p.add_argument_group("LoRA adapters", "serve PEFT LoRA adapters, each under its own model name, "
                                 "many in one batch")
@@ -192,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             allow_long_max_model_len=args.allow_long_max_model_len,
             limits=limits,
             compilation_cache_dir=args.compilation_cache_dir,
+            speculative_config=args.speculative_config,
             coordinator_address=args.coordinator_address,
             num_processes=args.num_processes,
             process_id=args.process_id,

@@ -1,0 +1,34 @@
+"""The interface every speculative method implements: draft tokens for the sequences about to decode."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import jax
+
+from serving.engine.sequence import Sequence
+
+
+@dataclass
+class Proposal:
+    """Drafts per sequence, and the distributions they were drawn from.
+
+    `probs` None: every draft is a point mass (it was chosen, not drawn: n-gram). Otherwise `probs`
+    [R, K, V] holds draft j's distribution of sequence `rows[seq]` at `probs[rows[seq], j]`.
+    """
+
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)
+    probs: jax.Array | None = None
+    rows: dict[Sequence, int] = field(default_factory=dict)
+
+
+class Proposer(ABC):
+    """One speculative method (n-gram, draft model; later EAGLE-3, MTP)."""
+
+    @abstractmethod
+    def propose(self, wanted: dict[Sequence, int]) -> Proposal:
+        """Up to `wanted[seq]` drafts to follow each sequence's known tokens (all read to the host)."""
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a sequence that left the running batch (finished, aborted or preempted)."""

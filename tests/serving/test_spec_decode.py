@@ -1,0 +1,159 @@
+"""Speculative decoding in the engine: greedy outputs token for token those of plain decoding for
+each method over mixed batches (penalties, stops, logprobs, chunked prefill, preemption), the sampled
+distribution unchanged, a copy of the target as draft accepting everything in fewer steps, streaming
+and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from scipy.stats import chi2_contingency
+
+from serving import LLM, RequestOutputKind, SamplingParams
+from tests.serving.helpers import prompts, token_prompts
+
+pytestmark = pytest.mark.xdist_group("spec_decode")
+
+TARGET = "qwen3-qknorm"
+# Few compiled shapes: token buckets 1-16, sequence buckets 1-4, one page-table width (8 pages of 8).
+SIZES = dict(max_model_len=64, page_size=8, max_num_batched_tokens=16, max_num_seqs=4)
+K = 3
+NGRAM = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+
+
+def repetitive_prompts() -> list[list[int]]:
+    """Prompts that repeat themselves (n-gram matches), one longer than the token budget (chunked)."""
+    return [p + p[:4] + p for p in prompts((3, 6, 9))] + [prompts((40,), seed=1)[0]]
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoint):
+    return tiny_checkpoint(TARGET)[0]
+
+
+@pytest.fixture(scope="module")
+def plain(folder):
+    return LLM(folder, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def speculative(folder):
+    """One LLM per method: n-gram with the fewest pages allowed (preemption), and a draft that is a copy
+    of the target (it drafts without penalties or top-k, so penalised and filtered requests still
+    see rejections)."""
+    return {
+        "ngram": LLM(folder, speculative_config=NGRAM, **{**SIZES, "num_pages": 8}),
+        "draft": LLM(folder, speculative_config={"method": "draft_model", "model": str(folder),
+                                                 "num_speculative_tokens": K}, **SIZES),
+    }
+
+
+def mixed_params(plain: LLM, prompt_ids: list[list[int]]) -> list[SamplingParams]:
+    """Greedy requests with penalties, logprobs, a stop token, a stop string and short max_tokens."""
+    free = plain.generate(token_prompts(prompt_ids[:2]), GREEDY)
+    stop_token = free[0].outputs[0].token_ids[5]
+    stop_text = free[1].outputs[0].text[6:8]
+    return [
+        dataclasses.replace(GREEDY, stop_token_ids=[stop_token], logprobs=2),
+        dataclasses.replace(GREEDY, stop=[stop_text], repetition_penalty=1.3, frequency_penalty=0.4),
+        dataclasses.replace(GREEDY, max_tokens=5, presence_penalty=0.5, logprobs=0),
+        GREEDY,
+    ]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_greedy_outputs_match_plain_decoding(plain, speculative, method):
+    llm = speculative[method]
+    prompt_ids = repetitive_prompts()
+    params = mixed_params(plain, prompt_ids)
+    expected = plain.generate(token_prompts(prompt_ids), params)
+    steps_before = llm.engine.spec.num_steps
+    got = llm.generate(token_prompts(prompt_ids), params)
+    for want, have in zip(expected, got):
+        w, h = want.outputs[0], have.outputs[0]
+        assert (h.token_ids, h.text, h.finish_reason, h.stop_reason) == (w.token_ids, w.text, w.finish_reason, w.stop_reason)
+        if w.logprobs is not None:
+            for a, b in zip(w.logprobs, h.logprobs):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose([x.logprob for x in b.values()], [x.logprob for x in a.values()], atol=1e-4)
+                assert [x.rank for x in b.values()] == [x.rank for x in a.values()]
+    stats = llm.engine.spec.stats
+    assert stats.num_draft_tokens > 0 and llm.engine.pool.all_free()
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both outcomes exercised
+    if method == "ngram":
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.spec.num_steps > steps_before
+
+
+def test_a_copy_of_the_target_accepts_everything_in_k_plus_1_fewer_steps(speculative):
+    llm = speculative["draft"]
+    spec, max_tokens = llm.engine.spec, 13
+    before = dataclasses.replace(spec.stats, accepted_per_pos=list(spec.stats.accepted_per_pos))
+    steps = spec.num_steps
+    out = llm.generate(token_prompts(prompts((6,), seed=5)), SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == max_tokens
+    # The prefill gives the first token; every later step verifies K drafts and adds one token of its own.
+    assert spec.num_steps - steps == 1 + math.ceil((max_tokens - 1) / (K + 1))
+    drafted = spec.stats.num_draft_tokens - before.num_draft_tokens
+    assert spec.stats.num_accepted_tokens - before.num_accepted_tokens == drafted == max_tokens - 1 - 3  # all
+
+
+def test_sampled_distribution_is_unchanged(plain, speculative):
+    """Two-sample chi-square on the second token (the first that drafts decide), spec vs plain."""
+    prompt = prompts((5,), seed=7)[0]
+    num = 400
+    params = [SamplingParams(temperature=0.8, top_k=6, max_tokens=2, ignore_eos=True, seed=s) for s in range(num)]
+    second = {}
+    for name, llm in (("plain", plain), ("spec", speculative["draft"])):
+        outputs = llm.generate(token_prompts([prompt] * num), params)
+        second[name] = np.array([o.outputs[0].token_ids[1] for o in outputs])
+    categories = np.unique(np.concatenate(list(second.values())))
+    table = np.array([[np.sum(s == c) for c in categories] for s in second.values()])
+    table = table[:, table.sum(0) >= 10]  # drop rare tokens (the test's expected counts stay >= 5)
+    assert table.shape[1] >= 3 and chi2_contingency(table).pvalue > 1e-3
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(speculative):
+    llm = speculative["ngram"]
+    prompt_ids = repetitive_prompts()
+    seeded = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=11)
+    alone = llm.generate(token_prompts(prompt_ids[:1]), seeded)[0].outputs[0].token_ids
+    mixed = llm.generate(token_prompts(prompt_ids), [seeded, GREEDY, GREEDY, seeded])[0].outputs[0].token_ids
+    assert alone == mixed
+
+
+def test_streamed_deltas_carry_several_tokens_per_step(speculative):
+    llm = speculative["draft"]
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    deltas = [o.outputs[0].token_ids for o in llm.stream({"prompt_token_ids": prompts((4,))[0]}, params)]
+    final = llm.generate(token_prompts(prompts((4,))), dataclasses.replace(params, output_kind=RequestOutputKind.CUMULATIVE))
+    assert sum(deltas, []) == final[0].outputs[0].token_ids and max(map(len, deltas)) == K + 1
+
+
+def test_metrics_use_vllm_names(speculative):
+    from serving.metrics import ServingMetrics
+
+    llm = speculative["draft"]
+    text = generate_latest(ServingMetrics(llm.engine, "tiny").registry).decode()
+    stats = llm.engine.spec.stats
+    assert f'jaxllm:spec_decode_num_drafts_total{{model_name="tiny"}} {float(stats.num_drafts)}' in text
+    assert f'jaxllm:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {float(stats.num_accepted_tokens)}' in text
+    assert 'jaxllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny",position="2"}' in text
+    assert "jaxllm:spec_decode_mean_acceptance_length" in text and "jaxllm:spec_decode_num_draft_tokens_total" in text
+
+
+def test_a_draft_with_another_vocabulary_is_refused(folder, tmp_path):
+    from tests.tiny_models import CASES_BY_NAME, build_checkpoint
+
+    other = CASES_BY_NAME["llama-gqa"]
+    case = dataclasses.replace(other, dims={**other.dims, "vocab_size": 96})
+    build_checkpoint(case, tmp_path)
+    with pytest.raises(ValueError, match=r"vocabulary size \(96\) differs from the target's \(128\)"):
+        LLM(folder, speculative_config={"method": "draft_model", "model": str(tmp_path), "num_speculative_tokens": 2}, **SIZES)
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(folder, speculative_config={"method": "draft_model", "model": str(tmp_path / "no"), "num_speculative_tokens": 2}, **SIZES)
