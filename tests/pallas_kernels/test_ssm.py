@@ -1,0 +1,111 @@
+"""The scan references (`pallas_kernels/ssm/reference.py`) against their own per-token recurrences.
+
+Rows mix a continued sequence (from a random initial state), packed fresh sequences and
+left/right padding; the step functions, run token by token per sequence, are the oracle.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import ssm
+
+# Row 0: continues its initial state, then a packed second sequence, then right padding.
+# Row 1: left padding, one sequence (which continues the row's state: padding is identity).
+# Row 2: three packed sequences, no padding.
+SEGMENTS = np.array(
+    [[1] * 6 + [2] * 5 + [0] * 2, [0] * 3 + [1] * 10, [1] * 4 + [2] * 1 + [3] * 8], np.int32
+)
+B, T = SEGMENTS.shape
+
+
+def _sequences(row: int) -> list[tuple[int, list[int]]]:
+    """(segment id, token indices) per sequence of the row, in order."""
+    ids = SEGMENTS[row]
+    out: list[tuple[int, list[int]]] = []
+    for t, s in enumerate(ids):
+        if s == 0:
+            continue
+        if not out or out[-1][0] != s:
+            out.append((int(s), []))
+        out[-1][1].append(t)
+    return out
+
+
+def _normal(key, shape, scale=1.0):
+    return scale * jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32)
+
+
+def test_run_ids():
+    runs = np.asarray(ssm.run_ids(jnp.asarray(SEGMENTS)))
+    np.testing.assert_array_equal(runs[0], [0] * 6 + [1] * 7)
+    np.testing.assert_array_equal(runs[1], [0] * 13)
+    np.testing.assert_array_equal(runs[2], [0] * 4 + [1] + [2] * 8)
+
+
+def test_causal_conv1d_matches_steps():
+    C, W = 5, 4
+    x, weight, bias = _normal(0, (B, T, C)), _normal(1, (C, W)), _normal(2, (C,))
+    tail = _normal(3, (B, W - 1, C))
+    out, new_tail = ssm.causal_conv1d(x, weight, bias, jnp.asarray(SEGMENTS), tail)
+    for row in range(B):
+        state = tail[row : row + 1]
+        for n, (_, tokens) in enumerate(_sequences(row)):
+            if n > 0:
+                state = jnp.zeros_like(state)
+            for t in tokens:
+                y, state = ssm.conv1d_step(x[row : row + 1, t], weight, bias, state)
+                np.testing.assert_allclose(out[row, t], y[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(new_tail[row], state[0], rtol=1e-6, atol=1e-6)
+
+
+def test_selective_scan_matches_steps():
+    D, N = 6, 4
+    x = _normal(0, (B, T, D))
+    dt = jax.nn.softplus(_normal(1, (B, T, D)))
+    A = -jnp.exp(_normal(2, (D, N), 0.5))
+    Bm, Cm = _normal(3, (B, T, N)), _normal(4, (B, T, N))
+    Dv, h0 = _normal(5, (D,)), _normal(6, (B, D, N))
+    y, h_end = ssm.selective_scan(x, dt, A, Bm, Cm, Dv, jnp.asarray(SEGMENTS), h0)
+    for row in range(B):
+        h = h0[row : row + 1]
+        for n, (_, tokens) in enumerate(_sequences(row)):
+            if n > 0:
+                h = jnp.zeros_like(h)
+            for t in tokens:
+                out, h = ssm.selective_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
+                                                  Cm[row : row + 1, t], Dv, h)
+                np.testing.assert_allclose(y[row, t], out[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(h_end[row], h[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_ssd_chunked_matches_steps(chunk):
+    H, P, G, N = 4, 3, 2, 5
+    x = _normal(0, (B, T, H, P))
+    dt = jax.nn.softplus(_normal(1, (B, T, H)))
+    A = -jnp.exp(_normal(2, (H,), 0.5))
+    Bm, Cm = _normal(3, (B, T, G, N)), _normal(4, (B, T, G, N))
+    Dv, h0 = _normal(5, (H,)), _normal(6, (B, H, P, N))
+    y, h_end = ssm.ssd_chunked(x, dt, A, Bm, Cm, Dv, jnp.asarray(SEGMENTS), chunk, h0)
+    for row in range(B):
+        h = h0[row : row + 1]
+        for n, (_, tokens) in enumerate(_sequences(row)):
+            if n > 0:
+                h = jnp.zeros_like(h)
+            for t in tokens:
+                out, h = ssm.ssd_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
+                                            Cm[row : row + 1, t], Dv, h)
+                np.testing.assert_allclose(y[row, t], out[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(h_end[row], h[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gated_rms_norm_groups():
+    x, gate, weight = _normal(0, (2, 8)), _normal(1, (2, 8)), _normal(2, (8,))
+    out = ssm.gated_rms_norm(x, gate, weight, group_size=4, eps=1e-5)
+    h = np.asarray(x * jax.nn.silu(gate)).reshape(2, 2, 4)
+    ref = h / np.sqrt((h**2).mean(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, ref.reshape(2, 8) * np.asarray(weight), rtol=1e-5, atol=1e-6)
