@@ -90,6 +90,8 @@ ARCHITECTURES: dict[str, str] = {
     "Grok1ModelForCausalLM": "model_lib.families.grok:GROK1",
     "Llama4ForCausalLM": "model_lib.families.llama4:LLAMA4",
     "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",
+    "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
+    "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
 }
 
 

@@ -8,6 +8,7 @@ from pallas_kernels.ssm.reference import (
     selective_scan,
     selective_state_step,
     ssd_chunked,
+    ssd_scan,
     ssd_state_step,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "selective_scan",
     "selective_state_step",
     "ssd_chunked",
+    "ssd_scan",
     "ssd_state_step",
 ]

@@ -5,15 +5,17 @@ hold several sequences (packed training rows) or one sequence continuing from a 
 (serving), described by `runs`:
 
 - `segment_ids [B, T]` int32: 0 = padding, equal ids = one sequence (as in `DenseBatch`).
-- A sequence *starts fresh* where its id differs from the previous token's (never at
-  t = 0: the first real tokens of a row continue from the row's initial state, which is
-  zero unless given). Padding tokens are identity steps: they neither read nor change
-  the state, so a right-padded row ends in the state of its last real token and a
-  left-padded one starts fresh at its first.
+- Each sequence is one *run* of the row (`run_ids`: run r is the row's r-th sequence);
+  padding sits only before the first run or after the last, and is an identity step: it
+  neither reads nor changes a state.
+- Run r starts from the initial states given for it (`[B, R, ...]`, one per run of the
+  first R; zeros where absent), so a flat serving batch is one row whose runs are its
+  sequences, each continuing from its slot's state; dense rows start every run from zero.
+- The states after each of the first R runs come back in the same layout.
 
-States per row: the conv tail `[B, W-1, C]` (the last W-1 inputs before the row, oldest
-first; W the kernel width) and the SSM state, `[B, D, N]` for Mamba and `[B, H, P, N]`
-for Mamba-2. The `*_step` functions are the per-token recurrences used for decode.
+States: the conv tail `[W-1, C]` (the last W-1 inputs before the run, oldest first; W the
+kernel width) and the SSM state, `[D, N]` for Mamba and `[H, P, N]` for Mamba-2. The
+`*_step` functions are the per-token recurrences used for decode.
 
 Glossary: B rows, T tokens, C conv channels, W conv width, D Mamba channels
 (intermediate size), N state size, H Mamba-2 heads, P head dim, G groups of B/C
@@ -44,47 +46,74 @@ def run_ids(segment_ids: jax.Array) -> jax.Array:
     return jnp.cumsum(run_starts(segment_ids).astype(jnp.int32), axis=1)
 
 
-def causal_conv1d(
-    x: jax.Array, weight: jax.Array, bias: jax.Array | None, segment_ids: jax.Array, tail: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Depthwise causal conv over time, per sequence: `x [B, T, C]`, `weight [C, W]` -> (`[B, T, C]`, new tail).
-
-    Token t sees inputs t-W+1..t of its own run (the tail `[B, W-1, C]` belongs to run
-    0); padding inputs count as zero. No activation. The new tail holds the last W-1
-    inputs of each row's last run (padding skipped), for the next chunk of that sequence.
-    """
-    B, T, C = x.shape
-    W = weight.shape[1]
+def _run_layout(segment_ids: jax.Array, num_runs: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(runs `[B, T]`, run start of each token `[B, T]`, first and last real token of each of
+    `num_runs` runs `[B, R]`; -1 where a run has no token)."""
     real = segment_ids != 0
-    x = jnp.where(real[..., None], x, 0).astype(jnp.float32)
-    if tail is None:
-        tail = jnp.zeros((B, W - 1, C), jnp.float32)
     runs = run_ids(segment_ids)
-    # Compact each row so that real tokens sit in order after the tail: padding then never
-    # sits inside a window (a left-padded row sees its tail, a packed row its own run).
-    order = jnp.argsort(jnp.where(real, 0, 1), axis=1, stable=True)  # real tokens first, in order
-    packed = jnp.take_along_axis(x, order[..., None], axis=1)
-    packed_runs = jnp.take_along_axis(jnp.where(real, runs, -1), order, axis=1)
-    ext = jnp.concatenate([tail.astype(jnp.float32), packed], axis=1)  # [B, W-1+T, C]
-    ext_runs = jnp.concatenate([jnp.zeros((B, W - 1), jnp.int32), packed_runs], axis=1)
-    out = jnp.zeros((B, T, C), jnp.float32)
-    for k in range(W):  # output t (packed) reads ext[t + k], weight column k
-        same = (ext_runs[:, k : k + T] == packed_runs)[..., None]
-        out = out + jnp.where(same, ext[:, k : k + T], 0) * weight[:, k].astype(jnp.float32)
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    mine = real[..., None] & (runs[..., None] == jnp.arange(num_runs)[None, None, :])  # [B, T, R]
+    first = jnp.min(jnp.where(mine, index[None, :, None], segment_ids.shape[1]), axis=1)
+    first = jnp.where(first == segment_ids.shape[1], -1, first)
+    last = jnp.max(jnp.where(mine, index[None, :, None], -1), axis=1)
+    begins = real & (run_starts(segment_ids) | (jnp.cumsum(real, axis=1) == 1))
+    token_start = jax.lax.cummax(jnp.where(begins, index, -1), axis=1)
+    return runs, token_start, first, last
+
+
+def _per_token(per_run: jax.Array, runs: jax.Array) -> jax.Array:
+    """`[B, R, ...]` -> `[B, T, ...]`: each token's run's entry (zeros past the R given)."""
+    num_runs = per_run.shape[1]
+    index = jnp.minimum(runs, num_runs - 1).reshape(runs.shape + (1,) * (per_run.ndim - 2))
+    picked = jnp.take_along_axis(per_run, index, axis=1)
+    return jnp.where((runs < num_runs).reshape(index.shape), picked, 0.0)
+
+
+def causal_conv1d(
+    x: jax.Array, weight: jax.Array, bias: jax.Array | None, segment_ids: jax.Array, tails: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Depthwise causal conv over time, per run: `x [B, T, C]`, `weight [C, W]` -> (`[B, T, C]`, new tails).
+
+    Token t sees inputs t-W+1..t of its own run, preceded by the run's tail (`tails
+    [B, R, W-1, C]`, zeros by default); padding inputs count as zero. No activation. The
+    new tails `[B, R, W-1, C]` hold each run's last W-1 inputs (its old tail if it has no token).
+    """
+    b, T, C = x.shape
+    W = weight.shape[1]
+    f32 = jnp.float32
+    real = segment_ids != 0
+    x = jnp.where(real[..., None], x, 0).astype(f32)
+    if tails is None:
+        tails = jnp.zeros((b, 1, W - 1, C), f32)
+    tails = tails.astype(f32)
+    runs, token_start, first, last = _run_layout(segment_ids, tails.shape[1])
+    index = jnp.arange(T, dtype=jnp.int32)
+    offset = index[None, :] - token_start  # position of each token in its run
+    token_tails = _per_token(tails, runs)  # [B, T, W-1, C]
+
+    def tap(lag: jax.Array, offset: jax.Array, source_x: jax.Array, source_tail: jax.Array) -> jax.Array:
+        """The input `lag` steps before a token at `offset` in its run: from x or from its run's tail."""
+        in_tail = lag > offset
+        from_tail = jnp.take_along_axis(
+            source_tail, jnp.clip(W - 1 - (lag - offset), 0, W - 2)[..., None, None], axis=2
+        )[:, :, 0] if W > 1 else jnp.zeros_like(source_x)
+        return jnp.where(in_tail[..., None], from_tail, source_x)
+
+    out = jnp.zeros((b, T, C), f32)
+    for lag in range(W):  # x[t - lag] meets weight column W-1-lag
+        shifted = jnp.pad(x, [(0, 0), (lag, 0), (0, 0)])[:, :T]
+        out = out + tap(jnp.int32(lag), offset, shifted, token_tails) * weight[:, W - 1 - lag].astype(f32)
     if bias is not None:
-        out = out + bias.astype(jnp.float32)
-    # Back to the row's token order (padding rows get whatever; callers mask them).
-    inverse = jnp.argsort(order, axis=1)
-    out = jnp.take_along_axis(out, inverse[..., None], axis=1)
-    # Tail: the last W-1 entries of ext up to the last real token, within its run.
-    count = jnp.sum(real, axis=1)  # real tokens in the row
-    last_run = jnp.max(jnp.where(real, runs, 0), axis=1)
-    window = count[:, None] + jnp.arange(W - 1)[None, :]  # ext indices of the new tail
-    new_tail = jnp.take_along_axis(ext, window[..., None], axis=1)
-    # Inputs of earlier runs are not history of the last one (the row's tail is run 0).
-    keep = jnp.take_along_axis(ext_runs, window, axis=1) == last_run[:, None]
-    new_tail = jnp.where(keep[..., None], new_tail, 0.0)
-    return out, new_tail
+        out = out + bias.astype(f32)
+    # New tails: entries -(W-1)..-1 counted from one past each run's last token.
+    length = jnp.where(last >= 0, last - first + 1, 0)  # [B, R]
+    new = []
+    for lag in range(W - 1, 0, -1):
+        at = jnp.clip(first + length - lag, 0, T - 1)  # token index, when inside the run
+        from_x = jnp.take_along_axis(x, at[..., None], axis=1)  # [B, R, C]
+        new.append(tap(jnp.int32(lag), length, from_x, tails))
+    new_tails = jnp.stack(new, axis=2) if new else tails
+    return out, new_tails
 
 
 def conv1d_step(
@@ -107,6 +136,34 @@ def _identity_on_padding(dt: jax.Array, x: jax.Array, segment_ids: jax.Array) ->
     return mask(dt), mask(x)
 
 
+def _segmented_scan(
+    decay: jax.Array, inputs: jax.Array, segment_ids: jax.Array, initial: jax.Array | None
+) -> tuple[jax.Array, jax.Array | None]:
+    """h_t = decay_t * h_{t-1} + inputs_t along T, each run from its initial state (`[B, R, ...]`).
+
+    An associative scan. Returns the state after every token `[B, T, ...]` and after each
+    of the R runs with an initial state (None without).
+    """
+    starts = run_starts(segment_ids).reshape(segment_ids.shape + (1,) * (decay.ndim - 2))
+    if initial is not None:
+        runs, token_start, first, last = _run_layout(segment_ids, initial.shape[1])
+        index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+        begins = (index[None, :] == token_start).reshape(starts.shape)
+        inputs = inputs + jnp.where(begins, decay * _per_token(initial.astype(inputs.dtype), runs), 0.0)
+        starts = begins
+    decay = jnp.where(starts, 0.0, decay)
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+
+    _, states = jax.lax.associative_scan(combine, (decay, inputs), axis=1)
+    if initial is None:
+        return states, None
+    at = jnp.maximum(last, 0).reshape(last.shape + (1,) * (states.ndim - 2))
+    finals = jnp.take_along_axis(states, at, axis=1)
+    return states, jnp.where((last >= 0).reshape(at.shape), finals, initial.astype(states.dtype))
+
+
 def selective_scan(
     x: jax.Array,
     dt: jax.Array,
@@ -115,28 +172,45 @@ def selective_scan(
     C: jax.Array,
     D: jax.Array,
     segment_ids: jax.Array,
-    state: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+    initial: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
     """Mamba's selective scan: `x, dt [B, T, D]` (dt after softplus), `A [D, N]`, `B, C [B, T, N]`, `D [D]`.
 
-    h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t (h reset to 0 where a sequence starts fresh),
-    y_t = C_t . h_t + D x_t. An associative scan over T (float32). Returns (`y [B, T, D]`,
-    the state after each row's last real token `[B, D, N]`).
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t . h_t + D x_t, per run from `initial
+    [B, R, D, N]` (zeros by default); an associative scan over T in float32. Returns (`y [B, T, D]`,
+    the states after each of the R runs, None without `initial`).
     """
     f32 = jnp.float32
     dt, x = _identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
     decay = jnp.exp(dt[..., None] * A.astype(f32))  # [B, T, D, N]
-    decay = jnp.where(run_starts(segment_ids)[..., None, None], 0.0, decay)
     inputs = (dt * x)[..., None] * B.astype(f32)[:, :, None, :]  # [B, T, D, N]
-    if state is not None:
-        inputs = inputs.at[:, 0].add(decay[:, 0] * state.astype(f32))
-
-    def combine(left, right):
-        return left[0] * right[0], right[0] * left[1] + right[1]
-
-    _, states = jax.lax.associative_scan(combine, (decay, inputs), axis=1)
+    states, finals = _segmented_scan(decay, inputs, segment_ids, initial)
     y = jnp.einsum("btdn,btn->btd", states, C.astype(f32)) + x * D.astype(f32)
-    return y, states[:, -1]
+    return y, finals
+
+
+def ssd_scan(
+    x: jax.Array,
+    dt: jax.Array,
+    A: jax.Array,
+    B: jax.Array,
+    C: jax.Array,
+    D: jax.Array,
+    segment_ids: jax.Array,
+    initial: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Mamba-2's recurrence as an associative scan (the ragged serving path), arguments as in
+    `ssd_chunked`, with per-run `initial [B, R, H, P, N]`; returns (`y`, the R runs' final states)."""
+    f32 = jnp.float32
+    dt, x = _identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
+    heads_per_group = x.shape[2] // B.shape[2]
+    Bh = jnp.repeat(B.astype(f32), heads_per_group, axis=2)  # [B, T, H, N]
+    Ch = jnp.repeat(C.astype(f32), heads_per_group, axis=2)
+    decay = jnp.exp(dt * A.astype(f32))[..., None, None]  # [B, T, H, 1, 1]
+    inputs = (dt[..., None] * x)[..., None] * Bh[:, :, :, None, :]  # [B, T, H, P, N]
+    states, finals = _segmented_scan(jnp.broadcast_to(decay, inputs.shape), inputs, segment_ids, initial)
+    y = jnp.einsum("bthpn,bthn->bthp", states, Ch) + x * D.astype(f32)[:, None]
+    return y, finals
 
 
 def selective_state_step(

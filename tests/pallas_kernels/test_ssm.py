@@ -1,7 +1,8 @@
 """The scan references (`pallas_kernels/ssm/reference.py`) against their own per-token recurrences.
 
-Rows mix a continued sequence (from a random initial state), packed fresh sequences and
-left/right padding; the step functions, run token by token per sequence, are the oracle.
+Rows mix packed sequences and left/right padding; the first R = 2 runs of each row continue
+from random initial states, later ones start fresh. The step functions, run token by token
+per sequence, are the oracle.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ SEGMENTS = np.array(
     [[1] * 6 + [2] * 5 + [0] * 2, [0] * 3 + [1] * 10, [1] * 4 + [2] * 1 + [3] * 8], np.int32
 )
 B, T = SEGMENTS.shape
+R = 2  # runs with an initial state
+
+
+def _start(initial, row: int, run: int):
+    """The oracle's state entering run `run` of `row` (`[1, ...]`)."""
+    return initial[row, run][None] if run < initial.shape[1] else jnp.zeros_like(initial[row, 0][None])
 
 
 def _sequences(row: int) -> list[tuple[int, list[int]]]:
@@ -33,6 +40,12 @@ def _sequences(row: int) -> list[tuple[int, list[int]]]:
             out.append((int(s), []))
         out[-1][1].append(t)
     return out
+
+
+# The oracles, compiled once each (eager dispatch per token dominates otherwise).
+conv1d_step = jax.jit(ssm.conv1d_step)
+selective_state_step = jax.jit(ssm.selective_state_step)
+ssd_state_step = jax.jit(ssm.ssd_state_step)
 
 
 def _normal(key, shape, scale=1.0):
@@ -49,17 +62,16 @@ def test_run_ids():
 def test_causal_conv1d_matches_steps():
     C, W = 5, 4
     x, weight, bias = _normal(0, (B, T, C)), _normal(1, (C, W)), _normal(2, (C,))
-    tail = _normal(3, (B, W - 1, C))
-    out, new_tail = ssm.causal_conv1d(x, weight, bias, jnp.asarray(SEGMENTS), tail)
+    tails = _normal(3, (B, R, W - 1, C))
+    out, new_tails = ssm.causal_conv1d(x, weight, bias, jnp.asarray(SEGMENTS), tails)
     for row in range(B):
-        state = tail[row : row + 1]
-        for n, (_, tokens) in enumerate(_sequences(row)):
-            if n > 0:
-                state = jnp.zeros_like(state)
+        for run, (_, tokens) in enumerate(_sequences(row)):
+            state = _start(tails, row, run)
             for t in tokens:
-                y, state = ssm.conv1d_step(x[row : row + 1, t], weight, bias, state)
+                y, state = conv1d_step(x[row : row + 1, t], weight, bias, state)
                 np.testing.assert_allclose(out[row, t], y[0], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(new_tail[row], state[0], rtol=1e-6, atol=1e-6)
+            if run < R:
+                np.testing.assert_allclose(new_tails[row, run], state[0], rtol=1e-6, atol=1e-6)
 
 
 def test_selective_scan_matches_steps():
@@ -68,39 +80,48 @@ def test_selective_scan_matches_steps():
     dt = jax.nn.softplus(_normal(1, (B, T, D)))
     A = -jnp.exp(_normal(2, (D, N), 0.5))
     Bm, Cm = _normal(3, (B, T, N)), _normal(4, (B, T, N))
-    Dv, h0 = _normal(5, (D,)), _normal(6, (B, D, N))
-    y, h_end = ssm.selective_scan(x, dt, A, Bm, Cm, Dv, jnp.asarray(SEGMENTS), h0)
+    Dv, h0 = _normal(5, (D,)), _normal(6, (B, R, D, N))
+    y, finals = ssm.selective_scan(x, dt, A, Bm, Cm, Dv, jnp.asarray(SEGMENTS), h0)
     for row in range(B):
-        h = h0[row : row + 1]
-        for n, (_, tokens) in enumerate(_sequences(row)):
-            if n > 0:
-                h = jnp.zeros_like(h)
+        for run, (_, tokens) in enumerate(_sequences(row)):
+            h = _start(h0, row, run)
             for t in tokens:
-                out, h = ssm.selective_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
+                out, h = selective_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
                                                   Cm[row : row + 1, t], Dv, h)
                 np.testing.assert_allclose(y[row, t], out[0], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(h_end[row], h[0], rtol=1e-4, atol=1e-4)
+            if run < R:
+                np.testing.assert_allclose(finals[row, run], h[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 16])
-def test_ssd_chunked_matches_steps(chunk):
+# chunk None: the associative `ssd_scan` (serving); else `ssd_chunked` with that chunk length (only
+# run 0 continues a state there: R = 1).
+@pytest.mark.parametrize("chunk", [None, 1, 4, 16])
+def test_ssd_matches_steps(chunk):
     H, P, G, N = 4, 3, 2, 5
     x = _normal(0, (B, T, H, P))
     dt = jax.nn.softplus(_normal(1, (B, T, H)))
     A = -jnp.exp(_normal(2, (H,), 0.5))
     Bm, Cm = _normal(3, (B, T, G, N)), _normal(4, (B, T, G, N))
-    Dv, h0 = _normal(5, (H,)), _normal(6, (B, H, P, N))
-    y, h_end = ssm.ssd_chunked(x, dt, A, Bm, Cm, Dv, jnp.asarray(SEGMENTS), chunk, h0)
+    Dv = _normal(5, (H,))
+    segments = jnp.asarray(SEGMENTS)
+    if chunk is None:
+        h0 = _normal(6, (B, R, H, P, N))
+        y, finals = ssm.ssd_scan(x, dt, A, Bm, Cm, Dv, segments, h0)
+    else:
+        h0 = _normal(6, (B, 1, H, P, N))
+        y, last = ssm.ssd_chunked(x, dt, A, Bm, Cm, Dv, segments, chunk, h0[:, 0])
     for row in range(B):
-        h = h0[row : row + 1]
-        for n, (_, tokens) in enumerate(_sequences(row)):
-            if n > 0:
-                h = jnp.zeros_like(h)
+        sequences = _sequences(row)
+        for run, (_, tokens) in enumerate(sequences):
+            h = _start(h0, row, run)
             for t in tokens:
-                out, h = ssm.ssd_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
+                out, h = ssd_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
                                             Cm[row : row + 1, t], Dv, h)
                 np.testing.assert_allclose(y[row, t], out[0], rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(h_end[row], h[0], rtol=1e-4, atol=1e-4)
+            if chunk is None and run < R:
+                np.testing.assert_allclose(finals[row, run], h[0], rtol=1e-4, atol=1e-4)
+            if chunk is not None and run == len(sequences) - 1:
+                np.testing.assert_allclose(last[row], h[0], rtol=1e-4, atol=1e-4)
 
 
 def test_gated_rms_norm_groups():
