@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from model_lib.cache_spec import CacheSpec, PagedKV, RecurrentState
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 MAX_MTP_LAYERS = 16  # a bound on `num_mtp_layers` read from a config (DeepSeek-V3 has 1)
@@ -383,6 +385,20 @@ class ModelConfig:
     def layer_cache_kv_heads(self, layer: int) -> int:
         """KV heads this layer keeps in the paged cache: 0 for layers without attention."""
         return self.layer_kv_heads(layer) if self.layer_attention_kind(layer) == "attention" else 0
+
+    def layer_cache_spec(self, layer: int) -> CacheSpec | None:
+        """The serving state this layer keeps (`model_lib/cache_spec.py`); None for none."""
+        if self.is_ssm_layer(layer):
+            return RecurrentState(self.ssm_state_shapes(layer))
+        kv_heads = self.layer_cache_kv_heads(layer)
+        return PagedKV(kv_heads, self.head_dim) if kv_heads else None
+
+    def ssm_state_shapes(self, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-sequence (conv tail `[W-1, C]`, SSM state) of a state-space layer: `[D, N]` (Mamba), `[H, P, N]` (Mamba-2)."""
+        D, N, W = self.ssm_intermediate_size, self.ssm_state_size, self.ssm_conv_kernel
+        if self.layer_attention_kind(layer) == "mamba":
+            return (W - 1, D), (D, N)
+        return (W - 1, D + 2 * self.ssm_num_groups * N), (self.ssm_num_heads, self.ssm_head_dim, N)
 
     def hf_config_dict(self) -> dict[str, Any]:
         return json.loads(self.hf_config_json)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model_lib.cache_spec import PoolSizes
 from model_lib.config import ModelConfig
 from model_lib.layers import MLP, Attention, DenseBatch, Embed, KVCache, Linear, PagedBatch, make_norm
 from model_lib.layers.mla import MLAttention
@@ -24,7 +25,6 @@ from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
 from model_lib.layers.moe import MoE
 from model_lib.layers.ssm import make_mixer
-from pallas_kernels.paged_attention.kv_quant import empty_pages
 
 Batch = DenseBatch | PagedBatch
 
@@ -254,29 +254,25 @@ class CausalLM(nnx.Module):
         page_size: int,
         dtype: jnp.dtype,
         sharding_fn: Callable[[tuple, tuple], jax.sharding.Sharding] | None = None,
+        num_slots: int = 1,
     ) -> list:
-        """Zeroed paged KV caches in the layout `forward` expects; the serving engine treats them as opaque.
+        """Zeroed serving caches in the layout `forward` expects; the serving engine treats them as opaque.
 
-        One entry per entry of `model.layers`: a layer's `(k, v)` pages `[K, P, page_size, D]`
-        (None for a layer without a KV cache), or for a `LayerScan` segment a tuple over its
-        block's layers of pages stacked `[K, repeats, P, page_size, D]`. An int8 / float8
-        `dtype` makes each pool a `QuantizedPages` (values and float32 scales: the values' shape
-        without the last axis; `pallas_kernels/paged_attention/kv_quant.py`). `sharding_fn(logical
-        axes, shape)` places each array (kv heads split like the attention weights).
+        One entry per entry of `model.layers`: the pool its layer's cache spec allocates
+        (`model_lib/cache_spec.py`; a paged layer's `(k, v)` pages `[K, P, page_size, D]`, None for a
+        layer without state), or for a `LayerScan` segment a tuple over its block's layers of pools
+        stacked `repeats` deep. An int8 / float8 `dtype` makes each KV pool a `QuantizedPages`
+        (`pallas_kernels/paged_attention/kv_quant.py`). `num_slots` rows are allocated for per-sequence
+        (recurrent) state. `sharding_fn(logical axes, shape)` places each array.
         """
-        config = self.config
+        sizes = PoolSizes(num_pages, page_size, num_slots)
 
-        def pages(layer: int, repeats: int | None) -> KVCache | None:
-            kv_heads = config.layer_cache_kv_heads(layer)
-            if not kv_heads:
-                return None
-            shape, axes = (kv_heads, num_pages, page_size, config.head_dim), ("kv_heads", None, None, None)
-            if repeats is not None:
-                shape, axes = (kv_heads, repeats, *shape[1:]), ("kv_heads", None, *axes[1:])
-            return empty_pages(shape, axes, dtype, sharding_fn), empty_pages(shape, axes, dtype, sharding_fn)
+        def pools(layer: int, repeats: int | None):
+            spec = self.config.layer_cache_spec(layer)
+            return None if spec is None else spec.allocate(sizes, dtype, sharding_fn, repeats)
 
         return [
-            pages(start, None) if repeats == 1 else tuple(pages(start + j, repeats) for j in range(period))
+            pools(start, None) if repeats == 1 else tuple(pools(start + j, repeats) for j in range(period))
             for start, period, repeats in segment_layers(self)
         ]
 

@@ -58,6 +58,9 @@ class PagedBatch:
     seq_lens: jax.Array  # [T] int32: KV length of each token's sequence after this step
     meta: PagedMetadata  # sequences' token offsets, KV lengths and page tables
     layer: jax.Array | None = None  # [] int32: layer of stacked `[K, L, P, B, D]` pools; None: one-layer pools
+    # [S] int32: each sequence's engine slot, its row in per-sequence (recurrent) state pools; padding rows
+    # name a scratch row. None outside the engine.
+    slots: jax.Array | None = None
 
 
 def attend(

@@ -73,10 +73,36 @@ class _Mixer(nnx.Module):
     def __call__(
         self, x: jax.Array, batch: DenseBatch | PagedBatch, cache: SSMState | None = None
     ) -> tuple[jax.Array, SSMState | None]:
-        """The block's sublayer call: dense rows carry no state in or out."""
+        """The block's sublayer call: dense rows carry no state; a paged batch reads and writes its slots' states."""
         if isinstance(batch, DenseBatch):
             return self.mix(x, batch.segment_ids)[0], cache
-        raise NotImplementedError("serving state-space layers from a paged batch needs the recurrent cache spec")
+        return self.serve(x, batch, cache)
+
+    def serve(self, x: jax.Array, batch: PagedBatch, cache: SSMState) -> tuple[jax.Array, SSMState]:
+        """A flat ragged step `x [T, E]`: one row whose runs are the step's sequences.
+
+        `cache` holds the pools `[num_slots, ...]` (`[L, num_slots, ...]` in a scanned stack, row
+        `batch.layer`); sequence s reads and writes row `batch.slots[s]`. A sequence whose chunk
+        starts at position 0 (new, or recomputed after preemption) starts from zeros, whatever
+        its row holds. Padding sequences name the scratch row and leave their state there.
+        """
+        if batch.slots is None:
+            raise ValueError("a state-space layer serves only batches that name each sequence's slot (PagedBatch.slots)")
+        meta = batch.meta
+        cu = meta.cu_q_lens
+        tokens = jnp.arange(x.shape[0], dtype=jnp.int32)
+        owner = jnp.searchsorted(cu, tokens, side="right").astype(jnp.int32) - 1  # [T] each token's sequence
+        segment_ids = jnp.where(tokens < cu[-1], owner + 1, 0)[None]
+        fresh = (meta.kv_lens - (cu[1:] - cu[:-1])) == 0  # [S]
+        index = (batch.slots,) if batch.layer is None else (batch.layer, batch.slots)
+
+        def read(pool: jax.Array) -> jax.Array:
+            rows = pool[index]
+            return jnp.where(fresh.reshape((-1,) + (1,) * (rows.ndim - 1)), 0.0, rows)[None]
+
+        out, states = self.mix(x[None], segment_ids, tuple(read(pool) for pool in cache))
+        cache = tuple(pool.at[index].set(state[0].astype(pool.dtype)) for pool, state in zip(cache, states))
+        return out[0], cache
 
     def convolve(self, xbc: jax.Array, segment_ids: jax.Array, tail: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """Conv, activation, and zeros on padding (float32)."""
@@ -110,11 +136,6 @@ class MambaMixer(_Mixer):
         y, h = ssm.selective_scan(xs, dt, self.A(), B, C, self.D[...], segment_ids, h)
         y = y * jax.nn.silu(z.astype(jnp.float32))
         return self.out_proj(y.astype(x.dtype)), (tail, h)
-
-    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-sequence shapes of (conv tail, SSM state)."""
-        D = self.D.shape[0]
-        return (self.conv_kernel - 1, D), (D, self.state_size)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -161,10 +182,6 @@ class Mamba2Mixer(_Mixer):
         y, h = ssm.ssd_chunked(*args, self.chunk_size) if h is None else ssm.ssd_scan(*args, h)
         y = self.norm(y.reshape(b, t, D), z)
         return self.out_proj(y.astype(x.dtype)), (tail, h)
-
-    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-sequence shapes of (conv tail, SSM state)."""
-        return (self.conv_kernel - 1, self.conv1d.weight.shape[0]), (self.heads, self.head_dim, self.state_size)
 
 
 def make_mixer(config: ModelConfig, layer: int, *, rngs: nnx.Rngs) -> MambaMixer | Mamba2Mixer:

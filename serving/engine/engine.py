@@ -23,9 +23,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from model_lib import CausalLM
+from model_lib import CausalLM, cache_spec
+from model_lib.cache_spec import cache_specs
 from model_lib.sharding import ShardingPlan
-from pallas_kernels.paged_attention.kv_quant import bytes_per_token, resolve_kv_cache_dtype
+from pallas_kernels.paged_attention.kv_quant import resolve_kv_cache_dtype
 from serving.engine import multihost
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
@@ -91,7 +92,8 @@ class _InFlight:
     sampled: SampleOutput
 
 
-def _default_num_pages(config: EngineConfig, page_bytes: int, max_pages_per_seq: int) -> int:
+def _default_num_pages(config: EngineConfig, page_bytes: int, fixed_bytes: int, max_pages_per_seq: int) -> int:
+    """Pages that fit the memory budget once the per-slot (recurrent) pools of `fixed_bytes` are taken."""
     wanted = config.max_num_seqs * max_pages_per_seq
     device = jax.local_devices()[0]
     stats = device.memory_stats() if device.platform == "gpu" else None
@@ -99,7 +101,7 @@ def _default_num_pages(config: EngineConfig, page_bytes: int, max_pages_per_seq:
         budget = int(stats["bytes_limit"] * config.gpu_memory_utilization) - stats.get("bytes_in_use", 0)
     else:
         budget = 1 << 30
-    num_pages = max(min(wanted, budget // page_bytes), max_pages_per_seq)
+    num_pages = max(min(wanted, (budget - fixed_bytes) // page_bytes), max_pages_per_seq)
     # Every process of a multi-host engine allocates the same cache: the one that fits them all.
     return multihost.smallest(num_pages) if jax.process_count() > 1 else num_pages
 
@@ -141,15 +143,20 @@ class LLMEngine:
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         mc = model.config
         cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, mc.dtype)
-        kv_heads = sum(mc.layer_cache_kv_heads(i) for i in range(mc.num_layers))  # over layers with a KV cache
-        page_bytes = max(2 * kv_heads * config.page_size * bytes_per_token(mc.head_dim, cache_dtype), 1)
-        num_pages = config.num_pages or _default_num_pages(config, page_bytes, max_pages_per_seq)
+        specs = cache_specs(mc)
+        page_bytes = max(cache_spec.page_bytes(specs, config.page_size, cache_dtype), 1)
+        fixed_bytes = cache_spec.fixed_bytes(specs, config.max_num_seqs + 1)
+        num_pages = config.num_pages or _default_num_pages(config, page_bytes, fixed_bytes, max_pages_per_seq)
         if num_pages < max_pages_per_seq:
             raise ValueError(
                 f"{num_pages} KV pages of {config.page_size} tokens cannot hold one sequence of "
                 f"max_model_len={self.max_model_len}; lower max_model_len or add pages"
             )
-        self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=config.enable_prefix_caching)
+        prefix_caching = config.enable_prefix_caching and cache_spec.prefix_cacheable(specs)
+        if config.enable_prefix_caching and not prefix_caching:
+            logger.info("prefix caching is off: %s keeps per-sequence state that KV pages cannot restore",
+                        mc.architecture)
+        self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=prefix_caching)
         self.scheduler = Scheduler(
             self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
         )

@@ -102,4 +102,5 @@ class InputBatch:
         rows[:num_seqs] = slots_a
         page_tables = self.page_tables[rows, :page_pad]  # a copy: the next step may rewrite the rows
         meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, np.int32(num_seqs))
-        return StepInputs(input_ids, feed, PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta), logits_indices)
+        batch = PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta, slots=rows)
+        return StepInputs(input_ids, feed, batch, logits_indices)

@@ -111,7 +111,7 @@ class ModelRunner:
         self.params, treedef = jax.tree.flatten(self.state)
         sharding_fn = plan.sharding if plan is not None else None
         self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(kv_cache_dtype or config.dtype),
-                                              sharding_fn)
+                                              sharding_fn, num_slots=max_num_seqs + 1)
         self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
         self.params, shardings = place_serving_step(plan, self.params, self.kv_caches, num_host_inputs=5)
         self._step = jax.jit(partial(_step, self.graphdef, treedef, plan), donate_argnums=(1,), **shardings)
@@ -131,11 +131,13 @@ class ModelRunner:
 
     @staticmethod
     def empty_inputs(shape: tuple[int, int, int]) -> StepInputs:
-        """All-padding inputs of `shape` (no sequence): what warm-up runs to compile a shape."""
+        """All-padding inputs of `shape` (no sequence): what warm-up runs to compile a shape. Its rows name
+        slot 0, which is harmless: a sequence's state is read only after its own first step wrote it."""
         token_pad, seq_pad, page_pad = shape
         meta = PagedMetadata(np.zeros(seq_pad + 1, np.int32), np.zeros(seq_pad, np.int32),
                              np.zeros((seq_pad, page_pad), np.int32), np.int32(0))
-        batch = PagedBatch(positions=np.zeros(token_pad, np.int32), seq_lens=np.zeros(token_pad, np.int32), meta=meta)
+        batch = PagedBatch(positions=np.zeros(token_pad, np.int32), seq_lens=np.zeros(token_pad, np.int32), meta=meta,
+                           slots=np.zeros(seq_pad, np.int32))
         return StepInputs(np.zeros(token_pad, np.int32), np.full(token_pad, -1, np.int32), batch,
                           np.zeros(seq_pad, np.int32))
 

@@ -19,7 +19,8 @@ def expected(scheduled: list[ScheduledSequence], shape: tuple[int, int, int]) ->
     out = dict(input_ids=np.zeros(token_pad, np.int32), feed=np.full(token_pad, -1, np.int32),
                positions=np.zeros(token_pad, np.int32), seq_lens=np.zeros(token_pad, np.int32),
                cu_q_lens=np.zeros(seq_pad + 1, np.int32), kv_lens=np.zeros(seq_pad, np.int32),
-               page_tables=np.zeros((seq_pad, page_pad), np.int32), logits_indices=np.zeros(seq_pad, np.int32))
+               page_tables=np.zeros((seq_pad, page_pad), np.int32), logits_indices=np.zeros(seq_pad, np.int32),
+               slots=np.full(seq_pad, MAX_SEQS, np.int32))  # padding rows name the scratch slot
     offset = 0
     for i, item in enumerate(scheduled):
         seq, start = item.seq, item.seq.num_computed
@@ -36,6 +37,7 @@ def expected(scheduled: list[ScheduledSequence], shape: tuple[int, int, int]) ->
         out["kv_lens"][i] = start + item.num_new_tokens
         out["page_tables"][i, : len(seq.pages)] = seq.pages
         out["logits_indices"][i] = offset - 1
+        out["slots"][i] = seq.slot
     return out
 
 
@@ -43,7 +45,7 @@ def built(inputs) -> dict[str, np.ndarray]:
     meta = inputs.batch.meta
     return dict(input_ids=inputs.input_ids, feed=inputs.feed, positions=inputs.batch.positions,
                 seq_lens=inputs.batch.seq_lens, cu_q_lens=meta.cu_q_lens, kv_lens=meta.kv_lens,
-                page_tables=meta.page_tables, logits_indices=inputs.logits_indices)
+                page_tables=meta.page_tables, logits_indices=inputs.logits_indices, slots=inputs.batch.slots)
 
 
 def sequence(seq_id: int, prompt_len: int, outputs: int, pending: int, computed: int, slot: int, pages: list[int]):
