@@ -31,6 +31,7 @@ from model_lib.layers.activations import activation
 from model_lib.layers.attention import DenseBatch, PagedBatch
 from model_lib.layers.linear import Linear
 from pallas_kernels import ssm
+from pallas_kernels.paged_attention.reference import token_layout
 
 SSMState = tuple[jax.Array, jax.Array]  # (conv tails [B, R, W-1, C], SSM states [B, R, D, N] or [B, R, H, P, N])
 
@@ -89,11 +90,9 @@ class _Mixer(nnx.Module):
         if batch.slots is None:
             raise ValueError("a state-space layer serves only batches that name each sequence's slot (PagedBatch.slots)")
         meta = batch.meta
-        cu = meta.cu_q_lens
-        tokens = jnp.arange(x.shape[0], dtype=jnp.int32)
-        owner = jnp.searchsorted(cu, tokens, side="right").astype(jnp.int32) - 1  # [T] each token's sequence
-        segment_ids = jnp.where(tokens < cu[-1], owner + 1, 0)[None]
-        fresh = (meta.kv_lens - (cu[1:] - cu[:-1])) == 0  # [S]
+        owner, _, real = token_layout(meta, x.shape[0])  # [T] each token's sequence
+        segment_ids = jnp.where(real, owner + 1, 0)[None]
+        fresh = (meta.kv_lens - (meta.cu_q_lens[1:] - meta.cu_q_lens[:-1])) == 0  # [S]
         index = (batch.slots,) if batch.layer is None else (batch.layer, batch.slots)
 
         def read(pool: jax.Array) -> jax.Array:
