@@ -92,6 +92,7 @@ ARCHITECTURES: dict[str, str] = {
     "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
     "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
+    "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",
 }
 
 

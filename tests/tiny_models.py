@@ -502,6 +502,17 @@ CASES = [
     TinyCase("mamba-tied", "MambaConfig", dims=MAMBA_DIMS),
     # Untied head, no conv bias.
     TinyCase("mamba2-groups-chunked", "Mamba2Config", dims=MAMBA2_DIMS, overrides=dict(use_conv_bias=False)),
+    # Granite 4.0: Mamba-2 (4 heads of 32 in 2 groups, chunks of 5), attention (GQA, NoPE) and Mamba-2 again;
+    # MoE (4 experts, top-2) beside a shared MLP in every layer; Granite multipliers.
+    TinyCase(
+        "granitemoehybrid-nope",
+        "GraniteMoeHybridConfig",
+        dict(num_hidden_layers=3, num_key_value_heads=2, num_local_experts=4, **MOE, shared_intermediate_size=48,
+             layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
+             mamba_d_head=32, mamba_chunk_size=5, position_embedding_type="nope", **GRANITE_MULTIPLIERS,
+             **SMALL_TOKENS),
+        noise=ROUTER_NOISE,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -557,6 +568,7 @@ ONE_PER_ARCHITECTURE = [
     "arctic-residual-moe",
     "mamba-tied",
     "mamba2-groups-chunked",
+    "granitemoehybrid-nope",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",

@@ -63,20 +63,26 @@ def mamba_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(**_ssm_fields(hf, architecture, "mamba", "mamba", int(hf.intermediate_size)))
 
 
+def dt_limit(limit: Any) -> tuple[float, float]:
+    """A config's `time_step_limit` (None: unclamped)."""
+    low, high = limit if limit is not None else (0.0, float("inf"))
+    return float(low), float(high)
+
+
 def mamba2_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     fields = _ssm_fields(hf, architecture, "mamba2", "mamba2", int(hf.expand * hf.hidden_size))
-    low, high = hf.time_step_limit
     return ModelConfig(
         **fields,
         ssm_num_heads=hf.num_heads,
         ssm_head_dim=hf.head_dim,
         ssm_num_groups=hf.n_groups,
         ssm_chunk_size=hf.chunk_size,
-        ssm_dt_limit=(float(low), float(high)),
+        ssm_dt_limit=dt_limit(hf.time_step_limit),
     )
 
 
-MIXER_MODULES = ("mixer", *(f"mixer.{m}" for m in ("in_proj", "conv1d", "x_proj", "dt_proj", "norm", "out_proj")))
+MIXER_PARTS = ("in_proj", "conv1d", "x_proj", "dt_proj", "norm", "out_proj")
+MIXER_MODULES = ("mixer", *(f"mixer.{m}" for m in MIXER_PARTS))
 BACKBONE = WeightMap(
     renames=module_renames(
         {"backbone.embeddings": "model.embed_tokens", "backbone.embedding": "model.embed_tokens", "backbone.norm_f": "model.norm"},

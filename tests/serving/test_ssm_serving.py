@@ -1,6 +1,6 @@
 """Mamba and Mamba-2 through `LLM.generate` under scheduling pressure: mixed prefill/decode batches,
 prefill chunks continuing from a slot's state, and preemption (recompute from token 0), unrolled and
-with the layer stack scanned (recurrent pools stacked `[L, slots, ...]`)."""
+with the layer stack scanned (recurrent pools stacked `[L, slots, ...]`), and beside attention layers."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from tests.serving.helpers import prompts, token_prompts
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-# Mamba unrolled (the CPU default), Mamba-2 scanned (the accelerator default); test_generate_parity
-# runs both unrolled without pressure.
-@pytest.mark.parametrize("case, scan_layers", [("mamba-tied", False), ("mamba2-groups-chunked", True)])
+# Mamba unrolled (the CPU default), Mamba-2 scanned (the accelerator default), GraniteMoeHybrid with
+# paged KV and recurrent pools side by side; test_generate_parity runs each unrolled without pressure.
+@pytest.mark.parametrize(
+    "case, scan_layers", [("mamba-tied", False), ("mamba2-groups-chunked", True), ("granitemoehybrid-nope", False)]
+)
 def test_greedy_under_pressure_matches_transformers(case, scan_layers, tiny_checkpoint):
     folder, hf_model = tiny_checkpoint(case)
     prompt_ids = prompts((3, 9, 17, 26), seed=7)
