@@ -127,7 +127,8 @@ def conv1d_step(
     return out, window[:, 1:]
 
 
-def _identity_on_padding(dt: jax.Array, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def identity_on_padding(dt: jax.Array, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """dt and x zeroed on padding tokens: exp(0 * A) = 1 and no input, an identity step."""
     real = segment_ids != 0
 
     def mask(a: jax.Array) -> jax.Array:
@@ -181,7 +182,7 @@ def selective_scan(
     the states after each of the R runs, None without `initial`).
     """
     f32 = jnp.float32
-    dt, x = _identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
+    dt, x = identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
     decay = jnp.exp(dt[..., None] * A.astype(f32))  # [B, T, D, N]
     inputs = (dt * x)[..., None] * B.astype(f32)[:, :, None, :]  # [B, T, D, N]
     states, finals = _segmented_scan(decay, inputs, segment_ids, initial)
@@ -202,7 +203,7 @@ def ssd_scan(
     """Mamba-2's recurrence as an associative scan (the ragged serving path), arguments as in
     `ssd_chunked`, with per-run `initial [B, R, H, P, N]`; returns (`y`, the R runs' final states)."""
     f32 = jnp.float32
-    dt, x = _identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
+    dt, x = identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
     heads_per_group = x.shape[2] // B.shape[2]
     Bh = jnp.repeat(B.astype(f32), heads_per_group, axis=2)  # [B, T, H, N]
     Ch = jnp.repeat(C.astype(f32), heads_per_group, axis=2)
@@ -246,7 +247,7 @@ def ssd_chunked(
     f32 = jnp.float32
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    dt, x = _identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
+    dt, x = identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
     runs = run_ids(segment_ids)
     pad = (-T) % chunk
     if pad:  # padding tokens are identity steps in the last run
