@@ -85,22 +85,28 @@ class _Mixer(nnx.Module):
         `cache` holds the pools `[num_slots, ...]` (`[L, num_slots, ...]` in a scanned stack, row
         `batch.layer`); sequence s reads and writes row `batch.slots[s]`. A sequence whose chunk
         starts at position 0 (new, or recomputed after preemption) starts from zeros, whatever
-        its row holds. Padding sequences name the scratch row and leave their state there.
+        its row holds. Sequences without a token this step (padding rows, which name the scratch
+        row) leave their rows as they were.
         """
         if batch.slots is None:
             raise ValueError("a state-space layer serves only batches that name each sequence's slot (PagedBatch.slots)")
         meta = batch.meta
         owner, _, real = token_layout(meta, x.shape[0])  # [T] each token's sequence
         segment_ids = jnp.where(real, owner + 1, 0)[None]
-        fresh = (meta.kv_lens - (meta.cu_q_lens[1:] - meta.cu_q_lens[:-1])) == 0  # [S]
+        q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+        fresh, stepped = meta.kv_lens == q_lens, q_lens > 0  # [S]
         index = (batch.slots,) if batch.layer is None else (batch.layer, batch.slots)
+        rows = tuple(pool[index] for pool in cache)
 
-        def read(pool: jax.Array) -> jax.Array:
-            rows = pool[index]
-            return jnp.where(fresh.reshape((-1,) + (1,) * (rows.ndim - 1)), 0.0, rows)[None]
+        def per_seq(flags: jax.Array, array: jax.Array) -> jax.Array:
+            return flags.reshape((-1,) + (1,) * (array.ndim - 1))
 
-        out, states = self.mix(x[None], segment_ids, tuple(read(pool) for pool in cache))
-        cache = tuple(pool.at[index].set(state[0].astype(pool.dtype)) for pool, state in zip(cache, states))
+        out, states = self.mix(x[None], segment_ids, tuple(jnp.where(per_seq(fresh, r), 0.0, r)[None] for r in rows))
+        # Sequences without a token this step (padding, warm-up) write their rows back unchanged.
+        cache = tuple(
+            pool.at[index].set(jnp.where(per_seq(stepped, old), state[0], old).astype(pool.dtype))
+            for pool, old, state in zip(cache, rows, states)
+        )
         return out[0], cache
 
     def convolve(self, xbc: jax.Array, segment_ids: jax.Array, tail: jax.Array | None) -> tuple[jax.Array, jax.Array]:
