@@ -12,13 +12,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_lib.cache_spec import CacheSpec, LatentKV, PagedKV
+from model_lib.cache_spec import CacheSpec, LatentKV, PagedKV, RecurrentState
 from model_lib.vision.config import MultiModalConfig
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 MAX_MTP_LAYERS = 16  # a bound on `num_mtp_layers` read from a config (DeepSeek-V3 has 1)
 CHUNKED_ATTENTION = "chunked_attention"  # Llama 4: keys in the query's own chunk of `attention_chunk_size` positions
+SSM_KINDS = ("mamba", "mamba2")  # `layer_attention` kinds that hold a recurrent state instead of a KV cache
+MAX_SSM_CONV_KERNEL = 16  # bounds on the state-space fields read from a config
+MAX_SSM_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -147,12 +150,34 @@ class ModelConfig:
     # Heterogeneous stacks (DeciLM / Nemotron-NAS): per-layer overrides, one entry per
     # layer; an empty tuple means every layer uses the global field. Attention kinds:
     # "attention", "linear" (one hidden->hidden projection `self_attn.linear_attn`, no
-    # rotary, no KV cache), "none" (no attention and no input_layernorm); MLP kinds:
+    # rotary, no KV cache), "none" (no attention and no input_layernorm), "mamba" / "mamba2"
+    # (a state-space `mixer` behind input_layernorm, see below); MLP kinds:
     # "mlp", "linear" (`mlp.linear_mlp`), "none" (no MLP and no post_attention_layernorm).
     layer_num_kv_heads: tuple[int, ...] = ()
     layer_intermediate_sizes: tuple[int, ...] = ()
     layer_attention: tuple[str, ...] = ()
     layer_mlp: tuple[str, ...] = ()
+    # State-space mixers (`model_lib/layers/ssm.py`) on layers whose `layer_attention` kind is
+    # "mamba" (Mamba's selective scan, per channel `A [D, N]`) or "mamba2" (Mamba-2's SSD: one
+    # decay per head, `ssm_num_heads` heads of `ssm_head_dim`, B/C shared by `ssm_num_groups`
+    # groups). D = `ssm_intermediate_size` channels (HF: expand * hidden), N = `ssm_state_size`,
+    # a depthwise causal conv of width `ssm_conv_kernel` (activation `ssm_activation`) before the
+    # scan; Mamba's dt goes through a rank-`ssm_time_step_rank` projection; Mamba-2's is clamped
+    # to `ssm_dt_limit` in its chunked form (chunks of `ssm_chunk_size`) and gated-RMS-normed
+    # (groups of D / `ssm_num_groups`, eps `norm_eps`) before `out_proj`.
+    ssm_state_size: int = 0
+    ssm_intermediate_size: int = 0
+    ssm_conv_kernel: int = 4
+    ssm_conv_bias: bool = True
+    ssm_bias: bool = False  # in_proj / out_proj biases
+    ssm_activation: str = "silu"
+    ssm_time_step_rank: int = 0
+    ssm_num_heads: int = 0
+    ssm_head_dim: int = 0
+    ssm_num_groups: int = 1
+    ssm_chunk_size: int = 256
+    ssm_dt_limit: tuple[float, float] = (0.0, float("inf"))
+
     # Mixture of experts (`model_lib/layers/moe.py`): layers whose `moe_layers` entry is
     # True replace the MLP by `num_experts` gated experts of width `moe_intermediate_size`,
     # `num_experts_per_tok` of them per token. Router kinds: "softmax" (softmax, top-k,
@@ -264,7 +289,7 @@ class ModelConfig:
             if values and len(values) != self.num_layers:
                 raise ValueError(f"{name} has {len(values)} entries for {self.num_layers} layers")
         for name, values, allowed in (
-            ("layer_attention", self.layer_attention, ("attention", "linear", "none")),
+            ("layer_attention", self.layer_attention, ("attention", "linear", "none", *SSM_KINDS)),
             ("layer_mlp", self.layer_mlp, ("mlp", "linear", "none")),
         ):
             if not set(values) <= set(allowed):
@@ -277,6 +302,7 @@ class ModelConfig:
         ):
             raise ValueError("linear or absent sublayers need sequential blocks with pre norms")
 
+        self._check_ssm()
         if self.moe_layers and len(self.moe_layers) != self.num_layers:
             raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
         if any(self.moe_layers) and not 0 < self.num_experts_per_tok <= self.num_experts:
@@ -290,6 +316,33 @@ class ModelConfig:
             )
         if not 0 <= self.num_mtp_layers <= MAX_MTP_LAYERS:
             raise ValueError(f"num_mtp_layers ({self.num_mtp_layers}) must be in [0, {MAX_MTP_LAYERS}]")
+
+    def _check_ssm(self) -> None:
+        kinds = set(self.layer_attention) & set(SSM_KINDS)
+        if not kinds:
+            return
+        if not (0 < self.ssm_state_size and 0 < self.ssm_intermediate_size and 1 <= self.ssm_conv_kernel <= MAX_SSM_CONV_KERNEL):
+            raise ValueError(
+                f"state-space layers need ssm_state_size > 0, ssm_intermediate_size > 0 and 1 <= ssm_conv_kernel <= "
+                f"{MAX_SSM_CONV_KERNEL} (got {self.ssm_state_size}, {self.ssm_intermediate_size}, {self.ssm_conv_kernel})"
+            )
+        if "mamba" in kinds and self.ssm_time_step_rank < 1:
+            raise ValueError(f"Mamba layers need ssm_time_step_rank >= 1, got {self.ssm_time_step_rank}")
+        if "mamba2" in kinds:
+            heads, groups = self.ssm_num_heads, self.ssm_num_groups
+            if heads < 1 or groups < 1 or heads % groups or heads * self.ssm_head_dim != self.ssm_intermediate_size:
+                raise ValueError(
+                    f"Mamba-2 layers need ssm_num_heads ({heads}) a multiple of ssm_num_groups ({groups}) and "
+                    f"ssm_num_heads * ssm_head_dim ({self.ssm_head_dim}) == ssm_intermediate_size ({self.ssm_intermediate_size})"
+                )
+            if not 1 <= self.ssm_chunk_size <= MAX_SSM_CHUNK:
+                raise ValueError(f"ssm_chunk_size must be in [1, {MAX_SSM_CHUNK}], got {self.ssm_chunk_size}")
+            low, high = self.ssm_dt_limit
+            if not 0.0 <= low <= high:
+                raise ValueError(f"ssm_dt_limit must satisfy 0 <= low <= high, got {self.ssm_dt_limit}")
+
+    def is_ssm_layer(self, layer: int) -> bool:
+        return self.layer_attention_kind(layer) in SSM_KINDS
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
@@ -325,7 +378,7 @@ class ModelConfig:
         return self.layer_intermediate_sizes[layer] if self.layer_intermediate_sizes else self.intermediate_size
 
     def layer_attention_kind(self, layer: int) -> str:
-        """One of "attention", "linear", "none" (see `layer_attention`)."""
+        """One of "attention", "linear", "none", "mamba", "mamba2" (see `layer_attention`)."""
         return self.layer_attention[layer] if self.layer_attention else "attention"
 
     def layer_mlp_kind(self, layer: int) -> str:
@@ -338,10 +391,19 @@ class ModelConfig:
 
     def layer_cache_spec(self, layer: int) -> CacheSpec | None:
         """The serving state this layer keeps (`model_lib/cache_spec.py`); None for none."""
+        if self.is_ssm_layer(layer):
+            return RecurrentState(self.ssm_state_shapes(layer))
         kv_heads = self.layer_cache_kv_heads(layer)
         if kv_heads and self.attention_kind == "mla":  # one latent page for all heads (`layers/mla.py`)
             return LatentKV(self.kv_lora_rank + self.qk_rope_head_dim)
         return PagedKV(kv_heads, self.head_dim) if kv_heads else None
+
+    def ssm_state_shapes(self, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-sequence (conv tail `[W-1, C]`, SSM state) of a state-space layer: `[D, N]` (Mamba), `[H, P, N]` (Mamba-2)."""
+        D, N, W = self.ssm_intermediate_size, self.ssm_state_size, self.ssm_conv_kernel
+        if self.layer_attention_kind(layer) == "mamba":
+            return (W - 1, D), (D, N)
+        return (W - 1, D + 2 * self.ssm_num_groups * N), (self.ssm_num_heads, self.ssm_head_dim, N)
 
     def hf_config_dict(self) -> dict[str, Any]:
         return json.loads(self.hf_config_json)

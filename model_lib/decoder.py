@@ -25,6 +25,7 @@ from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
 from model_lib.layers.moe import MoE
 from model_lib.vision.merge import MergedEmbeddings
+from model_lib.layers.ssm import make_mixer
 
 Batch = DenseBatch | PagedBatch
 
@@ -52,7 +53,8 @@ class DecoderLayer(nnx.Module):
     sublayer may be a single linear projection or absent (`layer_attention`,
     `layer_mlp`); an absent sublayer takes its norm with it and passes x through.
     Arctic's MoE layers (`moe_residual_mlp_size`) run the MoE on the block input beside a
-    dense `residual_mlp` on the post-attention stream (see `ModelConfig`).
+    dense `residual_mlp` on the post-attention stream (see `ModelConfig`). State-space layers
+    (Mamba, Mamba-2) hold a `mixer` where others hold `self_attn`, in `pre` blocks.
     """
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
@@ -66,6 +68,7 @@ class DecoderLayer(nnx.Module):
             if attention == "attention"
             else LinearAttention(config, rngs=rngs) if attention == "linear" else None
         )
+        self.mixer = make_mixer(config, layer, rngs=rngs) if config.is_ssm_layer(layer) else None
         if mlp == "mlp":
             self.mlp = MoE(config, rngs=rngs) if config.is_moe_layer(layer) else MLP(config, layer, rngs=rngs)
         else:
@@ -104,8 +107,9 @@ class DecoderLayer(nnx.Module):
             moe_out = self.mlp(self.post_attention_layernorm(x))
             return h + scale * (self.residual_mlp(self.residual_layernorm(h)) + moe_out), kv_cache
         if self.block_norms == "pre":
-            if self.self_attn is not None:
-                attn_out, kv_cache = self.self_attn(self.input_layernorm(x), batch, kv_cache)
+            mixer = self.self_attn if self.self_attn is not None else self.mixer
+            if mixer is not None:
+                attn_out, kv_cache = mixer(self.input_layernorm(x), batch, kv_cache)
                 x = x + scale * attn_out
             if self.mlp is not None:
                 x = x + scale * self.mlp(self.post_attention_layernorm(x))

@@ -136,6 +136,8 @@ class ShardingPlan:
     def check_heads(self, config: Any) -> None:
         """Refuse a mesh that would split a head of `config` (a `ModelConfig`), naming the valid sizes."""
         kv = sorted({config.layer_cache_kv_heads(i) for i in range(config.num_layers)} - {0})
+        if not kv:  # no attention layer (Mamba): no head to split
+            return
         q_size, kv_size = self.axis_size("q_heads"), self.axis_size("kv_heads")
         if head_split_ok(config.num_heads, q_size, replicable=False) and all(
             head_split_ok(k, kv_size, replicable=True) for k in kv

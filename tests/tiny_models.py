@@ -78,6 +78,9 @@ GRANITE_MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, at
 ROUTER_NOISE = {r".*\.(gate|router(\.layer)?)\.weight": 0.5}
 # DeepSeek MoE: 8 experts of width 32 (2 per token), one shared expert, the first layer dense.
 DEEPSEEK_MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1)
+# State-space models: no attention heads or MLP; Mamba-2 in 2 groups of 4 heads, chunks of 5 (SEQ_LEN spans 3).
+MAMBA_DIMS = dict(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+MAMBA2_DIMS = dict(MAMBA_DIMS, num_heads=8, head_dim=16, n_groups=2, chunk_size=5)
 DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0)
 # Llama 4: layer 2 NoPE (full attention, temperature tuning within SEQ_LEN), layers 0-1 rotary with
 # chunks of 4 positions and q/k L2 norm; layers 1 and 2 MoE (4 experts, sigmoid top-1 scaling the input).
@@ -507,6 +510,21 @@ CASES = [
              v_head_dim=16, n_group=2, topk_group=1, norm_topk_prob=False, rope_interleave=False, attention_bias=True),
         noise={**ROUTER_NOISE, r".*\.e_score_correction_bias": 0.3},
     ),
+    # Tied head, dt rank ceil(64 / 16) = 4, conv bias.
+    TinyCase("mamba-tied", "MambaConfig", dims=MAMBA_DIMS),
+    # Untied head, no conv bias.
+    TinyCase("mamba2-groups-chunked", "Mamba2Config", dims=MAMBA2_DIMS, overrides=dict(use_conv_bias=False)),
+    # Granite 4.0: Mamba-2 (4 heads of 32 in 2 groups, chunks of 5), attention (GQA, NoPE) and Mamba-2 again;
+    # MoE (4 experts, top-2) beside a shared MLP in every layer; Granite multipliers.
+    TinyCase(
+        "granitemoehybrid-nope",
+        "GraniteMoeHybridConfig",
+        dict(num_hidden_layers=3, num_key_value_heads=2, num_local_experts=4, **MOE, shared_intermediate_size=48,
+             layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8,
+             mamba_d_head=32, mamba_chunk_size=5, position_embedding_type="nope", **GRANITE_MULTIPLIERS,
+             **SMALL_TOKENS),
+        noise=ROUTER_NOISE,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -560,6 +578,9 @@ ONE_PER_ARCHITECTURE = [
     "llama4-chunked-nope-moe",  # also stands for Llama4ForConditionalGeneration: the same text model
     "grok1-softcap-moe",
     "arctic-residual-moe",
+    "mamba-tied",
+    "mamba2-groups-chunked",
+    "granitemoehybrid-nope",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 
 from model_lib import CausalLM
+from model_lib.cache_spec import cache_specs, prefix_cacheable
 from serving.spec_decode.config import SpeculativeConfig
 from serving.spec_decode.draft_model import DraftModelProposer
 from serving.spec_decode.ngram import NgramProposer
@@ -36,6 +37,9 @@ def speculative_step(engine: LLMEngine, value: SpeculativeConfig | dict | str | 
         raise ValueError("speculative decoding does not run with LoRA adapters (enable_lora) yet")
     if engine.images is not None:
         raise ValueError("speculative decoding does not run on vision-language models yet")
+    if not prefix_cacheable(cache_specs(engine.model_config)):
+        raise ValueError(f"speculative decoding cannot roll back the recurrent state of {engine.model_config.architecture} "
+                         "(rejected drafts would stay in it)")
     if config.method == "ngram":
         return SpeculativeStep(engine, config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
     if draft_model is None:

@@ -89,6 +89,8 @@ NO_GROUND_TRUTH: dict[str, set[str]] = {
     "PhiForCausalLM": {"head_dim"},
     # A read-only property of the config class.
     "FalconForCausalLM": {"head_dim"},
+    "MambaForCausalLM": {"layer_types"},
+    "Mamba2ForCausalLM": {"layer_types"},
     # Rotary of partial width built, but applied to the whole head: shapes clash.
     "Gemma3ForCausalLM": {"partial_rotary_factor"},
     "GptOssForCausalLM": {"partial_rotary_factor"},

@@ -307,6 +307,27 @@ def test_block_matmul_kernel_compiles(qtype, rows):
         assert all(report.wgmma for report in reports)
 
 
+# Mamba's selective scan (rows, tokens, channels, state): 130m training rows, 2.8b long prefill.
+SCAN_SHAPES = {"mamba-130m-train": (8, 2048, 1536, 16), "mamba-2.8b-prefill": (1, 8192, 5120, 16)}
+
+
+@pytest.mark.parametrize("shape", sorted(SCAN_SHAPES))
+def test_selective_scan_kernel_compiles(shape):
+    """The sequential-in-time scan kernel, and the dense Mamba forward reaching it through `ops`."""
+    from pallas_kernels.ssm import ops as ssm_ops
+    from pallas_kernels.ssm import triton_kernel as scan_kernel
+
+    rows, length, channels, state = SCAN_SHAPES[shape]
+    f32 = jnp.float32
+    tokens, per_token = (rows, length, channels), (rows, length, state)
+    args = (S(tokens, BF16), S(tokens, f32), S((channels, state), f32), S(per_token, BF16), S(per_token, BF16),
+            S((channels,), f32))
+    assert_compiles(gpu_lowering.lower_for_h100(jax.jit(scan_kernel.selective_scan), *args, S((rows, length), f32)),
+                    ("selective_scan",))
+    dispatched = jax.jit(lambda *a: ssm_ops.selective_scan(*a)[0])
+    assert_compiles(gpu_lowering.lower_for_h100(dispatched, *args, S((rows, length), jnp.int32)), ("selective_scan",))
+
+
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
 def test_mosaic_grouped_matmul_lowers(shape):
     """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its

@@ -42,6 +42,10 @@ def _randomise_b(model, seed=0):
         # of MoE models, which our per-expert stacks do not take: no MLP names here.)
         ("deepseek_v2-greedy-qlora", ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"], False),
         ("deepseek_v3-noaux-yarn", ["q_b_proj", "kv_a_proj_with_mqa", "o_proj"], True),
+        # State-space mixers (PEFT's Mamba targets), and Granite 4.0's mixers beside its attention.
+        # PEFT refuses out_proj and conv1d on Mamba, and transformers reads dt_proj.weight past its adapter.
+        ("mamba-tied", ["in_proj", "x_proj"], False),
+        ("granitemoehybrid-nope", ["in_proj", "out_proj", "q_proj", "v_proj"], False),
     ],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):

@@ -74,10 +74,10 @@ def _launch(folder, data, out, *extra: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", [BASE, "mixtral-moe", "llama4-chunked-nope-moe"])
+@pytest.mark.parametrize("case", [BASE, "mixtral-moe", "llama4-chunked-nope-moe", "granitemoehybrid-nope"])
 def test_lora_with_the_train_launcher_learns_the_task(case, reverse_task, tiny_checkpoint, tmp_path):
     """Dense and mixture-of-experts bases (all-linear: Mixtral adapts its attention projections, Llama 4 also its
-    dense and shared-expert MLPs)."""
+    dense and shared-expert MLPs, GraniteMoeHybrid its Mamba-2 mixers' projections too)."""
     _, data, held_out = reverse_task
     folder, _ = tiny_checkpoint(case)
     base = model_lib.from_pretrained(folder)
@@ -153,6 +153,7 @@ def test_interrupt_and_resume_reproduce_the_loss_curve(reverse_task, tmp_path):
 
 
 def test_packing_and_masking_do_not_change_the_loss(tiny_checkpoint):
+    """(State-space models: tests/model_lib/test_ssm_models.py checks that packed rows give each sequence's logits.)"""
     folder, _ = tiny_checkpoint(BASE)
     model = model_lib.from_pretrained(folder)
     tokenizer = build_tokenizer()

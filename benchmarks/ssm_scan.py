@@ -1,0 +1,72 @@
+"""State-space scans: time and memory of each implementation at one dense shape, in one process.
+
+Mamba (`selective_scan`): the associative-scan reference against, on a GPU, the Pallas kernel
+(`pallas_kernels/ssm/triton_kernel.py`, sequential in time). Mamba-2: the chunked SSD against the
+associative `ssd_scan` (the ragged serving path). Each is jitted and timed after a warm-up;
+"temp MB" is XLA's temporary buffer size from the compiled memory analysis (what the
+associative scans spend on `[T, state]` intermediates). On the CPU the kernel row is skipped.
+
+    python -m benchmarks.ssm_scan [--rows 1 --tokens 512 --repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.ssm import ops, reference
+
+# Mamba-130m's mixer (D = 1536, N = 16) and Mamba-2-130m's (24 heads of 64, N = 128, one group).
+MAMBA = dict(channels=1536, state=16)
+MAMBA2 = dict(heads=24, head_dim=64, groups=1, state=128)
+
+
+def _timed(fn, *args, repeats: int) -> tuple[float, float]:
+    compiled = jax.jit(fn).lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    temp_mb = (analysis.temp_size_in_bytes if analysis is not None else 0) / 2**20
+    jax.block_until_ready(compiled(*args))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(compiled(*args))
+    return (time.perf_counter() - start) / repeats * 1e3, temp_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    b, t = args.rows, args.tokens
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+    segments = jnp.ones((b, t), jnp.int32)
+    print(f"backend {jax.default_backend()}, jax {jax.__version__}, rows {b}, tokens {t}")
+
+    d, n = MAMBA["channels"], MAMBA["state"]
+    mamba = (normal(b, t, d), jax.nn.softplus(normal(b, t, d)), -jnp.exp(normal(d, n)), normal(b, t, n),
+             normal(b, t, n), normal(d))
+    rows = [("mamba selective scan: reference (associative)",
+             lambda *a: reference.selective_scan(*a, segments)[0], mamba)]
+    if jax.default_backend() == "gpu":
+        rows.append(("mamba selective scan: Pallas kernel",
+                     lambda *a: ops.selective_scan(*a, segments, implementation="kernel")[0], mamba))
+    h, p, g, n2 = MAMBA2["heads"], MAMBA2["head_dim"], MAMBA2["groups"], MAMBA2["state"]
+    mamba2 = (normal(b, t, h, p), jax.nn.softplus(normal(b, t, h)), -jnp.exp(normal(h)), normal(b, t, g, n2),
+              normal(b, t, g, n2), normal(h))
+    rows += [
+        ("mamba-2 SSD: chunked (chunks of 256)", lambda *a: reference.ssd_chunked(*a, segments, 256)[0], mamba2),
+        ("mamba-2 SSD: associative (serving path)", lambda *a: reference.ssd_scan(*a, segments)[0], mamba2),
+    ]
+    print("| scan | ms per call | temp MB |\n|---|---|---|")
+    for name, fn, inputs in rows:
+        ms, temp = _timed(fn, *inputs, repeats=args.repeats)
+        print(f"| {name} | {ms:.1f} | {temp:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
