@@ -8,6 +8,8 @@ for n-gram drafts); the first rejected row draws from (p - q)+ renormalised, and
 draft is accepted the row after the last one draws a bonus token from p. The output is then
 distributed exactly as the target's (Leviathan et al., 2023). Greedy rows accept a draft iff it
 is the target's argmax and end with the argmax: token for token what plain decoding gives.
+With structured output each row is first masked by its grammar row (the grammar after the
+drafts before it), so p is the constrained distribution plain structured decoding samples from.
 
 Glossary: S sequences, K drafts per sequence (P = K + 1 rows), V vocabulary, R proposal rows.
 """
