@@ -236,8 +236,6 @@ class LLMEngine:
         self.validate_prompt(prompt_ids)
         validate_request(params, self.config.limits, self.model_config.vocab_size)
         if params.structured_outputs is not None:
-            if self.spec is not None:
-                raise ValueError("structured output does not run with speculative decoding yet")
             self.grammar_compiler.compile(params.structured_outputs)
 
     @property

@@ -8,6 +8,8 @@ for n-gram drafts); the first rejected row draws from (p - q)+ renormalised, and
 draft is accepted the row after the last one draws a bonus token from p. The output is then
 distributed exactly as the target's (Leviathan et al., 2023). Greedy rows accept a draft iff it
 is the target's argmax and end with the argmax: token for token what plain decoding gives.
+With structured output each row is first masked by its grammar row (the grammar after the
+drafts before it), so p is the constrained distribution plain structured decoding samples from.
 
 Glossary: S sequences, K drafts per sequence (P = K + 1 rows), V vocabulary, R proposal rows.
 """
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 
 from serving.engine.sampler import SampleOutput, _when, filter_logits, penalize, sequence_keys, with_logprobs
 from serving.engine.slot_state import PROMPT_BIT, SlotState
+from serving.structured.bitmask import apply_token_bitmask
 
 # Independent random streams per (sequence, position): the acceptance test, the residual draw, the draft's draw.
 ACCEPT_STREAM, RESAMPLE_STREAM, DRAFT_STREAM = 1, 2, 3
@@ -53,6 +56,7 @@ def verify(
     num_drafts: jax.Array,
     draft_probs: jax.Array | None,
     draft_rows: jax.Array,
+    bitmask: jax.Array | None = None,
     *,
     num_logprobs: int | None,
     use_penalties: bool,
@@ -60,7 +64,9 @@ def verify(
     """Accept or reject the drafts of every sequence; advance the slots where `completes`.
 
     logits [S*P, V]; drafts [S, K] int32 with `num_drafts` [S] valid; draft_probs [R, K, V]
-    (sequence i's at row `draft_rows[i]`) or None for point-mass drafts. Returns the chosen
+    (sequence i's at row `draft_rows[i]`) or None for point-mass drafts; `bitmask` [S*P, W] the
+    grammar rows (structured output, all ones where free; None compiles a variant without it),
+    applied before anything else, so accepted and drawn tokens keep to the grammar. Returns the chosen
     tokens flattened [S*P] (row i*P + j: sequence i's j-th new token; the first
     `num_accepted[i] + 1` are its output), with log-probabilities if asked; `num_accepted` [S];
     the new slot state and `last_tokens` [M].
@@ -79,6 +85,8 @@ def verify(
     valid = jnp.arange(width)[None, :] < num_drafts[:, None]  # [S, P]: row j has a draft to test
     draft = padded.reshape(-1)
     raw = logits.astype(jnp.float32)
+    if bitmask is not None:
+        raw = apply_token_bitmask(raw, bitmask)
     target = raw
     if use_penalties:
         counts = jnp.take(state.counts, slots, axis=0, mode="clip")

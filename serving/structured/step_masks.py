@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
-from serving.structured.bitmask import fill_bitmask
+from serving.structured.bitmask import ALL_ALLOWED, fill_bitmask
 from serving.structured.compiler import GrammarCompiler, bitmask_width
 
 
@@ -37,6 +37,30 @@ class StepMasks:
     def row(self, matcher: Any) -> np.ndarray:
         """The [W] mask row of a sequence whose matcher has read all its tokens."""
         return fill_bitmask([(0, matcher)], 1, self.width)[0]
+
+    def draft_rows(self, matcher: Any, drafts: list[int], keep_rejected: bool) -> tuple[np.ndarray, int]:
+        """Mask rows to verify a sequence's drafts, and how many drafts to verify.
+
+        Row j allows what may follow the sequence's tokens and drafts[:j] (the matcher has read
+        every token of the sequence and is left so). The drafts stop at the first one the grammar
+        rejects (kept when `keep_rejected`: a drawn draft must be tested and rejected, not dropped,
+        for the residual draw to stay exact; its row forbids it) or after one that ends the grammar.
+        Rows past the last filled one allow everything (no output comes from them).
+        """
+        rows = np.full((len(drafts) + 1, self.width), ALL_ALLOWED, np.int32)
+        taken = 0
+        try:
+            for j, token in enumerate(drafts):
+                matcher.fill_next_token_bitmask(rows, j)
+                if not matcher.accept_token(token):
+                    return rows, taken + int(keep_rejected)
+                taken += 1
+                if matcher.is_terminated():
+                    return rows, taken
+            matcher.fill_next_token_bitmask(rows, len(drafts))
+            return rows, taken
+        finally:
+            matcher.rollback(taken)
 
     def step(self, rows: dict[int, np.ndarray], num_rows: int) -> np.ndarray | None:
         """The step's [num_rows, W] bitmask from the constrained rows (by row index); None when there are none."""

@@ -157,3 +157,66 @@ def test_a_draft_with_another_vocabulary_is_refused(folder, tmp_path):
         LLM(folder, speculative_config={"method": "draft_model", "model": str(tmp_path), "num_speculative_tokens": 2}, **SIZES)
     with pytest.raises(ValueError, match="does not exist"):
         LLM(folder, speculative_config={"method": "draft_model", "model": str(tmp_path / "no"), "num_speculative_tokens": 2}, **SIZES)
+
+
+# -- structured output: the grammar masks every verified position -----------------------------------------
+REGEX = "[a-d]{4,8}(,[0-9]){0,2}!"
+CHOICES = ["red", "green", "blue", "bad, dab"]
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "ok": {"type": "boolean"}},
+          "required": ["n", "ok"], "additionalProperties": False}
+
+
+def structured_batch() -> list[tuple[dict, SamplingParams]]:
+    """Prompts that repeat text the grammars allow (n-gram drafts, some cut by the grammar), each
+    constraint greedy, one drawn with a seed, and a free request in the same batch."""
+    from serving.structured import StructuredOutputsParams
+
+    def constrained(**kw) -> SamplingParams:
+        temperature = kw.pop("temperature", 0.0)
+        return SamplingParams(temperature=temperature, seed=5, max_tokens=30,
+                              structured_outputs=StructuredOutputsParams(**kw))
+
+    return [
+        ({"prompt": "abca,1!abcab,2!abca,1!"}, constrained(regex=REGEX)),
+        ({"prompt": "blue red green blue bad"}, constrained(choice=CHOICES)),
+        ({"prompt": '{"n": 12, "ok": true}{"n": 12, "'}, constrained(json=SCHEMA)),
+        ({"prompt_token_ids": repetitive_prompts()[0]}, GREEDY),
+        ({"prompt": "dcba,9!dcba,9!dcb"}, constrained(regex=REGEX, temperature=1.0)),
+    ]
+
+
+def assert_keeps_to_its_grammar(text: str, params: SamplingParams) -> None:
+    import json
+    import re
+
+    import jsonschema
+
+    constraint = params.structured_outputs
+    if constraint.regex is not None:
+        assert re.fullmatch(REGEX, text), text
+    elif constraint.choice is not None:
+        assert text in CHOICES, text
+    else:
+        jsonschema.validate(json.loads(text), SCHEMA)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_structured_outputs_match_plain_structured_decoding(plain, speculative, method):
+    llm = speculative[method]
+    batch = structured_batch()
+    prompts_, params = [p for p, _ in batch], [s for _, s in batch]
+    expected = plain.generate(prompts_, params)
+    before = dataclasses.replace(llm.engine.spec.stats)
+    got = llm.generate(prompts_, params)
+    for want, have, p in zip(expected, got, params):
+        w, h = want.outputs[0], have.outputs[0]
+        if p.temperature == 0:  # drawn requests follow the same distribution, not the same draws
+            assert (h.token_ids, h.text, h.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+        if p.structured_outputs is not None:
+            assert h.finish_reason == "stop"
+            assert_keeps_to_its_grammar(h.text, p)
+    stats = llm.engine.spec.stats
+    drafted = stats.num_draft_tokens - before.num_draft_tokens
+    assert 0 < stats.num_accepted_tokens - before.num_accepted_tokens < drafted
+    assert llm.engine.pool.all_free()

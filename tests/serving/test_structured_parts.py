@@ -183,6 +183,37 @@ def test_bitmask_rows_forbid_exactly_what_the_matcher_forbids(compiler):
     assert np.flatnonzero(np.isfinite(np.asarray(apply_token_bitmask(jnp.zeros((1, VOCAB)), jnp.asarray(top))))).tolist() == [127]
 
 
+def test_draft_rows_walk_the_drafts_and_leave_the_matcher_as_it_was(compiler):
+    from serving.structured.step_masks import StepMasks
+
+    masks = StepMasks(build_tokenizer(), VOCAB, [2])
+    masks._compiler = compiler  # noqa: SLF001 - share the module's compiler
+    ids = {build_tokenizer().decode([t]): t for t in range(3, VOCAB)}
+    a, b, c, comma, eos = ids["a"], ids["b"], ids["c"], ids[","], 2
+    matcher = compiler.matcher(StructuredOutputsParams(regex="a[ab]{1,2},?"))
+    assert matcher.accept_token(a)
+
+    def expected(tokens: list[int]) -> np.ndarray:
+        """The row of a fresh matcher that read `a` then `tokens`."""
+        fresh = compiler.matcher(StructuredOutputsParams(regex="a[ab]{1,2},?"))
+        assert all(fresh.accept_token(t) for t in [a, *tokens])
+        return masks.row(fresh)
+
+    rows, num = masks.draft_rows(matcher, [b, a, c, b], keep_rejected=False)  # c breaks the grammar
+    assert num == 2 and rows.shape == (5, masks.width)
+    for j, before in enumerate([[], [b], [b, a]]):
+        np.testing.assert_array_equal(rows[j], expected(before))
+    assert (rows[3:] == -1).all()
+    assert masks.draft_rows(matcher, [b, a, c, b], keep_rejected=True)[1] == 3  # a drawn draft is tested, then rejected
+    rows, num = masks.draft_rows(matcher, [b, comma, eos, a], keep_rejected=False)  # EOS ends the grammar
+    assert num == 3 and (rows[3:] == -1).all()
+    np.testing.assert_array_equal(rows[2], expected([b, comma]))
+    rows, num = masks.draft_rows(matcher, [b], keep_rejected=False)
+    assert num == 1 and np.array_equal(rows[1], expected([b]))
+    np.testing.assert_array_equal(masks.row(matcher), expected([]))  # rolled back to where it stood
+    assert not matcher.is_terminated()
+
+
 TOOL_TEMPLATE = (
     "{% for t in tools or [] %}tool {{ t['function']['name'] }}\n{% endfor %}"
     "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
