@@ -157,7 +157,7 @@ class Trainer:
         if c.peft_method != "none":
             self.lora_config = LoraConfig(
                 r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                target_modules=c.target_modules, use_rslora=c.use_rslora,
+                target_modules=c.target_modules, use_rslora=c.use_rslora, target_parameters=c.target_parameters,
             )
             apply_lora(model, self.lora_config, seed=c.seed)
         model.model.remat = c.gradient_checkpointing
