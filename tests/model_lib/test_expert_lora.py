@@ -33,6 +33,8 @@ def _randomize_adapters(model, seed: int) -> None:
 @pytest.mark.parametrize("case,targets,parameters", [
     ("deepseek_v3-noaux-yarn", MLA, EXPERT_PARAMS),
     ("qwen3_moe-sparse-step", ["q_proj"], ["gate_up_proj"]),  # a suffix, and one parameter alone (no nesting)
+    ("mixtral-moe", ["o_proj"], EXPERT_PARAMS),
+    ("glm4_moe-grouped-sigmoid", [], ["experts.down_proj"]),
 ])
 def test_expert_adapter_matches_transformers_and_peft(case, targets, parameters, tiny_checkpoint, tmp_path):
     import peft
@@ -43,8 +45,8 @@ def test_expert_adapter_matches_transformers_and_peft(case, targets, parameters,
     apply_lora(model, config, seed=0)
     stacks = {p: s for p, s in expert_layers(model).items() if s.lora_a is not None}
     moe_layers = sum(model.config.moe_layers)
-    assert len(stacks) == moe_layers * (3 if len(parameters) == 2 else 2)
-    assert stacks[next(p for p in stacks if p.endswith("gate_proj"))].lora_a.shape[0] == model.config.num_experts
+    assert len(stacks) == moe_layers * sum(2 if p.endswith("gate_up_proj") else 1 for p in parameters)
+    assert all(s.lora_a.shape[0] == model.config.num_experts for s in stacks.values())
     _randomize_adapters(model, seed=1)
     save_peft_adapter(model, config, tmp_path / "adapter", str(folder))
 
