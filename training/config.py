@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from model_lib.lora import LoraConfig
+
 PEFT_METHODS = ("lora", "qlora", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -95,6 +97,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps or num_train_epochs to a positive value")
+        self.lora_config()  # the adapter settings are checked here, before a model loads
+
+    def lora_config(self) -> LoraConfig | None:
+        """The adapters' settings (None for full fine-tuning)."""
+        if self.peft_method == "none":
+            return None
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.target_modules, use_rslora=self.use_rslora,
+                          target_parameters=self.target_parameters)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
