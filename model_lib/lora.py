@@ -6,7 +6,9 @@ string is a regex that must match the whole path, and `all-linear` takes every
 linear layer but the output head. Where we split a fused HF module (Phi-3's
 `qkv_proj`), its parts share one `A` and each holds its rows of `B`, which is
 exactly PEFT's single adapter on the fused module, so adapters move between
-this project, PEFT and vLLM unchanged.
+this project, PEFT and vLLM unchanged. MoE expert stacks are adapted through
+`target_parameters`, as PEFT names transformers 5's fused expert parameters
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`; `model_lib/expert_lora.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from model_lib import expert_lora
 from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear, LoRAParam
 from model_lib.layers.moe import expert_layers
@@ -46,12 +49,21 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False
+    # MoE expert parameters as PEFT names them in transformers 5 (`mlp.experts.gate_up_proj`).
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.target_parameters is not None and not isinstance(self.target_parameters, list):
+            raise ValueError(f"target_parameters must be a list of names, got {self.target_parameters!r}")
+        if not self.target_modules and not self.target_parameters:
+            raise ValueError("LoRA needs target_modules or target_parameters")
+        if self.target_parameters and self.lora_dropout > 0:
+            # PEFT's ParamWrapper cannot apply dropout to x before a parameter's adapter, and refuses it.
+            raise ValueError(f"LoRA on target_parameters needs lora_dropout 0 (as in PEFT), got {self.lora_dropout}")
 
     @property
     def scale(self) -> float:
@@ -66,6 +78,7 @@ class LoraConfig:
             "lora_alpha": self.lora_alpha,
             "lora_dropout": self.lora_dropout,
             "target_modules": self.target_modules,
+            "target_parameters": self.target_parameters,
             "use_rslora": self.use_rslora,
             "bias": "none",
             "fan_in_fan_out": False,
@@ -87,13 +100,15 @@ class LoraConfig:
             unsupported["bias"] = config["bias"]
         if unsupported:
             raise ValueError(f"unsupported LoRA adapter settings: {unsupported}")
-        targets = config["target_modules"]
+        targets = config.get("target_modules") or []
+        parameters = config.get("target_parameters")
         return cls(
             r=config["r"],
             lora_alpha=config["lora_alpha"],
             lora_dropout=config.get("lora_dropout", 0.0),
             target_modules=sorted(targets) if isinstance(targets, (list, set, tuple)) else targets,
             use_rslora=config.get("use_rslora", False),
+            target_parameters=sorted(parameters) if parameters else None,
         )
 
 
@@ -137,7 +152,7 @@ def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list
             order[path] = fused[2].index(path) if fused else 0
     for parts in groups.values():
         parts.sort(key=lambda item: order[item[0]])
-    if not groups:
+    if not groups and targets:
         names = sorted({_hf_module(p, family).rsplit(".", 1)[-1] for p in linear_layers(model)})
         raise ValueError(f"target_modules {targets!r} match no linear layer; this model has: {', '.join(names)}")
     return groups
@@ -164,6 +179,8 @@ def apply_lora(model: nnx.Module, config: LoraConfig, *, seed: int = 0) -> dict[
             )
             layer.lora_scale = config.scale
             layer.lora_dropout = dropout
+    if config.target_parameters:
+        expert_lora.attach(expert_lora.expert_targets(model, config.target_parameters), config.r, config.scale, rngs)
     return groups
 
 
@@ -179,6 +196,11 @@ def merge_lora(model: nnx.Module) -> None:
         layer.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
         layer.lora_a = layer.lora_b = layer.lora_dropout = None
         layer.lora_scale = 0.0
+    for stack in expert_layers(model).values():
+        if stack.lora_a is not None:
+            if stack.quantized is not None:
+                raise ValueError("cannot merge into quantized experts; load the base model unquantized to merge")
+            expert_lora.merge(stack)
 
 
 def _fused_spec(model: nnx.Module, path: str):
@@ -204,6 +226,15 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, b
         b_parts = [np.asarray(jax.device_get(layer.lora_b[...]), np.float32).T for layer in layers]
         fused = _fused_spec(model, parts[0][0])
         tensors[_peft_key(hf_module, "B")] = fused.join(b_parts, model.config) if fused else b_parts[0]
+    if config.target_parameters:
+        groups = expert_lora.expert_targets(model, config.target_parameters)
+        for hf_param, prefix in expert_lora.peft_keys(groups).items():
+            stacks = [stack for _, stack in groups[hf_param]]
+            if any(stack.lora_a is None for stack in stacks):
+                raise ValueError(f"{hf_param} has no adapter; was apply_lora called with this config?")
+            a = np.asarray(jax.device_get(stacks[0].lora_a[...]), np.float32)
+            b_parts = [np.asarray(jax.device_get(stack.lora_b[...]), np.float32) for stack in stacks]
+            tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"] = expert_lora.to_peft(a, b_parts)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2))
 
@@ -212,7 +243,8 @@ def read_peft_adapter(model: nnx.Module, path: str | Path) -> tuple[LoraConfig, 
     """A PEFT LoRA adapter folder read against `model`'s layers, without touching them.
 
     Returns its config and, per targeted linear layer (our path), `A [in, r]` and `B [r, out]` in
-    float32 (a fused HF module's B split into its parts, which share A). Missing files, missing or
+    float32 (a fused HF module's B split into its parts, which share A); per targeted expert stack,
+    `A [X, in, r]` and `B [X, r, out]`. Missing files, missing or
     wrongly shaped tensors, tensors for modules the config does not target, and targets this model
     has no linear layer for are errors naming them.
     """
@@ -245,6 +277,22 @@ def read_peft_adapter(model: nnx.Module, path: str | Path) -> tuple[LoraConfig, 
         for (layer_path, _), b_part in zip(parts, fused.split(b, model.config) if fused else [b]):
             weights[layer_path] = (a.T, np.asarray(b_part).T)
         used.update((a_key, b_key))
+    if config.target_parameters:
+        groups = expert_lora.expert_targets(model, config.target_parameters)
+        for hf_param, prefix in expert_lora.peft_keys(groups).items():
+            a_key, b_key = prefix + "lora_A.weight", prefix + "lora_B.weight"
+            if a_key not in tensors or b_key not in tensors:
+                raise ValueError(f"adapter {weights_file} lacks {a_key if a_key not in tensors else b_key}")
+            a, b = np.asarray(tensors[a_key], np.float32), np.asarray(tensors[b_key], np.float32)
+            parts = groups[hf_param]
+            expected_a, expected_b = expert_lora.expected_shapes(parts, config.r)
+            if a.shape != expected_a or b.shape != expected_b:
+                raise ValueError(f"adapter tensors of {hf_param} have shapes {a.shape} / {b.shape}, "
+                                 f"expected {expected_a} / {expected_b}")
+            a_ours, b_parts = expert_lora.from_peft(a, b, parts[0][1].num_experts, len(parts))
+            for (stack_path, _), b_part in zip(parts, b_parts):
+                weights[stack_path] = (a_ours, b_part)
+            used.update((a_key, b_key))
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"adapter {weights_file} has tensors for modules its config does not target: {unused[:4]}")
@@ -255,7 +303,7 @@ def load_peft_adapter(model: nnx.Module, path: str | Path) -> LoraConfig:
     """Attach a PEFT LoRA adapter from a folder (in place); returns its config."""
     config, weights = read_peft_adapter(model, path)
     apply_lora(model, config)
-    layers = linear_layers(model)
+    layers = {**linear_layers(model), **expert_layers(model)}
     for layer_path, (a, b) in weights.items():
         layer = layers[layer_path]
         dtype = layer.lora_a[...].dtype

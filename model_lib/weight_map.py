@@ -22,6 +22,10 @@ are data, not code:
 - `nested_prefix`: the prefix of the language model's tensors in a multimodal
   checkpoint whose text path we load (Llama 4's `language_model.`), removed on load
   and put back on save; the other towers' tensors go in `ignored`.
+- `peft_experts`: our MoE experts module (`model.layers.{i}.mlp.experts`, holding the
+  `gate_proj` / `up_proj` / `down_proj` stacks) where transformers 5 holds the same module
+  with fused parameters `gate_up_proj [X, 2I, E]` (gate rows first) and `down_proj [X, E, I]`,
+  the layout PEFT's `target_parameters` adapts; empty where PEFT cannot express expert LoRA.
 - `key_renames`: regex substitutions on whole tensor names, applied first, for checkpoints
   whose top-level layout varies by the transformers version that saved them (LLaVA's
   `language_model.model.` / `model.language_model.`); `relocated` names the save layout.
@@ -116,6 +120,10 @@ class WeightMap:
     relocated: tuple[tuple[str, str], ...] = ()  # (module path as mapped from HF, our module path)
     nested_prefix: str = ""
     key_renames: tuple[tuple[str, str], ...] = ()  # (regex on the HF tensor name, replacement)
+    peft_experts: str = ""
+
+    def is_peft_experts(self, module: str) -> bool:
+        return bool(self.peft_experts) and _pattern_regex(self.peft_experts).match(module) is not None
 
     def _relocate(self, module: str, inverse: bool = False) -> str:
         for mapped, ours in self.relocated:

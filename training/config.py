@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from model_lib.lora import LoraConfig
+
 PEFT_METHODS = ("lora", "qlora", "none")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -34,6 +36,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # MoE expert parameters as PEFT's target_parameters (comma-separated on the command line):
+    # `mlp.experts.gate_up_proj,mlp.experts.down_proj`; needs lora_dropout 0, as in PEFT.
+    target_parameters: list[str] | None = None
     use_rslora: bool = False
     # QLoRA: also keep the token embedding and output head in NF4 (bitsandbytes keeps them in bf16).
     quantize_embeddings: bool = False
@@ -85,11 +90,22 @@ class TrainConfig:
             raise ValueError(f"torch_dtype must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
         if isinstance(self.target_modules, str) and "," in self.target_modules:
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [t.strip() for t in self.target_parameters.split(",") if t.strip()]
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps or num_train_epochs to a positive value")
+        self.lora_config()  # the adapter settings are checked here, before a model loads
+
+    def lora_config(self) -> LoraConfig | None:
+        """The adapters' settings (None for full fine-tuning)."""
+        if self.peft_method == "none":
+            return None
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.target_modules, use_rslora=self.use_rslora,
+                          target_parameters=self.target_parameters)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 import model_lib
 from model_lib.layers.linear import LoRAParam
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, moe_blocks, router_aux_loss
-from model_lib.lora import LoraConfig, apply_lora, merge_lora, param_bytes, save_peft_adapter
+from model_lib.lora import apply_lora, merge_lora, param_bytes, save_peft_adapter
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan, as_plan, shardings_of
 from model_lib import distributed
@@ -153,12 +153,8 @@ class Trainer:
         if c.peft_method == "qlora":
             quantization = "nf4-embeddings" if c.quantize_embeddings else "nf4"
         model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan, quantization=quantization)
-        self.lora_config = None
-        if c.peft_method != "none":
-            self.lora_config = LoraConfig(
-                r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
-                target_modules=c.target_modules, use_rslora=c.use_rslora,
-            )
+        self.lora_config = c.lora_config()
+        if self.lora_config is not None:
             apply_lora(model, self.lora_config, seed=c.seed)
         model.model.remat = c.gradient_checkpointing
         self.router_aux_coef = 0.0

@@ -268,6 +268,9 @@ def expert_stack(hf_experts: str, names: dict[str, str]) -> tuple[Stacked, ...]:
     return tuple(Stacked(f"{hf_experts}.{{e}}.{hf}", f"model.layers.{{i}}.mlp.experts.{ours}") for hf, ours in names.items())
 
 
+PEFT_EXPERTS = "model.layers.{i}.mlp.experts"
+"""Where transformers 5 and we both hold a layer's experts (`WeightMap.peft_experts`: PEFT can adapt them)."""
+
 GATE_UP_DOWN = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
 W1_W3_W2 = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral-style expert names
 

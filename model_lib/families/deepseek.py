@@ -33,6 +33,7 @@ from transformers import PretrainedConfig
 from model_lib.config import ModelConfig
 from model_lib.families.common import (
     GATE_UP_DOWN,
+    PEFT_EXPERTS,
     SHARED_EXPERTS_RENAMES,
     expert_stack,
     llama_like_fields,
@@ -113,7 +114,9 @@ def deepseek_v3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 
 DEEPSEEK_WEIGHTS = WeightMap(
-    renames=SHARED_EXPERTS_RENAMES, stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN)
+    renames=SHARED_EXPERTS_RENAMES,
+    stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN),
+    peft_experts=PEFT_EXPERTS,
 )
 
 

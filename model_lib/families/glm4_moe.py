@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import GATE_UP_DOWN, SHARED_EXPERTS_RENAMES, expert_stack, llama_like_fields, moe_fields
+from model_lib.families.common import GATE_UP_DOWN, PEFT_EXPERTS, SHARED_EXPERTS_RENAMES, expert_stack, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import IDENTITY, WeightMap
 
@@ -39,6 +39,7 @@ GLM4_MOE = Family(
     WeightMap(
         renames=SHARED_EXPERTS_RENAMES,
         stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN),
+        peft_experts=PEFT_EXPERTS,
         ignored=(*IDENTITY.ignored, r"model\.layers\.(46|92)\..*"),
     ),
     quirks="sigmoid router with correction bias and expert groups, routed scaling, shared experts, first-k dense layers",

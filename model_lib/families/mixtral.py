@@ -8,7 +8,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import EVERY_LAYER, W1_W3_W2, expert_stack, llama_like_fields, moe_fields
+from model_lib.families.common import EVERY_LAYER, W1_W3_W2, PEFT_EXPERTS, expert_stack, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
@@ -43,6 +43,7 @@ def phimoe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 MIXTRAL_WEIGHTS = WeightMap(
     renames=(("model.layers.{i}.block_sparse_moe.gate", "model.layers.{i}.mlp.gate"),),
     stacked=expert_stack("model.layers.{i}.block_sparse_moe.experts", W1_W3_W2),
+    peft_experts=PEFT_EXPERTS,
 )
 
 MIXTRAL = Family("mixtral", mixtral_config, MIXTRAL_WEIGHTS, quirks="sparse MoE (softmax top-k, per-expert w1/w2/w3), sliding window")

@@ -10,7 +10,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import EVERY_LAYER, GATE_UP_DOWN, PER_LAYER_TYPE, expert_stack, llama_like_fields, moe_fields
+from model_lib.families.common import EVERY_LAYER, GATE_UP_DOWN, PER_LAYER_TYPE, PEFT_EXPERTS, expert_stack, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
@@ -45,7 +45,7 @@ def qwen3_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return ModelConfig(**{**fields, "qk_norm": "head"}, **_qwen_moe_fields(hf))
 
 
-QWEN_MOE_WEIGHTS = WeightMap(stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN))
+QWEN_MOE_WEIGHTS = WeightMap(stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN), peft_experts=PEFT_EXPERTS)
 
 QWEN2_MOE = Family(
     "qwen2_moe", qwen2_moe_config, QWEN_MOE_WEIGHTS, quirks="MoE with sigmoid-gated shared expert, dense layers by sparse step"

@@ -43,7 +43,7 @@ from flax import nnx
 from model_lib import parallel
 from model_lib.config import ModelConfig
 from model_lib.layers.activations import activation
-from model_lib.layers.linear import Linear
+from model_lib.layers.linear import Linear, LoRAParam
 from model_lib.layers.mlp import MLP
 from model_lib.quantization.stacked import StackedWeight
 from pallas_kernels.moe import grouped_matmul
@@ -53,7 +53,9 @@ class ExpertLinear(nnx.Module):
     """One projection per expert, stacked: `kernel [X, in, out]`, optional `bias [X, out]`.
 
     A quantized stack (`model_lib.quantization.StackedWeight`: int8, int4 or GGUF blocks per
-    expert) replaces the kernel in the `quantized` slot, as in `Linear`.
+    expert) replaces the kernel in the `quantized` slot, as in `Linear`. A LoRA adapter
+    (`model_lib/lora.py`) holds one low-rank pair per expert, `lora_a [X, in, r]` and
+    `lora_b [X, r, out]`, applied as two more grouped matmuls over the same sorted rows.
     """
 
     def __init__(self, num_experts: int, in_features: int, out_features: int, *, axes: tuple[str, str, str],
@@ -64,6 +66,9 @@ class ExpertLinear(nnx.Module):
             nnx.Param(jnp.zeros((num_experts, out_features), dtype), logical_axes=(axes[0], axes[2])) if use_bias else None
         )
         self.quantized: StackedWeight | None = nnx.data(None)
+        self.lora_a: LoRAParam | None = nnx.data(None)
+        self.lora_b: LoRAParam | None = nnx.data(None)
+        self.lora_scale = 0.0
 
     @property
     def num_experts(self) -> int:
@@ -80,6 +85,10 @@ class ExpertLinear(nnx.Module):
             y = self.quantized.grouped_matmul(x, group_sizes)
         else:  # the Pallas kernel on GPU where the shapes allow, jax.lax.ragged_dot elsewhere
             y = grouped_matmul(x, self.kernel[...].astype(x.dtype), group_sizes)
+        if self.lora_a is not None:  # [M, in] -> [M, r] -> [M, out], each row through its expert's pair
+            h = grouped_matmul(x, self.lora_a[...].astype(x.dtype), group_sizes)
+            delta = grouped_matmul(h, self.lora_b[...].astype(x.dtype), group_sizes)
+            y = y + delta * jnp.asarray(self.lora_scale, x.dtype)
         if self.bias is not None and with_bias is not False:
             bias = jnp.take(self.bias[...].astype(x.dtype), expert_ids, axis=0)
             y = y + (bias if with_bias is True else jnp.where(with_bias, bias, jnp.zeros_like(bias)))

@@ -260,3 +260,26 @@ def test_the_gather_check_sees_q_k_v_gathered_outside_shard_map():
     placed = {name: jax.device_put(x, plan.sharding(DENSE_AXES[name], x.shape)) for name, x in inputs.items()}
     hlo = dense_step(None).lower(*placed.values()).compile().as_text()
     assert (2, 8, kv_heads, 16) in all_gathered_shapes(hlo)
+
+
+@pytest.mark.parametrize("strategy", EXPERT_PARALLEL)
+def test_expert_lora_under_shard_map_expert4_tensor2(strategy):
+    """Expert adapters split with their experts: A and B over `expert`, gate/up B and down A over the width."""
+    from flax import nnx
+
+    from model_lib import expert_lora
+    from model_lib.layers import moe as moe_layer
+    from model_lib.sharding import load_mesh_preset, shard_model
+
+    moe = moe_layer.MoE(moe_config(expert_bias=False, expert_swiglu_limit=None), rngs=nnx.Rngs(0))
+    e = moe.experts
+    groups = {"gate_up_proj": [("gate_proj", e.gate_proj), ("up_proj", e.up_proj)], "down_proj": [("down_proj", e.down_proj)]}
+    expert_lora.attach(groups, r=4, scale=2.0, rngs=nnx.Rngs(1))
+    for i, projection in enumerate((e.gate_proj, e.up_proj, e.down_proj)):
+        projection.lora_b[...] = jnp.asarray(np.random.RandomState(i).randn(*projection.lora_b.shape), jnp.float32)
+    x = jnp.asarray(np.random.RandomState(0).randn(13, 16), jnp.float32)
+    expected = run_moe(moe, x, None)
+    plan = dataclasses.replace(load_mesh_preset("ep"), expert_parallel=strategy)
+    shard_model(moe, plan)
+    assert e.down_proj.lora_a[...].sharding.spec == jax.sharding.PartitionSpec(("expert",), ("tensor",), None)
+    np.testing.assert_allclose(run_moe(moe, x, plan), expected, atol=2e-5, rtol=1e-5)
