@@ -127,8 +127,8 @@ class LLM(PoolingMethods):
         if pooling_architecture(model) is not None:
             if plan is not None or quantization is not None or jax.process_count() > 1:
                 raise ValueError("pooling models run unsharded and unquantized on one process for now")
-            if engine_args.get("enable_lora"):
-                raise ValueError("LoRA adapters are served for generative models only, not pooling models")
+            if engine_args.get("enable_lora") or engine_args.get("speculative_config"):
+                raise ValueError("LoRA adapters and speculative decoding are for generative models, not pooling models")
             self.engine = PoolingEngine(load_pooling_model(model, dtype=dtype), self.tokenizer, EngineConfig(**engine_args))
         else:
             net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)

@@ -52,6 +52,7 @@ def _forward(net: nnx.Module, kind: str, ids: jax.Array, mask: jax.Array, types:
 
 class PoolingEngine:
     lora = None  # adapters are served for generation only (`LLM` refuses enable_lora here)
+    spec = None  # nor is speculative decoding
 
     def __init__(self, model: PoolingModel, tokenizer: Any = None, config: EngineConfig | None = None):
         self.model = model

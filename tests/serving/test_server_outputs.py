@@ -75,9 +75,9 @@ def test_streamed_deltas_add_up_to_the_whole_response(llm, monkeypatch):
     kinds = []  # the output kind of every request the engine received
     add_request = llm.engine.add_request
 
-    def spy(request_id, prompt_ids, params, prompt=None):
+    def spy(request_id, prompt_ids, params, *rest, **options):
         kinds.append(params.output_kind)
-        add_request(request_id, prompt_ids, params, prompt)
+        add_request(request_id, prompt_ids, params, *rest, **options)
 
     monkeypatch.setattr(llm.engine, "add_request", spy)
     engine = AsyncLLMEngine(llm.engine)
