@@ -95,7 +95,9 @@ class AsyncLLMEngine:
         self.engine.validate_request(prompt_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._inbox.put(("add", (request_id, prompt_ids, params, prompt, images, lora_name)))
+        # Only the options a request uses: engines without images or adapters (pooling) take neither.
+        options = {k: v for k, v in (("images", images), ("lora_name", lora_name)) if v}
+        self._inbox.put(("add", ((request_id, prompt_ids, params, prompt), options)))
         self._wake.set()
         finished = False
         try:
@@ -142,11 +144,12 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                request_id = payload[0]
+                args, options = payload
+                request_id = args[0]
                 if request_id not in self._streams:
                     continue  # the caller left before the engine saw the request
                 try:
-                    self.engine.add_request(*payload)
+                    self.engine.add_request(*args, **options)
                 except ValueError as e:
                     self._deliver(request_id, e)
                 except Exception as e:  # noqa: BLE001 - fails this request only
