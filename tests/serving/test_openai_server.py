@@ -188,6 +188,12 @@ def test_disconnected_clients_give_their_pages_back(server, client):
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+def test_pooling_routes_on_a_generative_model_are_400s(server):
+    for path in ("/v1/embeddings", "/classify", "/pooling"):
+        status, body = raw(server, path, json.dumps({"model": MODEL, "input": "hello"}).encode())
+        assert status == 400 and "needs a pooling model" in body["error"]["message"], (path, body)
+
+
 def test_sigterm_stops_the_server_cleanly_mid_stream(server, client):
     stream = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=50, temperature=0, stream=True,
                                        extra_body={"ignore_eos": True})
@@ -198,9 +204,3 @@ def test_sigterm_stops_the_server_cleanly_mid_stream(server, client):
     assert time.time() - started < 15, "shutdown waited on the running stream"
     with pytest.raises(openai.APIError):
         list(stream)  # the stream is cut off, not left hanging
-
-
-def test_pooling_routes_on_a_generative_model_are_400s(server):
-    for path in ("/v1/embeddings", "/classify", "/pooling"):
-        status, body = raw(server, path, json.dumps({"model": MODEL, "input": "hello"}).encode())
-        assert status == 400 and "needs a pooling model" in body["error"]["message"], (path, body)
