@@ -81,6 +81,10 @@ DEEPSEEK_MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_
 # State-space models: no attention heads or MLP; Mamba-2 in 2 groups of 4 heads, chunks of 5 (SEQ_LEN spans 3).
 MAMBA_DIMS = dict(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
 MAMBA2_DIMS = dict(MAMBA_DIMS, num_heads=8, head_dim=16, n_groups=2, chunk_size=5)
+# RecurrentGemma: recurrent, recurrent, attention (MQA, window 4 < SEQ_LEN, rotary on half of each head);
+# lru_width 32 (4 gate blocks of 8) differs from hidden; a soft-cap the tiny logits reach.
+RECURRENT_GEMMA = dict(num_hidden_layers=3, num_key_value_heads=1, lru_width=32, attention_window_size=4,
+                       logits_soft_cap=2.0)
 DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0)
 # Llama 4: layer 2 NoPE (full attention, temperature tuning within SEQ_LEN), layers 0-1 rotary with
 # chunks of 4 positions and q/k L2 norm; layers 1 and 2 MoE (4 experts, sigmoid top-1 scaling the input).
@@ -525,6 +529,7 @@ CASES = [
              **SMALL_TOKENS),
         noise=ROUTER_NOISE,
     ),
+    TinyCase("recurrentgemma-local-mqa", "RecurrentGemmaConfig", RECURRENT_GEMMA),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -581,6 +586,7 @@ ONE_PER_ARCHITECTURE = [
     "mamba-tied",
     "mamba2-groups-chunked",
     "granitemoehybrid-nope",
+    "recurrentgemma-local-mqa",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
