@@ -28,7 +28,7 @@ def recurrent_gemma_config(hf: PretrainedConfig, architecture: str) -> ModelConf
         raise ValueError(f"RecurrentGemma with rope_type {rope_type!r} is not supported (transformers takes only 'default')")
     recurrent = [kind == RECURRENT for kind in hf.layers_block_type]
     fields = llama_like_fields(hf, architecture, "recurrent_gemma", max_position_embeddings=DEFAULT_MAX_POSITIONS,
-                               attention_bias=True, partial_rotary=True, reads_head_dim=False)
+                               attention_bias=True, partial_rotary=True)
     return ModelConfig(
         **{
             **fields,
