@@ -57,6 +57,35 @@ def run_bounds(segment_ids: jax.Array, num_runs: int) -> tuple[jax.Array, jax.Ar
     return runs, begins, last
 
 
+def scan_operands(
+    decay: jax.Array, inputs: jax.Array, segment_ids: jax.Array, initial: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """`linear_scan`'s operands as one plain recurrence over T (float32 `[B, T, D]` each): padding an
+    identity step (decay 1, input 0), each run's first token cut from the state before it (decay 0)
+    and starting from the run's initial state (folded into its input)."""
+    f32 = jnp.float32
+    real = (segment_ids != 0)[..., None]
+    decay = jnp.where(real, decay.astype(f32), 1.0)
+    inputs = jnp.where(real, inputs.astype(f32), 0.0)
+    num_runs = 1 if initial is None else initial.shape[1]
+    runs, begins, _ = run_bounds(segment_ids, num_runs)
+    begins = begins[..., None]
+    if initial is not None:
+        picked = jnp.take_along_axis(initial.astype(f32), jnp.minimum(runs, num_runs - 1)[..., None], axis=1)
+        entering = jnp.where((runs < num_runs)[..., None], picked, 0.0)  # [B, T, D] the state before each run
+        inputs = inputs + jnp.where(begins, decay * entering, 0.0)
+    return jnp.where(begins, 0.0, decay), inputs
+
+
+def plain_scan(decay: jax.Array, inputs: jax.Array) -> jax.Array:
+    """h_t = decay_t * h_{t-1} + inputs_t along axis 1 from h = 0, as an associative scan (float32)."""
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+
+    return jax.lax.associative_scan(combine, (decay.astype(jnp.float32), inputs.astype(jnp.float32)), axis=1)[1]
+
+
 def linear_scan(
     decay: jax.Array, inputs: jax.Array, segment_ids: jax.Array, initial: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -67,27 +96,12 @@ def linear_scan(
     after each of the R runs (`[B, R, D]`; the initial state for a run without tokens; None
     without `initial`).
     """
-    f32 = jnp.float32
-    real = (segment_ids != 0)[..., None]
-    decay = jnp.where(real, decay.astype(f32), 1.0)
-    inputs = jnp.where(real, inputs.astype(f32), 0.0)
-    num_runs = 1 if initial is None else initial.shape[1]
-    runs, begins, last = run_bounds(segment_ids, num_runs)
-    begins = begins[..., None]
-    if initial is not None:
-        picked = jnp.take_along_axis(initial.astype(f32), jnp.minimum(runs, num_runs - 1)[..., None], axis=1)
-        entering = jnp.where((runs < num_runs)[..., None], picked, 0.0)  # [B, T, D] the state before each run
-        inputs = inputs + jnp.where(begins, decay * entering, 0.0)
-    decay = jnp.where(begins, 0.0, decay)
-
-    def combine(left, right):
-        return left[0] * right[0], right[0] * left[1] + right[1]
-
-    _, states = jax.lax.associative_scan(combine, (decay, inputs), axis=1)
+    states = plain_scan(*scan_operands(decay, inputs, segment_ids, initial))
     if initial is None:
         return states, None
+    _, _, last = run_bounds(segment_ids, initial.shape[1])
     finals = jnp.take_along_axis(states, jnp.maximum(last, 0)[..., None], axis=1)
-    return states, jnp.where((last >= 0)[..., None], finals, initial.astype(f32))
+    return states, jnp.where((last >= 0)[..., None], finals, initial.astype(jnp.float32))
 
 
 def rg_lru(
