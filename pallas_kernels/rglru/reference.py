@@ -104,15 +104,8 @@ def linear_scan(
     return states, jnp.where((last >= 0)[..., None], finals, initial.astype(jnp.float32))
 
 
-def rg_lru(
-    x: jax.Array,
-    input_gate: jax.Array,
-    recurrent_gate: jax.Array,
-    a_param: jax.Array,
-    reset: jax.Array,
-    segment_ids: jax.Array,
-    initial: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array | None]:
+def rg_lru(x: jax.Array, input_gate: jax.Array, recurrent_gate: jax.Array, a_param: jax.Array, reset: jax.Array,
+           segment_ids: jax.Array, initial: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """The RG-LRU over rows: `x`, gates `[B, T, D]`, `a_param [D]`, `reset`, `segment_ids [B, T]`.
 
     Returns (`y [B, T, D]` float32, the states after each of the R runs of `initial [B, R, D]`,
