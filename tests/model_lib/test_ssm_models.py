@@ -102,3 +102,25 @@ def test_serving_steps_match_transformers_cached_decode(case, tiny_checkpoint):
                 assert_logits_close(np.asarray(logits[row]), reference[s][1][k])
                 checked[s] += 1
     assert checked == [new, new]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope_type 'linear' is not supported"),
+        (dict(lru_width=30), r"RG-LRU layers need ssm_num_heads \(4\) gate blocks dividing ssm_intermediate_size \(30\)"),
+        (dict(conv1d_width=40), "1 <= ssm_conv_kernel <= 16"),
+        (dict(attention_window_size=0), "sliding-window layers need a positive sliding_window"),
+    ],
+)
+def test_recurrent_gemma_refuses_what_it_cannot_run(overrides, message):
+    """Config values RecurrentGemma cannot honour (or that break a bound) are named, not run wrongly."""
+    import dataclasses
+
+    from model_lib.families.recurrent_gemma import recurrent_gemma_config
+    from tests.tiny_models import CASES_BY_NAME
+
+    case = CASES_BY_NAME["recurrentgemma-local-mqa"]
+    hf = dataclasses.replace(case, overrides={**case.overrides, **overrides}).hf_config()
+    with pytest.raises(ValueError, match=message):
+        recurrent_gemma_config(hf, "RecurrentGemmaForCausalLM")
