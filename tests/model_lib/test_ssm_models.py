@@ -124,3 +124,13 @@ def test_recurrent_gemma_refuses_what_it_cannot_run(overrides, message):
     hf = dataclasses.replace(case, overrides={**case.overrides, **overrides}).hf_config()
     with pytest.raises(ValueError, match=message):
         recurrent_gemma_config(hf, "RecurrentGemmaForCausalLM")
+
+
+def test_recurrent_gemma_embedding_scale_is_rounded_to_bfloat16():
+    """transformers keeps sqrt(hidden) as a bfloat16 buffer whatever the model dtype: 2560 -> 50.5, not 50.596."""
+    from model_lib.families.recurrent_gemma import recurrent_gemma_config
+    from tests.tiny_models import CASES_BY_NAME
+
+    hf = CASES_BY_NAME["recurrentgemma-local-mqa"].hf_config()
+    hf.hidden_size = 2560
+    assert recurrent_gemma_config(hf, "RecurrentGemmaForCausalLM").embedding_multiplier == 50.5
