@@ -80,3 +80,17 @@ def prompt_with_images(text_ids: list[list[int]], grids: np.ndarray) -> list[int
     for piece, (t, h, w) in zip(text_ids[1:], grids):
         ids += [VISION_START_ID] + [IMAGE_TOKEN_ID] * int(t * h * w // 4) + [VISION_END_ID] + list(piece)
     return ids
+
+
+def hf_greedy(ref, prompt_ids: list[int], images: list[np.ndarray], max_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt_ids` (placeholders expanded) with `images` in order."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    extra = {}
+    if images:
+        pixels, grids = processed(images)
+        extra = dict(pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids))
+    out = ref.generate(input_ids=ids, mm_token_type_ids=(ids == IMAGE_TOKEN_ID).long(), max_new_tokens=max_tokens,
+                       min_new_tokens=max_tokens, do_sample=False, **extra)
+    return out[0, ids.shape[1]:].tolist()

@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
 from model_lib.families.common import PER_LAYER_TYPE, hf_json, llama_like_fields
+from model_lib.layers.rotary import mrope_axes
 from model_lib.registry import Family
 from model_lib.vision.qwen_vit import QwenVisionConfig
 from model_lib.vision.qwen_vl import QwenVLConfig
@@ -70,6 +71,8 @@ def qwen_vl_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     section = tuple((getattr(text, "rope_parameters", None) or {}).get("mrope_section") or ())
     if rope.kind != "default":
         raise ValueError(f"{architecture} with rope_type {rope.kind!r} is not supported (only 'default' M-RoPE)")
+    rope = dataclasses.replace(rope, mrope_section=section)
+    mrope_axes(rope)  # checks the sections
     vision = VISION_CONFIGS[architecture](hf.vision_config)
     if vision.out_hidden_size != text.hidden_size:
         raise ValueError(f"the vision merger's output width {vision.out_hidden_size} differs from the text "
@@ -81,7 +84,7 @@ def qwen_vl_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
         "qkv_bias": True,
         "o_bias": False,
         "tie_word_embeddings": bool(getattr(hf, "tie_word_embeddings", False)),
-        "rope": dataclasses.replace(rope, mrope_section=section),
+        "rope": rope,
         "multimodal": QwenVLConfig(vision=vision, image_token_id=hf.image_token_id),
         "hf_config_json": hf_json(hf),
     })
