@@ -95,10 +95,14 @@ class QwenVLForConditionalGeneration(CausalLM):
     ) -> jax.Array:
         """Logits for a `[B, T]` batch (right padded or unpadded) whose placeholder runs take the images of
         `pixel_values` (the processor's rows of all images, concatenated) with `image_grid_thw`, in order.
-        M-RoPE positions follow transformers' `get_rope_index` unless `rope_positions [3, B, T]` is given."""
+        M-RoPE positions follow transformers' `get_rope_index` unless `rope_positions [3, B, T]` is given
+        (without images: the 1D positions on all three axes, as transformers' text-only forward)."""
         mm: QwenVLConfig = self.config.multimodal
-        ids = np.asarray(input_ids, np.int32)
         grids = [tuple(int(x) for x in g) for g in (image_grid_thw if image_grid_thw is not None else [])]
+        if pixel_values is None and not grids:  # the text path (traceable: no host work)
+            return super().__call__(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+                                    merged=merged, rope_positions=rope_positions)
+        ids = np.asarray(input_ids, np.int32)
         if pixel_values is not None:
             if merged is not None:
                 raise ValueError("pass pixel_values or merged features, not both")
@@ -119,7 +123,7 @@ class QwenVLForConditionalGeneration(CausalLM):
                 row_grids = [next(remaining) for _ in range(runs)]
                 rope_positions[:, b, real] = prompt_positions(ids[b][real], mm, row_grids)[0]
         return super().__call__(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-                                merged=merged, rope_positions=jnp.asarray(rope_positions))
+                                merged=merged, rope_positions=rope_positions)
 
 
 def _count_runs(ids: np.ndarray, token: int) -> int:
