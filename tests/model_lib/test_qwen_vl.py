@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -110,3 +111,26 @@ def test_bad_settings_are_refused(qwen_vl, tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         model_lib.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("config_class, interleaved", [("Qwen2VLTextConfig", False), ("Qwen3VLTextConfig", True)])
+def test_mrope_cos_sin_equal_transformers(config_class, interleaved):
+    """Sectioned (Qwen2-VL) and interleaved (Qwen3-VL) M-RoPE: cos and sin of `[3, B, T]` positions."""
+    import transformers
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from model_lib.config import RopeConfig
+    from model_lib.layers.rotary import rotary_cos_sin
+
+    section = [6, 5, 5]
+    hf = getattr(transformers, config_class)(hidden_size=128, num_attention_heads=4, head_dim=32, rope_parameters={
+        "rope_type": "default", "rope_theta": 5000.0, "mrope_section": section})
+    rotary = (Qwen3VLTextRotaryEmbedding if interleaved else Qwen2VLRotaryEmbedding)(hf)
+    positions = np.random.default_rng(0).integers(0, 50, (3, 2, 7))
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.tensor(positions))
+    rope = RopeConfig(kind="default", theta=5000.0, rotary_dim=32, mrope_section=tuple(section),
+                      mrope_interleaved=interleaved)
+    ours = rotary_cos_sin(rope, jnp.asarray(positions), jnp.full((2, 7), 7), jnp.float32)
+    for mine, theirs in zip(ours, (cos, sin)):
+        np.testing.assert_allclose(np.concatenate([mine, mine], -1), theirs.numpy(), atol=1e-6)
