@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_lib.layers import LayerNorm, Linear
+from model_lib.layers import LayerNorm
 from model_lib.layers.activations import activation
 from model_lib.layers.norms import RMSNorm
 from model_lib.layers.rotary import apply_rotary
-from model_lib.vision.clip import PatchConv
+from model_lib.vision.clip import PatchConv, _linear  # a replicated linear with bias
 
 MAX_VISION_LAYERS = 256  # bounds on sizes read from a config
 MAX_PATCH_SIZE = 1024
@@ -139,11 +139,6 @@ def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> Visio
         windows=np.repeat(window_of_unit, unit).astype(np.int32),
         restore=np.argsort(order_units).astype(np.int32),
     )
-
-
-def _linear(in_features: int, out_features: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> Linear:
-    # The tower is small beside the language model: replicated on a mesh.
-    return Linear(in_features, out_features, axes=(None, None), use_bias=True, dtype=dtype, init_std=0.02, rngs=rngs)
 
 
 def _norm(config: QwenVisionConfig, dtype: jnp.dtype) -> nnx.Module:
