@@ -134,3 +134,12 @@ def test_mrope_cos_sin_equal_transformers(config_class, interleaved):
     ours = rotary_cos_sin(rope, jnp.asarray(positions), jnp.full((2, 7), 7), jnp.float32)
     for mine, theirs in zip(ours, (cos, sin)):
         np.testing.assert_allclose(np.concatenate([mine, mine], -1), theirs.numpy(), atol=1e-6)
+
+
+def test_image_fine_tuning_is_refused_clearly(qwen_vl, tmp_path):
+    from training.images import TrainingImages
+
+    folder, _ = qwen_vl(ARCHITECTURES[0])
+    images = TrainingImages(folder, model_lib.load_config(folder)[0], tmp_path)
+    with pytest.raises(ValueError, match="Qwen-VL model on image data is not supported yet"):
+        images.expand([1, IMAGE_TOKEN_ID], [1, 1], [random_image(0)])
