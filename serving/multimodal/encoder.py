@@ -105,9 +105,9 @@ def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens:
     mm = model.config.multimodal
     if mm is None:
         return None
-    if isinstance(mm, QwenVLConfig):
+    if isinstance(mm, QwenVLConfig):  # image lengths vary: each request's images are checked against the budget
         from serving.multimodal.qwen_vl import QwenImageEncoder  # it builds on this module
-  # image lengths vary: each request's images are checked against the budget
+
         budget = max_num_batched_tokens if budget is None else budget
         if not 1 <= budget <= MAX_ENCODER_BUDGET:
             raise ValueError(f"max_num_encoder_input_tokens must be in [1, {MAX_ENCODER_BUDGET}], got {budget}")
