@@ -66,6 +66,11 @@ class RopeConfig:
     # so the base grows in steps (Qwen's `use_dynamic_ntk`; with factor 2 this is its
     # NTK alpha 2^ceil(log2(len / max_position) + 1) - 1).
     dynamic_power_of_two: bool = False
+    # M-RoPE (Qwen2-VL family, GLM-4.1V): positions are `[3, ...]` (temporal, height, width) and the
+    # frequencies are split into these three sections (summing to rotary_dim / 2); `mrope_interleaved`
+    # (Qwen3-VL) deals height and width frequencies round-robin into the first 3 * section slots.
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
 
 @dataclass(frozen=True)

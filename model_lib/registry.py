@@ -91,6 +91,8 @@ ARCHITECTURES: dict[str, str] = {
     "Llama4ForCausalLM": "model_lib.families.llama4:LLAMA4",
     "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",
     "LlavaForConditionalGeneration": "model_lib.families.llava:LLAVA",
+    "Qwen2VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
+    "Qwen2_5_VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
     "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
     "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",

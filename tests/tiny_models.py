@@ -107,6 +107,9 @@ LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
 LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, image_size=32, patch_size=8)
+QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4)
+QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
+                         window_size=16, fullatt_block_indexes=[0])
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -443,6 +446,21 @@ CASES = [
         architecture="LlavaForConditionalGeneration",
         model_class="LlavaForConditionalGeneration",
     ),
+    # Qwen-VL text paths (M-RoPE with 1D positions; the image path: tests/model_lib/test_qwen_vl.py).
+    *(TinyCase(
+        f"{name}-text",
+        config_class,
+        dict(text_config={**DIMS, "num_key_value_heads": 2, **SMALL_TOKENS,
+                          "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}},
+             vision_config=vision, image_token_id=VOCAB - 1, vision_start_token_id=VOCAB - 2,
+             vision_end_token_id=VOCAB - 3, video_token_id=VOCAB - 4),
+        dims={},
+        architecture=architecture,
+        model_class=architecture,
+    ) for name, config_class, architecture, vision in (
+        ("qwen2-vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", QWEN2_VL_VISION),
+        ("qwen2_5-vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_VISION),
+    )),
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",
              builder=GROK_BUILDER),

@@ -21,6 +21,7 @@ from flax import nnx
 from model_lib.vision.llava import image_features
 
 from model_lib.vision.merge import MergedEmbeddings
+from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence as Seq
 from serving.multimodal.inputs import ImageItem
@@ -57,6 +58,13 @@ class ImageEncoder:
         v = self.config.vision
         jax.block_until_ready(self._encode(self.graphdef, self.state,
                                            jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)))
+
+    def check_fits(self, items: Sequence[ImageItem]) -> None:
+        """ValueError for an image longer than the per-step encoder budget (it could never be scheduled)."""
+        for item in items:
+            if item.length > self.budget:
+                raise ValueError(f"an image of {item.length} tokens exceeds the encoder budget of {self.budget} "
+                                 "tokens per step (max_num_encoder_input_tokens)")
 
     def empty(self, token_pad: int) -> MergedEmbeddings:
         """A merge that replaces nothing, in the step's shapes (what warm-up compiles)."""
@@ -97,6 +105,13 @@ def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens:
     mm = model.config.multimodal
     if mm is None:
         return None
+    if isinstance(mm, QwenVLConfig):  # image lengths vary: each request's images are checked against the budget
+        from serving.multimodal.qwen_vl import QwenImageEncoder  # it builds on this module
+
+        budget = max_num_batched_tokens if budget is None else budget
+        if not 1 <= budget <= MAX_ENCODER_BUDGET:
+            raise ValueError(f"max_num_encoder_input_tokens must be in [1, {MAX_ENCODER_BUDGET}], got {budget}")
+        return QwenImageEncoder(model, budget)
     budget = max(max_num_batched_tokens, mm.image_tokens) if budget is None else budget
     if not mm.image_tokens <= budget <= MAX_ENCODER_BUDGET:
         raise ValueError(f"max_num_encoder_input_tokens must be in [{mm.image_tokens} (one image), "

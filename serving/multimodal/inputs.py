@@ -26,7 +26,7 @@ class ImageItem:
     offset: int
     length: int
     hash: str
-    pixel_values: np.ndarray  # [C, H, W] float32
+    pixel_values: np.ndarray  # [C, H, W] float32 (Qwen-VL: patch rows by grid, [t, h, w, C*Tp*P*P])
     features: np.ndarray | None = None  # [length, E] once encoded, dropped when every placeholder has KV
 
     @property
@@ -63,10 +63,14 @@ class ImageInputs:
         if count > self.limit:
             raise ValueError(f"the prompt has {count} images; at most {self.limit} per prompt (--limit-mm-per-prompt)")
 
+    def prepare(self, image: Any) -> tuple[np.ndarray, int]:
+        """One image -> (its pixels as the encoder takes them, its placeholder tokens)."""
+        return preprocess(self.processor, image), self.config.image_tokens
+
     def __call__(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageItem]]:
         """ValueError when the images and the prompt's placeholders do not pair up, or an image is bad."""
         self.check_count(len(images))
-        token, size = self.config.image_token_id, self.config.image_tokens
+        token = self.config.image_token_id
         runs = placeholder_runs(prompt_ids, token)
         if len(runs) != len(images):
             raise ValueError(f"the prompt has {len(runs)} image placeholder(s) and {len(images)} image(s) were given")
@@ -74,9 +78,9 @@ class ImageInputs:
         items: list[ImageItem] = []
         cursor = 0
         for (start, length), image in zip(runs, images):
+            pixels, size = self.prepare(image)
             if length not in (1, size):
                 raise ValueError(f"an image placeholder run of {length} tokens; expected 1 or {size}")
-            pixels = preprocess(self.processor, image)
             ids += prompt_ids[cursor:start]
             items.append(ImageItem(len(ids), size, pixel_hash(pixels), pixels))
             ids += [token] * size

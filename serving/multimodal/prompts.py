@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from model_lib.config import ModelConfig
+from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.multimodal.images import load_image_processor
 from serving.multimodal.inputs import ImageInputs
 
@@ -45,4 +46,8 @@ def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dic
         raise ValueError(f"limit_mm_per_prompt takes the modalities {MODALITIES}, got {sorted(limits)}")
     if config.multimodal is None:
         return None
+    from serving.multimodal.qwen_vl import QwenImageInputs
+
+    if isinstance(config.multimodal, QwenVLConfig):
+        return QwenImageInputs(config.multimodal, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT))
     return ImageInputs(config.multimodal, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT))
