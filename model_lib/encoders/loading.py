@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
@@ -105,13 +105,23 @@ def _load_encoder(path: Path, config: EncoderConfig) -> nnx.Module:
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     expected = abstract_params(abstract)
     prefix = None if config.head is None else abstract.base_name
+    return load_by_name(path, abstract, lambda name: _encoder_key(name, prefix, expected), config.architecture)
+
+
+def load_by_name(path: Path, abstract: nnx.Module, key_of: Callable[[str], str | None], architecture: str,
+                 optional: Collection[str] = ()) -> nnx.Module:
+    """Fill the abstract module from the checkpoint's tensors, each put at `key_of(its name)` (None: skipped;
+    HF linear `weight [out, in]` -> our `kernel [in, out]`). Parameters named in `optional` keep their
+    initial values when the checkpoint lacks them; any other missing, unexpected, repeated or wrongly
+    shaped tensor raises `CheckpointError` naming it."""
+    expected = abstract_params(abstract)
     values: dict[str, jax.Array] = {}
     for file, name, tensor in iter_tensors(path):
-        key = _encoder_key(name, prefix, expected)
+        key = key_of(name)
         if key is None:
             continue
         if key not in expected:
-            raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {config.architecture})")
+            raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {architecture})")
         array = tensor.T if key.endswith(".kernel") else tensor
         if key in values:
             raise CheckpointError(f"tensor {name!r} in {file} is a second copy of {key!r}")
@@ -119,11 +129,15 @@ def _load_encoder(path: Path, config: EncoderConfig) -> nnx.Module:
             raise CheckpointError(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, the config implies "
                                   f"{tuple(expected[key].shape)[::-1] if key.endswith('.kernel') else tuple(expected[key].shape)}")
         values[key] = jnp.asarray(np.ascontiguousarray(array.astype(expected[key].get_value().dtype, copy=False)))
-    missing = [k for k in expected if k not in values]
+    missing = [k for k in expected if k not in values and k not in optional]
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     graphdef, state = nnx.split(abstract)
-    filled = [(p, v.replace(value=values[".".join(map(str, p))])) for p, v in nnx.to_flat_state(state)]
+    filled = []
+    for p, v in nnx.to_flat_state(state):
+        key = ".".join(map(str, p))
+        value = values[key] if key in values else jnp.zeros(v.shape, v.get_value().dtype)
+        filled.append((p, v.replace(value=value)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
