@@ -22,7 +22,7 @@ T5_DIMS = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_
 SEQ2SEQ: dict[str, tuple[str, dict]] = {
     "BartForConditionalGeneration": ("BartConfig", dict(BART_DIMS, scale_embedding=True)),
     "MBartForConditionalGeneration": ("MBartConfig", dict(BART_DIMS, decoder_start_token_id=2)),
-    "T5ForConditionalGeneration": ("T5Config", dict(T5_DIMS, feed_forward_proj="relu")),
+    "T5ForConditionalGeneration": ("T5Config", dict(T5_DIMS, feed_forward_proj="relu", decoder_start_token_id=0)),
     "MT5ForConditionalGeneration": ("MT5Config", dict(T5_DIMS, feed_forward_proj="gated-gelu",
                                                       tie_word_embeddings=False)),
     "FSMTForConditionalGeneration": ("FSMTConfig", dict(

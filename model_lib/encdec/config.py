@@ -127,9 +127,9 @@ def seq2seq_config_from_hf(hf: Any, architecture: str, path: Path | None = None)
     pad = hf.pad_token_id if hf.pad_token_id is not None else 0
     start = gen["decoder_start_token_id"]
     if start is None:
-        start = pad if kind == "t5" else hf.bos_token_id
+        start = getattr(hf, "bos_token_id", None)  # transformers' generate falls back to BOS, then refuses
     if start is None:
-        raise ValueError(f"{architecture}: the config names no decoder_start_token_id")
+        raise ValueError(f"{architecture}: the config names neither decoder_start_token_id nor bos_token_id")
     common = dict(architecture=architecture, kind=kind, decoder_start_token_id=int(start),
                   forced_bos_token_id=gen["forced_bos_token_id"], forced_eos_token_id=gen["forced_eos_token_id"],
                   eos_token_ids=_eos_ids(gen["eos_token_id"]), pad_token_id=pad)

@@ -9,7 +9,7 @@ from flax import nnx
 from safetensors import safe_open
 
 from model_lib.checkpoint import CheckpointError, abstract_params, checkpoint_files, read_config_json, resolve_dtype
-from model_lib.encdec.config import SEQ2SEQ_ARCHITECTURES, seq2seq_config_from_hf
+from model_lib.encdec.config import SEQ2SEQ_ARCHITECTURES, Seq2SeqConfig, seq2seq_config_from_hf
 from model_lib.encdec.model import Seq2SeqLM
 from model_lib.encdec.weights import our_name
 from model_lib.encoders.loading import load_by_name
@@ -53,13 +53,15 @@ def load_seq2seq(path: str | Path, *, dtype: Any = None) -> Seq2SeqLM:
         raise CheckpointError(f"checkpoint {path} has no output head and its config does not tie it")
     abstract = nnx.eval_shape(lambda: Seq2SeqLM(config, rngs=nnx.Rngs(0)))
     expected = abstract_params(abstract)
-
-    def key_of(name: str) -> str | None:
-        ours = our_name(config.kind, name)
-        if ours is None:
-            return None
-        module, _, leaf = ours.rpartition(".")
-        return f"{module}.kernel" if leaf == "weight" and f"{module}.kernel" in expected else ours
-
     # transformers starts a missing final_logits_bias at zeros (`_keys_to_ignore_on_load_missing`).
-    return load_by_name(path, abstract, key_of, architecture, optional=("final_logits_bias",))
+    return load_by_name(path, abstract, lambda name: tensor_key(config, expected, name), architecture,
+                        optional=("final_logits_bias",))
+
+
+def tensor_key(config: Seq2SeqConfig, expected: dict[str, Any], name: str) -> str | None:
+    """Our parameter path for the checkpoint tensor `name` (None: skipped); linear weights are kernels."""
+    ours = our_name(config.kind, name)
+    if ours is None:
+        return None
+    module, _, leaf = ours.rpartition(".")
+    return f"{module}.kernel" if leaf == "weight" and f"{module}.kernel" in expected else ours

@@ -9,6 +9,11 @@ BART's layout and back (the way back names PEFT's modules).
 from __future__ import annotations
 
 import re
+from typing import Any
+
+from model_lib.encdec.config import SEQ2SEQ_ARCHITECTURES
+from model_lib.registry import Family
+from model_lib.weight_map import WeightMap
 
 # (HF pattern, our path) per kind, tried in order; None drops the tensor (tied copies, unused buffers).
 _T5 = [
@@ -28,16 +33,18 @@ _T5 = [
     (r"(encoder|decoder)\.final_layer_norm\.(.*)", r"model.\1.layer_norm.\2"),
     (r"lm_head\.(.*)", r"lm_head.\1"),
 ]
-_T5_MODULES = [  # our linear module path -> HF's
-    (r"model\.(encoder|decoder)\.layers\.(\d+)\.self_attn\.(\w+)", r"\1.block.\2.layer.0.SelfAttention.\3"),
-    (r"model\.decoder\.layers\.(\d+)\.encoder_attn\.(\w+)", r"decoder.block.\1.layer.1.EncDecAttention.\2"),
-    (r"model\.encoder\.layers\.(\d+)\.(wi|wi_0|wi_1|wo)", r"encoder.block.\1.layer.1.DenseReluDense.\2"),
-    (r"model\.decoder\.layers\.(\d+)\.(wi|wi_0|wi_1|wo)", r"decoder.block.\1.layer.2.DenseReluDense.\2"),
-]
 _FSMT = [(r"model\.decoder\.output_projection\.(.*)", r"lm_head.\1")]
-_FSMT_MODULES = [(r"lm_head", r"model.decoder.output_projection")]
 _NAMES = {"t5": _T5, "fsmt": _FSMT, "bart": []}
-_MODULES = {"t5": _T5_MODULES, "fsmt": _FSMT_MODULES, "bart": []}
+
+# (HF module, our module) per kind: what PEFT names our linear layers (`WeightMap.renames` patterns).
+_T5_MODULES = tuple(
+    [(f"{stack}.block.{{i}}.layer.0.SelfAttention.{p}", f"model.{stack}.layers.{{i}}.self_attn.{p}")
+     for stack in ("encoder", "decoder") for p in "qkvo"]
+    + [(f"decoder.block.{{i}}.layer.1.EncDecAttention.{p}", f"model.decoder.layers.{{i}}.encoder_attn.{p}") for p in "qkvo"]
+    + [(f"{stack}.block.{{i}}.layer.{index}.DenseReluDense.{p}", f"model.{stack}.layers.{{i}}.{p}")
+       for stack, index in (("encoder", 1), ("decoder", 2)) for p in ("wi", "wi_0", "wi_1", "wo")]
+)
+_MODULES = {"t5": _T5_MODULES, "fsmt": (("model.decoder.output_projection", "lm_head"),), "bart": ()}
 
 
 def _rewrite(table: list[tuple[str, str | None]], name: str) -> str | None:
@@ -54,6 +61,14 @@ def our_name(kind: str, name: str) -> str | None:
     return _rewrite(_NAMES[kind], name)
 
 
-def hf_module(kind: str, path: str) -> str:
-    """The HF module path (PEFT's name) of our module `path`."""
-    return _rewrite(_MODULES[kind], path)
+def _not_decoder_only(hf: Any, architecture: str) -> Any:
+    raise ValueError(f"{architecture} is an encoder-decoder: load it with model_lib.encdec.load_seq2seq "
+                     "(serving.LLM and train do)")
+
+
+def seq2seq_family(architecture: str) -> Family | None:
+    """The registry's view of an encoder-decoder: its PEFT module names (None: not one of ours)."""
+    kind = SEQ2SEQ_ARCHITECTURES.get(architecture)
+    if kind is None:
+        return None
+    return Family(architecture, _not_decoder_only, WeightMap(renames=_MODULES[kind]), quirks="encoder-decoder")

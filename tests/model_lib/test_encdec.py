@@ -54,7 +54,7 @@ def test_padded_logits_match_transformers(checkpoint):
 
 def test_greedy_generation_matches_transformers(checkpoint):
     architecture, folder, reference = checkpoint
-    llm = LLM(str(folder), max_num_seqs=4, max_num_batched_tokens=64, num_pages=32, page_size=8)
+    llm = LLM(str(folder), max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64, num_pages=32, page_size=8)
     config = llm.engine.model_config
     ids, mask = source_batch(LENGTHS, seed=2, vocab=config.src_vocab_size)
     want = _hf_generate(reference, ids, mask, set(config.eos_token_ids))
