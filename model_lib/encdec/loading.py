@@ -8,7 +8,8 @@ from typing import Any
 from flax import nnx
 from safetensors import safe_open
 
-from model_lib.checkpoint import CheckpointError, abstract_params, checkpoint_files, read_config_json, resolve_dtype
+from model_lib.checkpoint import (CheckpointError, abstract_params, architecture_in, checkpoint_files, read_hf_config,
+                                  resolve_dtype)
 from model_lib.encdec.config import SEQ2SEQ_ARCHITECTURES, Seq2SeqConfig, seq2seq_config_from_hf
 from model_lib.encdec.model import Seq2SeqLM
 from model_lib.encdec.weights import our_name
@@ -19,11 +20,7 @@ HEAD = "lm_head.kernel"
 
 def seq2seq_architecture(path: str | Path) -> str | None:
     """The checkpoint's architecture if it is an encoder-decoder we serve (else None)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return None
-    architectures = read_config_json(path).get("architectures") or []
-    return architectures[0] if architectures and architectures[0] in SEQ2SEQ_ARCHITECTURES else None
+    return architecture_in(path, SEQ2SEQ_ARCHITECTURES)
 
 
 def _has_head(path: Path, kind: str) -> bool:
@@ -37,15 +34,8 @@ def _has_head(path: Path, kind: str) -> bool:
 
 def load_seq2seq(path: str | Path, *, dtype: Any = None) -> Seq2SeqLM:
     """`dtype`: float32, bfloat16 or float16 (default: the checkpoint's own)."""
-    from transformers import AutoConfig
-
     path = Path(path)
-    raw = read_config_json(path)
-    architecture = (raw.get("architectures") or [None])[0]
-    if architecture not in SEQ2SEQ_ARCHITECTURES:
-        raise CheckpointError(f"{path}: architecture {architecture!r} is no encoder-decoder; supported: "
-                              f"{', '.join(sorted(SEQ2SEQ_ARCHITECTURES))}")
-    hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    raw, architecture, hf = read_hf_config(path, SEQ2SEQ_ARCHITECTURES, "an encoder-decoder")
     config = seq2seq_config_from_hf(hf, architecture, path).replace(dtype=resolve_dtype(dtype, raw))
     if _has_head(path, config.kind):
         config = config.replace(tie_output=False)

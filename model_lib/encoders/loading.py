@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_lib.checkpoint import CheckpointError, abstract_params, iter_tensors, load_params, read_config_json, resolve_dtype
+from model_lib.checkpoint import (CheckpointError, abstract_params, architecture_in, iter_tensors, load_params, read_hf_config,
+                                  resolve_dtype)
 from model_lib.encoders.bert import EncoderForSequenceClassification, EncoderModel
 from model_lib.encoders.config import EncoderConfig, encoder_config_from_hf
 from model_lib.encoders.pooling import PoolingSpec, pool, read_pooling_spec
@@ -43,11 +44,7 @@ _SKIPPED = re.compile(r"(^|\.)(position_ids|token_type_ids)$|^(cls|lm_head)\.")
 
 def pooling_architecture(path: str | Path) -> str | None:
     """The checkpoint's architecture if it is a pooling one (else None; GGUF files are generative)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return None
-    architectures = read_config_json(path).get("architectures") or []
-    return architectures[0] if architectures and architectures[0] in POOLING_ARCHITECTURES else None
+    return architecture_in(path, POOLING_ARCHITECTURES)
 
 
 @dataclass
@@ -143,17 +140,10 @@ def load_by_name(path: Path, abstract: nnx.Module, key_of: Callable[[str], str |
 
 def load_pooling_model(path: str | Path, *, dtype: Any = None) -> PoolingModel:
     """Load a pooling checkpoint folder (config.json + safetensors); `dtype` as `from_pretrained`'s."""
-    from transformers import AutoConfig
-
     from model_lib.families.llama import QWEN2
 
     path = Path(path)
-    raw = read_config_json(path)
-    architecture = (raw.get("architectures") or [None])[0]
-    if architecture not in POOLING_ARCHITECTURES:
-        raise CheckpointError(f"{path}: architecture {architecture!r} is no pooling model; supported: "
-                              f"{', '.join(sorted(POOLING_ARCHITECTURES))}")
-    hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    raw, architecture, hf = read_hf_config(path, POOLING_ARCHITECTURES, "a pooling model")
     name = resolve_dtype(dtype, raw)
     if architecture in REWARD_LABELS:
         config = QWEN2.config_from_hf(hf, architecture).replace(dtype=name)

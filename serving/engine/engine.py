@@ -236,6 +236,10 @@ class LLMEngine:
                 "which must leave room for at least one generated token"
             )
 
+    def context_tokens(self, prompt_ids: list[int]) -> int:
+        """What a prompt takes of max_model_len: its length, or an encoder-decoder's decoder prompt."""
+        return len(prompt_ids) if self.seq2seq is None else len(self.seq2seq.decoder_prompt)
+
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """`validate_prompt`, then the engine's limits on the parameters (ValueError naming the limit),
         then the structured-output constraint, compiled (and cached) here so a bad one is the caller's error."""

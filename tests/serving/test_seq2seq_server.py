@@ -1,5 +1,6 @@
 """`/v1/completions` of an encoder-decoder (tiny BART; the prompt is the encoder's input) equals
-transformers' greedy `generate`, and a bad prompt is the request's 400, not the engine's end."""
+transformers' greedy `generate`; a source too long for the encoder is the request's 400, and a source does not
+count against the decoder's max_model_len."""
 
 from __future__ import annotations
 
@@ -38,5 +39,6 @@ def test_openai_client_completions_equal_transformers(bart):
         assert response.usage.completion_tokens == len(tokens)
     with pytest.raises(openai.BadRequestError, match="at most 64"):
         client.completions.create(model="tiny", prompt=[5] * 65, max_tokens=4)
-    again = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2, temperature=0)
-    assert again.usage.completion_tokens >= 1
+    # A 60-token source and 8 new tokens: only the decoder's tokens count against max_model_len (64).
+    long = client.completions.create(model="tiny", prompt=[5] * 60, max_tokens=8, temperature=0)
+    assert long.usage.prompt_tokens == 60 and long.usage.completion_tokens >= 1
