@@ -179,6 +179,19 @@ def _dense_attention(attn: MultiHeadAttention, x: jax.Array, memory: jax.Array, 
     return attn.output(out)
 
 
+class _PagedSelfAttention:
+    """Decoder self-attention over the paged pools of one layer; keeps the pools it wrote."""
+
+    def __init__(self, kv_cache: tuple, batch: PagedBatch, options: dict):
+        self.kv_cache, self.batch, self.options = kv_cache, batch, options
+
+    def __call__(self, attn: MultiHeadAttention, h: jax.Array) -> jax.Array:
+        out, k_cache, v_cache = parallel.paged_attention(attn.project(0, h), attn.project(1, h), attn.project(2, h),
+                                                         *self.kv_cache, self.batch.meta, **self.options)
+        self.kv_cache = (k_cache, v_cache)
+        return attn.output(out)
+
+
 class Seq2SeqLM(nnx.Module):
     """`BartForConditionalGeneration` and its relatives: `model` (encoder, decoder), output head."""
 
@@ -266,21 +279,11 @@ class Seq2SeqLM(nnx.Module):
         options = {"scale": stack.layers[0].self_attn.scale} | ({} if bias is None else {"position_bias": bias})
         updated = []
         for layer, (self_kv, cross) in zip(stack.layers, kv_caches):
-            written = []
-
-            def self_attend(attn, h, self_kv=self_kv, written=written):
-                out, k_cache, v_cache = parallel.paged_attention(
-                    attn.project(0, h), attn.project(1, h), attn.project(2, h), *self_kv, batch.meta, **options)
-                written.append((k_cache, v_cache))
-                return attn.output(out)
-
-            def cross_attend(attn, h, cross=cross):
-                k_pool, v_pool, lengths = cross
-                return attn.output(cross_attention(attn.project(0, h), k_pool, v_pool, lengths, token_slots,
-                                                   scale=attn.scale))
-
+            self_attend = _PagedSelfAttention(self_kv, batch, options)
+            cross_attend = lambda attn, h, cross=cross: attn.output(  # noqa: E731
+                cross_attention(attn.project(0, h), *cross, token_slots, scale=attn.scale))
             x = layer(x, self_attend, cross_attend)
-            updated.append((written[0], cross))
+            updated.append((self_attend.kv_cache, cross))
         hidden = stack.finish(x)
         if logits_indices is not None:
             hidden = hidden[logits_indices]
