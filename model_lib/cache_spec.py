@@ -8,6 +8,13 @@ says what it costs, so the runner and the engine need no branch per kind:
 - `RecurrentState`: fixed-size arrays per sequence (SSM, RG-LRU, conv tails), one row per engine slot,
   `[num_slots, *shape]`; the last slot is the padding rows' scratch. Pages cannot rebuild it, so a model
   holding one serves without prefix caching.
+- `CrossKV`: an encoder's keys and values for one cross-attention layer, one row of `max_len` positions per
+  engine slot (`[num_slots, max_len, K, D]` each, and each slot's encoder length), written once when the
+  encoder runs for the sequence (an encoder-decoder's text encoder; Whisper's audio or Mllama's image
+  encoder would fill it the same way). Its rows belong to the slot: finishing, aborting or preempting a
+  sequence frees them with the slot, and a recomputed sequence runs its encoder again. The decoder's
+  self-attention KV depends on the encoder input, so a model holding one serves without prefix caching.
+- `LayerSpecs`: several of the above in one layer (a decoder layer's `PagedKV` and `CrossKV`).
 
 A `LayerScan` segment (`model_lib.layer_scan`) stacks `repeats` layers of the same spec: paged pools gain
 the layer axis after the head axis (`[K, L, P, B, D]`), recurrent pools in front (`[L, num_slots, ...]`).
@@ -113,7 +120,55 @@ class RecurrentState:
         return tuple(pools)
 
 
-CacheSpec = PagedKV | LatentKV | RecurrentState
+@dataclass(frozen=True)
+class CrossKV:
+    """Encoder keys and values of `kv_heads` heads of `head_dim`, up to `max_len` positions per slot."""
+
+    kv_heads: int
+    head_dim: int
+    max_len: int
+    dtype: str = "float32"  # the model's: encoder outputs are not quantized like pages
+    prefix_cacheable = False
+
+    def page_bytes(self, page_size: int, dtype: Any) -> int:
+        return 0
+
+    def fixed_bytes(self, num_slots: int) -> int:
+        per_slot = 2 * self.max_len * self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize + 4
+        return num_slots * per_slot
+
+    def allocate(self, sizes: PoolSizes, dtype: Any = None, sharding_fn: ShardingFn = None,
+                 repeats: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Zeroed `(k, v)` pools `[num_slots, max_len, K, D]` and lengths `[num_slots]` (int32)."""
+        if repeats is not None:
+            raise ValueError("CrossKV pools are not stacked for scanned layers")
+        shape = (sizes.num_slots, self.max_len, self.kv_heads, self.head_dim)
+        device = None if sharding_fn is None else sharding_fn((None, None, "kv_heads", None), shape)
+        lengths = jnp.zeros((sizes.num_slots,), jnp.int32)
+        return jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device), lengths
+
+
+@dataclass(frozen=True)
+class LayerSpecs:
+    """The states of a layer that keeps more than one (allocated as a tuple, in order)."""
+
+    parts: tuple[Any, ...]
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        return all(part.prefix_cacheable for part in self.parts)
+
+    def page_bytes(self, page_size: int, dtype: Any) -> int:
+        return sum(part.page_bytes(page_size, dtype) for part in self.parts)
+
+    def fixed_bytes(self, num_slots: int) -> int:
+        return sum(part.fixed_bytes(num_slots) for part in self.parts)
+
+    def allocate(self, sizes: PoolSizes, dtype: Any, sharding_fn: ShardingFn = None, repeats: int | None = None):
+        return tuple(part.allocate(sizes, dtype, sharding_fn, repeats) for part in self.parts)
+
+
+CacheSpec = PagedKV | LatentKV | RecurrentState | CrossKV | LayerSpecs
 
 
 def _paged_shape(heads: int, dim: int, sizes: PoolSizes, repeats: int | None):

@@ -15,7 +15,7 @@ import copy
 import json
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,28 @@ def read_config_json(path: Path) -> dict[str, Any]:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def architecture_in(path: str | Path, table: Container[str]) -> str | None:
+    """The checkpoint folder's architecture if `table` holds it (None otherwise, or for a GGUF file)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        return None
+    architectures = read_config_json(path).get("architectures") or []
+    return architectures[0] if architectures and architectures[0] in table else None
+
+
+def read_hf_config(path: Path, table: Container[str], what: str) -> tuple[dict[str, Any], str, Any]:
+    """(config.json, its architecture, the transformers config) of a checkpoint whose architecture `table`
+    holds; `CheckpointError` naming the supported ones (`what`: "a pooling model", ...) otherwise."""
+    from transformers import AutoConfig
+
+    raw = read_config_json(path)
+    architecture = (raw.get("architectures") or [None])[0]
+    if architecture not in table:
+        raise CheckpointError(f"{path}: architecture {architecture!r} is not {what}; supported: "
+                              f"{', '.join(sorted(table))}")
+    return raw, architecture, AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
 
 
 def resolve_dtype(dtype: Any, hf_config: dict[str, Any]) -> str:

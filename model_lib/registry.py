@@ -112,7 +112,11 @@ def get_family(architecture: str) -> Family:
     try:
         target = ARCHITECTURES[architecture]
     except KeyError:
+        from model_lib.encdec.weights import seq2seq_family
         from model_lib.encoders.loading import POOLING_ARCHITECTURES
+
+        if (family := seq2seq_family(architecture)) is not None:
+            return family  # its weight names (PEFT's modules); model_lib.encdec loads it
 
         hint = (f" ({architecture} is a pooling model: load it with model_lib.encoders.load_pooling_model, "
                 "or serving.LLM / serve, which serve its embed, classify, score or reward task)"

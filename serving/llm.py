@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 import model_lib
 from model_lib import distributed
+from model_lib.encdec import seq2seq_architecture
 from model_lib.encoders import decoder_pooling_model, load_pooling_model, pooling_architecture
 from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
@@ -31,6 +32,7 @@ from serving.multimodal.prompts import image_inputs, split_prompt
 from serving.outputs import RequestOutput
 from serving.pooling_api import PoolingMethods
 from serving.sampling_params import RequestOutputKind, SamplingParams
+from serving.seq2seq import seq2seq_engine_model
 from serving.spec_decode import SpeculativeConfig
 from serving.spec_decode.build import check_draft_vocab
 from serving.text_input import check_text
@@ -130,6 +132,11 @@ class LLM(PoolingMethods):
             if engine_args.get("enable_lora") or engine_args.get("speculative_config"):
                 raise ValueError("LoRA adapters and speculative decoding are for generative models, not pooling models")
             self.engine = PoolingEngine(load_pooling_model(model, dtype=dtype), self.tokenizer, EngineConfig(**engine_args))
+        elif seq2seq_architecture(model) is not None:  # the prompt is the encoder's input (serving/seq2seq.py)
+            net = seq2seq_engine_model(model, dtype=dtype, plan=plan, quantization=quantization, engine_args=engine_args)
+            if enable_embeddings:
+                raise ValueError("enable_embeddings is for decoder-only models")
+            self.engine = LLMEngine(net, self.tokenizer, EngineConfig(**engine_args))
         else:
             net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
             self.image_inputs = image_inputs(model, net.config, limit_mm_per_prompt)

@@ -45,6 +45,7 @@ class DataConfig:
     max_seq_length: int = 1024
     packing: bool = False
     add_eos: bool = True
+    decoder_start_token_id: int | None = None  # set for an encoder-decoder (training/seq2seq_data.py)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids; IGNORE = no loss on predicting this token
     images: list[ExampleImage] = field(default_factory=list)  # vision-language chat data (training/images.py)
+    decoder_ids: list[int] | None = None  # an encoder-decoder's decoder input (input_ids is its source)
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -150,6 +152,10 @@ def _no_images(source: str) -> bytes:
 def to_example(record: dict[str, Any], tokenizer: Any, config: DataConfig, where: str,
                images: TrainingImages | None = None) -> Example:
     """One record in any supported format -> token ids and labels (and a chat's images)."""
+    if config.decoder_start_token_id is not None:
+        from training.seq2seq_data import seq2seq_example
+
+        return seq2seq_example(record, tokenizer, config, where)
     try:
         if "input_ids" in record:
             ids = [int(t) for t in record["input_ids"]]
@@ -187,6 +193,11 @@ def load_examples(
     examples = []
     for where, record in read_records(path):
         example = to_example(record, tokenizer, config, where, images)
+        if example.decoder_ids is not None:
+            from training.seq2seq_data import truncate
+
+            examples.append(truncate(example, config.max_seq_length))
+            continue
         example.input_ids = example.input_ids[: config.max_seq_length]
         example.labels = example.labels[: config.max_seq_length]
         if len(example.input_ids) >= 2:
@@ -213,6 +224,8 @@ class Batch:
     # the feature row it takes among the batch's `rows * slots * F` image rows (-1: its own embedding).
     pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32
     image_index: np.ndarray | None = None  # [rows, L] int32
+    # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
+    decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
 
     def num_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
@@ -241,7 +254,12 @@ def make_batch(
 ) -> Batch:
     """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape.
 
-    `image_slots` > 0: the batch carries images, that many per row (rows of one example each)."""
+    `image_slots` > 0: the batch carries images, that many per row (rows of one example each).
+    Encoder-decoder examples make `training.seq2seq_data.seq2seq_batch`es."""
+    if any(row and row[0].decoder_ids is not None for row in rows):
+        from training.seq2seq_data import seq2seq_batch
+
+        return seq2seq_batch(rows, max_seq_length, num_rows)
     shape = (num_rows or len(rows), max_seq_length)
     input_ids = np.zeros(shape, np.int32)
     segment_ids = np.zeros(shape, np.int32)

@@ -34,6 +34,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 import model_lib
+from model_lib.checkpoint import read_config_json, resolve_dtype
+from model_lib.encdec import load_seq2seq, seq2seq_architecture
+from model_lib.encdec.export import save_seq2seq
 from model_lib.layers.linear import LoRAParam
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, moe_blocks, router_aux_loss
 from model_lib.lora import apply_lora, merge_lora, param_bytes, save_peft_adapter
@@ -79,10 +82,22 @@ def token_loss(model: nnx.Module, batch: Batch, router_aux_coef: float = 0.0) ->
         (ce_sum, count), router_logits = capture_router_logits(token_loss)(model, batch)
         aux = router_aux_loss(model.config, router_logits, batch.segment_ids != 0)
         return ce_sum + router_aux_coef * aux * count, count
-    logits = model(batch.input_ids, segment_ids=batch.segment_ids, **image_inputs(model, batch))
+    if batch.decoder_input_ids is not None:  # an encoder-decoder: sources in, targets along the decoder inputs
+        logits = model(batch.input_ids, batch.segment_ids != 0, batch.decoder_input_ids)
+    else:
+        logits = model(batch.input_ids, segment_ids=batch.segment_ids, **image_inputs(model, batch))
     mask = batch.targets != IGNORE
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, batch.targets, 0))
     return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def seq2seq_model(config: TrainConfig, dtype: str, plan: ShardingPlan | None) -> nnx.Module:
+    """An encoder-decoder to fine-tune, refusing what its training does not cover yet (by name)."""
+    refused = [name for name, used in (("qlora", config.peft_method == "qlora"), ("a mesh", plan is not None),
+                                       ("packing", config.packing)) if used]
+    if refused:
+        raise ValueError(f"encoder-decoder fine-tuning does not support {', '.join(refused)} yet")
+    return load_seq2seq(config.model_name_or_path, dtype=dtype)
 
 
 def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
@@ -152,7 +167,12 @@ class Trainer:
         quantization = None
         if c.peft_method == "qlora":
             quantization = "nf4-embeddings" if c.quantize_embeddings else "nf4"
-        model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan, quantization=quantization)
+        self.seq2seq = seq2seq_architecture(c.model_name_or_path) is not None
+        if self.seq2seq:
+            model = seq2seq_model(c, base_dtype, self.plan)
+        else:
+            model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan,
+                                              quantization=quantization)
         self.lora_config = c.lora_config()
         if self.lora_config is not None:
             apply_lora(model, self.lora_config, seed=c.seed)
@@ -180,6 +200,7 @@ class Trainer:
         data = DataConfig(
             dataset_text_field=c.dataset_text_field, response_template=c.response_template,
             data_formatter_template=c.data_formatter_template, max_seq_length=c.max_seq_length, packing=c.packing,
+            decoder_start_token_id=self.model.config.decoder_start_token_id if self.seq2seq else None,
         )
         images = None
         if self.model.config.multimodal is not None:
@@ -437,21 +458,32 @@ class Trainer:
         if self.lora_config is None:
             exported = nnx.merge(self.eval_graphdef, _cast_floating(trainable, jnp.dtype(self._base_dtype())),
                                  self.rng_state, self.frozen)
-            model_lib.save_pretrained(exported, self.output_dir)
+            self._save(exported, self.output_dir)
             self._copy_tokenizer(self.output_dir)
             return
         save_peft_adapter(model, self.lora_config, self.output_dir, str(c.model_name_or_path))
         self._copy_tokenizer(self.output_dir)
         if c.merge_lora:
-            base = model_lib.from_pretrained(c.model_name_or_path, dtype=c.torch_dtype)
+            if self.seq2seq:
+                base = load_seq2seq(c.model_name_or_path, dtype=c.torch_dtype)
+            else:
+                base = model_lib.from_pretrained(c.model_name_or_path, dtype=c.torch_dtype)
             from model_lib.lora import load_peft_adapter
 
             load_peft_adapter(base, self.output_dir)
             merge_lora(base)
-            model_lib.save_pretrained(base, self.output_dir / "merged")
+            self._save(base, self.output_dir / "merged")
             self._copy_tokenizer(self.output_dir / "merged")
 
+    def _save(self, model: nnx.Module, target: Path) -> None:
+        if self.seq2seq:
+            save_seq2seq(model, self.config.model_name_or_path, target)
+        else:
+            model_lib.save_pretrained(model, target)
+
     def _base_dtype(self) -> str:
+        if self.seq2seq:
+            return resolve_dtype(None, read_config_json(Path(self.config.model_name_or_path)))
         return model_lib.load_config(self.config.model_name_or_path)[0].dtype
 
     def _copy_tokenizer(self, target: Path) -> None:

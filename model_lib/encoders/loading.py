@@ -13,14 +13,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_lib.checkpoint import CheckpointError, abstract_params, iter_tensors, load_params, read_config_json, resolve_dtype
+from model_lib.checkpoint import (CheckpointError, abstract_params, architecture_in, iter_tensors, load_params, read_hf_config,
+                                  resolve_dtype)
 from model_lib.encoders.bert import EncoderForSequenceClassification, EncoderModel
 from model_lib.encoders.config import EncoderConfig, encoder_config_from_hf
 from model_lib.encoders.pooling import PoolingSpec, pool, read_pooling_spec
@@ -43,11 +44,7 @@ _SKIPPED = re.compile(r"(^|\.)(position_ids|token_type_ids)$|^(cls|lm_head)\.")
 
 def pooling_architecture(path: str | Path) -> str | None:
     """The checkpoint's architecture if it is a pooling one (else None; GGUF files are generative)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        return None
-    architectures = read_config_json(path).get("architectures") or []
-    return architectures[0] if architectures and architectures[0] in POOLING_ARCHITECTURES else None
+    return architecture_in(path, POOLING_ARCHITECTURES)
 
 
 @dataclass
@@ -105,13 +102,23 @@ def _load_encoder(path: Path, config: EncoderConfig) -> nnx.Module:
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     expected = abstract_params(abstract)
     prefix = None if config.head is None else abstract.base_name
+    return load_by_name(path, abstract, lambda name: _encoder_key(name, prefix, expected), config.architecture)
+
+
+def load_by_name(path: Path, abstract: nnx.Module, key_of: Callable[[str], str | None], architecture: str,
+                 optional: Collection[str] = ()) -> nnx.Module:
+    """Fill the abstract module from the checkpoint's tensors, each put at `key_of(its name)` (None: skipped;
+    HF linear `weight [out, in]` -> our `kernel [in, out]`). Parameters named in `optional` keep their
+    initial values when the checkpoint lacks them; any other missing, unexpected, repeated or wrongly
+    shaped tensor raises `CheckpointError` naming it."""
+    expected = abstract_params(abstract)
     values: dict[str, jax.Array] = {}
     for file, name, tensor in iter_tensors(path):
-        key = _encoder_key(name, prefix, expected)
+        key = key_of(name)
         if key is None:
             continue
         if key not in expected:
-            raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {config.architecture})")
+            raise CheckpointError(f"unexpected tensor {name!r} in {file} (no parameter {key!r} in {architecture})")
         array = tensor.T if key.endswith(".kernel") else tensor
         if key in values:
             raise CheckpointError(f"tensor {name!r} in {file} is a second copy of {key!r}")
@@ -119,27 +126,24 @@ def _load_encoder(path: Path, config: EncoderConfig) -> nnx.Module:
             raise CheckpointError(f"tensor {name!r} in {file} has shape {tuple(tensor.shape)}, the config implies "
                                   f"{tuple(expected[key].shape)[::-1] if key.endswith('.kernel') else tuple(expected[key].shape)}")
         values[key] = jnp.asarray(np.ascontiguousarray(array.astype(expected[key].get_value().dtype, copy=False)))
-    missing = [k for k in expected if k not in values]
+    missing = [k for k in expected if k not in values and k not in optional]
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     graphdef, state = nnx.split(abstract)
-    filled = [(p, v.replace(value=values[".".join(map(str, p))])) for p, v in nnx.to_flat_state(state)]
+    filled = []
+    for p, v in nnx.to_flat_state(state):
+        key = ".".join(map(str, p))
+        value = values[key] if key in values else jnp.zeros(v.shape, v.get_value().dtype)
+        filled.append((p, v.replace(value=value)))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def load_pooling_model(path: str | Path, *, dtype: Any = None) -> PoolingModel:
     """Load a pooling checkpoint folder (config.json + safetensors); `dtype` as `from_pretrained`'s."""
-    from transformers import AutoConfig
-
     from model_lib.families.llama import QWEN2
 
     path = Path(path)
-    raw = read_config_json(path)
-    architecture = (raw.get("architectures") or [None])[0]
-    if architecture not in POOLING_ARCHITECTURES:
-        raise CheckpointError(f"{path}: architecture {architecture!r} is no pooling model; supported: "
-                              f"{', '.join(sorted(POOLING_ARCHITECTURES))}")
-    hf = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    raw, architecture, hf = read_hf_config(path, POOLING_ARCHITECTURES, "a pooling model")
     name = resolve_dtype(dtype, raw)
     if architecture in REWARD_LABELS:
         config = QWEN2.config_from_hf(hf, architecture).replace(dtype=name)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.position_bias import RelativePositionBias
+
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -63,11 +65,13 @@ def attention(
     sinks: jax.Array | None = None,
     chunk_size: int | None = None,
     causal: bool = True,
+    position_bias: RelativePositionBias | None = None,
 ) -> jax.Array:
     """Attention of `q [B,T,H,D]` over `k, v [B,S,K,D]`; returns `[B,T,H,D]` in q's dtype.
 
     `sinks [H]` (gpt-oss): one learned logit per query head that joins every row's
-    softmax denominator and attends to nothing.
+    softmax denominator and attends to nothing. `position_bias` (T5's relative buckets,
+    `pallas_kernels/position_bias.py`) adds one logit per head and query/key position pair.
     """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -80,6 +84,9 @@ def attention(
         distance = (kv_positions[:, None, :] - q_positions[:, :, None]).astype(jnp.float32)  # [B, T, S]
         slopes = alibi_slopes.astype(jnp.float32).reshape(1, num_kv_heads, groups, 1, 1)
         logits = logits + slopes * distance[:, None, None]
+    if position_bias is not None:
+        bias = position_bias(q_positions[:, :, None], kv_positions[:, None, :])  # [B, T, S, H]
+        logits = logits + bias.transpose(0, 3, 1, 2).reshape(batch, num_kv_heads, groups, q_len, -1)
     visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk_size, causal)
     logits = jnp.where(visible[:, None, None, :, :], logits, MASK_VALUE)
     if sinks is None:

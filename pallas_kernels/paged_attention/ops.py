@@ -85,6 +85,8 @@ def attend_pages(
     (every query head of `q` uses it), again without slicing a copy (`reference.layer_pages`).
     """
     (k_cache, v_cache), meta = reference.layer_pages((k_cache, v_cache), meta, layer, head)
+    if implementation is None and options.get("position_bias") is not None:
+        implementation = "reference"  # T5's relative buckets: no kernel or tiled path takes them yet
     if implementation is None:
         reason = _kernel_unsupported(q, k_cache, options.get("value_dim"))
         if reason is None:

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels.position_bias import RelativePositionBias
 from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values, store_tokens
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -155,6 +156,7 @@ def attention_weights(
     sinks: jax.Array | None,
     alibi_slopes: jax.Array | None,
     chunk_size: int | None = None,
+    position_bias: RelativePositionBias | None = None,
 ) -> jax.Array:
     """Scaled logits `[..., K, G, L]` over keys 0..L-1 of each row's sequence -> float32 softmax weights.
 
@@ -169,6 +171,9 @@ def attention_weights(
     if alibi_slopes is not None:
         slopes = alibi_slopes.astype(jnp.float32).reshape(num_kv_heads, groups, 1)
         logits = logits + slopes * (kv_index - q_pos).astype(jnp.float32)
+    if position_bias is not None:  # [..., L, H] -> [..., K, G, L]
+        bias = jnp.moveaxis(position_bias(positions[..., None], kv_index), -1, -2)
+        logits = logits + bias.reshape(*bias.shape[:-2], num_kv_heads, groups, num_keys)
     visible = (kv_index <= q_pos) & valid[..., None, None, None]
     if sliding_window is not None:
         visible &= q_pos - kv_index < sliding_window
@@ -201,9 +206,11 @@ def paged_attention(
     chunk_size: int | None = None,
     value_dim: int | None = None,
     layer: jax.Array | int | None = None,
+    position_bias: RelativePositionBias | None = None,
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV of `layer`; `[T, H, D]`
-    (`[T, H, value_dim]` over latent pages, `v_cache` None)."""
+    (`[T, H, value_dim]` over latent pages, `v_cache` None). `position_bias`: T5's relative buckets
+    (`pallas_kernels/position_bias.py`), the reference alone takes it."""
     (k_cache, v_cache), meta = layer_pages((k_cache, v_cache), meta, layer)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = page_values(k_cache).shape
@@ -217,7 +224,8 @@ def paged_attention(
     qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                              alibi_slopes=alibi_slopes, chunk_size=chunk_size).astype(values.dtype)
+                              alibi_slopes=alibi_slopes, chunk_size=chunk_size,
+                              position_bias=position_bias).astype(values.dtype)
     out = jnp.einsum("tkgs,ktsd->tkgd", probs, values, preferred_element_type=jnp.float32)
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_heads, values.shape[-1]).astype(q.dtype)

@@ -36,6 +36,7 @@ from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows,
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
 from serving.multimodal.encoder import image_encoder, release_prefilled
+from serving.seq2seq import seq2seq_encoder
 from serving.multimodal.inputs import ImageItem, check_placeholders
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
@@ -179,9 +180,12 @@ class LLMEngine:
                         mc.architecture)
         self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=prefix_caching)
         self.images = image_encoder(model, config.max_num_encoder_input_tokens, config.max_num_batched_tokens)
+        # Encoder-decoders: the prompt is the encoder's input (serving/seq2seq.py).
+        self.seq2seq = seq2seq_encoder(model, config.max_num_encoder_input_tokens, config.max_num_batched_tokens)
+        encoder = self.images or self.seq2seq
         self.scheduler = Scheduler(
             self.pool, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            encoder_budget=None if self.images is None else self.images.budget,
+            encoder_budget=None if encoder is None else encoder.budget,
         )
         if config.enable_lora and jax.process_count() > 1:
             raise ValueError("LoRA adapters are not served across processes yet (multi-host)")
@@ -219,6 +223,8 @@ class LLMEngine:
 
         Reads only fixed settings, so front ends may call it from any thread.
         """
+        if self.seq2seq is not None:
+            return self.seq2seq.validate_source(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -229,6 +235,10 @@ class LLMEngine:
                 f"prompt is {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
                 "which must leave room for at least one generated token"
             )
+
+    def context_tokens(self, prompt_ids: list[int]) -> int:
+        """What a prompt takes of max_model_len: its length, or an encoder-decoder's decoder prompt."""
+        return len(prompt_ids) if self.seq2seq is None else len(self.seq2seq.decoder_prompt)
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """`validate_prompt`, then the engine's limits on the parameters (ValueError naming the limit),
@@ -269,6 +279,9 @@ class LLMEngine:
         check_placeholders(prompt_ids, images, self.model_config.multimodal)
         if images:
             self.images.check_fits(images)
+        source, encoder_ids = prompt_ids, None
+        if self.seq2seq is not None:  # the prompt feeds the encoder; the decoder starts from its own prompt
+            encoder_ids, prompt_ids = prompt_ids, list(self.seq2seq.decoder_prompt)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []
@@ -279,7 +292,7 @@ class LLMEngine:
                 # Signed 64-bit seeds (OpenAI's range) as their unsigned two's complement.
                 seed = int(np.random.SeedSequence([params.seed % 2**64, index]).generate_state(1)[0])
             seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens,
-                           images=images)
+                           images=images, encoder_ids=encoder_ids)
             seq.logprobs = [] if params.logprobs is not None else None
             if params.structured_outputs is not None:
                 seq.matcher = self.grammar_compiler.matcher(params.structured_outputs)
@@ -295,11 +308,11 @@ class LLMEngine:
         if adapter is not None:
             for seq in sequences:
                 seq.lora_slot, seq.cache_salt = adapter.slot, adapter.cache_salt
-        self.requests[request_id] = _Request(request_id, prompt, list(prompt_ids), params, sequences, detokenizers,
+        self.requests[request_id] = _Request(request_id, prompt, list(source), params, sequences, detokenizers,
                                              adapter.slot if adapter is not None else None)
         for seq in sequences:
             self.scheduler.add(seq)
-        self.num_prompt_tokens += len(prompt_ids)
+        self.num_prompt_tokens += len(source)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its pages (no-op if it already finished)."""
@@ -401,6 +414,8 @@ class LLMEngine:
         bitmask rows of constrained sequences by position in `scheduled`."""
         completes = [item.completes_sequence for item in scheduled]
         inputs = self.runner.prepare(scheduled)
+        if self.seq2seq is not None:
+            self.seq2seq.fill(self.runner, scheduled)
         if self.images is not None:
             inputs.merged = self.images.merged(scheduled, inputs.shape[0])
         rows = inputs.logits_indices.shape[0]  # the step's logits rows
@@ -518,6 +533,8 @@ class LLMEngine:
 
     def _append_token(self, request: _Request, seq: Sequence, token: int, sampled: dict[str, np.ndarray], row: int) -> None:
         params = seq.params
+        if self.seq2seq is not None:
+            token = self.seq2seq.forced_token(seq, token)
         seq.output_ids.append(token)
         self.num_generated_tokens += 1
         if seq.logprobs is not None:

@@ -49,6 +49,7 @@ class Sequence:
     # The prompt's images (shared by the request's sequences; serving/multimodal/inputs.py).
     images: list[ImageItem] = field(default_factory=list)
     mrope: Any = None  # M-RoPE models: its prompt's `MRopePositions`, computed at its first step
+    encoder_ids: list[int] | None = None  # an encoder-decoder's source (the prompt); the decoder's is prompt_ids
     matcher: Any = None  # structured output: its xgrammar matcher, advanced by every token read
     spec_tokens: list[int] = field(default_factory=list)  # drafts to verify after the known tokens (speculation)
 

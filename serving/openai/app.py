@@ -275,12 +275,13 @@ class OpenAIServer:
                 self.engine.engine.validate_request(prompt.ids, params)
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else None) from None
-            wanted = len(prompt.ids) + (params.max_tokens or 0)
+            used = self.engine.engine.context_tokens(prompt.ids)  # an encoder-decoder's source does not count
+            wanted = used + (params.max_tokens or 0)
             if wanted > self.max_model_len:
                 raise APIError(
                     400,
                     f"This model's maximum context length is {self.max_model_len} tokens; the request needs "
-                    f"{wanted} ({len(prompt.ids)} in the prompt, {params.max_tokens} to generate).",
+                    f"{wanted} ({used} in the prompt, {params.max_tokens} to generate).",
                     param="max_tokens",
                 )
 

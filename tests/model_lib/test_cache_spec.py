@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model_lib import cache_spec
-from model_lib.cache_spec import LatentKV, PagedKV, PoolSizes, RecurrentState
+from model_lib.cache_spec import CrossKV, LatentKV, LayerSpecs, PagedKV, PoolSizes, RecurrentState
 from pallas_kernels.paged_attention.kv_quant import QuantizedPages
 
 SIZES = PoolSizes(num_pages=5, page_size=4, num_slots=3)
@@ -42,6 +42,21 @@ def test_recurrent_state_rows_per_slot_keep_their_own_dtype():
     assert not spec.prefix_cacheable
     with pytest.raises(ValueError, match="do not match"):
         RecurrentState(((4, 6),), axes=((None,),))
+
+
+def test_cross_kv_rows_per_slot_and_a_layer_holding_two_states():
+    spec = CrossKV(2, 8, max_len=6, dtype="bfloat16")
+    k, v, lengths = spec.allocate(SIZES, jnp.int8)  # the pages' (quantized) dtype does not apply
+    assert k.shape == v.shape == (3, 6, 2, 8) and k.dtype == jnp.bfloat16 and lengths.shape == (3,)
+    assert spec.fixed_bytes(3) == 3 * (2 * 6 * 2 * 8 * 2 + 4) and spec.page_bytes(4, jnp.float32) == 0
+    assert not spec.prefix_cacheable  # decoder pages depend on the encoder input
+    with pytest.raises(ValueError, match="not stacked"):
+        spec.allocate(SIZES, None, repeats=2)
+    both = LayerSpecs((PagedKV(2, 8), spec))
+    (pages, _), (cross_k, _, _) = both.allocate(SIZES, jnp.float32)
+    assert pages.shape == (2, 5, 4, 8) and cross_k.shape == (3, 6, 2, 8)
+    assert both.page_bytes(4, jnp.float32) == PagedKV(2, 8).page_bytes(4, jnp.float32)
+    assert both.fixed_bytes(3) == spec.fixed_bytes(3) and not both.prefix_cacheable
 
 
 def test_totals_over_layers():

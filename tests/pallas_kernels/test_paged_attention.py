@@ -522,3 +522,26 @@ def test_tiled_path_in_blocks_matches_reference(shape, groups, monkeypatch):
     expected, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
     out, _, _ = ragged_paged_attention(**inputs, **options, implementation="tiled")
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", ["decode", "mixed"])
+def test_relative_position_bias_matches_dense_attention(shape):
+    """T5's causal relative buckets (`position_bias`): the paged reference equals the dense one, and the
+    public op (no implementation named) falls back to the reference for them."""
+    from pallas_kernels.position_bias import RelativePositionBias
+
+    seqs = SHAPES[shape]
+    inputs, (qs, full_k, full_v) = make_case(seqs, num_heads=8, num_kv_heads=2, seed=31)
+    bias = RelativePositionBias(jnp.asarray(np.random.RandomState(5).randn(8, 8), jnp.float32), False, 12)
+    out, _, _ = paged_op(**inputs, scale=1.0, position_bias=bias)
+    want = []
+    for (q_len, kv_len), q, key, value in zip(seqs, qs, full_k, full_v):
+        q_pos = jnp.arange(kv_len - q_len, kv_len)[None]
+        want.append(np.asarray(dense_attention(
+            jnp.asarray(q)[None], jnp.asarray(key)[None], jnp.asarray(value)[None], q_positions=q_pos,
+            kv_positions=jnp.arange(kv_len)[None], q_segment_ids=jnp.ones_like(q_pos),
+            kv_segment_ids=jnp.ones((1, kv_len), jnp.int32), scale=1.0, position_bias=bias)[0]))
+    total = sum(q for q, _ in seqs)
+    np.testing.assert_allclose(out[:total], np.concatenate(want), atol=2e-5)
+    plain, _, _ = paged_op(**inputs, scale=1.0)
+    assert np.abs(np.asarray(out - plain)).max() > 0.1, "the bias must change the output"
