@@ -55,16 +55,19 @@ def ragged_paged_attention(
     *,
     layer: jax.Array | int | None = None,
     implementation: str | None = None,
+    attend_meta: PagedMetadata | None = None,
     **options,
 ) -> tuple[jax.Array, Pages, Pages | None]:
     """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`,
     `sinks`, `alibi_slopes`, `chunk_size`, `value_dim` (latent pages: `v`, `v_cache` None);
-    `layer` as the module docstring says.
+    `layer` as the module docstring says. `attend_meta`: the rows that attend here when only some
+    of the written ones do (MLA's expanded rows, `latent_expanded.absorbed_rows`); default `meta`.
 
     Returns (out [T,H,D] (`[T,H,value_dim]`), k_cache, v_cache).
     """
     k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta, layer)
-    out = attend_pages(q, k_cache, v_cache, meta, layer=layer, implementation=implementation, **options)
+    out = attend_pages(q, k_cache, v_cache, meta if attend_meta is None else attend_meta, layer=layer,
+                       implementation=implementation, **options)
     return out, k_cache, v_cache
 
 

@@ -33,25 +33,31 @@ def paged_forward(model, ids, batch, caches):
     return model.forward(ids, batch, caches)
 
 
-def one_sequence_step(ids: np.ndarray, start: int, num_pages: int) -> PagedBatch:
-    """The paged batch of one sequence whose tokens `start..len(ids)-1` are new (the rest are cached)."""
+def one_sequence_step(ids: np.ndarray, start: int, num_pages: int, expanded: bool = False) -> PagedBatch:
+    """The paged batch of one sequence whose tokens `start..len(ids)-1` are new (the rest are cached);
+    `expanded`: it attends in the expanded form."""
     n, kv_len = len(ids) - start, len(ids)
     meta = PagedMetadata(jnp.array([0, n], jnp.int32), jnp.array([kv_len], jnp.int32),
                          jnp.arange(num_pages, dtype=jnp.int32)[::-1][None], jnp.int32(1))  # pages in reverse
     return PagedBatch(positions=jnp.arange(start, kv_len, dtype=jnp.int32), seq_lens=jnp.full(n, kv_len, jnp.int32),
-                      meta=meta)
+                      meta=meta, expanded_from=jnp.int32(0) if expanded else None)
 
 
-# (case, page dtype, bound on |logit - transformers| relative to the logit scale); int8 pages: 2.1e-3
-# measured on the first chunk.
+# (case, page dtype, bound on |logit - transformers| relative to the logit scale, prefill chunks expanded);
+# int8 pages: 2.1e-3 measured on the first chunk.
 # DeepSeek-V2 (MLA_CASES[1]) is held to its dense forward in the adapter test below.
-LOGITS_CASES = [(MLA_CASES[0], "float32", 1e-4), (MLA_CASES[2], "float32", 1e-4), (MLA_CASES[2], "int8", 1e-2)]
+LOGITS_CASES = [(MLA_CASES[0], "float32", 1e-4, False), (MLA_CASES[2], "float32", 1e-4, False),
+                (MLA_CASES[2], "int8", 1e-2, False), (MLA_CASES[0], "float32", 1e-4, True),
+                (MLA_CASES[2], "float32", 1e-4, True)]
 
 
-@pytest.mark.parametrize("case,page_dtype,bound", LOGITS_CASES)
-def test_latent_pages_prefill_chunks_and_decode_match_transformers(case, page_dtype, bound, tiny_checkpoint):
+@pytest.mark.parametrize("case,page_dtype,bound,expanded", LOGITS_CASES)
+def test_latent_pages_prefill_chunks_and_decode_match_transformers(case, page_dtype, bound, expanded,
+                                                                   tiny_checkpoint):
     """Two prefill chunks then two decode tokens over latent pages: each step's logits equal transformers' on the
-    prefix so far (the second chunk and the decode steps read the latents the earlier steps wrote)."""
+    prefix so far (the second chunk and the decode steps read the latents the earlier steps wrote). `expanded`:
+    the chunks attend in the expanded form (the second one to the first one's latents up-projected), the decode
+    tokens absorbed."""
     folder, hf_model = tiny_checkpoint(case)
     model = model_lib.from_pretrained(folder)
     config = model.config
@@ -63,7 +69,7 @@ def test_latent_pages_prefill_chunks_and_decode_match_transformers(case, page_dt
     pools = [page_values(c) for c in jax.tree.leaves(caches, is_leaf=lambda c: isinstance(c, QuantizedPages))]
     assert [(p.shape, p.dtype) for p in pools] == [((1, num_pages, PAGE_SIZE, width), page_dtype)] * config.num_layers
     for start, end in ((0, 7), (7, 12), (12, 13), (13, 14)):
-        batch = one_sequence_step(ids[:end], start, num_pages)
+        batch = one_sequence_step(ids[:end], start, num_pages, expanded and end - start > 1)
         logits, caches = paged_forward(model, jnp.asarray(ids[start:end]), batch, caches)
         assert_logits_close(logits, hf_logits(hf_model, ids[None, :end])[0, start:end], rel=bound)
 
