@@ -92,17 +92,37 @@ def generated(llm: LLM, prompt_ids: list[list[int]]) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(token_prompts(prompt_ids), GREEDY)]
 
 
-def test_latent_engine_prefix_caching_chunked_prefill_and_preemption(tiny_checkpoint, engine_expected):
+def record_expanded_from(runner) -> list[int | None]:
+    """Each step's `expanded_from` (None: all rows absorbed), recorded as the runner prepares it."""
+    seen, prepare = [], runner.prepare
+
+    def spy(scheduled):
+        inputs = prepare(scheduled)
+        first = inputs.batch.expanded_from
+        seen.append(None if first is None else int(first))
+        return inputs
+
+    runner.prepare = spy
+    return seen
+
+
+# mla_expanded_prefill_tokens: 0 keeps every step absorbed; 4 sends chunks of >= 4 tokens through the
+# expanded form while decode rows of the same steps stay absorbed.
+@pytest.mark.parametrize("expanded_tokens", [0, 4])
+def test_latent_engine_prefix_caching_chunked_prefill_and_preemption(expanded_tokens, tiny_checkpoint,
+                                                                      engine_expected):
     folder, _ = tiny_checkpoint(ENGINE_CASE)
     prompt_ids, refs = engine_expected
     # A 12-token step budget chunks every prompt; 12 pages of 4 tokens cannot hold all four sequences at once.
     # The scanned step (the accelerator default) carries both layers' latent pools stacked.
-    llm = LLM(folder, max_model_len=32, page_size=PAGE_SIZE, max_num_batched_tokens=12, num_pages=12, scan_layers=True)
+    llm = LLM(folder, max_model_len=32, page_size=PAGE_SIZE, max_num_batched_tokens=12, num_pages=12, scan_layers=True,
+              mla_expanded_prefill_tokens=expanded_tokens)
     engine, config = llm.engine, llm.engine.model_config
     # The runner allocates kv_lora_rank + qk_rope_head_dim values per token and layer, nothing per head.
     width = config.kv_lora_rank + config.qk_rope_head_dim
     assert [p.shape for p in jax.tree.leaves(engine.runner.kv_caches)] == [(1, 2, 12, PAGE_SIZE, width)]
     assert engine.runner.kv_cache_bytes == 12 * PAGE_SIZE * width * jnp.dtype(config.dtype).itemsize * config.num_layers
+    seen = record_expanded_from(engine.runner)
     first = generated(llm, prompt_ids[:1])
     assert engine.pool.prefix_hits == 0
     rest = generated(llm, prompt_ids[1:])
@@ -110,6 +130,10 @@ def test_latent_engine_prefix_caching_chunked_prefill_and_preemption(tiny_checkp
     assert engine.pool.prefix_hits >= 2 * 16  # the later prompts read the shared prefix's latent pages
     assert engine.scheduler.num_preemptions > 0
     assert engine.pool.all_free()
+    if expanded_tokens:  # expanded-only steps and steps mixing absorbed decode rows with expanded chunks
+        assert 0 in seen and any(f for f in seen if f is not None) and None in seen
+    else:
+        assert set(seen) == {None}
 
 
 def test_latent_pages_replicated_and_heads_split_under_tensor_parallelism(tiny_checkpoint, engine_expected):
