@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec
 
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.flash_attention import attention as flash_attention
-from pallas_kernels.paged_attention import PagedMetadata, attend_pages, ragged_paged_attention, write_kv
+from pallas_kernels.paged_attention import PagedMetadata, attend_rows, ragged_paged_attention, write_kv
 from pallas_kernels.paged_attention.kv_quant import Pages, page_values
 
 _PLAN: contextvars.ContextVar[ShardingPlan | None] = contextvars.ContextVar("kernel_plan", default=None)
@@ -182,8 +182,8 @@ def paged_attention(
     def local(q, k, v, k_cache, v_cache, meta, per_head, layer, attend_meta):
         k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta, layer)
         head = None if kv_axes else jax.lax.axis_index(q_axes) // group
-        out = attend_pages(q, k_cache, v_cache, meta if attend_meta is None else attend_meta, layer=layer, head=head,
-                           implementation=implementation, **options, **per_head)
+        out = attend_rows(q, k_cache, v_cache, meta, attend_meta, layer=layer, head=head,
+                          implementation=implementation, **options, **per_head)
         return out, k_cache, v_cache
 
     per_head_specs = {name: PartitionSpec(q_spec[1]) for name in per_head}

@@ -56,9 +56,12 @@ def absorbed_rows(meta: PagedMetadata, first: jax.Array) -> PagedMetadata:
 
 
 def key_block(num_tokens: int, num_heads: int) -> int:
-    """Keys per block: the largest power of two whose float32 logits and probabilities fit BLOCK_BYTES."""
+    """Keys per block: the largest power of two whose float32 logits and probabilities fit BLOCK_BYTES, and
+    no more than the step's tokens (rounded up to a power of two): the last block's padding keys are
+    up-projected too, so a block much wider than the chunk wastes work when the context is short."""
     fit = max(1, BLOCK_BYTES // (2 * 4 * num_tokens * num_heads))
-    return min(MAX_KEY_BLOCK, max(MIN_KEY_BLOCK, 1 << (fit.bit_length() - 1)))
+    chunk = 1 << max(0, num_tokens - 1).bit_length()
+    return max(MIN_KEY_BLOCK, min(MAX_KEY_BLOCK, chunk, 1 << (fit.bit_length() - 1)))
 
 
 def expanded_attention(
@@ -92,38 +95,40 @@ def expanded_attention(
     num_keys = keys_end[-1]
     q_seq, q_pos, q_valid = token_layout(meta, num_tokens)
     q_valid &= q_seq >= first
+    query = jnp.concatenate([q_nope, q_rope], axis=-1).transpose(1, 0, 2)  # [H,T,N+R]: heads lead every dot
+    rope_dim = q_rope.shape[-1]
 
     def attend_block(b, carry):
-        row_max, row_sum, acc = carry  # [T,H], [T,H], [T,H,V] float32
+        row_max, row_sum, acc = carry  # [H,T], [H,T], [H,T,V] float32
         key = b * block + jnp.arange(block, dtype=jnp.int32)  # [C] on the key axis
         k_seq = jnp.minimum(jnp.searchsorted(keys_end, key, side="right"), num_seqs - 1).astype(jnp.int32)
         k_pos = key - (keys_end[k_seq] - kv_lens[k_seq])
         page = meta.page_tables[k_seq, k_pos // page_size]
         rows = dequantize_pages(jax.tree.map(lambda a: a[0, page, k_pos % page_size], pages), dtype)  # [C, L+R]
         latent, k_rope = rows[:, :latent_dim].astype(dtype), rows[:, latent_dim:].astype(dtype)
-        k_nope = jnp.einsum("cl,lhn->chn", latent, w_uk, preferred_element_type=jnp.float32).astype(dtype)
-        values = jnp.einsum("cl,lhv->chv", latent, w_uv, preferred_element_type=jnp.float32).astype(dtype)
-        logits = (jnp.einsum("thn,chn->thc", q_nope, k_nope, preferred_element_type=jnp.float32)
-                  + jnp.einsum("thr,cr->thc", q_rope, k_rope, preferred_element_type=jnp.float32)) * scale
+        k_nope = jnp.einsum("cl,lhn->hcn", latent, w_uk, preferred_element_type=jnp.float32).astype(dtype)
+        keys = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (num_heads, block, rope_dim))], axis=-1)  # [H,C,N+R]
+        values = jnp.einsum("cl,lhv->hcv", latent, w_uv, preferred_element_type=jnp.float32).astype(dtype)
+        logits = jnp.einsum("htd,hcd->htc", query, keys, preferred_element_type=jnp.float32) * scale
         if softcap is not None:
             logits = jnp.tanh(logits / softcap) * softcap
         visible = (k_seq[None] == q_seq[:, None]) & (k_pos[None] <= q_pos[:, None])  # [T, C]
         visible &= (key < num_keys)[None] & q_valid[:, None]
         if sliding_window is not None:
             visible &= q_pos[:, None] - k_pos[None] < sliding_window
-        logits = jnp.where(visible[:, None, :], logits, MASK_VALUE)
+        logits = jnp.where(visible[None], logits, MASK_VALUE)
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
         probs = jnp.exp(logits - new_max[..., None])
         correction = jnp.exp(row_max - new_max)
         row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("thc,chv->thv", probs.astype(dtype), values,
+        acc = acc * correction[..., None] + jnp.einsum("htc,hcv->htv", probs.astype(dtype), values,
                                                        preferred_element_type=jnp.float32)
         return new_max, row_sum, acc
 
     v_dim = w_uv.shape[-1]
-    init = (jnp.full((num_tokens, num_heads), MASK_VALUE, jnp.float32), jnp.zeros((num_tokens, num_heads), jnp.float32),
-            jnp.zeros((num_tokens, num_heads, v_dim), jnp.float32))
+    init = (jnp.full((num_heads, num_tokens), MASK_VALUE, jnp.float32), jnp.zeros((num_heads, num_tokens), jnp.float32),
+            jnp.zeros((num_heads, num_tokens, v_dim), jnp.float32))
     num_blocks = (num_keys + block - 1) // block
     _, row_sum, acc = jax.lax.fori_loop(0, num_blocks, attend_block, init)
-    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]
+    out = (acc / jnp.where(row_sum > 0, row_sum, 1.0)[..., None]).transpose(1, 0, 2)  # [T,H,V]
     return jnp.where(q_valid[:, None, None], out, 0.0).astype(dtype)
