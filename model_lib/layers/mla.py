@@ -59,6 +59,13 @@ def mla_softmax_scale(qk_head_dim: int, rope: RopeConfig | None) -> float:
     return scale
 
 
+def absorbed_projections(model: nnx.Module) -> set[str]:
+    """Paths of the MLA layers' `kv_b_proj`: serving folds its weights (and a trained adapter) into the
+    absorbed and expanded attention instead of calling it, so served adapter stacks never reach it."""
+    return {".".join(map(str, path)) + ".kv_b_proj" for path, node in nnx.iter_graph(model)
+            if isinstance(node, MLAttention)}
+
+
 def _pad_heads(x: jax.Array, dim: int) -> jax.Array:
     """Zero-pad the last (head) dimension of `x` to `dim`."""
     extra = dim - x.shape[-1]

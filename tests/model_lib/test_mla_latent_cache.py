@@ -138,13 +138,15 @@ def test_latent_engine_prefix_caching_chunked_prefill_and_preemption(expanded_to
 
 def test_latent_pages_replicated_and_heads_split_under_tensor_parallelism(tiny_checkpoint, engine_expected):
     """tp over 4 heads (tensor 4 x data 2): the latent pool is whole on every device, kv_b_proj's heads are
-    split, and the greedy tokens equal transformers' (so the unsharded engine's)."""
+    split, and the greedy tokens equal transformers' (so the unsharded engine's). Prefill chunks of >= 4 tokens
+    run the expanded form, decode rows the absorbed one."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 simulated devices (tests/conftest.py sets XLA_FLAGS)")
     folder, _ = tiny_checkpoint(ENGINE_CASE)
     prompt_ids, refs = engine_expected
     llm = LLM(folder, max_model_len=32, page_size=PAGE_SIZE, max_num_batched_tokens=64,
-              mesh=load_mesh_preset("tp", tensor=4, data=2))
+              mesh=load_mesh_preset("tp", tensor=4, data=2), mla_expanded_prefill_tokens=4)
+    seen = record_expanded_from(llm.engine.runner)
     for pages in jax.tree.leaves(llm.engine.runner.kv_caches):
         assert pages.sharding.is_fully_replicated and pages.shape[0] == 1
     state = llm.engine.runner.state
@@ -152,6 +154,7 @@ def test_latent_pages_replicated_and_heads_split_under_tensor_parallelism(tiny_c
                 if "kv_b_proj" in jax.tree_util.keystr(path))
     assert not kv_b.sharding.is_fully_replicated
     assert generated(llm, prompt_ids) == refs
+    assert 0 in seen and None in seen
 
 
 def test_absorbed_path_folds_a_kv_b_proj_adapter(tiny_checkpoint, forward):
@@ -174,3 +177,20 @@ def test_absorbed_path_folds_a_kv_b_proj_adapter(tiny_checkpoint, forward):
     assert_logits_close(paged, np.asarray(dense))
     base = hf_logits(tiny_checkpoint(MLA_CASES[1])[1], ids[None])[0]
     assert float(np.abs(np.asarray(paged) - base).max()) > 1e-2  # the adapter moved the logits
+
+
+def test_served_adapters_refuse_kv_b_proj_by_name(tiny_checkpoint, tmp_path):
+    """Serving folds kv_b_proj into the attention weights, where a per-token served adapter cannot reach: an
+    adapter on it is refused at load, naming it, rather than silently dropped."""
+    from model_lib.lora import LoraConfig, apply_lora, save_peft_adapter
+    from serving.lora.manager import LoRAManager
+
+    folder, _ = tiny_checkpoint(MLA_CASES[1])
+    model = model_lib.from_pretrained(folder)
+    config = LoraConfig(r=2, target_modules=["q_b_proj", "kv_b_proj"])
+    apply_lora(model, config)
+    save_peft_adapter(model, config, tmp_path / "adapter", str(folder))
+    manager = LoRAManager(model_lib.from_pretrained(folder), max_loras=1, max_lora_rank=4)
+    assert not any(path.endswith("kv_b_proj") for path in manager.layers)
+    with pytest.raises(ValueError, match=r"kv_b_proj.*which served adapters do not support"):
+        manager.load("mla", tmp_path / "adapter")
