@@ -185,7 +185,7 @@ class MLAttention(nnx.Module):
             attend_meta=None if first is None else absorbed_rows(batch.meta, first),
         )  # [T,H,L]
         out = jnp.einsum("thl,lhv->thv", out, w_uv, preferred_element_type=jnp.float32).astype(dtype)
-        if first is not None:  # the expanded rows' outputs; zero on the absorbed rows, whose own are zero here
+        if first is not None:  # each call leaves the other's rows zero
             out = out + expanded_attention(q_nope, q_rope, kv_cache, batch.meta, first, w_uk, w_uv, scale=self.scale,
                                            sliding_window=self.sliding_window, softcap=self.softcap, layer=batch.layer)
         return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.v_dim)), kv_cache
