@@ -14,6 +14,14 @@ outside it (`mlp.experts.base_layer.lora_A.weight` is `gate_up_proj`'s when `dow
 is targeted too). Families whose experts transformers 5 holds otherwise have no
 `WeightMap.peft_experts` and are refused by name.
 
+Two families hold the fused parameters `[X, in, out]` instead (`WeightMap.peft_experts_layout`):
+- Llama 4 ("in_out", `feed_forward.experts`, gate then up columns): PEFT takes every 3-d
+  parameter for `[X, out, in]` unless the module says `is_transposed`, which Llama 4's does not,
+  so its `lora_A` acts on the OUTPUT side: `lora_A [X * r, out]` holds our B, `lora_B [in, r * X]`
+  our A, and the delta still has the parameter's shape.
+- gpt-oss ("in_out_interleaved"): its module is `is_transposed`, so the layout is the standard
+  one above, but gate and up columns alternate in `gate_up_proj` (our B splits by stride).
+
 Glossary: X experts, E hidden, I expert width, r rank.
 """
 
@@ -29,6 +37,7 @@ from flax import nnx
 from model_lib.layers.linear import LoRAParam
 from model_lib.layers.moe import ExpertLinear, expert_layers
 from model_lib.registry import get_family
+from model_lib.weight_map import WeightMap
 
 # transformers 5's fused expert parameters, in module order, and our stacks that hold each.
 HF_EXPERT_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -46,7 +55,7 @@ def expert_targets(model: nnx.Module, targets: list[str]) -> dict[str, list[tupl
     names when `targets` match none.
     """
     config = model.config
-    weight_map = get_family(config.architecture).for_config(config).weight_map
+    weight_map = _weight_map(model)
     stacks = expert_layers(model)
     if not stacks:
         raise ValueError(f"target_parameters {targets!r}: {config.architecture} has no MoE expert stacks")
@@ -58,13 +67,24 @@ def expert_targets(model: nnx.Module, targets: list[str]) -> dict[str, list[tupl
     groups: dict[str, list[tuple[str, ExpertLinear]]] = {}
     modules = sorted({path.rpartition(".")[0] for path in stacks}, key=_layer_order)
     for module in filter(weight_map.is_peft_experts, modules):  # not DeepSeek's MTP block (`mtp.0...`)
+        hf_module = weight_map.peft_experts_module(module)
         for hf_param, parts in HF_EXPERT_PARAMS.items():
-            if _matches(f"{module}.{hf_param}", targets):
-                groups[f"{module}.{hf_param}"] = [(f"{module}.{p}", stacks[f"{module}.{p}"]) for p in parts]
+            if _matches(f"{hf_module}.{hf_param}", targets):
+                groups[f"{hf_module}.{hf_param}"] = [(f"{module}.{p}", stacks[f"{module}.{p}"]) for p in parts]
     if not groups:
-        names = ", ".join(f"mlp.experts.{p}" for p in HF_EXPERT_PARAMS)
+        parent = ".".join(weight_map.peft_experts_module(modules[0]).split(".")[-2:])
+        names = ", ".join(f"{parent}.{p}" for p in HF_EXPERT_PARAMS)
         raise ValueError(f"target_parameters {targets!r} match no expert parameter; this model has: {names}")
     return groups
+
+
+def _weight_map(model: nnx.Module) -> WeightMap:
+    return get_family(model.config.architecture).for_config(model.config).weight_map
+
+
+def peft_layout(model: nnx.Module) -> str:
+    """How transformers 5 holds `model`'s fused expert parameters (`weight_map.PEFT_EXPERT_LAYOUTS`)."""
+    return _weight_map(model).peft_experts_layout
 
 
 def _layer_order(path: str) -> tuple:
@@ -104,29 +124,55 @@ def peft_keys(groups: dict[str, list[tuple[str, ExpertLinear]]]) -> dict[str, st
         module, _, name = hf_param.rpartition(".")
         targeted = [p for p in HF_EXPERT_PARAMS if f"{module}.{p}" in groups]
         outer = len(targeted) - 1 - targeted.index(name)  # wrappers made after this one, around it
-        prefixes[hf_param] = f"base_model.model.{module}." + "base_layer." * outer
+        prefixes[hf_param] = f"base_model.model.{module}." + "base_layer." * outer  # `module`: the HF path
     return prefixes
 
 
-def to_peft(a: np.ndarray, b_parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Our `A [X, in, r]` and the parts' `B [X, r, out_p]` -> PEFT's `lora_A [X*r, in]`, `lora_B [out, r*X]`."""
-    b = np.concatenate(b_parts, axis=-1)  # [X, r, out]: gate then up
+def _join_outputs(b_parts: list[np.ndarray], layout: str) -> np.ndarray:
+    """The parts' `B [X, r, out_p]` as the HF parameter's output columns `[X, r, out]` (gate then up, or
+    alternating)."""
+    if layout == "in_out_interleaved":
+        return np.stack(b_parts, axis=-1).reshape(*b_parts[0].shape[:-1], -1)
+    return np.concatenate(b_parts, axis=-1)
+
+
+def _split_outputs(b: np.ndarray, parts: int, layout: str) -> list[np.ndarray]:
+    """Inverse of `_join_outputs`."""
+    if layout == "in_out_interleaved":
+        return [b[..., i::parts] for i in range(parts)]
+    return np.split(b, parts, axis=-1)
+
+
+def to_peft(a: np.ndarray, b_parts: list[np.ndarray], layout: str = "out_in") -> tuple[np.ndarray, np.ndarray]:
+    """Our `A [X, in, r]` and the parts' `B [X, r, out_p]` -> PEFT's `lora_A`, `lora_B`: `[X*r, in]`, `[out, r*X]`
+    (Llama 4's "in_out": `[X*r, out]`, `[in, r*X]`, A and B trading sides)."""
+    b = _join_outputs(b_parts, layout)  # [X, r, out]
     experts, r, out = b.shape
+    if layout == "in_out":
+        return b.reshape(experts * r, out), a.transpose(1, 2, 0).reshape(a.shape[1], r * experts)
     return a.transpose(0, 2, 1).reshape(experts * r, -1), b.transpose(2, 1, 0).reshape(out, r * experts)
 
 
-def from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int, parts: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Inverse of `to_peft`: `A [X, in, r]` and `parts` equal row blocks of B, each `[X, r, out / parts]`."""
-    a = lora_a.reshape(experts, -1, lora_a.shape[-1]).transpose(0, 2, 1)
-    b = lora_b.reshape(lora_b.shape[0], -1, experts).transpose(2, 1, 0)  # [X, r, out]
-    return a, np.split(b, parts, axis=-1)
+def from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int, parts: int,
+              layout: str = "out_in") -> tuple[np.ndarray, list[np.ndarray]]:
+    """Inverse of `to_peft`: `A [X, in, r]` and `parts` row blocks of B, each `[X, r, out / parts]`."""
+    if layout == "in_out":
+        a = lora_b.reshape(lora_b.shape[0], -1, experts).transpose(2, 0, 1)  # [X, in, r]
+        b = lora_a.reshape(experts, -1, lora_a.shape[-1])  # [X, r, out]
+    else:
+        a = lora_a.reshape(experts, -1, lora_a.shape[-1]).transpose(0, 2, 1)
+        b = lora_b.reshape(lora_b.shape[0], -1, experts).transpose(2, 1, 0)  # [X, r, out]
+    return a, _split_outputs(b, parts, layout)
 
 
-def expected_shapes(parts: list[tuple[str, ExpertLinear]], r: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def expected_shapes(parts: list[tuple[str, ExpertLinear]], r: int,
+                    layout: str = "out_in") -> tuple[tuple[int, int], tuple[int, int]]:
     """PEFT's `lora_A` / `lora_B` shapes for the HF parameter held by `parts`."""
     stack = parts[0][1]
-    experts, out = stack.num_experts, sum(_out_features(s) for _, s in parts)
-    return (experts * r, _in_features(stack)), (out, r * experts)
+    experts, out, fan_in = stack.num_experts, sum(_out_features(s) for _, s in parts), _in_features(stack)
+    if layout == "in_out":
+        return (experts * r, out), (fan_in, r * experts)
+    return (experts * r, fan_in), (out, r * experts)
 
 
 def merge(stack: ExpertLinear) -> None:

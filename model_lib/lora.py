@@ -234,7 +234,8 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, b
                 raise ValueError(f"{hf_param} has no adapter; was apply_lora called with this config?")
             a = np.asarray(jax.device_get(stacks[0].lora_a[...]), np.float32)
             b_parts = [np.asarray(jax.device_get(stack.lora_b[...]), np.float32) for stack in stacks]
-            tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"] = expert_lora.to_peft(a, b_parts)
+            tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"] = expert_lora.to_peft(
+                a, b_parts, expert_lora.peft_layout(model))
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (path / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2))
 
@@ -285,11 +286,12 @@ def read_peft_adapter(model: nnx.Module, path: str | Path) -> tuple[LoraConfig, 
                 raise ValueError(f"adapter {weights_file} lacks {a_key if a_key not in tensors else b_key}")
             a, b = np.asarray(tensors[a_key], np.float32), np.asarray(tensors[b_key], np.float32)
             parts = groups[hf_param]
-            expected_a, expected_b = expert_lora.expected_shapes(parts, config.r)
+            layout = expert_lora.peft_layout(model)
+            expected_a, expected_b = expert_lora.expected_shapes(parts, config.r, layout)
             if a.shape != expected_a or b.shape != expected_b:
                 raise ValueError(f"adapter tensors of {hf_param} have shapes {a.shape} / {b.shape}, "
                                  f"expected {expected_a} / {expected_b}")
-            a_ours, b_parts = expert_lora.from_peft(a, b, parts[0][1].num_experts, len(parts))
+            a_ours, b_parts = expert_lora.from_peft(a, b, parts[0][1].num_experts, len(parts), layout)
             for (stack_path, _), b_part in zip(parts, b_parts):
                 weights[stack_path] = (a_ours, b_part)
             used.update((a_key, b_key))

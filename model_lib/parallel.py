@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec
 
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.flash_attention import attention as flash_attention
-from pallas_kernels.paged_attention import PagedMetadata, attend_pages, ragged_paged_attention, write_kv
+from pallas_kernels.paged_attention import PagedMetadata, attend_rows, ragged_paged_attention, write_kv
 from pallas_kernels.paged_attention.kv_quant import Pages, page_values
 
 _PLAN: contextvars.ContextVar[ShardingPlan | None] = contextvars.ContextVar("kernel_plan", default=None)
@@ -154,10 +154,11 @@ def paged_attention(
     *,
     layer: jax.Array | int | None = None,
     implementation: str | None = None,
+    attend_meta: PagedMetadata | None = None,
     **options: Any,
 ) -> tuple[jax.Array, Pages, Pages | None]:
     """`ragged_paged_attention` (q `[T, H, D]`, k/v `[T, K, D]`, caches `[K, P, S, D]` or stacked
-    `[K, L, P, S, D]` with `layer`), per head shard.
+    `[K, L, P, S, D]` with `layer`, `attend_meta` for the rows that attend), per head shard.
 
     Quantized caches (`QuantizedPages`) split their scales `[K, (L,) P, S]` on kv heads like their values.
     Latent pages (`value_dim`, `v` and `v_cache` None) have one kv head: replicated, read by every shard.
@@ -168,7 +169,7 @@ def paged_attention(
     q_axes = _spec_axes(q_spec)
     if not q_axes:
         return ragged_paged_attention(q, k, v, k_cache, v_cache, meta, layer=layer, implementation=implementation,
-                                      **options)
+                                      attend_meta=attend_meta, **options)
     kv_spec = _only(plan.partition_spec((None, "kv_heads", None), k.shape), axes)
     values = page_values(k_cache)
     cache_axes = ("kv_heads",) + (None,) * (values.ndim - 1)
@@ -178,19 +179,20 @@ def paged_attention(
     per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
     layer = None if layer is None else jnp.asarray(layer, jnp.int32)
 
-    def local(q, k, v, k_cache, v_cache, meta, per_head, layer):
+    def local(q, k, v, k_cache, v_cache, meta, per_head, layer, attend_meta):
         k_cache, v_cache = write_kv(k, v, k_cache, v_cache, meta, layer)
         head = None if kv_axes else jax.lax.axis_index(q_axes) // group
-        out = attend_pages(q, k_cache, v_cache, meta, layer=layer, head=head, implementation=implementation,
-                           **options, **per_head)
+        out = attend_rows(q, k_cache, v_cache, meta, attend_meta, layer=layer, head=head,
+                          implementation=implementation, **options, **per_head)
         return out, k_cache, v_cache
 
     per_head_specs = {name: PartitionSpec(q_spec[1]) for name in per_head}
     cache_specs = jax.tree.map(lambda c: PartitionSpec(*cache_spec[: c.ndim]), k_cache)  # scales: the values' spec
     v_specs = (kv_spec, cache_specs) if v is not None else (PartitionSpec(), PartitionSpec())  # a prefix of None
-    in_specs = (q_spec, kv_spec, v_specs[0], cache_specs, v_specs[1], PartitionSpec(), per_head_specs, PartitionSpec())
+    in_specs = (q_spec, kv_spec, v_specs[0], cache_specs, v_specs[1], PartitionSpec(), per_head_specs, PartitionSpec(),
+                PartitionSpec())
     run = _shard_map(local, plan, in_specs, (q_spec, cache_specs, v_specs[1]))
-    return run(q, k, v, k_cache, v_cache, meta, per_head, layer)
+    return run(q, k, v, k_cache, v_cache, meta, per_head, layer, attend_meta)
 
 
 # -- mixture of experts -------------------------------------------------------------------------

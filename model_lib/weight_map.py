@@ -26,6 +26,8 @@ are data, not code:
   `gate_proj` / `up_proj` / `down_proj` stacks) where transformers 5 holds the same module
   with fused parameters `gate_up_proj [X, 2I, E]` (gate rows first) and `down_proj [X, E, I]`,
   the layout PEFT's `target_parameters` adapts; empty where PEFT cannot express expert LoRA.
+  `peft_experts_hf` is that module's HF path where it differs from ours (Llama 4's
+  `feed_forward.experts`), and `peft_experts_layout` how its parameters lie (`PEFT_EXPERT_LAYOUTS`).
 - `key_renames`: regex substitutions on whole tensor names, applied first, for checkpoints
   whose top-level layout varies by the transformers version that saved them (LLaVA's
   `language_model.model.` / `model.language_model.`); `relocated` names the save layout.
@@ -47,6 +49,13 @@ import numpy as np
 from model_lib.config import ModelConfig
 
 FusedLayout = Callable[[ModelConfig], tuple[int, tuple[int, ...]]]
+
+# How transformers 5 holds a layer's fused expert parameters (`WeightMap.peft_experts_layout`):
+# "out_in": `gate_up_proj [X, 2I, E]` (gate rows first), `down_proj [X, E, I]` (DeepSeek, Qwen3-MoE, Mixtral);
+# "in_out": `[X, E, 2I]` (gate columns first) and `[X, I, E]` on a module PEFT reads as "out_in" (Llama 4);
+# "in_out_interleaved": `[X, E, 2I]` with gate and up columns alternating, on a module that tells PEFT it is
+# transposed (`is_transposed`, gpt-oss).
+PEFT_EXPERT_LAYOUTS = ("out_in", "in_out", "in_out_interleaved")
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,6 +130,17 @@ class WeightMap:
     nested_prefix: str = ""
     key_renames: tuple[tuple[str, str], ...] = ()  # (regex on the HF tensor name, replacement)
     peft_experts: str = ""
+    peft_experts_hf: str = ""
+    peft_experts_layout: str = "out_in"
+
+    def __post_init__(self) -> None:
+        if self.peft_experts_layout not in PEFT_EXPERT_LAYOUTS:
+            raise ValueError(f"peft_experts_layout {self.peft_experts_layout!r}; expected one of {PEFT_EXPERT_LAYOUTS}")
+
+    def peft_experts_module(self, module: str) -> str:
+        """The HF path PEFT names for our experts module `module` (under a multimodal `nested_prefix`)."""
+        match = _pattern_regex(self.peft_experts).match(module) if self.peft_experts_hf else None
+        return self.nested_prefix + (_fill(self.peft_experts_hf, match) if match else module)
 
     def is_peft_experts(self, module: str) -> bool:
         return bool(self.peft_experts) and _pattern_regex(self.peft_experts).match(module) is not None

@@ -52,6 +52,8 @@ GPT_OSS = Family(
                 experts=True,
             ),
         ),
+        peft_experts=_EXPERTS,
+        peft_experts_layout="in_out_interleaved",
     ),
     quirks="attention sinks, alternating sliding window, YaRN, biased router, clamped SwiGLU experts with biases",
 )

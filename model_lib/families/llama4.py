@@ -28,7 +28,7 @@ import logging
 from transformers import PretrainedConfig
 
 from model_lib.config import CHUNKED_ATTENTION, FULL_ATTENTION, ModelConfig
-from model_lib.families.common import GATE_UP_DOWN, PER_LAYER_TYPE, llama_like_fields, moe_fields
+from model_lib.families.common import GATE_UP_DOWN, PEFT_EXPERTS, PER_LAYER_TYPE, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import IDENTITY, Fused, WeightMap
 
@@ -92,6 +92,9 @@ LLAMA4_WEIGHTS = WeightMap(
         Fused(f"{_MLP}.experts.gate_up", f"{_MLP}.experts", ("gate_proj", "up_proj"),
               lambda c: (1, (c.moe_intermediate_size, c.moe_intermediate_size)), experts=True),
     ),
+    peft_experts=PEFT_EXPERTS,
+    peft_experts_hf=f"{_FF}.experts",
+    peft_experts_layout="in_out",
 )
 # The conditional-generation checkpoint nests the same tensors under `language_model.`.
 LLAMA4_CONDITIONAL_WEIGHTS = dataclasses.replace(

@@ -65,6 +65,9 @@ class PagedBatch:
     # name a scratch row. None outside the engine.
     slots: jax.Array | None = None
     rope_positions: jax.Array | None = None  # [3, T] int32 M-RoPE positions; None: `positions` drive rotary
+    # [] int32: MLA layers attend sequences from this index on in the expanded form (`layers/mla.py`),
+    # the earlier ones absorbed. None: all absorbed. Other layers ignore it.
+    expanded_from: jax.Array | None = None
 
 
 def attend(
@@ -81,12 +84,14 @@ def attend(
     sinks: jax.Array | None = None,
     chunk_size: int | None = None,
     value_dim: int | None = None,
+    attend_meta: PagedMetadata | None = None,
 ) -> tuple[jax.Array, KVCache | LatentCache | None]:
     """The single point where attention leaves the model for `pallas_kernels`.
 
     `value_dim` (paged batches only): latent pages (MLA's absorbed form). `k` `[T, 1, D]` is the
     latent key, `v` is None, `kv_cache` the one `LatentCache` pool; V is the first `value_dim`
-    columns of each key and the output is `[T, H, value_dim]`.
+    columns of each key and the output is `[T, H, value_dim]`. `attend_meta` (with `value_dim`): every
+    token is written but only these rows attend (the others come back zero).
     """
     options = dict(scale=scale, sliding_window=sliding_window, softcap=softcap)
     if chunk_size is not None:
@@ -110,7 +115,7 @@ def attend(
         return out, kv_cache
     if isinstance(batch, PagedBatch) and value_dim is not None:
         out, latent_cache, _ = parallel.paged_attention(q, k, None, kv_cache, None, batch.meta, layer=batch.layer,
-                                                        value_dim=value_dim, **options)
+                                                        attend_meta=attend_meta, value_dim=value_dim, **options)
         return out, latent_cache
     if value_dim is not None:
         raise TypeError("latent pages (value_dim) are read by paged batches only")

@@ -23,6 +23,12 @@ W_UV. This is MQA with one kv head of width L+R whose V is a prefix of K
 (`attend(..., value_dim=L)`). Prefix-cached pages hold latents, so chunked prefill and
 prefix caching read them like any page.
 
+Long prefill chunks take the expanded form instead when the step says so
+(`PagedBatch.expanded_from`, decided on the host: `serving/engine/mla_prefill.py`): the
+sequences from that index on attend per head to their context's latents up-projected
+block by block through W_UK / W_UV (`pallas_kernels/paged_attention/latent_expanded.py`),
+the earlier ones (decode rows) absorbed; every token's latent is written either way.
+
 Glossary: B batch, T tokens, E hidden, H heads, N nope dim, R rope dim, V v dim,
 D cache head dim, L kv_lora_rank.
 """
@@ -38,6 +44,7 @@ from model_lib.layers.attention import DenseBatch, LatentCache, PagedBatch, atte
 from model_lib.layers.linear import Linear
 from model_lib.layers.norms import RMSNorm
 from model_lib.layers.rotary import _yarn_mscale, apply_rotary, rotary_cos_sin
+from pallas_kernels.paged_attention.latent_expanded import absorbed_rows, expanded_attention
 
 # transformers builds q_a_layernorm and kv_a_layernorm with its RMSNorm default eps,
 # not `rms_norm_eps` (MiniCPM3, DeepSeek-V2 and V3 alike).
@@ -50,6 +57,13 @@ def mla_softmax_scale(qk_head_dim: int, rope: RopeConfig | None) -> float:
     if rope is not None and rope.kind != "default" and rope.mscale_all_dim:
         scale *= _yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
     return scale
+
+
+def absorbed_projections(model: nnx.Module) -> set[str]:
+    """Paths of the MLA layers' `kv_b_proj`: serving folds its weights (and a trained adapter) into the
+    absorbed and expanded attention instead of calling it, so served adapter stacks never reach it."""
+    return {".".join(map(str, path)) + ".kv_b_proj" for path, node in nnx.iter_graph(model)
+            if isinstance(node, MLAttention)}
 
 
 def _pad_heads(x: jax.Array, dim: int) -> jax.Array:
@@ -164,9 +178,14 @@ class MLAttention(nnx.Module):
         q_latent = jnp.einsum("thn,lhn->thl", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
         query = jnp.concatenate([q_latent, q_rope], axis=-1)  # [T,H,L+R]
         key = jnp.concatenate([c_kv[:, None, :], k_rope], axis=-1)  # [T,1,L+R]
+        first = batch.expanded_from
         out, kv_cache = attend(
             query, key, None, batch, kv_cache, scale=self.scale, sliding_window=self.sliding_window,
             softcap=self.softcap, value_dim=self.kv_lora_rank,
+            attend_meta=None if first is None else absorbed_rows(batch.meta, first),
         )  # [T,H,L]
         out = jnp.einsum("thl,lhv->thv", out, w_uv, preferred_element_type=jnp.float32).astype(dtype)
+        if first is not None:  # each call leaves the other's rows zero
+            out = out + expanded_attention(q_nope, q_rope, kv_cache, batch.meta, first, w_uk, w_uv, scale=self.scale,
+                                           sliding_window=self.sliding_window, softcap=self.softcap, layer=batch.layer)
         return self.o_proj(out.reshape(out.shape[0], self.num_heads * self.v_dim)), kv_cache

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.dispatch import on_cuda, warn_fallback
 from pallas_kernels.paged_attention import mosaic_decode, reference, tiled, triton_kernel
@@ -55,17 +56,33 @@ def ragged_paged_attention(
     *,
     layer: jax.Array | int | None = None,
     implementation: str | None = None,
+    attend_meta: PagedMetadata | None = None,
     **options,
 ) -> tuple[jax.Array, Pages, Pages | None]:
     """See `reference.py` for the contract; `options` are `scale`, `sliding_window`, `softcap`,
     `sinks`, `alibi_slopes`, `chunk_size`, `value_dim` (latent pages: `v`, `v_cache` None);
-    `layer` as the module docstring says.
+    `layer` as the module docstring says. `attend_meta`: the rows that attend here when only some
+    of the written ones do (MLA's expanded rows, `latent_expanded.absorbed_rows`); default `meta`.
 
     Returns (out [T,H,D] (`[T,H,value_dim]`), k_cache, v_cache).
     """
     k_cache, v_cache = reference.write_kv(k, v, k_cache, v_cache, meta, layer)
-    out = attend_pages(q, k_cache, v_cache, meta, layer=layer, implementation=implementation, **options)
+    out = attend_rows(q, k_cache, v_cache, meta, attend_meta, layer=layer, implementation=implementation, **options)
     return out, k_cache, v_cache
+
+
+def attend_rows(q: jax.Array, k_cache: Pages, v_cache: Pages | None, meta: PagedMetadata,
+                attend_meta: PagedMetadata | None, **options) -> jax.Array:
+    """`attend_pages` over `attend_meta`'s rows (default `meta`'s); with no row at all it runs nothing and
+    returns zeros (the CPU paths' cost is static in the step's shape, not in its rows)."""
+    if attend_meta is None:
+        return attend_pages(q, k_cache, v_cache, meta, **options)
+
+    def attend():
+        return attend_pages(q, k_cache, v_cache, attend_meta, **options)
+
+    shape = jax.eval_shape(attend)
+    return jax.lax.cond(attend_meta.num_seqs > 0, attend, lambda: jnp.zeros(shape.shape, shape.dtype))
 
 
 def attend_pages(

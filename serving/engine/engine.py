@@ -31,6 +31,7 @@ from serving.engine import multihost
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
 from serving.engine.limits import RequestLimits, check_max_model_len, validate_request
+from serving.engine.mla_prefill import expanded_prefill_tokens
 from serving.engine.runner import ModelRunner, StepInputs, bucket
 from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
@@ -86,6 +87,9 @@ class EngineConfig:
     # vLLM's speculative_config: {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...}
     # (serving/spec_decode/config.py); None decodes one token per step.
     speculative_config: SpeculativeConfig | dict[str, Any] | None = None
+    # MLA models (DeepSeek-V2/V3, MiniCPM3): prefill chunks of at least this many new tokens attend in the
+    # expanded form (serving/engine/mla_prefill.py); None: the FLOP crossover of the model's shape, 0: never.
+    mla_expanded_prefill_tokens: int | None = None
 
 
 @dataclass
@@ -202,6 +206,8 @@ class LLMEngine:
             scan_layers=config.scan_layers,
             kv_cache_dtype=cache_dtype,
             lora=self.lora,
+            expanded_prefill_tokens=expanded_prefill_tokens(mc, config.mla_expanded_prefill_tokens,
+                                                            config.max_num_batched_tokens),
         )
         self.slot_state = new_slot_state(config.max_num_seqs, mc.vocab_size, self.max_model_len)
         self._in_flight: _InFlight | None = None

@@ -40,6 +40,12 @@ class StepInputs:
         """(tokens, sequences, pages per sequence): what the step compiles for."""
         return self.input_ids.shape[0], self.logits_indices.shape[0], self.batch.meta.page_tables.shape[1]
 
+    @property
+    def variant(self) -> tuple:
+        """The shape plus what else makes the step compile separately: image rows, MLA's expanded rows."""
+        extra = ("images",) * (self.merged is not None) + ("expanded MLA rows",) * (self.batch.expanded_from is not None)
+        return (*self.shape, *extra)
+
 
 class InputBatch:
     """Builds `StepInputs` for scheduled sequences; holds the slots' page tables between steps."""

@@ -47,6 +47,7 @@ from model_lib.sharding import ShardingPlan
 from model_lib.vision.qwen_vl import QwenVLConfig
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.input_batch import InputBatch, StepInputs
+from serving.engine.mla_prefill import expanded_from
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.step_shardings import place_serving_step
 from serving.lora.manager import LoRAManager, adapters_in_step
@@ -106,9 +107,12 @@ class ModelRunner:
         scan_layers: bool | None = None,
         kv_cache_dtype: jnp.dtype | None = None,
         lora: LoRAManager | None = None,
+        expanded_prefill_tokens: int = 0,
     ):
         """`kv_cache_dtype`: the pages' dtype (default the model's; int8 / float8 pages are quantized);
-        `lora`: served adapters, whose stacks every step takes (the layers stay unrolled then)."""
+        `lora`: served adapters, whose stacks every step takes (the layers stay unrolled then);
+        `expanded_prefill_tokens`: MLA chunks of at least this many new tokens attend expanded (0: never;
+        `mla_prefill.py`)."""
         config = model.config
         self.config = config
         self.page_size = page_size
@@ -122,6 +126,7 @@ class ModelRunner:
                 raise ValueError("scan_layers does not serve LoRA adapters yet; leave it unset or False")
             self.scan_layers = False  # the adapter stacks are handed to the unrolled layers by path
         self.lora = lora
+        self.expanded_prefill_tokens = expanded_prefill_tokens
         if self.scan_layers:
             model = scanned_view(model)
         self.graphdef, self.state = nnx.split(model)
@@ -146,6 +151,12 @@ class ModelRunner:
         pages = buckets(min(MIN_PAGE_BUCKET, self.max_pages_per_seq), self.max_pages_per_seq)
         return [(t, min(t, self.max_num_seqs), p) for t in tokens for p in pages]
 
+    def expanded_shapes(self) -> list[tuple[int, int, int]]:
+        """The step shapes that can hold an MLA chunk long enough for the expanded form (`mla_prefill.py`)."""
+        if not self.expanded_prefill_tokens:
+            return []
+        return [shape for shape in self.step_shapes() if shape[0] >= self.expanded_prefill_tokens]
+
     def _padded(self, num_tokens: int, num_seqs: int, num_pages: int) -> tuple[int, int, int]:
         token_pad = bucket(max(num_tokens, num_seqs), self.min_token_bucket, self.max_num_batched_tokens)
         return token_pad, min(token_pad, self.max_num_seqs), bucket(num_pages, MIN_PAGE_BUCKET, self.max_pages_per_seq)
@@ -167,7 +178,11 @@ class ModelRunner:
         """The step's host arrays for `scheduled` (every sequence holding a slot), padded to its bucket shape."""
         num_tokens = sum(item.num_new_tokens for item in scheduled)
         shape = self._padded(num_tokens, len(scheduled), max(len(item.seq.pages) for item in scheduled))
-        return self.inputs.build(scheduled, shape)
+        inputs = self.inputs.build(scheduled, shape)
+        first = expanded_from(inputs.batch.meta, self.expanded_prefill_tokens)
+        if first is not None:
+            inputs.batch = inputs.batch.replace(expanded_from=np.int32(first))
+        return inputs
 
     def step_args(self, inputs: StepInputs) -> tuple:
         """The jitted step's arguments for `inputs`, in order."""
@@ -181,8 +196,8 @@ class ModelRunner:
     def run(self, inputs: StepInputs) -> jax.Array:
         """Dispatch the step on prepared inputs (the KV cache is donated and replaced); logits `[S_pad, V]`,
         row i for the i-th sequence (left on the device, not waited for)."""
-        # A step with image rows is its own compiled variant of the shape.
-        shape = inputs.shape if inputs.merged is None else (*inputs.shape, "images")
+        # Steps with image rows, or with MLA rows in the expanded form, are their own compiled variants of the shape.
+        shape = inputs.variant
         start = time.perf_counter()
         logits, self.kv_caches = self._step(*self.step_args(inputs))
         if shape not in self.compiled_shapes:
@@ -190,7 +205,7 @@ class ModelRunner:
             logits.block_until_ready()
             logger.info(
                 "compiled step for tokens=%d seqs=%d pages/seq=%d%s in %.1fs (%d shapes so far)",
-                *shape[:3], " with images" if inputs.merged is not None else "", time.perf_counter() - start,
+                *shape[:3], "".join(f" with {v}" for v in shape[3:]), time.perf_counter() - start,
                 len(self.compiled_shapes),
             )
         return logits

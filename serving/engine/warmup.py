@@ -90,7 +90,7 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
 
     runner, num_slots = engine.runner, engine.config.max_num_seqs
     mrope = runner.inputs.mrope is not None
-    shapes = runner.step_shapes()
+    shapes, expanded = runner.step_shapes(), set(runner.expanded_shapes())
     start = time.perf_counter()
     for shape in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress):
         runner.compiled_shapes.add(shape)
@@ -99,6 +99,11 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
             inputs = runner.empty_inputs(shape, mrope=mrope)
             inputs.merged = engine.images.empty(shape[0])
             runner.compiled_shapes.add((*shape, "images"))
+            runner.run(inputs)
+        if shape in expanded:  # the same shape with MLA rows in the expanded form
+            inputs = runner.empty_inputs(shape, mrope=mrope)
+            inputs.batch = inputs.batch.replace(expanded_from=np.int32(0))
+            runner.compiled_shapes.add(inputs.variant)
             runner.run(inputs)
         slots = np.full(logits.shape[0], num_slots, np.int32)  # no slot: nothing is advanced
         bitmask = engine.masks.all_allowed(logits.shape[0])  # what every step passes, grammar or not

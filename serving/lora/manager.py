@@ -1,6 +1,7 @@
 """Adapter slots of a multi-LoRA server: PEFT folders loaded into per-layer `[max_loras, ...]` stacks.
 
-Every linear layer but the output head gets `A [max_loras, in, R]` and `B [max_loras, R, out]`
+Every linear layer but the output head and MLA's `kv_b_proj` (folded into the attention weights,
+`model_lib/layers/mla.py`, so a per-token adapter cannot reach it) gets `A [max_loras, in, R]` and `B [max_loras, R, out]`
 stacks (R = max_lora_rank rounded up to 16, the grouped matmul kernel's tile; a smaller rank is
 zero-padded, which adds nothing to the product). An adapter loaded into slot s writes its
 `A` and `scale * B` (`alpha / r`, or `alpha / sqrt(r)` under rsLoRA) into row s of every stack
@@ -33,6 +34,7 @@ from flax import nnx
 
 from model_lib.layers.linear import Linear
 from model_lib.layers.lora_slots import LoRAStack, adapter_slots
+from model_lib.layers.mla import absorbed_projections
 from model_lib.lora import OUTPUT_HEAD, linear_layers, read_peft_adapter
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,11 @@ class LoadedAdapter:
 
 
 def served_layers(model: nnx.Module) -> dict[str, Linear]:
-    """Our path -> linear layer, for the layers that get adapter stacks (all but the output head)."""
+    """Our path -> linear layer, for the layers that get adapter stacks (all but the output head and MLA's
+    kv_b_proj)."""
+    absorbed = absorbed_projections(model)
     return {path: layer for path, layer in linear_layers(model).items()
-            if path != OUTPUT_HEAD and not path.endswith("." + OUTPUT_HEAD)}
+            if path != OUTPUT_HEAD and not path.endswith("." + OUTPUT_HEAD) and path not in absorbed}
 
 
 def _write_slot(stacks: Stacks, slot: jax.Array, values: Stacks) -> Stacks:
@@ -114,7 +118,7 @@ class LoRAManager:
         unserved = sorted(set(weights) - set(self.layers))
         if unserved:
             raise ValueError(f"adapter {name!r} targets {unserved}, which served adapters do not support "
-                             f"(every linear layer but the output head)")
+                             f"(every linear layer but the output head and MLA's kv_b_proj)")
         if not self._free:
             raise ValueError(f"all max_loras={self.max_loras} adapter slots are taken "
                              f"({', '.join(sorted(self.adapters)) or 'by unloaded adapters still in use'}); "

@@ -35,6 +35,9 @@ def _randomize_adapters(model, seed: int) -> None:
     ("qwen3_moe-sparse-step", ["q_proj"], ["gate_up_proj"]),  # a suffix, and one parameter alone (no nesting)
     ("mixtral-moe", ["o_proj"], EXPERT_PARAMS),
     ("glm4_moe-grouped-sigmoid", [], ["experts.down_proj"]),
+    # Fused [X, in, out] parameters: Llama 4's (PEFT's lora_A on the output side) and gpt-oss's (gate/up interleaved).
+    ("llama4-chunked-nope-moe", ["q_proj"], ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]),
+    ("gpt_oss-sinks-sliding", ["o_proj"], EXPERT_PARAMS),
 ])
 def test_expert_adapter_matches_transformers_and_peft(case, targets, parameters, tiny_checkpoint, tmp_path):
     import peft
@@ -88,9 +91,12 @@ def test_expert_targets_are_refused_by_name(tiny_checkpoint, tmp_path):
         apply_lora(model, LoraConfig(lora_dropout=0.0, target_modules=[], target_parameters=["experts.w1"]))
     with pytest.raises(ValueError, match="lora_dropout 0"):
         LoraConfig(lora_dropout=0.1, target_parameters=EXPERT_PARAMS)
-    gpt_oss = model_lib.from_pretrained(tiny_checkpoint("gpt_oss-sinks-sliding")[0])
-    with pytest.raises(ValueError, match="experts of GptOssForCausalLM is not supported"):
-        apply_lora(gpt_oss, LoraConfig(lora_dropout=0.0, target_modules=[], target_parameters=EXPERT_PARAMS))
+    dbrx = model_lib.from_pretrained(tiny_checkpoint("dbrx-clip-moe")[0])
+    with pytest.raises(ValueError, match="experts of DbrxForCausalLM is not supported"):
+        apply_lora(dbrx, LoraConfig(lora_dropout=0.0, target_modules=[], target_parameters=EXPERT_PARAMS))
+    llama4 = model_lib.from_pretrained(tiny_checkpoint("llama4-chunked-nope-moe")[0])
+    with pytest.raises(ValueError, match="match no expert parameter.*feed_forward.experts.gate_up_proj"):
+        apply_lora(llama4, LoraConfig(lora_dropout=0.0, target_modules=[], target_parameters=EXPERT_PARAMS))
     dense = model_lib.from_pretrained(tiny_checkpoint("llama-gqa")[0])
     with pytest.raises(ValueError, match="no MoE expert stacks"):
         apply_lora(dense, LoraConfig(lora_dropout=0.0, target_modules=[], target_parameters=EXPERT_PARAMS))

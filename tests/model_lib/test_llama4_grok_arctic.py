@@ -114,21 +114,30 @@ def test_arctic_refuses_options_it_does_not_reproduce(key, value, message, tiny_
         model_lib.load_config(tmp_path)
 
 
-def test_llama4_generates_under_preemption_chunked_prefill_and_prefix_hits(tiny_checkpoint):
-    """Chunked attention through the serving engine: prefill chunks of 16 tokens cross attention chunks of 4,
-    a 10-page pool preempts, and prompts sharing a 20-token prefix reuse its pages; tokens equal transformers'."""
+# (case, engine options): issue 18's architectures under scheduling pressure (DeepSeek-V3 and MiniCPM3's latent
+# pages: tests/model_lib/test_mla_latent_cache.py). DeepSeek-V2-Lite (no q low rank, interleaved rope) sends its
+# chunks of >= 4 tokens through MLA's expanded form; its YaRN covers 32 positions, transformers runs past them too.
+MLA_PRESSURE = dict(mla_expanded_prefill_tokens=4, allow_long_max_model_len=True)
+PRESSURE_CASES = [("llama4-chunked-nope-moe", {}), ("deepseek_v2-lite-grouped-yarn", MLA_PRESSURE),
+                  ("grok1-softcap-moe", {}), ("arctic-residual-moe", {})]
+
+
+@pytest.mark.parametrize("case,options", PRESSURE_CASES)
+def test_generates_under_preemption_chunked_prefill_and_prefix_hits(case, options, tiny_checkpoint):
+    """Prefill chunks of 16 tokens (Llama 4: crossing attention chunks of 4) beside decode rows, a 10-page pool
+    that preempts, and prompts sharing a 20-token prefix that reuse its pages; tokens equal the reference's."""
     import torch
 
     from serving import LLM, SamplingParams
     from tests.serving.helpers import prompts, token_prompts
 
-    folder, hf_model = tiny_checkpoint("llama4-chunked-nope-moe")
+    folder, hf_model = tiny_checkpoint(case)
     shared = prompts((20,), seed=1)[0]
     prompt_ids = [shared + p for p in prompts((2, 5, 9), seed=2)] + prompts((3, 26), seed=3)
     with torch.no_grad():
         expected = [hf_model.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                       pad_token_id=0)[0, len(p):].tolist() for p in prompt_ids]
-    llm = LLM(folder, max_model_len=40, num_pages=10, page_size=4, max_num_batched_tokens=16)
+    llm = LLM(folder, max_model_len=40, num_pages=10, page_size=4, max_num_batched_tokens=16, **options)
     outputs = llm.generate(token_prompts(prompt_ids), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert llm.engine.scheduler.num_preemptions > 0 and llm.engine.pool.prefix_hits > 0

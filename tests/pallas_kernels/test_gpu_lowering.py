@@ -396,6 +396,7 @@ GROUPS7 = dict(num_attention_heads=14, num_key_value_heads=2, head_dim=16, hidde
 # the step's own kernels differ (each attention variant's prefill tiles are in PAGED_CASES above).
 STEP_SHAPES = {"decode": (8, 8, 8), "prefill": (64, 2, 8)}
 PREFILL_TOO = ("llama-gqa", "mixtral-moe")
+EXPANDED_TOO = ("minicpm3-mla-longrope",)  # MLA: also the prefill step's expanded variant (serving/engine/mla_prefill.py)
 PAGE_SIZE = 16
 
 
@@ -432,6 +433,11 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
         if name == "prefill" and family not in PREFILL_TOO:
             continue
         lowered = gpu_lowering.lower_for_h100(runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(shape))))
+        assert_compiles(lowered, expected)
+    if family in EXPANDED_TOO:  # the absorbed rows still reach the kernel beside the expanded ones
+        inputs = runner.empty_inputs(STEP_SHAPES["prefill"])
+        inputs.batch = inputs.batch.replace(expanded_from=np.int32(0))
+        lowered = gpu_lowering.lower_for_h100(runner._step, *gpu_lowering.abstract(runner.step_args(inputs)))
         assert_compiles(lowered, expected)
 
 
