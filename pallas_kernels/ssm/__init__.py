@@ -9,6 +9,7 @@ from pallas_kernels.ssm.reference import (
     run_ids,
     selective_state_step,
     ssd_chunked,
+    ssd_chunked_states,
     ssd_scan,
     ssd_state_step,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "selective_scan",
     "selective_state_step",
     "ssd_chunked",
+    "ssd_chunked_states",
     "ssd_scan",
     "ssd_state_step",
 ]

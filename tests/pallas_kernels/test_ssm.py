@@ -95,10 +95,12 @@ def test_selective_scan_matches_steps():
                 np.testing.assert_allclose(finals[row, run], h[0], rtol=1e-4, atol=1e-4)
 
 
-# chunk None: the associative `ssd_scan` (serving); else `ssd_chunked` with that chunk length (only
-# run 0 continues a state there: R = 1).
-@pytest.mark.parametrize("chunk", [None, 4])
-def test_ssd_matches_steps(chunk):
+# (scan, chunk): the associative `ssd_scan`; `ssd_chunked_states` (per-run states, the serving path)
+# with chunks that split runs (4) and that hold several (8, 16: row 2 in one chunk); `ssd_chunked`
+# (only run 0 continues a state there: R = 1; the state after the row's last run comes back).
+@pytest.mark.parametrize("scan, chunk", [("associative", None), ("chunked_states", 4), ("chunked_states", 8),
+                                         ("chunked_states", 16), ("chunked", 4)])
+def test_ssd_matches_steps(scan, chunk):
     H, P, G, N = 4, 3, 2, 5
     x = _normal(0, (B, T, H, P))
     dt = jax.nn.softplus(_normal(1, (B, T, H)))
@@ -106,11 +108,12 @@ def test_ssd_matches_steps(chunk):
     Bm, Cm = _normal(3, (B, T, G, N)), _normal(4, (B, T, G, N))
     Dv = _normal(5, (H,))
     segments = jnp.asarray(SEGMENTS)
-    if chunk is None:
-        h0 = _normal(6, (B, R, H, P, N))
+    h0 = _normal(6, (B, 1 if scan == "chunked" else R, H, P, N))
+    if scan == "associative":
         y, finals = ssm.ssd_scan(x, dt, A, Bm, Cm, Dv, segments, h0)
+    elif scan == "chunked_states":
+        y, finals = ssm.ssd_chunked_states(x, dt, A, Bm, Cm, Dv, segments, chunk, h0)
     else:
-        h0 = _normal(6, (B, 1, H, P, N))
         y, last = ssm.ssd_chunked(x, dt, A, Bm, Cm, Dv, segments, chunk, h0[:, 0])
     for row in range(B):
         sequences = _sequences(row)
@@ -120,10 +123,12 @@ def test_ssd_matches_steps(chunk):
                 out, h = ssd_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
                                             Cm[row : row + 1, t], Dv, h)
                 np.testing.assert_allclose(y[row, t], out[0], rtol=1e-4, atol=1e-4)
-            if chunk is None and run < R:
+            if scan != "chunked" and run < R:
                 np.testing.assert_allclose(finals[row, run], h[0], rtol=1e-4, atol=1e-4)
-            if chunk is not None and run == len(sequences) - 1:
+            if scan == "chunked" and run == len(sequences) - 1:
                 np.testing.assert_allclose(last[row], h[0], rtol=1e-4, atol=1e-4)
+        if scan != "chunked" and len(sequences) < R:  # a run without tokens keeps its state
+            np.testing.assert_allclose(finals[row, len(sequences)], h0[row, len(sequences)], rtol=1e-6)
 
 
 def test_gated_rms_norm_groups():
