@@ -8,12 +8,10 @@ Implementations, picked by `implementation` or, when it is None, by lowering pla
 - "interpret": the same kernel on the Pallas interpreter (any backend; for tests);
 - "reference": the associative scan (every other platform, the serving path that carries
   states in and out, and the logged fallback).
-The kernel is forward only: gradients come from the reference's VJP (recomputed in the backward pass).
+Gradients through the kernel come from its backward kernel (`triton_kernel.selective_scan_vjp`).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,32 +28,16 @@ def _kernel_inputs(x, dt, segment_ids):
     return x, dt, keep
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
+    x, dt, keep = _kernel_inputs(x, dt, segment_ids)
+    return triton_kernel.selective_scan_vjp(x, dt, A, B, C, D, keep, interpret)
+
+
 def _scan(x, dt, A, B, C, D, segment_ids, implementation):
-    def kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
-        x, dt, keep = _kernel_inputs(x, dt, segment_ids)
-        return triton_kernel.selective_scan(x, dt, A, B, C, D, keep, interpret=interpret)
-
-    def ref(*args):
-        return reference.selective_scan(*args)[0]
-
     args = (x, dt, A, B, C, D, segment_ids)
     if implementation == "auto":
-        return on_cuda(kernel, ref, *args)
-    return kernel(*args, interpret=implementation == "interpret")
-
-
-def _scan_fwd(x, dt, A, B, C, D, segment_ids, implementation):
-    return _scan(x, dt, A, B, C, D, segment_ids, implementation), (x, dt, A, B, C, D, segment_ids)
-
-
-def _scan_bwd(implementation, residuals, d_y):
-    *inputs, segment_ids = residuals
-    _, vjp = jax.vjp(lambda *a: reference.selective_scan(*a, segment_ids)[0], *inputs)
-    return (*vjp(d_y), None)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+        return on_cuda(_kernel, lambda *a: reference.selective_scan(*a)[0], *args)
+    return _kernel(*args, interpret=implementation == "interpret")
 
 
 def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,

@@ -141,7 +141,7 @@ def test_gated_rms_norm_groups():
 
 def test_selective_scan_kernel_matches_reference_in_interpret_mode():
     """The Pallas kernel (on the interpreter) over packed and padded rows, two channel blocks; its
-    gradient (through the reference's VJP) equals the reference's."""
+    gradients (the backward kernel) with respect to every input equal the reference's."""
     from pallas_kernels.ssm import reference
 
     D, N = 128, 16
@@ -157,10 +157,12 @@ def test_selective_scan_kernel_matches_reference_in_interpret_mode():
         return jnp.sum(jnp.where(real, y, 0.0) ** 2), y
 
     kernel = functools.partial(ssm.selective_scan, implementation="interpret")
-    (_, got), got_grads = jax.value_and_grad(functools.partial(loss, kernel), argnums=(0, 1, 2), has_aux=True)(
-        x, dt, A, Bm, Cm, Dv)
-    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, reference.selective_scan), argnums=(0, 1, 2),
-                                               has_aux=True)(x, dt, A, Bm, Cm, Dv)
+    inputs = (x, dt, A, Bm.astype(jnp.bfloat16), Cm.astype(jnp.bfloat16), Dv)  # B, C as the mixer passes them
+    every = tuple(range(len(inputs)))
+    (_, got), got_grads = jax.value_and_grad(functools.partial(loss, kernel), argnums=every, has_aux=True)(*inputs)
+    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, reference.selective_scan), argnums=every,
+                                               has_aux=True)(*inputs)
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
-    for g, w in zip(got_grads, want_grads):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    for g, w, a in zip(got_grads, want_grads, inputs):
+        assert g.dtype == a.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-4, atol=1e-4)
