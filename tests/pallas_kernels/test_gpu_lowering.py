@@ -313,7 +313,8 @@ SCAN_SHAPES = {"mamba-130m-train": (8, 2048, 1536, 16), "mamba-2.8b-prefill": (1
 
 @pytest.mark.parametrize("shape", sorted(SCAN_SHAPES))
 def test_selective_scan_kernel_compiles(shape):
-    """The sequential-in-time scan kernel, and the dense Mamba forward reaching it through `ops`."""
+    """The sequential-in-time scan kernel, the dense Mamba forward reaching it through `ops`, and its gradient
+    reaching the backward kernels."""
     from pallas_kernels.ssm import ops as ssm_ops
     from pallas_kernels.ssm import triton_kernel as scan_kernel
 
@@ -326,6 +327,10 @@ def test_selective_scan_kernel_compiles(shape):
                     ("selective_scan",))
     dispatched = jax.jit(lambda *a: ssm_ops.selective_scan(*a)[0])
     assert_compiles(gpu_lowering.lower_for_h100(dispatched, *args, S((rows, length), jnp.int32)), ("selective_scan",))
+    # Training: the gradient reaches the states kernel and the reverse-time backward kernel.
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ssm_ops.selective_scan(*a)[0]), argnums=(0, 1, 2, 3, 4, 5)))
+    assert_compiles(gpu_lowering.lower_for_h100(grads, *args, S((rows, length), jnp.int32)),
+                    ("selective_scan_states", "selective_scan_bwd"))
 
 
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
