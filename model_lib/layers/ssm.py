@@ -33,6 +33,9 @@ from model_lib.layers.linear import Linear
 from pallas_kernels import ssm
 from pallas_kernels.paged_attention.reference import token_layout
 
+# Chunk length of the ragged serving SSD: its per-sequence final states read each sequence's last
+# chunk, so temporaries grow with sequences x chunk (benchmarks/ssm_scan.py: 64 beats 256 at 32 sequences).
+SERVING_CHUNK = 64
 SSMState = tuple[jax.Array, jax.Array]  # (conv tails [B, R, W-1, C], SSM states [B, R, D, N] or [B, R, H, P, N])
 
 
@@ -200,8 +203,8 @@ class Mamba2Mixer(_Mixer):
         """`x [B, T, E]` -> (`[B, T, E]`, states after the runs `state` starts; None in it without).
 
         Dense rows take the chunked SSD; rows continuing from states (serving) the chunked SSD with
-        per-run states (chunks of at most T tokens: the result does not depend on the length), or
-        the step function when each row holds one token (decode).
+        per-run states (chunks of at most `SERVING_CHUNK` tokens: the result does not depend on the
+        length), or the step function when each row holds one token (decode).
         """
         tail, h = (None, None) if state is None else state
         b, t, _ = x.shape
@@ -219,7 +222,8 @@ class Mamba2Mixer(_Mixer):
             y, new = ssm.ssd_state_step(xs[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D[...], h[:, 0])
             y, h = y[:, None], _keep_on_padding(segment_ids, new[:, None], h)
         else:
-            y, h = ssm.ssd_chunked_states(xs, dt, self.A(), B, C, self.D[...], segment_ids, min(self.chunk_size, t), h)
+            chunk = min(self.chunk_size, SERVING_CHUNK, t)
+            y, h = ssm.ssd_chunked_states(xs, dt, self.A(), B, C, self.D[...], segment_ids, chunk, h)
         y = self.norm(y.reshape(b, t, D), z)
         return self.out_proj(y.astype(x.dtype)), (tail, h)
 

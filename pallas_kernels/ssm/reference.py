@@ -250,17 +250,8 @@ def ssd_chunked(
     return y, h_end
 
 
-def ssd_chunked_states(
-    x: jax.Array,
-    dt: jax.Array,
-    A: jax.Array,
-    B: jax.Array,
-    C: jax.Array,
-    D: jax.Array,
-    segment_ids: jax.Array,
-    chunk: int,
-    initial: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
+def ssd_chunked_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                       segment_ids: jax.Array, chunk: int, initial: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`ssd_chunked` with per-run states (the ragged serving path, `ssd_scan`'s contract): run r
     starts from `initial [B, R, H, P, N]`; returns (`y`, the states after each of the R runs).
 

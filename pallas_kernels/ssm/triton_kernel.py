@@ -36,20 +36,28 @@ def supported(channels: int, state_size: int) -> bool:
     return channels % BLOCK_D == 0 and state_size >= 1 and state_size & (state_size - 1) == 0
 
 
+def _program(a_ref, d_ref):
+    """This program's row, block of channels (index and slice), and their A `[block_d, N]` and D `[block_d]`
+    (float32)."""
+    block = pl.program_id(1)
+    channels = pl.ds(block * BLOCK_D, BLOCK_D)
+    return pl.program_id(0), block, channels, a_ref[channels, :].astype(jnp.float32), d_ref[channels].astype(jnp.float32)
+
+
+def _token(x_ref, dt_ref, b_ref, c_ref, keep_ref, row, t, channels):
+    """One token's inputs for a block of channels, float32: x, dt `[block_d]`, B, C `[N]`, keep."""
+    f32 = jnp.float32
+    return (x_ref[row, t, channels].astype(f32), dt_ref[row, t, channels].astype(f32), b_ref[row, t, :].astype(f32),
+            c_ref[row, t, :].astype(f32), keep_ref[row, t])
+
+
 def _kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, keep_ref, y_ref, *states_ref, length: int):
     """The forward; with `states_ref`, also the state after every token."""
-    row, block = pl.program_id(0), pl.program_id(1)
-    channels = pl.ds(block * BLOCK_D, BLOCK_D)
+    row, block, channels, A, D = _program(a_ref, d_ref)
     f32 = jnp.float32
-    A = a_ref[channels, :].astype(f32)  # [block_d, N]
-    D = d_ref[channels].astype(f32)
 
     def step(t, h):
-        x = x_ref[row, t, channels].astype(f32)
-        dt = dt_ref[row, t, channels].astype(f32)
-        B = b_ref[row, t, :].astype(f32)
-        C = c_ref[row, t, :].astype(f32)
-        keep = keep_ref[row, t]
+        x, dt, B, C, keep = _token(x_ref, dt_ref, b_ref, c_ref, keep_ref, row, t, channels)
         h = h * (jnp.exp(dt[:, None] * A) * keep) + (dt * x)[:, None] * B[None, :]
         y_ref[row, t, channels] = (jnp.sum(h * C[None, :], axis=1) + D * x).astype(y_ref.dtype)
         if states_ref:
@@ -62,20 +70,13 @@ def _kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, keep_ref, y_ref, *states_
 def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, keep_ref, states_ref, dy_ref,
                      dx_ref, ddt_ref, db_ref, dc_ref, da_ref, *, length: int):
     """Reverse time, carrying g (the adjoint of the state after the token), as in the module docstring."""
-    row, block = pl.program_id(0), pl.program_id(1)
-    channels = pl.ds(block * BLOCK_D, BLOCK_D)
+    row, block, channels, A, D = _program(a_ref, d_ref)
     f32 = jnp.float32
-    A = a_ref[channels, :].astype(f32)  # [block_d, N]
-    D = d_ref[channels].astype(f32)
 
     def step(i, carry):
         g, dA = carry  # g: the adjoint reaching h_t from later tokens
         t = length - 1 - i
-        x = x_ref[row, t, channels].astype(f32)
-        dt = dt_ref[row, t, channels].astype(f32)
-        B = b_ref[row, t, :].astype(f32)
-        C = c_ref[row, t, :].astype(f32)
-        keep = keep_ref[row, t]
+        x, dt, B, C, keep = _token(x_ref, dt_ref, b_ref, c_ref, keep_ref, row, t, channels)
         dy = dy_ref[row, t, channels].astype(f32)
         h = states_ref[row, t, channels, :]
         h_prev = states_ref[row, jnp.maximum(t - 1, 0), channels, :] * (t > 0).astype(f32)
