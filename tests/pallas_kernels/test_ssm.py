@@ -176,7 +176,7 @@ def test_ssd_kernel_matches_reference_in_interpret_mode():
 
     segments = jnp.asarray(np.array([[1] * 20 + [2] * 7 + [3] * 10 + [0] * 3, [0] * 5 + [1] * 35], np.int32))
     rows, length = segments.shape
-    H, P, G, N = 4, 64, 2, 16  # two blocks of the head dim
+    H, P, G, N = 2, 64, 2, 16  # two blocks of the head dim
     x = _normal(0, (rows, length, H, P))
     dt = jax.nn.softplus(_normal(1, (rows, length, H)))
     A = -jnp.exp(_normal(2, (H,), 0.5))
