@@ -1,12 +1,14 @@
 """State-space scans: time and memory of each implementation at one dense shape, in one process.
 
 Mamba (`selective_scan`): the associative-scan reference against, on a GPU, the Pallas kernel
-(`pallas_kernels/ssm/triton_kernel.py`, sequential in time). Mamba-2: the chunked SSD against the
-associative `ssd_scan` (the ragged serving path). Each is jitted and timed after a warm-up;
+(`pallas_kernels/ssm/triton_kernel.py`, sequential in time). Mamba-2: the chunked SSD on dense rows,
+then a ragged serving step (one row of `--sequences` sequences, each from its own state) through
+`ssd_chunked_states` (the serving path) and the associative `ssd_scan` (the serving path before it).
+Each is jitted and timed after a warm-up;
 "temp MB" is XLA's temporary buffer size from the compiled memory analysis (what the
 associative scans spend on `[T, state]` intermediates). On the CPU the kernel row is skipped.
 
-    python -m benchmarks.ssm_scan [--rows 1 --tokens 512 --repeats 5]
+    python -m benchmarks.ssm_scan [--rows 1 --tokens 512 --sequences 8 --repeats 5]
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--sequences", type=int, default=8, help="sequences in the ragged serving step")
+    parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     b, t = args.rows, args.tokens
@@ -58,9 +62,17 @@ def main() -> None:
     h, p, g, n2 = MAMBA2["heads"], MAMBA2["head_dim"], MAMBA2["groups"], MAMBA2["state"]
     mamba2 = (normal(b, t, h, p), jax.nn.softplus(normal(b, t, h)), -jnp.exp(normal(h)), normal(b, t, g, n2),
               normal(b, t, g, n2), normal(h))
+    # The serving step: one row of `sequences` equal runs (the last takes the remainder), each from its state.
+    ragged = jnp.minimum(jnp.arange(t) // max(t // args.sequences, 1), args.sequences - 1)[None] + 1
+    states = normal(1, args.sequences, h, p, n2)
+    serving = tuple(a[:1] for a in mamba2)
     rows += [
-        ("mamba-2 SSD: chunked (chunks of 256)", lambda *a: reference.ssd_chunked(*a, segments, 256)[0], mamba2),
-        ("mamba-2 SSD: associative (serving path)", lambda *a: reference.ssd_scan(*a, segments)[0], mamba2),
+        (f"mamba-2 SSD: chunked (chunks of {args.chunk})",
+         lambda *a: reference.ssd_chunked(*a, segments, args.chunk)[0], mamba2),
+        (f"mamba-2 serving step, {args.sequences} sequences: chunked with per-sequence states (chunks of {args.chunk})",
+         lambda *a: reference.ssd_chunked_states(*a, ragged, args.chunk, states), serving),
+        (f"mamba-2 serving step, {args.sequences} sequences: associative (the previous serving path)",
+         lambda *a: reference.ssd_scan(*a, ragged, states), serving),
     ]
     print("| scan | ms per call | temp MB |\n|---|---|---|")
     for name, fn, inputs in rows:

@@ -33,6 +33,9 @@ from model_lib.layers.linear import Linear
 from pallas_kernels import ssm
 from pallas_kernels.paged_attention.reference import token_layout
 
+# Chunk length of the ragged serving SSD: its per-sequence final states read each sequence's last
+# chunk, so temporaries grow with sequences x chunk (benchmarks/ssm_scan.py: 64 beats 256 at 32 sequences).
+SERVING_CHUNK = 64
 SSMState = tuple[jax.Array, jax.Array]  # (conv tails [B, R, W-1, C], SSM states [B, R, D, N] or [B, R, H, P, N])
 
 
@@ -45,9 +48,20 @@ class Conv1d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((channels,), dtype), logical_axes=(None,)) if use_bias else None
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, tail: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """`x [B, T, C]` -> (conv output `[B, T, C]` float32, new tails `[B, R, W-1, C]`)."""
+        """`x [B, T, C]` -> (conv output `[B, T, C]` float32, new tails `[B, R, W-1, C]`).
+
+        Rows of one token continuing from a tail (decode) take `conv1d_step`."""
         bias = None if self.bias is None else self.bias[...]
-        return ssm.causal_conv1d(x, self.weight[...][:, 0, :], bias, segment_ids, tail)
+        weight = self.weight[...][:, 0, :]
+        if tail is None or x.shape[1] != 1:
+            return ssm.causal_conv1d(x, weight, bias, segment_ids, tail)
+        out, new = ssm.conv1d_step(x[:, 0], weight, bias, tail[:, 0])
+        return out[:, None], _keep_on_padding(segment_ids, new[:, None], tail)
+
+
+def _keep_on_padding(segment_ids: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+    """A one-token step's states `[B, 1, ...]`: rows whose token is padding keep their old state."""
+    return jnp.where((segment_ids[:, 0] != 0).reshape((-1,) + (1,) * (new.ndim - 1)), new, old.astype(new.dtype))
 
 
 def _vector(shape: tuple[int, ...], value: jax.Array, dtype: jnp.dtype) -> nnx.Param:
@@ -80,7 +94,9 @@ class _Mixer(nnx.Module):
         return self.serve(x, batch, cache)
 
     def serve(self, x: jax.Array, batch: PagedBatch, cache: SSMState) -> tuple[jax.Array, SSMState]:
-        """A flat ragged step `x [T, E]`: one row whose runs are the step's sequences.
+        """A flat ragged step `x [T, E]`: one row whose runs are the step's sequences; a step where
+        every sequence has at most one token (decode) is instead one row per sequence, which takes
+        the per-token step functions.
 
         `cache` holds the pools `[num_slots, ...]` (`[L, num_slots, ...]` in a scanned stack, row
         `batch.layer`); sequence s reads and writes row `batch.slots[s]`. A sequence whose chunk
@@ -101,13 +117,26 @@ class _Mixer(nnx.Module):
         def per_seq(flags: jax.Array, array: jax.Array) -> jax.Array:
             return flags.reshape((-1,) + (1,) * (array.ndim - 1))
 
-        out, states = self.mix(x[None], segment_ids, tuple(jnp.where(per_seq(fresh, r), 0.0, r)[None] for r in rows))
+        starts = tuple(jnp.where(per_seq(fresh, r), 0.0, r) for r in rows)
+
+        def ragged() -> tuple[jax.Array, SSMState]:
+            out, states = self.mix(x[None], segment_ids, tuple(r[None] for r in starts))
+            return out[0], tuple(s[0] for s in states)
+
+        def decode() -> tuple[jax.Array, SSMState]:
+            at = jnp.minimum(meta.cu_q_lens[:-1], x.shape[0] - 1)  # each sequence's token
+            out, states = self.mix(x[at][:, None], stepped[:, None].astype(jnp.int32), tuple(r[:, None] for r in starts))
+            out = jnp.zeros((x.shape[0], out.shape[-1]), out.dtype).at[jnp.where(stepped, at, x.shape[0])].set(
+                out[:, 0], mode="drop")
+            return out, tuple(s[:, 0] for s in states)
+
+        out, states = jax.lax.cond(jnp.all(q_lens <= 1), decode, ragged)
         # Sequences without a token this step (padding, warm-up) write their rows back unchanged.
         cache = tuple(
-            pool.at[index].set(jnp.where(per_seq(stepped, old), state[0], old).astype(pool.dtype))
+            pool.at[index].set(jnp.where(per_seq(stepped, old), state, old).astype(pool.dtype))
             for pool, old, state in zip(cache, rows, states)
         )
-        return out[0], cache
+        return out, cache
 
     def convolve(self, xbc: jax.Array, segment_ids: jax.Array, tail: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """Conv, activation, and zeros on padding (float32)."""
@@ -138,7 +167,11 @@ class MambaMixer(_Mixer):
         xs, tail = self.convolve(xs, segment_ids, tail)
         dt_low, B, C = jnp.split(self.x_proj(xs.astype(x.dtype)), [self.dt_rank, self.dt_rank + self.state_size], axis=-1)
         dt = jax.nn.softplus(self.dt_proj(dt_low).astype(jnp.float32))
-        y, h = ssm.selective_scan(xs, dt, self.A(), B, C, self.D[...], segment_ids, h)
+        if h is not None and x.shape[1] == 1:  # one token per row (decode): the step function
+            y, new = ssm.selective_state_step(xs[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D[...], h[:, 0])
+            y, h = y[:, None], _keep_on_padding(segment_ids, new[:, None], h)
+        else:
+            y, h = ssm.selective_scan(xs, dt, self.A(), B, C, self.D[...], segment_ids, h)
         y = y * jax.nn.silu(z.astype(jnp.float32))
         return self.out_proj(y.astype(x.dtype)), (tail, h)
 
@@ -169,7 +202,9 @@ class Mamba2Mixer(_Mixer):
     def mix(self, x: jax.Array, segment_ids: jax.Array, state: SSMState | None = None) -> tuple[jax.Array, SSMState]:
         """`x [B, T, E]` -> (`[B, T, E]`, states after the runs `state` starts; None in it without).
 
-        Dense rows take the chunked SSD; rows continuing from states (serving) the associative scan.
+        Dense rows take the chunked SSD; rows continuing from states (serving) the chunked SSD with
+        per-run states (chunks of at most `SERVING_CHUNK` tokens: the result does not depend on the
+        length), or the step function when each row holds one token (decode).
         """
         tail, h = (None, None) if state is None else state
         b, t, _ = x.shape
@@ -179,12 +214,16 @@ class Mamba2Mixer(_Mixer):
         xs, B, C = jnp.split(xbc, [D, D + GN], axis=-1)
         dt = jax.nn.softplus(dt.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
         dt = jnp.clip(dt, *self.dt_limit)
-        args = (
-            xs.reshape(b, t, self.heads, self.head_dim), dt, self.A(),
-            B.reshape(b, t, self.groups, self.state_size), C.reshape(b, t, self.groups, self.state_size),
-            self.D[...], segment_ids,
-        )
-        y, h = ssm.ssd_chunked(*args, self.chunk_size) if h is None else ssm.ssd_scan(*args, h)
+        xs = xs.reshape(b, t, self.heads, self.head_dim)
+        B, C = (a.reshape(b, t, self.groups, self.state_size) for a in (B, C))
+        if h is None:
+            y, h = ssm.ssd_chunked(xs, dt, self.A(), B, C, self.D[...], segment_ids, self.chunk_size)
+        elif t == 1:  # one token per row (decode): the step function
+            y, new = ssm.ssd_state_step(xs[:, 0], dt[:, 0], self.A(), B[:, 0], C[:, 0], self.D[...], h[:, 0])
+            y, h = y[:, None], _keep_on_padding(segment_ids, new[:, None], h)
+        else:
+            chunk = min(self.chunk_size, SERVING_CHUNK, t)
+            y, h = ssm.ssd_chunked_states(xs, dt, self.A(), B, C, self.D[...], segment_ids, chunk, h)
         y = self.norm(y.reshape(b, t, D), z)
         return self.out_proj(y.astype(x.dtype)), (tail, h)
 

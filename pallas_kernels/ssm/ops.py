@@ -1,4 +1,5 @@
-"""Public selective scan: the Pallas kernel where it applies, else the jnp reference (contract in `reference.py`).
+"""Public selective scan and chunked SSD: the Pallas kernels where they apply, else the jnp reference
+(contracts in `reference.py`).
 
 Implementations, picked by `implementation` or, when it is None, by lowering platform and shape
 (`pallas_kernels.dispatch.on_cuda`):
@@ -8,7 +9,12 @@ Implementations, picked by `implementation` or, when it is None, by lowering pla
 - "interpret": the same kernel on the Pallas interpreter (any backend; for tests);
 - "reference": the associative scan (every other platform, the serving path that carries
   states in and out, and the logged fallback).
-The kernel is forward only: gradients come from the reference's VJP (recomputed in the backward pass).
+Gradients through the kernel come from its backward kernel (`triton_kernel.selective_scan_vjp`).
+
+`ssd_chunked` likewise: "kernel" (`ssd_kernel.py`) where lowered for CUDA, for rows from zero
+states (dense training rows and whole prompts; no states out), a power-of-two head dim and
+state size of 16 or more; "interpret"; "reference" (everything else). Its kernel is forward
+only: gradients come from the reference's VJP (recomputed in the backward pass).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.dispatch import on_cuda, warn_fallback
-from pallas_kernels.ssm import reference, triton_kernel
+from pallas_kernels.ssm import reference, ssd_kernel, triton_kernel
 
 IMPLEMENTATIONS = ("kernel", "interpret", "reference")
 
@@ -30,41 +36,28 @@ def _kernel_inputs(x, dt, segment_ids):
     return x, dt, keep
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
+    x, dt, keep = _kernel_inputs(x, dt, segment_ids)
+    return triton_kernel.selective_scan_vjp(x, dt, A, B, C, D, keep, interpret)
+
+
 def _scan(x, dt, A, B, C, D, segment_ids, implementation):
-    def kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
-        x, dt, keep = _kernel_inputs(x, dt, segment_ids)
-        return triton_kernel.selective_scan(x, dt, A, B, C, D, keep, interpret=interpret)
-
-    def ref(*args):
-        return reference.selective_scan(*args)[0]
-
     args = (x, dt, A, B, C, D, segment_ids)
     if implementation == "auto":
-        return on_cuda(kernel, ref, *args)
-    return kernel(*args, interpret=implementation == "interpret")
+        return on_cuda(_kernel, lambda *a: reference.selective_scan(*a)[0], *args)
+    return _kernel(*args, interpret=implementation == "interpret")
 
 
-def _scan_fwd(x, dt, A, B, C, D, segment_ids, implementation):
-    return _scan(x, dt, A, B, C, D, segment_ids, implementation), (x, dt, A, B, C, D, segment_ids)
-
-
-def _scan_bwd(implementation, residuals, d_y):
-    *inputs, segment_ids = residuals
-    _, vjp = jax.vjp(lambda *a: reference.selective_scan(*a, segment_ids)[0], *inputs)
-    return (*vjp(d_y), None)
-
-
-_scan.defvjp(_scan_fwd, _scan_bwd)
+def _check(op: str, implementation: str | None) -> None:
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown {op} implementation {implementation!r}; supported: {', '.join(IMPLEMENTATIONS)}")
 
 
 def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
                    segment_ids: jax.Array, initial: jax.Array | None = None, *,
                    implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
     """`reference.selective_scan`'s contract; the kernel serves calls without `initial` (no states out)."""
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown selective_scan implementation {implementation!r}; supported: "
-                         f"{', '.join(IMPLEMENTATIONS)}")
+    _check("selective_scan", implementation)
     if initial is not None or implementation == "reference":
         return reference.selective_scan(x, dt, A, B, C, D, segment_ids, initial)
     if implementation is None:
@@ -74,3 +67,44 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
             return reference.selective_scan(x, dt, A, B, C, D, segment_ids)
         implementation = "auto"
     return _scan(x, dt, A, B, C, D, segment_ids, implementation), None
+
+
+def _ssd_kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
+    dt, x = reference.identity_on_padding(dt.astype(jnp.float32), x.astype(jnp.float32), segment_ids)
+    return ssd_kernel.ssd_chunked(x, dt, A, B, C, D, reference.run_ids(segment_ids), interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation):
+    args = (x, dt, A, B, C, D, segment_ids)
+    if implementation == "auto":
+        return on_cuda(_ssd_kernel, lambda *a: reference.ssd_chunked(*a, chunk)[0], *args)
+    return _ssd_kernel(*args, interpret=implementation == "interpret")
+
+
+def _ssd_fwd(x, dt, A, B, C, D, segment_ids, chunk, implementation):
+    return _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation), (x, dt, A, B, C, D, segment_ids)
+
+
+def _ssd_bwd(chunk, implementation, residuals, d_y):
+    *inputs, segment_ids = residuals
+    _, vjp = jax.vjp(lambda *a: reference.ssd_chunked(*a, segment_ids, chunk)[0], *inputs)
+    return (*vjp(d_y), None)
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                segment_ids: jax.Array, chunk: int, state: jax.Array | None = None, *,
+                implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """`reference.ssd_chunked`'s contract; the kernel serves rows from zero states (no state out: None)."""
+    _check("ssd_chunked", implementation)
+    if state is not None or implementation == "reference":
+        return reference.ssd_chunked(x, dt, A, B, C, D, segment_ids, chunk, state)
+    if implementation is None:
+        if not ssd_kernel.supported(x.shape[-1], B.shape[-1]):
+            warn_fallback("ssd_chunked", f"head dim {x.shape[-1]}, state {B.shape[-1]} (powers of two >= 16)")
+            return reference.ssd_chunked(x, dt, A, B, C, D, segment_ids, chunk)
+        implementation = "auto"
+    return _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation), None

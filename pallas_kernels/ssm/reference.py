@@ -241,18 +241,42 @@ def ssd_chunked(
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T per head (`[H, P, N]`), y_t = h_t C_t + D x_t.
     Within a chunk of L tokens the output is a masked quadratic form (decay-weighted
     C.B scores, only between tokens of the same run); across chunks a `lax.scan` carries
-    the state, which reaches a chunk's tokens only while their run continues. Returns
-    (`y [B, T, H, P]`, the state after each row's last real token `[B, H, P, N]`).
+    the state, which reaches a chunk's tokens only while their run continues. The row's
+    first run starts from `state [B, H, P, N]` (zeros by default). Returns (`y [B, T, H, P]`,
+    the state after each row's last real token `[B, H, P, N]`).
+    """
+    initial = None if state is None else state[:, None]
+    y, h_end, _ = _ssd_chunks(x, dt, A, B, C, D, segment_ids, chunk, initial)
+    return y, h_end
+
+
+def ssd_chunked_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                       segment_ids: jax.Array, chunk: int, initial: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`ssd_chunked` with per-run states (the ragged serving path, `ssd_scan`'s contract): run r
+    starts from `initial [B, R, H, P, N]`; returns (`y`, the states after each of the R runs).
+
+    Chunks may hold several runs: the masks keep runs apart exactly, and a run that starts
+    inside a chunk reads its own initial state there."""
+    y, _, finals = _ssd_chunks(x, dt, A, B, C, D, segment_ids, chunk, initial)
+    return y, finals
+
+
+def _ssd_chunks(x, dt, A, B, C, D, segment_ids, chunk, initial):
+    """The chunked SSD: (`y`, state after the row's last token, per-run finals or None without `initial`).
+
+    Per token, its run either continues from the chunk before (its entering state is the state
+    the scan carries into the chunk) or starts inside the chunk (its entering state is its
+    run's initial state); `entry` is the log decay from that entry point to the token.
     """
     f32 = jnp.float32
     b, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     dt, x = identity_on_padding(dt.astype(f32), x.astype(f32), segment_ids)
-    runs = run_ids(segment_ids)
+    runs, token_start, first, last = _run_layout(segment_ids, 1 if initial is None else initial.shape[1])
     pad = (-T) % chunk
     if pad:  # padding tokens are identity steps in the last run
         x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (x, dt, B, C))
-        runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
+        runs, token_start = (jnp.pad(a, [(0, 0), (0, pad)], mode="edge") for a in (runs, token_start))
     Q = x.shape[1] // chunk
     heads_per_group = H // G
     Bh = jnp.repeat(B.astype(f32), heads_per_group, axis=2)  # [B, T, H, N]
@@ -261,37 +285,88 @@ def ssd_chunked(
     def chunks(a):  # [B, Q*L, ...] -> [Q, B, L, ...]
         return jnp.moveaxis(a.reshape(b, Q, chunk, *a.shape[2:]), 1, 0)
 
-    xs, dts, Bs, Cs, rs = (chunks(a) for a in (x, dt, Bh, Ch, runs))
+    xs, dts, Bs, Cs, rs, starts = (chunks(a) for a in (x, dt, Bh, Ch, runs, token_start))
     log_decay = dts * A.astype(f32)  # [Q, B, L, H]
     cum = jnp.cumsum(log_decay, axis=2)
+    chunk_start = (jnp.arange(Q, dtype=jnp.int32) * chunk)[:, None, None]
+    starts_here = starts >= chunk_start  # [Q, B, L]: the token's run starts in this chunk
+    local_start = jnp.clip(starts - chunk_start, 0, chunk - 1)
+    cum_before_start = jnp.take_along_axis(cum - log_decay, local_start[..., None], axis=2)
+    entry = cum - jnp.where(starts_here[..., None], cum_before_start, 0.0)  # [Q, B, L, H]
     causal = jnp.tril(jnp.ones((chunk, chunk), bool))
     same_run = (rs[:, :, :, None] == rs[:, :, None, :]) & causal  # [Q, B, L(i), L(j)]
     diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # [Q, B, i, j, H]
     weights = jnp.where(same_run[..., None], jnp.exp(jnp.where(same_run[..., None], diff, 0.0)), 0.0)
     scores = jnp.einsum("qbihn,qbjhn->qbijh", Cs, Bs) * weights
-    y_diag = jnp.einsum("qbijh,qbjh,qbjhp->qbihp", scores, dts, xs)
+    y = jnp.einsum("qbijh,qbjh,qbjhp->qbihp", scores, dts, xs) + xs * D.astype(f32)[:, None]
     # Each chunk's own contribution to the state after its last token (its last run only).
     last_run = rs[:, :, -1]  # [Q, B]
     to_end = jnp.exp(cum[:, :, -1:, :] - cum) * (rs == last_run[..., None])[..., None]  # [Q, B, L, H]
-    chunk_states = jnp.einsum("qblh,qblh,qblhn,qblhp->qbhpn", to_end, dts, Bs, xs)
-    chunk_decay = jnp.exp(cum[:, :, -1, :])  # [Q, B, H]
+    own = jnp.einsum("qblh,qblh,qblhn,qblhp->qbhpn", to_end, dts, Bs, xs)
+    end_entry = jnp.exp(entry[:, :, -1])[..., None, None]  # [Q, B, H, 1, 1]
+    fresh_end = starts_here[:, :, -1].reshape(Q, b, 1, 1, 1)  # the chunk's last run starts in it
+    if initial is not None:
+        initial = initial.astype(f32)
+        own = own + jnp.where(fresh_end, end_entry * _per_token(initial, jnp.moveaxis(last_run, 0, 1)).swapaxes(0, 1), 0.0)
+    carry_decay = jnp.where(fresh_end, 0.0, end_entry)
 
-    def carry_over(carry, inputs):
-        h, run = carry  # state entering the chunk and the run it belongs to
-        own, total_decay, runs_q, last_q, cum_q, C_q = inputs
-        continues = (runs_q == run[:, None])[..., None]  # [B, L, 1]: tokens still in the carried run
-        y_off = jnp.einsum("blhn,bhpn->blhp", C_q, h) * (jnp.exp(cum_q) * continues)[..., None]
-        keep = (last_q == run)[:, None, None, None]
-        h = jnp.where(keep, total_decay[..., None, None] * h, 0.0) + own
-        return (h, last_q), y_off
+    def carry_over(h, inputs):
+        decay, own_q = inputs
+        return decay * h + own_q, h
 
-    h0 = jnp.zeros((b, H, P, N), f32) if state is None else state.astype(f32)
-    (h_end, _), y_off = jax.lax.scan(
-        carry_over, (h0, jnp.zeros((b,), jnp.int32)), (chunk_states, chunk_decay, rs, last_run, cum, Cs)
-    )
-    y = y_diag + y_off + xs * D.astype(f32)[:, None]
+    h_end, entering = jax.lax.scan(carry_over, jnp.zeros((b, H, P, N), f32), (carry_decay, own))
+    # Tokens continuing the carried run read the chunk's entering state.
+    carried = jnp.where(starts_here[..., None], 0.0, jnp.exp(entry))[..., None]  # [Q, B, L, H, 1]
+    y = y + jnp.einsum("qblhn,qbhpn->qblhp", Cs, entering) * carried
+    if initial is not None:  # tokens of runs starting in the chunk read their run's initial state
+        fresh = jnp.where(starts_here[..., None], jnp.exp(entry), 0.0)[..., None]
+        y = y + chunks(_read_initial(initial, runs, Ch)) * fresh
     y = jnp.moveaxis(y, 0, 1).reshape(b, Q * chunk, H, P)[:, :T]
-    return y, h_end
+    if initial is None:
+        return y, h_end, None
+    return y, h_end, _run_finals(initial, last, xs, dts, Bs, rs, cum, entry, starts_here, entering)
+
+
+READ_BLOCK = 16  # tokens per step of `_read_initial`'s loop
+
+
+def _read_initial(initial: jax.Array, runs: jax.Array, C: jax.Array) -> jax.Array:
+    """`C_t . initial[run_t]` per token `[B, T, H, P]` (zeros past the R runs given): a loop over
+    blocks of tokens, so the per-token states `[T, H, P, N]` never exist at once."""
+    b, T = runs.shape
+    R = initial.shape[1]
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, T))
+
+    def read(token):
+        c, row, run = token
+        return jnp.einsum("hn,hpn->hp", c, initial[row, jnp.minimum(run, R - 1)]) * (run < R)
+
+    out = jax.lax.map(read, (C.reshape(b * T, *C.shape[2:]), rows.reshape(-1), runs.reshape(-1)),
+                      batch_size=READ_BLOCK)
+    return out.reshape(b, T, *out.shape[1:])
+
+
+def _run_finals(initial, last, xs, dts, Bs, rs, cum, entry, starts_here, entering):
+    """The state after each run's last token `[B, R, H, P, N]`, from that token's chunk: the run's
+    tokens there, plus its entering state (carried or initial) decayed to that token."""
+    Q, b, L = rs.shape
+    R = initial.shape[1]
+    at = jnp.maximum(last, 0)  # [B, R] token index of each run's end
+    q, i = at // L, at % L
+    rows = jnp.arange(b)[:, None]
+
+    def pick(a):  # [Q, B, L, ...] -> [B, R, L, ...]: the chunk of each run's end
+        return a[q, rows]
+
+    def at_end(a):  # [Q, B, L, ...] -> [B, R, ...]: at each run's end token
+        return a[q, rows, i]
+
+    run_tokens = (pick(rs) == jnp.arange(R)[None, :, None]) & (jnp.arange(L) <= i[..., None])  # [B, R, L]
+    decay = jnp.exp(jnp.where(run_tokens[..., None], at_end(cum)[:, :, None] - pick(cum), 0.0)) * run_tokens[..., None]
+    own = jnp.einsum("brlh,brlh,brlhn,brlhp->brhpn", decay, pick(dts), pick(Bs), pick(xs))
+    entered = jnp.where(at_end(starts_here).reshape(b, R, 1, 1, 1), initial, entering[q, rows])
+    finals = own + jnp.exp(at_end(entry))[..., None, None] * entered
+    return jnp.where((last >= 0).reshape(b, R, 1, 1, 1), finals, initial)
 
 
 def ssd_state_step(

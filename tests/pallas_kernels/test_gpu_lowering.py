@@ -313,7 +313,8 @@ SCAN_SHAPES = {"mamba-130m-train": (8, 2048, 1536, 16), "mamba-2.8b-prefill": (1
 
 @pytest.mark.parametrize("shape", sorted(SCAN_SHAPES))
 def test_selective_scan_kernel_compiles(shape):
-    """The sequential-in-time scan kernel, and the dense Mamba forward reaching it through `ops`."""
+    """The sequential-in-time scan kernel, the dense Mamba forward reaching it through `ops`, and its gradient
+    reaching the backward kernels."""
     from pallas_kernels.ssm import ops as ssm_ops
     from pallas_kernels.ssm import triton_kernel as scan_kernel
 
@@ -326,6 +327,33 @@ def test_selective_scan_kernel_compiles(shape):
                     ("selective_scan",))
     dispatched = jax.jit(lambda *a: ssm_ops.selective_scan(*a)[0])
     assert_compiles(gpu_lowering.lower_for_h100(dispatched, *args, S((rows, length), jnp.int32)), ("selective_scan",))
+    # Training: the gradient reaches the states kernel and the reverse-time backward kernel.
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ssm_ops.selective_scan(*a)[0]), argnums=(0, 1, 2, 3, 4, 5)))
+    assert_compiles(gpu_lowering.lower_for_h100(grads, *args, S((rows, length), jnp.int32)),
+                    ("selective_scan_states", "selective_scan_bwd"))
+
+
+# Mamba-2's SSD (rows, tokens, heads, head dim, groups, state): Mamba-2-130m training rows, Granite 4.0-H-Tiny
+# (48 heads of 64, one group, state 128) on a long prompt.
+SSD_SHAPES = {"mamba2-130m-train": (8, 2048, 24, 64, 1, 128), "granite4-tiny-prefill": (1, 8192, 48, 64, 1, 128)}
+
+
+@pytest.mark.parametrize("shape", sorted(SSD_SHAPES))
+def test_ssd_kernel_compiles(shape):
+    """The chunked SSD kernel (wgmma for its 64-row tiles), and the dense forward and its gradient reaching it."""
+    from pallas_kernels.ssm import ops as ssm_ops
+
+    rows, length, heads, head_dim, groups, state = SSD_SHAPES[shape]
+    f32 = jnp.float32
+    args = (S((rows, length, heads, head_dim), BF16), S((rows, length, heads), f32), S((heads,), f32),
+            S((rows, length, groups, state), BF16), S((rows, length, groups, state), BF16), S((heads,), f32),
+            S((rows, length), jnp.int32))
+    forward = jax.jit(lambda *a: ssm_ops.ssd_chunked(*a, 256)[0])
+    reports = assert_compiles(gpu_lowering.lower_for_h100(forward, *args), ("ssd_chunked",))
+    assert all(report.wgmma for report in reports)
+    # (A loss that reads y, so the forward kernel stays in the gradient's graph.)
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(ssm_ops.ssd_chunked(*a, 256)[0] ** 2), argnums=(0, 1, 2, 3, 4, 5)))
+    assert_compiles(gpu_lowering.lower_for_h100(grads, *args), ("ssd_chunked",))
 
 
 # RecurrentGemma's RG-LRU scan (rows, tokens, lru_width): 2B training rows, 9B long prefill.

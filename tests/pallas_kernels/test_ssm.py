@@ -95,10 +95,12 @@ def test_selective_scan_matches_steps():
                 np.testing.assert_allclose(finals[row, run], h[0], rtol=1e-4, atol=1e-4)
 
 
-# chunk None: the associative `ssd_scan` (serving); else `ssd_chunked` with that chunk length (only
-# run 0 continues a state there: R = 1).
-@pytest.mark.parametrize("chunk", [None, 4])
-def test_ssd_matches_steps(chunk):
+# (scan, chunk): the associative `ssd_scan`; `ssd_chunked_states` (per-run states, the serving path)
+# with chunks that split runs (4) and that hold several (8, 16: row 2 in one chunk); `ssd_chunked`
+# (only run 0 continues a state there: R = 1; the state after the row's last run comes back).
+@pytest.mark.parametrize("scan, chunk", [("associative", None), ("chunked_states", 4), ("chunked_states", 8),
+                                         ("chunked_states", 16), ("chunked", 4)])
+def test_ssd_matches_steps(scan, chunk):
     H, P, G, N = 4, 3, 2, 5
     x = _normal(0, (B, T, H, P))
     dt = jax.nn.softplus(_normal(1, (B, T, H)))
@@ -106,11 +108,12 @@ def test_ssd_matches_steps(chunk):
     Bm, Cm = _normal(3, (B, T, G, N)), _normal(4, (B, T, G, N))
     Dv = _normal(5, (H,))
     segments = jnp.asarray(SEGMENTS)
-    if chunk is None:
-        h0 = _normal(6, (B, R, H, P, N))
+    h0 = _normal(6, (B, 1 if scan == "chunked" else R, H, P, N))
+    if scan == "associative":
         y, finals = ssm.ssd_scan(x, dt, A, Bm, Cm, Dv, segments, h0)
+    elif scan == "chunked_states":
+        y, finals = ssm.ssd_chunked_states(x, dt, A, Bm, Cm, Dv, segments, chunk, h0)
     else:
-        h0 = _normal(6, (B, 1, H, P, N))
         y, last = ssm.ssd_chunked(x, dt, A, Bm, Cm, Dv, segments, chunk, h0[:, 0])
     for row in range(B):
         sequences = _sequences(row)
@@ -120,10 +123,12 @@ def test_ssd_matches_steps(chunk):
                 out, h = ssd_state_step(x[row : row + 1, t], dt[row : row + 1, t], A, Bm[row : row + 1, t],
                                             Cm[row : row + 1, t], Dv, h)
                 np.testing.assert_allclose(y[row, t], out[0], rtol=1e-4, atol=1e-4)
-            if chunk is None and run < R:
+            if scan != "chunked" and run < R:
                 np.testing.assert_allclose(finals[row, run], h[0], rtol=1e-4, atol=1e-4)
-            if chunk is not None and run == len(sequences) - 1:
+            if scan == "chunked" and run == len(sequences) - 1:
                 np.testing.assert_allclose(last[row], h[0], rtol=1e-4, atol=1e-4)
+        if scan != "chunked" and len(sequences) < R:  # a run without tokens keeps its state
+            np.testing.assert_allclose(finals[row, len(sequences)], h0[row, len(sequences)], rtol=1e-6)
 
 
 def test_gated_rms_norm_groups():
@@ -136,7 +141,7 @@ def test_gated_rms_norm_groups():
 
 def test_selective_scan_kernel_matches_reference_in_interpret_mode():
     """The Pallas kernel (on the interpreter) over packed and padded rows, two channel blocks; its
-    gradient (through the reference's VJP) equals the reference's."""
+    gradients (the backward kernel) with respect to every input equal the reference's."""
     from pallas_kernels.ssm import reference
 
     D, N = 128, 16
@@ -152,10 +157,42 @@ def test_selective_scan_kernel_matches_reference_in_interpret_mode():
         return jnp.sum(jnp.where(real, y, 0.0) ** 2), y
 
     kernel = functools.partial(ssm.selective_scan, implementation="interpret")
-    (_, got), got_grads = jax.value_and_grad(functools.partial(loss, kernel), argnums=(0, 1, 2), has_aux=True)(
-        x, dt, A, Bm, Cm, Dv)
-    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, reference.selective_scan), argnums=(0, 1, 2),
-                                               has_aux=True)(x, dt, A, Bm, Cm, Dv)
+    inputs = (x, dt, A, Bm.astype(jnp.bfloat16), Cm.astype(jnp.bfloat16), Dv)  # B, C as the mixer passes them
+    every = tuple(range(len(inputs)))
+    (_, got), got_grads = jax.value_and_grad(functools.partial(loss, kernel), argnums=every, has_aux=True)(*inputs)
+    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, reference.selective_scan), argnums=every,
+                                               has_aux=True)(*inputs)
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
-    for g, w in zip(got_grads, want_grads):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+    for g, w, a in zip(got_grads, want_grads, inputs):
+        assert g.dtype == a.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-4, atol=1e-4)
+
+
+def test_ssd_kernel_matches_reference_in_interpret_mode():
+    """The chunked SSD kernel (on the interpreter), with chunks of 16 over rows of 40 tokens whose runs
+    cross chunk boundaries and share chunks; through `ops` (the kernel's own chunks) its gradient (the
+    reference's VJP) and values equal the reference's."""
+    from pallas_kernels.ssm import ops, reference, ssd_kernel
+
+    segments = jnp.asarray(np.array([[1] * 20 + [2] * 7 + [3] * 10 + [0] * 3, [0] * 5 + [1] * 35], np.int32))
+    rows, length = segments.shape
+    H, P, G, N = 2, 64, 2, 16  # two blocks of the head dim
+    x = _normal(0, (rows, length, H, P))
+    dt = jax.nn.softplus(_normal(1, (rows, length, H)))
+    A = -jnp.exp(_normal(2, (H,), 0.5))
+    Bm, Cm, Dv = _normal(3, (rows, length, G, N)), _normal(4, (rows, length, G, N)), _normal(5, (H,))
+    real = (np.asarray(segments) != 0)[..., None, None]
+    want = reference.ssd_chunked(x, dt, A, Bm, Cm, Dv, segments, 8)[0]
+    dt_in, x_in = reference.identity_on_padding(dt, x, segments)
+    got = ssd_kernel.ssd_chunked(x_in, dt_in, A, Bm, Cm, Dv, ssm.run_ids(segments), chunk=16, interpret=True)
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
+
+    def loss(scan, *args):
+        return jnp.sum(jnp.where(real, scan(*args, segments, 8)[0], 0.0) ** 2)
+
+    inputs, every = (x, dt, A, Bm, Cm, Dv), tuple(range(6))
+    kernel = functools.partial(ops.ssd_chunked, implementation="interpret")
+    got_grads = jax.grad(functools.partial(loss, kernel), argnums=every)(*inputs)
+    want_grads = jax.grad(functools.partial(loss, reference.ssd_chunked), argnums=every)(*inputs)
+    for g, w in zip(got_grads, want_grads):  # the loss squares outputs in the thousands: relative bounds
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(np.abs(w).max()))
