@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import jax
 
+from serving.engine.input_batch import StepInputs
+from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence
 
 
@@ -24,7 +26,7 @@ class Proposal:
 
 
 class Proposer(ABC):
-    """One speculative method (n-gram, draft model; later EAGLE-3, MTP)."""
+    """One speculative method (n-gram, draft model, EAGLE-3, MTP)."""
 
     @abstractmethod
     def propose(self, wanted: dict[Sequence, int]) -> Proposal:
@@ -32,3 +34,7 @@ class Proposer(ABC):
 
     def release(self, seq: Sequence) -> None:
         """Forget a sequence that left the running batch (finished, aborted or preempted)."""
+
+    def observe(self, scheduled: list[ScheduledSequence], inputs: StepInputs, hidden: jax.Array | None) -> None:
+        """After a target step over `inputs` (its tokens read and rejected drafts rolled back): `hidden`, the
+        step's captured hidden states `[T_pad, C]` when the method asked for them (`capture_hidden`)."""
