@@ -144,6 +144,7 @@ class HiddenStateProposer(Proposer):
         for i, item in enumerate(scheduled):
             seq = item.seq
             if seq.finished:
+                self.release(seq)
                 continue
             start = int(positions[cu[i]])
             kept = seq.num_computed - start
