@@ -149,7 +149,8 @@ def test_sampled_distribution_is_unchanged(request, method):
     plain, spec = engines(request, method)
     prompt = prompts((5,), seed=7)[0]
     num = 400
-    params = [SamplingParams(temperature=0.8, top_k=6, max_tokens=2, ignore_eos=True, seed=s) for s in range(num)]
+    # max_tokens 3: the second token is the first a draft can decide (no drafting past max_tokens - 1).
+    params = [SamplingParams(temperature=0.8, top_k=6, max_tokens=3, ignore_eos=True, seed=s) for s in range(num)]
     second = {}
     accepted = spec.engine.spec.stats.num_accepted_tokens
     for name, llm in (("plain", plain), ("spec", spec)):
