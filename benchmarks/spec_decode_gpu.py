@@ -60,15 +60,16 @@ def random_model(config_class: str, shape: dict, mtp: bool = False):
     return model_lib.from_config(config)
 
 
-def write_eagle3(folder: Path, target: dict, dry_run: bool) -> Path:
-    """A random EAGLE-3 head of the published Llama-3.1-8B layout for a target of shape `target`."""
+def write_eagle3(folder: Path, target: dict, intermediate: int) -> Path:
+    """A random EAGLE-3 head in the published layout (Llama-3.1-8B's: MLP `intermediate` 14336, draft vocabulary
+    32000 or half the target's) for a target of shape `target`."""
     import torch
     from safetensors.torch import save_file
 
     hidden, vocab = target["hidden_size"], target["vocab_size"]
     heads, kv_heads = target["num_attention_heads"], target["num_key_value_heads"]
     head_dim = hidden // heads
-    inner = target["intermediate_size"] if dry_run else EAGLE3_INTERMEDIATE
+    inner = intermediate
     draft_vocab = min(EAGLE3_DRAFT_VOCAB, vocab // 2)
     gen = torch.Generator().manual_seed(0)
 
@@ -141,7 +142,8 @@ def main(argv=None) -> list[dict]:
             "draft_model": lambda: ({"method": "draft_model", "model": "random"},
                                     random_model("LlamaConfig", {**llama, "num_hidden_layers": 2})),
             "eagle3": lambda: ({"method": "eagle3", "model": "random"},
-                               load_eagle3(write_eagle3(Path(root) / "eagle3", llama, args.dry_run), target)),
+                               load_eagle3(write_eagle3(Path(root) / "eagle3", llama, llama["intermediate_size"] if args.dry_run
+                                                        else EAGLE3_INTERMEDIATE), target)),
         }
         runs = [("plain", lambda: target, lambda: (None, None))]
         runs += [(m, lambda: target, drafts[m]) for m in args.methods if m != "mtp"]
