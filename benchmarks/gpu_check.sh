@@ -72,7 +72,7 @@ if [[ $DRY_RUN == 1 ]]; then
   part quantized_matmul 300 "$PYTHON" benchmarks/quantized_matmul.py --dry-run --rows 1 130 --layers down \
     --formats int4 int8 q4_1 q8_0 fp8 --json "$LOGS/quantized_matmul.json"
   part engine 300 "$PYTHON" benchmarks/engine_gpu.py --dry-run --json "$LOGS/engine.json"
-  part spec_decode 300 "$PYTHON" benchmarks/spec_decode_gpu.py --dry-run --batches 1 4 --json "$LOGS/spec_decode.json"
+  part spec_decode 300 "$PYTHON" benchmarks/spec_decode_gpu.py --dry-run --methods eagle3 mtp --batches 1 --budget-s 240 --json "$LOGS/spec_decode.json"
 else
   # Limits sum to 480 s (8 minutes).
   part pytest_gpu 80 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider

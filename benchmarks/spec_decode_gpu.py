@@ -119,7 +119,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--dry-run", action="store_true", help="tiny models, any backend")
     parser.add_argument("--json", help="write the records to this file")
     args = parser.parse_args(argv)
-    if not args.dry_run and jax.default_backend() != "gpu":
+    if args.dry_run:
+        args.input_len, args.output_len = 8, 6
+    elif jax.default_backend() != "gpu":
         raise SystemExit("this benchmark needs an NVIDIA GPU; use --dry-run elsewhere")
     from model_lib.eagle3 import load_eagle3
     from model_lib.families.deepseek_mtp import MTPDraft

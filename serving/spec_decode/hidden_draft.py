@@ -33,7 +33,7 @@ from serving.engine.runner import MIN_PAGE_BUCKET, bucket
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence
 from serving.spec_decode.draft_model import _store, draft_sample
-from serving.spec_decode.proposer import Proposal, Proposer
+from serving.spec_decode.proposer import Proposal, ViewProposer
 
 
 @dataclass(eq=False)
@@ -80,7 +80,9 @@ def _put_rows(buffer: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Arra
     return buffer.at[rows].set(values.astype(buffer.dtype), mode="drop")
 
 
-class HiddenStateProposer(Proposer):
+class HiddenStateProposer(ViewProposer):
+    view_class = HiddenView
+
     def __init__(self, draft: nnx.Module, *, num_pages: int, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, num_speculative_tokens: int,
                  min_token_bucket: int):
@@ -102,18 +104,6 @@ class HiddenStateProposer(Proposer):
         self.anchor = jnp.zeros((max_num_seqs + 1, draft.hidden_size), dtype)  # per slot; the last row: padding
         self.views: dict[Sequence, HiddenView] = {}
         self.num_steps = 0  # draft forwards run (catch-up and drafting)
-
-    def release(self, seq: Sequence) -> None:
-        view = self.views.pop(seq, None)
-        if view is not None:
-            self.pool.release(view.pages)
-
-    def _view(self, seq: Sequence) -> HiddenView:
-        view = self.views.get(seq)
-        if view is None or view.slot != seq.slot:
-            self.release(seq)
-            view = self.views[seq] = HiddenView(seq.slot)
-        return view
 
     def _reserve(self, view: HiddenView, num_positions: int) -> bool:
         """Pages for the view's first `num_positions` positions; False (and the view is lost) when none are left."""
