@@ -13,6 +13,9 @@
 #                                      TFLOP/s vs XLA (dequantize, then dot) and a dense bf16 matmul, Llama-8B layers
 #   5. benchmarks/engine_gpu.py   random-weight bf16 Llama-3.1-8B shape: batch-1 decode tok/s and offline
 #                                 throughput (256 prompts, 512 in / 256 out); a Mixtral-shaped MoE with 4 layers
+#   6. benchmarks/spec_decode_gpu.py  speculative decoding at batch 1 and 16 on the 8B shape: ngram, a 2-layer
+#                                 draft model, a random EAGLE-3 head and (DeepSeek-style target) a random MTP layer
+#                                 against plain decoding; random heads measure overhead only, not a speed-up
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine (PYTHON=python3 by default)
 #   bash benchmarks/gpu_check.sh --dry-run  # anywhere: every part on tiny shapes, kernels interpreted off GPU
@@ -69,17 +72,21 @@ if [[ $DRY_RUN == 1 ]]; then
   part quantized_matmul 300 "$PYTHON" benchmarks/quantized_matmul.py --dry-run --rows 1 130 --layers down \
     --formats int4 int8 q4_1 q8_0 fp8 --json "$LOGS/quantized_matmul.json"
   part engine 300 "$PYTHON" benchmarks/engine_gpu.py --dry-run --json "$LOGS/engine.json"
+  part spec_decode 300 "$PYTHON" benchmarks/spec_decode_gpu.py --dry-run --methods eagle3 mtp --batches 1 --budget-s 240 --json "$LOGS/spec_decode.json"
 else
-  part pytest_gpu 90 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider
-  part paged_attention 80 "$PYTHON" benchmarks/paged_attention.py --batches 1 8 64 --contexts 4096 \
+  # Limits sum to 480 s (8 minutes).
+  part pytest_gpu 80 "$PYTHON" -m pytest -q -m gpu tests/pallas_kernels -p no:cacheprovider
+  part paged_attention 70 "$PYTHON" benchmarks/paged_attention.py --batches 1 8 64 --contexts 4096 \
     --prefill-batches 1 4 --prefill-lengths 2048 --json "$LOGS/paged_attention.json"
-  part grouped_matmul 70 "$PYTHON" benchmarks/moe.py --configs mixtral qwen3 --tokens 64 4096 --iters 10 --samples 5 \
+  part grouped_matmul 60 "$PYTHON" benchmarks/moe.py --configs mixtral qwen3 --tokens 64 4096 --iters 10 --samples 5 \
     --json "$LOGS/moe.json"
-  part quantized_matmul 50 "$PYTHON" benchmarks/quantized_matmul.py --rows 1 512 --iters 10 --samples 3 \
+  part quantized_matmul 40 "$PYTHON" benchmarks/quantized_matmul.py --rows 1 512 --iters 10 --samples 3 \
     --json "$LOGS/quantized_matmul.json"
-  part engine_llama8b 120 "$PYTHON" benchmarks/engine_gpu.py --models llama8b --json "$LOGS/engine_llama8b.json"
-  part engine_mixtral 70 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \
+  part engine_llama8b 100 "$PYTHON" benchmarks/engine_gpu.py --models llama8b --json "$LOGS/engine_llama8b.json"
+  part engine_mixtral 60 "$PYTHON" benchmarks/engine_gpu.py --models mixtral --mixtral-layers 4 \
     --json "$LOGS/engine_mixtral.json"
+  part spec_decode 70 "$PYTHON" benchmarks/spec_decode_gpu.py --batches 1 16 --budget-s 50 \
+    --json "$LOGS/spec_decode.json"
 fi
 
 echo

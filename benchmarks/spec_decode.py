@@ -11,6 +11,8 @@ copies the prompt, the repetitive workload prompt lookup is made for. Three engi
   norm and tied head; the LayerSkip / self-speculation kind of draft), written as a checkpoint
   folder with the same tokenizer; 30, all of SmolLM2-135M's layers, makes it a copy of the target
   (every draft accepted: the overhead of running a draft). Skip it with `--draft-layers 0`.
+- `eagle3` (`--eagle3`): a random EAGLE-3 head of the target's shape (published layout, draft vocabulary
+  32000): almost nothing is accepted, so the row is the overhead of capturing hidden states and drafting.
 
 Each engine runs the workload once untimed (compiling its shapes; prefix caching is off so the
 timed run repeats the same shapes), then once timed. The greedy
@@ -92,6 +94,7 @@ def main() -> None:
     p.add_argument("--lookup-min", type=int, default=2)
     p.add_argument("--lookup-max", type=int, default=4)
     p.add_argument("--draft-layers", type=int, default=8, help="decoder layers of the draft (0: no draft run)")
+    p.add_argument("--eagle3", action="store_true", help="also run a random EAGLE-3 head (overhead only)")
     args = p.parse_args()
 
     gguf = default_model_path()
@@ -111,6 +114,14 @@ def main() -> None:
         if args.draft_layers:
             write_draft(gguf, args.draft_layers, Path(tmp))
             configs["draft_model"] = {"method": "draft_model", "model": tmp, "num_speculative_tokens": args.k}
+        if args.eagle3:
+            from benchmarks.spec_decode_gpu import write_eagle3
+
+            mc = plain.engine.model_config
+            shape = dict(hidden_size=mc.hidden_size, vocab_size=mc.vocab_size, num_attention_heads=mc.num_heads,
+                         num_key_value_heads=mc.num_kv_heads)
+            head = write_eagle3(Path(tmp) / "eagle3", shape, mc.intermediate_size)
+            configs["eagle3"] = {"method": "eagle3", "model": str(head), "num_speculative_tokens": args.k}
         base_s, base_tokens, _ = run(plain, prompt, params, args.batch)
         del plain
         generated = args.batch * args.max_tokens

@@ -188,10 +188,14 @@ class DecoderModel(nnx.Module):
         batch: Batch,
         kv_caches: list[KVCache] | None = None,
         merged: MergedEmbeddings | None = None,
-    ) -> tuple[jax.Array, list[KVCache] | None]:
+        capture: tuple[int, ...] = (),
+    ) -> tuple[jax.Array, list[KVCache] | None] | tuple[jax.Array, list[KVCache] | None, jax.Array]:
         """Token ids (`[B, T]` or flat `[T]`) -> final hidden states and the updated KV pages.
 
         `merged`: encoder outputs (image features) that replace the embeddings of the tokens it indexes.
+        `capture` (speculative drafts fed by hidden states): layer numbers whose input (HF's
+        `hidden_states[i]`; `num_layers` = the final normed output) comes back third, concatenated
+        `[..., len(capture) * E]` in the order given.
         """
         x = self.embed_tokens(input_ids)
         if self.embedding_multiplier != 1.0:
@@ -205,8 +209,15 @@ class DecoderModel(nnx.Module):
             x = x + self.embed_positions(batch.positions + self.position_offset)
         if self.embed_layernorm is not None:
             x = self.embed_layernorm(x)
-        new_caches = []
+        new_caches, captured, first = [], {}, 0
         for i, layer in enumerate(self.layers):
+            span = getattr(layer, "num_layers", 1)  # a scanned segment runs several layers
+            if any(first < c < first + span for c in capture):
+                raise ValueError(f"cannot capture the input of a layer inside scanned layers {first}..{first + span - 1}; "
+                                 "serve with scan_layers=False")
+            if first in capture:
+                captured[first] = x
+            first += span
             if self.remat and kv_caches is None:
                 x, cache = nnx.remat(DecoderLayer.__call__)(layer, x, batch)
             else:
@@ -216,9 +227,13 @@ class DecoderModel(nnx.Module):
             new_caches.append(cache)
         if self.norm is not None:
             x = self.norm(x)
+        captured[first] = x
         if self.project_out is not None:
             x = self.project_out(x)
-        return x, (None if kv_caches is None else new_caches)
+        caches = None if kv_caches is None else new_caches
+        if capture:
+            return x, caches, jnp.concatenate([captured[c] for c in capture], axis=-1)
+        return x, caches
 
 
 class CausalLM(nnx.Module):
@@ -293,19 +308,21 @@ class CausalLM(nnx.Module):
         kv_caches: list[KVCache] | None = None,
         logits_indices: jax.Array | None = None,
         merged: MergedEmbeddings | None = None,
-    ) -> tuple[jax.Array, list[KVCache] | None]:
+        capture: tuple[int, ...] = (),
+    ) -> tuple[jax.Array, list[KVCache] | None] | tuple[jax.Array, list[KVCache] | None, jax.Array]:
         """The family forward, for both batch shapes (DESIGN.md "one forward, two batch shapes").
 
         Dense `[B, T]` batches attend within the batch; a `PagedBatch` reads and
         writes the paged `kv_caches` (the layout of `make_kv_caches`). `logits_indices`
         picks the token positions (along the leading token axis) that need
         logits, so a decode step projects only the last token of each sequence. `merged` puts encoder
-        outputs in place of the token embeddings it indexes (`model_lib/vision/merge.py`).
+        outputs in place of the token embeddings it indexes (`model_lib/vision/merge.py`). `capture`:
+        hidden states of every token come back third (`DecoderModel.__call__`).
         """
-        hidden, kv_caches = self.model(input_ids, batch, kv_caches, merged)
+        hidden, kv_caches, *captured = self.model(input_ids, batch, kv_caches, merged, capture)
         if logits_indices is not None:
             hidden = hidden[logits_indices]
-        return self.logits(hidden), kv_caches
+        return (self.logits(hidden), kv_caches, *captured)
 
     def __call__(
         self,

@@ -17,8 +17,10 @@ from jax.sharding import Mesh
 
 import model_lib
 from model_lib import distributed
+from model_lib.eagle3 import load_eagle3
 from model_lib.encdec import seq2seq_architecture
 from model_lib.encoders import decoder_pooling_model, load_pooling_model, pooling_architecture
+from model_lib.families.deepseek_mtp import MTPDraft
 from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine, multihost
@@ -150,7 +152,7 @@ class LLM(PoolingMethods):
                 EngineConfig(**engine_args, speculative_config=speculative),
                 eos_token_ids=generation_eos_ids(model, net.config.eos_token_ids),
                 plan=plan,
-                draft_model=self._load_draft(speculative, dtype, net.config.vocab_size),
+                draft_model=self._load_draft(speculative, dtype, net),
             )
             if enable_embeddings:
                 if plan is not None or jax.process_count() > 1:
@@ -162,14 +164,19 @@ class LLM(PoolingMethods):
         self.is_leader = distributed.is_leader()
         self._leader = multihost.Leader(self.engine) if self.is_leader and jax.process_count() > 1 else None
 
-    def _load_draft(self, speculative: SpeculativeConfig | None, dtype: Any, vocab_size: int) -> Any:
-        """The draft checkpoint of a "draft_model" speculative config, checked to share our vocabulary."""
-        if speculative is None or speculative.method != "draft_model":
+    def _load_draft(self, speculative: SpeculativeConfig | None, dtype: Any, target: Any) -> Any:
+        """The draft of a "draft_model" (its checkpoint, checked to share our vocabulary), "eagle3" (the heads
+        at `model`) or "mtp" (the target's own MTP layer) speculative config."""
+        if speculative is None or speculative.method == "ngram":
             return None
+        if speculative.method == "mtp":
+            return MTPDraft(target)
         if not Path(speculative.model).exists():
             raise ValueError(f"draft model {speculative.model!r} does not exist")
+        if speculative.method == "eagle3":
+            return load_eagle3(speculative.model, target)
         draft = model_lib.from_pretrained(speculative.model, dtype=dtype)
-        check_draft_vocab(draft.config.vocab_size, vocab_size)
+        check_draft_vocab(draft.config.vocab_size, target.config.vocab_size)
         draft_tokenizer = load_tokenizer(speculative.model)
         if draft_tokenizer is not None and self.tokenizer is not None:
             if draft_tokenizer.get_vocab() != self.tokenizer.get_vocab():

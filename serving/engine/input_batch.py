@@ -63,11 +63,15 @@ class InputBatch:
         self._written = [0] * max_num_seqs
 
     def _sync_pages(self, slot: int, pages: list[int]) -> None:
-        written = self._written[slot]
+        written = min(self._written[slot], len(pages))
         if self._source[slot] is not pages:
             self._source[slot] = pages
             self.page_tables[slot] = 0
             written = 0
+        # Speculation rolls back rejected drafts' tail pages, and the next schedule may allocate others in
+        # their place before a step is built: rewrite the row from the first page that changed.
+        while written and self.page_tables[slot, written - 1] != pages[written - 1]:
+            written -= 1
         if written != len(pages):
             self.page_tables[slot, written : len(pages)] = pages[written:]
             self._written[slot] = len(pages)

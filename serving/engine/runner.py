@@ -81,15 +81,17 @@ def buckets(smallest: int, largest: int) -> list[int]:
 
 
 def _step(graphdef, treedef, plan, params, kv_caches, input_ids, feed, fed_tokens, batch, logits_indices, merged=None,
-          lora=None, *, lora_paths=()):
+          lora=None, *, lora_paths=(), capture=()):
     """`merged`: image features in place of placeholder embeddings; `lora`: with served adapters, (their stacks,
-    the per-token slot index `[T_pad]`)."""
+    the per-token slot index `[T_pad]`); `capture`: hidden states every token returns third (speculation)."""
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     if plan is not None:  # every device runs every token: the residual stream stays replicated
         model.model.activation_sharding = plan.replicated()
     input_ids = jnp.where(feed >= 0, jnp.take(fed_tokens, feed, mode="clip"), input_ids)
     with kernel_plan(plan), adapters_in_step(model, lora_paths, lora):  # kernels run per head / expert shard
         extra = {} if merged is None else {"merged": merged}  # text-only models keep their forward's signature
+        if capture:
+            extra["capture"] = capture
         return model.forward(input_ids, batch, kv_caches, logits_indices, **extra)
 
 
@@ -135,15 +137,27 @@ class ModelRunner:
         self.kv_caches = model.make_kv_caches(num_pages, page_size, jnp.dtype(kv_cache_dtype or config.dtype),
                                               sharding_fn, num_slots=max_num_seqs + 1)
         self.kv_cache_bytes = sum(a.nbytes for a in jax.tree.leaves(self.kv_caches))
-        self.params, shardings = place_serving_step(plan, self.params, self.kv_caches,
-                                                     num_host_inputs=6 if lora is None else 7)
-        paths = lora.paths if lora is not None else ()
-        self._step = jax.jit(partial(_step, self.graphdef, treedef, plan, lora_paths=paths), donate_argnums=(1,),
-                             **shardings)
+        self.params, self._shardings = place_serving_step(plan, self.params, self.kv_caches,
+                                                           num_host_inputs=6 if lora is None else 7)
+        self._treedef, self._plan = treedef, plan
+        self.capture: tuple[int, ...] = ()
+        self.hidden: jax.Array | None = None  # with `capture`: the last step's hidden states [T_pad, C]
+        self.capture_hidden(())
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
         self.compiled_shapes: set[tuple] = set()  # (tokens, seqs, pages) [+ "images"]
         mrope = config.multimodal if isinstance(config.multimodal, QwenVLConfig) else None
         self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq, with_lora=lora is not None, mrope=mrope)
+
+    def capture_hidden(self, layers: tuple[int, ...]) -> None:
+        """From now on every step also keeps the inputs of `layers` (`num_layers`: the final normed state) for
+        each token in `self.hidden` (hidden-state-fed speculation); () compiles the plain step."""
+        self.capture = tuple(layers)
+        shardings = dict(self._shardings)
+        if layers and shardings:
+            shardings["out_shardings"] = (*shardings["out_shardings"], self._plan.replicated())
+        paths = self.lora.paths if self.lora is not None else ()
+        self._step = jax.jit(partial(_step, self.graphdef, self._treedef, self._plan, lora_paths=paths,
+                                     capture=self.capture), donate_argnums=(1,), **shardings)
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
@@ -199,7 +213,9 @@ class ModelRunner:
         # Steps with image rows, or with MLA rows in the expanded form, are their own compiled variants of the shape.
         shape = inputs.variant
         start = time.perf_counter()
-        logits, self.kv_caches = self._step(*self.step_args(inputs))
+        logits, self.kv_caches, *hidden = self._step(*self.step_args(inputs))
+        if hidden:
+            self.hidden = hidden[0]
         if shape not in self.compiled_shapes:
             self.compiled_shapes.add(shape)
             logits.block_until_ready()

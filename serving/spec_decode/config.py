@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "eagle3", "mtp")
 MAX_SPECULATIVE_TOKENS = 16  # drafts per sequence and step: the verify step computes k + 1 logits rows each
 MAX_PROMPT_LOOKUP = 64  # longest n-gram the prompt-lookup proposer matches
 DEFAULT_PROMPT_LOOKUP = 5  # vLLM's value when neither bound is given
@@ -16,7 +16,9 @@ DEFAULT_PROMPT_LOOKUP = 5  # vLLM's value when neither bound is given
 class SpeculativeConfig:
     """`method`: "ngram" (prompt lookup: the continuation of the latest earlier occurrence of the
     sequence's last n tokens, n from `prompt_lookup_max` down to `prompt_lookup_min`) or
-    "draft_model" (a smaller checkpoint `model` with the target's vocabulary, run by the same engine).
+    "draft_model" (a smaller checkpoint `model` with the target's vocabulary, run by the same engine),
+    "eagle3" (EAGLE-3 heads at `model`, fed the target's hidden states) or "mtp" (the target's own
+    DeepSeek-V3 MTP layer; no `model`).
     `num_speculative_tokens`: drafts per sequence and step."""
 
     method: str
@@ -43,8 +45,11 @@ class SpeculativeConfig:
             object.__setattr__(self, "prompt_lookup_min", low)
             object.__setattr__(self, "prompt_lookup_max", high)
         else:
-            if not isinstance(self.model, str) or not self.model:
-                raise ValueError("the draft_model method needs 'model': the draft checkpoint's path")
+            if self.method == "mtp":
+                if self.model is not None:
+                    raise ValueError("the mtp method runs the target's own MTP layers; it takes no 'model'")
+            elif not isinstance(self.model, str) or not self.model:
+                raise ValueError(f"the {self.method} method needs 'model': the draft checkpoint's path")
             if self.prompt_lookup_min is not None or self.prompt_lookup_max is not None:
                 raise ValueError("prompt_lookup_min/max apply to the ngram method only")
 

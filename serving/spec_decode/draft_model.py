@@ -22,7 +22,7 @@ from serving.engine.kv_pages import PagePool
 from serving.engine.runner import ModelRunner, bucket
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence
-from serving.spec_decode.proposer import Proposal, Proposer
+from serving.spec_decode.proposer import Proposal, ViewProposer
 from serving.spec_decode.verify import DRAFT_STREAM, stream_keys
 
 
@@ -31,7 +31,7 @@ class DraftView:
     """What the draft runner sees of a sequence: its tokens (drafts so far included) and draft KV pages."""
 
     slot: int
-    tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_known: int = 0  # tokens of the sequence (not drafts) when the view was last synced
@@ -75,7 +75,9 @@ def _store(buffer: jax.Array, probs: jax.Array, rows: jax.Array, positions: jax.
     return buffer.at[rows, positions].set(probs, mode="drop")
 
 
-class DraftModelProposer(Proposer):
+class DraftModelProposer(ViewProposer):
+    view_class = DraftView
+
     def __init__(self, model: CausalLM, *, num_pages: int, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, num_speculative_tokens: int,
                  scan_layers: bool | None = None):
@@ -90,16 +92,8 @@ class DraftModelProposer(Proposer):
         self.views: dict[Sequence, DraftView] = {}
         self.num_steps = 0  # draft model steps run
 
-    def release(self, seq: Sequence) -> None:
-        view = self.views.pop(seq, None)
-        if view is not None:
-            self.pool.release(view.pages)
-
     def _view(self, seq: Sequence) -> DraftView:
-        view = self.views.get(seq)
-        if view is None or view.slot != seq.slot:
-            self.release(seq)
-            view = self.views[seq] = DraftView(seq.slot, [])
+        view = super()._view(seq)
         view.sync(seq)
         return view
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import jax
 
+from serving.engine.input_batch import StepInputs
+from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence
 
 
@@ -24,7 +26,7 @@ class Proposal:
 
 
 class Proposer(ABC):
-    """One speculative method (n-gram, draft model; later EAGLE-3, MTP)."""
+    """One speculative method (n-gram, draft model, EAGLE-3, MTP)."""
 
     @abstractmethod
     def propose(self, wanted: dict[Sequence, int]) -> Proposal:
@@ -32,3 +34,28 @@ class Proposer(ABC):
 
     def release(self, seq: Sequence) -> None:
         """Forget a sequence that left the running batch (finished, aborted or preempted)."""
+
+    def observe(self, scheduled: list[ScheduledSequence], inputs: StepInputs, hidden: jax.Array | None) -> None:
+        """After a target step over `inputs` (its tokens read and rejected drafts rolled back): `hidden`, the
+        step's captured hidden states `[T_pad, C]` when the method asked for them (`capture_hidden`)."""
+
+
+class ViewProposer(Proposer):
+    """A proposer that keeps a view per sequence (its draft state and pages in `self.pool`), made by
+    `view_class(slot)` and dropped when the sequence leaves or changes slot (preemption)."""
+
+    view_class: type
+    pool: object
+    views: dict
+
+    def release(self, seq: Sequence) -> None:
+        view = self.views.pop(seq, None)
+        if view is not None:
+            self.pool.release(view.pages)
+
+    def _view(self, seq: Sequence):
+        view = self.views.get(seq)
+        if view is None or view.slot != seq.slot:
+            self.release(seq)
+            view = self.views[seq] = self.view_class(seq.slot)
+        return view

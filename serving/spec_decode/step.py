@@ -61,7 +61,7 @@ class SpeculativeStep:
         if not scheduled:
             return list(failed.values())
         # The device part: an exception here leaves step() (the engine cannot go on).
-        completes, sampled, num_accepted = self._run(scheduled, proposal, grammar_rows)
+        completes, sampled, num_accepted, inputs = self._run(scheduled, proposal, grammar_rows)
         tokens = sampled["tokens"].tolist()
         width = self.k + 1
         touched = {}
@@ -73,6 +73,7 @@ class SpeculativeStep:
             accepted = int(num_accepted[i])
             self.stats.record(len(drafts), accepted)
             engine._take_tokens(seq, tokens[i * width : i * width + accepted + 1], sampled, i * width, touched, failed)
+        self.proposer.observe(scheduled, inputs, engine.runner.hidden)
         return engine._outputs(touched, failed) + list(failed.values())
 
     def _propose(self, failed: dict[str, RequestOutput]) -> Proposal:
@@ -121,7 +122,7 @@ class SpeculativeStep:
         return rows
 
     def _run(self, scheduled: list[ScheduledSequence], proposal: Proposal, grammar_rows: dict[Sequence, np.ndarray]):
-        """The target step and the verifier; (completes per sequence, host samples, accepted counts).
+        """The target step and the verifier; (completes per sequence, host samples, accepted counts, step inputs).
 
         `grammar_rows`: the mask rows of the constrained sequences (`_grammar_rows`)."""
         engine, width = self.engine, self.k + 1
@@ -162,4 +163,4 @@ class SpeculativeStep:
         fields = {f.name: getattr(sampled, f.name) for f in dataclasses.fields(sampled)}
         fields["num_accepted"] = num_accepted
         host = {k: np.asarray(v) for k, v in jax.device_get(fields).items() if v is not None}
-        return completes, host, host.pop("num_accepted")
+        return completes, host, host.pop("num_accepted"), inputs

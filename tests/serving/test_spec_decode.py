@@ -1,7 +1,8 @@
 """Speculative decoding in the engine: greedy outputs token for token those of plain decoding for
 each method over mixed batches (penalties, stops, logprobs, chunked prefill, preemption), the sampled
 distribution unchanged, a copy of the target as draft accepting everything in fewer steps, streaming
-and metrics."""
+and metrics. EAGLE-3 heads and DeepSeek-V3 MTP blocks are random (tests/spec_drafts.py): they exercise
+the machinery, greedy drafts are almost never accepted, sampled ones often are."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from scipy.stats import chi2_contingency
 
 from serving import LLM, RequestOutputKind, SamplingParams
 from tests.serving.helpers import prompts, token_prompts
+from tests.spec_drafts import add_mtp_block, build_eagle3_checkpoint
 
 pytestmark = pytest.mark.xdist_group("spec_decode")
 
@@ -26,9 +28,14 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1,
 GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 
 
-def repetitive_prompts() -> list[list[int]]:
-    """Prompts that repeat themselves (n-gram matches), one longer than the token budget (chunked)."""
-    return [p + p[:4] + p for p in prompts((3, 6, 9))] + [prompts((40,), seed=1)[0]]
+MTP_TARGET = "deepseek_v3-noaux-yarn"
+# Its rotary covers 32 positions; 4 pages of 8 hold one sequence only (preemption).
+MTP_SIZES = dict(SIZES, max_model_len=32, num_pages=4)
+
+
+def repetitive_prompts(long: int = 40) -> list[list[int]]:
+    """Prompts that repeat themselves (n-gram matches), one of `long` tokens, beyond the token budget (chunked)."""
+    return [p + p[:4] + p for p in prompts((3, 6, 9))] + [prompts((long,), seed=1)[0]]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +60,36 @@ def speculative(folder):
     }
 
 
+@pytest.fixture(scope="module")
+def eagle3(folder, tmp_path_factory):
+    """The target with a random EAGLE-3 head (aux layers 0, 1, 1 of its 2; 96 of its 128 ids), few pages."""
+    import json
+
+    head = tmp_path_factory.mktemp("eagle3")
+    build_eagle3_checkpoint(head, json.loads((folder / "config.json").read_text()), draft_vocab=96, aux_layers=[0, 1, 1])
+    config = {"method": "eagle3", "model": str(head), "num_speculative_tokens": K}
+    return LLM(folder, speculative_config=config, **{**SIZES, "num_pages": 8})
+
+
+@pytest.fixture(scope="module")
+def mtp_engines(tiny_checkpoint, tmp_path_factory):
+    """(plain, mtp) LLMs of a tiny DeepSeek-V3 whose checkpoint carries a random MTP block."""
+    folder = tmp_path_factory.mktemp("mtp") / "checkpoint"
+    add_mtp_block(tiny_checkpoint(MTP_TARGET)[0], folder)
+    config = {"method": "mtp", "num_speculative_tokens": K}
+    return LLM(folder, **MTP_SIZES), LLM(folder, speculative_config=config, **MTP_SIZES)
+
+
+def engines(request, method: str) -> tuple[LLM, LLM]:
+    """(plain, speculative) LLMs of a method's row."""
+    if method == "mtp":
+        return request.getfixturevalue("mtp_engines")
+    plain = request.getfixturevalue("plain")
+    if method == "eagle3":
+        return plain, request.getfixturevalue("eagle3")
+    return plain, request.getfixturevalue("speculative")[method]
+
+
 def mixed_params(plain: LLM, prompt_ids: list[list[int]]) -> list[SamplingParams]:
     """Greedy requests with penalties, logprobs, a stop token, a stop string and short max_tokens."""
     free = plain.generate(token_prompts(prompt_ids[:2]), GREEDY)
@@ -66,10 +103,10 @@ def mixed_params(plain: LLM, prompt_ids: list[list[int]]) -> list[SamplingParams
     ]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_greedy_outputs_match_plain_decoding(plain, speculative, method):
-    llm = speculative[method]
-    prompt_ids = repetitive_prompts()
+@pytest.mark.parametrize("method", ["ngram", "draft", "eagle3", "mtp"])
+def test_greedy_outputs_match_plain_decoding(request, method):
+    plain, llm = engines(request, method)
+    prompt_ids = repetitive_prompts(20 if method == "mtp" else 40)
     params = mixed_params(plain, prompt_ids)
     expected = plain.generate(token_prompts(prompt_ids), params)
     steps_before = llm.engine.spec.num_steps
@@ -84,9 +121,12 @@ def test_greedy_outputs_match_plain_decoding(plain, speculative, method):
                 assert [x.rank for x in b.values()] == [x.rank for x in a.values()]
     stats = llm.engine.spec.stats
     assert stats.num_draft_tokens > 0 and llm.engine.pool.all_free()
-    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both outcomes exercised
-    if method == "ngram":
+    if method in ("ngram", "draft"):  # random heads: greedy drafts are (almost) never the target's argmax
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both outcomes exercised
+    if method != "draft":
         assert llm.engine.scheduler.num_preemptions > 0
+    if method in ("eagle3", "mtp"):
+        assert llm.engine.spec.proposer.pool.all_free()  # draft pages follow the sequences out
     assert llm.engine.spec.num_steps > steps_before
 
 
@@ -103,19 +143,24 @@ def test_a_copy_of_the_target_accepts_everything_in_k_plus_1_fewer_steps(specula
     assert spec.stats.num_accepted_tokens - before.num_accepted_tokens == drafted == max_tokens - 1 - 3  # all
 
 
-def test_sampled_distribution_is_unchanged(plain, speculative):
+@pytest.mark.parametrize("method", ["draft", "eagle3"])
+def test_sampled_distribution_is_unchanged(request, method):
     """Two-sample chi-square on the second token (the first that drafts decide), spec vs plain."""
+    plain, spec = engines(request, method)
     prompt = prompts((5,), seed=7)[0]
     num = 400
-    params = [SamplingParams(temperature=0.8, top_k=6, max_tokens=2, ignore_eos=True, seed=s) for s in range(num)]
+    # max_tokens 3: the second token is the first a draft can decide (no drafting past max_tokens - 1).
+    params = [SamplingParams(temperature=0.8, top_k=6, max_tokens=3, ignore_eos=True, seed=s) for s in range(num)]
     second = {}
-    for name, llm in (("plain", plain), ("spec", speculative["draft"])):
+    accepted = spec.engine.spec.stats.num_accepted_tokens
+    for name, llm in (("plain", plain), ("spec", spec)):
         outputs = llm.generate(token_prompts([prompt] * num), params)
         second[name] = np.array([o.outputs[0].token_ids[1] for o in outputs])
     categories = np.unique(np.concatenate(list(second.values())))
     table = np.array([[np.sum(s == c) for c in categories] for s in second.values()])
     table = table[:, table.sum(0) >= 10]  # drop rare tokens (the test's expected counts stay >= 5)
     assert table.shape[1] >= 3 and chi2_contingency(table).pvalue > 1e-3
+    assert spec.engine.spec.stats.num_accepted_tokens > accepted  # sampled drafts were accepted too
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(speculative):
@@ -135,10 +180,11 @@ def test_streamed_deltas_carry_several_tokens_per_step(speculative):
     assert sum(deltas, []) == final[0].outputs[0].token_ids and max(map(len, deltas)) == K + 1
 
 
-def test_metrics_use_vllm_names(speculative):
+@pytest.mark.parametrize("method", ["draft", "eagle3"])
+def test_metrics_use_vllm_names(request, method):
     from serving.metrics import ServingMetrics
 
-    llm = speculative["draft"]
+    llm = engines(request, method)[1]
     text = generate_latest(ServingMetrics(llm.engine, "tiny").registry).decode()
     stats = llm.engine.spec.stats
     assert f'jaxllm:spec_decode_num_drafts_total{{model_name="tiny"}} {float(stats.num_drafts)}' in text
