@@ -25,7 +25,7 @@ from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
 from model_lib.layers.moe import MoE
 from model_lib.vision.merge import MergedEmbeddings
-from model_lib.layers.ssm import make_mixer
+from model_lib.layers.mixers import make_mixer
 
 Batch = DenseBatch | PagedBatch
 

@@ -94,6 +94,7 @@ ARCHITECTURES: dict[str, str] = {
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
     "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
     "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",
+    "Qwen3NextForCausalLM": "model_lib.families.qwen3_next:QWEN3_NEXT",
 }
 
 
