@@ -1,4 +1,4 @@
-"""Mamba and Mamba-2 beyond the parity table: packed rows, and the serving forward step by step
+"""Mamba, Mamba-2 and Qwen3-Next (Gated DeltaNet) beyond the parity table: packed rows, and the serving forward step by step
 against transformers' cached decode."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from model_lib.layers import PagedBatch
 from pallas_kernels.paged_attention import PagedMetadata
 from tests.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, random_ids
 
-CASES = ["mamba-tied", "mamba2-groups-chunked"]
+CASES = ["mamba-tied", "mamba2-groups-chunked", "qwen3_next-hybrid"]
 
 
 @nnx.jit
@@ -40,6 +40,7 @@ def _step(model, ids, batch, caches, logits_indices):
 
 
 TOKENS, SEQS, SLOTS = 12, 3, 4  # padded step shape; slot SLOTS - 1 is the padding rows' scratch
+PAGE, PAGES_PER_SEQ = 4, 3  # attention layers (Qwen3-Next): slot s owns pages PAGES_PER_SEQ * s + [0, 1, 2]
 
 
 def _paged_batch(chunks: list[tuple[int, int, int]]) -> PagedBatch:
@@ -53,7 +54,8 @@ def _paged_batch(chunks: list[tuple[int, int, int]]) -> PagedBatch:
     slots[: len(chunks)] = [slot for slot, _, _ in chunks]
     positions = np.zeros(TOKENS, np.int32)
     positions[: counts.sum()] = np.concatenate([np.arange(done, done + n) for _, done, n in chunks])
-    meta = PagedMetadata(jnp.asarray(cu), jnp.asarray(kv), jnp.zeros((SEQS, 1), jnp.int32), jnp.int32(len(chunks)))
+    pages = slots[:, None] * PAGES_PER_SEQ + np.arange(PAGES_PER_SEQ, dtype=np.int32)[None]
+    meta = PagedMetadata(jnp.asarray(cu), jnp.asarray(kv), jnp.asarray(pages), jnp.int32(len(chunks)))
     return PagedBatch(positions=jnp.asarray(positions), seq_lens=jnp.asarray(positions + 1), meta=meta,
                       slots=jnp.asarray(slots))
 
@@ -76,8 +78,8 @@ def test_serving_steps_match_transformers_cached_decode(case, tiny_checkpoint):
             out = hf_model.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                     pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         reference.append((out.sequences[0].tolist(), [lg[0].float().numpy() for lg in out.logits]))
-    caches = model.make_kv_caches(1, 4, jnp.float32, num_slots=SLOTS)
-    caches = [tuple(pool + 1.0 for pool in cache) for cache in caches]  # stale rows
+    caches = model.make_kv_caches(SLOTS * PAGES_PER_SEQ, PAGE, jnp.float32, num_slots=SLOTS)
+    caches = [tuple(pool + 1.0 for pool in cache) for cache in caches]  # stale rows (and pages)
     slots = [2, 0]
     done = [0, 0]
     # Steps as (sequence, new tokens): A's prompt in 4 + 3, B's prompt at once, then decodes.
