@@ -46,6 +46,8 @@ def _randomise_b(model, seed=0):
         # PEFT refuses out_proj and conv1d on Mamba, and transformers reads dt_proj.weight past its adapter.
         ("mamba-tied", ["in_proj", "x_proj"], False),
         ("granitemoehybrid-nope", ["in_proj", "out_proj", "q_proj", "v_proj"], False),
+        # Qwen3-Next: the Gated DeltaNet's projections and the gated attention's q_proj ([q | gate] per head).
+        ("qwen3_next-hybrid", ["in_proj_qkvz", "in_proj_ba", "out_proj", "q_proj", "o_proj"], False),
     ],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):
