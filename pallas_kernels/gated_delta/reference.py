@@ -69,6 +69,19 @@ def gated_delta_step(
     return jnp.einsum("bhkv,bhk->bhv", state, q), state
 
 
+def unit_lower_inverse(strict: jax.Array) -> jax.Array:
+    """`(I + A)^-1` for strictly lower triangular `A [..., L, L]`, by matmuls only: with N = -A
+    nilpotent, the inverse is sum_{n<L} N^n = prod_{k<ceil(log2 L)} (I + N^(2^k)). (XLA's
+    triangular solve does not partition well over a device mesh; matmuls do.)"""
+    eye = jnp.eye(strict.shape[-1], dtype=strict.dtype)
+    power = -strict
+    inverse = eye + power
+    for _ in range(max(0, (strict.shape[-1] - 1).bit_length() - 1)):
+        power = power @ power
+        inverse = inverse @ (eye + power)
+    return inverse
+
+
 def _chunks(a: jax.Array, chunk: int) -> jax.Array:
     """`[B, Q*L, ...]` -> `[Q, B, L, ...]`."""
     b, t = a.shape[:2]
@@ -135,11 +148,10 @@ def gated_delta_chunked(
     strict = same_run & ~jnp.eye(chunk, dtype=bool)
     kk = jnp.einsum("qbihk,qbjhk->qbijh", ks, ks)
     system = jnp.where(strict[..., None], betas[:, :, :, None, :] * kk * gamma, 0.0)  # A [Q, B, i, j, H]
-    system = jnp.moveaxis(system, -1, 2) + jnp.eye(chunk, dtype=f32)  # I + A  [Q, B, H, i, j]
+    inverse = unit_lower_inverse(jnp.moveaxis(system, -1, 2))  # (I + A)^-1  [Q, B, H, i, j]
 
     def solve(rhs: jax.Array) -> jax.Array:  # [Q, B, L, H, X] -> (I + A)^-1 rhs, same layout
-        x = jax.scipy.linalg.solve_triangular(system, jnp.moveaxis(rhs, 3, 2), lower=True, unit_diagonal=True)
-        return jnp.moveaxis(x, 2, 3)
+        return jnp.einsum("qbhij,qbjhx->qbihx", inverse, rhs)
 
     u = solve(betas[..., None] * vs)  # [Q, B, L, H, V]
     w = solve((betas * decay_in)[..., None] * ks)  # [Q, B, L, H, K]
