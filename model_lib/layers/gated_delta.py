@@ -48,7 +48,8 @@ class GatedDeltaNet(_Mixer):
         G, H = config.ssm_num_groups, config.ssm_num_heads
         K, V = config.ssm_state_size, config.ssm_head_dim
         self.key_heads, self.value_heads, self.key_dim, self.value_dim = G, H, K, V
-        self.conv_kernel, self.activation, self.chunk_size = config.ssm_conv_kernel, config.ssm_activation, config.ssm_chunk_size
+        self.conv_kernel, self.activation = config.ssm_conv_kernel, config.ssm_activation
+        self.chunk_size = config.ssm_chunk_size
         E = config.hidden_size
         self.in_proj_qkvz = Linear(E, 2 * G * K + 2 * H * V, axes=("embed", None), use_bias=False, **common)
         self.in_proj_ba = Linear(E, 2 * H, axes=("embed", None), use_bias=False, **common)
@@ -73,7 +74,8 @@ class GatedDeltaNet(_Mixer):
         q = gated_delta.l2_normalize(q.reshape(b, t, G, K)) * K**-0.5
         k = gated_delta.l2_normalize(k.reshape(b, t, G, K))
         beta = jax.nn.sigmoid(beta.reshape(b, t, H))
-        g = self.A()[None, None] * jax.nn.softplus(a.reshape(b, t, H).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        dt = a.reshape(b, t, H).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+        g = self.A()[None, None] * jax.nn.softplus(dt)  # log decay, <= 0
         o, h = gated_delta.gated_delta_chunked(q, k, v.reshape(b, t, H, V), g, beta, segment_ids, self.chunk_size, h)
         y = self.norm(o.astype(x.dtype), z.reshape(b, t, H, V))
         return self.out_proj(y.reshape(b, t, H * V)), (tail, h)

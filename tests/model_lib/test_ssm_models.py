@@ -1,5 +1,5 @@
-"""Mamba, Mamba-2 and Qwen3-Next (Gated DeltaNet) beyond the parity table: packed rows, and the serving forward step by step
-against transformers' cached decode."""
+"""Mamba, Mamba-2 and Qwen3-Next (Gated DeltaNet beside attention) beyond the parity table: packed
+rows, and the serving forward step by step against transformers' cached decode."""
 
 from __future__ import annotations
 

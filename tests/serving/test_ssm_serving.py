@@ -12,8 +12,8 @@ from tests.serving.helpers import prompts, token_prompts
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-# Mamba unrolled (the CPU default), Mamba-2 scanned (the accelerator default), GraniteMoeHybrid with
-# paged KV and recurrent pools side by side; test_generate_parity runs each unrolled without pressure.
+# Mamba unrolled (the CPU default), Mamba-2 scanned (the accelerator default), GraniteMoeHybrid and
+# Qwen3-Next with paged KV and recurrent pools side by side; test_generate_parity runs each unrolled without pressure.
 @pytest.mark.parametrize(
     "case, scan_layers",
     [("mamba-tied", False), ("mamba2-groups-chunked", True), ("granitemoehybrid-nope", False), ("qwen3_next-hybrid", False)],
