@@ -20,8 +20,8 @@ SLIDING_ATTENTION = "sliding_attention"
 MAX_MTP_LAYERS = 16  # a bound on `num_mtp_layers` read from a config (DeepSeek-V3 has 1)
 CHUNKED_ATTENTION = "chunked_attention"  # Llama 4: keys in the query's own chunk of `attention_chunk_size` positions
 # `layer_attention` kinds that hold a recurrent state instead of a KV cache ("rglru": RecurrentGemma's
-# recurrent block, `model_lib/layers/rglru.py`).
-SSM_KINDS = ("mamba", "mamba2", "rglru")
+# recurrent block, `model_lib/layers/rglru.py`; "gated_delta": Qwen3-Next's Gated DeltaNet).
+SSM_KINDS = ("mamba", "mamba2", "rglru", "gated_delta")
 MAX_SSM_CONV_KERNEL = 16  # bounds on the state-space fields read from a config
 MAX_SSM_CHUNK = 4096
 
@@ -126,6 +126,8 @@ class ModelConfig:
     # Queries at positions p >= n are scaled by log(p + 1) / log(n) (Qwen's `use_logn_attn`, n = seq_length).
     logn_attention_length: int | None = None
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit `self_attn.sinks` in each softmax
+    # Qwen3-Next: q_proj yields [q_h | gate_h] per head; the attention output is multiplied by sigmoid(gate).
+    attention_output_gate: bool = False
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     attention_chunk_size: int | None = None  # chunked_attention layers (Llama 4)
@@ -174,6 +176,9 @@ class ModelConfig:
     # scan; Mamba's dt goes through a rank-`ssm_time_step_rank` projection; Mamba-2's is clamped
     # to `ssm_dt_limit` in its chunked form (chunks of `ssm_chunk_size`) and gated-RMS-normed
     # (groups of D / `ssm_num_groups`, eps `norm_eps`) before `out_proj`.
+    # "gated_delta" (Qwen3-Next's Gated DeltaNet, `model_lib/layers/gated_delta.py`) reads the same
+    # fields: `ssm_num_groups` query/key heads of `ssm_state_size`, shared by `ssm_num_heads` value
+    # heads of `ssm_head_dim` (D = heads * head_dim), the conv, and chunks of `ssm_chunk_size`.
     ssm_state_size: int = 0
     ssm_intermediate_size: int = 0
     ssm_conv_kernel: int = 4
@@ -343,11 +348,11 @@ class ModelConfig:
                              f"ssm_intermediate_size ({self.ssm_intermediate_size})")
         if "mamba" in kinds and self.ssm_time_step_rank < 1:
             raise ValueError(f"Mamba layers need ssm_time_step_rank >= 1, got {self.ssm_time_step_rank}")
-        if "mamba2" in kinds:
+        if kinds & {"mamba2", "gated_delta"}:
             heads, groups = self.ssm_num_heads, self.ssm_num_groups
             if heads < 1 or groups < 1 or heads % groups or heads * self.ssm_head_dim != self.ssm_intermediate_size:
                 raise ValueError(
-                    f"Mamba-2 layers need ssm_num_heads ({heads}) a multiple of ssm_num_groups ({groups}) and "
+                    f"{'/'.join(sorted(kinds))} layers need ssm_num_heads ({heads}) a multiple of ssm_num_groups ({groups}) and "
                     f"ssm_num_heads * ssm_head_dim ({self.ssm_head_dim}) == ssm_intermediate_size ({self.ssm_intermediate_size})"
                 )
             if not 1 <= self.ssm_chunk_size <= MAX_SSM_CHUNK:
@@ -393,7 +398,7 @@ class ModelConfig:
         return self.layer_intermediate_sizes[layer] if self.layer_intermediate_sizes else self.intermediate_size
 
     def layer_attention_kind(self, layer: int) -> str:
-        """One of "attention", "linear", "none", "mamba", "mamba2", "rglru" (see `layer_attention`)."""
+        """One of "attention", "linear", "none", "mamba", "mamba2", "rglru", "gated_delta" (see `layer_attention`)."""
         return self.layer_attention[layer] if self.layer_attention else "attention"
 
     def layer_mlp_kind(self, layer: int) -> str:
@@ -415,12 +420,15 @@ class ModelConfig:
 
     def ssm_state_shapes(self, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-sequence (conv tail `[W-1, C]`, SSM state) of a state-space layer: `[D, N]` (Mamba), `[H, P, N]`
-        (Mamba-2), `[D]` (RG-LRU)."""
+        (Mamba-2), `[D]` (RG-LRU), `[H, K, V]` (gated delta: K = ssm_state_size, V = ssm_head_dim)."""
         D, N, W = self.ssm_intermediate_size, self.ssm_state_size, self.ssm_conv_kernel
-        if self.layer_attention_kind(layer) == "mamba":
+        kind = self.layer_attention_kind(layer)
+        if kind == "mamba":
             return (W - 1, D), (D, N)
-        if self.layer_attention_kind(layer) == "rglru":
+        if kind == "rglru":
             return (W - 1, D), (D,)
+        if kind == "gated_delta":
+            return (W - 1, 2 * self.ssm_num_groups * N + D), (self.ssm_num_heads, N, self.ssm_head_dim)
         return (W - 1, D + 2 * self.ssm_num_groups * N), (self.ssm_num_heads, self.ssm_head_dim, N)
 
     def hf_config_dict(self) -> dict[str, Any]:

@@ -548,6 +548,18 @@ CASES = [
         noise=ROUTER_NOISE,
     ),
     TinyCase("recurrentgemma-local-mqa", "RecurrentGemmaConfig", RECURRENT_GEMMA),
+    # Qwen3-Next: Gated DeltaNet (2 q/k heads of 16 shared by 4 value heads of 8), gated attention
+    # (GQA, head_dim 16, rotary on a quarter of it), DeltaNet again; MoE (4 experts, top-2, gated
+    # shared expert) but a dense MLP on the last layer.
+    TinyCase(
+        "qwen3_next-hybrid",
+        "Qwen3NextConfig",
+        dict(num_hidden_layers=3, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+             linear_key_head_dim=16, linear_value_head_dim=8, num_experts=4, **MOE, moe_intermediate_size=32,
+             shared_expert_intermediate_size=48, mlp_only_layers=[2],
+             layer_types=["linear_attention", "full_attention", "linear_attention"], **SMALL_TOKENS),
+        noise=ROUTER_NOISE,
+    ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -605,6 +617,7 @@ ONE_PER_ARCHITECTURE = [
     "mamba2-groups-chunked",
     "granitemoehybrid-nope",
     "recurrentgemma-local-mqa",
+    "qwen3_next-hybrid",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",

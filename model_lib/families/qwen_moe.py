@@ -15,7 +15,7 @@ from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
 
-def _qwen_moe_fields(hf: PretrainedConfig) -> dict[str, Any]:
+def qwen_moe_fields(hf: PretrainedConfig) -> dict[str, Any]:
     sparse = [
         i not in (hf.mlp_only_layers or ()) and hf.num_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0
         for i in range(hf.num_hidden_layers)
@@ -33,7 +33,7 @@ def qwen2_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     fields = llama_like_fields(hf, architecture, "qwen2_moe", windows=PER_LAYER_TYPE)
     return ModelConfig(
         **{**fields, "qkv_bias": bool(getattr(hf, "qkv_bias", True)), "o_bias": False},
-        **_qwen_moe_fields(hf),
+        **qwen_moe_fields(hf),
         shared_expert_size=hf.shared_expert_intermediate_size,
         shared_expert_gate=True,
     )
@@ -42,7 +42,7 @@ def qwen2_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 def qwen3_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     # Qwen3-MoE slides every layer (its config nulls sliding_window unless use_sliding_window).
     fields = llama_like_fields(hf, architecture, "qwen3_moe", attention_bias=True, windows=EVERY_LAYER)
-    return ModelConfig(**{**fields, "qk_norm": "head"}, **_qwen_moe_fields(hf))
+    return ModelConfig(**{**fields, "qk_norm": "head"}, **qwen_moe_fields(hf))
 
 
 QWEN_MOE_WEIGHTS = WeightMap(stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN), peft_experts=PEFT_EXPERTS)

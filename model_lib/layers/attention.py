@@ -6,7 +6,8 @@ per-layer rotary (Gemma3's local/global bases) or none (ALiBi, NoPE layers),
 ALiBi slopes, attention sinks, attention soft-cap, q/k norms, q/k/v clipping, a
 custom query scale (Granite's multiplier, Gemma's `query_pre_attn_scalar`),
 Qwen's log-length query scaling past the trained length, and Llama 4's q/k L2 norm
-after rotary and attention temperature tuning on its NoPE layers.
+after rotary and attention temperature tuning on its NoPE layers, and Qwen3-Next's output gate
+(q_proj yields `[q_h | gate_h]` per head; the output is scaled by sigmoid(gate) before o_proj).
 
 Glossary: B batch, T tokens, P pages, E hidden, H heads, K kv heads, D head_dim.
 """
@@ -177,7 +178,10 @@ class Attention(nnx.Module):
         self.logn_length = config.logn_attention_length
         hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         common = dict(dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs, head_size=self.head_dim)
-        self.q_proj = Linear(hidden, q_dim, axes=("embed", "q_heads"), use_bias=config.qkv_bias, **common)
+        self.output_gate = config.attention_output_gate
+        q_width = 2 if self.output_gate else 1  # gated: each head's queries then its gate
+        self.q_proj = Linear(hidden, q_width * q_dim, axes=("embed", "q_heads"), use_bias=config.qkv_bias,
+                             **{**common, "head_size": q_width * self.head_dim})
         self.k_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
         self.v_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), use_bias=config.qkv_bias, **common)
         self.o_proj = Linear(q_dim, hidden, axes=("q_heads", "embed"), use_bias=config.o_bias, **common)
@@ -204,7 +208,10 @@ class Attention(nnx.Module):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.reshape(*lead, self.num_heads, self.head_dim)  # [B,T,H,D]
+        q = q.reshape(*lead, self.num_heads, -1)  # [B,T,H,D] ([B,T,H,2D] gated)
+        gate = None
+        if self.output_gate:
+            q, gate = jnp.split(q, 2, axis=-1)
         k = k.reshape(*lead, self.num_kv_heads, self.head_dim)  # [B,T,K,D]
         v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -235,7 +242,10 @@ class Attention(nnx.Module):
             sinks=None if self.sinks is None else self.sinks[...],
             chunk_size=self.chunk_size,
         )
-        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim)), kv_cache
+        out = out.reshape(*lead, self.num_heads * self.head_dim)
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate.reshape(out.shape))
+        return self.o_proj(out), kv_cache
 
 
 class LinearAttention(nnx.Module):

@@ -1,5 +1,5 @@
-"""Mamba, Mamba-2 and RecurrentGemma beyond the parity table: packed rows, and the serving forward step by step
-against transformers' cached decode."""
+"""Mamba, Mamba-2, RecurrentGemma and Qwen3-Next (Gated DeltaNet beside attention) beyond the parity table:
+packed rows, and the serving forward step by step against transformers' cached decode."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from model_lib.layers import PagedBatch
 from pallas_kernels.paged_attention import PagedMetadata
 from tests.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, random_ids
 
-CASES = ["mamba-tied", "mamba2-groups-chunked", "recurrentgemma-local-mqa"]
+CASES = ["mamba-tied", "mamba2-groups-chunked", "recurrentgemma-local-mqa", "qwen3_next-hybrid"]
 
 
 @nnx.jit

@@ -12,13 +12,13 @@ from tests.serving.helpers import prompts, token_prompts
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-# Mamba unrolled (the CPU default), Mamba-2 scanned (the accelerator default), GraniteMoeHybrid with
-# paged KV and recurrent pools side by side; RecurrentGemma scanned (its two recurrent layers stacked)
-# beside sliding-window attention; test_generate_parity runs each unrolled without pressure.
+# Mamba unrolled (the CPU default), Mamba-2 scanned (the accelerator default), GraniteMoeHybrid and
+# Qwen3-Next with paged KV and recurrent pools side by side; RecurrentGemma scanned (its two recurrent
+# layers stacked) beside sliding-window attention; test_generate_parity runs each unrolled without pressure.
 @pytest.mark.parametrize(
     "case, scan_layers",
     [("mamba-tied", False), ("mamba2-groups-chunked", True), ("granitemoehybrid-nope", False),
-     ("recurrentgemma-local-mqa", True)],
+     ("recurrentgemma-local-mqa", True), ("qwen3_next-hybrid", False)],
 )
 def test_greedy_under_pressure_matches_transformers(case, scan_layers, tiny_checkpoint):
     folder, hf_model = tiny_checkpoint(case)

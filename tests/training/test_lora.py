@@ -48,6 +48,8 @@ def _randomise_b(model, seed=0):
         ("granitemoehybrid-nope", ["in_proj", "out_proj", "q_proj", "v_proj"], False),
         # RecurrentGemma's recurrent block and MLP (biased projections) beside its local attention.
         ("recurrentgemma-local-mqa", ["linear_x", "linear_y", "linear_out", "q_proj", "o_proj", "down_proj"], False),
+        # Qwen3-Next: the Gated DeltaNet's projections and the gated attention's q_proj ([q | gate] per head).
+        ("qwen3_next-hybrid", ["in_proj_qkvz", "in_proj_ba", "out_proj", "q_proj", "o_proj"], False),
     ],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):

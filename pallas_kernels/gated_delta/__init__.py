@@ -1,0 +1,6 @@
+"""The gated delta rule (Qwen3-Next's Gated DeltaNet): `reference.py` is the jnp definition, chunked
+over rows of runs with per-run states, and the per-token step."""
+
+from pallas_kernels.gated_delta.reference import gated_delta_chunked, gated_delta_step, l2_normalize, rms_norm_gated
+
+__all__ = ["gated_delta_chunked", "gated_delta_step", "l2_normalize", "rms_norm_gated"]

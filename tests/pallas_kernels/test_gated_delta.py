@@ -1,0 +1,71 @@
+"""The gated delta rule reference (`pallas_kernels/gated_delta/reference.py`): the chunked form
+against its per-token step over packed and padded rows with per-run initial states (the rows of
+`test_ssm.py`), and against transformers' torch implementation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import gated_delta
+from tests.pallas_kernels.test_ssm import SEGMENTS, R, _normal, _sequences, _start
+
+B, T = SEGMENTS.shape
+G, H, K, V = 2, 4, 8, 6  # two q/k heads, each shared by two value heads
+step = jax.jit(gated_delta.gated_delta_step)
+chunked = jax.jit(gated_delta.gated_delta_chunked, static_argnums=6)
+
+
+def _inputs():
+    q = gated_delta.l2_normalize(_normal(0, (B, T, G, K))) * K**-0.5
+    k = gated_delta.l2_normalize(_normal(1, (B, T, G, K)))
+    v = _normal(2, (B, T, H, V))
+    g = -jax.nn.softplus(_normal(3, (B, T, H)))
+    beta = jax.nn.sigmoid(_normal(4, (B, T, H)))
+    return q, k, v, g, beta
+
+
+# chunk 3: runs start and end inside chunks and cross chunk edges; 16: one chunk, padded.
+@pytest.mark.parametrize("chunk, with_states", [(3, True), (16, False)], ids=["initial-states", "dense"])
+def test_chunked_matches_steps(chunk, with_states):
+    q, k, v, g, beta = _inputs()
+    h0 = _normal(5, (B, R, H, K, V)) if with_states else jnp.zeros((B, R, H, K, V))
+    o, finals = chunked(q, k, v, g, beta, jnp.asarray(SEGMENTS), chunk, h0 if with_states else None)
+    assert (finals is None) != with_states
+    for row in range(B):
+        for run, (_, tokens) in enumerate(_sequences(row)):
+            h = _start(h0, row, run)
+            for t in tokens:
+                out, h = step(q[row : row + 1, t], k[row : row + 1, t], v[row : row + 1, t], g[row : row + 1, t],
+                              beta[row : row + 1, t], h)
+                np.testing.assert_allclose(o[row, t], out[0], rtol=1e-4, atol=1e-5)
+            if with_states and run < R:
+                np.testing.assert_allclose(finals[row, run], h[0], rtol=1e-4, atol=1e-5)
+
+
+def test_matches_transformers_torch_rule():
+    """One unpadded row from an initial state, against `torch_chunk_gated_delta_rule` (which l2-normalises
+    and scales q/k itself), final state included; and the gated norm against `Qwen3NextRMSNormGated`."""
+    import torch
+    from transformers.models.qwen3_next import modeling_qwen3_next as hf
+
+    q, k = _normal(0, (1, T, G, K)), _normal(1, (1, T, G, K))
+    v, g, beta = _normal(2, (1, T, H, V)), -jax.nn.softplus(_normal(3, (1, T, H))), jax.nn.sigmoid(_normal(4, (1, T, H)))
+    h0 = _normal(5, (1, 1, H, K, V))
+    ours, final = chunked(
+        gated_delta.l2_normalize(q) * K**-0.5, gated_delta.l2_normalize(k), v, g, beta, jnp.ones((1, T), jnp.int32), 4, h0
+    )
+    t = [torch.from_numpy(np.array(a)) for a in (q, k, v, g, beta, h0[:, 0])]
+    want, want_final = hf.torch_chunk_gated_delta_rule(*t[:5], chunk_size=4, initial_state=t[5], output_final_state=True,
+                                                       use_qk_l2norm_in_kernel=True)
+    np.testing.assert_allclose(ours, want.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(final[:, 0], want_final.numpy(), rtol=1e-4, atol=1e-5)
+
+    x, gate, weight = _normal(6, (3, V)), _normal(7, (3, V)), _normal(8, (V,))
+    norm = hf.Qwen3NextRMSNormGated(V, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(np.array(weight)))
+        expected = norm(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(gate))).numpy()
+    np.testing.assert_allclose(gated_delta.rms_norm_gated(x, gate, weight, 1e-6), expected, rtol=1e-5, atol=1e-6)
