@@ -91,6 +91,8 @@ ARCHITECTURES: dict[str, str] = {
     "Llama4ForCausalLM": "model_lib.families.llama4:LLAMA4",
     "Llama4ForConditionalGeneration": "model_lib.families.llama4:LLAMA4_CONDITIONAL",
     "LlavaForConditionalGeneration": "model_lib.families.llava:LLAVA",
+    "LlavaNextForConditionalGeneration": "model_lib.families.llava:LLAVA_NEXT",
+    "LlavaOnevisionForConditionalGeneration": "model_lib.families.llava:LLAVA_ONEVISION",
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
     "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
     "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",

@@ -11,11 +11,15 @@ the transformers 5 names.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import hf_json, require
+from model_lib.families.common import hf_json
 from model_lib.registry import Family, get_family
+from model_lib.vision.anyres import AnyResConfig
 from model_lib.vision.config import MultiModalConfig, VisionConfig
 from model_lib.weight_map import IDENTITY, WeightMap
 
@@ -36,8 +40,13 @@ def _text_family(text: PretrainedConfig) -> tuple[str, Family]:
     return architecture, family
 
 
+VISION_TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+
+
 def clip_vision_config(vision: PretrainedConfig) -> VisionConfig:
-    require(vision, "LLaVA vision tower", model_type="clip_vision_model")
+    """A CLIP or SigLIP tower's settings."""
+    if vision.model_type not in VISION_TOWERS:
+        raise ValueError(f"a {vision.model_type!r} vision tower is not supported (only {sorted(VISION_TOWERS)})")
     return VisionConfig(
         hidden_size=vision.hidden_size,
         intermediate_size=vision.intermediate_size,
@@ -48,19 +57,23 @@ def clip_vision_config(vision: PretrainedConfig) -> VisionConfig:
         num_channels=vision.num_channels,
         norm_eps=vision.layer_norm_eps,
         activation=vision.hidden_act,
+        kind=VISION_TOWERS[vision.model_type],
     )
 
 
-def llava_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+def llava_config(hf: PretrainedConfig, architecture: str, mm_class: type[MultiModalConfig] = MultiModalConfig,
+                 **mm_fields: Any) -> ModelConfig:
+    """LLaVA's settings; the tiling variants pass their own `mm_class` and its extra fields."""
     text_architecture, family = _text_family(hf.text_config)
     layers = hf.vision_feature_layer
-    multimodal = MultiModalConfig(
+    multimodal = mm_class(
         vision=clip_vision_config(hf.vision_config),
         image_token_id=hf.image_token_id,
         feature_layers=(layers,) if isinstance(layers, int) else tuple(layers),
         feature_strategy=hf.vision_feature_select_strategy,
         projector_activation=hf.projector_hidden_act,
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+        **mm_fields,
     )
     if not 0 <= multimodal.image_token_id < hf.text_config.vocab_size:
         raise ValueError(f"image_token_id {multimodal.image_token_id} is outside the vocabulary "
@@ -77,14 +90,43 @@ LLAVA_WEIGHTS = WeightMap(
         (r"^model\.language_model\.", "model."),
         (r"^(model\.)?vision_tower\.(vision_model\.)?", "vision_tower."),
         (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^(model\.)?image_newline$", "image_newline.weight"),
     ),
     relocated=(
         ("model.language_model", "model"),
         ("model.vision_tower", "vision_tower"),
         ("model.multi_modal_projector", "multi_modal_projector"),
     ),
-    ignored=(*IDENTITY.ignored, r".*position_ids"),
+    ignored=(*IDENTITY.ignored, r".*position_ids", r"^vision_tower\.head\."),  # SigLIP's unused pooling head
 )
 
 LLAVA = Family("llava", llava_config, LLAVA_WEIGHTS,
                quirks="CLIP vision tower + projector; image features merged at placeholder tokens")
+
+
+
+def llava_next_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    return llava_config(hf, architecture, AnyResConfig, grid_pinpoints=pinpoints(hf.image_grid_pinpoints))
+
+
+def pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        raise ValueError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {value!r}")
+    return tuple((int(h), int(w)) for h, w in value)
+
+
+LLAVA_NEXT = Family("llava_next", llava_next_config, LLAVA_WEIGHTS,
+                    quirks="LLaVA with any-resolution tiles, unpadding and image_newline")
+
+
+def llava_onevision_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    aspect = hf.vision_aspect_ratio
+    match = re.fullmatch(r"anyres_max_(\d+)", aspect or "")
+    if match is None:
+        raise ValueError(f"vision_aspect_ratio {aspect!r} is not supported (only anyres_max_<N>)")
+    return llava_config(hf, architecture, AnyResConfig, grid_pinpoints=pinpoints(hf.image_grid_pinpoints),
+                        anyres_max=int(match.group(1)), video_token_id=hf.video_token_id)
+
+
+LLAVA_ONEVISION = Family("llava_onevision", llava_onevision_config, LLAVA_WEIGHTS,
+                         quirks="LLaVA-NeXT tiling with a SigLIP tower and anyres_max shrinking")

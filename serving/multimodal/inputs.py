@@ -1,9 +1,12 @@
 """A prompt's images: placeholder expansion and the per-image record the engine keeps.
 
-A LLaVA prompt marks each image with its `image_token_id`; the model needs one placeholder per
-feature row, so a single placeholder is expanded to `image_tokens` copies (as transformers'
-`LlavaProcessor` does in the text) and a run of exactly `image_tokens` is taken as already
-expanded. Each image then owns the token range `[offset, offset + length)` of the prompt.
+A prompt marks each image with one `prompt_token_id` (LLaVA's `image_token_id`); the model needs
+one `image_token_id` per feature row, so the marker is replaced by the tokens
+`MultiModalConfig.placeholder_ids` gives for that image (as transformers' processors do in the
+text; the count may depend on the image's size, and the run may hold other tokens such as row
+breaks). A run of exactly the image's placeholder tokens is taken as already expanded. Each image
+then owns the token range `[offset, offset + length)` of the prompt; its `image_token_id`
+positions take its feature rows in order.
 """
 
 from __future__ import annotations
@@ -26,12 +29,30 @@ class ImageItem:
     offset: int
     length: int
     hash: str
-    pixel_values: np.ndarray  # [C, H, W] float32
-    features: np.ndarray | None = None  # [length, E] once encoded, dropped when every placeholder has KV
+    pixel_values: np.ndarray  # the processor's float32 pixels for this image ([C, H, W], or tiles [N, C, H, W])
+    features: np.ndarray | None = None  # [rows, E] once encoded, dropped when every placeholder has KV
+    image_size: tuple[int, int] = (0, 0)  # the original (height, width)
+    # Per token of the range: its feature row, or -1 for a token that keeps its embedding (a row break);
+    # None when token k takes row k.
+    rows: np.ndarray | None = None
 
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+    def feature_positions(self) -> list[int]:
+        """Prompt positions that take feature rows."""
+        if self.rows is None:
+            return list(range(self.offset, self.end))
+        return [self.offset + int(k) for k in np.flatnonzero(self.rows >= 0)]
+
+
+def feature_rows(placeholders: Sequence[int], image_token_id: int) -> np.ndarray | None:
+    """`ImageItem.rows` for an image's placeholder tokens."""
+    is_row = np.asarray(placeholders) == image_token_id
+    if is_row.all():
+        return None
+    return np.where(is_row, np.cumsum(is_row) - 1, -1).astype(np.int32)
 
 
 def placeholder_runs(ids: Sequence[int], token_id: int) -> list[tuple[int, int]]:
@@ -66,20 +87,22 @@ class ImageInputs:
     def __call__(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageItem]]:
         """ValueError when the images and the prompt's placeholders do not pair up, or an image is bad."""
         self.check_count(len(images))
-        token, size = self.config.image_token_id, self.config.image_tokens
-        runs = placeholder_runs(prompt_ids, token)
+        runs = placeholder_runs(prompt_ids, self.config.prompt_token_id)
         if len(runs) != len(images):
             raise ValueError(f"the prompt has {len(runs)} image placeholder(s) and {len(images)} image(s) were given")
         ids: list[int] = []
         items: list[ImageItem] = []
         cursor = 0
         for (start, length), image in zip(runs, images):
-            if length not in (1, size):
-                raise ValueError(f"an image placeholder run of {length} tokens; expected 1 or {size}")
-            pixels = preprocess(self.processor, image)
+            pixels, image_size = preprocess(self.processor, image)
+            pixels = self.config.pixels_for(pixels, len(images))
+            placeholders = self.config.placeholder_ids(pixels, image_size)
+            if length != 1 and list(prompt_ids[start : start + length]) != placeholders:
+                raise ValueError(f"an image placeholder run of {length} tokens; expected 1 or {len(placeholders)}")
             ids += prompt_ids[cursor:start]
-            items.append(ImageItem(len(ids), size, pixel_hash(pixels), pixels))
-            ids += [token] * size
+            items.append(ImageItem(len(ids), len(placeholders), pixel_hash(pixels, image_size), pixels,
+                                   image_size=image_size, rows=feature_rows(placeholders, self.config.image_token_id)))
+            ids += placeholders
             cursor = start + length
         ids += prompt_ids[cursor:]
         return ids, items
@@ -91,11 +114,11 @@ def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], co
         if items:
             raise ValueError("this model takes no images")
         return
-    runs = placeholder_runs(prompt_ids, config.image_token_id)
-    spans = [(item.offset, item.length) for item in items]
-    if runs != spans:
-        raise ValueError(f"the prompt's image placeholders {runs} do not match its {len(items)} image(s) "
-                         "(pass images with the prompt, one placeholder per image)")
+    placeholders = [i for i, t in enumerate(prompt_ids) if t == config.image_token_id]
+    if placeholders != [p for item in items for p in item.feature_positions()]:
+        raise ValueError(f"the prompt's image placeholders {placeholder_runs(prompt_ids, config.image_token_id)} "
+                         f"do not match its {len(items)} image(s) (pass images with the prompt, one placeholder "
+                         "per image)")
 
 
 def page_tags(items: Sequence[ImageItem], page_size: int) -> Callable[[int], tuple]:

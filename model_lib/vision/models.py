@@ -1,0 +1,21 @@
+"""Architecture -> the vision-language module class that builds it (imported on first use)."""
+
+from __future__ import annotations
+
+import importlib
+
+from model_lib.vision.vlm import VisionLanguageModel
+
+VISION_LANGUAGE_MODELS = {
+    "LlavaForConditionalGeneration": "model_lib.vision.llava:LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "model_lib.vision.llava_next:LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "model_lib.vision.llava_next:LlavaOnevisionForConditionalGeneration",
+}
+
+
+def vision_model_class(architecture: str) -> type[VisionLanguageModel]:
+    target = VISION_LANGUAGE_MODELS.get(architecture)
+    if target is None:
+        raise ValueError(f"{architecture} has no vision-language module; known: {sorted(VISION_LANGUAGE_MODELS)}")
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)

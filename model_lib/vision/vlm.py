@@ -1,0 +1,85 @@
+"""The contract between a vision-language model and the code that feeds it images.
+
+A `VisionLanguageModel` is a `CausalLM` (its `model` is the language model) that also holds
+the vision modules named by `vision_parts`. One image becomes feature rows in two steps, so
+that a server can compile the first once per pixel shape and hold the vision modules without
+the language model:
+- `encode(mm, modules, pixels)`: the image's preprocessed pixels (the processor's output for
+  that image, e.g. `[C, H, W]` or `[N, C, H, W]` tiles) -> whatever the tower and projector
+  make of them; pure in the array shapes, jitted by the caller;
+- `arrange(mm, modules, encoded, image_size)`: -> the rows `[F, E]` the image's `image_token_id`
+  placeholders take in order (F from `mm.placeholder_ids`); may depend on the original
+  (height, width), so it runs eagerly.
+
+The dense `__call__` takes `pixel_values` (one array per image, in placeholder order) and
+`image_sizes` and builds the `MergedEmbeddings` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model_lib.decoder import CausalLM
+from model_lib.vision.config import MultiModalConfig
+from model_lib.vision.merge import MergedEmbeddings, placeholder_index
+
+
+class VisionLanguageModel(CausalLM):
+    """A decoder whose `image_token_id` placeholders take the rows of its vision modules."""
+
+    vision_parts: tuple[str, ...] = ()
+
+    def vision_modules(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.vision_parts)
+
+    @staticmethod
+    def encode(mm: MultiModalConfig, modules: tuple[Any, ...], pixels: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    @staticmethod
+    def arrange(mm: MultiModalConfig, modules: tuple[Any, ...], encoded: jax.Array,
+                image_size: tuple[int, int]) -> jax.Array:
+        return encoded.reshape(-1, encoded.shape[-1])
+
+    def image_rows(self, pixels: Any, image_size: tuple[int, int]) -> jax.Array:
+        """One image's preprocessed pixels -> its placeholder rows `[F, E]`."""
+        mm, modules = self.config.multimodal, self.vision_modules()
+        return self.arrange(mm, modules, self.encode(mm, modules, jnp.asarray(pixels)), image_size)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        pixel_values: Sequence[Any] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        merged: MergedEmbeddings | None = None,
+    ) -> jax.Array:
+        """Logits for a `[B, T]` batch whose image placeholders take the images of `pixel_values` in order."""
+        if pixel_values is not None:
+            if merged is not None:
+                raise ValueError("pass pixel_values or merged features, not both")
+            sizes = [None] * len(pixel_values) if image_sizes is None else image_sizes
+            if len(sizes) != len(pixel_values):
+                raise ValueError(f"{len(pixel_values)} images and {len(sizes)} image sizes")
+            input_ids = jnp.asarray(input_ids, jnp.int32)
+            rows = [self.image_rows(p, None if s is None else tuple(int(v) for v in s))
+                    for p, s in zip(pixel_values, sizes)]
+            merged = MergedEmbeddings(jnp.concatenate(rows, axis=0),
+                                      placeholder_index(input_ids, self.config.multimodal.image_token_id))
+        return CausalLM.__call__(self, input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
+                                 merged=merged)
+
+
+class LearnedRow(nnx.Module):
+    """A learned `[E]` row that checkpoints keep as a bare model-level tensor (LLaVA-NeXT's `image_newline`),
+    held as `weight` of a module so that it has a module path and travels with the vision modules."""
+
+    def __init__(self, size: int, dtype: jnp.dtype, *, rngs: nnx.Rngs):
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (size,), dtype) / size**0.5)

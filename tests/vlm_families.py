@@ -1,0 +1,141 @@
+"""Tiny random vision-language checkpoints beyond LLaVA, one per architecture, built at test time.
+
+Each `VlmCase` saves a transformers model (seed 0, every parameter perturbed), the tiny tokenizer
+with the architecture's image tokens added, and its processor (PIL image processor), and says how
+a prompt marks one image. `hf_inputs` runs the checkpoint's own transformers processor, the
+reference for placeholder expansion and pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tests.tiny_models import build_tokenizer
+from tests.vlm_models import IMAGE_TOKEN, IMAGE_TOKEN_ID, VLM_CHAT_TEMPLATE
+
+TILE = 32  # the towers' input side; tiles of 4x4 patches of 8 pixels
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+VIDEO_TOKEN, VIDEO_TOKEN_ID = "<video>", IMAGE_TOKEN_ID + 1
+
+
+def _clip(**overrides):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=TILE, patch_size=8, projection_dim=32, **overrides)
+
+
+def _llama(vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _perturbed(model):
+    import torch
+
+    model = model.float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _tokenizer(tokens: list[str]):
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _save_processor(folder: Path, processor_class: type, images: Any, tokens: list[str], options: dict) -> None:
+    tokenizer = _tokenizer(tokens)
+    processor_class(image_processor=images, tokenizer=tokenizer, chat_template=VLM_CHAT_TEMPLATE,
+                    **options).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# The processors' own settings (what a hub checkpoint's processor_config.json holds).
+NEXT_PROCESSOR = dict(patch_size=8, num_additional_image_tokens=1, vision_feature_select_strategy="default")
+
+
+def build_llava_next(folder: Path):
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    torch.manual_seed(0)
+    config = LlavaNextConfig(vision_config=_clip(), text_config=_llama(IMAGE_TOKEN_ID + 1),
+                             image_token_index=IMAGE_TOKEN_ID, image_grid_pinpoints=PINPOINTS)
+    model = _perturbed(LlavaNextForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                        image_grid_pinpoints=PINPOINTS)
+    _save_processor(folder, LlavaNextProcessor, images, [IMAGE_TOKEN], NEXT_PROCESSOR)
+    return model
+
+
+def build_llava_onevision(folder: Path):
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=TILE, patch_size=8, vision_use_head=False)
+    # anyres_max_1: maps larger than one tile's 4x4 rows shrink (bilinear) in every test image.
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=_llama(VIDEO_TOKEN_ID + 1),
+                                  image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
+                                  image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_1")
+    model = _perturbed(LlavaOnevisionForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    # LlavaOnevisionProcessor cannot be built without torchvision (its video processor): the image processor
+    # and the tokenizer are saved alone, and the placeholders are checked by the model's own count check.
+    LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE},
+                                    image_grid_pinpoints=PINPOINTS).save_pretrained(folder)
+    tokenizer = _tokenizer([IMAGE_TOKEN, VIDEO_TOKEN])
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@dataclass(frozen=True)
+class VlmCase:
+    build: Callable[[Path], Any]
+    processor: str | None  # the transformers processor class (None: there is none without torchvision)
+    processor_options: dict
+    image_marker: str = IMAGE_TOKEN  # what a prompt writes for one image (the processor expands it)
+
+
+VLM_CASES = {
+    "llava_next": VlmCase(build_llava_next, "LlavaNextProcessor", NEXT_PROCESSOR),
+    "llava_onevision": VlmCase(build_llava_onevision, None, {}),
+}
+
+
+def hf_inputs(case: VlmCase, folder: Path, text: str, images: list) -> dict:
+    """Model inputs for (text, images) as torch tensors: the checkpoint's transformers processor, built from its
+    parts (`AutoProcessor` wants torchvision for the video processors); without one, the image processor's
+    pixels and our placeholder expansion."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    import model_lib
+    from serving.multimodal.images import load_image_processor
+    from serving.multimodal.inputs import ImageInputs
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    images_processor = load_image_processor(folder)
+    if case.processor is not None:
+        processor = getattr(transformers, case.processor)(image_processor=images_processor, tokenizer=tokenizer,
+                                                          **case.processor_options)
+        return dict(processor(text=text, images=images or None, return_tensors="pt"))
+    mm = model_lib.load_config(folder)[0].multimodal
+    ids, _ = ImageInputs(mm, images_processor, len(images))(tokenizer.encode(text, add_special_tokens=False), images)
+    inputs = dict(images_processor(images=images, return_tensors="pt"))
+    return {**inputs, "input_ids": torch.tensor([ids]), "batch_num_images": torch.tensor([len(images)])}
