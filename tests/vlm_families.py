@@ -44,10 +44,11 @@ def _perturbed(model):
     return model
 
 
-def _tokenizer(tokens: list[str]):
+def _tokenizer(tokens: list[str], marker: str = IMAGE_TOKEN):
+    """The tiny tokenizer with `tokens` added (ids from 128 on); its chat template writes `marker` per image."""
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": tokens})
-    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE.replace(IMAGE_TOKEN, marker)
     return tokenizer
 
 
@@ -103,17 +104,44 @@ def build_llava_onevision(folder: Path):
     return model
 
 
+def build_mistral3(folder: Path):
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=64, patch_size=8, head_dim=8)
+    text = MistralConfig(vocab_size=IMAGE_TOKEN_ID + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                            spatial_merge_size=2)
+    model = _perturbed(Mistral3ForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    # PixtralProcessor needs torchvision: the image processor (resizing to multiples of patch x merge = 16) and
+    # the tokenizer are saved alone.
+    PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 16, "width": 16}).save_pretrained(folder)
+    _tokenizer(PIXTRAL_TOKENS, PIXTRAL_TOKENS[0]).save_pretrained(folder)
+    return model
+
+
+PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
 @dataclass(frozen=True)
 class VlmCase:
     build: Callable[[Path], Any]
     processor: str | None  # the transformers processor class (None: there is none without torchvision)
     processor_options: dict
     image_marker: str = IMAGE_TOKEN  # what a prompt writes for one image (the processor expands it)
+    counts_images: bool = False  # the model takes `batch_num_images` (OneVision)
 
 
 VLM_CASES = {
     "llava_next": VlmCase(build_llava_next, "LlavaNextProcessor", NEXT_PROCESSOR),
-    "llava_onevision": VlmCase(build_llava_onevision, None, {}),
+    "llava_onevision": VlmCase(build_llava_onevision, None, {}, counts_images=True),
+    "mistral3": VlmCase(build_mistral3, None, {}, image_marker=PIXTRAL_TOKENS[0]),
 }
 
 
@@ -135,7 +163,9 @@ def hf_inputs(case: VlmCase, folder: Path, text: str, images: list) -> dict:
         processor = getattr(transformers, case.processor)(image_processor=images_processor, tokenizer=tokenizer,
                                                           **case.processor_options)
         return dict(processor(text=text, images=images or None, return_tensors="pt"))
-    mm = model_lib.load_config(folder)[0].multimodal
+    mm = model_lib.load_config(folder)[0].multimodal.with_tokenizer(tokenizer)
     ids, _ = ImageInputs(mm, images_processor, len(images))(tokenizer.encode(text, add_special_tokens=False), images)
-    inputs = dict(images_processor(images=images, return_tensors="pt"))
-    return {**inputs, "input_ids": torch.tensor([ids]), "batch_num_images": torch.tensor([len(images)])}
+    inputs = {**images_processor(images=images, return_tensors="pt"), "input_ids": torch.tensor([ids])}
+    if case.counts_images:
+        inputs["batch_num_images"] = torch.tensor([len(images)])
+    return inputs

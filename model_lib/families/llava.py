@@ -40,13 +40,24 @@ def _text_family(text: PretrainedConfig) -> tuple[str, Family]:
     return architecture, family
 
 
-VISION_TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+VISION_TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip", "pixtral": "pixtral"}
 
 
 def clip_vision_config(vision: PretrainedConfig) -> VisionConfig:
-    """A CLIP or SigLIP tower's settings."""
+    """A CLIP, SigLIP or Pixtral tower's settings."""
     if vision.model_type not in VISION_TOWERS:
         raise ValueError(f"a {vision.model_type!r} vision tower is not supported (only {sorted(VISION_TOWERS)})")
+    kind = VISION_TOWERS[vision.model_type]
+    if kind == "pixtral":
+        rope = dict(vision.rope_parameters or {})
+        if rope.get("rope_type", "axial") != "axial" or vision.head_dim != vision.hidden_size // vision.num_attention_heads:
+            raise ValueError(f"a Pixtral tower with rope {rope} and head_dim {vision.head_dim} is not supported "
+                             "(axial RoPE over hidden_size / num_attention_heads only)")
+        return VisionConfig(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                            num_layers=vision.num_hidden_layers, num_heads=vision.num_attention_heads,
+                            image_size=vision.image_size, patch_size=vision.patch_size,
+                            num_channels=vision.num_channels, activation=vision.hidden_act, kind=kind,
+                            rope_theta=float(rope.get("rope_theta", 10000.0)))
     return VisionConfig(
         hidden_size=vision.hidden_size,
         intermediate_size=vision.intermediate_size,
@@ -57,7 +68,7 @@ def clip_vision_config(vision: PretrainedConfig) -> VisionConfig:
         num_channels=vision.num_channels,
         norm_eps=vision.layer_norm_eps,
         activation=vision.hidden_act,
-        kind=VISION_TOWERS[vision.model_type],
+        kind=kind,
     )
 
 
@@ -70,7 +81,8 @@ def llava_config(hf: PretrainedConfig, architecture: str, mm_class: type[MultiMo
         vision=clip_vision_config(hf.vision_config),
         image_token_id=hf.image_token_id,
         feature_layers=(layers,) if isinstance(layers, int) else tuple(layers),
-        feature_strategy=hf.vision_feature_select_strategy,
+        # Mistral 3 has no such key: its features keep every token.
+        feature_strategy=getattr(hf, "vision_feature_select_strategy", "full"),
         projector_activation=hf.projector_hidden_act,
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
         **mm_fields,
@@ -79,8 +91,10 @@ def llava_config(hf: PretrainedConfig, architecture: str, mm_class: type[MultiMo
         raise ValueError(f"image_token_id {multimodal.image_token_id} is outside the vocabulary "
                          f"({hf.text_config.vocab_size})")
     text = family.config_from_hf(hf.text_config, text_architecture)
+    # transformers ties the output head by the top-level key of a vision-language config.
+    tied = bool(getattr(hf, "tie_word_embeddings", text.tie_word_embeddings))
     return text.replace(architecture=architecture, family=f"llava/{text.family}", multimodal=multimodal,
-                        hf_config_json=hf_json(hf))
+                        tie_word_embeddings=tied, hf_config_json=hf_json(hf))
 
 
 LLAVA_WEIGHTS = WeightMap(
@@ -130,3 +144,15 @@ def llava_onevision_config(hf: PretrainedConfig, architecture: str) -> ModelConf
 
 LLAVA_ONEVISION = Family("llava_onevision", llava_onevision_config, LLAVA_WEIGHTS,
                          quirks="LLaVA-NeXT tiling with a SigLIP tower and anyres_max shrinking")
+
+
+def mistral3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    from model_lib.vision.mistral3 import Mistral3Config
+
+    # The [IMG_BREAK] / [IMG_END] ids are the tokenizer's (`MultiModalConfig.with_tokenizer`).
+    return llava_config(hf, architecture, Mistral3Config, spatial_merge_size=hf.spatial_merge_size,
+                        projector_norm_eps=hf.text_config.rms_norm_eps)
+
+
+MISTRAL3 = Family("mistral3", mistral3_config, LLAVA_WEIGHTS,
+                  quirks="Pixtral tower (axial 2D RoPE), patch merger; [IMG_BREAK]/[IMG_END] in the image's run")

@@ -66,6 +66,13 @@ class PatchConv(nnx.Module):
         return x if self.bias is None else x + self.bias[...].astype(x.dtype)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Bidirectional softmax attention over one image's tokens, float32: `[B, S, N, H]` each -> `[B, S, N, H]`."""
+    scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(q.dtype)
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, config: VisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         e = config.hidden_size
@@ -76,11 +83,7 @@ class VisionAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, s, e = x.shape
         q, k, v = (proj(x).reshape(b, s, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        scale = q.shape[-1] ** -0.5
-        scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(x.dtype)
-        return self.out_proj(out.reshape(b, s, e))
+        return self.out_proj(attend(q, k, v).reshape(b, s, e))
 
 
 class VisionMLP(nnx.Module):

@@ -6,12 +6,13 @@ Read from a multimodal checkpoint's `vision_config` and top-level keys by the fa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 MAX_IMAGE_SIZE = 4096  # a bound on `image_size` read from a config (pixels per side)
 FEATURE_STRATEGIES = ("default", "full")
-VISION_KINDS = ("clip", "siglip")  # LLaVA's vision_feature_select_strategy: drop the CLS token, or keep it
+VISION_KINDS = ("clip", "siglip", "pixtral")  # LLaVA's vision_feature_select_strategy: drop the CLS token, or keep it
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class VisionConfig:
     num_channels: int = 3
     norm_eps: float = 1e-5
     activation: str = "quick_gelu"
-    kind: str = "clip"  # "clip": CLS token and pre-norm; "siglip": neither, a biased patch conv
+    kind: str = "clip"  # "clip": CLS token and pre-norm; "siglip": neither, a biased patch conv; "pixtral"
+    rope_theta: float = 10000.0  # Pixtral's axial RoPE
 
 
     def __post_init__(self) -> None:
@@ -93,6 +95,19 @@ class MultiModalConfig:
         """The pixels of one image of the tower's own size, as `encode` takes them."""
         v = self.vision
         return (v.num_channels, v.image_size, v.image_size)
+
+    # Fields naming prompt tokens that only the tokenizer knows (field -> token text), set by `with_tokenizer`.
+    prompt_tokens: ClassVar[dict[str, str]] = {}
+
+    def with_tokenizer(self, tokenizer: Any) -> "MultiModalConfig":
+        """This config with the `prompt_tokens` ids looked up in the checkpoint's tokenizer."""
+        ids = {}
+        for name, text in self.prompt_tokens.items():
+            token = tokenizer.convert_tokens_to_ids(text)
+            if token is None or token == tokenizer.unk_token_id:
+                raise ValueError(f"the tokenizer has no {text} token, which the image placeholders need")
+            ids[name] = token
+        return dataclasses.replace(self, **ids) if ids else self
 
     def pixels_for(self, pixels: Any, images_in_prompt: int) -> Any:
         """The pixels an image is encoded from, given how many images its prompt has."""

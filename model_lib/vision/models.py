@@ -10,6 +10,7 @@ VISION_LANGUAGE_MODELS = {
     "LlavaForConditionalGeneration": "model_lib.vision.llava:LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "model_lib.vision.llava_next:LlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "model_lib.vision.llava_next:LlavaOnevisionForConditionalGeneration",
+    "Mistral3ForConditionalGeneration": "model_lib.vision.mistral3:Mistral3ForConditionalGeneration",
 }
 
 

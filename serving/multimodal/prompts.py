@@ -43,6 +43,11 @@ def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dic
     limits = dict(limit_mm_per_prompt or {})
     if set(limits) - set(MODALITIES) or not all(isinstance(v, int) for v in limits.values()):
         raise ValueError(f"limit_mm_per_prompt takes the modalities {MODALITIES}, got {sorted(limits)}")
-    if config.multimodal is None:
+    mm = config.multimodal
+    if mm is None:
         return None
-    return ImageInputs(config.multimodal, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT))
+    if mm.prompt_tokens:  # ids of image-run tokens that only the tokenizer knows (Mistral 3's [IMG_BREAK])
+        from transformers import AutoTokenizer
+
+        mm = mm.with_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    return ImageInputs(mm, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT))
