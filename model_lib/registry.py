@@ -94,6 +94,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaNextForConditionalGeneration": "model_lib.families.llava:LLAVA_NEXT",
     "LlavaOnevisionForConditionalGeneration": "model_lib.families.llava:LLAVA_ONEVISION",
     "Mistral3ForConditionalGeneration": "model_lib.families.llava:MISTRAL3",
+    "InternVLForConditionalGeneration": "model_lib.families.llava:INTERNVL",
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
     "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
     "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",

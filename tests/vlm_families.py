@@ -129,6 +129,31 @@ def build_mistral3(folder: Path):
 PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 
 
+def build_internvl(folder: Path):
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=TILE, patch_size=8, use_qk_norm=True, use_mean_pooling=False)
+    text = Qwen2Config(vocab_size=IMAGE_TOKEN_ID + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                            downsample_ratio=0.5, tie_word_embeddings=False)
+    model = _perturbed(InternVLForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    # InternVLProcessor needs torchvision (its video processor): the image processor (tiles of 32 pixels, up to
+    # 4 and a thumbnail) and the tokenizer are saved alone.
+    GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True, min_patches=1,
+                             max_patches=4).save_pretrained(folder)
+    _tokenizer(INTERNVL_TOKENS, INTERNVL_TOKENS[0]).save_pretrained(folder)
+    return model
+
+
+INTERNVL_TOKENS = ["<IMG_CONTEXT>", "<img>", "</img>"]
+
+
 @dataclass(frozen=True)
 class VlmCase:
     build: Callable[[Path], Any]
@@ -142,6 +167,7 @@ VLM_CASES = {
     "llava_next": VlmCase(build_llava_next, "LlavaNextProcessor", NEXT_PROCESSOR),
     "llava_onevision": VlmCase(build_llava_onevision, None, {}, counts_images=True),
     "mistral3": VlmCase(build_mistral3, None, {}, image_marker=PIXTRAL_TOKENS[0]),
+    "internvl": VlmCase(build_internvl, None, {}, image_marker=INTERNVL_TOKENS[0]),
 }
 
 
@@ -166,6 +192,17 @@ def hf_inputs(case: VlmCase, folder: Path, text: str, images: list) -> dict:
     mm = model_lib.load_config(folder)[0].multimodal.with_tokenizer(tokenizer)
     ids, _ = ImageInputs(mm, images_processor, len(images))(tokenizer.encode(text, add_special_tokens=False), images)
     inputs = {**images_processor(images=images, return_tensors="pt"), "input_ids": torch.tensor([ids])}
+    inputs.pop("num_patches", None)  # InternVL's processor keeps it
     if case.counts_images:
         inputs["batch_num_images"] = torch.tensor([len(images)])
     return inputs
+
+
+def our_images(folder: Path, images: list) -> tuple[list, list]:
+    """(pixels, original sizes) of each image as serving preprocesses it, for the dense forward."""
+    import model_lib
+    from serving.multimodal.images import load_image_processor, preprocess
+
+    mm = model_lib.load_config(folder)[0].multimodal
+    processed = [preprocess(load_image_processor(folder), image) for image in images]
+    return [mm.pixels_for(p, len(images)) for p, _ in processed], [size for _, size in processed]

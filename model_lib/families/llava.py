@@ -73,12 +73,13 @@ def clip_vision_config(vision: PretrainedConfig) -> VisionConfig:
 
 
 def llava_config(hf: PretrainedConfig, architecture: str, mm_class: type[MultiModalConfig] = MultiModalConfig,
-                 **mm_fields: Any) -> ModelConfig:
-    """LLaVA's settings; the tiling variants pass their own `mm_class` and its extra fields."""
+                 vision: VisionConfig | None = None, **mm_fields: Any) -> ModelConfig:
+    """LLaVA's settings; the other LLaVA-style models pass their own `mm_class` and its extra fields, and
+    their tower's settings (`vision`) where it is not CLIP, SigLIP or Pixtral."""
     text_architecture, family = _text_family(hf.text_config)
     layers = hf.vision_feature_layer
     multimodal = mm_class(
-        vision=clip_vision_config(hf.vision_config),
+        vision=clip_vision_config(hf.vision_config) if vision is None else vision,
         image_token_id=hf.image_token_id,
         feature_layers=(layers,) if isinstance(layers, int) else tuple(layers),
         # Mistral 3 has no such key: its features keep every token.
@@ -156,3 +157,35 @@ def mistral3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 MISTRAL3 = Family("mistral3", mistral3_config, LLAVA_WEIGHTS,
                   quirks="Pixtral tower (axial 2D RoPE), patch merger; [IMG_BREAK]/[IMG_END] in the image's run")
+
+
+def internvl_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    from model_lib.vision.internvit import InternVisionConfig
+    from model_lib.vision.internvl import InternVLConfig
+
+    v = hf.vision_config
+    sizes = {name: tuple(getattr(v, name)) if isinstance(getattr(v, name), (list, tuple)) else (getattr(v, name),) * 2
+             for name in ("image_size", "patch_size")}
+    if any(a != b for a, b in sizes.values()) or not v.use_absolute_position_embeddings or v.use_mask_token:
+        raise ValueError(f"an InternViT with image_size {list(sizes['image_size'])}, patch_size "
+                         f"{list(sizes['patch_size'])}, use_absolute_position_embeddings "
+                         f"{v.use_absolute_position_embeddings}, use_mask_token {v.use_mask_token} is not supported "
+                         "(square sizes and absolute positions only)")
+    vision = InternVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_layers=v.num_hidden_layers,
+        num_heads=v.num_attention_heads, image_size=sizes["image_size"][0], patch_size=sizes["patch_size"][0],
+        num_channels=v.num_channels, norm_eps=v.layer_norm_eps, activation=v.hidden_act, kind="clip",
+        norm_type=v.norm_type, qk_norm=bool(v.use_qk_norm), attention_bias=bool(v.attention_bias),
+        final_norm=not v.use_mean_pooling)
+    shuffle = round(1 / hf.downsample_ratio)
+    if abs(shuffle * hf.downsample_ratio - 1) > 1e-6:
+        raise ValueError(f"downsample_ratio {hf.downsample_ratio} is not 1 / an integer")
+    layers = hf.vision_feature_layer
+    if not isinstance(layers, int):
+        raise ValueError(f"InternVL takes one vision_feature_layer, got {layers}")
+    # The ids of <img> / </img> are the tokenizer's (`MultiModalConfig.with_tokenizer`).
+    return llava_config(hf, architecture, InternVLConfig, vision=vision, shuffle=shuffle)
+
+
+INTERNVL = Family("internvl", internvl_config, LLAVA_WEIGHTS,
+                  quirks="InternViT tiles (layer scale), pixel shuffle, <img>/<IMG_CONTEXT>/</img> runs")

@@ -105,7 +105,7 @@ class Mistral3MultiModalProjector(nnx.Module):
 
 
 class Mistral3ForConditionalGeneration(VisionLanguageModel):
-    """`pixel_values`: one `[C, H, W]` array per image (the processor's, cut to the image's own size)."""
+    """`pixel_values`: one `[C, H, W]` array per image (the processor's for that image alone, unpadded)."""
 
     vision_parts = ("vision_tower", "multi_modal_projector")
 
@@ -124,8 +124,3 @@ class Mistral3ForConditionalGeneration(VisionLanguageModel):
         selected = jnp.concatenate([states[layer % (mm.vision.num_layers + 1)] for layer in mm.feature_layers], -1)
         p = mm.vision.patch_size
         return projector(selected[0], pixels.shape[-2] // p, pixels.shape[-1] // p)
-
-    def image_rows(self, pixels: Any, image_size: tuple[int, int] | None) -> jax.Array:
-        if image_size is not None:  # the processor pads a batch to its largest image
-            pixels = pixels[..., : image_size[0], : image_size[1]]
-        return super().image_rows(pixels, image_size)

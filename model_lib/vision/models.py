@@ -11,6 +11,7 @@ VISION_LANGUAGE_MODELS = {
     "LlavaNextForConditionalGeneration": "model_lib.vision.llava_next:LlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration": "model_lib.vision.llava_next:LlavaOnevisionForConditionalGeneration",
     "Mistral3ForConditionalGeneration": "model_lib.vision.mistral3:Mistral3ForConditionalGeneration",
+    "InternVLForConditionalGeneration": "model_lib.vision.internvl:InternVLForConditionalGeneration",
 }
 
 

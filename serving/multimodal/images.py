@@ -69,8 +69,10 @@ def preprocess(processor: Any, image: Any) -> tuple[np.ndarray, tuple[int, int]]
     """One image -> (its float32 pixels as the model takes them: `[C, H, W]`, or `[N, C, H, W]` tiles for
     the tiling processors), and its original (height, width)."""
     rgb = to_rgb(image)
-    pixels = processor(images=[rgb], return_tensors="np")["pixel_values"]
-    return np.asarray(pixels[0], np.float32), (rgb.height, rgb.width)
+    out = processor(images=[rgb], return_tensors="np")
+    # Tiling processors that flatten every image's tiles into one batch (InternVL's) say how many are whose.
+    pixels = out["pixel_values"] if "num_patches" in out else out["pixel_values"][0]
+    return np.asarray(pixels, np.float32), (rgb.height, rgb.width)
 
 
 def pixel_hash(pixels: np.ndarray, image_size: tuple[int, int] = (0, 0)) -> str:

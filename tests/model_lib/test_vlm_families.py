@@ -1,5 +1,6 @@
 """Vision-language architectures beyond LLaVA against transformers: logits with images of different
-sizes, one image per prompt and two in one prompt (tiny random checkpoints, random images)."""
+sizes, one image per prompt and two in one prompt (tiny random checkpoints, random images; transformers
+takes its processor's pixels, ours come from serving's per-image preprocessing)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 import model_lib
 from tests.tiny_models import assert_logits_close
-from tests.vlm_families import VLM_CASES, hf_inputs
+from tests.vlm_families import VLM_CASES, hf_inputs, our_images
 from tests.vlm_models import random_image
 
 # Sizes that pick different tile grids, unpad rows in one and columns in the other.
@@ -26,9 +27,6 @@ def test_logits_with_images_match_transformers(name, tmp_path):
         inputs = hf_inputs(case, tmp_path, text, images)
         with torch.no_grad():
             expected = ref(**inputs).logits.numpy()
-        pixels = [np.asarray(p) for p in inputs["pixel_values"]]
-        sizes = inputs.get("image_sizes")
-        mm = model.config.multimodal
-        pixels = [mm.pixels_for(p, len(images)) for p in pixels]
-        ours = model(inputs["input_ids"].numpy(), pixel_values=pixels, image_sizes=None if sizes is None else sizes.numpy())
+        pixels, sizes = our_images(tmp_path, images)
+        ours = model(inputs["input_ids"].numpy(), pixel_values=pixels, image_sizes=sizes)
         assert_logits_close(np.asarray(ours), expected)
