@@ -92,13 +92,7 @@ class InternVLForConditionalGeneration(VisionLanguageModel):
     """`pixel_values`: one `[N, C, H, W]` array of tiles per image."""
 
     vision_parts = ("vision_tower", "multi_modal_projector")
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        if not isinstance(config.multimodal, InternVLConfig):
-            raise ValueError(f"{config.architecture} needs an InternVLConfig")
-        super().__init__(config, rngs=rngs)
-        self.vision_tower = InternVisionTower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
-        self.multi_modal_projector = InternVLMultiModalProjector(config, rngs=rngs)
+    mm_class, tower_class, projector_class = InternVLConfig, InternVisionTower, InternVLMultiModalProjector
 
     @staticmethod
     def encode(mm: InternVLConfig, modules: tuple, pixels: jax.Array) -> jax.Array:

@@ -63,13 +63,7 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
     """A decoder whose image placeholder tokens take projected CLIP features."""
 
     vision_parts = ("vision_tower", "multi_modal_projector")
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        if config.multimodal is None:
-            raise ValueError(f"{config.architecture} needs a vision configuration (ModelConfig.multimodal)")
-        super().__init__(config, rngs=rngs)
-        self.vision_tower = vision_tower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
-        self.multi_modal_projector = LlavaMultiModalProjector(config, rngs=rngs)
+    tower_class, projector_class = staticmethod(vision_tower), LlavaMultiModalProjector
 
     @staticmethod
     def encode(mm: MultiModalConfig, modules: tuple, pixels: jax.Array) -> jax.Array:

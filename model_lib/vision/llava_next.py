@@ -28,10 +28,10 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
     vision_parts = ("vision_tower", "multi_modal_projector", "image_newline")
     __call__ = VisionLanguageModel.__call__
 
+    mm_class = AnyResConfig
+
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
-        if not isinstance(config.multimodal, AnyResConfig):
-            raise ValueError(f"{config.architecture} needs image_grid_pinpoints (an AnyResConfig)")
         self.image_newline = LearnedRow(config.hidden_size, jnp.dtype(config.dtype), rngs=rngs)
 
     @staticmethod

@@ -108,13 +108,7 @@ class Mistral3ForConditionalGeneration(VisionLanguageModel):
     """`pixel_values`: one `[C, H, W]` array per image (the processor's for that image alone, unpadded)."""
 
     vision_parts = ("vision_tower", "multi_modal_projector")
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        if not isinstance(config.multimodal, Mistral3Config):
-            raise ValueError(f"{config.architecture} needs a Mistral3Config")
-        super().__init__(config, rngs=rngs)
-        self.vision_tower = PixtralVisionTower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
-        self.multi_modal_projector = Mistral3MultiModalProjector(config, rngs=rngs)
+    mm_class, tower_class, projector_class = Mistral3Config, PixtralVisionTower, Mistral3MultiModalProjector
 
     @staticmethod
     def encode(mm: Mistral3Config, modules: tuple, pixels: jax.Array) -> jax.Array:

@@ -32,6 +32,17 @@ class VisionLanguageModel(CausalLM):
     """A decoder whose `image_token_id` placeholders take the rows of its vision modules."""
 
     vision_parts: tuple[str, ...] = ()
+    mm_class: type[MultiModalConfig] = MultiModalConfig  # what `config.multimodal` must be
+    tower_class: type[nnx.Module]
+    projector_class: type[nnx.Module]
+
+    def __init__(self, config: Any, *, rngs: nnx.Rngs):
+        """The language model, `vision_tower` (`tower_class`) and `multi_modal_projector` (`projector_class`)."""
+        if not isinstance(config.multimodal, self.mm_class):
+            raise ValueError(f"{config.architecture} needs a vision configuration ({self.mm_class.__name__})")
+        super().__init__(config, rngs=rngs)
+        self.vision_tower = self.tower_class(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
+        self.multi_modal_projector = self.projector_class(config, rngs=rngs)
 
     def vision_modules(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.vision_parts)
