@@ -161,11 +161,12 @@ class VlmCase:
     processor_options: dict
     image_marker: str = IMAGE_TOKEN  # what a prompt writes for one image (the processor expands it)
     counts_images: bool = False  # the model takes `batch_num_images` (OneVision)
+    video: bool = False  # the model takes videos (`VIDEO_TOKEN`)
 
 
 VLM_CASES = {
     "llava_next": VlmCase(build_llava_next, "LlavaNextProcessor", NEXT_PROCESSOR),
-    "llava_onevision": VlmCase(build_llava_onevision, None, {}, counts_images=True),
+    "llava_onevision": VlmCase(build_llava_onevision, None, {}, counts_images=True, video=True),
     "mistral3": VlmCase(build_mistral3, None, {}, image_marker=PIXTRAL_TOKENS[0]),
     "internvl": VlmCase(build_internvl, None, {}, image_marker=INTERNVL_TOKENS[0]),
 }

@@ -144,7 +144,7 @@ def llava_onevision_config(hf: PretrainedConfig, architecture: str) -> ModelConf
 
 
 LLAVA_ONEVISION = Family("llava_onevision", llava_onevision_config, LLAVA_WEIGHTS,
-                         quirks="LLaVA-NeXT tiling with a SigLIP tower and anyres_max shrinking")
+                         quirks="LLaVA-NeXT tiling with a SigLIP tower and anyres_max shrinking; videos (pooled frames)")
 
 
 def mistral3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -156,7 +156,7 @@ def mistral3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 
 MISTRAL3 = Family("mistral3", mistral3_config, LLAVA_WEIGHTS,
-                  quirks="Pixtral tower (axial 2D RoPE), patch merger; [IMG_BREAK]/[IMG_END] in the image's run")
+                  quirks="Pixtral tower (axial 2D RoPE), patch merger; `[IMG_BREAK]`/`[IMG_END]` in the image's run")
 
 
 def internvl_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -188,4 +188,4 @@ def internvl_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 
 INTERNVL = Family("internvl", internvl_config, LLAVA_WEIGHTS,
-                  quirks="InternViT tiles (layer scale), pixel shuffle, <img>/<IMG_CONTEXT>/</img> runs")
+                  quirks="InternViT tiles (layer scale), pixel shuffle, `<img>`/`<IMG_CONTEXT>`/`</img>` runs")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from model_lib.vision.config import MultiModalConfig
 
 MAX_GRID_TILES = 64  # a bound on the tiles of one grid pinpoint
+MAX_VIDEO_FRAMES = 256  # a bound on the frames of one video
 
 
 def best_resolution(image_size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:
@@ -35,13 +36,12 @@ def best_resolution(image_size: tuple[int, int], pinpoints: tuple[tuple[int, int
 
 @dataclass(frozen=True)
 class AnyResConfig(MultiModalConfig):
-    """LLaVA's settings plus the tiling: `grid_pinpoints` (height, width) resolutions, `anyres_max` (OneVision:
-    shrink the unpadded map to at most that many tiles' worth of rows; None for LLaVA-NeXT), and the video
-    placeholder of OneVision (`video_token_id`, None without video)."""
+    """LLaVA's settings plus the tiling: `grid_pinpoints` (height, width) resolutions and `anyres_max` (OneVision:
+    shrink the unpadded map to at most that many tiles' worth of rows; None for LLaVA-NeXT). OneVision's videos:
+    each frame's rows pooled to `ceil(side / 2)` squared, then one newline row for the whole video."""
 
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     anyres_max: int | None = None
-    video_token_id: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +95,18 @@ class AnyResConfig(MultiModalConfig):
         rows = self.image_tokens + 1 if len(pixels) == 1 else self.image_rows(image_size)
         return [self.image_token_id] * rows
 
+    @property
+    def pooled_side(self) -> int:
+        """Rows along one side of a video frame's pooled map."""
+        return math.ceil(self.side / 2)
+
+    def video_placeholder_ids(self, frames: Any) -> list[int]:
+        if self.video_token_id is None:
+            raise ValueError("this model takes no video")
+        if not 0 < len(frames) <= MAX_VIDEO_FRAMES:
+            raise ValueError(f"a video has 1 to {MAX_VIDEO_FRAMES} frames, got {len(frames)}")
+        return [self.video_token_id] * (len(frames) * self.pooled_side**2 + 1)
+
     def pixels_for(self, pixels: Any, images_in_prompt: int) -> Any:
         """OneVision tiles an image only when it is its prompt's one image; otherwise the base view alone
         (and one newline row) stands for it."""
@@ -134,3 +146,11 @@ def pack(mm: AnyResConfig, features: jax.Array, newline: jax.Array, image_size: 
         grid = bilinear(grid, out_h, out_w)
     lines = jnp.broadcast_to(newline.astype(grid.dtype), (out_h, 1, e))
     return jnp.concatenate([base, jnp.concatenate([grid, lines], axis=1).reshape(-1, e)], axis=0)
+
+
+def pool_frames(mm: AnyResConfig, features: jax.Array, newline: jax.Array) -> jax.Array:
+    """A video's frame features `[F, S, E]` -> its rows: each frame's map shrunk (bilinear) to the pooled side,
+    frames in order, then one newline row."""
+    f, s, e = features.shape[0], mm.side, features.shape[-1]
+    pooled = jax.vmap(lambda x: bilinear(x, mm.pooled_side, mm.pooled_side))(features.reshape(f, s, s, e))
+    return jnp.concatenate([pooled.reshape(-1, e), newline.astype(pooled.dtype)[None]], axis=0)

@@ -71,6 +71,7 @@ class MultiModalConfig:
     feature_strategy: str = "default"
     projector_activation: str = "gelu"
     projector_bias: bool = True
+    video_token_id: int | None = None  # the placeholder of a video's rows (None: the model takes no video)
 
     def __post_init__(self) -> None:
         if self.feature_strategy not in FEATURE_STRATEGIES:
@@ -108,6 +109,10 @@ class MultiModalConfig:
                 raise ValueError(f"the tokenizer has no {text} token, which the image placeholders need")
             ids[name] = token
         return dataclasses.replace(self, **ids) if ids else self
+
+    def video_placeholder_ids(self, frames: Any) -> list[int]:
+        """The tokens one video (its preprocessed frames) takes in the prompt."""
+        raise ValueError("this model takes no video")
 
     def pixels_for(self, pixels: Any, images_in_prompt: int) -> Any:
         """The pixels an image is encoded from, given how many images its prompt has."""

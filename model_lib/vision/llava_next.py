@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.config import ModelConfig
-from model_lib.vision.anyres import AnyResConfig, pack
+from model_lib.vision.anyres import AnyResConfig, pack, pool_frames
 from model_lib.vision.llava import LlavaForConditionalGeneration, image_features
 from model_lib.vision.vlm import LearnedRow, VisionLanguageModel
 
@@ -50,4 +50,10 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
 
 
 class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
-    """LLaVA-NeXT's module; the config carries OneVision's differences (SigLIP tower, `anyres_max`)."""
+    """LLaVA-NeXT's module with videos; the config carries OneVision's other differences (SigLIP tower,
+    `anyres_max`)."""
+
+    @staticmethod
+    def encode_video(mm: AnyResConfig, modules: tuple, frames: jax.Array) -> jax.Array:
+        tower, projector, newline = modules
+        return pool_frames(mm, image_features(mm, tower, projector, frames), newline.weight[...])

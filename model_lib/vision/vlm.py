@@ -52,6 +52,11 @@ class VisionLanguageModel(CausalLM):
         raise NotImplementedError
 
     @staticmethod
+    def encode_video(mm: MultiModalConfig, modules: tuple[Any, ...], frames: jax.Array) -> jax.Array:
+        """A video's preprocessed frames `[F, C, H, W]` -> the rows `[F', E]` of its `video_token_id` placeholders."""
+        raise ValueError("this model takes no video")
+
+    @staticmethod
     def arrange(mm: MultiModalConfig, modules: tuple[Any, ...], encoded: jax.Array,
                 image_size: tuple[int, int]) -> jax.Array:
         return encoded.reshape(-1, encoded.shape[-1])
@@ -68,24 +73,36 @@ class VisionLanguageModel(CausalLM):
         *,
         pixel_values: Sequence[Any] | None = None,
         image_sizes: Sequence[tuple[int, int]] | None = None,
+        pixel_values_videos: Sequence[Any] | None = None,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
         merged: MergedEmbeddings | None = None,
     ) -> jax.Array:
-        """Logits for a `[B, T]` batch whose image placeholders take the images of `pixel_values` in order."""
-        if pixel_values is not None:
+        """Logits for a `[B, T]` batch whose image placeholders take the images of `pixel_values` in order, and
+        whose video placeholders the videos of `pixel_values_videos` (`[F, C, H, W]` frames each)."""
+        if pixel_values is not None or pixel_values_videos is not None:
             if merged is not None:
                 raise ValueError("pass pixel_values or merged features, not both")
-            sizes = [None] * len(pixel_values) if image_sizes is None else image_sizes
-            if len(sizes) != len(pixel_values):
-                raise ValueError(f"{len(pixel_values)} images and {len(sizes)} image sizes")
-            input_ids = jnp.asarray(input_ids, jnp.int32)
-            rows = [self.image_rows(p, None if s is None else tuple(int(v) for v in s))
-                    for p, s in zip(pixel_values, sizes)]
-            merged = MergedEmbeddings(jnp.concatenate(rows, axis=0),
-                                      placeholder_index(input_ids, self.config.multimodal.image_token_id))
+            merged = self._merged(jnp.asarray(input_ids, jnp.int32), pixel_values or [], image_sizes,
+                                  pixel_values_videos or [])
         return CausalLM.__call__(self, input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
                                  merged=merged)
+
+
+    def _merged(self, input_ids: jax.Array, pixel_values: Sequence[Any], image_sizes: Sequence | None,
+                videos: Sequence[Any]) -> MergedEmbeddings:
+        mm, modules = self.config.multimodal, self.vision_modules()
+        sizes = [None] * len(pixel_values) if image_sizes is None else image_sizes
+        if len(sizes) != len(pixel_values):
+            raise ValueError(f"{len(pixel_values)} images and {len(sizes)} image sizes")
+        rows = [self.image_rows(p, None if s is None else tuple(int(v) for v in s)) for p, s in zip(pixel_values, sizes)]
+        rows += [self.encode_video(mm, modules, jnp.asarray(frames)) for frames in videos]
+        index = placeholder_index(input_ids, mm.image_token_id)
+        if videos:
+            image_rows = sum(r.shape[0] for r in rows[: len(pixel_values)])
+            video = placeholder_index(input_ids, mm.video_token_id)
+            index = jnp.where(video >= 0, video + image_rows, index)
+        return MergedEmbeddings(jnp.concatenate(rows, axis=0), index)
 
 
 class LearnedRow(nnx.Module):

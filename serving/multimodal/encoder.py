@@ -44,9 +44,14 @@ class ImageEncoder:
         self.graphdef, self.state = nnx.split(model.vision_modules())
         self._arrange = type(model).arrange
         self._encode = jax.jit(partial(_encode, type(model).encode, self.config))
+        self._encode_video = jax.jit(partial(_encode, type(model).encode_video, self.config))
         self.num_encoded = 0  # images run through the tower (a preempted request may count twice)
 
     def encode(self, item: ImageItem) -> None:
+        if item.video:
+            item.features = np.asarray(self._encode_video(self.graphdef, self.state, jnp.asarray(item.pixel_values)))
+            self.num_encoded += 1
+            return
         encoded = self._encode(self.graphdef, self.state, jnp.asarray(item.pixel_values))
         modules = nnx.merge(self.graphdef, self.state)
         item.features = np.asarray(self._arrange(self.config, modules, encoded, item.image_size))

@@ -35,6 +35,7 @@ class ImageItem:
     # Per token of the range: its feature row, or -1 for a token that keeps its embedding (a row break);
     # None when token k takes row k.
     rows: np.ndarray | None = None
+    video: bool = False  # frames `[F, C, H, W]` in `pixel_values`, encoded by the model's `encode_video`
 
     @property
     def end(self) -> int:
@@ -72,40 +73,74 @@ def placeholder_runs(ids: Sequence[int], token_id: int) -> list[tuple[int, int]]
 class ImageInputs:
     """Prompt ids plus images -> expanded ids and one `ImageItem` per image (for one model)."""
 
-    def __init__(self, config: MultiModalConfig, processor: Any, limit_per_prompt: int):
-        if not 0 <= limit_per_prompt <= MAX_IMAGES_PER_PROMPT:
-            raise ValueError(f"limit_mm_per_prompt image must be in [0, {MAX_IMAGES_PER_PROMPT}], "
-                             f"got {limit_per_prompt}")
+    def __init__(self, config: MultiModalConfig, processor: Any, limit_per_prompt: int, video_limit: int = 0):
+        for kind, limit in (("image", limit_per_prompt), ("video", video_limit)):
+            if not 0 <= limit <= MAX_IMAGES_PER_PROMPT:
+                raise ValueError(f"limit_mm_per_prompt {kind} must be in [0, {MAX_IMAGES_PER_PROMPT}], got {limit}")
         self.config = config
         self.processor = processor
         self.limit = limit_per_prompt
+        self.video_limit = video_limit
 
-    def check_count(self, count: int) -> None:
-        if count > self.limit:
-            raise ValueError(f"the prompt has {count} images; at most {self.limit} per prompt (--limit-mm-per-prompt)")
+    def check_count(self, count: int, kind: str = "image") -> None:
+        limit = self.video_limit if kind == "video" else self.limit
+        if count > limit:
+            raise ValueError(f"the prompt has {count} {kind}s; at most {limit} per prompt (--limit-mm-per-prompt)")
 
     def __call__(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageItem]]:
-        """ValueError when the images and the prompt's placeholders do not pair up, or an image is bad."""
+        """`images` may hold `Video`s, which pair with the video placeholders. ValueError when the images and the
+        prompt's placeholders do not pair up, or an image is bad."""
+        videos = [v for v in images if isinstance(v, Video)]
+        images = [i for i in images if not isinstance(i, Video)]
+        if videos and self.config.video_token_id is None:
+            raise ValueError("multi_modal_data has a video, and this model takes no video")
         self.check_count(len(images))
-        runs = placeholder_runs(prompt_ids, self.config.prompt_token_id)
-        if len(runs) != len(images):
-            raise ValueError(f"the prompt has {len(runs)} image placeholder(s) and {len(images)} image(s) were given")
+        self.check_count(len(videos), "video")
+        marked = self._paired(prompt_ids, self.config.prompt_token_id, images, "image")
+        if videos:
+            marked += self._paired(prompt_ids, self.config.video_token_id, videos, "video")
         ids: list[int] = []
         items: list[ImageItem] = []
         cursor = 0
-        for (start, length), image in zip(runs, images):
-            pixels, image_size = preprocess(self.processor, image)
-            pixels = self.config.pixels_for(pixels, len(images))
-            placeholders = self.config.placeholder_ids(pixels, image_size)
+        for start, length, media in sorted(marked, key=lambda m: m[0]):
+            if isinstance(media, Video):
+                pixels, image_size = media.pixels(self.processor), (0, 0)
+                placeholders, token = self.config.video_placeholder_ids(pixels), self.config.video_token_id
+            else:
+                pixels, image_size = preprocess(self.processor, media)
+                pixels = self.config.pixels_for(pixels, len(images))
+                placeholders, token = self.config.placeholder_ids(pixels, image_size), self.config.image_token_id
             if length != 1 and list(prompt_ids[start : start + length]) != placeholders:
                 raise ValueError(f"an image placeholder run of {length} tokens; expected 1 or {len(placeholders)}")
             ids += prompt_ids[cursor:start]
             items.append(ImageItem(len(ids), len(placeholders), pixel_hash(pixels, image_size), pixels,
-                                   image_size=image_size, rows=feature_rows(placeholders, self.config.image_token_id)))
+                                   image_size=image_size, rows=feature_rows(placeholders, token),
+                                   video=isinstance(media, Video)))
             ids += placeholders
             cursor = start + length
         ids += prompt_ids[cursor:]
         return ids, items
+
+    @staticmethod
+    def _paired(prompt_ids: Sequence[int], token: int, media: list, kind: str) -> list[tuple[int, int, Any]]:
+        runs = placeholder_runs(prompt_ids, token)
+        if len(runs) != len(media):
+            raise ValueError(f"the prompt has {len(runs)} {kind} placeholder(s) and {len(media)} {kind}(s) were given")
+        return [(start, length, m) for (start, length), m in zip(runs, media)]
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video as a list of frames (each what an image may be), as `multi_modal_data={"video": frames}` gives it."""
+
+    frames: Sequence[Any]
+
+    def pixels(self, processor: Any) -> np.ndarray:
+        """`[F, C, H, W]`: each frame as the image processor makes it (a tiling processor's base view)."""
+        if not len(self.frames):
+            raise ValueError("a video needs at least one frame")
+        frames = [preprocess(processor, frame)[0] for frame in self.frames]
+        return np.stack([f[0] if f.ndim == 4 else f for f in frames])
 
 
 def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], config: MultiModalConfig | None) -> None:
@@ -114,11 +149,12 @@ def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], co
         if items:
             raise ValueError("this model takes no images")
         return
-    placeholders = [i for i, t in enumerate(prompt_ids) if t == config.image_token_id]
-    if placeholders != [p for item in items for p in item.feature_positions()]:
-        raise ValueError(f"the prompt's image placeholders {placeholder_runs(prompt_ids, config.image_token_id)} "
-                         f"do not match its {len(items)} image(s) (pass images with the prompt, one placeholder "
-                         "per image)")
+    for token, video in ((config.image_token_id, False), (config.video_token_id, True)):
+        placeholders = [i for i, t in enumerate(prompt_ids) if t == token]
+        if placeholders != [p for item in items if item.video == video for p in item.feature_positions()]:
+            raise ValueError(f"the prompt's {'video' if video else 'image'} placeholders "
+                             f"{placeholder_runs(prompt_ids, token)} do not match its {len(items)} image(s) and "
+                             "video(s) (pass them with the prompt, one placeholder each)")
 
 
 def page_tags(items: Sequence[ImageItem], page_size: int) -> Callable[[int], tuple]:

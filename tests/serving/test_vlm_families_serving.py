@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from serving import LLM, SamplingParams
-from tests.vlm_families import VLM_CASES, hf_inputs
+from tests.vlm_families import VIDEO_TOKEN, VIDEO_TOKEN_ID, VLM_CASES, hf_inputs
 from tests.vlm_models import random_image
 
 MAX_TOKENS = 6
@@ -27,3 +27,23 @@ def test_generate_with_images_equals_transformers(name, tmp_path):
         assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
         expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
         assert output.outputs[0].token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist()
+    if case.video:
+        video_generate_equals_transformers(llm, ref, tmp_path)
+
+
+def video_generate_equals_transformers(llm: LLM, ref, folder) -> None:
+    """A video given as a list of frames: each frame as the image processor's base view, pooled rows."""
+    import torch
+
+    from serving.multimodal.images import load_image_processor
+    from serving.multimodal.inputs import Video
+
+    frames = [random_image(seed, (30, 40)) for seed in (3, 4, 5)]
+    output = llm.generate({"prompt": f"user: what happens in {VIDEO_TOKEN}?\nassistant:",
+                           "multi_modal_data": {"video": frames}}, GREEDY)[0]
+    ids = torch.tensor([output.prompt_token_ids])
+    assert ids[0].tolist().count(VIDEO_TOKEN_ID) == 3 * 2 * 2 + 1  # 4x4 rows pooled to 2x2 per frame, a newline
+    pixels = torch.tensor(Video(frames).pixels(load_image_processor(folder))[None])
+    expected = ref.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=MAX_TOKENS,
+                            min_new_tokens=MAX_TOKENS, do_sample=False)
+    assert output.outputs[0].token_ids == expected[0, ids.shape[1]:].tolist()
