@@ -453,7 +453,8 @@ CASES = [
            {**LLAVA_VISION, "model_type": "pixtral", "head_dim": 8}, {"model_type": "mistral"},
            dict(tie_word_embeddings=False)),
           ("internvl-qwen2", "InternVLConfig", "InternVLForConditionalGeneration",
-           {**LLAVA_VISION, "model_type": "internvl_vision"}, {"model_type": "qwen2"}, dict(tie_word_embeddings=False)),
+           {**LLAVA_VISION, "model_type": "internvl_vision"}, {"model_type": "qwen2"},
+           dict(tie_word_embeddings=False, image_token_id=VOCAB - 1)),
       )),
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",

@@ -91,7 +91,6 @@ class InternVLMultiModalProjector(nnx.Module):
 class InternVLForConditionalGeneration(VisionLanguageModel):
     """`pixel_values`: one `[N, C, H, W]` array of tiles per image."""
 
-    vision_parts = ("vision_tower", "multi_modal_projector")
     mm_class, tower_class, projector_class = InternVLConfig, InternVisionTower, InternVLMultiModalProjector
 
     @staticmethod

@@ -62,7 +62,6 @@ def image_features(
 class LlavaForConditionalGeneration(VisionLanguageModel):
     """A decoder whose image placeholder tokens take projected CLIP features."""
 
-    vision_parts = ("vision_tower", "multi_modal_projector")
     tower_class, projector_class = staticmethod(vision_tower), LlavaMultiModalProjector
 
     @staticmethod

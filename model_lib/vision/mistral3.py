@@ -107,7 +107,6 @@ class Mistral3MultiModalProjector(nnx.Module):
 class Mistral3ForConditionalGeneration(VisionLanguageModel):
     """`pixel_values`: one `[C, H, W]` array per image (the processor's for that image alone, unpadded)."""
 
-    vision_parts = ("vision_tower", "multi_modal_projector")
     mm_class, tower_class, projector_class = Mistral3Config, PixtralVisionTower, Mistral3MultiModalProjector
 
     @staticmethod

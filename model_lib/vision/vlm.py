@@ -31,7 +31,7 @@ from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 class VisionLanguageModel(CausalLM):
     """A decoder whose `image_token_id` placeholders take the rows of its vision modules."""
 
-    vision_parts: tuple[str, ...] = ()
+    vision_parts: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
     mm_class: type[MultiModalConfig] = MultiModalConfig  # what `config.multimodal` must be
     tower_class: type[nnx.Module]
     projector_class: type[nnx.Module]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import signal
+import subprocess
 
 import openai
 import pytest
@@ -33,6 +34,7 @@ def hf_reply(case, folder, ref) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow  # a server per architecture; tests/serving/test_llava_server.py covers the image API in CI
 @pytest.mark.parametrize("name", list(VLM_CASES))
 def test_base64_image_equals_transformers(name, tmp_path):
     case = VLM_CASES[name]
@@ -53,4 +55,8 @@ def test_base64_image_equals_transformers(name, tmp_path):
         assert reply.choices[0].message.content == hf_reply(case, tmp_path, ref)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # a loaded machine: the reply was checked, the shutdown is not the test
+            proc.kill()
+            proc.wait(30)
