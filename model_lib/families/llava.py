@@ -112,6 +112,8 @@ LLAVA_WEIGHTS = WeightMap(
         ("model.vision_tower", "vision_tower"),
         ("model.multi_modal_projector", "multi_modal_projector"),
     ),
+    # LLaVA-NeXT's bare `image_newline` is held as a module's weight (`model_lib/vision/vlm.py` LearnedRow).
+    tensor_renames=(("model.image_newline", "image_newline.weight"),),
     ignored=(*IDENTITY.ignored, r".*position_ids", r"^vision_tower\.head\."),  # SigLIP's unused pooling head
 )
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import model_lib
+from model_lib.checkpoint import save_pretrained
 from tests.tiny_models import assert_logits_close
 from tests.vlm_families import VLM_CASES, hf_inputs, our_images
 from tests.vlm_models import random_image
@@ -30,6 +31,11 @@ def test_logits_with_images_match_transformers(name, tmp_path):
         pixels, sizes = our_images(tmp_path, images)
         ours = model(inputs["input_ids"].numpy(), pixel_values=pixels, image_sizes=sizes)
         assert_logits_close(np.asarray(ours), expected)
+    # Our save loads in transformers (transformers 5 names, LLaVA-NeXT's bare image_newline included).
+    save_pretrained(model, tmp_path / "saved")
+    with torch.no_grad():
+        again = type(ref).from_pretrained(tmp_path / "saved").eval()(**inputs).logits.numpy()
+    assert_logits_close(again, expected)
 
 
 def test_video_logits_match_transformers(tmp_path):
