@@ -19,7 +19,9 @@ FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 MAX_MTP_LAYERS = 16  # a bound on `num_mtp_layers` read from a config (DeepSeek-V3 has 1)
 CHUNKED_ATTENTION = "chunked_attention"  # Llama 4: keys in the query's own chunk of `attention_chunk_size` positions
-SSM_KINDS = ("mamba", "mamba2")  # `layer_attention` kinds that hold a recurrent state instead of a KV cache
+# `layer_attention` kinds that hold a recurrent state instead of a KV cache ("rglru": RecurrentGemma's
+# recurrent block, `model_lib/layers/rglru.py`).
+SSM_KINDS = ("mamba", "mamba2", "rglru")
 MAX_SSM_CONV_KERNEL = 16  # bounds on the state-space fields read from a config
 MAX_SSM_CHUNK = 4096
 
@@ -64,6 +66,11 @@ class RopeConfig:
     # so the base grows in steps (Qwen's `use_dynamic_ntk`; with factor 2 this is its
     # NTK alpha 2^ceil(log2(len / max_position) + 1) - 1).
     dynamic_power_of_two: bool = False
+    # M-RoPE (Qwen2-VL family, GLM-4.1V): positions are `[3, ...]` (temporal, height, width) and the
+    # frequencies are split into these three sections (summing to rotary_dim / 2); `mrope_interleaved`
+    # (Qwen3-VL) deals height and width frequencies round-robin into the first 3 * section slots.
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,9 @@ class ModelConfig:
     # State-space mixers (`model_lib/layers/ssm.py`) on layers whose `layer_attention` kind is
     # "mamba" (Mamba's selective scan, per channel `A [D, N]`) or "mamba2" (Mamba-2's SSD: one
     # decay per head, `ssm_num_heads` heads of `ssm_head_dim`, B/C shared by `ssm_num_groups`
-    # groups). D = `ssm_intermediate_size` channels (HF: expand * hidden), N = `ssm_state_size`,
+    # groups), or "rglru" (RecurrentGemma's block, `model_lib/layers/rglru.py`: D = lru_width,
+    # gates in `ssm_num_heads` diagonal blocks, no N). D = `ssm_intermediate_size`
+    # channels (HF: expand * hidden), N = `ssm_state_size`,
     # a depthwise causal conv of width `ssm_conv_kernel` (activation `ssm_activation`) before the
     # scan; Mamba's dt goes through a rank-`ssm_time_step_rank` projection; Mamba-2's is clamped
     # to `ssm_dt_limit` in its chunked form (chunks of `ssm_chunk_size`) and gated-RMS-normed
@@ -321,11 +330,17 @@ class ModelConfig:
         kinds = set(self.layer_attention) & set(SSM_KINDS)
         if not kinds:
             return
-        if not (0 < self.ssm_state_size and 0 < self.ssm_intermediate_size and 1 <= self.ssm_conv_kernel <= MAX_SSM_CONV_KERNEL):
+        needs_state = bool(kinds - {"rglru"})  # the RG-LRU's state is one value per channel
+        if not ((0 < self.ssm_state_size or not needs_state) and 0 < self.ssm_intermediate_size
+                and 1 <= self.ssm_conv_kernel <= MAX_SSM_CONV_KERNEL):
             raise ValueError(
-                f"state-space layers need ssm_state_size > 0, ssm_intermediate_size > 0 and 1 <= ssm_conv_kernel <= "
-                f"{MAX_SSM_CONV_KERNEL} (got {self.ssm_state_size}, {self.ssm_intermediate_size}, {self.ssm_conv_kernel})"
+                f"state-space layers need ssm_state_size > 0 (but RG-LRU), ssm_intermediate_size > 0 and 1 <= "
+                f"ssm_conv_kernel <= {MAX_SSM_CONV_KERNEL} (got {self.ssm_state_size}, {self.ssm_intermediate_size}, "
+                f"{self.ssm_conv_kernel})"
             )
+        if "rglru" in kinds and not (0 < self.ssm_num_heads and self.ssm_intermediate_size % self.ssm_num_heads == 0):
+            raise ValueError(f"RG-LRU layers need ssm_num_heads ({self.ssm_num_heads}) gate blocks dividing "
+                             f"ssm_intermediate_size ({self.ssm_intermediate_size})")
         if "mamba" in kinds and self.ssm_time_step_rank < 1:
             raise ValueError(f"Mamba layers need ssm_time_step_rank >= 1, got {self.ssm_time_step_rank}")
         if "mamba2" in kinds:
@@ -378,7 +393,7 @@ class ModelConfig:
         return self.layer_intermediate_sizes[layer] if self.layer_intermediate_sizes else self.intermediate_size
 
     def layer_attention_kind(self, layer: int) -> str:
-        """One of "attention", "linear", "none", "mamba", "mamba2" (see `layer_attention`)."""
+        """One of "attention", "linear", "none", "mamba", "mamba2", "rglru" (see `layer_attention`)."""
         return self.layer_attention[layer] if self.layer_attention else "attention"
 
     def layer_mlp_kind(self, layer: int) -> str:
@@ -399,10 +414,13 @@ class ModelConfig:
         return PagedKV(kv_heads, self.head_dim) if kv_heads else None
 
     def ssm_state_shapes(self, layer: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-sequence (conv tail `[W-1, C]`, SSM state) of a state-space layer: `[D, N]` (Mamba), `[H, P, N]` (Mamba-2)."""
+        """Per-sequence (conv tail `[W-1, C]`, SSM state) of a state-space layer: `[D, N]` (Mamba), `[H, P, N]`
+        (Mamba-2), `[D]` (RG-LRU)."""
         D, N, W = self.ssm_intermediate_size, self.ssm_state_size, self.ssm_conv_kernel
         if self.layer_attention_kind(layer) == "mamba":
             return (W - 1, D), (D, N)
+        if self.layer_attention_kind(layer) == "rglru":
+            return (W - 1, D), (D,)
         return (W - 1, D + 2 * self.ssm_num_groups * N), (self.ssm_num_heads, self.ssm_head_dim, N)
 
     def hf_config_dict(self) -> dict[str, Any]:

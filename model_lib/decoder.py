@@ -25,7 +25,7 @@ from model_lib.layers.attention import LinearAttention
 from model_lib.layers.mlp import LinearMLP
 from model_lib.layers.moe import MoE
 from model_lib.vision.merge import MergedEmbeddings
-from model_lib.layers.ssm import make_mixer
+from model_lib.layers.mixers import make_mixer
 
 Batch = DenseBatch | PagedBatch
 
@@ -315,13 +315,14 @@ class CausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
         merged: MergedEmbeddings | None = None,
+        rope_positions: jax.Array | None = None,
     ) -> jax.Array:
         """Logits for a `[B, T]` batch.
 
         `attention_mask` (1 = token, 0 = padding; left or right) or `segment_ids`
         (packed rows, 0 = padding) say which tokens see which; positions restart
         at each sequence's first real token unless given. `merged`: encoder outputs in
-        place of the token embeddings it indexes.
+        place of the token embeddings it indexes. `rope_positions [3, B, T]`: M-RoPE positions.
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if segment_ids is None:
@@ -329,6 +330,7 @@ class CausalLM(nnx.Module):
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
         positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
         seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
-        batch = DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens)
+        batch = DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens,
+                           rope_positions=None if rope_positions is None else jnp.asarray(rope_positions, jnp.int32))
         logits, _ = self.forward(input_ids, batch, merged=merged)
         return logits

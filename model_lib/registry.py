@@ -95,9 +95,12 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "model_lib.families.llava:LLAVA_ONEVISION",
     "Mistral3ForConditionalGeneration": "model_lib.families.llava:MISTRAL3",
     "InternVLForConditionalGeneration": "model_lib.families.llava:INTERNVL",
+    "Qwen2VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
+    "Qwen2_5_VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
     "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
     "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",
+    "RecurrentGemmaForCausalLM": "model_lib.families.recurrent_gemma:RECURRENT_GEMMA",
 }
 
 

@@ -81,6 +81,10 @@ DEEPSEEK_MOE = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_
 # State-space models: no attention heads or MLP; Mamba-2 in 2 groups of 4 heads, chunks of 5 (SEQ_LEN spans 3).
 MAMBA_DIMS = dict(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
 MAMBA2_DIMS = dict(MAMBA_DIMS, num_heads=8, head_dim=16, n_groups=2, chunk_size=5)
+# RecurrentGemma: recurrent, recurrent, attention (MQA, window 4 < SEQ_LEN, rotary on half of each head);
+# lru_width 32 (4 gate blocks of 8) differs from hidden; a soft-cap the tiny logits reach.
+RECURRENT_GEMMA = dict(num_hidden_layers=3, num_key_value_heads=1, lru_width=32, attention_window_size=4,
+                       logits_soft_cap=2.0)
 DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, beta_fast=32.0, beta_slow=1.0)
 # Llama 4: layer 2 NoPE (full attention, temperature tuning within SEQ_LEN), layers 0-1 rotary with
 # chunks of 4 positions and q/k L2 norm; layers 1 and 2 MoE (4 experts, sigmoid top-1 scaling the input).
@@ -103,6 +107,9 @@ LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
 LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, image_size=32, patch_size=8)
+QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4)
+QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
+                         window_size=16, fullatt_block_indexes=[0])
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -456,6 +463,21 @@ CASES = [
            {**LLAVA_VISION, "model_type": "internvl_vision"}, {"model_type": "qwen2"},
            dict(tie_word_embeddings=False, image_token_id=VOCAB - 1)),
       )),
+    # Qwen-VL text paths (M-RoPE with 1D positions; the image path: tests/model_lib/test_qwen_vl.py).
+    *(TinyCase(
+        f"{name}-text",
+        config_class,
+        dict(text_config={**DIMS, "num_key_value_heads": 2, **SMALL_TOKENS,
+                          "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}},
+             vision_config=vision, image_token_id=VOCAB - 1, vision_start_token_id=VOCAB - 2,
+             vision_end_token_id=VOCAB - 3, video_token_id=VOCAB - 4),
+        dims={},
+        architecture=architecture,
+        model_class=architecture,
+    ) for name, config_class, architecture, vision in (
+        ("qwen2-vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", QWEN2_VL_VISION),
+        ("qwen2_5-vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_VISION),
+    )),
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",
              builder=GROK_BUILDER),
@@ -542,6 +564,7 @@ CASES = [
              **SMALL_TOKENS),
         noise=ROUTER_NOISE,
     ),
+    TinyCase("recurrentgemma-local-mqa", "RecurrentGemmaConfig", RECURRENT_GEMMA),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
@@ -598,6 +621,7 @@ ONE_PER_ARCHITECTURE = [
     "mamba-tied",
     "mamba2-groups-chunked",
     "granitemoehybrid-nope",
+    "recurrentgemma-local-mqa",
 ]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.multimodal.images import load_image_processor
 from serving.multimodal.inputs import MAX_IMAGES_PER_PROMPT, ImageInputs
 from serving.multimodal.media import MediaFetcher
@@ -47,6 +48,9 @@ class TrainingImages:
         self, ids: list[int], labels: list[int], images: Sequence[Any]
     ) -> tuple[list[int], list[int], list[ExampleImage]]:
         """Placeholders expanded in `ids` (labels: no loss on them) and the images where they sit."""
+        if isinstance(self.inputs.config, QwenVLConfig):
+            raise ValueError("fine-tuning a Qwen-VL model on image data is not supported yet (its batches would "
+                             "need grid-sized images and M-RoPE positions); text-only data trains")
         expanded, items = self.inputs(ids, images)
         token = self.inputs.config.image_token_id
         text_labels = iter(label for t, label in zip(ids, labels) if t != token)

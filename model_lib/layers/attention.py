@@ -44,6 +44,7 @@ class DenseBatch:
     positions: jax.Array  # [B, T] int32
     segment_ids: jax.Array  # [B, T] int32
     seq_lens: jax.Array  # [B, T] int32
+    rope_positions: jax.Array | None = None  # [3, B, T] int32 M-RoPE positions; None: `positions` drive rotary
 
 
 @struct.dataclass
@@ -63,6 +64,7 @@ class PagedBatch:
     # [S] int32: each sequence's engine slot, its row in per-sequence (recurrent) state pools; padding rows
     # name a scratch row. None outside the engine.
     slots: jax.Array | None = None
+    rope_positions: jax.Array | None = None  # [3, T] int32 M-RoPE positions; None: `positions` drive rotary
 
 
 def attend(
@@ -203,7 +205,8 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            cos, sin = rotary_cos_sin(self.rope, batch.positions, batch.seq_lens, q.dtype)
+            positions = batch.positions if batch.rope_positions is None else batch.rope_positions
+            cos, sin = rotary_cos_sin(self.rope, positions, batch.seq_lens, q.dtype)
             q = apply_rotary(q, cos, sin, self.rope.interleaved)
             k = apply_rotary(k, cos, sin, self.rope.interleaved)
         if self.l2_qk_eps is not None:

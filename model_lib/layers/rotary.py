@@ -122,12 +122,42 @@ def rope_frequencies(rope: RopeConfig, seq_lens: jnp.ndarray) -> tuple[jnp.ndarr
     raise ValueError(f"unsupported rope type {kind!r}")
 
 
+def mrope_axes(rope: RopeConfig) -> np.ndarray:
+    """M-RoPE: which position row (0 temporal, 1 height, 2 width) drives each of the `R/2` frequencies.
+
+    Sectioned (Qwen2-VL): the first `section[0]` frequencies follow t, the next `section[1]` h, the
+    rest w. Interleaved (Qwen3-VL): frequency j follows h when `j % 3 == 1 and j < 3 * section[1]`,
+    w when `j % 3 == 2 and j < 3 * section[2]`, else t.
+    """
+    half = rope.rotary_dim // 2
+    section = rope.mrope_section
+    if len(section) != 3 or sum(section) != half:
+        raise ValueError(f"mrope_section {list(section)} must be three sizes summing to rotary_dim / 2 ({half})")
+    if not rope.mrope_interleaved:
+        return np.repeat(np.arange(3), section)
+    j = np.arange(half)
+    axes = np.zeros(half, np.int64)
+    axes[(j % 3 == 1) & (j < 3 * section[1])] = 1
+    axes[(j % 3 == 2) & (j < 3 * section[2])] = 2
+    return axes
+
+
 def rotary_cos_sin(
     rope: RopeConfig, positions: jnp.ndarray, seq_lens: jnp.ndarray, dtype: jnp.dtype
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos and sin `[..., T, R/2]` for integer positions `[..., T]` (see `rope_frequencies`)."""
+    """cos and sin `[..., T, R/2]` for integer positions `[..., T]` (see `rope_frequencies`).
+
+    With `rope.mrope_section`, `positions` may be `[3, ..., T]` (one row per M-RoPE axis); plain
+    `[..., T]` positions then drive all three axes (text-only input).
+    """
     inv_freq, attention_factor = rope_frequencies(rope, seq_lens)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    if rope.mrope_section:
+        if positions.ndim == seq_lens.ndim:
+            positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
+        per_freq = jnp.moveaxis(positions[mrope_axes(rope)], 0, -1)  # [..., T, R/2]: each frequency's position
+        angles = per_freq.astype(jnp.float32) * inv_freq
+    else:
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq
     cos = (jnp.cos(angles) * attention_factor).astype(dtype)
     sin = (jnp.sin(angles) * attention_factor).astype(dtype)
     return cos, sin

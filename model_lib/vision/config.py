@@ -55,52 +55,18 @@ class VisionConfig:
         return self.hidden_size // self.num_heads
 
 
-@dataclass(frozen=True)
-class MultiModalConfig:
-    """How image features replace placeholder tokens (LLaVA).
+class ImagePlaceholders:
+    """What the prompt side needs of a model's multimodal config (`serving/multimodal/inputs.py`), with the
+    defaults of a model whose prompt marks each image with one `image_token_id` and that takes no video.
+    A subclass holds `image_token_id` and defines `placeholder_ids`."""
 
-    `feature_layers`: the tower's hidden states concatenated as features (index 0 is the
-    embeddings, -1 the last layer's output, as transformers' `hidden_states`);
-    `feature_strategy` "default" drops the CLS token, "full" keeps it. Each image fills
-    `image_tokens` consecutive `image_token_id` placeholders.
-    """
-
-    vision: VisionConfig
     image_token_id: int
-    feature_layers: tuple[int, ...] = (-2,)
-    feature_strategy: str = "default"
-    projector_activation: str = "gelu"
-    projector_bias: bool = True
     video_token_id: int | None = None  # the placeholder of a video's rows (None: the model takes no video)
-
-    def __post_init__(self) -> None:
-        if self.feature_strategy not in FEATURE_STRATEGIES:
-            raise ValueError(f"unknown vision_feature_select_strategy {self.feature_strategy!r}; "
-                             f"expected one of {FEATURE_STRATEGIES}")
-        depth = self.vision.num_layers
-        if not self.feature_layers or any(not -depth - 1 <= layer <= depth for layer in self.feature_layers):
-            raise ValueError(f"vision_feature_layer {list(self.feature_layers)} out of range for {depth} layers")
-
-    @property
-    def image_tokens(self) -> int:
-        """Feature rows per image (or per tile, for the tiling models): "default" drops the first token."""
-        return self.vision.tokens - (self.feature_strategy == "default")
-
-    @property
-    def max_image_tokens(self) -> int:
-        """The most placeholder tokens one image can take (what an encoder budget must hold)."""
-        return self.image_tokens
-
-    @property
-    def pixel_shape(self) -> tuple[int, ...]:
-        """The pixels of one image of the tower's own size, as `encode` takes them."""
-        v = self.vision
-        return (v.num_channels, v.image_size, v.image_size)
 
     # Fields naming prompt tokens that only the tokenizer knows (field -> token text), set by `with_tokenizer`.
     prompt_tokens: ClassVar[dict[str, str]] = {}
 
-    def with_tokenizer(self, tokenizer: Any) -> "MultiModalConfig":
+    def with_tokenizer(self, tokenizer: Any) -> "ImagePlaceholders":
         """This config with the `prompt_tokens` ids looked up in the checkpoint's tokenizer."""
         ids = {}
         for name, text in self.prompt_tokens.items():
@@ -119,6 +85,12 @@ class MultiModalConfig:
         return pixels
 
     @property
+    def max_image_tokens(self) -> int | None:
+        """The most placeholder tokens one image can take (what an encoder budget must hold); None when only the
+        image processor bounds it (then each request's images are checked against the budget)."""
+        return None
+
+    @property
     def prompt_token_id(self) -> int:
         """The token a prompt marks an image with (one per image, expanded by `placeholder_ids`)."""
         return self.image_token_id
@@ -126,6 +98,51 @@ class MultiModalConfig:
     def placeholder_ids(self, pixels: Any, image_size: tuple[int, int]) -> list[int]:
         """The tokens one image takes in the prompt, given its preprocessed pixels and original (height, width);
         the `image_token_id` positions take the feature rows in order."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class MultiModalConfig(ImagePlaceholders):
+    """How image features replace placeholder tokens (LLaVA).
+
+    `feature_layers`: the tower's hidden states concatenated as features (index 0 is the
+    embeddings, -1 the last layer's output, as transformers' `hidden_states`);
+    `feature_strategy` "default" drops the CLS token, "full" keeps it. Each image fills
+    `image_tokens` consecutive `image_token_id` placeholders.
+    """
+
+    vision: VisionConfig
+    image_token_id: int
+    feature_layers: tuple[int, ...] = (-2,)
+    feature_strategy: str = "default"
+    projector_activation: str = "gelu"
+    projector_bias: bool = True
+    video_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.feature_strategy not in FEATURE_STRATEGIES:
+            raise ValueError(f"unknown vision_feature_select_strategy {self.feature_strategy!r}; "
+                             f"expected one of {FEATURE_STRATEGIES}")
+        depth = self.vision.num_layers
+        if not self.feature_layers or any(not -depth - 1 <= layer <= depth for layer in self.feature_layers):
+            raise ValueError(f"vision_feature_layer {list(self.feature_layers)} out of range for {depth} layers")
+
+    @property
+    def image_tokens(self) -> int:
+        """Feature rows per image (or per tile, for the tiling models): "default" drops the first token."""
+        return self.vision.tokens - (self.feature_strategy == "default")
+
+    @property
+    def max_image_tokens(self) -> int:
+        return self.image_tokens
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """The pixels of one image of the tower's own size, as `encode` takes them."""
+        v = self.vision
+        return (v.num_channels, v.image_size, v.image_size)
+
+    def placeholder_ids(self, pixels: Any, image_size: tuple[int, int]) -> list[int]:
         return [self.image_token_id] * self.image_tokens
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from model_lib.vision.vlm import VisionLanguageModel
+from model_lib.decoder import CausalLM
 
 VISION_LANGUAGE_MODELS = {
     "LlavaForConditionalGeneration": "model_lib.vision.llava:LlavaForConditionalGeneration",
@@ -12,10 +12,13 @@ VISION_LANGUAGE_MODELS = {
     "LlavaOnevisionForConditionalGeneration": "model_lib.vision.llava_next:LlavaOnevisionForConditionalGeneration",
     "Mistral3ForConditionalGeneration": "model_lib.vision.mistral3:Mistral3ForConditionalGeneration",
     "InternVLForConditionalGeneration": "model_lib.vision.internvl:InternVLForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
 }
 
 
-def vision_model_class(architecture: str) -> type[VisionLanguageModel]:
+def vision_model_class(architecture: str) -> type[CausalLM]:
+    """A `VisionLanguageModel` (Qwen-VL: its own `CausalLM`, `model_lib/vision/qwen_vl.py`)."""
     target = VISION_LANGUAGE_MODELS.get(architecture)
     if target is None:
         raise ValueError(f"{architecture} has no vision-language module; known: {sorted(VISION_LANGUAGE_MODELS)}")

@@ -267,6 +267,8 @@ class LLMEngine:
             raise ValueError(f"no LoRA adapter named {lora_name!r} is loaded")
         images = list(images or [])
         check_placeholders(prompt_ids, images, self.model_config.multimodal)
+        if images:
+            self.images.check_fits(images)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []

@@ -18,8 +18,10 @@ import numpy as np
 
 from model_lib.layers import PagedBatch
 from model_lib.vision.merge import MergedEmbeddings
+from model_lib.vision.qwen_vl import QwenVLConfig
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.scheduler import ScheduledSequence
+from serving.multimodal.mrope import step_rope_positions
 
 
 @dataclass
@@ -42,9 +44,12 @@ class StepInputs:
 class InputBatch:
     """Builds `StepInputs` for scheduled sequences; holds the slots' page tables between steps."""
 
-    def __init__(self, max_num_seqs: int, max_pages_per_seq: int, *, with_lora: bool = False):
+    def __init__(self, max_num_seqs: int, max_pages_per_seq: int, *, with_lora: bool = False,
+                 mrope: QwenVLConfig | None = None):
+        """`mrope`: the model's Qwen-VL config when its rotary takes M-RoPE positions `[3, T]`."""
         self.pad_slot = max_num_seqs
         self.with_lora = with_lora
+        self.mrope = mrope
         self.page_tables = np.zeros((max_num_seqs + 1, max_pages_per_seq), np.int32)
         # The page list each slot's row was written from (a sequence's list only grows while it holds
         # its slot; preemption and finishing replace it), and how many of its pages the row holds.
@@ -114,5 +119,6 @@ class InputBatch:
         if self.with_lora:
             lora_slots = np.full(token_pad, -1, np.int32)
             lora_slots[:num_tokens] = np.asarray(adapters, np.int32)[owner]
-        batch = PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta, slots=rows)
+        rope = None if self.mrope is None else step_rope_positions(self.mrope, scheduled, positions, counts)
+        batch = PagedBatch(positions=positions, seq_lens=seq_lens, meta=meta, slots=rows, rope_positions=rope)
         return StepInputs(input_ids, feed, batch, logits_indices, lora_slots)

@@ -44,6 +44,7 @@ from model_lib.layer_scan import scanned_view
 from model_lib.layers import PagedBatch
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
+from model_lib.vision.qwen_vl import QwenVLConfig
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.input_batch import InputBatch, StepInputs
 from serving.engine.scheduler import ScheduledSequence
@@ -136,7 +137,8 @@ class ModelRunner:
                              **shardings)
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
         self.compiled_shapes: set[tuple] = set()  # (tokens, seqs, pages) [+ "images"]
-        self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq, with_lora=lora is not None)
+        mrope = config.multimodal if isinstance(config.multimodal, QwenVLConfig) else None
+        self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq, with_lora=lora is not None, mrope=mrope)
 
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
@@ -149,14 +151,15 @@ class ModelRunner:
         return token_pad, min(token_pad, self.max_num_seqs), bucket(num_pages, MIN_PAGE_BUCKET, self.max_pages_per_seq)
 
     @staticmethod
-    def empty_inputs(shape: tuple[int, int, int]) -> StepInputs:
+    def empty_inputs(shape: tuple[int, int, int], *, mrope: bool = False) -> StepInputs:
         """All-padding inputs of `shape` (no sequence): what warm-up runs to compile a shape. Its rows name
         slot 0, which is harmless: a sequence's state is read only after its own first step wrote it."""
         token_pad, seq_pad, page_pad = shape
         meta = PagedMetadata(np.zeros(seq_pad + 1, np.int32), np.zeros(seq_pad, np.int32),
                              np.zeros((seq_pad, page_pad), np.int32), np.int32(0))
+        rope = np.zeros((3, token_pad), np.int32) if mrope else None  # M-RoPE models' steps carry [3, T] positions
         batch = PagedBatch(positions=np.zeros(token_pad, np.int32), seq_lens=np.zeros(token_pad, np.int32), meta=meta,
-                           slots=np.zeros(seq_pad, np.int32))
+                           slots=np.zeros(seq_pad, np.int32), rope_positions=rope)
         return StepInputs(np.zeros(token_pad, np.int32), np.full(token_pad, -1, np.int32), batch,
                           np.zeros(seq_pad, np.int32))
 

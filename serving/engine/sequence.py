@@ -48,6 +48,7 @@ class Sequence:
     cache_salt: int = 0  # salts its prefix-cache page keys (its adapter's load; 0: the base model)
     # The prompt's images (shared by the request's sequences; serving/multimodal/inputs.py).
     images: list[ImageItem] = field(default_factory=list)
+    mrope: Any = None  # M-RoPE models: its prompt's `MRopePositions`, computed at its first step
     matcher: Any = None  # structured output: its xgrammar matcher, advanced by every token read
     spec_tokens: list[int] = field(default_factory=list)  # drafts to verify after the known tokens (speculation)
 

@@ -89,13 +89,14 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
     from tqdm.auto import tqdm
 
     runner, num_slots = engine.runner, engine.config.max_num_seqs
+    mrope = runner.inputs.mrope is not None
     shapes = runner.step_shapes()
     start = time.perf_counter()
     for shape in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress):
         runner.compiled_shapes.add(shape)
-        logits = runner.run(runner.empty_inputs(shape))
+        logits = runner.run(runner.empty_inputs(shape, mrope=mrope))
         if engine.images is not None:  # the same shape with image rows
-            inputs = runner.empty_inputs(shape)
+            inputs = runner.empty_inputs(shape, mrope=mrope)
             inputs.merged = engine.images.empty(shape[0])
             runner.compiled_shapes.add((*shape, "images"))
             runner.run(inputs)

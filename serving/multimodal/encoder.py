@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from model_lib.vision.merge import MergedEmbeddings
+from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence as Seq
 from serving.multimodal.inputs import ImageItem
@@ -63,6 +64,13 @@ class ImageEncoder:
         pixels = jnp.zeros(self.config.pixel_shape, jnp.float32)
         jax.block_until_ready(self._encode(self.graphdef, self.state, pixels))
 
+    def check_fits(self, items: Sequence[ImageItem]) -> None:
+        """ValueError for an image longer than the per-step encoder budget (it could never be scheduled)."""
+        for item in items:
+            if item.length > self.budget:
+                raise ValueError(f"an image of {item.length} tokens exceeds the encoder budget of {self.budget} "
+                                 "tokens per step (max_num_encoder_input_tokens)")
+
     def empty(self, token_pad: int) -> MergedEmbeddings:
         """A merge that replaces nothing, in the step's shapes (what warm-up compiles)."""
         return MergedEmbeddings(np.zeros((token_pad, self.hidden_size), self.dtype), np.full(token_pad, -1, np.int32))
@@ -104,8 +112,13 @@ def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens:
     mm = model.config.multimodal
     if mm is None:
         return None
-    budget = max(max_num_batched_tokens, mm.max_image_tokens) if budget is None else budget
-    if not mm.max_image_tokens <= budget <= MAX_ENCODER_BUDGET:
-        raise ValueError(f"max_num_encoder_input_tokens must be in [{mm.max_image_tokens} (one image), "
+    least = mm.max_image_tokens or 1  # None: image lengths vary, each request's are checked by `check_fits`
+    budget = max(max_num_batched_tokens, least) if budget is None else budget
+    if not least <= budget <= MAX_ENCODER_BUDGET:
+        raise ValueError(f"max_num_encoder_input_tokens must be in [{least} (one image), "
                          f"{MAX_ENCODER_BUDGET}], got {budget}")
+    if isinstance(mm, QwenVLConfig):  # a tower call per image grid, no `encode`/`arrange`
+        from serving.multimodal.qwen_vl import QwenImageEncoder  # it builds on this module
+
+        return QwenImageEncoder(model, budget)
     return ImageEncoder(model, budget)

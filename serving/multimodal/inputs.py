@@ -2,7 +2,7 @@
 
 A prompt marks each image with one `prompt_token_id` (LLaVA's `image_token_id`); the model needs
 one `image_token_id` per feature row, so the marker is replaced by the tokens
-`MultiModalConfig.placeholder_ids` gives for that image (as transformers' processors do in the
+`ImagePlaceholders.placeholder_ids` gives for that image (as transformers' processors do in the
 text; the count may depend on the image's size, and the run may hold other tokens such as row
 breaks). A run of exactly the image's placeholder tokens is taken as already expanded. Each image
 then owns the token range `[offset, offset + length)` of the prompt; its `image_token_id`
@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from model_lib.vision.config import MultiModalConfig
+from model_lib.vision.config import ImagePlaceholders
 from serving.multimodal.images import pixel_hash, preprocess
 
 MAX_IMAGES_PER_PROMPT = 256  # a bound on `limit_mm_per_prompt`
@@ -29,7 +29,9 @@ class ImageItem:
     offset: int
     length: int
     hash: str
-    pixel_values: np.ndarray  # the processor's float32 pixels for this image ([C, H, W], or tiles [N, C, H, W])
+    # The processor's float32 pixels for this image ([C, H, W], or tiles [N, C, H, W]; Qwen-VL: patch rows by
+    # grid, [t, h, w, C*Tp*P*P]).
+    pixel_values: np.ndarray
     features: np.ndarray | None = None  # [rows, E] once encoded, dropped when every placeholder has KV
     image_size: tuple[int, int] = (0, 0)  # the original (height, width)
     # Per token of the range: its feature row, or -1 for a token that keeps its embedding (a row break);
@@ -73,7 +75,7 @@ def placeholder_runs(ids: Sequence[int], token_id: int) -> list[tuple[int, int]]
 class ImageInputs:
     """Prompt ids plus images -> expanded ids and one `ImageItem` per image (for one model)."""
 
-    def __init__(self, config: MultiModalConfig, processor: Any, limit_per_prompt: int, video_limit: int = 0):
+    def __init__(self, config: ImagePlaceholders, processor: Any, limit_per_prompt: int, video_limit: int = 0):
         for kind, limit in (("image", limit_per_prompt), ("video", video_limit)):
             if not 0 <= limit <= MAX_IMAGES_PER_PROMPT:
                 raise ValueError(f"limit_mm_per_prompt {kind} must be in [0, {MAX_IMAGES_PER_PROMPT}], got {limit}")
@@ -86,6 +88,10 @@ class ImageInputs:
         limit = self.video_limit if kind == "video" else self.limit
         if count > limit:
             raise ValueError(f"the prompt has {count} {kind}s; at most {limit} per prompt (--limit-mm-per-prompt)")
+
+    def preprocess(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image -> (its pixels as the encoder takes them, its original (height, width))."""
+        return preprocess(self.processor, image)
 
     def __call__(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[ImageItem]]:
         """`images` may hold `Video`s, which pair with the video placeholders. ValueError when the images and the
@@ -107,7 +113,7 @@ class ImageInputs:
                 pixels, image_size = media.pixels(self.processor), (0, 0)
                 placeholders, token = self.config.video_placeholder_ids(pixels), self.config.video_token_id
             else:
-                pixels, image_size = preprocess(self.processor, media)
+                pixels, image_size = self.preprocess(media)
                 pixels = self.config.pixels_for(pixels, len(images))
                 placeholders, token = self.config.placeholder_ids(pixels, image_size), self.config.image_token_id
             if length != 1 and list(prompt_ids[start : start + length]) != placeholders:
@@ -143,7 +149,7 @@ class Video:
         return np.stack([f[0] if f.ndim == 4 else f for f in frames])
 
 
-def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], config: MultiModalConfig | None) -> None:
+def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], config: ImagePlaceholders | None) -> None:
     """ValueError unless every image placeholder of the prompt belongs to exactly one item."""
     if config is None:
         if items:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from model_lib.config import ModelConfig
+from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.multimodal.images import load_image_processor
 from serving.multimodal.inputs import ImageInputs, Video
 
@@ -67,5 +68,8 @@ def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dic
         from transformers import AutoTokenizer
 
         mm = mm.with_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
-    return ImageInputs(mm, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT),
-                       limits.get("video", DEFAULT_IMAGES_PER_PROMPT) if mm.video_token_id is not None else 0)
+    from serving.multimodal.qwen_vl import QwenImageInputs
+
+    inputs_class = QwenImageInputs if isinstance(mm, QwenVLConfig) else ImageInputs
+    return inputs_class(mm, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT),
+                        limits.get("video", DEFAULT_IMAGES_PER_PROMPT) if mm.video_token_id is not None else 0)

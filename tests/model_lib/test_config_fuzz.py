@@ -91,6 +91,8 @@ NO_GROUND_TRUTH: dict[str, set[str]] = {
     "FalconForCausalLM": {"head_dim"},
     "MambaForCausalLM": {"layer_types"},
     "Mamba2ForCausalLM": {"layer_types"},
+    # layer_types maps onto the read-only layers_block_type (derived from block_types).
+    "RecurrentGemmaForCausalLM": {"layer_types"},
     # Rotary of partial width built, but applied to the whole head: shapes clash.
     "Gemma3ForCausalLM": {"partial_rotary_factor"},
     "GptOssForCausalLM": {"partial_rotary_factor"},

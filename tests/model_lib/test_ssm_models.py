@@ -1,4 +1,4 @@
-"""Mamba and Mamba-2 beyond the parity table: packed rows, and the serving forward step by step
+"""Mamba, Mamba-2 and RecurrentGemma beyond the parity table: packed rows, and the serving forward step by step
 against transformers' cached decode."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from model_lib.layers import PagedBatch
 from pallas_kernels.paged_attention import PagedMetadata
 from tests.tiny_models import SEQ_LEN, assert_logits_close, hf_logits, random_ids
 
-CASES = ["mamba-tied", "mamba2-groups-chunked"]
+CASES = ["mamba-tied", "mamba2-groups-chunked", "recurrentgemma-local-mqa"]
 
 
 @nnx.jit
@@ -40,6 +40,7 @@ def _step(model, ids, batch, caches, logits_indices):
 
 
 TOKENS, SEQS, SLOTS = 12, 3, 4  # padded step shape; slot SLOTS - 1 is the padding rows' scratch
+PAGE_SIZE, PAGES_PER_SEQ = 4, 3  # attention layers: slot s owns pages 3s..3s+2 (12 tokens)
 
 
 def _paged_batch(chunks: list[tuple[int, int, int]]) -> PagedBatch:
@@ -53,7 +54,8 @@ def _paged_batch(chunks: list[tuple[int, int, int]]) -> PagedBatch:
     slots[: len(chunks)] = [slot for slot, _, _ in chunks]
     positions = np.zeros(TOKENS, np.int32)
     positions[: counts.sum()] = np.concatenate([np.arange(done, done + n) for _, done, n in chunks])
-    meta = PagedMetadata(jnp.asarray(cu), jnp.asarray(kv), jnp.zeros((SEQS, 1), jnp.int32), jnp.int32(len(chunks)))
+    pages = slots[:, None] * PAGES_PER_SEQ + np.arange(PAGES_PER_SEQ, dtype=np.int32)
+    meta = PagedMetadata(jnp.asarray(cu), jnp.asarray(kv), jnp.asarray(pages), jnp.int32(len(chunks)))
     return PagedBatch(positions=jnp.asarray(positions), seq_lens=jnp.asarray(positions + 1), meta=meta,
                       slots=jnp.asarray(slots))
 
@@ -76,8 +78,8 @@ def test_serving_steps_match_transformers_cached_decode(case, tiny_checkpoint):
             out = hf_model.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                     pad_token_id=0, output_logits=True, return_dict_in_generate=True)
         reference.append((out.sequences[0].tolist(), [lg[0].float().numpy() for lg in out.logits]))
-    caches = model.make_kv_caches(1, 4, jnp.float32, num_slots=SLOTS)
-    caches = [tuple(pool + 1.0 for pool in cache) for cache in caches]  # stale rows
+    caches = model.make_kv_caches(SLOTS * PAGES_PER_SEQ, PAGE_SIZE, jnp.float32, num_slots=SLOTS)
+    caches = [tuple(pool + 1.0 for pool in cache) for cache in caches]  # stale rows (and stale KV pages)
     slots = [2, 0]
     done = [0, 0]
     # Steps as (sequence, new tokens): A's prompt in 4 + 3, B's prompt at once, then decodes.
@@ -100,3 +102,35 @@ def test_serving_steps_match_transformers_cached_decode(case, tiny_checkpoint):
                 assert_logits_close(np.asarray(logits[row]), reference[s][1][k])
                 checked[s] += 1
     assert checked == [new, new]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope_type 'linear' is not supported"),
+        (dict(lru_width=30), r"RG-LRU layers need ssm_num_heads \(4\) gate blocks dividing ssm_intermediate_size \(30\)"),
+        (dict(conv1d_width=40), "1 <= ssm_conv_kernel <= 16"),
+        (dict(attention_window_size=0), "sliding-window layers need a positive sliding_window"),
+    ],
+)
+def test_recurrent_gemma_refuses_what_it_cannot_run(overrides, message):
+    """Config values RecurrentGemma cannot honour (or that break a bound) are named, not run wrongly."""
+    import dataclasses
+
+    from model_lib.families.recurrent_gemma import recurrent_gemma_config
+    from tests.tiny_models import CASES_BY_NAME
+
+    case = CASES_BY_NAME["recurrentgemma-local-mqa"]
+    hf = dataclasses.replace(case, overrides={**case.overrides, **overrides}).hf_config()
+    with pytest.raises(ValueError, match=message):
+        recurrent_gemma_config(hf, "RecurrentGemmaForCausalLM")
+
+
+def test_recurrent_gemma_embedding_scale_is_rounded_to_bfloat16():
+    """transformers keeps sqrt(hidden) as a bfloat16 buffer whatever the model dtype: 2560 -> 50.5, not 50.596."""
+    from model_lib.families.recurrent_gemma import recurrent_gemma_config
+    from tests.tiny_models import CASES_BY_NAME
+
+    hf = CASES_BY_NAME["recurrentgemma-local-mqa"].hf_config()
+    hf.hidden_size = 2560
+    assert recurrent_gemma_config(hf, "RecurrentGemmaForCausalLM").embedding_multiplier == 50.5

@@ -328,6 +328,26 @@ def test_selective_scan_kernel_compiles(shape):
     assert_compiles(gpu_lowering.lower_for_h100(dispatched, *args, S((rows, length), jnp.int32)), ("selective_scan",))
 
 
+# RecurrentGemma's RG-LRU scan (rows, tokens, lru_width): 2B training rows, 9B long prefill.
+RGLRU_SHAPES = {"recurrentgemma-2b-train": (8, 2048, 2560), "recurrentgemma-9b-prefill": (1, 8192, 4096)}
+
+
+@pytest.mark.parametrize("shape", sorted(RGLRU_SHAPES))
+def test_rglru_scan_kernel_compiles(shape):
+    """The dense RG-LRU forward and its gradient through `ops`: the scan kernel forward and run from the end."""
+    from pallas_kernels import rglru
+
+    rows, length, channels = RGLRU_SHAPES[shape]
+    tokens = S((rows, length, channels), BF16)
+
+    def loss(x, input_gate, recurrent_gate, a_param, reset, segment_ids):
+        return jnp.sum(rglru.rg_lru(x, input_gate, recurrent_gate, a_param, reset, segment_ids)[0])
+
+    args = (tokens, tokens, tokens, S((channels,), BF16), S((rows, length), jnp.bool_), S((rows, length), jnp.int32))
+    lowered = gpu_lowering.lower_for_h100(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), *args)
+    assert_compiles(lowered, ("rglru_scan_d32", "rglru_scan_d32_reverse"))
+
+
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
 def test_mosaic_grouped_matmul_lowers(shape):
     """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its

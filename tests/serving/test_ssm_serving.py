@@ -1,4 +1,4 @@
-"""Mamba and Mamba-2 through `LLM.generate` under scheduling pressure: mixed prefill/decode batches,
+"""Mamba, Mamba-2 and RecurrentGemma through `LLM.generate` under scheduling pressure: mixed prefill/decode batches,
 prefill chunks continuing from a slot's state, and preemption (recompute from token 0), unrolled and
 with the layer stack scanned (recurrent pools stacked `[L, slots, ...]`), and beside attention layers."""
 
@@ -13,9 +13,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 # Mamba unrolled (the CPU default), Mamba-2 scanned (the accelerator default), GraniteMoeHybrid with
-# paged KV and recurrent pools side by side; test_generate_parity runs each unrolled without pressure.
+# paged KV and recurrent pools side by side; RecurrentGemma scanned (its two recurrent layers stacked)
+# beside sliding-window attention; test_generate_parity runs each unrolled without pressure.
 @pytest.mark.parametrize(
-    "case, scan_layers", [("mamba-tied", False), ("mamba2-groups-chunked", True), ("granitemoehybrid-nope", False)]
+    "case, scan_layers",
+    [("mamba-tied", False), ("mamba2-groups-chunked", True), ("granitemoehybrid-nope", False),
+     ("recurrentgemma-local-mqa", True)],
 )
 def test_greedy_under_pressure_matches_transformers(case, scan_layers, tiny_checkpoint):
     folder, hf_model = tiny_checkpoint(case)

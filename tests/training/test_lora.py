@@ -46,6 +46,8 @@ def _randomise_b(model, seed=0):
         # PEFT refuses out_proj and conv1d on Mamba, and transformers reads dt_proj.weight past its adapter.
         ("mamba-tied", ["in_proj", "x_proj"], False),
         ("granitemoehybrid-nope", ["in_proj", "out_proj", "q_proj", "v_proj"], False),
+        # RecurrentGemma's recurrent block and MLP (biased projections) beside its local attention.
+        ("recurrentgemma-local-mqa", ["linear_x", "linear_y", "linear_out", "q_proj", "o_proj", "down_proj"], False),
     ],
 )
 def test_our_adapter_in_peft_gives_our_logits(case, targets, rslora, tiny_checkpoint, tmp_path, forward):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import model_lib
 from model_lib.layers.moe import capture_router_logits, collect_router_logits, expert_layers, router_aux_loss
@@ -152,21 +153,32 @@ def test_interrupt_and_resume_reproduce_the_loss_curve(reverse_task, tmp_path):
     assert second.eval_losses == [e for e in straight.eval_losses if e[0] > 5]
 
 
-def test_packing_and_masking_do_not_change_the_loss(tiny_checkpoint):
-    """(State-space models: tests/model_lib/test_ssm_models.py checks that packed rows give each sequence's logits.)"""
-    folder, _ = tiny_checkpoint(BASE)
+def _packed_and_unpacked(folder):
     model = model_lib.from_pretrained(folder)
     tokenizer = build_tokenizer()
     examples = [to_example({"input": "x" * (i % 5 + 1), "output": "yz" * (i % 3 + 1)}, tokenizer, DataConfig(), "t") for i in range(9)]
     unpacked = make_batch(pack_rows(examples, 16, packing=False), 16)
     packed = make_batch(pack_rows(examples, 16, packing=True), 16)
     assert packed.input_ids.shape[0] < unpacked.input_ids.shape[0]
-    loss_u, n_u = token_loss(model, unpacked)
-    loss_p, n_p = token_loss(model, packed)
+    return model, packed, unpacked
+
+
+@pytest.mark.parametrize("case", [BASE, "recurrentgemma-local-mqa"])
+def test_packing_does_not_change_the_loss(case, tiny_checkpoint):
+    """Packed rows restart attention and recurrent state at each segment (RecurrentGemma: the RG-LRU's reset
+    and conv window). (tests/model_lib/test_ssm_models.py checks packed logits for the other state-space models.)"""
+    model, packed, unpacked = _packed_and_unpacked(tiny_checkpoint(case)[0])
+    loss = nnx.jit(token_loss)
+    loss_u, n_u = loss(model, unpacked)
+    loss_p, n_p = loss(model, packed)
     assert int(n_u) == int(n_p)
     np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
 
-    # Masked positions: whatever token stands there as a target, the loss and its gradient ignore it.
+
+def test_masked_targets_do_not_change_the_loss(tiny_checkpoint):
+    """Masked positions: whatever token stands there as a target, the loss and its gradient ignore it."""
+    model, _, unpacked = _packed_and_unpacked(tiny_checkpoint(BASE)[0])
+    loss_u, _ = token_loss(model, unpacked)
     changed = np.where(unpacked.targets == IGNORE, 7, unpacked.targets)
     logits = model(unpacked.input_ids, segment_ids=unpacked.segment_ids)
     import optax

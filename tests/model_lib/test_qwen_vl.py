@@ -1,0 +1,145 @@
+"""Qwen2-VL and Qwen2.5-VL against transformers: logits with images of two sizes, M-RoPE positions,
+checkpoint layouts and save/load, refused settings."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import model_lib
+from model_lib.checkpoint import save_pretrained
+from model_lib.vision.qwen_vl import prompt_positions
+from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, build_qwen_vl, processed, prompt_with_images
+from tests.tiny_models import assert_logits_close
+from tests.vlm_models import random_image
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(tmp_path_factory):
+    built = {}
+
+    def get(architecture: str):
+        if architecture not in built:
+            folder = tmp_path_factory.mktemp(architecture)
+            built[architecture] = (folder, build_qwen_vl(folder, architecture))
+        return built[architecture]
+
+    return get
+
+
+def two_image_prompt(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One row: text, a 40x48 image (8x8 patches), text, a 24x56 one (4x12), text; its pixels and grids."""
+    pixels, grids = processed([random_image(seed), random_image(seed + 1, (24, 56))])
+    rng = np.random.default_rng(seed)
+    pieces = [list(rng.integers(3, 100, n)) for n in (5, 4, 6)]
+    return np.array([prompt_with_images(pieces, grids)]), pixels, grids
+
+
+def hf_logits(ref, ids, pixels=None, grids=None) -> np.ndarray:
+    extra = {} if pixels is None else dict(pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids))
+    with torch.no_grad():
+        ids = torch.tensor(ids)
+        return ref(input_ids=ids, mm_token_type_ids=(ids == IMAGE_TOKEN_ID).long(), **extra).logits.numpy()
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_logits_with_images_match_transformers(qwen_vl, architecture):
+    folder, ref = qwen_vl(architecture)
+    model = model_lib.from_pretrained(folder)
+    ids, pixels, grids = two_image_prompt(0)
+    assert (ids == IMAGE_TOKEN_ID).sum() == (64 + 48) // 4
+    assert_logits_close(np.asarray(model(ids, pixel_values=pixels, image_grid_thw=grids)),
+                        hf_logits(ref, ids, pixels, grids))
+    # Without images the positions are 1D on all three axes, as transformers' text-only forward.
+    text = np.where(ids == IMAGE_TOKEN_ID, 5, ids)
+    assert_logits_close(np.asarray(model(text)), hf_logits(ref, text))
+
+
+def test_mrope_positions_equal_get_rope_index(qwen_vl):
+    _, ref = qwen_vl(ARCHITECTURES[0])
+    ids, _, grids = two_image_prompt(3)
+    ours, delta = prompt_positions(ids[0], model_lib.load_config(qwen_vl(ARCHITECTURES[0])[0])[0].multimodal, grids)
+    tensor = torch.tensor(ids)
+    theirs, deltas = ref.model.get_rope_index(tensor, (tensor == IMAGE_TOKEN_ID).int(), torch.tensor(grids))
+    np.testing.assert_array_equal(ours, theirs[:, 0].numpy())
+    assert delta == int(deltas[0, 0]) < 0  # images take fewer positions than tokens
+
+
+def test_checkpoint_layouts_load_and_save_for_transformers(qwen_vl, tmp_path):
+    """The hub layout (`model.layers.`, `visual.`, what transformers saves) and transformers 5's in-memory
+    names (`model.language_model.`, `model.visual.`) load; our save loads back in transformers."""
+    architecture = ARCHITECTURES[1]
+    folder, ref = qwen_vl(architecture)
+    assert any(k.startswith("visual.merger.mlp.0") for k in load_file(str(folder / "model.safetensors")))
+    memory = {name: t.numpy() for name, t in ref.state_dict().items()}
+    assert any(k.startswith("model.language_model.") for k in memory)
+    other = tmp_path / "memory"
+    other.mkdir()
+    (other / "config.json").write_text((folder / "config.json").read_text())
+    save_file(memory, str(other / "model.safetensors"))
+    model = model_lib.from_pretrained(other)
+    ids, pixels, grids = two_image_prompt(1)
+    expected = hf_logits(ref, ids, pixels, grids)
+    assert_logits_close(np.asarray(model(ids, pixel_values=pixels, image_grid_thw=grids)), expected)
+
+    saved = tmp_path / "saved"
+    save_pretrained(model, saved)
+    assert json.loads((saved / "config.json").read_text())["architectures"] == [architecture]
+    import transformers
+
+    reloaded = getattr(transformers, architecture).from_pretrained(saved).eval()
+    assert_logits_close(expected, hf_logits(reloaded, ids, pixels, grids))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_token_id": 500}, "outside the vocabulary"),
+    ({"text_config": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 2]}}}, "mrope_section"),
+    ({"text_config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "mrope_section": [2, 3, 3]}}},
+     "rope_type 'linear'"),
+    ({"vision_config": {"window_size": 10}}, "window_size"),
+])
+def test_bad_settings_are_refused(qwen_vl, tmp_path, change, message):
+    folder, _ = qwen_vl(ARCHITECTURES[1])
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        model_lib.load_config(tmp_path)
+
+
+@pytest.mark.parametrize("config_class, interleaved", [("Qwen2VLTextConfig", False), ("Qwen3VLTextConfig", True)])
+def test_mrope_cos_sin_equal_transformers(config_class, interleaved):
+    """Sectioned (Qwen2-VL) and interleaved (Qwen3-VL) M-RoPE: cos and sin of `[3, B, T]` positions."""
+    import transformers
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    from model_lib.config import RopeConfig
+    from model_lib.layers.rotary import rotary_cos_sin
+
+    section = [6, 5, 5]
+    hf = getattr(transformers, config_class)(hidden_size=128, num_attention_heads=4, head_dim=32, rope_parameters={
+        "rope_type": "default", "rope_theta": 5000.0, "mrope_section": section})
+    rotary = (Qwen3VLTextRotaryEmbedding if interleaved else Qwen2VLRotaryEmbedding)(hf)
+    positions = np.random.default_rng(0).integers(0, 50, (3, 2, 7))
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), torch.tensor(positions))
+    rope = RopeConfig(kind="default", theta=5000.0, rotary_dim=32, mrope_section=tuple(section),
+                      mrope_interleaved=interleaved)
+    ours = rotary_cos_sin(rope, jnp.asarray(positions), jnp.full((2, 7), 7), jnp.float32)
+    for mine, theirs in zip(ours, (cos, sin)):
+        np.testing.assert_allclose(np.concatenate([mine, mine], -1), theirs.numpy(), atol=1e-6)
+
+
+def test_image_fine_tuning_is_refused_clearly(qwen_vl, tmp_path):
+    from training.images import TrainingImages
+
+    folder, _ = qwen_vl(ARCHITECTURES[0])
+    images = TrainingImages(folder, model_lib.load_config(folder)[0], tmp_path)
+    with pytest.raises(ValueError, match="Qwen-VL model on image data is not supported yet"):
+        images.expand([1, IMAGE_TOKEN_ID], [1, 1], [random_image(0)])

@@ -1,0 +1,96 @@
+"""Tiny random Qwen2-VL / Qwen2.5-VL checkpoints (a 2-block ViT of 4-pixel patches merged 2x2, a
+2-layer Qwen2 decoder with M-RoPE) with a tokenizer, chat template and PIL image processor, built
+at test time. A 40x48 image becomes a 32x40 one: 8x10 patches, 20 placeholder tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tests.tiny_models import build_tokenizer
+
+IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+IMAGE_TOKEN_ID, VISION_START_ID, VISION_END_ID = 128, 129, 130  # added after the tiny tokenizer's 128 pieces
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+
+def qwen_vl_config(architecture: str):
+    import transformers
+
+    text = dict(vocab_size=VISION_END_ID + 1, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    common = dict(depth=2, num_heads=4, patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    if architecture == "Qwen2VLForConditionalGeneration":
+        vision = dict(common, embed_dim=32, mlp_ratio=2, hidden_size=64)
+        config_class = transformers.Qwen2VLConfig
+    else:  # windows of 2x2 merged units (16 pixels); block 1 attends over the whole image
+        vision = dict(common, hidden_size=32, intermediate_size=48, out_hidden_size=64, window_size=16,
+                      fullatt_block_indexes=[1])
+        config_class = transformers.Qwen2_5_VLConfig
+    return config_class(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+                        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
+                        architectures=[architecture])
+
+
+def image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8,
+                                    max_pixels=32 * 40)
+
+
+def build_qwen_vl(folder: Path, architecture: str):
+    """Save a tiny Qwen-VL (seed 0, every parameter perturbed) with tokenizer and image processor; return
+    the torch model. The image processor alone is saved: `Qwen2VLProcessor` needs torchvision."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, architecture)(qwen_vl_config(architecture)).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder)
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PAD, VISION_START, VISION_END]})
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    image_processor().save_pretrained(folder)
+    return model
+
+
+def processed(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values `[N, C*Tp*P*P]` of all images, image_grid_thw `[n, 3]`) as transformers makes them."""
+    out = image_processor()(images=list(images), return_tensors="np")
+    return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"])
+
+
+def prompt_with_images(text_ids: list[list[int]], grids: np.ndarray) -> list[int]:
+    """Text pieces joined by expanded images: piece, start, image_pad x tokens, end, piece, ..."""
+    ids = list(text_ids[0])
+    for piece, (t, h, w) in zip(text_ids[1:], grids):
+        ids += [VISION_START_ID] + [IMAGE_TOKEN_ID] * int(t * h * w // 4) + [VISION_END_ID] + list(piece)
+    return ids
+
+
+def hf_greedy(ref, prompt_ids: list[int], images: list[np.ndarray], max_tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt_ids` (placeholders expanded) with `images` in order."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    extra = {}
+    if images:
+        pixels, grids = processed(images)
+        extra = dict(pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids))
+    out = ref.generate(input_ids=ids, mm_token_type_ids=(ids == IMAGE_TOKEN_ID).long(), max_new_tokens=max_tokens,
+                       min_new_tokens=max_tokens, do_sample=False, **extra)
+    return out[0, ids.shape[1]:].tolist()
