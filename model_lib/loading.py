@@ -24,14 +24,10 @@ from model_lib.sharding import ShardingPlan, as_plan, shard_model
 
 def model_class(config: ModelConfig) -> type[CausalLM]:
     """The module class of `config`: a vision-language wrapper when it has a vision tower."""
-    from model_lib.vision.qwen_vl import QwenVLConfig, QwenVLForConditionalGeneration
-
-    if isinstance(config.multimodal, QwenVLConfig):
-        return QwenVLForConditionalGeneration
     if config.multimodal is not None:
-        from model_lib.vision.llava import LlavaForConditionalGeneration
+        from model_lib.vision.models import vision_model_class
 
-        return LlavaForConditionalGeneration
+        return vision_model_class(config.architecture)
     return CausalLM
 
 

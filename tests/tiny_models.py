@@ -446,6 +446,23 @@ CASES = [
         architecture="LlavaForConditionalGeneration",
         model_class="LlavaForConditionalGeneration",
     ),
+    # The text paths of the other LLaVA-style models (their image paths: tests/model_lib/test_vlm_families.py).
+    *(TinyCase(name, config, dict(text_config={**DIMS, "num_key_value_heads": 2, **SMALL_TOKENS, **text},
+                                  vision_config=vision, image_token_index=VOCAB - 1, **extra),
+               dims={}, architecture=architecture, model_class=architecture)
+      for name, config, architecture, vision, text, extra in (
+          ("llava_next-llama", "LlavaNextConfig", "LlavaNextForConditionalGeneration", LLAVA_VISION, {},
+           dict(image_grid_pinpoints=[[32, 64]])),
+          ("llava_onevision-qwen2", "LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration",
+           {**LLAVA_VISION, "model_type": "siglip_vision_model", "vision_use_head": False},
+           {"model_type": "qwen2"}, dict(image_grid_pinpoints=[[32, 64]], video_token_index=VOCAB - 2)),
+          ("mistral3-mistral", "Mistral3Config", "Mistral3ForConditionalGeneration",
+           {**LLAVA_VISION, "model_type": "pixtral", "head_dim": 8}, {"model_type": "mistral"},
+           dict(tie_word_embeddings=False)),
+          ("internvl-qwen2", "InternVLConfig", "InternVLForConditionalGeneration",
+           {**LLAVA_VISION, "model_type": "internvl_vision"}, {"model_type": "qwen2"},
+           dict(tie_word_embeddings=False, image_token_id=VOCAB - 1)),
+      )),
     # Qwen-VL text paths (M-RoPE with 1D positions; the image path: tests/model_lib/test_qwen_vl.py).
     *(TinyCase(
         f"{name}-text",

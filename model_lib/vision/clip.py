@@ -24,7 +24,7 @@ def _linear(in_features: int, out_features: int, dtype: jnp.dtype, rngs: nnx.Rng
     return Linear(in_features, out_features, axes=(None, None), use_bias=True, dtype=dtype, init_std=0.02, rngs=rngs)
 
 
-def _layer_norm(config: VisionConfig, dtype: jnp.dtype) -> LayerNorm:
+def layer_norm(config: VisionConfig, dtype: jnp.dtype) -> LayerNorm:
     return LayerNorm((config.hidden_size,), eps=config.norm_eps, use_bias=True, weight_offset=0.0, dtype=dtype)
 
 
@@ -42,21 +42,35 @@ class VisionEmbeddings(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """`[B, C, H, W]` -> `[B, S, E]`."""
-        b, c, h, w = pixel_values.shape
-        p = self.patch_size
-        patches = pixel_values.reshape(b, c, h // p, p, w // p, p)  # [B, C, h, P, w, P]
-        weight = self.patch_embedding.weight[...]
-        x = jnp.einsum("bcipjq,ecpq->bije", patches.astype(weight.dtype), weight).reshape(b, -1, weight.shape[0])
+        b, p = pixel_values.shape[0], self.patch_size
+        x = self.patch_embedding(pixel_values, p)
         cls = jnp.broadcast_to(self.class_embedding[...], (b, 1, x.shape[-1])).astype(x.dtype)
         x = jnp.concatenate([cls, x], axis=1)
         return x + self.position_embedding.weight[...].astype(x.dtype)[None]
 
 
 class PatchConv(nnx.Module):
-    """Holds the patch convolution's `weight [E, C, P, P]` under HF's name (a conv, not a linear kernel)."""
+    """Holds the patch convolution's `weight [E, C, P, P]` (and `bias [E]`) under HF's names (a conv, not a
+    linear kernel); applies it as a stride-P convolution."""
 
-    def __init__(self, weight: nnx.Param):
+    def __init__(self, weight: nnx.Param, bias: nnx.Param | None = None):
         self.weight = weight
+        self.bias = bias
+
+    def __call__(self, pixel_values: jax.Array, p: int) -> jax.Array:
+        """`[B, C, H, W]` -> `[B, (H / P) * (W / P), E]`, patches row-major."""
+        b, c, h, w = pixel_values.shape
+        patches = pixel_values.reshape(b, c, h // p, p, w // p, p)  # [B, C, h, P, w, P]
+        weight = self.weight[...]
+        x = jnp.einsum("bcipjq,ecpq->bije", patches.astype(weight.dtype), weight).reshape(b, -1, weight.shape[0])
+        return x if self.bias is None else x + self.bias[...].astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Bidirectional softmax attention over one image's tokens, float32: `[B, S, N, H]` each -> `[B, S, N, H]`."""
+    scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
 class VisionAttention(nnx.Module):
@@ -69,11 +83,7 @@ class VisionAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, s, e = x.shape
         q, k, v = (proj(x).reshape(b, s, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        scale = q.shape[-1] ** -0.5
-        scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(x.dtype)
-        return self.out_proj(out.reshape(b, s, e))
+        return self.out_proj(attend(q, k, v).reshape(b, s, e))
 
 
 class VisionMLP(nnx.Module):
@@ -88,9 +98,9 @@ class VisionMLP(nnx.Module):
 
 class VisionEncoderLayer(nnx.Module):
     def __init__(self, config: VisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
-        self.layer_norm1 = _layer_norm(config, dtype)
+        self.layer_norm1 = layer_norm(config, dtype)
         self.self_attn = VisionAttention(config, dtype, rngs=rngs)
-        self.layer_norm2 = _layer_norm(config, dtype)
+        self.layer_norm2 = layer_norm(config, dtype)
         self.mlp = VisionMLP(config, dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -102,6 +112,14 @@ class VisionEncoder(nnx.Module):
     def __init__(self, config: VisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.layers = nnx.List([VisionEncoderLayer(config, dtype, rngs=rngs) for _ in range(config.num_layers)])
 
+    def hidden_states(self, x: jax.Array, depth: int) -> list[jax.Array]:
+        """The input and the outputs of the first `depth` layers."""
+        states = [x]
+        for layer in list(self.layers)[:depth]:
+            x = layer(x)
+            states.append(x)
+        return states
+
 
 class CLIPVisionTower(nnx.Module):
     """`hidden_states(pixels, depth)`: the embeddings and the outputs of the first `depth` layers.
@@ -111,15 +129,10 @@ class CLIPVisionTower(nnx.Module):
 
     def __init__(self, config: VisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.embeddings = VisionEmbeddings(config, dtype, rngs=rngs)
-        self.pre_layrnorm = _layer_norm(config, dtype)
+        self.pre_layrnorm = layer_norm(config, dtype)
         self.encoder = VisionEncoder(config, dtype, rngs=rngs)
-        self.post_layernorm = _layer_norm(config, dtype)
+        self.post_layernorm = layer_norm(config, dtype)
 
     def hidden_states(self, pixel_values: jax.Array, depth: int) -> list[jax.Array]:
         """`[B, C, H, W]` -> `depth + 1` arrays `[B, S, E]` (transformers' `hidden_states[:depth + 1]`)."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        states = [x]
-        for layer in list(self.encoder.layers)[:depth]:
-            x = layer(x)
-            states.append(x)
-        return states
+        return self.encoder.hidden_states(self.pre_layrnorm(self.embeddings(pixel_values)), depth)

@@ -6,10 +6,13 @@ Read from a multimodal checkpoint's `vision_config` and top-level keys by the fa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 MAX_IMAGE_SIZE = 4096  # a bound on `image_size` read from a config (pixels per side)
-FEATURE_STRATEGIES = ("default", "full")  # LLaVA's vision_feature_select_strategy: drop the CLS token, or keep it
+FEATURE_STRATEGIES = ("default", "full")
+VISION_KINDS = ("clip", "siglip", "pixtral")  # LLaVA's vision_feature_select_strategy: drop the CLS token, or keep it
 
 
 @dataclass(frozen=True)
@@ -25,11 +28,16 @@ class VisionConfig:
     num_channels: int = 3
     norm_eps: float = 1e-5
     activation: str = "quick_gelu"
+    kind: str = "clip"  # "clip": CLS token and pre-norm; "siglip": neither, a biased patch conv; "pixtral"
+    rope_theta: float = 10000.0  # Pixtral's axial RoPE
+
 
     def __post_init__(self) -> None:
         if not 0 < self.patch_size <= self.image_size <= MAX_IMAGE_SIZE or self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}), "
                              f"at most {MAX_IMAGE_SIZE}")
+        if self.kind not in VISION_KINDS:
+            raise ValueError(f"unknown vision tower kind {self.kind!r}; expected one of {VISION_KINDS}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size ({self.hidden_size}) is not a multiple of num_heads ({self.num_heads})")
 
@@ -38,12 +46,63 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def tokens(self) -> int:
+        """Tokens per image out of the tower (patches, and CLIP's CLS)."""
+        return self.num_patches + (self.kind == "clip")
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
 
+class ImagePlaceholders:
+    """What the prompt side needs of a model's multimodal config (`serving/multimodal/inputs.py`), with the
+    defaults of a model whose prompt marks each image with one `image_token_id` and that takes no video.
+    A subclass holds `image_token_id` and defines `placeholder_ids`."""
+
+    image_token_id: int
+    video_token_id: int | None = None  # the placeholder of a video's rows (None: the model takes no video)
+
+    # Fields naming prompt tokens that only the tokenizer knows (field -> token text), set by `with_tokenizer`.
+    prompt_tokens: ClassVar[dict[str, str]] = {}
+
+    def with_tokenizer(self, tokenizer: Any) -> "ImagePlaceholders":
+        """This config with the `prompt_tokens` ids looked up in the checkpoint's tokenizer."""
+        ids = {}
+        for name, text in self.prompt_tokens.items():
+            token = tokenizer.convert_tokens_to_ids(text)
+            if token is None or token == tokenizer.unk_token_id:
+                raise ValueError(f"the tokenizer has no {text} token, which the image placeholders need")
+            ids[name] = token
+        return dataclasses.replace(self, **ids) if ids else self
+
+    def video_placeholder_ids(self, frames: Any) -> list[int]:
+        """The tokens one video (its preprocessed frames) takes in the prompt."""
+        raise ValueError("this model takes no video")
+
+    def pixels_for(self, pixels: Any, images_in_prompt: int) -> Any:
+        """The pixels an image is encoded from, given how many images its prompt has."""
+        return pixels
+
+    @property
+    def max_image_tokens(self) -> int | None:
+        """The most placeholder tokens one image can take (what an encoder budget must hold); None when only the
+        image processor bounds it (then each request's images are checked against the budget)."""
+        return None
+
+    @property
+    def prompt_token_id(self) -> int:
+        """The token a prompt marks an image with (one per image, expanded by `placeholder_ids`)."""
+        return self.image_token_id
+
+    def placeholder_ids(self, pixels: Any, image_size: tuple[int, int]) -> list[int]:
+        """The tokens one image takes in the prompt, given its preprocessed pixels and original (height, width);
+        the `image_token_id` positions take the feature rows in order."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class MultiModalConfig:
+class MultiModalConfig(ImagePlaceholders):
     """How image features replace placeholder tokens (LLaVA).
 
     `feature_layers`: the tower's hidden states concatenated as features (index 0 is the
@@ -58,6 +117,7 @@ class MultiModalConfig:
     feature_strategy: str = "default"
     projector_activation: str = "gelu"
     projector_bias: bool = True
+    video_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if self.feature_strategy not in FEATURE_STRATEGIES:
@@ -69,8 +129,21 @@ class MultiModalConfig:
 
     @property
     def image_tokens(self) -> int:
-        """Placeholder tokens (and feature rows) per image."""
-        return self.vision.num_patches + (1 if self.feature_strategy == "full" else 0)
+        """Feature rows per image (or per tile, for the tiling models): "default" drops the first token."""
+        return self.vision.tokens - (self.feature_strategy == "default")
+
+    @property
+    def max_image_tokens(self) -> int:
+        return self.image_tokens
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """The pixels of one image of the tower's own size, as `encode` takes them."""
+        v = self.vision
+        return (v.num_channels, v.image_size, v.image_size)
+
+    def placeholder_ids(self, pixels: Any, image_size: tuple[int, int]) -> list[int]:
+        return [self.image_token_id] * self.image_tokens
 
     @property
     def deepest_layer(self) -> int:

@@ -16,12 +16,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.config import ModelConfig
-from model_lib.decoder import CausalLM
 from model_lib.layers import Linear
 from model_lib.layers.activations import activation
 from model_lib.vision.clip import CLIPVisionTower
-from model_lib.vision.config import MultiModalConfig
+from model_lib.vision.config import MultiModalConfig, VisionConfig
 from model_lib.vision.merge import MergedEmbeddings, placeholder_index
+from model_lib.vision.siglip import SiglipVisionTower
+from model_lib.vision.vlm import VisionLanguageModel
+
+
+def vision_tower(config: VisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs) -> CLIPVisionTower | SiglipVisionTower:
+    """The tower a LLaVA-style checkpoint names (`vision_config.model_type`)."""
+    return (SiglipVisionTower if config.kind == "siglip" else CLIPVisionTower)(config, dtype, rngs=rngs)
 
 
 class LlavaMultiModalProjector(nnx.Module):
@@ -41,27 +47,27 @@ class LlavaMultiModalProjector(nnx.Module):
 
 
 def image_features(
-    mm: MultiModalConfig, tower: CLIPVisionTower, projector: LlavaMultiModalProjector, pixel_values: jax.Array
+    mm: MultiModalConfig, tower: CLIPVisionTower | SiglipVisionTower, projector: LlavaMultiModalProjector, pixel_values: jax.Array
 ) -> jax.Array:
-    """The selected tower layers (CLS dropped by the "default" strategy), concatenated and projected:
+    """The selected tower layers (the first token, CLIP's CLS, dropped by the "default" strategy), concatenated and projected:
     `[B, C, H, W]` -> `[B, F, E]`. A function of the two vision modules alone, so that a server can
     hold them without the language model."""
     states = tower.hidden_states(pixel_values, mm.deepest_layer)
     selected = [states[layer % (mm.vision.num_layers + 1)] for layer in mm.feature_layers]
     if mm.feature_strategy == "default":
-        selected = [s[:, 1:] for s in selected]  # drop CLS
+        selected = [s[:, 1:] for s in selected]
     return projector(jnp.concatenate(selected, axis=-1))
 
 
-class LlavaForConditionalGeneration(CausalLM):
+class LlavaForConditionalGeneration(VisionLanguageModel):
     """A decoder whose image placeholder tokens take projected CLIP features."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        if config.multimodal is None:
-            raise ValueError(f"{config.architecture} needs a vision configuration (ModelConfig.multimodal)")
-        super().__init__(config, rngs=rngs)
-        self.vision_tower = CLIPVisionTower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
-        self.multi_modal_projector = LlavaMultiModalProjector(config, rngs=rngs)
+    tower_class, projector_class = staticmethod(vision_tower), LlavaMultiModalProjector
+
+    @staticmethod
+    def encode(mm: MultiModalConfig, modules: tuple, pixels: jax.Array) -> jax.Array:
+        """One image `[C, H, W]` -> `[F, E]`."""
+        return image_features(mm, *modules, pixels[None])[0]
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """Preprocessed images `[B, C, H, W]` -> features `[B, F, E]`, one row per placeholder token."""
@@ -86,5 +92,5 @@ class LlavaForConditionalGeneration(CausalLM):
             features = self.image_features(jnp.asarray(pixel_values))
             merged = MergedEmbeddings(features.reshape(-1, features.shape[-1]),
                                       placeholder_index(input_ids, self.config.multimodal.image_token_id))
-        return super().__call__(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-                                merged=merged)
+        return VisionLanguageModel.__call__(self, input_ids, attention_mask, segment_ids=segment_ids,
+                                            positions=positions, merged=merged)

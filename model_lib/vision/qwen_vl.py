@@ -20,13 +20,14 @@ from flax import nnx
 
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM
+from model_lib.vision.config import ImagePlaceholders
 from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 from model_lib.vision.mrope import ImageSpan, mrope_positions
 from model_lib.vision.qwen_vit import QwenVisionConfig, QwenVisionTower, VisionLayout, vision_layout
 
 
 @dataclass(frozen=True)
-class QwenVLConfig:
+class QwenVLConfig(ImagePlaceholders):
     """How Qwen-VL image features reach the language model: placeholders, and the grid's merge size."""
 
     vision: QwenVisionConfig
@@ -45,6 +46,10 @@ class QwenVLConfig:
         """Placeholder tokens (and feature rows) of an image of `grid` patches."""
         t, h, w = self.merged_grid(grid)
         return t * h * w
+
+    def placeholder_ids(self, pixels: np.ndarray, image_size: tuple[int, int]) -> list[int]:
+        """`pixels`: the image's patch rows by grid, `[t, h, w, C*Tp*P*P]`."""
+        return [self.image_token_id] * self.image_tokens_for(pixels.shape[:3])
 
 
 def image_features(tower: QwenVisionTower, patches: jax.Array, layout: VisionLayout) -> jax.Array:

@@ -2,7 +2,8 @@
 
 The scheduler admits at most `budget` encoder output tokens per step (`encoder_cut`); before a
 step runs, `ImageEncoder.merged` encodes the images its chunks reach that have no features yet
-(one jitted call per image, a single compiled shape) and lays the rows the chunks cover out as
+(the model's `encode`, jitted once per pixel shape, then its `arrange` for the image's size;
+`model_lib/vision/vlm.py`) and lays the rows the chunks cover out as
 `MergedEmbeddings` over the step's `[T_pad]` tokens. An item's features stay on the host until
 every sequence of its request has prefilled past it (chunked prefill may split an image over
 steps), and are encoded again after a preemption that needs them.
@@ -18,8 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_lib.vision.llava import image_features
-
 from model_lib.vision.merge import MergedEmbeddings
 from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.engine.scheduler import ScheduledSequence
@@ -30,13 +29,12 @@ from serving.multimodal.inputs import ImageItem
 MAX_ENCODER_BUDGET = 1 << 20  # a bound on max_num_encoder_input_tokens
 
 
-def _encode(config, graphdef, state, pixel_values):
-    tower, projector = nnx.merge(graphdef, state)
-    return image_features(config, tower, projector, pixel_values)
+def _encode(encode, config, graphdef, state, pixel_values):
+    return encode(config, nnx.merge(graphdef, state), pixel_values)
 
 
 class ImageEncoder:
-    """Runs a vision-language model's `image_features` for the engine."""
+    """Runs a vision-language model's `encode` and `arrange` for the engine."""
 
     def __init__(self, model: nnx.Module, budget: int):
         self.config = model.config.multimodal
@@ -44,20 +42,27 @@ class ImageEncoder:
         self.hidden_size = model.config.hidden_size
         self.dtype = jnp.dtype(model.config.dtype)
         # The vision modules only: the runner may hold the language model in another (scanned) layout.
-        self.graphdef, self.state = nnx.split((model.vision_tower, model.multi_modal_projector))
-        self._encode = jax.jit(partial(_encode, self.config), static_argnums=0)
+        self.graphdef, self.state = nnx.split(model.vision_modules())
+        self._arrange = type(model).arrange
+        self._encode = jax.jit(partial(_encode, type(model).encode, self.config))
+        self._encode_video = jax.jit(partial(_encode, type(model).encode_video, self.config))
         self.num_encoded = 0  # images run through the tower (a preempted request may count twice)
 
     def encode(self, item: ImageItem) -> None:
-        pixels = jnp.asarray(item.pixel_values[None])
-        item.features = np.asarray(self._encode(self.graphdef, self.state, pixels)[0])
+        if item.video:
+            item.features = np.asarray(self._encode_video(self.graphdef, self.state, jnp.asarray(item.pixel_values)))
+            self.num_encoded += 1
+            return
+        encoded = self._encode(self.graphdef, self.state, jnp.asarray(item.pixel_values))
+        modules = nnx.merge(self.graphdef, self.state)
+        item.features = np.asarray(self._arrange(self.config, modules, encoded, item.image_size))
         self.num_encoded += 1
 
     def warm_up(self) -> None:
-        """Compile the encoder for the model's one image shape."""
-        v = self.config.vision
-        jax.block_until_ready(self._encode(self.graphdef, self.state,
-                                           jnp.zeros((1, v.num_channels, v.image_size, v.image_size), jnp.float32)))
+        """Compile the encoder for the tower's own square image (one tile of a tiling model; other shapes
+        compile when they first come)."""
+        pixels = jnp.zeros(self.config.pixel_shape, jnp.float32)
+        jax.block_until_ready(self._encode(self.graphdef, self.state, pixels))
 
     def check_fits(self, items: Sequence[ImageItem]) -> None:
         """ValueError for an image longer than the per-step encoder budget (it could never be scheduled)."""
@@ -86,8 +91,10 @@ class ImageEncoder:
                     embeds = np.zeros((token_pad, self.hidden_size), self.dtype)
                     index = np.full(token_pad, -1, np.int32)
                 rows = slice(offset + lo - start, offset + hi - start)
-                embeds[rows] = image.features[lo - image.offset : hi - image.offset]
-                index[rows] = np.arange(rows.start, rows.stop, dtype=np.int32)
+                span = np.arange(lo - image.offset, hi - image.offset)
+                feature = span if image.rows is None else image.rows[span]
+                embeds[rows] = image.features[np.maximum(feature, 0)]
+                index[rows] = np.where(feature >= 0, np.arange(rows.start, rows.stop, dtype=np.int32), -1)
             offset += count
         return None if embeds is None else MergedEmbeddings(embeds, index)
 
@@ -105,15 +112,13 @@ def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens:
     mm = model.config.multimodal
     if mm is None:
         return None
-    if isinstance(mm, QwenVLConfig):  # image lengths vary: each request's images are checked against the budget
+    least = mm.max_image_tokens or 1  # None: image lengths vary, each request's are checked by `check_fits`
+    budget = max(max_num_batched_tokens, least) if budget is None else budget
+    if not least <= budget <= MAX_ENCODER_BUDGET:
+        raise ValueError(f"max_num_encoder_input_tokens must be in [{least} (one image), "
+                         f"{MAX_ENCODER_BUDGET}], got {budget}")
+    if isinstance(mm, QwenVLConfig):  # a tower call per image grid, no `encode`/`arrange`
         from serving.multimodal.qwen_vl import QwenImageEncoder  # it builds on this module
 
-        budget = max_num_batched_tokens if budget is None else budget
-        if not 1 <= budget <= MAX_ENCODER_BUDGET:
-            raise ValueError(f"max_num_encoder_input_tokens must be in [1, {MAX_ENCODER_BUDGET}], got {budget}")
         return QwenImageEncoder(model, budget)
-    budget = max(max_num_batched_tokens, mm.image_tokens) if budget is None else budget
-    if not mm.image_tokens <= budget <= MAX_ENCODER_BUDGET:
-        raise ValueError(f"max_num_encoder_input_tokens must be in [{mm.image_tokens} (one image), "
-                         f"{MAX_ENCODER_BUDGET}], got {budget}")
     return ImageEncoder(model, budget)

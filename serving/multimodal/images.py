@@ -65,14 +65,19 @@ def load_image_processor(path: str | Path) -> Any:
         return AutoImageProcessor.from_pretrained(path, local_files_only=True)
 
 
-def preprocess(processor: Any, image: Any) -> np.ndarray:
-    """One image -> its float32 pixels `[C, H, W]` as the model takes them."""
-    pixels = processor(images=[to_rgb(image)], return_tensors="np")["pixel_values"]
-    return np.asarray(pixels[0], np.float32)
+def preprocess(processor: Any, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image -> (its float32 pixels as the model takes them: `[C, H, W]`, or `[N, C, H, W]` tiles for
+    the tiling processors), and its original (height, width)."""
+    rgb = to_rgb(image)
+    out = processor(images=[rgb], return_tensors="np")
+    # Tiling processors that flatten every image's tiles into one batch (InternVL's) say how many are whose.
+    pixels = out["pixel_values"] if "num_patches" in out else out["pixel_values"][0]
+    return np.asarray(pixels, np.float32), (rgb.height, rgb.width)
 
 
-def pixel_hash(pixels: np.ndarray) -> str:
-    """A content hash of preprocessed pixels (shape included): equal hashes, equal encoder outputs."""
-    digest = hashlib.sha256(str(pixels.shape).encode())
+def pixel_hash(pixels: np.ndarray, image_size: tuple[int, int] = (0, 0)) -> str:
+    """A content hash of preprocessed pixels (shape and original size included): equal hashes, equal
+    encoder outputs."""
+    digest = hashlib.sha256(f"{pixels.shape} {tuple(image_size)}".encode())
     digest.update(np.ascontiguousarray(pixels).tobytes())
     return digest.hexdigest()

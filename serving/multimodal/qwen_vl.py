@@ -31,8 +31,9 @@ class QwenImageInputs(ImageInputs):
 
     config: QwenVLConfig
 
-    def prepare(self, image: Any) -> tuple[np.ndarray, int]:
-        out = self.processor(images=[to_rgb(image)], return_tensors="np")
+    def preprocess(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+        image = to_rgb(image)
+        out = self.processor(images=[image], return_tensors="np")
         (grid,) = np.asarray(out["image_grid_thw"]).tolist()
         rows = np.asarray(out["pixel_values"], np.float32)
         vision = self.config.vision
@@ -42,7 +43,7 @@ class QwenImageInputs(ImageInputs):
         if grid[1] % self.config.merge or grid[2] % self.config.merge:
             raise ValueError(f"the image processor's grid {grid} does not split into "
                              f"{self.config.merge}x{self.config.merge} merge blocks (merge_size differs)")
-        return rows.reshape(*grid, -1), self.config.image_tokens_for(grid)
+        return rows.reshape(*grid, -1), (image.height, image.width)
 
 
 def _encode(graphdef, state, patches, layout):

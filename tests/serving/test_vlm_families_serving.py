@@ -1,0 +1,51 @@
+"""Vision-language architectures beyond LLaVA through `LLM.generate`: the prompt ids transformers'
+processor makes and its greedy tokens, for images of different sizes under chunked prefill."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving import LLM, SamplingParams
+from tests.vlm_families import VIDEO_TOKEN, VIDEO_TOKEN_ID, VLM_CASES, hf_inputs
+from tests.vlm_models import random_image
+
+MAX_TOKENS = 6
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+IMAGES = [random_image(1, (40, 70)), random_image(2, (64, 30))]
+
+
+# One architecture in CI (the engine path is shared); the others with the slow tests.
+@pytest.mark.parametrize("name", [name if name == "llava_onevision" else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in VLM_CASES])
+def test_generate_with_images_equals_transformers(name, tmp_path):
+    case = VLM_CASES[name]
+    ref = case.build(tmp_path)
+    # 16-token chunks split every image's placeholders over steps.
+    llm = LLM(tmp_path, max_model_len=256, page_size=4, num_pages=256, max_num_seqs=4, max_num_batched_tokens=16)
+    text = f"user: what is in {case.image_marker} this picture?\nassistant:"
+    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for image in IMAGES], GREEDY)
+    for output, image in zip(outputs, IMAGES):
+        inputs = hf_inputs(case, tmp_path, text, [image])
+        assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
+        expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
+        assert output.outputs[0].token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist()
+    if case.video:
+        video_generate_equals_transformers(llm, ref, tmp_path)
+
+
+def video_generate_equals_transformers(llm: LLM, ref, folder) -> None:
+    """A video given as a list of frames: each frame as the image processor's base view, pooled rows."""
+    import torch
+
+    from serving.multimodal.images import load_image_processor
+    from serving.multimodal.inputs import Video
+
+    frames = [random_image(seed, (30, 40)) for seed in (3, 4, 5)]
+    output = llm.generate({"prompt": f"user: what happens in {VIDEO_TOKEN}?\nassistant:",
+                           "multi_modal_data": {"video": frames}}, GREEDY)[0]
+    ids = torch.tensor([output.prompt_token_ids])
+    assert ids[0].tolist().count(VIDEO_TOKEN_ID) == 3 * 2 * 2 + 1  # 4x4 rows pooled to 2x2 per frame, a newline
+    pixels = torch.tensor(Video(frames).pixels(load_image_processor(folder))[None])
+    expected = ref.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=MAX_TOKENS,
+                            min_new_tokens=MAX_TOKENS, do_sample=False)
+    assert output.outputs[0].token_ids == expected[0, ids.shape[1]:].tolist()

@@ -1,0 +1,209 @@
+"""Tiny random vision-language checkpoints beyond LLaVA, one per architecture, built at test time.
+
+Each `VlmCase` saves a transformers model (seed 0, every parameter perturbed), the tiny tokenizer
+with the architecture's image tokens added, and its processor (PIL image processor), and says how
+a prompt marks one image. `hf_inputs` runs the checkpoint's own transformers processor, the
+reference for placeholder expansion and pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tests.tiny_models import build_tokenizer
+from tests.vlm_models import IMAGE_TOKEN, IMAGE_TOKEN_ID, VLM_CHAT_TEMPLATE
+
+TILE = 32  # the towers' input side; tiles of 4x4 patches of 8 pixels
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+VIDEO_TOKEN, VIDEO_TOKEN_ID = "<video>", IMAGE_TOKEN_ID + 1
+
+
+def _clip(**overrides):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=TILE, patch_size=8, projection_dim=32, **overrides)
+
+
+def _llama(vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _perturbed(model):
+    import torch
+
+    model = model.float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _tokenizer(tokens: list[str], marker: str = IMAGE_TOKEN):
+    """The tiny tokenizer with `tokens` added (ids from 128 on); its chat template writes `marker` per image."""
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE.replace(IMAGE_TOKEN, marker)
+    return tokenizer
+
+
+def _save_processor(folder: Path, processor_class: type, images: Any, tokens: list[str], options: dict) -> None:
+    tokenizer = _tokenizer(tokens)
+    processor_class(image_processor=images, tokenizer=tokenizer, chat_template=VLM_CHAT_TEMPLATE,
+                    **options).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# The processors' own settings (what a hub checkpoint's processor_config.json holds).
+NEXT_PROCESSOR = dict(patch_size=8, num_additional_image_tokens=1, vision_feature_select_strategy="default")
+
+
+def build_llava_next(folder: Path):
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    torch.manual_seed(0)
+    config = LlavaNextConfig(vision_config=_clip(), text_config=_llama(IMAGE_TOKEN_ID + 1),
+                             image_token_index=IMAGE_TOKEN_ID, image_grid_pinpoints=PINPOINTS)
+    model = _perturbed(LlavaNextForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                        image_grid_pinpoints=PINPOINTS)
+    _save_processor(folder, LlavaNextProcessor, images, [IMAGE_TOKEN], NEXT_PROCESSOR)
+    return model
+
+
+def build_llava_onevision(folder: Path):
+    import torch
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=TILE, patch_size=8, vision_use_head=False)
+    # anyres_max_1: maps larger than one tile's 4x4 rows shrink (bilinear) in every test image.
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=_llama(VIDEO_TOKEN_ID + 1),
+                                  image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
+                                  image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_1")
+    model = _perturbed(LlavaOnevisionForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    # LlavaOnevisionProcessor cannot be built without torchvision (its video processor): the image processor
+    # and the tokenizer are saved alone, and the placeholders are checked by the model's own count check.
+    LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE},
+                                    image_grid_pinpoints=PINPOINTS).save_pretrained(folder)
+    tokenizer = _tokenizer([IMAGE_TOKEN, VIDEO_TOKEN])
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def build_mistral3(folder: Path):
+    import torch
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=64, patch_size=8, head_dim=8)
+    text = MistralConfig(vocab_size=IMAGE_TOKEN_ID + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0)
+    config = Mistral3Config(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                            spatial_merge_size=2)
+    model = _perturbed(Mistral3ForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    # PixtralProcessor needs torchvision: the image processor (resizing to multiples of patch x merge = 16) and
+    # the tokenizer are saved alone.
+    PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 16, "width": 16}).save_pretrained(folder)
+    _tokenizer(PIXTRAL_TOKENS, PIXTRAL_TOKENS[0]).save_pretrained(folder)
+    return model
+
+
+PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
+def build_internvl(folder: Path):
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=TILE, patch_size=8, use_qk_norm=True, use_mean_pooling=False)
+    text = Qwen2Config(vocab_size=IMAGE_TOKEN_ID + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                            downsample_ratio=0.5, tie_word_embeddings=False)
+    model = _perturbed(InternVLForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    # InternVLProcessor needs torchvision (its video processor): the image processor (tiles of 32 pixels, up to
+    # 4 and a thumbnail) and the tokenizer are saved alone.
+    GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE}, crop_to_patches=True, min_patches=1,
+                             max_patches=4).save_pretrained(folder)
+    _tokenizer(INTERNVL_TOKENS, INTERNVL_TOKENS[0]).save_pretrained(folder)
+    return model
+
+
+INTERNVL_TOKENS = ["<IMG_CONTEXT>", "<img>", "</img>"]
+
+
+@dataclass(frozen=True)
+class VlmCase:
+    build: Callable[[Path], Any]
+    processor: str | None  # the transformers processor class (None: there is none without torchvision)
+    processor_options: dict
+    image_marker: str = IMAGE_TOKEN  # what a prompt writes for one image (the processor expands it)
+    counts_images: bool = False  # the model takes `batch_num_images` (OneVision)
+    video: bool = False  # the model takes videos (`VIDEO_TOKEN`)
+
+
+VLM_CASES = {
+    "llava_next": VlmCase(build_llava_next, "LlavaNextProcessor", NEXT_PROCESSOR),
+    "llava_onevision": VlmCase(build_llava_onevision, None, {}, counts_images=True, video=True),
+    "mistral3": VlmCase(build_mistral3, None, {}, image_marker=PIXTRAL_TOKENS[0]),
+    "internvl": VlmCase(build_internvl, None, {}, image_marker=INTERNVL_TOKENS[0]),
+}
+
+
+def hf_inputs(case: VlmCase, folder: Path, text: str, images: list) -> dict:
+    """Model inputs for (text, images) as torch tensors: the checkpoint's transformers processor, built from its
+    parts (`AutoProcessor` wants torchvision for the video processors); without one, the image processor's
+    pixels and our placeholder expansion."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    import model_lib
+    from serving.multimodal.images import load_image_processor
+    from serving.multimodal.inputs import ImageInputs
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    images_processor = load_image_processor(folder)
+    if case.processor is not None:
+        processor = getattr(transformers, case.processor)(image_processor=images_processor, tokenizer=tokenizer,
+                                                          **case.processor_options)
+        return dict(processor(text=text, images=images or None, return_tensors="pt"))
+    mm = model_lib.load_config(folder)[0].multimodal.with_tokenizer(tokenizer)
+    ids, _ = ImageInputs(mm, images_processor, len(images))(tokenizer.encode(text, add_special_tokens=False), images)
+    inputs = {**images_processor(images=images, return_tensors="pt"), "input_ids": torch.tensor([ids])}
+    inputs.pop("num_patches", None)  # InternVL's processor keeps it
+    if case.counts_images:
+        inputs["batch_num_images"] = torch.tensor([len(images)])
+    return inputs
+
+
+def our_images(folder: Path, images: list) -> tuple[list, list]:
+    """(pixels, original sizes) of each image as serving preprocesses it, for the dense forward."""
+    import model_lib
+    from serving.multimodal.images import load_image_processor, preprocess
+
+    mm = model_lib.load_config(folder)[0].multimodal
+    processed = [preprocess(load_image_processor(folder), image) for image in images]
+    return [mm.pixels_for(p, len(images)) for p, _ in processed], [size for _, size in processed]
