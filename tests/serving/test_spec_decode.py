@@ -143,7 +143,7 @@ def test_a_copy_of_the_target_accepts_everything_in_k_plus_1_fewer_steps(specula
     assert spec.stats.num_accepted_tokens - before.num_accepted_tokens == drafted == max_tokens - 1 - 3  # all
 
 
-@pytest.mark.parametrize("method", ["draft", "eagle3"])
+@pytest.mark.parametrize("method", ["draft", "eagle3", "mtp"])
 def test_sampled_distribution_is_unchanged(request, method):
     """Two-sample chi-square on the second token (the first that drafts decide), spec vs plain."""
     plain, spec = engines(request, method)
