@@ -114,12 +114,13 @@ def test_arctic_refuses_options_it_does_not_reproduce(key, value, message, tiny_
         model_lib.load_config(tmp_path)
 
 
-# (case, engine options): issue 18's architectures under scheduling pressure (DeepSeek-V3 and MiniCPM3's latent
-# pages: tests/model_lib/test_mla_latent_cache.py). DeepSeek-V2-Lite (no q low rank, interleaved rope) sends its
+# (case, engine options): issue 18's architectures under scheduling pressure (DeepSeek-V3's latent pages:
+# tests/model_lib/test_mla_latent_cache.py; MiniCPM3 here, its prefill chunks expanded). DeepSeek-V2-Lite (no q low rank, interleaved rope) sends its
 # chunks of >= 4 tokens through MLA's expanded form; its YaRN covers 32 positions, transformers runs past them too.
 MLA_PRESSURE = dict(mla_expanded_prefill_tokens=4, allow_long_max_model_len=True)
 PRESSURE_CASES = [("llama4-chunked-nope-moe", {}), ("deepseek_v2-lite-grouped-yarn", MLA_PRESSURE),
-                  ("grok1-softcap-moe", {}), ("arctic-residual-moe", {})]
+                  ("grok1-softcap-moe", {}), ("arctic-residual-moe", {}), ("minicpm3-mla-longrope", MLA_PRESSURE),
+                  ("deci-heterogeneous", {})]
 
 
 @pytest.mark.parametrize("case,options", PRESSURE_CASES)
