@@ -89,7 +89,8 @@ class LLM(PoolingMethods):
     "fp8_e5m2"), `speculative_config` (vLLM's: `{"method": "ngram", "num_speculative_tokens": 4,
     "prompt_lookup_max": 4}` or `{"method": "draft_model", "model": path, "num_speculative_tokens": 4}`),
     `scan_layers` (repeated layers through one
-    `lax.scan`; default: on an accelerator, not on the CPU backend); `quantization` (vLLM's name): "int8" or
+    `lax.scan`; default: on an accelerator, not on the CPU backend), `min_token_bucket` (the smallest
+    padded step; default 1 on the CPU backend, 8 on an accelerator); `quantization` (vLLM's name): "int8" or
     "int4" serve weight-only int8 / int4 (group 128) linear layers and MoE experts, "gguf" keeps a
     GGUF file's Q4_0 / Q4_1 / Q8_0 blocks quantized, "fp8" W8A8 FP8 ones (per-channel
     FP8 weights of a float checkpoint, or an FP8 checkpoint's own kept in FP8); a pre-quantized

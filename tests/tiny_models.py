@@ -636,6 +636,37 @@ ONE_PER_ARCHITECTURE = [
     "recurrentgemma-local-mqa",
     "qwen3_next-hybrid",
 ]
+
+# The cases that stand for the others in `make test` (CI) where a table runs every architecture through a
+# costly path (the engine, bfloat16 loading): one per kind of attention, cache and layer the serving path
+# handles apart. The other rows carry the `slow` mark: `make test-all` runs them.
+CI_ARCHITECTURES = [
+    "llama-gqa",  # plain GQA
+    "gemma2-softcaps",  # logit soft-capping
+    "gemma3-local-global",  # per-layer sliding / global windows
+    "phi3-longrope-partial",  # length-dependent rotary, partial rotary
+    "internlm2-gqa-dynamic",  # dynamic NTK rotary
+    "bloom-alibi",  # ALiBi
+    "chatglm-mqa",  # remote-code layout, 2D rotary
+    "deci-heterogeneous",  # layers of different shapes
+    "gpt_oss-sinks-sliding",  # attention sinks
+    "mixtral-moe",  # MoE
+    "deepseek_v3-noaux-yarn",  # MLA latent pages
+    "llama4-chunked-nope-moe",  # chunked attention, NoPE layers
+    "mamba2-groups-chunked",  # SSD state
+    "granitemoehybrid-nope",  # Mamba-2 / attention hybrid
+    "recurrentgemma-local-mqa",  # RG-LRU state
+    "qwen3_next-hybrid",  # gated delta state
+]
+
+
+def ci_rows(cases: list[str], covered: tuple[str, ...] = ()) -> list:
+    """`cases` as pytest parameters, those outside CI_ARCHITECTURES (or in `covered`, which another CI test
+    runs through the same path) marked `slow`."""
+    import pytest
+
+    return [case if case in CI_ARCHITECTURES and case not in covered else pytest.param(case, marks=pytest.mark.slow)
+            for case in cases]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
              "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "deepseek_v2-lite-grouped-yarn", "deepseek_v3-noaux-yarn",

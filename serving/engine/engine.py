@@ -32,7 +32,7 @@ from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
 from serving.engine.limits import RequestLimits, check_max_model_len, validate_request
 from serving.engine.mla_prefill import expanded_prefill_tokens
-from serving.engine.runner import ModelRunner, StepInputs, bucket
+from serving.engine.runner import ModelRunner, StepInputs, bucket, env_min_token_bucket
 from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
@@ -90,6 +90,9 @@ class EngineConfig:
     # MLA models (DeepSeek-V2/V3, MiniCPM3): prefill chunks of at least this many new tokens attend in the
     # expanded form (serving/engine/mla_prefill.py); None: the FLOP crossover of the model's shape, 0: never.
     mla_expanded_prefill_tokens: int | None = None
+    # Smallest padded token count of a step (fewer shapes to compile; vLLM's smallest CUDA-graph size). Its
+    # default is $JAXLLM_MIN_TOKEN_BUCKET; None: 1 on the CPU backend (every padded row costs there), else 8.
+    min_token_bucket: int | None = field(default_factory=env_min_token_bucket)
 
 
 @dataclass
@@ -208,6 +211,7 @@ class LLMEngine:
             lora=self.lora,
             expanded_prefill_tokens=expanded_prefill_tokens(mc, config.mla_expanded_prefill_tokens,
                                                             config.max_num_batched_tokens),
+            min_token_bucket=config.min_token_bucket,
         )
         self.slot_state = new_slot_state(config.max_num_seqs, mc.vocab_size, self.max_model_len)
         self._in_flight: _InFlight | None = None

@@ -31,6 +31,7 @@ does not fuse a dynamic slice into a dot), and CPU servers compile on demand any
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import partial
 
@@ -62,6 +63,28 @@ logger = logging.getLogger(__name__)
 MIN_TOKEN_BUCKET = 8
 MIN_CPU_TOKEN_BUCKET = 1
 MIN_PAGE_BUCKET = 8
+MIN_TOKEN_BUCKET_ENV = "JAXLLM_MIN_TOKEN_BUCKET"
+LARGEST_MIN_TOKEN_BUCKET = 1 << 16
+
+
+def env_min_token_bucket() -> int | None:
+    """`$JAXLLM_MIN_TOKEN_BUCKET` as an int, None when unset or empty."""
+    value = os.environ.get(MIN_TOKEN_BUCKET_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{MIN_TOKEN_BUCKET_ENV}={value!r}: expected an integer") from None
+
+
+def check_min_token_bucket(value: int | None) -> int:
+    """The smallest token bucket: `value`, or the backend's default when None (1 on the CPU, 8 elsewhere)."""
+    if value is None:
+        return MIN_CPU_TOKEN_BUCKET if jax.default_backend() == "cpu" else MIN_TOKEN_BUCKET
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LARGEST_MIN_TOKEN_BUCKET:
+        raise ValueError(f"min_token_bucket must be an integer in [1, {LARGEST_MIN_TOKEN_BUCKET}], got {value!r}")
+    return value
 
 
 def bucket(n: int, smallest: int, largest: int) -> int:
@@ -110,18 +133,19 @@ class ModelRunner:
         kv_cache_dtype: jnp.dtype | None = None,
         lora: LoRAManager | None = None,
         expanded_prefill_tokens: int = 0,
+        min_token_bucket: int | None = None,
     ):
         """`kv_cache_dtype`: the pages' dtype (default the model's; int8 / float8 pages are quantized);
         `lora`: served adapters, whose stacks every step takes (the layers stay unrolled then);
         `expanded_prefill_tokens`: MLA chunks of at least this many new tokens attend expanded (0: never;
-        `mla_prefill.py`)."""
+        `mla_prefill.py`); `min_token_bucket`: the smallest padded token count (None: the backend's default)."""
         config = model.config
         self.config = config
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
-        self.min_token_bucket = MIN_CPU_TOKEN_BUCKET if jax.default_backend() == "cpu" else MIN_TOKEN_BUCKET
+        self.min_token_bucket = check_min_token_bucket(min_token_bucket)
         self.scan_layers = jax.default_backend() != "cpu" if scan_layers is None else scan_layers
         if lora is not None:
             if scan_layers:

@@ -33,7 +33,7 @@ import pytest
 
 import model_lib
 from model_lib.registry import ARCHITECTURES, get_family
-from tests.tiny_models import CASES, ONE_PER_ARCHITECTURE, TinyCase, assert_logits_close, build_checkpoint, hf_logits, random_ids
+from tests.tiny_models import CASES, CI_ARCHITECTURES, ONE_PER_ARCHITECTURE, TinyCase, assert_logits_close, build_checkpoint, hf_logits, random_ids
 
 FUZZ_LEN = 19  # longer than every sliding window below and in the tiny table
 ALTERNATING = object()  # layer_types: sliding, full, sliding, ... for the case's layer count
@@ -159,7 +159,15 @@ def _alternating(layers: int) -> list[str]:
 FUZZ = [(architecture, subset) for architecture in sorted(ARCHITECTURES) for subset in (False, True)]
 
 
-@pytest.mark.parametrize("architecture, subset", FUZZ, ids=[f"{a}-{'half' if s else 'all'}" for a, s in FUZZ])
+def _fuzz_row(architecture: str, subset: bool):
+    """Every architecture's all-keys case runs in CI; the half cases of the representative ones
+    (`CI_ARCHITECTURES`), the others with the slow rows."""
+    ci = not subset or _start_case(architecture).name in CI_ARCHITECTURES
+    return pytest.param(architecture, subset, id=f"{architecture}-{'half' if subset else 'all'}",
+                        marks=() if ci else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("architecture, subset", [_fuzz_row(a, s) for a, s in FUZZ])
 def test_stray_config_keys_match_transformers(architecture, subset, tmp_path, forward):
     case = _start_case(architecture)
     family = get_family(architecture)

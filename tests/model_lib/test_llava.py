@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 import model_lib
 from model_lib.checkpoint import save_pretrained
 from tests.tiny_models import assert_logits_close
-from tests.vlm_models import IMAGE_TOKEN_ID, IMAGE_TOKENS, build_llava
+from tests.vlm_models import IMAGE_TOKEN_ID, IMAGE_TOKENS, build_llava, vision_forward
 
 VARIANTS = {
     "default": {},  # feature layer -2, CLS dropped
@@ -51,12 +51,12 @@ def test_logits_with_images_match_transformers(llava, variant):
     ids, pixels = image_batch(0, tokens)
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
-    assert_logits_close(np.asarray(model(ids, pixel_values=pixels)), expected)
+    assert_logits_close(vision_forward(model, ids, pixel_values=pixels), expected)
     # Without images the same model is the plain decoder.
     text = np.where(ids == IMAGE_TOKEN_ID, 5, ids)
     with torch.no_grad():
         expected_text = ref(input_ids=torch.tensor(text)).logits.numpy()
-    assert_logits_close(np.asarray(model(text)), expected_text)
+    assert_logits_close(vision_forward(model, text), expected_text)
 
 
 def test_every_checkpoint_layout_loads_and_saves_for_transformers(llava, tmp_path):
@@ -68,13 +68,13 @@ def test_every_checkpoint_layout_loads_and_saves_for_transformers(llava, tmp_pat
     memory = {name: t.numpy() for name, t in ref.state_dict().items()}
     assert any(k.startswith("model.language_model.") for k in memory)
     ids, pixels = image_batch(1, IMAGE_TOKENS)
-    expected = np.asarray(model_lib.from_pretrained(folder)(ids, pixel_values=pixels))
+    expected = vision_forward(model_lib.from_pretrained(folder), ids, pixel_values=pixels)
     for name, layout in (("hub", hub), ("memory", memory)):
         other = tmp_path / name
         other.mkdir()
         (other / "config.json").write_text((folder / "config.json").read_text())
         save_file(layout, str(other / "model.safetensors"))
-        np.testing.assert_array_equal(np.asarray(model_lib.from_pretrained(other)(ids, pixel_values=pixels)), expected)
+        np.testing.assert_array_equal(vision_forward(model_lib.from_pretrained(other), ids, pixel_values=pixels), expected)
 
     saved = tmp_path / "saved"
     save_pretrained(model_lib.from_pretrained(folder), saved)

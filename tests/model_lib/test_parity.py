@@ -14,6 +14,7 @@ from tests.tiny_models import (
     SEQ_LEN,
     assert_logits_close,
     hf_logits,
+    ci_rows,
     padded_batch,
     random_ids,
 )
@@ -39,7 +40,7 @@ def test_logits_match_transformers(case, tiny_checkpoint, forward):
         assert_logits_close(ours[row, start:end], ref)
 
 
-@pytest.mark.parametrize("case", ONE_PER_ARCHITECTURE)
+@pytest.mark.parametrize("case", ci_rows(ONE_PER_ARCHITECTURE))
 def test_bfloat16_load_stays_close(case, tiny_checkpoint, forward):
     folder, hf_model = tiny_checkpoint(case)
     model = model_lib.from_pretrained(folder, dtype="bfloat16")

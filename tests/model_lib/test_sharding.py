@@ -9,17 +9,32 @@ from jax.sharding import PartitionSpec as P
 
 import model_lib
 from model_lib.sharding import HeadSplitError, ShardingPlan, load_mesh_preset, make_mesh
-from tests.tiny_models import MOE_CASES, ONE_PER_ARCHITECTURE, SEQ_LEN, assert_logits_close, padded_batch
+from tests.tiny_models import (
+    CI_ARCHITECTURES,
+    MOE_CASES,
+    ONE_PER_ARCHITECTURE,
+    SEQ_LEN,
+    assert_logits_close,
+    ci_rows,
+    padded_batch,
+)
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)"
 )
 
 
-# The tiny models have 4 query heads: tp takes 4 of them (x 2 data), fsdp_tp 2 (x 4 fsdp).
-@pytest.mark.parametrize("preset, sizes", [("tp", dict(tensor=4, data=2)), ("fsdp_tp", {})], ids=["tp", "fsdp_tp"])
-@pytest.mark.parametrize("case", ONE_PER_ARCHITECTURE)
-def test_sharded_logits_equal_unsharded(case, preset, sizes, tiny_checkpoint, forward):
+# The tiny models have 4 query heads: tp takes 4 of them (x 2 data), fsdp_tp 2 (x 4 fsdp). The architectures
+# take the two presets in turn (each preset covers every kind of layer: a second compile per architecture
+# tested little more).
+PRESETS = {"tp": dict(tensor=4, data=2), "fsdp_tp": {}}
+SHARDED_CASES = [(case, ("tp", "fsdp_tp")[i % 2]) for i, case in enumerate(ONE_PER_ARCHITECTURE)]
+
+
+@pytest.mark.parametrize("case, preset", [pytest.param(c, p, id=f"{c}-{p}", marks=() if c in CI_ARCHITECTURES else pytest.mark.slow)
+                                           for c, p in SHARDED_CASES])
+def test_sharded_logits_equal_unsharded(case, preset, tiny_checkpoint, forward):
+    sizes = PRESETS[preset]
     folder, _ = tiny_checkpoint(case)
     ids, mask, _ = padded_batch(seed=6)
     reference = np.asarray(forward(model_lib.from_pretrained(folder), ids, mask))
@@ -35,7 +50,7 @@ def test_sharded_logits_equal_unsharded(case, preset, sizes, tiny_checkpoint, fo
     assert_logits_close(forward(model, ids, mask), reference, rel=1e-5)
 
 
-@pytest.mark.parametrize("case", MOE_CASES)
+@pytest.mark.parametrize("case", ci_rows(MOE_CASES))
 def test_expert_parallel_logits_equal_unsharded(case, tiny_checkpoint, forward):
     """The `ep` preset splits the stacked expert weights over the `expert` axis."""
     folder, _ = tiny_checkpoint(case)
@@ -96,9 +111,11 @@ def test_random_init_model_can_be_sharded():
     assert_logits_close(sharded(ids), unsharded, rel=1e-5)
 
 
-# Realistic heads: 28 query heads of head_dim 128 (Qwen2.5-7B's q_proj) with 1..8 kv heads; a
-# 32-head row shows tensor 8, which 28 heads refuse. The hidden size stays small.
-WHOLE_HEAD_CASES = [(28, kv, t) for t in (2, 4, 8) for kv in (1, 2, 4)] + [(32, kv, 8) for kv in (1, 2, 4, 8)]
+# Realistic heads: 28 query heads of head_dim 128 (Qwen2.5-7B's q_proj) with 1..8 kv heads; tensor 8, which
+# 28 heads refuse, with each kv count; kv heads split (kv >= tensor) or replicated (kv < tensor) at each
+# tensor size, and 32 heads at tensor 8. The hidden size stays small.
+WHOLE_HEAD_CASES = [(28, 1, 2), (28, 4, 2), (28, 2, 4), (28, 4, 4)] + [(28, kv, 8) for kv in (1, 2, 4)] + \
+    [(32, 2, 8), (32, 8, 8)]
 # Tensor sizes that keep 28 query heads and this many kv heads whole (kv heads split or replicated).
 VALID_FOR_28 = {1: "1, 2, 4, 7, 14, 28", 2: "1, 2, 4, 14, 28", 4: "1, 2, 4, 28"}
 

@@ -12,7 +12,7 @@ import model_lib
 from model_lib.checkpoint import save_pretrained
 from tests.tiny_models import assert_logits_close
 from tests.vlm_families import VLM_CASES, hf_inputs, our_images
-from tests.vlm_models import random_image
+from tests.vlm_models import random_image, vision_forward
 
 # Sizes that pick different tile grids, unpad rows in one and columns in the other.
 IMAGES = [random_image(1, (40, 70)), random_image(2, (64, 30))]
@@ -29,7 +29,7 @@ def test_logits_with_images_match_transformers(name, tmp_path):
         with torch.no_grad():
             expected = ref(**inputs).logits.numpy()
         pixels, sizes = our_images(tmp_path, images)
-        ours = model(inputs["input_ids"].numpy(), pixel_values=pixels, image_sizes=sizes)
+        ours = vision_forward(model, inputs["input_ids"].numpy(), pixel_values=pixels, image_sizes=sizes)
         assert_logits_close(np.asarray(ours), expected)
     # Our save loads in transformers (transformers 5 names, LLaVA-NeXT's bare image_newline included).
     save_pretrained(model, tmp_path / "saved")
@@ -59,6 +59,6 @@ def test_video_logits_match_transformers(tmp_path):
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([ids]), pixel_values=inputs["pixel_values"],
                        image_sizes=inputs["image_sizes"], pixel_values_videos=torch.tensor(frames[None])).logits.numpy()
-    ours = model(np.asarray([ids]), pixel_values=pixels, image_sizes=sizes, pixel_values_videos=[frames])
+    ours = vision_forward(model, np.asarray([ids]), pixel_values=pixels, image_sizes=sizes, pixel_values_videos=[frames])
     assert_logits_close(np.asarray(ours), expected)
     assert [item.video for item in items] == [True, False]

@@ -44,10 +44,16 @@ def _sequences(row: int) -> list[tuple[int, list[int]]]:
     return out
 
 
-# The oracles, compiled once each (eager dispatch per token dominates otherwise).
+# The oracles, compiled once each (eager dispatch per token dominates otherwise), and the scans under test,
+# compiled whole (op by op, each operation compiles apart).
 conv1d_step = jax.jit(ssm.conv1d_step)
 selective_state_step = jax.jit(ssm.selective_state_step)
 ssd_state_step = jax.jit(ssm.ssd_state_step)
+causal_conv1d = jax.jit(ssm.causal_conv1d)
+selective_scan = jax.jit(ssm.selective_scan)
+ssd_scan = jax.jit(ssm.ssd_scan)
+ssd_chunked_states = jax.jit(ssm.ssd_chunked_states, static_argnums=7)
+ssd_chunked = jax.jit(ssm.ssd_chunked, static_argnums=7)
 
 
 def _normal(key, shape, scale=1.0):
@@ -65,7 +71,7 @@ def test_causal_conv1d_matches_steps():
     C, W = 5, 4
     x, weight, bias = _normal(0, (B, T, C)), _normal(1, (C, W)), _normal(2, (C,))
     tails = _normal(3, (B, R, W - 1, C))
-    out, new_tails = ssm.causal_conv1d(x, weight, bias, jnp.asarray(SEGMENTS), tails)
+    out, new_tails = causal_conv1d(x, weight, bias, jnp.asarray(SEGMENTS), tails)
     for row in range(B):
         for run, (_, tokens) in enumerate(_sequences(row)):
             state = _start(tails, row, run)
@@ -83,7 +89,7 @@ def test_selective_scan_matches_steps():
     A = -jnp.exp(_normal(2, (D, N), 0.5))
     Bm, Cm = _normal(3, (B, T, N)), _normal(4, (B, T, N))
     Dv, h0 = _normal(5, (D,)), _normal(6, (B, R, D, N))
-    y, finals = ssm.selective_scan(x, dt, A, Bm, Cm, Dv, jnp.asarray(SEGMENTS), h0)
+    y, finals = selective_scan(x, dt, A, Bm, Cm, Dv, jnp.asarray(SEGMENTS), h0)
     for row in range(B):
         for run, (_, tokens) in enumerate(_sequences(row)):
             h = _start(h0, row, run)
@@ -110,11 +116,11 @@ def test_ssd_matches_steps(scan, chunk):
     segments = jnp.asarray(SEGMENTS)
     h0 = _normal(6, (B, 1 if scan == "chunked" else R, H, P, N))
     if scan == "associative":
-        y, finals = ssm.ssd_scan(x, dt, A, Bm, Cm, Dv, segments, h0)
+        y, finals = ssd_scan(x, dt, A, Bm, Cm, Dv, segments, h0)
     elif scan == "chunked_states":
-        y, finals = ssm.ssd_chunked_states(x, dt, A, Bm, Cm, Dv, segments, chunk, h0)
+        y, finals = ssd_chunked_states(x, dt, A, Bm, Cm, Dv, segments, chunk, h0)
     else:
-        y, last = ssm.ssd_chunked(x, dt, A, Bm, Cm, Dv, segments, chunk, h0[:, 0])
+        y, last = ssd_chunked(x, dt, A, Bm, Cm, Dv, segments, chunk, h0[:, 0])
     for row in range(B):
         sequences = _sequences(row)
         for run, (_, tokens) in enumerate(sequences):
@@ -159,9 +165,9 @@ def test_selective_scan_kernel_matches_reference_in_interpret_mode():
     kernel = functools.partial(ssm.selective_scan, implementation="interpret")
     inputs = (x, dt, A, Bm.astype(jnp.bfloat16), Cm.astype(jnp.bfloat16), Dv)  # B, C as the mixer passes them
     every = tuple(range(len(inputs)))
-    (_, got), got_grads = jax.value_and_grad(functools.partial(loss, kernel), argnums=every, has_aux=True)(*inputs)
-    (_, want), want_grads = jax.value_and_grad(functools.partial(loss, reference.selective_scan), argnums=every,
-                                               has_aux=True)(*inputs)
+    (_, got), got_grads = jax.jit(jax.value_and_grad(functools.partial(loss, kernel), argnums=every, has_aux=True))(*inputs)
+    (_, want), want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, reference.selective_scan), argnums=every,
+                                               has_aux=True))(*inputs)
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
     for g, w, a in zip(got_grads, want_grads, inputs):
         assert g.dtype == a.dtype
@@ -182,9 +188,10 @@ def test_ssd_kernel_matches_reference_in_interpret_mode():
     A = -jnp.exp(_normal(2, (H,), 0.5))
     Bm, Cm, Dv = _normal(3, (rows, length, G, N)), _normal(4, (rows, length, G, N)), _normal(5, (H,))
     real = (np.asarray(segments) != 0)[..., None, None]
-    want = reference.ssd_chunked(x, dt, A, Bm, Cm, Dv, segments, 8)[0]
+    want = jax.jit(reference.ssd_chunked, static_argnums=7)(x, dt, A, Bm, Cm, Dv, segments, 8)[0]
     dt_in, x_in = reference.identity_on_padding(dt, x, segments)
-    got = ssd_kernel.ssd_chunked(x_in, dt_in, A, Bm, Cm, Dv, ssm.run_ids(segments), chunk=16, interpret=True)
+    got = jax.jit(functools.partial(ssd_kernel.ssd_chunked, chunk=16, interpret=True))(x_in, dt_in, A, Bm, Cm, Dv,
+                                                                                    ssm.run_ids(segments))
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
 
     def loss(scan, *args):
@@ -192,7 +199,7 @@ def test_ssd_kernel_matches_reference_in_interpret_mode():
 
     inputs, every = (x, dt, A, Bm, Cm, Dv), tuple(range(6))
     kernel = functools.partial(ops.ssd_chunked, implementation="interpret")
-    got_grads = jax.grad(functools.partial(loss, kernel), argnums=every)(*inputs)
-    want_grads = jax.grad(functools.partial(loss, reference.ssd_chunked), argnums=every)(*inputs)
+    got_grads = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=every))(*inputs)
+    want_grads = jax.jit(jax.grad(functools.partial(loss, reference.ssd_chunked), argnums=every))(*inputs)
     for g, w in zip(got_grads, want_grads):  # the loss squares outputs in the thousands: relative bounds
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(np.abs(w).max()))

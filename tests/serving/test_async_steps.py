@@ -109,7 +109,7 @@ def test_penalty_counts_live_on_the_device(llm):
     assert tokens == llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids
 
 
-def test_nothing_compiles_after_warm_up(tiny_checkpoint):
+def test_nothing_compiles_after_warm_up(tiny_checkpoint, without_compilation_cache):
     folder, _ = tiny_checkpoint(CASE)
     # Layers scanned, as an accelerator serves them (the CPU default unrolls them).
     llm = LLM(folder, max_model_len=16, page_size=4, max_num_batched_tokens=8, max_num_seqs=4, enforce_eager=False,

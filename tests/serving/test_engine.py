@@ -37,7 +37,8 @@ def expected(tiny_checkpoint):
         ("tiny pool: preemption", dict(num_pages=10, page_size=4, max_num_batched_tokens=64)),
         ("prefix caching off", dict(enable_prefix_caching=False, page_size=4, max_num_batched_tokens=64)),
         ("small budget: chunked prefill", dict(max_num_batched_tokens=16, page_size=4)),
-        ("one sequence at a time", dict(max_num_seqs=1, page_size=8, max_num_batched_tokens=32)),
+        # The CPU backend's own smallest token bucket (1; tests/conftest.py pads to 8 elsewhere).
+        ("one sequence at a time", dict(max_num_seqs=1, page_size=8, max_num_batched_tokens=32, min_token_bucket=None)),
     ],
 )
 def test_same_tokens_under_scheduling_pressure(name, engine_args, tiny_checkpoint, expected):
@@ -52,6 +53,23 @@ def test_same_tokens_under_scheduling_pressure(name, engine_args, tiny_checkpoin
         assert engine.scheduler.num_preemptions > 0
     if "chunked" in name:
         assert max(len(p) for p in prompt_ids) > 16  # the long prompts needed several steps
+
+
+def test_min_token_bucket_defaults_to_the_backend_and_is_bounded(monkeypatch):
+    import jax
+
+    from serving.engine.runner import check_min_token_bucket, env_min_token_bucket
+
+    assert check_min_token_bucket(None) == (1 if jax.default_backend() == "cpu" else 8)
+    assert check_min_token_bucket(16) == 16
+    for bad in (0, -8, True, 8.0, (1 << 16) + 1):
+        with pytest.raises(ValueError, match="min_token_bucket must be an integer"):
+            check_min_token_bucket(bad)
+    monkeypatch.setenv("JAXLLM_MIN_TOKEN_BUCKET", "eight")
+    with pytest.raises(ValueError, match="JAXLLM_MIN_TOKEN_BUCKET='eight'"):
+        env_min_token_bucket()
+    monkeypatch.setenv("JAXLLM_MIN_TOKEN_BUCKET", "")
+    assert env_min_token_bucket() is None
 
 
 def test_prefix_cache_reuses_pages_across_requests(tiny_checkpoint, expected):

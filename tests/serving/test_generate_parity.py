@@ -1,4 +1,5 @@
-"""Greedy generations equal transformers' token for token, for every registered architecture."""
+"""Greedy generations equal transformers' token for token, for every registered architecture (CI runs the
+representative rows of `CI_ARCHITECTURES`; `make test-all` all of them)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import pytest
 
 from serving import LLM, SamplingParams
 from tests.serving.helpers import MAX_TOKENS, hf_greedy, prompts, token_prompts
-from tests.tiny_models import ONE_PER_ARCHITECTURE
+from tests.tiny_models import ONE_PER_ARCHITECTURE, ci_rows
 
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
 
 
-@pytest.mark.parametrize("case", ONE_PER_ARCHITECTURE)
+# The recurrent models' CI rows: tests/serving/test_ssm_serving.py, through the engine under pressure.
+RECURRENT = ("mamba2-groups-chunked", "granitemoehybrid-nope", "recurrentgemma-local-mqa", "qwen3_next-hybrid")
+
+
+@pytest.mark.parametrize("case", ci_rows(ONE_PER_ARCHITECTURE, covered=RECURRENT))
 def test_greedy_matches_transformers_batched_and_alone(case, tiny_checkpoint):
     folder, hf_model = tiny_checkpoint(case)
     prompt_ids = prompts()
