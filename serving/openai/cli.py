@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="skip compiling every step shape at start-up (each compiles on first use); default: "
                         "$JAXLLM_ENFORCE_EAGER, else warm up on a GPU and not on the CPU backend")
+    p.add_argument("--min-token-bucket", type=int, default=None,
+                   help="smallest padded step in tokens (fewer shapes to compile); default: $JAXLLM_MIN_TOKEN_BUCKET, "
+                        "else 1 on the CPU backend and 8 on a GPU")
     p.add_argument("--compilation-cache-dir",
                    help="persistent XLA compilation cache ('' to disable; default: $JAXLLM_COMPILATION_CACHE_DIR "
                         "or ~/.cache/jaxllm/xla)")
@@ -216,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             max_lora_rank=args.max_lora_rank,
             limit_mm_per_prompt=args.limit_mm_per_prompt,
             **({} if args.enforce_eager is None else {"enforce_eager": args.enforce_eager}),
+            **({} if args.min_token_bucket is None else {"min_token_bucket": args.min_token_bucket}),
         )
         for name, path in args.lora_modules:
             llm.engine.lora.load(name, path)

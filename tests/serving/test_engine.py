@@ -6,7 +6,7 @@ import pytest
 
 from model_lib.sharding import load_mesh_preset
 from serving import LLM, SamplingParams
-from tests.serving.helpers import hf_greedy, prompts, token_prompts
+from tests.serving.helpers import prompts, token_prompts
 
 # Module-scoped fixtures: keep this file on one xdist worker (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("engine")
@@ -70,6 +70,10 @@ def test_min_token_bucket_defaults_to_the_backend_and_is_bounded(monkeypatch):
         env_min_token_bucket()
     monkeypatch.setenv("JAXLLM_MIN_TOKEN_BUCKET", "")
     assert env_min_token_bucket() is None
+    from serving.openai.cli import parse_args
+
+    assert parse_args(["model"]).min_token_bucket is None  # the engine's default then
+    assert parse_args(["model", "--min-token-bucket", "4"]).min_token_bucket == 4
 
 
 def test_prefix_cache_reuses_pages_across_requests(tiny_checkpoint, expected):
