@@ -660,13 +660,17 @@ CI_ARCHITECTURES = [
 ]
 
 
-def ci_rows(cases: list[str], covered: tuple[str, ...] = ()) -> list:
-    """`cases` as pytest parameters, those outside CI_ARCHITECTURES (or in `covered`, which another CI test
-    runs through the same path) marked `slow`."""
+def ci_rows(rows: list, covered: tuple[str, ...] = ()) -> list:
+    """`rows` (case names, or tuples that start with one) as pytest parameters, those whose case is outside
+    CI_ARCHITECTURES (or in `covered`, which another CI test runs through the same path) marked `slow`."""
     import pytest
 
-    return [case if case in CI_ARCHITECTURES and case not in covered else pytest.param(case, marks=pytest.mark.slow)
-            for case in cases]
+    def ci(row) -> bool:
+        case = row[0] if isinstance(row, tuple) else row
+        return case in CI_ARCHITECTURES and case not in covered
+
+    return [row if ci(row) else pytest.param(*(row if isinstance(row, tuple) else (row,)), marks=pytest.mark.slow)
+            for row in rows]
 MOE_CASES = ["mixtral-moe", "qwen2_moe-shared", "qwen3_moe-sparse-step", "granitemoe-multipliers", "granitemoeshared-shared",
              "phimoe-sparsemixer-longrope", "dbrx-clip-moe",
              "gpt_oss-sinks-sliding", "glm4_moe-grouped-sigmoid", "deepseek_v2-lite-grouped-yarn", "deepseek_v3-noaux-yarn",

@@ -57,19 +57,15 @@ def build_llava(folder: Path, **overrides):
     return model
 
 
-SIZE_KEYS = ("image_sizes", "image_grid_thw")  # integers that shape the computation
+@partial(nnx.jit, static_argnames=("image_sizes",))
+def _vision_forward(model, input_ids, images, image_sizes):
+    return model(input_ids, **images, **({} if image_sizes is None else {"image_sizes": image_sizes}))
 
 
-@partial(nnx.jit, static_argnames=("sizes",))
-def _vision_forward(model, input_ids, images, sizes):
-    return model(input_ids, **images, **dict(sizes))
-
-
-def vision_forward(model, input_ids, **images) -> np.ndarray:
+def vision_forward(model, input_ids, image_sizes=None, **images) -> np.ndarray:
     """`model(input_ids, **images)` compiled as one program (run op by op, a tiny vision-language model
-    compiles each operation apart: most of a minute): pixels traced, image sizes and grids static."""
-    sizes = tuple((key, tuple(tuple(int(v) for v in row) for row in images.pop(key)))
-                  for key in SIZE_KEYS if images.get(key) is not None)
+    compiles each operation apart: most of a minute): pixels traced, image sizes static."""
+    sizes = None if image_sizes is None else tuple(tuple(int(v) for v in size) for size in image_sizes)
     return np.asarray(_vision_forward(model, np.asarray(input_ids), images, sizes))
 
 

@@ -38,6 +38,9 @@ MAX_SOURCE_LEN = 1 << 16  # a bound on any encoder length
 
 @dataclass(frozen=True)
 class Seq2SeqConfig:
+    # Not a field: the decoder configs' switch, which the engine reads (no encoder-decoder attends in MLA form).
+    attention_kind = "standard"
+
     architecture: str
     kind: str  # weight names: "bart" (BART, MBart), "t5" (T5, MT5), "fsmt"
     vocab_size: int  # the decoder's (output) vocabulary

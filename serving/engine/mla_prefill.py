@@ -25,9 +25,9 @@ from pallas_kernels.paged_attention.latent_expanded import expanded_crossover
 def expanded_prefill_tokens(config: ModelConfig, requested: int | None, max_num_batched_tokens: int) -> int:
     """New tokens a chunk needs to go expanded (0: never); ValueError for a value outside
     0..max_num_batched_tokens or for a model without MLA layers."""
-    if getattr(config, "attention_kind", None) != "mla":  # encoder-decoder configs have no attention kind
+    if config.attention_kind != "mla":
         if requested:
-            raise ValueError(f"mla_expanded_prefill_tokens={requested}: {getattr(config, 'architecture', 'this model')} has no MLA layers")
+            raise ValueError(f"mla_expanded_prefill_tokens={requested}: {config.architecture} has no MLA layers")
         return 0
     if requested is None:
         return min(expanded_crossover(config.kv_lora_rank, config.qk_nope_head_dim, config.v_head_dim),

@@ -10,7 +10,6 @@ from jax.sharding import PartitionSpec as P
 import model_lib
 from model_lib.sharding import HeadSplitError, ShardingPlan, load_mesh_preset, make_mesh
 from tests.tiny_models import (
-    CI_ARCHITECTURES,
     MOE_CASES,
     ONE_PER_ARCHITECTURE,
     SEQ_LEN,
@@ -31,8 +30,7 @@ PRESETS = {"tp": dict(tensor=4, data=2), "fsdp_tp": {}}
 SHARDED_CASES = [(case, ("tp", "fsdp_tp")[i % 2]) for i, case in enumerate(ONE_PER_ARCHITECTURE)]
 
 
-@pytest.mark.parametrize("case, preset", [pytest.param(c, p, id=f"{c}-{p}", marks=() if c in CI_ARCHITECTURES else pytest.mark.slow)
-                                           for c, p in SHARDED_CASES])
+@pytest.mark.parametrize("case, preset", ci_rows(SHARDED_CASES))
 def test_sharded_logits_equal_unsharded(case, preset, tiny_checkpoint, forward):
     sizes = PRESETS[preset]
     folder, _ = tiny_checkpoint(case)
