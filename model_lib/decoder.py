@@ -121,29 +121,28 @@ class DecoderLayer(nnx.Module):
 
 
 class SharedHead(nnx.Module):
-    """An MTP block's own output norm and LM head (`shared_head.norm`, `shared_head.head`)."""
+    """An MTP block's output norm (`shared_head.norm`). The checkpoint's `shared_head.head` is a copy of
+    the model's LM head and is not loaded: the draft uses the model's own, as transformers' `MtpModel` does."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.norm = make_norm(config)
-        self.head = Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
-                           dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
 
 
 class MTPLayer(DecoderLayer):
-    """One multi-token-prediction block (DeepSeek-V3), stored for speculative decoding and never run here.
+    """One multi-token-prediction block (DeepSeek-V3, GLM-4.5), stored for speculative decoding and never run here.
 
-    A decoder layer with the last layer's kinds (DeepSeek-V3's MTP layers are MoE layers like
-    every layer past `first_k_dense_replace`) plus what DeepSeek's MTP module adds: `enorm` on
-    the next token's embedding and `hnorm` on the previous hidden state, `eh_proj` joining the
-    two `[2E -> E]`, and its own `embed_tokens` and `shared_head` (copies of the model's in the
-    published checkpoints). Tensor names are the checkpoint's under `model.layers.{N + k}`.
+    A decoder layer with the last layer's kinds (the MTP layers are MoE layers like every layer
+    past `first_k_dense_replace`) plus what the MTP module adds: `enorm` on the next token's
+    embedding and `hnorm` on the previous hidden state, `eh_proj` joining the two `[2E -> E]`,
+    and `shared_head.norm`. Tensor names are the checkpoint's under `model.layers.{N + k}`; its
+    copies of the embeddings and LM head (`embed_tokens`, `shared_head.head`; DeepSeek-V3 ships
+    them, GLM-4.6 does not) are skipped, the model's own serve (`MTP_SHARED_COPIES`).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(config, config.num_layers - 1, rngs=rngs)
-        dtype, hidden = jnp.dtype(config.dtype), config.hidden_size
-        common = dict(dtype=dtype, init_std=config.initializer_range, rngs=rngs)
-        self.embed_tokens = Embed(config.vocab_size, hidden, axes=("vocab", "embed"), **common)
+        hidden = config.hidden_size
+        common = dict(dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs)
         self.enorm = make_norm(config)
         self.hnorm = make_norm(config)
         self.eh_proj = Linear(2 * hidden, hidden, axes=(None, "embed"), use_bias=False, **common)

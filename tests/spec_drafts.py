@@ -1,5 +1,5 @@
-"""Tiny hidden-state-fed drafts built at test time: an EAGLE-3 head in the published layout, and a
-DeepSeek-V3 checkpoint carrying its MTP block."""
+"""Tiny hidden-state-fed drafts built at test time: an EAGLE-3 head in the published layout, and
+DeepSeek-V3 / GLM-4.5 checkpoints carrying their MTP block."""
 
 from __future__ import annotations
 
@@ -56,15 +56,32 @@ def build_eagle3_checkpoint(folder: Path, target_config: dict, *, draft_vocab: i
     return tensors
 
 
-def add_mtp_block(source: Path, folder: Path, seed: int = 0) -> None:
-    """A copy of DeepSeek-V3 checkpoint `source` with an MTP block `model.layers.{N}` (and the tokenizer)."""
-    import shutil
+def mtp_tensors(tensors: dict[str, np.ndarray], layers: int, rng: np.random.RandomState,
+                copies: bool = True) -> dict[str, np.ndarray]:
+    """An MTP block `model.layers.{layers}` in DeepSeek-V3's naming: a decoder layer shaped like the last
+    one, `enorm`, `hnorm`, `eh_proj [E, 2E]`, `shared_head.norm` and, with `copies` (DeepSeek-V3 ships
+    them, GLM-4.6 does not), copies of the model's embeddings and LM head."""
+    last = f"model.layers.{layers - 1}."
+    block = {f"model.layers.{layers}.{k[len(last):]}": v + rng.randn(*v.shape).astype(v.dtype) * 0.02
+             for k, v in tensors.items() if k.startswith(last)}
+    hidden = tensors["model.norm.weight"].shape[0]
+    extra = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
+             "shared_head.norm.weight": (hidden,)}
+    block.update({f"model.layers.{layers}.{k}": rng.randn(*shape).astype(np.float32) * 0.1 for k, shape in extra.items()})
+    if copies:
+        block[f"model.layers.{layers}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].copy()
+        block[f"model.layers.{layers}.shared_head.head.weight"] = tensors["lm_head.weight"].copy()
+    return block
 
-    from tests.model_lib.test_deepseek import mtp_tensors
+
+def add_mtp_block(source: Path, folder: Path, seed: int = 0, copies: bool = True) -> None:
+    """A copy of checkpoint `source` (DeepSeek-V3 or GLM-4.5) with an MTP block `model.layers.{N}` (and the
+    tokenizer)."""
+    import shutil
 
     tensors = load_file(str(source / "model.safetensors"))
     config = json.loads((source / "config.json").read_text())
-    tensors.update(mtp_tensors(tensors, config["num_hidden_layers"], np.random.RandomState(seed)))
+    tensors.update(mtp_tensors(tensors, config["num_hidden_layers"], np.random.RandomState(seed), copies))
     shutil.copytree(source, folder)
     save_file({k: torch.as_tensor(v).contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))

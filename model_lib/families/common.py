@@ -7,6 +7,7 @@ transformers' config conventions (`rope_parameters`, `layer_types`, token ids).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from transformers import PretrainedConfig
 
 from model_lib.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig, RopeConfig
 from model_lib.layers.mla import mla_softmax_scale
-from model_lib.weight_map import Fused, Stacked
+from model_lib.weight_map import Fused, Stacked, WeightMap
 
 
 def rope_from_params(
@@ -304,3 +305,24 @@ SHARED_EXPERTS_RENAMES = tuple(
     (f"model.layers.{{i}}.mlp.shared_experts.{p}", f"model.layers.{{i}}.mlp.shared_expert.{p}") for p in GATE_UP_DOWN
 )
 """`mlp.shared_experts` (Glm4-MoE, DeepSeek: the always-on experts as one MLP) is our `mlp.shared_expert`."""
+
+
+MTP_SHARED_COPIES = r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\..*"
+"""An MTP block's copies of the model's embeddings and LM head (DeepSeek-V3 ships them, GLM-4.6 does not):
+not loaded, the draft reads the model's own (`model_lib/decoder.py` `MTPLayer`)."""
+
+
+SHARED_EXPERTS_WEIGHTS = WeightMap(
+    renames=SHARED_EXPERTS_RENAMES,
+    stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN),
+    peft_experts=PEFT_EXPERTS,
+)
+"""Per-expert routed experts stacked on load, `shared_experts` renamed (DeepSeek, Glm4-MoE)."""
+
+
+def with_mtp_blocks(config: ModelConfig) -> WeightMap:
+    """`SHARED_EXPERTS_WEIGHTS` with the MTP blocks after the stack (`model.layers.{N + k}`, DeepSeek-V3 and
+    GLM-4.5) held on `mtp.{k}`, so their experts stack and their shared experts rename as every layer's do."""
+    relocated = tuple((f"model.layers.{config.num_layers + k}", f"mtp.{k}") for k in range(config.num_mtp_layers))
+    weights = SHARED_EXPERTS_WEIGHTS
+    return dataclasses.replace(weights, relocated=relocated, ignored=(*weights.ignored, MTP_SHARED_COPIES))

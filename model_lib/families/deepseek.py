@@ -17,8 +17,9 @@ The first `first_k_dense_replace` layers keep a dense MLP, every later one is Mo
   by `routed_scaling_factor`.
 `moe_layer_freq` is ignored, as transformers does. V3 checkpoints may carry the MTP
 block(s) (`num_nextn_predict_layers`) as `model.layers.{num_hidden_layers + k}`: they
-load onto `CausalLM.mtp` (kept for speculative decoding, not run); a checkpoint without
-them (transformers' own saves) loads without. FP8 block-scaled checkpoints
+load onto `CausalLM.mtp` (kept for speculative decoding, not run; their copies of the
+embeddings and head are skipped); a checkpoint without them (transformers' own saves)
+loads without. FP8 block-scaled checkpoints
 (`weight_scale_inv`) load dequantized through `model_lib.quantization.checkpoints`.
 Experts are stored per expert and stacked on load.
 """
@@ -32,16 +33,13 @@ from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
 from model_lib.families.common import (
-    GATE_UP_DOWN,
-    PEFT_EXPERTS,
-    SHARED_EXPERTS_RENAMES,
-    expert_stack,
+    SHARED_EXPERTS_WEIGHTS,
     llama_like_fields,
     mla_fields,
     moe_fields,
+    with_mtp_blocks,
 )
 from model_lib.registry import Family
-from model_lib.weight_map import WeightMap
 
 V2_ROUTERS = ("greedy", "group_limited_greedy")
 
@@ -113,31 +111,18 @@ def deepseek_v3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     )
 
 
-DEEPSEEK_WEIGHTS = WeightMap(
-    renames=SHARED_EXPERTS_RENAMES,
-    stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN),
-    peft_experts=PEFT_EXPERTS,
-)
-
-
-def deepseek_v3_weights(config: ModelConfig) -> WeightMap:
-    """The MTP blocks after the stack (`model.layers.{N + k}`) live on `mtp.{k}`."""
-    mtp = tuple((f"model.layers.{config.num_layers + k}", f"mtp.{k}") for k in range(config.num_mtp_layers))
-    return dataclasses.replace(DEEPSEEK_WEIGHTS, relocated=mtp)
-
-
 DEEPSEEK_V2 = Family(
     "deepseek_v2",
     deepseek_v2_config,
-    DEEPSEEK_WEIGHTS,
+    SHARED_EXPERTS_WEIGHTS,
     quirks="MLA (optional q low rank, interleaved rope, YaRN mscale), greedy / group-limited softmax routers, "
     "shared experts, first-k dense layers",
 )
 DEEPSEEK_V3 = Family(
     "deepseek_v3",
     deepseek_v3_config,
-    DEEPSEEK_WEIGHTS,
+    SHARED_EXPERTS_WEIGHTS,
     quirks="MLA, sigmoid router with correction bias and expert groups, routed scaling, shared experts, "
     "first-k dense layers, MTP block kept, FP8 block-scaled weights",
-    weight_map_for=deepseek_v3_weights,
+    weight_map_for=with_mtp_blocks,
 )

@@ -1,17 +1,18 @@
 """Glm4-MoE (GLM-4.5): GLM-4 attention (partial rotary, optional q/k norm, qkv bias) with
 dense MLPs on the first `first_k_dense_replace` layers and MoE elsewhere: sigmoid router
 with `e_score_correction_bias`, group-limited top-k, routed scaling factor, and
-`n_shared_experts` always-on experts (one MLP). The multi-token-prediction layers that
-checkpoints carry past the last layer are ignored, as transformers does."""
+`n_shared_experts` always-on experts (one MLP). The multi-token-prediction block(s) that
+checkpoints carry past the last layer (`num_nextn_predict_layers`, `model.layers.{N + k}`, in
+DeepSeek-V3's layout) load onto `CausalLM.mtp` for speculative decoding (`method: "mtp"`); a
+checkpoint without them loads without."""
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import GATE_UP_DOWN, PEFT_EXPERTS, SHARED_EXPERTS_RENAMES, expert_stack, llama_like_fields, moe_fields
+from model_lib.families.common import SHARED_EXPERTS_WEIGHTS, llama_like_fields, moe_fields, with_mtp_blocks
 from model_lib.registry import Family
-from model_lib.weight_map import IDENTITY, WeightMap
 
 
 def glm4_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
@@ -30,17 +31,15 @@ def glm4_moe_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
             moe_topk_group=hf.topk_group,
             shared_expert_size=hf.moe_intermediate_size * hf.n_shared_experts,
         ),
+        num_mtp_layers=hf.num_nextn_predict_layers or 0,
     )
 
 
 GLM4_MOE = Family(
     "glm4_moe",
     glm4_moe_config,
-    WeightMap(
-        renames=SHARED_EXPERTS_RENAMES,
-        stacked=expert_stack("model.layers.{i}.mlp.experts", GATE_UP_DOWN),
-        peft_experts=PEFT_EXPERTS,
-        ignored=(*IDENTITY.ignored, r"model\.layers\.(46|92)\..*"),
-    ),
-    quirks="sigmoid router with correction bias and expert groups, routed scaling, shared experts, first-k dense layers",
+    SHARED_EXPERTS_WEIGHTS,
+    quirks="sigmoid router with correction bias and expert groups, routed scaling, shared experts, first-k dense layers, "
+    "MTP block kept",
+    weight_map_for=with_mtp_blocks,
 )

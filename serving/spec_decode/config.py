@@ -18,7 +18,7 @@ class SpeculativeConfig:
     sequence's last n tokens, n from `prompt_lookup_max` down to `prompt_lookup_min`) or
     "draft_model" (a smaller checkpoint `model` with the target's vocabulary, run by the same engine),
     "eagle3" (EAGLE-3 heads at `model`, fed the target's hidden states) or "mtp" (the target's own
-    DeepSeek-V3 MTP layer; no `model`).
+    MTP layer, DeepSeek-V3 or GLM-4.5; no `model`).
     `num_speculative_tokens`: drafts per sequence and step."""
 
     method: str

@@ -1,4 +1,4 @@
-"""Drafts fed by the target's hidden states: EAGLE-3 heads and DeepSeek MTP blocks.
+"""Drafts fed by the target's hidden states: EAGLE-3 heads and MTP blocks (DeepSeek-V3, GLM-4.5).
 
 The draft is one layer with its own KV pages (`model_lib/eagle3.py`, `model_lib/families/deepseek_mtp.py`).
 Its position p takes the token at p + 1 and a hidden state for p, and its output `o_p` predicts the

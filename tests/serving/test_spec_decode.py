@@ -29,6 +29,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
 
 
 MTP_TARGET = "deepseek_v3-noaux-yarn"
+MTP_TARGETS = {"mtp": MTP_TARGET, "mtp-glm4_moe": "glm4_moe-grouped-sigmoid"}
 # Its rotary covers 32 positions; 4 pages of 8 hold one sequence only (preemption).
 MTP_SIZES = dict(SIZES, max_model_len=32, num_pages=4)
 
@@ -73,17 +74,25 @@ def eagle3(folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mtp_engines(tiny_checkpoint, tmp_path_factory):
-    """(plain, mtp) LLMs of a tiny DeepSeek-V3 whose checkpoint carries a random MTP block."""
-    folder = tmp_path_factory.mktemp("mtp") / "checkpoint"
-    add_mtp_block(tiny_checkpoint(MTP_TARGET)[0], folder)
-    config = {"method": "mtp", "num_speculative_tokens": K}
-    return LLM(folder, **MTP_SIZES), LLM(folder, speculative_config=config, **MTP_SIZES)
+    """`mtp_engines(target)` -> (plain, mtp) LLMs of a tiny target whose checkpoint carries a random MTP block
+    (DeepSeek-V3's with its copies of the embeddings and head, GLM-4.5's without)."""
+    built = {}
+
+    def get(target: str) -> tuple[LLM, LLM]:
+        if target not in built:
+            folder = tmp_path_factory.mktemp("mtp") / "checkpoint"
+            add_mtp_block(tiny_checkpoint(target)[0], folder, copies=target == MTP_TARGET)
+            config = {"method": "mtp", "num_speculative_tokens": K}
+            built[target] = LLM(folder, **MTP_SIZES), LLM(folder, speculative_config=config, **MTP_SIZES)
+        return built[target]
+
+    return get
 
 
 def engines(request, method: str) -> tuple[LLM, LLM]:
-    """(plain, speculative) LLMs of a method's row."""
-    if method == "mtp":
-        return request.getfixturevalue("mtp_engines")
+    """(plain, speculative) LLMs of a method's row ("mtp" on DeepSeek-V3, "mtp-glm4_moe" on GLM-4.5)."""
+    if method.startswith("mtp"):
+        return request.getfixturevalue("mtp_engines")(MTP_TARGETS[method])
     plain = request.getfixturevalue("plain")
     if method == "eagle3":
         return plain, request.getfixturevalue("eagle3")
@@ -103,10 +112,10 @@ def mixed_params(plain: LLM, prompt_ids: list[list[int]]) -> list[SamplingParams
     ]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft", "eagle3", "mtp"])
+@pytest.mark.parametrize("method", ["ngram", "draft", "eagle3", "mtp", "mtp-glm4_moe"])
 def test_greedy_outputs_match_plain_decoding(request, method):
     plain, llm = engines(request, method)
-    prompt_ids = repetitive_prompts(20 if method == "mtp" else 40)
+    prompt_ids = repetitive_prompts(20 if method.startswith("mtp") else 40)
     params = mixed_params(plain, prompt_ids)
     expected = plain.generate(token_prompts(prompt_ids), params)
     steps_before = llm.engine.spec.num_steps
@@ -125,7 +134,7 @@ def test_greedy_outputs_match_plain_decoding(request, method):
         assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # both outcomes exercised
     if method != "draft":
         assert llm.engine.scheduler.num_preemptions > 0
-    if method in ("eagle3", "mtp"):
+    if method not in ("ngram", "draft"):
         assert llm.engine.spec.proposer.pool.all_free()  # draft pages follow the sequences out
     assert llm.engine.spec.num_steps > steps_before
 
