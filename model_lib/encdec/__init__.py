@@ -1,4 +1,4 @@
-"""Encoder-decoders (BART, MBart, T5, MT5, FSMT): config, model, weights and loading."""
+"""Encoder-decoders (BART, MBart, T5, MT5, FSMT, Whisper): config, model, weights and loading."""
 
 from model_lib.encdec.config import SEQ2SEQ_ARCHITECTURES, Seq2SeqConfig, seq2seq_config_from_hf
 from model_lib.encdec.loading import load_seq2seq, seq2seq_architecture

@@ -1,6 +1,6 @@
 """`Seq2SeqConfig`: an encoder-decoder checkpoint's fields, normalised from its transformers config.
 
-BART, MBart, T5 / MT5 and FSMT share one Transformer encoder-decoder and differ in data:
+BART, MBart, T5 / MT5, FSMT and Whisper share one Transformer encoder-decoder and differ in data:
 - BART: post-LN blocks, learned positions offset by 2, `layernorm_embedding`, `scale_embedding`, a
   `final_logits_bias`; MBart: the same with pre-LN blocks and final norms on both stacks.
 - T5 / MT5: pre-RMS-norm blocks without biases, no position embeddings but relative position buckets added
@@ -9,6 +9,11 @@ BART, MBart, T5 / MT5 and FSMT share one Transformer encoder-decoder and differ 
   d_model^-0.5 before its tied head (transformers' `scale_decoder_outputs`), MT5 does not.
 - FSMT: post-LN like BART without `layernorm_embedding`, separate source and target vocabularies, and
   fairseq's sinusoidal positions, stored in the checkpoint as tables (`padding_idx + 1` offset).
+- Whisper: MBart's pre-LN blocks and final norms without `layernorm_embedding`, no `k_proj` bias, learned
+  decoder positions without offset, and an encoder over log-mel features `[num_mel_bins, 2 * S]`: two
+  convolutions (the second of stride 2) with GELU, plus a stored sinusoidal table of S positions. It has no
+  source vocabulary (`src_vocab_size` 0) and no source mask. transformers computes but never applies its
+  `embed_scale`, so `scale_embedding` is ignored here as well.
 Generation settings (`decoder_start_token_id`, `forced_bos_token_id`, `forced_eos_token_id`, EOS) come
 from generation_config.json where it has them, else from config.json.
 """
@@ -31,9 +36,11 @@ SEQ2SEQ_ARCHITECTURES: dict[str, str] = {
     "T5ForConditionalGeneration": "t5",
     "MT5ForConditionalGeneration": "t5",
     "FSMTForConditionalGeneration": "fsmt",
+    "WhisperForConditionalGeneration": "whisper",
 }
 T5_DEFAULT_MAX_LEN = 512  # T5's positions are relative: the bound on source and target lengths (its n_positions)
 MAX_SOURCE_LEN = 1 << 16  # a bound on any encoder length
+MAX_MEL_BINS = 512  # a bound on a features encoder's channels (Whisper's are 80 or 128)
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,9 @@ class Seq2SeqConfig:
     attention_kind = "standard"
 
     architecture: str
-    kind: str  # weight names: "bart" (BART, MBart), "t5" (T5, MT5), "fsmt"
+    kind: str  # weight names: "bart" (BART, MBart), "t5" (T5, MT5), "fsmt", "whisper"
     vocab_size: int  # the decoder's (output) vocabulary
-    src_vocab_size: int  # the encoder's
+    src_vocab_size: int  # the encoder's; 0 for a features encoder
     d_model: int
     encoder_layers: int
     decoder_layers: int
@@ -79,6 +86,10 @@ class Seq2SeqConfig:
     pad_token_id: int
     dtype: str = "float32"
     initializer_range: float = 0.02
+    # >0: the encoder reads log-mel features `[num_mel_bins, 2 * max_source_len]` through two convolutions
+    # (Whisper) instead of token ids.
+    num_mel_bins: int = 0
+    key_bias: bool = True  # with attention_bias: whether k_proj has one too (Whisper's has none)
 
     multimodal = None  # the engine's vision-language switch
     rope = None  # the engine's length check reads it
@@ -88,6 +99,16 @@ class Seq2SeqConfig:
             raise ValueError(f"unsupported activation {self.activation!r}; known: {sorted(ACTIVATIONS)}")
         if not 1 <= self.max_source_len <= MAX_SOURCE_LEN:
             raise ValueError(f"the encoder length must be in [1, {MAX_SOURCE_LEN}], got {self.max_source_len}")
+        if not 0 <= self.num_mel_bins <= MAX_MEL_BINS:
+            raise ValueError(f"num_mel_bins must be in [0, {MAX_MEL_BINS}], got {self.num_mel_bins}")
+        if (self.num_mel_bins > 0) == (self.src_vocab_size > 0):
+            raise ValueError("an encoder reads either token ids (src_vocab_size > 0) or features (num_mel_bins > 0), "
+                             f"got src_vocab_size {self.src_vocab_size} and num_mel_bins {self.num_mel_bins}")
+
+    @property
+    def features_encoder(self) -> bool:
+        """Whether the encoder reads log-mel features (Whisper) rather than token ids."""
+        return self.num_mel_bins > 0
 
     @property
     def hidden_size(self) -> int:
@@ -123,7 +144,7 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 
 def seq2seq_config_from_hf(hf: Any, architecture: str, path: Path | None = None) -> Seq2SeqConfig:
-    """`Seq2SeqConfig` of a transformers Bart/MBart/T5/MT5/FSMT config (`path`: its folder, for
+    """`Seq2SeqConfig` of a transformers Bart/MBart/T5/MT5/FSMT/Whisper config (`path`: its folder, for
     generation_config.json)."""
     kind = SEQ2SEQ_ARCHITECTURES[architecture]
     gen = _generation_settings(path, hf)
@@ -156,18 +177,26 @@ def seq2seq_config_from_hf(hf: Any, architecture: str, path: Path | None = None)
     if hf.encoder_attention_heads != hf.decoder_attention_heads:
         raise ValueError(f"{architecture}: encoder and decoder attention heads differ "
                          f"({hf.encoder_attention_heads}, {hf.decoder_attention_heads}); not supported")
-    fsmt = kind == "fsmt"
-    mbart = hf.model_type == "mbart"
+    fsmt, whisper = kind == "fsmt", kind == "whisper"
+    pre_norm = whisper or hf.model_type == "mbart"
+    if whisper:
+        vocab, src_vocab, offset = hf.vocab_size, 0, 0
+        source_len, target_len = hf.max_source_positions, hf.max_target_positions
+    else:
+        vocab, src_vocab = (hf.tgt_vocab_size, hf.src_vocab_size) if fsmt else (hf.vocab_size, hf.vocab_size)
+        offset, source_len = (pad + 1 if fsmt else 2), hf.max_position_embeddings
+        target_len = source_len
     return Seq2SeqConfig(
-        **common, vocab_size=hf.tgt_vocab_size if fsmt else hf.vocab_size,
-        src_vocab_size=hf.src_vocab_size if fsmt else hf.vocab_size, d_model=hf.d_model,
+        **common, vocab_size=vocab, src_vocab_size=src_vocab, d_model=hf.d_model,
         encoder_layers=hf.encoder_layers, decoder_layers=hf.decoder_layers, encoder_heads=hf.encoder_attention_heads,
         decoder_heads=hf.decoder_attention_heads, head_dim=hf.d_model // hf.decoder_attention_heads,
         encoder_ffn=hf.encoder_ffn_dim, decoder_ffn=hf.decoder_ffn_dim, activation=hf.activation_function,
-        gated_ffn=False, norm_kind="layer", norm_eps=1e-5, pre_norm=mbart, embed_norm=not fsmt, final_norm=mbart,
-        embed_scale=hf.d_model**0.5 if hf.scale_embedding else 1.0, position_offset=pad + 1 if fsmt else 2,
-        relative_buckets=0, relative_max_distance=0, attention_bias=True, query_scale=(hf.d_model // hf.decoder_attention_heads)**-0.5,
-        output_scale=1.0, final_logits_bias=not fsmt, shared_embeddings=not fsmt,
-        tie_output=bool(getattr(hf, "tie_word_embeddings", True)), max_source_len=hf.max_position_embeddings,
-        max_position_embeddings=hf.max_position_embeddings, initializer_range=getattr(hf, "init_std", 0.02),
+        gated_ffn=False, norm_kind="layer", norm_eps=1e-5, pre_norm=pre_norm, embed_norm=not (fsmt or whisper),
+        final_norm=pre_norm, embed_scale=hf.d_model**0.5 if hf.scale_embedding and not whisper else 1.0,
+        position_offset=offset, relative_buckets=0, relative_max_distance=0, attention_bias=True,
+        key_bias=not whisper, query_scale=(hf.d_model // hf.decoder_attention_heads)**-0.5, output_scale=1.0,
+        final_logits_bias=not (fsmt or whisper), shared_embeddings=not (fsmt or whisper),
+        tie_output=bool(getattr(hf, "tie_word_embeddings", True)), max_source_len=source_len,
+        max_position_embeddings=target_len, initializer_range=getattr(hf, "init_std", 0.02),
+        num_mel_bins=hf.num_mel_bins if whisper else 0,
     )

@@ -1,17 +1,20 @@
-"""The encoder-decoder Transformer of BART, MBart, T5 / MT5 and FSMT (`config.py` says how they differ).
+"""The encoder-decoder Transformer of BART, MBart, T5 / MT5, FSMT and Whisper (`config.py` says how they differ).
 
 Two batch shapes, as the decoder-only families (DESIGN.md "One forward, two batch shapes"):
-- dense: `model(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)` -> logits
-  `[B, T, V]` for right-padded batches (tests, training);
-- serving: `fill_cross` runs the encoder for one sequence and stores every decoder layer's cross K/V in
-  the sequence's slot (`CrossKV`); `forward` then runs the decoder over a ragged paged step, its
-  self-attention in the paged pools, its cross attention over the slot's rows.
+- dense: `model(source, attention_mask, decoder_input_ids, decoder_attention_mask)` -> logits
+  `[B, T, V]` for right-padded batches (tests, training); `source` is the encoder's input: token ids
+  `[B, S]` with their mask, or a features encoder's (Whisper's) log-mel `[B, M, 2S]` with mask None;
+- serving: `fill_cross` (token ids) or `fill_cross_features` (log-mel features) runs the encoder for one
+  sequence and stores every decoder layer's cross K/V in the sequence's slot (`CrossKV`); `forward` then
+  runs the decoder over a ragged paged step, its self-attention in the paged pools, its cross attention
+  over the slot's rows.
 
 Parameter paths follow BART's names (`model.encoder.layers.N.self_attn.q_proj`, `encoder_attn`,
-`fc1`, `final_layer_norm`); T5 keeps its projection names (`q`, `k`, `v`, `o`, `wi`, `wo`) so PEFT
-targets match, and `weights.py` maps its block layout onto these paths.
+`fc1`, `final_layer_norm`; Whisper's `conv1`, `conv2` on the encoder); T5 keeps its projection names (`q`,
+`k`, `v`, `o`, `wi`, `wo`) so PEFT targets match, and `weights.py` maps its block layout onto these paths.
 
-Glossary: B batch, S source tokens, T target tokens, E d_model, H heads, D head_dim, F feed-forward.
+Glossary: B batch, S source tokens (a features encoder: frames after its stride-2 conv), T target tokens,
+E d_model, H heads, D head_dim, F feed-forward, M mel bins.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from model_lib import parallel
 from model_lib.cache_spec import PoolSizes
 from model_lib.encdec.config import Seq2SeqConfig
 from model_lib.layers import PagedBatch
-from model_lib.layers.activations import activation
+from model_lib.layers.activations import ACTIVATIONS, activation
+from model_lib.layers.conv import Conv1d
 from model_lib.layers.embedding import Embed
 from model_lib.layers.linear import Linear
 from model_lib.layers.norms import LayerNorm, RMSNorm
@@ -38,9 +42,10 @@ ATTENTION_NAMES = {"t5": ("q", "k", "v", "o")}  # others: BART's
 BART_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def _linear(config: Seq2SeqConfig, features_in: int, features_out: int, axes, rngs: nnx.Rngs, head_size: int = 1):
-    return Linear(features_in, features_out, axes=axes, use_bias=config.attention_bias, dtype=jnp.dtype(config.dtype),
-                  init_std=config.initializer_range, rngs=rngs, head_size=head_size)
+def _linear(config: Seq2SeqConfig, features_in: int, features_out: int, axes, rngs: nnx.Rngs, head_size: int = 1,
+            use_bias: bool = True):
+    return Linear(features_in, features_out, axes=axes, use_bias=config.attention_bias and use_bias,
+                  dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs, head_size=head_size)
 
 
 def _norm(config: Seq2SeqConfig) -> LayerNorm | RMSNorm:
@@ -64,8 +69,9 @@ class MultiHeadAttention(nnx.Module):
         inner = num_heads * config.head_dim
         shapes = ((config.d_model, inner, ("embed", "q_heads")), (config.d_model, inner, ("embed", "kv_heads")),
                   (config.d_model, inner, ("embed", "kv_heads")), (inner, config.d_model, ("q_heads", "embed")))
-        for name, (n_in, n_out, axes) in zip(self.names, shapes):
-            setattr(self, name, _linear(config, n_in, n_out, axes, rngs, config.head_dim))
+        for i, (name, (n_in, n_out, axes)) in enumerate(zip(self.names, shapes)):
+            bias = i != 1 or config.key_bias
+            setattr(self, name, _linear(config, n_in, n_out, axes, rngs, config.head_dim, use_bias=bias))
 
     def project(self, which: int, x: jax.Array) -> jax.Array:
         """q (0), k (1) or v (2) of `x [..., E]` -> `[..., H, D]`."""
@@ -119,17 +125,24 @@ class Layer(nnx.Module):
 
 
 class Stack(nnx.Module):
-    """Embeddings, layers and final norm of the encoder or the decoder."""
+    """Embeddings (a features encoder: its convolutions), layers and final norm of the encoder or the decoder."""
 
     def __init__(self, config: Seq2SeqConfig, decoder: bool, *, rngs: nnx.Rngs):
         self.decoder = decoder
         self.embed_scale = config.embed_scale
         self.position_offset = config.position_offset
         self.relative_max_distance = config.relative_max_distance
+        features = config.features_encoder and not decoder
         vocab = config.vocab_size if decoder else config.src_vocab_size
-        self.embed_tokens = None if config.shared_embeddings else _embed(config, vocab, rngs)
+        self.embed_tokens = None if config.shared_embeddings or features else _embed(config, vocab, rngs)
+        # Whisper's stem: `gelu(conv2(gelu(conv1 x)))`, 2S frames -> S.
+        conv = dict(padding=1, axes=(None, "embed"), dtype=jnp.dtype(config.dtype), init_std=config.initializer_range,
+                    rngs=rngs)
+        self.conv1 = Conv1d(config.num_mel_bins, config.d_model, 3, **conv) if features else None
+        self.conv2 = Conv1d(config.d_model, config.d_model, 3, stride=2, **conv) if features else None
         learned = config.position_offset is not None
-        rows = (config.max_position_embeddings + config.position_offset) if learned else 0
+        length = config.max_position_embeddings if decoder else config.max_source_len
+        rows = (length + config.position_offset) if learned else 0
         self.embed_positions = _embed(config, rows, rngs, ("position", "embed")) if learned else None
         self.relative_attention_bias = None if learned else nnx.Param(
             (jax.random.normal(rngs.params(), (config.relative_buckets, config.decoder_heads)) * 0.02).astype(config.dtype),
@@ -143,6 +156,16 @@ class Stack(nnx.Module):
         x = table(input_ids)
         if self.embed_scale != 1.0:
             x = x * jnp.asarray(self.embed_scale, x.dtype)
+        return self.add_positions(x, positions)
+
+    def embed_features(self, features: jax.Array) -> jax.Array:
+        """Log-mel `features [B, M, 2S]` -> `[B, S, E]` (a features encoder)."""
+        gelu = ACTIVATIONS["gelu"]  # transformers' exact `nn.functional.gelu`, whatever the layers' activation
+        x = gelu(self.conv2(gelu(self.conv1(jnp.swapaxes(features, 1, 2)))))  # [B, 2S, M] -> [B, S, E]
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        return self.add_positions(x, positions)
+
+    def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions + self.position_offset)
         return x if self.layernorm_embedding is None else self.layernorm_embedding(x)
@@ -177,6 +200,11 @@ def _dense_attention(attn: MultiHeadAttention, x: jax.Array, memory: jax.Array, 
                                    kv_segment_ids=kv_segments, scale=attn.scale, sliding_window=None, softcap=None,
                                    causal=causal, **extra)
     return attn.output(out)
+
+
+def _source_segments(attention_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Array:
+    """Segment ids `[B, S]` of the encoder's positions: its mask, or all real (a features encoder)."""
+    return jnp.ones(shape, jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
 
 
 class _PagedSelfAttention:
@@ -217,28 +245,50 @@ class Seq2SeqLM(nnx.Module):
             logits = logits + self.final_logits_bias[...][0]
         return logits.astype(jnp.float32)
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Right-padded source ids and mask `[B, S]` -> final encoder states `[B, S, E]`."""
+    def check_source(self, source: jax.Array, attention_mask: jax.Array | None) -> None:
+        """ValueError for an encoder input of the wrong kind or shape (static shapes: checked when traced)."""
+        config = self.config
+        if not config.features_encoder:
+            if source.ndim != 2 or attention_mask is None or attention_mask.shape != source.shape:
+                raise ValueError(f"{config.architecture} encodes token ids [B, S] with a mask of their shape, got "
+                                 f"{source.shape} and {None if attention_mask is None else attention_mask.shape}")
+            return
+        want = (config.num_mel_bins, 2 * config.max_source_len)
+        if source.ndim != 3 or source.shape[1:] != want:
+            raise ValueError(f"{config.architecture} encodes log-mel features [B, {want[0]}, {want[1]}] (exactly "
+                             f"2 * max_source_len frames, padded as its feature extractor pads), got {source.shape}")
+        if attention_mask is not None:
+            raise ValueError(f"{config.architecture} attends to every frame: pass attention_mask None")
+
+    def encode(self, source: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Final encoder states `[B, S, E]` of right-padded source ids with their mask `[B, S]`, or of log-mel
+        features `[B, M, 2S]` without one (a features encoder: every frame is real)."""
+        self.check_source(source, attention_mask)
         stack = self.model.encoder
-        positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        x = stack.embed(self.model.tokens(stack), input_ids, positions)
-        segments = attention_mask.astype(jnp.int32)
+        if self.config.features_encoder:
+            x = stack.embed_features(source)
+        else:
+            positions = jnp.broadcast_to(jnp.arange(source.shape[1], dtype=jnp.int32), source.shape)
+            x = stack.embed(self.model.tokens(stack), source, positions)
+        segments = _source_segments(attention_mask, x.shape[:2])
         bias = stack.position_bias()
         attend = lambda attn, h: _dense_attention(attn, h, h, segments, segments, causal=False, bias=bias)  # noqa: E731
         for layer in stack.layers:
             x = layer(x, attend)
         return stack.finish(x)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, decoder_input_ids: jax.Array,
+    def __call__(self, source: jax.Array, attention_mask: jax.Array | None, decoder_input_ids: jax.Array,
                  decoder_attention_mask: jax.Array | None = None) -> jax.Array:
-        """Teacher-forced logits `[B, T, V]` (float32) of right-padded source and target batches."""
-        memory = self.encode(input_ids, attention_mask)
+        """Teacher-forced logits `[B, T, V]` (float32) of right-padded target batches over their sources: token
+        ids `[B, S]` with `attention_mask`, or a features encoder's log-mel `[B, M, 2S]` with None (`encode`)."""
+        memory = self.encode(source, attention_mask)
+        kv_segments = _source_segments(attention_mask, memory.shape[:2])
         stack = self.model.decoder
         if decoder_attention_mask is None:
             decoder_attention_mask = jnp.ones(decoder_input_ids.shape, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(decoder_input_ids.shape[1], dtype=jnp.int32), decoder_input_ids.shape)
         x = stack.embed(self.model.tokens(stack), decoder_input_ids, positions)
-        q_segments, kv_segments = decoder_attention_mask.astype(jnp.int32), attention_mask.astype(jnp.int32)
+        q_segments = decoder_attention_mask.astype(jnp.int32)
         bias = stack.position_bias()
         self_attend = lambda attn, h: _dense_attention(  # noqa: E731
             attn, h, h, q_segments, q_segments, causal=True, bias=bias)
@@ -261,7 +311,16 @@ class Seq2SeqLM(nnx.Module):
         """Run the encoder on one sequence's source `input_ids [S']` (real up to `length`) and store each
         decoder layer's cross K/V in `slot`'s rows."""
         mask = (jnp.arange(input_ids.shape[0]) < length)[None]
-        memory = self.encode(input_ids[None], mask)[0]  # [S', E]
+        return self._write_cross(kv_caches, self.encode(input_ids[None], mask)[0], length, slot)
+
+    def fill_cross_features(self, kv_caches: list, input_features: jax.Array, slot: jax.Array) -> list:
+        """`fill_cross` of a features encoder: one sequence's log-mel `input_features [M, 2S]` (S =
+        max_source_len, all of it real) -> each decoder layer's cross K/V of its S frames in `slot`'s rows."""
+        memory = self.encode(input_features[None])[0]  # [S, E]
+        return self._write_cross(kv_caches, memory, jnp.int32(memory.shape[0]), slot)
+
+    def _write_cross(self, kv_caches: list, memory: jax.Array, length: jax.Array, slot: jax.Array) -> list:
+        """Every decoder layer's cross K/V of `memory [S', E]` (real up to `length`) into `slot`'s rows."""
         filled = []
         for layer, (self_kv, (k_pool, v_pool, lengths)) in zip(self.model.decoder.layers, kv_caches):
             attn = layer.encoder_attn

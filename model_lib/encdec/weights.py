@@ -1,6 +1,8 @@
 """Checkpoint tensor names <-> our parameter paths for the encoder-decoders (`model.py`).
 
-BART and MBart load by identity. FSMT names its head `model.decoder.output_projection`. T5 / MT5 nest
+BART and MBart load by identity. FSMT names its head `model.decoder.output_projection`, Whisper `proj_out`
+(its convolutions `model.encoder.conv1` / `conv2` load by identity: `weight [out, in, K]` is our kernel's
+reverse, `layers/conv.py`). T5 / MT5 nest
 each sub-layer in `block.N.layer.I` (I = 0 self-attention, 1 cross attention in the decoder, then the
 feed-forward) and keep one relative-bias table in block 0 of each stack; the tables below map those onto
 BART's layout and back (the way back names PEFT's modules).
@@ -34,7 +36,8 @@ _T5 = [
     (r"lm_head\.(.*)", r"lm_head.\1"),
 ]
 _FSMT = [(r"model\.decoder\.output_projection\.(.*)", r"lm_head.\1")]
-_NAMES = {"t5": _T5, "fsmt": _FSMT, "bart": []}
+_WHISPER = [(r"proj_out\.(.*)", r"lm_head.\1")]
+_NAMES = {"t5": _T5, "fsmt": _FSMT, "whisper": _WHISPER, "bart": []}
 
 # (HF module, our module) per kind: what PEFT names our linear layers (`WeightMap.renames` patterns).
 _T5_MODULES = tuple(
@@ -44,7 +47,8 @@ _T5_MODULES = tuple(
     + [(f"{stack}.block.{{i}}.layer.{index}.DenseReluDense.{p}", f"model.{stack}.layers.{{i}}.{p}")
        for stack, index in (("encoder", 1), ("decoder", 2)) for p in ("wi", "wi_0", "wi_1", "wo")]
 )
-_MODULES = {"t5": _T5_MODULES, "fsmt": (("model.decoder.output_projection", "lm_head"),), "bart": ()}
+_MODULES = {"t5": _T5_MODULES, "fsmt": (("model.decoder.output_projection", "lm_head"),),
+            "whisper": (("proj_out", "lm_head"),), "bart": ()}
 
 
 def _rewrite(table: list[tuple[str, str | None]], name: str) -> str | None:
