@@ -145,6 +145,8 @@ def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list
     for path, layer in linear_layers(model).items():
         if path.startswith(VISION_MODULES) and not by_regex:
             continue
+        if targets == "all-linear" and path == OUTPUT_HEAD:  # PEFT skips the output layer whatever its HF name
+            continue
         hf = _hf_module(path, family)
         if _matches(hf, targets):
             groups.setdefault(hf, []).append((path, layer))

@@ -22,10 +22,13 @@ import threading
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, TypeVar
 
+import numpy as np
+
 from serving.engine import LLMEngine
 from serving.multimodal.inputs import ImageItem
 from serving.outputs import RequestOutput
 from serving.sampling_params import SamplingParams
+from serving.structured.token_masks import TokenMasks
 
 logger = logging.getLogger(__name__)
 
@@ -86,17 +89,22 @@ class AsyncLLMEngine:
         prompt: str | None = None,
         images: list[ImageItem] | None = None,
         lora_name: str | None = None,
+        encoder_features: np.ndarray | None = None,
+        token_masks: TokenMasks | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as it progresses (in `params.output_kind`), the last one `finished`.
 
-        `images`: the prompt's images (`LLMEngine.add_request`); `lora_name`: a loaded LoRA adapter to run it with."""
+        `images`, `lora_name`, `encoder_features`, `token_masks`: as `LLMEngine.add_request` takes them."""
         if not self.alive:
             raise EngineDeadError("the engine is not running")
-        self.engine.validate_request(prompt_ids, params)
+        audio = {} if encoder_features is None else {"encoder_features": encoder_features}  # not a pooling engine's
+        self.engine.validate_request(prompt_ids, params, **audio)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         # Only the options a request uses: engines without images or adapters (pooling) take neither.
-        options = {k: v for k, v in (("images", images), ("lora_name", lora_name)) if v}
+        given = {"images": images or None, "lora_name": lora_name or None, "encoder_features": encoder_features,
+                 "token_masks": token_masks}
+        options = {k: v for k, v in given.items() if v is not None}
         self._inbox.put(("add", ((request_id, prompt_ids, params, prompt), options)))
         self._wake.set()
         finished = False

@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 import model_lib
@@ -33,6 +35,7 @@ from serving.multimodal.media import MediaFetcher
 from serving.multimodal.prompts import image_inputs, split_prompt
 from serving.outputs import RequestOutput
 from serving.pooling_api import PoolingMethods
+from serving.audio.whisper import Transcriber, WindowRequest
 from serving.sampling_params import RequestOutputKind, SamplingParams
 from serving.seq2seq import seq2seq_engine_model
 from serving.spec_decode import SpeculativeConfig
@@ -128,6 +131,7 @@ class LLM(PoolingMethods):
         self.model_path = Path(model)
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.image_inputs = None
+        self.transcriber: Transcriber | None = None
         self.media = MediaFetcher(allowed_local_media_path)
         if pooling_architecture(model) is not None:
             if plan is not None or quantization is not None or jax.process_count() > 1:
@@ -140,6 +144,9 @@ class LLM(PoolingMethods):
             if enable_embeddings:
                 raise ValueError("enable_embeddings is for decoder-only models")
             self.engine = LLMEngine(net, self.tokenizer, EngineConfig(**engine_args))
+            if net.config.num_mel_bins:  # Whisper: audio in (serving/audio/whisper.py)
+                self.transcriber = Transcriber.from_pretrained(model, self.tokenizer, net.config.vocab_size,
+                                                               net.config.max_position_embeddings)
         else:
             net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
             self.image_inputs = image_inputs(model, net.config, limit_mm_per_prompt)
@@ -300,12 +307,17 @@ class LLM(PoolingMethods):
             lora_request = [lora_request] * len(prompts)
         if len(lora_request) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(lora_request)} LoRA requests")
+        final = RequestOutputKind.FINAL_ONLY
+        return self._run([functools.partial(self._add, prompt, dataclasses.replace(params, output_kind=final), lora)
+                          for prompt, params, lora in zip(prompts, sampling_params, lora_request)])
+
+    def _run(self, adds: list[Callable[[], str]]) -> list[RequestOutput]:
+        """Queue every request (`add()` -> its id), step until all finish; their outputs in order. Requests ask
+        for FINAL_ONLY outputs: one per request, when it finishes (no per-step copies of its lists)."""
         ids = []
         try:
-            for prompt, params, lora in zip(prompts, sampling_params, lora_request):
-                # One output per request, when it finishes: no per-step copies of its lists.
-                final = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-                ids.append(self._add(prompt, final, lora))
+            for add in adds:
+                ids.append(add())
             finished: dict[str, RequestOutput] = {}
             while len(finished) < len(ids):
                 for output in self.engine.step():
@@ -316,6 +328,46 @@ class LLM(PoolingMethods):
                 self.engine.abort_request(request_id)
             raise
         return [finished[request_id] for request_id in ids]
+
+    def transcribe(
+        self,
+        audio: bytes | np.ndarray,
+        *,
+        sampling_rate: int | None = None,
+        language: str | None = None,
+        task: str = "transcribe",
+        prompt: str | None = None,
+        sampling_params: SamplingParams | None = None,
+    ) -> list[RequestOutput]:
+        """Whisper: transcribe (or `task="translate"`) `audio`, a file's bytes (WAV, FLAC, OGG, MP3) or samples
+        at `sampling_rate`; one output per 30 s window, in order (`serving.audio.whisper.join_texts` joins
+        their texts). `language` unset on a multilingual model: detected per window. Default sampling: greedy,
+        up to the decoder's length."""
+        transcriber = self.transcriber
+        if transcriber is None:
+            raise ValueError(f"{self.model_path} does not transcribe audio (not a Whisper checkpoint)")
+        self._check_leader()
+        features = transcriber.features(transcriber.samples(audio, sampling_rate))
+        if transcriber.needs_detection(language):
+            detected = self._run_windows([transcriber.detection_request(f) for f in features],
+                                         SamplingParams(temperature=0.0, max_tokens=1))
+            language_ids = [o.outputs[0].token_ids[0] for o in detected]
+        else:
+            language_ids = transcriber.language_ids(language, len(features))
+        requests = transcriber.requests(features, language_ids, task, prompt)
+        return self._run_windows(requests, sampling_params or SamplingParams(temperature=0.0, max_tokens=None))
+
+    def _run_windows(self, requests: list[WindowRequest], params: SamplingParams) -> list[RequestOutput]:
+        final = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+
+        def add(request: WindowRequest) -> str:
+            request_id = str(self._counter)
+            self._counter += 1
+            self.engine.add_request(request_id, request.prompt_ids, final, encoder_features=request.features,
+                                    token_masks=request.token_masks)
+            return request_id
+
+        return self._run([functools.partial(add, r) for r in requests])
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that changes it (cumulative text and ids, or only

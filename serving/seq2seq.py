@@ -1,7 +1,9 @@
 """Encoder-decoders in the engine: the prompt is the encoder's input, the decoder generates.
 
 `Seq2SeqEncoder` is the engine's encoder for such a model (as `serving/multimodal/encoder.py` is for
-images). A request's prompt ids become its sequences' `encoder_ids`; their decoder prompt is
+images). A request's prompt ids become its sequences' `encoder_ids`, or for Whisper its audio's log-mel
+features their `encoder_features` (one 30 s window; the request's prompt is then the decoder's, built by
+`serving/audio/whisper.py`); a token source's decoder prompt is
 `[decoder_start_token_id]`, plus `forced_bos_token_id` where the generation config forces one (as vLLM
 does: the forced token is part of the decoder prompt, not of the output). When a sequence takes its slot
 (and again after a preemption, which recomputes it), `fill` runs the encoder over its source and writes
@@ -34,6 +36,10 @@ def _fill(graphdef, state, kv_caches, input_ids, length, slot):
     return nnx.merge(graphdef, state).fill_cross(kv_caches, input_ids, length, slot)
 
 
+def _fill_features(graphdef, state, kv_caches, features, slot):
+    return nnx.merge(graphdef, state).fill_cross_features(kv_caches, features, slot)
+
+
 class Seq2SeqEncoder:
     """Runs a `Seq2SeqLM`'s encoder for the engine, one sequence at a time."""
 
@@ -42,12 +48,33 @@ class Seq2SeqEncoder:
         self.budget = budget
         self.graphdef, self.state = nnx.split(model)
         self._fill = jax.jit(_fill, static_argnums=0, donate_argnums=(2,))
+        self._fill_features = jax.jit(_fill_features, static_argnums=0, donate_argnums=(2,))
+        self.num_mel_bins = self.config.num_mel_bins  # > 0: the encoder takes audio features (Whisper)
         forced_bos = self.config.forced_bos_token_id
         self.decoder_prompt = [self.config.decoder_start_token_id] + ([] if forced_bos is None else [forced_bos])
         self.num_encoded = 0  # sources run through the encoder (a preempted sequence counts again)
 
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        """An audio source's log-mel features: `[num_mel_bins, 2 * max_source_len]` (one 30 s window)."""
+        return self.num_mel_bins, 2 * self.config.max_source_len
+
+    def validate_features(self, features: np.ndarray) -> None:
+        """ValueError, naming the problem, for audio features the encoder cannot take."""
+        if not self.num_mel_bins:
+            raise ValueError(f"{self.config.architecture} takes no audio; its encoder reads the prompt's tokens")
+        if not isinstance(features, np.ndarray) or features.dtype != np.float32 or features.shape != self.feature_shape:
+            got = getattr(features, "shape", type(features).__name__)
+            raise ValueError(f"audio features must be a float32 array {list(self.feature_shape)} "
+                             f"(num_mel_bins, frames), got {got}")
+        if not np.isfinite(features).all():
+            raise ValueError("audio features hold non-finite values")
+
     def validate_source(self, ids: list[int]) -> None:
         """ValueError, naming the problem, for a source the encoder cannot take."""
+        if self.num_mel_bins:
+            raise ValueError(f"{self.config.architecture} transcribes audio: send audio (/v1/audio/transcriptions, "
+                             "LLM.transcribe), not a text prompt")
         if not ids:
             raise ValueError("the prompt is empty")
         vocab, limit = self.config.src_vocab_size, self.config.max_source_len
@@ -58,7 +85,7 @@ class Seq2SeqEncoder:
 
     def needs_encoder(self, seq: Sequence) -> bool:
         """Whether `seq`'s next step starts it (its slot holds no cross K/V of it yet)."""
-        return seq.encoder_ids is not None and seq.num_computed == 0
+        return seq.encoder_len > 0 and seq.num_computed == 0
 
     def fill(self, runner: ModelRunner, scheduled: Iterable[ScheduledSequence]) -> None:
         """Encode the sources of the sequences this step starts into their slots' cross K/V."""
@@ -66,12 +93,16 @@ class Seq2SeqEncoder:
             seq = item.seq
             if not self.needs_encoder(seq):
                 continue
+            self.num_encoded += 1
+            if seq.encoder_features is not None:
+                runner.kv_caches = self._fill_features(self.graphdef, self.state, runner.kv_caches,
+                                                       seq.encoder_features, np.int32(seq.slot))
+                continue
             n = len(seq.encoder_ids)
             ids = np.full(bucket(n, MIN_SOURCE_BUCKET, self.config.max_source_len), self.config.pad_token_id, np.int32)
             ids[:n] = seq.encoder_ids
             runner.kv_caches = self._fill(self.graphdef, self.state, runner.kv_caches, ids, np.int32(n),
                                           np.int32(seq.slot))
-            self.num_encoded += 1
 
     def forced_token(self, seq: Sequence, token: int) -> int:
         """`token`, or EOS where it is the last one `seq` may generate and the config forces EOS there."""

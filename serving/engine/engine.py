@@ -46,6 +46,7 @@ from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
 from serving.structured.compiler import GrammarCompiler
 from serving.structured.step_masks import StepMasks
+from serving.structured.token_masks import TokenMasks, combine
 from serving.spec_decode.build import speculative_step
 from serving.spec_decode.config import SpeculativeConfig
 
@@ -228,12 +229,17 @@ class LLMEngine:
             warm_up(self)
 
     # -- requests -------------------------------------------------------------
-    def validate_prompt(self, prompt_ids: list[int]) -> None:
-        """Raise ValueError, naming the problem, for a prompt this engine cannot serve.
+    def validate_prompt(self, prompt_ids: list[int], encoder_features: np.ndarray | None = None) -> None:
+        """Raise ValueError, naming the problem, for a prompt this engine cannot serve (`encoder_features`:
+        an audio encoder-decoder's source, `prompt_ids` then being the decoder's prompt).
 
         Reads only fixed settings, so front ends may call it from any thread.
         """
-        if self.seq2seq is not None:
+        if encoder_features is not None:
+            if self.seq2seq is None:
+                raise ValueError(f"{self.model_config.architecture} takes no audio")
+            self.seq2seq.validate_features(encoder_features)
+        elif self.seq2seq is not None:
             return self.seq2seq.validate_source(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -250,10 +256,11 @@ class LLMEngine:
         """What a prompt takes of max_model_len: its length, or an encoder-decoder's decoder prompt."""
         return len(prompt_ids) if self.seq2seq is None else len(self.seq2seq.decoder_prompt)
 
-    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams,
+                         encoder_features: np.ndarray | None = None) -> None:
         """`validate_prompt`, then the engine's limits on the parameters (ValueError naming the limit),
         then the structured-output constraint, compiled (and cached) here so a bad one is the caller's error."""
-        self.validate_prompt(prompt_ids)
+        self.validate_prompt(prompt_ids, encoder_features)
         validate_request(params, self.config.limits, self.model_config.vocab_size)
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)
@@ -271,16 +278,20 @@ class LLMEngine:
         prompt: str | None = None,
         images: list[ImageItem] | None = None,
         lora_name: str | None = None,
+        encoder_features: np.ndarray | None = None,
+        token_masks: TokenMasks | None = None,
     ) -> None:
         """Queue a request; raises ValueError for a prompt the engine cannot serve or an adapter it does not hold.
 
         `images`: the prompt's images, their placeholders already expanded (`serving.multimodal.inputs.ImageInputs`);
-        `lora_name`: the loaded LoRA adapter to run it with.
+        `lora_name`: the loaded LoRA adapter to run it with; `encoder_features`: an audio encoder-decoder's
+        source (Whisper's log-mel features; `prompt_ids` is then the decoder's prompt); `token_masks`: what its
+        sampled tokens keep to (Whisper's suppressed tokens).
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = _token_ids(prompt_ids)
-        self.validate_request(prompt_ids, params)
+        self.validate_request(prompt_ids, params, encoder_features)
         if lora_name is not None and self.lora is None:
             raise ValueError("this engine serves no LoRA adapters (enable_lora is off)")
         if lora_name is not None and lora_name not in self.lora.adapters:
@@ -289,9 +300,12 @@ class LLMEngine:
         check_placeholders(prompt_ids, images, self.model_config.multimodal)
         if images:
             self.images.check_fits(images)
-        source, encoder_ids = prompt_ids, None
-        if self.seq2seq is not None:  # the prompt feeds the encoder; the decoder starts from its own prompt
+        source, encoder_ids, encoder_len = prompt_ids, None, 0
+        if encoder_features is not None:  # audio feeds the encoder; the prompt is the decoder's
+            encoder_len = self.seq2seq.config.max_source_len
+        elif self.seq2seq is not None:  # the prompt feeds the encoder; the decoder starts from its own prompt
             encoder_ids, prompt_ids = prompt_ids, list(self.seq2seq.decoder_prompt)
+            encoder_len = len(encoder_ids)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         sequences = []
@@ -302,7 +316,8 @@ class LLMEngine:
                 # Signed 64-bit seeds (OpenAI's range) as their unsigned two's complement.
                 seed = int(np.random.SeedSequence([params.seed % 2**64, index]).generate_state(1)[0])
             seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens,
-                           images=images, encoder_ids=encoder_ids)
+                           images=images, encoder_ids=encoder_ids, encoder_features=encoder_features,
+                           encoder_len=encoder_len, token_masks=token_masks)
             seq.logprobs = [] if params.logprobs is not None else None
             if params.structured_outputs is not None:
                 seq.matcher = self.grammar_compiler.matcher(params.structured_outputs)
@@ -390,10 +405,13 @@ class LLMEngine:
         rows = {}
         for i, item in enumerate(scheduled):
             seq = item.seq
-            if seq.matcher is None or not item.completes_sequence or seq.finished:
+            if (seq.matcher is None and seq.token_masks is None) or not item.completes_sequence or seq.finished:
                 continue
             try:
-                rows[i] = self.masks.row(seq.matcher)
+                row = None if seq.matcher is None else self.masks.row(seq.matcher)
+                if seq.token_masks is not None:
+                    row = combine(row, seq.token_masks.row(len(seq.output_ids) + seq.num_pending))
+                rows[i] = row
             except Exception as e:  # noqa: BLE001 - fails this request only
                 self._fail(seq.request_id, "building its grammar mask", e, failed)
         return rows

@@ -50,6 +50,9 @@ class Sequence:
     images: list[ImageItem] = field(default_factory=list)
     mrope: Any = None  # M-RoPE models: its prompt's `MRopePositions`, computed at its first step
     encoder_ids: list[int] | None = None  # an encoder-decoder's source (the prompt); the decoder's is prompt_ids
+    encoder_features: Any = None  # or its audio source: log-mel features [num_mel_bins, frames] (Whisper)
+    encoder_len: int = 0  # encoder positions of its source (what the step's encoder budget counts)
+    token_masks: Any = None  # `TokenMasks` its sampled tokens keep to (serving/structured/token_masks.py)
     matcher: Any = None  # structured output: its xgrammar matcher, advanced by every token read
     spec_tokens: list[int] = field(default_factory=list)  # drafts to verify after the known tokens (speculation)
 

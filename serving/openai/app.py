@@ -1,5 +1,5 @@
 """The OpenAI-compatible FastAPI app: /v1/models, /v1/completions, /v1/chat/completions,
-/health and /metrics.
+/v1/audio/transcriptions (Whisper), /health and /metrics.
 
 Every error is an OpenAI error object with a status the OpenAPI document
 declares: 400 for a body that is not JSON (or not UTF-8, or nested too deeply),
@@ -39,6 +39,8 @@ from serving.metrics import ServingMetrics
 from serving.engine.pooling_engine import PoolingEngine
 from serving.openai.pooling import GUARDED_PATHS, POOLING_REQUESTS, add_pooling_routes
 from serving.openai.lora_routes import adapter_cards, add_lora_routes
+from serving.openai.transcriptions import add_transcription_routes, upload_limits
+from serving.audio.whisper import Transcriber
 from serving.multimodal.chat import count_images, split_images
 from serving.multimodal.inputs import ImageInputs, ImageItem
 from serving.multimodal.media import MediaFetcher
@@ -113,20 +115,24 @@ class BodyLimitMiddleware:
     raises the 413 (an OpenAI error object, through the app's handlers).
     """
 
-    def __init__(self, app: ASGIApp, max_body_size: int):
+    def __init__(self, app: ASGIApp, max_body_size: int, path_limits: dict[str, int] | None = None):
+        """`path_limits`: larger caps for upload routes (audio files), by path."""
         self.app = app
         self.max_body_size = max_body_size
+        self.path_limits = path_limits or {}
 
-    def too_large(self) -> APIError:
-        return APIError(413, f"the request body is larger than {self.max_body_size} bytes (--max-body-size)")
+    @staticmethod
+    def too_large(limit: int) -> APIError:
+        return APIError(413, f"the request body is larger than {limit} bytes (--max-body-size)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.max_body_size)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_size:
-            await self.too_large().response()(scope, receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await self.too_large(limit).response()(scope, receive, send)
             return
         seen = 0
 
@@ -135,8 +141,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_size:
-                    raise StarletteHTTPException(413, self.too_large().message)
+                if seen > limit:
+                    raise StarletteHTTPException(413, self.too_large(limit).message)
             return message
 
         await self.app(scope, counted, send)
@@ -169,6 +175,8 @@ class Prompt:
     text: str | None
     ids: list[int]
     images: list[ImageItem] = field(default_factory=list)  # placeholders already expanded in `ids`
+    encoder_features: Any = None  # Whisper: one window's log-mel features (`ids` is the decoder's prompt)
+    token_masks: Any = None  # what its tokens keep to (serving/structured/token_masks.py)
 
 
 class ClientGone(Exception):
@@ -193,13 +201,15 @@ class OpenAIServer:
         enable_auto_tool_choice: bool = False,
         tool_call_parser: str | None = None,
         reasoning_parser: str | None = None,
+        transcriber: Transcriber | None = None,
     ):
         """`allow_runtime_lora_updating`: add vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`
         (an engine with LoRA enabled only). `image_inputs`: a vision-language model's image preprocessing
         (chat image parts are refused without it); `media`: how image URLs are fetched (default: data: and
         http(s) only). `enable_auto_tool_choice` with a `tool_call_parser` (a `TOOL_PARSERS` name) reads tool
         calls out of the model's text for tool_choice "auto"; `reasoning_parser` (a `REASONING_PARSERS` name)
-        splits `reasoning_content` from chat answers."""
+        splits `reasoning_content` from chat answers. `transcriber`: a Whisper model's audio requests
+        (`/v1/audio/transcriptions`)."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -209,6 +219,7 @@ class OpenAIServer:
         self.lora = engine.engine.lora  # served adapters (None: LoRA off)
         self.allow_runtime_lora_updating = allow_runtime_lora_updating and self.lora is not None
         self.image_inputs = image_inputs
+        self.transcriber = transcriber
         self.media = media or MediaFetcher()
         self.metrics = ServingMetrics(engine.engine, model_name)
         self.max_model_len = engine.engine.max_model_len
@@ -304,9 +315,11 @@ class OpenAIServer:
             timer = self.metrics.request(len(prompt.ids))
             finished = False
             try:
-                images = {"images": prompt.images} if prompt.images else {}
+                inputs = {"images": prompt.images} if prompt.images else {}
+                if prompt.encoder_features is not None:
+                    inputs |= {"encoder_features": prompt.encoder_features, "token_masks": prompt.token_masks}
                 async for out in self.engine.generate(f"{base_id}-{i}", prompt.ids, params, prompt.text,
-                                                      lora_name=lora_name, **images):
+                                                      lora_name=lora_name, **inputs):
                     timer.tokens_seen(sum(len(c.token_ids) for c in out.outputs))
                     if out.finished:
                         finished = True
@@ -538,7 +551,8 @@ class OpenAIServer:
     # -- the application ------------------------------------------------------
     def app(self) -> FastAPI:
         app = FastAPI(title="jaxllm OpenAI-compatible server")
-        app.add_middleware(BodyLimitMiddleware, max_body_size=self.max_body_size)
+        app.add_middleware(BodyLimitMiddleware, max_body_size=self.max_body_size,
+                           path_limits=upload_limits(self.max_body_size) if self.transcriber is not None else None)
         if self.api_key is not None:  # added last: the outermost
             # Checked before the body is read, so a bad key is a 401 whatever else is wrong.
             protected = ("/v1", *GUARDED_PATHS, *(("/metrics",) if self.protect_metrics else ()))
@@ -610,6 +624,8 @@ class OpenAIServer:
             return await self.chat(body, raw)
 
         add_pooling_routes(app, self, _declared(*GENERATION_ERRORS))
+        if self.transcriber is not None:
+            add_transcription_routes(app, self, _declared(*GENERATION_ERRORS))
 
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                           allow_runtime_lora_updating=args.allow_runtime_lora_updating,
                           image_inputs=llm.image_inputs, media=media,
                           enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
-                          reasoning_parser=args.reasoning_parser)
+                          reasoning_parser=args.reasoning_parser, transcriber=llm.transcriber)
     config = uvicorn.Config(
         server.app(), host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )

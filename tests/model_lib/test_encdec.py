@@ -134,11 +134,16 @@ def test_export_writes_back_the_loaded_tensors(checkpoint, tmp_path):
 
 
 def test_whisper_untied_head_loads_as_lm_head(tmp_path):
-    """A Whisper checkpoint that stores `proj_out.weight` (tie_word_embeddings false) has its own head."""
+    """A Whisper checkpoint that stores `proj_out.weight` (tie_word_embeddings false) has its own head, which
+    all-linear LoRA leaves alone, as PEFT does with the output layer."""
+    from model_lib.lora import target_groups
+
     reference = build_seq2seq("WhisperForConditionalGeneration", tmp_path, tie_word_embeddings=False)
     net = load_seq2seq(tmp_path)
     assert not net.config.tie_output
     np.testing.assert_array_equal(np.asarray(net.lm_head.kernel[...]), reference.proj_out.weight.detach().numpy().T)
+    adapted = {path for parts in target_groups(net, "all-linear").values() for path, _ in parts}
+    assert "lm_head" not in adapted and "model.encoder.layers.0.self_attn.k_proj" in adapted
 
 
 def test_whisper_folder_generation_matches_our_logits(tmp_path):

@@ -41,18 +41,19 @@ def _stop(server) -> None:
 
 
 @contextlib.contextmanager
-def serve_in_thread(folder, api_key: str | None = None):
-    """The same app as `serve`, in this process (no second JAX start-up): uvicorn on a thread."""
+def serve_in_thread(folder, api_key: str | None = None, llm=None):
+    """The same app as `serve`, in this process (no second JAX start-up): uvicorn on a thread (`llm`: an
+    `LLM` of `folder` to serve, handed over to the server's engine thread)."""
     from serving.async_engine import AsyncLLMEngine
     from serving.llm import LLM
     from serving.openai.app import OpenAIServer
 
-    llm = LLM(folder, max_num_seqs=4)
+    llm = llm or LLM(folder, max_num_seqs=4)
     engine = AsyncLLMEngine(llm.engine)
     engine.start()
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(OpenAIServer(engine, llm.tokenizer, "tiny", api_key).app(), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    app = OpenAIServer(engine, llm.tokenizer, "tiny", api_key, transcriber=llm.transcriber).app()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
