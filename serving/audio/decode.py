@@ -51,7 +51,8 @@ def decode_audio(data: bytes, target_rate: int, max_seconds: float = MAX_AUDIO_S
                 raise ValueError(f"the audio is {f.frames / f.samplerate:.0f} s long; at most {max_seconds:.0f} s")
             samples, rate = f.read(dtype="float32", always_2d=True), f.samplerate
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
-        raise ValueError(f"could not decode the audio file ({e}); send WAV, FLAC, OGG or MP3") from None
+        reason = str(e).rsplit(": ", 1)[-1].rstrip(".")  # libsndfile's reason, without the stream's repr
+        raise ValueError(f"could not decode the audio file ({reason}); send WAV, FLAC, OGG or MP3") from None
     if not np.isfinite(samples).all():
         raise ValueError("the audio holds non-finite samples")
     return resample(mono(samples), rate, target_rate)

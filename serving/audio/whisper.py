@@ -51,9 +51,12 @@ class WhisperTokens:
         if gen.get("decoder_start_token_id") is None:
             raise ValueError(f"{file} names no decoder_start_token_id (<|startoftranscript|>)")
         languages = dict(gen.get("lang_to_id") or {})
+        multilingual = bool(gen.get("is_multilingual", bool(languages)))
+        if multilingual and not (languages and gen.get("task_to_id")):
+            raise ValueError(f"{file}: a multilingual Whisper needs lang_to_id and task_to_id")
         return cls(start=int(gen["decoder_start_token_id"]), languages=languages, tasks=dict(gen.get("task_to_id") or {}),
                    no_timestamps=gen.get("no_timestamps_token_id"), previous=gen.get("prev_sot_token_id"),
-                   multilingual=bool(gen.get("is_multilingual", bool(languages))),
+                   multilingual=multilingual,
                    suppress=tuple(gen.get("suppress_tokens") or ()),
                    begin_suppress=tuple(gen.get("begin_suppress_tokens") or ()))
 
@@ -70,6 +73,8 @@ class WhisperTokens:
 
     def decoder_prompt(self, language_id: int | None, task: str, prompt_ids: list[int], max_prompt: int) -> list[int]:
         """The decoder's prompt for a window (`language_id` None: English-only model)."""
+        if not self.multilingual and task != "transcribe":
+            raise ValueError(f"this is an English-only model: it transcribes, it does not {task}")
         prefix = []
         if prompt_ids:
             if self.previous is None:
@@ -122,12 +127,13 @@ class Transcriber:
     def samples(self, audio: bytes | np.ndarray, sampling_rate: int | None = None) -> np.ndarray:
         """Mono float32 samples at the model's rate from a file's bytes or from samples at `sampling_rate`."""
         if isinstance(audio, (bytes, bytearray)):
-            return decode_audio(bytes(audio), self.sampling_rate)
-        if sampling_rate is None:
+            samples = decode_audio(bytes(audio), self.sampling_rate)
+        elif sampling_rate is None:
             raise ValueError("audio given as samples needs its sampling_rate")
-        samples = resample(mono(audio), int(sampling_rate), self.sampling_rate)
+        else:
+            samples = resample(mono(audio), int(sampling_rate), self.sampling_rate)
         if not samples.size or not np.isfinite(samples).all():
-            raise ValueError("the audio must hold at least one finite sample and no non-finite ones")
+            raise ValueError("the audio must hold at least one sample and only finite ones")
         return samples
 
     def features(self, samples: np.ndarray) -> list[np.ndarray]:
@@ -161,8 +167,13 @@ class Transcriber:
         return language is None and self.tokens.multilingual and self.detection is not None
 
     def language_ids(self, language: str | None, num_windows: int) -> list[int | None]:
-        """Each window's language token where no detection is needed (None on English-only models)."""
-        if language is None or not self.tokens.multilingual:
+        """Each window's language token where no detection is needed (None on English-only models, which
+        take no language but English)."""
+        if not self.tokens.multilingual:
+            if language is not None and language.strip().lower() not in ("en", "english", "<|en|>"):
+                raise ValueError(f"this is an English-only model; language {language!r} is not English")
+            return [None] * num_windows
+        if language is None:
             return [None] * num_windows
         return [self.tokens.language_id(language)] * num_windows
 

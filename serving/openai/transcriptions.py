@@ -2,7 +2,8 @@
 
 A multipart form: `file` (WAV, FLAC, OGG or MP3; up to `AUDIO_UPLOAD_LIMIT` bytes, or `--max-body-size`
 if larger), `model`, optional `language` (else detected per window on multilingual models), `prompt`,
-`response_format` ("json": `{"text", "usage"}`; "text": the transcript alone) and `temperature` in [0, 1].
+`response_format` ("json": `{"text", "usage"}`; "text": the transcript alone), `temperature` in [0, 1]
+and `stream` (OpenAI's `transcript.text.delta` / `transcript.text.done` server-sent events).
 Timestamped formats (verbose_json, srt, vtt) are refused by name: no timestamps are generated.
 Translations take no `language` (the source's is detected) and run Whisper's translate task (to English). The audio
 decodes and its features are computed off the event loop; its 30 s windows run as one batch of engine
@@ -13,12 +14,13 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from serving.audio.whisper import WindowRequest, join_texts
+from serving.openai.responses import sse
 from serving.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -83,8 +85,10 @@ class TranscriptionRoutes:
         prompt: str | None = Form(None),
         response_format: str = Form("json"),
         temperature: float = Form(0.0, ge=0.0, le=1.0),
+        stream: bool = Form(False),
     ) -> Response:
-        return await self.respond(raw, file, model, language, prompt, response_format, temperature, "transcribe")
+        return await self.respond(raw, file, model, language, prompt, response_format, temperature, "transcribe",
+                                  stream)
 
     async def translations(
         self,
@@ -94,11 +98,12 @@ class TranscriptionRoutes:
         prompt: str | None = Form(None),
         response_format: str = Form("json"),
         temperature: float = Form(0.0, ge=0.0, le=1.0),
+        stream: bool = Form(False),
     ) -> Response:
-        return await self.respond(raw, file, model, None, prompt, response_format, temperature, "translate")
+        return await self.respond(raw, file, model, None, prompt, response_format, temperature, "translate", stream)
 
     async def respond(self, raw: Request, file: UploadFile, model: str, language: str | None, prompt: str | None,
-                      response_format: str, temperature: float, task: str) -> Response:
+                      response_format: str, temperature: float, task: str, stream: bool) -> Response:
         server = self.server
         if server.check_model(model) is not None:
             raise _refused(400, "transcription runs on the base model, not a LoRA adapter", param="model")
@@ -123,11 +128,42 @@ class TranscriptionRoutes:
             requests = transcriber.requests(features, language_ids, task, prompt)
         except ValueError as e:
             raise _refused(400, str(e), param="prompt") from None
-        outputs = await self.run(raw, requests, SamplingParams(temperature=temperature, max_tokens=None), base_id)
+        params = SamplingParams(temperature=temperature, max_tokens=None)
+        if stream:
+            return StreamingResponse(self.events(requests, params, base_id, seconds), media_type="text/event-stream")
+        outputs = await self.run(raw, requests, params, base_id)
         text = join_texts([o.outputs[0].text for o in outputs])
         if response_format == "text":
             return PlainTextResponse(text)
-        return JSONResponse({"text": text, "usage": {"type": "duration", "seconds": math.ceil(seconds)}})
+        return JSONResponse({"text": text, "usage": _usage(seconds)})
+
+    async def events(self, requests: list[WindowRequest], params: SamplingParams, base_id: str,
+                     seconds: float) -> AsyncIterator[str]:
+        """OpenAI's transcript stream: `transcript.text.delta` events in window order (each window's text
+        stripped, windows joined by a space, so the deltas add up to the final text), then
+        `transcript.text.done` with the whole text. A failure after the stream began is its last event."""
+        texts, finished = [""] * len(requests), [False] * len(requests)
+        window, sent, spoken = 0, "", False  # the window being sent, its text sent so far, text before it
+        try:
+            async for i, out in self.server.run(self.prompts(requests), params, base_id):
+                texts[i] += out.outputs[0].text
+                finished[i] = out.finished
+                while window < len(requests):
+                    visible = texts[window].strip()  # trailing spaces wait for more text, or vanish at the end
+                    if len(visible) > len(sent):
+                        gap = " " if spoken and not sent else ""
+                        yield sse({"type": "transcript.text.delta", "delta": gap + visible[len(sent):]})
+                        sent = visible
+                    if not finished[window]:
+                        break
+                    spoken, window, sent = spoken or bool(sent), window + 1, ""
+            yield sse({"type": "transcript.text.done", "text": join_texts(texts), "usage": _usage(seconds)})
+        except Exception as e:  # noqa: BLE001 - the stream has begun: its status is sent
+            yield sse(self.server.error_event(e))
+
+
+def _usage(seconds: float) -> dict:
+    return {"type": "duration", "seconds": math.ceil(seconds)}
 
 
 def add_transcription_routes(app: FastAPI, server: "OpenAIServer", responses: dict) -> None:

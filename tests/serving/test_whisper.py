@@ -135,9 +135,41 @@ def test_openai_client_transcriptions_equal_transformers(whisper):
                                                       **options})
         with pytest.raises(openai.NotFoundError):
             client.audio.transcriptions.create(model="other", file=("speech.wav", upload, "audio/wav"))
+        # Streamed: OpenAI's transcript events, whose deltas add up to the same text.
+        events = list(client.audio.transcriptions.create(model="tiny", file=("speech.wav", upload, "audio/wav"),
+                                                         language="en", stream=True))
+        deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+        assert len(deltas) > len(features) and "".join(deltas) == result.text
+        assert events[-1].type == "transcript.text.done" and events[-1].text == result.text
         # Translation: the language is detected, then Whisper's translate task runs.
         translated = client.audio.translations.create(model="tiny", file=("speech.wav", upload, "audio/wav"))
         assert translated.text == join_texts([o.outputs[0].text for o in translations])
         # The server goes on serving.
         assert client.audio.transcriptions.create(model="tiny", file=("s.wav", upload, "audio/wav"),
                                                   language="en").text == result.text
+
+
+def test_english_only_prompts_and_refusals(tmp_path):
+    """An English-only checkpoint (`is_multilingual` false, as whisper-*.en): no language or task tokens; a
+    translation or another language is refused by name, as transformers refuses them."""
+    import json
+
+    from transformers import WhisperFeatureExtractor
+
+    from serving.audio.whisper import Transcriber, WhisperTokens
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"decoder_start_token_id": 50257, "no_timestamps_token_id": 50362, "prev_sot_token_id": 50360,
+         "is_multilingual": False, "suppress_tokens": [1, 2], "begin_suppress_tokens": [220, 50256]}))
+    tokens = WhisperTokens.load(tmp_path)
+    assert tokens.decoder_prompt(None, "transcribe", [], 10) == [50257, 50362]
+    assert tokens.decoder_prompt(None, "transcribe", [7, 8, 9], 2) == [50360, 8, 9, 50257, 50362]
+    with pytest.raises(ValueError, match="English-only model: it transcribes, it does not translate"):
+        tokens.decoder_prompt(None, "translate", [], 10)
+    transcriber = Transcriber(WhisperFeatureExtractor(feature_size=8), tokens, None, 50363, 448)
+    assert not transcriber.needs_detection(None) and transcriber.language_ids("English", 2) == [None, None]
+    with pytest.raises(ValueError, match="English-only model; language 'de' is not English"):
+        transcriber.language_ids("de", 1)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"decoder_start_token_id": 1, "is_multilingual": True}))
+    with pytest.raises(ValueError, match="needs lang_to_id and task_to_id"):
+        WhisperTokens.load(tmp_path)
