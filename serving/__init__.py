@@ -1,8 +1,10 @@
 """Serving: the decode engine, the offline `LLM` API (and, next, the OpenAI-compatible server)."""
 
+from serving.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from serving.llm import LLM
 from serving.lora import LoRARequest
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
 
-__all__ = ["LLM", "LoRARequest", "CompletionOutput", "Logprob", "RequestOutput", "RequestOutputKind", "SamplingParams"]
+__all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "CompletionOutput", "LLM", "LoRARequest",
+           "Logprob", "RequestOutput", "RequestOutputKind", "SamplingParams"]

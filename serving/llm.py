@@ -36,6 +36,7 @@ from serving.multimodal.prompts import image_inputs, split_prompt
 from serving.outputs import RequestOutput
 from serving.pooling_api import PoolingMethods
 from serving.audio.whisper import Transcriber, WindowRequest
+from serving.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from serving.sampling_params import RequestOutputKind, SamplingParams
 from serving.seq2seq import seq2seq_engine_model
 from serving.spec_decode import SpeculativeConfig
@@ -328,6 +329,30 @@ class LLM(PoolingMethods):
                 self.engine.abort_request(request_id)
             raise
         return [finished[request_id] for request_id in ids]
+
+    def beam_search(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search (`serving/beam_search.py`) on a decoder-only model: one `BeamSearchOutput`
+        per prompt (a string or `{"prompt_token_ids": [...]}`), its `beam_width` best beams first to last."""
+        if self.engine.seq2seq is not None or isinstance(self.engine, PoolingEngine):
+            raise ValueError(f"beam search runs on decoder-only generative models, not {self.model_path}")
+        params.validate(self.engine.config.limits.max_logprobs)
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if any(isinstance(p, dict) and "multi_modal_data" in p for p in prompts):
+            raise ValueError("beam search takes text or token prompts (no images) for now")
+        token_prompts = [self._prompt_ids(p)[1] for p in prompts]
+
+        def run(beams: list[list[int]], step: SamplingParams) -> list[RequestOutput]:
+            return self.generate([{"prompt_token_ids": tokens} for tokens in beams], step, lora_request)
+
+        decode = None if self.tokenizer is None else self.tokenizer.decode
+        return beam_search(token_prompts, params, run, tuple(self.engine.eos_token_ids), self.engine.max_model_len,
+                           decode)
 
     def transcribe(
         self,

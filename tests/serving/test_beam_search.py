@@ -1,0 +1,92 @@
+"""`LLM.beam_search` (vLLM's offline beam search): without EOS it finds transformers' `generate(num_beams=k)`
+beams; the ranking, EOS and context rules are checked on a scripted model."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from serving.beam_search import BeamSearchParams, BeamSearchSequence, beam_score, beam_search
+from serving.outputs import CompletionOutput, Logprob, RequestOutput
+from tests.serving.helpers import prompts
+
+WIDTH, NEW_TOKENS = 3, 6
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint):
+    from serving.llm import LLM
+
+    folder, reference = tiny_checkpoint("llama-gqa")
+    return LLM(folder, max_num_seqs=8, max_model_len=64, num_pages=64), reference
+
+
+def test_beams_equal_transformers_beam_search(llama):
+    llm, reference = llama
+    prompt_ids = prompts((7, 12), seed=3)
+    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompt_ids],
+                              BeamSearchParams(beam_width=WIDTH, max_tokens=NEW_TOKENS, ignore_eos=True))
+    no_eos = copy.deepcopy(reference.generation_config)  # EOS is a token like any other, as with ignore_eos
+    no_eos.eos_token_id = None
+    for prompt, output in zip(prompt_ids, outputs):
+        with torch.no_grad():
+            want = reference.generate(torch.tensor([prompt]), generation_config=no_eos, num_beams=WIDTH,
+                                      num_return_sequences=WIDTH, do_sample=False, max_new_tokens=NEW_TOKENS,
+                                      length_penalty=1.0, pad_token_id=0, output_scores=True,
+                                      return_dict_in_generate=True)
+        assert [beam.tokens for beam in output.sequences] == want.sequences.tolist()
+        # transformers scores a beam by its output's logprob sum over the output length (penalty 1).
+        np.testing.assert_allclose([beam.cum_logprob for beam in output.sequences],
+                                   want.sequences_scores.numpy() * NEW_TOKENS, rtol=1e-4)
+        assert all(beam.finish_reason == "length" and len(beam.logprobs) == NEW_TOKENS for beam in output.sequences)
+        assert output.sequences[0].text == llm.tokenizer.decode(output.sequences[0].tokens)
+    with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\]"):
+        llm.beam_search("hello", BeamSearchParams(beam_width=11, max_tokens=2))
+
+
+def scripted(table: dict[tuple[int, ...], dict[int, float]]):
+    """An engine `run` whose next-token logprobs depend on each prompt's last two tokens (`table`)."""
+
+    def run(beams: list[list[int]], params) -> list[RequestOutput]:
+        outs = []
+        for tokens in beams:
+            choices = table[tuple(tokens[-2:])]
+            ranked = sorted(choices.items(), key=lambda kv: -kv[1])[: params.logprobs]
+            logprobs = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(ranked, 1)}
+            completion = CompletionOutput(0, "", [ranked[0][0]], -1.0, [logprobs], "length")
+            outs.append(RequestOutput("r", None, tokens, [completion], True))
+        return outs
+
+    return run
+
+
+def test_eos_length_penalty_and_full_context_on_a_scripted_model():
+    eos = 9
+    lp = math.log
+    table = {(0, 1): {2: lp(0.5), 3: lp(0.3), eos: lp(0.2)},
+             (1, 2): {eos: lp(0.9), 4: lp(0.1)}, (1, 3): {5: lp(0.6), 6: lp(0.4)},
+             (2, 4): {7: lp(1.0)}, (3, 5): {7: lp(1.0)}, (3, 6): {7: lp(1.0)},
+             (4, 7): {7: lp(1.0)}, (5, 7): {7: lp(1.0)}, (6, 7): {7: lp(1.0)}}
+    params = BeamSearchParams(beam_width=2, max_tokens=3, length_penalty=1.0)
+    [out] = beam_search([[0, 1]], params, scripted(table), (eos,), max_model_len=100)
+    # [0, 1, 2, eos] ends at 0.5 * 0.9 = 0.45 (length 3 without its EOS); [0, 1, 3, 5, 7] runs to max_tokens
+    # at 0.18 (length 5); [0, 1, eos] (0.2, length 2) ranks below both by log(p) / length.
+    assert [b.tokens for b in out.sequences] == [[0, 1, 2, eos], [0, 1, 3, 5, 7]]
+    assert [b.finish_reason for b in out.sequences] == ["stop", "length"]
+    np.testing.assert_allclose(out.sequences[0].cum_logprob, lp(0.45))
+    assert beam_score(out.sequences[1], (eos,), 1.0) == pytest.approx(lp(0.18) / 5)
+    # A context of 4 tokens: beams stop growing when they fill it.
+    [short] = beam_search([[0, 1]], dataclasses_replace(params, ignore_eos=True), scripted(table), (eos,),
+                          max_model_len=4)
+    assert all(len(b.tokens) <= 4 for b in short.sequences) and short.sequences[0].finish_reason == "length"
+    assert isinstance(short.sequences[0], BeamSearchSequence)
+
+
+def dataclasses_replace(params: BeamSearchParams, **changes) -> BeamSearchParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)
