@@ -1,5 +1,10 @@
 """Beam search over the engine, as vLLM's `LLM.beam_search` runs it (`BeamSearchParams`, `BeamSearchOutput`).
 
+A beam's tokens are what the decoder reads: the prompt and its output on a decoder-only model; the decoder
+prompt (`decoder_start_token_id`, a forced BOS) and the output on an encoder-decoder, whose every round
+runs the encoder again for each beam (no cross K/V is shared between requests yet). `forced_eos_token_id`
+is not applied (vLLM's beam search has no logits processors).
+
 Every round asks the engine for one token of every live beam with its top `2 * beam_width` logprobs (one
 batch; with prefix caching each beam's prefix comes from the cache, so a round prefills about a page per
 beam), expands each beam by those tokens, moves candidates that end in EOS to the finished list (unless
@@ -65,13 +70,13 @@ def beam_score(beam: BeamSearchSequence, eos_token_ids: tuple[int, ...], length_
 def beam_search(
     prompts: list[list[int]],
     params: BeamSearchParams,
-    run: Callable[[list[list[int]], SamplingParams], list[RequestOutput]],
+    run: Callable[[list[tuple[int, list[int]]], SamplingParams], list[RequestOutput]],
     eos_token_ids: tuple[int, ...],
     max_model_len: int,
     decode: Callable[[list[int]], str] | None = None,
 ) -> list[BeamSearchOutput]:
-    """Beams for every prompt; `run(token prompts, params)` generates one batch through the engine. A beam
-    that fills `max_model_len` ends there ("length")."""
+    """Beams for every prompt; `run([(prompt index, beam tokens)], params)` generates one batch through the
+    engine. A beam that fills `max_model_len` ends there ("length")."""
     width = params.beam_width
     step = SamplingParams(max_tokens=1, logprobs=2 * width, temperature=params.temperature)
     live = [[BeamSearchSequence(list(p))] for p in prompts]
@@ -84,10 +89,10 @@ def beam_search(
         for i, group in enumerate(live):  # beams that fill the context end
             done[i] += [dataclasses.replace(b, finish_reason="length") for b in group if len(b.tokens) >= max_model_len]
             live[i] = [b for b in group if len(b.tokens) < max_model_len]
-        beams = [beam for group in live for beam in group]
+        beams = [(i, beam.tokens) for i, group in enumerate(live) for beam in group]
         if not beams:
             break
-        outputs = iter(run([beam.tokens for beam in beams], step))
+        outputs = iter(run(beams, step))
         for i, group in enumerate(live):
             candidates = []
             for beam in group:

@@ -336,23 +336,34 @@ class LLM(PoolingMethods):
         params: BeamSearchParams,
         lora_request: LoRARequest | None = None,
     ) -> list[BeamSearchOutput]:
-        """vLLM's offline beam search (`serving/beam_search.py`) on a decoder-only model: one `BeamSearchOutput`
-        per prompt (a string or `{"prompt_token_ids": [...]}`), its `beam_width` best beams first to last."""
-        if self.engine.seq2seq is not None or isinstance(self.engine, PoolingEngine):
-            raise ValueError(f"beam search runs on decoder-only generative models, not {self.model_path}")
+        """vLLM's offline beam search (`serving/beam_search.py`): one `BeamSearchOutput` per prompt (a string or
+        `{"prompt_token_ids": [...]}`; an encoder-decoder's source), its `beam_width` best beams first to last."""
+        seq2seq = getattr(self.engine, "seq2seq", None)
+        if isinstance(self.engine, PoolingEngine) or self.transcriber is not None:
+            raise ValueError(f"beam search runs on text generation models, not {self.model_path}")
         params.validate(self.engine.config.limits.max_logprobs)
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if any(isinstance(p, dict) and "multi_modal_data" in p for p in prompts):
             raise ValueError("beam search takes text or token prompts (no images) for now")
-        token_prompts = [self._prompt_ids(p)[1] for p in prompts]
+        sources = [self._prompt_ids(p)[1] for p in prompts]
+        final = RequestOutputKind.FINAL_ONLY
+        step_params = lambda step: dataclasses.replace(step, output_kind=final)  # noqa: E731
 
-        def run(beams: list[list[int]], step: SamplingParams) -> list[RequestOutput]:
-            return self.generate([{"prompt_token_ids": tokens} for tokens in beams], step, lora_request)
+        def add(prompt: int, tokens: list[int], step: SamplingParams) -> str:
+            if seq2seq is None:
+                return self._add({"prompt_token_ids": tokens}, step_params(step), lora_request)
+            request_id = str(self._counter)
+            self._counter += 1
+            self.engine.add_request(request_id, sources[prompt], step_params(step), decoder_prompt_ids=tokens)
+            return request_id
 
+        def run(beams: list[tuple[int, list[int]]], step: SamplingParams) -> list[RequestOutput]:
+            return self._run([functools.partial(add, prompt, tokens, step) for prompt, tokens in beams])
+
+        starts = sources if seq2seq is None else [list(seq2seq.decoder_prompt)] * len(sources)
         decode = None if self.tokenizer is None else self.tokenizer.decode
-        return beam_search(token_prompts, params, run, tuple(self.engine.eos_token_ids), self.engine.max_model_len,
-                           decode)
+        return beam_search(starts, params, run, tuple(self.engine.eos_token_ids), self.engine.max_model_len, decode)
 
     def transcribe(
         self,

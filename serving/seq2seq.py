@@ -83,6 +83,15 @@ class Seq2SeqEncoder:
         if len(ids) > limit:
             raise ValueError(f"prompt is {len(ids)} tokens; this encoder takes at most {limit}")
 
+    def validate_decoder_prompt(self, ids: list[int], max_model_len: int) -> None:
+        """ValueError for a decoder prompt (beam search's beams) outside the vocabulary or without room to grow."""
+        vocab = self.config.vocab_size
+        if not ids or any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"the decoder prompt must be token ids in [0, {vocab}), at least one")
+        if len(ids) >= max_model_len:
+            raise ValueError(f"the decoder prompt is {len(ids)} tokens; max_model_len is {max_model_len}, "
+                             "which must leave room for at least one generated token")
+
     def needs_encoder(self, seq: Sequence) -> bool:
         """Whether `seq`'s next step starts it (its slot holds no cross K/V of it yet)."""
         return seq.encoder_len > 0 and seq.num_computed == 0

@@ -280,16 +280,20 @@ class LLMEngine:
         lora_name: str | None = None,
         encoder_features: np.ndarray | None = None,
         token_masks: TokenMasks | None = None,
+        decoder_prompt_ids: list[int] | None = None,
     ) -> None:
         """Queue a request; raises ValueError for a prompt the engine cannot serve or an adapter it does not hold.
 
         `images`: the prompt's images, their placeholders already expanded (`serving.multimodal.inputs.ImageInputs`);
         `lora_name`: the loaded LoRA adapter to run it with; `encoder_features`: an audio encoder-decoder's
         source (Whisper's log-mel features; `prompt_ids` is then the decoder's prompt); `token_masks`: what its
-        sampled tokens keep to (Whisper's suppressed tokens).
+        sampled tokens keep to (Whisper's suppressed tokens); `decoder_prompt_ids`: an encoder-decoder's decoder
+        prompt in place of its default (beam search's beams).
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if decoder_prompt_ids is not None and (self.seq2seq is None or encoder_features is not None):
+            raise ValueError("decoder_prompt_ids is for encoder-decoders with a token source")
         prompt_ids = _token_ids(prompt_ids)
         self.validate_request(prompt_ids, params, encoder_features)
         if lora_name is not None and self.lora is None:
@@ -304,7 +308,9 @@ class LLMEngine:
         if encoder_features is not None:  # audio feeds the encoder; the prompt is the decoder's
             encoder_len = self.seq2seq.config.max_source_len
         elif self.seq2seq is not None:  # the prompt feeds the encoder; the decoder starts from its own prompt
-            encoder_ids, prompt_ids = prompt_ids, list(self.seq2seq.decoder_prompt)
+            decoder = self.seq2seq.decoder_prompt if decoder_prompt_ids is None else _token_ids(decoder_prompt_ids)
+            self.seq2seq.validate_decoder_prompt(decoder, self.max_model_len)
+            encoder_ids, prompt_ids = prompt_ids, list(decoder)
             encoder_len = len(encoder_ids)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)

@@ -3,7 +3,6 @@ beams; the ranking, EOS and context rules are checked on a scripted model."""
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 from serving.beam_search import BeamSearchParams, BeamSearchSequence, beam_score, beam_search
 from serving.outputs import CompletionOutput, Logprob, RequestOutput
+from serving.sampling_params import SamplingParams
 from tests.serving.helpers import prompts
 
 WIDTH, NEW_TOKENS = 3, 6
@@ -30,14 +30,8 @@ def test_beams_equal_transformers_beam_search(llama):
     prompt_ids = prompts((7, 12), seed=3)
     outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompt_ids],
                               BeamSearchParams(beam_width=WIDTH, max_tokens=NEW_TOKENS, ignore_eos=True))
-    no_eos = copy.deepcopy(reference.generation_config)  # EOS is a token like any other, as with ignore_eos
-    no_eos.eos_token_id = None
     for prompt, output in zip(prompt_ids, outputs):
-        with torch.no_grad():
-            want = reference.generate(torch.tensor([prompt]), generation_config=no_eos, num_beams=WIDTH,
-                                      num_return_sequences=WIDTH, do_sample=False, max_new_tokens=NEW_TOKENS,
-                                      length_penalty=1.0, pad_token_id=0, output_scores=True,
-                                      return_dict_in_generate=True)
+        want = without_eos(reference, torch.tensor([prompt]))
         assert [beam.tokens for beam in output.sequences] == want.sequences.tolist()
         # transformers scores a beam by its output's logprob sum over the output length (penalty 1).
         np.testing.assert_allclose([beam.cum_logprob for beam in output.sequences],
@@ -46,14 +40,30 @@ def test_beams_equal_transformers_beam_search(llama):
         assert output.sequences[0].text == llm.tokenizer.decode(output.sequences[0].tokens)
     with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\]"):
         llm.beam_search("hello", BeamSearchParams(beam_width=11, max_tokens=2))
+    with pytest.raises(ValueError, match="decoder_prompt_ids is for encoder-decoders"):
+        llm.engine.add_request("bad", prompt_ids[0], SamplingParams(max_tokens=1), decoder_prompt_ids=[1])
+
+
+def without_eos(reference, input_ids: torch.Tensor):
+    """transformers' beam search with EOS a token like any other (as `ignore_eos`); the shared model's
+    generation config is put back after."""
+    saved = reference.generation_config.eos_token_id
+    reference.generation_config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            return reference.generate(input_ids, num_beams=WIDTH, num_return_sequences=WIDTH, do_sample=False,
+                                      max_new_tokens=NEW_TOKENS, length_penalty=1.0, pad_token_id=0,
+                                      output_scores=True, return_dict_in_generate=True)
+    finally:
+        reference.generation_config.eos_token_id = saved
 
 
 def scripted(table: dict[tuple[int, ...], dict[int, float]]):
     """An engine `run` whose next-token logprobs depend on each prompt's last two tokens (`table`)."""
 
-    def run(beams: list[list[int]], params) -> list[RequestOutput]:
+    def run(beams: list[tuple[int, list[int]]], params) -> list[RequestOutput]:
         outs = []
-        for tokens in beams:
+        for _, tokens in beams:
             choices = table[tuple(tokens[-2:])]
             ranked = sorted(choices.items(), key=lambda kv: -kv[1])[: params.logprobs]
             logprobs = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(ranked, 1)}
@@ -90,3 +100,27 @@ def dataclasses_replace(params: BeamSearchParams, **changes) -> BeamSearchParams
     import dataclasses
 
     return dataclasses.replace(params, **changes)
+
+
+def test_encoder_decoder_beams_equal_transformers(tmp_path):
+    """BART: the prompt is the source, beams are decoder prompts (`decoder_prompt_ids`) from
+    decoder_start_token_id on."""
+    from serving.llm import LLM
+    from tests.seq2seq_models import build_seq2seq, source_batch
+    from tests.tiny_models import build_tokenizer
+
+    reference = build_seq2seq("BartForConditionalGeneration", tmp_path, forced_eos_token_id=None)
+    build_tokenizer().save_pretrained(tmp_path)
+    llm = LLM(tmp_path, max_num_seqs=8, num_pages=64)
+    ids, mask = source_batch((9, 4), seed=5)
+    sources = [row[: m.sum()].tolist() for row, m in zip(ids, mask)]
+    outputs = llm.beam_search([{"prompt_token_ids": s} for s in sources],
+                              BeamSearchParams(beam_width=WIDTH, max_tokens=NEW_TOKENS, ignore_eos=True))
+    for source, output in zip(sources, outputs):
+        want = without_eos(reference, torch.tensor([source]))
+        assert [beam.tokens for beam in output.sequences] == want.sequences.tolist()
+        np.testing.assert_allclose([beam.cum_logprob for beam in output.sequences],
+                                   want.sequences_scores.numpy() * NEW_TOKENS, rtol=1e-4)
+    with pytest.raises(ValueError, match="the decoder prompt must be token ids"):
+        llm.engine.add_request("bad", sources[0], SamplingParams(max_tokens=1), decoder_prompt_ids=[10**6])
+    assert not llm.engine.requests
