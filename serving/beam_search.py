@@ -67,6 +67,60 @@ def beam_score(beam: BeamSearchSequence, eos_token_ids: tuple[int, ...], length_
     return beam.cum_logprob / (max(length, 1) ** length_penalty)
 
 
+class BeamSearch:
+    """One search's state: `next_round()` gives the beams to run (prompt index, tokens), `advance(outputs)` takes
+    their one-token outputs in that order, `results()` ranks the beams when no round is left."""
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: tuple[int, ...],
+                 max_model_len: int):
+        self.params, self.eos_token_ids, self.max_model_len = params, eos_token_ids, max_model_len
+        self.step = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature)
+        self.live = [[BeamSearchSequence(list(p))] for p in prompts]
+        self.done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self.rounds = 0
+
+    def key(self, beam: BeamSearchSequence) -> float:
+        return beam_score(beam, self.eos_token_ids, self.params.length_penalty)
+
+    def next_round(self) -> list[tuple[int, list[int]]]:
+        """The beams to run next (empty: the search is over); beams that fill the context end here."""
+        if self.rounds >= self.params.max_tokens:
+            return []
+        for i, group in enumerate(self.live):
+            self.done[i] += [dataclasses.replace(b, finish_reason="length") for b in group
+                             if len(b.tokens) >= self.max_model_len]
+            self.live[i] = [b for b in group if len(b.tokens) < self.max_model_len]
+        return [(i, beam.tokens) for i, group in enumerate(self.live) for beam in group]
+
+    def advance(self, outputs: list[RequestOutput]) -> None:
+        """Grow every beam of the round by its candidates; keep the `beam_width` best live ones per prompt."""
+        self.rounds += 1
+        outputs = iter(outputs)
+        for i, group in enumerate(self.live):
+            candidates = []
+            for beam in group:
+                out = next(outputs).outputs[0]
+                for token, logprob in out.logprobs[0].items():
+                    grown = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.logprobs[0]],
+                                               beam.cum_logprob + logprob.logprob)
+                    if token in self.eos_token_ids and not self.params.ignore_eos:
+                        self.done[i].append(dataclasses.replace(grown, finish_reason="stop"))
+                    else:
+                        candidates.append(grown)
+            self.live[i] = sorted(candidates, key=self.key, reverse=True)[: self.params.beam_width]
+
+    def results(self, decode: Callable[[list[int]], str] | None = None) -> list[BeamSearchOutput]:
+        results = []
+        for group, finished in zip(self.live, self.done):
+            ended = [dataclasses.replace(b, finish_reason=b.finish_reason or "length") for b in group]
+            best = sorted(finished + ended, key=self.key, reverse=True)[: self.params.beam_width]
+            if decode is not None:
+                for beam in best:
+                    beam.text = decode(beam.tokens)
+            results.append(BeamSearchOutput(best))
+        return results
+
+
 def beam_search(
     prompts: list[list[int]],
     params: BeamSearchParams,
@@ -77,40 +131,7 @@ def beam_search(
 ) -> list[BeamSearchOutput]:
     """Beams for every prompt; `run([(prompt index, beam tokens)], params)` generates one batch through the
     engine. A beam that fills `max_model_len` ends there ("length")."""
-    width = params.beam_width
-    step = SamplingParams(max_tokens=1, logprobs=2 * width, temperature=params.temperature)
-    live = [[BeamSearchSequence(list(p))] for p in prompts]
-    done: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-
-    def key(beam: BeamSearchSequence) -> float:
-        return beam_score(beam, eos_token_ids, params.length_penalty)
-
-    for _ in range(params.max_tokens):
-        for i, group in enumerate(live):  # beams that fill the context end
-            done[i] += [dataclasses.replace(b, finish_reason="length") for b in group if len(b.tokens) >= max_model_len]
-            live[i] = [b for b in group if len(b.tokens) < max_model_len]
-        beams = [(i, beam.tokens) for i, group in enumerate(live) for beam in group]
-        if not beams:
-            break
-        outputs = iter(run(beams, step))
-        for i, group in enumerate(live):
-            candidates = []
-            for beam in group:
-                out = next(outputs).outputs[0]
-                for token, logprob in out.logprobs[0].items():
-                    grown = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [out.logprobs[0]],
-                                               beam.cum_logprob + logprob.logprob)
-                    if token in eos_token_ids and not params.ignore_eos:
-                        done[i].append(dataclasses.replace(grown, finish_reason="stop"))
-                    else:
-                        candidates.append(grown)
-            live[i] = sorted(candidates, key=key, reverse=True)[:width]
-    results = []
-    for group, finished in zip(live, done):
-        best = sorted(finished + [dataclasses.replace(b, finish_reason=b.finish_reason or "length") for b in group],
-                      key=key, reverse=True)[:width]
-        if decode is not None:
-            for beam in best:
-                beam.text = decode(beam.tokens)
-        results.append(BeamSearchOutput(best))
-    return results
+    search = BeamSearch(prompts, params, eos_token_ids, max_model_len)
+    while beams := search.next_round():
+        search.advance(run(beams, search.step))
+    return search.results(decode)

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError
+from serving.beam_search import BeamSearch, BeamSearchParams
 from serving.metrics import ServingMetrics
 from serving.engine.pooling_engine import PoolingEngine
 from serving.openai.pooling import GUARDED_PATHS, POOLING_REQUESTS, add_pooling_routes
@@ -393,6 +394,8 @@ class OpenAIServer:
 
         echo = await self.off_loop(lambda: [echo_text(p) if body.echo and self.tokenizer else "" for p in prompts])
         prompt_tokens = sum(len(p.ids) for p in prompts)
+        if body.use_beam_search:
+            return await self.beam_completions(body, raw, prompts, params, header, echo, lora)
 
         def choice(i: int, c, text: str, tokens: list[int], entries, finish: str | None, offset: int) -> dict[str, Any]:
             return {
@@ -437,6 +440,37 @@ class OpenAIServer:
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def beam_completions(self, body: CompletionRequest, raw: Request, prompts: list[Prompt],
+                               params: SamplingParams, header: ResponseHeader, echo: list[str],
+                               lora: str | None) -> Response:
+        """`use_beam_search`: each prompt's `n` best beams as its choices, best first (vLLM's shape)."""
+        engine = self.engine.engine
+        if getattr(engine, "seq2seq", None) is not None:
+            raise APIError(400, "use_beam_search on encoder-decoders runs offline only (LLM.beam_search)")
+        search_params = BeamSearchParams(beam_width=params.n, max_tokens=params.max_tokens or 1,
+                                         ignore_eos=params.ignore_eos,
+                                         temperature=body.temperature if body.temperature is not None else 0.0,
+                                         length_penalty=body.length_penalty)
+        self.params(lambda: search_params.validate(engine.config.limits.max_logprobs))
+        search = BeamSearch([p.ids for p in prompts], search_params, tuple(engine.eos_token_ids), self.max_model_len)
+        rounds = 0
+        while beams := search.next_round():
+            outputs = await self.collect(raw, [Prompt(None, tokens) for _, tokens in beams], search.step,
+                                         f"{header.id}-{rounds}", lora)
+            search.advance([outputs[i] for i in range(len(beams))])
+            rounds += 1
+        choices, completion_tokens = [], 0
+        for i, (prompt, result) in enumerate(zip(prompts, search.results())):
+            for j, beam in enumerate(result.sequences):
+                output = beam.tokens[len(prompt.ids):]
+                completion_tokens += len(output)
+                text = await self.off_loop(lambda o=output: self.tokenizer.decode(o, skip_special_tokens=True)
+                                           if self.tokenizer else "")
+                choices.append({"index": i * params.n + j, "text": echo[i] + text, "logprobs": None,
+                                "finish_reason": beam.finish_reason})
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        return JSONResponse(header.wrap("text_completion", choices=choices, usage=usage(prompt_tokens, completion_tokens)))
 
     # -- /v1/chat/completions -------------------------------------------------
     def chat_prompt(self, body: ChatCompletionRequest) -> Prompt:

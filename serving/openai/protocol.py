@@ -118,11 +118,16 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+    # vLLM's beam search: `n` beams, ranked by cum_logprob / len ** length_penalty (serving/beam_search.py).
+    use_beam_search: bool = False
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
 
     @model_validator(mode="after")
     def _check(self):
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.use_beam_search and (self.stream or self.logprobs is not None or self.output_constraint()):
+            raise ValueError("use_beam_search returns whole beams: no stream, logprobs or structured output")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of different from n is not supported")
         if isinstance(self.prompt, list) and not self.prompt:

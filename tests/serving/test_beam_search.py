@@ -15,6 +15,7 @@ from serving.sampling_params import SamplingParams
 from tests.serving.helpers import prompts
 
 WIDTH, NEW_TOKENS = 3, 6
+pytestmark = pytest.mark.xdist_group("beam_search")  # the server test serves the offline tests' LLM
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,26 @@ def test_encoder_decoder_beams_equal_transformers(tmp_path):
     with pytest.raises(ValueError, match="the decoder prompt must be token ids"):
         llm.engine.add_request("bad", sources[0], SamplingParams(max_tokens=1), decoder_prompt_ids=[10**6])
     assert not llm.engine.requests
+
+
+def test_completions_with_use_beam_search(llama):
+    """vLLM's `use_beam_search` on /v1/completions: the `n` beams of `LLM.beam_search` as choices, best first."""
+    import openai
+
+    from tests.serving.test_pooling_server import serve_in_thread
+
+    llm, _ = llama
+    prompt = prompts((9,), seed=8)[0]
+    [offline] = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=WIDTH, max_tokens=4))
+    with serve_in_thread(None, llm=llm) as server:
+        client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0)
+        response = client.completions.create(model="tiny", prompt=prompt, n=WIDTH, max_tokens=4,
+                                             extra_body={"use_beam_search": True})
+        assert [c.text for c in response.choices] == [
+            llm.tokenizer.decode(beam.tokens[len(prompt):], skip_special_tokens=True) for beam in offline.sequences]
+        assert [c.index for c in response.choices] == list(range(WIDTH))
+        for extra, match in [({"stream": True}, "no stream"), ({"n": 11}, "beam_width must be in")]:
+            with pytest.raises(openai.BadRequestError, match=match):
+                client.completions.create(model="tiny", prompt=prompt, max_tokens=4,
+                                          **{"n": WIDTH, **{k: v for k, v in extra.items() if k == "n"}},
+                                          stream=extra.get("stream", False), extra_body={"use_beam_search": True})
