@@ -240,6 +240,9 @@ class LLM(PoolingMethods):
 
     def _add(self, prompt: Prompt, params: SamplingParams, lora_request: LoRARequest | None = None) -> str:
         self._check_leader()
+        if isinstance(prompt, dict) and isinstance(prompt.get("multi_modal_data"), dict) \
+                and "audio" in prompt["multi_modal_data"]:
+            return self._add_audio(prompt, params)
         if isinstance(self.engine, PoolingEngine):
             raise ValueError(f"{self.model_path} is a pooling model ({self.engine.model.architecture}): use "
                              f"{', '.join(self.engine.tasks)}, not generate")
@@ -255,6 +258,36 @@ class LLM(PoolingMethods):
         self._counter += 1
         self.engine.add_request(request_id, ids, params, prompt=text, lora_name=lora_name,
                                 **({"images": items} if items else {}))
+        return request_id
+
+    def _add_audio(self, prompt: dict[str, Any], params: SamplingParams) -> str:
+        """vLLM's Whisper prompt: `{"prompt": decoder prompt text (or "prompt_token_ids"), "multi_modal_data":
+        {"audio": (samples, sampling_rate) or a file's bytes}}`, one window of audio (`transcribe` cuts longer
+        audio); the checkpoint's suppressed tokens apply."""
+        transcriber = self.transcriber
+        if transcriber is None:
+            raise ValueError(f"{self.model_path} takes no audio")
+        data = prompt["multi_modal_data"]
+        if set(data) != {"audio"}:
+            raise ValueError("an audio prompt takes one 'audio' item and no other multi_modal_data")
+        audio = data["audio"]
+        samples, rate = audio if isinstance(audio, tuple) and len(audio) == 2 else (audio, None)
+        features = transcriber.features(transcriber.samples(samples, rate))
+        if len(features) != 1:
+            raise ValueError(f"the audio is longer than one {transcriber.window / transcriber.sampling_rate:g} s "
+                             "window; LLM.transcribe cuts it into windows")
+        text = prompt.get("prompt")
+        if "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+        elif isinstance(text, str) and self.tokenizer is not None:
+            check_text(text, "the prompt")
+            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the prompt names its special tokens
+        else:
+            raise ValueError("an audio prompt needs the decoder's 'prompt' (text) or 'prompt_token_ids'")
+        request_id = str(self._counter)
+        self._counter += 1
+        self.engine.add_request(request_id, ids, params, prompt=text, encoder_features=features[0],
+                                token_masks=transcriber.masks)
         return request_id
 
     def chat(

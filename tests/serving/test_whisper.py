@@ -74,6 +74,15 @@ def test_transcribe_matches_transformers_generate(whisper):
     assert [o.prompt_token_ids for o in outputs] == [[tokens.start, english, tokens.tasks["transcribe"],
                                                       tokens.no_timestamps]] * 3
     check_windows(llm, reference, outputs, features, language="en", task="transcribe")
+    # vLLM's offline form: a decoder prompt and one window of audio through `generate`.
+    from serving.sampling_params import SamplingParams
+
+    one = llm.generate({"prompt": "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>",
+                        "multi_modal_data": {"audio": (audio[:RATE], RATE)}}, SamplingParams(temperature=0, max_tokens=60))
+    assert one[0].prompt_token_ids == outputs[0].prompt_token_ids
+    assert one[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="longer than one 1 s window"):
+        llm.generate({"prompt": "<|startoftranscript|>", "multi_modal_data": {"audio": (audio, RATE)}})
     # The same audio as a WAV file at another rate decodes and resamples to (nearly) the same features.
     from_file = transcriber.features(transcriber.samples(wav_bytes(synthesized(2.4, 22050), 22050)))
     assert len(from_file) == 3
