@@ -137,3 +137,23 @@ def test_tensor_parallel_engine_gives_the_same_tokens(tiny_checkpoint, expected)
     assert len(q_proj.sharding.device_set) == 8
     ours = [o.outputs[0].token_ids for o in sharded.generate(token_prompts(prompt_ids), GREEDY)]
     assert ours == [o.outputs[0].token_ids for o in single.generate(token_prompts(prompt_ids), GREEDY)]
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3-noaux-yarn", "llama4-chunked-nope-moe"])
+def test_expert_parallel_engine_gives_transformers_tokens(tiny_checkpoint, case):
+    """MoE models served over the ep preset (experts over `expert` 4, heads over `tensor` 2; DeepSeek-V3's latent
+    MLA pages, Llama 4's chunked attention): transformers' greedy tokens for a mixed batch."""
+    import jax
+
+    from tests.serving.helpers import hf_greedy
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 simulated devices (tests/conftest.py sets XLA_FLAGS)")
+    folder, reference = tiny_checkpoint(case)
+    prompt_ids = prompts((5, 11, 3), seed=4)
+    llm = LLM(folder, max_model_len=32, page_size=4, max_num_batched_tokens=16, mesh="ep")
+    experts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(llm.engine.runner.state)
+               if "['experts']" in jax.tree_util.keystr(path) and leaf.ndim >= 3]
+    assert experts and all(leaf.sharding.spec[-3] == "expert" for leaf in experts)  # [(L,) X, in, out]
+    ours = [o.outputs[0].token_ids for o in llm.generate(token_prompts(prompt_ids), GREEDY)]
+    assert ours == [hf_greedy(reference, p, GREEDY.max_tokens) for p in prompt_ids]
