@@ -89,12 +89,16 @@ DEEPSEEK_EXPERTS = "mlp.experts.gate_up_proj,mlp.experts.down_proj"
                                                     ("llama4-chunked-nope-moe", None),
                                                     ("deepseek_v3-noaux-yarn", DEEPSEEK_EXPERTS),
                                                     # CI trains this hybrid through QLoRA below.
-                                                    pytest.param("granitemoehybrid-nope", None, marks=pytest.mark.slow)])
+                                                    pytest.param("granitemoehybrid-nope", None, marks=pytest.mark.slow),
+                                                    pytest.param("qwen3_next-hybrid", None, marks=pytest.mark.slow),
+                                                    pytest.param("recurrentgemma-local-mqa", None,
+                                                                 marks=pytest.mark.slow)])
 def test_lora_with_the_train_launcher_learns_the_task(case, target_parameters, reverse_task, tiny_checkpoint, tmp_path):
     """Dense and mixture-of-experts bases (all-linear: Mixtral adapts its attention projections, Llama 4 also its
     dense and shared-expert MLPs, DeepSeek-V3 (MLA, sigmoid grouped router, shared experts, a dense first
     layer) every linear layer and its routed experts through `--target_parameters`; GraniteMoeHybrid its
-    Mamba-2 mixers' projections too). DeepSeek-V3: 0.953 held-out accuracy through the Trainer API before."""
+    Mamba-2 mixers' projections too, Qwen3-Next its Gated DeltaNet's, RecurrentGemma its recurrent blocks').
+    DeepSeek-V3: 0.953 held-out accuracy through the Trainer API before."""
     _, data, held_out = reverse_task
     folder, _ = tiny_checkpoint(case)
     base = model_lib.from_pretrained(folder)
