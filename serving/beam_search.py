@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from serving.outputs import Logprob, RequestOutput
-from serving.sampling_params import SamplingParams
+from serving.sampling_params import INT32_MAX, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class BeamSearchParams:
         if not 1 <= self.beam_width <= max_logprobs // 2:
             raise ValueError(f"beam_width must be in [1, {max_logprobs // 2}] (2 x beam_width logprobs per token, "
                              f"max_logprobs {max_logprobs}), got {self.beam_width}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 1 <= self.max_tokens <= INT32_MAX:
+            raise ValueError(f"max_tokens must be in [1, {INT32_MAX}], got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
         if not -10.0 <= self.length_penalty <= 10.0:

@@ -441,34 +441,42 @@ class OpenAIServer:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def beam_completions(self, body: CompletionRequest, raw: Request, prompts: list[Prompt],
-                               params: SamplingParams, header: ResponseHeader, echo: list[str],
-                               lora: str | None) -> Response:
-        """`use_beam_search`: each prompt's `n` best beams as its choices, best first (vLLM's shape)."""
+    async def beam_search(self, raw: Request, prompts: list[Prompt], params: SamplingParams, length_penalty: float,
+                          temperature: float | None, base_id: str, lora: str | None) -> list[list[tuple[list[int], str]]]:
+        """`use_beam_search`: each prompt's `params.n` best beams, best first, as (output tokens, finish reason)."""
         engine = self.engine.engine
         if getattr(engine, "seq2seq", None) is not None:
             raise APIError(400, "use_beam_search on encoder-decoders runs offline only (LLM.beam_search)")
         search_params = BeamSearchParams(beam_width=params.n, max_tokens=params.max_tokens or 1,
                                          ignore_eos=params.ignore_eos,
-                                         temperature=body.temperature if body.temperature is not None else 0.0,
-                                         length_penalty=body.length_penalty)
+                                         temperature=temperature if temperature is not None else 0.0,
+                                         length_penalty=length_penalty)
         self.params(lambda: search_params.validate(engine.config.limits.max_logprobs))
         search = BeamSearch([p.ids for p in prompts], search_params, tuple(engine.eos_token_ids), self.max_model_len)
         rounds = 0
         while beams := search.next_round():
             outputs = await self.collect(raw, [Prompt(None, tokens) for _, tokens in beams], search.step,
-                                         f"{header.id}-{rounds}", lora)
+                                         f"{base_id}-{rounds}", lora)
             search.advance([outputs[i] for i in range(len(beams))])
             rounds += 1
+        return [[(beam.tokens[len(prompt.ids):], beam.finish_reason) for beam in result.sequences]
+                for prompt, result in zip(prompts, search.results())]
+
+    async def beam_text(self, tokens: list[int]) -> str:
+        return await self.off_loop(lambda: self.tokenizer.decode(tokens, skip_special_tokens=True)
+                                   if self.tokenizer else "")
+
+    async def beam_completions(self, body: CompletionRequest, raw: Request, prompts: list[Prompt],
+                               params: SamplingParams, header: ResponseHeader, echo: list[str],
+                               lora: str | None) -> Response:
+        """`use_beam_search` on /v1/completions: each prompt's `n` best beams as its choices (vLLM's shape)."""
+        found = await self.beam_search(raw, prompts, params, body.length_penalty, body.temperature, header.id, lora)
         choices, completion_tokens = [], 0
-        for i, (prompt, result) in enumerate(zip(prompts, search.results())):
-            for j, beam in enumerate(result.sequences):
-                output = beam.tokens[len(prompt.ids):]
-                completion_tokens += len(output)
-                text = await self.off_loop(lambda o=output: self.tokenizer.decode(o, skip_special_tokens=True)
-                                           if self.tokenizer else "")
-                choices.append({"index": i * params.n + j, "text": echo[i] + text, "logprobs": None,
-                                "finish_reason": beam.finish_reason})
+        for i, beams in enumerate(found):
+            for j, (tokens, finish) in enumerate(beams):
+                completion_tokens += len(tokens)
+                choices.append({"index": i * params.n + j, "text": echo[i] + await self.beam_text(tokens),
+                                "logprobs": None, "finish_reason": finish})
         prompt_tokens = sum(len(p.ids) for p in prompts)
         return JSONResponse(header.wrap("text_completion", choices=choices, usage=usage(prompt_tokens, completion_tokens)))
 
@@ -528,6 +536,15 @@ class OpenAIServer:
         def logprobs(tokens: list[int], entries) -> dict[str, Any] | None:
             return None if entries is None else chat_logprobs(tokens, entries, self.decode, top_n)
 
+        if body.use_beam_search:  # the n best beams as the choices, best first
+            [found] = await self.beam_search(raw, [prompt], params, body.length_penalty, body.temperature, header.id, lora)
+            choices = []
+            for j, (tokens, finish) in enumerate(found):
+                message = assistant_message(await self.beam_text(tokens), reasoning, tool_parser)
+                choices.append({"index": j, "message": message, "logprobs": None,
+                                "finish_reason": finish_reason(finish, "tool_calls" in message, forced_name)})
+            completion_tokens = sum(len(tokens) for tokens, _ in found)
+            return JSONResponse(header.wrap("chat.completion", choices=choices, usage=usage(len(prompt.ids), completion_tokens)))
         if not body.stream:
             final = (await self.collect(raw, [prompt], params, header.id, lora))[0]
             choices = []

@@ -69,6 +69,13 @@ class _SamplingFields(ConstrainedOutputFields, _Request):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's beam search: `n` beams, ranked by cum_logprob / len ** length_penalty (serving/beam_search.py).
+    use_beam_search: bool = False
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
+
+    def _check_beam_search(self, wants_logprobs: bool) -> None:
+        if self.use_beam_search and (self.stream or wants_logprobs or self.output_constraint()):
+            raise ValueError("use_beam_search returns whole beams: no stream, logprobs or structured output")
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -118,16 +125,12 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
-    # vLLM's beam search: `n` beams, ranked by cum_logprob / len ** length_penalty (serving/beam_search.py).
-    use_beam_search: bool = False
-    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)
 
     @model_validator(mode="after")
     def _check(self):
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.use_beam_search and (self.stream or self.logprobs is not None or self.output_constraint()):
-            raise ValueError("use_beam_search returns whole beams: no stream, logprobs or structured output")
+        self._check_beam_search(self.logprobs is not None)
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of different from n is not supported")
         if isinstance(self.prompt, list) and not self.prompt:
@@ -246,6 +249,7 @@ class ChatCompletionRequest(ToolFields, _SamplingFields):
     def _check(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
+        self._check_beam_search(self.logprobs)
         return self
 
     def constraint(self) -> StructuredOutputsParams | None:

@@ -128,7 +128,8 @@ def test_encoder_decoder_beams_equal_transformers(tmp_path):
 
 
 def test_completions_with_use_beam_search(llama):
-    """vLLM's `use_beam_search` on /v1/completions: the `n` beams of `LLM.beam_search` as choices, best first."""
+    """vLLM's `use_beam_search` on /v1/completions and /v1/chat/completions: the `n` beams of `LLM.beam_search`
+    as choices, best first."""
     import openai
 
     from tests.serving.test_pooling_server import serve_in_thread
@@ -136,13 +137,22 @@ def test_completions_with_use_beam_search(llama):
     llm, _ = llama
     prompt = prompts((9,), seed=8)[0]
     [offline] = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=WIDTH, max_tokens=4))
-    with serve_in_thread(None, llm=llm) as server:
+    messages = [{"role": "user", "content": "abc"}]
+    templated = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = llm.tokenizer.encode(templated, add_special_tokens=False)
+    [chat_beams] = llm.beam_search({"prompt_token_ids": ids}, BeamSearchParams(beam_width=2, max_tokens=3))
+    with serve_in_thread(None, llm=llm) as server:  # the server's engine thread takes the LLM's engine over
         client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="none", max_retries=0)
         response = client.completions.create(model="tiny", prompt=prompt, n=WIDTH, max_tokens=4,
                                              extra_body={"use_beam_search": True})
         assert [c.text for c in response.choices] == [
             llm.tokenizer.decode(beam.tokens[len(prompt):], skip_special_tokens=True) for beam in offline.sequences]
         assert [c.index for c in response.choices] == list(range(WIDTH))
+        # Chat: the beams of the templated prompt, as assistant messages.
+        chat = client.chat.completions.create(model="tiny", messages=messages, n=2, max_tokens=3,
+                                              extra_body={"use_beam_search": True})
+        assert [c.message.content for c in chat.choices] == [
+            llm.tokenizer.decode(beam.tokens[len(ids):], skip_special_tokens=True) for beam in chat_beams.sequences]
         for extra, match in [({"stream": True}, "no stream"), ({"n": 11}, "beam_width must be in")]:
             with pytest.raises(openai.BadRequestError, match=match):
                 client.completions.create(model="tiny", prompt=prompt, max_tokens=4,
