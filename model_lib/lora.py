@@ -123,9 +123,14 @@ def _hf_module(path: str, family: Family) -> str:
     return family.weight_map.nested_prefix + (fused[1] if fused else family.weight_map.module_to_hf(path))
 
 
-def _matches(hf_module: str, targets: list[str] | str) -> bool:
-    if targets == "all-linear":
-        return hf_module != OUTPUT_HEAD and not hf_module.endswith("." + OUTPUT_HEAD)
+def is_output_head(path: str) -> bool:
+    """Our path of a model's output layer (`lm_head`, also under a multimodal prefix)."""
+    return path == OUTPUT_HEAD or path.endswith("." + OUTPUT_HEAD)
+
+
+def _matches(path: str, hf_module: str, targets: list[str] | str) -> bool:
+    if targets == "all-linear":  # as PEFT's: every linear layer but the output one, whatever its HF name
+        return not is_output_head(path)
     if isinstance(targets, str):
         return re.fullmatch(targets, hf_module) is not None
     return any(hf_module == t or hf_module.endswith("." + t) for t in targets)
@@ -145,10 +150,8 @@ def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list
     for path, layer in linear_layers(model).items():
         if path.startswith(VISION_MODULES) and not by_regex:
             continue
-        if targets == "all-linear" and path == OUTPUT_HEAD:  # PEFT skips the output layer whatever its HF name
-            continue
         hf = _hf_module(path, family)
-        if _matches(hf, targets):
+        if _matches(path, hf, targets):
             groups.setdefault(hf, []).append((path, layer))
             fused = family.weight_map.fused_for_ours(path)
             order[path] = fused[2].index(path) if fused else 0

@@ -35,7 +35,7 @@ from flax import nnx
 from model_lib.layers.linear import Linear
 from model_lib.layers.lora_slots import LoRAStack, adapter_slots
 from model_lib.layers.mla import absorbed_projections
-from model_lib.lora import OUTPUT_HEAD, linear_layers, read_peft_adapter
+from model_lib.lora import is_output_head, linear_layers, read_peft_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def served_layers(model: nnx.Module) -> dict[str, Linear]:
     kv_b_proj)."""
     absorbed = absorbed_projections(model)
     return {path: layer for path, layer in linear_layers(model).items()
-            if path != OUTPUT_HEAD and not path.endswith("." + OUTPUT_HEAD) and path not in absorbed}
+            if not is_output_head(path) and path not in absorbed}
 
 
 def _write_slot(stacks: Stacks, slot: jax.Array, values: Stacks) -> Stacks:
