@@ -149,6 +149,19 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(config, rngs=rngs)
 
 
+def head_logits(config: ModelConfig, lm_head: Linear | None, embed_tokens: Embed, hidden: jax.Array) -> jax.Array:
+    """The model's output head on `hidden [..., E]` -> float32 logits `[..., V]`: `lm_head` (None: tied to
+    `embed_tokens`), then the config's logit multiplier and final soft-cap (shared by the MTP draft)."""
+    logits = embed_tokens.attend(hidden) if lm_head is None else lm_head(hidden)
+    logits = logits.astype(jnp.float32)
+    if config.logit_multiplier != 1.0:
+        logits = logits * config.logit_multiplier
+    if config.final_logit_softcap is not None:
+        cap = config.final_logit_softcap
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
 class DecoderModel(nnx.Module):
     """Embeddings, the layer stack and the final norm (HF's `model.`)."""
 
@@ -260,17 +273,7 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states `[..., E]` -> float32 logits `[..., V]`."""
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(hidden)
-        else:
-            logits = self.lm_head(hidden)
-        logits = logits.astype(jnp.float32)
-        if self.config.logit_multiplier != 1.0:
-            logits = logits * self.config.logit_multiplier
-        if self.config.final_logit_softcap is not None:
-            cap = self.config.final_logit_softcap
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+        return head_logits(self.config, self.lm_head, self.model.embed_tokens, hidden)
 
     def make_kv_caches(
         self,

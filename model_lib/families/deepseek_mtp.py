@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.cache_spec import PoolSizes
-from model_lib.decoder import CausalLM
+from model_lib.decoder import CausalLM, head_logits
 from model_lib.layers import PagedBatch
 
 
@@ -62,6 +62,4 @@ class MTPDraft(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """`o [S, E]` -> float32 logits `[S, V]` over the target's vocabulary."""
-        normed = self.block.shared_head.norm(hidden)
-        logits = self.embed_tokens.attend(normed) if self.lm_head is None else self.lm_head(normed)
-        return logits.astype(jnp.float32)
+        return head_logits(self.config, self.lm_head, self.embed_tokens, self.block.shared_head.norm(hidden))
