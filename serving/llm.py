@@ -76,6 +76,11 @@ def generation_eos_ids(path: str | Path, config_eos: tuple[int, ...]) -> tuple[i
     return tuple(sorted(eos))
 
 
+def _final_only(params: SamplingParams) -> SamplingParams:
+    """`params` asking for one output per request, when it finishes (no per-step copies of its lists)."""
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+
+
 class LLM(PoolingMethods):
     """Load a checkpoint folder or GGUF file and generate from it.
 
@@ -253,11 +258,14 @@ class LLM(PoolingMethods):
             if self.image_inputs is None:
                 raise ValueError(f"{self.model_path} takes no images")
             ids, items = self.image_inputs(ids, images)
-        lora_name = self._adapter(lora_request)
+        return self._submit(ids, params, prompt=text, lora_name=self._adapter(lora_request),
+                            **({"images": items} if items else {}))
+
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, **inputs: Any) -> str:
+        """Queue one request under the next id (`inputs`: `LLMEngine.add_request`'s options); its id."""
         request_id = str(self._counter)
         self._counter += 1
-        self.engine.add_request(request_id, ids, params, prompt=text, lora_name=lora_name,
-                                **({"images": items} if items else {}))
+        self.engine.add_request(request_id, prompt_ids, params, **inputs)
         return request_id
 
     def _add_audio(self, prompt: dict[str, Any], params: SamplingParams) -> str:
@@ -284,11 +292,7 @@ class LLM(PoolingMethods):
             ids = self.tokenizer.encode(text, add_special_tokens=False)  # the prompt names its special tokens
         else:
             raise ValueError("an audio prompt needs the decoder's 'prompt' (text) or 'prompt_token_ids'")
-        request_id = str(self._counter)
-        self._counter += 1
-        self.engine.add_request(request_id, ids, params, prompt=text, encoder_features=features[0],
-                                token_masks=transcriber.masks)
-        return request_id
+        return self._submit(ids, params, prompt=text, encoder_features=features[0], token_masks=transcriber.masks)
 
     def chat(
         self,
@@ -341,13 +345,12 @@ class LLM(PoolingMethods):
             lora_request = [lora_request] * len(prompts)
         if len(lora_request) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(lora_request)} LoRA requests")
-        final = RequestOutputKind.FINAL_ONLY
-        return self._run([functools.partial(self._add, prompt, dataclasses.replace(params, output_kind=final), lora)
+        return self._run([functools.partial(self._add, prompt, _final_only(params), lora)
                           for prompt, params, lora in zip(prompts, sampling_params, lora_request)])
 
     def _run(self, adds: list[Callable[[], str]]) -> list[RequestOutput]:
-        """Queue every request (`add()` -> its id), step until all finish; their outputs in order. Requests ask
-        for FINAL_ONLY outputs: one per request, when it finishes (no per-step copies of its lists)."""
+        """Queue every request (`add()` -> its id), step until all finish; their outputs in order (requests
+        ask for FINAL_ONLY outputs, `_final_only`)."""
         ids = []
         try:
             for add in adds:
@@ -380,18 +383,14 @@ class LLM(PoolingMethods):
         if any(isinstance(p, dict) and "multi_modal_data" in p for p in prompts):
             raise ValueError("beam search takes text or token prompts (no images) for now")
         sources = [self._prompt_ids(p)[1] for p in prompts]
-        final = RequestOutputKind.FINAL_ONLY
-        step_params = lambda step: dataclasses.replace(step, output_kind=final)  # noqa: E731
 
         def add(prompt: int, tokens: list[int], step: SamplingParams) -> str:
             if seq2seq is None:
-                return self._add({"prompt_token_ids": tokens}, step_params(step), lora_request)
-            request_id = str(self._counter)
-            self._counter += 1
-            self.engine.add_request(request_id, sources[prompt], step_params(step), decoder_prompt_ids=tokens)
-            return request_id
+                return self._add({"prompt_token_ids": tokens}, step, lora_request)
+            return self._submit(sources[prompt], step, decoder_prompt_ids=tokens)
 
         def run(beams: list[tuple[int, list[int]]], step: SamplingParams) -> list[RequestOutput]:
+            step = _final_only(step)
             return self._run([functools.partial(add, prompt, tokens, step) for prompt, tokens in beams])
 
         starts = sources if seq2seq is None else [list(seq2seq.decoder_prompt)] * len(sources)
@@ -427,16 +426,9 @@ class LLM(PoolingMethods):
         return self._run_windows(requests, sampling_params or SamplingParams(temperature=0.0, max_tokens=None))
 
     def _run_windows(self, requests: list[WindowRequest], params: SamplingParams) -> list[RequestOutput]:
-        final = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-
-        def add(request: WindowRequest) -> str:
-            request_id = str(self._counter)
-            self._counter += 1
-            self.engine.add_request(request_id, request.prompt_ids, final, encoder_features=request.features,
-                                    token_masks=request.token_masks)
-            return request_id
-
-        return self._run([functools.partial(add, r) for r in requests])
+        final = _final_only(params)
+        return self._run([functools.partial(self._submit, r.prompt_ids, final, encoder_features=r.features,
+                                            token_masks=r.token_masks) for r in requests])
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that changes it (cumulative text and ids, or only
