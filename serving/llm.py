@@ -150,7 +150,7 @@ class LLM(PoolingMethods):
             if enable_embeddings:
                 raise ValueError("enable_embeddings is for decoder-only models")
             self.engine = LLMEngine(net, self.tokenizer, EngineConfig(**engine_args))
-            if net.config.num_mel_bins:  # Whisper: audio in (serving/audio/whisper.py)
+            if net.config.features_encoder:  # Whisper: audio in (serving/audio/whisper.py)
                 self.transcriber = Transcriber.from_pretrained(model, self.tokenizer, net.config.vocab_size,
                                                                net.config.max_position_embeddings)
         else:

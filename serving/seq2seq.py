@@ -49,30 +49,25 @@ class Seq2SeqEncoder:
         self.graphdef, self.state = nnx.split(model)
         self._fill = jax.jit(_fill, static_argnums=0, donate_argnums=(2,))
         self._fill_features = jax.jit(_fill_features, static_argnums=0, donate_argnums=(2,))
-        self.num_mel_bins = self.config.num_mel_bins  # > 0: the encoder takes audio features (Whisper)
         forced_bos = self.config.forced_bos_token_id
         self.decoder_prompt = [self.config.decoder_start_token_id] + ([] if forced_bos is None else [forced_bos])
         self.num_encoded = 0  # sources run through the encoder (a preempted sequence counts again)
 
-    @property
-    def feature_shape(self) -> tuple[int, int]:
-        """An audio source's log-mel features: `[num_mel_bins, 2 * max_source_len]` (one 30 s window)."""
-        return self.num_mel_bins, 2 * self.config.max_source_len
-
     def validate_features(self, features: np.ndarray) -> None:
         """ValueError, naming the problem, for audio features the encoder cannot take."""
-        if not self.num_mel_bins:
+        if not self.config.features_encoder:
             raise ValueError(f"{self.config.architecture} takes no audio; its encoder reads the prompt's tokens")
-        if not isinstance(features, np.ndarray) or features.dtype != np.float32 or features.shape != self.feature_shape:
+        shape = self.config.feature_shape
+        if not isinstance(features, np.ndarray) or features.dtype != np.float32 or features.shape != shape:
             got = getattr(features, "shape", type(features).__name__)
-            raise ValueError(f"audio features must be a float32 array {list(self.feature_shape)} "
+            raise ValueError(f"audio features must be a float32 array {list(shape)} "
                              f"(num_mel_bins, frames), got {got}")
         if not np.isfinite(features).all():
             raise ValueError("audio features hold non-finite values")
 
     def validate_source(self, ids: list[int]) -> None:
         """ValueError, naming the problem, for a source the encoder cannot take."""
-        if self.num_mel_bins:
+        if self.config.features_encoder:
             raise ValueError(f"{self.config.architecture} transcribes audio: send audio (/v1/audio/transcriptions, "
                              "LLM.transcribe), not a text prompt")
         if not ids:

@@ -111,6 +111,11 @@ class Seq2SeqConfig:
         return self.num_mel_bins > 0
 
     @property
+    def feature_shape(self) -> tuple[int, int]:
+        """A features encoder's input per sequence: `[num_mel_bins, 2 * max_source_len]` (one window)."""
+        return self.num_mel_bins, 2 * self.max_source_len
+
+    @property
     def hidden_size(self) -> int:
         return self.d_model
 

@@ -253,7 +253,7 @@ class Seq2SeqLM(nnx.Module):
                 raise ValueError(f"{config.architecture} encodes token ids [B, S] with a mask of their shape, got "
                                  f"{source.shape} and {None if attention_mask is None else attention_mask.shape}")
             return
-        want = (config.num_mel_bins, 2 * config.max_source_len)
+        want = config.feature_shape
         if source.ndim != 3 or source.shape[1:] != want:
             raise ValueError(f"{config.architecture} encodes log-mel features [B, {want[0]}, {want[1]}] (exactly "
                              f"2 * max_source_len frames, padded as its feature extractor pads), got {source.shape}")

@@ -107,12 +107,11 @@ class Transcriber:
         self.feature_extractor = feature_extractor
         self.tokens = tokens
         self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
         self.max_prompt = max_target_positions // 2 - 1
         self.sampling_rate = int(feature_extractor.sampling_rate)
         self.window = int(feature_extractor.n_samples)  # samples per window
         self.masks = TokenMasks.suppressing(vocab_size, tokens.suppress, tokens.begin_suppress)
-        self.detection = TokenMasks.allowing(vocab_size, tokens.languages.values()) if tokens.languages else None
+        self.detection = TokenMasks.allowing(vocab_size, tokens.languages.values()) if tokens.multilingual else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, tokenizer: Any, vocab_size: int, max_target_positions: int) -> "Transcriber":
@@ -164,7 +163,7 @@ class Transcriber:
                 for f, language in zip(features, language_ids)]
 
     def needs_detection(self, language: str | None) -> bool:
-        return language is None and self.tokens.multilingual and self.detection is not None
+        return language is None and self.detection is not None
 
     def language_ids(self, language: str | None, num_windows: int) -> list[int | None]:
         """Each window's language token where no detection is needed (None on English-only models, which
@@ -174,7 +173,7 @@ class Transcriber:
                 raise ValueError(f"this is an English-only model; language {language!r} is not English")
             return [None] * num_windows
         if language is None:
-            return [None] * num_windows
+            raise ValueError("a multilingual model needs a language, or its detection first (needs_detection)")
         return [self.tokens.language_id(language)] * num_windows
 
 
