@@ -453,12 +453,10 @@ class OpenAIServer:
                                          length_penalty=length_penalty)
         self.params(lambda: search_params.validate(engine.config.limits.max_logprobs))
         search = BeamSearch([p.ids for p in prompts], search_params, tuple(engine.eos_token_ids), self.max_model_len)
-        rounds = 0
         while beams := search.next_round():
             outputs = await self.collect(raw, [Prompt(None, tokens) for _, tokens in beams], search.step,
-                                         f"{base_id}-{rounds}", lora)
+                                         f"{base_id}-{search.rounds}", lora)
             search.advance([outputs[i] for i in range(len(beams))])
-            rounds += 1
         return [[(beam.tokens[len(prompt.ids):], beam.finish_reason) for beam in result.sequences]
                 for prompt, result in zip(prompts, search.results())]
 

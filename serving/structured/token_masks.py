@@ -19,8 +19,7 @@ def _row(vocab_size: int, tokens: Iterable[int], allow: bool) -> np.ndarray:
     if chosen.size and not (0 <= chosen.min() and chosen.max() < vocab_size):
         raise ValueError(f"masked token ids must be in [0, {vocab_size})")
     bits[chosen] = allow
-    words = np.packbits(bits.reshape(-1, 32), axis=1, bitorder="little").view("<u4").reshape(-1)
-    return words.astype(np.uint32).view(np.int32)
+    return np.packbits(bits.reshape(-1, 32), axis=1, bitorder="little").view("<i4").reshape(-1)
 
 
 @dataclass(frozen=True, eq=False)

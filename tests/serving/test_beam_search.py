@@ -32,11 +32,7 @@ def test_beams_equal_transformers_beam_search(llama):
     outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompt_ids],
                               BeamSearchParams(beam_width=WIDTH, max_tokens=NEW_TOKENS, ignore_eos=True))
     for prompt, output in zip(prompt_ids, outputs):
-        want = without_eos(reference, torch.tensor([prompt]))
-        assert [beam.tokens for beam in output.sequences] == want.sequences.tolist()
-        # transformers scores a beam by its output's logprob sum over the output length (penalty 1).
-        np.testing.assert_allclose([beam.cum_logprob for beam in output.sequences],
-                                   want.sequences_scores.numpy() * NEW_TOKENS, rtol=1e-4)
+        assert_transformers_beams(reference, prompt, output)
         assert all(beam.finish_reason == "length" and len(beam.logprobs) == NEW_TOKENS for beam in output.sequences)
         assert output.sequences[0].text == llm.tokenizer.decode(output.sequences[0].tokens)
     with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\]"):
@@ -45,18 +41,22 @@ def test_beams_equal_transformers_beam_search(llama):
         llm.engine.add_request("bad", prompt_ids[0], SamplingParams(max_tokens=1), decoder_prompt_ids=[1])
 
 
-def without_eos(reference, input_ids: torch.Tensor):
-    """transformers' beam search with EOS a token like any other (as `ignore_eos`); the shared model's
-    generation config is put back after."""
+def assert_transformers_beams(reference, prompt: list[int], output) -> None:
+    """Our beams (tokens, cum logprobs) are transformers' beam search's with EOS a token like any other (as
+    `ignore_eos`); the shared model's generation config is put back after."""
     saved = reference.generation_config.eos_token_id
     reference.generation_config.eos_token_id = None
     try:
         with torch.no_grad():
-            return reference.generate(input_ids, num_beams=WIDTH, num_return_sequences=WIDTH, do_sample=False,
-                                      max_new_tokens=NEW_TOKENS, length_penalty=1.0, pad_token_id=0,
-                                      output_scores=True, return_dict_in_generate=True)
+            want = reference.generate(torch.tensor([prompt]), num_beams=WIDTH, num_return_sequences=WIDTH,
+                                      do_sample=False, max_new_tokens=NEW_TOKENS, length_penalty=1.0,
+                                      pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     finally:
         reference.generation_config.eos_token_id = saved
+    assert [beam.tokens for beam in output.sequences] == want.sequences.tolist()
+    # transformers scores a beam by its output's logprob sum over the output length (penalty 1).
+    np.testing.assert_allclose([beam.cum_logprob for beam in output.sequences],
+                               want.sequences_scores.numpy() * NEW_TOKENS, rtol=1e-4)
 
 
 def scripted(table: dict[tuple[int, ...], dict[int, float]]):
@@ -118,10 +118,7 @@ def test_encoder_decoder_beams_equal_transformers(tmp_path):
     outputs = llm.beam_search([{"prompt_token_ids": s} for s in sources],
                               BeamSearchParams(beam_width=WIDTH, max_tokens=NEW_TOKENS, ignore_eos=True))
     for source, output in zip(sources, outputs):
-        want = without_eos(reference, torch.tensor([source]))
-        assert [beam.tokens for beam in output.sequences] == want.sequences.tolist()
-        np.testing.assert_allclose([beam.cum_logprob for beam in output.sequences],
-                                   want.sequences_scores.numpy() * NEW_TOKENS, rtol=1e-4)
+        assert_transformers_beams(reference, source, output)
     with pytest.raises(ValueError, match="the decoder prompt must be token ids"):
         llm.engine.add_request("bad", sources[0], SamplingParams(max_tokens=1), decoder_prompt_ids=[10**6])
     assert not llm.engine.requests
