@@ -177,7 +177,8 @@ def test_a_model_that_declares_spans_passes_visible_until_on_every_step(tiny_che
     folder, _ = tiny_checkpoint(CASE)
     model = model_lib.from_pretrained(folder)
     model.config = dataclasses.replace(model.config, bidirectional_spans=True)
-    engine = engine_for(model, enable_prefix_caching=False)
+    engine = engine_for(model, enable_prefix_caching=False, scan_layers=True)  # the stacked pools carry the spans too
+    assert engine.runner.scan_layers
     requests = [(p, s) for p, s in zip(prompts((14, 5), seed=5), (((2, 11),), ()))]
     completions = serve(engine, requests)
     assert engine.runner.compiled_shapes and all(v[3:] == ("spans",) for v in engine.runner.compiled_shapes)
