@@ -38,7 +38,7 @@ from serving.engine.runner import ModelRunner, StepInputs, bucket, env_min_token
 from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
-from serving.engine.spans import check_spans
+from serving.engine.spans import check_span_images, check_spans
 from serving.multimodal.encoder import image_encoder, release_prefilled
 from serving.seq2seq import seq2seq_encoder
 from serving.multimodal.inputs import ImageItem, check_placeholders
@@ -325,6 +325,7 @@ class LLMEngine:
         check_placeholders(prompt_ids, images, self.model_config.multimodal)
         if images:
             self.images.check_fits(images)
+            check_span_images(spans, images, self.images.budget)
         source, encoder_ids, encoder_len = prompt_ids, None, 0
         if encoder_features is not None:  # audio feeds the encoder; the prompt is the decoder's
             encoder_len = self.seq2seq.config.max_source_len

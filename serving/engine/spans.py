@@ -3,8 +3,8 @@
 A request may carry `(start, end)` token ranges of its prompt (end exclusive) whose tokens attend to
 each other in both directions (`model_lib/spans.py`). A span's later keys are written in the step
 that reads them, so a span is computed whole in one step:
-- `check_spans` (at `add_request`): sorted, disjoint, inside the prompt, none longer than
-  `max_num_batched_tokens`;
+- `check_spans`, `check_span_images` (at `add_request`): sorted, disjoint, inside the prompt, none
+  longer than `max_num_batched_tokens` or overlapping more image rows than the encoder budget;
 - `span_cut` (the scheduler): a prefill chunk stops before a span it would split;
 - `computed_prefix_end` (prefix-cache hits and recompute): a cached prefix that ends inside a span is
   cut back to the span's start;
@@ -42,6 +42,16 @@ def check_spans(spans: Sequence[Sequence[int]], num_tokens: int, max_len: int) -
         if s1 < e0:
             raise ValueError(f"bidirectional spans ({s0}, {e0}) and ({s1}, {e1}) overlap")
     return tuple(out)
+
+
+def check_span_images(spans: Sequence[Span], images: Sequence, budget: int) -> None:
+    """ValueError for a span whose overlapping images (`ImageItem`s) need more encoder rows than one step computes
+    (`budget`): the step that computes the span must encode them all."""
+    for s, e in spans:
+        rows = sum(item.length for item in images if item.offset < e and item.end > s)
+        if rows > budget:
+            raise ValueError(f"bidirectional span ({s}, {e}) overlaps images of {rows} tokens, more than the encoder "
+                             f"budget of {budget} tokens per step (max_num_encoder_input_tokens)")
 
 
 def span_cut(spans: Sequence[Span], start: int, num_new: int) -> int:

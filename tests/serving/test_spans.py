@@ -16,7 +16,8 @@ from serving.engine.kv_pages import PagePool
 from serving.engine.limits import RequestLimits
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Sequence
-from serving.engine.spans import check_spans, computed_prefix_end, span_cut
+from serving.engine.spans import check_span_images, check_spans, computed_prefix_end, span_cut
+from serving.multimodal.inputs import ImageItem
 from serving.sampling_params import SamplingParams
 from tests.serving.helpers import prompts
 from tests.tiny_models import VOCAB
@@ -39,6 +40,10 @@ def test_span_helpers():
     assert span_cut(spans, 4, 7) == 0  # the span starts the chunk and does not fit
     assert span_cut(spans, 4, 8) == 8 and span_cut(spans, 12, 3) == 2 and span_cut(spans, 0, 3) == 3
     assert [computed_prefix_end(spans, n) for n in (0, 4, 8, 12, 15, 16)] == [0, 4, 4, 12, 14, 16]
+    images = [ImageItem(2, 5, "a", np.zeros(1)), ImageItem(9, 4, "b", np.zeros(1))]
+    check_span_images([(0, 9)], images, 8)
+    with pytest.raises(ValueError, match=r"span \(6, 10\) overlaps images of 9 tokens"):
+        check_span_images([(6, 10)], images, 8)
 
 
 def make_seq(seq_id: int, prompt: list[int], spans=()) -> Sequence:
@@ -56,6 +61,8 @@ def run_schedule(scheduler: Scheduler, steps: int) -> list[dict[int, tuple[int, 
         scheduler.update_after_step(scheduled)
         for seq in complete:
             seq.output_ids.append(7)
+            if len(seq.output_ids) == seq.max_tokens:
+                scheduler.finish(seq, "length")
     return chunks
 
 
@@ -69,6 +76,23 @@ def test_scheduler_never_splits_a_span_and_a_held_back_span_goes_first():
     # Step 3: it goes first with the whole budget (the decode waits). Then (13, 16) fits whole.
     assert [c.get(1) for c in chunks] == [(0, 4), None, (4, 12), (12, 19), (19, 20), (20, 21)]
     assert [c.get(0) for c in chunks] == [(0, 3), (3, 4), None, (4, 5), (5, 6), None]  # None: max_tokens reached
+
+
+def test_preempted_sequences_recompute_their_spans_whole():
+    """A pool of 8 pages for two 14-token prompts that grow: preemption and recompute (from cached pages, cut
+    back to a span's start) never split a span."""
+    scheduler = Scheduler(PagePool(8, 4), max_num_seqs=2, max_num_batched_tokens=16)
+    seqs = [make_seq(0, prompts((14,), seed=1)[0], [(2, 10)]), make_seq(1, prompts((14,), seed=2)[0], [(6, 12)])]
+    for seq in seqs:
+        seq.max_tokens = 12
+        scheduler.add(seq)
+    chunks = run_schedule(scheduler, 30)
+    assert scheduler.num_preemptions > 0
+    for step in chunks:
+        for seq_id, (start, end) in step.items():
+            for s, e in seqs[seq_id].spans:
+                assert end <= s or start >= e or (start <= s and e <= end), (seq_id, (start, end), (s, e))
+    assert all(len(seq.output_ids) == 12 for seq in seqs)
 
 
 def test_a_prefix_hit_inside_a_span_is_cut_back_and_span_pages_are_keyed_by_their_spans():
