@@ -159,7 +159,7 @@ def assert_engine_matches_dense(model, requests, completions, min_span_effect: f
     for (prompt, spans), c, want, plain in zip(requests, completions, with_spans, causal):
         got = np.array([[step[t].logprob for t in range(VOCAB)] for step in c.logprobs])
         expected = want[len(prompt) - 1 : len(prompt) - 1 + len(c.token_ids)]
-        np.testing.assert_allclose(got, expected, atol=2e-4)
+        np.testing.assert_allclose(got, expected, atol=2e-5)
         assert c.token_ids == list(expected.argmax(-1))
         if spans:
             effect = np.abs(expected - plain[len(prompt) - 1 : len(prompt) - 1 + len(c.token_ids)]).max()
