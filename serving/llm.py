@@ -252,11 +252,12 @@ class LLM(PoolingMethods):
             raise ValueError(f"{self.model_path} is a pooling model ({self.engine.model.architecture}): use "
                              f"{', '.join(self.engine.tasks)}, not generate")
         prompt, images = split_prompt(prompt)
-        text, ids = self._prompt_ids(prompt)
+        if images and self.image_inputs is None:
+            raise ValueError(f"{self.model_path} takes no images")
+        text, ids = self._prompt_ids(self.image_inputs.prompt_text(prompt) if images else prompt)
         items = []
         if images:
-            if self.image_inputs is None:
-                raise ValueError(f"{self.model_path} takes no images")
+            text = prompt if isinstance(prompt, str) else text
             ids, items = self.image_inputs(ids, images)
         return self._submit(ids, params, prompt=text, lora_name=self._adapter(lora_request),
                             **({"images": items} if items else {}))

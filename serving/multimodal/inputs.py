@@ -79,6 +79,7 @@ class ImageInputs:
         for kind, limit in (("image", limit_per_prompt), ("video", video_limit)):
             if not 0 <= limit <= MAX_IMAGES_PER_PROMPT:
                 raise ValueError(f"limit_mm_per_prompt {kind} must be in [0, {MAX_IMAGES_PER_PROMPT}], got {limit}")
+        config.check_processor(processor)
         self.config = config
         self.processor = processor
         self.limit = limit_per_prompt
@@ -88,6 +89,11 @@ class ImageInputs:
         limit = self.video_limit if kind == "video" else self.limit
         if count > limit:
             raise ValueError(f"the prompt has {count} {kind}s; at most {limit} per prompt (--limit-mm-per-prompt)")
+
+    def prompt_text(self, prompt: Any) -> Any:
+        """A text prompt with images as the model's processor rewrites it before tokenizing (Gemma 3 expands its
+        image markers there); token ids and dict prompts unchanged."""
+        return self.config.prompt_text(prompt) if isinstance(prompt, str) else prompt
 
     def preprocess(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
         """One image -> (its pixels as the encoder takes them, its original (height, width))."""
