@@ -46,6 +46,9 @@ class DenseBatch:
     segment_ids: jax.Array  # [B, T] int32
     seq_lens: jax.Array  # [B, T] int32
     rope_positions: jax.Array | None = None  # [3, B, T] int32 M-RoPE positions; None: `positions` drive rotary
+    # [B, T] int32: bidirectional spans, the last key position each token sees (its own outside a span, the
+    # span's last inside one; `pallas_kernels/paged_attention/reference.py`). None: causal.
+    visible_until: jax.Array | None = None
 
 
 @struct.dataclass
@@ -53,7 +56,8 @@ class PagedBatch:
     """Attention inputs of a flat ragged step `[T]` over the paged KV cache.
 
     Tokens are grouped by sequence (`meta.cu_q_lens`); see
-    `pallas_kernels/paged_attention/reference.py` for the layout. A scanned layer
+    `pallas_kernels/paged_attention/reference.py` for the layout (bidirectional spans travel as
+    `meta.visible_until`). A scanned layer
     stack (`model_lib.layer_scan`) sets `layer` to the index of the running layer in
     its stacked KV pools.
     """
@@ -102,6 +106,8 @@ def attend(
     if sinks is not None:
         options["sinks"] = sinks
     if isinstance(batch, DenseBatch):
+        if batch.visible_until is not None:
+            options["visible_until"] = batch.visible_until
         # Under a mesh (`parallel.kernel_plan`) it runs per batch and head shard.
         out = parallel.dense_attention(
             q,
