@@ -207,7 +207,9 @@ def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     multimodal = Gemma3VisionConfig(vision=vision, image_token_id=hf.image_token_id, feature_layers=(-1,),
                                     feature_strategy="full", mm_tokens_per_image=hf.mm_tokens_per_image,
                                     projector_norm_eps=hf.vision_config.layer_norm_eps)
-    return _with_text(hf, architecture, family.config_from_hf(hf.text_config, text_architecture), multimodal)
+    # Image runs are bidirectional spans: every serving step carries `visible_until`.
+    text = family.config_from_hf(hf.text_config, text_architecture).replace(bidirectional_spans=True)
+    return _with_text(hf, architecture, text, multimodal)
 
 
 GEMMA3_VL = Family("gemma3_vl", gemma3_config, LLAVA_WEIGHTS,

@@ -169,6 +169,14 @@ def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], co
                              "video(s) (pass them with the prompt, one placeholder each)")
 
 
+def image_spans(items: Sequence[ImageItem], config: ImagePlaceholders | None) -> list[tuple[int, int]]:
+    """The bidirectional spans (`serving/engine/spans.py`) of a prompt's images: each image's placeholder run, for a
+    model whose image tokens attend to each other both ways (Gemma 3); none for the others."""
+    if config is None or not config.bidirectional_images:
+        return []
+    return [(item.offset, item.end) for item in items]
+
+
 def page_tags(items: Sequence[ImageItem], page_size: int) -> Callable[[int], tuple]:
     """For prefix-cache keys: page index -> a tag naming the hashes of the images overlapping that page."""
 
