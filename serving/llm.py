@@ -315,7 +315,9 @@ class LLM(PoolingMethods):
             converted, images = split_images(conversation, self.media.fetch)
             text = self.tokenizer.apply_chat_template(converted, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template holds any BOS
+            # The template holds any BOS; with images, the text as the processor rewrites it (Gemma 3).
+            rewritten = self.image_inputs.prompt_text(text) if images and self.image_inputs is not None else text
+            ids = self.tokenizer.encode(rewritten, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids,
                             **({"multi_modal_data": {"image": images}} if images else {})})
         return self.generate(prompts, sampling_params)

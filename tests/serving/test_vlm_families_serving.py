@@ -41,8 +41,24 @@ def test_generate_with_images_equals_transformers(name, tmp_path):
         hf_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(expected.logits, tokens)]
         ours = [step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens)]
         np.testing.assert_allclose(ours, hf_logprobs, atol=1e-4)
+    chat_prompt_equals_processors(llm, case, tmp_path)
     if case.video:
         video_generate_equals_transformers(llm, ref, tmp_path)
+
+
+def chat_prompt_equals_processors(llm: LLM, case, folder) -> None:
+    """`LLM.chat` renders the checkpoint's template and tokenizes it itself (through the processor's rewrite of
+    the text, Gemma 3's): the prompt is the processor's."""
+    from transformers import AutoTokenizer
+
+    from serving.multimodal.images import to_rgb
+
+    parts = [{"type": "text", "text": "what is in "}, {"type": "image"}, {"type": "text", "text": "?"}]
+    text = AutoTokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": parts}],
+                                                                     tokenize=False, add_generation_prompt=True)
+    parts[1] = {"type": "image_pil", "image_pil": to_rgb(IMAGES[0])}
+    output = llm.chat([{"role": "user", "content": parts}], GREEDY)[0]
+    assert output.prompt_token_ids == hf_inputs(case, folder, text, IMAGES[:1])["input_ids"][0].tolist()
 
 
 def video_generate_equals_transformers(llm: LLM, ref, folder) -> None:
