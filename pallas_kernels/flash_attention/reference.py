@@ -96,8 +96,8 @@ def attention(
         logits = logits + bias.transpose(0, 3, 1, 2).reshape(batch, num_kv_heads, groups, q_len, -1)
     if visible_until is not None and not causal:
         raise ValueError("visible_until (bidirectional spans) applies to causal attention only")
-    visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk_size, causal,
-                             visible_until)
+    visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk_size,
+                             causal, visible_until)
     logits = jnp.where(visible[:, None, None, :, :], logits, MASK_VALUE)
     if sinks is None:
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

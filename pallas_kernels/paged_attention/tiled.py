@@ -30,7 +30,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values
-from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights, page_value_rows, token_visible_until
+from pallas_kernels.paged_attention.reference import (PagedMetadata, attention_weights, page_value_rows,
+                                                      token_visible_until)
 
 # Temporaries (gathered pages, logits) one block of tiles may take; larger steps run block by block.
 GATHER_BYTES = 256 << 20

@@ -443,7 +443,8 @@ def paged_attention(
         interpret=interpret,
         name=f"ragged_paged_attention_r{rows}_k{block_k}_d{padded_dim}_s{splits}"
              + ("" if value_dim is None else f"_latent{head_dim}")
-             + ("" if k_scales is None else f"_{k_cache.dtype.name}"),
+             + ("" if k_scales is None else f"_{k_cache.dtype.name}")
+             + ("" if visible_until is None else "_spans"),
     )(block_seq, block_row, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, visible_until, q_rows, k_cache,
       v_cache, k_scales, v_scales)
 

@@ -27,6 +27,7 @@ import numpy as np
 from model_lib import CausalLM, cache_spec
 from model_lib.cache_spec import cache_specs
 from model_lib.sharding import ShardingPlan
+from model_lib.spans import Span
 from pallas_kernels.paged_attention.kv_quant import resolve_kv_cache_dtype
 from serving.engine import multihost
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
@@ -269,7 +270,7 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)
 
-    def check_spans(self, prompt_ids: list[int], spans: Iterable[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
+    def check_spans(self, prompt_ids: list[int], spans: Iterable[tuple[int, int]] | None) -> tuple[Span, ...]:
         """A request's bidirectional spans, sorted; ValueError naming the problem for spans this engine cannot
         serve (a model whose layers cannot attend them, a span outside the prompt or longer than one step)."""
         spans = list(spans or ())

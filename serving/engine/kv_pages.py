@@ -115,6 +115,11 @@ class PagePool:
         self.prefix_hits += len(pages) * self.page_size
         return pages, keys
 
+    def return_matched(self, pages: Sequence[int]) -> None:
+        """Give back the tail of a `match_prefix` result that the caller does not use (no longer hits)."""
+        self.release(pages)
+        self.prefix_hits -= len(pages) * self.page_size
+
     def register(self, page: int, key: PageKey) -> None:
         """Name a page whose tokens are all computed, so later prefixes can reuse it."""
         if not self.enable_prefix_caching or page in self._key_of or key in self._page_of:

@@ -17,9 +17,9 @@ max_tokens; and a preempted sequence waits until its pending token is read,
 since recomputing needs every token on the host.
 
 A prompt's bidirectional spans (`serving/engine/spans.py`) are computed whole in one step: a chunk
-stops before a span it would split, a running prefill held back that way keeps waiting sequences
-from starting (so the decodes ahead of it free the budget it needs), and a prefix-cache hit that
-ends inside a span is cut back to the span's start.
+stops before a span it would split, a running prefill held back that way goes first in the next
+step (the whole budget, which no span exceeds, is there for it), and a prefix-cache hit that ends
+inside a span is cut back to the span's start.
 
 A running sequence holds one of `max_num_seqs` slots (its row of the device
 sampling state); `take_joined` names those that joined since the last call.
@@ -70,6 +70,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._joined: list[Sequence] = []
+        self._span_first: Sequence | None = None  # a running prefill held back by a span: first next step
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -140,7 +141,7 @@ class Scheduler:
         seq.num_computed = len(seq.pages) * page_size
         keep = computed_prefix_end(seq.spans, seq.num_computed) // page_size
         if keep < len(seq.pages):
-            self.pool.release(seq.pages[keep:])
+            self.pool.return_matched(seq.pages[keep:])
             del seq.pages[keep:], seq.page_keys[keep:]
             seq.num_computed = keep * page_size
 
@@ -157,8 +158,12 @@ class Scheduler:
         scheduled: list[ScheduledSequence] = []
         self._encoder_left = self.encoder_budget or 0
 
-        span_waits = False  # a running prefill waits for budget to compute a whole span
-        for seq in list(self.running):
+        order = list(self.running)
+        if self._span_first is not None and self._span_first.status is Status.RUNNING:
+            order.remove(self._span_first)  # the whole budget is there for its span
+            order.insert(0, self._span_first)
+        self._span_first = None
+        for seq in order:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:
@@ -170,7 +175,8 @@ class Scheduler:
             num_new = self._fit(seq, wanted)
             del seq.spec_tokens[max(0, num_new - missing):]  # drafts beyond the budget are not verified
             if not num_new:
-                span_waits |= bool(seq.spans) and span_cut(seq.spans, seq.num_computed, wanted) == 0
+                if self._span_first is None and seq.spans and not span_cut(seq.spans, seq.num_computed, wanted):
+                    self._span_first = seq
                 continue  # its next image waits for the next step's encoder budget, or its span for budget
             needed = self._pages_needed(seq, num_new)  # 0 for most decode steps: nothing to allocate
             if needed:
@@ -185,8 +191,7 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 
-        while (budget > 0 and not span_waits and len(self.running) < self.max_num_seqs
-               and (seq := self._waiting_head()) is not None):
+        while budget > 0 and len(self.running) < self.max_num_seqs and (seq := self._waiting_head()) is not None:
             if seq.num_pending:
                 break  # preempted with a token still on the way: recompute once it is read
             if not seq.pages:

@@ -70,8 +70,11 @@ def test_paged_attention_kernel_under_shard_map(tensor, heads, kv_heads):
 
 @pytest.mark.parametrize("kv_heads", [1, 4])  # replicated on 4 devices, and split
 def test_stacked_pool_layer_under_shard_map(kv_heads):
-    """A layer of a stacked pool `[K, L, P, B, D]` (kv heads split or replicated) equals the one-layer call."""
+    """A layer of a stacked pool `[K, L, P, B, D]` (kv heads split or replicated) equals the one-layer call;
+    with bidirectional spans (the replicated metadata carries `visible_until`)."""
     inputs, _ = make_case(SEQS, num_heads=28, num_kv_heads=kv_heads, seed=kv_heads, num_pages=8)
+    spans = jnp.asarray([6, 6, 6, 4, 1, 1, 2, 3, 0, 0, 0], jnp.int32)  # (4, 7) of SEQS[0], (0, 2) of SEQS[2]
+    inputs["meta"] = inputs["meta"].replace(visible_until=spans)
     sinks = jnp.asarray(np.random.RandomState(kv_heads).randn(28), jnp.float32)
     expected = run_attention(**inputs, sinks=sinks, plan=None, implementation="reference")
     other = jnp.asarray(np.random.RandomState(3).randn(*inputs["k_cache"].shape).astype(np.float32))
@@ -208,28 +211,32 @@ DENSE_CASES = [({"fsdp": 4, "tensor": 2}, 4, 2), ({"data": 2, "tensor": 4}, 8, 2
 # Logical axes of `dense_inputs`: laid out as a sharded training step holds them.
 DENSE_AXES = {"q": ("batch", None, "q_heads", None), "k": ("batch", None, "kv_heads", None),
               "v": ("batch", None, "kv_heads", None), "weights": ("batch", None, "q_heads", None),
-              "sinks": ("q_heads",), "segments": ("batch", None), "positions": ("batch", None)}
+              "sinks": ("q_heads",), "segments": ("batch", None), "positions": ("batch", None),
+              "visible_until": ("batch", None)}
 
 
 def dense_inputs(heads: int, kv_heads: int, batch: int = 4, length: int = 8, head_dim: int = 16) -> dict:
-    """Random q/k/v, packed rows (two segments and padding), sinks, and a cotangent to weigh the output."""
+    """Random q/k/v, packed rows (two segments and padding) with a bidirectional span in each segment, sinks,
+    and a cotangent to weigh the output."""
     rng = np.random.RandomState(heads + kv_heads)
     arrays = dict(q=(batch, length, heads, head_dim), k=(batch, length, kv_heads, head_dim),
                   v=(batch, length, kv_heads, head_dim), sinks=(heads,), weights=(batch, length, heads, head_dim))
     inputs = {name: jnp.asarray(rng.randn(*shape), jnp.float32) for name, shape in arrays.items()}  # `loss` order
     segments = np.array([[1] * 3 + [2] * 4 + [0]] * batch, np.int32)
     positions = np.array([[0, 1, 2, 0, 1, 2, 3, 0]] * batch, np.int32)
-    return dict(inputs, segments=jnp.asarray(segments), positions=jnp.asarray(positions))
+    visible_until = np.array([[0, 2, 2, 1, 1, 2, 3, 0]] * batch, np.int32)  # spans (1, 3) and (0, 2)
+    return dict(inputs, segments=jnp.asarray(segments), positions=jnp.asarray(positions),
+                visible_until=jnp.asarray(visible_until))
 
 
 def dense_step(plan):
     """Forward and gradients (q, k, v, sinks) of a weighted sum of dense attention, jitted."""
 
-    def loss(q, k, v, sinks, weights, segments, positions):
+    def loss(q, k, v, sinks, weights, segments, positions, visible_until):
         with parallel.kernel_plan(plan):
             out = parallel.dense_attention(q, k, v, q_positions=positions, kv_positions=positions,
                                            q_segment_ids=segments, kv_segment_ids=segments, scale=0.25,
-                                           sliding_window=3, softcap=20.0, sinks=sinks)
+                                           sliding_window=3, softcap=20.0, sinks=sinks, visible_until=visible_until)
         return jnp.sum(out * weights), out
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))

@@ -109,7 +109,8 @@ def test_paged_attention_kernel_compiles_with_spans(case):
     def run(q, k_cache, v_cache, meta):
         return paged_kernel.paged_attention(q, k_cache, v_cache, meta, scale=0.1, **options)
 
-    assert_compiles(gpu_lowering.lower_for_h100(run, q, cache, cache, meta), ("ragged_paged_attention",))
+    reports = assert_compiles(gpu_lowering.lower_for_h100(run, q, cache, cache, meta), ("ragged_paged_attention",))
+    assert all(r.name.endswith("_spans") for r in reports), [r.name for r in reports]
 
 
 # (PAGED_CASES name, page dtype): quantized pages and their scales through each load path of the kernel: whole
@@ -448,6 +449,7 @@ GROUPS7 = dict(num_attention_heads=14, num_key_value_heads=2, head_dim=16, hidde
 STEP_SHAPES = {"decode": (8, 8, 8), "prefill": (64, 2, 8)}
 PREFILL_TOO = ("llama-gqa", "mixtral-moe")
 EXPANDED_TOO = ("minicpm3-mla-longrope",)  # MLA: also the prefill step's expanded variant (serving/engine/mla_prefill.py)
+SPANS_TOO = ("llama-gqa",)  # also the prefill step with bidirectional spans (`visible_until`) through scanned layers
 PAGE_SIZE = 16
 
 
@@ -490,6 +492,11 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
         inputs.batch = inputs.batch.replace(expanded_from=np.int32(0))
         lowered = gpu_lowering.lower_for_h100(runner._step, *gpu_lowering.abstract(runner.step_args(inputs)))
         assert_compiles(lowered, expected)
+    if family in SPANS_TOO:
+        inputs = runner.empty_inputs(STEP_SHAPES["prefill"], spans=True)
+        lowered = gpu_lowering.lower_for_h100(runner._step, *gpu_lowering.abstract(runner.step_args(inputs)))
+        reports = assert_compiles(lowered, expected)
+        assert any(r.name.endswith("_spans") for r in reports), [r.name for r in reports]
 
 
 # quantization -> the fused kernel its linear layers must reach

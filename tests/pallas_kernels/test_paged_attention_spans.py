@@ -15,7 +15,8 @@ from tests.pallas_kernels.test_paged_attention import alibi, dense_expected, mak
 # a case says otherwise). Decode tokens and plain chunks sit beside chunks with spans crossing page
 # boundaries, a span ending at the sequence's last token, and (long-chunk) spans crossing q-blocks.
 SPAN_SHAPES = {
-    "mixed": [(1, 9, ()), (7, 7, ((2, 6),)), (1, 1, ()), (5, 13, ((8, 13),)), (3, 4, ()), (9, 20, ((11, 14), (15, 20)))],
+    "mixed": [(1, 9, ()), (7, 7, ((2, 6),)), (1, 1, ()), (5, 13, ((8, 13),)), (3, 4, ()),
+              (9, 20, ((11, 14), (15, 20)))],
     "prefill": [(6, 6, ((0, 6),)), (11, 11, ((1, 3), (3, 10))), (4, 4, ())],
     "long-chunk": [(37, 45, ((9, 17), (20, 30), (33, 45))), (1, 9, ()), (1, 3, ())],
 }
