@@ -252,11 +252,12 @@ class LLM(PoolingMethods):
             raise ValueError(f"{self.model_path} is a pooling model ({self.engine.model.architecture}): use "
                              f"{', '.join(self.engine.tasks)}, not generate")
         prompt, images = split_prompt(prompt)
-        text, ids = self._prompt_ids(prompt)
+        if images and self.image_inputs is None:
+            raise ValueError(f"{self.model_path} takes no images")
+        text, ids = self._prompt_ids(self.image_inputs.prompt_text(prompt) if images else prompt)
         items = []
         if images:
-            if self.image_inputs is None:
-                raise ValueError(f"{self.model_path} takes no images")
+            text = prompt if isinstance(prompt, str) else text
             ids, items = self.image_inputs(ids, images)
         return self._submit(ids, params, prompt=text, lora_name=self._adapter(lora_request),
                             **({"images": items} if items else {}))
@@ -314,7 +315,9 @@ class LLM(PoolingMethods):
             converted, images = split_images(conversation, self.media.fetch)
             text = self.tokenizer.apply_chat_template(converted, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)  # the template holds any BOS
+            # The template holds any BOS; with images, the text as the processor rewrites it (Gemma 3).
+            rewritten = self.image_inputs.prompt_text(text) if images and self.image_inputs is not None else text
+            ids = self.tokenizer.encode(rewritten, add_special_tokens=False)
             prompts.append({"prompt": text, "prompt_token_ids": ids,
                             **({"multi_modal_data": {"image": images}} if images else {})})
         return self.generate(prompts, sampling_params)

@@ -462,6 +462,11 @@ CASES = [
           ("internvl-qwen2", "InternVLConfig", "InternVLForConditionalGeneration",
            {**LLAVA_VISION, "model_type": "internvl_vision"}, {"model_type": "qwen2"},
            dict(tie_word_embeddings=False, image_token_id=VOCAB - 1)),
+          ("gemma3-vl", "Gemma3Config", "Gemma3ForConditionalGeneration",
+           {**LLAVA_VISION, "model_type": "siglip_vision_model", "vision_use_head": False},
+           {"model_type": "gemma3_text", "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"]},
+           dict(mm_tokens_per_image=4, boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)),
       )),
     # Qwen-VL text paths (M-RoPE with 1D positions; the image path: tests/model_lib/test_qwen_vl.py).
     *(TinyCase(

@@ -154,6 +154,44 @@ def build_internvl(folder: Path):
 INTERNVL_TOKENS = ["<IMG_CONTEXT>", "<img>", "</img>"]
 
 
+def build_gemma3(folder: Path):
+    import json
+
+    import torch
+    from transformers import (AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor,
+                              Gemma3TextConfig, SiglipVisionConfig)
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from model_lib.vision.gemma3 import BOI, EOI, IMAGE
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=TILE, patch_size=8, vision_use_head=False)
+    # A window of 3 is shorter than an image's 4 soft tokens: the sliding layers cut into the bidirectional run.
+    text = Gemma3TextConfig(vocab_size=IMAGE_TOKEN_ID + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                            sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=GEMMA3_TOKENS,
+                          image_token_index=IMAGE_TOKEN_ID, boi_token_index=IMAGE_TOKEN_ID + 1,
+                          eoi_token_index=IMAGE_TOKEN_ID + 2)
+    model = _perturbed(Gemma3ForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    # Gemma 3's tokenizer names its image tokens (`boi_token`, ...) in tokenizer_config.json; the processor reads them.
+    _tokenizer([IMAGE, BOI, EOI], BOI).save_pretrained(folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.update(boi_token=BOI, image_token=IMAGE, eoi_token=EOI)
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    images = Gemma3ImageProcessorPil(size={"height": TILE, "width": TILE})
+    Gemma3Processor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(folder),
+                    **GEMMA3_PROCESSOR).save_pretrained(folder)
+    return model
+
+
+GEMMA3_TOKENS = 4  # 4x4 patches pooled 2x2
+GEMMA3_PROCESSOR = dict(image_seq_length=GEMMA3_TOKENS)
+
+
 @dataclass(frozen=True)
 class VlmCase:
     build: Callable[[Path], Any]
@@ -169,6 +207,7 @@ VLM_CASES = {
     "llava_onevision": VlmCase(build_llava_onevision, None, {}, counts_images=True, video=True),
     "mistral3": VlmCase(build_mistral3, None, {}, image_marker=PIXTRAL_TOKENS[0]),
     "internvl": VlmCase(build_internvl, None, {}, image_marker=INTERNVL_TOKENS[0]),
+    "gemma3": VlmCase(build_gemma3, "Gemma3Processor", GEMMA3_PROCESSOR, image_marker="<start_of_image>"),
 }
 
 

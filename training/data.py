@@ -127,7 +127,12 @@ def _chat_example(messages: list[dict[str, Any]], tokenizer: Any, where: str,
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: chat 'messages' need a tokenizer with a chat template")
     messages, pictures = split_images(messages, images.fetch if images is not None else _no_images)
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+
+    def render(msgs: list[dict[str, Any]], gen: bool) -> str:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        # With images, the text as the model's processor rewrites it (Gemma 3 expands its image markers there).
+        return images.inputs.prompt_text(text) if pictures else text
+
     full = render(messages, False)
     ids = tokenizer.encode(full, add_special_tokens=False)
     labels = [IGNORE] * len(ids)

@@ -88,10 +88,14 @@ def llava_config(hf: PretrainedConfig, architecture: str, mm_class: type[MultiMo
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
         **mm_fields,
     )
+    return _with_text(hf, architecture, family.config_from_hf(hf.text_config, text_architecture), multimodal)
+
+
+def _with_text(hf: PretrainedConfig, architecture: str, text: ModelConfig, multimodal: MultiModalConfig) -> ModelConfig:
+    """The text model's config carrying the vision side."""
     if not 0 <= multimodal.image_token_id < hf.text_config.vocab_size:
         raise ValueError(f"image_token_id {multimodal.image_token_id} is outside the vocabulary "
                          f"({hf.text_config.vocab_size})")
-    text = family.config_from_hf(hf.text_config, text_architecture)
     # transformers ties the output head by the top-level key of a vision-language config.
     tied = bool(getattr(hf, "tie_word_embeddings", text.tie_word_embeddings))
     return text.replace(architecture=architecture, family=f"llava/{text.family}", multimodal=multimodal,
@@ -191,3 +195,22 @@ def internvl_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
 
 INTERNVL = Family("internvl", internvl_config, LLAVA_WEIGHTS,
                   quirks="InternViT tiles (layer scale), pixel shuffle, `<img>`/`<IMG_CONTEXT>`/`</img>` runs")
+
+
+def gemma3_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
+    from model_lib.vision.gemma3 import Gemma3VisionConfig
+
+    text_architecture, family = _text_family(hf.text_config)
+    vision = clip_vision_config(hf.vision_config)
+    if vision.kind != "siglip":
+        raise ValueError(f"Gemma 3 with a {hf.vision_config.model_type!r} tower is not supported (SigLIP only)")
+    multimodal = Gemma3VisionConfig(vision=vision, image_token_id=hf.image_token_id, feature_layers=(-1,),
+                                    feature_strategy="full", mm_tokens_per_image=hf.mm_tokens_per_image,
+                                    projector_norm_eps=hf.vision_config.layer_norm_eps)
+    # Image runs are bidirectional spans: every serving step carries `visible_until`.
+    text = family.config_from_hf(hf.text_config, text_architecture).replace(bidirectional_spans=True)
+    return _with_text(hf, architecture, text, multimodal)
+
+
+GEMMA3_VL = Family("gemma3_vl", gemma3_config, LLAVA_WEIGHTS,
+                   quirks="Gemma 3 with a SigLIP tower, pooled soft tokens; each image's tokens attend bidirectionally")

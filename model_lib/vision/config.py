@@ -80,6 +80,16 @@ class ImagePlaceholders:
         """The tokens one video (its preprocessed frames) takes in the prompt."""
         raise ValueError("this model takes no video")
 
+    # Whether each image's run of placeholders attends to itself in both directions (Gemma 3), the rest causal.
+    bidirectional_images: ClassVar[bool] = False
+
+    def prompt_text(self, text: str) -> str:
+        """A text prompt as the model's processor rewrites it before tokenizing (default: unchanged)."""
+        return text
+
+    def check_processor(self, processor: Any) -> None:
+        """ValueError if the checkpoint's image processor is set to something serving does not reproduce."""
+
     def pixels_for(self, pixels: Any, images_in_prompt: int) -> Any:
         """The pixels an image is encoded from, given how many images its prompt has."""
         return pixels

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model_lib.decoder import CausalLM
+from model_lib.decoder import CausalLM, positions_from_segments
+from model_lib.spans import visible_until_from_span_ids
 from model_lib.vision.config import MultiModalConfig
 from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 
@@ -86,7 +87,22 @@ class VisionLanguageModel(CausalLM):
             merged = self._merged(jnp.asarray(input_ids, jnp.int32), pixel_values or [], image_sizes,
                                   pixel_values_videos or [])
         return CausalLM.__call__(self, input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-                                 merged=merged)
+                                 merged=merged, visible_until=self.image_spans(input_ids, attention_mask, segment_ids,
+                                                                               positions))
+
+    def image_spans(self, input_ids: jax.Array, attention_mask: jax.Array | None, segment_ids: jax.Array | None,
+                    positions: jax.Array | None) -> jax.Array | None:
+        """`visible_until [B, T]` making each run of image placeholders a bidirectional span
+        (`model_lib/spans.py`), for a model whose image tokens attend to each other both ways (Gemma 3, as
+        transformers' `token_type_ids`); None for the others."""
+        if not self.config.multimodal.bidirectional_images:
+            return None
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if positions is None:
+            segments = segment_ids if segment_ids is not None else attention_mask
+            positions = positions_from_segments(jnp.ones_like(input_ids) if segments is None else jnp.asarray(segments))
+        is_image = (input_ids == self.config.multimodal.image_token_id).astype(jnp.int32)
+        return visible_until_from_span_ids(is_image, positions)
 
 
     def _merged(self, input_ids: jax.Array, pixel_values: Sequence[Any], image_sizes: Sequence | None,

@@ -41,7 +41,7 @@ from serving.engine.sequence import Sequence
 from serving.engine.spans import check_span_images, check_spans
 from serving.multimodal.encoder import image_encoder, release_prefilled
 from serving.seq2seq import seq2seq_encoder
-from serving.multimodal.inputs import ImageItem, check_placeholders
+from serving.multimodal.inputs import ImageItem, check_placeholders, image_spans
 from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
 from serving.lora.manager import LoRAManager
@@ -320,8 +320,9 @@ class LLMEngine:
             raise ValueError("this engine serves no LoRA adapters (enable_lora is off)")
         if lora_name is not None and lora_name not in self.lora.adapters:
             raise ValueError(f"no LoRA adapter named {lora_name!r} is loaded")
-        spans = self.check_spans(prompt_ids, bidirectional_spans)
         images = list(images or [])
+        spans = self.check_spans(prompt_ids, [*(bidirectional_spans or ()),
+                                              *image_spans(images, self.model_config.multimodal)])
         check_placeholders(prompt_ids, images, self.model_config.multimodal)
         if images:
             self.images.check_fits(images)

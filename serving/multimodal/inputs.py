@@ -79,6 +79,7 @@ class ImageInputs:
         for kind, limit in (("image", limit_per_prompt), ("video", video_limit)):
             if not 0 <= limit <= MAX_IMAGES_PER_PROMPT:
                 raise ValueError(f"limit_mm_per_prompt {kind} must be in [0, {MAX_IMAGES_PER_PROMPT}], got {limit}")
+        config.check_processor(processor)
         self.config = config
         self.processor = processor
         self.limit = limit_per_prompt
@@ -88,6 +89,11 @@ class ImageInputs:
         limit = self.video_limit if kind == "video" else self.limit
         if count > limit:
             raise ValueError(f"the prompt has {count} {kind}s; at most {limit} per prompt (--limit-mm-per-prompt)")
+
+    def prompt_text(self, prompt: Any) -> Any:
+        """A text prompt with images as the model's processor rewrites it before tokenizing (Gemma 3 expands its
+        image markers there); token ids and dict prompts unchanged."""
+        return self.config.prompt_text(prompt) if isinstance(prompt, str) else prompt
 
     def preprocess(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
         """One image -> (its pixels as the encoder takes them, its original (height, width))."""
@@ -161,6 +167,14 @@ def check_placeholders(prompt_ids: Sequence[int], items: Sequence[ImageItem], co
             raise ValueError(f"the prompt's {'video' if video else 'image'} placeholders "
                              f"{placeholder_runs(prompt_ids, token)} do not match its {len(items)} image(s) and "
                              "video(s) (pass them with the prompt, one placeholder each)")
+
+
+def image_spans(items: Sequence[ImageItem], config: ImagePlaceholders | None) -> list[tuple[int, int]]:
+    """The bidirectional spans (`serving/engine/spans.py`) of a prompt's images: each image's placeholder run, for a
+    model whose image tokens attend to each other both ways (Gemma 3); none for the others."""
+    if config is None or not config.bidirectional_images:
+        return []
+    return [(item.offset, item.end) for item in items]
 
 
 def page_tags(items: Sequence[ImageItem], page_size: int) -> Callable[[int], tuple]:

@@ -494,7 +494,7 @@ class OpenAIServer:
         except jinja2.TemplateError as e:
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages") from None
         # The template already holds any BOS; do not add special tokens twice.
-        prompt = self.prepare(text, add_special_tokens=False)
+        prompt = self.prepare(self.image_inputs.prompt_text(text) if images else text, add_special_tokens=False)
         if images:
             try:
                 prompt.ids, prompt.images = self.image_inputs(prompt.ids, images)

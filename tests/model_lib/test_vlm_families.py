@@ -62,3 +62,23 @@ def test_video_logits_match_transformers(tmp_path):
     ours = vision_forward(model, np.asarray([ids]), pixel_values=pixels, image_sizes=sizes, pixel_values_videos=[frames])
     assert_logits_close(np.asarray(ours), expected)
     assert [item.video for item in items] == [True, False]
+
+
+def test_gemma3_settings_serving_cannot_reproduce_are_refused():
+    """Pan-and-scan crops (each its own image run in the prompt) and a pooled grid that does not tile the tower's."""
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from model_lib.vision.config import VisionConfig
+    from model_lib.vision.gemma3 import Gemma3VisionConfig
+    from serving.multimodal.inputs import ImageInputs
+
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=32, patch_size=8,
+                          kind="siglip")
+    mm = Gemma3VisionConfig(vision=vision, image_token_id=128, feature_layers=(-1,), feature_strategy="full",
+                            mm_tokens_per_image=4)
+    ImageInputs(mm, Gemma3ImageProcessorPil(), 1)
+    with pytest.raises(ValueError, match="pan-and-scan"):
+        ImageInputs(mm, Gemma3ImageProcessorPil(do_pan_and_scan=True), 1)
+    with pytest.raises(ValueError, match="mm_tokens_per_image"):
+        Gemma3VisionConfig(vision=vision, image_token_id=128, feature_layers=(-1,), feature_strategy="full",
+                           mm_tokens_per_image=9)

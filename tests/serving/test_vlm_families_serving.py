@@ -3,7 +3,11 @@ processor makes and its greedy tokens, for images of different sizes under chunk
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
+import torch
 
 from serving import LLM, SamplingParams
 from tests.vlm_families import VIDEO_TOKEN, VIDEO_TOKEN_ID, VLM_CASES, hf_inputs
@@ -20,17 +24,41 @@ IMAGES = [random_image(1, (40, 70)), random_image(2, (64, 30))]
 def test_generate_with_images_equals_transformers(name, tmp_path):
     case = VLM_CASES[name]
     ref = case.build(tmp_path)
-    # 16-token chunks split every image's placeholders over steps.
+    # 16-token chunks split every image's placeholders over steps, but Gemma 3's: its 4 soft tokens at 31..34
+    # attend to each other both ways, and the chunk that would split them stops before them (a split shows in
+    # the log-probabilities).
     llm = LLM(tmp_path, max_model_len=256, page_size=4, num_pages=256, max_num_seqs=4, max_num_batched_tokens=16)
-    text = f"user: what is in {case.image_marker} this picture?\nassistant:"
-    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for image in IMAGES], GREEDY)
+    text = f"user: what do you see in it: {case.image_marker} this picture?\nassistant:"
+    params = dataclasses.replace(GREEDY, logprobs=0)
+    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for image in IMAGES], params)
     for output, image in zip(outputs, IMAGES):
         inputs = hf_inputs(case, tmp_path, text, [image])
         assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
-        expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
-        assert output.outputs[0].token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist()
+        expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+        tokens = output.outputs[0].token_ids
+        assert tokens == expected.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        hf_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(expected.logits, tokens)]
+        ours = [step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens)]
+        np.testing.assert_allclose(ours, hf_logprobs, atol=1e-4)
+    chat_prompt_equals_processors(llm, case, tmp_path)
     if case.video:
         video_generate_equals_transformers(llm, ref, tmp_path)
+
+
+def chat_prompt_equals_processors(llm: LLM, case, folder) -> None:
+    """`LLM.chat` renders the checkpoint's template and tokenizes it itself (through the processor's rewrite of
+    the text, Gemma 3's): the prompt is the processor's."""
+    from transformers import AutoTokenizer
+
+    from serving.multimodal.images import to_rgb
+
+    parts = [{"type": "text", "text": "what is in "}, {"type": "image"}, {"type": "text", "text": "?"}]
+    text = AutoTokenizer.from_pretrained(folder).apply_chat_template([{"role": "user", "content": parts}],
+                                                                     tokenize=False, add_generation_prompt=True)
+    parts[1] = {"type": "image_pil", "image_pil": to_rgb(IMAGES[0])}
+    output = llm.chat([{"role": "user", "content": parts}], GREEDY)[0]
+    assert output.prompt_token_ids == hf_inputs(case, folder, text, IMAGES[:1])["input_ids"][0].tolist()
 
 
 def video_generate_equals_transformers(llm: LLM, ref, folder) -> None:

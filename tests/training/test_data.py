@@ -103,3 +103,31 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert all(b.input_ids.shape == (4, 8) for b in first)  # the short last batch is padded
     np.testing.assert_array_equal(first[0].input_ids, epoch_batches(examples, epoch=0, **kwargs)[0].input_ids)
     assert not np.array_equal(first[0].input_ids, epoch_batches(examples, epoch=1, **kwargs)[0].input_ids)
+
+
+def test_gemma3_image_chat_is_expanded_as_its_processor_does(tmp_path):
+    """Gemma 3's processor rewrites `<start_of_image>` in the text (newlines, soft tokens, `<end_of_image>`)
+    before tokenizing: a training chat with an image takes exactly the processor's ids, no loss on the image."""
+    import base64
+
+    from transformers import AutoTokenizer
+
+    import model_lib
+    from serving.multimodal.images import to_rgb
+    from tests.vlm_families import VLM_CASES, hf_inputs
+    from tests.vlm_models import IMAGE_TOKEN_ID, png_bytes, random_image
+    from training.images import TrainingImages
+
+    case = VLM_CASES["gemma3"]
+    case.build(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    image = random_image(3, (30, 40))
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+    messages = [{"role": "user", "content": [{"type": "image", "image": url}, {"type": "text", "text": "what?"}]},
+                {"role": "assistant", "content": "a cat"}]
+    images = TrainingImages(tmp_path, model_lib.load_config(tmp_path)[0], tmp_path)
+    example = to_example({"messages": messages}, tokenizer, DataConfig(), "x", images)
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert example.input_ids == hf_inputs(case, tmp_path, text, [to_rgb(image)])["input_ids"][0].tolist()
+    assert all(label == IGNORE for t, label in zip(example.input_ids, example.labels) if t == IMAGE_TOKEN_ID)
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE]).strip() == "a cat"
