@@ -46,6 +46,8 @@ class DenseBatch:
     segment_ids: jax.Array  # [B, T] int32
     seq_lens: jax.Array  # [B, T] int32
     rope_positions: jax.Array | None = None  # [3, B, T] int32 M-RoPE positions; None: `positions` drive rotary
+    # [B, T] int32: the last key position each query sees (SDAR's block-causal mask); None: its own (causal).
+    visible_until: jax.Array | None = None
 
 
 @struct.dataclass
@@ -102,12 +104,18 @@ def attend(
     if sinks is not None:
         options["sinks"] = sinks
     if isinstance(batch, DenseBatch):
+        q_positions = batch.positions
+        if batch.visible_until is not None:
+            # The causal mask is `k_pos <= q_pos`: a query that sees up to `visible_until` masks as if it stood there.
+            if sliding_window is not None or chunk_size is not None or alibi_slopes is not None:
+                raise NotImplementedError("visible_until with a sliding window, chunked attention or ALiBi")
+            q_positions = batch.visible_until
         # Under a mesh (`parallel.kernel_plan`) it runs per batch and head shard.
         out = parallel.dense_attention(
             q,
             k,
             v,
-            q_positions=batch.positions,
+            q_positions=q_positions,
             kv_positions=batch.positions,
             q_segment_ids=batch.segment_ids,
             kv_segment_ids=batch.segment_ids,
