@@ -156,6 +156,9 @@ def block_diffusion_generate(
 
     totals = [-(-(len(p) + sampling.max_tokens) // size) * size for p in prompts]
     width = max(totals)
+    if width > config.max_position_embeddings:
+        raise ValueError(f"a prompt and max_tokens fill {width} positions (whole blocks of {size}), more than the "
+                         f"model's {config.max_position_embeddings}")
     ids = np.full((len(prompts), width), mask_id, np.int32)
     for row, p in enumerate(prompts):
         ids[row, : len(p)] = p

@@ -120,6 +120,13 @@ def test_more_steps_than_the_block_is_refused(sdar):
         block_diffusion_generate(model, PROMPTS, GREEDY, BlockDiffusionParams(denoising_steps=5))
 
 
+def test_positions_past_the_model_are_refused(sdar):
+    _, _, model = sdar
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"more than the model's {limit}"):
+        block_diffusion_generate(model, [[5] * limit], GREEDY)
+
+
 def test_the_engine_refuses_block_diffusion_by_name(sdar):
     folder, _, _ = sdar
     with pytest.raises(NotImplementedError, match="SDARForCausalLM: block diffusion decoding through the serving engine"):
