@@ -128,6 +128,9 @@ class ModelConfig:
     attention_sinks: bool = False  # gpt-oss: a learned per-head logit `self_attn.sinks` in each softmax
     # Qwen3-Next: q_proj yields [q_h | gate_h] per head; the attention output is multiplied by sigmoid(gate).
     attention_output_gate: bool = False
+    # Prompts carry bidirectional spans (Gemma 3's image runs, SDAR's blocks; `model_lib/spans.py`): every
+    # serving step then carries `visible_until`, so steps with and without spans share one program.
+    bidirectional_spans: bool = False
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     attention_chunk_size: int | None = None  # chunked_attention layers (Llama 4)
@@ -414,6 +417,16 @@ class ModelConfig:
     def layer_cache_kv_heads(self, layer: int) -> int:
         """KV heads this layer keeps in the paged cache: 0 for layers without attention."""
         return self.layer_kv_heads(layer) if self.layer_attention_kind(layer) == "attention" else 0
+
+    def spans_unsupported_reason(self, paged: bool = True) -> str | None:
+        """Why this model cannot attend bidirectional spans (`model_lib/spans.py`), or None. Recurrent layers
+        read tokens in order; latent (MLA) pages refuse spans on the paged path (`paged`)."""
+        kinds = sorted({self.layer_attention_kind(i) for i in range(self.num_layers) if self.is_ssm_layer(i)})
+        if kinds:
+            return f"its recurrent layers ({', '.join(kinds)}) read tokens in order"
+        if paged and self.attention_kind == "mla":
+            return "MLA's latent pages do not take them"
+        return None
 
     def layer_cache_spec(self, layer: int) -> CacheSpec | None:
         """The serving state this layer keeps (`model_lib/cache_spec.py`); None for none."""

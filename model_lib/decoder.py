@@ -342,6 +342,7 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         merged: MergedEmbeddings | None = None,
         rope_positions: jax.Array | None = None,
+        visible_until: jax.Array | None = None,
     ) -> jax.Array:
         """Logits for a `[B, T]` batch.
 
@@ -349,6 +350,8 @@ class CausalLM(nnx.Module):
         (packed rows, 0 = padding) say which tokens see which; positions restart
         at each sequence's first real token unless given. `merged`: encoder outputs in
         place of the token embeddings it indexes. `rope_positions [3, B, T]`: M-RoPE positions.
+        `visible_until [B, T]`: bidirectional spans, the last position each token sees
+        (`model_lib/spans.py`; `visible_until_from_span_ids` builds it).
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if segment_ids is None:
@@ -356,8 +359,12 @@ class CausalLM(nnx.Module):
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
         positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
         seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
+        if visible_until is not None and (reason := self.config.spans_unsupported_reason(paged=False)):
+            raise ValueError(f"this model cannot attend bidirectional spans: {reason}")
+        if visible_until is None:  # SDAR: every block is a span
+            visible_until = block_visible_until(positions, self.config.block_causal_size)
         batch = DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens,
                            rope_positions=None if rope_positions is None else jnp.asarray(rope_positions, jnp.int32),
-                           visible_until=block_visible_until(positions, self.config.block_causal_size))
+                           visible_until=None if visible_until is None else jnp.asarray(visible_until, jnp.int32))
         logits, _ = self.forward(input_ids, batch, merged=merged)
         return logits

@@ -128,17 +128,19 @@ def dense_attention(
     group = _heads_group(plan, q_axes, kv_axes, k.shape[2]) if q_axes else 1
     rows_spec = PartitionSpec(q_spec[0], None)
     per_head = {name: options.pop(name) for name in ("sinks", "alibi_slopes") if options.get(name) is not None}
+    visible_until = options.pop("visible_until", None)  # [B, T] rows, like the positions
 
-    def local(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, per_head):
+    def local(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, visible_until, per_head):
         if q_axes and not kv_axes:
             k, v = _own_kv_head((k, v), q_axes, group, axis=2)
         return flash_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
-                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, **options, **per_head)
+                               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, visible_until=visible_until,
+                               **options, **per_head)
 
     per_head_specs = {name: PartitionSpec(q_spec[2]) for name in per_head}
-    in_specs = (q_spec, kv_spec, kv_spec, rows_spec, rows_spec, rows_spec, rows_spec, per_head_specs)
+    in_specs = (q_spec, kv_spec, kv_spec, rows_spec, rows_spec, rows_spec, rows_spec, rows_spec, per_head_specs)
     run = _shard_map(local, plan, in_specs, q_spec)
-    return run(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, per_head)
+    return run(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, visible_until, per_head)
 
 
 # -- paged attention ----------------------------------------------------------------------------

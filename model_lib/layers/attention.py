@@ -46,7 +46,8 @@ class DenseBatch:
     segment_ids: jax.Array  # [B, T] int32
     seq_lens: jax.Array  # [B, T] int32
     rope_positions: jax.Array | None = None  # [3, B, T] int32 M-RoPE positions; None: `positions` drive rotary
-    # [B, T] int32: the last key position each query sees (SDAR's block-causal mask); None: its own (causal).
+    # [B, T] int32: bidirectional spans, the last key position each token sees (its own outside a span, the
+    # span's last inside one; `pallas_kernels/paged_attention/reference.py`). None: causal.
     visible_until: jax.Array | None = None
 
 
@@ -55,7 +56,8 @@ class PagedBatch:
     """Attention inputs of a flat ragged step `[T]` over the paged KV cache.
 
     Tokens are grouped by sequence (`meta.cu_q_lens`); see
-    `pallas_kernels/paged_attention/reference.py` for the layout. A scanned layer
+    `pallas_kernels/paged_attention/reference.py` for the layout (bidirectional spans travel as
+    `meta.visible_until`). A scanned layer
     stack (`model_lib.layer_scan`) sets `layer` to the index of the running layer in
     its stacked KV pools.
     """
@@ -104,18 +106,14 @@ def attend(
     if sinks is not None:
         options["sinks"] = sinks
     if isinstance(batch, DenseBatch):
-        q_positions = batch.positions
         if batch.visible_until is not None:
-            # The causal mask is `k_pos <= q_pos`: a query that sees up to `visible_until` masks as if it stood there.
-            if sliding_window is not None or chunk_size is not None or alibi_slopes is not None:
-                raise NotImplementedError("visible_until with a sliding window, chunked attention or ALiBi")
-            q_positions = batch.visible_until
+            options["visible_until"] = batch.visible_until
         # Under a mesh (`parallel.kernel_plan`) it runs per batch and head shard.
         out = parallel.dense_attention(
             q,
             k,
             v,
-            q_positions=q_positions,
+            q_positions=batch.positions,
             kv_positions=batch.positions,
             q_segment_ids=batch.segment_ids,
             kv_segment_ids=batch.segment_ids,

@@ -7,7 +7,10 @@ Masking is by position and segment, never by index: a key is visible to a query
 when both carry the same non-zero segment id, the key's position is not after the
 query's (unless `causal=False`: encoders' bidirectional attention), with a window W
 `q_pos - k_pos < W`, and with a chunk size C (Llama 4's chunked
-local attention) `k_pos // C == q_pos // C`. Segment 0 marks padding. Rows
+local attention) `k_pos // C == q_pos // C`. Segment 0 marks padding. Bidirectional spans
+(`visible_until [B, T]`, Gemma 3's image runs, SDAR's blocks): a query sees keys up to position
+`visible_until` instead of its own (the span's last position inside a span, its own outside); the
+window and chunk still measure from its own position (see `paged_attention/reference.py`). Rows
 with no visible key (padding queries) get a uniform softmax over a finite fill
 value instead of NaN.
 
@@ -35,13 +38,14 @@ def attention_mask(
     sliding_window: int | None,
     chunk_size: int | None = None,
     causal: bool = True,
+    visible_until: jax.Array | None = None,
 ) -> jax.Array:
-    """Boolean `[B, T, S]`: which keys each query may attend to."""
+    """Boolean `[B, T, S]`: which keys each query may attend to (`visible_until [B, T]`: bidirectional spans)."""
     q_pos, k_pos = q_positions[:, :, None], kv_positions[:, None, :]
     q_seg, k_seg = q_segment_ids[:, :, None], kv_segment_ids[:, None, :]
     visible = (q_seg == k_seg) & (k_seg != 0)
     if causal:
-        visible &= k_pos <= q_pos
+        visible &= k_pos <= (q_pos if visible_until is None else visible_until[:, :, None])
     if sliding_window is not None:
         visible &= q_pos - k_pos < sliding_window
     if chunk_size is not None:
@@ -66,8 +70,11 @@ def attention(
     chunk_size: int | None = None,
     causal: bool = True,
     position_bias: RelativePositionBias | None = None,
+    visible_until: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of `q [B,T,H,D]` over `k, v [B,S,K,D]`; returns `[B,T,H,D]` in q's dtype.
+
+    `visible_until [B, T]` (causal only): the last key position each query sees (bidirectional spans).
 
     `sinks [H]` (gpt-oss): one learned logit per query head that joins every row's
     softmax denominator and attends to nothing. `position_bias` (T5's relative buckets,
@@ -87,7 +94,10 @@ def attention(
     if position_bias is not None:
         bias = position_bias(q_positions[:, :, None], kv_positions[:, None, :])  # [B, T, S, H]
         logits = logits + bias.transpose(0, 3, 1, 2).reshape(batch, num_kv_heads, groups, q_len, -1)
-    visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk_size, causal)
+    if visible_until is not None and not causal:
+        raise ValueError("visible_until (bidirectional spans) applies to causal attention only")
+    visible = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, chunk_size, causal,
+                             visible_until)
     logits = jnp.where(visible[:, None, None, :, :], logits, MASK_VALUE)
     if sinks is None:
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

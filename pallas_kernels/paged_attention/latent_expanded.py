@@ -82,6 +82,8 @@ def expanded_attention(
     """Outputs `[T, H, V]` of the tokens of sequences `first ..` (zeros elsewhere), attending per head to
     their sequences' latent pages (already holding the step's tokens) up-projected by `w_uk [L, H, N]`
     and `w_uv [L, H, V]`; `layer` of a stacked pool as in `reference.py`."""
+    if meta.visible_until is not None:
+        raise ValueError("bidirectional spans (visible_until) are not supported by MLA's expanded attention")
     (pages,), meta = layer_pages((pages,), meta, layer)
     num_tokens, num_heads, _ = q_nope.shape
     latent_dim, page_size = w_uk.shape[0], page_values(pages).shape[2]

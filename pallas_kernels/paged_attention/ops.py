@@ -13,6 +13,8 @@ measures it faster, `benchmarks/paged_attention.py`; float pages only).
 
 Caches are page pools `[K, P, B, D]` or quantized pages with scales (`kv_quant.py`):
 the write quantizes, every implementation but "mosaic" dequantizes on read.
+Bidirectional spans (`PagedMetadata.visible_until`, `reference.py`) are taken by "reference", "tiled"
+and the Triton kernel; "mosaic" (decode tokens never sit in a span) and latent pages refuse them.
 Latent pages (MLA, `value_dim`): one pool `[1, P, B, D]` and no V pool (`v`, `v_cache`
 None); V is the first `value_dim` columns of K (`reference.py`). Every implementation
 but "mosaic" takes them, quantized ones included; "mosaic" refuses them by name.
@@ -102,6 +104,9 @@ def attend_pages(
     (every query head of `q` uses it), again without slicing a copy (`reference.layer_pages`).
     """
     (k_cache, v_cache), meta = reference.layer_pages((k_cache, v_cache), meta, layer, head)
+    if meta.visible_until is not None and (options.get("value_dim") is not None or implementation == "mosaic"):
+        path = "the Mosaic decode attention" if implementation == "mosaic" else "latent pages (MLA, value_dim)"
+        raise ValueError(f"bidirectional spans (visible_until) are not supported by {path}")
     if implementation is None and options.get("position_bias") is not None:
         implementation = "reference"  # T5's relative buckets: no kernel or tiled path takes them yet
     if implementation is None:

@@ -22,6 +22,8 @@ The batch layout travels as one `PagedMetadata`:
   Quantized pages travel with their scales (`kv_quant.QuantizedPages`): written quantized,
   read dequantized to q's dtype.
 - num_seqs: how many of the S rows are real.
+- visible_until `[T]` (optional): per token, the last key position it may see (bidirectional
+  spans, below); None: plain causal, and nothing is computed for it.
 - Latent pages (MLA's absorbed form, `value_dim`): there is no V pool (`v`, `v_cache`
   None); V is the first `value_dim` columns of each key (`[1, P, B, D]`: one kv head of
   width D = kv_lora_rank + qk_rope_head_dim whose first kv_lora_rank columns are the
@@ -33,6 +35,14 @@ causally to its own sequence (optionally within a sliding window, or within its
 chunk of `chunk_size` positions (Llama 4's chunked local attention: key and
 query share floor(pos / chunk_size)), with a soft-cap, with per-head attention
 sinks and with ALiBi).
+
+Bidirectional spans (Gemma 3's image runs, SDAR's blocks): runs of tokens of one sequence that
+attend to each other in both directions. `visible_until[t]` is the last key position token t sees:
+its own position for a causal token, the span's last position inside a span (never less than its
+own position; keys past the sequence's KV length are never seen). The causal test
+`k_pos <= q_pos` becomes `k_pos <= visible_until`; the sliding window, the attention chunk and
+ALiBi still measure from the query's own position. A span must be whole in the step (the
+scheduler never splits one across prefill chunks), since its later keys are written by it.
 
 ALiBi (`alibi_slopes [H]`, one slope per query head): `logits = softcap(scale *
 q.k) + slope[h] * (k_pos - q_pos)`, with q_pos the token's position in its
@@ -61,6 +71,7 @@ class PagedMetadata:
     kv_lens: jax.Array  # [S] int32
     page_tables: jax.Array  # [S, M] int32
     num_seqs: jax.Array  # [] int32
+    visible_until: jax.Array | None = None  # [T] int32: last key position each token sees; None: causal
 
 
 def token_layout(meta: PagedMetadata, num_tokens: int):
@@ -73,6 +84,15 @@ def token_layout(meta: PagedMetadata, num_tokens: int):
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     positions = kv_lens[seq] - q_lens[seq] + (t - cu_q_lens[seq])
     return seq, jnp.where(valid, positions, 0), valid
+
+
+def token_visible_until(meta: PagedMetadata, seq: jax.Array, token: jax.Array | None = None) -> jax.Array | None:
+    """Per query row: `meta.visible_until` of its token (`token`, default every token in order; an index
+    past the end is padding), cut to its sequence `seq`'s KV length (same shape); None without spans."""
+    if meta.visible_until is None:
+        return None
+    until = meta.visible_until if token is None else meta.visible_until.at[token].get(mode="fill", fill_value=0)
+    return jnp.minimum(until, meta.kv_lens[seq] - 1)
 
 
 def layer_pages(
@@ -157,11 +177,13 @@ def attention_weights(
     alibi_slopes: jax.Array | None,
     chunk_size: int | None = None,
     position_bias: RelativePositionBias | None = None,
+    visible_until: jax.Array | None = None,
 ) -> jax.Array:
     """Scaled logits `[..., K, G, L]` over keys 0..L-1 of each row's sequence -> float32 softmax weights.
 
     `positions` and `valid` (shape `[...]`) give each query row's position and whether it is real;
-    soft-cap, ALiBi, the causal/window/chunk mask and the sinks apply as the module docstring says.
+    `visible_until` (same shape, optional) its last visible key (bidirectional spans; default its
+    position); soft-cap, ALiBi, the causal/window/chunk mask and the sinks apply as the module docstring says.
     """
     num_kv_heads, groups, num_keys = logits.shape[-3:]
     if softcap is not None:
@@ -174,7 +196,8 @@ def attention_weights(
     if position_bias is not None:  # [..., L, H] -> [..., K, G, L]
         bias = jnp.moveaxis(position_bias(positions[..., None], kv_index), -1, -2)
         logits = logits + bias.reshape(*bias.shape[:-2], num_kv_heads, groups, num_keys)
-    visible = (kv_index <= q_pos) & valid[..., None, None, None]
+    last_key = q_pos if visible_until is None else visible_until[..., None, None, None]
+    visible = (kv_index <= last_key) & valid[..., None, None, None]
     if sliding_window is not None:
         visible &= q_pos - kv_index < sliding_window
     if chunk_size is not None:
@@ -210,7 +233,8 @@ def paged_attention(
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV of `layer`; `[T, H, D]`
     (`[T, H, value_dim]` over latent pages, `v_cache` None). `position_bias`: T5's relative buckets
-    (`pallas_kernels/position_bias.py`), the reference alone takes it."""
+    (`pallas_kernels/position_bias.py`), the reference alone takes it. `meta.visible_until`: bidirectional
+    spans (module docstring)."""
     (k_cache, v_cache), meta = layer_pages((k_cache, v_cache), meta, layer)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = page_values(k_cache).shape
@@ -224,8 +248,8 @@ def paged_attention(
     qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                              alibi_slopes=alibi_slopes, chunk_size=chunk_size,
-                              position_bias=position_bias).astype(values.dtype)
+                              alibi_slopes=alibi_slopes, chunk_size=chunk_size, position_bias=position_bias,
+                              visible_until=token_visible_until(meta, seq)).astype(values.dtype)
     out = jnp.einsum("tkgs,ktsd->tkgd", probs, values, preferred_element_type=jnp.float32)
     out = jnp.where(valid[:, None, None, None], out, 0.0)
     return out.reshape(num_tokens, num_heads, values.shape[-1]).astype(q.dtype)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.paged_attention import reference
 from pallas_kernels.paged_attention.kv_quant import Pages, gather_pages, page_values
-from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights, page_value_rows
+from pallas_kernels.paged_attention.reference import PagedMetadata, attention_weights, page_value_rows, token_visible_until
 
 # Temporaries (gathered pages, logits) one block of tiles may take; larger steps run block by block.
 GATHER_BYTES = 256 << 20
@@ -75,7 +75,7 @@ def paged_attention(
     value_dim: int | None = None,
 ) -> jax.Array:
     """Attention of the step's queries over the (already written) paged KV; `[T, H, D]` (`[T, H, value_dim]`
-    over latent pages; see `reference.py`)."""
+    over latent pages; see `reference.py`, bidirectional spans (`meta.visible_until`) included)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, _, page_size, _ = page_values(k_cache).shape
     rows = tile_size(num_tokens, meta.kv_lens.shape[0])
@@ -130,7 +130,9 @@ def _attend_tiles(q, k_cache, v_cache, meta, layout, *, scale, sliding_window, s
     values = page_value_rows(keys, v_cache, pages, q.dtype, value_dim)
     qg = q.at[token].get(mode="fill", fill_value=0).reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("nqkgd,knsd->nqkgs", qg, keys, preferred_element_type=jnp.float32) * scale
+    visible_until = token_visible_until(meta, seq[:, None], token)
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
-                              alibi_slopes=alibi_slopes, chunk_size=chunk_size).astype(values.dtype)
+                              alibi_slopes=alibi_slopes, chunk_size=chunk_size,
+                              visible_until=visible_until).astype(values.dtype)
     out = jnp.einsum("nqkgs,knsd->nqkgd", probs, values, preferred_element_type=jnp.float32)
     return out.reshape(num_tiles, rows, num_heads, values.shape[-1]).astype(q.dtype)

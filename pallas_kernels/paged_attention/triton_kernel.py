@@ -10,7 +10,8 @@ works: a block's rows need not align with tokens. Program `(b, h, s)` takes q-bl
 `b`, kv head `h` and KV split `s`, and runs an online softmax over its share of the
 sequence's pages, `BLOCK_K` tokens per iteration (`BLOCK_K // B` pages), skipping
 pages that causality, the sliding window or the attention chunk rule out, pipelined
-`num_stages` deep.
+`num_stages` deep. With bidirectional spans (`meta.visible_until`) each row's causal limit is its
+`visible_until` and a q-block's key loop runs to the largest of its rows'.
 The grid has a static upper bound of q-blocks (`T * G // R + S`); programs past the
 real count return at once.
 
@@ -156,6 +157,7 @@ def _kernel(
     page_tables_ref,  # [S, M_pad]
     sinks_ref,  # [H] or None
     alibi_ref,  # [H] or None
+    visible_ref,  # [T] last key position each token sees (bidirectional spans), or None: causal
     q_ref,  # [T * G + R, D] rows of this kv head
     k_ref,  # [P, B, D] pages of this kv head
     v_ref,  # [P, B, D], or None over latent pages (V: the first part of K)
@@ -192,7 +194,13 @@ def _kernel(
         row_head = row % groups
         row_pos = first_pos + (row // groups - q_start)
         last_row = jnp.minimum(row0 + rows, q_end * groups) - 1
-        hi = pl.cdiv(jnp.minimum(kv_len, first_pos + last_row // groups - q_start + 1), block_k)
+        keys_end = first_pos + last_row // groups - q_start + 1  # one past the last key any row sees
+        row_last_key = row_pos
+        if visible_ref is not None:  # a row in a span sees keys past its own position
+            token = jnp.minimum(row // groups, visible_ref.shape[0] - 1)
+            row_last_key = jnp.where(row_valid, visible_ref[token], row_pos)
+            keys_end = jnp.maximum(keys_end, jnp.max(jnp.where(row_valid, row_last_key, 0)) + 1)
+        hi = pl.cdiv(jnp.minimum(kv_len, keys_end), block_k)
         lo = 0
         if sliding_window is not None:
             lo = jnp.maximum(first_pos + row0 // groups - q_start - sliding_window + 1, 0) // block_k
@@ -283,7 +291,7 @@ def _kernel(
             kv_pos = step * block_k + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
             if alibi_ref is not None:
                 logits += row_slope[:, None] * (kv_pos - row_pos[:, None]).astype(jnp.float32)
-            visible = (kv_pos <= row_pos[:, None]) & (kv_pos < kv_len)
+            visible = (kv_pos <= row_last_key[:, None]) & (kv_pos < kv_len)
             if sliding_window is not None:
                 visible &= row_pos[:, None] - kv_pos < sliding_window
             if chunk_size is not None:
@@ -356,8 +364,10 @@ def paged_attention(
 ) -> jax.Array:
     """Kernel version of `reference.paged_attention`; `[T, H, D]` (`[T, H, value_dim]` over latent pages,
     `v_cache` None). Settings not given come from `block_config`. Caches may be quantized
-    (`kv_quant.QuantizedPages`)."""
+    (`kv_quant.QuantizedPages`). `meta.visible_until`: bidirectional spans (a q-block reads keys up to the
+    largest of its rows' `visible_until`)."""
     cu_q_lens, kv_lens, page_tables = meta.cu_q_lens, meta.kv_lens, meta.page_tables
+    visible_until = meta.visible_until
     num_tokens, num_heads, head_dim = q.shape
     check_value_layout(v_cache, value_dim, head_dim)
     k_scales = k_cache.scales if isinstance(k_cache, QuantizedPages) else None
@@ -420,6 +430,7 @@ def paged_attention(
             whole(*page_tables.shape),
             None if sinks is None else whole(num_heads),
             None if alibi_slopes is None else whole(num_heads),
+            None if visible_until is None else whole(num_tokens),
             per_head(total_rows, head_dim),
             per_head(*k_cache.shape[1:]),
             None if v_cache is None else per_head(*v_cache.shape[1:]),
@@ -433,8 +444,8 @@ def paged_attention(
         name=f"ragged_paged_attention_r{rows}_k{block_k}_d{padded_dim}_s{splits}"
              + ("" if value_dim is None else f"_latent{head_dim}")
              + ("" if k_scales is None else f"_{k_cache.dtype.name}"),
-    )(block_seq, block_row, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, q_rows, k_cache, v_cache, k_scales,
-      v_scales)
+    )(block_seq, block_row, cu_q_lens, kv_lens, page_tables, sinks, alibi_slopes, visible_until, q_rows, k_cache,
+      v_cache, k_scales, v_scales)
 
     out = outs[0][:, 0] if splits == 1 else merge_splits(*outs)  # [K, T * G + R, Dp]
     out = out[:, : num_tokens * groups, :out_dim].reshape(num_kv_heads, num_tokens, groups, out_dim)

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import operator
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -37,6 +38,7 @@ from serving.engine.runner import ModelRunner, StepInputs, bucket, env_min_token
 from serving.engine.sampler import SampleOutput, SamplingBatch, batch_from_rows, sampling_row
 from serving.engine.scheduler import ScheduledSequence, Scheduler
 from serving.engine.sequence import Sequence
+from serving.engine.spans import check_spans
 from serving.multimodal.encoder import image_encoder, release_prefilled
 from serving.seq2seq import seq2seq_encoder
 from serving.multimodal.inputs import ImageItem, check_placeholders
@@ -174,6 +176,8 @@ class LLMEngine:
         self.eos_token_ids = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         max_pages_per_seq = -(-self.max_model_len // config.page_size)
         mc = model.config
+        if mc.bidirectional_spans and (reason := mc.spans_unsupported_reason()):
+            raise ValueError(f"{mc.architecture} declares bidirectional spans, which it cannot serve: {reason}")
         cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, mc.dtype)
         specs = cache_specs(mc)
         page_bytes = max(cache_spec.page_bytes(specs, config.page_size, cache_dtype), 1)
@@ -267,6 +271,19 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.grammar_compiler.compile(params.structured_outputs)
 
+    def check_spans(self, prompt_ids: list[int], spans: Iterable[tuple[int, int]] | None) -> tuple[tuple[int, int], ...]:
+        """A request's bidirectional spans, sorted; ValueError naming the problem for spans this engine cannot
+        serve (a model whose layers cannot attend them, a span outside the prompt or longer than one step)."""
+        spans = list(spans or ())
+        if not spans:
+            return ()
+        reason = self.model_config.spans_unsupported_reason()
+        if reason is None and self.seq2seq is not None:
+            reason = "an encoder-decoder's prompt feeds its encoder"
+        if reason is not None:
+            raise ValueError(f"{self.model_config.architecture} cannot serve bidirectional spans: {reason}")
+        return check_spans(spans, len(prompt_ids), self.config.max_num_batched_tokens)
+
     @property
     def grammar_compiler(self) -> GrammarCompiler:
         """The structured-output compiler (xgrammar over this tokenizer), built on first use; thread-safe."""
@@ -283,6 +300,7 @@ class LLMEngine:
         encoder_features: np.ndarray | None = None,
         token_masks: TokenMasks | None = None,
         decoder_prompt_ids: list[int] | None = None,
+        bidirectional_spans: Iterable[tuple[int, int]] | None = None,
     ) -> None:
         """Queue a request; raises ValueError for a prompt the engine cannot serve or an adapter it does not hold.
 
@@ -290,7 +308,8 @@ class LLMEngine:
         `lora_name`: the loaded LoRA adapter to run it with; `encoder_features`: an audio encoder-decoder's
         source (Whisper's log-mel features; `prompt_ids` is then the decoder's prompt); `token_masks`: what its
         sampled tokens keep to (Whisper's suppressed tokens); `decoder_prompt_ids`: an encoder-decoder's decoder
-        prompt in place of its default (beam search's beams).
+        prompt in place of its default (beam search's beams); `bidirectional_spans`: `(start, end)` token ranges of
+        the prompt (end exclusive) whose tokens attend to each other both ways (`serving/engine/spans.py`).
         """
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -302,6 +321,7 @@ class LLMEngine:
             raise ValueError("this engine serves no LoRA adapters (enable_lora is off)")
         if lora_name is not None and lora_name not in self.lora.adapters:
             raise ValueError(f"no LoRA adapter named {lora_name!r} is loaded")
+        spans = self.check_spans(prompt_ids, bidirectional_spans)
         images = list(images or [])
         check_placeholders(prompt_ids, images, self.model_config.multimodal)
         if images:
@@ -325,7 +345,7 @@ class LLMEngine:
                 seed = int(np.random.SeedSequence([params.seed % 2**64, index]).generate_state(1)[0])
             seq = Sequence(self._next_seq_id, request_id, index, list(prompt_ids), params, seed, max_tokens,
                            images=images, encoder_ids=encoder_ids, encoder_features=encoder_features,
-                           encoder_len=encoder_len, token_masks=token_masks)
+                           encoder_len=encoder_len, token_masks=token_masks, spans=spans)
             seq.logprobs = [] if params.logprobs is not None else None
             if params.structured_outputs is not None:
                 seq.matcher = self.grammar_compiler.matcher(params.structured_outputs)

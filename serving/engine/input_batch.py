@@ -21,6 +21,7 @@ from model_lib.vision.merge import MergedEmbeddings
 from model_lib.vision.qwen_vl import QwenVLConfig
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.scheduler import ScheduledSequence
+from serving.engine.spans import step_visible_until
 from serving.multimodal.mrope import step_rope_positions
 
 
@@ -42,8 +43,10 @@ class StepInputs:
 
     @property
     def variant(self) -> tuple:
-        """The shape plus what else makes the step compile separately: image rows, MLA's expanded rows."""
+        """The shape plus what else makes the step compile separately: image rows, MLA's expanded rows,
+        bidirectional spans."""
         extra = ("images",) * (self.merged is not None) + ("expanded MLA rows",) * (self.batch.expanded_from is not None)
+        extra += ("spans",) * (self.batch.meta.visible_until is not None)
         return (*self.shape, *extra)
 
 
@@ -51,11 +54,14 @@ class InputBatch:
     """Builds `StepInputs` for scheduled sequences; holds the slots' page tables between steps."""
 
     def __init__(self, max_num_seqs: int, max_pages_per_seq: int, *, with_lora: bool = False,
-                 mrope: QwenVLConfig | None = None):
-        """`mrope`: the model's Qwen-VL config when its rotary takes M-RoPE positions `[3, T]`."""
+                 mrope: QwenVLConfig | None = None, spans: bool = False):
+        """`mrope`: the model's Qwen-VL config when its rotary takes M-RoPE positions `[3, T]`; `spans`: every
+        step carries `visible_until` (a model whose prompts carry bidirectional spans: one program for steps
+        with and without them); otherwise only steps with a token in a span do (a variant compiled on demand)."""
         self.pad_slot = max_num_seqs
         self.with_lora = with_lora
         self.mrope = mrope
+        self.spans = spans
         self.page_tables = np.zeros((max_num_seqs + 1, max_pages_per_seq), np.int32)
         # The page list each slot's row was written from (a sequence's list only grows while it holds
         # its slot; preemption and finishing replace it), and how many of its pages the row holds.
@@ -124,7 +130,8 @@ class InputBatch:
         rows = np.full(seq_pad, self.pad_slot, np.int32)
         rows[:num_seqs] = slots_a
         page_tables = self.page_tables[rows, :page_pad]  # a copy: the next step may rewrite the rows
-        meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, np.int32(num_seqs))
+        visible_until = step_visible_until([item.seq.spans for item in scheduled], positions, cu_q_lens, self.spans)
+        meta = PagedMetadata(cu_q_lens, kv_lens, page_tables, np.int32(num_seqs), visible_until)
         lora_slots = None
         if self.with_lora:
             lora_slots = np.full(token_pad, -1, np.int32)

@@ -170,7 +170,8 @@ class ModelRunner:
         self.fed_tokens = jnp.zeros(max_num_seqs, jnp.int32)  # the engine sets it to the sampler's last_tokens
         self.compiled_shapes: set[tuple] = set()  # (tokens, seqs, pages) [+ "images"]
         mrope = config.multimodal if isinstance(config.multimodal, QwenVLConfig) else None
-        self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq, with_lora=lora is not None, mrope=mrope)
+        self.inputs = InputBatch(max_num_seqs, self.max_pages_per_seq, with_lora=lora is not None, mrope=mrope,
+                                 spans=config.bidirectional_spans)
 
     def capture_hidden(self, layers: tuple[int, ...]) -> None:
         """From now on every step also keeps the inputs of `layers` (`num_layers`: the final normed state) for
@@ -200,12 +201,14 @@ class ModelRunner:
         return token_pad, min(token_pad, self.max_num_seqs), bucket(num_pages, MIN_PAGE_BUCKET, self.max_pages_per_seq)
 
     @staticmethod
-    def empty_inputs(shape: tuple[int, int, int], *, mrope: bool = False) -> StepInputs:
-        """All-padding inputs of `shape` (no sequence): what warm-up runs to compile a shape. Its rows name
-        slot 0, which is harmless: a sequence's state is read only after its own first step wrote it."""
+    def empty_inputs(shape: tuple[int, int, int], *, mrope: bool = False, spans: bool = False) -> StepInputs:
+        """All-padding inputs of `shape` (no sequence): what warm-up runs to compile a shape (`spans`: with
+        `visible_until`). Its rows name slot 0, which is harmless: a sequence's state is read only after its own
+        first step wrote it."""
         token_pad, seq_pad, page_pad = shape
         meta = PagedMetadata(np.zeros(seq_pad + 1, np.int32), np.zeros(seq_pad, np.int32),
-                             np.zeros((seq_pad, page_pad), np.int32), np.int32(0))
+                             np.zeros((seq_pad, page_pad), np.int32), np.int32(0),
+                             np.zeros(token_pad, np.int32) if spans else None)
         rope = np.zeros((3, token_pad), np.int32) if mrope else None  # M-RoPE models' steps carry [3, T] positions
         batch = PagedBatch(positions=np.zeros(token_pad, np.int32), seq_lens=np.zeros(token_pad, np.int32), meta=meta,
                            slots=np.zeros(seq_pad, np.int32), rope_positions=rope)

@@ -16,6 +16,11 @@ scheduled on top of that token, except when that token already reaches its
 max_tokens; and a preempted sequence waits until its pending token is read,
 since recomputing needs every token on the host.
 
+A prompt's bidirectional spans (`serving/engine/spans.py`) are computed whole in one step: a chunk
+stops before a span it would split, a running prefill held back that way keeps waiting sequences
+from starting (so the decodes ahead of it free the budget it needs), and a prefix-cache hit that
+ends inside a span is cut back to the span's start.
+
 A running sequence holds one of `max_num_seqs` slots (its row of the device
 sampling state); `take_joined` names those that joined since the last call.
 
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 
 from serving.engine.kv_pages import PagePool, PageTags, next_page_key
 from serving.engine.sequence import Sequence, Status
+from serving.engine.spans import computed_prefix_end, span_cut, span_page_tags
 from serving.multimodal.inputs import encoder_cut, page_tags
 
 logger = logging.getLogger(__name__)
@@ -116,14 +122,42 @@ class Scheduler:
         self._encoder_left -= spent
         return num_new
 
+    def _fit(self, seq: Sequence, num_new: int) -> int:
+        """`num_new` cut so that the chunk splits no bidirectional span and its images fit the encoder budget."""
+        if seq.spans:
+            num_new = span_cut(seq.spans, seq.num_computed, num_new)
+        num_new = self._fit_encoder(seq, num_new)
+        if seq.spans:  # the encoder cut may fall inside a span
+            num_new = span_cut(seq.spans, seq.num_computed, num_new)
+        return num_new
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Take the cached pages of the prompt's longest cached prefix, always leaving the last token to compute
+        (it gives the logits) and never ending inside a bidirectional span (computed whole in one step)."""
+        page_size = self.pool.page_size
+        seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1, seq.cache_salt,
+                                                           self._page_tags(seq))
+        seq.num_computed = len(seq.pages) * page_size
+        keep = computed_prefix_end(seq.spans, seq.num_computed) // page_size
+        if keep < len(seq.pages):
+            self.pool.release(seq.pages[keep:])
+            del seq.pages[keep:], seq.page_keys[keep:]
+            seq.num_computed = keep * page_size
+
     def _page_tags(self, seq: Sequence) -> PageTags | None:
-        return page_tags(seq.images, self.pool.page_size) if seq.images else None
+        page_size = self.pool.page_size
+        images = page_tags(seq.images, page_size) if seq.images else None
+        spans = span_page_tags(seq.spans, seq.prompt_ids, page_size) if seq.spans else None
+        if images is None or spans is None:
+            return images or spans
+        return lambda page: images(page) + spans(page)
 
     def schedule(self) -> list[ScheduledSequence]:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         self._encoder_left = self.encoder_budget or 0
 
+        span_waits = False  # a running prefill waits for budget to compute a whole span
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -132,10 +166,12 @@ class Scheduler:
             if seq.at_token_limit:
                 continue  # its last token is on the way
             missing = seq.num_tokens - seq.num_computed
-            num_new = self._fit_encoder(seq, min(missing + len(seq.spec_tokens), budget))
+            wanted = min(missing + len(seq.spec_tokens), budget)
+            num_new = self._fit(seq, wanted)
             del seq.spec_tokens[max(0, num_new - missing):]  # drafts beyond the budget are not verified
             if not num_new:
-                continue  # its next image waits for the next step's encoder budget
+                span_waits |= bool(seq.spans) and span_cut(seq.spans, seq.num_computed, wanted) == 0
+                continue  # its next image waits for the next step's encoder budget, or its span for budget
             needed = self._pages_needed(seq, num_new)  # 0 for most decode steps: nothing to allocate
             if needed:
                 while needed > self.pool.num_free():
@@ -149,15 +185,13 @@ class Scheduler:
             scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
 
-        while budget > 0 and len(self.running) < self.max_num_seqs and (seq := self._waiting_head()) is not None:
+        while (budget > 0 and not span_waits and len(self.running) < self.max_num_seqs
+               and (seq := self._waiting_head()) is not None):
             if seq.num_pending:
                 break  # preempted with a token still on the way: recompute once it is read
             if not seq.pages:
-                # Reuse cached pages of the prefix, but always compute the last token (it gives the logits).
-                seq.pages, seq.page_keys = self.pool.match_prefix(seq.tokens, seq.num_tokens - 1, seq.cache_salt,
-                                                                   self._page_tags(seq))
-                seq.num_computed = len(seq.pages) * self.pool.page_size
-            num_new = self._fit_encoder(seq, min(seq.num_tokens - seq.num_computed, budget))
+                self._match_prefix(seq)
+            num_new = self._fit(seq, min(seq.num_tokens - seq.num_computed, budget))
             needed = self._pages_needed(seq, num_new)
             if not num_new or needed > self.pool.num_free():
                 self.pool.release(seq.pages)

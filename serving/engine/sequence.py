@@ -55,6 +55,8 @@ class Sequence:
     token_masks: Any = None  # `TokenMasks` its sampled tokens keep to (serving/structured/token_masks.py)
     matcher: Any = None  # structured output: its xgrammar matcher, advanced by every token read
     spec_tokens: list[int] = field(default_factory=list)  # drafts to verify after the known tokens (speculation)
+    # Bidirectional spans of the prompt: sorted, disjoint `(start, end)` ranges (serving/engine/spans.py).
+    spans: tuple[tuple[int, int], ...] = ()
 
     @property
     def tokens(self) -> list[int]:

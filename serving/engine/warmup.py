@@ -89,19 +89,21 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
     from tqdm.auto import tqdm
 
     runner, num_slots = engine.runner, engine.config.max_num_seqs
-    mrope = runner.inputs.mrope is not None
+    # M-RoPE positions, and `visible_until` where every step carries it (bidirectional spans)
+    inputs_kind = dict(mrope=runner.inputs.mrope is not None, spans=runner.inputs.spans)
     shapes, expanded = runner.step_shapes(), set(runner.expanded_shapes())
     start = time.perf_counter()
     for shape in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress):
-        runner.compiled_shapes.add(shape)
-        logits = runner.run(runner.empty_inputs(shape, mrope=mrope))
+        inputs = runner.empty_inputs(shape, **inputs_kind)
+        runner.compiled_shapes.add(inputs.variant)
+        logits = runner.run(inputs)
         if engine.images is not None:  # the same shape with image rows
-            inputs = runner.empty_inputs(shape, mrope=mrope)
+            inputs = runner.empty_inputs(shape, **inputs_kind)
             inputs.merged = engine.images.empty(shape[0])
-            runner.compiled_shapes.add((*shape, "images"))
+            runner.compiled_shapes.add(inputs.variant)
             runner.run(inputs)
         if shape in expanded:  # the same shape with MLA rows in the expanded form
-            inputs = runner.empty_inputs(shape, mrope=mrope)
+            inputs = runner.empty_inputs(shape, **inputs_kind)
             inputs.batch = inputs.batch.replace(expanded_from=np.int32(0))
             runner.compiled_shapes.add(inputs.variant)
             runner.run(inputs)

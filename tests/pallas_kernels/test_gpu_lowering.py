@@ -89,6 +89,29 @@ def test_paged_attention_kernel_compiles(case):
     assert_compiles(lowered, ("ragged_paged_attention",))
 
 
+# Bidirectional spans (`PagedMetadata.visible_until [T]`): the 64-row prefill tiles, split-KV decode steps (a model
+# whose prompts carry spans passes the array on every step), and Gemma 3's head_dim 256 with a sliding window.
+SPAN_PAGED_CASES = {
+    "llama8b-prefill-chunk": PAGED_CASES["llama8b-prefill-chunk"],
+    "llama8b-decode-b8": PAGED_CASES["llama8b-decode-b8"],
+    "gemma3-d256-window-prefill": (dict(tokens=512, seqs=2, heads=8, kv_heads=4, head_dim=256),
+                                   dict(sliding_window=1024)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPAN_PAGED_CASES))
+def test_paged_attention_kernel_compiles_with_spans(case):
+    shape, options = SPAN_PAGED_CASES[case]
+    q, cache, _, meta = paged_args(**shape)
+    meta = meta.replace(visible_until=S((shape["tokens"],), jnp.int32))
+
+    @jax.jit
+    def run(q, k_cache, v_cache, meta):
+        return paged_kernel.paged_attention(q, k_cache, v_cache, meta, scale=0.1, **options)
+
+    assert_compiles(gpu_lowering.lower_for_h100(run, q, cache, cache, meta), ("ragged_paged_attention",))
+
+
 # (PAGED_CASES name, page dtype): quantized pages and their scales through each load path of the kernel: whole
 # pages with split KV (decode), 64-row prefill tiles, the masked gather of a padded head_dim, sub-page steps.
 QUANTIZED_PAGED_CASES = [

@@ -70,17 +70,20 @@ def alibi(num_heads):
     return jnp.asarray(2.0 ** -np.arange(num_heads), jnp.float32)
 
 
-def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None, alibi_slopes=None, chunk_size=None):
+def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None, alibi_slopes=None, chunk_size=None,
+                   visible_until=None):
+    """Each sequence's new tokens through dense attention; `visible_until`: per sequence, its new tokens'
+    last visible positions (bidirectional spans)."""
     qs, full_k, full_v = parts
     outs = []
-    for (q_len, kv_len), q, key, value in zip(seqs, qs, full_k, full_v):
+    for s, ((q_len, kv_len), q, key, value) in enumerate(zip(seqs, qs, full_k, full_v)):
         q_pos = jnp.arange(kv_len - q_len, kv_len)[None]
         out = dense_attention(
             jnp.asarray(q)[None], jnp.asarray(key)[None], jnp.asarray(value)[None],
             q_positions=q_pos, kv_positions=jnp.arange(kv_len)[None],
             q_segment_ids=jnp.ones_like(q_pos), kv_segment_ids=jnp.ones((1, kv_len), jnp.int32),
             scale=scale, sliding_window=sliding_window, softcap=softcap, alibi_slopes=alibi_slopes,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size, visible_until=None if visible_until is None else jnp.asarray(visible_until[s])[None],
         )
         outs.append(np.asarray(out[0]))
     return np.concatenate(outs)
