@@ -23,9 +23,9 @@ most the masked positions it has (the published `topk` would overwrite unmasked 
 position stays masked until committed, even to `mask_token_id` (the published loop compares
 tokens with the mask id).
 
-This is a stand-alone loop over the dense forward (each pass recomputes the rows up to
-their block, one compiled shape per padded length): the serving engine does not decode
-SDAR yet and refuses it by name (`check_engine_support`).
+`block_diffusion_generate` is a stand-alone loop over the dense forward (each pass recomputes
+the rows up to their block, one compiled shape per padded length); the serving engine's
+path (`LLM.generate`, paged KV, one pass per engine step) is `serving/engine/diffusion_engine.py`.
 """
 
 from __future__ import annotations
@@ -72,11 +72,11 @@ class BlockDiffusionParams:
 
 
 def check_engine_support(config: ModelConfig) -> None:
-    """The serving engine decodes token by token; a block diffusion model is refused by name."""
+    """`LLMEngine` decodes token by token; a block diffusion model is refused by name."""
     if config.block_causal_size is not None:
         raise NotImplementedError(
-            f"{config.architecture}: block diffusion decoding through the serving engine (LLM.generate, serve) "
-            "is not implemented yet; decode with serving.block_diffusion.block_diffusion_generate"
+            f"{config.architecture}: LLMEngine decodes token by token; block diffusion models are served by "
+            "serving.engine.diffusion_engine.BlockDiffusionEngine (what LLM picks for them)"
         )
 
 
@@ -86,7 +86,7 @@ def num_transfer_tokens(block_size: int, steps: int) -> list[int]:
     return [base + (1 if i < remainder else 0) for i in range(steps)]
 
 
-def _pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def pick_tokens(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Token and confidence of each position from float32 logits `[L, V]`."""
     if params.greedy:
         tokens = logits.argmax(-1)
@@ -111,7 +111,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def _commit(masked: np.ndarray, confidence: np.ndarray, count: int, params: BlockDiffusionParams) -> np.ndarray:
+def commit_positions(masked: np.ndarray, confidence: np.ndarray, count: int, params: BlockDiffusionParams) -> np.ndarray:
     """Indices (within the block) of the masked positions this pass commits."""
     count = min(count, int(masked.sum()))
     if params.remasking_strategy == "sequential":
@@ -173,8 +173,8 @@ def block_diffusion_generate(
         for row in np.flatnonzero(~done):
             start, end = block[row] * size, ends[row]
             masked = pending[row, start:end]  # a view: commits clear it
-            tokens, confidence = _pick(logits[row, start:end], sampling, rng)
-            chosen = _commit(masked, confidence, transfers[step[row]], diffusion)
+            tokens, confidence = pick_tokens(logits[row, start:end], sampling, rng)
+            chosen = commit_positions(masked, confidence, transfers[step[row]], diffusion)
             ids[row, start + chosen] = tokens[chosen]
             masked[chosen] = False
             step[row] += 1

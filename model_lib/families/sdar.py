@@ -32,7 +32,8 @@ def sdar_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     if getattr(hf, "head_dim", None) is None:
         hf.head_dim = SDAR_HEAD_DIM
     fields = llama_like_fields(hf, architecture, "sdar", attention_bias=True)
-    return ModelConfig(**{**fields, "qk_norm": "head", "block_causal_size": block_size, "mask_token_id": mask_id})
+    return ModelConfig(**{**fields, "qk_norm": "head", "block_causal_size": block_size, "mask_token_id": mask_id,
+                          "bidirectional_spans": True})
 
 
 SDAR = Family(

@@ -3,7 +3,7 @@ tests/sdar_reference.py (JetAstra/SDAR's `block_diffusion_generate`), token for 
 
 One batch of prompts of lengths 5, 8 and 3 (blocks of 4: a prompt tail in the first block, a
 prompt on a block boundary, a short one) per remasking setting; a stop token that falls inside
-a block; the bounds of the parameters; the engine's refusal.
+a block; the same through `LLM.generate` (serving/engine/diffusion_engine.py); the bounds of the parameters.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import pytest
 
 import model_lib
 from serving import LLM, SamplingParams
+from serving.engine.engine import EngineConfig, LLMEngine
 from serving.block_diffusion import BlockDiffusionParams, block_diffusion_generate, num_transfer_tokens
 from tests import sdar_reference
+from tests.serving.helpers import token_prompts
 
 CASE = "sdar-block-causal"
 PROMPTS = [[5, 17, 33, 60, 91], [7, 8, 9, 10, 11, 12, 13, 14], [40, 41, 42]]
@@ -127,7 +129,40 @@ def test_positions_past_the_model_are_refused(sdar):
         block_diffusion_generate(model, [[5] * limit], GREEDY)
 
 
-def test_the_engine_refuses_block_diffusion_by_name(sdar):
+def test_llm_generate_decodes_by_blocks_like_the_reference(sdar):
+    """Through the paged engine, one pass per step with the prompts side by side: the reference's tokens,
+    the prompt blocks prefilled in chunks of whole blocks (a budget of 8 tokens), and an EOS inside a block."""
+    folder, reference, _ = sdar
+    diffusion = BlockDiffusionParams(denoising_steps=3)
+    llm = LLM(folder, max_model_len=32, max_num_seqs=4, max_num_batched_tokens=8, page_size=4,
+              block_diffusion=diffusion)
+    outputs = llm.generate(token_prompts(PROMPTS), GREEDY)
+    expected = [_reference(reference, p, diffusion) for p in PROMPTS]
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
+    assert llm.engine.pool.num_free() == llm.engine.pool.num_pages
+
+    free = expected[1]
+    index = next(i for i, t in enumerate(free[:-1]) if free.index(t) == i and (len(PROMPTS[1]) + i) % 4 != 3)
+    stop = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, stop_token_ids=[free[index]], ignore_eos=True)
+    stopped = llm.generate(token_prompts(PROMPTS), [GREEDY, stop, GREEDY])
+    assert stopped[1].outputs[0].token_ids == free[: index + 1] and stopped[1].outputs[0].finish_reason == "stop"
+    assert [stopped[0].outputs[0].token_ids, stopped[2].outputs[0].token_ids] == [expected[0], expected[2]]
+
+
+def test_llm_refuses_what_block_diffusion_does_not_serve(sdar, tiny_checkpoint):
     folder, _, _ = sdar
-    with pytest.raises(NotImplementedError, match="SDARForCausalLM: block diffusion decoding through the serving engine"):
-        LLM(folder, max_model_len=32, max_num_seqs=2, page_size=4)
+    llm = LLM(folder, max_model_len=30, max_num_seqs=2, page_size=4)
+    with pytest.raises(ValueError, match="block diffusion decoding does not support logprobs"):
+        llm.generate(token_prompts(PROMPTS[:1]), SamplingParams(max_tokens=4, logprobs=2))
+    with pytest.raises(ValueError, match="in whole blocks of 4, exceed max_model_len=30"):  # positions 28-31
+        llm.generate(token_prompts([[5] * 28]), SamplingParams(max_tokens=2))
+    llama, _ = tiny_checkpoint("llama-gqa")
+    with pytest.raises(ValueError, match="block_diffusion is for block diffusion models"):
+        LLM(llama, max_model_len=32, block_diffusion=BlockDiffusionParams())
+
+
+def test_llm_engine_refuses_block_diffusion_by_name(sdar):
+    _, _, model = sdar
+    with pytest.raises(NotImplementedError, match="SDARForCausalLM: LLMEngine decodes token by token"):
+        LLMEngine(model, None, EngineConfig(max_model_len=32, max_num_seqs=2, page_size=4))
