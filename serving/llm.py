@@ -167,8 +167,9 @@ class LLM(PoolingMethods):
             block_diffusion = engine_args.pop("block_diffusion", None)
             eos_ids = generation_eos_ids(model, net.config.eos_token_ids)
             if net.config.block_causal_size is not None:  # SDAR: serving/engine/diffusion_engine.py
-                if enable_embeddings or self.image_inputs is not None:
-                    raise ValueError(f"{net.config.architecture}: block diffusion decoding serves text generation only")
+                if enable_embeddings or self.image_inputs is not None or jax.process_count() > 1:
+                    raise ValueError(f"{net.config.architecture}: block diffusion decoding serves text generation "
+                                     "on one process only")
                 self.engine = BlockDiffusionEngine(net, self.tokenizer, EngineConfig(**engine_args, speculative_config=speculative),
                                                    eos_token_ids=eos_ids, plan=plan, block_diffusion=block_diffusion)
             elif block_diffusion is not None:

@@ -12,8 +12,10 @@ on the device when greedy); the host commits positions by the remasking strategy
 is fed once more with the next block's first pass, which writes its final KV, and `num_computed`
 moves past it. Outputs are whole blocks, cut at the first stop token and at `max_tokens`.
 
-Steps run synchronously (a pass needs the previous pass's commits). Not served here: prefix caching,
-LoRA adapters, speculative decoding, logprobs, stop strings, n > 1 (each refused by name).
+Steps run synchronously (a pass needs the previous pass's commits). A sequence keeps its pages until it
+finishes (no preemption: a step in which no running sequence gets the pages it needs raises). Not served
+here: prefix caching, LoRA adapters, speculative decoding, logprobs, stop strings, penalties, min_p,
+structured outputs, n > 1 (each refused by name), nor the OpenAI server (`serve` refuses SDAR).
 """
 
 from __future__ import annotations
@@ -132,8 +134,6 @@ class BlockDiffusionEngine:
         self._next_seq += 1
         start = len(prompt_ids) // size * size
         pending = np.arange(start, start + size) >= len(prompt_ids)
-        # Every block is a span: visible_until gives the block-causal mask.
-        seq.spans = tuple((s, s + size) for s in range(0, self.max_model_len - size + 1, size))
         seq.output_ids = [self.mask_id] * int(pending.sum())  # the block's draft: committed and masked positions
         self.waiting.append(_Diffusing(seq, prompt, start, pending, rng=np.random.default_rng(params.seed)))
 
@@ -167,6 +167,8 @@ class BlockDiffusionEngine:
                 continue  # waits for pages a finishing sequence gives back
             if needed > 0:
                 seq.pages += self.pool.allocate(needed)
+            # The chunk's blocks are spans: the step's visible_until makes them block-causal.
+            seq.spans = tuple((s, s + size) for s in range(seq.num_computed, seq.num_computed + chunk, size))
             chosen.append((item, chunk))
             budget -= chunk
         if self.running and not chosen:
