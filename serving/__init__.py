@@ -8,5 +8,4 @@ from serving.outputs import CompletionOutput, Logprob, RequestOutput
 from serving.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["BeamSearchOutput", "BeamSearchParams", "BeamSearchSequence", "BlockDiffusionParams", "CompletionOutput", "LLM",
-           "LoRARequest",
-           "Logprob", "RequestOutput", "RequestOutputKind", "SamplingParams"]
+           "LoRARequest", "Logprob", "RequestOutput", "RequestOutputKind", "SamplingParams"]

@@ -134,7 +134,8 @@ class SDARReference(nn.Module):
         return torch.tensor([prompt + generated[:max_new_tokens]])
 
 
-# What `LLM.generate` uses when the request names no block-diffusion option (serving/block_diffusion.py).
+# What `LLM.generate` decodes with by default (`BlockDiffusionParams()`: as many passes as the block has
+# positions, most confident first) on the tiny case's blocks of 4; the generic serving tables compare with it.
 SDAR_DEFAULTS = dict(denoising_steps=4, remasking_strategy="low_confidence_static")
 
 

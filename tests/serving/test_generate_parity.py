@@ -16,11 +16,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
 RECURRENT = ("mamba2-groups-chunked", "granitemoehybrid-nope", "recurrentgemma-local-mqa", "qwen3_next-hybrid")
 
 
-# Block diffusion (SDAR) is refused by the engine: tests/serving/test_block_diffusion.py decodes it.
-BLOCK_DIFFUSION = ("sdar-block-causal",)
-
-
-@pytest.mark.parametrize("case", ci_rows([c for c in ONE_PER_ARCHITECTURE if c not in BLOCK_DIFFUSION], covered=RECURRENT))
+@pytest.mark.parametrize("case", ci_rows(ONE_PER_ARCHITECTURE, covered=RECURRENT))
 def test_greedy_matches_transformers_batched_and_alone(case, tiny_checkpoint):
     folder, hf_model = tiny_checkpoint(case)
     prompt_ids = prompts()
