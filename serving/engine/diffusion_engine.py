@@ -176,7 +176,8 @@ class BlockDiffusionEngine:
         return chosen
 
     def step(self) -> list[RequestOutput]:
-        """One denoising pass of every scheduled sequence; the outputs of the requests that finished."""
+        """One denoising pass of every scheduled sequence; the outputs of the requests that finished (each
+        request's one output comes when it finishes, whatever its `output_kind`)."""
         chosen = self._schedule()
         if not chosen:
             return []
@@ -195,15 +196,14 @@ class BlockDiffusionEngine:
             tokens, confidence = (np.asarray(a) for a in _greedy_picks(logits))
         else:
             host_logits = np.asarray(logits, np.float32)
-        finished = []
+        finished, row_of = [], {k: j for j, k in enumerate(denoising)}
         for k, (item, chunk) in enumerate(chosen):
             seq = item.seq
-            if k not in denoising:
+            if k not in row_of:
                 seq.num_computed += chunk  # prompt blocks whose KV is final
                 continue
             seq.num_computed = item.block_start  # everything before the block now holds final KV
-            j = denoising.index(k)
-            block = slice(j * size, (j + 1) * size)
+            block = slice(row_of[k] * size, (row_of[k] + 1) * size)
             if greedy:
                 picked, conf = tokens[block], confidence[block]
             else:
@@ -220,11 +220,13 @@ class BlockDiffusionEngine:
                 finished.append(self._finish(item))
         return finished
 
+    def _stops(self, params: SamplingParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+
     def _block_done(self, item: _Diffusing) -> bool:
         """After a block is committed: True when the request is done, else the next block starts."""
         seq = item.seq
-        stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_token_ids)
-        if stops & set(seq.output_ids) or len(seq.output_ids) >= seq.max_tokens:
+        if self._stops(seq.params) & set(seq.output_ids) or len(seq.output_ids) >= seq.max_tokens:
             return True
         item.block_start += self.block_size
         item.pending = np.ones(self.block_size, bool)
@@ -234,7 +236,7 @@ class BlockDiffusionEngine:
 
     def _finish(self, item: _Diffusing) -> RequestOutput:
         seq = item.seq
-        stops = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_token_ids)
+        stops = self._stops(seq.params)
         tokens = seq.output_ids
         stop_at = next((i for i, t in enumerate(tokens) if t in stops), None)
         reason, stop_reason = "length", None

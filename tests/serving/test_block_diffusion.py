@@ -149,6 +149,11 @@ def test_llm_generate_decodes_by_blocks_like_the_reference(sdar):
     assert stopped[1].outputs[0].token_ids == free[: index + 1] and stopped[1].outputs[0].finish_reason == "stop"
     assert [stopped[0].outputs[0].token_ids, stopped[2].outputs[0].token_ids] == [expected[0], expected[2]]
 
+    sampled = SamplingParams(temperature=0.8, top_k=3, seed=5, max_tokens=MAX_TOKENS, ignore_eos=True)
+    first = [o.outputs[0].token_ids for o in llm.generate(token_prompts(PROMPTS), sampled)]
+    assert first == [o.outputs[0].token_ids for o in llm.generate(token_prompts(PROMPTS), sampled)]
+    assert all(len(t) == MAX_TOKENS for t in first) and first != expected
+
 
 def test_llm_refuses_what_block_diffusion_does_not_serve(sdar, tiny_checkpoint):
     folder, _, _ = sdar
