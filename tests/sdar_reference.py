@@ -193,7 +193,7 @@ def build_sdar_checkpoint(case: TinyCase, folder: Path) -> SDARReference:
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=qwen3.initializer_range)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.02))
         # Decisive logits: confidences spread well apart, so float rounding never reorders a remasking choice.
         model.lm_head.weight.mul_(LOGIT_GAIN)

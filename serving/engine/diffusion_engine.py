@@ -20,16 +20,14 @@ structured outputs, n > 1 (each refused by name), nor the OpenAI server (`serve`
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model_lib import CausalLM
+from model_lib import CausalLM, cache_spec
 from model_lib.cache_spec import cache_specs
-from model_lib import cache_spec
 from model_lib.sharding import ShardingPlan
 from pallas_kernels.paged_attention.kv_quant import resolve_kv_cache_dtype
 from serving.block_diffusion import BlockDiffusionParams, commit_positions, num_transfer_tokens, pick_tokens
@@ -41,8 +39,6 @@ from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence
 from serving.outputs import CompletionOutput, RequestOutput
 from serving.sampling_params import SamplingParams
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)

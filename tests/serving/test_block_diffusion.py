@@ -8,7 +8,6 @@ a block; the same through `LLM.generate` (serving/engine/diffusion_engine.py); t
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import model_lib
