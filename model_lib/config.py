@@ -134,6 +134,10 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
     attention_chunk_size: int | None = None  # chunked_attention layers (Llama 4)
+    # SDAR: attention is block-causal over blocks of this many positions (a token sees every earlier
+    # block and all of its own); decoding fills one block of `mask_token_id` at a time by diffusion.
+    block_causal_size: int | None = None
+    mask_token_id: int | None = None
     nope_layers: tuple[bool, ...] = ()  # per layer: True = no rotary (Llama 4's NoPE layers); empty: none
     # Llama 4's attention temperature tuning on NoPE layers: queries at position p are scaled by
     # 1 + attn_temperature_scale * log(1 + floor((p + 1) / attn_temperature_floor_scale)).
@@ -266,6 +270,8 @@ class ModelConfig:
             raise ValueError("sliding-window layers need a positive sliding_window")
         if CHUNKED_ATTENTION in self.layer_types and not (self.attention_chunk_size and self.attention_chunk_size > 0):
             raise ValueError("chunked-attention layers need a positive attention_chunk_size")
+        if self.block_causal_size is not None and self.block_causal_size < 1:
+            raise ValueError(f"block_causal_size must be positive, got {self.block_causal_size}")
         unknown_types = set(self.layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION, CHUNKED_ATTENTION}
         if unknown_types:
             raise ValueError(f"unknown layer_types {sorted(unknown_types)}")

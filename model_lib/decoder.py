@@ -30,6 +30,13 @@ from model_lib.layers.mixers import make_mixer
 Batch = DenseBatch | PagedBatch
 
 
+def block_visible_until(positions: jax.Array, block_size: int | None) -> jax.Array | None:
+    """Block-causal attention (SDAR): each token sees up to the last position of its block of `block_size`."""
+    if block_size is None:
+        return None
+    return (positions // block_size + 1) * block_size - 1
+
+
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     """Position of each token inside its segment: `[B, T]` ids -> `[B, T]` positions.
 
@@ -354,6 +361,8 @@ class CausalLM(nnx.Module):
         seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
         if visible_until is not None and (reason := self.config.spans_unsupported_reason(paged=False)):
             raise ValueError(f"this model cannot attend bidirectional spans: {reason}")
+        if visible_until is None:  # SDAR: every block is a span
+            visible_until = block_visible_until(positions, self.config.block_causal_size)
         batch = DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens,
                            rope_positions=None if rope_positions is None else jnp.asarray(rope_positions, jnp.int32),
                            visible_until=None if visible_until is None else jnp.asarray(visible_until, jnp.int32))

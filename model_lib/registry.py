@@ -103,6 +103,7 @@ ARCHITECTURES: dict[str, str] = {
     "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",
     "RecurrentGemmaForCausalLM": "model_lib.families.recurrent_gemma:RECURRENT_GEMMA",
     "Qwen3NextForCausalLM": "model_lib.families.qwen3_next:QWEN3_NEXT",
+    "SDARForCausalLM": "model_lib.families.sdar:SDAR",
 }
 
 

@@ -27,6 +27,7 @@ from model_lib.gguf import is_gguf_file, load_gguf_tokenizer
 from model_lib.sharding import ShardingPlan, as_plan
 from serving.engine import EngineConfig, LLMEngine, multihost
 from serving.engine.combined import GenerationWithPooling
+from serving.engine.diffusion_engine import BlockDiffusionEngine
 from serving.engine.pooling_engine import PoolingEngine
 from serving.engine.warmup import use_compilation_cache
 from serving.lora import LoRARequest
@@ -106,6 +107,9 @@ class LLM(PoolingMethods):
     checkpoint (AWQ, GPTQ, compressed-tensors, FP8) is detected from its config.json.
     `enable_lora`, `max_loras`, `max_lora_rank`: serve PEFT LoRA adapters, up to `max_loras` of them
     in one batch; `generate(..., lora_request=LoRARequest(name, id, path))` loads one on first use.
+    A block diffusion checkpoint (SDAR) decodes by blocks (`serving/engine/diffusion_engine.py`); its
+    `block_diffusion=BlockDiffusionParams(denoising_steps, remasking_strategy, confidence_threshold)`
+    applies to every request.
 
     Multi-host (`jax.distributed`, `model_lib/distributed.py`): `coordinator_address` (process
     0's host:port), `num_processes` and `process_id`, or the environment jax.distributed reads
@@ -160,14 +164,25 @@ class LLM(PoolingMethods):
                 raise ValueError("vision-language models are not supported on multi-host engines yet "
                                  "(the vision tower runs on the leader only)")
             speculative = SpeculativeConfig.parse(engine_args.pop("speculative_config", None))
-            self.engine = LLMEngine(
-                net,
-                self.tokenizer,
-                EngineConfig(**engine_args, speculative_config=speculative),
-                eos_token_ids=generation_eos_ids(model, net.config.eos_token_ids),
-                plan=plan,
-                draft_model=self._load_draft(speculative, dtype, net),
-            )
+            block_diffusion = engine_args.pop("block_diffusion", None)
+            eos_ids = generation_eos_ids(model, net.config.eos_token_ids)
+            if net.config.block_causal_size is not None:  # SDAR: serving/engine/diffusion_engine.py
+                if enable_embeddings or self.image_inputs is not None or jax.process_count() > 1:
+                    raise ValueError(f"{net.config.architecture}: block diffusion decoding serves text generation "
+                                     "on one process only")
+                self.engine = BlockDiffusionEngine(net, self.tokenizer, EngineConfig(**engine_args, speculative_config=speculative),
+                                                   eos_token_ids=eos_ids, plan=plan, block_diffusion=block_diffusion)
+            elif block_diffusion is not None:
+                raise ValueError(f"block_diffusion is for block diffusion models (SDAR), not {net.config.architecture}")
+            else:
+                self.engine = LLMEngine(
+                    net,
+                    self.tokenizer,
+                    EngineConfig(**engine_args, speculative_config=speculative),
+                    eos_token_ids=eos_ids,
+                    plan=plan,
+                    draft_model=self._load_draft(speculative, dtype, net),
+                )
             if enable_embeddings:
                 if plan is not None or jax.process_count() > 1:
                     raise ValueError("enable_embeddings runs unsharded on one process for now")

@@ -72,6 +72,7 @@ MPT_DIMS = dict(vocab_size=VOCAB, d_model=64, n_heads=4, n_layers=2, max_seq_len
 DECI_BUILDER = "tests.deci_reference:build_deci_checkpoint"
 GROK_BUILDER = "tests.grok_reference:build_grok_checkpoint"
 ARCTIC_BUILDER = "tests.arctic_reference:build_arctic_checkpoint"
+SDAR_BUILDER = "tests.sdar_reference:build_sdar_checkpoint"
 # MoE: 4 experts, top-2; router weights (HF names: gate, router) get large noise so that top-k is decisive.
 MOE = dict(num_experts_per_tok=2)
 GRANITE_MULTIPLIERS = dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)
@@ -489,6 +490,12 @@ CASES = [
     # Layer 0 dense, layers 1 and 3 MoE beside the residual MLP (parallel_attn_mlp_res), layer 2 dense.
     TinyCase("arctic-residual-moe", "PretrainedConfig", dict(intermediate_size=32, num_hidden_layers=4),
              architecture="ArcticForCausalLM", builder=ARCTIC_BUILDER),
+    # SDAR: Qwen3 (GQA, q/k norm, head_dim 32 != hidden / heads, untied head as published) under block-causal attention,
+    # blocks of 4 positions (SEQ_LEN spans 3); the mask token is the last id of the vocabulary.
+    TinyCase("sdar-block-causal", "Qwen3Config",
+             dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, block_size=4, mask_token_id=VOCAB - 1,
+                  **SMALL_TOKENS),
+             architecture="SDARForCausalLM", builder=SDAR_BUILDER),
     TinyCase(
         "glm4_moe-grouped-sigmoid",
         "Glm4MoeConfig",
@@ -640,6 +647,7 @@ ONE_PER_ARCHITECTURE = [
     "granitemoehybrid-nope",
     "recurrentgemma-local-mqa",
     "qwen3_next-hybrid",
+    "sdar-block-causal",
 ]
 
 # The cases that stand for the others in `make test` (CI) where a table runs every architecture through a

@@ -91,6 +91,16 @@ def token_loss(model: nnx.Module, batch: Batch, router_aux_coef: float = 0.0) ->
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
+def check_trainable(config: model_lib.ModelConfig) -> None:
+    """The trainer's objective is next-token loss; refuse by name a model it would train wrongly."""
+    if config.block_causal_size is not None:
+        # Under block-causal attention a token sees the rest of its block, its own next-token labels included.
+        raise NotImplementedError(
+            f"{config.architecture}: fine-tuning a block diffusion model needs its masked-diffusion objective "
+            "(noised and clean copies of each block), which the trainer does not implement"
+        )
+
+
 def seq2seq_model(config: TrainConfig, dtype: str, plan: ShardingPlan | None) -> nnx.Module:
     """An encoder-decoder to fine-tune, refusing what its training does not cover yet (by name)."""
     refused = [name for name, used in (("qlora", config.peft_method == "qlora"), ("a mesh", plan is not None),
@@ -171,6 +181,7 @@ class Trainer:
         if self.seq2seq:
             model = seq2seq_model(c, base_dtype, self.plan)
         else:
+            check_trainable(model_lib.load_config(c.model_name_or_path)[0])
             model = model_lib.from_pretrained(c.model_name_or_path, dtype=base_dtype, mesh=self.plan,
                                               quantization=quantization)
         self.lora_config = c.lora_config()

@@ -29,6 +29,7 @@ from model_lib.cache_spec import cache_specs
 from model_lib.sharding import ShardingPlan
 from model_lib.spans import Span
 from pallas_kernels.paged_attention.kv_quant import resolve_kv_cache_dtype
+from serving.block_diffusion import check_engine_support
 from serving.engine import multihost
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.kv_pages import PagePool
@@ -166,6 +167,7 @@ class LLMEngine:
         draft_model: CausalLM | None = None,
     ):
         """`draft_model`: the draft of a `speculative_config` with method "draft_model"."""
+        check_engine_support(model.config)
         self.model_config = model.config
         self.config = config = config or EngineConfig()
         use_compilation_cache(config.compilation_cache_dir)

@@ -124,6 +124,8 @@ REMOTE_CODE_READS: dict[str, set[str]] = {
     # attention (its sliding_window is refused by name) with Llama's keys.
     "grok1": {"rms_norm_eps"},
     "arctic": {"rms_norm_eps", "hidden_act", "rope_theta", "sliding_window"},
+    # SDAR's Qwen3 keys; it stores use_sliding_window / sliding_window but its attention never applies them.
+    "sdar": {"attention_bias", "rms_norm_eps", "hidden_act", "rope_theta", "head_dim"},
 }
 
 

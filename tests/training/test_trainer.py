@@ -317,3 +317,11 @@ def test_tensor_parallel_step_never_gathers_a_whole_parameter(tiny_checkpoint, r
     q = trainer.frozen["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
     gather = jax.jit(lambda w: w * 2, out_shardings=NamedSharding(trainer.plan.mesh, PartitionSpec()))
     assert (64, 256) in all_gathered_shapes(gather.lower(q).compile().as_text())
+
+
+def test_block_diffusion_fine_tuning_is_refused_by_name(reverse_task, tiny_checkpoint, tmp_path):
+    """SDAR trains on a masked-diffusion objective the trainer lacks; its next-token loss would see the labels."""
+    _, data, _ = reverse_task
+    folder, _ = tiny_checkpoint("sdar-block-causal")
+    with pytest.raises(NotImplementedError, match="SDARForCausalLM: fine-tuning a block diffusion model"):
+        Trainer(_config(folder, data, tmp_path / "sdar"))
