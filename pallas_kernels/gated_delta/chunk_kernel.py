@@ -45,16 +45,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gated_delta.reference import unit_lower_inverse
 
-CHUNK = 64  # tokens per chunk in the forward
-BACKWARD_CHUNK = 32  # and in the backward (its live tiles at 64 spill registers)
+# At K = V = 128 (Qwen3-Next) chunks of 32 or 64 spill registers on sm_90 in every kernel here
+# (255 registers, 8 warps); 16 does not (`tests/pallas_kernels/test_gpu_lowering.py`).
+CHUNK = 16  # tokens per chunk, forward and backward
 BLOCK_V = 32  # value-dim features per program
 INVERSE_PRECISION = lax.Precision.HIGHEST  # IEEE float32 for the (I + A)^-1 squarings
+WARPS = 8  # per program, every kernel
 
 
 def supported(key_dim: int, value_dim: int) -> bool:
@@ -129,68 +132,87 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, o_ref, *stat
     lax.fori_loop(0, chunks, step, (S0, jnp.int32(0)))
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, states_ref, do_ref,
-                     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, chunks: int, chunk: int, heads_per_group: int):
-    """Reverse over chunks carrying dS, as in the module docstring."""
-    row, head, block, features = _program()
-    group = head // heads_per_group
-    f32 = jnp.float32
+def _backward_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, states_ref, do_ref, program, c, *, chunk: int,
+                    heads_per_group: int) -> dict:
+    """Chunk `c`'s inputs, key-side terms and recomputed forward (u, w, v', q k^T), from the saved state
+    entering it; `program` is `_program()`'s (read outside the chunk loop, as interpret mode needs)."""
+    row, head, block, features = program
+    tokens = pl.ds(c * chunk, chunk)
+    q, k, v, g, beta, runs = _chunk_inputs(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, row, head,
+                                           head // heads_per_group, features, tokens)
+    carried_run = jnp.where(c > 0, runs_ref[row, jnp.maximum(c * chunk - 1, 0)], 0)
+    t = _chunk_terms(k, g, beta, runs, carried_run, chunk)
+    S = states_ref[row, head, c, :, features]
+    u = jnp.dot(t["solve"], beta[:, None] * v)
+    w = jnp.dot(t["solve"], (beta * t["decay"])[:, None] * k)
+    return dict(t, q=q, k=k, v=v, beta=beta, S=S, u=u, w=w, v_new=u - jnp.dot(w, S), qk=jnp.dot(q, k.T),
+                dO=do_ref[row, tokens, head, features].astype(jnp.float32), row=row, head=head, block=block,
+                features=features, tokens=tokens)
+
+
+def _d_v_new(t: dict, dS: jax.Array) -> jax.Array:
+    """The adjoint of v' from o's (dO) and the leaving state's (dS)."""
+    return jnp.dot((t["qk"] * t["gamma"]).T, t["dO"]) + jnp.dot(t["k"] * t["to_end"][:, None], dS)
+
+
+def _state_adjoint_kernel(*refs, chunks: int, chunk: int, heads_per_group: int):
+    """Reverse over chunks carrying dS (module docstring), writing the adjoint of the state leaving
+    every chunk."""
+    *inputs, d_states_ref = refs
+    program = _program()
 
     def step(r, dS):
         c = chunks - 1 - r
-        tokens = pl.ds(c * chunk, chunk)
-        q, k, v, g, beta, runs = _chunk_inputs(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, row, head, group,
-                                               features, tokens)
-        carried_run = jnp.where(c > 0, runs_ref[row, jnp.maximum(c * chunk - 1, 0)], 0)
-        S = states_ref[row, head, c, :, features]
-        dO = do_ref[row, tokens, head, features].astype(f32)
-        t = _chunk_terms(k, g, beta, runs, carried_run, chunk)
-        gamma, decay, solve, to_end = t["gamma"], t["decay"], t["solve"], t["to_end"]
-        # Recompute the forward's chunk.
-        beta_v, beta_k = beta[:, None] * v, (beta * decay)[:, None] * k
-        u, w = jnp.dot(solve, beta_v), jnp.dot(solve, beta_k)
-        v_new = u - jnp.dot(w, S)
-        qk = jnp.dot(q, k.T)
-        # Through o and the state leaving the chunk.
-        d_v_new = jnp.dot((qk * gamma).T, dO) + jnp.dot(k * to_end[:, None], dS)
-        dS_in = jnp.dot((q * decay[:, None]).T, dO) + t["keep"] * dS - jnp.dot(w.T, d_v_new)
-        d_weighted = jnp.dot(dO, v_new.T)  # d((q k^T) * Gamma)
-        d_scores = d_weighted * gamma  # d(q k^T)
-        dq = jnp.dot(d_scores, k)
-        dk = jnp.dot(d_scores.T, q)
-        d_gamma = d_weighted * qk
-        dO_S = jnp.dot(dO, S.T)  # d(D q)
-        dq += decay[:, None] * dO_S
-        d_decay = jnp.sum(q * dO_S, axis=1)
-        v_dS = jnp.dot(v_new, dS.T)  # d(Gamma_L k)
-        dk += to_end[:, None] * v_dS
-        d_to_end = jnp.sum(k * v_dS, axis=1) * to_end
-        d_keep = jnp.sum(S * dS) * t["keep"]
-        # Through the solves u = T (beta v), w = T (beta D k) and T = (I + A)^-1.
+        t = _backward_chunk(*inputs, program, c, chunk=chunk, heads_per_group=heads_per_group)
+        d_states_ref[t["row"], t["head"], c, :, t["features"]] = dS
+        d_v_new = _d_v_new(t, dS)
+        return jnp.dot((t["q"] * t["decay"][:, None]).T, t["dO"]) + t["keep"] * dS - jnp.dot(t["w"].T, d_v_new)
+
+    lax.fori_loop(0, chunks, step, jnp.zeros((inputs[1].shape[-1], BLOCK_V), jnp.float32))
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, states_ref, do_ref, d_states_ref,
+                     dq_ref, dk_ref, dv_ref, dg_ref, dbeta_ref, *, chunks: int, chunk: int, heads_per_group: int):
+    """Every chunk's gradients from the states entering and the adjoints leaving it (module docstring)."""
+    inputs = (q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, states_ref, do_ref)
+    program = _program()
+
+    def step(c, carry):
+        t = _backward_chunk(*inputs, program, c, chunk=chunk, heads_per_group=heads_per_group)
+        row, head, block, features, tokens = t["row"], t["head"], t["block"], t["features"], t["tokens"]
+        q, k, v, beta, S, dO, gamma, decay, solve, to_end = (
+            t[n] for n in ("q", "k", "v", "beta", "S", "dO", "gamma", "decay", "solve", "to_end"))
+        dS = d_states_ref[row, head, c, :, features]
+        # Through o and the leaving state to v', then the solves u = T (beta v), w = T (beta D k) and
+        # T = (I + A)^-1.
+        d_v_new = _d_v_new(t, dS)
         d_beta_v = jnp.dot(solve.T, d_v_new)
+        dv_ref[row, tokens, head, features] = beta[:, None] * d_beta_v
         d_beta_k = -jnp.dot(solve.T, jnp.dot(d_v_new, S.T))
-        dA = jnp.where(t["strict"], -(jnp.dot(d_beta_v, u.T) + jnp.dot(d_beta_k, w.T)), 0.0)
+        dA = jnp.where(t["strict"], -(jnp.dot(d_beta_v, t["u"].T) + jnp.dot(d_beta_k, t["w"].T)), 0.0)
+        d_keep = jnp.sum(S * dS) * t["keep"]
+        d_weighted = jnp.dot(dO, t["v_new"].T)  # d((q k^T) * Gamma)
+        d_scores = d_weighted * gamma  # d(q k^T)
+        dO_S = jnp.dot(dO, S.T)  # d(D q)
+        dq_ref[row, tokens, head, block, :] = jnp.dot(d_scores, k) + decay[:, None] * dO_S
+        d_decay = jnp.sum(q * dO_S, axis=1)
+        v_dS = jnp.dot(t["v_new"], dS.T)  # d(Gamma_L k)
+        d_to_end = jnp.sum(k * v_dS, axis=1) * to_end
         k_d_beta_k = jnp.sum(k * d_beta_k, axis=1)
-        dv = beta[:, None] * d_beta_v
-        dbeta = jnp.sum(v * d_beta_v, axis=1) + decay * k_d_beta_k + jnp.sum(dA * t["kk"] * gamma, axis=1)
-        dk += (beta * decay)[:, None] * d_beta_k
-        d_decay += beta * k_d_beta_k
         d_kk = dA * beta[:, None] * gamma
-        dk += jnp.dot(d_kk, k) + jnp.dot(d_kk.T, k)
-        d_gamma += dA * beta[:, None] * t["kk"]
+        dk_ref[row, tokens, head, block, :] = (jnp.dot(d_scores.T, q) + jnp.dot(d_kk + d_kk.T, k)
+                                               + to_end[:, None] * v_dS + (beta * decay)[:, None] * d_beta_k)
+        dbeta_ref[row, tokens, head, block] = (jnp.sum(v * d_beta_v, axis=1) + decay * k_d_beta_k
+                                               + jnp.sum(dA * t["kk"] * gamma, axis=1))
+        d_decay += beta * k_d_beta_k
         # Through Gamma, D, Gamma_L and D_L to the cumulative log decay, then to g.
-        d_exp = d_gamma * gamma
+        d_exp = (d_weighted * t["qk"] + dA * beta[:, None] * t["kk"]) * gamma  # d(Gamma) * Gamma
         d_cum = jnp.sum(d_exp, axis=1) - jnp.sum(d_exp, axis=0) + d_decay * decay - d_to_end
         d_cum += jnp.where(t["last"], jnp.sum(d_to_end) + d_keep, 0.0)
-        dg = jnp.sum(jnp.where(t["causal"], d_cum[:, None], 0.0), axis=0)  # sum over i >= j
-        dq_ref[row, tokens, head, block, :] = dq
-        dk_ref[row, tokens, head, block, :] = dk
-        dv_ref[row, tokens, head, features] = dv
-        dg_ref[row, tokens, head, block] = dg
-        dbeta_ref[row, tokens, head, block] = dbeta
-        return dS_in
+        dg_ref[row, tokens, head, block] = jnp.sum(jnp.where(t["causal"], d_cum[:, None], 0.0), axis=0)  # i >= j
+        return carry
 
-    lax.fori_loop(0, chunks, step, jnp.zeros((k_ref.shape[-1], BLOCK_V), f32))
+    lax.fori_loop(0, chunks, step, jnp.int32(0))
 
 
 def _call(kernel, args, outputs, name: str, num_warps: int, interpret: bool):
@@ -228,7 +250,7 @@ def _forward(q, k, v, g, beta, runs, *, chunk: int, interpret: bool, states: boo
         outputs.append(jax.ShapeDtypeStruct((rows, heads, chunks, key_dim, value_dim), jnp.float32))
     kernel = functools.partial(_forward_kernel, chunks=chunks, chunk=chunk, heads_per_group=heads // k.shape[2])
     name = f"gated_delta{'_states' if states else ''}_l{chunk}_k{key_dim}_v{BLOCK_V}"
-    return args, _call(kernel, args, outputs, name, 4, interpret)
+    return args, _call(kernel, args, outputs, name, WARPS, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
@@ -242,7 +264,7 @@ def gated_delta(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: ja
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
 def gated_delta_backward(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, runs: jax.Array,
-                         do: jax.Array, *, chunk: int = BACKWARD_CHUNK,
+                         do: jax.Array, *, chunk: int = CHUNK,
                          interpret: bool = False) -> tuple[jax.Array, ...]:
     """The gradients (dq, dk, dv, dg, dbeta) float32 of `sum(do * gated_delta(...))`."""
     rows, length, heads, value_dim = v.shape
@@ -255,9 +277,12 @@ def gated_delta_backward(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     outputs = [jax.ShapeDtypeStruct((rows, padded, heads, blocks, key_dim), f32)] * 2 + [
         jax.ShapeDtypeStruct((rows, padded, heads, value_dim), f32)] + [
         jax.ShapeDtypeStruct((rows, padded, heads, blocks), f32)] * 2
-    kernel = functools.partial(_backward_kernel, chunks=padded // chunk, chunk=chunk, heads_per_group=heads // groups)
-    dq, dk, dv, dg, dbeta = _call(kernel, (*args, states, do), outputs, f"gated_delta_bwd_l{chunk}_k{key_dim}_v{BLOCK_V}",
-                                  4, interpret)
+    settings = dict(chunks=padded // chunk, chunk=chunk, heads_per_group=heads // groups)
+    inputs = (*args, states, do)
+    (d_states,) = _call(functools.partial(_state_adjoint_kernel, **settings), inputs, [states],
+                        f"gated_delta_dstates_l{chunk}_k{key_dim}_v{BLOCK_V}", WARPS, interpret)
+    dq, dk, dv, dg, dbeta = _call(functools.partial(_backward_kernel, **settings), (*inputs, d_states), outputs,
+                                  f"gated_delta_bwd_l{chunk}_k{key_dim}_v{BLOCK_V}", WARPS, interpret)
 
     def per_group(d):  # [B, T, H, NV, K] -> [B, T, G, K]
         return d[:, :length].sum(3).reshape(rows, length, groups, heads // groups, key_dim).sum(3)
@@ -265,21 +290,21 @@ def gated_delta_backward(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
     return per_group(dq), per_group(dk), dv[:, :length], dg[:, :length].sum(3), dbeta[:, :length].sum(3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
 def gated_delta_vjp(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, runs: jax.Array,
-                    interpret: bool = False) -> jax.Array:
+                    chunk: int = CHUNK, interpret: bool = False) -> jax.Array:
     """`gated_delta`, differentiable through `gated_delta_backward` (not through `runs`)."""
-    return gated_delta(q, k, v, g, beta, runs, interpret=interpret)
+    return gated_delta(q, k, v, g, beta, runs, chunk=chunk, interpret=interpret)
 
 
-def _vjp_forward(q, k, v, g, beta, runs, interpret):
-    return gated_delta_vjp(q, k, v, g, beta, runs, interpret), (q, k, v, g, beta, runs)
+def _vjp_forward(q, k, v, g, beta, runs, chunk, interpret):
+    return gated_delta_vjp(q, k, v, g, beta, runs, chunk, interpret), (q, k, v, g, beta, runs)
 
 
-def _vjp_backward(interpret, inputs, do):
-    grads = gated_delta_backward(*inputs, do, interpret=interpret)
+def _vjp_backward(chunk, interpret, inputs, do):
+    grads = gated_delta_backward(*inputs, do, chunk=chunk, interpret=interpret)
     runs = inputs[-1]
-    return (*(d.astype(a.dtype) for d, a in zip(grads, inputs)), jnp.zeros(runs.shape, jax.dtypes.float0))
+    return (*(d.astype(a.dtype) for d, a in zip(grads, inputs)), np.zeros(runs.shape, jax.dtypes.float0))
 
 
 gated_delta_vjp.defvjp(_vjp_forward, _vjp_backward)
