@@ -376,6 +376,29 @@ def test_rglru_scan_kernel_compiles(shape):
     assert_compiles(lowered, ("rglru_scan_d32", "rglru_scan_d32_reverse"))
 
 
+# Qwen3-Next's Gated DeltaNet (rows, tokens, q/k heads, value heads, key dim, value dim): 80B-A3B's mixer on
+# training rows.
+GATED_DELTA_SHAPES = {"qwen3-next-80b-train": (2, 2048, 16, 32, 128, 128)}
+
+
+@pytest.mark.parametrize("shape", sorted(GATED_DELTA_SHAPES))
+def test_gated_delta_kernels_compile(shape):
+    """The dense gated delta rule through `ops` reaches the chunked forward kernel, and its gradient the three
+    backward kernels (states, reverse state adjoints, per-chunk gradients), none spilling at K = V = 128."""
+    from pallas_kernels import gated_delta
+
+    rows, length, groups, heads, key_dim, value_dim = GATED_DELTA_SHAPES[shape]
+    f32 = jnp.float32
+    args = (S((rows, length, groups, key_dim), BF16), S((rows, length, groups, key_dim), BF16),
+            S((rows, length, heads, value_dim), BF16), S((rows, length, heads), f32), S((rows, length, heads), f32),
+            S((rows, length), jnp.int32))
+    forward = jax.jit(lambda *a: gated_delta.gated_delta(*a, 64)[0])
+    assert_compiles(gpu_lowering.lower_for_h100(forward, *args), ("gated_delta_l",))
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(gated_delta.gated_delta(*a, 64)[0] ** 2), argnums=(0, 1, 2, 3, 4)))
+    assert_compiles(gpu_lowering.lower_for_h100(grads, *args),
+                    ("gated_delta_l", "gated_delta_states", "gated_delta_dstates", "gated_delta_bwd"))
+
+
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
 def test_mosaic_grouped_matmul_lowers(shape):
     """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its
