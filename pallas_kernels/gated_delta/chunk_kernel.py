@@ -16,10 +16,11 @@ Blocks of the value dim are independent (`T`, `w` depend on keys only and are re
 block), which gives the GPU rows x heads x blocks programs and keeps `S` within registers at
 Qwen3-Next's K = V = 128.
 
-Backward (`gated_delta_vjp`, a `custom_vjp`): the forward kernel runs again writing the state
-entering every chunk (`[B, H, Q, K, V]` float32, alive only inside the backward pass); the
-backward kernel walks the chunks in reverse carrying dS, the adjoint of the state leaving the
-chunk, recomputes the chunk's terms from the saved state and forms, with dO the output's adjoint:
+Backward (`gated_delta_vjp`, a `custom_vjp`), three kernels on the same grid: the forward runs again
+writing the state entering every chunk (`[B, H, Q, K, V]` float32, alive only inside the backward
+pass); a second kernel walks the chunks in reverse carrying dS, the adjoint of the state leaving the
+chunk, and writes it per chunk; a third, with no carry, forms each chunk's gradients from those two
+(one kernel doing both spills registers at K = V = 128). With dO the output's adjoint:
 
     dv' = ((q k^T) * Gamma)^T dO + (Gamma_L k) dS,   dS <- (D q)^T dO + D_L dS - w^T dv',
     d(beta v) = T^T dv',  d(beta D k) = -T^T dv' S^T,  dA = -(d(beta v) u^T + d(beta D k) w^T)
