@@ -78,7 +78,8 @@ def main() -> None:
     for name, implementation in implementations:
         for pass_, fn, pass_flops in (("forward", forward, flops), ("forward+backward", training, 3 * flops)):
             ms, temp = _timed(fn(implementation), *inputs, repeats=args.repeats)
-            print(f"| {name} | {pass_} | {ms:.2f} | {b * t / ms * 1e3:.3g} | {pass_flops / ms / 1e9:.2f} | {temp:.0f} |")
+            rates = f"{b * t / ms * 1e3:.3g} | {pass_flops / ms / 1e9:.2f}"
+            print(f"| {name} | {pass_} | {ms:.2f} | {rates} | {temp:.0f} |")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def _chunk_terms(k, g, beta, runs, carried_run, chunk: int) -> dict:
     last_run, total = jnp.max(runs), jnp.sum(g)
     to_end = jnp.where(runs == last_run, jnp.exp(total - cum), 0.0)  # Gamma_L
     keep = jnp.where(last_run == carried_run, jnp.exp(total), 0.0)  # D_L
-    return dict(causal=causal, last=lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1, cum=cum, gamma=gamma, decay=decay, kk=kk, strict=strict,
+    last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    return dict(causal=causal, last=last, cum=cum, gamma=gamma, decay=decay, kk=kk, strict=strict,
                 solve=solve, last_run=last_run, to_end=to_end, keep=keep)
 
 

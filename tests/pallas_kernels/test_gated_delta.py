@@ -128,7 +128,8 @@ def test_dispatch():
     off CUDA the default is the reference."""
     q = gated_delta.l2_normalize(_normal(0, (B, T, G, 16)))
     k = gated_delta.l2_normalize(_normal(1, (B, T, G, 16)))
-    v, g, beta = _normal(2, (B, T, H, 32)), -jax.nn.softplus(_normal(3, (B, T, H))), jax.nn.sigmoid(_normal(4, (B, T, H)))
+    v, g = _normal(2, (B, T, H, 32)), -jax.nn.softplus(_normal(3, (B, T, H)))
+    beta = jax.nn.sigmoid(_normal(4, (B, T, H)))
     segments, h0 = jnp.asarray(SEGMENTS), _normal(5, (B, R, H, 16, 32))
     public = jax.jit(gated_delta.gated_delta, static_argnums=6, static_argnames="implementation")
     np.testing.assert_array_equal(public(q, k, v, g, beta, segments, 4)[0], chunked(q, k, v, g, beta, segments, 4)[0])

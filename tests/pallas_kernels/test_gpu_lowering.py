@@ -561,13 +561,11 @@ def test_quantized_kv_serving_step_reaches_the_kernel(kv_cache_dtype, tmp_path):
 TRAINING_FAMILIES = {"llama-gqa": (), "mixtral-moe": ("gmm_", "gmm_t", "tgmm")}
 
 
-@pytest.mark.parametrize("family", sorted(TRAINING_FAMILIES))
-def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
-    """The trainer's jitted step (full fine-tuning, bf16 compute): for MoE, all three grouped matmul kernels."""
+def _training_step_lowered(folder, tmp_path):
+    """The trainer's jitted step (full fine-tuning, bf16 compute) for a checkpoint folder, lowered for CUDA."""
     from training.config import TrainConfig
     from training.trainer import Trainer
 
-    folder, _ = tiny_checkpoint(family)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": "abcdefgh" * (1 + i % 3)}) + "\n" for i in range(8)))
     trainer = Trainer(TrainConfig(model_name_or_path=str(folder), training_data_path=str(data),
@@ -576,8 +574,28 @@ def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
                                   progress_bar=False))
     batches = trainer._device_batch([trainer.micro_batch(0)])
     args = (trainer.trainable, trainer.opt_state, trainer.rng_state, trainer.frozen, batches, np.int32(0))
-    lowered = gpu_lowering.lower_for_h100(trainer.train_step, *gpu_lowering.abstract(args))
-    assert_compiles(lowered, TRAINING_FAMILIES[family])
+    return gpu_lowering.lower_for_h100(trainer.train_step, *gpu_lowering.abstract(args))
+
+
+@pytest.mark.parametrize("family", sorted(TRAINING_FAMILIES))
+def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
+    """The trainer's jitted step (full fine-tuning, bf16 compute): for MoE, all three grouped matmul kernels."""
+    folder, _ = tiny_checkpoint(family)
+    assert_compiles(_training_step_lowered(folder, tmp_path), TRAINING_FAMILIES[family])
+
+
+def test_qwen3_next_training_step_reaches_the_gated_delta_kernels(tmp_path):
+    """Qwen3-Next's training step: its DeltaNet layers (the tiny case with value heads of 32, a whole kernel
+    block; the table's value dim of 8 is below a Triton tile) reach the gated delta forward and backward kernels."""
+    import dataclasses
+
+    from tests.tiny_models import CASES_BY_NAME, build_checkpoint
+
+    case = CASES_BY_NAME["qwen3_next-hybrid"]
+    case = dataclasses.replace(case, overrides={**case.overrides, "linear_value_head_dim": 32})
+    build_checkpoint(case, tmp_path / "model")
+    assert_compiles(_training_step_lowered(tmp_path / "model", tmp_path),
+                    ("gated_delta_l", "gated_delta_states", "gated_delta_dstates", "gated_delta_bwd"))
 
 
 def test_sharded_serving_step_compiles_with_kernels_on_local_shards():
