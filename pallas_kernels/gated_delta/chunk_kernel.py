@@ -90,8 +90,15 @@ def _chunk_terms(k, g, beta, runs, carried_run, chunk: int) -> dict:
     to_end = jnp.where(runs == last_run, jnp.exp(total - cum), 0.0)  # Gamma_L
     keep = jnp.where(last_run == carried_run, jnp.exp(total), 0.0)  # D_L
     last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    return dict(causal=causal, last=last, cum=cum, gamma=gamma, decay=decay, kk=kk, strict=strict,
+    return dict(causal=causal, last=last, gamma=gamma, decay=decay, kk=kk, strict=strict,
                 solve=solve, last_run=last_run, to_end=to_end, keep=keep)
+
+
+def _solve_values(t: dict, k, v, beta, S):
+    """u = T (beta v), w = T (beta D k) and v' = u - w S (module docstring)."""
+    u = jnp.dot(t["solve"], beta[:, None] * v)
+    w = jnp.dot(t["solve"], (beta * t["decay"])[:, None] * k)
+    return u, w, u - jnp.dot(w, S)
 
 
 def _program():
@@ -122,9 +129,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, o_ref, *stat
         if states_ref:
             states_ref[0][row, head, c, :, features] = S
         t = _chunk_terms(k, g, beta, runs, carried_run, chunk)
-        u = jnp.dot(t["solve"], beta[:, None] * v)
-        w = jnp.dot(t["solve"], (beta * t["decay"])[:, None] * k)
-        v_new = u - jnp.dot(w, S)
+        _, _, v_new = _solve_values(t, k, v, beta, S)
         o = jnp.dot(q * t["decay"][:, None], S) + jnp.dot(jnp.dot(q, k.T) * t["gamma"], v_new)
         o_ref[row, tokens, head, features] = o.astype(o_ref.dtype)
         S = t["keep"] * S + jnp.dot((k * t["to_end"][:, None]).T, v_new)
@@ -145,9 +150,8 @@ def _backward_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, states_ref, 
     carried_run = jnp.where(c > 0, runs_ref[row, jnp.maximum(c * chunk - 1, 0)], 0)
     t = _chunk_terms(k, g, beta, runs, carried_run, chunk)
     S = states_ref[row, head, c, :, features]
-    u = jnp.dot(t["solve"], beta[:, None] * v)
-    w = jnp.dot(t["solve"], (beta * t["decay"])[:, None] * k)
-    return dict(t, q=q, k=k, v=v, beta=beta, S=S, u=u, w=w, v_new=u - jnp.dot(w, S), qk=jnp.dot(q, k.T),
+    u, w, v_new = _solve_values(t, k, v, beta, S)
+    return dict(t, q=q, k=k, v=v, beta=beta, S=S, u=u, w=w, v_new=v_new, qk=jnp.dot(q, k.T),
                 dO=do_ref[row, tokens, head, features].astype(jnp.float32), row=row, head=head, block=block,
                 features=features, tokens=tokens)
 
