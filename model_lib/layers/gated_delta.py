@@ -2,7 +2,8 @@
 
 It sits where attention sits, behind `input_layernorm`; checkpoints name it `linear_attn`, held
 here as the layer's `mixer` (the weight map renames it). The math lives in
-`pallas_kernels/gated_delta/reference.py`; this file holds the weights and the data flow:
+`pallas_kernels/gated_delta/` (the reference, and the Pallas kernel that dense rows reach when lowered
+for CUDA); this file holds the weights and the data flow:
 
     in_proj_qkvz -> per q/k head group g: [q_g | k_g | v_g | z_g]; in_proj_ba -> [b_g | a_g]
     [q | k | v] -> causal conv1d (no bias) -> act; q, k l2-normalised (q also by K^-0.5)
@@ -76,6 +77,6 @@ class GatedDeltaNet(_Mixer):
         beta = jax.nn.sigmoid(beta.reshape(b, t, H))
         dt = a.reshape(b, t, H).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
         g = self.A()[None, None] * jax.nn.softplus(dt)  # log decay, <= 0
-        o, h = gated_delta.gated_delta_chunked(q, k, v.reshape(b, t, H, V), g, beta, segment_ids, self.chunk_size, h)
+        o, h = gated_delta.gated_delta(q, k, v.reshape(b, t, H, V), g, beta, segment_ids, self.chunk_size, h)
         y = self.norm(o.astype(x.dtype), z.reshape(b, t, H, V))
         return self.out_proj(y.reshape(b, t, H * V)), (tail, h)

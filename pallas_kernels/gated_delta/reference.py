@@ -69,16 +69,19 @@ def gated_delta_step(
     return jnp.einsum("bhkv,bhk->bhv", state, q), state
 
 
-def unit_lower_inverse(strict: jax.Array) -> jax.Array:
+def unit_lower_inverse(strict: jax.Array, precision: jax.lax.Precision | None = None) -> jax.Array:
     """`(I + A)^-1` for strictly lower triangular `A [..., L, L]`, by matmuls only: with N = -A
     nilpotent, the inverse is sum_{n<L} N^n = prod_{k<ceil(log2 L)} (I + N^(2^k)). (XLA's
-    triangular solve does not partition well over a device mesh; matmuls do.)"""
-    eye = jnp.eye(strict.shape[-1], dtype=strict.dtype)
+    triangular solve does not partition well over a device mesh; matmuls do; the Pallas kernel
+    reuses this inside a program.)"""
+    size = strict.shape[-1]
+    eye = (jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
+           == jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)).astype(strict.dtype)
     power = -strict
     inverse = eye + power
-    for _ in range(max(0, (strict.shape[-1] - 1).bit_length() - 1)):
-        power = power @ power
-        inverse = inverse @ (eye + power)
+    for _ in range(max(0, (size - 1).bit_length() - 1)):
+        power = jnp.matmul(power, power, precision=precision)
+        inverse = inverse + jnp.matmul(inverse, power, precision=precision)
     return inverse
 
 

@@ -69,3 +69,90 @@ def test_matches_transformers_torch_rule():
         norm.weight.copy_(torch.from_numpy(np.array(weight)))
         expected = norm(torch.from_numpy(np.array(x)), torch.from_numpy(np.array(gate))).numpy()
     np.testing.assert_allclose(gated_delta.rms_norm_gated(x, gate, weight, 1e-6), expected, rtol=1e-5, atol=1e-6)
+
+
+# The kernel (`chunk_kernel.py`) in interpret mode against the reference, output and gradients, on rows from zero
+# states: (segment ids [B, T], G, H, K, V, kernel chunk). "packed-gqa": test_ssm's rows (packed runs, left and
+# right padding) with two value heads per q/k head, chunks of 8 (runs cross chunk edges, 13 tokens: a padded last
+# chunk); "value-blocks": two blocks of the value dim (partial gradients summed), three runs, 20 tokens.
+KERNEL_CASES = {
+    "packed-gqa": (SEGMENTS, 2, 4, 16, 32, 8),
+    "value-blocks": (np.array([[1] * 5 + [2] * 9 + [3] * 4 + [0] * 2]), 1, 2, 16, 64, 16),
+}
+
+
+def _with_grads(rows_tokens: tuple[int, int], groups: int, heads: int, key_dim: int, value_dim: int):
+    """fn -> (fn's output, its VJP (dq, dk, dv, dg, dbeta) for a random cotangent), jitted, at random inputs."""
+    b, t = rows_tokens
+    q = gated_delta.l2_normalize(_normal(10, (b, t, groups, key_dim))) * key_dim**-0.5
+    k = gated_delta.l2_normalize(_normal(11, (b, t, groups, key_dim)))
+    v, d_o = _normal(12, (b, t, heads, value_dim)), _normal(15, (b, t, heads, value_dim))
+    g = -jax.nn.softplus(_normal(13, (b, t, heads)))
+    beta = jax.nn.sigmoid(_normal(14, (b, t, heads)))
+
+    def with_grads(fn):
+        @jax.jit
+        def run(*inputs):
+            o, vjp = jax.vjp(fn, *inputs)
+            return o, vjp(d_o)
+        return run(q, k, v, g, beta)
+
+    return with_grads
+
+
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_kernel_matches_reference_with_gradients(case):
+    from pallas_kernels.gated_delta import chunk_kernel
+    from pallas_kernels.gated_delta.ops import _kernel
+
+    segments, groups, heads, key_dim, value_dim, chunk = KERNEL_CASES[case]
+    segments = jnp.asarray(segments, jnp.int32)
+    with_grads = _with_grads(segments.shape, groups, heads, key_dim, value_dim)
+
+    def kernel(*a):
+        chunk_kernel.CHUNK, saved = chunk, chunk_kernel.CHUNK
+        try:
+            return _kernel(*a, segments, interpret=True)
+        finally:
+            chunk_kernel.CHUNK = saved
+
+    o, grads = with_grads(kernel)
+    want_o, want_grads = with_grads(lambda *a: gated_delta.gated_delta_chunked(*a, segments, 4)[0])
+    np.testing.assert_allclose(o, want_o, rtol=1e-5, atol=1e-6)
+    for name, got, want in zip(("dq", "dk", "dv", "dg", "dbeta"), grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_dispatch():
+    """Calls with initial states and the "reference" choice take the reference; an unknown choice is refused;
+    off CUDA the default is the reference."""
+    q = gated_delta.l2_normalize(_normal(0, (B, T, G, 16)))
+    k = gated_delta.l2_normalize(_normal(1, (B, T, G, 16)))
+    v, g = _normal(2, (B, T, H, 32)), -jax.nn.softplus(_normal(3, (B, T, H)))
+    beta = jax.nn.sigmoid(_normal(4, (B, T, H)))
+    segments, h0 = jnp.asarray(SEGMENTS), _normal(5, (B, R, H, 16, 32))
+    public = jax.jit(gated_delta.gated_delta, static_argnums=6, static_argnames="implementation")
+    np.testing.assert_array_equal(public(q, k, v, g, beta, segments, 4)[0], chunked(q, k, v, g, beta, segments, 4)[0])
+    o, finals = public(q, k, v, g, beta, segments, 4, h0, implementation="interpret")
+    want_o, want_finals = chunked(q, k, v, g, beta, segments, 4, h0)
+    np.testing.assert_array_equal(o, want_o)
+    np.testing.assert_array_equal(finals, want_finals)
+    with pytest.raises(ValueError, match="unknown gated_delta implementation"):
+        gated_delta.gated_delta(q, k, v, g, beta, segments, 4, implementation="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_kernel_matches_reference_on_gpu():
+    """Qwen3-Next's head shape (K = V = 128, two value heads per q/k head), packed runs and padding, 300 tokens
+    (not whole chunks); the kernel's tf32 matmuls against the reference at full float32 precision."""
+    segments = np.concatenate([np.full((2, 120), 1), np.full((2, 150), 2), np.zeros((2, 30))], axis=1)
+    segments[1, :7] = 0
+    with_grads = _with_grads(segments.shape, 2, 4, 128, 128)
+    segments = jnp.asarray(segments, jnp.int32)
+    got = with_grads(lambda *a: gated_delta.gated_delta(*a, segments, 64, implementation="kernel")[0])
+    with jax.default_matmul_precision("highest"):
+        want = with_grads(lambda *a: gated_delta.gated_delta_chunked(*a, segments, 64)[0])
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dg", "dbeta"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-2 * scale, name

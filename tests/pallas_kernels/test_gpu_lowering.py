@@ -400,6 +400,29 @@ def test_rglru_scan_kernel_compiles(shape):
     assert_compiles(lowered, ("rglru_scan_d32", "rglru_scan_d32_reverse"))
 
 
+# Qwen3-Next's Gated DeltaNet (rows, tokens, q/k heads, value heads, key dim, value dim): 80B-A3B's mixer on
+# training rows.
+GATED_DELTA_SHAPES = {"qwen3-next-80b-train": (2, 2048, 16, 32, 128, 128)}
+
+
+@pytest.mark.parametrize("shape", sorted(GATED_DELTA_SHAPES))
+def test_gated_delta_kernels_compile(shape):
+    """The dense gated delta rule through `ops` reaches the chunked forward kernel, and its gradient the three
+    backward kernels (states, reverse state adjoints, per-chunk gradients), none spilling at K = V = 128."""
+    from pallas_kernels import gated_delta
+
+    rows, length, groups, heads, key_dim, value_dim = GATED_DELTA_SHAPES[shape]
+    f32 = jnp.float32
+    args = (S((rows, length, groups, key_dim), BF16), S((rows, length, groups, key_dim), BF16),
+            S((rows, length, heads, value_dim), BF16), S((rows, length, heads), f32), S((rows, length, heads), f32),
+            S((rows, length), jnp.int32))
+    forward = jax.jit(lambda *a: gated_delta.gated_delta(*a, 64)[0])
+    assert_compiles(gpu_lowering.lower_for_h100(forward, *args), ("gated_delta_l",))
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(gated_delta.gated_delta(*a, 64)[0] ** 2), argnums=(0, 1, 2, 3, 4)))
+    assert_compiles(gpu_lowering.lower_for_h100(grads, *args),
+                    ("gated_delta_l", "gated_delta_states", "gated_delta_dstates", "gated_delta_bwd"))
+
+
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
 def test_mosaic_grouped_matmul_lowers(shape):
     """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its
@@ -568,13 +591,11 @@ def test_quantized_kv_serving_step_reaches_the_kernel(kv_cache_dtype, tmp_path):
 TRAINING_FAMILIES = {"llama-gqa": (), "mixtral-moe": ("gmm_", "gmm_t", "tgmm")}
 
 
-@pytest.mark.parametrize("family", sorted(TRAINING_FAMILIES))
-def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
-    """The trainer's jitted step (full fine-tuning, bf16 compute): for MoE, all three grouped matmul kernels."""
+def _training_step_lowered(folder, tmp_path):
+    """The trainer's jitted step (full fine-tuning, bf16 compute) for a checkpoint folder, lowered for CUDA."""
     from training.config import TrainConfig
     from training.trainer import Trainer
 
-    folder, _ = tiny_checkpoint(family)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": "abcdefgh" * (1 + i % 3)}) + "\n" for i in range(8)))
     trainer = Trainer(TrainConfig(model_name_or_path=str(folder), training_data_path=str(data),
@@ -583,8 +604,28 @@ def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
                                   progress_bar=False))
     batches = trainer._device_batch([trainer.micro_batch(0)])
     args = (trainer.trainable, trainer.opt_state, trainer.rng_state, trainer.frozen, batches, np.int32(0))
-    lowered = gpu_lowering.lower_for_h100(trainer.train_step, *gpu_lowering.abstract(args))
-    assert_compiles(lowered, TRAINING_FAMILIES[family])
+    return gpu_lowering.lower_for_h100(trainer.train_step, *gpu_lowering.abstract(args))
+
+
+@pytest.mark.parametrize("family", sorted(TRAINING_FAMILIES))
+def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
+    """The trainer's jitted step (full fine-tuning, bf16 compute): for MoE, all three grouped matmul kernels."""
+    folder, _ = tiny_checkpoint(family)
+    assert_compiles(_training_step_lowered(folder, tmp_path), TRAINING_FAMILIES[family])
+
+
+def test_qwen3_next_training_step_reaches_the_gated_delta_kernels(tmp_path):
+    """Qwen3-Next's training step: its DeltaNet layers (the tiny case with value heads of 32, a whole kernel
+    block; the table's value dim of 8 is below a Triton tile) reach the gated delta forward and backward kernels."""
+    import dataclasses
+
+    from tests.tiny_models import CASES_BY_NAME, build_checkpoint
+
+    case = CASES_BY_NAME["qwen3_next-hybrid"]
+    case = dataclasses.replace(case, overrides={**case.overrides, "linear_value_head_dim": 32})
+    build_checkpoint(case, tmp_path / "model")
+    assert_compiles(_training_step_lowered(tmp_path / "model", tmp_path),
+                    ("gated_delta_l", "gated_delta_states", "gated_delta_dstates", "gated_delta_bwd"))
 
 
 def test_sharded_serving_step_compiles_with_kernels_on_local_shards():
