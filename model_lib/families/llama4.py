@@ -27,7 +27,7 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from model_lib.config import CHUNKED_ATTENTION, FULL_ATTENTION, ModelConfig
-from model_lib.families.common import GATE_UP_DOWN, PEFT_EXPERTS, PER_LAYER_TYPE, llama_like_fields, moe_fields
+from model_lib.families.common import GATE_UP_DOWN, PEFT_EXPERTS, PER_LAYER_TYPE, hf_json, llama_like_fields, moe_fields
 from model_lib.registry import Family
 from model_lib.weight_map import Fused, WeightMap
 
@@ -59,6 +59,7 @@ def llama4_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
             "attn_temperature_floor_scale": int(text.floor_scale) if temperature else None,
             "attn_temperature_scale": float(text.attn_scale) if temperature else 0.0,
             "multimodal": multimodal,
+            "hf_config_json": hf_json(hf),  # a conditional checkpoint's whole config, saved back as it came
         },
         **moe_fields(
             text,

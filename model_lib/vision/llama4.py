@@ -129,11 +129,9 @@ class Llama4MultiModalConfig(MultiModalConfig):
         return (1, *super().pixel_shape)
 
     @property
-    def max_image_tokens(self) -> int | None:
-        if self.max_tiles is None:
-            return None
-        rows = self.vision.tile_rows
-        return (rows + 1) * self.max_tiles + rows + 3  # tiles and their separators, the global view, 3 marks
+    def max_image_tokens(self) -> int:
+        rows, tiles = self.vision.tile_rows, self.max_tiles or MAX_TILES
+        return (rows + 1) * tiles + rows + 3  # tiles and their separators, the global view, 3 marks
 
     def placeholder_ids(self, pixels: Any, image_size: tuple[int, int]) -> list[int]:
         if None in (self.start_token_id, self.end_token_id, self.tile_x_token_id, self.tile_y_token_id):

@@ -85,6 +85,16 @@ def _fit(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int
     return max(target_h, 1), max(min(int(np.floor(width * scale_h)), target_w), 1)
 
 
+def _image_settings(path: Path) -> dict[str, Any]:
+    """The image processor's settings in `preprocessor_config.json`, or inside `processor_config.json`."""
+    settings = json.loads(path.read_text())
+    return settings.get("image_processor", settings)
+
+
+def is_llama4_processor(path: Path) -> bool:
+    return _image_settings(path).get("image_processor_type") in PROCESSOR_TYPES
+
+
 class Llama4ImageTiler:
     """Llama 4's image processor: `processor(images=[...])` -> `{"pixel_values": [tiles [N, C, T, T] per image],
     "aspect_ratios": [(rows, columns) per image]}`, float32 holding bfloat16 values."""
@@ -108,8 +118,7 @@ class Llama4ImageTiler:
 
     @classmethod
     def from_file(cls, path: Path) -> "Llama4ImageTiler":
-        settings = json.loads(path.read_text())
-        return cls(settings.get("image_processor", settings))
+        return cls(_image_settings(path))
 
     def _normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 `[..., C, H, W]` -> bfloat16 steps as transformers takes them: x * factor, - mean, / std."""
