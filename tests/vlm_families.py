@@ -169,8 +169,10 @@ def build_llama4(folder: Path):
 
     torch.manual_seed(0)
     vocab = IMAGE_TOKEN_ID + len(LLAMA4_TOKENS)
-    text = dict(LLAMA4_TEXT, vocab_size=vocab, hidden_size=64, num_attention_heads=4, attention_chunk_size=8)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=28,
+    # Two text layers: a chunked rotary layer with a dense MLP, then a NoPE layer with MoE.
+    text = dict(LLAMA4_TEXT, vocab_size=vocab, hidden_size=64, num_attention_heads=4, attention_chunk_size=8,
+                num_hidden_layers=2, no_rope_layers=[1, 0], moe_layers=[1])
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=28,
                   patch_size=7, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
     ids = {token: IMAGE_TOKEN_ID + i for i, token in enumerate(LLAMA4_TOKENS)}
     config = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids["<|patch|>"],
