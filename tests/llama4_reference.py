@@ -1,11 +1,11 @@
 """transformers' own Llama 4 image processor and model as test references, where torchvision is missing.
 
 `Llama4ImageProcessor` (transformers 5 has no PIL version) imports torchvision for three kernels: `resize`,
-`pad` and `normalize` (and `grayscale_to_rgb`, a no-op on RGB). `torchvision_image_processor` runs transformers' class unchanged (grid choice,
-padding, bfloat16 normalization, tiling, global view) with those three kernels written as torchvision
-writes them for CPU tensors: uint8 bilinear antialiased resize through torch's native uint8 kernel (what
-torchvision picks on AVX2 / AVX-512 CPUs), constant padding right and bottom, subtract-then-divide in the
-tensor's dtype.
+`pad` and `normalize` (and `grayscale_to_rgb`, a no-op on RGB). `torchvision_image_processor` runs
+transformers' class unchanged (grid choice, padding, bfloat16 normalization, tiling, global view) with
+those three kernels written as torchvision writes them for CPU tensors: uint8 bilinear antialiased resize
+through torch's native uint8 kernel (what torchvision picks on AVX2 / AVX-512 CPUs), constant padding right
+and bottom, subtract-then-divide in the tensor's dtype.
 
 `conditional_generation_class`: transformers 5.24's `Llama4ForConditionalGeneration.forward` reads
 `image_outputs` off its language model's output, which has none; the language model's outputs get the

@@ -1,9 +1,9 @@
 """Tiny random vision-language checkpoints beyond LLaVA, one per architecture, built at test time.
 
 Each `VlmCase` saves a transformers model (seed 0, every parameter perturbed), the tiny tokenizer
-with the architecture's image tokens added, and its processor (PIL image processor), and says how
-a prompt marks one image. `hf_inputs` runs the checkpoint's own transformers processor, the
-reference for placeholder expansion and pixels.
+with the architecture's image tokens added, and its processor (PIL image processor; Llama 4's settings for
+transformers' torchvision-only one), and says how a prompt marks one image. `hf_inputs` runs the
+checkpoint's own transformers processor, the reference for placeholder expansion and pixels.
 """
 
 from __future__ import annotations

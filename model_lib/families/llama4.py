@@ -98,7 +98,8 @@ def llama4_vision_config(hf: PretrainedConfig):
         rope_theta=float(rope.get("rope_theta", 10000.0)), shuffle=shuffle,
         projector_input_dim=v.projector_input_dim, projector_output_dim=v.projector_output_dim)
     if not 0 <= hf.image_token_id < hf.text_config.vocab_size:
-        raise ValueError(f"image_token_index {hf.image_token_id} is outside the vocabulary ({hf.text_config.vocab_size})")
+        raise ValueError(f"image_token_index {hf.image_token_id} is outside the vocabulary "
+                         f"({hf.text_config.vocab_size})")
     # Every patch feature is taken (the class token is dropped by the tower itself).
     return Llama4MultiModalConfig(vision=vision, image_token_id=hf.image_token_id, feature_layers=(-1,),
                                   feature_strategy="default", projector_activation="none", projector_bias=False)

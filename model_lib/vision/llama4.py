@@ -57,10 +57,12 @@ class Llama4VisionConfig(VisionConfig):
         super().__post_init__()
         side = self.image_size // self.patch_size
         if side % self.shuffle:
-            raise ValueError(f"{side}x{side} patches per tile do not shuffle by 1 / pixel_shuffle_ratio ({self.shuffle})")
-        if self.intermediate_size != self.hidden_size * self.shuffle**2:
-            raise ValueError(f"the vision adapter's fc1 takes intermediate_size ({self.intermediate_size}) features, and "
-                             f"pixel shuffle gives hidden_size * {self.shuffle ** 2} ({self.hidden_size * self.shuffle ** 2})")
+            raise ValueError(f"{side}x{side} patches per tile do not shuffle by 1 / pixel_shuffle_ratio "
+                             f"({self.shuffle})")
+        shuffled = self.hidden_size * self.shuffle**2
+        if self.intermediate_size != shuffled:
+            raise ValueError(f"the vision adapter's fc1 takes intermediate_size ({self.intermediate_size}) features, "
+                             f"and pixel shuffle gives hidden_size * {self.shuffle ** 2} ({shuffled})")
         if self.projector_input_dim != self.projector_output_dim:
             raise ValueError(f"projector_input_dim ({self.projector_input_dim}) must equal projector_output_dim "
                              f"({self.projector_output_dim}): the adapter's fc2 takes fc1's output")
@@ -141,7 +143,8 @@ class Llama4MultiModalConfig(MultiModalConfig):
         rows, cols = tile_grid(image_size, self.tile_size, self.max_tiles, self.to_max_canvas)
         expected = 1 if rows * cols == 1 else rows * cols + 1
         if len(pixels) != expected:
-            raise ValueError(f"a {image_size[0]}x{image_size[1]} image takes {expected} Llama 4 tiles, got {len(pixels)}")
+            raise ValueError(f"a {image_size[0]}x{image_size[1]} image takes {expected} Llama 4 tiles, "
+                             f"got {len(pixels)}")
         patches = [self.image_token_id] * self.vision.tile_rows
         ids = [self.start_token_id]
         if rows * cols > 1:
