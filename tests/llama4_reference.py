@@ -66,7 +66,9 @@ def _grayscale_to_rgb(image):
     return image
 
 
-def _install_torchvision_kernels() -> None:
+def _import_with_torchvision_kernels() -> type:
+    """transformers' `Llama4ImageProcessor`, imported with the kernels above standing in for torchvision's; they
+    leave `sys.modules` afterwards, so that no other code finds a torchvision."""
     import transformers.image_processing_backends as backends
     from transformers.image_utils import PILImageResampling
 
@@ -74,27 +76,38 @@ def _install_torchvision_kernels() -> None:
     functional.resize, functional.pad, functional.normalize = _resize, _pad, _normalize
     functional.grayscale_to_rgb = _grayscale_to_rgb
     functional.InterpolationMode = InterpolationMode
-    modules = {"torchvision": types.ModuleType("torchvision"),
-               "torchvision.transforms": types.ModuleType("torchvision.transforms"),
-               "torchvision.transforms.v2": types.ModuleType("torchvision.transforms.v2"),
-               "torchvision.transforms.v2.functional": functional}
-    modules["torchvision.transforms.v2"].functional = functional
-    for name, module in modules.items():
-        sys.modules.setdefault(name, module)
-    backends.tvF = sys.modules["torchvision.transforms.v2.functional"]
+    v2 = types.ModuleType("torchvision.transforms.v2")
+    v2.functional = functional
+    stand_ins = {"torchvision": types.ModuleType("torchvision"),
+                 "torchvision.transforms": types.ModuleType("torchvision.transforms"),
+                 "torchvision.transforms.v2": v2, "torchvision.transforms.v2.functional": functional}
+    added = [name for name in stand_ins if name not in sys.modules]
+    sys.modules.update({name: stand_ins[name] for name in added})
+    try:
+        from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
+    finally:
+        for name in added:
+            del sys.modules[name]
+    backends.tvF = functional  # what TorchvisionBackend's methods call
     backends.pil_torch_interpolation_mapping = {PILImageResampling.BILINEAR: InterpolationMode.BILINEAR}
+    return Llama4ImageProcessor
+
+
+@functools.cache
+def _image_processor_class() -> type:
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        return _import_with_torchvision_kernels()
+    from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
+
+    return Llama4ImageProcessor
 
 
 def torchvision_image_processor(**settings):
     """transformers' `Llama4ImageProcessor(**settings)`, with the torchvision kernels above when torchvision is
     not installed."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        _install_torchvision_kernels()
-    from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor
-
-    return Llama4ImageProcessor(**settings)
+    return _image_processor_class()(**settings)
 
 
 def saved_image_processor(folder: Path):
