@@ -462,7 +462,7 @@ def hf_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndar
         if leaf == "weight" and weight_map.is_conv1d(module):
             array = _swap_last(array)
         array = array.reshape(-1, *array.shape[2:]) if weight_map.is_expert_rows(module) else array
-        yield weight_map.nested_prefix + name, array
+        yield weight_map.nested(name), array
 
 
 def _hf_linear_tensors(model: nnx.Module, family: Family) -> Iterator[tuple[str, np.ndarray]]:

@@ -120,7 +120,7 @@ def linear_layers(model: nnx.Module) -> dict[str, Linear]:
 def _hf_module(path: str, family: Family) -> str:
     """The HF module path PEFT names (inside a multimodal checkpoint: under its `nested_prefix`)."""
     fused = family.weight_map.fused_for_ours(path)
-    return family.weight_map.nested_prefix + (fused[1] if fused else family.weight_map.module_to_hf(path))
+    return family.weight_map.nested(fused[1] if fused else family.weight_map.module_to_hf(path))
 
 
 def is_output_head(path: str) -> bool:

@@ -21,7 +21,8 @@ are data, not code:
   experts stack and its shared experts rename as every layer's do).
 - `nested_prefix`: the prefix of the language model's tensors in a multimodal
   checkpoint whose text path we load (Llama 4's `language_model.`), removed on load
-  and put back on save; the other towers' tensors go in `ignored`.
+  and put back on save; `outer_modules` are the modules beside it (a vision tower) that keep
+  their names, and towers we do not load go in `ignored`.
 - `peft_experts`: our MoE experts module (`model.layers.{i}.mlp.experts`, holding the
   `gate_proj` / `up_proj` / `down_proj` stacks) where transformers 5 holds the same module
   with fused parameters `gate_up_proj [X, 2I, E]` (gate rows first) and `down_proj [X, E, I]`,
@@ -128,6 +129,7 @@ class WeightMap:
     bare_prefix: str = ""
     relocated: tuple[tuple[str, str], ...] = ()  # (module path as mapped from HF, our module path)
     nested_prefix: str = ""
+    outer_modules: tuple[str, ...] = ()  # top-level modules outside `nested_prefix`
     key_renames: tuple[tuple[str, str], ...] = ()  # (regex on the HF tensor name, replacement)
     peft_experts: str = ""
     peft_experts_hf: str = ""
@@ -141,6 +143,13 @@ class WeightMap:
         """The HF path PEFT names for our experts module `module` (under a multimodal `nested_prefix`)."""
         match = _pattern_regex(self.peft_experts).match(module) if self.peft_experts_hf else None
         return self.nested_prefix + (_fill(self.peft_experts_hf, match) if match else module)
+
+    def nested(self, name: str) -> str:
+        """Our HF-style tensor or module name as the checkpoint writes it (under `nested_prefix` unless it is in
+        one of the `outer_modules`)."""
+        if any(name == m or name.startswith(m + ".") for m in self.outer_modules):
+            return name
+        return self.nested_prefix + name
 
     def is_peft_experts(self, module: str) -> bool:
         return bool(self.peft_experts) and _pattern_regex(self.peft_experts).match(module) is not None

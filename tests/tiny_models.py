@@ -104,7 +104,7 @@ LLAMA4_TEXT = dict(
     attn_scale=0.5,
     **SMALL_TOKENS,
 )
-LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=28,
                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
 LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, image_size=32, patch_size=8)
@@ -410,7 +410,7 @@ CASES = [
         noise={**ROUTER_NOISE, r".*\.sinks": 1.0},
     ),
     TinyCase("llama4-chunked-nope-moe", "Llama4TextConfig", LLAMA4_TEXT, noise=ROUTER_NOISE),
-    # The text path of a conditional-generation checkpoint (vision tower saved, not loaded): top-2
+    # The text path of a conditional-generation checkpoint (its image path: tests/model_lib/test_vlm_families.py): top-2
     # routing, no q/k norm, llama3 rotary, no temperature tuning, every layer MoE.
     TinyCase(
         "llama4-conditional-text",
@@ -429,6 +429,7 @@ CASES = [
                 "rope_parameters": {**LLAMA3, "rope_theta": 500_000.0},
             },
             vision_config=LLAMA4_VISION,
+            image_token_index=VOCAB - 1,
             **SMALL_TOKENS,
         ),
         dims={},

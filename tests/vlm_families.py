@@ -1,9 +1,9 @@
 """Tiny random vision-language checkpoints beyond LLaVA, one per architecture, built at test time.
 
 Each `VlmCase` saves a transformers model (seed 0, every parameter perturbed), the tiny tokenizer
-with the architecture's image tokens added, and its processor (PIL image processor), and says how
-a prompt marks one image. `hf_inputs` runs the checkpoint's own transformers processor, the
-reference for placeholder expansion and pixels.
+with the architecture's image tokens added, and its processor (PIL image processor; Llama 4's settings for
+transformers' torchvision-only one), and says how a prompt marks one image. `hf_inputs` runs the
+checkpoint's own transformers processor, the reference for placeholder expansion and pixels.
 """
 
 from __future__ import annotations
@@ -192,6 +192,44 @@ GEMMA3_TOKENS = 4  # 4x4 patches pooled 2x2
 GEMMA3_PROCESSOR = dict(image_seq_length=GEMMA3_TOKENS)
 
 
+LLAMA4_TOKENS = ["<|image|>", "<|patch|>", "<|image_start|>", "<|image_end|>", "<|tile_x_separator|>",
+                 "<|tile_y_separator|>"]
+# Tiles of 28 pixels in 7-pixel patches: 4x4 patches, pixel-shuffled to 4 feature rows per tile; up to 4 tiles.
+LLAMA4_PROCESSOR = dict(patch_size=7, pixel_shuffle_ratio=0.5)
+
+
+def build_llama4(folder: Path):
+    import torch
+    from transformers import Llama4Config
+
+    from tests.llama4_reference import conditional_generation_class, torchvision_image_processor
+    from tests.tiny_models import LLAMA4_TEXT
+
+    torch.manual_seed(0)
+    vocab = IMAGE_TOKEN_ID + len(LLAMA4_TOKENS)
+    # Two text layers: a chunked rotary layer with a dense MLP, then a NoPE layer with MoE.
+    text = dict(LLAMA4_TEXT, vocab_size=vocab, hidden_size=64, num_attention_heads=4, attention_chunk_size=8,
+                num_hidden_layers=2, no_rope_layers=[1, 0], moe_layers=[1])
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=28,
+                  patch_size=7, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    ids = {token: IMAGE_TOKEN_ID + i for i, token in enumerate(LLAMA4_TOKENS)}
+    config = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids["<|patch|>"],
+                          boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"])
+    model = _perturbed(conditional_generation_class()(config))
+    model.save_pretrained(folder)
+    # transformers' Llama 4 image processor is torchvision-only: saved as the checkpoint's settings, served by
+    # our numpy tiler, and run as the reference through `tests/llama4_reference.py`.
+    torchvision_image_processor(size={"height": 28, "width": 28}, max_patches=4).save_pretrained(folder)
+    _tokenizer(LLAMA4_TOKENS, LLAMA4_TOKENS[0]).save_pretrained(folder)
+    return model
+
+
+def _llama4_images(folder: Path):
+    from tests.llama4_reference import saved_image_processor
+
+    return saved_image_processor(folder)
+
+
 @dataclass(frozen=True)
 class VlmCase:
     build: Callable[[Path], Any]
@@ -200,6 +238,8 @@ class VlmCase:
     image_marker: str = IMAGE_TOKEN  # what a prompt writes for one image (the processor expands it)
     counts_images: bool = False  # the model takes `batch_num_images` (OneVision)
     video: bool = False  # the model takes videos (`VIDEO_TOKEN`)
+    # The reference image processor, where serving's is not transformers' (None: `load_image_processor`'s).
+    reference_images: Callable[[Path], Any] | None = None
 
 
 VLM_CASES = {
@@ -208,6 +248,8 @@ VLM_CASES = {
     "mistral3": VlmCase(build_mistral3, None, {}, image_marker=PIXTRAL_TOKENS[0]),
     "internvl": VlmCase(build_internvl, None, {}, image_marker=INTERNVL_TOKENS[0]),
     "gemma3": VlmCase(build_gemma3, "Gemma3Processor", GEMMA3_PROCESSOR, image_marker="<start_of_image>"),
+    "llama4": VlmCase(build_llama4, "Llama4Processor", LLAMA4_PROCESSOR, image_marker=LLAMA4_TOKENS[0],
+                      reference_images=_llama4_images),
 }
 
 
@@ -224,11 +266,14 @@ def hf_inputs(case: VlmCase, folder: Path, text: str, images: list) -> dict:
     from serving.multimodal.inputs import ImageInputs
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    images_processor = load_image_processor(folder)
+    images_processor = (case.reference_images or load_image_processor)(folder)
     if case.processor is not None:
         processor = getattr(transformers, case.processor)(image_processor=images_processor, tokenizer=tokenizer,
                                                           **case.processor_options)
-        return dict(processor(text=text, images=images or None, return_tensors="pt"))
+        inputs = dict(processor(text=text, images=images or None, return_tensors="pt"))
+        if "pixel_values" in inputs:  # Llama 4's processor gives bfloat16 pixels (exact in float32)
+            inputs["pixel_values"] = inputs["pixel_values"].float()
+        return inputs
     mm = model_lib.load_config(folder)[0].multimodal.with_tokenizer(tokenizer)
     ids, _ = ImageInputs(mm, images_processor, len(images))(tokenizer.encode(text, add_special_tokens=False), images)
     inputs = {**images_processor(images=images, return_tensors="pt"), "input_ids": torch.tensor([ids])}

@@ -76,6 +76,10 @@ class ImagePlaceholders:
             ids[name] = token
         return dataclasses.replace(self, **ids) if ids else self
 
+    def with_processor(self, processor: Any) -> "ImagePlaceholders":
+        """This config with what the placeholders need of the checkpoint's image processor (Llama 4: its tiling)."""
+        return self
+
     def video_placeholder_ids(self, frames: Any) -> list[int]:
         """The tokens one video (its preprocessed frames) takes in the prompt."""
         raise ValueError("this model takes no video")

@@ -13,6 +13,7 @@ VISION_LANGUAGE_MODELS = {
     "Mistral3ForConditionalGeneration": "model_lib.vision.mistral3:Mistral3ForConditionalGeneration",
     "InternVLForConditionalGeneration": "model_lib.vision.internvl:InternVLForConditionalGeneration",
     "Gemma3ForConditionalGeneration": "model_lib.vision.gemma3:Gemma3ForConditionalGeneration",
+    "Llama4ForConditionalGeneration": "model_lib.vision.llama4:Llama4ForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
 }

@@ -38,12 +38,14 @@ class VisionLanguageModel(CausalLM):
     projector_class: type[nnx.Module]
 
     def __init__(self, config: Any, *, rngs: nnx.Rngs):
-        """The language model, `vision_tower` (`tower_class`) and `multi_modal_projector` (`projector_class`)."""
+        """The language model, the tower (`tower_class`) and the projector (`projector_class`), under the first two
+        `vision_parts` names (`vision_tower` and `multi_modal_projector` unless the checkpoint names them otherwise)."""
         if not isinstance(config.multimodal, self.mm_class):
             raise ValueError(f"{config.architecture} needs a vision configuration ({self.mm_class.__name__})")
         super().__init__(config, rngs=rngs)
-        self.vision_tower = self.tower_class(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
-        self.multi_modal_projector = self.projector_class(config, rngs=rngs)
+        tower, projector = self.vision_parts[:2]
+        setattr(self, tower, self.tower_class(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs))
+        setattr(self, projector, self.projector_class(config, rngs=rngs))
 
     def vision_modules(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.vision_parts)

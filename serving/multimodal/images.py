@@ -54,12 +54,18 @@ def to_rgb(image: Any) -> Any:
 
 
 def load_image_processor(path: str | Path) -> Any:
-    """The checkpoint's image processor (PIL backend); ValueError if the folder has no image settings."""
+    """The checkpoint's image processor (PIL backend; Llama 4's, which transformers has only for torchvision,
+    in numpy); ValueError if the folder has no image settings."""
     from transformers import AutoImageProcessor
 
+    from serving.multimodal.llama4_images import Llama4ImageTiler, is_llama4_processor
+
     path = Path(path)
-    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+    files = [path / name for name in PROCESSOR_FILES if (path / name).is_file()]
+    if not files:
         raise ValueError(f"{path} has no image processor settings ({' or '.join(PROCESSOR_FILES)})")
+    if is_llama4_processor(files[0]):
+        return Llama4ImageTiler.from_file(files[0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the torchvision -> PIL fallback notice
         return AutoImageProcessor.from_pretrained(path, local_files_only=True)

@@ -80,7 +80,7 @@ class ImageInputs:
             if not 0 <= limit <= MAX_IMAGES_PER_PROMPT:
                 raise ValueError(f"limit_mm_per_prompt {kind} must be in [0, {MAX_IMAGES_PER_PROMPT}], got {limit}")
         config.check_processor(processor)
-        self.config = config
+        self.config = config.with_processor(processor)
         self.processor = processor
         self.limit = limit_per_prompt
         self.video_limit = video_limit
