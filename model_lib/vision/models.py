@@ -14,6 +14,8 @@ VISION_LANGUAGE_MODELS = {
     "InternVLForConditionalGeneration": "model_lib.vision.internvl:InternVLForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
 }
 
 
