@@ -30,7 +30,7 @@ class MergedEmbeddings:
         if rows.shape[-1] == width:
             return cls(rows, index)
         extra = rows[:, width:].reshape(rows.shape[0], -1, width)  # [M, K, E]
-        return cls(rows[:, :width], index, jnp.moveaxis(jnp.asarray(extra), 1, 0))
+        return cls(rows[:, :width], index, extra.transpose(1, 0, 2))  # numpy (serving) or jax rows alike
 
     @property
     def deepstack_layers(self) -> int:
