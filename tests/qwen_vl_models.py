@@ -40,7 +40,7 @@ def qwen_vl_config(architecture: str):
                       deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
         config_class = transformers.Qwen3VLConfig
         if architecture == "Qwen3VLMoeForConditionalGeneration":
-            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1,
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
                         mlp_only_layers=[1])
             config_class = transformers.Qwen3VLMoeConfig
     elif architecture == "Qwen2VLForConditionalGeneration":

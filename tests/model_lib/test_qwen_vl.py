@@ -115,7 +115,7 @@ def test_moe_expert_layouts_load_and_save_for_transformers(qwen_vl, tmp_path):
     tensors = load_file(str(folder / "model.safetensors"))
     experts = [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     gate_up = tensors["model.language_model.layers.0.mlp.experts.gate_up_proj"]
-    assert len(experts) == 4 and gate_up.shape == (4, 32, 64)  # [X, 2I, E] as transformers 5 saves it
+    assert len(experts) == 4 and gate_up.shape == (4, 96, 64)  # [X, 2I, E] as transformers 5 saves it
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "config.json").write_text((folder / "config.json").read_text())
