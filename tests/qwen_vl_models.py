@@ -1,8 +1,9 @@
 """Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) checkpoints (a 2-block ViT of 4-pixel
-patches merged 2x2, a 2-layer Qwen2 or 3-layer Qwen3 decoder with M-RoPE) with a tokenizer, chat
+patches merged 2x2, a 2-layer Qwen2 or 4-layer Qwen3 decoder with M-RoPE) with a tokenizer, chat
 template and PIL image processor, built at test time. A 40x48 image becomes a 32x40 one: 8x10
 patches, 20 placeholder tokens. The Qwen3-VL tower resamples a 3x3 learned position table and
-feeds DeepStack sets from both blocks to decoder layers 0 and 1 (layer 2 takes none)."""
+feeds DeepStack sets from both blocks to decoder layers 0 and 1 (layers 2 and 3 take none, and a
+serving view may scan them)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def qwen_vl_config(architecture: str):
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     common = dict(depth=2, num_heads=4, patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
     if architecture in QWEN3_ARCHITECTURES:
-        text.update(num_hidden_layers=3, head_dim=16, rope_parameters={
+        text.update(num_hidden_layers=4, head_dim=16, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
         vision = dict(common, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_position_embeddings=9,
                       deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")

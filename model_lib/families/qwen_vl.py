@@ -158,7 +158,8 @@ QWEN3_VL_WEIGHTS = dataclasses.replace(
     renames=(
         *((f"{m}.{hf}", f"{m}.{ours}") for m in _MERGERS
           for hf, ours in (("norm", "ln_q"), ("linear_fc1", "fc1"), ("linear_fc2", "fc2"))),
-        *((f"model.visual.blocks.{{i}}.mlp.linear_{fc}", f"model.visual.blocks.{{i}}.mlp.{fc}") for fc in ("fc1", "fc2")),
+        *((f"model.visual.blocks.{{i}}.mlp.linear_{fc}", f"model.visual.blocks.{{i}}.mlp.{fc}")
+          for fc in ("fc1", "fc2")),
     ),
 )
 _EXPERTS = "model.language_model.layers.{i}.mlp.experts"

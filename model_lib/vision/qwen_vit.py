@@ -24,7 +24,6 @@ Glossary: N patches, U merge units (N / m^2), E vision width, F text width, H he
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -196,10 +195,11 @@ def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> Visio
     )
 
 
-def _norm(config: QwenVisionConfig, dtype: jnp.dtype) -> nnx.Module:
+def _norm(config: QwenVisionConfig, dtype: jnp.dtype, width: int | None = None) -> nnx.Module:
+    width = width or config.hidden_size
     if config.norm == "rms":
-        return RMSNorm((config.hidden_size,), eps=1e-6, weight_offset=0.0, dtype=dtype)
-    return LayerNorm((config.hidden_size,), eps=1e-6, use_bias=True, weight_offset=0.0, dtype=dtype)
+        return RMSNorm((width,), eps=1e-6, weight_offset=0.0, dtype=dtype)
+    return LayerNorm((width,), eps=1e-6, use_bias=True, weight_offset=0.0, dtype=dtype)
 
 
 def rotary_2d(config: QwenVisionConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -265,14 +265,16 @@ class PatchMerger(nnx.Module):
 
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, postshuffle: bool = False, rngs: nnx.Rngs):
         wide = config.hidden_size * config.spatial_merge_size**2
-        self.ln_q = _norm(dataclasses.replace(config, hidden_size=wide) if postshuffle else config, dtype)
+        self.ln_q = _norm(config, dtype, wide if postshuffle else None)
         self.fc1 = _linear(wide, wide, dtype, rngs)
         self.fc2 = _linear(wide, config.out_hidden_size, dtype, rngs)
         self.wide = wide
         self.postshuffle = postshuffle
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x.reshape(-1, self.wide)) if self.postshuffle else self.ln_q(x).reshape(-1, self.wide)  # [U, m^2 E]
+        if self.postshuffle:
+            x = x.reshape(-1, self.wide)
+        x = self.ln_q(x).reshape(-1, self.wide)  # [U, m^2 E]
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 

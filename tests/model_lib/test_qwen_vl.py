@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import model_lib
 from model_lib.checkpoint import save_pretrained
+from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 from model_lib.vision.qwen_vl import prompt_positions
 from tests.qwen_vl_models import (ARCHITECTURES, IMAGE_TOKEN_ID, QWEN3_ARCHITECTURES, VISION_END_ID, build_qwen_vl,
                                   processed, prompt_with_images)
@@ -115,7 +116,7 @@ def test_moe_expert_layouts_load_and_save_for_transformers(qwen_vl, tmp_path):
     tensors = load_file(str(folder / "model.safetensors"))
     experts = [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     gate_up = tensors["model.language_model.layers.0.mlp.experts.gate_up_proj"]
-    assert len(experts) == 4 and gate_up.shape == (4, 96, 64)  # [X, 2I, E] as transformers 5 saves it
+    assert len(experts) == 6 and gate_up.shape == (4, 96, 64)  # [X, 2I, E] as transformers 5 saves it
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "config.json").write_text((folder / "config.json").read_text())
@@ -130,6 +131,31 @@ def test_moe_expert_layouts_load_and_save_for_transformers(qwen_vl, tmp_path):
     reloaded = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(saved).state_dict()
     for name, tensor in ref.state_dict().items():
         np.testing.assert_array_equal(reloaded[name].numpy(), tensor.numpy(), err_msg=name)
+
+
+@pytest.mark.slow  # two compilations of tower and decoder; CI serves unrolled on the CPU
+def test_scanned_serving_view_keeps_deepstack_layers_unrolled(qwen_vl):
+    """The serving view scans decoder layers 2 and 3 only (DeepStack adds to the outputs of 0 and 1), and gives
+    the unrolled model's logits with images."""
+    from model_lib.decoder import DecoderLayer
+    from model_lib.layer_scan import LayerScan, scanned_view
+
+    model = model_lib.from_pretrained(qwen_vl(QWEN3_ARCHITECTURES[0])[0])
+    view = scanned_view(model)
+    assert [type(layer) for layer in view.model.layers] == [DecoderLayer, DecoderLayer, LayerScan]
+    ids, pixels, grids = two_image_prompt(2)
+    grids = [tuple(int(x) for x in g) for g in grids]
+    rope = prompt_positions(ids[0], model.config.multimodal, grids)[0][:, None]
+    sizes = np.cumsum([0] + [int(np.prod(g)) for g in grids])
+
+    @nnx.jit
+    def logits(m, pixels):  # tower and decoder as one program
+        features = jnp.concatenate([m.image_features(pixels[a:b], g) for a, b, g in zip(sizes, sizes[1:], grids)])
+        merged = MergedEmbeddings.from_sets(features, placeholder_index(jnp.asarray(ids), IMAGE_TOKEN_ID), 64)
+        assert merged.deepstack.shape == (2, (64 + 48) // 4, 64)
+        return m(ids, merged=merged, rope_positions=rope)
+
+    np.testing.assert_allclose(np.asarray(logits(view, pixels)), np.asarray(logits(model, pixels)), atol=1e-5)
 
 
 def test_more_deepstack_sets_than_decoder_layers_are_refused(qwen_vl, tmp_path):
