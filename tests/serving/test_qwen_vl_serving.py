@@ -75,3 +75,10 @@ def test_images_over_the_encoder_budget_are_refused(served, monkeypatch):
     with pytest.raises(ValueError, match="exceeds the encoder budget"):
         llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": random_image(7)}}, GREEDY)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_videos_are_refused_clearly(served):
+    llm, _ = served(QWEN3_ARCHITECTURES[0])
+    with pytest.raises(ValueError, match="this model takes no video"):
+        llm.generate({"prompt": PROMPT, "multi_modal_data": {"video": [random_image(8), random_image(9)]}}, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
