@@ -224,6 +224,9 @@ def _to_ours(
         tensor = tensor.reshape(config.num_experts, -1, *tensor.shape[1:])
     if leaf == "weight" and weight_map.is_conv1d(module):
         tensor = _swap_last(tensor)
+    elif leaf == "weight" and weight_map.is_either_layout(module) and tensor.shape[-1] != _input_width(
+            module, family, expected):
+        tensor = _swap_last(tensor)  # stored [in, out]
     stacked = weight_map.stacked_for_hf(module)
     if stacked is not None:
         ours, expert = stacked
@@ -246,6 +249,13 @@ def _to_ours(
         else:
             out.append((f"{ours}.{leaf}", array, None))
     return out
+
+
+def _input_width(hf_module: str, family: Family, expected: dict[str, nnx.Variable]) -> int:
+    """The input width of the linear (or of the first part of the fused linear) `hf_module` loads into."""
+    fused = family.weight_map.fused_for_hf(hf_module)
+    ours = fused[1][0] if fused is not None else family.weight_map.module_to_ours(hf_module)
+    return expected[f"{ours}.kernel"].shape[-2]
 
 
 def _hf_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -307,11 +317,12 @@ def _kernel_shape(key: str, expected: dict[str, nnx.Variable]) -> tuple[int, ...
 
 
 def _plain_kernel(hf_key: str, family: Family, expected: dict[str, nnx.Variable]) -> str | None:
-    """Our kernel key for an HF linear `<module>.weight` that maps one-to-one (not fused, stacked or Conv1D)."""
+    """Our kernel key for an HF linear `<module>.weight` that maps one-to-one (not fused, stacked, Conv1D or
+    of either layout)."""
     weight_map = family.weight_map
     module = weight_map.tensor_to_ours(hf_key).rpartition(".")[0]
     if (weight_map.is_expert_rows(module) or weight_map.is_conv1d(module) or weight_map.stacked_for_hf(module)
-            or weight_map.fused_for_hf(module)):
+            or weight_map.fused_for_hf(module) or weight_map.is_either_layout(module)):
         return None
     key = f"{weight_map.module_to_ours(module)}.kernel"
     return key if key in expected else None

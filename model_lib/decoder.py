@@ -211,7 +211,8 @@ class DecoderModel(nnx.Module):
     ) -> tuple[jax.Array, list[KVCache] | None] | tuple[jax.Array, list[KVCache] | None, jax.Array]:
         """Token ids (`[B, T]` or flat `[T]`) -> final hidden states and the updated KV pages.
 
-        `merged`: encoder outputs (image features) that replace the embeddings of the tokens it indexes.
+        `merged`: encoder outputs (image features) that replace the embeddings of the tokens it indexes,
+        and with DeepStack sets, rows added to the outputs of the first layers at the same tokens.
         `capture` (speculative drafts fed by hidden states): layer numbers whose input (HF's
         `hidden_states[i]`; `num_layers` = the final normed output) comes back third, concatenated
         `[..., len(capture) * E]` in the order given.
@@ -229,11 +230,15 @@ class DecoderModel(nnx.Module):
         if self.embed_layernorm is not None:
             x = self.embed_layernorm(x)
         new_caches, captured, first = [], {}, 0
+        deepstack = 0 if merged is None else merged.deepstack_layers
         for i, layer in enumerate(self.layers):
             span = getattr(layer, "num_layers", 1)  # a scanned segment runs several layers
             if any(first < c < first + span for c in capture):
                 raise ValueError(f"cannot capture the input of a layer inside scanned layers {first}..{first + span - 1}; "
                                  "serve with scan_layers=False")
+            if span > 1 and first < deepstack:
+                raise ValueError(f"DeepStack adds to the outputs of layers 0..{deepstack - 1}, inside scanned layers "
+                                 f"{first}..{first + span - 1} (scanned_view keeps them unrolled)")
             if first in capture:
                 captured[first] = x
             first += span
@@ -241,6 +246,8 @@ class DecoderModel(nnx.Module):
                 x, cache = nnx.remat(DecoderLayer.__call__)(layer, x, batch)
             else:
                 x, cache = layer(x, batch, None if kv_caches is None else kv_caches[i])
+            if first - span < deepstack:  # this entry is the single layer `first - span`
+                x = merged.add_to_layer_output(x, first - span)
             if self.activation_sharding is not None:
                 x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
             new_caches.append(cache)

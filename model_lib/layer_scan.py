@@ -134,9 +134,13 @@ def scanned_view(model: nnx.Module) -> nnx.Module:
     """A serving copy of `model` whose layer stack runs as scanned segments (see the module docstring).
 
     The copy shares every non-layer parameter with `model`; the scanned segments hold
-    stacked copies of their layers. A model with no repeated layers comes back as is.
+    stacked copies of their layers. A model with no repeated layers comes back as is. The first
+    `model.unrolled_layers` layers (if it says so) are never scanned.
     """
-    segments = plan_segments([structure_key(layer) for layer in model.model.layers])
+    # Layers whose output the model changes between layers (DeepStack) stay unrolled: their keys are unique.
+    unrolled = getattr(model, "unrolled_layers", 0)
+    segments = plan_segments([("unrolled", i) if i < unrolled else structure_key(layer)
+                              for i, layer in enumerate(model.model.layers)])
     if all(repeats == 1 for _, _, repeats in segments):
         return model
     view = nnx.merge(*nnx.split(model))  # shares the arrays; its layer list is replaced below

@@ -98,6 +98,8 @@ ARCHITECTURES: dict[str, str] = {
     "Gemma3ForConditionalGeneration": "model_lib.families.llava:GEMMA3_VL",
     "Qwen2VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
+    "Qwen3VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN3_VL",
+    "Qwen3VLMoeForConditionalGeneration": "model_lib.families.qwen_vl:QWEN3_VL_MOE",
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",
     "Mamba2ForCausalLM": "model_lib.families.mamba:MAMBA2",
     "GraniteMoeHybridForCausalLM": "model_lib.families.granite_moe_hybrid:GRANITE_MOE_HYBRID",

@@ -8,6 +8,9 @@ are data, not code:
   the output-dimension layout needed to split it on load and join it on save;
 - `ignored`: HF tensors that carry nothing we need (cached rotary buffers);
 - `conv1d`: HF modules whose weight is stored `[in, out]` (GPT-2's Conv1D);
+- `either_layout`: HF modules whose weight some checkpoints store `[in, out]` and others `[out, in]`
+  (Qwen3-VL-MoE's fused experts: the hub's files and what transformers 5 saves); read as the
+  shape says (`[out, in]` when its last axis is the input width, as transformers decides), saved `[out, in]`;
 - `bare_prefix`: the base-model prefix that checkpoints saved from the bare
   base model omit (GPT-2's and BLOOM's own `h.0...`, OPT's `decoder...`).
 - `stacked`: per-expert HF modules (`experts.{e}.w1`) that we hold as one module
@@ -123,6 +126,7 @@ class WeightMap:
     fused: tuple[Fused, ...] = ()
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq",)
     conv1d: tuple[str, ...] = ()
+    either_layout: tuple[str, ...] = ()
     stacked: tuple[Stacked, ...] = ()
     tensor_renames: tuple[tuple[str, str], ...] = ()  # (HF tensor name, our HF-style tensor name)
     expert_rows: tuple[str, ...] = ()
@@ -180,6 +184,9 @@ class WeightMap:
 
     def is_conv1d(self, hf_module: str) -> bool:
         return any(_pattern_regex(p).match(hf_module) for p in self.conv1d)
+
+    def is_either_layout(self, hf_module: str) -> bool:
+        return any(_pattern_regex(p).match(hf_module) for p in self.either_layout)
 
     def module_to_ours(self, hf_module: str) -> str:
         for hf, ours in self.renames:

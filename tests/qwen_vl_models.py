@@ -1,6 +1,9 @@
-"""Tiny random Qwen2-VL / Qwen2.5-VL checkpoints (a 2-block ViT of 4-pixel patches merged 2x2, a
-2-layer Qwen2 decoder with M-RoPE) with a tokenizer, chat template and PIL image processor, built
-at test time. A 40x48 image becomes a 32x40 one: 8x10 patches, 20 placeholder tokens."""
+"""Tiny random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense and MoE) checkpoints (a 2-block ViT of 4-pixel
+patches merged 2x2, a 2-layer Qwen2 or 4-layer Qwen3 decoder with M-RoPE) with a tokenizer, chat
+template and PIL image processor, built at test time. A 40x48 image becomes a 32x40 one: 8x10
+patches, 20 placeholder tokens. The Qwen3-VL tower resamples a 3x3 learned position table and
+feeds DeepStack sets from both blocks to decoder layers 0 and 1 (layers 2 and 3 take none, and a
+serving view may scan them)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
 )
-ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+QWEN2_ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+QWEN3_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+ARCHITECTURES = QWEN2_ARCHITECTURES + QWEN3_ARCHITECTURES
 
 
 def qwen_vl_config(architecture: str):
@@ -29,7 +34,17 @@ def qwen_vl_config(architecture: str):
                 num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     common = dict(depth=2, num_heads=4, patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
-    if architecture == "Qwen2VLForConditionalGeneration":
+    if architecture in QWEN3_ARCHITECTURES:
+        text.update(num_hidden_layers=4, head_dim=16, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        vision = dict(common, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_position_embeddings=9,
+                      deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh")
+        config_class = transformers.Qwen3VLConfig
+        if architecture == "Qwen3VLMoeForConditionalGeneration":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+                        mlp_only_layers=[1])
+            config_class = transformers.Qwen3VLMoeConfig
+    elif architecture == "Qwen2VLForConditionalGeneration":
         vision = dict(common, embed_dim=32, mlp_ratio=2, hidden_size=64)
         config_class = transformers.Qwen2VLConfig
     else:  # windows of 2x2 merged units (16 pixels); block 1 attends over the whole image

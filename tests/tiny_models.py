@@ -111,6 +111,8 @@ LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate
 QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4)
 QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
                          window_size=16, fullatt_block_indexes=[0])
+QWEN3_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
+                       num_position_embeddings=4, deepstack_visual_indexes=[0])
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -475,15 +477,18 @@ CASES = [
         f"{name}-text",
         config_class,
         dict(text_config={**DIMS, "num_key_value_heads": 2, **SMALL_TOKENS,
-                          "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}},
+                          "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}, **text},
              vision_config=vision, image_token_id=VOCAB - 1, vision_start_token_id=VOCAB - 2,
              vision_end_token_id=VOCAB - 3, video_token_id=VOCAB - 4),
         dims={},
         architecture=architecture,
         model_class=architecture,
-    ) for name, config_class, architecture, vision in (
-        ("qwen2-vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", QWEN2_VL_VISION),
-        ("qwen2_5-vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_VISION),
+    ) for name, config_class, architecture, vision, text in (
+        ("qwen2-vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", QWEN2_VL_VISION, {}),
+        ("qwen2_5-vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_VISION, {}),
+        ("qwen3-vl", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", QWEN3_VL_VISION, dict(head_dim=16)),
+        ("qwen3-vl-moe", "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", QWEN3_VL_VISION,
+         dict(head_dim=16, num_experts=4, moe_intermediate_size=48, **MOE)),
     )),
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",

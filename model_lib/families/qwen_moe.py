@@ -15,7 +15,8 @@ from model_lib.registry import Family
 from model_lib.weight_map import WeightMap
 
 
-def qwen_moe_fields(hf: PretrainedConfig) -> dict[str, Any]:
+def qwen_moe_fields(hf: PretrainedConfig, norm_topk_prob: bool | None = None) -> dict[str, Any]:
+    """`norm_topk_prob`: given where the class fixes it (Qwen3-VL-MoE), else the config's."""
     sparse = [
         i not in (hf.mlp_only_layers or ()) and hf.num_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0
         for i in range(hf.num_hidden_layers)
@@ -25,7 +26,7 @@ def qwen_moe_fields(hf: PretrainedConfig) -> dict[str, Any]:
         num_experts=hf.num_experts,
         moe_intermediate_size=hf.moe_intermediate_size,
         moe_layers=sparse,
-        norm_topk_prob=bool(hf.norm_topk_prob),
+        norm_topk_prob=bool(hf.norm_topk_prob if norm_topk_prob is None else norm_topk_prob),
     )
 
 

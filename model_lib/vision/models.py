@@ -16,6 +16,8 @@ VISION_LANGUAGE_MODELS = {
     "Llama4ForConditionalGeneration": "model_lib.vision.llama4:Llama4ForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
+    "Qwen3VLMoeForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
 }
 
 

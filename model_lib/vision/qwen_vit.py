@@ -1,4 +1,4 @@
-"""The Qwen2-VL and Qwen2.5-VL vision transformers (HF `visual.*`) as Flax NNX modules.
+"""The Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision transformers (HF `visual.*`) as Flax NNX modules.
 
 An image arrives as the image processor made it: `[N, C * Tp * P * P]` flattened patches in
 merge-block order (every `m x m` block of neighbouring patches consecutive) and its grid
@@ -7,6 +7,13 @@ block attends bidirectionally within a frame (Qwen2-VL) or, in Qwen2.5-VL, withi
 `window_size` pixels except in `fullatt_block_indexes`; queries and keys rotate by 2D RoPE
 (half the head on the patch row, half on its column); the `PatchMerger` concatenates each
 `m x m` block (`m^2 E` wide) and projects it to the text width.
+
+Qwen3-VL adds a learned `[S*S, E]` position table (`pos_embed`), bilinearly resampled (corners
+aligned) to each image's `h x w` grid and added to the patch embeddings, and DeepStack: after
+each block of `deepstack_indexes` a merger of its own (LayerNorm over the `m^2 E` merged row)
+makes one more feature set, which the language model adds to its hidden states at the image
+tokens after its first layers. The tower's output row then holds every set side by side:
+`[U, (1 + K) F]`, the main merger's first.
 
 Window attention reorders the merge blocks window by window (transformers' `window_index`);
 `VisionLayout` holds that order and the per-row attention segments, computed on the host from
@@ -24,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_lib.layers import LayerNorm
+from model_lib.layers import Embed, LayerNorm
 from model_lib.layers.activations import activation
 from model_lib.layers.norms import RMSNorm
 from model_lib.layers.rotary import apply_rotary
@@ -55,6 +62,9 @@ class QwenVisionConfig:
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
     rope_theta: float = 10000.0
+    patch_bias: bool = False  # the patch Conv3d has a bias (Qwen3-VL)
+    num_position_embeddings: int = 0  # a learned square position table, resampled per image (Qwen3-VL); 0: none
+    deepstack_indexes: tuple[int, ...] = ()  # blocks whose output feeds a DeepStack merger (Qwen3-VL)
 
     def __post_init__(self) -> None:
         if not 0 < self.depth <= MAX_VISION_LAYERS:
@@ -74,6 +84,23 @@ class QwenVisionConfig:
         if any(not 0 <= i < self.depth for i in self.fullatt_block_indexes):
             raise ValueError(f"fullatt_block_indexes {list(self.fullatt_block_indexes)} out of range "
                              f"for {self.depth} blocks")
+        side = self.position_grid_side
+        if self.num_position_embeddings < 0 or side * side != self.num_position_embeddings:
+            raise ValueError(f"num_position_embeddings {self.num_position_embeddings} is not a square number")
+        if any(not 0 <= i < self.depth for i in self.deepstack_indexes) or \
+                len(set(self.deepstack_indexes)) != len(self.deepstack_indexes):
+            raise ValueError(f"deepstack_visual_indexes {list(self.deepstack_indexes)} must be distinct blocks "
+                             f"of the {self.depth}")
+
+    @property
+    def position_grid_side(self) -> int:
+        """Side of the learned position table (0 without one)."""
+        return int(round(max(self.num_position_embeddings, 0) ** 0.5))
+
+    @property
+    def feature_sets(self) -> int:
+        """Feature sets per output row: the main merger's and one per DeepStack merger."""
+        return 1 + len(self.deepstack_indexes)
 
     @property
     def head_dim(self) -> int:
@@ -95,6 +122,8 @@ class VisionLayout:
     frames: np.ndarray  # [N] attention segment of full-attention blocks (the frame)
     windows: np.ndarray  # [N] attention segment of windowed blocks
     restore: np.ndarray  # [U] merged row -> processed unit (undoes the window order)
+    position_taps: np.ndarray  # [N, 4] rows of the learned position table to mix ([N, 0] without one)
+    position_weights: np.ndarray  # [N, 4] their bilinear weights
 
 
 def _block_positions(t: int, h: int, w: int, m: int) -> np.ndarray:
@@ -118,6 +147,27 @@ def _window_units(t: int, h: int, w: int, units_per_window: int) -> tuple[np.nda
     return windows[keep], window_ids[keep]
 
 
+def _bilinear_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two taps into a `side`-long table and their weights for positions `index` of an axis of `size`,
+    resampled with aligned corners (torch's `interpolate(bilinear, align_corners=True)`, edges clamped)."""
+    source = index.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(source)
+    taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+    weights = np.clip(1 - np.abs(source[:, None] - floor[:, None] - np.arange(2)), 0, None)
+    return taps, weights.astype(np.float32)
+
+
+def position_taps(positions: np.ndarray, h: int, w: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(`[N, 4]` table rows, `[N, 4]` weights) resampling a `side x side` position table to an `h x w` grid
+    at the patches' `positions [N, 2]` (row, column)."""
+    if not side:
+        return np.zeros((len(positions), 0), np.int32), np.zeros((len(positions), 0), np.float32)
+    rows, row_weights = _bilinear_taps(positions[:, 0], h, side)
+    cols, col_weights = _bilinear_taps(positions[:, 1], w, side)
+    taps = (rows[:, :, None] * side + cols[:, None, :]).reshape(-1, 4)
+    return taps.astype(np.int32), (row_weights[:, :, None] * col_weights[:, None, :]).reshape(-1, 4)
+
+
 def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> VisionLayout:
     """The processing order and attention segments of an image of `grid` (t, h, w) patches."""
     t, h, w = grid
@@ -132,19 +182,24 @@ def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> Visio
         order_units, window_of_unit = np.arange(units), np.arange(units) // ((h // m) * (w // m))
     order = (order_units[:, None] * unit + np.arange(unit)).reshape(-1)
     frames = order // (h * w)
+    positions = _block_positions(t, h, w, m)[order]
+    taps, weights = position_taps(positions, h, w, config.position_grid_side)
     return VisionLayout(
         order=order.astype(np.int32),
-        positions=_block_positions(t, h, w, m)[order].astype(np.int32),
+        positions=positions.astype(np.int32),
         frames=frames.astype(np.int32),
         windows=np.repeat(window_of_unit, unit).astype(np.int32),
         restore=np.argsort(order_units).astype(np.int32),
+        position_taps=taps,
+        position_weights=weights,
     )
 
 
-def _norm(config: QwenVisionConfig, dtype: jnp.dtype) -> nnx.Module:
+def _norm(config: QwenVisionConfig, dtype: jnp.dtype, width: int | None = None) -> nnx.Module:
+    width = width or config.hidden_size
     if config.norm == "rms":
-        return RMSNorm((config.hidden_size,), eps=1e-6, weight_offset=0.0, dtype=dtype)
-    return LayerNorm((config.hidden_size,), eps=1e-6, use_bias=True, weight_offset=0.0, dtype=dtype)
+        return RMSNorm((width,), eps=1e-6, weight_offset=0.0, dtype=dtype)
+    return LayerNorm((width,), eps=1e-6, use_bias=True, weight_offset=0.0, dtype=dtype)
 
 
 def rotary_2d(config: QwenVisionConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -204,40 +259,60 @@ class VisionBlock(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """`ln_q`, then each merge block's `m^2` rows side by side through `fc1`, GELU, `fc2` (HF `mlp.0`, `mlp.2`)."""
+    """`ln_q`, then each merge block's `m^2` rows side by side through `fc1`, GELU, `fc2` (HF `mlp.0`, `mlp.2`;
+    Qwen3-VL `norm`, `linear_fc1`, `linear_fc2`). `postshuffle`: the norm runs on the merged `m^2 E` rows
+    (Qwen3-VL's DeepStack mergers)."""
 
-    def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
+    def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, postshuffle: bool = False, rngs: nnx.Rngs):
         wide = config.hidden_size * config.spatial_merge_size**2
-        self.ln_q = _norm(config, dtype)
+        self.ln_q = _norm(config, dtype, wide if postshuffle else None)
         self.fc1 = _linear(wide, wide, dtype, rngs)
         self.fc2 = _linear(wide, config.out_hidden_size, dtype, rngs)
         self.wide = wide
+        self.postshuffle = postshuffle
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.postshuffle:
+            x = x.reshape(-1, self.wide)
         x = self.ln_q(x).reshape(-1, self.wide)  # [U, m^2 E]
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class QwenVisionTower(nnx.Module):
-    """`features(patches, layout)`: `[N, C*Tp*P*P]` -> `[U, F]`, one row per image placeholder token."""
+    """`features(patches, layout)`: `[N, C*Tp*P*P]` -> `[U, (1 + K) F]`, one row per image placeholder token
+    (K DeepStack sets after the main one; K = 0 before Qwen3-VL)."""
 
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.config = config
         init = jax.nn.initializers.normal(0.02)
         shape = (config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size,
                  config.patch_size)
-        self.patch_embed = PatchEmbed(PatchConv(nnx.Param(init(rngs.params(), shape, dtype))))
+        bias = nnx.Param(jnp.zeros((config.hidden_size,), dtype)) if config.patch_bias else None
+        self.patch_embed = PatchEmbed(PatchConv(nnx.Param(init(rngs.params(), shape, dtype)), bias))
+        self.pos_embed = (Embed(config.num_position_embeddings, config.hidden_size, axes=(None, None), dtype=dtype,
+                                init_std=0.02, rngs=rngs) if config.num_position_embeddings else None)
         self.blocks = nnx.List([VisionBlock(config, dtype, rngs=rngs) for _ in range(config.depth)])
         self.merger = PatchMerger(config, dtype, rngs=rngs)
+        deepstack = [PatchMerger(config, dtype, postshuffle=True, rngs=rngs) for _ in config.deepstack_indexes]
+        self.deepstack_merger_list = nnx.List(deepstack) if deepstack else None
 
     def features(self, patches: jax.Array, layout: VisionLayout) -> jax.Array:
-        weight = self.patch_embed.proj.weight[...]
+        conv = self.patch_embed.proj
+        weight = conv.weight[...]
         x = patches[layout.order].astype(weight.dtype) @ weight.reshape(weight.shape[0], -1).T  # [N, E]
+        if conv.bias is not None:
+            x = x + conv.bias[...]
+        if self.pos_embed is not None:
+            table = self.pos_embed.weight[...]
+            x = x + jnp.einsum("nk,nke->ne", layout.position_weights, table[layout.position_taps]).astype(x.dtype)
         cos, sin = rotary_2d(self.config, layout.positions)
         full = set(self.config.fullatt_block_indexes) if self.config.window_size else set(range(self.config.depth))
+        sets = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, layout.frames if i in full else layout.windows)
-        return self.merger(x)[layout.restore]
+            if i in self.config.deepstack_indexes:
+                sets.append(self.deepstack_merger_list[self.config.deepstack_indexes.index(i)](x))
+        return jnp.concatenate([self.merger(x), *sets], axis=-1)[layout.restore]
 
 
 class PatchEmbed(nnx.Module):

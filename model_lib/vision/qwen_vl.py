@@ -1,9 +1,11 @@
-"""Qwen2-VL and Qwen2.5-VL: a Qwen ViT whose merged patches replace image placeholders, M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: a Qwen ViT whose merged patches replace image placeholders, M-RoPE positions.
 
 `QwenVLForConditionalGeneration` is a `CausalLM` (its `model` is the Qwen2 language model, so the
 engine, LoRA and the trainer see the decoder they know) that also holds `visual`. Each image
 fills `t * h * w / m^2` consecutive `image_token_id` placeholders; the prompt's positions are
-three-dimensional (`model_lib/vision/mrope.py`).
+three-dimensional (`model_lib/vision/mrope.py`; for images Qwen3-VL's `get_rope_index` gives the same
+positions, and its rotary interleaves the axes: `RopeConfig.mrope_interleaved`). Qwen3-VL's DeepStack
+feature sets ride in `MergedEmbeddings.deepstack`; the decoder adds them after its first K layers.
 
 Glossary: N patches of an image, U its merged rows (placeholder tokens), F text width.
 """
@@ -37,6 +39,11 @@ class QwenVLConfig(ImagePlaceholders):
     def merge(self) -> int:
         return self.vision.spatial_merge_size
 
+    @property
+    def deepstack_layers(self) -> int:
+        """Decoder layers whose outputs take a DeepStack feature set at the image tokens (Qwen3-VL)."""
+        return len(self.vision.deepstack_indexes)
+
     def merged_grid(self, grid: Sequence[int]) -> tuple[int, int, int]:
         """A processor grid (t, h, w) in patches -> in placeholder tokens (t, h / m, w / m)."""
         t, h, w = (int(x) for x in grid)
@@ -53,7 +60,8 @@ class QwenVLConfig(ImagePlaceholders):
 
 
 def image_features(tower: QwenVisionTower, patches: jax.Array, layout: VisionLayout) -> jax.Array:
-    """One image's patches `[N, C*Tp*P*P]` -> features `[U, F]` (a function of the tower alone, for servers)."""
+    """One image's patches `[N, C*Tp*P*P]` -> features `[U, (1 + K) F]` (a function of the tower alone, for
+    servers; K DeepStack sets after the embeddings, `MergedEmbeddings.from_sets`)."""
     return tower.features(patches, layout)
 
 
@@ -81,8 +89,13 @@ class QwenVLForConditionalGeneration(CausalLM):
         super().__init__(config, rngs=rngs)
         self.visual = QwenVisionTower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
 
+    @property
+    def unrolled_layers(self) -> int:
+        """Layers a serving view must not scan: DeepStack adds to their outputs (`layer_scan.scanned_view`)."""
+        return self.config.multimodal.deepstack_layers
+
     def image_features(self, patches: jax.Array, grid: Sequence[int]) -> jax.Array:
-        """One image's processor patches `[N, C*Tp*P*P]` and grid (t, h, w) -> `[U, F]`."""
+        """One image's processor patches `[N, C*Tp*P*P]` and grid (t, h, w) -> `[U, (1 + K) F]`."""
         layout = vision_layout(self.config.multimodal.vision, tuple(int(x) for x in grid))
         return image_features(self.visual, jnp.asarray(patches), jax.tree.map(jnp.asarray, layout))
 
@@ -117,7 +130,8 @@ class QwenVLForConditionalGeneration(CausalLM):
                 raise ValueError(f"image_grid_thw covers {sizes[-1]} patches; pixel_values has {patches.shape[0]}")
             rows = [self.image_features(patches[a:b], g) for a, b, g in zip(sizes[:-1], sizes[1:], grids)]
             features = jnp.concatenate(rows, axis=0)
-            merged = MergedEmbeddings(features, placeholder_index(jnp.asarray(ids), mm.image_token_id))
+            merged = MergedEmbeddings.from_sets(features, placeholder_index(jnp.asarray(ids), mm.image_token_id),
+                                                self.config.hidden_size)
         if rope_positions is None:
             mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
             rope_positions = np.zeros((3, *ids.shape), np.int32)

@@ -4,7 +4,8 @@ The scheduler admits at most `budget` encoder output tokens per step (`encoder_c
 step runs, `ImageEncoder.merged` encodes the images its chunks reach that have no features yet
 (the model's `encode`, jitted once per pixel shape, then its `arrange` for the image's size;
 `model_lib/vision/vlm.py`) and lays the rows the chunks cover out as
-`MergedEmbeddings` over the step's `[T_pad]` tokens. An item's features stay on the host until
+`MergedEmbeddings` over the step's `[T_pad]` tokens (a DeepStack model's `[K, T_pad, E]` sets with them,
+so a step's shapes stay fixed). An item's features stay on the host until
 every sequence of its request has prefilled past it (chunked prefill may split an image over
 steps), and are encoded again after a preemption that needs them.
 """
@@ -40,6 +41,7 @@ class ImageEncoder:
         self.config = model.config.multimodal
         self.budget = budget
         self.hidden_size = model.config.hidden_size
+        self.feature_sets = 1  # an image row's sets of features: the embeddings, then DeepStack's (Qwen3-VL)
         self.dtype = jnp.dtype(model.config.dtype)
         # The vision modules only: the runner may hold the language model in another (scanned) layout.
         self.graphdef, self.state = nnx.split(model.vision_modules())
@@ -73,7 +75,8 @@ class ImageEncoder:
 
     def empty(self, token_pad: int) -> MergedEmbeddings:
         """A merge that replaces nothing, in the step's shapes (what warm-up compiles)."""
-        return MergedEmbeddings(np.zeros((token_pad, self.hidden_size), self.dtype), np.full(token_pad, -1, np.int32))
+        rows = np.zeros((token_pad, self.feature_sets * self.hidden_size), self.dtype)
+        return MergedEmbeddings.from_sets(rows, np.full(token_pad, -1, np.int32), self.hidden_size)
 
     def merged(self, scheduled: Sequence[ScheduledSequence], token_pad: int) -> MergedEmbeddings | None:
         """The step's image rows, row t for flat token t (None when no chunk reaches an image)."""
@@ -88,7 +91,7 @@ class ImageEncoder:
                 if image.features is None:
                     self.encode(image)
                 if embeds is None:
-                    embeds = np.zeros((token_pad, self.hidden_size), self.dtype)
+                    embeds = np.zeros((token_pad, self.feature_sets * self.hidden_size), self.dtype)
                     index = np.full(token_pad, -1, np.int32)
                 rows = slice(offset + lo - start, offset + hi - start)
                 span = np.arange(lo - image.offset, hi - image.offset)
@@ -96,7 +99,7 @@ class ImageEncoder:
                 embeds[rows] = image.features[np.maximum(feature, 0)]
                 index[rows] = np.where(feature >= 0, np.arange(rows.start, rows.stop, dtype=np.int32), -1)
             offset += count
-        return None if embeds is None else MergedEmbeddings(embeds, index)
+        return None if embeds is None else MergedEmbeddings.from_sets(embeds, index, self.hidden_size)
 
 
 def release_prefilled(sequences: Iterable[Seq]) -> None:

@@ -1,5 +1,8 @@
 """Qwen-VL images in serving: grid-sized placeholder runs, the per-image tower call, M-RoPE step positions.
 
+A Qwen3-VL image's feature rows hold its DeepStack sets beside its embeddings (`[U, (1 + K) F]`);
+the encoder lays them out for the step like any rows and splits them (`MergedEmbeddings.from_sets`).
+
 The image processor (`Qwen2VLImageProcessorPil`) resizes each image to a multiple of the merged
 patch and returns its patch rows and grid `(t, h, w)`; the image then takes `t * h * w / m^2`
 placeholders, so the number varies per image (the single placeholder that the chat template
@@ -57,6 +60,7 @@ class QwenImageEncoder(ImageEncoder):
         self.config = model.config.multimodal
         self.budget = budget
         self.hidden_size = model.config.hidden_size
+        self.feature_sets = self.config.vision.feature_sets  # Qwen3-VL: 1 + its DeepStack sets
         self.dtype = jnp.dtype(model.config.dtype)
         self.graphdef, self.state = nnx.split(model.visual)
         self._encode = jax.jit(_encode, static_argnums=0)

@@ -1,20 +1,24 @@
-"""Qwen2-VL and Qwen2.5-VL against transformers: logits with images of two sizes, M-RoPE positions,
-checkpoint layouts and save/load, refused settings."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE against transformers: logits with one image and with
+images of two sizes, M-RoPE positions, checkpoint layouts and save/load, refused settings."""
 
 from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import model_lib
 from model_lib.checkpoint import save_pretrained
+from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 from model_lib.vision.qwen_vl import prompt_positions
-from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, build_qwen_vl, processed, prompt_with_images
+from tests.qwen_vl_models import (ARCHITECTURES, IMAGE_TOKEN_ID, QWEN3_ARCHITECTURES, VISION_END_ID, build_qwen_vl,
+                                  processed, prompt_with_images)
 from tests.tiny_models import assert_logits_close
 from tests.vlm_models import random_image, vision_forward
 
@@ -55,15 +59,22 @@ def test_logits_with_images_match_transformers(qwen_vl, architecture):
     assert (ids == IMAGE_TOKEN_ID).sum() == (64 + 48) // 4
     assert_logits_close(np.asarray(np.asarray(model(ids, pixel_values=pixels, image_grid_thw=grids))),
                         hf_logits(ref, ids, pixels, grids))
+    if architecture in QWEN3_ARCHITECTURES:  # one image (its DeepStack sets alone), the prompt cut after it
+        one = ids[:, : list(ids[0]).index(VISION_END_ID) + 3]
+        pixels, grids = pixels[: int(np.prod(grids[0]))], grids[:1]
+        assert_logits_close(np.asarray(model(one, pixel_values=pixels, image_grid_thw=grids)),
+                            hf_logits(ref, one, pixels, grids))
     # Without images the positions are 1D on all three axes, as transformers' text-only forward.
     text = np.where(ids == IMAGE_TOKEN_ID, 5, ids)
     assert_logits_close(vision_forward(model, text), hf_logits(ref, text))
 
 
-def test_mrope_positions_equal_get_rope_index(qwen_vl):
-    _, ref = qwen_vl(ARCHITECTURES[0])
+@pytest.mark.parametrize("architecture", [ARCHITECTURES[0], QWEN3_ARCHITECTURES[0]])
+def test_mrope_positions_equal_get_rope_index(qwen_vl, architecture):
+    """Qwen2-VL's and Qwen3-VL's `get_rope_index` (written apart in transformers) give one image layout."""
+    folder, ref = qwen_vl(architecture)
     ids, _, grids = two_image_prompt(3)
-    ours, delta = prompt_positions(ids[0], model_lib.load_config(qwen_vl(ARCHITECTURES[0])[0])[0].multimodal, grids)
+    ours, delta = prompt_positions(ids[0], model_lib.load_config(folder)[0].multimodal, grids)
     tensor = torch.tensor(ids)
     theirs, deltas = ref.model.get_rope_index(tensor, (tensor == IMAGE_TOKEN_ID).int(), torch.tensor(grids))
     np.testing.assert_array_equal(ours, theirs[:, 0].numpy())
@@ -94,6 +105,66 @@ def test_checkpoint_layouts_load_and_save_for_transformers(qwen_vl, tmp_path):
 
     reloaded = getattr(transformers, architecture).from_pretrained(saved).eval()
     assert_logits_close(expected, hf_logits(reloaded, ids, pixels, grids))
+
+
+def test_moe_expert_layouts_load_and_save_for_transformers(qwen_vl, tmp_path):
+    """Qwen3-VL-MoE experts: transformers 5's `[out, in]` files and the hub's `[in, out]` ones load; our save
+    (`[out, in]`) loads back in transformers."""
+    import transformers
+
+    folder, ref = qwen_vl(QWEN3_ARCHITECTURES[1])
+    tensors = load_file(str(folder / "model.safetensors"))
+    experts = [k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    gate_up = tensors["model.language_model.layers.0.mlp.experts.gate_up_proj"]
+    assert len(experts) == 6 and gate_up.shape == (4, 96, 64)  # [X, 2I, E] as transformers 5 saves it
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text((folder / "config.json").read_text())
+    save_file({k: np.ascontiguousarray(np.swapaxes(v, -1, -2)) if k in experts else v for k, v in tensors.items()},
+              str(hub / "model.safetensors"))
+    # The parameters compare (the logits test runs the forward from transformers 5's layout).
+    ours, from_hub = (jax.tree.leaves(nnx.state(model_lib.from_pretrained(f))) for f in (folder, hub))
+    for a, b in zip(ours, from_hub, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    saved = tmp_path / "saved"
+    save_pretrained(model_lib.from_pretrained(hub), saved)
+    reloaded = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(saved).state_dict()
+    for name, tensor in ref.state_dict().items():
+        np.testing.assert_array_equal(reloaded[name].numpy(), tensor.numpy(), err_msg=name)
+
+
+@pytest.mark.slow  # two compilations of tower and decoder; CI serves unrolled on the CPU
+def test_scanned_serving_view_keeps_deepstack_layers_unrolled(qwen_vl):
+    """The serving view scans decoder layers 2 and 3 only (DeepStack adds to the outputs of 0 and 1), and gives
+    the unrolled model's logits with images."""
+    from model_lib.decoder import DecoderLayer
+    from model_lib.layer_scan import LayerScan, scanned_view
+
+    model = model_lib.from_pretrained(qwen_vl(QWEN3_ARCHITECTURES[0])[0])
+    view = scanned_view(model)
+    assert [type(layer) for layer in view.model.layers] == [DecoderLayer, DecoderLayer, LayerScan]
+    ids, pixels, grids = two_image_prompt(2)
+    grids = [tuple(int(x) for x in g) for g in grids]
+    rope = prompt_positions(ids[0], model.config.multimodal, grids)[0][:, None]
+    sizes = np.cumsum([0] + [int(np.prod(g)) for g in grids])
+
+    @nnx.jit
+    def logits(m, pixels):  # tower and decoder as one program
+        features = jnp.concatenate([m.image_features(pixels[a:b], g) for a, b, g in zip(sizes, sizes[1:], grids)])
+        merged = MergedEmbeddings.from_sets(features, placeholder_index(jnp.asarray(ids), IMAGE_TOKEN_ID), 64)
+        assert merged.deepstack.shape == (2, (64 + 48) // 4, 64)
+        return m(ids, merged=merged, rope_positions=rope)
+
+    np.testing.assert_allclose(np.asarray(logits(view, pixels)), np.asarray(logits(model, pixels)), atol=1e-5)
+
+
+def test_more_deepstack_sets_than_decoder_layers_are_refused(qwen_vl, tmp_path):
+    folder, _ = qwen_vl(QWEN3_ARCHITECTURES[0])
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="2 DeepStack feature sets for 1 decoder layers"):
+        model_lib.load_config(tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,5 +1,5 @@
-"""`serve` on tiny random Qwen2-VL and Qwen2.5-VL checkpoints, driven by the openai client with a base64
-image: the tokens of transformers' greedy generation, streamed and whole."""
+"""`serve` on tiny random Qwen2-VL, Qwen2.5-VL and (slow tier) Qwen3-VL checkpoints, driven by the openai
+client with a base64 image: the tokens of transformers' greedy generation, streamed and whole."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import signal
 import openai
 import pytest
 
-from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, build_qwen_vl, hf_greedy, processed
+from tests.qwen_vl_models import (IMAGE_TOKEN_ID, QWEN2_ARCHITECTURES, QWEN3_ARCHITECTURES, build_qwen_vl, hf_greedy,
+                                  processed)
 from tests.serving.helpers import start_server
 from tests.vlm_models import png_bytes, random_image
 
@@ -18,7 +19,8 @@ MODEL = "tiny-qwen-vl"
 MAX_TOKENS = 6
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=[*QWEN2_ARCHITECTURES,
+                                        pytest.param(QWEN3_ARCHITECTURES[0], marks=pytest.mark.slow)])
 def setup(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = build_qwen_vl(folder, request.param)

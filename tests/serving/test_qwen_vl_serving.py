@@ -1,13 +1,14 @@
 """Qwen-VL through the engine and the offline API: greedy tokens equal transformers' for images of two
 sizes, two images in one prompt and text alone, under chunked prefill, the encoder budget, prefix
-caching and preemption; different images never share KV."""
+caching and preemption (Qwen3-VL: the DeepStack sets ride with each chunk's image rows); different
+images never share KV."""
 
 from __future__ import annotations
 
 import pytest
 
 from serving import LLM, SamplingParams
-from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, build_qwen_vl, hf_greedy
+from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, QWEN3_ARCHITECTURES, build_qwen_vl, hf_greedy
 from tests.vlm_models import random_image
 
 MAX_TOKENS = 6
@@ -35,7 +36,8 @@ def served(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [
+    *ARCHITECTURES[:-1], pytest.param(QWEN3_ARCHITECTURES[1], marks=pytest.mark.slow)])  # MoE: the same path
 def test_generate_with_images_equals_transformers(served, architecture):
     llm, ref = served(architecture)
     images = [random_image(1), random_image(2, (24, 56))]
@@ -72,4 +74,11 @@ def test_images_over_the_encoder_budget_are_refused(served, monkeypatch):
     monkeypatch.setattr(llm.engine.images, "budget", 15)  # the 40x48 image takes 16 tokens
     with pytest.raises(ValueError, match="exceeds the encoder budget"):
         llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": random_image(7)}}, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_videos_are_refused_clearly(served):
+    llm, _ = served(QWEN3_ARCHITECTURES[0])
+    with pytest.raises(ValueError, match="this model takes no video"):
+        llm.generate({"prompt": PROMPT, "multi_modal_data": {"video": [random_image(8), random_image(9)]}}, GREEDY)
     assert not llm.engine.has_unfinished_requests()
