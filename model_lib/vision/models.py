@@ -14,6 +14,7 @@ VISION_LANGUAGE_MODELS = {
     "InternVLForConditionalGeneration": "model_lib.vision.internvl:InternVLForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
+    "Glm4vForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
 }
 
 

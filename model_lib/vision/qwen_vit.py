@@ -38,7 +38,8 @@ MAX_PATCH_SIZE = 1024
 class QwenVisionConfig:
     """A Qwen-VL ViT. `norm` "layer" (Qwen2-VL) or "rms" (Qwen2.5-VL, also the merger's `ln_q`);
     `gated_mlp`: SwiGLU `gate_proj/up_proj/down_proj` (2.5) instead of `fc1/fc2`; `window_size`
-    in pixels (0: every block attends over the whole frame)."""
+    in pixels (0: every block attends over the whole frame). The bias flags and `norm_eps` are the
+    blocks' (GLM-4.1V's tower, `model_lib/vision/glm4v_vit.py`, sets them otherwise)."""
 
     depth: int
     hidden_size: int
@@ -55,6 +56,10 @@ class QwenVisionConfig:
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
     rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.depth <= MAX_VISION_LAYERS:
@@ -143,8 +148,8 @@ def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> Visio
 
 def _norm(config: QwenVisionConfig, dtype: jnp.dtype) -> nnx.Module:
     if config.norm == "rms":
-        return RMSNorm((config.hidden_size,), eps=1e-6, weight_offset=0.0, dtype=dtype)
-    return LayerNorm((config.hidden_size,), eps=1e-6, use_bias=True, weight_offset=0.0, dtype=dtype)
+        return RMSNorm((config.hidden_size,), eps=config.norm_eps, weight_offset=0.0, dtype=dtype)
+    return LayerNorm((config.hidden_size,), eps=config.norm_eps, use_bias=True, weight_offset=0.0, dtype=dtype)
 
 
 def rotary_2d(config: QwenVisionConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -158,8 +163,8 @@ def rotary_2d(config: QwenVisionConfig, positions: jax.Array) -> tuple[jax.Array
 class VisionAttention(nnx.Module):
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
-        self.qkv = _linear(config.hidden_size, 3 * config.hidden_size, dtype, rngs)
-        self.proj = _linear(config.hidden_size, config.hidden_size, dtype, rngs)
+        self.qkv = _linear(config.hidden_size, 3 * config.hidden_size, dtype, rngs, bias=config.qkv_bias)
+        self.proj = _linear(config.hidden_size, config.hidden_size, dtype, rngs, bias=config.proj_bias)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
         n, e = x.shape
@@ -176,14 +181,15 @@ class VisionMlp(nnx.Module):
     """`fc2(act(fc1(x)))`, or SwiGLU-style `down_proj(act(gate_proj(x)) * up_proj(x))` when gated."""
 
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
-        e, i = config.hidden_size, config.intermediate_size
+        e, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.act = activation(config.activation)
         self.gated = config.gated_mlp
         if self.gated:
-            self.gate_proj, self.up_proj, self.down_proj = (_linear(e, i, dtype, rngs), _linear(e, i, dtype, rngs),
-                                                            _linear(i, e, dtype, rngs))
+            self.gate_proj, self.up_proj, self.down_proj = (
+                _linear(e, i, dtype, rngs, bias=bias), _linear(e, i, dtype, rngs, bias=bias),
+                _linear(i, e, dtype, rngs, bias=bias))
         else:
-            self.fc1, self.fc2 = _linear(e, i, dtype, rngs), _linear(i, e, dtype, rngs)
+            self.fc1, self.fc2 = _linear(e, i, dtype, rngs, bias=bias), _linear(i, e, dtype, rngs, bias=bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.gated:
@@ -223,16 +229,12 @@ class QwenVisionTower(nnx.Module):
 
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.config = config
-        init = jax.nn.initializers.normal(0.02)
-        shape = (config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size,
-                 config.patch_size)
-        self.patch_embed = PatchEmbed(PatchConv(nnx.Param(init(rngs.params(), shape, dtype))))
+        self.patch_embed = PatchEmbed.create(config, dtype, rngs)
         self.blocks = nnx.List([VisionBlock(config, dtype, rngs=rngs) for _ in range(config.depth)])
         self.merger = PatchMerger(config, dtype, rngs=rngs)
 
     def features(self, patches: jax.Array, layout: VisionLayout) -> jax.Array:
-        weight = self.patch_embed.proj.weight[...]
-        x = patches[layout.order].astype(weight.dtype) @ weight.reshape(weight.shape[0], -1).T  # [N, E]
+        x = self.patch_embed(patches[layout.order])  # [N, E]
         cos, sin = rotary_2d(self.config, layout.positions)
         full = set(self.config.fullatt_block_indexes) if self.config.window_size else set(range(self.config.depth))
         for i, block in enumerate(self.blocks):
@@ -241,7 +243,22 @@ class QwenVisionTower(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """Holds the Conv3d (`proj.weight [E, C, Tp, P, P]`) under HF's names."""
+    """Holds the Conv3d (`proj.weight [E, C, Tp, P, P]`, optional `proj.bias`) under HF's names; a
+    stride-equal convolution of flattened patch rows is one matmul."""
 
     def __init__(self, proj: PatchConv):
         self.proj = proj
+
+    def __call__(self, rows: jax.Array) -> jax.Array:
+        """`[N, C*Tp*P*P]` -> `[N, E]`."""
+        weight = self.proj.weight[...]
+        x = rows.astype(weight.dtype) @ weight.reshape(weight.shape[0], -1).T
+        return x if self.proj.bias is None else x + self.proj.bias[...]
+
+    @classmethod
+    def create(cls, config: QwenVisionConfig, dtype: jnp.dtype, rngs: nnx.Rngs, *, bias: bool = False) -> "PatchEmbed":
+        init = jax.nn.initializers.normal(0.02)
+        shape = (config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size,
+                 config.patch_size)
+        weight = nnx.Param(init(rngs.params(), shape, dtype))
+        return cls(PatchConv(weight, nnx.Param(jnp.zeros((config.hidden_size,), dtype)) if bias else None))

@@ -1,9 +1,11 @@
-"""Qwen2-VL and Qwen2.5-VL: a Qwen ViT whose merged patches replace image placeholders, M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL and GLM-4.1V: a ViT whose merged patches replace image placeholders, M-RoPE positions.
 
-`QwenVLForConditionalGeneration` is a `CausalLM` (its `model` is the Qwen2 language model, so the
-engine, LoRA and the trainer see the decoder they know) that also holds `visual`. Each image
-fills `t * h * w / m^2` consecutive `image_token_id` placeholders; the prompt's positions are
-three-dimensional (`model_lib/vision/mrope.py`).
+`QwenVLForConditionalGeneration` is a `CausalLM` (its `model` is the language model, Qwen2's or
+GLM-4's, so the engine, LoRA and the trainer see the decoder they know) that also holds `visual`
+(the Qwen ViT, or GLM-4.1V's `model_lib/vision/glm4v_vit.py`, chosen by the vision config's type).
+Each image fills `t * h * w / m^2` consecutive `image_token_id` placeholders; the prompt's
+positions are three-dimensional (`model_lib/vision/mrope.py`; GLM-4.1V's `get_rope_index` gives
+images the same positions as Qwen2-VL's).
 
 Glossary: N patches of an image, U its merged rows (placeholder tokens), F text width.
 """
@@ -23,7 +25,10 @@ from model_lib.decoder import CausalLM
 from model_lib.vision.config import ImagePlaceholders
 from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 from model_lib.vision.mrope import ImageSpan, mrope_positions
+from model_lib.vision.glm4v_vit import GlmVisionConfig, GlmVisionTower
 from model_lib.vision.qwen_vit import QwenVisionConfig, QwenVisionTower, VisionLayout, vision_layout
+
+VISION_TOWERS = {QwenVisionConfig: QwenVisionTower, GlmVisionConfig: GlmVisionTower}  # vision config type -> tower
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class QwenVLConfig(ImagePlaceholders):
         return [self.image_token_id] * self.image_tokens_for(pixels.shape[:3])
 
 
-def image_features(tower: QwenVisionTower, patches: jax.Array, layout: VisionLayout) -> jax.Array:
+def image_features(tower: QwenVisionTower | GlmVisionTower, patches: jax.Array, layout: VisionLayout) -> jax.Array:
     """One image's patches `[N, C*Tp*P*P]` -> features `[U, F]` (a function of the tower alone, for servers)."""
     return tower.features(patches, layout)
 
@@ -73,13 +78,14 @@ def prompt_positions(ids: np.ndarray, config: QwenVLConfig, grids: Sequence[Sequ
 
 
 class QwenVLForConditionalGeneration(CausalLM):
-    """A Qwen2 decoder with M-RoPE whose image placeholder tokens take merged ViT features."""
+    """A decoder with M-RoPE whose image placeholder tokens take merged ViT features."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         if not isinstance(config.multimodal, QwenVLConfig):
             raise ValueError(f"{config.architecture} needs a Qwen-VL vision configuration (ModelConfig.multimodal)")
         super().__init__(config, rngs=rngs)
-        self.visual = QwenVisionTower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
+        vision = config.multimodal.vision
+        self.visual = VISION_TOWERS[type(vision)](vision, jnp.dtype(config.dtype), rngs=rngs)
 
     def image_features(self, patches: jax.Array, grid: Sequence[int]) -> jax.Array:
         """One image's processor patches `[N, C*Tp*P*P]` and grid (t, h, w) -> `[U, F]`."""

@@ -1,10 +1,11 @@
-"""Qwen2-VL and Qwen2.5-VL against transformers: logits with images of two sizes, M-RoPE positions,
-checkpoint layouts and save/load, refused settings."""
+"""Qwen2-VL, Qwen2.5-VL and GLM-4.1V against transformers: logits with images of two sizes, M-RoPE positions,
+GLM's resampled position table, checkpoint layouts and save/load, refused settings."""
 
 from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 import model_lib
 from model_lib.checkpoint import save_pretrained
 from model_lib.vision.qwen_vl import prompt_positions
-from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, build_qwen_vl, processed, prompt_with_images
+from tests.qwen_vl_models import ARCHITECTURES, GLM4V, IMAGE_TOKEN_ID, build_qwen_vl, processed, prompt_with_images
 from tests.tiny_models import assert_logits_close
 from tests.vlm_models import random_image, vision_forward
 
@@ -32,9 +33,9 @@ def qwen_vl(tmp_path_factory):
     return get
 
 
-def two_image_prompt(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def two_image_prompt(seed: int, architecture: str = ARCHITECTURES[0]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One row: text, a 40x48 image (8x8 patches), text, a 24x56 one (4x12), text; its pixels and grids."""
-    pixels, grids = processed([random_image(seed), random_image(seed + 1, (24, 56))])
+    pixels, grids = processed([random_image(seed), random_image(seed + 1, (24, 56))], architecture)
     rng = np.random.default_rng(seed)
     pieces = [list(rng.integers(3, 100, n)) for n in (5, 4, 6)]
     return np.array([prompt_with_images(pieces, grids)]), pixels, grids
@@ -51,19 +52,38 @@ def hf_logits(ref, ids, pixels=None, grids=None) -> np.ndarray:
 def test_logits_with_images_match_transformers(qwen_vl, architecture):
     folder, ref = qwen_vl(architecture)
     model = model_lib.from_pretrained(folder)
-    ids, pixels, grids = two_image_prompt(0)
+    ids, pixels, grids = two_image_prompt(0, architecture)
     assert (ids == IMAGE_TOKEN_ID).sum() == (64 + 48) // 4
-    assert_logits_close(np.asarray(np.asarray(model(ids, pixel_values=pixels, image_grid_thw=grids))),
+    assert_logits_close(np.asarray(model(ids, pixel_values=pixels, image_grid_thw=grids)),
                         hf_logits(ref, ids, pixels, grids))
     # Without images the positions are 1D on all three axes, as transformers' text-only forward.
     text = np.where(ids == IMAGE_TOKEN_ID, 5, ids)
     assert_logits_close(vision_forward(model, text), hf_logits(ref, text))
 
 
-def test_mrope_positions_equal_get_rope_index(qwen_vl):
-    _, ref = qwen_vl(ARCHITECTURES[0])
-    ids, _, grids = two_image_prompt(3)
-    ours, delta = prompt_positions(ids[0], model_lib.load_config(qwen_vl(ARCHITECTURES[0])[0])[0].multimodal, grids)
+@pytest.mark.slow  # the tiny models run op by op here: new shapes cost seconds each
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_padded_batch_with_one_and_two_images_matches_transformers(qwen_vl, architecture):
+    """A one-image row (right padded) batched with a row holding two images of different sizes."""
+    folder, ref = qwen_vl(architecture)
+    model = model_lib.from_pretrained(folder)
+    ids, pixels, grids = two_image_prompt(0, architecture)
+    one_pixels, one_grid = processed([random_image(9)], architecture)
+    one = np.array([prompt_with_images([[5, 6, 7], [8, 9]], one_grid)])
+    batch = np.zeros((2, ids.shape[1]), np.int32)
+    batch[0, : one.shape[1]], batch[1] = one[0], ids[0]
+    mask = (np.arange(ids.shape[1]) < [[one.shape[1]], [ids.shape[1]]]).astype(np.int32)
+    logits = np.asarray(model(batch, mask, pixel_values=np.concatenate([one_pixels, pixels]),
+                              image_grid_thw=np.concatenate([one_grid, grids])))
+    assert_logits_close(logits[:1, : one.shape[1]], hf_logits(ref, one, one_pixels, one_grid))
+    assert_logits_close(logits[1:], hf_logits(ref, ids, pixels, grids))
+
+
+@pytest.mark.parametrize("architecture", [ARCHITECTURES[0], GLM4V])
+def test_mrope_positions_equal_get_rope_index(qwen_vl, architecture):
+    folder, ref = qwen_vl(architecture)
+    ids, _, grids = two_image_prompt(3, architecture)
+    ours, delta = prompt_positions(ids[0], model_lib.load_config(folder)[0].multimodal, grids)
     tensor = torch.tensor(ids)
     theirs, deltas = ref.model.get_rope_index(tensor, (tensor == IMAGE_TOKEN_ID).int(), torch.tensor(grids))
     np.testing.assert_array_equal(ours, theirs[:, 0].numpy())
@@ -94,6 +114,38 @@ def test_checkpoint_layouts_load_and_save_for_transformers(qwen_vl, tmp_path):
 
     reloaded = getattr(transformers, architecture).from_pretrained(saved).eval()
     assert_logits_close(expected, hf_logits(reloaded, ids, pixels, grids))
+
+
+def test_glm4v_saves_for_transformers(qwen_vl, tmp_path):
+    """Our save of GLM-4.1V (Glm4 norm names, fused gate_up_proj, the vision tower's convs) loads back in
+    transformers with the same logits."""
+    import transformers
+
+    folder, ref = qwen_vl(GLM4V)
+    save_pretrained(model_lib.from_pretrained(folder), tmp_path)
+    reloaded = transformers.Glm4vForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids, pixels, grids = two_image_prompt(2, GLM4V)
+    np.testing.assert_array_equal(hf_logits(reloaded, ids, pixels, grids), hf_logits(ref, ids, pixels, grids))
+
+
+@pytest.mark.parametrize("grid, table", [((4, 12), 4), ((3, 10), 6), ((6, 2), 5)])
+def test_position_table_resampling_equals_grid_sample(grid, table):
+    """GLM-4.1V's bicubic resampling of its position table (up and down, border taps) equals transformers'
+    `F.grid_sample` call."""
+    import torch.nn.functional as F
+
+    from model_lib.vision.glm4v_vit import resample_positions
+
+    h, w = grid
+    weights = np.random.default_rng(0).normal(size=(table * table, 8)).astype(np.float32)
+    rows, cols = (a.reshape(-1) for a in np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))
+    ours = jax.jit(resample_positions)(weights, rows, cols, h, w)
+    x, y = (torch.tensor(cols) + 0.5) / w * 2 - 1, (torch.tensor(rows) + 0.5) / h * 2 - 1
+    image = torch.tensor(weights).view(table, table, -1).permute(2, 0, 1)[None]
+    theirs = F.grid_sample(image, torch.stack([x, y], -1).float()[None, :, None], mode="bicubic", align_corners=False,
+                           padding_mode="border")[0, :, :, 0].T
+    # Within float32 rounding of the sample coordinate (a wrong cubic coefficient or alignment is off by ~1e-2).
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [

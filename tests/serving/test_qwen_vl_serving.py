@@ -1,4 +1,4 @@
-"""Qwen-VL through the engine and the offline API: greedy tokens equal transformers' for images of two
+"""Qwen-VL and GLM-4.1V (slow tier) through the engine and the offline API: greedy tokens equal transformers' for images of two
 sizes, two images in one prompt and text alone, under chunked prefill, the encoder budget, prefix
 caching and preemption; different images never share KV."""
 
@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 
 from serving import LLM, SamplingParams
-from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, build_qwen_vl, hf_greedy
+from tests.qwen_vl_models import (ARCHITECTURES, IMAGE_TOKEN_ID, SERVING_ARCHITECTURES, build_qwen_vl, hf_greedy,
+                                  image_marker)
 from tests.vlm_models import random_image
 
 MAX_TOKENS = 6
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE = image_marker(ARCHITECTURES[1])
 PROMPT = f"user: what is in {IMAGE} this?\nassistant:"
 # 8-token chunks split each image's placeholders over steps; a 24-token encoder budget holds one image
 # (16 or 12 tokens) per step but not two; 18 pages of 4 tokens (the longest request) cannot hold the four requests at once,
@@ -35,13 +36,15 @@ def served(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", SERVING_ARCHITECTURES)
 def test_generate_with_images_equals_transformers(served, architecture):
     llm, ref = served(architecture)
+    image = image_marker(architecture)
     images = [random_image(1), random_image(2, (24, 56))]
-    prompts = [{"prompt": PROMPT, "multi_modal_data": {"image": image}} for image in images]
+    prompts = [{"prompt": f"user: what is in {image} this?\nassistant:", "multi_modal_data": {"image": i}}
+               for i in images]
     prompts.append("user: no image here\nassistant:")
-    prompts.append({"prompt": f"user: {IMAGE} and {IMAGE}?\nassistant:", "multi_modal_data": {"image": images[::-1]}})
+    prompts.append({"prompt": f"user: {image} and {image}?\nassistant:", "multi_modal_data": {"image": images[::-1]}})
     preempted = llm.engine.scheduler.num_preemptions
     outputs = llm.generate(prompts, GREEDY)
     assert llm.engine.scheduler.num_preemptions > preempted
