@@ -110,6 +110,8 @@ LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate
 QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4)
 QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
                          window_size=16, fullatt_block_indexes=[0])
+GLM4V_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
+                    image_size=16)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -478,6 +480,19 @@ CASES = [
         ("qwen2-vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", QWEN2_VL_VISION),
         ("qwen2_5-vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", QWEN2_5_VL_VISION),
     )),
+    # GLM-4.1V's text path: GLM-4's sandwich norms, M-RoPE sections over the rotated half of each head.
+    TinyCase(
+        "glm4v-text",
+        "Glm4vConfig",
+        dict(text_config={**DIMS, "num_key_value_heads": 2, **SMALL_TOKENS,
+                          "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2],
+                                              "partial_rotary_factor": 0.5}},
+             vision_config=GLM4V_VISION, image_token_id=VOCAB - 1, image_start_token_id=VOCAB - 2,
+             image_end_token_id=VOCAB - 3, video_token_id=VOCAB - 4),
+        dims={},
+        architecture="Glm4vForConditionalGeneration",
+        model_class="Glm4vForConditionalGeneration",
+    ),
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",
              builder=GROK_BUILDER),
