@@ -64,14 +64,16 @@ def qwen2_5_vision_config(vision: PretrainedConfig) -> QwenVisionConfig:
 
 
 def glm4v_vision_config(vision: PretrainedConfig) -> GlmVisionConfig:
-    if vision.image_size % vision.patch_size:
-        raise ValueError(f"vision image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}")
+    common = _vision_common(vision)
+    image_size = _single(vision.image_size, "image_size")
+    if image_size % common["patch_size"]:
+        raise ValueError(f"vision image_size {image_size} is not a multiple of patch_size {common['patch_size']}")
     # The blocks' MLP is `out_hidden_size` wide; `intermediate_size` is the merger's.
-    return GlmVisionConfig(**_vision_common(vision), hidden_size=vision.hidden_size,
-                           intermediate_size=vision.out_hidden_size, out_hidden_size=vision.out_hidden_size,
-                           merger_intermediate_size=vision.intermediate_size, norm="rms", gated_mlp=True,
-                           norm_eps=vision.rms_norm_eps, qkv_bias=bool(vision.attention_bias), proj_bias=False,
-                           mlp_bias=False, position_grid=_single(vision.image_size, "image_size") // vision.patch_size)
+    return GlmVisionConfig(**common, hidden_size=vision.hidden_size, intermediate_size=vision.out_hidden_size,
+                           out_hidden_size=vision.out_hidden_size, merger_intermediate_size=vision.intermediate_size,
+                           norm="rms", gated_mlp=True, norm_eps=vision.rms_norm_eps,
+                           qkv_bias=bool(vision.attention_bias), proj_bias=False, mlp_bias=False,
+                           position_grid=image_size // common["patch_size"])
 
 
 VISION_CONFIGS = {

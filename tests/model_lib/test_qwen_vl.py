@@ -148,15 +148,20 @@ def test_position_table_resampling_equals_grid_sample(grid, table):
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"image_token_id": 500}, "outside the vocabulary"),
-    ({"text_config": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 2]}}}, "mrope_section"),
-    ({"text_config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "mrope_section": [2, 3, 3]}}},
-     "rope_type 'linear'"),
-    ({"vision_config": {"window_size": 10}}, "window_size"),
+@pytest.mark.parametrize("architecture, change, message", [
+    (ARCHITECTURES[1], {"image_token_id": 500}, "outside the vocabulary"),
+    (ARCHITECTURES[1], {"text_config": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 2]}}},
+     "mrope_section"),
+    (ARCHITECTURES[1], {"text_config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                            "mrope_section": [2, 3, 3]}}}, "rope_type 'linear'"),
+    (ARCHITECTURES[1], {"vision_config": {"window_size": 10}}, "window_size"),
+    # GLM-4.1V: the sections split the rotated half of the head (a whole-head rotary needs other sections).
+    (GLM4V, {"text_config": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}},
+     "mrope_section"),
+    (GLM4V, {"vision_config": {"image_size": 18}}, "image_size 18"),
 ])
-def test_bad_settings_are_refused(qwen_vl, tmp_path, change, message):
-    folder, _ = qwen_vl(ARCHITECTURES[1])
+def test_bad_settings_are_refused(qwen_vl, tmp_path, architecture, change, message):
+    folder, _ = qwen_vl(architecture)
     config = json.loads((folder / "config.json").read_text())
     for key, value in change.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
