@@ -90,7 +90,7 @@ class QwenVLForConditionalGeneration(CausalLM):
     def image_features(self, patches: jax.Array, grid: Sequence[int]) -> jax.Array:
         """One image's processor patches `[N, C*Tp*P*P]` and grid (t, h, w) -> `[U, F]`."""
         layout = vision_layout(self.config.multimodal.vision, tuple(int(x) for x in grid))
-        return image_features(self.visual, jnp.asarray(patches), jax.tree.map(jnp.asarray, layout))
+        return _compiled_features(self.visual, jnp.asarray(patches), jax.tree.map(jnp.asarray, layout))
 
     def __call__(
         self,
@@ -133,8 +133,14 @@ class QwenVLForConditionalGeneration(CausalLM):
                 runs = _count_runs(ids[b][real], mm.image_token_id)
                 row_grids = [next(remaining) for _ in range(runs)]
                 rope_positions[:, b, real] = prompt_positions(ids[b][real], mm, row_grids)[0]
-        return super().__call__(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-                                merged=merged, rope_positions=rope_positions)
+        return _compiled_decoder(self, jnp.asarray(input_ids), attention_mask, segment_ids=segment_ids,
+                                 positions=positions, merged=merged, rope_positions=jnp.asarray(rope_positions))
+
+
+# The image path does host work on the ids and grids, so it runs eagerly; its tower and decoder calls are
+# compiled whole (op by op, a tiny model's first call with new shapes takes tens of seconds on a CPU).
+_compiled_features = nnx.jit(image_features)
+_compiled_decoder = nnx.jit(CausalLM.__call__)
 
 
 def _count_runs(ids: np.ndarray, token: int) -> int:

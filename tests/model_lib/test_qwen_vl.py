@@ -50,24 +50,11 @@ def hf_logits(ref, ids, pixels=None, grids=None) -> np.ndarray:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_logits_with_images_match_transformers(qwen_vl, architecture):
+    """One batch: a one-image row (right padded) and a row with two images of different sizes."""
     folder, ref = qwen_vl(architecture)
     model = model_lib.from_pretrained(folder)
     ids, pixels, grids = two_image_prompt(0, architecture)
     assert (ids == IMAGE_TOKEN_ID).sum() == (64 + 48) // 4
-    assert_logits_close(np.asarray(model(ids, pixel_values=pixels, image_grid_thw=grids)),
-                        hf_logits(ref, ids, pixels, grids))
-    # Without images the positions are 1D on all three axes, as transformers' text-only forward.
-    text = np.where(ids == IMAGE_TOKEN_ID, 5, ids)
-    assert_logits_close(vision_forward(model, text), hf_logits(ref, text))
-
-
-@pytest.mark.slow  # the tiny models run op by op here: new shapes cost seconds each
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_padded_batch_with_one_and_two_images_matches_transformers(qwen_vl, architecture):
-    """A one-image row (right padded) batched with a row holding two images of different sizes."""
-    folder, ref = qwen_vl(architecture)
-    model = model_lib.from_pretrained(folder)
-    ids, pixels, grids = two_image_prompt(0, architecture)
     one_pixels, one_grid = processed([random_image(9)], architecture)
     one = np.array([prompt_with_images([[5, 6, 7], [8, 9]], one_grid)])
     batch = np.zeros((2, ids.shape[1]), np.int32)
@@ -77,6 +64,9 @@ def test_padded_batch_with_one_and_two_images_matches_transformers(qwen_vl, arch
                               image_grid_thw=np.concatenate([one_grid, grids])))
     assert_logits_close(logits[:1, : one.shape[1]], hf_logits(ref, one, one_pixels, one_grid))
     assert_logits_close(logits[1:], hf_logits(ref, ids, pixels, grids))
+    # Without images the positions are 1D on all three axes, as transformers' text-only forward.
+    text = np.where(ids == IMAGE_TOKEN_ID, 5, ids)
+    assert_logits_close(vision_forward(model, text), hf_logits(ref, text))
 
 
 @pytest.mark.parametrize("architecture", [ARCHITECTURES[0], GLM4V])
