@@ -53,6 +53,7 @@ ARCHITECTURES: dict[str, str] = {
     "Exaone4ForCausalLM": "model_lib.families.exaone4:EXAONE4",
     "GlmForCausalLM": "model_lib.families.glm:GLM",
     "Glm4ForCausalLM": "model_lib.families.glm:GLM4",
+    "Glm4vForConditionalGeneration": "model_lib.families.qwen_vl:GLM4V",
     "CohereForCausalLM": "model_lib.families.cohere:COHERE",
     "Phi3ForCausalLM": "model_lib.families.phi3:PHI3",
     "GPTBigCodeForCausalLM": "model_lib.families.gpt_bigcode:GPT_BIGCODE",

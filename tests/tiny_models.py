@@ -113,6 +113,8 @@ QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermedia
                          window_size=16, fullatt_block_indexes=[0])
 QWEN3_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
                        num_position_embeddings=4, deepstack_visual_indexes=[0])
+GLM4V_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
+                    image_size=16)
 
 CASES = [
     TinyCase("llama-gqa", "LlamaConfig", dict(num_key_value_heads=2)),
@@ -490,6 +492,19 @@ CASES = [
         ("qwen3-vl-moe", "Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", QWEN3_VL_VISION,
          dict(head_dim=16, num_experts=4, moe_intermediate_size=48, **MOE)),
     )),
+    # GLM-4.1V's text path: GLM-4's sandwich norms, M-RoPE sections over the rotated half of each head.
+    TinyCase(
+        "glm4v-text",
+        "Glm4vConfig",
+        dict(text_config={**DIMS, "num_key_value_heads": 2, **SMALL_TOKENS,
+                          "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2],
+                                              "partial_rotary_factor": 0.5}},
+             vision_config=GLM4V_VISION, image_token_id=VOCAB - 1, image_start_token_id=VOCAB - 2,
+             image_end_token_id=VOCAB - 3, video_token_id=VOCAB - 4),
+        dims={},
+        architecture="Glm4vForConditionalGeneration",
+        model_class="Glm4vForConditionalGeneration",
+    ),
     # Remote code with an own reference (the case's dims and overrides are its config.json fields).
     TinyCase("grok1-softcap-moe", "PretrainedConfig", dict(intermediate_size=32), architecture="Grok1ModelForCausalLM",
              builder=GROK_BUILDER),

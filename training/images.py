@@ -50,7 +50,7 @@ class TrainingImages:
         """Placeholders expanded in `ids` (labels: no loss on them) and the images where they sit."""
         if isinstance(self.inputs.config, QwenVLConfig):
             raise ValueError("fine-tuning a Qwen-VL model on image data is not supported yet (its batches would "
-                             "need grid-sized images and M-RoPE positions); text-only data trains")
+                             "need grid-sized images and M-RoPE positions; GLM-4.1V likewise); text-only data trains")
         expanded, items = self.inputs(ids, images)
         token = self.inputs.config.image_token_id
         text_labels = iter(label for t, label in zip(ids, labels) if t != token)

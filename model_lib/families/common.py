@@ -169,9 +169,9 @@ def llama_like_fields(
     )
 
 
-def gate_up_fused(hf_module: str = "model.layers.{i}.mlp.gate_up_proj") -> Fused:
-    """A fused `[gate | up]` MLP input projection (Phi-3, GLM), split into gate_proj and up_proj."""
-    return Fused(hf_module, "model.layers.{i}.mlp", ("gate_proj", "up_proj"), gate_up_layout)
+def gate_up_fused(hf_module: str = "model.layers.{i}.mlp.gate_up_proj", parent: str = "model.layers.{i}.mlp") -> Fused:
+    """A fused `[gate | up]` MLP input projection (Phi-3, GLM), split into `parent`'s gate_proj and up_proj."""
+    return Fused(hf_module, parent, ("gate_proj", "up_proj"), gate_up_layout)
 
 
 def require(hf: PretrainedConfig, family: str, **supported: Any) -> None:

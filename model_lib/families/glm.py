@@ -29,17 +29,19 @@ def glm4_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     return glm_config(hf, architecture).replace(family="glm4", block_norms="sandwich")
 
 
+def glm4_norm_renames(layers: str = "model.layers") -> tuple[tuple[str, str], ...]:
+    """Glm4's block norm names -> our sandwich block's, for the decoder layers under `layers`."""
+    return tuple((f"{layers}.{{i}}.{hf}", f"{layers}.{{i}}.{ours}") for hf, ours in (
+        ("post_attention_layernorm", "pre_feedforward_layernorm"),
+        ("post_self_attn_layernorm", "post_attention_layernorm"),
+        ("post_mlp_layernorm", "post_feedforward_layernorm"),
+    ))
+
+
 GLM = Family("glm", glm_config, WeightMap(fused=(gate_up_fused(),)), quirks="partial interleaved rotary, qkv bias, fused gate_up_proj")
 GLM4 = Family(
     "glm4",
     glm4_config,
-    WeightMap(
-        renames=(
-            ("model.layers.{i}.post_attention_layernorm", "model.layers.{i}.pre_feedforward_layernorm"),
-            ("model.layers.{i}.post_self_attn_layernorm", "model.layers.{i}.post_attention_layernorm"),
-            ("model.layers.{i}.post_mlp_layernorm", "model.layers.{i}.post_feedforward_layernorm"),
-        ),
-        fused=(gate_up_fused(),),
-    ),
+    WeightMap(renames=glm4_norm_renames(), fused=(gate_up_fused(),)),
     quirks="Glm plus norms after attention and MLP",
 )

@@ -1,11 +1,14 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`,
-`Qwen3VLForConditionalGeneration`, `Qwen3VLMoeForConditionalGeneration`).
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4.1V (`Qwen2VLForConditionalGeneration`,
+`Qwen2_5_VLForConditionalGeneration`, `Qwen3VLForConditionalGeneration`, `Qwen3VLMoeForConditionalGeneration`,
+`Glm4vForConditionalGeneration`).
 
 The language model is Qwen2's (q/k/v bias, per-layer sliding window) with M-RoPE: `rope_parameters`
 carries `mrope_section`. Qwen3-VL's is Qwen3's (q/k RMSNorm per head, `attention_bias`, no window),
 or Qwen3-MoE's, with interleaved M-RoPE (`mrope_section` defaults to transformers' [24, 20, 20]).
-The vision tower is `model_lib/vision/qwen_vit.py`. Checkpoints name the parts by the transformers
-version that saved them: hub ones `model.layers.*`, `visual.*`, `lm_head`; transformers 5
+GLM-4.1V's is GLM-4's (sandwich norms, fused `gate_up_proj`, partial rotary on interleaved pairs),
+whose `mrope_section` splits the rotary frequencies (not the pairs) into t, h, w sections.
+The vision towers are `model_lib/vision/qwen_vit.py` and `glm4v_vit.py`. Checkpoints name the parts by
+the transformers version that saved them: hub ones `model.layers.*`, `visual.*`, `lm_head`; transformers 5
 `model.language_model.*`, `model.visual.*`, `lm_head`. Both load; saving writes the transformers 5
 names. Qwen3-VL-MoE stores each layer's experts fused, gate then up: hub checkpoints `[in, out]`
 (`experts.gate_up_proj [X, E, 2I]`, `experts.down_proj [X, I, E]`), transformers 5 `[out, in]`; both
@@ -20,10 +23,12 @@ from typing import Callable
 from transformers import PretrainedConfig
 
 from model_lib.config import ModelConfig
-from model_lib.families.common import NO_WINDOW, PER_LAYER_TYPE, hf_json, llama_like_fields
+from model_lib.families.common import NO_WINDOW, PER_LAYER_TYPE, gate_up_fused, hf_json, llama_like_fields
+from model_lib.families.glm import glm4_norm_renames
 from model_lib.families.qwen_moe import qwen_moe_fields
 from model_lib.layers.rotary import mrope_axes
 from model_lib.registry import Family
+from model_lib.vision.glm4v_vit import GlmVisionConfig
 from model_lib.vision.qwen_vit import QwenVisionConfig
 from model_lib.vision.qwen_vl import QwenVLConfig
 from model_lib.weight_map import IDENTITY, Fused, WeightMap
@@ -90,6 +95,27 @@ def qwen3_moe_text_fields(text: PretrainedConfig, architecture: str) -> dict:
             **qwen_moe_fields(text, norm_topk_prob=True)}
 
 
+def glm4v_vision_config(vision: PretrainedConfig) -> GlmVisionConfig:
+    common = _vision_common(vision)
+    image_size = _single(vision.image_size, "image_size")
+    if image_size % common["patch_size"]:
+        raise ValueError(f"vision image_size {image_size} is not a multiple of patch_size {common['patch_size']}")
+    # The blocks' MLP is `out_hidden_size` wide; `intermediate_size` is the merger's.
+    return GlmVisionConfig(**common, hidden_size=vision.hidden_size, intermediate_size=vision.out_hidden_size,
+                           out_hidden_size=vision.out_hidden_size, merger_intermediate_size=vision.intermediate_size,
+                           norm="rms", gated_mlp=True, norm_eps=vision.rms_norm_eps,
+                           qkv_bias=bool(vision.attention_bias), proj_bias=False, mlp_bias=False,
+                           position_grid=image_size // common["patch_size"])
+
+
+def glm4v_text_fields(text: PretrainedConfig, architecture: str) -> dict:
+    """GLM-4's decoder (`model_lib/families/glm.py`): its attention always has q/k/v biases, and rotates
+    `partial_rotary_factor` of each head as interleaved pairs."""
+    fields = llama_like_fields(text, architecture, "glm4v", partial_rotary=True, reads_head_dim=False)
+    return {**fields, "qkv_bias": True, "o_bias": False, "block_norms": "sandwich",
+            "rope": dataclasses.replace(fields["rope"], interleaved=True)}
+
+
 @dataclasses.dataclass(frozen=True)
 class QwenVLVariant:
     """What sets one Qwen-VL generation apart: its tower's and its language model's config readers."""
@@ -107,6 +133,8 @@ VARIANTS = {
                                                      QWEN3_MROPE_SECTION),
     "Qwen3VLMoeForConditionalGeneration": QwenVLVariant(qwen3_vision_config, qwen3_moe_text_fields, True,
                                                         QWEN3_MROPE_SECTION),
+    # transformers' GLM-4.1V rotary defaults its sections to (8, 12, 12).
+    "Glm4vForConditionalGeneration": QwenVLVariant(glm4v_vision_config, glm4v_text_fields, False, (8, 12, 12)),
 }
 
 
@@ -138,17 +166,27 @@ def qwen_vl_config(hf: PretrainedConfig, architecture: str) -> ModelConfig:
     })
 
 
+# Hub checkpoints (transformers 4) -> transformers 5 names, our canonical HF layout.
+_VL_KEY_RENAMES = (
+    (r"^visual\.", "model.visual."),
+    (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+)
+_VL_RELOCATED = (("model.language_model", "model"), ("model.visual", "visual"))
+
 QWEN_VL_WEIGHTS = WeightMap(
-    # Hub checkpoints (transformers 4) -> transformers 5 names, our canonical HF layout.
-    key_renames=(
-        (r"^visual\.", "model.visual."),
-        (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
-    ),
+    key_renames=_VL_KEY_RENAMES,
     renames=(
         ("model.visual.merger.mlp.0", "model.visual.merger.fc1"),
         ("model.visual.merger.mlp.2", "model.visual.merger.fc2"),
     ),
-    relocated=(("model.language_model", "model"), ("model.visual", "visual")),
+    relocated=_VL_RELOCATED,
+    ignored=IDENTITY.ignored,
+)
+GLM4V_WEIGHTS = WeightMap(
+    key_renames=_VL_KEY_RENAMES,
+    renames=glm4_norm_renames("model.language_model.layers"),
+    fused=(gate_up_fused("model.language_model.layers.{i}.mlp.gate_up_proj", "model.language_model.layers.{i}.mlp"),),
+    relocated=_VL_RELOCATED,
     ignored=IDENTITY.ignored,
 )
 
@@ -179,3 +217,6 @@ QWEN3_VL = Family("qwen3_vl", qwen_vl_config, QWEN3_VL_WEIGHTS,
                          "decoder layers; Qwen3 text with interleaved M-RoPE")
 QWEN3_VL_MOE = Family("qwen3_vl_moe", qwen_vl_config, QWEN3_VL_MOE_WEIGHTS,
                       quirks="Qwen3-VL with Qwen3-MoE text (fused [in, out] expert tensors)")
+GLM4V = Family("glm4v", qwen_vl_config, GLM4V_WEIGHTS,
+               quirks="GLM-4 decoder with M-RoPE on interleaved partial rotary; ViT with resampled learned "
+                      "positions, downsample conv and GLU merger")

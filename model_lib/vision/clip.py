@@ -19,9 +19,9 @@ from model_lib.layers.activations import activation
 from model_lib.vision.config import VisionConfig
 
 
-def _linear(in_features: int, out_features: int, dtype: jnp.dtype, rngs: nnx.Rngs) -> Linear:
+def _linear(in_features: int, out_features: int, dtype: jnp.dtype, rngs: nnx.Rngs, *, bias: bool = True) -> Linear:
     # The tower is small beside the language model: replicated on a mesh (no logical axes to split).
-    return Linear(in_features, out_features, axes=(None, None), use_bias=True, dtype=dtype, init_std=0.02, rngs=rngs)
+    return Linear(in_features, out_features, axes=(None, None), use_bias=bias, dtype=dtype, init_std=0.02, rngs=rngs)
 
 
 def layer_norm(config: VisionConfig, dtype: jnp.dtype) -> LayerNorm:

@@ -18,6 +18,7 @@ VISION_LANGUAGE_MODELS = {
     "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen3VLMoeForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
+    "Glm4vForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
 }
 
 

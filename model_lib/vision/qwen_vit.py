@@ -45,7 +45,8 @@ MAX_PATCH_SIZE = 1024
 class QwenVisionConfig:
     """A Qwen-VL ViT. `norm` "layer" (Qwen2-VL) or "rms" (Qwen2.5-VL, also the merger's `ln_q`);
     `gated_mlp`: SwiGLU `gate_proj/up_proj/down_proj` (2.5) instead of `fc1/fc2`; `window_size`
-    in pixels (0: every block attends over the whole frame)."""
+    in pixels (0: every block attends over the whole frame). The bias flags and `norm_eps` are the
+    blocks' (GLM-4.1V's tower, `model_lib/vision/glm4v_vit.py`, sets them otherwise)."""
 
     depth: int
     hidden_size: int
@@ -65,6 +66,10 @@ class QwenVisionConfig:
     patch_bias: bool = False  # the patch Conv3d has a bias (Qwen3-VL)
     num_position_embeddings: int = 0  # a learned square position table, resampled per image (Qwen3-VL); 0: none
     deepstack_indexes: tuple[int, ...] = ()  # blocks whose output feeds a DeepStack merger (Qwen3-VL)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.depth <= MAX_VISION_LAYERS:
@@ -198,8 +203,8 @@ def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> Visio
 def _norm(config: QwenVisionConfig, dtype: jnp.dtype, width: int | None = None) -> nnx.Module:
     width = width or config.hidden_size
     if config.norm == "rms":
-        return RMSNorm((width,), eps=1e-6, weight_offset=0.0, dtype=dtype)
-    return LayerNorm((width,), eps=1e-6, use_bias=True, weight_offset=0.0, dtype=dtype)
+        return RMSNorm((width,), eps=config.norm_eps, weight_offset=0.0, dtype=dtype)
+    return LayerNorm((width,), eps=config.norm_eps, use_bias=True, weight_offset=0.0, dtype=dtype)
 
 
 def rotary_2d(config: QwenVisionConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -213,8 +218,8 @@ def rotary_2d(config: QwenVisionConfig, positions: jax.Array) -> tuple[jax.Array
 class VisionAttention(nnx.Module):
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.num_heads = config.num_heads
-        self.qkv = _linear(config.hidden_size, 3 * config.hidden_size, dtype, rngs)
-        self.proj = _linear(config.hidden_size, config.hidden_size, dtype, rngs)
+        self.qkv = _linear(config.hidden_size, 3 * config.hidden_size, dtype, rngs, bias=config.qkv_bias)
+        self.proj = _linear(config.hidden_size, config.hidden_size, dtype, rngs, bias=config.proj_bias)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
         n, e = x.shape
@@ -231,14 +236,15 @@ class VisionMlp(nnx.Module):
     """`fc2(act(fc1(x)))`, or SwiGLU-style `down_proj(act(gate_proj(x)) * up_proj(x))` when gated."""
 
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
-        e, i = config.hidden_size, config.intermediate_size
+        e, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.act = activation(config.activation)
         self.gated = config.gated_mlp
         if self.gated:
-            self.gate_proj, self.up_proj, self.down_proj = (_linear(e, i, dtype, rngs), _linear(e, i, dtype, rngs),
-                                                            _linear(i, e, dtype, rngs))
+            self.gate_proj, self.up_proj, self.down_proj = (
+                _linear(e, i, dtype, rngs, bias=bias), _linear(e, i, dtype, rngs, bias=bias),
+                _linear(i, e, dtype, rngs, bias=bias))
         else:
-            self.fc1, self.fc2 = _linear(e, i, dtype, rngs), _linear(i, e, dtype, rngs)
+            self.fc1, self.fc2 = _linear(e, i, dtype, rngs, bias=bias), _linear(i, e, dtype, rngs, bias=bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.gated:
@@ -284,11 +290,7 @@ class QwenVisionTower(nnx.Module):
 
     def __init__(self, config: QwenVisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.config = config
-        init = jax.nn.initializers.normal(0.02)
-        shape = (config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size,
-                 config.patch_size)
-        bias = nnx.Param(jnp.zeros((config.hidden_size,), dtype)) if config.patch_bias else None
-        self.patch_embed = PatchEmbed(PatchConv(nnx.Param(init(rngs.params(), shape, dtype)), bias))
+        self.patch_embed = PatchEmbed.create(config, dtype, rngs, bias=config.patch_bias)
         self.pos_embed = (Embed(config.num_position_embeddings, config.hidden_size, axes=(None, None), dtype=dtype,
                                 init_std=0.02, rngs=rngs) if config.num_position_embeddings else None)
         self.blocks = nnx.List([VisionBlock(config, dtype, rngs=rngs) for _ in range(config.depth)])
@@ -297,11 +299,7 @@ class QwenVisionTower(nnx.Module):
         self.deepstack_merger_list = nnx.List(deepstack) if deepstack else None
 
     def features(self, patches: jax.Array, layout: VisionLayout) -> jax.Array:
-        conv = self.patch_embed.proj
-        weight = conv.weight[...]
-        x = patches[layout.order].astype(weight.dtype) @ weight.reshape(weight.shape[0], -1).T  # [N, E]
-        if conv.bias is not None:
-            x = x + conv.bias[...]
+        x = self.patch_embed(patches[layout.order])  # [N, E]
         if self.pos_embed is not None:
             table = self.pos_embed.weight[...]
             x = x + jnp.einsum("nk,nke->ne", layout.position_weights, table[layout.position_taps]).astype(x.dtype)
@@ -316,7 +314,22 @@ class QwenVisionTower(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """Holds the Conv3d (`proj.weight [E, C, Tp, P, P]`) under HF's names."""
+    """Holds the Conv3d (`proj.weight [E, C, Tp, P, P]`, optional `proj.bias`) under HF's names; a
+    stride-equal convolution of flattened patch rows is one matmul."""
 
     def __init__(self, proj: PatchConv):
         self.proj = proj
+
+    def __call__(self, rows: jax.Array) -> jax.Array:
+        """`[N, C*Tp*P*P]` -> `[N, E]`."""
+        weight = self.proj.weight[...]
+        x = rows.astype(weight.dtype) @ weight.reshape(weight.shape[0], -1).T
+        return x if self.proj.bias is None else x + self.proj.bias[...]
+
+    @classmethod
+    def create(cls, config: QwenVisionConfig, dtype: jnp.dtype, rngs: nnx.Rngs, *, bias: bool = False) -> "PatchEmbed":
+        init = jax.nn.initializers.normal(0.02)
+        shape = (config.hidden_size, config.in_channels, config.temporal_patch_size, config.patch_size,
+                 config.patch_size)
+        weight = nnx.Param(init(rngs.params(), shape, dtype))
+        return cls(PatchConv(weight, nnx.Param(jnp.zeros((config.hidden_size,), dtype)) if bias else None))

@@ -1,11 +1,14 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: a Qwen ViT whose merged patches replace image placeholders, M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4.1V: a ViT whose merged patches replace image placeholders, M-RoPE
+positions.
 
-`QwenVLForConditionalGeneration` is a `CausalLM` (its `model` is the Qwen2 language model, so the
-engine, LoRA and the trainer see the decoder they know) that also holds `visual`. Each image
-fills `t * h * w / m^2` consecutive `image_token_id` placeholders; the prompt's positions are
-three-dimensional (`model_lib/vision/mrope.py`; for images Qwen3-VL's `get_rope_index` gives the same
-positions, and its rotary interleaves the axes: `RopeConfig.mrope_interleaved`). Qwen3-VL's DeepStack
-feature sets ride in `MergedEmbeddings.deepstack`; the decoder adds them after its first K layers.
+`QwenVLForConditionalGeneration` is a `CausalLM` (its `model` is the language model, Qwen's or
+GLM-4's, so the engine, LoRA and the trainer see the decoder they know) that also holds `visual`
+(the Qwen ViT, or GLM-4.1V's `model_lib/vision/glm4v_vit.py`, chosen by the vision config's type).
+Each image fills `t * h * w / m^2` consecutive `image_token_id` placeholders; the prompt's
+positions are three-dimensional (`model_lib/vision/mrope.py`; for images Qwen3-VL's and GLM-4.1V's
+`get_rope_index` give the same positions as Qwen2-VL's, and Qwen3-VL's rotary interleaves the axes:
+`RopeConfig.mrope_interleaved`). Qwen3-VL's DeepStack feature sets ride in
+`MergedEmbeddings.deepstack`; the decoder adds them after its first K layers.
 
 Glossary: N patches of an image, U its merged rows (placeholder tokens), F text width.
 """
@@ -25,7 +28,10 @@ from model_lib.decoder import CausalLM
 from model_lib.vision.config import ImagePlaceholders
 from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 from model_lib.vision.mrope import ImageSpan, mrope_positions
+from model_lib.vision.glm4v_vit import GlmVisionConfig, GlmVisionTower
 from model_lib.vision.qwen_vit import QwenVisionConfig, QwenVisionTower, VisionLayout, vision_layout
+
+VISION_TOWERS = {QwenVisionConfig: QwenVisionTower, GlmVisionConfig: GlmVisionTower}  # vision config type -> tower
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class QwenVLConfig(ImagePlaceholders):
         return [self.image_token_id] * self.image_tokens_for(pixels.shape[:3])
 
 
-def image_features(tower: QwenVisionTower, patches: jax.Array, layout: VisionLayout) -> jax.Array:
+def image_features(tower: QwenVisionTower | GlmVisionTower, patches: jax.Array, layout: VisionLayout) -> jax.Array:
     """One image's patches `[N, C*Tp*P*P]` -> features `[U, (1 + K) F]` (a function of the tower alone, for
     servers; K DeepStack sets after the embeddings, `MergedEmbeddings.from_sets`)."""
     return tower.features(patches, layout)
@@ -81,13 +87,14 @@ def prompt_positions(ids: np.ndarray, config: QwenVLConfig, grids: Sequence[Sequ
 
 
 class QwenVLForConditionalGeneration(CausalLM):
-    """A Qwen2 decoder with M-RoPE whose image placeholder tokens take merged ViT features."""
+    """A decoder with M-RoPE whose image placeholder tokens take merged ViT features."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         if not isinstance(config.multimodal, QwenVLConfig):
             raise ValueError(f"{config.architecture} needs a Qwen-VL vision configuration (ModelConfig.multimodal)")
         super().__init__(config, rngs=rngs)
-        self.visual = QwenVisionTower(config.multimodal.vision, jnp.dtype(config.dtype), rngs=rngs)
+        vision = config.multimodal.vision
+        self.visual = VISION_TOWERS[type(vision)](vision, jnp.dtype(config.dtype), rngs=rngs)
 
     @property
     def unrolled_layers(self) -> int:
@@ -97,7 +104,7 @@ class QwenVLForConditionalGeneration(CausalLM):
     def image_features(self, patches: jax.Array, grid: Sequence[int]) -> jax.Array:
         """One image's processor patches `[N, C*Tp*P*P]` and grid (t, h, w) -> `[U, (1 + K) F]`."""
         layout = vision_layout(self.config.multimodal.vision, tuple(int(x) for x in grid))
-        return image_features(self.visual, jnp.asarray(patches), jax.tree.map(jnp.asarray, layout))
+        return _compiled_features(self.visual, jnp.asarray(patches), jax.tree.map(jnp.asarray, layout))
 
     def __call__(
         self,
@@ -141,8 +148,14 @@ class QwenVLForConditionalGeneration(CausalLM):
                 runs = _count_runs(ids[b][real], mm.image_token_id)
                 row_grids = [next(remaining) for _ in range(runs)]
                 rope_positions[:, b, real] = prompt_positions(ids[b][real], mm, row_grids)[0]
-        return super().__call__(input_ids, attention_mask, segment_ids=segment_ids, positions=positions,
-                                merged=merged, rope_positions=rope_positions)
+        return _compiled_decoder(self, jnp.asarray(input_ids), attention_mask, segment_ids=segment_ids,
+                                 positions=positions, merged=merged, rope_positions=jnp.asarray(rope_positions))
+
+
+# The image path does host work on the ids and grids, so it runs eagerly; its tower and decoder calls are
+# compiled whole (op by op, a tiny model's first call with new shapes takes tens of seconds on a CPU).
+_compiled_features = nnx.jit(image_features)
+_compiled_decoder = nnx.jit(CausalLM.__call__)
 
 
 def _count_runs(ids: np.ndarray, token: int) -> int:

@@ -1,5 +1,6 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE against transformers: logits with one image and with
-images of two sizes, M-RoPE positions, checkpoint layouts and save/load, refused settings."""
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and GLM-4.1V against transformers: logits with one image and
+with images of two sizes, M-RoPE positions, GLM's resampled position table, checkpoint layouts and save/load,
+refused settings."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import model_lib
 from model_lib.checkpoint import save_pretrained
 from model_lib.vision.merge import MergedEmbeddings, placeholder_index
 from model_lib.vision.qwen_vl import prompt_positions
-from tests.qwen_vl_models import (ARCHITECTURES, IMAGE_TOKEN_ID, QWEN3_ARCHITECTURES, VISION_END_ID, build_qwen_vl,
-                                  processed, prompt_with_images)
+from tests.qwen_vl_models import (ARCHITECTURES, GLM4V, IMAGE_TOKEN_ID, QWEN3_ARCHITECTURES, build_qwen_vl, processed,
+                                  prompt_with_images)
 from tests.tiny_models import assert_logits_close
 from tests.vlm_models import random_image, vision_forward
 
@@ -36,9 +37,9 @@ def qwen_vl(tmp_path_factory):
     return get
 
 
-def two_image_prompt(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def two_image_prompt(seed: int, architecture: str = ARCHITECTURES[0]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One row: text, a 40x48 image (8x8 patches), text, a 24x56 one (4x12), text; its pixels and grids."""
-    pixels, grids = processed([random_image(seed), random_image(seed + 1, (24, 56))])
+    pixels, grids = processed([random_image(seed), random_image(seed + 1, (24, 56))], architecture)
     rng = np.random.default_rng(seed)
     pieces = [list(rng.integers(3, 100, n)) for n in (5, 4, 6)]
     return np.array([prompt_with_images(pieces, grids)]), pixels, grids
@@ -53,27 +54,30 @@ def hf_logits(ref, ids, pixels=None, grids=None) -> np.ndarray:
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_logits_with_images_match_transformers(qwen_vl, architecture):
+    """One batch: a one-image row (right padded) and a row with two images of different sizes."""
     folder, ref = qwen_vl(architecture)
     model = model_lib.from_pretrained(folder)
-    ids, pixels, grids = two_image_prompt(0)
+    ids, pixels, grids = two_image_prompt(0, architecture)
     assert (ids == IMAGE_TOKEN_ID).sum() == (64 + 48) // 4
-    assert_logits_close(np.asarray(np.asarray(model(ids, pixel_values=pixels, image_grid_thw=grids))),
-                        hf_logits(ref, ids, pixels, grids))
-    if architecture in QWEN3_ARCHITECTURES:  # one image (its DeepStack sets alone), the prompt cut after it
-        one = ids[:, : list(ids[0]).index(VISION_END_ID) + 3]
-        pixels, grids = pixels[: int(np.prod(grids[0]))], grids[:1]
-        assert_logits_close(np.asarray(model(one, pixel_values=pixels, image_grid_thw=grids)),
-                            hf_logits(ref, one, pixels, grids))
+    one_pixels, one_grid = processed([random_image(9)], architecture)
+    one = np.array([prompt_with_images([[5, 6, 7], [8, 9]], one_grid)])
+    batch = np.zeros((2, ids.shape[1]), np.int32)
+    batch[0, : one.shape[1]], batch[1] = one[0], ids[0]
+    mask = (np.arange(ids.shape[1]) < [[one.shape[1]], [ids.shape[1]]]).astype(np.int32)
+    logits = np.asarray(model(batch, mask, pixel_values=np.concatenate([one_pixels, pixels]),
+                              image_grid_thw=np.concatenate([one_grid, grids])))
+    assert_logits_close(logits[:1, : one.shape[1]], hf_logits(ref, one, one_pixels, one_grid))
+    assert_logits_close(logits[1:], hf_logits(ref, ids, pixels, grids))
     # Without images the positions are 1D on all three axes, as transformers' text-only forward.
     text = np.where(ids == IMAGE_TOKEN_ID, 5, ids)
     assert_logits_close(vision_forward(model, text), hf_logits(ref, text))
 
 
-@pytest.mark.parametrize("architecture", [ARCHITECTURES[0], QWEN3_ARCHITECTURES[0]])
+@pytest.mark.parametrize("architecture", [ARCHITECTURES[0], QWEN3_ARCHITECTURES[0], GLM4V])
 def test_mrope_positions_equal_get_rope_index(qwen_vl, architecture):
-    """Qwen2-VL's and Qwen3-VL's `get_rope_index` (written apart in transformers) give one image layout."""
+    """Qwen2-VL's, Qwen3-VL's and GLM-4.1V's `get_rope_index` (written apart in transformers) give one image layout."""
     folder, ref = qwen_vl(architecture)
-    ids, _, grids = two_image_prompt(3)
+    ids, _, grids = two_image_prompt(3, architecture)
     ours, delta = prompt_positions(ids[0], model_lib.load_config(folder)[0].multimodal, grids)
     tensor = torch.tensor(ids)
     theirs, deltas = ref.model.get_rope_index(tensor, (tensor == IMAGE_TOKEN_ID).int(), torch.tensor(grids))
@@ -167,15 +171,52 @@ def test_more_deepstack_sets_than_decoder_layers_are_refused(qwen_vl, tmp_path):
         model_lib.load_config(tmp_path)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"image_token_id": 500}, "outside the vocabulary"),
-    ({"text_config": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 2]}}}, "mrope_section"),
-    ({"text_config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "mrope_section": [2, 3, 3]}}},
-     "rope_type 'linear'"),
-    ({"vision_config": {"window_size": 10}}, "window_size"),
+def test_glm4v_saves_for_transformers(qwen_vl, tmp_path):
+    """Our save of GLM-4.1V (Glm4 norm names, fused gate_up_proj, the vision tower's convs) loads back in
+    transformers with the same logits."""
+    import transformers
+
+    folder, ref = qwen_vl(GLM4V)
+    save_pretrained(model_lib.from_pretrained(folder), tmp_path)
+    reloaded = transformers.Glm4vForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids, pixels, grids = two_image_prompt(2, GLM4V)
+    np.testing.assert_array_equal(hf_logits(reloaded, ids, pixels, grids), hf_logits(ref, ids, pixels, grids))
+
+
+@pytest.mark.parametrize("grid, table", [((4, 12), 4), ((3, 10), 6), ((6, 2), 5)])
+def test_position_table_resampling_equals_grid_sample(grid, table):
+    """GLM-4.1V's bicubic resampling of its position table (up and down, border taps) equals transformers'
+    `F.grid_sample` call."""
+    import torch.nn.functional as F
+
+    from model_lib.vision.glm4v_vit import resample_positions
+
+    h, w = grid
+    weights = np.random.default_rng(0).normal(size=(table * table, 8)).astype(np.float32)
+    rows, cols = (a.reshape(-1) for a in np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))
+    ours = jax.jit(resample_positions)(weights, rows, cols, h, w)
+    x, y = (torch.tensor(cols) + 0.5) / w * 2 - 1, (torch.tensor(rows) + 0.5) / h * 2 - 1
+    image = torch.tensor(weights).view(table, table, -1).permute(2, 0, 1)[None]
+    theirs = F.grid_sample(image, torch.stack([x, y], -1).float()[None, :, None], mode="bicubic", align_corners=False,
+                           padding_mode="border")[0, :, :, 0].T
+    # Within float32 rounding of the sample coordinate (a wrong cubic coefficient or alignment is off by ~1e-2).
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture, change, message", [
+    (ARCHITECTURES[1], {"image_token_id": 500}, "outside the vocabulary"),
+    (ARCHITECTURES[1], {"text_config": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 2, 2]}}},
+     "mrope_section"),
+    (ARCHITECTURES[1], {"text_config": {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                            "mrope_section": [2, 3, 3]}}}, "rope_type 'linear'"),
+    (ARCHITECTURES[1], {"vision_config": {"window_size": 10}}, "window_size"),
+    # GLM-4.1V: the sections split the rotated half of the head (a whole-head rotary needs other sections).
+    (GLM4V, {"text_config": {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}},
+     "mrope_section"),
+    (GLM4V, {"vision_config": {"image_size": 18}}, "image_size 18"),
 ])
-def test_bad_settings_are_refused(qwen_vl, tmp_path, change, message):
-    folder, _ = qwen_vl(ARCHITECTURES[1])
+def test_bad_settings_are_refused(qwen_vl, tmp_path, architecture, change, message):
+    folder, _ = qwen_vl(architecture)
     config = json.loads((folder / "config.json").read_text())
     for key, value in change.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value

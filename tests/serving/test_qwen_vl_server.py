@@ -1,5 +1,5 @@
-"""`serve` on tiny random Qwen2-VL, Qwen2.5-VL and (slow tier) Qwen3-VL checkpoints, driven by the openai
-client with a base64 image: the tokens of transformers' greedy generation, streamed and whole."""
+"""`serve` on tiny random Qwen2-VL, Qwen2.5-VL and (slow tier) Qwen3-VL and GLM-4.1V checkpoints, driven by the
+openai client with a base64 image: the tokens of transformers' greedy generation, streamed and whole."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import signal
 import openai
 import pytest
 
-from tests.qwen_vl_models import (IMAGE_TOKEN_ID, QWEN2_ARCHITECTURES, QWEN3_ARCHITECTURES, build_qwen_vl, hf_greedy,
-                                  processed)
+from tests.qwen_vl_models import IMAGE_TOKEN_ID, SERVER_ARCHITECTURES, build_qwen_vl, hf_greedy, processed
 from tests.serving.helpers import start_server
 from tests.vlm_models import png_bytes, random_image
 
@@ -19,8 +18,7 @@ MODEL = "tiny-qwen-vl"
 MAX_TOKENS = 6
 
 
-@pytest.fixture(scope="module", params=[*QWEN2_ARCHITECTURES,
-                                        pytest.param(QWEN3_ARCHITECTURES[0], marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=SERVER_ARCHITECTURES)
 def setup(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     ref = build_qwen_vl(folder, request.param)
@@ -29,7 +27,7 @@ def setup(request, tmp_path_factory):
          "--max-num-seqs", "2", "--max-num-batched-tokens", "16", "--log-level", "warning"]
     )
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
-    yield dict(folder=folder, ref=ref, client=client)
+    yield dict(folder=folder, ref=ref, client=client, architecture=request.param)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -43,7 +41,7 @@ def expected_text(setup, image) -> str:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": [
         {"type": "text", "text": "what is in "}, {"type": "image"}, {"type": "text", "text": "?"}]}],
         tokenize=True, add_generation_prompt=True, return_dict=False)
-    (t, h, w), = processed([image])[1].tolist()
+    (t, h, w), = processed([image], setup["architecture"])[1].tolist()
     at = ids.index(IMAGE_TOKEN_ID)
     ids = ids[:at] + [IMAGE_TOKEN_ID] * (t * h * w // 4) + ids[at + 1:]
     return tokenizer.decode(hf_greedy(setup["ref"], ids, [image], MAX_TOKENS), skip_special_tokens=True)

@@ -1,5 +1,5 @@
-"""Qwen-VL through the engine and the offline API: greedy tokens equal transformers' for images of two
-sizes, two images in one prompt and text alone, under chunked prefill, the encoder budget, prefix
+"""Qwen-VL and GLM-4.1V through the engine and the offline API: greedy tokens equal transformers' for images of
+two sizes, two images in one prompt and text alone, under chunked prefill, the encoder budget, prefix
 caching and preemption (Qwen3-VL: the DeepStack sets ride with each chunk's image rows); different
 images never share KV."""
 
@@ -8,12 +8,13 @@ from __future__ import annotations
 import pytest
 
 from serving import LLM, SamplingParams
-from tests.qwen_vl_models import ARCHITECTURES, IMAGE_TOKEN_ID, QWEN3_ARCHITECTURES, build_qwen_vl, hf_greedy
+from tests.qwen_vl_models import (ARCHITECTURES, IMAGE_TOKEN_ID, QWEN3_ARCHITECTURES, SERVING_ARCHITECTURES,
+                                  build_qwen_vl, hf_greedy, image_marker)
 from tests.vlm_models import random_image
 
 MAX_TOKENS = 6
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+IMAGE = image_marker(ARCHITECTURES[1])
 PROMPT = f"user: what is in {IMAGE} this?\nassistant:"
 # 8-token chunks split each image's placeholders over steps; a 24-token encoder budget holds one image
 # (16 or 12 tokens) per step but not two; 18 pages of 4 tokens (the longest request) cannot hold the four requests at once,
@@ -36,14 +37,15 @@ def served(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("architecture", [
-    *ARCHITECTURES[:-1], pytest.param(QWEN3_ARCHITECTURES[1], marks=pytest.mark.slow)])  # MoE: the same path
+@pytest.mark.parametrize("architecture", SERVING_ARCHITECTURES)
 def test_generate_with_images_equals_transformers(served, architecture):
     llm, ref = served(architecture)
+    image = image_marker(architecture)
     images = [random_image(1), random_image(2, (24, 56))]
-    prompts = [{"prompt": PROMPT, "multi_modal_data": {"image": image}} for image in images]
+    prompts = [{"prompt": f"user: what is in {image} this?\nassistant:", "multi_modal_data": {"image": i}}
+               for i in images]
     prompts.append("user: no image here\nassistant:")
-    prompts.append({"prompt": f"user: {IMAGE} and {IMAGE}?\nassistant:", "multi_modal_data": {"image": images[::-1]}})
+    prompts.append({"prompt": f"user: {image} and {image}?\nassistant:", "multi_modal_data": {"image": images[::-1]}})
     preempted = llm.engine.scheduler.num_preemptions
     outputs = llm.generate(prompts, GREEDY)
     assert llm.engine.scheduler.num_preemptions > preempted
@@ -81,4 +83,3 @@ def test_videos_are_refused_clearly(served):
     llm, _ = served(QWEN3_ARCHITECTURES[0])
     with pytest.raises(ValueError, match="this model takes no video"):
         llm.generate({"prompt": PROMPT, "multi_modal_data": {"video": [random_image(8), random_image(9)]}}, GREEDY)
-    assert not llm.engine.has_unfinished_requests()
