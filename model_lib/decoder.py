@@ -344,12 +344,23 @@ class CausalLM(nnx.Module):
         place of the token embeddings it indexes. `rope_positions [3, B, T]`: M-RoPE positions.
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
-        segment_ids = jnp.asarray(segment_ids, jnp.int32)
-        positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
-        seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
-        batch = DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens,
-                           rope_positions=None if rope_positions is None else jnp.asarray(rope_positions, jnp.int32))
+        batch = dense_batch(input_ids, attention_mask, segment_ids, positions, rope_positions)
         logits, _ = self.forward(input_ids, batch, merged=merged)
         return logits
+
+
+def dense_batch(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    rope_positions: jax.Array | None = None,
+) -> DenseBatch:
+    """The attention inputs of a `[B, T]` batch (`CausalLM.__call__` says what the arguments mean)."""
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
+    seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
+    return DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens,
+                      rope_positions=None if rope_positions is None else jnp.asarray(rope_positions, jnp.int32))

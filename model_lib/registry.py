@@ -95,6 +95,7 @@ ARCHITECTURES: dict[str, str] = {
     "LlavaOnevisionForConditionalGeneration": "model_lib.families.llava:LLAVA_ONEVISION",
     "Mistral3ForConditionalGeneration": "model_lib.families.llava:MISTRAL3",
     "InternVLForConditionalGeneration": "model_lib.families.llava:INTERNVL",
+    "MllamaForConditionalGeneration": "model_lib.families.mllama:MLLAMA",
     "Qwen2VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
     "MambaForCausalLM": "model_lib.families.mamba:MAMBA",

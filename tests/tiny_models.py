@@ -107,6 +107,9 @@ LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
 LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, image_size=32, patch_size=8)
+MLLAMA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                     image_size=16, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0],
+                     vision_output_dim=64)
 QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4)
 QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
                          window_size=16, fullatt_block_indexes=[0])
@@ -463,6 +466,18 @@ CASES = [
            {**LLAVA_VISION, "model_type": "internvl_vision"}, {"model_type": "qwen2"},
            dict(tie_word_embeddings=False, image_token_id=VOCAB - 1)),
       )),
+    # Mllama's text path: the cross-attention layer (1) is skipped without images (the image path:
+    # tests/model_lib/test_mllama.py); its <|image|> token (VOCAB) lies past the output vocabulary.
+    TinyCase(
+        "mllama-text",
+        "MllamaConfig",
+        dict(text_config={**DIMS, "num_hidden_layers": 3, "num_key_value_heads": 2, **SMALL_TOKENS,
+                          "cross_attention_layers": [1]},
+             vision_config=MLLAMA_VISION, image_token_index=VOCAB),
+        dims={},
+        architecture="MllamaForConditionalGeneration",
+        model_class="MllamaForConditionalGeneration",
+    ),
     # Qwen-VL text paths (M-RoPE with 1D positions; the image path: tests/model_lib/test_qwen_vl.py).
     *(TinyCase(
         f"{name}-text",

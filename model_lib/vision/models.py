@@ -12,6 +12,7 @@ VISION_LANGUAGE_MODELS = {
     "LlavaOnevisionForConditionalGeneration": "model_lib.vision.llava_next:LlavaOnevisionForConditionalGeneration",
     "Mistral3ForConditionalGeneration": "model_lib.vision.mistral3:Mistral3ForConditionalGeneration",
     "InternVLForConditionalGeneration": "model_lib.vision.internvl:InternVLForConditionalGeneration",
+    "MllamaForConditionalGeneration": "model_lib.vision.mllama:MllamaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
 }
