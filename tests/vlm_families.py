@@ -213,19 +213,19 @@ MLLAMA_IMAGE_TOKEN = "<|image|>"
 
 
 def build_mllama(folder: Path):
-    """A tiny Mllama: tiles of 16 pixels (4x4 patches of 4, 17 tokens), up to 4 tiles, a 3-layer local and
-    2-layer global vision transformer, a 4-layer Llama whose layers 1 and 3 cross-attend; the gates drawn
-    away from zero so that every gated branch shows in the logits."""
+    """A tiny Mllama: tiles of 16 pixels (4x4 patches of 4, 17 tokens), up to 4 tiles, a 2-layer local
+    vision transformer (both layers' outputs kept, in reverse order) and a 1-layer global one, a 3-layer
+    Llama whose layer 1 cross-attends; the gates drawn away from zero so that every gated branch shows."""
     import torch
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
     torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_global_layers=2, attention_heads=4,
-                  image_size=16, patch_size=4, max_num_tiles=4, intermediate_layers_indices=[0, 2],
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                  image_size=16, patch_size=4, max_num_tiles=4, intermediate_layers_indices=[1, 0],
                   vision_output_dim=96)
-    text = dict(vocab_size=IMAGE_TOKEN_ID, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1, 3], bos_token_id=1,
+    text = dict(vocab_size=IMAGE_TOKEN_ID, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1], bos_token_id=1,
                 eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
     config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID)
     model = _perturbed(MllamaForConditionalGeneration(config))
