@@ -210,6 +210,7 @@ def our_images(folder: Path, images: list) -> tuple[list, list]:
 
 
 MLLAMA_IMAGE_TOKEN = "<|image|>"
+MLLAMA_GATES = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
 
 
 def build_mllama(folder: Path):
@@ -231,7 +232,7 @@ def build_mllama(folder: Path):
     model = _perturbed(MllamaForConditionalGeneration(config))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate"):
+            if name.rsplit(".", 1)[-1] in MLLAMA_GATES:
                 p.uniform_(-1.5, 1.5)
     model.save_pretrained(folder)
     tokenizer = _tokenizer([MLLAMA_IMAGE_TOKEN], MLLAMA_IMAGE_TOKEN)

@@ -56,9 +56,9 @@ class MllamaConfig(ImagePlaceholders):
 class CrossInputs:
     """One cross-attention layer's keys and values per sequence and what each query row sees of them.
 
-    `k`, `v` `[N, S, K, D]` and `lengths [N]` (rows past a sequence's length are padding; 0: no image) are
-    a `CrossKV` pool's layout; `token_slots [M]` names each query row's sequence, `visible [M, S]` its
-    keys, `text_rows [M]` (1.0 / 0.0) whether its MLP branch counts."""
+    `k`, `v` `[N, S, K, D]` and `lengths [N]` (rows past a sequence's length are padding; 0: no image), in
+    the layout of a `CrossKV` pool and its lengths; `token_slots [M]` names each query row's sequence,
+    `visible [M, S]` its keys, `text_rows [M]` (1.0 / 0.0) whether its MLP branch counts."""
 
     k: jax.Array
     v: jax.Array
@@ -72,7 +72,7 @@ class MllamaCrossAttention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.scale = self.head_dim**-0.5
-        hidden, q_dim, kv_dim = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         common = dict(use_bias=False, dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs,
                       head_size=self.head_dim)
         self.q_proj = Linear(hidden, q_dim, axes=("embed", "q_heads"), **common)
@@ -113,9 +113,12 @@ class MllamaCrossAttentionDecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, batch: DenseBatch | PagedBatch,
                  cross: CrossInputs | None = None) -> tuple[jax.Array, CrossInputs | None]:
-        """`x [..., E]` (`[B, L, E]` dense, `[T, E]` paged); `cross` None: no sequence has an image."""
+        """`x [B, L, E]`; `cross` None: no sequence has an image."""
         if cross is None:
             return x, None
+        if not isinstance(cross, CrossInputs):
+            raise ValueError("Mllama's cross-attention layers run on dense batches (model(...)) only; "
+                             f"paged serving steps are not supported yet ({MllamaConfig.serving_refusal})")
         flat = x.reshape(-1, x.shape[-1])  # [M, E]
         gate = lambda g: jnp.tanh(g[...]).astype(x.dtype)  # noqa: E731
         h = flat + gate(self.cross_attn_attn_gate) * self.cross_attn(self.input_layernorm(flat), cross)
