@@ -361,17 +361,29 @@ class CausalLM(nnx.Module):
         (`model_lib/spans.py`; `visible_until_from_span_ids` builds it).
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
-        if segment_ids is None:
-            segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
-        segment_ids = jnp.asarray(segment_ids, jnp.int32)
-        positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
-        seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
         if visible_until is not None and (reason := self.config.spans_unsupported_reason(paged=False)):
             raise ValueError(f"this model cannot attend bidirectional spans: {reason}")
-        if visible_until is None:  # SDAR: every block is a span
-            visible_until = block_visible_until(positions, self.config.block_causal_size)
-        batch = DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens,
-                           rope_positions=None if rope_positions is None else jnp.asarray(rope_positions, jnp.int32),
-                           visible_until=None if visible_until is None else jnp.asarray(visible_until, jnp.int32))
+        batch = dense_batch(input_ids, attention_mask, segment_ids, positions, rope_positions, visible_until)
+        if batch.visible_until is None and self.config.block_causal_size is not None:  # SDAR: every block is a span
+            batch = batch.replace(visible_until=block_visible_until(batch.positions, self.config.block_causal_size))
         logits, _ = self.forward(input_ids, batch, merged=merged)
         return logits
+
+
+def dense_batch(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    rope_positions: jax.Array | None = None,
+    visible_until: jax.Array | None = None,
+) -> DenseBatch:
+    """The attention inputs of a `[B, T]` batch (`CausalLM.__call__` says what the arguments mean)."""
+    if segment_ids is None:
+        segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+    segment_ids = jnp.asarray(segment_ids, jnp.int32)
+    positions = positions_from_segments(segment_ids) if positions is None else jnp.asarray(positions, jnp.int32)
+    seq_lens = jnp.broadcast_to(jnp.max(positions, axis=-1, keepdims=True) + 1, positions.shape)
+    return DenseBatch(positions=positions, segment_ids=segment_ids, seq_lens=seq_lens,
+                      rope_positions=None if rope_positions is None else jnp.asarray(rope_positions, jnp.int32),
+                      visible_until=None if visible_until is None else jnp.asarray(visible_until, jnp.int32))

@@ -97,6 +97,7 @@ ARCHITECTURES: dict[str, str] = {
     "Mistral3ForConditionalGeneration": "model_lib.families.llava:MISTRAL3",
     "InternVLForConditionalGeneration": "model_lib.families.llava:INTERNVL",
     "Gemma3ForConditionalGeneration": "model_lib.families.llava:GEMMA3_VL",
+    "MllamaForConditionalGeneration": "model_lib.families.mllama:MLLAMA",
     "Qwen2VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN_VL",
     "Qwen3VLForConditionalGeneration": "model_lib.families.qwen_vl:QWEN3_VL",

@@ -108,6 +108,9 @@ LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
 LLAVA_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, image_size=32, patch_size=8)
+MLLAMA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                     image_size=16, patch_size=8, max_num_tiles=4, intermediate_layers_indices=[0],
+                     vision_output_dim=64)
 QWEN2_VL_VISION = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4)
 QWEN2_5_VL_VISION = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=32, num_heads=2, patch_size=4,
                          window_size=16, fullatt_block_indexes=[0])
@@ -474,6 +477,18 @@ CASES = [
             "layer_types": ["sliding_attention", "full_attention"]},
            dict(mm_tokens_per_image=4, boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 3)),
       )),
+    # Mllama's text path: the cross-attention layer (1) is skipped without images (the image path:
+    # tests/model_lib/test_mllama.py); its <|image|> token (VOCAB) lies past the output vocabulary.
+    TinyCase(
+        "mllama-text",
+        "MllamaConfig",
+        dict(text_config={**DIMS, "num_hidden_layers": 3, "num_key_value_heads": 2, **SMALL_TOKENS,
+                          "cross_attention_layers": [1]},
+             vision_config=MLLAMA_VISION, image_token_index=VOCAB),
+        dims={},
+        architecture="MllamaForConditionalGeneration",
+        model_class="MllamaForConditionalGeneration",
+    ),
     # Qwen-VL text paths (M-RoPE with 1D positions; the image path: tests/model_lib/test_qwen_vl.py).
     *(TinyCase(
         f"{name}-text",

@@ -66,9 +66,14 @@ class PatchConv(nnx.Module):
         return x if self.bias is None else x + self.bias[...].astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Bidirectional softmax attention over one image's tokens, float32: `[B, S, N, H]` each -> `[B, S, N, H]`."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Bidirectional softmax attention over one image's tokens, float32: `[B, S, N, H]` each -> `[B, S, N, H]`.
+
+    `mask [B, S, S]` (True: query may see key) masks with the float32 minimum, as transformers' additive
+    masks do: a row that sees no key spreads evenly over all of them."""
     scores = jnp.einsum("bqnh,bknh->bnqk", q.astype(jnp.float32), k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("bnqk,bknh->bqnh", probs, v.astype(jnp.float32)).astype(q.dtype)
 

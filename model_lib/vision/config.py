@@ -65,6 +65,8 @@ class ImagePlaceholders:
 
     # Fields naming prompt tokens that only the tokenizer knows (field -> token text), set by `with_tokenizer`.
     prompt_tokens: ClassVar[dict[str, str]] = {}
+    # Why the serving engine refuses this model (None: it serves it).
+    serving_refusal: ClassVar[str | None] = None
 
     def with_tokenizer(self, tokenizer: Any) -> "ImagePlaceholders":
         """This config with the `prompt_tokens` ids looked up in the checkpoint's tokenizer."""

@@ -14,6 +14,7 @@ VISION_LANGUAGE_MODELS = {
     "InternVLForConditionalGeneration": "model_lib.vision.internvl:InternVLForConditionalGeneration",
     "Gemma3ForConditionalGeneration": "model_lib.vision.gemma3:Gemma3ForConditionalGeneration",
     "Llama4ForConditionalGeneration": "model_lib.vision.llama4:Llama4ForConditionalGeneration",
+    "MllamaForConditionalGeneration": "model_lib.vision.mllama:MllamaForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "model_lib.vision.qwen_vl:QwenVLForConditionalGeneration",

@@ -36,9 +36,11 @@ def write_cross(
 
 
 def cross_attention(
-    q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, lengths: jax.Array, token_slots: jax.Array, *, scale: float
+    q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, lengths: jax.Array, token_slots: jax.Array, *, scale: float,
+    kv_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """`[T, H, D]` in q's dtype: each query over its slot's first `lengths[slot]` encoder positions."""
+    """`[T, H, D]` in q's dtype: each query over its slot's first `lengths[slot]` encoder positions (and of
+    those, where given, only the ones its row of `kv_mask [T, S]` keeps)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     keys = jnp.take(k_pool, token_slots, axis=0, mode="clip").astype(q.dtype)  # [T, S, K, D]
@@ -47,6 +49,8 @@ def cross_attention(
     logits = jnp.einsum("tkgd,tskd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     length = jnp.take(lengths, token_slots, mode="clip")
     visible = jnp.arange(keys.shape[1])[None, :] < length[:, None]  # [T, S]
+    if kv_mask is not None:
+        visible = visible & kv_mask
     logits = jnp.where(visible[:, None, None, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     out = jnp.einsum("tkgs,tskd->tkgd", probs, values, preferred_element_type=jnp.float32)

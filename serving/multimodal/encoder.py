@@ -24,7 +24,7 @@ from model_lib.vision.merge import MergedEmbeddings
 from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence as Seq
-from serving.multimodal.inputs import ImageItem
+from serving.multimodal.inputs import ImageItem, refuse_unserved
 
 
 MAX_ENCODER_BUDGET = 1 << 20  # a bound on max_num_encoder_input_tokens
@@ -115,6 +115,7 @@ def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens:
     mm = model.config.multimodal
     if mm is None:
         return None
+    refuse_unserved(model.config)
     least = mm.max_image_tokens or 1  # None: image lengths vary, each request's are checked by `check_fits`
     budget = max(max_num_batched_tokens, least) if budget is None else budget
     if not least <= budget <= MAX_ENCODER_BUDGET:

@@ -50,6 +50,13 @@ class ImageItem:
         return [self.offset + int(k) for k in np.flatnonzero(self.rows >= 0)]
 
 
+def refuse_unserved(config: Any) -> None:
+    """ValueError naming a vision-language model (`config`: its `ModelConfig`) the engine cannot serve yet."""
+    mm = config.multimodal
+    if mm is not None and mm.serving_refusal:
+        raise ValueError(f"{config.architecture} cannot be served yet: {mm.serving_refusal}")
+
+
 def feature_rows(placeholders: Sequence[int], image_token_id: int) -> np.ndarray | None:
     """`ImageItem.rows` for an image's placeholder tokens."""
     is_row = np.asarray(placeholders) == image_token_id

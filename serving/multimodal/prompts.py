@@ -12,7 +12,7 @@ import numpy as np
 from model_lib.config import ModelConfig
 from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.multimodal.images import load_image_processor
-from serving.multimodal.inputs import ImageInputs, Video
+from serving.multimodal.inputs import ImageInputs, Video, refuse_unserved
 
 DEFAULT_IMAGES_PER_PROMPT = 16  # vLLM's --limit-mm-per-prompt default is per modality too
 MODALITIES = ("image", "video")
@@ -64,6 +64,7 @@ def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dic
     mm = config.multimodal
     if mm is None:
         return None
+    refuse_unserved(config)
     if mm.prompt_tokens:  # ids of image-run tokens that only the tokenizer knows (Mistral 3's [IMG_BREAK])
         from transformers import AutoTokenizer
 

@@ -1,0 +1,210 @@
+"""Mllama (`MllamaForConditionalGeneration`, Llama 3.2 11B / 90B Vision): a Llama decoder that reads images
+through cross-attention layers instead of placeholder embeddings.
+
+The language model is the registry's Llama decoder (`model.layers.N`, `lm_head`) with the layers named by
+`cross_attention_layers` replaced by `MllamaCrossAttentionDecoderLayer`s: RMS-normed queries and keys per
+head, attention over the image features, then the MLP, each branch scaled by tanh of a learned gate. The
+token table has `vocab_size + 8` rows (the `<|image|>` token lies past the output vocabulary). The tiled
+vision model (`mllama_vision.py`) and `multi_modal_projector` (one linear layer) turn each image into
+`T * P` feature rows; a sequence's cross keys and values are those of all its images, tiles in order.
+
+Which image tiles a text token sees is the processor's `cross_attention_mask [B, L, I, T]`. transformers'
+quirks are kept: a token that sees no tile (before the first `<|image|>`) attends evenly over every
+feature row of its sequence, padding tiles included, and its MLP branch is zeroed
+(`full_text_row_masked_out_mask`); a sequence without images skips the cross-attention layers.
+
+Glossary: B batch, L text tokens, I images per sequence, T tiles per image, P tokens per tile, S = I*T*P
+feature rows, M = B*L query rows, E text width, H heads, K kv heads, D head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from model_lib.config import ModelConfig
+from model_lib.decoder import CausalLM, dense_batch
+from model_lib.layers import MLP, DenseBatch, Embed, Linear, PagedBatch, make_norm
+from model_lib.vision.config import ImagePlaceholders
+from model_lib.vision.mllama_vision import MllamaVisionConfig, MllamaVisionModel
+from pallas_kernels.cross_attention import cross_attention
+
+EXTRA_TOKEN_ROWS = 8  # transformers' `embed_tokens` rows past vocab_size (`<|image|>` among them)
+
+
+@dataclass(frozen=True)
+class MllamaConfig(ImagePlaceholders):
+    """The vision model, the image token and the decoder layers that attend to the images."""
+
+    vision: MllamaVisionConfig
+    image_token_id: int
+    cross_attention_layers: tuple[int, ...]
+
+    serving_refusal: ClassVar[str | None] = (
+        "the engine does not yet fill its cross-attention layers' per-request CrossKV pool with image features "
+        "nor feed them the tokens' cross-attention masks; load it with model_lib.from_pretrained for logits")
+
+    def placeholder_ids(self, pixels: Any, image_size: tuple[int, int]) -> list[int]:
+        return [self.image_token_id]  # one `<|image|>` per image: its features enter by cross attention
+
+
+@struct.dataclass
+class CrossInputs:
+    """One cross-attention layer's keys and values per sequence and what each query row sees of them.
+
+    `k`, `v` `[N, S, K, D]` and `lengths [N]` (rows past a sequence's length are padding; 0: no image), in
+    the layout of a `CrossKV` pool and its lengths; `token_slots [M]` names each query row's sequence,
+    `visible [M, S]` its keys, `text_rows [M]` (1.0 / 0.0) whether its MLP branch counts."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    token_slots: jax.Array
+    visible: jax.Array
+    text_rows: jax.Array
+
+
+class MllamaCrossAttention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = self.head_dim**-0.5
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        common = dict(use_bias=False, dtype=jnp.dtype(config.dtype), init_std=config.initializer_range, rngs=rngs,
+                      head_size=self.head_dim)
+        self.q_proj = Linear(hidden, q_dim, axes=("embed", "q_heads"), **common)
+        self.k_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), **common)
+        self.v_proj = Linear(hidden, kv_dim, axes=("embed", "kv_heads"), **common)
+        self.o_proj = Linear(q_dim, hidden, axes=("q_heads", "embed"), **common)
+        self.q_norm = make_norm(config, self.head_dim)
+        self.k_norm = make_norm(config, self.head_dim)
+
+    def keys_values(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Projected image features `[..., S, E]` -> keys (normed) and values `[..., S, K, D]`."""
+        lead = features.shape[:-1]
+        k = self.k_proj(features).reshape(*lead, self.num_kv_heads, self.head_dim)
+        return self.k_norm(k), self.v_proj(features).reshape(*lead, self.num_kv_heads, self.head_dim)
+
+    def __call__(self, x: jax.Array, cross: CrossInputs) -> jax.Array:
+        """`x [M, E]` -> `[M, E]`."""
+        q = self.q_norm(self.q_proj(x).reshape(x.shape[0], self.num_heads, self.head_dim))
+        out = cross_attention(q, cross.k, cross.v, cross.lengths, cross.token_slots, scale=self.scale,
+                              kv_mask=cross.visible)
+        return self.o_proj(out.reshape(x.shape[0], -1))
+
+
+def _gate(config: ModelConfig) -> nnx.Param:
+    return nnx.Param(jnp.zeros((1,), jnp.dtype(config.dtype)))
+
+
+class MllamaCrossAttentionDecoderLayer(nnx.Module):
+    """Tanh-gated cross attention and MLP; the identity for rows whose sequence has no image."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.cross_attn = MllamaCrossAttention(config, rngs=rngs)
+        self.input_layernorm = make_norm(config)
+        self.cross_attn_attn_gate = _gate(config)
+        self.mlp = MLP(config, layer, rngs=rngs)
+        self.post_attention_layernorm = make_norm(config)
+        self.cross_attn_mlp_gate = _gate(config)
+
+    def __call__(self, x: jax.Array, batch: DenseBatch | PagedBatch,
+                 cross: CrossInputs | None = None) -> tuple[jax.Array, CrossInputs | None]:
+        """`x [B, L, E]`; `cross` None: no sequence has an image."""
+        if cross is None:
+            return x, None
+        if not isinstance(cross, CrossInputs):
+            raise ValueError("Mllama's cross-attention layers run on dense batches (model(...)) only; "
+                             f"paged serving steps are not supported yet ({MllamaConfig.serving_refusal})")
+        flat = x.reshape(-1, x.shape[-1])  # [M, E]
+        gate = lambda g: jnp.tanh(g[...]).astype(x.dtype)  # noqa: E731
+        h = flat + gate(self.cross_attn_attn_gate) * self.cross_attn(self.input_layernorm(flat), cross)
+        mlp = self.mlp(self.post_attention_layernorm(h)) * cross.text_rows[:, None].astype(x.dtype)
+        h = h + gate(self.cross_attn_mlp_gate) * mlp
+        has_image = jnp.take(cross.lengths, cross.token_slots, mode="clip") > 0
+        return jnp.where(has_image[:, None], h, flat).reshape(x.shape), cross
+
+
+def token_visibility(cross_attention_mask: jax.Array | None, tile_tokens: int, num_rows: int,
+                     num_features: int) -> tuple[jax.Array, jax.Array]:
+    """(`visible [M, S]`, `text_rows [M]`) from the processor's `cross_attention_mask [B, L, I, T]` (None:
+    every row sees every feature). A row that sees no tile sees them all (transformers' zero mask row) and
+    loses its MLP branch."""
+    if cross_attention_mask is None:
+        return jnp.ones((num_rows, num_features), bool), jnp.ones((num_rows,), jnp.float32)
+    mask = jnp.asarray(cross_attention_mask) > 0
+    sees = jnp.repeat(mask.reshape(num_rows, -1), tile_tokens, axis=1)  # [M, I*T*P]
+    any_tile = jnp.any(sees, axis=1)
+    return jnp.where(any_tile[:, None], sees, True), any_tile.astype(jnp.float32)
+
+
+class MllamaForConditionalGeneration(CausalLM):
+    """The Llama decoder with cross-attention layers, `vision_model` and `multi_modal_projector`."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        mm = config.multimodal
+        if not isinstance(mm, MllamaConfig):
+            raise ValueError(f"{config.architecture} needs an Mllama vision configuration (MllamaConfig)")
+        super().__init__(config, rngs=rngs)
+        dtype = jnp.dtype(config.dtype)
+        self.model.embed_tokens = Embed(config.vocab_size + EXTRA_TOKEN_ROWS, config.hidden_size,
+                                        axes=("vocab", "embed"), dtype=dtype, init_std=config.initializer_range,
+                                        rngs=rngs)
+        for layer in mm.cross_attention_layers:
+            self.model.layers[layer] = MllamaCrossAttentionDecoderLayer(config, layer, rngs=rngs)
+        self.vision_model = MllamaVisionModel(mm.vision, dtype, rngs=rngs)
+        self.multi_modal_projector = Linear(mm.vision.vision_output_dim, config.hidden_size, axes=(None, "embed"),
+                                            use_bias=True, dtype=dtype, init_std=config.initializer_range, rngs=rngs)
+
+    def image_features(self, pixel_values: jax.Array, aspect_ratio_ids: jax.Array,
+                       aspect_ratio_mask: jax.Array) -> jax.Array:
+        """The processor's `[B, I, T, C, H, W]` pixels, `aspect_ratio_ids [B, I]` and `aspect_ratio_mask
+        [B, I, T]` -> projected features `[B, S, E]` (images, tiles, tokens in order)."""
+        b, i, t = pixel_values.shape[:3]
+        features = self.vision_model(pixel_values.reshape(b * i, *pixel_values.shape[2:]),
+                                     aspect_ratio_ids.reshape(b * i), aspect_ratio_mask.reshape(b * i, t))
+        return self.multi_modal_projector(features).reshape(b, -1, self.config.hidden_size)
+
+    def cross_caches(self, features: jax.Array, visible: jax.Array, text_rows: jax.Array,
+                     token_slots: jax.Array) -> list[CrossInputs | None]:
+        """Every layer's entry of the `kv_caches` the decoder runs with: each cross layer's `CrossInputs` over
+        `features [N, S, E]`, None for the self-attention layers."""
+        lengths = jnp.full((features.shape[0],), features.shape[1], jnp.int32)
+        caches: list[CrossInputs | None] = [None] * len(self.model.layers)
+        for index in self.config.multimodal.cross_attention_layers:
+            k, v = self.model.layers[index].cross_attn.keys_values(features)
+            caches[index] = CrossInputs(k, v, lengths, token_slots, visible, text_rows)
+        return caches
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        pixel_values: jax.Array | None = None,
+        aspect_ratio_ids: jax.Array | None = None,
+        aspect_ratio_mask: jax.Array | None = None,
+        cross_attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits `[B, L, V]` (float32) with transformers' inputs: the processor's pixels, aspect ratio ids and
+        masks and `cross_attention_mask`; without `pixel_values` the cross-attention layers are skipped."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        batch = dense_batch(input_ids, attention_mask, segment_ids, positions)
+        caches = None
+        if pixel_values is not None:
+            if aspect_ratio_ids is None or aspect_ratio_mask is None:
+                raise ValueError("pixel_values need their aspect_ratio_ids and aspect_ratio_mask")
+            features = self.image_features(jnp.asarray(pixel_values), jnp.asarray(aspect_ratio_ids),
+                                           jnp.asarray(aspect_ratio_mask))
+            b, length = input_ids.shape
+            visible, text_rows = token_visibility(cross_attention_mask, self.config.multimodal.vision.tile_tokens,
+                                                  b * length, features.shape[1])
+            token_slots = jnp.repeat(jnp.arange(b, dtype=jnp.int32), length)
+            caches = self.cross_caches(features, visible, text_rows, token_slots)
+        logits, _ = self.forward(input_ids, batch, caches)
+        return logits
