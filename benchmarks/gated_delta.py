@@ -16,26 +16,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.ssm_scan import timed_compiled
 from pallas_kernels.gated_delta import chunk_kernel, ops, reference
 
 # Qwen3-Next-80B-A3B's mixer: 16 q/k heads, 32 value heads, K = V = 128.
 QWEN3_NEXT = dict(groups=16, heads=32, key_dim=128, value_dim=128)
-
-
-def _timed(fn, *args, repeats: int) -> tuple[float, float]:
-    compiled = jax.jit(fn).lower(*args).compile()
-    analysis = compiled.memory_analysis()
-    temp_mb = (analysis.temp_size_in_bytes if analysis is not None else 0) / 2**20
-    jax.block_until_ready(compiled(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(compiled(*args))
-    return (time.perf_counter() - start) / repeats * 1e3, temp_mb
 
 
 def forward_flops(rows: int, tokens: int, heads: int, key_dim: int, value_dim: int, chunk: int) -> float:
@@ -77,7 +66,7 @@ def main() -> None:
     print("| implementation | pass | ms per call | tokens/s | TFLOP/s | temp MB |\n|---|---|---|---|---|---|")
     for name, implementation in implementations:
         for pass_, fn, pass_flops in (("forward", forward, flops), ("forward+backward", training, 3 * flops)):
-            ms, temp = _timed(fn(implementation), *inputs, repeats=args.repeats)
+            ms, temp = timed_compiled(fn(implementation), *inputs, repeats=args.repeats)
             rates = f"{b * t / ms * 1e3:.3g} | {pass_flops / ms / 1e9:.2f}"
             print(f"| {name} | {pass_} | {ms:.2f} | {rates} | {temp:.0f} |")
 
