@@ -93,6 +93,12 @@ class Seq2SeqConfig:
 
     multimodal = None  # the engine's vision-language switch
     rope = None  # the engine's length check reads it
+    bidirectional_spans = False  # the engine's and runner's span switches (model_lib/spans.py)
+    block_causal_size = None  # block diffusion (SDAR) is decoder-only
+
+    def spans_unsupported_reason(self, paged: bool = True) -> str | None:
+        """Request spans would mark the decoder's prompt, but an encoder-decoder's prompt feeds its encoder."""
+        return "an encoder-decoder's prompt feeds its encoder"
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:

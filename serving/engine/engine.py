@@ -279,8 +279,8 @@ class LLMEngine:
         if not spans:
             return ()
         reason = self.model_config.spans_unsupported_reason()
-        if reason is None and self.seq2seq is not None:
-            reason = "an encoder-decoder's prompt feeds its encoder"
+        if reason is None and self.spec is not None:
+            reason = "speculative decoding drafts causally"
         if reason is not None:
             raise ValueError(f"{self.model_config.architecture} cannot serve bidirectional spans: {reason}")
         return check_spans(spans, len(prompt_ids), self.config.max_num_batched_tokens)

@@ -37,6 +37,7 @@ class DraftView:
     num_known: int = 0  # tokens of the sequence (not drafts) when the view was last synced
     spec_tokens: tuple = ()  # the draft runner's own steps carry no drafts
     lora_slot: int | None = None  # speculation refuses LoRA: the draft runs without adapters
+    spans: tuple = ()  # draft steps attend causally (speculation is off for models with spans)
 
     @property
     def num_known_tokens(self) -> int:

@@ -47,6 +47,7 @@ class HiddenView:
     lost: bool = False  # out of draft pages (or out of step): it drafts no more until it leaves
     spec_tokens: tuple = ()
     lora_slot: int | None = None
+    spans: tuple = ()  # draft steps attend causally (speculation is off for models with spans)
 
     @property
     def num_known_tokens(self) -> int:

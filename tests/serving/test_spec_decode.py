@@ -181,6 +181,14 @@ def test_seeded_sampling_is_reproducible_in_any_batch(speculative):
     assert alone == mixed
 
 
+def test_bidirectional_spans_are_refused(speculative):
+    """Drafts attend causally: a request with spans is refused by name, and the engine keeps serving."""
+    llm = speculative["ngram"]
+    with pytest.raises(ValueError, match="speculative decoding drafts causally"):
+        llm.engine.add_request("spans", repetitive_prompts()[0], GREEDY, bidirectional_spans=[(0, 4)])
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_streamed_deltas_carry_several_tokens_per_step(speculative):
     llm = speculative["draft"]
     params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
