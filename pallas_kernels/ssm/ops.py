@@ -12,14 +12,14 @@ Implementations, picked by `implementation` or, when it is None, by lowering pla
 Gradients through the kernel come from its backward kernel (`triton_kernel.selective_scan_vjp`).
 
 `ssd_chunked` likewise: "kernel" (`ssd_kernel.py`) where lowered for CUDA, for rows from zero
-states (dense training rows and whole prompts; no states out), a power-of-two head dim and
-state size of 16 or more; "interpret"; "reference" (everything else). Its kernel is forward
-only: gradients come from the reference's VJP (recomputed in the backward pass).
+states (dense training rows and whole prompts; no states out), whole blocks of the head dim
+(`ssd_kernel.BLOCK_P`) and a power-of-two state size of 16 or more; "interpret"; "reference"
+(everything else). Gradients through the kernel (x, dt, A, B, C, D) come from its backward
+kernels (`ssd_kernel.ssd_chunked_vjp`). The kernels chunk by their own lengths (`ssd_kernel.CHUNK`, `BACKWARD_CHUNK`);
+`chunk` is the reference's, and the result does not depend on either.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,28 +71,15 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
 
 def _ssd_kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
     dt, x = reference.identity_on_padding(dt.astype(jnp.float32), x.astype(jnp.float32), segment_ids)
-    return ssd_kernel.ssd_chunked(x, dt, A, B, C, D, reference.run_ids(segment_ids), interpret=interpret)
+    return ssd_kernel.ssd_chunked_vjp(x, dt, A, B, C, D, reference.run_ids(segment_ids), ssd_kernel.CHUNK,
+                                      ssd_kernel.BACKWARD_CHUNK, interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation):
     args = (x, dt, A, B, C, D, segment_ids)
     if implementation == "auto":
         return on_cuda(_ssd_kernel, lambda *a: reference.ssd_chunked(*a, chunk)[0], *args)
     return _ssd_kernel(*args, interpret=implementation == "interpret")
-
-
-def _ssd_fwd(x, dt, A, B, C, D, segment_ids, chunk, implementation):
-    return _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation), (x, dt, A, B, C, D, segment_ids)
-
-
-def _ssd_bwd(chunk, implementation, residuals, d_y):
-    *inputs, segment_ids = residuals
-    _, vjp = jax.vjp(lambda *a: reference.ssd_chunked(*a, segment_ids, chunk)[0], *inputs)
-    return (*vjp(d_y), None)
-
-
-_ssd.defvjp(_ssd_fwd, _ssd_bwd)
 
 
 def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
@@ -104,7 +91,8 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
         return reference.ssd_chunked(x, dt, A, B, C, D, segment_ids, chunk, state)
     if implementation is None:
         if not ssd_kernel.supported(x.shape[-1], B.shape[-1]):
-            warn_fallback("ssd_chunked", f"head dim {x.shape[-1]}, state {B.shape[-1]} (powers of two >= 16)")
+            warn_fallback("ssd_chunked", f"head dim {x.shape[-1]}, state {B.shape[-1]} (head dim in blocks of "
+                                        f"{ssd_kernel.BLOCK_P}, a power-of-two state >= 16)")
             return reference.ssd_chunked(x, dt, A, B, C, D, segment_ids, chunk)
         implementation = "auto"
     return _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation), None

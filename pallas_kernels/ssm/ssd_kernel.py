@@ -1,21 +1,39 @@
-"""Mamba-2's chunked SSD forward as a Pallas Triton kernel: one program per (row, head, block of
-the head dim).
+"""Mamba-2's chunked SSD as Pallas Triton kernels, forward and backward: one program per (row, head,
+block of the head dim).
 
-Each program walks its row's chunks of L tokens in order, keeping its slice of the head's
-state `h [N, block_p]` in registers (a block of 32 of the head dim keeps it from spilling;
-the `[L, L]` scores are recomputed per block), and per chunk does what `reference.ssd_chunked` does for it:
-the within-chunk output as a masked quadratic form (C B^T weighted by exp(cum_i - cum_j),
-only between tokens of the same run, causal), the carried state's contribution to tokens
-that continue its run, then the state after the chunk. The cumulative log decay is a
-masked row sum over an `[L, L]` tile (no scan primitive needed). Matmuls (`[L, N] x [N, L]`,
-`[L, L] x [L, P]`, `[L, N] x [N, P]`, `[N, L] x [L, P]`) take the tensor cores' float32 mode
-(tf32 on a GPU: relative error near 3e-4, as Mamba's own Triton kernels; exact in interpret mode).
+Each program walks its row's chunks of L tokens, keeping its slice of the head's state `h [N, block_p]`
+in registers (a block of 32 of the head dim keeps it from spilling; the `[L, L]` scores are recomputed
+per block), and per chunk does what `reference.ssd_chunked` does for it. With a = dt A the log decay,
+c its in-chunk cumulative sum (a masked row sum over an `[L, L]` tile), W_ij = exp(c_i - c_j) between
+tokens i >= j of one run, E_i = exp(c_i) for tokens continuing the carried run (0 for a run that starts
+in the chunk, which starts from zeros), e_j = exp(c_L - c_j) for tokens of the chunk's last run and
+K = exp(c_L) when that run is the carried one (else 0):
 
-Run ids (`reference.run_ids`, nondecreasing along a row) come in precomputed; padding is an
-identity step (dt = x = 0), as in the reference, and the last chunk is padded the same way.
-The chunk length is the kernel's own: the result does not depend on it. Forward only, for
-rows starting from zero states (the dense training path); `ops.py` differentiates through the
-reference.
+    y = ((C B^T) * W) (dt x) + E (C h) + D x,    h <- K h + (B * e dt)^T x.
+
+Backward (`ssd_chunked_vjp`, a `custom_vjp`), two kernels on the same grid, in chunks of their own
+(`BACKWARD_CHUNK`): the forward runs again
+writing only the state entering every chunk (`[B, H, Q, N, P]` float32, alive only inside the backward
+pass); a second kernel walks the chunks in reverse carrying dh, the adjoint of the state leaving the
+chunk (it needs no state: the recurrence is linear in h), and with S = (C B^T) * W and dy the output's
+adjoint forms per chunk
+
+    dS = dy (dt x)^T,  d(dt x) = S^T dy,  dC = (dS * W) B + E (dy h^T),  dB = (dS * W)^T C + e dt (x dh^T),
+    dx = D dy + dt d(dt x) + (B * e dt) dh,   dh <- K dh + (C * E)^T dy,
+
+then the chain through W, E, e and K to the cumulative log decay (dS * S gives W's part), to a by a
+reverse cumulative sum, and to dt and A. Every gradient but dx is a sum over head-dim blocks (and, for
+dB and dC, over the heads of a group): the kernel writes per-block partials and the wrapper sums them;
+dD = sum dy x needs no scan and is formed outside.
+
+Run ids (`reference.run_ids`, nondecreasing along a row) come in precomputed; padding is an identity
+step (dt = x = 0), as in the reference, and the last chunk is padded the same way. The chunk length is
+the kernels' own: the result does not depend on it. Rows start from zero states (the dense training
+path). Matmuls take the tensor cores' float32 mode (tf32 on a GPU: relative error near 3e-4, as
+Mamba's own Triton kernels; exact in interpret mode).
+
+Glossary: B rows, T tokens, H heads, P head dim, G groups of B/C, N state size, L chunk length,
+Q chunks, NP head-dim blocks.
 """
 
 from __future__ import annotations
@@ -24,12 +42,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-CHUNK = 32  # tokens per chunk inside the kernel (64 spills registers)
+# At N = 128 (Mamba-2, Granite 4.0) the forward spills registers on sm_90 at chunks of 64, the backward
+# kernel at 32 (255 registers, 8 warps; `tests/pallas_kernels/test_gpu_lowering.py`).
+CHUNK = 32  # tokens per chunk, forward
+BACKWARD_CHUNK = 16  # tokens per chunk, both backward kernels
 BLOCK_P = 32  # head-dim features per program
+WARPS = 8  # per program, every kernel
 
 
 def supported(head_dim: int, state_size: int) -> bool:
@@ -37,42 +60,146 @@ def supported(head_dim: int, state_size: int) -> bool:
     return head_dim % BLOCK_P == 0 and state_size >= 16 and state_size & (state_size - 1) == 0
 
 
-def _kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, y_ref, *, chunks: int, chunk: int,
-            heads_per_group: int):
-    row, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    features = pl.ds(block * BLOCK_P, BLOCK_P)
-    group = head // heads_per_group
-    f32 = jnp.float32
-    A, D = a_ref[head].astype(f32), d_ref[head].astype(f32)
+def _check(head_dim: int, state_size: int) -> None:
+    if not supported(head_dim, state_size):
+        raise ValueError(f"ssd_chunked kernel: head dim {head_dim} (a multiple of {BLOCK_P}) and state {state_size} "
+                         "(a power of two >= 16) needed")
+
+
+def _chunk_terms(dt, A, runs, carried_run, chunk: int) -> dict:
+    """The chunk's decay terms (module docstring), float32; `carried_run` is the run of the state
+    entering the chunk."""
     i = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
     j = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
     causal = j <= i
+    log_decay = dt * A
+    cum = jnp.sum(jnp.where(causal, log_decay[None, :], 0.0), axis=1)  # [L] inclusive
+    same = causal & (runs[:, None] == runs[None, :])
+    weights = jnp.where(same, jnp.exp(jnp.where(same, cum[:, None] - cum[None, :], 0.0)), 0.0)  # W
+    continues = jnp.where(runs == carried_run, jnp.exp(cum), 0.0)  # E
+    last_run, total = jnp.max(runs), jnp.sum(log_decay)
+    to_end = jnp.where(runs == last_run, jnp.exp(total - cum), 0.0)  # e
+    keep = jnp.where(last_run == carried_run, jnp.exp(total), 0.0)  # K
+    last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
+    return dict(causal=causal, last=last, weights=weights, continues=continues, last_run=last_run, to_end=to_end,
+                keep=keep)
+
+
+def _program(a_ref, d_ref, heads_per_group: int):
+    """This program's row, head, its group, block of the head dim (index and slice), A and D (float32)."""
+    row, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    f32 = jnp.float32
+    return (row, head, head // heads_per_group, block, pl.ds(block * BLOCK_P, BLOCK_P), a_ref[head].astype(f32),
+            d_ref[head].astype(f32))
+
+
+def _chunk_inputs(x_ref, dt_ref, b_ref, c_ref, runs_ref, row, head, group, features, tokens):
+    """One chunk's x `[L, block_p]`, dt `[L]`, B, C `[L, N]` (float32) and runs `[L]`."""
+    f32 = jnp.float32
+    return (x_ref[row, tokens, head, features].astype(f32), dt_ref[row, tokens, head].astype(f32),
+            b_ref[row, tokens, group, :].astype(f32), c_ref[row, tokens, group, :].astype(f32),
+            runs_ref[row, tokens])
+
+
+def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, out_ref, *, chunks: int, chunk: int,
+                    heads_per_group: int, states: bool):
+    """The forward: `out_ref` takes y, or with `states` (the backward's first pass) only the state entering
+    every chunk."""
+    row, head, group, _, features, A, D = _program(a_ref, d_ref, heads_per_group)
 
     def step(q, carry):
         h, carried_run = carry  # state entering the chunk [N, block_p], and the run it belongs to
         tokens = pl.ds(q * chunk, chunk)
-        x = x_ref[row, tokens, head, features].astype(f32)  # [L, block_p]
-        dt = dt_ref[row, tokens, head].astype(f32)  # [L]
-        B = b_ref[row, tokens, group, :].astype(f32)  # [L, N]
-        C = c_ref[row, tokens, group, :].astype(f32)
-        runs = runs_ref[row, tokens]  # [L]
-        log_decay = dt * A
-        cum = jnp.sum(jnp.where(causal, log_decay[None, :], 0.0), axis=1)  # [L] inclusive
-        same = causal & (runs[:, None] == runs[None, :])
-        weights = jnp.where(same, jnp.exp(jnp.where(same, cum[:, None] - cum[None, :], 0.0)), 0.0)
-        scores = jnp.dot(C, B.T) * weights  # [L, L]
-        y = jnp.dot(scores, dt[:, None] * x)
-        continues = jnp.where(runs == carried_run, jnp.exp(cum), 0.0)
-        y = y + jnp.dot(C, h) * continues[:, None] + D * x
-        y_ref[row, tokens, head, features] = y.astype(y_ref.dtype)
-        last_run, total = jnp.max(runs), jnp.sum(log_decay)
-        to_end = jnp.where(runs == last_run, jnp.exp(total - cum) * dt, 0.0)
-        own = jnp.dot((B * to_end[:, None]).T, x)  # [N, block_p]
-        h = jnp.where(last_run == carried_run, jnp.exp(total), 0.0) * h + own
-        return h, last_run
+        x, dt, B, C, runs = _chunk_inputs(x_ref, dt_ref, b_ref, c_ref, runs_ref, row, head, group, features, tokens)
+        t = _chunk_terms(dt, A, runs, carried_run, chunk)
+        if states:
+            out_ref[row, head, q, :, features] = h
+        else:
+            scores = jnp.dot(C, B.T) * t["weights"]  # [L, L]
+            y = jnp.dot(scores, dt[:, None] * x) + jnp.dot(C, h) * t["continues"][:, None] + D * x
+            out_ref[row, tokens, head, features] = y.astype(out_ref.dtype)
+        h = t["keep"] * h + jnp.dot((B * (t["to_end"] * dt)[:, None]).T, x)
+        return h, t["last_run"]
 
-    h0 = jnp.zeros((b_ref.shape[-1], BLOCK_P), f32)
+    h0 = jnp.zeros((b_ref.shape[-1], BLOCK_P), jnp.float32)
     lax.fori_loop(0, chunks, step, (h0, jnp.int32(0)))
+
+
+def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, states_ref, dy_ref,
+                     dx_ref, ddt_ref, da_ref, db_ref, dc_ref, *, chunks: int, chunk: int, heads_per_group: int):
+    """Reverse over chunks carrying dh, every chunk's gradients from the state entering it (module docstring);
+    `da_ref` takes dt * d(a) per token, whose sum is dA."""
+    row, head, group, block, features, A, D = _program(a_ref, d_ref, heads_per_group)
+    f32 = jnp.float32
+
+    def step(r, dh):  # dh: the adjoint of the state leaving the chunk [N, block_p]
+        q = chunks - 1 - r
+        tokens = pl.ds(q * chunk, chunk)
+        x, dt, B, C, runs = _chunk_inputs(x_ref, dt_ref, b_ref, c_ref, runs_ref, row, head, group, features, tokens)
+        carried_run = jnp.where(q > 0, runs_ref[row, jnp.maximum(q * chunk - 1, 0)], 0)
+        t = _chunk_terms(dt, A, runs, carried_run, chunk)
+        weights, continues, to_end, keep = (t[n] for n in ("weights", "continues", "to_end", "keep"))
+        h = states_ref[row, head, q, :, features]
+        dy = dy_ref[row, tokens, head, features].astype(f32)
+        u = dt[:, None] * x
+        scores = jnp.dot(C, B.T) * weights  # S
+        d_scores = jnp.dot(dy, u.T)  # dS
+        du = jnp.dot(scores.T, dy)
+        d_cb = d_scores * weights  # d(C B^T)
+        writes = to_end * dt  # e dt
+        dy_h = jnp.dot(dy, h.T)  # [L, N]
+        x_dh = jnp.dot(x, dh.T)  # [L, N]
+        dc_ref[row, tokens, head, block, :] = jnp.dot(d_cb, B) + continues[:, None] * dy_h
+        db_ref[row, tokens, head, block, :] = jnp.dot(d_cb.T, C) + writes[:, None] * x_dh
+        dx_ref[row, tokens, head, features] = D * dy + dt[:, None] * du + jnp.dot(B * writes[:, None], dh)
+        d_writes = jnp.sum(B * x_dh, axis=1)
+        d_to_end = d_writes * writes  # d(e) * e
+        # Through W (dS * S = d(W) * W), E, e and K to the cumulative log decay, then to a (i >= j).
+        d_exp = d_scores * scores
+        d_cum = jnp.sum(d_exp, axis=1) - jnp.sum(d_exp, axis=0) + jnp.sum(C * dy_h, axis=1) * continues - d_to_end
+        d_cum += jnp.where(t["last"], jnp.sum(d_to_end) + jnp.sum(h * dh) * keep, 0.0)
+        d_log_decay = jnp.sum(jnp.where(t["causal"], d_cum[:, None], 0.0), axis=0)
+        ddt_ref[row, tokens, head, block] = jnp.sum(x * du, axis=1) + d_writes * to_end + A * d_log_decay
+        da_ref[row, tokens, head, block] = dt * d_log_decay
+        return keep * dh + jnp.dot((C * continues[:, None]).T, dy)
+
+    lax.fori_loop(0, chunks, step, jnp.zeros((b_ref.shape[-1], BLOCK_P), f32))
+
+
+def _call(kernel, args, outputs, name: str, interpret: bool):
+    rows, _, heads, head_dim = args[0].shape
+    whole = lambda shape: pl.BlockSpec(shape, lambda r, h, p: (0,) * len(shape))  # noqa: E731
+    return pl.pallas_call(
+        kernel,
+        grid=(rows, heads, head_dim // BLOCK_P),
+        in_specs=[whole(a.shape) for a in args],
+        out_specs=[whole(o.shape) for o in outputs],
+        out_shape=outputs,
+        compiler_params=pltriton.CompilerParams(num_warps=WARPS, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*args)
+
+
+def _forward(x, dt, A, B, C, D, runs, *, chunk: int, interpret: bool, states: bool):
+    """(the inputs padded to whole chunks with identity steps in the row's last run, y or the entering states)."""
+    rows, length, heads, head_dim = x.shape
+    groups, state = B.shape[2], B.shape[3]
+    _check(head_dim, state)
+    pad = (-length) % chunk
+    if pad:
+        x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (x, dt, B, C))
+        runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
+    args = (x, dt, A, B, C, D, runs.astype(jnp.int32))
+    chunks = x.shape[1] // chunk
+    if states:
+        output, name = (rows, heads, chunks, state, head_dim), f"ssd_states_l{chunk}_p{BLOCK_P}_n{state}"
+    else:
+        output, name = x.shape, f"ssd_chunked_l{chunk}_p{head_dim}_n{state}"
+    kernel = functools.partial(_forward_kernel, chunks=chunks, chunk=chunk, heads_per_group=heads // groups,
+                               states=states)
+    (out,) = _call(kernel, args, [jax.ShapeDtypeStruct(output, jnp.float32)], name, interpret)
+    return args, out
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
@@ -80,25 +207,52 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
                 runs: jax.Array, *, chunk: int = CHUNK, interpret: bool = False) -> jax.Array:
     """`x [B, T, H, P]`, `dt [B, T, H]` (zero on padding, as x), `A, D [H]`, `B, C [B, T, G, N]`, `runs [B, T]`
     int32 -> `y [B, T, H, P]` float32, every row from a zero state."""
+    _, y = _forward(x, dt, A, B, C, D, runs, chunk=chunk, interpret=interpret, states=False)
+    return y[:, : x.shape[1]]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
+def ssd_chunked_backward(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                         runs: jax.Array, dy: jax.Array, *, chunk: int = BACKWARD_CHUNK,
+                         interpret: bool = False) -> tuple[jax.Array, ...]:
+    """The gradients (dx, ddt, dA, dB, dC, dD) float32 of `sum(dy * ssd_chunked(...))`."""
     rows, length, heads, head_dim = x.shape
     groups, state = B.shape[2], B.shape[3]
-    if not supported(head_dim, state):
-        raise ValueError(f"ssd_chunked kernel: head dim {head_dim} (a multiple of {BLOCK_P}) and state {state} "
-                         "(a power of two >= 16) needed")
-    pad = (-length) % chunk
-    if pad:  # identity steps in the row's last run
-        x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (x, dt, B, C))
-        runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
-    whole = lambda shape: pl.BlockSpec(shape, lambda r, h, p: (0,) * len(shape))  # noqa: E731
-    args = (x, dt, A, B, C, D, runs.astype(jnp.int32))
-    y = pl.pallas_call(
-        functools.partial(_kernel, chunks=x.shape[1] // chunk, chunk=chunk, heads_per_group=heads // groups),
-        grid=(rows, heads, head_dim // BLOCK_P),
-        in_specs=[whole(a.shape) for a in args],
-        out_specs=whole(x.shape),
-        out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
-        compiler_params=pltriton.CompilerParams(num_warps=8, num_stages=1),
-        interpret=interpret,
-        name=f"ssd_chunked_l{chunk}_p{head_dim}_n{state}",
-    )(*args)
-    return y[:, :length]
+    args, states = _forward(x, dt, A, B, C, D, runs, chunk=chunk, interpret=interpret, states=True)
+    padded, blocks = args[0].shape[1], head_dim // BLOCK_P
+    dy = jnp.pad(dy.astype(jnp.float32), [(0, 0), (0, padded - length), (0, 0), (0, 0)])
+    f32 = jnp.float32
+    outputs = [jax.ShapeDtypeStruct((rows, padded, heads, head_dim), f32)] + [
+        jax.ShapeDtypeStruct((rows, padded, heads, blocks), f32)] * 2 + [
+        jax.ShapeDtypeStruct((rows, padded, heads, blocks, state), f32)] * 2
+    kernel = functools.partial(_backward_kernel, chunks=padded // chunk, chunk=chunk, heads_per_group=heads // groups)
+    dx, ddt, da, dB, dC = _call(kernel, (*args, states, dy), outputs, f"ssd_bwd_l{chunk}_p{BLOCK_P}_n{state}",
+                                interpret)
+
+    def per_group(d):  # [B, T, H, NP, N] -> [B, T, G, N]
+        return d[:, :length].sum(3).reshape(rows, length, groups, heads // groups, state).sum(3)
+
+    dD = jnp.einsum("bthp,bthp->h", dy[:, :length], x.astype(f32))
+    return (dx[:, :length], ddt[:, :length].sum(3), da.sum((0, 1, 3)), per_group(dB), per_group(dC), dD)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def ssd_chunked_vjp(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                    runs: jax.Array, chunk: int = CHUNK, backward_chunk: int = BACKWARD_CHUNK,
+                    interpret: bool = False) -> jax.Array:
+    """`ssd_chunked` (chunks of `chunk`), differentiable through `ssd_chunked_backward` (chunks of
+    `backward_chunk`; not through `runs`)."""
+    return ssd_chunked(x, dt, A, B, C, D, runs, chunk=chunk, interpret=interpret)
+
+
+def _vjp_forward(x, dt, A, B, C, D, runs, chunk, backward_chunk, interpret):
+    return ssd_chunked_vjp(x, dt, A, B, C, D, runs, chunk, backward_chunk, interpret), (x, dt, A, B, C, D, runs)
+
+
+def _vjp_backward(chunk, backward_chunk, interpret, inputs, dy):
+    grads = ssd_chunked_backward(*inputs, dy, chunk=backward_chunk, interpret=interpret)
+    runs = inputs[-1]
+    return (*(d.astype(a.dtype) for d, a in zip(grads, inputs)), np.zeros(runs.shape, jax.dtypes.float0))
+
+
+ssd_chunked_vjp.defvjp(_vjp_forward, _vjp_backward)

@@ -174,32 +174,50 @@ def test_selective_scan_kernel_matches_reference_in_interpret_mode():
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-4, atol=1e-4)
 
 
-def test_ssd_kernel_matches_reference_in_interpret_mode():
-    """The chunked SSD kernel (on the interpreter), with chunks of 16 over rows of 40 tokens whose runs
-    cross chunk boundaries and share chunks; through `ops` (the kernel's own chunks) its gradient (the
-    reference's VJP) and values equal the reference's."""
+# The SSD kernels (`ssd_kernel.py`) on the interpreter against the reference, output and the gradients of every
+# input: (segment ids [B, T], H, P, G, N, forward chunk, backward chunk). "packed-groups": runs that cross chunk
+# edges and share chunks, left and right padding, two heads per group of B/C, two blocks of the head dim, 40
+# tokens; "short-runs": test_ssm's rows (a one-token run, three runs in a row, 13 tokens: a padded last chunk),
+# one group for two heads, chunks of 8 and 4.
+SSD_KERNEL_CASES = {
+    "packed-groups": (np.array([[1] * 20 + [2] * 7 + [3] * 10 + [0] * 3, [0] * 5 + [1] * 35]), 4, 64, 2, 16, 16, 8),
+    "short-runs": (SEGMENTS, 2, 32, 1, 16, 8, 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SSD_KERNEL_CASES))
+def test_ssd_kernel_matches_reference_in_interpret_mode(case):
+    """Through `ops` (padding masked there) with the kernels' chunks set per case; the loss is a random
+    cotangent's product with y, so gradients are compared at the scale of the largest of each."""
     from pallas_kernels.ssm import ops, reference, ssd_kernel
 
-    segments = jnp.asarray(np.array([[1] * 20 + [2] * 7 + [3] * 10 + [0] * 3, [0] * 5 + [1] * 35], np.int32))
+    segments, H, P, G, N, chunk, backward_chunk = SSD_KERNEL_CASES[case]
+    segments = jnp.asarray(segments, jnp.int32)
     rows, length = segments.shape
-    H, P, G, N = 2, 64, 2, 16  # two blocks of the head dim
     x = _normal(0, (rows, length, H, P))
     dt = jax.nn.softplus(_normal(1, (rows, length, H)))
     A = -jnp.exp(_normal(2, (H,), 0.5))
     Bm, Cm, Dv = _normal(3, (rows, length, G, N)), _normal(4, (rows, length, G, N)), _normal(5, (H,))
+    d_y = _normal(6, (rows, length, H, P))
     real = (np.asarray(segments) != 0)[..., None, None]
-    want = jax.jit(reference.ssd_chunked, static_argnums=7)(x, dt, A, Bm, Cm, Dv, segments, 8)[0]
-    dt_in, x_in = reference.identity_on_padding(dt, x, segments)
-    got = jax.jit(functools.partial(ssd_kernel.ssd_chunked, chunk=16, interpret=True))(x_in, dt_in, A, Bm, Cm, Dv,
-                                                                                    ssm.run_ids(segments))
+
+    def kernel(*args):
+        saved = ssd_kernel.CHUNK, ssd_kernel.BACKWARD_CHUNK
+        ssd_kernel.CHUNK, ssd_kernel.BACKWARD_CHUNK = chunk, backward_chunk
+        try:
+            return ops.ssd_chunked(*args, segments, 8, implementation="interpret")[0]
+        finally:
+            ssd_kernel.CHUNK, ssd_kernel.BACKWARD_CHUNK = saved
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def with_grads(fn, *inputs):
+        y, vjp = jax.vjp(fn, *inputs)
+        return y, vjp(d_y)
+
+    inputs = (x, dt, A, Bm, Cm, Dv)
+    got, got_grads = with_grads(kernel, *inputs)
+    want, want_grads = with_grads(lambda *a: reference.ssd_chunked(*a, segments, 8)[0], *inputs)
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
-
-    def loss(scan, *args):
-        return jnp.sum(jnp.where(real, scan(*args, segments, 8)[0], 0.0) ** 2)
-
-    inputs, every = (x, dt, A, Bm, Cm, Dv), tuple(range(6))
-    kernel = functools.partial(ops.ssd_chunked, implementation="interpret")
-    got_grads = jax.jit(jax.grad(functools.partial(loss, kernel), argnums=every))(*inputs)
-    want_grads = jax.jit(jax.grad(functools.partial(loss, reference.ssd_chunked), argnums=every))(*inputs)
-    for g, w in zip(got_grads, want_grads):  # the loss squares outputs in the thousands: relative bounds
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6 * float(np.abs(w).max()))
+    for name, g, w in zip(("dx", "ddt", "dA", "dB", "dC", "dD"), got_grads, want_grads):
+        scale = float(np.abs(w).max())
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * scale, err_msg=name)
