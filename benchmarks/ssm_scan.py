@@ -2,11 +2,12 @@
 
 Mamba (`selective_scan`): the associative-scan reference against, on a GPU, the Pallas kernel
 (`pallas_kernels/ssm/triton_kernel.py`, sequential in time). Mamba-2: the chunked SSD on dense rows,
-then a ragged serving step (one row of `--sequences` sequences, each from its own state) through
-`ssd_chunked_states` (the serving path) and the associative `ssd_scan` (the serving path before it).
-Each is jitted and timed after a warm-up;
-"temp MB" is XLA's temporary buffer size from the compiled memory analysis (what the
-associative scans spend on `[T, state]` intermediates). On the CPU the kernel row is skipped.
+forward and forward + backward (a loss reading every output, gradients of all six inputs), the reference
+against, on a GPU, the Pallas kernels (`pallas_kernels/ssm/ssd_kernel.py`); then a ragged serving step
+(one row of `--sequences` sequences, each from its own state) through `ssd_chunked_states` (the serving
+path) and the associative `ssd_scan` (the serving path before it). Each is jitted and timed after a
+warm-up; "temp MB" is XLA's temporary buffer size from the compiled memory analysis (what the
+associative scans spend on `[T, state]` intermediates). On the CPU the kernel rows are skipped.
 
     python -m benchmarks.ssm_scan [--rows 1 --tokens 512 --sequences 8 --repeats 5]
 """
@@ -67,9 +68,20 @@ def main() -> None:
     ragged = jnp.minimum(jnp.arange(t) // max(t // args.sequences, 1), args.sequences - 1)[None] + 1
     states = normal(1, args.sequences, h, p, n2)
     serving = tuple(a[:1] for a in mamba2)
+
+    def ssd_forward(implementation):
+        return lambda *a: ops.ssd_chunked(*a, segments, args.chunk, implementation=implementation)[0]
+
+    def training(fn):  # forward + backward of a loss that reads every output
+        return jax.grad(lambda *a: jnp.sum(fn(*a) ** 2), argnums=tuple(range(len(mamba2))))
+
+    ssd = [(f"chunked reference (chunks of {args.chunk})", "reference")]
+    if jax.default_backend() == "gpu":
+        ssd.append(("Pallas kernels", "kernel"))
+    for name, implementation in ssd:
+        rows += [(f"mamba-2 SSD forward: {name}", ssd_forward(implementation), mamba2),
+                 (f"mamba-2 SSD forward+backward: {name}", training(ssd_forward(implementation)), mamba2)]
     rows += [
-        (f"mamba-2 SSD: chunked (chunks of {args.chunk})",
-         lambda *a: reference.ssd_chunked(*a, segments, args.chunk)[0], mamba2),
         (f"mamba-2 serving step, {args.sequences} sequences: chunked with per-sequence states (chunks of {args.chunk})",
          lambda *a: reference.ssd_chunked_states(*a, ragged, args.chunk, states), serving),
         (f"mamba-2 serving step, {args.sequences} sequences: associative (the previous serving path)",

@@ -364,7 +364,8 @@ SSD_SHAPES = {"mamba2-130m-train": (8, 2048, 24, 64, 1, 128), "granite4-tiny-pre
 
 @pytest.mark.parametrize("shape", sorted(SSD_SHAPES))
 def test_ssd_kernel_compiles(shape):
-    """The chunked SSD kernel (wgmma for its 64-row tiles), and the dense forward and its gradient reaching it."""
+    """The chunked SSD kernel (wgmma for its 64-row tiles), the dense forward reaching it, and its gradient reaching
+    the backward kernels (the entering states, then the reverse walk forming every gradient)."""
     from pallas_kernels.ssm import ops as ssm_ops
 
     rows, length, heads, head_dim, groups, state = SSD_SHAPES[shape]
@@ -377,7 +378,8 @@ def test_ssd_kernel_compiles(shape):
     assert all(report.wgmma for report in reports)
     # (A loss that reads y, so the forward kernel stays in the gradient's graph.)
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(ssm_ops.ssd_chunked(*a, 256)[0] ** 2), argnums=(0, 1, 2, 3, 4, 5)))
-    assert_compiles(gpu_lowering.lower_for_h100(grads, *args), ("ssd_chunked",))
+    reports = assert_compiles(gpu_lowering.lower_for_h100(grads, *args), ("ssd_chunked", "ssd_states", "ssd_bwd"))
+    assert all(report.wgmma for report in reports)
 
 
 # RecurrentGemma's RG-LRU scan (rows, tokens, lru_width): 2B training rows, 9B long prefill.
@@ -614,18 +616,38 @@ def test_training_step_compiles(family, tiny_checkpoint, tmp_path):
     assert_compiles(_training_step_lowered(folder, tmp_path), TRAINING_FAMILIES[family])
 
 
-def test_qwen3_next_training_step_reaches_the_gated_delta_kernels(tmp_path):
-    """Qwen3-Next's training step: its DeltaNet layers (the tiny case with value heads of 32, a whole kernel
-    block; the table's value dim of 8 is below a Triton tile) reach the gated delta forward and backward kernels."""
+def _tiny_training_step_lowered(name: str, overrides: dict, tmp_path):
+    """`_training_step_lowered` for the tiny case `name` with `overrides` on its config."""
     import dataclasses
 
     from tests.tiny_models import CASES_BY_NAME, build_checkpoint
 
-    case = CASES_BY_NAME["qwen3_next-hybrid"]
-    case = dataclasses.replace(case, overrides={**case.overrides, "linear_value_head_dim": 32})
-    build_checkpoint(case, tmp_path / "model")
-    assert_compiles(_training_step_lowered(tmp_path / "model", tmp_path),
+    case = CASES_BY_NAME[name]
+    build_checkpoint(dataclasses.replace(case, overrides={**case.overrides, **overrides}), tmp_path / "model")
+    return _training_step_lowered(tmp_path / "model", tmp_path)
+
+
+def test_qwen3_next_training_step_reaches_the_gated_delta_kernels(tmp_path):
+    """Qwen3-Next's training step: its DeltaNet layers (the tiny case with value heads of 32, a whole kernel
+    block; the table's value dim of 8 is below a Triton tile) reach the gated delta forward and backward kernels."""
+    assert_compiles(_tiny_training_step_lowered("qwen3_next-hybrid", {"linear_value_head_dim": 32}, tmp_path),
                     ("gated_delta_l", "gated_delta_states", "gated_delta_dstates", "gated_delta_bwd"))
+
+
+# Mamba-2 families whose training step must reach the SSD kernels: the tiny case and the overrides that give its
+# mixer kernel tiles (a head dim of 32, a state of 16; the table's 16 and 8 are below them).
+SSD_TRAINING_FAMILIES = {
+    "mamba2-groups-chunked": dict(num_heads=4, head_dim=32, state_size=16),
+    "granitemoehybrid-nope": dict(mamba_d_state=16),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SSD_TRAINING_FAMILIES))
+def test_mamba2_training_step_reaches_the_ssd_kernels(family, tmp_path):
+    """Mamba2ForCausalLM's and GraniteMoeHybridForCausalLM's training steps: their Mamba-2 layers reach the SSD
+    forward kernel and both backward kernels (no reference VJP)."""
+    assert_compiles(_tiny_training_step_lowered(family, SSD_TRAINING_FAMILIES[family], tmp_path),
+                    ("ssd_chunked", "ssd_states", "ssd_bwd"))
 
 
 def test_sharded_serving_step_compiles_with_kernels_on_local_shards():
