@@ -12,11 +12,13 @@ Implementations, picked by `implementation` or, when it is None, by lowering pla
 Gradients through the kernel come from its backward kernel (`triton_kernel.selective_scan_vjp`).
 
 `ssd_chunked` likewise: "kernel" (`ssd_kernel.py`) where lowered for CUDA, for rows from zero
-states (dense training rows and whole prompts; no states out), whole blocks of the head dim
+states (dense training rows) or whose first run continues a given state (serving prefill chunks),
+the state after each row's last token out either way, for whole blocks of the head dim
 (`ssd_kernel.BLOCK_P`) and a power-of-two state size of 16 or more; "interpret"; "reference"
-(everything else). Gradients through the kernel (x, dt, A, B, C, D) come from its backward
-kernels (`ssd_kernel.ssd_chunked_vjp`). The kernels chunk by their own lengths (`ssd_kernel.CHUNK`, `BACKWARD_CHUNK`);
-`chunk` is the reference's, and the result does not depend on either.
+(everything else). Gradients through the kernel (x, dt, A, B, C, D and the state) come from its
+backward kernels (`ssd_kernel.ssd_chunked_vjp`). The kernels chunk by their own lengths
+(`ssd_kernel.CHUNK`, `BACKWARD_CHUNK`); `chunk` is the reference's, and the result does not depend
+on either.
 """
 
 from __future__ import annotations
@@ -69,30 +71,35 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
     return _scan(x, dt, A, B, C, D, segment_ids, implementation), None
 
 
-def _ssd_kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
+def _ssd_kernel(x, dt, A, B, C, D, segment_ids, state=None, interpret=False):
     dt, x = reference.identity_on_padding(dt.astype(jnp.float32), x.astype(jnp.float32), segment_ids)
-    return ssd_kernel.ssd_chunked_vjp(x, dt, A, B, C, D, reference.run_ids(segment_ids), ssd_kernel.CHUNK,
-                                      ssd_kernel.BACKWARD_CHUNK, interpret)
-
-
-def _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation):
-    args = (x, dt, A, B, C, D, segment_ids)
-    if implementation == "auto":
-        return on_cuda(_ssd_kernel, lambda *a: reference.ssd_chunked(*a, chunk)[0], *args)
-    return _ssd_kernel(*args, interpret=implementation == "interpret")
+    f32 = jnp.float32
+    initial = jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[3]), f32) if state is None else state.astype(f32)
+    y, final = ssd_kernel.ssd_chunked_vjp(x, dt, A, B, C, D, reference.run_ids(segment_ids), initial,
+                                          ssd_kernel.CHUNK, ssd_kernel.BACKWARD_CHUNK, interpret)
+    if state is not None:
+        # The kernel's state passes left padding unread; the reference's first run starts at its first real
+        # token, and padding before it reads no state (y = 0 there, as it is from a zero state).
+        y = jnp.where((jnp.cumsum(segment_ids != 0, axis=1) == 0)[..., None, None], 0.0, y)
+    return y, final
 
 
 def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
                 segment_ids: jax.Array, chunk: int, state: jax.Array | None = None, *,
-                implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
-    """`reference.ssd_chunked`'s contract; the kernel serves rows from zero states (no state out: None)."""
+                implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """`reference.ssd_chunked`'s contract (`y`, the state after each row's last token)."""
     _check("ssd_chunked", implementation)
-    if state is not None or implementation == "reference":
-        return reference.ssd_chunked(x, dt, A, B, C, D, segment_ids, chunk, state)
+    args = (x, dt, A, B, C, D, segment_ids) + (() if state is None else (state,))
+
+    def on_reference(*a):
+        return reference.ssd_chunked(*a[:7], chunk, *a[7:])
+
+    if implementation == "reference":
+        return on_reference(*args)
     if implementation is None:
         if not ssd_kernel.supported(x.shape[-1], B.shape[-1]):
             warn_fallback("ssd_chunked", f"head dim {x.shape[-1]}, state {B.shape[-1]} (head dim in blocks of "
                                         f"{ssd_kernel.BLOCK_P}, a power-of-two state >= 16)")
-            return reference.ssd_chunked(x, dt, A, B, C, D, segment_ids, chunk)
-        implementation = "auto"
-    return _ssd(x, dt, A, B, C, D, segment_ids, chunk, implementation), None
+            return on_reference(*args)
+        return on_cuda(_ssd_kernel, on_reference, *args)
+    return _ssd_kernel(*args, interpret=implementation == "interpret")

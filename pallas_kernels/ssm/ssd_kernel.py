@@ -11,12 +11,17 @@ K = exp(c_L) when that run is the carried one (else 0):
 
     y = ((C B^T) * W) (dt x) + E (C h) + D x,    h <- K h + (B * e dt)^T x.
 
+The state entering the first chunk is the row's initial state, carried by its first run (run 0; zeros
+for dense training rows), and the state leaving the last is the state after the row's last real token (padding is
+an identity step), as `reference.ssd_chunked` returns it: a serving prefill chunk continues its slot's
+state and hands back the next.
+
 Backward (`ssd_chunked_vjp`, a `custom_vjp`), two kernels on the same grid, in chunks of their own
-(`BACKWARD_CHUNK`): the forward runs again
-writing only the state entering every chunk (`[B, H, Q, N, P]` float32, alive only inside the backward
-pass); a second kernel walks the chunks in reverse carrying dh, the adjoint of the state leaving the
-chunk (it needs no state: the recurrence is linear in h), and with S = (C B^T) * W and dy the output's
-adjoint forms per chunk
+(`BACKWARD_CHUNK`): the forward runs again writing only the state entering every chunk (`[B, H, Q, N, P]`
+float32, alive only inside the backward pass); a second kernel walks the chunks in reverse carrying dh, the
+adjoint of the state leaving the chunk (it needs no state: the recurrence is linear in h; it starts as the
+final state's adjoint and ends as the initial state's), and with S = (C B^T) * W and dy the output's adjoint
+forms per chunk
 
     dS = dy (dt x)^T,  d(dt x) = S^T dy,  dC = (dS * W) B + E (dy h^T),  dB = (dS * W)^T C + e dt (x dh^T),
     dx = D dy + dt d(dt x) + (B * e dt) dh,   dh <- K dh + (C * E)^T dy,
@@ -28,9 +33,10 @@ dD = sum dy x needs no scan and is formed outside.
 
 Run ids (`reference.run_ids`, nondecreasing along a row) come in precomputed; padding is an identity
 step (dt = x = 0), as in the reference, and the last chunk is padded the same way. The chunk length is
-the kernels' own: the result does not depend on it. Rows start from zero states (the dense training
-path). Matmuls take the tensor cores' float32 mode (tf32 on a GPU: relative error near 3e-4, as
-Mamba's own Triton kernels; exact in interpret mode).
+the kernels' own: the result does not depend on it. States travel as `[B, H, N, P]` (the kernels'
+`h [N, block_p]` slices; the wrappers transpose `reference.ssd_chunked`'s `[B, H, P, N]`). Matmuls take
+the tensor cores' float32 mode (tf32 on a GPU: relative error near 3e-4, as Mamba's own Triton kernels;
+exact in interpret mode).
 
 Glossary: B rows, T tokens, H heads, P head dim, G groups of B/C, N state size, L chunk length,
 Q chunks, NP head-dim blocks.
@@ -101,10 +107,10 @@ def _chunk_inputs(x_ref, dt_ref, b_ref, c_ref, runs_ref, row, head, group, featu
             runs_ref[row, tokens])
 
 
-def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, out_ref, *, chunks: int, chunk: int,
-                    heads_per_group: int, states: bool):
-    """The forward: `out_ref` takes y, or with `states` (the backward's first pass) only the state entering
-    every chunk."""
+def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, initial_ref, out_ref, final_ref, *,
+                    chunks: int, chunk: int, heads_per_group: int, states: bool):
+    """The forward from the row's initial state: `out_ref` takes y, or with `states` (the backward's first
+    pass) only the state entering every chunk; `final_ref` the state leaving the last."""
     row, head, group, _, features, A, D = _program(a_ref, d_ref, heads_per_group)
 
     def step(q, carry):
@@ -121,14 +127,15 @@ def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, out_ref
         h = t["keep"] * h + jnp.dot((B * (t["to_end"] * dt)[:, None]).T, x)
         return h, t["last_run"]
 
-    h0 = jnp.zeros((b_ref.shape[-1], BLOCK_P), jnp.float32)
-    lax.fori_loop(0, chunks, step, (h0, jnp.int32(0)))
+    h, _ = lax.fori_loop(0, chunks, step, (initial_ref[row, head, :, features], jnp.int32(0)))
+    final_ref[row, head, :, features] = h
 
 
-def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, states_ref, dy_ref,
-                     dx_ref, ddt_ref, da_ref, db_ref, dc_ref, *, chunks: int, chunk: int, heads_per_group: int):
-    """Reverse over chunks carrying dh, every chunk's gradients from the state entering it (module docstring);
-    `da_ref` takes dt * d(a) per token, whose sum is dA."""
+def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, initial_ref, states_ref, dy_ref,
+                     d_final_ref, dx_ref, ddt_ref, da_ref, db_ref, dc_ref, d_initial_ref, *, chunks: int, chunk: int,
+                     heads_per_group: int):
+    """Reverse over chunks carrying dh from the final state's adjoint, every chunk's gradients from the state
+    entering it (module docstring); `da_ref` takes dt * d(a) per token, whose sum is dA."""
     row, head, group, block, features, A, D = _program(a_ref, d_ref, heads_per_group)
     f32 = jnp.float32
 
@@ -163,7 +170,7 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, states
         da_ref[row, tokens, head, block] = dt * d_log_decay
         return keep * dh + jnp.dot((C * continues[:, None]).T, dy)
 
-    lax.fori_loop(0, chunks, step, jnp.zeros((b_ref.shape[-1], BLOCK_P), f32))
+    d_initial_ref[row, head, :, features] = lax.fori_loop(0, chunks, step, d_final_ref[row, head, :, features])
 
 
 def _call(kernel, args, outputs, name: str, interpret: bool):
@@ -181,16 +188,26 @@ def _call(kernel, args, outputs, name: str, interpret: bool):
     )(*args)
 
 
-def _forward(x, dt, A, B, C, D, runs, *, chunk: int, interpret: bool, states: bool):
-    """(the inputs padded to whole chunks with identity steps in the row's last run, y or the entering states)."""
+def _check_initial(x: jax.Array, B: jax.Array, initial: jax.Array) -> None:
+    want = (x.shape[0], x.shape[2], x.shape[3], B.shape[3])
+    if initial.shape != want:
+        raise ValueError(f"ssd_chunked kernel: initial state of shape {initial.shape}, expected {want} [B, H, P, N]")
+
+
+def _forward(x, dt, A, B, C, D, runs, initial, *, chunk: int, interpret: bool, states: bool):
+    """(the inputs padded to whole chunks with identity steps in the row's last run, the initial states as
+    `[B, H, N, P]`; y or the entering states; the final states `[B, H, N, P]`)."""
     rows, length, heads, head_dim = x.shape
     groups, state = B.shape[2], B.shape[3]
     _check(head_dim, state)
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"ssd_chunked kernel: chunk length {chunk} must be a power of two")
+    _check_initial(x, B, initial)
     pad = (-length) % chunk
     if pad:
         x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (x, dt, B, C))
         runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
-    args = (x, dt, A, B, C, D, runs.astype(jnp.int32))
+    args = (x, dt, A, B, C, D, runs.astype(jnp.int32), jnp.swapaxes(initial.astype(jnp.float32), 2, 3))
     chunks = x.shape[1] // chunk
     if states:
         output, name = (rows, heads, chunks, state, head_dim), f"ssd_states_l{chunk}_p{BLOCK_P}_n{state}"
@@ -198,61 +215,71 @@ def _forward(x, dt, A, B, C, D, runs, *, chunk: int, interpret: bool, states: bo
         output, name = x.shape, f"ssd_chunked_l{chunk}_p{head_dim}_n{state}"
     kernel = functools.partial(_forward_kernel, chunks=chunks, chunk=chunk, heads_per_group=heads // groups,
                                states=states)
-    (out,) = _call(kernel, args, [jax.ShapeDtypeStruct(output, jnp.float32)], name, interpret)
-    return args, out
+    outputs = [jax.ShapeDtypeStruct(output, jnp.float32), jax.ShapeDtypeStruct(args[-1].shape, jnp.float32)]
+    out, final = _call(kernel, args, outputs, name, interpret)
+    return args, out, final
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
 def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
-                runs: jax.Array, *, chunk: int = CHUNK, interpret: bool = False) -> jax.Array:
+                runs: jax.Array, initial: jax.Array, *, chunk: int = CHUNK,
+                interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """`x [B, T, H, P]`, `dt [B, T, H]` (zero on padding, as x), `A, D [H]`, `B, C [B, T, G, N]`, `runs [B, T]`
-    int32 -> `y [B, T, H, P]` float32, every row from a zero state."""
-    _, y = _forward(x, dt, A, B, C, D, runs, chunk=chunk, interpret=interpret, states=False)
-    return y[:, : x.shape[1]]
+    int32, `initial [B, H, P, N]` (the state of each row's first run) -> (`y [B, T, H, P]`, the state after
+    each row's last token `[B, H, P, N]`), float32."""
+    _, y, final = _forward(x, dt, A, B, C, D, runs, initial, chunk=chunk, interpret=interpret, states=False)
+    return y[:, : x.shape[1]], jnp.swapaxes(final, 2, 3)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
 def ssd_chunked_backward(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
-                         runs: jax.Array, dy: jax.Array, *, chunk: int = BACKWARD_CHUNK,
-                         interpret: bool = False) -> tuple[jax.Array, ...]:
-    """The gradients (dx, ddt, dA, dB, dC, dD) float32 of `sum(dy * ssd_chunked(...))`."""
+                         runs: jax.Array, initial: jax.Array, dy: jax.Array, d_final: jax.Array, *,
+                         chunk: int = BACKWARD_CHUNK, interpret: bool = False) -> tuple[jax.Array, ...]:
+    """The gradients (dx, ddt, dA, dB, dC, dD, d_initial) float32 of `sum(dy * y) + sum(d_final * final)` for
+    `y, final = ssd_chunked(...)`."""
     rows, length, heads, head_dim = x.shape
     groups, state = B.shape[2], B.shape[3]
-    args, states = _forward(x, dt, A, B, C, D, runs, chunk=chunk, interpret=interpret, states=True)
+    args, states, _ = _forward(x, dt, A, B, C, D, runs, initial, chunk=chunk, interpret=interpret, states=True)
     padded, blocks = args[0].shape[1], head_dim // BLOCK_P
-    dy = jnp.pad(dy.astype(jnp.float32), [(0, 0), (0, padded - length), (0, 0), (0, 0)])
     f32 = jnp.float32
+    dy = jnp.pad(dy.astype(f32), [(0, 0), (0, padded - length), (0, 0), (0, 0)])
     outputs = [jax.ShapeDtypeStruct((rows, padded, heads, head_dim), f32)] + [
         jax.ShapeDtypeStruct((rows, padded, heads, blocks), f32)] * 2 + [
-        jax.ShapeDtypeStruct((rows, padded, heads, blocks, state), f32)] * 2
+        jax.ShapeDtypeStruct((rows, padded, heads, blocks, state), f32)] * 2 + [
+        jax.ShapeDtypeStruct(args[-1].shape, f32)]
     kernel = functools.partial(_backward_kernel, chunks=padded // chunk, chunk=chunk, heads_per_group=heads // groups)
-    dx, ddt, da, dB, dC = _call(kernel, (*args, states, dy), outputs, f"ssd_bwd_l{chunk}_p{BLOCK_P}_n{state}",
-                                interpret)
+    dx, ddt, da, dB, dC, d_initial = _call(kernel, (*args, states, dy, jnp.swapaxes(d_final.astype(f32), 2, 3)),
+                                           outputs, f"ssd_bwd_l{chunk}_p{BLOCK_P}_n{state}", interpret)
 
     def per_group(d):  # [B, T, H, NP, N] -> [B, T, G, N]
         return d[:, :length].sum(3).reshape(rows, length, groups, heads // groups, state).sum(3)
 
     dD = jnp.einsum("bthp,bthp->h", dy[:, :length], x.astype(f32))
-    return (dx[:, :length], ddt[:, :length].sum(3), da.sum((0, 1, 3)), per_group(dB), per_group(dC), dD)
+    return (dx[:, :length], ddt[:, :length].sum(3), da.sum((0, 1, 3)), per_group(dB), per_group(dC), dD,
+            jnp.swapaxes(d_initial, 2, 3))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def ssd_chunked_vjp(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
-                    runs: jax.Array, chunk: int = CHUNK, backward_chunk: int = BACKWARD_CHUNK,
-                    interpret: bool = False) -> jax.Array:
+                    runs: jax.Array, initial: jax.Array, chunk: int = CHUNK, backward_chunk: int = BACKWARD_CHUNK,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """`ssd_chunked` (chunks of `chunk`), differentiable through `ssd_chunked_backward` (chunks of
     `backward_chunk`; not through `runs`)."""
-    return ssd_chunked(x, dt, A, B, C, D, runs, chunk=chunk, interpret=interpret)
+    return ssd_chunked(x, dt, A, B, C, D, runs, initial, chunk=chunk, interpret=interpret)
 
 
-def _vjp_forward(x, dt, A, B, C, D, runs, chunk, backward_chunk, interpret):
-    return ssd_chunked_vjp(x, dt, A, B, C, D, runs, chunk, backward_chunk, interpret), (x, dt, A, B, C, D, runs)
+def _vjp_forward(x, dt, A, B, C, D, runs, initial, chunk, backward_chunk, interpret):
+    outputs = ssd_chunked_vjp(x, dt, A, B, C, D, runs, initial, chunk, backward_chunk, interpret)
+    return outputs, (x, dt, A, B, C, D, runs, initial)
 
 
-def _vjp_backward(chunk, backward_chunk, interpret, inputs, dy):
-    grads = ssd_chunked_backward(*inputs, dy, chunk=backward_chunk, interpret=interpret)
-    runs = inputs[-1]
-    return (*(d.astype(a.dtype) for d, a in zip(grads, inputs)), np.zeros(runs.shape, jax.dtypes.float0))
+def _vjp_backward(chunk, backward_chunk, interpret, inputs, cotangents):
+    dx, ddt, dA, dB, dC, dD, d_initial = ssd_chunked_backward(*inputs, *cotangents, chunk=backward_chunk,
+                                                              interpret=interpret)
+    runs, initial = inputs[6:]
+    grads = (dx, ddt, dA, dB, dC, dD)
+    return (*(d.astype(a.dtype) for d, a in zip(grads, inputs)), np.zeros(runs.shape, jax.dtypes.float0),
+            d_initial.astype(initial.dtype))
 
 
 ssd_chunked_vjp.defvjp(_vjp_forward, _vjp_backward)

@@ -364,8 +364,9 @@ SSD_SHAPES = {"mamba2-130m-train": (8, 2048, 24, 64, 1, 128), "granite4-tiny-pre
 
 @pytest.mark.parametrize("shape", sorted(SSD_SHAPES))
 def test_ssd_kernel_compiles(shape):
-    """The chunked SSD kernel (wgmma for its 64-row tiles), the dense forward reaching it, and its gradient reaching
-    the backward kernels (the entering states, then the reverse walk forming every gradient)."""
+    """The chunked SSD kernel (wgmma for its 64-row tiles), the dense forward and a prefill from states reaching it,
+    and the gradient reaching the backward kernels (the entering states, then the reverse walk forming every
+    gradient)."""
     from pallas_kernels.ssm import ops as ssm_ops
 
     rows, length, heads, head_dim, groups, state = SSD_SHAPES[shape]
@@ -376,6 +377,9 @@ def test_ssd_kernel_compiles(shape):
     forward = jax.jit(lambda *a: ssm_ops.ssd_chunked(*a, 256)[0])
     reports = assert_compiles(gpu_lowering.lower_for_h100(forward, *args), ("ssd_chunked",))
     assert all(report.wgmma for report in reports)
+    prefill = jax.jit(lambda *a: ssm_ops.ssd_chunked(*a[:7], 256, a[7]))
+    states = S((rows, heads, head_dim, state), f32)
+    assert_compiles(gpu_lowering.lower_for_h100(prefill, *args, states), ("ssd_chunked",))
     # (A loss that reads y, so the forward kernel stays in the gradient's graph.)
     grads = jax.jit(jax.grad(lambda *a: jnp.sum(ssm_ops.ssd_chunked(*a, 256)[0] ** 2), argnums=(0, 1, 2, 3, 4, 5)))
     reports = assert_compiles(gpu_lowering.lower_for_h100(grads, *args), ("ssd_chunked", "ssd_states", "ssd_bwd"))

@@ -174,34 +174,38 @@ def test_selective_scan_kernel_matches_reference_in_interpret_mode():
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-4, atol=1e-4)
 
 
-# The SSD kernels (`ssd_kernel.py`) on the interpreter against the reference, output and the gradients of every
-# input: (segment ids [B, T], H, P, G, N, forward chunk, backward chunk). "packed-groups": runs that cross chunk
-# edges and share chunks, left and right padding, two heads per group of B/C, two blocks of the head dim, 40
-# tokens; "short-runs": test_ssm's rows (a one-token run, three runs in a row, 13 tokens: a padded last chunk),
-# one group for two heads, chunks of 8 and 4.
+# The SSD kernels (`ssd_kernel.py`) on the interpreter against the reference, y, the final state and the gradients
+# of every input: (segment ids [B, T], H, P, G, N, forward chunk, backward chunk, initial state). "packed-groups":
+# dense rows (zero states) whose runs cross chunk edges and share chunks, left and right padding, two heads per
+# group of B/C, two blocks of the head dim, 40 tokens; "state-short-runs": test_ssm's rows (a one-token run, three
+# runs in a row, 13 tokens: a padded last chunk), each row's first run from a random state (a serving prefill
+# chunk), one group for two heads, chunks of 8 and 4.
 SSD_KERNEL_CASES = {
-    "packed-groups": (np.array([[1] * 20 + [2] * 7 + [3] * 10 + [0] * 3, [0] * 5 + [1] * 35]), 4, 64, 2, 16, 16, 8),
-    "short-runs": (SEGMENTS, 2, 32, 1, 16, 8, 4),
+    "packed-groups": (np.array([[1] * 20 + [2] * 7 + [3] * 10 + [0] * 3, [0] * 5 + [1] * 35]), 4, 64, 2, 16, 16, 8,
+                      False),
+    "state-short-runs": (SEGMENTS, 2, 32, 1, 16, 8, 4, True),
 }
+SSD_GRADIENTS = ("dx", "ddt", "dA", "dB", "dC", "dD", "d_state")
 
 
-def _ssd_with_grads(segments: np.ndarray, heads: int, head_dim: int, groups: int, state: int):
-    """fn -> (fn's y, its VJP (dx, ddt, dA, dB, dC, dD) for a random cotangent), jitted, at random inputs; fn
-    takes `ops.ssd_chunked`'s arguments up to D."""
+def _ssd_with_grads(segments: np.ndarray, heads: int, head_dim: int, groups: int, state: int, with_state: bool):
+    """fn -> (fn's (y, final state), its VJP (dx, ddt, dA, dB, dC, dD[, d_state]) for random cotangents), jitted,
+    at random inputs; fn takes `ops.ssd_chunked`'s arguments up to D, then the initial state `with_state`."""
     rows, length = segments.shape
     x = _normal(0, (rows, length, heads, head_dim))
     dt = jax.nn.softplus(_normal(1, (rows, length, heads)))
     A = -jnp.exp(_normal(2, (heads,), 0.5))
     Bm, Cm = _normal(3, (rows, length, groups, state)), _normal(4, (rows, length, groups, state))
     Dv = _normal(5, (heads,))
-    d_y = _normal(6, (rows, length, heads, head_dim))
+    h0 = (_normal(6, (rows, heads, head_dim, state)),) if with_state else ()
+    cotangents = _normal(7, (rows, length, heads, head_dim)), _normal(8, (rows, heads, head_dim, state))
 
     def with_grads(fn):
         @jax.jit
         def run(*inputs):
-            y, vjp = jax.vjp(fn, *inputs)
-            return y, vjp(d_y)
-        return run(x, dt, A, Bm, Cm, Dv)
+            outputs, vjp = jax.vjp(fn, *inputs)
+            return outputs, vjp(cotangents)
+        return run(x, dt, A, Bm, Cm, Dv, *h0)
 
     return with_grads
 
@@ -212,8 +216,8 @@ def test_ssd_kernel_matches_reference_in_interpret_mode(case):
     the scale of the largest of each."""
     from pallas_kernels.ssm import ops, reference, ssd_kernel
 
-    segments, H, P, G, N, chunk, backward_chunk = SSD_KERNEL_CASES[case]
-    with_grads = _ssd_with_grads(segments, H, P, G, N)
+    segments, H, P, G, N, chunk, backward_chunk, with_state = SSD_KERNEL_CASES[case]
+    with_grads = _ssd_with_grads(segments, H, P, G, N, with_state)
     segments = jnp.asarray(segments, jnp.int32)
     real = (np.asarray(segments) != 0)[..., None, None]
 
@@ -221,14 +225,16 @@ def test_ssd_kernel_matches_reference_in_interpret_mode(case):
         saved = ssd_kernel.CHUNK, ssd_kernel.BACKWARD_CHUNK
         ssd_kernel.CHUNK, ssd_kernel.BACKWARD_CHUNK = chunk, backward_chunk
         try:
-            return ops.ssd_chunked(*args, segments, 8, implementation="interpret")[0]
+            return ops.ssd_chunked(*args[:6], segments, 8, *args[6:], implementation="interpret")
         finally:
             ssd_kernel.CHUNK, ssd_kernel.BACKWARD_CHUNK = saved
 
-    got, got_grads = with_grads(kernel)
-    want, want_grads = with_grads(lambda *a: reference.ssd_chunked(*a, segments, 8)[0])
+    (got, got_final), got_grads = with_grads(kernel)
+    (want, want_final), want_grads = with_grads(lambda *a: reference.ssd_chunked(*a[:6], segments, 8, *a[6:]))
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-4, atol=1e-4)
-    for name, g, w in zip(("dx", "ddt", "dA", "dB", "dC", "dD"), got_grads, want_grads):
+    np.testing.assert_allclose(got_final, want_final, rtol=1e-4, atol=1e-4)
+    assert len(got_grads) == 6 + with_state
+    for name, g, w in zip(SSD_GRADIENTS, got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()), err_msg=name)
 
 
@@ -236,17 +242,19 @@ def test_ssd_kernel_matches_reference_in_interpret_mode(case):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
 def test_ssd_kernel_matches_reference_on_gpu():
     """Mamba-2's head shape (P = 64, N = 128), two heads per group, packed runs and padding, 300 tokens (not whole
-    chunks); the kernels' tf32 matmuls against the reference at full float32 precision, y and every gradient."""
+    chunks), from random states; the kernels' tf32 matmuls against the reference at full float32 precision, y,
+    the final state and every gradient."""
     from pallas_kernels.ssm import reference
 
     segments = np.concatenate([np.full((2, 120), 1), np.full((2, 150), 2), np.zeros((2, 30))], axis=1)
     segments[1, :7] = 0
-    with_grads = _ssd_with_grads(segments, 4, 64, 2, 128)
+    with_grads = _ssd_with_grads(segments, 4, 64, 2, 128, with_state=True)
     segments = jnp.asarray(segments, jnp.int32)
-    got = with_grads(lambda *a: ssm.ssd_chunked(*a, segments, 64, implementation="kernel")[0])
+    got = with_grads(lambda *a: ssm.ssd_chunked(*a[:6], segments, 64, *a[6:], implementation="kernel"))
     with jax.default_matmul_precision("highest"):
-        want = with_grads(lambda *a: reference.ssd_chunked(*a, segments, 64)[0])
+        want = with_grads(lambda *a: reference.ssd_chunked(*a[:6], segments, 64, *a[6:]))
     real = (np.asarray(segments) != 0)[..., None, None]
-    got, want = (jax.tree.map(np.asarray, (jnp.where(real, y, 0.0), *grads)) for y, grads in (got, want))
-    for name, a, b in zip(("y", "dx", "ddt", "dA", "dB", "dC", "dD"), got, want):
+    got, want = (jax.tree.map(np.asarray, (jnp.where(real, y, 0.0), final, *grads))
+                 for (y, final), grads in (got, want))
+    for name, a, b in zip(("y", "final", *SSD_GRADIENTS), got, want):
         assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max(), name
