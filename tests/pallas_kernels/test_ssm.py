@@ -258,3 +258,26 @@ def test_ssd_kernel_matches_reference_on_gpu():
                  for (y, final), grads in (got, want))
     for name, a, b in zip(("y", "final", *SSD_GRADIENTS), got, want):
         assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max(), name
+
+
+def test_ssd_kernel_refuses_what_it_does_not_cover():
+    """Head dims off the kernel's blocks, states off a power of two, chunks off a power of two and initial states of
+    the wrong shape are refused with the reason; an unknown implementation likewise."""
+    from pallas_kernels.ssm import ops, ssd_kernel
+
+    def call(head_dim=32, state=16, chunk=16, initial_shape=(1, 2, 32, 16)):
+        x, dt = jnp.ones((1, 8, 2, head_dim)), jnp.ones((1, 8, 2))
+        bc, runs = jnp.ones((1, 8, 1, state)), jnp.zeros((1, 8), jnp.int32)
+        return ssd_kernel.ssd_chunked(x, dt, -dt[0, 0], bc, bc, dt[0, 0], runs, jnp.zeros(initial_shape), chunk=chunk,
+                                      interpret=True)
+
+    with pytest.raises(ValueError, match="head dim 48"):
+        call(head_dim=48, initial_shape=(1, 2, 48, 16))
+    with pytest.raises(ValueError, match="state 24"):
+        call(state=24, initial_shape=(1, 2, 32, 24))
+    with pytest.raises(ValueError, match="chunk length 12"):
+        call(chunk=12)
+    with pytest.raises(ValueError, match=r"initial state of shape \(1, 2, 16, 32\)"):
+        call(initial_shape=(1, 2, 16, 32))
+    with pytest.raises(ValueError, match="unknown ssd_chunked implementation"):
+        ops.ssd_chunked(*(jnp.ones((1, 8, 2, 32)),) * 6, jnp.ones((1, 8), jnp.int32), 8, implementation="triton")
