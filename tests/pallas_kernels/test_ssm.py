@@ -179,12 +179,15 @@ def test_selective_scan_kernel_matches_reference_in_interpret_mode():
 # dense rows (zero states) whose runs cross chunk edges and share chunks, left and right padding, two heads per
 # group of B/C, two blocks of the head dim, 40 tokens; "state-short-runs": test_ssm's rows (a one-token run, three
 # runs in a row, 13 tokens: a padded last chunk), each row's first run from a random state (a serving prefill
-# chunk), one group for two heads, chunks of 8 and 4.
+# chunk), one group for two heads, chunks of 8 and 4. Slow: "mamba2-head" at Mamba-2's head (P = 64, N = 128) and the
+# kernels' own chunks (32 and 16), from states, 100 tokens over three runs.
 SSD_KERNEL_CASES = {
     "packed-groups": (np.array([[1] * 20 + [2] * 7 + [3] * 10 + [0] * 3, [0] * 5 + [1] * 35]), 4, 64, 2, 16, 16, 8,
                       False),
     "state-short-runs": (SEGMENTS, 2, 32, 1, 16, 8, 4, True),
+    "mamba2-head": (np.array([[0] * 3 + [1] * 45 + [2] * 20 + [3] * 30 + [0] * 2]), 2, 64, 1, 128, 32, 16, True),
 }
+SLOW_SSD_KERNEL_CASES = ("mamba2-head",)
 SSD_GRADIENTS = ("dx", "ddt", "dA", "dB", "dC", "dD", "d_state")
 
 
@@ -210,7 +213,8 @@ def _ssd_with_grads(segments: np.ndarray, heads: int, head_dim: int, groups: int
     return with_grads
 
 
-@pytest.mark.parametrize("case", sorted(SSD_KERNEL_CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_SSD_KERNEL_CASES else case
+                                  for case in sorted(SSD_KERNEL_CASES)])
 def test_ssd_kernel_matches_reference_in_interpret_mode(case):
     """Through `ops` (padding masked there) with the kernels' chunks set per case; gradients are compared at
     the scale of the largest of each."""
