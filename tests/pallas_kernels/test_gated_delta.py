@@ -200,3 +200,26 @@ def test_kernel_matches_reference_on_gpu():
     for name, a, b in zip(("o", "dq", "dk", "dv", "dg", "dbeta"), jax.tree.leaves(got), jax.tree.leaves(want)):
         scale = float(jnp.max(jnp.abs(b)))
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-2 * scale, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_kernel_from_states_matches_reference_on_gpu():
+    """The serving path at Qwen3-Next's head shape: one flat row of 12 sequences (decode tokens beside prefill
+    chunks, padding at the end) continuing from 16 slots' states; the kernel's tf32 matmuls against the reference
+    at full float32 precision, outputs and final states."""
+    lengths = [1, 40, 1, 1, 130, 7, 1, 64, 1, 2, 17, 1]
+    segments = np.concatenate([np.full(n, s + 1) for s, n in enumerate(lengths)] + [np.zeros(30)])[None]
+    segments = jnp.asarray(segments, jnp.int32)
+    t = segments.shape[1]
+    q = gated_delta.l2_normalize(_normal(0, (1, t, 2, 128))) * 128**-0.5
+    k = gated_delta.l2_normalize(_normal(1, (1, t, 2, 128)))
+    v, g = _normal(2, (1, t, 4, 128)), -jax.nn.softplus(_normal(3, (1, t, 4)))
+    beta, h0 = jax.nn.sigmoid(_normal(4, (1, t, 4))), _normal(5, (1, 16, 4, 128, 128))
+    got = jax.jit(lambda *a: gated_delta.gated_delta(*a[:6], 64, a[6], implementation="kernel"))(q, k, v, g, beta,
+                                                                                                 segments, h0)
+    with jax.default_matmul_precision("highest"):
+        want = chunked(q, k, v, g, beta, segments, 64, h0)
+    for name, a, b in zip(("o", "finals"), got, want):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-2 * scale, name
