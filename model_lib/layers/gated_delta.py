@@ -2,8 +2,8 @@
 
 It sits where attention sits, behind `input_layernorm`; checkpoints name it `linear_attn`, held
 here as the layer's `mixer` (the weight map renames it). The math lives in
-`pallas_kernels/gated_delta/` (the reference, and the Pallas kernel that dense rows reach when lowered
-for CUDA); this file holds the weights and the data flow:
+`pallas_kernels/gated_delta/` (the reference, and the Pallas kernels that dense rows and serving steps
+reach when lowered for CUDA); this file holds the weights and the data flow:
 
     in_proj_qkvz -> per q/k head group g: [q_g | k_g | v_g | z_g]; in_proj_ba -> [b_g | a_g]
     [q | k | v] -> causal conv1d (no bias) -> act; q, k l2-normalised (q also by K^-0.5)

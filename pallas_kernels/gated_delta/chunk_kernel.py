@@ -16,6 +16,13 @@ Blocks of the value dim are independent (`T`, `w` depend on keys only and are re
 block), which gives the GPU rows x heads x blocks programs and keeps `S` within registers at
 Qwen3-Next's K = V = 128.
 
+From states (`gated_delta_from_states`, the serving path: forward only): run r starts from its
+initial state (`[B, R, H, K, V]`, zeros past R) and the states after the first R runs come back.
+The chunk's tokens then read several entering states (the carried one, and that of every run
+starting in the chunk), so the program loops over the chunk's runs, from the carried one to its
+last: each reads its entering state through D, w and v' of its own (the decay masked to the run),
+while T and Gamma, which never mix runs, are shared; a run ending in the chunk writes its state.
+
 Backward (`gated_delta_vjp`, a `custom_vjp`), three kernels on the same grid: the forward runs again
 writing the state entering every chunk (`[B, H, Q, K, V]` float32, alive only inside the backward
 pass); a second kernel walks the chunks in reverse carrying dS, the adjoint of the state leaving the
@@ -130,13 +137,82 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, o_ref, *stat
             states_ref[0][row, head, c, :, features] = S
         t = _chunk_terms(k, g, beta, runs, carried_run, chunk)
         _, _, v_new = _solve_values(t, k, v, beta, S)
-        o = jnp.dot(q * t["decay"][:, None], S) + jnp.dot(jnp.dot(q, k.T) * t["gamma"], v_new)
+        o = jnp.dot(q * t["decay"][:, None], S) + _within_chunk(t, q, k, v_new)
         o_ref[row, tokens, head, features] = o.astype(o_ref.dtype)
-        S = t["keep"] * S + jnp.dot((k * t["to_end"][:, None]).T, v_new)
-        return S, t["last_run"]
+        return _leaving(t["keep"], t["to_end"], k, S, v_new), t["last_run"]
 
     S0 = jnp.zeros((k_ref.shape[-1], BLOCK_V), jnp.float32)
     lax.fori_loop(0, chunks, step, (S0, jnp.int32(0)))
+
+
+def _within_chunk(t: dict, q, k, v_new):
+    """The outputs' in-chunk part, ((q k^T) * Gamma) v'."""
+    return jnp.dot(jnp.dot(q, k.T) * t["gamma"], v_new)
+
+
+def _leaving(keep, to_end, k, S, v_new):
+    """The state after a run's last token in the chunk: D_L S + (Gamma_L k)^T v'."""
+    return keep * S + jnp.dot((k * to_end[:, None]).T, v_new)
+
+
+def _run_decay(g, in_run, causal) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For one run of the chunk (mask `in_run`), from the state it enters the chunk with (carried, or its
+    initial state where it starts here): D to each of its tokens, Gamma from each to its last token in the
+    chunk, and D to that token (zeros off the run)."""
+    g = jnp.where(in_run, g, 0.0)  # the run's tokens are contiguous: a masked sum decays within the run only
+    cum, total = jnp.sum(jnp.where(causal, g[None, :], 0.0), axis=1), jnp.sum(g)
+    return jnp.where(in_run, jnp.exp(cum), 0.0), jnp.where(in_run, jnp.exp(total - cum), 0.0), jnp.exp(total)
+
+
+def _forward_states_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, initial_ref, o_ref, finals_ref, *,
+                           chunks: int, chunk: int, heads_per_group: int):
+    """The forward from per-run initial states (`[B, R, H, K, V]`), writing the state after each of the first R
+    runs that has a token. Per chunk, every run in it reads its entering state (the carried one, or its initial
+    state where it starts in the chunk) through its own D, w and v' (`_run_decay`; T and Gamma are shared: runs
+    never mix in them), and a run that ends in the chunk writes its final state there."""
+    row, head, block, features = _program()
+    group = head // heads_per_group
+    num_runs = initial_ref.shape[1]
+
+    def initial(r):
+        return jnp.where(r < num_runs, initial_ref[row, jnp.minimum(r, num_runs - 1), head, :, features].astype(
+            jnp.float32), 0.0)
+
+    def finish(r, S):
+        @pl.when(r < num_runs)
+        def _():
+            finals_ref[row, r, head, :, features] = S
+
+    def step(c, carry):
+        S, carried_run = carry
+        tokens = pl.ds(c * chunk, chunk)
+        q, k, v, g, beta, runs = _chunk_inputs(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, row, head, group,
+                                               features, tokens)
+        t = _chunk_terms(k, g, beta, runs, carried_run, chunk)
+        last_run = t["last_run"]
+
+        def per_run(r, acc):
+            o, S = acc  # the outputs so far [L, block_v]; the state after run r - 1 (the carried one at first)
+            S = lax.cond(r == carried_run, lambda: S, lambda: initial(r))  # entering run r
+            in_run = runs == r
+            decay, to_end, keep = _run_decay(g, in_run, t["causal"])
+            _, _, v_new = _solve_values(dict(t, decay=decay), k, v, jnp.where(in_run, beta, 0.0), S)
+            o = o + jnp.dot(q * decay[:, None], S) + _within_chunk(t, q, k, v_new)
+            S = _leaving(keep, to_end, k, S, v_new)
+
+            @pl.when(r < last_run)
+            def _():
+                finish(r, S)
+
+            return o, S
+
+        # From the carried run: it may have ended at the chunk edge, with no token here.
+        o, S = lax.fori_loop(carried_run, last_run + 1, per_run, (jnp.zeros((chunk, BLOCK_V), jnp.float32), S))
+        o_ref[row, tokens, head, features] = o.astype(o_ref.dtype)
+        return S, last_run
+
+    S, last_run = lax.fori_loop(0, chunks, step, (initial(jnp.int32(0)), jnp.int32(0)))
+    finish(last_run, S)
 
 
 def _backward_chunk(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, states_ref, do_ref, program, c, *, chunk: int,
@@ -266,6 +342,31 @@ def gated_delta(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: ja
     `o [B, T, H, V]` float32, every run from a zero state."""
     _, (o,) = _forward(q, k, v, g, beta, runs, chunk=chunk, interpret=interpret, states=False)
     return o[:, : q.shape[1]]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
+def gated_delta_from_states(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, runs: jax.Array,
+                            initial: jax.Array, *, chunk: int = CHUNK,
+                            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`gated_delta` with run r starting from `initial [B, R, H, K, V]` (zeros for runs past R) -> (`o`, the
+    states after each of the R runs `[B, R, H, K, V]` float32; a run without tokens keeps its initial
+    state), `reference.gated_delta_chunked`'s contract. Forward only (the serving path)."""
+    rows, length, heads, value_dim = v.shape
+    key_dim = k.shape[-1]
+    _check(key_dim, value_dim)
+    if initial.ndim != 5 or initial.shape[0] != rows or initial.shape[1] < 1 or initial.shape[2:] != (
+            heads, key_dim, value_dim):
+        raise ValueError(f"gated_delta kernel: initial states {initial.shape} do not fit "
+                         f"[{rows}, R >= 1, {heads}, {key_dim}, {value_dim}]")
+    args = (*_padded(q, k, v, g, beta, runs, chunk), initial)
+    outputs = [jax.ShapeDtypeStruct(args[2].shape, jnp.float32), jax.ShapeDtypeStruct(initial.shape, jnp.float32)]
+    kernel = functools.partial(_forward_states_kernel, chunks=args[0].shape[1] // chunk, chunk=chunk,
+                               heads_per_group=heads // k.shape[2])
+    o, finals = _call(kernel, args, outputs, f"gated_delta_from_states_l{chunk}_k{key_dim}_v{BLOCK_V}", WARPS,
+                      interpret)
+    # Runs past the row's last hold no token: their states pass through (the kernel writes no others).
+    present = jnp.arange(initial.shape[1])[None, :] <= jnp.max(args[5], axis=1)[:, None]
+    return o[:, :length], jnp.where(present[..., None, None, None], finals, initial.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret"))

@@ -3,13 +3,14 @@
 
 Implementations, picked by `implementation` or, when it is None, by lowering platform and shape
 (`pallas_kernels.dispatch.on_cuda`):
-- "kernel": `triton_kernel.py` where the computation is lowered for CUDA, for calls without
-  initial states (dense training rows and whole prompts), channels in blocks of 64 and a
-  power-of-two state size;
-- "interpret": the same kernel on the Pallas interpreter (any backend; for tests);
-- "reference": the associative scan (every other platform, the serving path that carries
-  states in and out, and the logged fallback).
-Gradients through the kernel come from its backward kernel (`triton_kernel.selective_scan_vjp`).
+- "kernel": `triton_kernel.py` where the computation is lowered for CUDA, for channels in blocks
+  of 64 and a power-of-two state size: calls without initial states (dense training rows and
+  whole prompts; no states out: None) take `selective_scan_vjp`, differentiable through its
+  backward kernel; calls with per-run `initial` states (the serving path: prefill chunks
+  continuing from their slots) take `selective_scan_from_states`, forward only, which also
+  returns the states after the runs;
+- "interpret": the same kernels on the Pallas interpreter (any backend; for tests);
+- "reference": the associative scan (every other platform, and the logged fallback).
 
 `ssd_chunked` likewise: "kernel" (`ssd_kernel.py`) where lowered for CUDA, for rows from zero
 states (dense training rows) or whose first run continues a given state (serving prefill chunks),
@@ -43,11 +44,21 @@ def _kernel(x, dt, A, B, C, D, segment_ids, interpret=False):
     return triton_kernel.selective_scan_vjp(x, dt, A, B, C, D, keep, interpret)
 
 
-def _scan(x, dt, A, B, C, D, segment_ids, implementation):
+def _states_kernel(x, dt, A, B, C, D, segment_ids, initial, interpret=False):
+    dt, x = reference.identity_on_padding(dt.astype(jnp.float32), x.astype(jnp.float32), segment_ids)
+    return triton_kernel.selective_scan_from_states(x, dt, A, B, C, D, reference.run_ids(segment_ids), initial,
+                                                    interpret=interpret)
+
+
+def _scan(x, dt, A, B, C, D, segment_ids, initial, implementation):
     args = (x, dt, A, B, C, D, segment_ids)
+    if initial is not None:
+        if implementation == "auto":
+            return on_cuda(_states_kernel, reference.selective_scan, *args, initial)
+        return _states_kernel(*args, initial, interpret=implementation == "interpret")
     if implementation == "auto":
-        return on_cuda(_kernel, lambda *a: reference.selective_scan(*a)[0], *args)
-    return _kernel(*args, interpret=implementation == "interpret")
+        return on_cuda(_kernel, lambda *a: reference.selective_scan(*a)[0], *args), None
+    return _kernel(*args, interpret=implementation == "interpret"), None
 
 
 def _check(op: str, implementation: str | None) -> None:
@@ -58,17 +69,18 @@ def _check(op: str, implementation: str | None) -> None:
 def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
                    segment_ids: jax.Array, initial: jax.Array | None = None, *,
                    implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
-    """`reference.selective_scan`'s contract; the kernel serves calls without `initial` (no states out)."""
+    """`reference.selective_scan`'s contract: (`y`, the states after each of the R runs `initial` starts; None
+    without `initial`). Gradients only without `initial` through the kernels."""
     _check("selective_scan", implementation)
-    if initial is not None or implementation == "reference":
+    if implementation == "reference":
         return reference.selective_scan(x, dt, A, B, C, D, segment_ids, initial)
     if implementation is None:
         if not triton_kernel.supported(x.shape[-1], A.shape[-1]):
             warn_fallback("selective_scan", f"{x.shape[-1]} channels, state {A.shape[-1]} "
                                             f"(blocks of {triton_kernel.BLOCK_D}, a power-of-two state)")
-            return reference.selective_scan(x, dt, A, B, C, D, segment_ids)
+            return reference.selective_scan(x, dt, A, B, C, D, segment_ids, initial)
         implementation = "auto"
-    return _scan(x, dt, A, B, C, D, segment_ids, implementation), None
+    return _scan(x, dt, A, B, C, D, segment_ids, initial, implementation)
 
 
 def _ssd_kernel(x, dt, A, B, C, D, segment_ids, state=None, interpret=False):

@@ -7,6 +7,10 @@ over the inputs and the `[T, D, N]` states the associative-scan reference materi
 exist. `keep` is 0 where a sequence starts fresh (packed rows); the wrapper (`ops.py`) turns
 padding into identity steps (dt = x = 0) beforehand, exactly as the reference does.
 
+From states (`selective_scan_from_states`, the serving path: forward only): the runs' ids come in
+instead of `keep`; where the id changes, the program writes the state of the run that ended (one
+of the first R) and reads the next run's initial state (`[B, R, D, N]`, zeros past R).
+
 The time loop is sequential: parallelism comes from rows x channel blocks (Mamba-130m: D =
 1536 channels, 24 blocks of 64 per row).
 
@@ -45,10 +49,18 @@ def _program(a_ref, d_ref):
 
 
 def _token(x_ref, dt_ref, b_ref, c_ref, keep_ref, row, t, channels):
-    """One token's inputs for a block of channels, float32: x, dt `[block_d]`, B, C `[N]`, keep."""
+    """One token's inputs for a block of channels, float32: x, dt `[block_d]`, B, C `[N]`, and its entry of
+    `keep_ref` (keep, or the run id in `_states_kernel`)."""
     f32 = jnp.float32
     return (x_ref[row, t, channels].astype(f32), dt_ref[row, t, channels].astype(f32), b_ref[row, t, :].astype(f32),
             c_ref[row, t, :].astype(f32), keep_ref[row, t])
+
+
+def _advance(h, x, dt, A, B, C, D, y_ref, row, t, channels):
+    """One token: h = exp(dt A) h + dt x B, and y = h C + D x written; returns h."""
+    h = h * jnp.exp(dt[:, None] * A) + (dt * x)[:, None] * B[None, :]
+    y_ref[row, t, channels] = (jnp.sum(h * C[None, :], axis=1) + D * x).astype(y_ref.dtype)
+    return h
 
 
 def _kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, keep_ref, y_ref, *states_ref, length: int):
@@ -58,13 +70,43 @@ def _kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, keep_ref, y_ref, *states_
 
     def step(t, h):
         x, dt, B, C, keep = _token(x_ref, dt_ref, b_ref, c_ref, keep_ref, row, t, channels)
-        h = h * (jnp.exp(dt[:, None] * A) * keep) + (dt * x)[:, None] * B[None, :]
-        y_ref[row, t, channels] = (jnp.sum(h * C[None, :], axis=1) + D * x).astype(y_ref.dtype)
+        h = _advance(h * keep, x, dt, A, B, C, D, y_ref, row, t, channels)
         if states_ref:
             states_ref[0][row, t, channels, :] = h
         return h
 
     lax.fori_loop(0, length, step, jnp.zeros(A.shape, f32))
+
+
+def _states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, initial_ref, y_ref, finals_ref, *,
+                   length: int):
+    """The forward from per-run initial states (`[B, R, D, N]`; zeros for runs past R): where the run id
+    changes, the state after the run that ended is written (one of the first R) and the new run's initial
+    state read; the row's last run writes its state at the end."""
+    row, block, channels, A, D = _program(a_ref, d_ref)
+    num_runs = initial_ref.shape[1]
+
+    def initial(r):
+        return jnp.where(r < num_runs, initial_ref[row, jnp.minimum(r, num_runs - 1), channels, :].astype(
+            jnp.float32), 0.0)
+
+    def finish(r, h):
+        @pl.when(r < num_runs)
+        def _():
+            finals_ref[row, r, channels, :] = h
+
+    def next_run(h, run, r):
+        finish(run, h)
+        return initial(r)
+
+    def step(t, carry):
+        h, run = carry
+        x, dt, B, C, r = _token(x_ref, dt_ref, b_ref, c_ref, runs_ref, row, t, channels)
+        h = lax.cond(r == run, lambda: h, lambda: next_run(h, run, r))
+        return _advance(h, x, dt, A, B, C, D, y_ref, row, t, channels), r
+
+    h, run = lax.fori_loop(0, length, step, (initial(jnp.int32(0)), jnp.int32(0)))
+    finish(run, h)
 
 
 def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, keep_ref, states_ref, dy_ref,
@@ -131,6 +173,27 @@ def selective_scan(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: j
                    keep: jax.Array, *, interpret: bool = False) -> jax.Array:
     """`x, dt [B, T, D]`, `A [D, N]`, `B, C [B, T, N]`, `D [D]`, `keep [B, T]` float32 -> `y [B, T, D]` float32."""
     return _forward(x, dt, A, B, C, D, keep, interpret=interpret, states=False)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def selective_scan_from_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                               runs: jax.Array, initial: jax.Array, *,
+                               interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`selective_scan` with run r (`runs [B, T]` int32, `reference.run_ids`) starting from `initial [B, R, D, N]`
+    (zeros past R) -> (`y`, the states after each of the R runs `[B, R, D, N]` float32; a run without tokens
+    keeps its initial state), `reference.selective_scan`'s contract. Forward only (the serving path)."""
+    rows, length, channels = x.shape
+    state = A.shape[1]
+    _check(channels, state)
+    if initial.ndim != 4 or initial.shape[0] != rows or initial.shape[1] < 1 or initial.shape[2:] != (channels, state):
+        raise ValueError(f"selective_scan kernel: initial states {initial.shape} do not fit "
+                         f"[{rows}, R >= 1, {channels}, {state}]")
+    outputs = [jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(initial.shape, jnp.float32)]
+    y, finals = _call(functools.partial(_states_kernel, length=length), (x, dt, A, B, C, D, runs, initial), outputs,
+                      f"selective_scan_from_states_d{BLOCK_D}_n{state}", interpret)
+    # Runs past the row's last hold no token: their states pass through (the kernel writes no others).
+    present = jnp.arange(initial.shape[1])[None, :] <= jnp.max(runs, axis=1)[:, None]
+    return y, jnp.where(present[..., None, None], finals, initial.astype(jnp.float32))
 
 
 def selective_scan_backward(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gated_delta
+from pallas_kernels.ssm import run_ids
 from tests.pallas_kernels.test_ssm import SEGMENTS, R, _normal, _sequences, _start
 
 B, T = SEGMENTS.shape
@@ -112,7 +113,7 @@ def test_kernel_matches_reference_with_gradients(case):
     def kernel(*a):
         chunk_kernel.CHUNK, saved = chunk, chunk_kernel.CHUNK
         try:
-            return _kernel(*a, segments, interpret=True)
+            return _kernel(*a, segments, interpret=True)[0]
         finally:
             chunk_kernel.CHUNK = saved
 
@@ -123,9 +124,52 @@ def test_kernel_matches_reference_with_gradients(case):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+# The forward kernel from per-run initial states (the serving path) in interpret mode against the reference, outputs
+# and final states: (segment ids [B, T], runs with a state R, G, H, K, V, kernel chunk). "packed-gqa": test_ssm's
+# rows (row 1 has one run: its second state passes through; row 2 three, the third from zeros), chunks of 4 (run
+# ends on a chunk edge, two runs starting in one chunk); "serving": a flat ragged step as `_Mixer.serve` builds it
+# (one row; single-token runs beside prefill chunks that cross chunk edges, several runs in a chunk, padding at the
+# end, two slots without tokens), two value blocks.
+STATE_CASES = {
+    "packed-gqa": (SEGMENTS, R, 2, 4, 16, 32, 4),
+    "serving": (np.array([[1] + [2] * 11 + [3] + [4] * 3 + [5] * 14 + [6] + [0] * 5]), 8, 1, 2, 16, 64, 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATE_CASES))
+def test_kernel_from_states_matches_reference(case):
+    from pallas_kernels.gated_delta import chunk_kernel
+
+    segments, runs, groups, heads, key_dim, value_dim, chunk = STATE_CASES[case]
+    b, t = segments.shape
+    segments = jnp.asarray(segments, jnp.int32)
+    q = gated_delta.l2_normalize(_normal(20, (b, t, groups, key_dim))) * key_dim**-0.5
+    k = gated_delta.l2_normalize(_normal(21, (b, t, groups, key_dim)))
+    v, g = _normal(22, (b, t, heads, value_dim)), -jax.nn.softplus(_normal(23, (b, t, heads)))
+    beta = jax.nn.sigmoid(_normal(24, (b, t, heads)))
+    h0 = _normal(25, (b, runs, heads, key_dim, value_dim))
+    public = jax.jit(gated_delta.gated_delta, static_argnums=6, static_argnames="implementation")
+    chunk_kernel.CHUNK, saved = chunk, chunk_kernel.CHUNK
+    try:
+        o, finals = public(q, k, v, g, beta, segments, 4, h0, implementation="interpret")
+    finally:
+        chunk_kernel.CHUNK = saved
+    want_o, want_finals = chunked(q, k, v, g, beta, segments, 4, h0)
+    zero_o, zero_finals = chunked(q, k, v, g, beta, segments, 4, jnp.zeros_like(h0))
+    for name, got, want, zero in (("o", o, want_o, zero_o), ("finals", finals, want_finals, zero_finals)):
+        error, scale = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want)))
+        print(f"{case} {name}: max abs diff {error:.2e}, max abs value {scale:.2f}")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+        # A kernel that ignored the initial states would fail the bound above by far.
+        assert float(jnp.max(jnp.abs(zero - want))) > 1e3 * 1e-5, name
+    absent = np.arange(runs)[None, :] > np.asarray(run_ids(segments)).max(axis=1)[:, None]  # runs without tokens
+    assert absent.any()
+    np.testing.assert_array_equal(np.asarray(finals)[absent], np.asarray(h0)[absent])  # their states pass through
+
+
 def test_dispatch():
-    """Calls with initial states and the "reference" choice take the reference; an unknown choice is refused;
-    off CUDA the default is the reference."""
+    """Off CUDA the default is the reference, with initial states too; initial states of the wrong shape and an
+    unknown choice are refused."""
     q = gated_delta.l2_normalize(_normal(0, (B, T, G, 16)))
     k = gated_delta.l2_normalize(_normal(1, (B, T, G, 16)))
     v, g = _normal(2, (B, T, H, 32)), -jax.nn.softplus(_normal(3, (B, T, H)))
@@ -133,10 +177,10 @@ def test_dispatch():
     segments, h0 = jnp.asarray(SEGMENTS), _normal(5, (B, R, H, 16, 32))
     public = jax.jit(gated_delta.gated_delta, static_argnums=6, static_argnames="implementation")
     np.testing.assert_array_equal(public(q, k, v, g, beta, segments, 4)[0], chunked(q, k, v, g, beta, segments, 4)[0])
-    o, finals = public(q, k, v, g, beta, segments, 4, h0, implementation="interpret")
-    want_o, want_finals = chunked(q, k, v, g, beta, segments, 4, h0)
-    np.testing.assert_array_equal(o, want_o)
-    np.testing.assert_array_equal(finals, want_finals)
+    np.testing.assert_array_equal(public(q, k, v, g, beta, segments, 4, h0)[1], chunked(q, k, v, g, beta, segments, 4,
+                                                                                       h0)[1])
+    with pytest.raises(ValueError, match="initial states"):
+        public(q, k, v, g, beta, segments, 4, h0[..., :16], implementation="interpret")
     with pytest.raises(ValueError, match="unknown gated_delta implementation"):
         gated_delta.gated_delta(q, k, v, g, beta, segments, 4, implementation="triton")
 
@@ -154,5 +198,28 @@ def test_kernel_matches_reference_on_gpu():
     with jax.default_matmul_precision("highest"):
         want = with_grads(lambda *a: gated_delta.gated_delta_chunked(*a, segments, 64)[0])
     for name, a, b in zip(("o", "dq", "dk", "dv", "dg", "dbeta"), jax.tree.leaves(got), jax.tree.leaves(want)):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-2 * scale, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_kernel_from_states_matches_reference_on_gpu():
+    """The serving path at Qwen3-Next's head shape: one flat row of 12 sequences (decode tokens beside prefill
+    chunks, padding at the end) continuing from 16 slots' states; the kernel's tf32 matmuls against the reference
+    at full float32 precision, outputs and final states."""
+    lengths = [1, 40, 1, 1, 130, 7, 1, 64, 1, 2, 17, 1]
+    segments = np.concatenate([np.full(n, s + 1) for s, n in enumerate(lengths)] + [np.zeros(30)])[None]
+    segments = jnp.asarray(segments, jnp.int32)
+    t = segments.shape[1]
+    q = gated_delta.l2_normalize(_normal(0, (1, t, 2, 128))) * 128**-0.5
+    k = gated_delta.l2_normalize(_normal(1, (1, t, 2, 128)))
+    v, g = _normal(2, (1, t, 4, 128)), -jax.nn.softplus(_normal(3, (1, t, 4)))
+    beta, h0 = jax.nn.sigmoid(_normal(4, (1, t, 4))), _normal(5, (1, 16, 4, 128, 128))
+    got = jax.jit(lambda *a: gated_delta.gated_delta(*a[:6], 64, a[6], implementation="kernel"))(q, k, v, g, beta,
+                                                                                                 segments, h0)
+    with jax.default_matmul_precision("highest"):
+        want = chunked(q, k, v, g, beta, segments, 64, h0)
+    for name, a, b in zip(("o", "finals"), got, want):
         scale = float(jnp.max(jnp.abs(b)))
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-2 * scale, name

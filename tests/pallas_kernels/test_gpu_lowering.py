@@ -357,6 +357,25 @@ def test_selective_scan_kernel_compiles(shape):
                     ("selective_scan_states", "selective_scan_bwd"))
 
 
+# The serving path (rows, tokens, channels, state, runs with a state): a flat ragged step (one row of the step's
+# sequences continuing from their slots) for 130m with 64 slots, and a 2.8b prefill chunk.
+SCAN_STATE_SHAPES = {"mamba-130m-serving": (1, 512, 1536, 16, 64), "mamba-2.8b-prefill-chunk": (1, 2048, 5120, 16, 8)}
+
+
+@pytest.mark.parametrize("shape", sorted(SCAN_STATE_SHAPES))
+def test_selective_scan_from_states_kernel_compiles(shape):
+    """The scan with per-run initial states in and final states out, through `ops`."""
+    from pallas_kernels.ssm import ops as ssm_ops
+
+    rows, length, channels, state, runs = SCAN_STATE_SHAPES[shape]
+    f32 = jnp.float32
+    tokens, per_token = (rows, length, channels), (rows, length, state)
+    args = (S(tokens, BF16), S(tokens, f32), S((channels, state), f32), S(per_token, BF16), S(per_token, BF16),
+            S((channels,), f32), S((rows, length), jnp.int32), S((rows, runs, channels, state), f32))
+    assert_compiles(gpu_lowering.lower_for_h100(jax.jit(ssm_ops.selective_scan), *args),
+                    ("selective_scan_from_states",))
+
+
 # Mamba-2's SSD (rows, tokens, heads, head dim, groups, state): Mamba-2-130m training rows, Granite 4.0-H-Tiny
 # (48 heads of 64, one group, state 128) on a long prompt.
 SSD_SHAPES = {"mamba2-130m-train": (8, 2048, 24, 64, 1, 128), "granite4-tiny-prefill": (1, 8192, 48, 64, 1, 128)}
@@ -429,6 +448,27 @@ def test_gated_delta_kernels_compile(shape):
                     ("gated_delta_l", "gated_delta_states", "gated_delta_dstates", "gated_delta_bwd"))
 
 
+# The serving path (rows, tokens, q/k heads, value heads, key dim, value dim, runs with a state): 80B-A3B's mixer on
+# a flat ragged step (one row, 64 slots), and on a decode step (one row per sequence, one token each).
+GATED_DELTA_STATE_SHAPES = {"qwen3-next-80b-serving": (1, 2048, 16, 32, 128, 128, 64),
+                            "qwen3-next-80b-decode-b64": (64, 1, 16, 32, 128, 128, 1)}
+
+
+@pytest.mark.parametrize("shape", sorted(GATED_DELTA_STATE_SHAPES))
+def test_gated_delta_from_states_kernel_compiles(shape):
+    """The gated delta rule with per-run initial states in and final states out, through `ops`, without spills at
+    K = V = 128."""
+    from pallas_kernels import gated_delta
+
+    rows, length, groups, heads, key_dim, value_dim, runs = GATED_DELTA_STATE_SHAPES[shape]
+    f32 = jnp.float32
+    args = (S((rows, length, groups, key_dim), BF16), S((rows, length, groups, key_dim), BF16),
+            S((rows, length, heads, value_dim), BF16), S((rows, length, heads), f32), S((rows, length, heads), f32),
+            S((rows, length), jnp.int32), S((rows, runs, heads, key_dim, value_dim), f32))
+    forward = jax.jit(lambda *a: gated_delta.gated_delta(*a[:6], 64, a[6]))
+    assert_compiles(gpu_lowering.lower_for_h100(forward, *args), ("gated_delta_from_states",))
+
+
 @pytest.mark.parametrize("shape", sorted(MOE_SHAPES))
 def test_mosaic_grouped_matmul_lowers(shape):
     """The Mosaic GPU forward: lowered for an H100 (layout inference, the shared-memory budget), its
@@ -482,8 +522,11 @@ SPANS_TOO = ("llama-gqa",)  # also the prefill step with bidirectional spans (`v
 PAGE_SIZE = 16
 
 
-def tiny_config(name: str, folder):
-    """The family's ModelConfig in bfloat16 from a config.json alone (lowering needs no weights)."""
+def tiny_config(name: str, folder, **overrides):
+    """The family's ModelConfig in bfloat16 from a config.json alone (lowering needs no weights); `overrides`
+    change the tiny case's HF config."""
+    import dataclasses
+
     from model_lib import load_config
     from tests.tiny_models import CASES_BY_NAME, TinyCase
 
@@ -491,6 +534,7 @@ def tiny_config(name: str, folder):
         case = TinyCase(name, "Qwen2Config", GROUPS7)
     else:
         case = CASES_BY_NAME[name]
+    case = dataclasses.replace(case, overrides={**case.overrides, **overrides})
     hf = case.hf_config()
     raw = hf.to_dict()
     raw["architectures"] = [case.hf_architecture()]
@@ -526,6 +570,31 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
         lowered = gpu_lowering.lower_for_h100(runner._step, *gpu_lowering.abstract(runner.step_args(inputs)))
         reports = assert_compiles(lowered, expected)
         assert any(r.name.endswith("_spans") for r in reports), [r.name for r in reports]
+
+
+# family -> (HF config overrides, the state kernel its recurrent layers must reach): Qwen3-Next with value heads of
+# 32 (a whole kernel block; the table's 8 is below a Triton tile).
+RECURRENT_SERVING = {"mamba-tied": ({}, "selective_scan_from_states"),
+                     "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "gated_delta_from_states")}
+
+
+@pytest.mark.parametrize("family", sorted(RECURRENT_SERVING))
+def test_recurrent_serving_step_reaches_the_state_kernels(family, tmp_path):
+    """A prefill step of a recurrent model (its chunks continuing from the slots' states) runs the scan kernel
+    with states in and out (for Qwen3-Next beside the paged attention kernel)."""
+    from flax import nnx
+
+    from model_lib import CausalLM
+    from serving.engine.runner import ModelRunner
+
+    overrides, kernel = RECURRENT_SERVING[family]
+    model = nnx.eval_shape(lambda: CausalLM(tiny_config(family, tmp_path, **overrides), rngs=nnx.Rngs(0)))
+    runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8, max_num_batched_tokens=64,
+                         max_model_len=PAGE_SIZE * 8)
+    lowered = gpu_lowering.lower_for_h100(
+        runner._step, *gpu_lowering.abstract(runner.step_args(runner.empty_inputs(STEP_SHAPES["prefill"])))
+    )
+    assert_compiles(lowered, (kernel,))
 
 
 # quantization -> the fused kernel its linear layers must reach

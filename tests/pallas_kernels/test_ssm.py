@@ -174,6 +174,49 @@ def test_selective_scan_kernel_matches_reference_in_interpret_mode():
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=1e-4, atol=1e-4)
 
 
+# The kernel from per-run initial states (the serving path) in interpret mode: (segment ids [B, T], runs with a
+# state R). "packed": the rows above (row 1's second state passes through, row 2's third run starts from zeros);
+# "serving": a flat ragged step as `_Mixer.serve` builds it (single-token runs beside prefill chunks, padding at
+# the end, two slots without tokens).
+SCAN_STATE_CASES = {
+    "packed": (SEGMENTS, R),
+    "serving": (np.array([[1] + [2] * 11 + [3] + [4] * 3 + [5] * 14 + [6] + [0] * 5], np.int32), 8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCAN_STATE_CASES))
+def test_selective_scan_kernel_from_states_matches_reference(case):
+    from pallas_kernels.ssm import reference
+
+    segments, runs = SCAN_STATE_CASES[case]
+    b, t = segments.shape
+    D, N = 128, 16  # two channel blocks
+    x = _normal(10, (b, t, D))
+    dt = jax.nn.softplus(_normal(11, (b, t, D)))
+    A = -jnp.exp(_normal(12, (D, N), 0.5))
+    Bm, Cm, Dv = _normal(13, (b, t, N)), _normal(14, (b, t, N)), _normal(15, (D,))
+    h0 = _normal(16, (b, runs, D, N))
+    segments = jnp.asarray(segments)
+    kernel = jax.jit(functools.partial(ssm.selective_scan, implementation="interpret"))
+    y, finals = kernel(x, dt, A, Bm.astype(jnp.bfloat16), Cm.astype(jnp.bfloat16), Dv, segments, h0)
+    want_y, want_finals = selective_scan(x, dt, A, Bm.astype(jnp.bfloat16), Cm.astype(jnp.bfloat16), Dv, segments, h0)
+    zero_y, zero_finals = selective_scan(x, dt, A, Bm.astype(jnp.bfloat16), Cm.astype(jnp.bfloat16), Dv, segments,
+                                         jnp.zeros_like(h0))
+    real = (np.asarray(segments) != 0)[..., None]
+    for name, got, want, zero in (("y", np.where(real, y, 0), np.where(real, want_y, 0), np.where(real, zero_y, 0)),
+                                  ("finals", finals, want_finals, zero_finals)):
+        error, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
+        print(f"{case} {name}: max abs diff {error:.2e}, max abs value {scale:.2f}")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+        # A kernel that ignored the initial states would fail the bound above by far.
+        assert float(np.max(np.abs(zero - want))) > 1e3 * 1e-4, name
+    absent = np.arange(runs)[None, :] > np.asarray(ssm.run_ids(segments)).max(axis=1)[:, None]  # runs without tokens
+    assert absent.any()
+    np.testing.assert_array_equal(np.asarray(finals)[absent], np.asarray(h0)[absent])  # their states pass through
+    with pytest.raises(ValueError, match="initial states"):
+        kernel(x, dt, A, Bm, Cm, Dv, segments, h0[..., :8])
+
+
 # The SSD kernels (`ssd_kernel.py`) on the interpreter against the reference, y, the final state and the gradients
 # of every input: (segment ids [B, T], H, P, G, N, forward chunk, backward chunk, initial state). "packed-groups":
 # dense rows (zero states) whose runs cross chunk edges and share chunks, left and right padding, two heads per

@@ -1,6 +1,7 @@
 """Mamba, Mamba-2 and RecurrentGemma through `LLM.generate` under scheduling pressure: mixed prefill/decode batches,
 prefill chunks continuing from a slot's state, and preemption (recompute from token 0), unrolled and
-with the layer stack scanned (recurrent pools stacked `[L, slots, ...]`), and beside attention layers."""
+with the layer stack scanned (recurrent pools stacked `[L, slots, ...]`), and beside attention layers; and through
+the Pallas state kernels on the interpreter."""
 
 from __future__ import annotations
 
@@ -38,3 +39,43 @@ def test_greedy_under_pressure_matches_transformers(case, scan_layers, tiny_chec
     assert [o.outputs[0].token_ids for o in outputs] == expected
     assert engine.scheduler.num_preemptions > 0
     assert engine.pool.all_free()
+
+
+# CPU serving takes the references; here the mixers' ops are forced onto the Pallas kernels on the interpreter,
+# so the engine's prefill chunks continue from the slots' states through the state kernels:
+# family -> (HF config overrides, the op's package and name). Qwen3-Next with value heads of 32 (a whole kernel
+# block; the table's 8 is below a Triton tile).
+INTERPRETED = {"mamba-tied": ({}, "pallas_kernels.ssm", "selective_scan"),
+               "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "pallas_kernels.gated_delta", "gated_delta")}
+
+
+# (About 30 s and 55 s on CPU.)
+@pytest.mark.parametrize("case", ["mamba-tied", pytest.param("qwen3_next-hybrid", marks=pytest.mark.slow)])
+def test_greedy_under_pressure_through_interpreted_state_kernels(case, tmp_path, monkeypatch):
+    import dataclasses
+    import importlib
+
+    import torch
+
+    from tests.tiny_models import CASES_BY_NAME, build_checkpoint
+
+    overrides, package, name = INTERPRETED[case]
+    tiny = CASES_BY_NAME[case]
+    hf_model = build_checkpoint(dataclasses.replace(tiny, overrides={**tiny.overrides, **overrides}), tmp_path)
+    module, with_states = importlib.import_module(package), []
+    op = getattr(module, name)
+
+    def interpreted(*args, **kwargs):
+        with_states.append(len(args) > 7 and args[7] is not None)  # `initial`, positional in both mixers
+        return op(*args, **kwargs, implementation="interpret")
+
+    monkeypatch.setattr(module, name, interpreted)
+    prompt_ids = prompts((3, 9, 17, 26), seed=7)
+    with torch.no_grad():
+        expected = [hf_model.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                      pad_token_id=0)[0, len(p):].tolist() for p in prompt_ids]
+    llm = LLM(tmp_path, max_model_len=40, num_pages=12, page_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    outputs = llm.generate(token_prompts(prompt_ids), GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert with_states and all(with_states)
