@@ -112,10 +112,11 @@ class Scheduler:
     def _fit_encoder(self, seq: Sequence, num_new: int) -> int:
         """`num_new` cut before the first image whose features would exceed the step's encoder budget; 0 for
         an encoder-decoder's sequence whose source does not fit in what is left of it."""
-        if seq.encoder_len and seq.num_computed == 0:
-            if seq.encoder_len > self._encoder_left:
-                return 0
-            self._encoder_left -= seq.encoder_len
+        if seq.encoder_len:  # its whole encoder input runs when it starts (an encoder-decoder's source, Mllama's images)
+            if seq.num_computed == 0:
+                if seq.encoder_len > self._encoder_left:
+                    return 0
+                self._encoder_left -= seq.encoder_len
             return num_new
         if not seq.images:
             return num_new

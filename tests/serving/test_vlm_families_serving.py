@@ -77,3 +77,39 @@ def video_generate_equals_transformers(llm: LLM, ref, folder) -> None:
     expected = ref.generate(input_ids=ids, pixel_values_videos=pixels, max_new_tokens=MAX_TOKENS,
                             min_new_tokens=MAX_TOKENS, do_sample=False)
     assert output.outputs[0].token_ids == expected[0, ids.shape[1]:].tolist()
+
+
+def test_mllama_cross_attention_equals_transformers(tmp_path):
+    """Mllama reads its images by cross attention from each slot's `CrossKV` rows: two images of different tile
+    grids in one prompt (text before the first: transformers' masked rows), one image, and text only, under
+    chunked prefill and forced preemption (a recomputed sequence refills its slot); the same text with
+    another image gives another answer."""
+    from tests.vlm_families import MLLAMA_IMAGE_TOKEN as IMG
+
+    case = VLM_CASES["mllama"]
+    ref = case.build(tmp_path)
+    # 16 pages of 4 tokens cannot hold the four sequences at once: some are preempted and recomputed.
+    llm = LLM(tmp_path, max_model_len=64, page_size=4, num_pages=16, max_num_seqs=4, max_num_batched_tokens=16,
+              limit_mm_per_prompt={"image": 2})
+    third = random_image(3, (30, 30))  # one tile
+    requests = [(f"a b {IMG} what is in it and {IMG} in that?", IMAGES), (f"user: {IMG} what is this?", IMAGES[:1]),
+                (f"user: {IMG} what is this?", [third]), ("user: tell me a story?", [])]
+    params = dataclasses.replace(GREEDY, logprobs=0)
+    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": images}} if images else text
+                            for text, images in requests], params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.images.num_encoded > 4  # every image once, and again for the preempted
+    for output, (text, images) in zip(outputs, requests):
+        if images:
+            inputs = hf_inputs(case, tmp_path, text, images)
+        else:
+            inputs = {"input_ids": torch.tensor([output.prompt_token_ids])}
+        assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
+        expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+        tokens = output.outputs[0].token_ids
+        assert tokens == expected.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        hf_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(expected.logits, tokens)]
+        np.testing.assert_allclose([step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens)],
+                                   hf_logprobs, atol=1e-4)
+    assert outputs[1].outputs[0].token_ids != outputs[2].outputs[0].token_ids
