@@ -248,10 +248,10 @@ class MllamaForConditionalGeneration(CausalLM):
         t = pixel_values.shape[0]
         features = self.image_features(pixel_values[None, None], aspect_ratio_id.reshape(1, 1),
                                        aspect_ratio_mask.reshape(1, 1, t))[0]  # [R, E]
-        filled = []
+        filled, offset = [], index * features.shape[0]
         for layer, (k_pool, v_pool, lengths, slot_segments) in zip(self.config.multimodal.cross_attention_layers, pools):
             k, v = self.model.layers[layer].cross_attn.keys_values(features)
-            k_pool, v_pool, lengths = write_cross(k_pool, v_pool, lengths, slot, k, v, length, index * features.shape[0])
+            k_pool, v_pool, lengths = write_cross(k_pool, v_pool, lengths, slot, k, v, length, offset)
             filled.append((k_pool, v_pool, lengths, slot_segments.at[slot].set(segments)))
         return tuple(filled)
 

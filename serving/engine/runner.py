@@ -155,9 +155,9 @@ class ModelRunner:
         self.expanded_prefill_tokens = expanded_prefill_tokens
         if self.scan_layers:
             model = scanned_view(model)
-        # The entry of `kv_caches` that holds each layer left unscanned (an encoder fills some: Mllama's).
-        self.layer_entry = {start: i for i, (start, period, repeats) in enumerate(segment_layers(model))
-                            if period == repeats == 1}
+        # The entry of `kv_caches` that holds each decoder layer left unscanned (an encoder fills some: Mllama's).
+        segments = segment_layers(model) if isinstance(model, CausalLM) else []
+        self.layer_entry = {start: i for i, (start, period, repeats) in enumerate(segments) if period == repeats == 1}
         self.graphdef, self.state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(self.state)
         sharding_fn = plan.sharding if plan is not None else None

@@ -49,7 +49,8 @@ class MllamaImageInputs(ImageInputs):
     def _paired(prompt_ids: Sequence[int], token: int, media: list, kind: str) -> list[tuple[int, int, Any]]:
         starts = [i for i, t in enumerate(prompt_ids) if t == token]
         if len(starts) != len(media):
-            raise ValueError(f"the prompt has {len(starts)} {kind} placeholder(s) and {len(media)} {kind}(s) were given")
+            raise ValueError(f"the prompt has {len(starts)} {kind} placeholder(s) and {len(media)} {kind}(s) "
+                             "were given")
         return [(start, 1, m) for start, m in zip(starts, media)]
 
 
