@@ -125,20 +125,17 @@ def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens:
     if mm is None:
         return None
     refuse_unserved(model.config)
-    if isinstance(mm, MllamaConfig):  # cross attention: every image of a request at its first step
-        from serving.multimodal.mllama import MllamaImageEncoder  # it builds on this module
-
-        least = mm.image_rows
-        budget = max(max_num_batched_tokens, mm.max_images * least) if budget is None else budget
-        if not least <= budget <= MAX_ENCODER_BUDGET:
-            raise ValueError(f"max_num_encoder_input_tokens must be in [{least} (one image), "
-                             f"{MAX_ENCODER_BUDGET}], got {budget}")
-        return MllamaImageEncoder(model, budget)
-    least = mm.max_image_tokens or 1  # None: image lengths vary, each request's are checked by `check_fits`
-    budget = max(max_num_batched_tokens, least) if budget is None else budget
+    cross = isinstance(mm, MllamaConfig)  # cross attention: every image of a request runs at its first step
+    least = mm.image_rows if cross else mm.max_image_tokens or 1  # None: lengths vary, `check_fits` per request
+    default = max(max_num_batched_tokens, mm.max_images * least if cross else least)
+    budget = default if budget is None else budget
     if not least <= budget <= MAX_ENCODER_BUDGET:
         raise ValueError(f"max_num_encoder_input_tokens must be in [{least} (one image), "
                          f"{MAX_ENCODER_BUDGET}], got {budget}")
+    if cross:
+        from serving.multimodal.mllama import MllamaImageEncoder  # it builds on this module
+
+        return MllamaImageEncoder(model, budget)
     if isinstance(mm, QwenVLConfig):  # a tower call per image grid, no `encode`/`arrange`
         from serving.multimodal.qwen_vl import QwenImageEncoder  # it builds on this module
 
