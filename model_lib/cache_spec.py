@@ -11,9 +11,12 @@ says what it costs, so the runner and the engine need no branch per kind:
 - `CrossKV`: an encoder's keys and values for one cross-attention layer, one row of `max_len` positions per
   engine slot (`[num_slots, max_len, K, D]` each, and each slot's encoder length), written once when the
   encoder runs for the sequence (an encoder-decoder's text encoder; Whisper's audio or Mllama's image
-  encoder would fill it the same way). Its rows belong to the slot: finishing, aborting or preempting a
+  encoder fill it the same way). Its rows belong to the slot: finishing, aborting or preempting a
   sequence frees them with the slot, and a recomputed sequence runs its encoder again. The decoder's
   self-attention KV depends on the encoder input, so a model holding one serves without prefix caching.
+  With `segments` (Mllama: one per image) the rows split into that many equal parts, and a
+  `[num_slots, segments, 3]` int32 pool says per slot and part which query positions `[start, end)` see
+  it and how many of its leading rows are real.
 - `LayerSpecs`: several of the above in one layer (a decoder layer's `PagedKV` and `CrossKV`).
 
 A `LayerScan` segment (`model_lib.layer_scan`) stacks `repeats` layers of the same spec: paged pools gain
@@ -122,30 +125,38 @@ class RecurrentState:
 
 @dataclass(frozen=True)
 class CrossKV:
-    """Encoder keys and values of `kv_heads` heads of `head_dim`, up to `max_len` positions per slot."""
+    """Encoder keys and values of `kv_heads` heads of `head_dim`, up to `max_len` positions per slot (split
+    into `segments` equal parts, each with the query positions that see it, when `segments` > 0)."""
 
     kv_heads: int
     head_dim: int
     max_len: int
     dtype: str = "float32"  # the model's: encoder outputs are not quantized like pages
+    segments: int = 0
     prefix_cacheable = False
+
+    def __post_init__(self):
+        if self.segments and self.max_len % self.segments:
+            raise ValueError(f"CrossKV max_len {self.max_len} does not split into {self.segments} equal segments")
 
     def page_bytes(self, page_size: int, dtype: Any) -> int:
         return 0
 
     def fixed_bytes(self, num_slots: int) -> int:
         per_slot = 2 * self.max_len * self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize + 4
-        return num_slots * per_slot
+        return num_slots * (per_slot + 12 * self.segments)
 
     def allocate(self, sizes: PoolSizes, dtype: Any = None, sharding_fn: ShardingFn = None,
-                 repeats: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Zeroed `(k, v)` pools `[num_slots, max_len, K, D]` and lengths `[num_slots]` (int32)."""
+                 repeats: int | None = None) -> tuple[jax.Array, ...]:
+        """Zeroed `(k, v)` pools `[num_slots, max_len, K, D]` and lengths `[num_slots]` (int32); with segments,
+        also their `[num_slots, segments, 3]` (start, end, real rows), int32."""
         if repeats is not None:
             raise ValueError("CrossKV pools are not stacked for scanned layers")
         shape = (sizes.num_slots, self.max_len, self.kv_heads, self.head_dim)
         device = None if sharding_fn is None else sharding_fn((None, None, "kv_heads", None), shape)
         lengths = jnp.zeros((sizes.num_slots,), jnp.int32)
-        return jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device), lengths
+        pools = (jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device), lengths)
+        return pools + (jnp.zeros((sizes.num_slots, self.segments, 3), jnp.int32),) * (self.segments > 0)
 
 
 @dataclass(frozen=True)

@@ -430,6 +430,8 @@ class ModelConfig:
 
     def layer_cache_spec(self, layer: int) -> CacheSpec | None:
         """The serving state this layer keeps (`model_lib/cache_spec.py`); None for none."""
+        if self.multimodal is not None and (cross := self.multimodal.cross_cache_spec(self, layer)) is not None:
+            return cross  # a layer that reads the images by cross attention (Mllama)
         if self.is_ssm_layer(layer):
             return RecurrentState(self.ssm_state_shapes(layer))
         kv_heads = self.layer_cache_kv_heads(layer)

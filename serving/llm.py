@@ -160,6 +160,9 @@ class LLM(PoolingMethods):
         else:
             net = model_lib.from_pretrained(model, dtype=dtype, mesh=plan, quantization=quantization)
             self.image_inputs = image_inputs(model, net.config, limit_mm_per_prompt)
+            if self.image_inputs is not None:  # per-slot image state is sized by the image limit (Mllama's pools)
+                sized = net.config.multimodal.with_image_limit(self.image_inputs.limit)
+                net.config = net.config.replace(multimodal=sized)
             if self.image_inputs is not None and jax.process_count() > 1:
                 raise ValueError("vision-language models are not supported on multi-host engines yet "
                                  "(the vision tower runs on the leader only)")

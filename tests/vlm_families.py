@@ -230,6 +230,39 @@ def _llama4_images(folder: Path):
     return saved_image_processor(folder)
 
 
+MLLAMA_IMAGE_TOKEN = "<|image|>"
+MLLAMA_GATES = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
+
+
+def build_mllama(folder: Path):
+    """A tiny Mllama: tiles of 16 pixels (4x4 patches of 4, 17 tokens), up to 4 tiles, a 2-layer local
+    vision transformer (both layers' outputs kept, in reverse order) and a 1-layer global one, a 3-layer
+    Llama whose layer 1 cross-attends; the gates drawn away from zero so that every gated branch shows."""
+    import torch
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
+                  image_size=16, patch_size=4, max_num_tiles=4, intermediate_layers_indices=[1, 0],
+                  vision_output_dim=96)
+    text = dict(vocab_size=IMAGE_TOKEN_ID, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1], bos_token_id=1,
+                eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
+    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID)
+    model = _perturbed(MllamaForConditionalGeneration(config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in MLLAMA_GATES:
+                p.uniform_(-1.5, 1.5)
+    model.save_pretrained(folder)
+    tokenizer = _tokenizer([MLLAMA_IMAGE_TOKEN], MLLAMA_IMAGE_TOKEN)
+    MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=4),
+                    tokenizer=tokenizer, chat_template=tokenizer.chat_template).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
 @dataclass(frozen=True)
 class VlmCase:
     build: Callable[[Path], Any]
@@ -240,6 +273,9 @@ class VlmCase:
     video: bool = False  # the model takes videos (`VIDEO_TOKEN`)
     # The reference image processor, where serving's is not transformers' (None: `load_image_processor`'s).
     reference_images: Callable[[Path], Any] | None = None
+    # Images read by cross attention (Mllama): its dense forward takes the processor's inputs, and its logits
+    # are checked in tests/model_lib/test_mllama.py.
+    cross_attention: bool = False
 
 
 VLM_CASES = {
@@ -250,6 +286,7 @@ VLM_CASES = {
     "gemma3": VlmCase(build_gemma3, "Gemma3Processor", GEMMA3_PROCESSOR, image_marker="<start_of_image>"),
     "llama4": VlmCase(build_llama4, "Llama4Processor", LLAMA4_PROCESSOR, image_marker=LLAMA4_TOKENS[0],
                       reference_images=_llama4_images),
+    "mllama": VlmCase(build_mllama, "MllamaProcessor", {}, image_marker=MLLAMA_IMAGE_TOKEN, cross_attention=True),
 }
 
 
@@ -291,36 +328,3 @@ def our_images(folder: Path, images: list) -> tuple[list, list]:
     mm = model_lib.load_config(folder)[0].multimodal
     processed = [preprocess(load_image_processor(folder), image) for image in images]
     return [mm.pixels_for(p, len(images)) for p, _ in processed], [size for _, size in processed]
-
-
-MLLAMA_IMAGE_TOKEN = "<|image|>"
-MLLAMA_GATES = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
-
-
-def build_mllama(folder: Path):
-    """A tiny Mllama: tiles of 16 pixels (4x4 patches of 4, 17 tokens), up to 4 tiles, a 2-layer local
-    vision transformer (both layers' outputs kept, in reverse order) and a 1-layer global one, a 3-layer
-    Llama whose layer 1 cross-attends; the gates drawn away from zero so that every gated branch shows."""
-    import torch
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=4,
-                  image_size=16, patch_size=4, max_num_tiles=4, intermediate_layers_indices=[1, 0],
-                  vision_output_dim=96)
-    text = dict(vocab_size=IMAGE_TOKEN_ID, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, cross_attention_layers=[1], bos_token_id=1,
-                eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
-    config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID)
-    model = _perturbed(MllamaForConditionalGeneration(config))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] in MLLAMA_GATES:
-                p.uniform_(-1.5, 1.5)
-    model.save_pretrained(folder)
-    tokenizer = _tokenizer([MLLAMA_IMAGE_TOKEN], MLLAMA_IMAGE_TOKEN)
-    MllamaProcessor(image_processor=MllamaImageProcessorPil(size={"height": 16, "width": 16}, max_image_tiles=4),
-                    tokenizer=tokenizer, chat_template=tokenizer.chat_template).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model

@@ -67,6 +67,17 @@ class ImagePlaceholders:
     prompt_tokens: ClassVar[dict[str, str]] = {}
     # Why the serving engine refuses this model (None: it serves it).
     serving_refusal: ClassVar[str | None] = None
+    # Images per prompt when the server is not told (None: serving's default, `DEFAULT_IMAGES_PER_PROMPT`).
+    default_image_limit: ClassVar[int | None] = None
+
+    def with_image_limit(self, limit: int) -> "ImagePlaceholders":
+        """This config for serving prompts of at most `limit` images (Mllama sizes its cross-attention pools by it)."""
+        return self
+
+    def cross_cache_spec(self, config: Any, layer: int) -> Any:
+        """The serving state (`model_lib/cache_spec.py`) of decoder layer `layer` if it reads the images by cross
+        attention (Mllama's `CrossKV`); None for the others (`config`: the `ModelConfig`)."""
+        return None
 
     def with_tokenizer(self, tokenizer: Any) -> "ImagePlaceholders":
         """This config with the `prompt_tokens` ids looked up in the checkpoint's tokenizer."""

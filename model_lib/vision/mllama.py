@@ -9,9 +9,14 @@ vision model (`mllama_vision.py`) and `multi_modal_projector` (one linear layer)
 `T * P` feature rows; a sequence's cross keys and values are those of all its images, tiles in order.
 
 Which image tiles a text token sees is the processor's `cross_attention_mask [B, L, I, T]`. transformers'
-quirks are kept: a token that sees no tile (before the first `<|image|>`) attends evenly over every
+quirks are kept: a token that sees no tile (before the first `<|image|>`) attends, unmasked, over every
 feature row of its sequence, padding tiles included, and its MLP branch is zeroed
 (`full_text_row_masked_out_mask`); a sequence without images skips the cross-attention layers.
+
+Serving: each cross-attention layer keeps a `CrossKV` pool with one segment of `R = T * P` rows per image
+(`max_images` per slot), written when the sequence takes its slot (`fill_image_kv`,
+`serving/multimodal/mllama.py`); per image the pool holds the positions `[start, end)` that see it and its
+real rows, and a paged step derives each token's mask from its position (`segment_visibility`).
 
 Glossary: B batch, L text tokens, I images per sequence, T tiles per image, P tokens per tile, S = I*T*P
 feature rows, M = B*L query rows, E text width, H heads, K kv heads, D head width.
@@ -19,6 +24,7 @@ feature rows, M = B*L query rows, E text width, H heads, K kv heads, D head widt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,30 +32,71 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from model_lib.cache_spec import CrossKV
 from model_lib.config import ModelConfig
 from model_lib.decoder import CausalLM, dense_batch
 from model_lib.layers import MLP, DenseBatch, Embed, Linear, PagedBatch, make_norm
 from model_lib.vision.config import ImagePlaceholders
 from model_lib.vision.mllama_vision import MllamaVisionConfig, MllamaVisionModel
-from pallas_kernels.cross_attention import cross_attention
+from pallas_kernels.cross_attention import cross_attention, write_cross
+from pallas_kernels.paged_attention.reference import token_layout
 
 EXTRA_TOKEN_ROWS = 8  # transformers' `embed_tokens` rows past vocab_size (`<|image|>` among them)
+IMAGE_TOKEN = "<|image|>"  # the processor's image token
 
 
 @dataclass(frozen=True)
 class MllamaConfig(ImagePlaceholders):
-    """The vision model, the image token and the decoder layers that attend to the images."""
+    """The vision model, the image token and the decoder layers that attend to the images.
+
+    Serving settings (not in the checkpoint): `max_images`, the images per prompt each slot's cross-attention
+    pools hold (`with_image_limit`: the server's image limit), and `bos_token`, the tokenizer's BOS text,
+    which the processor puts in front of a prompt with images (`prompt_text`)."""
 
     vision: MllamaVisionConfig
     image_token_id: int
     cross_attention_layers: tuple[int, ...]
+    max_images: int = 1
+    bos_token: str | None = None
 
-    serving_refusal: ClassVar[str | None] = (
-        "the engine does not yet fill its cross-attention layers' per-request CrossKV pool with image features "
-        "nor feed them the tokens' cross-attention masks; load it with model_lib.from_pretrained for logits")
+    prompt_tokens: ClassVar[dict[str, str]] = {"image_token_id": IMAGE_TOKEN}
+    # Every image costs each slot `image_rows` rows per cross-attention layer (6404 for Llama 3.2 Vision), and
+    # the checkpoints are tuned on one image per prompt.
+    default_image_limit: ClassVar[int] = 1
+
+    @property
+    def image_rows(self) -> int:
+        """R: cross-attention rows per image (every tile, padding tiles included, as transformers keeps them)."""
+        return self.vision.max_num_tiles * self.vision.tile_tokens
 
     def placeholder_ids(self, pixels: Any, image_size: tuple[int, int]) -> list[int]:
         return [self.image_token_id]  # one `<|image|>` per image: its features enter by cross attention
+
+    def with_tokenizer(self, tokenizer: Any) -> "MllamaConfig":
+        return dataclasses.replace(super().with_tokenizer(tokenizer), bos_token=tokenizer.bos_token)
+
+    def with_image_limit(self, limit: int) -> "MllamaConfig":
+        return dataclasses.replace(self, max_images=max(limit, 1))
+
+    def prompt_text(self, text: str) -> str:
+        """BOS after any leading `<|image|>` tokens unless the prompt has one (`MllamaProcessor`)."""
+        from transformers.models.mllama.processing_mllama import build_string_from_input
+
+        return text if self.bos_token is None else build_string_from_input(text, self.bos_token, IMAGE_TOKEN)
+
+    def check_processor(self, processor: Any) -> None:
+        size = processor.size
+        side = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+        tiles = getattr(processor, "max_image_tiles", None)
+        if tiles != self.vision.max_num_tiles or side != (self.vision.image_size,) * 2:
+            raise ValueError(f"the image processor makes up to {tiles} tiles of {side[0]}x{side[1]} pixels; the vision "
+                             f"model takes up to {self.vision.max_num_tiles} of {self.vision.image_size} pixels")
+
+    def cross_cache_spec(self, config: ModelConfig, layer: int) -> CrossKV | None:
+        if layer not in self.cross_attention_layers:
+            return None
+        return CrossKV(config.num_kv_heads, config.head_dim, self.max_images * self.image_rows, config.dtype,
+                       segments=self.max_images)
 
 
 @struct.dataclass
@@ -104,6 +151,7 @@ class MllamaCrossAttentionDecoderLayer(nnx.Module):
     """Tanh-gated cross attention and MLP; the identity for rows whose sequence has no image."""
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.tile_tokens = config.multimodal.vision.tile_tokens
         self.cross_attn = MllamaCrossAttention(config, rngs=rngs)
         self.input_layernorm = make_norm(config)
         self.cross_attn_attn_gate = _gate(config)
@@ -112,20 +160,29 @@ class MllamaCrossAttentionDecoderLayer(nnx.Module):
         self.cross_attn_mlp_gate = _gate(config)
 
     def __call__(self, x: jax.Array, batch: DenseBatch | PagedBatch,
-                 cross: CrossInputs | None = None) -> tuple[jax.Array, CrossInputs | None]:
-        """`x [B, L, E]`; `cross` None: no sequence has an image."""
+                 cross: CrossInputs | tuple | None = None) -> tuple[jax.Array, CrossInputs | tuple | None]:
+        """`x [B, L, E]` with `CrossInputs` (None: no sequence has an image), or a paged step's `[T, E]` with the
+        layer's `CrossKV` pools `(k, v, lengths, segments)`, which come back unchanged."""
         if cross is None:
             return x, None
-        if not isinstance(cross, CrossInputs):
-            raise ValueError("Mllama's cross-attention layers run on dense batches (model(...)) only; "
-                             f"paged serving steps are not supported yet ({MllamaConfig.serving_refusal})")
+        inputs = cross if isinstance(cross, CrossInputs) else self.paged_inputs(cross, batch, x.shape[0])
         flat = x.reshape(-1, x.shape[-1])  # [M, E]
         gate = lambda g: jnp.tanh(g[...]).astype(x.dtype)  # noqa: E731
-        h = flat + gate(self.cross_attn_attn_gate) * self.cross_attn(self.input_layernorm(flat), cross)
-        mlp = self.mlp(self.post_attention_layernorm(h)) * cross.text_rows[:, None].astype(x.dtype)
+        h = flat + gate(self.cross_attn_attn_gate) * self.cross_attn(self.input_layernorm(flat), inputs)
+        mlp = self.mlp(self.post_attention_layernorm(h)) * inputs.text_rows[:, None].astype(x.dtype)
         h = h + gate(self.cross_attn_mlp_gate) * mlp
-        has_image = jnp.take(cross.lengths, cross.token_slots, mode="clip") > 0
+        has_image = jnp.take(inputs.lengths, inputs.token_slots, mode="clip") > 0
         return jnp.where(has_image[:, None], h, flat).reshape(x.shape), cross
+
+    def paged_inputs(self, pools: tuple, batch: PagedBatch, num_tokens: int) -> CrossInputs:
+        """The `CrossInputs` of a paged step's tokens from their slots' pools and their positions."""
+        if not isinstance(batch, PagedBatch):
+            raise ValueError("Mllama's cross-attention pools are read by paged steps; dense batches take CrossInputs")
+        k, v, lengths, segments = pools
+        seq, positions, _ = token_layout(batch.meta, num_tokens)
+        token_slots = jnp.take(batch.slots, seq, mode="clip")
+        visible, text_rows = segment_visibility(segments, token_slots, positions, k.shape[1] // segments.shape[1])
+        return CrossInputs(k, v, lengths, token_slots, visible, text_rows)
 
 
 def token_visibility(cross_attention_mask: jax.Array | None, tile_tokens: int, num_rows: int,
@@ -139,6 +196,19 @@ def token_visibility(cross_attention_mask: jax.Array | None, tile_tokens: int, n
     sees = jnp.repeat(mask.reshape(num_rows, -1), tile_tokens, axis=1)  # [M, I*T*P]
     any_tile = jnp.any(sees, axis=1)
     return jnp.where(any_tile[:, None], sees, True), any_tile.astype(jnp.float32)
+
+
+def segment_visibility(segments: jax.Array, token_slots: jax.Array, positions: jax.Array,
+                       segment_rows: int) -> tuple[jax.Array, jax.Array]:
+    """(`visible [M, S]`, `text_rows [M]`) of query rows at `positions [M]` in slots `token_slots [M]`, from the
+    slots' `segments [N, I, 3]` (each image's first and past-last seeing position and real rows; S = I *
+    `segment_rows`), with `token_visibility`'s rule for a row that sees no image."""
+    start, end, rows = jnp.moveaxis(jnp.take(segments, token_slots, axis=0, mode="clip"), -1, 0)  # [M, I] each
+    p = positions[:, None]
+    rows_seen = jnp.where((start <= p) & (p < end), rows, 0)
+    sees = (jnp.arange(segment_rows)[None, None, :] < rows_seen[:, :, None]).reshape(rows_seen.shape[0], -1)
+    any_row = jnp.any(rows_seen > 0, axis=1)
+    return jnp.where(any_row[:, None], sees, True), any_row.astype(jnp.float32)
 
 
 class MllamaForConditionalGeneration(CausalLM):
@@ -167,6 +237,23 @@ class MllamaForConditionalGeneration(CausalLM):
         features = self.vision_model(pixel_values.reshape(b * i, *pixel_values.shape[2:]),
                                      aspect_ratio_ids.reshape(b * i), aspect_ratio_mask.reshape(b * i, t))
         return self.multi_modal_projector(features).reshape(b, -1, self.config.hidden_size)
+
+    def fill_image_kv(self, pools: tuple, pixel_values: jax.Array, aspect_ratio_id: jax.Array,
+                      aspect_ratio_mask: jax.Array, slot: jax.Array, index: jax.Array, length: jax.Array,
+                      segments: jax.Array) -> tuple:
+        """Serving: image `index` of the sequence in `slot`, its tiles `pixel_values [T, C, H, W]` with its
+        aspect ratio id and mask `[T]` -> every cross-attention layer's keys and values in rows `[index R,
+        (index + 1) R)` of the slot, whose length and `segments [I, 3]` are set too. `pools`: the cross layers'
+        `CrossKV` pools in layer order."""
+        t = pixel_values.shape[0]
+        features = self.image_features(pixel_values[None, None], aspect_ratio_id.reshape(1, 1),
+                                       aspect_ratio_mask.reshape(1, 1, t))[0]  # [R, E]
+        filled, offset = [], index * features.shape[0]
+        for layer, (k_pool, v_pool, lengths, slot_segments) in zip(self.config.multimodal.cross_attention_layers, pools):
+            k, v = self.model.layers[layer].cross_attn.keys_values(features)
+            k_pool, v_pool, lengths = write_cross(k_pool, v_pool, lengths, slot, k, v, length, offset)
+            filled.append((k_pool, v_pool, lengths, slot_segments.at[slot].set(segments)))
+        return tuple(filled)
 
     def cross_caches(self, features: jax.Array, visible: jax.Array, text_rows: jax.Array,
                      token_slots: jax.Array) -> list[CrossInputs | None]:

@@ -25,11 +25,12 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 def write_cross(
     k_pool: jax.Array, v_pool: jax.Array, lengths: jax.Array, slot: jax.Array, k: jax.Array, v: jax.Array,
-    length: jax.Array,
+    length: jax.Array, offset: jax.Array | int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Store one sequence's encoder keys/values `k, v [S', K, D]` (S' <= S, rows past `length` are padding)
-    in `slot`'s rows; returns the pools and lengths."""
-    start = (slot, 0, 0, 0)
+    """Store one sequence's encoder keys/values `k, v [S', K, D]` in `slot`'s rows from `offset` on (a part of
+    its encoder output: Mllama writes one image at a time) and set its length to `length` (rows past it are
+    padding); returns the pools and lengths."""
+    start = (slot, offset, 0, 0)
     k_pool = jax.lax.dynamic_update_slice(k_pool, k[None].astype(k_pool.dtype), start)
     v_pool = jax.lax.dynamic_update_slice(v_pool, v[None].astype(v_pool.dtype), start)
     return k_pool, v_pool, lengths.at[slot].set(length)

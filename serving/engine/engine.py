@@ -195,6 +195,9 @@ class LLMEngine:
                         mc.architecture)
         self.pool = PagePool(num_pages, config.page_size, enable_prefix_caching=prefix_caching)
         self.images = image_encoder(model, config.max_num_encoder_input_tokens, config.max_num_batched_tokens)
+        mm = mc.multimodal  # placeholder tokens a prompt may hold past the output vocabulary (Mllama's <|image|>)
+        self._placeholders_past_vocab = set() if mm is None else \
+            {t for t in (mm.image_token_id, mm.video_token_id) if t is not None and t >= mc.vocab_size}
         # Encoder-decoders: the prompt is the encoder's input (serving/seq2seq.py).
         self.seq2seq = seq2seq_encoder(model, config.max_num_encoder_input_tokens, config.max_num_batched_tokens)
         encoder = self.images or self.seq2seq
@@ -250,9 +253,10 @@ class LLMEngine:
             return self.seq2seq.validate_source(prompt_ids)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        vocab, placeholders = self.model_config.vocab_size, self._placeholders_past_vocab
+        if any(not isinstance(t, int) or (not 0 <= t < vocab and t not in placeholders) for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})"
+                             + "".join(f" or {t}" for t in sorted(placeholders)))
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}, "
@@ -329,7 +333,8 @@ class LLMEngine:
         if images:
             self.images.check_fits(images)
             check_span_images(spans, images, self.images.budget)
-        source, encoder_ids, encoder_len = prompt_ids, None, 0
+        source, encoder_ids = prompt_ids, None
+        encoder_len = self.images.encoder_len(images) if images else 0
         if encoder_features is not None:  # audio feeds the encoder; the prompt is the decoder's
             encoder_len = self.seq2seq.config.max_source_len
         elif self.seq2seq is not None:  # the prompt feeds the encoder; the decoder starts from its own prompt
@@ -476,6 +481,7 @@ class LLMEngine:
         if self.seq2seq is not None:
             self.seq2seq.fill(self.runner, scheduled)
         if self.images is not None:
+            self.images.fill(self.runner, scheduled)
             inputs.merged = self.images.merged(scheduled, inputs.shape[0])
         rows = inputs.logits_indices.shape[0]  # the step's logits rows
         slots = np.full(rows, self.config.max_num_seqs, np.int32)

@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from model_lib import CausalLM
-from model_lib.layer_scan import scanned_view
+from model_lib.layer_scan import scanned_view, segment_layers
 from model_lib.layers import PagedBatch
 from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
@@ -155,6 +155,9 @@ class ModelRunner:
         self.expanded_prefill_tokens = expanded_prefill_tokens
         if self.scan_layers:
             model = scanned_view(model)
+        # The entry of `kv_caches` that holds each decoder layer left unscanned (an encoder fills some: Mllama's).
+        segments = segment_layers(model) if isinstance(model, CausalLM) else []
+        self.layer_entry = {start: i for i, (start, period, repeats) in enumerate(segments) if period == repeats == 1}
         self.graphdef, self.state = nnx.split(model)
         self.params, treedef = jax.tree.flatten(self.state)
         sharding_fn = plan.sharding if plan is not None else None

@@ -110,12 +110,14 @@ class Scheduler:
         logger.debug("preempted sequence %d (%d tokens)", seq.seq_id, seq.num_tokens)
 
     def _fit_encoder(self, seq: Sequence, num_new: int) -> int:
-        """`num_new` cut before the first image whose features would exceed the step's encoder budget; 0 for
-        an encoder-decoder's sequence whose source does not fit in what is left of it."""
-        if seq.encoder_len and seq.num_computed == 0:
-            if seq.encoder_len > self._encoder_left:
-                return 0
-            self._encoder_left -= seq.encoder_len
+        """`num_new` cut before the first image whose features would exceed the step's encoder budget; 0 for a
+        sequence whose whole encoder input (an encoder-decoder's source, Mllama's images) runs as it starts and
+        does not fit in what is left of it."""
+        if seq.encoder_len:
+            if seq.num_computed == 0:
+                if seq.encoder_len > self._encoder_left:
+                    return 0
+                self._encoder_left -= seq.encoder_len
             return num_new
         if not seq.images:
             return num_new

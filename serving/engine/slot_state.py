@@ -42,7 +42,8 @@ def new_slot_state(num_slots: int, vocab: int, max_model_len: int) -> SlotState:
 def count_row(prompt_ids: list[int], output_ids: list[int], vocab: int) -> np.ndarray:
     """A sequence's count row (host side), written when it joins with penalties."""
     row = np.bincount(np.asarray(output_ids, np.int64), minlength=vocab).astype(np.int32)
-    row[np.asarray(prompt_ids, np.int64)] |= PROMPT_BIT
+    prompt = np.asarray(prompt_ids, np.int64)
+    row[prompt[prompt < vocab]] |= PROMPT_BIT  # placeholders past the output vocabulary (Mllama's) are never sampled
     return row
 
 

@@ -97,9 +97,9 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
         inputs = runner.empty_inputs(shape, **inputs_kind)
         runner.compiled_shapes.add(inputs.variant)
         logits = runner.run(inputs)
-        if engine.images is not None:  # the same shape with image rows
-            inputs = runner.empty_inputs(shape, **inputs_kind)
-            inputs.merged = engine.images.empty(shape[0])
+        if engine.images is not None and (merged := engine.images.empty(shape[0])) is not None:
+            inputs = runner.empty_inputs(shape, **inputs_kind)  # the same shape with image rows
+            inputs.merged = merged
             runner.compiled_shapes.add(inputs.variant)
             runner.run(inputs)
         if shape in expanded:  # the same shape with MLA rows in the expanded form
@@ -117,7 +117,7 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
                 )
         jax.block_until_ready(sampled.tokens)
     if engine.images is not None:
-        engine.images.warm_up()
+        engine.images.warm_up(runner)
     for size in buckets(1, num_slots):
         rows = batch_from_rows([], size, None, None)
         engine.slot_state = write_rows(engine.slot_state, np.full(size, num_slots, np.int32), rows)

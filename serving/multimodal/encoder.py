@@ -13,7 +13,7 @@ steps), and are encoded again after a preemption that needs them.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from model_lib.vision.merge import MergedEmbeddings
+from model_lib.vision.mllama import MllamaConfig
 from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.engine.scheduler import ScheduledSequence
 from serving.engine.sequence import Sequence as Seq
@@ -60,7 +61,15 @@ class ImageEncoder:
         item.features = np.asarray(self._arrange(self.config, modules, encoded, item.image_size))
         self.num_encoded += 1
 
-    def warm_up(self) -> None:
+    def encoder_len(self, items: Sequence[ImageItem]) -> int:
+        """Encoder rows a request's images cost all at once when its sequence starts (0: each image is charged
+        when a chunk first reaches it, `encoder_cut`)."""
+        return 0
+
+    def fill(self, runner: Any, scheduled: Sequence[ScheduledSequence]) -> None:
+        """Write per-slot image state before a step (Mllama's cross-attention pools); nothing here."""
+
+    def warm_up(self, runner: Any) -> None:
         """Compile the encoder for the tower's own square image (one tile of a tiling model; other shapes
         compile when they first come)."""
         pixels = jnp.zeros(self.config.pixel_shape, jnp.float32)
@@ -116,11 +125,17 @@ def image_encoder(model: nnx.Module, budget: int | None, max_num_batched_tokens:
     if mm is None:
         return None
     refuse_unserved(model.config)
-    least = mm.max_image_tokens or 1  # None: image lengths vary, each request's are checked by `check_fits`
-    budget = max(max_num_batched_tokens, least) if budget is None else budget
+    cross = isinstance(mm, MllamaConfig)  # cross attention: every image of a request runs at its first step
+    least = mm.image_rows if cross else mm.max_image_tokens or 1  # None: lengths vary, `check_fits` per request
+    default = max(max_num_batched_tokens, mm.max_images * least if cross else least)
+    budget = default if budget is None else budget
     if not least <= budget <= MAX_ENCODER_BUDGET:
         raise ValueError(f"max_num_encoder_input_tokens must be in [{least} (one image), "
                          f"{MAX_ENCODER_BUDGET}], got {budget}")
+    if cross:
+        from serving.multimodal.mllama import MllamaImageEncoder  # it builds on this module
+
+        return MllamaImageEncoder(model, budget)
     if isinstance(mm, QwenVLConfig):  # a tower call per image grid, no `encode`/`arrange`
         from serving.multimodal.qwen_vl import QwenImageEncoder  # it builds on this module
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from model_lib.config import ModelConfig
+from model_lib.vision.mllama import MllamaConfig
 from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.multimodal.images import load_image_processor
 from serving.multimodal.inputs import ImageInputs, Video, refuse_unserved
@@ -69,8 +70,11 @@ def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dic
         from transformers import AutoTokenizer
 
         mm = mm.with_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    from serving.multimodal.mllama import MllamaImageInputs
     from serving.multimodal.qwen_vl import QwenImageInputs
 
-    inputs_class = QwenImageInputs if isinstance(mm, QwenVLConfig) else ImageInputs
-    return inputs_class(mm, load_image_processor(path), limits.get("image", DEFAULT_IMAGES_PER_PROMPT),
+    inputs_class = QwenImageInputs if isinstance(mm, QwenVLConfig) else \
+        MllamaImageInputs if isinstance(mm, MllamaConfig) else ImageInputs
+    default = mm.default_image_limit or DEFAULT_IMAGES_PER_PROMPT
+    return inputs_class(mm, load_image_processor(path), limits.get("image", default),
                         limits.get("video", DEFAULT_IMAGES_PER_PROMPT) if mm.video_token_id is not None else 0)

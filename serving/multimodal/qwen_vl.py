@@ -73,5 +73,5 @@ class QwenImageEncoder(ImageEncoder):
         item.features = np.asarray(self._encode(self.graphdef, self.state, patches, layout))
         self.num_encoded += 1
 
-    def warm_up(self) -> None:
+    def warm_up(self, runner: Any) -> None:
         """Nothing to compile ahead: the patch counts are the images'."""

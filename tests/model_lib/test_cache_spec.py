@@ -57,6 +57,13 @@ def test_cross_kv_rows_per_slot_and_a_layer_holding_two_states():
     assert pages.shape == (2, 5, 4, 8) and cross_k.shape == (3, 6, 2, 8)
     assert both.page_bytes(4, jnp.float32) == PagedKV(2, 8).page_bytes(4, jnp.float32)
     assert both.fixed_bytes(3) == spec.fixed_bytes(3) and not both.prefix_cacheable
+    # Segments (Mllama's images): equal parts of the rows, each with (start, end, real rows) per slot.
+    images = CrossKV(2, 8, max_len=6, dtype="bfloat16", segments=2)
+    *_, segments = images.allocate(SIZES)
+    assert segments.shape == (3, 2, 3) and segments.dtype == jnp.int32
+    assert images.fixed_bytes(3) == spec.fixed_bytes(3) + 3 * 2 * 3 * 4
+    with pytest.raises(ValueError, match="equal segments"):
+        CrossKV(2, 8, max_len=6, segments=4)
 
 
 def test_totals_over_layers():

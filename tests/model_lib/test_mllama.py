@@ -1,11 +1,10 @@
 """Mllama (Llama 3.2 Vision) against transformers on a tiny random checkpoint: float32 logits with two images
 of different tile grids in one prompt (text before the first image: transformers' masked rows) and text
-only, our save loaded back by transformers, and the engine's refusal."""
+only, and our save loaded back by transformers (serving: tests/serving/test_vlm_families_serving.py)."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from flax import nnx
 
@@ -51,10 +50,3 @@ def test_logits_match_transformers(tmp_path):
         again = type(ref).from_pretrained(tmp_path / "saved").eval()(**inputs).logits.numpy()
     assert_logits_close(again, expected)
 
-
-def test_serving_refuses_mllama_by_name(tiny_checkpoint):
-    from serving import LLM
-
-    folder, _ = tiny_checkpoint("mllama-text")
-    with pytest.raises(ValueError, match="MllamaForConditionalGeneration cannot be served yet"):
-        LLM(str(folder))

@@ -18,7 +18,7 @@ from tests.vlm_models import random_image, vision_forward
 IMAGES = [random_image(1, (40, 70)), random_image(2, (64, 30))]
 
 
-@pytest.mark.parametrize("name", list(VLM_CASES))
+@pytest.mark.parametrize("name", [name for name, case in VLM_CASES.items() if not case.cross_attention])
 def test_logits_with_images_match_transformers(name, tmp_path):
     case = VLM_CASES[name]
     ref = case.build(tmp_path)
