@@ -1,14 +1,17 @@
-"""Public RG-LRU scan: the Pallas kernel where it applies, else the jnp reference (contract in `reference.py`).
+"""Public RG-LRU scan: the Pallas kernels where they apply, else the jnp reference (contract in `reference.py`).
 
 Implementations, picked by `implementation` or, when it is None, by lowering platform and shape
-(`pallas_kernels.dispatch.on_cuda`):
-- "kernel": `triton_kernel.py` where the computation is lowered for CUDA, for calls without initial
-  states (dense training rows and whole prompts) and channels in blocks of `BLOCK_D`;
-- "interpret": the same kernel on the Pallas interpreter (any backend; for tests);
-- "reference": the associative scan (every other platform, the serving path that carries states in
-  and out, and the logged fallback).
-Gradients: the recurrence's backward is the same recurrence run from the end (dh_t = g_t +
-decay_{t+1} dh_{t+1}; d inputs = dh, d decay_t = dh_t h_{t-1}), so the kernel serves both passes.
+(`pallas_kernels.dispatch.on_cuda`), for channels in blocks of `BLOCK_D`:
+- "kernel": `triton_kernel.py` where the computation is lowered for CUDA: calls without initial
+  states (dense training rows and whole prompts; no states out: None) take `linear_scan`,
+  differentiable (below); calls with per-run `initial` states (the serving path: a flat row of
+  prefill chunks and decode tokens continuing from their slots) take `rglru_from_states`, forward
+  only, which also returns the states after the runs;
+- "interpret": the same kernels on the Pallas interpreter (any backend; for tests);
+- "reference": the associative scan (every other platform, and the logged fallback).
+Gradients (without `initial`): the recurrence's backward is the same recurrence run from the end
+(dh_t = g_t + decay_{t+1} dh_{t+1}; d inputs = dh, d decay_t = dh_t h_{t-1}), so the kernel serves
+both passes.
 """
 
 from __future__ import annotations
@@ -61,18 +64,31 @@ def _scan_bwd(implementation, residuals, d_states):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
+def _states_kernel(decay, inputs, segment_ids, initial, interpret=False):
+    decay, inputs = reference.identity_on_padding(decay, inputs, segment_ids)
+    # Run -1 before the row's first real token: the reference's state is 0 there, not run 0's initial state.
+    runs = jnp.where(jnp.cumsum(segment_ids != 0, axis=1) == 0, -1, reference.run_ids(segment_ids))
+    return triton_kernel.rglru_from_states(decay, inputs, runs, initial, interpret=interpret)
+
+
 def linear_scan(decay: jax.Array, inputs: jax.Array, segment_ids: jax.Array, initial: jax.Array | None = None, *,
                 implementation: str | None = None) -> tuple[jax.Array, jax.Array | None]:
-    """`reference.linear_scan`'s contract; the kernel serves calls without `initial` (no states out)."""
+    """`reference.linear_scan`'s contract: (the state after every token, after each of the R runs `initial` starts;
+    None without `initial`). Gradients only without `initial` through the kernels."""
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown linear_scan implementation {implementation!r}; supported: {', '.join(IMPLEMENTATIONS)}")
-    if initial is not None or implementation == "reference":
+    if implementation == "reference":
         return reference.linear_scan(decay, inputs, segment_ids, initial)
     if implementation is None:
         if not triton_kernel.supported(decay.shape[-1]):
             warn_fallback("rglru linear_scan", f"{decay.shape[-1]} channels (blocks of {triton_kernel.BLOCK_D})")
-            return reference.linear_scan(decay, inputs, segment_ids)
+            return reference.linear_scan(decay, inputs, segment_ids, initial)
         implementation = "auto"
+    if initial is not None:
+        args = (decay, inputs, segment_ids, initial)
+        if implementation == "auto":
+            return on_cuda(_states_kernel, reference.linear_scan, *args)
+        return _states_kernel(*args, interpret=implementation == "interpret")
     return _scan(*reference.scan_operands(decay, inputs, segment_ids), implementation), None
 
 

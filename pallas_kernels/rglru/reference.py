@@ -57,6 +57,12 @@ def run_bounds(segment_ids: jax.Array, num_runs: int) -> tuple[jax.Array, jax.Ar
     return runs, begins, last
 
 
+def identity_on_padding(decay: jax.Array, inputs: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(decay, inputs) float32 `[B, T, D]` with padding an identity step (decay 1, input 0)."""
+    real = (segment_ids != 0)[..., None]
+    return jnp.where(real, decay.astype(jnp.float32), 1.0), jnp.where(real, inputs.astype(jnp.float32), 0.0)
+
+
 def scan_operands(
     decay: jax.Array, inputs: jax.Array, segment_ids: jax.Array, initial: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -64,9 +70,7 @@ def scan_operands(
     identity step (decay 1, input 0), each run's first token cut from the state before it (decay 0)
     and starting from the run's initial state (folded into its input)."""
     f32 = jnp.float32
-    real = (segment_ids != 0)[..., None]
-    decay = jnp.where(real, decay.astype(f32), 1.0)
-    inputs = jnp.where(real, inputs.astype(f32), 0.0)
+    decay, inputs = identity_on_padding(decay, inputs, segment_ids)
     num_runs = 1 if initial is None else initial.shape[1]
     runs, begins, _ = run_bounds(segment_ids, num_runs)
     begins = begins[..., None]

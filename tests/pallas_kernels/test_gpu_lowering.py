@@ -425,6 +425,26 @@ def test_rglru_scan_kernel_compiles(shape):
     assert_compiles(lowered, ("rglru_scan_d32", "rglru_scan_d32_reverse"))
 
 
+# The serving path (rows, tokens, lru_width, runs with a state): 2B and 9B on a flat ragged step (one row, 64 slots)
+# and on a decode step (one row per sequence, one token each).
+RGLRU_STATE_SHAPES = {
+    "recurrentgemma-2b-serving": (1, 2048, 2560, 64), "recurrentgemma-2b-decode-b64": (64, 1, 2560, 1),
+    "recurrentgemma-9b-serving": (1, 2048, 4096, 64), "recurrentgemma-9b-decode-b64": (64, 1, 4096, 1),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(RGLRU_STATE_SHAPES))
+def test_rglru_from_states_kernel_compiles(shape):
+    """The RG-LRU with per-run initial states in and final states out, through `ops`."""
+    from pallas_kernels import rglru
+
+    rows, length, channels, runs = RGLRU_STATE_SHAPES[shape]
+    gate = S((rows, length, channels), jnp.float32)
+    args = (S((rows, length, channels), BF16), gate, gate, S((channels,), BF16), S((rows, length), jnp.bool_),
+            S((rows, length), jnp.int32), S((rows, runs, channels), jnp.float32))
+    assert_compiles(gpu_lowering.lower_for_h100(jax.jit(rglru.rg_lru), *args), ("rglru_from_states_d32",))
+
+
 # Qwen3-Next's Gated DeltaNet (rows, tokens, q/k heads, value heads, key dim, value dim): 80B-A3B's mixer on
 # training rows.
 GATED_DELTA_SHAPES = {"qwen3-next-80b-train": (2, 2048, 16, 32, 128, 128)}
@@ -575,7 +595,8 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
 # family -> (HF config overrides, the state kernel its recurrent layers must reach): Qwen3-Next with value heads of
 # 32 (a whole kernel block; the table's 8 is below a Triton tile).
 RECURRENT_SERVING = {"mamba-tied": ({}, "selective_scan_from_states"),
-                     "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "gated_delta_from_states")}
+                     "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "gated_delta_from_states"),
+                     "recurrentgemma-local-mqa": ({}, "rglru_from_states")}
 
 
 @pytest.mark.parametrize("family", sorted(RECURRENT_SERVING))
@@ -588,7 +609,8 @@ def test_recurrent_serving_step_reaches_the_state_kernels(family, tmp_path):
     from serving.engine.runner import ModelRunner
 
     overrides, kernel = RECURRENT_SERVING[family]
-    model = nnx.eval_shape(lambda: CausalLM(tiny_config(family, tmp_path, **overrides), rngs=nnx.Rngs(0)))
+    config = tiny_config(family, tmp_path, **overrides)  # outside the trace (RecurrentGemma's config rounds on jnp)
+    model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
     runner = ModelRunner(model, num_pages=64, page_size=PAGE_SIZE, max_num_seqs=8, max_num_batched_tokens=64,
                          max_model_len=PAGE_SIZE * 8)
     lowered = gpu_lowering.lower_for_h100(

@@ -46,14 +46,17 @@ def test_greedy_under_pressure_matches_transformers(case, scan_layers, tiny_chec
 # family -> (HF config overrides, the op's package and name). Qwen3-Next with value heads of 32 (a whole kernel
 # block; the table's 8 is below a Triton tile).
 INTERPRETED = {"mamba-tied": ({}, "pallas_kernels.ssm", "selective_scan"),
-               "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "pallas_kernels.gated_delta", "gated_delta")}
+               "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "pallas_kernels.gated_delta", "gated_delta"),
+               "recurrentgemma-local-mqa": ({}, "pallas_kernels.rglru", "rg_lru")}
 
 
-# (About 30 s and 55 s on CPU.)
-@pytest.mark.parametrize("case", ["mamba-tied", pytest.param("qwen3_next-hybrid", marks=pytest.mark.slow)])
+# (About 30 s and 55 s on CPU; RecurrentGemma about 12 s.)
+@pytest.mark.parametrize("case", ["mamba-tied", pytest.param("qwen3_next-hybrid", marks=pytest.mark.slow),
+                                  "recurrentgemma-local-mqa"])
 def test_greedy_under_pressure_through_interpreted_state_kernels(case, tmp_path, monkeypatch):
     import dataclasses
     import importlib
+    import inspect
 
     import torch
 
@@ -66,7 +69,7 @@ def test_greedy_under_pressure_through_interpreted_state_kernels(case, tmp_path,
     op = getattr(module, name)
 
     def interpreted(*args, **kwargs):
-        with_states.append(len(args) > 7 and args[7] is not None)  # `initial`, positional in both mixers
+        with_states.append(inspect.signature(op).bind(*args, **kwargs).arguments.get("initial") is not None)
         return op(*args, **kwargs, implementation="interpret")
 
     monkeypatch.setattr(module, name, interpreted)
