@@ -5,6 +5,7 @@ the Pallas state kernels on the interpreter."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from serving import LLM, SamplingParams
@@ -74,11 +75,21 @@ def test_greedy_under_pressure_through_interpreted_state_kernels(case, tmp_path,
 
     monkeypatch.setattr(module, name, interpreted)
     prompt_ids = prompts((3, 9, 17, 26), seed=7)
+    expected, expected_logprobs = [], []
     with torch.no_grad():
-        expected = [hf_model.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                                      pad_token_id=0)[0, len(p):].tolist() for p in prompt_ids]
+        for p in prompt_ids:
+            out = hf_model.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                    pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            tokens = out.sequences[0, len(p):].tolist()
+            expected.append(tokens)
+            expected_logprobs.append([torch.log_softmax(step[0].float(), -1)[t].item()
+                                      for step, t in zip(out.logits, tokens)])
     llm = LLM(tmp_path, max_model_len=40, num_pages=12, page_size=4, max_num_batched_tokens=16, max_num_seqs=4)
-    outputs = llm.generate(token_prompts(prompt_ids), GREEDY)
+    outputs = llm.generate(token_prompts(prompt_ids), dataclasses.replace(GREEDY, logprobs=0))
     assert [o.outputs[0].token_ids for o in outputs] == expected
+    # Tiny random models repeat their argmax whatever the state; the log-probs see a state the kernel lost.
+    for output, tokens, want in zip(outputs, expected, expected_logprobs):
+        got = [step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens)]
+        np.testing.assert_allclose(got, want, atol=1e-4)
     assert llm.engine.scheduler.num_preemptions > 0
     assert with_states and all(with_states)
