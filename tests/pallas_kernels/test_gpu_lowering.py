@@ -595,9 +595,12 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
 
 
 # family -> (HF config overrides, the state kernel its recurrent layers must reach): Qwen3-Next with value heads of
-# 32 (a whole kernel block; the table's 8 is below a Triton tile).
+# 32 (a whole kernel block; the table's 8 is below a Triton tile), the Mamba-2 families with SSD_TRAINING_FAMILIES'
+# overrides (likewise).
 RECURRENT_SERVING = {"mamba-tied": ({}, "selective_scan_from_states"),
-                     "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "gated_delta_from_states")}
+                     "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "gated_delta_from_states"),
+                     "mamba2-groups-chunked": (dict(num_heads=4, head_dim=32, state_size=16), "ssd_from_states"),
+                     "granitemoehybrid-nope": (dict(mamba_d_state=16), "ssd_from_states")}
 
 
 @pytest.mark.parametrize("family", sorted(RECURRENT_SERVING))

@@ -43,14 +43,21 @@ def test_greedy_under_pressure_matches_transformers(case, scan_layers, tiny_chec
 
 # CPU serving takes the references; here the mixers' ops are forced onto the Pallas kernels on the interpreter,
 # so the engine's prefill chunks continue from the slots' states through the state kernels:
-# family -> (HF config overrides, the op's package and name). Qwen3-Next with value heads of 32 (a whole kernel
-# block; the table's 8 is below a Triton tile).
-INTERPRETED = {"mamba-tied": ({}, "pallas_kernels.ssm", "selective_scan"),
-               "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "pallas_kernels.gated_delta", "gated_delta")}
+# family -> (HF config overrides, the op's package and name, the position of its `initial` argument). Qwen3-Next
+# with value heads of 32, the Mamba-2 families with heads of 32 and a state of 16 or 32 (whole kernel tiles; the
+# table's are below a Triton tile). Mamba-2 with one group of B/C, Granite with two: with two groups and a state of
+# 16, both models' greedy continuations reach token 2 (EOS), which `min_new_tokens` keeps transformers from picking.
+INTERPRETED = {"mamba-tied": ({}, "pallas_kernels.ssm", "selective_scan", 7),
+               "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "pallas_kernels.gated_delta", "gated_delta", 7),
+               "mamba2-groups-chunked": (dict(num_heads=4, head_dim=32, state_size=16, n_groups=1),
+                                         "pallas_kernels.ssm", "ssd_chunked_states", 8),
+               "granitemoehybrid-nope": (dict(mamba_d_state=32), "pallas_kernels.ssm", "ssd_chunked_states", 8)}
 
 
-# (About 30 s and 55 s on CPU.)
-@pytest.mark.parametrize("case", ["mamba-tied", pytest.param("qwen3_next-hybrid", marks=pytest.mark.slow)])
+# (About 30 s, 55 s, 30 s and 40 s on CPU.)
+@pytest.mark.parametrize("case", ["mamba-tied", pytest.param("qwen3_next-hybrid", marks=pytest.mark.slow),
+                                  "mamba2-groups-chunked",
+                                  pytest.param("granitemoehybrid-nope", marks=pytest.mark.slow)])
 def test_greedy_under_pressure_through_interpreted_state_kernels(case, tmp_path, monkeypatch):
     import dataclasses
     import importlib
@@ -59,14 +66,14 @@ def test_greedy_under_pressure_through_interpreted_state_kernels(case, tmp_path,
 
     from tests.tiny_models import CASES_BY_NAME, build_checkpoint
 
-    overrides, package, name = INTERPRETED[case]
+    overrides, package, name, initial_at = INTERPRETED[case]
     tiny = CASES_BY_NAME[case]
     hf_model = build_checkpoint(dataclasses.replace(tiny, overrides={**tiny.overrides, **overrides}), tmp_path)
     module, with_states = importlib.import_module(package), []
     op = getattr(module, name)
 
     def interpreted(*args, **kwargs):
-        with_states.append(len(args) > 7 and args[7] is not None)  # `initial`, positional in both mixers
+        with_states.append(len(args) > initial_at and args[initial_at] is not None)  # positional in the mixers
         return op(*args, **kwargs, implementation="interpret")
 
     monkeypatch.setattr(module, name, interpreted)
