@@ -102,7 +102,7 @@ def _chunk_terms(dt, A, runs, carried_run, chunk: int) -> dict:
 def _run_decay(log_decay, cum, runs, run) -> tuple[jax.Array, jax.Array, jax.Array]:
     """For run `run` of the chunk, from the state it enters the chunk with (carried, or its initial state where it
     starts here): E to each of its tokens, e from each to its last token in the chunk, and K to that token (zeros
-    off the run). Runs ids never decrease along the chunk: the tokens before the run's are those of earlier runs."""
+    off the run). Run ids never decrease along the chunk: the tokens before the run's are those of earlier runs."""
     in_run = runs == run
     before, total = jnp.sum(jnp.where(runs < run, log_decay, 0.0)), jnp.sum(jnp.where(in_run, log_decay, 0.0))
     return (jnp.where(in_run, jnp.exp(cum - before), 0.0), jnp.where(in_run, jnp.exp(before + total - cum), 0.0),
@@ -332,8 +332,8 @@ def ssd_from_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: 
     outputs = [jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(initial.shape, jnp.float32)]
     kernel = functools.partial(_forward_states_kernel, chunks=x.shape[1] // chunk, chunk=chunk,
                                heads_per_group=heads // B.shape[2])
-    y, finals = _call(kernel, (x, dt, A, B, C, D, runs, initial), outputs, f"ssd_from_states_l{chunk}_p{BLOCK_P}_n{state}",
-                      interpret)
+    name = f"ssd_from_states_l{chunk}_p{BLOCK_P}_n{state}"
+    y, finals = _call(kernel, (x, dt, A, B, C, D, runs, initial), outputs, name, interpret)
     # Runs past the row's last hold no token: their states pass through (the kernel writes no others).
     present = jnp.arange(initial.shape[1])[None, :] <= jnp.max(runs, axis=1)[:, None]
     return y[:, :length], jnp.where(present[..., None, None, None], finals, initial.astype(jnp.float32))

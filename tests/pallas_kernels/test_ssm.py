@@ -290,14 +290,19 @@ def test_ssd_kernel_matches_reference_in_interpret_mode(case):
 # 4 (runs crossing chunk edges and sharing them; row 1's left padding and second state passing through, row 2's
 # third run from zeros), two heads per group; "serving": a flat ragged step as `_Mixer.serve` builds it
 # (single-token runs beside prefill chunks, three runs in a chunk of 8, a run ending at a chunk edge, padding at the
-# end, two slots without tokens), two blocks of the head dim.
+# end, two slots without tokens), two blocks of the head dim. Slow: "mamba2-head-serving" at Mamba-2's head (P = 64,
+# N = 128) and the kernel's own chunk (32), a flat step of 100 tokens (decode tokens between prefill chunks).
 SSD_STATE_CASES = {
     "packed": (SEGMENTS, R, 4, 32, 2, 16, 4),
     "serving": (SCAN_STATE_CASES["serving"][0], 8, 2, 64, 1, 16, 8),
+    "mamba2-head-serving": (np.array([[1] + [2] * 40 + [3] + [4] * 30 + [5] + [6] * 20 + [0] * 7], np.int32), 8, 2,
+                            64, 1, 128, 32),
 }
+SLOW_SSD_STATE_CASES = ("mamba2-head-serving",)
 
 
-@pytest.mark.parametrize("case", sorted(SSD_STATE_CASES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_SSD_STATE_CASES else case
+                                  for case in sorted(SSD_STATE_CASES)])
 def test_ssd_kernel_from_states_matches_reference(case):
     from pallas_kernels.ssm import reference, ssd_kernel
 
@@ -306,8 +311,8 @@ def test_ssd_kernel_from_states_matches_reference(case):
     x = _normal(20, (b, t, H, P))
     dt = jax.nn.softplus(_normal(21, (b, t, H)))
     A = -jnp.exp(_normal(22, (H,), 0.5))
-    Bm, Cm, Dv = _normal(23, (b, t, G, N)).astype(jnp.bfloat16), _normal(24, (b, t, G, N)).astype(jnp.bfloat16), _normal(
-        25, (H,))  # B, C as the mixer passes them
+    Bm, Cm = (_normal(key, (b, t, G, N)).astype(jnp.bfloat16) for key in (23, 24))  # as the mixer passes them
+    Dv = _normal(25, (H,))
     h0 = _normal(26, (b, runs, H, P, N))
     segments = jnp.asarray(segments)
     kernel = jax.jit(functools.partial(ssm.ssd_chunked_states, implementation="interpret"), static_argnums=7)
@@ -352,6 +357,31 @@ def test_ssd_kernel_matches_reference_on_gpu():
                  for (y, final), grads in (got, want))
     for name, a, b in zip(("y", "final", *SSD_GRADIENTS), got, want):
         assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_ssd_kernel_from_states_matches_reference_on_gpu():
+    """The serving path at Mamba-2's head shape (P = 64, N = 128, two heads per group): one flat row of 12 sequences
+    (decode tokens beside prefill chunks, padding at the end) continuing from 16 slots' states; the kernel's tf32
+    matmuls against the reference at full float32 precision, y and the final states."""
+    from pallas_kernels.ssm import reference
+
+    lengths = [1, 40, 1, 1, 130, 7, 1, 64, 1, 2, 17, 1]
+    segments = np.concatenate([np.full(n, s + 1) for s, n in enumerate(lengths)] + [np.zeros(30)])[None]
+    segments = jnp.asarray(segments, jnp.int32)
+    t = segments.shape[1]
+    x, dt = _normal(0, (1, t, 4, 64)), jax.nn.softplus(_normal(1, (1, t, 4)))
+    A, Dv = -jnp.exp(_normal(2, (4,), 0.5)), _normal(5, (4,))
+    Bm, Cm = _normal(3, (1, t, 2, 128)), _normal(4, (1, t, 2, 128))
+    h0 = _normal(6, (1, 16, 4, 64, 128))
+    got = jax.jit(lambda *a: ssm.ssd_chunked_states(*a[:7], 64, a[7], implementation="kernel"))(x, dt, A, Bm, Cm, Dv,
+                                                                                              segments, h0)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(reference.ssd_chunked_states, static_argnums=7)(x, dt, A, Bm, Cm, Dv, segments, 64, h0)
+    for name, a, b in zip(("y", "finals"), got, want):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-2 * scale, name
 
 
 def test_ssd_kernel_refuses_what_it_does_not_cover():
