@@ -4,8 +4,9 @@ Mamba (`selective_scan`): the associative-scan reference against, on a GPU, the 
 (`pallas_kernels/ssm/triton_kernel.py`, sequential in time). Mamba-2: the chunked SSD on dense rows,
 forward and forward + backward (a loss reading every output, gradients of all six inputs), the reference
 against, on a GPU, the Pallas kernels (`pallas_kernels/ssm/ssd_kernel.py`); then a ragged serving step
-(one row of `--sequences` sequences, each from its own state) through `ssd_chunked_states` (the serving
-path) and the associative `ssd_scan` (the serving path before it). Each is jitted and timed after a
+(one row of `--sequences` sequences, each from its own state) through `reference.ssd_chunked_states` (the
+serving path off CUDA), the associative `ssd_scan` (the serving path before it) and, on a GPU, the Pallas kernel
+(`ssd_kernel.ssd_from_states`). Each is jitted and timed after a
 warm-up; "temp MB" is XLA's temporary buffer size from the compiled memory analysis (what the
 associative scans spend on `[T, state]` intermediates). On the CPU the kernel rows are skipped.
 
@@ -87,6 +88,10 @@ def main() -> None:
         (f"mamba-2 serving step, {args.sequences} sequences: associative (the previous serving path)",
          lambda *a: reference.ssd_scan(*a, ragged, states), serving),
     ]
+    if jax.default_backend() == "gpu":
+        rows.append((f"mamba-2 serving step, {args.sequences} sequences: Pallas kernel from per-sequence states",
+                     lambda *a: ops.ssd_chunked_states(*a, ragged, args.chunk, states, implementation="kernel")[0],
+                     serving))
     print("| scan | ms per call | temp MB |\n|---|---|---|")
     for name, fn, inputs in rows:
         ms, temp = timed_compiled(fn, *inputs, repeats=args.repeats)

@@ -203,7 +203,8 @@ class Mamba2Mixer(_Mixer):
         """`x [B, T, E]` -> (`[B, T, E]`, states after the runs `state` starts; None in it without).
 
         Dense rows take the chunked SSD; rows continuing from states (serving) the chunked SSD with
-        per-run states (chunks of at most `SERVING_CHUNK` tokens: the result does not depend on the
+        per-run states (`ssm.ssd_chunked_states`: the Pallas kernel where lowered for CUDA; the reference
+        elsewhere, in chunks of at most `SERVING_CHUNK` tokens: the result does not depend on the
         length), or the step function when each row holds one token (decode).
         """
         tail, h = (None, None) if state is None else state

@@ -16,6 +16,14 @@ for dense training rows), and the state leaving the last is the state after the 
 an identity step), as `reference.ssd_chunked` returns it: a serving prefill chunk continues its slot's
 state and hands back the next.
 
+From states (`ssd_from_states`, the serving path: forward only): run r starts from its initial state
+(`[B, R, H, P, N]`, zeros past R) and the states after the first R runs come back. A chunk's tokens then read
+several entering states (the carried one, and that of every run starting in the chunk), so the program loops
+over the chunk's runs, from the carried one to its last: each reads its entering state (a conditional load
+where it starts in the chunk) through an E, e and K of its own (the decay masked to the run) while W, which
+never mixes runs, is shared; a run ending in the chunk writes its state. The per-run states travel in their
+`[P, N]` layout (transposed in the kernel: no pass over them outside).
+
 Backward (`ssd_chunked_vjp`, a `custom_vjp`), two kernels on the same grid, in chunks of their own
 (`BACKWARD_CHUNK`): the forward runs again writing only the state entering every chunk (`[B, H, Q, N, P]`
 float32, alive only inside the backward pass); a second kernel walks the chunks in reverse carrying dh, the
@@ -87,8 +95,33 @@ def _chunk_terms(dt, A, runs, carried_run, chunk: int) -> dict:
     to_end = jnp.where(runs == last_run, jnp.exp(total - cum), 0.0)  # e
     keep = jnp.where(last_run == carried_run, jnp.exp(total), 0.0)  # K
     last = lax.broadcasted_iota(jnp.int32, (chunk,), 0) == chunk - 1
-    return dict(causal=causal, last=last, weights=weights, continues=continues, last_run=last_run, to_end=to_end,
-                keep=keep)
+    return dict(causal=causal, last=last, log_decay=log_decay, cum=cum, weights=weights, continues=continues,
+                last_run=last_run, to_end=to_end, keep=keep)
+
+
+def _run_decay(log_decay, cum, runs, run) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """For run `run` of the chunk, from the state it enters the chunk with (carried, or its initial state where it
+    starts here): E to each of its tokens, e from each to its last token in the chunk, and K to that token (zeros
+    off the run). Run ids never decrease along the chunk: the tokens before the run's are those of earlier runs."""
+    in_run = runs == run
+    before, total = jnp.sum(jnp.where(runs < run, log_decay, 0.0)), jnp.sum(jnp.where(in_run, log_decay, 0.0))
+    return (jnp.where(in_run, jnp.exp(cum - before), 0.0), jnp.where(in_run, jnp.exp(before + total - cum), 0.0),
+            jnp.exp(total))
+
+
+def _within_chunk(t: dict, x, dt, B, C, D):
+    """The outputs' part from the chunk's own tokens: ((C B^T) * W) (dt x) + D x."""
+    return jnp.dot(jnp.dot(C, B.T) * t["weights"], dt[:, None] * x) + D * x
+
+
+def _read_state(C, h, continues):
+    """The outputs' part from an entering state h: E (C h)."""
+    return jnp.dot(C, h) * continues[:, None]
+
+
+def _leaving(keep, to_end, dt, B, x, h):
+    """The state after a run's last token in the chunk: K h + (B * e dt)^T x."""
+    return keep * h + jnp.dot((B * (to_end * dt)[:, None]).T, x)
 
 
 def _program(a_ref, d_ref, heads_per_group: int):
@@ -121,14 +154,59 @@ def _forward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, initial
         if states:
             out_ref[row, head, q, :, features] = h
         else:
-            scores = jnp.dot(C, B.T) * t["weights"]  # [L, L]
-            y = jnp.dot(scores, dt[:, None] * x) + jnp.dot(C, h) * t["continues"][:, None] + D * x
+            y = _within_chunk(t, x, dt, B, C, D) + _read_state(C, h, t["continues"])
             out_ref[row, tokens, head, features] = y.astype(out_ref.dtype)
-        h = t["keep"] * h + jnp.dot((B * (t["to_end"] * dt)[:, None]).T, x)
-        return h, t["last_run"]
+        return _leaving(t["keep"], t["to_end"], dt, B, x, h), t["last_run"]
 
     h, _ = lax.fori_loop(0, chunks, step, (initial_ref[row, head, :, features], jnp.int32(0)))
     final_ref[row, head, :, features] = h
+
+
+def _forward_states_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, initial_ref, out_ref, finals_ref, *,
+                           chunks: int, chunk: int, heads_per_group: int):
+    """The forward from per-run initial states (`[B, R, H, P, N]`, zeros past R), writing the state after each of
+    the first R runs that has a token (`finals_ref`, same layout). Per chunk, every run in it reads its entering
+    state (the carried one, or its initial state where it starts in the chunk) through its own E (`_run_decay`;
+    W is shared: runs never mix in it), and a run that ends in the chunk writes its final state there."""
+    row, head, group, _, features, A, D = _program(a_ref, d_ref, heads_per_group)
+    num_runs = initial_ref.shape[1]
+
+    def initial(r):  # [N, block_p]
+        return jnp.where(r < num_runs, initial_ref[row, jnp.minimum(r, num_runs - 1), head, features, :].astype(
+            jnp.float32).T, 0.0)
+
+    def finish(r, h):
+        @pl.when(r < num_runs)
+        def _():
+            finals_ref[row, r, head, features, :] = h.T
+
+    def step(q, carry):
+        h, carried_run = carry
+        tokens = pl.ds(q * chunk, chunk)
+        x, dt, B, C, runs = _chunk_inputs(x_ref, dt_ref, b_ref, c_ref, runs_ref, row, head, group, features, tokens)
+        t = _chunk_terms(dt, A, runs, carried_run, chunk)
+        last_run = t["last_run"]
+
+        def per_run(r, acc):
+            y, h = acc  # the outputs so far [L, block_p]; the state after run r - 1 (the carried one at first)
+            h = lax.cond(r == carried_run, lambda: h, lambda: initial(r))  # entering run r
+            continues, to_end, keep = _run_decay(t["log_decay"], t["cum"], runs, r)
+            y = y + _read_state(C, h, continues)
+            h = _leaving(keep, to_end, dt, B, x, h)
+
+            @pl.when(r < last_run)
+            def _():
+                finish(r, h)
+
+            return y, h
+
+        # From the carried run: it may have ended at the chunk edge, with no token here.
+        y, h = lax.fori_loop(carried_run, last_run + 1, per_run, (_within_chunk(t, x, dt, B, C, D), h))
+        out_ref[row, tokens, head, features] = y.astype(out_ref.dtype)
+        return h, last_run
+
+    h, last_run = lax.fori_loop(0, chunks, step, (initial(jnp.int32(0)), jnp.int32(0)))
+    finish(last_run, h)
 
 
 def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, initial_ref, states_ref, dy_ref,
@@ -194,20 +272,26 @@ def _check_initial(x: jax.Array, B: jax.Array, initial: jax.Array) -> None:
         raise ValueError(f"ssd_chunked kernel: initial state of shape {initial.shape}, expected {want} [B, H, P, N]")
 
 
-def _forward(x, dt, A, B, C, D, runs, initial, *, chunk: int, interpret: bool, states: bool):
-    """(the inputs padded to whole chunks with identity steps in the row's last run, the initial states as
-    `[B, H, N, P]`; y or the entering states; the final states `[B, H, N, P]`)."""
-    rows, length, heads, head_dim = x.shape
-    groups, state = B.shape[2], B.shape[3]
-    _check(head_dim, state)
+def _padded(x, dt, B, C, runs, chunk: int):
+    """The shapes checked, and x, dt, B, C, runs padded to whole chunks with identity steps in the row's last run."""
+    _check(x.shape[3], B.shape[3])
     if chunk < 1 or chunk & (chunk - 1):
         raise ValueError(f"ssd_chunked kernel: chunk length {chunk} must be a power of two")
-    _check_initial(x, B, initial)
-    pad = (-length) % chunk
+    pad = (-x.shape[1]) % chunk
     if pad:
         x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)) for a in (x, dt, B, C))
         runs = jnp.pad(runs, [(0, 0), (0, pad)], mode="edge")
-    args = (x, dt, A, B, C, D, runs.astype(jnp.int32), jnp.swapaxes(initial.astype(jnp.float32), 2, 3))
+    return x, dt, B, C, runs.astype(jnp.int32)
+
+
+def _forward(x, dt, A, B, C, D, runs, initial, *, chunk: int, interpret: bool, states: bool):
+    """(the inputs padded to whole chunks with identity steps in the row's last run, the initial states as
+    `[B, H, N, P]`; y or the entering states; the final states `[B, H, N, P]`)."""
+    rows, _, heads, head_dim = x.shape
+    groups, state = B.shape[2], B.shape[3]
+    x, dt, B, C, runs = _padded(x, dt, B, C, runs, chunk)
+    _check_initial(x, B, initial)
+    args = (x, dt, A, B, C, D, runs, jnp.swapaxes(initial.astype(jnp.float32), 2, 3))
     chunks = x.shape[1] // chunk
     if states:
         output, name = (rows, heads, chunks, state, head_dim), f"ssd_states_l{chunk}_p{BLOCK_P}_n{state}"
@@ -229,6 +313,30 @@ def ssd_chunked(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.
     each row's last token `[B, H, P, N]`), float32."""
     _, y, final = _forward(x, dt, A, B, C, D, runs, initial, chunk=chunk, interpret=interpret, states=False)
     return y[:, : x.shape[1]], jnp.swapaxes(final, 2, 3)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "interpret"))
+def ssd_from_states(x: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                    runs: jax.Array, initial: jax.Array, *, chunk: int = CHUNK,
+                    interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`ssd_chunked` with run r starting from `initial [B, R, H, P, N]` (zeros for runs past R) -> (`y`, the states
+    after each of the R runs `[B, R, H, P, N]` float32; a run without tokens keeps its initial state),
+    `reference.ssd_chunked_states`' contract. Forward only (the serving path)."""
+    rows, length, heads, head_dim = x.shape
+    state = B.shape[3]
+    if initial.ndim != 5 or initial.shape[0] != rows or initial.shape[1] < 1 or initial.shape[2:] != (
+            heads, head_dim, state):
+        raise ValueError(f"ssd_chunked kernel: initial states {initial.shape} do not fit "
+                         f"[{rows}, R >= 1, {heads}, {head_dim}, {state}]")
+    x, dt, B, C, runs = _padded(x, dt, B, C, runs, chunk)
+    outputs = [jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(initial.shape, jnp.float32)]
+    kernel = functools.partial(_forward_states_kernel, chunks=x.shape[1] // chunk, chunk=chunk,
+                               heads_per_group=heads // B.shape[2])
+    name = f"ssd_from_states_l{chunk}_p{BLOCK_P}_n{state}"
+    y, finals = _call(kernel, (x, dt, A, B, C, D, runs, initial), outputs, name, interpret)
+    # Runs past the row's last hold no token: their states pass through (the kernel writes no others).
+    present = jnp.arange(initial.shape[1])[None, :] <= jnp.max(runs, axis=1)[:, None]
+    return y[:, :length], jnp.where(present[..., None, None, None], finals, initial.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "interpret"))

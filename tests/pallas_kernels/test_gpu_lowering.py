@@ -405,6 +405,28 @@ def test_ssd_kernel_compiles(shape):
     assert all(report.wgmma for report in reports)
 
 
+# The serving path (rows, tokens, heads, head dim, groups, state, runs with a state): Mamba-2-2.7B's mixer (80 heads
+# of 64, one group, state 128) on a flat ragged step (one row, 64 slots), and on a decode step (one row per
+# sequence, one token each).
+SSD_STATE_SHAPES = {"mamba2-2.7b-serving": (1, 2048, 80, 64, 1, 128, 64),
+                    "mamba2-2.7b-decode-b64": (64, 1, 80, 64, 1, 128, 1)}
+
+
+@pytest.mark.parametrize("shape", sorted(SSD_STATE_SHAPES))
+def test_ssd_from_states_kernel_compiles(shape):
+    """The chunked SSD with per-run initial states in and final states out, through `ops`, without spills at P = 64,
+    N = 128."""
+    from pallas_kernels.ssm import ops as ssm_ops
+
+    rows, length, heads, head_dim, groups, state, runs = SSD_STATE_SHAPES[shape]
+    f32 = jnp.float32
+    args = (S((rows, length, heads, head_dim), BF16), S((rows, length, heads), f32), S((heads,), f32),
+            S((rows, length, groups, state), BF16), S((rows, length, groups, state), BF16), S((heads,), f32),
+            S((rows, length), jnp.int32), S((rows, runs, heads, head_dim, state), f32))
+    forward = jax.jit(lambda *a: ssm_ops.ssd_chunked_states(*a[:7], 64, a[7]))
+    assert_compiles(gpu_lowering.lower_for_h100(forward, *args), ("ssd_from_states",))
+
+
 # RecurrentGemma's RG-LRU scan (rows, tokens, lru_width): 2B training rows, 9B long prefill.
 RGLRU_SHAPES = {"recurrentgemma-2b-train": (8, 2048, 2560), "recurrentgemma-9b-prefill": (1, 8192, 4096)}
 
@@ -593,10 +615,13 @@ def test_serving_step_compiles_with_kernels(family, tmp_path):
 
 
 # family -> (HF config overrides, the state kernel its recurrent layers must reach): Qwen3-Next with value heads of
-# 32 (a whole kernel block; the table's 8 is below a Triton tile).
+# 32 (a whole kernel block; the table's 8 is below a Triton tile), the Mamba-2 families with SSD_TRAINING_FAMILIES'
+# overrides (likewise).
 RECURRENT_SERVING = {"mamba-tied": ({}, "selective_scan_from_states"),
                      "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "gated_delta_from_states"),
-                     "recurrentgemma-local-mqa": ({}, "rglru_from_states")}
+                     "recurrentgemma-local-mqa": ({}, "rglru_from_states"),
+                     "mamba2-groups-chunked": (dict(num_heads=4, head_dim=32, state_size=16), "ssd_from_states"),
+                     "granitemoehybrid-nope": (dict(mamba_d_state=16), "ssd_from_states")}
 
 
 @pytest.mark.parametrize("family", sorted(RECURRENT_SERVING))

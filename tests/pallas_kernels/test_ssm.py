@@ -285,6 +285,58 @@ def test_ssd_kernel_matches_reference_in_interpret_mode(case):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()), err_msg=name)
 
 
+# The SSD kernel from per-run initial states (`ssd_kernel.ssd_from_states`, the serving path) on the interpreter:
+# (segment ids [B, T], runs with a state R, H, P, G, N, the kernel's chunk). "packed": the rows above with chunks of
+# 4 (runs crossing chunk edges and sharing them; row 1's left padding and second state passing through, row 2's
+# third run from zeros), two heads per group; "serving": a flat ragged step as `_Mixer.serve` builds it
+# (single-token runs beside prefill chunks, three runs in a chunk of 8, a run ending at a chunk edge, padding at the
+# end, two slots without tokens), two blocks of the head dim. Slow: "mamba2-head-serving" at Mamba-2's head (P = 64,
+# N = 128) and the kernel's own chunk (32), a flat step of 100 tokens (decode tokens between prefill chunks).
+SSD_STATE_CASES = {
+    "packed": (SEGMENTS, R, 4, 32, 2, 16, 4),
+    "serving": (SCAN_STATE_CASES["serving"][0], 8, 2, 64, 1, 16, 8),
+    "mamba2-head-serving": (np.array([[1] + [2] * 40 + [3] + [4] * 30 + [5] + [6] * 20 + [0] * 7], np.int32), 8, 2,
+                            64, 1, 128, 32),
+}
+SLOW_SSD_STATE_CASES = ("mamba2-head-serving",)
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if case in SLOW_SSD_STATE_CASES else case
+                                  for case in sorted(SSD_STATE_CASES)])
+def test_ssd_kernel_from_states_matches_reference(case):
+    from pallas_kernels.ssm import reference, ssd_kernel
+
+    segments, runs, H, P, G, N, chunk = SSD_STATE_CASES[case]
+    b, t = segments.shape
+    x = _normal(20, (b, t, H, P))
+    dt = jax.nn.softplus(_normal(21, (b, t, H)))
+    A = -jnp.exp(_normal(22, (H,), 0.5))
+    Bm, Cm = (_normal(key, (b, t, G, N)).astype(jnp.bfloat16) for key in (23, 24))  # as the mixer passes them
+    Dv = _normal(25, (H,))
+    h0 = _normal(26, (b, runs, H, P, N))
+    segments = jnp.asarray(segments)
+    kernel = jax.jit(functools.partial(ssm.ssd_chunked_states, implementation="interpret"), static_argnums=7)
+    ssd_kernel.CHUNK, saved = chunk, ssd_kernel.CHUNK
+    try:
+        y, finals = kernel(x, dt, A, Bm, Cm, Dv, segments, 8, h0)
+    finally:
+        ssd_kernel.CHUNK = saved
+    reference_states = jax.jit(reference.ssd_chunked_states, static_argnums=7)
+    want_y, want_finals = reference_states(x, dt, A, Bm, Cm, Dv, segments, 8, h0)
+    zero_y, zero_finals = reference_states(x, dt, A, Bm, Cm, Dv, segments, 8, jnp.zeros_like(h0))
+    for name, got, want, zero in (("y", y, want_y, zero_y), ("finals", finals, want_finals, zero_finals)):
+        error, scale = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want)))
+        print(f"{case} {name}: max abs diff {error:.2e}, max abs value {scale:.2f}")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+        # A kernel that ignored the initial states would fail the bound above by far.
+        assert float(jnp.max(jnp.abs(zero - want))) > 1e3 * 1e-4, name
+    absent = np.arange(runs)[None, :] > np.asarray(ssm.run_ids(segments)).max(axis=1)[:, None]  # runs without tokens
+    assert absent.any()
+    np.testing.assert_array_equal(np.asarray(finals)[absent], np.asarray(h0)[absent])  # their states pass through
+    with pytest.raises(ValueError, match="initial states"):
+        kernel(x, dt, A, Bm, Cm, Dv, segments, 8, h0[..., :8])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
 def test_ssd_kernel_matches_reference_on_gpu():
@@ -305,6 +357,31 @@ def test_ssd_kernel_matches_reference_on_gpu():
                  for (y, final), grads in (got, want))
     for name, a, b in zip(("y", "final", *SSD_GRADIENTS), got, want):
         assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU")
+def test_ssd_kernel_from_states_matches_reference_on_gpu():
+    """The serving path at Mamba-2's head shape (P = 64, N = 128, two heads per group): one flat row of 12 sequences
+    (decode tokens beside prefill chunks, padding at the end) continuing from 16 slots' states; the kernel's tf32
+    matmuls against the reference at full float32 precision, y and the final states."""
+    from pallas_kernels.ssm import reference
+
+    lengths = [1, 40, 1, 1, 130, 7, 1, 64, 1, 2, 17, 1]
+    segments = np.concatenate([np.full(n, s + 1) for s, n in enumerate(lengths)] + [np.zeros(30)])[None]
+    segments = jnp.asarray(segments, jnp.int32)
+    t = segments.shape[1]
+    x, dt = _normal(0, (1, t, 4, 64)), jax.nn.softplus(_normal(1, (1, t, 4)))
+    A, Dv = -jnp.exp(_normal(2, (4,), 0.5)), _normal(5, (4,))
+    Bm, Cm = _normal(3, (1, t, 2, 128)), _normal(4, (1, t, 2, 128))
+    h0 = _normal(6, (1, 16, 4, 64, 128))
+    got = jax.jit(lambda *a: ssm.ssd_chunked_states(*a[:7], 64, a[7], implementation="kernel"))(x, dt, A, Bm, Cm, Dv,
+                                                                                              segments, h0)
+    with jax.default_matmul_precision("highest"):
+        want = jax.jit(reference.ssd_chunked_states, static_argnums=7)(x, dt, A, Bm, Cm, Dv, segments, 64, h0)
+    for name, a, b in zip(("y", "finals"), got, want):
+        scale = float(jnp.max(jnp.abs(b)))
+        assert float(jnp.max(jnp.abs(a - b))) <= 1e-2 * scale, name
 
 
 def test_ssd_kernel_refuses_what_it_does_not_cover():

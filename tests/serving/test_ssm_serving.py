@@ -44,16 +44,22 @@ def test_greedy_under_pressure_matches_transformers(case, scan_layers, tiny_chec
 
 # CPU serving takes the references; here the mixers' ops are forced onto the Pallas kernels on the interpreter,
 # so the engine's prefill chunks continue from the slots' states through the state kernels:
-# family -> (HF config overrides, the op's package and name). Qwen3-Next with value heads of 32 (a whole kernel
-# block; the table's 8 is below a Triton tile).
+# family -> (HF config overrides, the op's package and name). Qwen3-Next with value heads of 32, the Mamba-2
+# families with heads of 32 and a state of 16 or 32 (whole kernel tiles; the table's are below a Triton tile).
+# Mamba-2 with one group of B/C, Granite with two: with two groups and a state of 16, both models' greedy
+# continuations reach token 2 (EOS), which `min_new_tokens` keeps transformers from picking.
 INTERPRETED = {"mamba-tied": ({}, "pallas_kernels.ssm", "selective_scan"),
                "qwen3_next-hybrid": (dict(linear_value_head_dim=32), "pallas_kernels.gated_delta", "gated_delta"),
-               "recurrentgemma-local-mqa": ({}, "pallas_kernels.rglru", "rg_lru")}
+               "recurrentgemma-local-mqa": ({}, "pallas_kernels.rglru", "rg_lru"),
+               "mamba2-groups-chunked": (dict(num_heads=4, head_dim=32, state_size=16, n_groups=1),
+                                         "pallas_kernels.ssm", "ssd_chunked_states"),
+               "granitemoehybrid-nope": (dict(mamba_d_state=32), "pallas_kernels.ssm", "ssd_chunked_states")}
 
 
-# (About 30 s and 55 s on CPU; RecurrentGemma about 12 s.)
+# (About 30 s, 55 s, 12 s, 30 s and 40 s on CPU.)
 @pytest.mark.parametrize("case", ["mamba-tied", pytest.param("qwen3_next-hybrid", marks=pytest.mark.slow),
-                                  "recurrentgemma-local-mqa"])
+                                  "recurrentgemma-local-mqa", "mamba2-groups-chunked",
+                                  pytest.param("granitemoehybrid-nope", marks=pytest.mark.slow)])
 def test_greedy_under_pressure_through_interpreted_state_kernels(case, tmp_path, monkeypatch):
     import dataclasses
     import importlib
