@@ -184,6 +184,23 @@ SCAN_STATE_CASES = {
 }
 
 
+def _assert_from_states(case: str, compared, segments, h0) -> None:
+    """A state kernel's (name, got, want, want from zero states) against the reference: equal within the bound, far
+    from what ignoring the initial states gives; the finals `compared[-1]` of runs without tokens are their
+    initial states `h0 [B, R, ...]`."""
+    for name, got, want, zero in compared:
+        got, want, zero = (np.asarray(a, np.float32) for a in (got, want, zero))
+        error, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
+        print(f"{case} {name}: max abs diff {error:.2e}, max abs value {scale:.2f}")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
+        # A kernel that ignored the initial states would fail the bound above by far.
+        assert float(np.max(np.abs(zero - want))) > 1e3 * 1e-4, name
+    runs = h0.shape[1]
+    absent = np.arange(runs)[None, :] > np.asarray(ssm.run_ids(segments)).max(axis=1)[:, None]  # runs without tokens
+    assert absent.any()
+    np.testing.assert_array_equal(np.asarray(compared[-1][1])[absent], np.asarray(h0)[absent])  # passed through
+
+
 @pytest.mark.parametrize("case", sorted(SCAN_STATE_CASES))
 def test_selective_scan_kernel_from_states_matches_reference(case):
     from pallas_kernels.ssm import reference
@@ -203,16 +220,8 @@ def test_selective_scan_kernel_from_states_matches_reference(case):
     zero_y, zero_finals = selective_scan(x, dt, A, Bm.astype(jnp.bfloat16), Cm.astype(jnp.bfloat16), Dv, segments,
                                          jnp.zeros_like(h0))
     real = (np.asarray(segments) != 0)[..., None]
-    for name, got, want, zero in (("y", np.where(real, y, 0), np.where(real, want_y, 0), np.where(real, zero_y, 0)),
-                                  ("finals", finals, want_finals, zero_finals)):
-        error, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
-        print(f"{case} {name}: max abs diff {error:.2e}, max abs value {scale:.2f}")
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
-        # A kernel that ignored the initial states would fail the bound above by far.
-        assert float(np.max(np.abs(zero - want))) > 1e3 * 1e-4, name
-    absent = np.arange(runs)[None, :] > np.asarray(ssm.run_ids(segments)).max(axis=1)[:, None]  # runs without tokens
-    assert absent.any()
-    np.testing.assert_array_equal(np.asarray(finals)[absent], np.asarray(h0)[absent])  # their states pass through
+    _assert_from_states(case, (("y", np.where(real, y, 0), np.where(real, want_y, 0), np.where(real, zero_y, 0)),
+                               ("finals", finals, want_finals, zero_finals)), segments, h0)
     with pytest.raises(ValueError, match="initial states"):
         kernel(x, dt, A, Bm, Cm, Dv, segments, h0[..., :8])
 
@@ -324,15 +333,7 @@ def test_ssd_kernel_from_states_matches_reference(case):
     reference_states = jax.jit(reference.ssd_chunked_states, static_argnums=7)
     want_y, want_finals = reference_states(x, dt, A, Bm, Cm, Dv, segments, 8, h0)
     zero_y, zero_finals = reference_states(x, dt, A, Bm, Cm, Dv, segments, 8, jnp.zeros_like(h0))
-    for name, got, want, zero in (("y", y, want_y, zero_y), ("finals", finals, want_finals, zero_finals)):
-        error, scale = float(jnp.max(jnp.abs(got - want))), float(jnp.max(jnp.abs(want)))
-        print(f"{case} {name}: max abs diff {error:.2e}, max abs value {scale:.2f}")
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=name)
-        # A kernel that ignored the initial states would fail the bound above by far.
-        assert float(jnp.max(jnp.abs(zero - want))) > 1e3 * 1e-4, name
-    absent = np.arange(runs)[None, :] > np.asarray(ssm.run_ids(segments)).max(axis=1)[:, None]  # runs without tokens
-    assert absent.any()
-    np.testing.assert_array_equal(np.asarray(finals)[absent], np.asarray(h0)[absent])  # their states pass through
+    _assert_from_states(case, (("y", y, want_y, zero_y), ("finals", finals, want_finals, zero_finals)), segments, h0)
     with pytest.raises(ValueError, match="initial states"):
         kernel(x, dt, A, Bm, Cm, Dv, segments, 8, h0[..., :8])
 

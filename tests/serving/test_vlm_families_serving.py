@@ -32,18 +32,23 @@ def test_generate_with_images_equals_transformers(name, tmp_path):
     params = dataclasses.replace(GREEDY, logprobs=0)
     outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": image}} for image in IMAGES], params)
     for output, image in zip(outputs, IMAGES):
-        inputs = hf_inputs(case, tmp_path, text, [image])
-        assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
-        expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
-        tokens = output.outputs[0].token_ids
-        assert tokens == expected.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        hf_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(expected.logits, tokens)]
-        ours = [step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens)]
-        np.testing.assert_allclose(ours, hf_logprobs, atol=1e-4)
+        assert_generation_equals(output, ref, hf_inputs(case, tmp_path, text, [image]))
     chat_prompt_equals_processors(llm, case, tmp_path)
     if case.video:
         video_generate_equals_transformers(llm, ref, tmp_path)
+
+
+def assert_generation_equals(output, ref, inputs: dict) -> None:
+    """Our greedy `output` (with log-probs) equals transformers' `ref.generate` on the processor's `inputs`: the
+    prompt ids, every token, and each token's log-probability within 1e-4."""
+    assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
+    expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
+                            output_logits=True, return_dict_in_generate=True)
+    tokens = output.outputs[0].token_ids
+    assert tokens == expected.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    hf_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(expected.logits, tokens)]
+    np.testing.assert_allclose([step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens)],
+                               hf_logprobs, atol=1e-4)
 
 
 def chat_prompt_equals_processors(llm: LLM, case, folder) -> None:
@@ -105,14 +110,7 @@ def test_mllama_cross_attention_equals_transformers(tmp_path):
             inputs = hf_inputs(case, tmp_path, text, images)
         else:
             inputs = {"input_ids": torch.tensor([output.prompt_token_ids])}
-        assert output.prompt_token_ids == inputs["input_ids"][0].tolist()
-        expected = ref.generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
-                                output_logits=True, return_dict_in_generate=True)
-        tokens = output.outputs[0].token_ids
-        assert tokens == expected.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        hf_logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(expected.logits, tokens)]
-        np.testing.assert_allclose([step[t].logprob for step, t in zip(output.outputs[0].logprobs, tokens)],
-                                   hf_logprobs, atol=1e-4)
+        assert_generation_equals(output, ref, inputs)
     assert outputs[1].outputs[0].token_ids != outputs[2].outputs[0].token_ids
     # Slots keep a finished sequence's images: the text-only prompt in every slot still skips the cross layers.
     again = llm.generate(requests[3][0], dataclasses.replace(GREEDY, n=4))[0]
