@@ -23,15 +23,14 @@ from serving.multimodal.media import MediaFetcher
 
 IGNORE = -100
 
-# Families whose images train through the trainer's batches: one fixed-size pixel array per image, feature rows
-# filling its placeholder run in order (checked against transformers' loss in tests/training/test_vlm_parity.py).
-TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration")
+# Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
+# most) encoded on their own, tile by tile, its feature rows independent of the image's size (checked against transformers' loss in tests/training/test_vlm_parity.py).
+TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration")
 # Why the other served families cannot train on images yet; text-only data trains.
 _NEEDS = {
     "LlavaNextForConditionalGeneration": "any-res tiles (a tile count and feature layout per image size)",
     "LlavaOnevisionForConditionalGeneration": "any-res tiles (a tile count and feature layout per image size)",
     "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
-    "InternVLForConditionalGeneration": "a tile count per image and <img>/</img> tokens around the feature rows",
     "Llama4ForConditionalGeneration": "a tile count per image and tile separator tokens between feature rows",
     "MllamaForConditionalGeneration": "cross-attention inputs (aspect ratio ids and mask, a cross-attention mask)",
     "Qwen2VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
@@ -52,9 +51,16 @@ def refuse_untrained_images(architecture: str) -> None:
 
 @dataclass
 class ExampleImage:
-    offset: int  # first placeholder token
-    length: int  # placeholder tokens (feature rows)
-    pixel_values: np.ndarray  # [C, H, W] float32
+    offset: int  # first token of the image's placeholder run
+    length: int  # tokens of the run
+    pixel_values: np.ndarray  # [C, H, W] or tiles [N, C, H, W], float32
+    # Per token of the run: its feature row, or -1 for a token that keeps its embedding (InternVL's <img>);
+    # None when token k takes row k.
+    rows: np.ndarray | None = None
+
+    @property
+    def feature_rows(self) -> int:
+        return self.length if self.rows is None else int((self.rows >= 0).sum())
 
 
 class TrainingImages:
@@ -62,7 +68,12 @@ class TrainingImages:
 
     def __init__(self, checkpoint: str | Path, config: Any, data_folder: str | Path):
         self.architecture = config.architecture
-        self.inputs = ImageInputs(config.multimodal, load_image_processor(checkpoint), MAX_IMAGES_PER_PROMPT)
+        mm = config.multimodal
+        if mm.prompt_tokens:  # ids of image-run tokens that only the tokenizer knows (InternVL's <img>), as serving
+            from transformers import AutoTokenizer
+
+            mm = mm.with_tokenizer(AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
+        self.inputs = ImageInputs(mm, load_image_processor(checkpoint), MAX_IMAGES_PER_PROMPT)
         self.folder = Path(data_folder).resolve()
         self.media = MediaFetcher(self.folder)
 
@@ -78,7 +89,11 @@ class TrainingImages:
         """Placeholders expanded in `ids` (labels: no loss on them) and the images where they sit."""
         refuse_untrained_images(self.architecture)
         expanded, items = self.inputs(ids, images)
-        token = self.inputs.config.image_token_id
-        text_labels = iter(label for t, label in zip(ids, labels) if t != token)
-        new_labels = [IGNORE if t == token else next(text_labels) for t in expanded]
-        return expanded, new_labels, [ExampleImage(i.offset, i.length, i.pixel_values) for i in items]
+        # Every token of an image's run (row breaks and <img> markers too) carries no loss; the text keeps its labels.
+        marker = self.inputs.config.prompt_token_id
+        text_labels = iter(label for t, label in zip(ids, labels) if t != marker)
+        inside = np.zeros(len(expanded), bool)
+        for item in items:
+            inside[item.offset : item.end] = True
+        new_labels = [IGNORE if run else next(text_labels) for run in inside]
+        return expanded, new_labels, [ExampleImage(i.offset, i.length, i.pixel_values, i.rows) for i in items]

@@ -23,18 +23,21 @@ from training.data import IGNORE, DataConfig, load_examples
 from training.images import TRAINS_IMAGES, TrainingImages
 
 BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()}}
-TRAINED = ("llava", "gemma3")  # the rest are refused
+TRAINED = ("llava", "gemma3", "internvl")  # the rest are refused
 RTOL = 1e-5
 
 
 def _data(root) -> str:
+    """Two chats, each with an image of its own size (InternVL: 3 tiles and 1) and an assistant reply."""
     data = root / "data"
     data.mkdir()
-    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    (data / "0.png").write_bytes(png_bytes(image))
-    user = {"role": "user", "content": [{"type": "image", "image": "0.png"}, {"type": "text", "text": "what?"}]}
-    record = {"messages": [user, {"role": "assistant", "content": "a red square"}]}
-    (data / "train.jsonl").write_text(json.dumps(record))
+    rng = np.random.default_rng(0)
+    records = []
+    for i, (shape, answer) in enumerate((((32, 64, 3), "a red square"), ((32, 32, 3), "blue"))):
+        (data / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 256, shape, dtype=np.uint8)))
+        user = {"role": "user", "content": [{"type": "image", "image": f"{i}.png"}, {"type": "text", "text": "what?"}]}
+        records.append({"messages": [user, {"role": "assistant", "content": answer}]})
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     return str(data / "train.jsonl")
 
 
@@ -54,32 +57,39 @@ def checkpoint(tmp_path_factory):
 
 
 def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool) -> tuple[float, float]:
-    """transformers' mean loss and gradient norm over all parameters for row 0 of our batch."""
+    """transformers' mean loss over our batch's targets and its gradient norm over all parameters (row by row, each
+    row's summed loss accumulated)."""
     import torch
 
-    n = int((batch.segment_ids[0] != 0).sum())
-    ids = torch.tensor(np.asarray(batch.input_ids[0, :n])[None], dtype=torch.long)
-    # Our targets are shifted (token t predicts label t+1); transformers shifts its labels itself.
-    labels = torch.tensor(np.concatenate([[IGNORE], np.asarray(batch.targets[0, : n - 1])])[None], dtype=torch.long)
-    pixels = torch.tensor(np.asarray(batch.pixel_values[0]))
-    extra = {"token_type_ids": (ids == image_token_id).long()} if gemma else {}
     # torch's `padding_idx` zeroes the pad row's embedding gradient; the tiny tokenizer writes "\n" (Gemma 3's
     # image run is wrapped in them) as that id, which real tokenizers never do, and our embeddings train every row.
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             module.padding_idx = None
     model.zero_grad()
-    loss = model(input_ids=ids, pixel_values=pixels, labels=labels, **extra).loss
-    loss.backward()
+    total, count = 0.0, batch.num_targets()
+    for r in range(batch.input_ids.shape[0]):
+        n = int((batch.segment_ids[r] != 0).sum())
+        ids = torch.tensor(np.asarray(batch.input_ids[r, :n])[None], dtype=torch.long)
+        # Our targets are shifted (token t predicts label t+1); transformers shifts its labels itself.
+        labels = np.concatenate([[IGNORE], np.asarray(batch.targets[r, : n - 1])])
+        pixels = np.asarray(batch.pixel_values[r])  # [slots, C, H, W], or tiles [slots, N, C, H, W]
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        pixels = pixels[np.abs(pixels).reshape(len(pixels), -1).sum(-1) > 0]  # the image's own tiles, not padding
+        extra = {"token_type_ids": (ids == image_token_id).long()} if gemma else {}
+        loss = model(input_ids=ids, pixel_values=torch.tensor(pixels), labels=torch.tensor(labels[None]), **extra).loss
+        row_sum = loss * int((labels != IGNORE).sum()) / count
+        row_sum.backward()
+        total += float(row_sum.detach())
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
-    return float(loss.detach()), float(norm)
+    return total, float(norm)
 
 
 def _trainer(folder, data: str, root):
     from training.trainer import Trainer
 
     config = TrainConfig(model_name_or_path=str(folder), training_data_path=data, output_dir=str(root / "out"),
-                         max_seq_length=64, peft_method="none", per_device_train_batch_size=1, max_steps=1,
+                         max_seq_length=64, peft_method="none", per_device_train_batch_size=2, max_steps=1,
                          learning_rate=1e-4, torch_dtype="float32", progress_bar=False, seed=0)
     return Trainer(config)
 
@@ -98,7 +108,9 @@ def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
     trainer = _trainer(folder, data, root)
     assert trainer.model.config.architecture in TRAINS_IMAGES
     batch, loss, grad_norm = _step(trainer)
-    assert (batch.image_index[0] >= 0).sum() > 0 and batch.num_targets() > 0
+    assert (batch.image_index >= 0).sum(-1).all() and batch.num_targets() > 0
+    if family == "internvl":  # one image of 3 tiles, one of 1 padded to 3
+        assert batch.pixel_values.shape[:3] == (2, 1, 3)
     mm = trainer.model.config.multimodal
     hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, batch, mm.image_token_id, family == "gemma3")
     print(f"{family}: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e}), "
@@ -117,7 +129,7 @@ def test_gemma3_row_sees_dropped_image_spans(checkpoint, monkeypatch):
     batch, loss, _ = _step(trainer)
     hf_loss, _ = _hf_loss_and_grad_norm(hf, batch, trainer.model.config.multimodal.image_token_id, True)
     print(f"gemma3 without spans: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e})")
-    assert abs(loss - hf_loss) > 100 * RTOL * hf_loss, (loss, hf_loss)
+    assert abs(loss - hf_loss) > 10 * RTOL * hf_loss, (loss, hf_loss)
 
 
 @pytest.mark.parametrize("family", [f for f in BUILDERS if f not in TRAINED])
