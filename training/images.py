@@ -25,13 +25,13 @@ IGNORE = -100
 
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
 # most) encoded on their own, tile by tile, its feature rows independent of the image's size (checked against transformers' loss in tests/training/test_vlm_parity.py).
-TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration")
+TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
+                 "Llama4ForConditionalGeneration")
 # Why the other served families cannot train on images yet; text-only data trains.
 _NEEDS = {
     "LlavaNextForConditionalGeneration": "any-res tiles (a tile count and feature layout per image size)",
     "LlavaOnevisionForConditionalGeneration": "any-res tiles (a tile count and feature layout per image size)",
     "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
-    "Llama4ForConditionalGeneration": "a tile count per image and tile separator tokens between feature rows",
     "MllamaForConditionalGeneration": "cross-attention inputs (aspect ratio ids and mask, a cross-attention mask)",
     "Qwen2VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
     "Qwen2_5_VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
