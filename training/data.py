@@ -227,7 +227,7 @@ class Batch:
     targets: np.ndarray  # [rows, L] int32
     # Vision-language data: each row's images in `slots` (zeros where a row has fewer), and per token
     # the feature row it takes among the batch's `rows * slots * F` image rows (-1: its own embedding).
-    pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32
+    pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32 (tiles: [rows, slots, N, C, H, W])
     image_index: np.ndarray | None = None  # [rows, L] int32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32

@@ -24,7 +24,8 @@ from serving.multimodal.media import MediaFetcher
 IGNORE = -100
 
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
-# most) encoded on their own, tile by tile, its feature rows independent of the image's size (checked against transformers' loss in tests/training/test_vlm_parity.py).
+# most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout, none by its size
+# (loss and gradients checked against transformers' in tests/training/test_vlm_parity.py).
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
                  "Llama4ForConditionalGeneration")
 # Why the other served families cannot train on images yet; text-only data trains.
