@@ -227,7 +227,7 @@ class Batch:
     targets: np.ndarray  # [rows, L] int32
     # Vision-language data: each row's images in `slots` (zeros where a row has fewer), and per token
     # the feature row it takes among the batch's `rows * slots * F` image rows (-1: its own embedding).
-    pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32
+    pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32 (tiles: [rows, slots, N, C, H, W])
     image_index: np.ndarray | None = None  # [rows, L] int32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
@@ -284,16 +284,26 @@ def make_batch(
 
 
 def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> tuple[np.ndarray, np.ndarray]:
-    first = next(image for row in rows for example in row for image in example.images)
-    length = first.length  # feature rows per image: the same for every image of a model
-    pixels = np.zeros((shape[0], slots, *first.pixel_values.shape), np.float32)
+    images = [image for row in rows for example in row for image in example.images]
+    first = images[0]
+    pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
+    if any(image.pixel_values.shape != pixel_shape for image in images):
+        # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
+        if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
+            raise DataError(f"images of different shapes {sorted({i.pixel_values.shape for i in images})} "
+                            "in one batch (only tiles of one size pad to a common count)")
+        tiles = max(image.pixel_values.shape[0] for image in images)
+        per_slot = first.feature_rows // pixel_shape[0] * tiles
+        pixel_shape = (tiles, *pixel_shape[1:])
+    pixels = np.zeros((shape[0], slots, *pixel_shape), np.float32)
     index = np.full(shape, -1, np.int32)
     for r, row in enumerate(rows):
         for s, image in enumerate(row[0].images if row else ()):
-            pixels[r, s] = image.pixel_values
+            pixels[r, s, : len(image.pixel_values)] = image.pixel_values
+            rows_of = np.arange(image.length) if image.rows is None else image.rows
+            run = np.where(rows_of >= 0, (r * slots + s) * per_slot + rows_of, -1)
             end = min(image.offset + image.length, shape[1])  # truncation may cut a run
-            base = (r * slots + s) * length - image.offset
-            index[r, image.offset : end] = base + np.arange(image.offset, end, dtype=np.int32)
+            index[r, image.offset : end] = run[: end - image.offset]
     return pixels, index
 
 

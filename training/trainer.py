@@ -114,8 +114,10 @@ def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
     """The forward's `merged` image features for a batch with images (nothing for text batches)."""
     if batch.pixel_values is None:
         return {}
-    pixels = batch.pixel_values
-    features = model.image_features(pixels.reshape(-1, *pixels.shape[-3:]))  # [rows * slots, F, E]
+    pixels = batch.pixel_values  # [rows, slots, *pixel_shape]
+    mm, modules = model.config.multimodal, model.vision_modules()
+    # The model's own per-image encoder (as serving's), over every slot at once: [rows * slots, F, E].
+    features = jax.vmap(lambda image: model.encode(mm, modules, image))(pixels.reshape(-1, *pixels.shape[2:]))
     return {"merged": MergedEmbeddings(features.reshape(-1, features.shape[-1]), batch.image_index)}
 
 
