@@ -229,6 +229,9 @@ class Batch:
     # the feature row it takes among the batch's `rows * slots * F` image rows (-1: its own embedding).
     pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32 (tiles: [rows, slots, N, C, H, W])
     image_index: np.ndarray | None = None  # [rows, L] int32
+    # Any-res tiles: each slot's `ExampleImage.layout` (its F rows from the encoded tiles), padded to the batch's most.
+    image_sources: np.ndarray | None = None  # [rows, slots, F, TAPS] int32
+    image_weights: np.ndarray | None = None  # [rows, slots, F, TAPS] float32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
 
@@ -280,10 +283,10 @@ def make_batch(
             at += n
     if not image_slots:
         return Batch(input_ids, segment_ids, targets)
-    return Batch(input_ids, segment_ids, targets, *_batch_images(rows, shape, image_slots))
+    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots))
 
 
-def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> tuple[np.ndarray, np.ndarray]:
+def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> dict[str, np.ndarray]:
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
@@ -295,6 +298,8 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
         tiles = max(image.pixel_values.shape[0] for image in images)
         per_slot = first.feature_rows // pixel_shape[0] * tiles
         pixel_shape = (tiles, *pixel_shape[1:])
+    if first.layout is not None:  # any-res: a slot's rows are its layout's, however many tiles
+        per_slot = max(len(image.layout[0]) for image in images)
     pixels = np.zeros((shape[0], slots, *pixel_shape), np.float32)
     index = np.full(shape, -1, np.int32)
     for r, row in enumerate(rows):
@@ -304,7 +309,18 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
             run = np.where(rows_of >= 0, (r * slots + s) * per_slot + rows_of, -1)
             end = min(image.offset + image.length, shape[1])  # truncation may cut a run
             index[r, image.offset : end] = run[: end - image.offset]
-    return pixels, index
+    taps = None if first.layout is None else first.layout[0].shape[1]
+    layouts = {} if taps is None else _batch_layouts(rows, (shape[0], slots, per_slot, taps))
+    return {"pixel_values": pixels, "image_index": index, **layouts}
+
+
+def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
+    """Each slot's any-res layout in `shape` [rows, slots, F, TAPS], padded (zero weights: rows no token takes)."""
+    sources, weights = np.zeros(shape, np.int32), np.zeros(shape, np.float32)
+    for r, row in enumerate(rows):
+        for s, image in enumerate(row[0].images if row else ()):
+            sources[r, s, : len(image.layout[0])], weights[r, s, : len(image.layout[1])] = image.layout
+    return {"image_sources": sources, "image_weights": weights}
 
 
 def image_slots(examples: Sequence[Example], packing: bool) -> int:

@@ -24,14 +24,14 @@ from serving.multimodal.media import MediaFetcher
 IGNORE = -100
 
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
-# most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout, none by its size
-# (loss and gradients checked against transformers' in tests/training/test_vlm_parity.py).
+# most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
+# arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
+# checked against transformers' in tests/training/test_vlm_parity.py.
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
-                 "Llama4ForConditionalGeneration")
+                 "Llama4ForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                 "LlavaOnevisionForConditionalGeneration")
 # Why the other served families cannot train on images yet; text-only data trains.
 _NEEDS = {
-    "LlavaNextForConditionalGeneration": "any-res tiles (a tile count and feature layout per image size)",
-    "LlavaOnevisionForConditionalGeneration": "any-res tiles (a tile count and feature layout per image size)",
     "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
     "MllamaForConditionalGeneration": "cross-attention inputs (aspect ratio ids and mask, a cross-attention mask)",
     "Qwen2VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
@@ -58,6 +58,9 @@ class ExampleImage:
     # Per token of the run: its feature row, or -1 for a token that keeps its embedding (InternVL's <img>);
     # None when token k takes row k.
     rows: np.ndarray | None = None
+    # Any-res tiles (LLaVA-NeXT, OneVision): how the encoded tiles and image_newline make the run's rows
+    # (`model_lib/vision/anyres.py` pack_layout: sources and weights, [rows, TAPS] each).
+    layout: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def feature_rows(self) -> int:
@@ -97,4 +100,7 @@ class TrainingImages:
         for item in items:
             inside[item.offset : item.end] = True
         new_labels = [IGNORE if run else next(text_labels) for run in inside]
-        return expanded, new_labels, [ExampleImage(i.offset, i.length, i.pixel_values, i.rows) for i in items]
+        layout = getattr(self.inputs.config, "layout", None)
+        return expanded, new_labels, [
+            ExampleImage(i.offset, i.length, i.pixel_values, i.rows,
+                         None if layout is None else layout(i.pixel_values, i.image_size)) for i in items]

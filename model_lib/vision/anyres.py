@@ -20,11 +20,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model_lib.vision.config import MultiModalConfig
 
 MAX_GRID_TILES = 64  # a bound on the tiles of one grid pinpoint
 MAX_VIDEO_FRAMES = 256  # a bound on the frames of one video
+TAPS = 4  # table rows one packed row mixes: 1, or 2x2 where the map shrinks (bilinear)
+_LAYOUT_CHUNK = 1024  # one-hot table rows run through `pack` at a time (bounds its memory)
 
 
 def best_resolution(image_size: tuple[int, int], pinpoints: tuple[tuple[int, int], ...]) -> tuple[int, int]:
@@ -95,6 +98,11 @@ class AnyResConfig(MultiModalConfig):
         rows = self.image_tokens + 1 if len(pixels) == 1 else self.image_rows(image_size)
         return [self.image_token_id] * rows
 
+    def layout(self, pixels: Any, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """`pack_layout` for one image's preprocessed pixels (padding tiles beyond its grid ignored)."""
+        rows, cols = self.grid(image_size)
+        return pack_layout(self, 1 if len(pixels) == 1 else 1 + rows * cols, image_size)
+
     @property
     def pooled_side(self) -> int:
         """Rows along one side of a video frame's pooled map."""
@@ -154,3 +162,34 @@ def pool_frames(mm: AnyResConfig, features: jax.Array, newline: jax.Array) -> ja
     f, s, e = features.shape[0], mm.side, features.shape[-1]
     pooled = jax.vmap(lambda x: bilinear(x, mm.pooled_side, mm.pooled_side))(features.reshape(f, s, s, e))
     return jnp.concatenate([pooled.reshape(-1, e), newline.astype(pooled.dtype)[None]], axis=0)
+
+
+def pack_layout(mm: AnyResConfig, tiles: int, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """`pack` as a weighted gather, on the host: (sources `[R, TAPS]` int32, weights `[R, TAPS]` float32) with packed
+    row r = sum_k weights[r, k] * table[sources[r, k]], table = [newline; the tiles' features `[N * S]` in order]
+    (unused taps: row 0, weight 0). `pack` is linear and acts on each feature column alike, so running it on one-hot
+    columns gives the weights exactly; the trainer then arranges images of any size in one jitted step."""
+    size = tiles * mm.image_tokens + 1
+    taps: list[list[tuple[int, float]]] = []
+    for start in range(0, size, _LAYOUT_CHUNK):
+        width = min(_LAYOUT_CHUNK, size - start)
+        onehot = np.zeros((size, width), np.float32)
+        onehot[start + np.arange(width), np.arange(width)] = 1.0
+        packed = np.asarray(pack(mm, jnp.asarray(onehot[1:].reshape(tiles, mm.image_tokens, width)),
+                                 jnp.asarray(onehot[0]), image_size))  # [R, width]
+        taps = taps or [[] for _ in range(len(packed))]
+        for r, c in zip(*np.nonzero(packed)):
+            taps[r].append((start + int(c), float(packed[r, c])))
+    if max(map(len, taps)) > TAPS:
+        raise ValueError(f"a packed row mixes {max(map(len, taps))} feature rows; at most {TAPS}")
+    sources, weights = np.zeros((len(taps), TAPS), np.int32), np.zeros((len(taps), TAPS), np.float32)
+    for r, row in enumerate(taps):
+        for k, (source, weight) in enumerate(row):
+            sources[r, k], weights[r, k] = source, weight
+    return sources, weights
+
+
+def gather_packed(encoded: jax.Array, newline: jax.Array, sources: jax.Array, weights: jax.Array) -> jax.Array:
+    """Tile features `[N, S, E]` -> packed rows `[R, E]` by a `pack_layout` (rows of zero weights: zeros)."""
+    table = jnp.concatenate([newline.astype(encoded.dtype)[None], encoded.reshape(-1, encoded.shape[-1])], axis=0)
+    return jnp.einsum("rk,rke->re", weights.astype(table.dtype), table[sources])

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model_lib.config import ModelConfig
-from model_lib.vision.anyres import AnyResConfig, pack, pool_frames
+from model_lib.vision.anyres import AnyResConfig, gather_packed, pack, pool_frames
 from model_lib.vision.llava import LlavaForConditionalGeneration, image_features
 from model_lib.vision.vlm import LearnedRow, VisionLanguageModel
 
@@ -43,6 +43,12 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
     @staticmethod
     def arrange(mm: AnyResConfig, modules: tuple, encoded: jax.Array, image_size: tuple[int, int]) -> jax.Array:
         return pack(mm, encoded, modules[2].weight[...], image_size)
+
+    @staticmethod
+    def arrange_by_layout(mm: AnyResConfig, modules: tuple, encoded: jax.Array, sources: jax.Array,
+                          weights: jax.Array) -> jax.Array:
+        """`arrange` by the host-side layout `mm.layout` gives (training: images of any size in one step)."""
+        return gather_packed(encoded, modules[2].weight[...], sources, weights)
 
     def image_rows(self, pixels: Any, image_size: tuple[int, int]) -> jax.Array:
         rows, cols = self.config.multimodal.grid(image_size)

@@ -23,20 +23,24 @@ from training.data import IGNORE, DataConfig, load_examples
 from training.images import TRAINS_IMAGES, TrainingImages
 
 BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()}}
-TRAINED = ("llava", "gemma3", "internvl", "llama4")  # the rest are refused
+TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision")  # the rest are refused
+ANYRES = ("llava_next", "llava_onevision")
+# Any-res rows' images by their tile count: a 1x2 grid unpadded to fewer feature rows, a 2x2 grid to fewer columns.
+ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
 # Llama 4's row (tiles with separators, like InternVL's) is the slowest: out of CI's time.
-TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f == "llama4" else f for f in TRAINED]
+# OneVision's row (LLaVA-NeXT's path with a shrunk map, also checked by the fast layout test below) as well.
+TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision") else f for f in TRAINED]
 RTOL = 1e-5
 
 
-def _data(root) -> str:
+def _data(root, sizes=((32, 64), (32, 32))) -> str:
     """Two chats, each with an image of its own size (InternVL: 3 tiles and 1) and an assistant reply."""
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
     records = []
-    for i, (shape, answer) in enumerate((((32, 64, 3), "a red square"), ((32, 32, 3), "blue"))):
-        (data / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 256, shape, dtype=np.uint8)))
+    for i, (size, answer) in enumerate(zip(sizes, ("a red square", "blue"))):
+        (data / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 256, (*size, 3), dtype=np.uint8)))
         user = {"role": "user", "content": [{"type": "image", "image": f"{i}.png"}, {"type": "text", "text": "what?"}]}
         records.append({"messages": [user, {"role": "assistant", "content": answer}]})
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
@@ -52,13 +56,14 @@ def checkpoint(tmp_path_factory):
         if family not in built:
             root = tmp_path_factory.mktemp(family)
             model = BUILDERS[family](root / "model")
-            built[family] = (root / "model", model, _data(root), root)
+            sizes = ANYRES_SIZES.values() if family in ANYRES else ((32, 64), (32, 32))
+            built[family] = (root / "model", model, _data(root, tuple(sizes)), root)
         return built[family]
 
     return get
 
 
-def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool) -> tuple[float, float]:
+def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyres: bool = False) -> tuple[float, float]:
     """transformers' mean loss over our batch's targets and its gradient norm over all parameters (row by row, each
     row's summed loss accumulated)."""
     import torch
@@ -79,6 +84,8 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool) -> tu
         pixels = pixels.reshape(-1, *pixels.shape[-3:])
         pixels = pixels[np.abs(pixels).reshape(len(pixels), -1).sum(-1) > 0]  # the image's own tiles, not padding
         extra = {"token_type_ids": (ids == image_token_id).long()} if gemma else {}
+        if anyres:  # one image's tiles and its original size
+            extra, pixels = {"image_sizes": torch.tensor([ANYRES_SIZES[len(pixels)]])}, pixels[None]
         loss = model(input_ids=ids, pixel_values=torch.tensor(pixels), labels=torch.tensor(labels[None]), **extra).loss
         row_sum = loss * int((labels != IGNORE).sum()) / count
         row_sum.backward()
@@ -87,11 +94,11 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool) -> tu
     return total, float(norm)
 
 
-def _trainer(folder, data: str, root):
+def _trainer(folder, data: str, root, max_seq_length: int = 64):
     from training.trainer import Trainer
 
     config = TrainConfig(model_name_or_path=str(folder), training_data_path=data, output_dir=str(root / "out"),
-                         max_seq_length=64, peft_method="none", per_device_train_batch_size=2, max_steps=1,
+                         max_seq_length=max_seq_length, peft_method="none", per_device_train_batch_size=2, max_steps=1,
                          learning_rate=1e-4, torch_dtype="float32", progress_bar=False, seed=0)
     return Trainer(config)
 
@@ -107,14 +114,17 @@ def _step(trainer):
 @pytest.mark.parametrize("family", TRAINED_ROWS)
 def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
     folder, hf, data, root = checkpoint(family)
-    trainer = _trainer(folder, data, root)
+    trainer = _trainer(folder, data, root, 128 if family in ANYRES else 64)  # LLaVA-NeXT's 2x2 grid: 72 rows
     assert trainer.model.config.architecture in TRAINS_IMAGES
     batch, loss, grad_norm = _step(trainer)
     assert (batch.image_index >= 0).sum(-1).all() and batch.num_targets() > 0
     if family == "internvl":  # one image of 3 tiles, one of 1 padded to 3
         assert batch.pixel_values.shape[:3] == (2, 1, 3)
+    if family in ANYRES:  # grids of 1x2 and 2x2 tiles (and the base view): 3 padded to 5, rows of either length
+        assert batch.pixel_values.shape[:3] == (2, 1, 5)
+        assert len(set((batch.image_weights.sum(-1) != 0).sum(-1).ravel())) == 2
     mm = trainer.model.config.multimodal
-    hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, batch, mm.image_token_id, family == "gemma3")
+    hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, batch, mm.image_token_id, family == "gemma3", family in ANYRES)
     print(f"{family}: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e}), "
           f"grad norm {grad_norm:.6f} vs {hf_norm:.6f} (rel {abs(grad_norm - hf_norm) / hf_norm:.2e})")
     np.testing.assert_allclose(loss, hf_loss, rtol=RTOL)
@@ -131,6 +141,44 @@ def test_gemma3_row_sees_dropped_image_spans(checkpoint, monkeypatch):
     batch, loss, _ = _step(trainer)
     hf_loss, _ = _hf_loss_and_grad_norm(hf, batch, trainer.model.config.multimodal.image_token_id, True)
     print(f"gemma3 without spans: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e})")
+    assert abs(loss - hf_loss) > 10 * RTOL * hf_loss, (loss, hf_loss)
+
+
+@pytest.mark.parametrize("anyres_max", [None, 1])
+def test_anyres_layout_gathers_what_pack_computes(checkpoint, anyres_max, monkeypatch):
+    """The trainer's host-side layout gives `pack`'s rows for grids, unpadding, a lone base view and OneVision's
+    shrinking (anyres_max), its one-hot columns run in several chunks."""
+    import dataclasses
+
+    import jax
+
+    import model_lib
+    from model_lib.vision import anyres
+    from model_lib.vision.anyres import gather_packed, pack, pack_layout
+
+    monkeypatch.setattr(anyres, "_LAYOUT_CHUNK", 7)
+    mm = dataclasses.replace(model_lib.load_config(checkpoint("llava_next")[0])[0].multimodal, anyres_max=anyres_max)
+    for size in ((16, 64), (64, 40), (40, 64), (64, 64), (7, 50)):
+        rows, cols = mm.grid(size)
+        for tiles in (1, 1 + rows * cols):
+            features = jax.random.normal(jax.random.key(tiles), (tiles, mm.image_tokens, 8))
+            newline = jax.random.normal(jax.random.key(0), (8,))
+            np.testing.assert_allclose(gather_packed(features, newline, *pack_layout(mm, tiles, size)),
+                                       pack(mm, features, newline, size), rtol=1e-6, atol=1e-6)
+
+
+def test_llava_next_row_sees_dropped_newline_rows(checkpoint, monkeypatch):
+    """The any-res rows can fail: with image_newline left out of the layout the loss leaves transformers'."""
+    from model_lib.vision import anyres
+
+    folder, hf, data, root = checkpoint("llava_next")
+    pack = anyres.pack
+    monkeypatch.setattr(anyres, "pack", lambda mm, features, newline, size: pack(mm, features, newline * 0, size))
+    trainer = _trainer(folder, data, root, 128)
+    batch, loss, _ = _step(trainer)
+    hf_loss, _ = _hf_loss_and_grad_norm(hf, batch, trainer.model.config.multimodal.image_token_id, False, True)
+    print(f"llava_next without newline rows: loss {loss:.8f} vs {hf_loss:.8f} "
+          f"(rel {abs(loss - hf_loss) / hf_loss:.2e})")
     assert abs(loss - hf_loss) > 10 * RTOL * hf_loss, (loss, hf_loss)
 
 
