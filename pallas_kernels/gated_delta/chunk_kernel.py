@@ -56,9 +56,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gated_delta.reference import unit_lower_inverse
+from pallas_kernels.whole_arrays import call_on_whole_arrays
 
 # At K = V = 128 (Qwen3-Next) chunks of 32 or 64 spill registers on sm_90 in every kernel here
 # (255 registers, 8 warps); 16 does not (`tests/pallas_kernels/test_gpu_lowering.py`).
@@ -299,17 +299,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, g_ref, beta_ref, runs_ref, states_ref,
 
 def _call(kernel, args, outputs, name: str, num_warps: int, interpret: bool):
     rows, _, heads, value_dim = args[2].shape
-    whole = lambda shape: pl.BlockSpec(shape, lambda r, h, b: (0,) * len(shape))  # noqa: E731
-    return pl.pallas_call(
-        kernel,
-        grid=(rows, heads, value_dim // BLOCK_V),
-        in_specs=[whole(a.shape) for a in args],
-        out_specs=[whole(o.shape) for o in outputs],
-        out_shape=outputs,
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*args)
+    return call_on_whole_arrays(kernel, args, outputs, (rows, heads, value_dim // BLOCK_V), name, num_warps, interpret)
 
 
 def _padded(q, k, v, g, beta, runs, chunk: int):

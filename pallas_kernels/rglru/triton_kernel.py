@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.whole_arrays import call_on_whole_arrays
 
 BLOCK_D = 32  # channels per program: one warp, one float32 per thread
 
@@ -91,17 +92,7 @@ def _states_kernel(decay_ref, inputs_ref, runs_ref, initial_ref, states_ref, fin
 
 def _call(kernel, args, outputs, name: str, interpret: bool):
     rows, _, channels = args[0].shape
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))  # noqa: E731
-    return pl.pallas_call(
-        kernel,
-        grid=(rows, channels // BLOCK_D),
-        in_specs=[whole(a.shape) for a in args],
-        out_specs=[whole(o.shape) for o in outputs],
-        out_shape=outputs,
-        compiler_params=pltriton.CompilerParams(num_warps=1, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*args)
+    return call_on_whole_arrays(kernel, args, outputs, (rows, channels // BLOCK_D), name, 1, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("reverse", "interpret"))

@@ -59,7 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.whole_arrays import call_on_whole_arrays
 
 # At N = 128 (Mamba-2, Granite 4.0) the forward spills registers on sm_90 at chunks of 64, the backward
 # kernel at 32 (255 registers, 8 warps; `tests/pallas_kernels/test_gpu_lowering.py`).
@@ -253,17 +254,7 @@ def _backward_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, runs_ref, initia
 
 def _call(kernel, args, outputs, name: str, interpret: bool):
     rows, _, heads, head_dim = args[0].shape
-    whole = lambda shape: pl.BlockSpec(shape, lambda r, h, p: (0,) * len(shape))  # noqa: E731
-    return pl.pallas_call(
-        kernel,
-        grid=(rows, heads, head_dim // BLOCK_P),
-        in_specs=[whole(a.shape) for a in args],
-        out_specs=[whole(o.shape) for o in outputs],
-        out_shape=outputs,
-        compiler_params=pltriton.CompilerParams(num_warps=WARPS, num_stages=1),
-        interpret=interpret,
-        name=name,
-    )(*args)
+    return call_on_whole_arrays(kernel, args, outputs, (rows, heads, head_dim // BLOCK_P), name, WARPS, interpret)
 
 
 def _check_initial(x: jax.Array, B: jax.Array, initial: jax.Array) -> None:

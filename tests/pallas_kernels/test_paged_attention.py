@@ -70,6 +70,17 @@ def alibi(num_heads):
     return jnp.asarray(2.0 ** -np.arange(num_heads), jnp.float32)
 
 
+def flag_options(flags: dict, heads: int) -> dict:
+    """The attention op's options a kernel-table row's `flags` name (window, soft-cap, chunks, sinks, ALiBi)."""
+    options = dict(scale=0.3, sliding_window=flags.get("sliding_window"), softcap=flags.get("softcap"),
+                   chunk_size=flags.get("chunk_size"))
+    if flags.get("sinks"):
+        options["sinks"] = jnp.asarray(np.random.RandomState(4).randn(heads), jnp.float32)
+    if flags.get("alibi"):
+        options["alibi_slopes"] = alibi(heads)
+    return options
+
+
 def dense_expected(seqs, parts, *, scale, sliding_window=None, softcap=None, alibi_slopes=None, chunk_size=None,
                    visible_until=None):
     """Each sequence's new tokens through dense attention; `visible_until`: per sequence, its new tokens'
@@ -340,11 +351,7 @@ def test_kernel_any_groups_head_dims_pages_and_splits(name):
 
     seqs, heads, kv_heads, page_size, head_dim, settings, flags = NEW_SHAPES[name]
     inputs, _ = make_case(seqs, heads, kv_heads, seed=len(name), page_size=page_size, head_dim=head_dim)
-    options = dict(scale=0.3, sliding_window=flags.get("sliding_window"), softcap=flags.get("softcap"))
-    if flags.get("sinks"):
-        options["sinks"] = jnp.asarray(np.random.RandomState(4).randn(heads), jnp.float32)
-    if flags.get("alibi"):
-        options["alibi_slopes"] = alibi(heads)
+    options = flag_options(flags, heads)
     _, k_cache, v_cache = ragged_paged_attention(**inputs, scale=0.3, implementation="reference")
     q, meta = inputs["q"], inputs["meta"]
     expected = reference.paged_attention(q, k_cache, v_cache, meta, **options)

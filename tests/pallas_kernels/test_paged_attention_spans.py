@@ -9,7 +9,7 @@ import pytest
 
 from model_lib.spans import visible_until_from_spans
 from pallas_kernels.paged_attention import attend_pages
-from tests.pallas_kernels.test_paged_attention import alibi, dense_expected, make_case, ragged_paged_attention
+from tests.pallas_kernels.test_paged_attention import dense_expected, flag_options, make_case, ragged_paged_attention
 
 # name -> [(q_len, kv_len, spans)]: spans are positions of the sequence's new tokens (pages of 4 tokens unless
 # a case says otherwise). Decode tokens and plain chunks sit beside chunks with spans crossing page
@@ -71,12 +71,7 @@ def test_tiled_and_kernel_with_spans_match_reference(name, groups, page_size, fl
 
     inputs, _, _, _ = span_case(name, groups, seed=7 + groups, page_size=page_size)
     heads = 2 * groups
-    options = dict(scale=0.3, sliding_window=flags.get("sliding_window"), softcap=flags.get("softcap"),
-                   chunk_size=flags.get("chunk_size"))
-    if flags.get("sinks"):
-        options["sinks"] = jnp.asarray(np.random.RandomState(4).randn(heads), jnp.float32)
-    if flags.get("alibi"):
-        options["alibi_slopes"] = alibi(heads)
+    options = flag_options(flags, heads)
     _, k_cache, v_cache = ragged_paged_attention(**inputs, scale=0.3, implementation="reference")
     q, meta = inputs["q"], inputs["meta"]
     expected = reference.paged_attention(q, k_cache, v_cache, meta, **options)
