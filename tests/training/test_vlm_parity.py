@@ -187,6 +187,45 @@ def _check_mllama_batch(batch, folder, data: str, image_token_id: int) -> None:
         assert first > 0 and not batch.cross_attention_mask[r, :first].any() and batch.cross_attention_mask[r, first].any()
 
 
+def test_mllama_lora_adapter_loads_in_peft(checkpoint, tmp_path):
+    """All-linear LoRA on Mllama's image chats adapts the language model's self- and cross-attention and MLPs, not
+    the vision side; the adapter it exports, loaded by transformers + PEFT, gives our trained model's logits."""
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import MllamaForConditionalGeneration
+
+    from tests.tiny_models import assert_logits_close, hf_logits
+    from tests.vlm_models import vision_forward
+    from training.trainer import Trainer
+
+    folder, _, data, _ = checkpoint("mllama")
+    config = TrainConfig(model_name_or_path=str(folder), training_data_path=data, output_dir=str(tmp_path),
+                         max_seq_length=64, peft_method="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                         target_modules="all-linear", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                         torch_dtype="float32", progress_bar=False, seed=0)
+    trainer = Trainer(config)
+    trainer.train()
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in load_file(tmp_path / "adapter_model.safetensors")}
+    layers = "model.language_model.layers"
+    assert {f"{layers}.1.cross_attn.{p}_proj" for p in "qkvo"} | {f"{layers}.{i}.self_attn.q_proj" for i in (0, 2)} <= modules
+    assert not any("vision_model" in m or "multi_modal_projector" in m or m.endswith("lm_head") for m in modules)
+    batch = trainer.micro_batch(0)
+    r = int(np.flatnonzero(batch.aspect_ratio_ids[:, 1])[0])  # the row with two images and text between
+    n = int((batch.segment_ids[r] != 0).sum())
+    ids = np.asarray(batch.input_ids[r : r + 1, :n])
+    images = {k: np.asarray(getattr(batch, k)[r : r + 1]) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    ours = vision_forward(trainer.trained_model(), ids, **images,
+                          cross_attention_mask=np.asarray(batch.cross_attention_mask[r : r + 1, :n]))
+    peft = PeftModel.from_pretrained(MllamaForConditionalGeneration.from_pretrained(folder), tmp_path).eval()
+    extra, pixels = _mllama_inputs(batch, r, ids[0].tolist(), trainer.model.config.multimodal.image_token_id)
+    expected = hf_logits(peft, ids, pixel_values=torch.tensor(pixels), **extra)
+    base = hf_logits(MllamaForConditionalGeneration.from_pretrained(folder).eval(), ids,
+                     pixel_values=torch.tensor(pixels), **extra)
+    assert np.abs(expected - base).max() > 1e-3  # the adapter changes the logits
+    assert_logits_close(ours, expected)
+
+
 def test_gemma3_row_sees_dropped_image_spans(checkpoint, monkeypatch):
     """The Gemma 3 row can fail: with its images causal (no bidirectional spans) the loss leaves transformers'."""
     from model_lib.vision.gemma3 import Gemma3VisionConfig
