@@ -137,8 +137,9 @@ def _matches(path: str, hf_module: str, targets: list[str] | str) -> bool:
 
 
 # Modules of a vision-language model outside its language model: only a regex target reaches them
-# (names such as "q_proj" or "all-linear" adapt the language model, the vision side stays frozen).
-VISION_MODULES = ("vision_tower.", "multi_modal_projector.")
+# (names such as "q_proj" or "all-linear" adapt the language model, the vision side stays frozen). Llama 4 and
+# Mllama name their tower `vision_model`; Mllama's projector is one linear layer.
+VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector")
 
 
 def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list[tuple[str, Linear]]]:
@@ -148,7 +149,7 @@ def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list
     order: dict[str, int] = {}  # fused parts in the HF tensor's order (q, k, v), not graph order
     by_regex = isinstance(targets, str) and targets != "all-linear"
     for path, layer in linear_layers(model).items():
-        if path.startswith(VISION_MODULES) and not by_regex:
+        if path.split(".", 1)[0] in VISION_MODULES and not by_regex:
             continue
         hf = _hf_module(path, family)
         if _matches(path, hf, targets):

@@ -232,6 +232,12 @@ class Batch:
     # Any-res tiles: each slot's `ExampleImage.layout` (its F rows from the encoded tiles), padded to the batch's most.
     image_sources: np.ndarray | None = None  # [rows, slots, F, TAPS] int32
     image_weights: np.ndarray | None = None  # [rows, slots, F, TAPS] float32
+    # Images read by cross attention (Mllama; no image_index): `pixel_values` holds each slot's every tile [T], these
+    # its aspect ratio id (0: no image) and tile mask as transformers' processor pads them, and per token the slots'
+    # tiles it sees (transformers' `cross_attention_mask`; none before a row's first image).
+    aspect_ratio_ids: np.ndarray | None = None  # [rows, slots] int32
+    aspect_ratio_mask: np.ndarray | None = None  # [rows, slots, T] int32
+    cross_attention_mask: np.ndarray | None = None  # [rows, L, slots, T] int32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
 
@@ -289,6 +295,8 @@ def make_batch(
 def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> dict[str, np.ndarray]:
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
+    if first.aspect_ratio_id is not None:
+        return _batch_cross_images(rows, shape, slots, first.pixel_values.shape)
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
     if any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
@@ -312,6 +320,35 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     taps = None if first.layout is None else first.layout[0].shape[1]
     layouts = {} if taps is None else _batch_layouts(rows, (shape[0], slots, per_slot, taps))
     return {"pixel_values": pixels, "image_index": index, **layouts}
+
+
+def _batch_cross_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int,
+                        tiles_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Mllama's images: every slot's tiles, aspect ratio id and tile mask (an empty slot as transformers pads a
+    batch: id 0, its first tile on) and each token's `cross_attention_mask`, from transformers' own functions. An
+    image whose `<|image|>` token truncation cut is left out, as the text no longer names it. `tiles_shape`: an
+    image's [T, C, H, W]."""
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                              get_cross_attention_token_mask)
+
+    pixels = np.zeros((shape[0], slots, *tiles_shape), np.float32)
+    ratio_ids = np.zeros((shape[0], slots), np.int32)
+    ratio_mask = np.zeros((shape[0], slots, tiles_shape[0]), np.int32)
+    ratio_mask[..., 0] = 1
+    cross = np.zeros((*shape, slots, tiles_shape[0]), np.int32)
+    for r, row in enumerate(rows):
+        kept = [image for image in (row[0].images if row else ()) if image.offset < shape[1]]
+        if not kept:
+            continue
+        ids = row[0].input_ids[: shape[1]]
+        for s, image in enumerate(kept):
+            pixels[r, s], ratio_ids[r, s] = image.pixel_values, image.aspect_ratio_id
+            ratio_mask[r, s, : image.tiles] = 1
+        token_mask = get_cross_attention_token_mask(ids, ids[kept[0].offset])  # the offset holds `<|image|>`
+        cross[r, :, : len(kept)] = convert_sparse_cross_attention_mask_to_dense(
+            [token_mask], [[image.tiles for image in kept]], tiles_shape[0], shape[1])[0]
+    return {"pixel_values": pixels, "aspect_ratio_ids": ratio_ids, "aspect_ratio_mask": ratio_mask,
+            "cross_attention_mask": cross}
 
 
 def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@
 A record's `messages` may hold `{"type": "image", "image": <path or URL>}` parts (paths relative
 to the data file's folder; `data:` URLs carry base64 images inline) or OpenAI's `image_url` parts.
 Each image is preprocessed by the checkpoint's own image processor, its placeholder expanded to
-the image's feature rows, and those positions carry no loss. The vision tower and projector stay
+the image's feature rows, and those positions carry no loss (Mllama keeps its one `<|image|>` token per
+image, without loss, and reads the image's tiles by cross attention). The vision tower and projector stay
 frozen unless LoRA targets them by a regex over their module paths. Only the families in
 `TRAINS_IMAGES` train on images (their loss and gradients match transformers'); the others are
 refused by name, since their batches would need inputs the trainer does not build yet.
@@ -17,23 +18,26 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from model_lib.vision.mllama import MllamaConfig
 from serving.multimodal.images import load_image_processor
-from serving.multimodal.inputs import MAX_IMAGES_PER_PROMPT, ImageInputs
+from serving.multimodal.inputs import MAX_IMAGES_PER_PROMPT, ImageItem
 from serving.multimodal.media import MediaFetcher
+from serving.multimodal.mllama import padded_tiles
+from serving.multimodal.prompts import inputs_class
 
 IGNORE = -100
 
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
 # most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
 # arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
-# checked against transformers' in tests/training/test_vlm_parity.py.
+# checked against transformers' in tests/training/test_vlm_parity.py. Mllama's images are no rows: each slot holds
+# every tile and its aspect ratio, and each token the tiles it sees (`training.data.Batch`).
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
                  "Llama4ForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                 "LlavaOnevisionForConditionalGeneration")
+                 "LlavaOnevisionForConditionalGeneration", "MllamaForConditionalGeneration")
 # Why the other served families cannot train on images yet; text-only data trains.
 _NEEDS = {
     "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
-    "MllamaForConditionalGeneration": "cross-attention inputs (aspect ratio ids and mask, a cross-attention mask)",
     "Qwen2VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
     "Qwen2_5_VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
     "Qwen3VLForConditionalGeneration": "grid-sized images, M-RoPE positions and DeepStack rows",
@@ -61,6 +65,10 @@ class ExampleImage:
     # Any-res tiles (LLaVA-NeXT, OneVision): how the encoded tiles and image_newline make the run's rows
     # (`model_lib/vision/anyres.py` pack_layout: sources and weights, [rows, TAPS] each).
     layout: tuple[np.ndarray, np.ndarray] | None = None
+    # Images read by cross attention (Mllama): the tile grid's aspect ratio id (from 1) and its real tiles, the
+    # first of `pixel_values`' [max_num_tiles, C, H, W]; None for the families whose tokens take feature rows.
+    aspect_ratio_id: int | None = None
+    tiles: int = 0
 
     @property
     def feature_rows(self) -> int:
@@ -77,7 +85,7 @@ class TrainingImages:
             from transformers import AutoTokenizer
 
             mm = mm.with_tokenizer(AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
-        self.inputs = ImageInputs(mm, load_image_processor(checkpoint), MAX_IMAGES_PER_PROMPT)
+        self.inputs = inputs_class(mm)(mm, load_image_processor(checkpoint), MAX_IMAGES_PER_PROMPT)
         self.folder = Path(data_folder).resolve()
         self.media = MediaFetcher(self.folder)
 
@@ -100,7 +108,13 @@ class TrainingImages:
         for item in items:
             inside[item.offset : item.end] = True
         new_labels = [IGNORE if run else next(text_labels) for run in inside]
-        layout = getattr(self.inputs.config, "layout", None)
-        return expanded, new_labels, [
-            ExampleImage(i.offset, i.length, i.pixel_values, i.rows,
-                         None if layout is None else layout(i.pixel_values, i.image_size)) for i in items]
+        return expanded, new_labels, [self._example_image(item) for item in items]
+
+    def _example_image(self, item: ImageItem) -> ExampleImage:
+        mm = self.inputs.config
+        if isinstance(mm, MllamaConfig):  # every tile as the vision model takes them, as serving pads them
+            pixels, ratio, mask = padded_tiles(mm, item.pixel_values)
+            return ExampleImage(item.offset, item.length, pixels, aspect_ratio_id=int(ratio), tiles=int(mask.sum()))
+        layout = getattr(mm, "layout", None)
+        return ExampleImage(item.offset, item.length, item.pixel_values, item.rows,
+                            None if layout is None else layout(item.pixel_values, item.image_size))

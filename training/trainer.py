@@ -111,9 +111,14 @@ def seq2seq_model(config: TrainConfig, dtype: str, plan: ShardingPlan | None) ->
 
 
 def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
-    """The forward's `merged` image features for a batch with images (nothing for text batches)."""
+    """The forward's `merged` image features for a batch with images (Mllama: its cross-attention inputs;
+    nothing for text batches)."""
     if batch.pixel_values is None:
         return {}
+    if batch.cross_attention_mask is not None:  # Mllama: its forward reads the tiles by cross attention
+        return {"pixel_values": batch.pixel_values, "aspect_ratio_ids": batch.aspect_ratio_ids,
+                "aspect_ratio_mask": batch.aspect_ratio_mask, "cross_attention_mask": batch.cross_attention_mask,
+                "num_images": jnp.sum(batch.aspect_ratio_ids > 0, axis=-1)}
     pixels = batch.pixel_values  # [rows, slots, *pixel_shape]
     mm, modules = model.config.multimodal, model.vision_modules()
     # The model's own per-image encoder (as serving's), over every slot at once: [rows * slots, F, E].

@@ -38,7 +38,7 @@ from model_lib.decoder import CausalLM, dense_batch
 from model_lib.layers import MLP, DenseBatch, Embed, Linear, PagedBatch, make_norm
 from model_lib.vision.config import ImagePlaceholders
 from model_lib.vision.mllama_vision import MllamaVisionConfig, MllamaVisionModel
-from pallas_kernels.cross_attention import cross_attention, write_cross
+from pallas_kernels.cross_attention import cross_attention, dense_cross_attention, write_cross
 from pallas_kernels.paged_attention.reference import token_layout
 
 EXTRA_TOKEN_ROWS = 8  # transformers' `embed_tokens` rows past vocab_size (`<|image|>` among them)
@@ -105,7 +105,8 @@ class CrossInputs:
 
     `k`, `v` `[N, S, K, D]` and `lengths [N]` (rows past a sequence's length are padding; 0: no image), in
     the layout of a `CrossKV` pool and its lengths; `token_slots [M]` names each query row's sequence,
-    `visible [M, S]` its keys, `text_rows [M]` (1.0 / 0.0) whether its MLP branch counts."""
+    `visible [M, S]` its keys, `text_rows [M]` (1.0 / 0.0) whether its MLP branch counts. `dense`: the rows
+    are a dense batch's, sequence by sequence (M = N * L), and attend to their sequence's keys in place."""
 
     k: jax.Array
     v: jax.Array
@@ -113,6 +114,7 @@ class CrossInputs:
     token_slots: jax.Array
     visible: jax.Array
     text_rows: jax.Array
+    dense: bool = struct.field(pytree_node=False, default=False)
 
 
 class MllamaCrossAttention(nnx.Module):
@@ -138,8 +140,13 @@ class MllamaCrossAttention(nnx.Module):
     def __call__(self, x: jax.Array, cross: CrossInputs) -> jax.Array:
         """`x [M, E]` -> `[M, E]`."""
         q = self.q_norm(self.q_proj(x).reshape(x.shape[0], self.num_heads, self.head_dim))
-        out = cross_attention(q, cross.k, cross.v, cross.lengths, cross.token_slots, scale=self.scale,
-                              kv_mask=cross.visible)
+        if cross.dense:  # [N, L, H, D] over each sequence's own keys
+            n, s = cross.k.shape[:2]
+            out = dense_cross_attention(q.reshape(n, -1, *q.shape[1:]), cross.k, cross.v, cross.lengths,
+                                        scale=self.scale, kv_mask=cross.visible.reshape(n, -1, s))
+        else:
+            out = cross_attention(q, cross.k, cross.v, cross.lengths, cross.token_slots, scale=self.scale,
+                                  kv_mask=cross.visible)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -255,15 +262,14 @@ class MllamaForConditionalGeneration(CausalLM):
             filled.append((k_pool, v_pool, lengths, slot_segments.at[slot].set(segments)))
         return tuple(filled)
 
-    def cross_caches(self, features: jax.Array, visible: jax.Array, text_rows: jax.Array,
+    def cross_caches(self, features: jax.Array, lengths: jax.Array, visible: jax.Array, text_rows: jax.Array,
                      token_slots: jax.Array) -> list[CrossInputs | None]:
-        """Every layer's entry of the `kv_caches` the decoder runs with: each cross layer's `CrossInputs` over
-        `features [N, S, E]`, None for the self-attention layers."""
-        lengths = jnp.full((features.shape[0],), features.shape[1], jnp.int32)
+        """Every layer's entry of the `kv_caches` a dense batch runs with: each cross layer's `CrossInputs` over
+        `features [N, S, E]` (the first `lengths [N]` rows of each), None for the self-attention layers."""
         caches: list[CrossInputs | None] = [None] * len(self.model.layers)
         for index in self.config.multimodal.cross_attention_layers:
             k, v = self.model.layers[index].cross_attn.keys_values(features)
-            caches[index] = CrossInputs(k, v, lengths, token_slots, visible, text_rows)
+            caches[index] = CrossInputs(k, v, lengths, token_slots, visible, text_rows, dense=True)
         return caches
 
     def __call__(
@@ -275,11 +281,17 @@ class MllamaForConditionalGeneration(CausalLM):
         aspect_ratio_ids: jax.Array | None = None,
         aspect_ratio_mask: jax.Array | None = None,
         cross_attention_mask: jax.Array | None = None,
+        num_images: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
     ) -> jax.Array:
         """Logits `[B, L, V]` (float32) with transformers' inputs: the processor's pixels, aspect ratio ids and
-        masks and `cross_attention_mask`; without `pixel_values` the cross-attention layers are skipped."""
+        masks and `cross_attention_mask`; without `pixel_values` the cross-attention layers are skipped.
+
+        `num_images [B]`: each sequence's own images, its first ones (the trainer's batches); the rest of its
+        image slots are batch padding that none of its tokens reads, so a sequence gives the logits it gives
+        alone (0: no image, its cross-attention layers skipped). None: every slot is an image, as in
+        transformers, whose rows that see no tile also read a batch's padding images."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         batch = dense_batch(input_ids, attention_mask, segment_ids, positions)
         caches = None
@@ -289,9 +301,13 @@ class MllamaForConditionalGeneration(CausalLM):
             features = self.image_features(jnp.asarray(pixel_values), jnp.asarray(aspect_ratio_ids),
                                            jnp.asarray(aspect_ratio_mask))
             b, length = input_ids.shape
+            images = pixel_values.shape[1]
+            if num_images is None:
+                num_images = jnp.full((b,), images, jnp.int32)
+            lengths = jnp.asarray(num_images, jnp.int32) * (features.shape[1] // images)
             visible, text_rows = token_visibility(cross_attention_mask, self.config.multimodal.vision.tile_tokens,
                                                   b * length, features.shape[1])
             token_slots = jnp.repeat(jnp.arange(b, dtype=jnp.int32), length)
-            caches = self.cross_caches(features, visible, text_rows, token_slots)
+            caches = self.cross_caches(features, lengths, visible, text_rows, token_slots)
         logits, _ = self.forward(input_ids, batch, caches)
         return logits

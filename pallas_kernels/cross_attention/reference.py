@@ -42,17 +42,26 @@ def cross_attention(
 ) -> jax.Array:
     """`[T, H, D]` in q's dtype: each query over its slot's first `lengths[slot]` encoder positions (and of
     those, where given, only the ones its row of `kv_mask [T, S]` keeps)."""
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_pool.shape[2]
-    keys = jnp.take(k_pool, token_slots, axis=0, mode="clip").astype(q.dtype)  # [T, S, K, D]
-    values = jnp.take(v_pool, token_slots, axis=0, mode="clip").astype(q.dtype)
-    qg = q.reshape(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("tkgd,tskd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
-    length = jnp.take(lengths, token_slots, mode="clip")
-    visible = jnp.arange(keys.shape[1])[None, :] < length[:, None]  # [T, S]
+    take = lambda x: jnp.take(x, token_slots, axis=0, mode="clip")  # noqa: E731  (each query's own slot)
+    out = dense_cross_attention(q[:, None], take(k_pool), take(v_pool), take(lengths), scale=scale,
+                                kv_mask=None if kv_mask is None else kv_mask[:, None])
+    return out[:, 0]
+
+
+def dense_cross_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, scale: float, kv_mask: jax.Array | None = None,
+) -> jax.Array:
+    """`[N, L, H, D]` in q's dtype: sequence n's `L` queries `q [N, L, H, D]` over its first `lengths[n]` keys and
+    values `k, v [N, S, K, D]` (and of those, where given, the ones `kv_mask [N, L, S]` keeps). A dense batch's
+    queries read their sequence's keys in place, never a copy per query."""
+    n, length, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    qg = q.reshape(n, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("nlkgd,nskd->nkgls", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    visible = jnp.broadcast_to((jnp.arange(k.shape[1]) < lengths[:, None])[:, None, :], (n, length, k.shape[1]))
     if kv_mask is not None:
         visible = visible & kv_mask
-    logits = jnp.where(visible[:, None, None, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    out = jnp.einsum("tkgs,tskd->tkgd", probs, values, preferred_element_type=jnp.float32)
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    logits = jnp.where(visible[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum("nkgls,nskd->nlkgd", probs, v.astype(q.dtype), preferred_element_type=jnp.float32)
+    return out.reshape(n, length, num_heads, head_dim).astype(q.dtype)

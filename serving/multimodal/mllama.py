@@ -71,6 +71,17 @@ def num_tiles(item: ImageItem) -> int:
     return item.pixel_values.shape[0] * item.pixel_values.shape[1]
 
 
+def padded_tiles(config: MllamaConfig, grid: np.ndarray) -> tuple[np.ndarray, np.int32, np.ndarray]:
+    """An image's tiles by grid `[a, b, C, H, W]` (`MllamaImageInputs`) as the vision model takes them: padded
+    with zero tiles to `[T, C, H, W]`, its aspect ratio id and its aspect ratio mask `[T]` (the processor's)."""
+    vision = config.vision
+    n = grid.shape[0] * grid.shape[1]
+    pixels = np.zeros((vision.max_num_tiles, *grid.shape[2:]), np.float32)
+    pixels[:n] = grid.reshape(n, *grid.shape[2:])
+    ratio = vision.supported_aspect_ratios.index(tuple(grid.shape[:2])) + 1
+    return pixels, np.int32(ratio), (np.arange(vision.max_num_tiles) < n).astype(np.int32)
+
+
 def _fill(graphdef, state, pools, *args):
     return nnx.merge(graphdef, state).fill_image_kv(pools, *args)
 
@@ -109,13 +120,7 @@ class MllamaImageEncoder(ImageEncoder):
         return None
 
     def tiles(self, item: ImageItem) -> tuple[np.ndarray, np.int32, np.ndarray]:
-        """An item's tiles padded to `[T, C, H, W]`, its aspect ratio id and its aspect ratio mask `[T]`."""
-        vision = self.config.vision
-        n = num_tiles(item)
-        pixels = np.zeros((vision.max_num_tiles, *item.pixel_values.shape[2:]), np.float32)
-        pixels[:n] = item.pixel_values.reshape(n, *item.pixel_values.shape[2:])
-        ratio = vision.supported_aspect_ratios.index(tuple(item.pixel_values.shape[:2])) + 1
-        return pixels, np.int32(ratio), (np.arange(vision.max_num_tiles) < n).astype(np.int32)
+        return padded_tiles(self.config, item.pixel_values)
 
     def fill(self, runner: Any, scheduled: Sequence[ScheduledSequence]) -> None:
         """Write the cross K/V (or length 0) of the sequences this step starts into their slots."""

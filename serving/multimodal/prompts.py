@@ -70,11 +70,16 @@ def image_inputs(path: str | Path, config: ModelConfig, limit_mm_per_prompt: dic
         from transformers import AutoTokenizer
 
         mm = mm.with_tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    default = mm.default_image_limit or DEFAULT_IMAGES_PER_PROMPT
+    return inputs_class(mm)(mm, load_image_processor(path), limits.get("image", default),
+                            limits.get("video", DEFAULT_IMAGES_PER_PROMPT) if mm.video_token_id is not None else 0)
+
+
+def inputs_class(mm: Any) -> type[ImageInputs]:
+    """The `ImageInputs` that pairs a family's images with its prompt (`mm`: its multimodal config)."""
     from serving.multimodal.mllama import MllamaImageInputs
     from serving.multimodal.qwen_vl import QwenImageInputs
 
-    inputs_class = QwenImageInputs if isinstance(mm, QwenVLConfig) else \
-        MllamaImageInputs if isinstance(mm, MllamaConfig) else ImageInputs
-    default = mm.default_image_limit or DEFAULT_IMAGES_PER_PROMPT
-    return inputs_class(mm, load_image_processor(path), limits.get("image", default),
-                        limits.get("video", DEFAULT_IMAGES_PER_PROMPT) if mm.video_token_id is not None else 0)
+    if isinstance(mm, QwenVLConfig):
+        return QwenImageInputs
+    return MllamaImageInputs if isinstance(mm, MllamaConfig) else ImageInputs

@@ -131,3 +131,47 @@ def test_gemma3_image_chat_is_expanded_as_its_processor_does(tmp_path):
     assert example.input_ids == hf_inputs(case, tmp_path, text, [to_rgb(image)])["input_ids"][0].tolist()
     assert all(label == IGNORE for t, label in zip(example.input_ids, example.labels) if t == IMAGE_TOKEN_ID)
     assert tokenizer.decode([t for t in example.labels if t != IGNORE]).strip() == "a cat"
+
+
+def test_mllama_image_chat_batches_as_its_processor_does(tmp_path):
+    """Mllama keeps one `<|image|>` per image: a training chat with two images (text between) takes the processor's
+    ids, and its batch row the processor's tiles, aspect ratios and `cross_attention_mask`; a cut `<|image|>` leaves
+    its slot empty, padded as the processor pads a batch."""
+    import base64
+
+    from transformers import AutoTokenizer
+
+    import model_lib
+    from serving.multimodal.images import to_rgb
+    from tests.vlm_families import VLM_CASES, hf_inputs
+    from tests.vlm_models import IMAGE_TOKEN_ID, png_bytes, random_image
+    from training.data import Example
+    from training.images import TrainingImages
+
+    case = VLM_CASES["mllama"]
+    case.build(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    pictures = [random_image(1, (20, 40)), random_image(2, (64, 30))]  # grids 1x2 and 3x1 of up to 4 tiles
+    urls = ["data:image/png;base64," + base64.b64encode(png_bytes(image)).decode() for image in pictures]
+    content = [{"type": "image", "image": urls[0]}, {"type": "text", "text": "what?"},
+               {"type": "image", "image": urls[1]}, {"type": "text", "text": "and?"}]
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "a cat"}]
+    images = TrainingImages(tmp_path, model_lib.load_config(tmp_path)[0], tmp_path)
+    example = to_example({"messages": messages}, tokenizer, DataConfig(), "x", images)
+    expected = hf_inputs(case, tmp_path, tokenizer.apply_chat_template(messages, tokenize=False),
+                         [to_rgb(image) for image in pictures])
+    n = len(example.input_ids)
+    assert example.input_ids == expected["input_ids"][0].tolist() and example.input_ids.count(IMAGE_TOKEN_ID) == 2
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE]).strip() == "a cat"
+    batch = make_batch([[example]], n + 3, 2, image_slots=2)
+    assert batch.image_index is None
+    for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        np.testing.assert_array_equal(getattr(batch, name)[0], expected[name][0].numpy())
+    np.testing.assert_array_equal(batch.cross_attention_mask[0, :n], expected["cross_attention_mask"][0].numpy())
+    assert not batch.cross_attention_mask[1].any() and not batch.aspect_ratio_ids[1].any()
+    cut = example.input_ids.index(IMAGE_TOKEN_ID, example.input_ids.index(IMAGE_TOKEN_ID) + 1)  # the second image
+    truncated = Example(example.input_ids[:cut], example.labels[:cut], example.images)  # as load_examples cuts
+    short = make_batch([[truncated]], cut, image_slots=2)
+    assert short.aspect_ratio_ids[0, 1] == 0 and short.aspect_ratio_mask[0, 1].tolist() == [1, 0, 0, 0]
+    assert not short.pixel_values[0, 1].any() and not short.cross_attention_mask[0, :, 1].any()
+    np.testing.assert_array_equal(short.cross_attention_mask[0, :, 0], expected["cross_attention_mask"][0, :cut, 0])

@@ -23,26 +23,32 @@ from training.data import IGNORE, DataConfig, load_examples
 from training.images import TRAINS_IMAGES, TrainingImages
 
 BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()}}
-TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision")  # the rest are refused
+TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision", "mllama")  # the rest are refused
 ANYRES = ("llava_next", "llava_onevision")
 # Any-res rows' images by their tile count: a 1x2 grid unpadded to fewer feature rows, a 2x2 grid to fewer columns.
 ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
+# Mllama's rows: two images (grids 1x2 and 3x1, padding tiles in both) with text between, and one (2x2) in a row
+# whose second image slot is batch padding.
+MLLAMA_IMAGES = (((20, 40), (64, 30)), ((32, 32),))
 # Llama 4's row (tiles with separators, like InternVL's) is the slowest: out of CI's time.
 # OneVision's row (LLaVA-NeXT's path with a shrunk map, also checked by the fast layout test below) as well.
 TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision") else f for f in TRAINED]
 RTOL = 1e-5
 
 
-def _data(root, sizes=((32, 64), (32, 32))) -> str:
-    """Two chats, each with an image of its own size (InternVL: 3 tiles and 1) and an assistant reply."""
+def _data(root, images=(((32, 64),), ((32, 32),))) -> str:
+    """Two chats, each with images of their own sizes (InternVL: 3 tiles and 1), "what?" after each, and an
+    assistant reply."""
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
     records = []
-    for i, (size, answer) in enumerate(zip(sizes, ("a red square", "blue"))):
-        (data / f"{i}.png").write_bytes(png_bytes(rng.integers(0, 256, (*size, 3), dtype=np.uint8)))
-        user = {"role": "user", "content": [{"type": "image", "image": f"{i}.png"}, {"type": "text", "text": "what?"}]}
-        records.append({"messages": [user, {"role": "assistant", "content": answer}]})
+    for i, (sizes, answer) in enumerate(zip(images, ("a red square", "blue"))):
+        content = []
+        for j, size in enumerate(sizes):
+            (data / f"{i}_{j}.png").write_bytes(png_bytes(rng.integers(0, 256, (*size, 3), dtype=np.uint8)))
+            content += [{"type": "image", "image": f"{i}_{j}.png"}, {"type": "text", "text": "what?"}]
+        records.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]})
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     return str(data / "train.jsonl")
 
@@ -56,8 +62,9 @@ def checkpoint(tmp_path_factory):
         if family not in built:
             root = tmp_path_factory.mktemp(family)
             model = BUILDERS[family](root / "model")
-            sizes = ANYRES_SIZES.values() if family in ANYRES else ((32, 64), (32, 32))
-            built[family] = (root / "model", model, _data(root, tuple(sizes)), root)
+            images = tuple((size,) for size in ANYRES_SIZES.values()) if family in ANYRES else \
+                MLLAMA_IMAGES if family == "mllama" else (((32, 64),), ((32, 32),))
+            built[family] = (root / "model", model, _data(root, images), root)
         return built[family]
 
     return get
@@ -81,9 +88,12 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyre
         # Our targets are shifted (token t predicts label t+1); transformers shifts its labels itself.
         labels = np.concatenate([[IGNORE], np.asarray(batch.targets[r, : n - 1])])
         pixels = np.asarray(batch.pixel_values[r])  # [slots, C, H, W], or tiles [slots, N, C, H, W]
-        pixels = pixels.reshape(-1, *pixels.shape[-3:])
-        pixels = pixels[np.abs(pixels).reshape(len(pixels), -1).sum(-1) > 0]  # the image's own tiles, not padding
-        extra = {"token_type_ids": (ids == image_token_id).long()} if gemma else {}
+        if batch.cross_attention_mask is not None:
+            extra, pixels = _mllama_inputs(batch, r, ids[0].tolist(), image_token_id)
+        else:
+            pixels = pixels.reshape(-1, *pixels.shape[-3:])
+            pixels = pixels[np.abs(pixels).reshape(len(pixels), -1).sum(-1) > 0]  # the image's own tiles, not padding
+            extra = {"token_type_ids": (ids == image_token_id).long()} if gemma else {}
         if anyres:  # one image's tiles and its original size
             extra, pixels = {"image_sizes": torch.tensor([ANYRES_SIZES[len(pixels)]])}, pixels[None]
         loss = model(input_ids=ids, pixel_values=torch.tensor(pixels), labels=torch.tensor(labels[None]), **extra).loss
@@ -92,6 +102,23 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyre
         total += float(row_sum.detach())
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
     return total, float(norm)
+
+
+def _mllama_inputs(batch, r: int, ids: list[int], image_token_id: int) -> tuple[dict, np.ndarray]:
+    """transformers' Mllama inputs for row `r` alone: its own images (aspect ratio id > 0: all its tiles, padding
+    tiles too) and the processor's cross-attention mask for its ids."""
+    import torch
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                              get_cross_attention_token_mask)
+
+    own = np.asarray(batch.aspect_ratio_ids[r]) > 0
+    ratio_mask = np.asarray(batch.aspect_ratio_mask[r])[own]
+    mask = convert_sparse_cross_attention_mask_to_dense([get_cross_attention_token_mask(ids, image_token_id)],
+                                                        [ratio_mask.sum(-1).tolist()], ratio_mask.shape[-1], len(ids))
+    extra = {"aspect_ratio_ids": torch.tensor(np.asarray(batch.aspect_ratio_ids[r])[own][None], dtype=torch.long),
+             "aspect_ratio_mask": torch.tensor(ratio_mask[None], dtype=torch.long),
+             "cross_attention_mask": torch.tensor(mask)}
+    return extra, np.asarray(batch.pixel_values[r])[own][None]
 
 
 def _trainer(folder, data: str, root, max_seq_length: int = 64):
@@ -117,7 +144,11 @@ def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
     trainer = _trainer(folder, data, root, 128 if family in ANYRES else 64)  # LLaVA-NeXT's 2x2 grid: 72 rows
     assert trainer.model.config.architecture in TRAINS_IMAGES
     batch, loss, grad_norm = _step(trainer)
-    assert (batch.image_index >= 0).sum(-1).all() and batch.num_targets() > 0
+    if family == "mllama":
+        _check_mllama_batch(batch, folder, data, trainer.model.config.multimodal.image_token_id)
+    else:
+        assert (batch.image_index >= 0).sum(-1).all()
+    assert batch.num_targets() > 0
     if family == "internvl":  # one image of 3 tiles, one of 1 padded to 3
         assert batch.pixel_values.shape[:3] == (2, 1, 3)
     if family in ANYRES:  # grids of 1x2 and 2x2 tiles (and the base view): 3 padded to 5, rows of either length
@@ -129,6 +160,70 @@ def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
           f"grad norm {grad_norm:.6f} vs {hf_norm:.6f} (rel {abs(grad_norm - hf_norm) / hf_norm:.2e})")
     np.testing.assert_allclose(loss, hf_loss, rtol=RTOL)
     np.testing.assert_allclose(grad_norm, hf_norm, rtol=1e-4)
+
+
+def _check_mllama_batch(batch, folder, data: str, image_token_id: int) -> None:
+    """Each slot holds transformers' processor output for its image (every tile, its aspect ratio id and mask), the
+    padding slot is padded as the processor pads a batch, and the tokens before a row's first `<|image|>` see no
+    tile."""
+    from PIL import Image
+
+    from serving.multimodal.images import load_image_processor
+
+    processor = load_image_processor(folder)
+    expected = {}  # image file -> (tiles, aspect ratio id, aspect ratio mask)
+    for path in Path(data).parent.glob("*.png"):
+        out = processor(images=[Image.open(path).convert("RGB")], return_tensors="np")
+        expected[path.stem] = [np.asarray(out[k])[0, 0] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")]
+    for r in range(batch.input_ids.shape[0]):
+        two = batch.aspect_ratio_ids[r, 1] != 0  # the row of the first chat (two images) or of the second
+        for s, name in enumerate(("0_0", "0_1") if two else ("1_0",)):
+            tiles, ratio, ratio_mask = expected[name]
+            assert np.array_equal(batch.pixel_values[r, s], tiles) and batch.aspect_ratio_ids[r, s] == ratio
+            assert np.array_equal(batch.aspect_ratio_mask[r, s], ratio_mask)
+        if not two:
+            assert not batch.pixel_values[r, 1].any() and batch.aspect_ratio_mask[r, 1].tolist() == [1, 0, 0, 0]
+        first = int(np.flatnonzero(batch.input_ids[r] == image_token_id)[0])
+        assert first > 0 and not batch.cross_attention_mask[r, :first].any() and batch.cross_attention_mask[r, first].any()
+
+
+def test_mllama_lora_adapter_loads_in_peft(checkpoint, tmp_path):
+    """All-linear LoRA on Mllama's image chats adapts the language model's self- and cross-attention and MLPs, not
+    the vision side; the adapter it exports, loaded by transformers + PEFT, gives our trained model's logits."""
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import MllamaForConditionalGeneration
+
+    from tests.tiny_models import assert_logits_close, hf_logits
+    from tests.vlm_models import vision_forward
+    from training.trainer import Trainer
+
+    folder, _, data, _ = checkpoint("mllama")
+    config = TrainConfig(model_name_or_path=str(folder), training_data_path=data, output_dir=str(tmp_path),
+                         max_seq_length=64, peft_method="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                         target_modules="all-linear", per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                         torch_dtype="float32", progress_bar=False, seed=0)
+    trainer = Trainer(config)
+    trainer.train()
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in load_file(tmp_path / "adapter_model.safetensors")}
+    layers = "model.language_model.layers"
+    assert {f"{layers}.1.cross_attn.{p}_proj" for p in "qkvo"} | {f"{layers}.{i}.self_attn.q_proj" for i in (0, 2)} <= modules
+    assert not any("vision_model" in m or "multi_modal_projector" in m or m.endswith("lm_head") for m in modules)
+    batch = trainer.micro_batch(0)
+    r = int(np.flatnonzero(batch.aspect_ratio_ids[:, 1])[0])  # the row with two images and text between
+    n = int((batch.segment_ids[r] != 0).sum())
+    ids = np.asarray(batch.input_ids[r : r + 1, :n])
+    images = {k: np.asarray(getattr(batch, k)[r : r + 1]) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+    ours = vision_forward(trainer.trained_model(), ids, **images,
+                          cross_attention_mask=np.asarray(batch.cross_attention_mask[r : r + 1, :n]))
+    peft = PeftModel.from_pretrained(MllamaForConditionalGeneration.from_pretrained(folder), tmp_path).eval()
+    extra, pixels = _mllama_inputs(batch, r, ids[0].tolist(), trainer.model.config.multimodal.image_token_id)
+    expected = hf_logits(peft, ids, pixel_values=torch.tensor(pixels), **extra)
+    base = hf_logits(MllamaForConditionalGeneration.from_pretrained(folder).eval(), ids,
+                     pixel_values=torch.tensor(pixels), **extra)
+    assert np.abs(expected - base).max() > 1e-3  # the adapter changes the logits
+    assert_logits_close(ours, expected)
 
 
 def test_gemma3_row_sees_dropped_image_spans(checkpoint, monkeypatch):
