@@ -245,13 +245,17 @@ def paged_attention(
     keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tokens, max_kv, head_dim)
     values = page_value_rows(keys, v_cache, pages, q.dtype, value_dim)
 
-    qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim)
-    logits = jnp.einsum("tkgd,ktsd->tkgs", qg, keys, preferred_element_type=jnp.float32) * scale
+    # Both products batch over (kv head, token), the gathered pages' own order, and take the keys as the left
+    # operand: XLA:CPU then reads the gathered pages as they are, where token-major products copied and
+    # transposed every token's keys and values (a quarter of a 16-sequence decode step's attention on 2 cores);
+    # only the small q, logits and outputs move.
+    qg = q.reshape(num_tokens, num_kv_heads, groups, head_dim).transpose(1, 0, 3, 2)  # [K, T, D, G]
+    logits = jnp.einsum("ktsd,ktdg->ktsg", keys, qg, preferred_element_type=jnp.float32).transpose(1, 0, 3, 2) * scale
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
                               alibi_slopes=alibi_slopes, chunk_size=chunk_size, position_bias=position_bias,
                               visible_until=token_visible_until(meta, seq)).astype(values.dtype)
-    out = jnp.einsum("tkgs,ktsd->tkgd", probs, values, preferred_element_type=jnp.float32)
-    out = jnp.where(valid[:, None, None, None], out, 0.0)
+    out = jnp.einsum("ktgs,ktsd->ktgd", probs.transpose(1, 0, 2, 3), values, preferred_element_type=jnp.float32)
+    out = jnp.where(valid[None, :, None, None], out, 0.0).transpose(1, 0, 2, 3)
     return out.reshape(num_tokens, num_heads, values.shape[-1]).astype(q.dtype)
 
 

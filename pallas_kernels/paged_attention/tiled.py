@@ -88,20 +88,39 @@ def paged_attention(
         return reference.paged_attention(q, k_cache, v_cache, meta, **options)
     seq, token, positions, valid = tile_layout(meta, num_tokens, rows)
     num_tiles = seq.shape[0]
+    # Each token's row in the tiles, and q laid out in them by a scatter: as a gather (tile row -> token), XLA:CPU
+    # fuses q's producers (RoPE's cos and sin) and the tile index arithmetic into it and recomputes them for every
+    # gathered element, half of a 1024-token prefill on 2 cores.
+    slots = token_slots(meta, num_tokens, rows, num_tiles)
+    q_tiles = jnp.zeros((num_tiles * rows, num_heads, head_dim), q.dtype).at[slots].set(q, mode="drop",
+                                                                                        unique_indices=True)
+    q_tiles = q_tiles.reshape(num_tiles, rows, num_heads, head_dim)
     block = tiles_per_block(num_tiles, per_tile)
-    attend = partial(_attend_tiles, q, k_cache, v_cache, meta, **options)
+    attend = partial(_attend_tiles, k_cache, v_cache, meta, **options)
     if block == num_tiles:
-        out = attend((seq, token, positions, valid))
+        out = attend((q_tiles, seq, token, positions, valid))
     else:  # blocks of tiles one after another: the gathered pages never exceed GATHER_BYTES
         blocks = -(-num_tiles // block)
         pad = blocks * block - num_tiles
-        padded = (jnp.pad(seq, (0, pad)), jnp.pad(token, ((0, pad), (0, 0)), constant_values=num_tokens),
+        padded = (jnp.pad(q_tiles, ((0, pad), (0, 0), (0, 0), (0, 0))), jnp.pad(seq, (0, pad)),
+                  jnp.pad(token, ((0, pad), (0, 0)), constant_values=num_tokens),
                   jnp.pad(positions, ((0, pad), (0, 0))), jnp.pad(valid, ((0, pad), (0, 0))))
         out = jax.lax.map(attend, jax.tree.map(lambda a: a.reshape(blocks, block, *a.shape[1:]), padded))
-        token = padded[1]
-    out = out.reshape(-1, num_heads, out.shape[-1])
-    # Every real token sits in exactly one tile row; padding rows point past the end and drop.
-    return jnp.zeros((num_tokens, *out.shape[1:]), q.dtype).at[token.reshape(-1)].set(out, mode="drop")
+    out = out.reshape(-1, num_heads, out.shape[-1])[: num_tiles * rows]
+    # Every real token sits in exactly one tile row; padding tokens (slot past the tiles) read zeros.
+    return out.at[slots].get(mode="fill", fill_value=0)
+
+
+def token_slots(meta: PagedMetadata, num_tokens: int, rows: int, num_tiles: int) -> jax.Array:
+    """Per token `[T]`: its row in the flat tiles `[N * Q]` (`tile_layout`'s order), N * Q for padding."""
+    seq, _, valid = reference.token_layout(meta, num_tokens)
+    num_seqs = meta.kv_lens.shape[0]
+    q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+    q_lens = jnp.where(jnp.arange(num_seqs) < meta.num_seqs, q_lens, 0)
+    tiles = (q_lens + rows - 1) // rows
+    first_tile = jnp.cumsum(tiles) - tiles
+    offset = jnp.arange(num_tokens, dtype=jnp.int32) - meta.cu_q_lens[seq]
+    return jnp.where(valid, first_tile[seq] * rows + offset, num_tiles * rows).astype(jnp.int32)
 
 
 def tile_bytes(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_kv: int, dtype: jnp.dtype) -> int:
@@ -117,23 +136,22 @@ def tiles_per_block(num_tiles: int, per_tile: int) -> int:
     return min(num_tiles, 1 << (fit.bit_length() - 1))
 
 
-def _attend_tiles(q, k_cache, v_cache, meta, layout, *, scale, sliding_window, softcap, sinks, alibi_slopes,
+def _attend_tiles(k_cache, v_cache, meta, layout, *, scale, sliding_window, softcap, sinks, alibi_slopes,
                   chunk_size, value_dim) -> jax.Array:
     """Outputs `[n, Q, H, D]` (`D` = `value_dim` over latent pages) of the tiles in `layout` (each tile's
-    sequence, token rows, positions, realness)."""
-    seq, token, positions, valid = layout
-    num_tiles, rows = token.shape
-    num_heads, head_dim = q.shape[1:]
+    queries `[n, Q, H, D]`, sequence, token rows, positions, realness)."""
+    q_tiles, seq, token, positions, valid = layout
+    num_tiles, rows, num_heads, head_dim = q_tiles.shape
     num_kv_heads = page_values(k_cache).shape[0]
     groups = num_heads // num_kv_heads
     pages = meta.page_tables[seq]  # [n, M]
-    keys = gather_pages(k_cache, pages, q.dtype).reshape(num_kv_heads, num_tiles, -1, head_dim)
-    values = page_value_rows(keys, v_cache, pages, q.dtype, value_dim)
-    qg = q.at[token].get(mode="fill", fill_value=0).reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
+    keys = gather_pages(k_cache, pages, q_tiles.dtype).reshape(num_kv_heads, num_tiles, -1, head_dim)
+    values = page_value_rows(keys, v_cache, pages, q_tiles.dtype, value_dim)
+    qg = q_tiles.reshape(num_tiles, rows, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("nqkgd,knsd->nqkgs", qg, keys, preferred_element_type=jnp.float32) * scale
     visible_until = token_visible_until(meta, seq[:, None], token)
     probs = attention_weights(logits, positions, valid, sliding_window=sliding_window, softcap=softcap, sinks=sinks,
                               alibi_slopes=alibi_slopes, chunk_size=chunk_size,
                               visible_until=visible_until).astype(values.dtype)
     out = jnp.einsum("nqkgs,knsd->nqkgd", probs, values, preferred_element_type=jnp.float32)
-    return out.reshape(num_tiles, rows, num_heads, values.shape[-1]).astype(q.dtype)
+    return out.reshape(num_tiles, rows, num_heads, values.shape[-1]).astype(q_tiles.dtype)
