@@ -138,7 +138,7 @@ def _matches(path: str, hf_module: str, targets: list[str] | str) -> bool:
 
 # Modules of a vision-language model outside its language model: only a regex target reaches them
 # (names such as "q_proj" or "all-linear" adapt the language model, the vision side stays frozen).
-VISION_MODULES = ("vision_tower.", "multi_modal_projector.")
+VISION_MODULES = ("vision_tower.", "multi_modal_projector.", "visual.")  # Qwen-VL's tower and merger: `visual.`
 
 
 def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list[tuple[str, Linear]]]:

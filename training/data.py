@@ -24,8 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 from flax import struct
+
+from model_lib.vision.mrope import ImageSpan, mrope_positions
+from model_lib.vision.qwen_vit import VisionLayout, pad_layout
 
 from serving.multimodal.chat import split_images
 from training.images import ExampleImage, TrainingImages
@@ -232,6 +236,11 @@ class Batch:
     # Any-res tiles: each slot's `ExampleImage.layout` (its F rows from the encoded tiles), padded to the batch's most.
     image_sources: np.ndarray | None = None  # [rows, slots, F, TAPS] int32
     image_weights: np.ndarray | None = None  # [rows, slots, F, TAPS] float32
+    # Grid-sized images (Qwen-VL): pixel_values are patch rows [rows, slots, N, C*Tp*P*P] padded to the batch's most
+    # patches, each slot's tower layout padded alike (`qwen_vit.pad_layout`; arrays [rows, slots, ...]), and each
+    # row's M-RoPE positions as transformers' `get_rope_index` gives them.
+    vision_layout: VisionLayout | None = None
+    rope_positions: np.ndarray | None = None  # [rows, 3, L] int32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
 
@@ -290,7 +299,11 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
-    if any(image.pixel_values.shape != pixel_shape for image in images):
+    grids = first.vision_layout is not None
+    if grids:  # patch rows [N, D]: every slot padded to the batch's most patches (and merge units)
+        pixel_shape = (max(len(image.pixel_values) for image in images), pixel_shape[1])
+        per_slot = max(len(image.vision_layout.restore) for image in images)
+    elif any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
         if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
             raise DataError(f"images of different shapes {sorted({i.pixel_values.shape for i in images})} "
@@ -311,7 +324,33 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
             index[r, image.offset : end] = run[: end - image.offset]
     taps = None if first.layout is None else first.layout[0].shape[1]
     layouts = {} if taps is None else _batch_layouts(rows, (shape[0], slots, per_slot, taps))
+    if grids:
+        layouts = _batch_grids(rows, shape, slots, pixel_shape[0], per_slot)
     return {"pixel_values": pixels, "image_index": index, **layouts}
+
+
+def _batch_grids(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int, patches: int,
+                 units: int) -> dict[str, Any]:
+    """Grid-sized images' tower layouts padded to `patches` rows (empty slots: all padding), stacked
+    `[rows, slots, ...]`, and each row's M-RoPE positions `[rows, 3, L]` (padding tokens: any, they are masked)."""
+    first = next(image for row in rows for example in row for image in example.images)
+    empty = jax.tree.map(lambda x: x[:0], first.vision_layout)
+    layouts = [[empty] * slots for _ in range(shape[0])]
+    positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), (shape[0], 3, shape[1])).copy()
+    for r, row in enumerate(rows):
+        example = row[0] if row else None
+        if example is None or not example.images:
+            continue
+        for s, image in enumerate(example.images):
+            layouts[r][s] = image.vision_layout
+        # Over the whole example (truncation may have cut an image's run), then cut like its tokens.
+        spans = [ImageSpan(image.offset, image.merged_grid) for image in example.images]
+        n = min(len(example.input_ids), shape[1])
+        length = max(len(example.input_ids), *(span.offset + span.length for span in spans))
+        positions[r, :, :n] = mrope_positions(length, spans).prompt[:, :n]
+    padded = [pad_layout(layout, patches, units) for row in layouts for layout in row]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs).reshape(shape[0], slots, *xs[0].shape), *padded)
+    return {"vision_layout": stacked, "rope_positions": positions}
 
 
 def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:

@@ -11,31 +11,35 @@ refused by name, since their batches would need inputs the trainer does not buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from model_lib.vision.qwen_vit import VisionLayout, vision_layout
+from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.multimodal.images import load_image_processor
 from serving.multimodal.inputs import MAX_IMAGES_PER_PROMPT, ImageInputs
 from serving.multimodal.media import MediaFetcher
+from serving.multimodal.qwen_vl import QwenImageInputs
 
 IGNORE = -100
 
+# Grid-sized images (Qwen-VL): each image's patch rows and tower layout padded to the batch's most patches (padding
+# rows attend only among themselves), and each row's M-RoPE positions computed on the host (`data._batch_grids`).
+GRID_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
 # most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
 # arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
 # checked against transformers' in tests/training/test_vlm_parity.py.
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
                  "Llama4ForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                 "LlavaOnevisionForConditionalGeneration")
+                 "LlavaOnevisionForConditionalGeneration", *GRID_FAMILIES)
 # Why the other served families cannot train on images yet; text-only data trains.
 _NEEDS = {
     "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
     "MllamaForConditionalGeneration": "cross-attention inputs (aspect ratio ids and mask, a cross-attention mask)",
-    "Qwen2VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
-    "Qwen2_5_VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
     "Qwen3VLForConditionalGeneration": "grid-sized images, M-RoPE positions and DeepStack rows",
     "Qwen3VLMoeForConditionalGeneration": "grid-sized images, M-RoPE positions and DeepStack rows",
     "Glm4vForConditionalGeneration": "grid-sized images and M-RoPE positions",
@@ -61,6 +65,10 @@ class ExampleImage:
     # Any-res tiles (LLaVA-NeXT, OneVision): how the encoded tiles and image_newline make the run's rows
     # (`model_lib/vision/anyres.py` pack_layout: sources and weights, [rows, TAPS] each).
     layout: tuple[np.ndarray, np.ndarray] | None = None
+    # Grid-sized images (Qwen-VL): pixel_values are the processor's patch rows [N, C*Tp*P*P]; the tower's host
+    # layout of them, and the merged grid (t, h, w) of the run, which places it in the row's M-RoPE positions.
+    vision_layout: VisionLayout | None = None
+    merged_grid: tuple[int, int, int] | None = None
 
     @property
     def feature_rows(self) -> int:
@@ -77,7 +85,8 @@ class TrainingImages:
             from transformers import AutoTokenizer
 
             mm = mm.with_tokenizer(AutoTokenizer.from_pretrained(checkpoint, local_files_only=True))
-        self.inputs = ImageInputs(mm, load_image_processor(checkpoint), MAX_IMAGES_PER_PROMPT)
+        inputs_class = QwenImageInputs if isinstance(mm, QwenVLConfig) else ImageInputs  # as serving's
+        self.inputs = inputs_class(mm, load_image_processor(checkpoint), MAX_IMAGES_PER_PROMPT)
         self.folder = Path(data_folder).resolve()
         self.media = MediaFetcher(self.folder)
 
@@ -102,5 +111,16 @@ class TrainingImages:
         new_labels = [IGNORE if run else next(text_labels) for run in inside]
         layout = getattr(self.inputs.config, "layout", None)
         return expanded, new_labels, [
-            ExampleImage(i.offset, i.length, i.pixel_values, i.rows,
-                         None if layout is None else layout(i.pixel_values, i.image_size)) for i in items]
+            replace(ExampleImage(i.offset, i.length, i.pixel_values, i.rows,
+                                 None if layout is None else layout(i.pixel_values, i.image_size)),
+                    **grid_image(self.inputs.config, i.pixel_values)) for i in items]
+
+
+def grid_image(config: Any, pixels: np.ndarray) -> dict[str, Any]:
+    """A Qwen-VL image's `ExampleImage` fields from its patch rows by grid `[t, h, w, C*Tp*P*P]` (none for the
+    other families)."""
+    if not isinstance(config, QwenVLConfig):
+        return {}
+    grid = tuple(int(x) for x in pixels.shape[:3])
+    return dict(pixel_values=pixels.reshape(-1, pixels.shape[-1]), vision_layout=vision_layout(config.vision, grid),
+                merged_grid=config.merged_grid(grid))

@@ -251,7 +251,7 @@ def test_mrope_cos_sin_equal_transformers(config_class, interleaved):
 def test_image_fine_tuning_is_refused_clearly(qwen_vl, tmp_path):
     from training.images import TrainingImages
 
-    folder, _ = qwen_vl(ARCHITECTURES[0])
+    folder, _ = qwen_vl(GLM4V)
     images = TrainingImages(folder, model_lib.load_config(folder)[0], tmp_path)
     with pytest.raises(ValueError, match="on image data is not supported yet .*M-RoPE positions"):
         images.expand([1, IMAGE_TOKEN_ID], [1, 1], [random_image(0)])
