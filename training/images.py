@@ -26,9 +26,11 @@ from serving.multimodal.qwen_vl import QwenImageInputs
 
 IGNORE = -100
 
-# Grid-sized images (Qwen-VL): each image's patch rows and tower layout padded to the batch's most patches (padding
+# Grid-sized images (Qwen2/2.5/3-VL, GLM-4.1V; Qwen3-VL's DeepStack sets ride beside each feature row): each image's
+# patch rows and tower layout padded to the batch's most patches (padding
 # rows attend only among themselves), and each row's M-RoPE positions computed on the host (`data._batch_grids`).
-GRID_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+GRID_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Glm4vForConditionalGeneration",
+                 "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
 # most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
 # arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
@@ -40,9 +42,6 @@ TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneratio
 _NEEDS = {
     "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
     "MllamaForConditionalGeneration": "cross-attention inputs (aspect ratio ids and mask, a cross-attention mask)",
-    "Qwen3VLForConditionalGeneration": "grid-sized images, M-RoPE positions and DeepStack rows",
-    "Qwen3VLMoeForConditionalGeneration": "grid-sized images, M-RoPE positions and DeepStack rows",
-    "Glm4vForConditionalGeneration": "grid-sized images and M-RoPE positions",
 }
 
 

@@ -204,7 +204,8 @@ def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> Visio
 def pad_layout(layout: VisionLayout, patches: int, units: int) -> VisionLayout:
     """`layout` of an image padded to `patches` rows (`units` merge units) for batched training: the padding
     rows read the patch rows past the image's (zeros), attend only among themselves (segment -1, so the
-    image's rows come out unchanged) and come out as the last units."""
+    image's rows come out unchanged) and come out as the last units. Their positions are 0, so GLM-4.1V's
+    grid (the largest row and column + 1) stays the image's; their position-table weights are 0."""
     n, u = len(layout.order), len(layout.restore)
     if patches < n or units < u or patches * u != units * n:
         raise ValueError(f"cannot pad an image of {n} patches ({u} units) to {patches} ({units})")

@@ -25,7 +25,9 @@ from training.data import IGNORE, DataConfig, load_examples
 from training.images import TRAINS_IMAGES, TrainingImages
 
 # Qwen-VL rows by their architecture (tests/qwen_vl_models.py).
-GRIDS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+GRIDS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+         "glm4v": "Glm4vForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()},
             **{name: partial(build_qwen_vl, architecture=arch) for name, arch in GRIDS.items()}}
 TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision", *GRIDS)  # the rest are refused
@@ -36,7 +38,9 @@ ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
 GRID_SIZES = ((24, 56), (40, 48))
 # Llama 4's row (tiles with separators, like InternVL's) is the slowest: out of CI's time.
 # OneVision's row (LLaVA-NeXT's path with a shrunk map, also checked by the fast layout test below) as well.
-TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision") else f for f in TRAINED]
+# Qwen3-VL-MoE's row (Qwen3-VL's path with a MoE decoder) too.
+TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision", "qwen3_vl_moe") else f
+                for f in TRAINED]
 RTOL = 1e-5
 
 
