@@ -30,7 +30,6 @@ from flax import struct
 
 from model_lib.vision.mrope import ImageSpan, mrope_positions
 from model_lib.vision.qwen_vit import VisionLayout, pad_layout
-
 from serving.multimodal.chat import split_images
 from training.images import ExampleImage, TrainingImages
 
@@ -267,11 +266,13 @@ def pack_rows(examples: Sequence[Example], max_seq_length: int, packing: bool) -
 
 
 def make_batch(
-    rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0
+    rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0,
+    image_patches: int = 0,
 ) -> Batch:
     """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape.
 
-    `image_slots` > 0: the batch carries images, that many per row (rows of one example each).
+    `image_slots` > 0: the batch carries images, that many per row (rows of one example each); grid-sized images
+    pad to at least `image_patches` patch rows (`grid_patches`: one shape for every batch of a run).
     Encoder-decoder examples make `training.seq2seq_data.seq2seq_batch`es."""
     if any(row and row[0].decoder_ids is not None for row in rows):
         from training.seq2seq_data import seq2seq_batch
@@ -292,17 +293,19 @@ def make_batch(
             at += n
     if not image_slots:
         return Batch(input_ids, segment_ids, targets)
-    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots))
+    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots, image_patches))
 
 
-def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> dict[str, np.ndarray]:
+def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int,
+                  patches: int = 0) -> dict[str, np.ndarray]:
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
     grids = first.vision_layout is not None
-    if grids:  # patch rows [N, D]: every slot padded to the batch's most patches (and merge units)
-        pixel_shape = (max(len(image.pixel_values) for image in images), pixel_shape[1])
-        per_slot = max(len(image.vision_layout.restore) for image in images)
+    if grids:  # patch rows [N, D]: every slot padded to the most patches (at least `patches`), and merge units
+        ratio = len(first.pixel_values) // len(first.vision_layout.restore)  # patches per merge unit
+        most = max(patches, *(len(image.pixel_values) for image in images))
+        pixel_shape, per_slot = (most, pixel_shape[1]), most // ratio
     elif any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
         if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
@@ -370,6 +373,13 @@ def image_slots(examples: Sequence[Example], packing: bool) -> int:
     return slots
 
 
+def grid_patches(examples: Sequence[Example]) -> int:
+    """The most patch rows of any grid-sized image (Qwen-VL) of `examples` (0 without one): every batch pads its
+    images to it, so that micro-batches stack and the step compiles once."""
+    return max((len(image.pixel_values) for e in examples for image in e.images if image.vision_layout is not None),
+               default=0)
+
+
 def epoch_batches(
     examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int,
     images_per_row: int = 0,
@@ -377,7 +387,8 @@ def epoch_batches(
     """One epoch in a deterministic shuffled order (same seed and epoch -> same batches)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     rows = pack_rows([examples[i] for i in order], max_seq_length, packing)
+    patches = grid_patches(examples)
     return [
-        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row)
+        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row, patches)
         for i in range(0, len(rows), rows_per_batch)
     ]

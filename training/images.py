@@ -26,9 +26,9 @@ from serving.multimodal.qwen_vl import QwenImageInputs
 
 IGNORE = -100
 
-# Grid-sized images (Qwen2/2.5/3-VL, GLM-4.1V; Qwen3-VL's DeepStack sets ride beside each feature row): each image's
-# patch rows and tower layout padded to the batch's most patches (padding
-# rows attend only among themselves), and each row's M-RoPE positions computed on the host (`data._batch_grids`).
+# Grid-sized images (Qwen2/2.5/3-VL, GLM-4.1V): each image's patch rows and tower layout padded to the batch's most
+# patches (padding rows attend only among themselves), each row's M-RoPE positions computed on the host
+# (`data._batch_grids`); Qwen3-VL's DeepStack sets ride beside each feature row.
 GRID_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Glm4vForConditionalGeneration",
                  "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's

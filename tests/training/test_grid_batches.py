@@ -11,7 +11,7 @@ from flax import nnx
 from model_lib.vision.glm4v_vit import GlmVisionConfig, GlmVisionTower
 from model_lib.vision.mrope import ImageSpan, mrope_positions
 from model_lib.vision.qwen_vit import QwenVisionConfig, QwenVisionTower, pad_layout, vision_layout
-from training.data import Example, make_batch
+from training.data import Example, epoch_batches, make_batch
 from training.images import ExampleImage
 
 SMALL = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=4,
@@ -65,3 +65,13 @@ def test_batch_carries_padded_layouts_and_each_rows_positions():
     # Image rows: slot (row, s) takes feature rows from (row * 2 + s) * 16.
     assert list(batch.image_index[0, 3:15]) == list(range(12)) and batch.image_index[0, 20] == 16
     assert list(batch.image_index[2, 4:12]) == list(range(64, 72))
+
+
+def test_every_batch_of_a_run_pads_to_its_most_patches():
+    """Batches of one image each (48 and 64 patch rows) share one shape: micro-batches stack, the step compiles once."""
+    examples = [Example(list(range(20)), [1] * 20, [_image(3, (1, 4, 12))]),
+                Example(list(range(30)), [1] * 30, [_image(2, (1, 8, 8))])]
+    batches = epoch_batches(examples, rows_per_batch=1, max_seq_length=32, packing=False, seed=0, epoch=0,
+                            images_per_row=1)
+    assert {b.pixel_values.shape[:3] for b in batches} == {(1, 1, 64)}
+    assert {b.vision_layout.restore.shape for b in batches} == {(1, 1, 16)}
