@@ -138,8 +138,9 @@ def _matches(path: str, hf_module: str, targets: list[str] | str) -> bool:
 
 # Modules of a vision-language model outside its language model: only a regex target reaches them
 # (names such as "q_proj" or "all-linear" adapt the language model, the vision side stays frozen). Llama 4 and
-# Mllama name their tower `vision_model`; Mllama's projector is one linear layer.
-VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector")
+# Mllama name their tower `vision_model`; Mllama's projector is one linear layer; Qwen-VL's tower and merger are
+# `visual`.
+VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector", "visual")
 
 
 def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list[tuple[str, Linear]]]:

@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 from flax import struct
 
+from model_lib.vision.mrope import ImageSpan, mrope_positions
+from model_lib.vision.qwen_vit import VisionLayout, pad_layout
 from serving.multimodal.chat import split_images
 from training.images import ExampleImage, TrainingImages
 
@@ -238,6 +241,11 @@ class Batch:
     aspect_ratio_ids: np.ndarray | None = None  # [rows, slots] int32
     aspect_ratio_mask: np.ndarray | None = None  # [rows, slots, T] int32
     cross_attention_mask: np.ndarray | None = None  # [rows, L, slots, T] int32
+    # Grid-sized images (Qwen-VL): pixel_values are patch rows [rows, slots, N, C*Tp*P*P] padded to the batch's most
+    # patches, each slot's tower layout padded alike (`qwen_vit.pad_layout`; arrays [rows, slots, ...]), and each
+    # row's M-RoPE positions as transformers' `get_rope_index` gives them.
+    vision_layout: VisionLayout | None = None
+    rope_positions: np.ndarray | None = None  # [rows, 3, L] int32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
 
@@ -264,11 +272,13 @@ def pack_rows(examples: Sequence[Example], max_seq_length: int, packing: bool) -
 
 
 def make_batch(
-    rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0
+    rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0,
+    image_patches: int = 0,
 ) -> Batch:
     """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape.
 
-    `image_slots` > 0: the batch carries images, that many per row (rows of one example each).
+    `image_slots` > 0: the batch carries images, that many per row (rows of one example each); grid-sized images
+    pad to at least `image_patches` patch rows (`grid_patches`: one shape for every batch of a run).
     Encoder-decoder examples make `training.seq2seq_data.seq2seq_batch`es."""
     if any(row and row[0].decoder_ids is not None for row in rows):
         from training.seq2seq_data import seq2seq_batch
@@ -289,16 +299,22 @@ def make_batch(
             at += n
     if not image_slots:
         return Batch(input_ids, segment_ids, targets)
-    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots))
+    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots, image_patches))
 
 
-def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> dict[str, np.ndarray]:
+def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int,
+                  patches: int = 0) -> dict[str, np.ndarray]:
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     if first.aspect_ratio_id is not None:
         return _batch_cross_images(rows, shape, slots, first.pixel_values.shape)
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
-    if any(image.pixel_values.shape != pixel_shape for image in images):
+    grids = first.vision_layout is not None
+    if grids:  # patch rows [N, D]: every slot padded to the most patches (at least `patches`), and merge units
+        ratio = len(first.pixel_values) // len(first.vision_layout.restore)  # patches per merge unit
+        most = max(patches, *(len(image.pixel_values) for image in images))
+        pixel_shape, per_slot = (most, pixel_shape[1]), most // ratio
+    elif any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
         if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
             raise DataError(f"images of different shapes {sorted({i.pixel_values.shape for i in images})} "
@@ -319,6 +335,8 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
             index[r, image.offset : end] = run[: end - image.offset]
     taps = None if first.layout is None else first.layout[0].shape[1]
     layouts = {} if taps is None else _batch_layouts(rows, (shape[0], slots, per_slot, taps))
+    if grids:
+        layouts = _batch_grids(rows, shape, slots, pixel_shape[0], per_slot)
     return {"pixel_values": pixels, "image_index": index, **layouts}
 
 
@@ -351,6 +369,30 @@ def _batch_cross_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int
             "cross_attention_mask": cross}
 
 
+def _batch_grids(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int, patches: int,
+                 units: int) -> dict[str, Any]:
+    """Grid-sized images' tower layouts padded to `patches` rows (empty slots: all padding), stacked
+    `[rows, slots, ...]`, and each row's M-RoPE positions `[rows, 3, L]` (padding tokens: any, they are masked)."""
+    first = next(image for row in rows for example in row for image in example.images)
+    empty = jax.tree.map(lambda x: x[:0], first.vision_layout)
+    layouts = [[empty] * slots for _ in range(shape[0])]
+    positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), (shape[0], 3, shape[1])).copy()
+    for r, row in enumerate(rows):
+        example = row[0] if row else None
+        if example is None or not example.images:
+            continue
+        for s, image in enumerate(example.images):
+            layouts[r][s] = image.vision_layout
+        # Over the whole example (truncation may have cut an image's run), then cut like its tokens.
+        spans = [ImageSpan(image.offset, image.merged_grid) for image in example.images]
+        n = min(len(example.input_ids), shape[1])
+        length = max(len(example.input_ids), *(span.offset + span.length for span in spans))
+        positions[r, :, :n] = mrope_positions(length, spans).prompt[:, :n]
+    padded = [pad_layout(layout, patches, units) for row in layouts for layout in row]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs).reshape(shape[0], slots, *xs[0].shape), *padded)
+    return {"vision_layout": stacked, "rope_positions": positions}
+
+
 def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
     """Each slot's any-res layout in `shape` [rows, slots, F, TAPS], padded (zero weights: rows no token takes)."""
     sources, weights = np.zeros(shape, np.int32), np.zeros(shape, np.float32)
@@ -368,6 +410,13 @@ def image_slots(examples: Sequence[Example], packing: bool) -> int:
     return slots
 
 
+def grid_patches(examples: Sequence[Example]) -> int:
+    """The most patch rows of any grid-sized image (Qwen-VL) of `examples` (0 without one): every batch pads its
+    images to it, so that micro-batches stack and the step compiles once."""
+    return max((len(image.pixel_values) for e in examples for image in e.images if image.vision_layout is not None),
+               default=0)
+
+
 def epoch_batches(
     examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int,
     images_per_row: int = 0,
@@ -375,7 +424,8 @@ def epoch_batches(
     """One epoch in a deterministic shuffled order (same seed and epoch -> same batches)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     rows = pack_rows([examples[i] for i in order], max_seq_length, packing)
+    patches = grid_patches(examples)
     return [
-        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row)
+        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row, patches)
         for i in range(0, len(rows), rows_per_batch)
     ]

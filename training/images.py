@@ -12,13 +12,15 @@ refused by name, since their batches would need inputs the trainer does not buil
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from model_lib.vision.mllama import MllamaConfig
+from model_lib.vision.qwen_vit import VisionLayout, vision_layout
+from model_lib.vision.qwen_vl import QwenVLConfig
 from serving.multimodal.images import load_image_processor
 from serving.multimodal.inputs import MAX_IMAGES_PER_PROMPT, ImageItem
 from serving.multimodal.media import MediaFetcher
@@ -27,6 +29,11 @@ from serving.multimodal.prompts import inputs_class
 
 IGNORE = -100
 
+# Grid-sized images (Qwen2/2.5/3-VL, GLM-4.1V): each image's patch rows and tower layout padded to the batch's most
+# patches (padding rows attend only among themselves), each row's M-RoPE positions computed on the host
+# (`data._batch_grids`); Qwen3-VL's DeepStack sets ride beside each feature row.
+GRID_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Glm4vForConditionalGeneration",
+                 "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
 # most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
 # arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
@@ -34,15 +41,10 @@ IGNORE = -100
 # every tile and its aspect ratio, and each token the tiles it sees (`training.data.Batch`).
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
                  "Llama4ForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                 "LlavaOnevisionForConditionalGeneration", "MllamaForConditionalGeneration")
+                 "LlavaOnevisionForConditionalGeneration", "MllamaForConditionalGeneration", *GRID_FAMILIES)
 # Why the other served families cannot train on images yet; text-only data trains.
 _NEEDS = {
     "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
-    "Qwen2VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
-    "Qwen2_5_VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
-    "Qwen3VLForConditionalGeneration": "grid-sized images, M-RoPE positions and DeepStack rows",
-    "Qwen3VLMoeForConditionalGeneration": "grid-sized images, M-RoPE positions and DeepStack rows",
-    "Glm4vForConditionalGeneration": "grid-sized images and M-RoPE positions",
 }
 
 
@@ -69,6 +71,10 @@ class ExampleImage:
     # first of `pixel_values`' [max_num_tiles, C, H, W]; None for the families whose tokens take feature rows.
     aspect_ratio_id: int | None = None
     tiles: int = 0
+    # Grid-sized images (Qwen-VL): pixel_values are the processor's patch rows [N, C*Tp*P*P]; the tower's host
+    # layout of them, and the merged grid (t, h, w) of the run, which places it in the row's M-RoPE positions.
+    vision_layout: VisionLayout | None = None
+    merged_grid: tuple[int, int, int] | None = None
 
     @property
     def feature_rows(self) -> int:
@@ -116,5 +122,16 @@ class TrainingImages:
             pixels, ratio, mask = padded_tiles(mm, item.pixel_values)
             return ExampleImage(item.offset, item.length, pixels, aspect_ratio_id=int(ratio), tiles=int(mask.sum()))
         layout = getattr(mm, "layout", None)
-        return ExampleImage(item.offset, item.length, item.pixel_values, item.rows,
-                            None if layout is None else layout(item.pixel_values, item.image_size))
+        return replace(ExampleImage(item.offset, item.length, item.pixel_values, item.rows,
+                                    None if layout is None else layout(item.pixel_values, item.image_size)),
+                       **grid_image(mm, item.pixel_values))
+
+
+def grid_image(config: Any, pixels: np.ndarray) -> dict[str, Any]:
+    """A Qwen-VL image's `ExampleImage` fields from its patch rows by grid `[t, h, w, C*Tp*P*P]` (none for the
+    other families)."""
+    if not isinstance(config, QwenVLConfig):
+        return {}
+    grid = tuple(int(x) for x in pixels.shape[:3])
+    return dict(pixel_values=pixels.reshape(-1, pixels.shape[-1]), vision_layout=vision_layout(config.vision, grid),
+                merged_grid=config.merged_grid(grid))

@@ -119,6 +119,8 @@ def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
         return {"pixel_values": batch.pixel_values, "aspect_ratio_ids": batch.aspect_ratio_ids,
                 "aspect_ratio_mask": batch.aspect_ratio_mask, "cross_attention_mask": batch.cross_attention_mask,
                 "num_images": jnp.sum(batch.aspect_ratio_ids > 0, axis=-1)}
+    if batch.vision_layout is not None:
+        return grid_image_inputs(model, batch)
     pixels = batch.pixel_values  # [rows, slots, *pixel_shape]
     mm, modules = model.config.multimodal, model.vision_modules()
     # The model's own per-image encoder (as serving's), over every slot at once: [rows * slots, F, E].
@@ -127,6 +129,17 @@ def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
         sources, weights = (x.reshape(-1, *x.shape[2:]) for x in (batch.image_sources, batch.image_weights))
         features = jax.vmap(lambda f, s, w: model.arrange_by_layout(mm, modules, f, s, w))(features, sources, weights)
     return {"merged": MergedEmbeddings(features.reshape(-1, features.shape[-1]), batch.image_index)}
+
+
+def grid_image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
+    """Qwen-VL's `merged` features (each slot's padded patch rows through the tower by its padded layout, DeepStack
+    sets split off) and the rows' M-RoPE positions."""
+    slots = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # noqa: E731 (sizes: tables may be empty)
+    pixels, layouts = slots(batch.pixel_values), jax.tree.map(slots, batch.vision_layout)  # [rows * slots, N, ...]
+    features = jax.vmap(model.visual.features)(pixels, layouts)  # [rows * slots, U, (1 + K) E]
+    merged = MergedEmbeddings.from_sets(features.reshape(-1, features.shape[-1]), batch.image_index,
+                                        model.config.hidden_size)
+    return {"merged": merged, "rope_positions": jnp.moveaxis(batch.rope_positions, 1, 0)}
 
 
 def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:

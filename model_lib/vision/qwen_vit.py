@@ -25,6 +25,7 @@ Glossary: N patches, U merge units (N / m^2), E vision width, F text width, H he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +198,30 @@ def vision_layout(config: QwenVisionConfig, grid: tuple[int, int, int]) -> Visio
         restore=np.argsort(order_units).astype(np.int32),
         position_taps=taps,
         position_weights=weights,
+    )
+
+
+def pad_layout(layout: VisionLayout, patches: int, units: int) -> VisionLayout:
+    """`layout` of an image padded to `patches` rows (`units` merge units) for batched training: the padding
+    rows read the patch rows past the image's (zeros), attend only among themselves (segment -1, so the
+    image's rows come out unchanged) and come out as the last units. Their positions are 0, so GLM-4.1V's
+    grid (the largest row and column + 1) stays the image's; their position-table weights are 0."""
+    n, u = len(layout.order), len(layout.restore)
+    if patches < n or units < u or patches * u != units * n:
+        raise ValueError(f"cannot pad an image of {n} patches ({u} units) to {patches} ({units})")
+
+    def pad(x: np.ndarray, size: int, value: Any) -> np.ndarray:
+        filler = value if isinstance(value, np.ndarray) else np.full((size - len(x), *x.shape[1:]), value, x.dtype)
+        return np.concatenate([x, filler.astype(x.dtype)])
+
+    return VisionLayout(
+        order=pad(layout.order, patches, np.arange(n, patches)),
+        positions=pad(layout.positions, patches, 0),
+        frames=pad(layout.frames, patches, -1),
+        windows=pad(layout.windows, patches, -1),
+        restore=pad(layout.restore, units, np.arange(u, units)),
+        position_taps=pad(layout.position_taps, patches, 0),
+        position_weights=pad(layout.position_weights, patches, 0),
     )
 
 

@@ -248,10 +248,14 @@ def test_mrope_cos_sin_equal_transformers(config_class, interleaved):
         np.testing.assert_allclose(np.concatenate([mine, mine], -1), theirs.numpy(), atol=1e-6)
 
 
-def test_image_fine_tuning_is_refused_clearly(qwen_vl, tmp_path):
-    from training.images import TrainingImages
+def test_training_images_expand_to_patch_rows_and_grid(qwen_vl, tmp_path):
+    """Fine-tuning data: a 24x56 image takes its 2x6 merged grid's 12 placeholders (no loss on them) and keeps
+    transformers' 48 patch rows with their tower layout."""
+    from training.images import IGNORE, TrainingImages
 
     folder, _ = qwen_vl(ARCHITECTURES[0])
     images = TrainingImages(folder, model_lib.load_config(folder)[0], tmp_path)
-    with pytest.raises(ValueError, match="on image data is not supported yet .*M-RoPE positions"):
-        images.expand([1, IMAGE_TOKEN_ID], [1, 1], [random_image(0)])
+    ids, labels, (image,) = images.expand([1, IMAGE_TOKEN_ID, 5], [1, 1, 5], [random_image(0, (24, 56))])
+    assert ids == [1] + [IMAGE_TOKEN_ID] * 12 + [5] and labels == [1] + [IGNORE] * 12 + [5]
+    np.testing.assert_array_equal(image.pixel_values, processed([random_image(0, (24, 56))])[0])
+    assert image.merged_grid == (1, 2, 6) and len(image.vision_layout.order) == 48

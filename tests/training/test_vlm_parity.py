@@ -10,29 +10,41 @@ by name (`training/images.py`), never trained with a wrong mask or wrong positio
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.qwen_vl_models import build_qwen_vl, processed
 from tests.vlm_families import VLM_CASES
 from tests.vlm_models import build_llava, png_bytes
 from training.config import TrainConfig
 from training.data import IGNORE, DataConfig, load_examples
 from training.images import TRAINS_IMAGES, TrainingImages
 
-BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()}}
-TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision", "mllama")  # the rest are refused
+# Qwen-VL rows by their architecture (tests/qwen_vl_models.py).
+GRIDS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+         "glm4v": "Glm4vForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+         "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()},
+            **{name: partial(build_qwen_vl, architecture=arch) for name, arch in GRIDS.items()}}
+TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision", "mllama",
+           *GRIDS)  # the rest are refused
 ANYRES = ("llava_next", "llava_onevision")
 # Any-res rows' images by their tile count: a 1x2 grid unpadded to fewer feature rows, a 2x2 grid to fewer columns.
 ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
 # Mllama's rows: two images (grids 1x2 and 3x1, padding tiles in both) with text between, and one (2x2) in a row
 # whose second image slot is batch padding.
 MLLAMA_IMAGES = (((20, 40), (64, 30)), ((32, 32),))
+# Qwen-VL rows' images: a 4x12-patch grid (2x6 placeholder tokens, non-square) and an 8x8 one padded from 48 to 64 rows.
+GRID_SIZES = ((24, 56), (40, 48))
 # Llama 4's row (tiles with separators, like InternVL's) is the slowest: out of CI's time.
 # OneVision's row (LLaVA-NeXT's path with a shrunk map, also checked by the fast layout test below) as well.
-TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision") else f for f in TRAINED]
+# Qwen3-VL-MoE's row (Qwen3-VL's path with a MoE decoder) too.
+TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision", "qwen3_vl_moe") else f
+                for f in TRAINED]
 RTOL = 1e-5
 
 
@@ -63,16 +75,19 @@ def checkpoint(tmp_path_factory):
             root = tmp_path_factory.mktemp(family)
             model = BUILDERS[family](root / "model")
             images = tuple((size,) for size in ANYRES_SIZES.values()) if family in ANYRES else \
-                MLLAMA_IMAGES if family == "mllama" else (((32, 64),), ((32, 32),))
+                MLLAMA_IMAGES if family == "mllama" else tuple((size,) for size in GRID_SIZES) if family in GRIDS \
+                else (((32, 64),), ((32, 32),))
             built[family] = (root / "model", model, _data(root, images), root)
         return built[family]
 
     return get
 
 
-def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyres: bool = False) -> tuple[float, float]:
+def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyres: bool = False,
+                           grid_images: dict | None = None) -> tuple[float, float]:
     """transformers' mean loss over our batch's targets and its gradient norm over all parameters (row by row, each
-    row's summed loss accumulated)."""
+    row's summed loss accumulated). `grid_images` (Qwen-VL): placeholder count -> (patch rows, grid) of the image
+    whose run is that long, as transformers' image processor makes them; transformers computes the positions."""
     import torch
 
     # torch's `padding_idx` zeroes the pad row's embedding gradient; the tiny tokenizer writes "\n" (Gemma 3's
@@ -94,6 +109,9 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyre
             pixels = pixels.reshape(-1, *pixels.shape[-3:])
             pixels = pixels[np.abs(pixels).reshape(len(pixels), -1).sum(-1) > 0]  # the image's own tiles, not padding
             extra = {"token_type_ids": (ids == image_token_id).long()} if gemma else {}
+        if grid_images is not None:
+            pixels, grid = grid_images[int((ids == image_token_id).sum())]
+            extra = {"image_grid_thw": torch.tensor(grid), "mm_token_type_ids": (ids == image_token_id).long()}
         if anyres:  # one image's tiles and its original size
             extra, pixels = {"image_sizes": torch.tensor([ANYRES_SIZES[len(pixels)]])}, pixels[None]
         loss = model(input_ids=ids, pixel_values=torch.tensor(pixels), labels=torch.tensor(labels[None]), **extra).loss
@@ -119,6 +137,19 @@ def _mllama_inputs(batch, r: int, ids: list[int], image_token_id: int) -> tuple[
              "aspect_ratio_mask": torch.tensor(ratio_mask[None], dtype=torch.long),
              "cross_attention_mask": torch.tensor(mask)}
     return extra, np.asarray(batch.pixel_values[r])[own][None]
+
+
+def _grid_images(root, family: str) -> dict | None:
+    """A Qwen-VL row's images by placeholder count: (patch rows, grid) from transformers' image processor."""
+    if family not in GRIDS:
+        return None
+    from PIL import Image
+
+    images = {}
+    for i in range(len(GRID_SIZES)):
+        pixels, grid = processed([np.asarray(Image.open(root / "data" / f"{i}_0.png"))], GRIDS[family])
+        images[int(np.prod(grid)) // 4] = pixels, grid
+    return images
 
 
 def _trainer(folder, data: str, root, max_seq_length: int = 64):
@@ -154,8 +185,11 @@ def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
     if family in ANYRES:  # grids of 1x2 and 2x2 tiles (and the base view): 3 padded to 5, rows of either length
         assert batch.pixel_values.shape[:3] == (2, 1, 5)
         assert len(set((batch.image_weights.sum(-1) != 0).sum(-1).ravel())) == 2
+    if family in GRIDS:  # patch rows of 48 and 64 (padded) per slot; the 4x12 grid's positions are not square
+        assert batch.pixel_values.shape[:3] == (2, 1, 64) and batch.rope_positions.shape == (2, 3, 64)
     mm = trainer.model.config.multimodal
-    hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, batch, mm.image_token_id, family == "gemma3", family in ANYRES)
+    hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, batch, mm.image_token_id, family == "gemma3", family in ANYRES,
+                                              _grid_images(root, family))
     print(f"{family}: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e}), "
           f"grad norm {grad_norm:.6f} vs {hf_norm:.6f} (rel {abs(grad_norm - hf_norm) / hf_norm:.2e})")
     np.testing.assert_allclose(loss, hf_loss, rtol=RTOL)
@@ -288,3 +322,28 @@ def test_untrained_families_are_refused_by_name(family, checkpoint):
     images = TrainingImages(folder, config, Path(data).parent)
     with pytest.raises(ValueError, match=f"fine-tuning {config.architecture} on image data is not supported yet"):
         load_examples(data, AutoTokenizer.from_pretrained(folder), DataConfig(max_seq_length=64), images)
+
+
+def test_qwen_vl_row_sees_one_dimensional_positions(checkpoint, monkeypatch):
+    """The Qwen-VL rows can fail: with 1D positions (every image taken as text) the loss leaves transformers'."""
+    from model_lib.vision import mrope
+    from training import data
+
+    folder, hf, data_file, root = checkpoint("qwen2_vl")
+    monkeypatch.setattr(data, "mrope_positions", lambda length, spans: mrope.mrope_positions(length, []))
+    trainer = _trainer(folder, data_file, root)
+    batch, loss, _ = _step(trainer)
+    hf_loss, _ = _hf_loss_and_grad_norm(hf, batch, trainer.model.config.multimodal.image_token_id, False,
+                                        grid_images=_grid_images(root, "qwen2_vl"))
+    print(f"qwen2_vl with 1D positions: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e})")
+    assert abs(loss - hf_loss) > 10 * RTOL * hf_loss, (loss, hf_loss)
+
+
+def test_qwen_vl_lora_adapts_the_tower_only_by_regex(checkpoint):
+    """Qwen-VL's tower and merger (`visual.`) stay frozen under named targets and all-linear, as the other towers."""
+    import model_lib
+    from model_lib.lora import target_groups
+
+    model = model_lib.from_pretrained(checkpoint("qwen2_vl")[0])
+    assert not any("visual" in module for module in target_groups(model, "all-linear"))
+    assert set(target_groups(model, r".*visual.*qkv")) == {f"model.visual.blocks.{i}.attn.qkv" for i in range(2)}
