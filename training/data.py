@@ -232,6 +232,8 @@ class Batch:
     # Any-res tiles: each slot's `ExampleImage.layout` (its F rows from the encoded tiles), padded to the batch's most.
     image_sources: np.ndarray | None = None  # [rows, slots, F, TAPS] int32
     image_weights: np.ndarray | None = None  # [rows, slots, F, TAPS] float32
+    # Images of their own size (Pixtral): each slot's (height, width) within its padded pixels.
+    image_sizes: np.ndarray | None = None  # [rows, slots, 2] int32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
 
@@ -290,7 +292,9 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
-    if any(image.pixel_values.shape != pixel_shape for image in images):
+    if first.grid is not None:
+        pixel_shape, per_slot, columns = _padded_grid(images)
+    elif any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
         if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
             raise DataError(f"images of different shapes {sorted({i.pixel_values.shape for i in images})} "
@@ -304,14 +308,38 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     index = np.full(shape, -1, np.int32)
     for r, row in enumerate(rows):
         for s, image in enumerate(row[0].images if row else ()):
-            pixels[r, s, : len(image.pixel_values)] = image.pixel_values
+            pixels[(r, s, *(slice(0, n) for n in image.pixel_values.shape))] = image.pixel_values
             rows_of = np.arange(image.length) if image.rows is None else image.rows
+            if image.grid is not None:  # row k of the image's grid -> its place in the batch's padded grid
+                rows_of = np.where(rows_of >= 0, rows_of // image.grid[1] * columns + rows_of % image.grid[1], -1)
             run = np.where(rows_of >= 0, (r * slots + s) * per_slot + rows_of, -1)
             end = min(image.offset + image.length, shape[1])  # truncation may cut a run
             index[r, image.offset : end] = run[: end - image.offset]
     taps = None if first.layout is None else first.layout[0].shape[1]
     layouts = {} if taps is None else _batch_layouts(rows, (shape[0], slots, per_slot, taps))
+    if first.grid is not None:
+        layouts["image_sizes"] = _batch_sizes(rows, (shape[0], slots), pixel_shape[-2:])
     return {"pixel_values": pixels, "image_index": index, **layouts}
+
+
+def _padded_grid(images: Sequence[ExampleImage]) -> tuple[tuple[int, ...], int, int]:
+    """Images of their own size: the batch's pixel shape (the largest height and width), the rows of its feature
+    grid per slot, and that grid's columns."""
+    if any(image.pixel_values.ndim != 3 or image.grid is None for image in images):
+        raise DataError(f"images of their own size must be [C, H, W] each, got "
+                        f"{sorted({i.pixel_values.shape for i in images})}")
+    height, width = (max(image.pixel_values.shape[axis] for image in images) for axis in (1, 2))
+    unit = images[0].pixel_values.shape[2] // images[0].grid[1]  # pixels per feature row along each side
+    return (images[0].pixel_values.shape[0], height, width), (height // unit) * (width // unit), width // unit
+
+
+def _batch_sizes(rows: Sequence[Sequence[Example]], shape: tuple[int, int], full: tuple[int, int]) -> np.ndarray:
+    """Each slot's own (height, width) in `shape` [rows, slots]; an empty slot's zeros are encoded `full`."""
+    sizes = np.tile(np.asarray(full, np.int32), (*shape, 1))
+    for r, row in enumerate(rows):
+        for s, image in enumerate(row[0].images if row else ()):
+            sizes[r, s] = image.pixel_values.shape[-2:]
+    return sizes
 
 
 def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:

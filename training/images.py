@@ -26,13 +26,13 @@ IGNORE = -100
 # Families whose images train through the trainer's batches: each image's pixels (tiles padded to the batch's
 # most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
 # arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
-# checked against transformers' in tests/training/test_vlm_parity.py.
+# checked against transformers' in tests/training/test_vlm_parity.py. Images of their own size (Pixtral's) pad to the
+# batch's largest, each encoded within its own size, its rows placed in the padded grid (`ExampleImage.grid`).
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
                  "Llama4ForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                 "LlavaOnevisionForConditionalGeneration")
+                 "LlavaOnevisionForConditionalGeneration", "Mistral3ForConditionalGeneration")
 # Why the other served families cannot train on images yet; text-only data trains.
 _NEEDS = {
-    "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
     "MllamaForConditionalGeneration": "cross-attention inputs (aspect ratio ids and mask, a cross-attention mask)",
     "Qwen2VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
     "Qwen2_5_VLForConditionalGeneration": "grid-sized images and M-RoPE positions",
@@ -61,6 +61,9 @@ class ExampleImage:
     # Any-res tiles (LLaVA-NeXT, OneVision): how the encoded tiles and image_newline make the run's rows
     # (`model_lib/vision/anyres.py` pack_layout: sources and weights, [rows, TAPS] each).
     layout: tuple[np.ndarray, np.ndarray] | None = None
+    # Images of their own size (Pixtral): (rows, columns) of the image's feature grid; its pixels pad to the batch's
+    # largest and its rows sit at their places in the padded grid (`training/data.py`).
+    grid: tuple[int, int] | None = None
 
     @property
     def feature_rows(self) -> int:
@@ -101,6 +104,8 @@ class TrainingImages:
             inside[item.offset : item.end] = True
         new_labels = [IGNORE if run else next(text_labels) for run in inside]
         layout = getattr(self.inputs.config, "layout", None)
+        grid = getattr(self.inputs.config, "own_size_grid", None)
         return expanded, new_labels, [
             ExampleImage(i.offset, i.length, i.pixel_values, i.rows,
-                         None if layout is None else layout(i.pixel_values, i.image_size)) for i in items]
+                         None if layout is None else layout(i.pixel_values, i.image_size),
+                         grid=None if grid is None else grid(i.pixel_values)) for i in items]

@@ -117,7 +117,12 @@ def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
     pixels = batch.pixel_values  # [rows, slots, *pixel_shape]
     mm, modules = model.config.multimodal, model.vision_modules()
     # The model's own per-image encoder (as serving's), over every slot at once: [rows * slots, F, E].
-    features = jax.vmap(lambda image: model.encode(mm, modules, image))(pixels.reshape(-1, *pixels.shape[2:]))
+    images = pixels.reshape(-1, *pixels.shape[2:])
+    if batch.image_sizes is not None:  # images of their own size (Pixtral): each encoded within its padding
+        sizes = batch.image_sizes.reshape(-1, 2)
+        features = jax.vmap(lambda image, size: model.encode_padded(mm, modules, image, size))(images, sizes)
+    else:
+        features = jax.vmap(lambda image: model.encode(mm, modules, image))(images)
     if batch.image_sources is not None:  # any-res: each slot's tiles arranged by its host layout: [rows * slots, F, E]
         sources, weights = (x.reshape(-1, *x.shape[2:]) for x in (batch.image_sources, batch.image_weights))
         features = jax.vmap(lambda f, s, w: model.arrange_by_layout(mm, modules, f, s, w))(features, sources, weights)

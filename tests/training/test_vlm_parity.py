@@ -16,17 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.vlm_families import VLM_CASES
+from tests.vlm_families import PIXTRAL_TOKENS, VLM_CASES
 from tests.vlm_models import build_llava, png_bytes
 from training.config import TrainConfig
 from training.data import IGNORE, DataConfig, load_examples
 from training.images import TRAINS_IMAGES, TrainingImages
 
 BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()}}
-TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision")  # the rest are refused
+TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision", "mistral3")  # the rest: refused
 ANYRES = ("llava_next", "llava_onevision")
 # Any-res rows' images by their tile count: a 1x2 grid unpadded to fewer feature rows, a 2x2 grid to fewer columns.
 ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
+# Mistral 3's images keep their size: 2x4 and 3x2 feature grids (rows closed by [IMG_BREAK]), padded to 48x64 pixels.
+OWN_SIZES = ((32, 64), (48, 32))
 # Llama 4's row (tiles with separators, like InternVL's) is the slowest: out of CI's time.
 # OneVision's row (LLaVA-NeXT's path with a shrunk map, also checked by the fast layout test below) as well.
 TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision") else f for f in TRAINED]
@@ -56,7 +58,7 @@ def checkpoint(tmp_path_factory):
         if family not in built:
             root = tmp_path_factory.mktemp(family)
             model = BUILDERS[family](root / "model")
-            sizes = ANYRES_SIZES.values() if family in ANYRES else ((32, 64), (32, 32))
+            sizes = ANYRES_SIZES.values() if family in ANYRES else OWN_SIZES if family == "mistral3" else ((32, 64), (32, 32))
             built[family] = (root / "model", model, _data(root, tuple(sizes)), root)
         return built[family]
 
@@ -86,6 +88,8 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyre
         extra = {"token_type_ids": (ids == image_token_id).long()} if gemma else {}
         if anyres:  # one image's tiles and its original size
             extra, pixels = {"image_sizes": torch.tensor([ANYRES_SIZES[len(pixels)]])}, pixels[None]
+        if batch.image_sizes is not None:  # padded images of their own size: transformers cuts each to its size
+            extra = {"image_sizes": torch.tensor(np.asarray(batch.image_sizes[r])[: len(pixels)])}
         loss = model(input_ids=ids, pixel_values=torch.tensor(pixels), labels=torch.tensor(labels[None]), **extra).loss
         row_sum = loss * int((labels != IGNORE).sum()) / count
         row_sum.backward()
@@ -124,6 +128,12 @@ def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
         assert batch.pixel_values.shape[:3] == (2, 1, 5)
         assert len(set((batch.image_weights.sum(-1) != 0).sum(-1).ravel())) == 2
     mm = trainer.model.config.multimodal
+    if family == "mistral3":  # both padded to 48x64: 8 and 6 feature rows, 2 and 3 grid rows closed by break / end
+        assert batch.pixel_values.shape[1:] == (1, 3, 48, 64)
+        assert sorted(map(tuple, batch.image_sizes[:, 0].tolist())) == [(32, 64), (48, 32)]
+        assert sorted((batch.image_index >= 0).sum(-1)) == [6, 8]
+        breaks = np.isin(batch.input_ids, trainer.tokenizer.convert_tokens_to_ids(PIXTRAL_TOKENS[1:]))
+        assert breaks.sum() == 5 and (batch.image_index[breaks] == -1).all()
     hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, batch, mm.image_token_id, family == "gemma3", family in ANYRES)
     print(f"{family}: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e}), "
           f"grad norm {grad_norm:.6f} vs {hf_norm:.6f} (rel {abs(grad_norm - hf_norm) / hf_norm:.2e})")
