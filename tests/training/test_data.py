@@ -131,3 +131,28 @@ def test_gemma3_image_chat_is_expanded_as_its_processor_does(tmp_path):
     assert example.input_ids == hf_inputs(case, tmp_path, text, [to_rgb(image)])["input_ids"][0].tolist()
     assert all(label == IGNORE for t, label in zip(example.input_ids, example.labels) if t == IMAGE_TOKEN_ID)
     assert tokenizer.decode([t for t in example.labels if t != IGNORE]).strip() == "a cat"
+
+
+def test_images_of_their_own_size_pad_to_the_batch_and_keep_their_grid_places():
+    """Pixtral's images keep their size: pixels pad to the batch's largest, each slot keeps its own size, row k of
+    an image's grid takes its place in the padded grid, and [IMG_BREAK] / [IMG_END] keep their embeddings."""
+    from serving.multimodal.inputs import feature_rows
+    from training.data import Example
+    from training.images import ExampleImage
+
+    image, row_break, end = 5, 6, 7
+
+    def example(rows: int, cols: int) -> Example:
+        run = ([image] * cols + [row_break]) * rows
+        run[-1] = end
+        ids = [1, 2, *run, 3]
+        pixels = np.ones((3, 16 * rows, 16 * cols), np.float32)
+        return Example(ids, ids, [ExampleImage(2, len(run), pixels, feature_rows(run, image), grid=(rows, cols))])
+
+    batch = make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1)
+    assert batch.pixel_values.shape == (2, 1, 3, 48, 64)
+    assert batch.image_sizes.tolist() == [[[32, 64]], [[48, 32]]]
+    assert batch.pixel_values[1, 0, :, :48, :32].all() and not batch.pixel_values[1, 0, :, :, 32:].any()
+    # Padded grids of 3x4 rows: slot 1's rows start at 12; its 3x2 grid skips the padded columns.
+    assert batch.image_index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, 4, 5, 6, 7, -1, -1, -1, -1, -1],
+                                          [-1, -1, 12, 13, -1, 16, 17, -1, 20, 21, -1, -1, -1, -1, -1, -1]]
