@@ -260,11 +260,13 @@ def pack_rows(examples: Sequence[Example], max_seq_length: int, packing: bool) -
 
 
 def make_batch(
-    rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0
+    rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0,
+    pixel_size: tuple[int, int] | None = None,
 ) -> Batch:
     """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape.
 
-    `image_slots` > 0: the batch carries images, that many per row (rows of one example each).
+    `image_slots` > 0: the batch carries images, that many per row (rows of one example each); images of their own
+    size pad to `pixel_size` (height, width; `own_size_extent`), or without it to the batch's largest.
     Encoder-decoder examples make `training.seq2seq_data.seq2seq_batch`es."""
     if any(row and row[0].decoder_ids is not None for row in rows):
         from training.seq2seq_data import seq2seq_batch
@@ -285,15 +287,16 @@ def make_batch(
             at += n
     if not image_slots:
         return Batch(input_ids, segment_ids, targets)
-    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots))
+    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots, pixel_size))
 
 
-def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int) -> dict[str, np.ndarray]:
+def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int,
+                  pixel_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
     if first.grid is not None:
-        pixel_shape, per_slot, columns = _padded_grid(images)
+        pixel_shape, per_slot, columns = _padded_grid(images, pixel_size)
     elif any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
         if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
@@ -322,13 +325,16 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     return {"pixel_values": pixels, "image_index": index, **layouts}
 
 
-def _padded_grid(images: Sequence[ExampleImage]) -> tuple[tuple[int, ...], int, int]:
-    """Images of their own size: the batch's pixel shape (the largest height and width), the rows of its feature
-    grid per slot, and that grid's columns."""
+def _padded_grid(images: Sequence[ExampleImage], size: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
+    """Images of their own size: the batch's pixel shape (`size`, or the largest height and width), the rows of its
+    feature grid per slot, and that grid's columns."""
     if any(image.pixel_values.ndim != 3 or image.grid is None for image in images):
         raise DataError(f"images of their own size must be [C, H, W] each, got "
                         f"{sorted({i.pixel_values.shape for i in images})}")
-    height, width = (max(image.pixel_values.shape[axis] for image in images) for axis in (1, 2))
+    largest = _largest(images)
+    height, width = size or largest
+    if largest[0] > height or largest[1] > width:
+        raise DataError(f"an image of {largest[0]}x{largest[1]} pixels does not fit the batches' {height}x{width}")
     unit = images[0].pixel_values.shape[2] // images[0].grid[1]  # pixels per feature row along each side
     return (images[0].pixel_values.shape[0], height, width), (height // unit) * (width // unit), width // unit
 
@@ -351,6 +357,17 @@ def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int
     return {"image_sources": sources, "image_weights": weights}
 
 
+def own_size_extent(examples: Sequence[Example]) -> tuple[int, int] | None:
+    """The largest height and width among the examples' images of their own size (None without them): batches
+    padded to it share one shape, so a run compiles one step and its accumulated micro-batches stack."""
+    return _largest([image for e in examples for image in e.images])
+
+
+def _largest(images: Sequence[ExampleImage]) -> tuple[int, int] | None:
+    sizes = [image.pixel_values.shape[-2:] for image in images if image.grid is not None]
+    return (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else None
+
+
 def image_slots(examples: Sequence[Example], packing: bool) -> int:
     """Images per batch row: the most any example has (0 for text data)."""
     slots = max((len(e.images) for e in examples), default=0)
@@ -361,12 +378,12 @@ def image_slots(examples: Sequence[Example], packing: bool) -> int:
 
 def epoch_batches(
     examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int,
-    images_per_row: int = 0,
+    images_per_row: int = 0, pixel_size: tuple[int, int] | None = None,
 ) -> list[Batch]:
     """One epoch in a deterministic shuffled order (same seed and epoch -> same batches)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     rows = pack_rows([examples[i] for i in order], max_seq_length, packing)
     return [
-        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row)
+        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row, pixel_size)
         for i in range(0, len(rows), rows_per_batch)
     ]

@@ -45,7 +45,8 @@ from model_lib.sharding import ShardingPlan, as_plan, shardings_of
 from model_lib import distributed
 from training.config import TrainConfig
 from model_lib.vision.merge import MergedEmbeddings
-from training.data import IGNORE, Batch, DataConfig, epoch_batches, image_slots, load_examples, split_validation
+from training.data import (IGNORE, Batch, DataConfig, epoch_batches, image_slots, load_examples, own_size_extent,
+                           split_validation)
 from training.images import TrainingImages
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,7 @@ class Trainer:
             self.eval_examples = []
         self.examples = examples
         self.images_per_row = image_slots([*examples, *self.eval_examples], c.packing)
+        self.pixel_size = own_size_extent([*examples, *self.eval_examples])  # one pixel shape for every batch
         self.rows = c.per_device_train_batch_size * self._data_parallel()
         self.batches_per_epoch = len(epoch_batches(examples, **self._batch_args(0)))
         steps_per_epoch = max(1, self.batches_per_epoch // c.gradient_accumulation_steps)
@@ -268,7 +270,7 @@ class Trainer:
     def _batch_args(self, epoch: int) -> dict[str, Any]:
         c = self.config
         return dict(rows_per_batch=self.rows, max_seq_length=c.max_seq_length, packing=c.packing, seed=c.seed, epoch=epoch,
-                    images_per_row=self.images_per_row)
+                    images_per_row=self.images_per_row, pixel_size=self.pixel_size)
 
     def micro_batch(self, index: int) -> Batch:
         """The `index`-th micro-batch of the run: a pure function of (seed, index)."""
@@ -386,7 +388,8 @@ class Trainer:
         rows = c.per_device_eval_batch_size * self._data_parallel()
         total, count = 0.0, 0
         batches = epoch_batches(self.eval_examples, rows_per_batch=rows, max_seq_length=c.max_seq_length,
-                                packing=c.packing, seed=c.seed, epoch=0, images_per_row=self.images_per_row)
+                                packing=c.packing, seed=c.seed, epoch=0, images_per_row=self.images_per_row,
+                                pixel_size=self.pixel_size)
         for batch in batches:
             device_batch = jax.tree.map(lambda x: x[0], self._device_batch([batch]))
             loss, n = self.eval_step(self.trainable, self.rng_state, self.frozen, device_batch)

@@ -156,3 +156,10 @@ def test_images_of_their_own_size_pad_to_the_batch_and_keep_their_grid_places():
     # Padded grids of 3x4 rows: slot 1's rows start at 12; its 3x2 grid skips the padded columns.
     assert batch.image_index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, 4, 5, 6, 7, -1, -1, -1, -1, -1],
                                           [-1, -1, 12, 13, -1, 16, 17, -1, 20, 21, -1, -1, -1, -1, -1, -1]]
+    # Padded further (the run's largest, for one shape per run): grids of 3x5 rows.
+    batch = make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1, pixel_size=(48, 80))
+    assert batch.pixel_values.shape == (2, 1, 3, 48, 80)
+    assert batch.image_index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, 5, 6, 7, 8, -1, -1, -1, -1, -1],
+                                          [-1, -1, 15, 16, -1, 20, 21, -1, 25, 26, -1, -1, -1, -1, -1, -1]]
+    with pytest.raises(DataError, match="an image of 48x64 pixels does not fit the batches' 32x64"):
+        make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1, pixel_size=(32, 64))

@@ -98,13 +98,13 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyre
     return total, float(norm)
 
 
-def _trainer(folder, data: str, root, max_seq_length: int = 64):
+def _trainer(folder, data: str, root, max_seq_length: int = 64, **options):
     from training.trainer import Trainer
 
-    config = TrainConfig(model_name_or_path=str(folder), training_data_path=data, output_dir=str(root / "out"),
-                         max_seq_length=max_seq_length, peft_method="none", per_device_train_batch_size=2, max_steps=1,
-                         learning_rate=1e-4, torch_dtype="float32", progress_bar=False, seed=0)
-    return Trainer(config)
+    settings = dict(model_name_or_path=str(folder), training_data_path=data, output_dir=str(root / "out"),
+                    max_seq_length=max_seq_length, peft_method="none", per_device_train_batch_size=2, max_steps=1,
+                    learning_rate=1e-4, torch_dtype="float32", progress_bar=False, seed=0)
+    return Trainer(TrainConfig(**{**settings, **options}))
 
 
 def _step(trainer):
@@ -139,6 +139,23 @@ def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
           f"grad norm {grad_norm:.6f} vs {hf_norm:.6f} (rel {abs(grad_norm - hf_norm) / hf_norm:.2e})")
     np.testing.assert_allclose(loss, hf_loss, rtol=RTOL)
     np.testing.assert_allclose(grad_norm, hf_norm, rtol=1e-4)
+
+
+def test_mistral3_accumulates_micro_batches_of_their_own_size(checkpoint):
+    """Images of their own size pad to the run's largest: micro-batches of one image each (32x64, 48x32) share one
+    shape, and accumulating them matches transformers over both."""
+    import jax
+
+    folder, hf, data, root = checkpoint("mistral3")
+    trainer = _trainer(folder, data, root, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    micro = [trainer.micro_batch(0), trainer.micro_batch(1)]
+    assert [b.pixel_values.shape for b in micro] == [(1, 1, 3, 48, 64)] * 2
+    out = trainer.train_step(trainer.trainable, trainer.opt_state, trainer.rng_state, trainer.frozen,
+                             trainer._device_batch(micro), jnp.asarray(0))
+    both = jax.tree.map(lambda *parts: np.concatenate(parts), *micro)
+    hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, both, trainer.model.config.multimodal.image_token_id, False)
+    np.testing.assert_allclose(float(out[3]), hf_loss, rtol=RTOL)
+    np.testing.assert_allclose(float(out[4]), hf_norm, rtol=1e-4)
 
 
 def test_gemma3_row_sees_dropped_image_spans(checkpoint, monkeypatch):
