@@ -295,7 +295,7 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
-    if first.grid is not None:
+    if first.own_grid is not None:
         pixel_shape, per_slot, columns = _padded_grid(images, pixel_size)
     elif any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
@@ -313,14 +313,15 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
         for s, image in enumerate(row[0].images if row else ()):
             pixels[(r, s, *(slice(0, n) for n in image.pixel_values.shape))] = image.pixel_values
             rows_of = np.arange(image.length) if image.rows is None else image.rows
-            if image.grid is not None:  # row k of the image's grid -> its place in the batch's padded grid
-                rows_of = np.where(rows_of >= 0, rows_of // image.grid[1] * columns + rows_of % image.grid[1], -1)
+            if image.own_grid is not None:  # row k of the image's grid -> its place in the batch's padded grid
+                cols = image.own_grid[1]
+                rows_of = np.where(rows_of >= 0, rows_of // cols * columns + rows_of % cols, -1)
             run = np.where(rows_of >= 0, (r * slots + s) * per_slot + rows_of, -1)
             end = min(image.offset + image.length, shape[1])  # truncation may cut a run
             index[r, image.offset : end] = run[: end - image.offset]
     taps = None if first.layout is None else first.layout[0].shape[1]
     layouts = {} if taps is None else _batch_layouts(rows, (shape[0], slots, per_slot, taps))
-    if first.grid is not None:
+    if first.own_grid is not None:
         layouts["image_sizes"] = _batch_sizes(rows, (shape[0], slots), pixel_shape[-2:])
     return {"pixel_values": pixels, "image_index": index, **layouts}
 
@@ -328,14 +329,14 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
 def _padded_grid(images: Sequence[ExampleImage], size: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
     """Images of their own size: the batch's pixel shape (`size`, or the largest height and width), the rows of its
     feature grid per slot, and that grid's columns."""
-    if any(image.pixel_values.ndim != 3 or image.grid is None for image in images):
+    if any(image.pixel_values.ndim != 3 or image.own_grid is None for image in images):
         raise DataError(f"images of their own size must be [C, H, W] each, got "
                         f"{sorted({i.pixel_values.shape for i in images})}")
     largest = _largest(images)
     height, width = size or largest
     if largest[0] > height or largest[1] > width:
         raise DataError(f"an image of {largest[0]}x{largest[1]} pixels does not fit the batches' {height}x{width}")
-    unit = images[0].pixel_values.shape[2] // images[0].grid[1]  # pixels per feature row along each side
+    unit = images[0].pixel_values.shape[2] // images[0].own_grid[1]  # pixels per feature row along each side
     return (images[0].pixel_values.shape[0], height, width), (height // unit) * (width // unit), width // unit
 
 
@@ -364,7 +365,7 @@ def own_size_extent(examples: Sequence[Example]) -> tuple[int, int] | None:
 
 
 def _largest(images: Sequence[ExampleImage]) -> tuple[int, int] | None:
-    sizes = [image.pixel_values.shape[-2:] for image in images if image.grid is not None]
+    sizes = [image.pixel_values.shape[-2:] for image in images if image.own_grid is not None]
     return (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else None
 
 

@@ -27,7 +27,7 @@ IGNORE = -100
 # most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
 # arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
 # checked against transformers' in tests/training/test_vlm_parity.py. Images of their own size (Pixtral's) pad to the
-# batch's largest, each encoded within its own size, its rows placed in the padded grid (`ExampleImage.grid`).
+# run's largest, each encoded within its own size, its rows placed in the padded grid (`ExampleImage.own_grid`).
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
                  "Llama4ForConditionalGeneration", "LlavaNextForConditionalGeneration",
                  "LlavaOnevisionForConditionalGeneration", "Mistral3ForConditionalGeneration")
@@ -61,9 +61,9 @@ class ExampleImage:
     # Any-res tiles (LLaVA-NeXT, OneVision): how the encoded tiles and image_newline make the run's rows
     # (`model_lib/vision/anyres.py` pack_layout: sources and weights, [rows, TAPS] each).
     layout: tuple[np.ndarray, np.ndarray] | None = None
-    # Images of their own size (Pixtral): (rows, columns) of the image's feature grid; its pixels pad to the batch's
+    # Images of their own size (Pixtral): (rows, columns) of the image's feature grid; its pixels pad to the run's
     # largest and its rows sit at their places in the padded grid (`training/data.py`).
-    grid: tuple[int, int] | None = None
+    own_grid: tuple[int, int] | None = None
 
     @property
     def feature_rows(self) -> int:
@@ -108,4 +108,4 @@ class TrainingImages:
         return expanded, new_labels, [
             ExampleImage(i.offset, i.length, i.pixel_values, i.rows,
                          None if layout is None else layout(i.pixel_values, i.image_size),
-                         grid=None if grid is None else grid(i.pixel_values)) for i in items]
+                         own_grid=None if grid is None else grid(i.pixel_values)) for i in items]

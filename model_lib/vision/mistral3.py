@@ -64,7 +64,7 @@ class Mistral3Config(MultiModalConfig):
         return ids[:-1] + [self.end_token_id]
 
     def own_size_grid(self, pixels: Any) -> tuple[int, int]:
-        """Training batches (`training/data.py`): images keep their own size, padded to the batch's largest, and
+        """Training batches (`training/data.py`): images keep their own size, padded to the run's largest, and
         an image's feature rows are this grid of the padded one (`encode_padded`)."""
         return self.grid(pixels)
 

@@ -147,7 +147,7 @@ def test_images_of_their_own_size_pad_to_the_batch_and_keep_their_grid_places():
         run[-1] = end
         ids = [1, 2, *run, 3]
         pixels = np.ones((3, 16 * rows, 16 * cols), np.float32)
-        return Example(ids, ids, [ExampleImage(2, len(run), pixels, feature_rows(run, image), grid=(rows, cols))])
+        return Example(ids, ids, [ExampleImage(2, len(run), pixels, feature_rows(run, image), own_grid=(rows, cols))])
 
     batch = make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1)
     assert batch.pixel_values.shape == (2, 1, 3, 48, 64)

@@ -29,6 +29,7 @@ ANYRES = ("llava_next", "llava_onevision")
 ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
 # Mistral 3's images keep their size: 2x4 and 3x2 feature grids (rows closed by [IMG_BREAK]), padded to 48x64 pixels.
 OWN_SIZES = ((32, 64), (48, 32))
+SIZES = {**{family: tuple(ANYRES_SIZES.values()) for family in ANYRES}, "mistral3": OWN_SIZES}  # others: the default
 # Llama 4's row (tiles with separators, like InternVL's) is the slowest: out of CI's time.
 # OneVision's row (LLaVA-NeXT's path with a shrunk map, also checked by the fast layout test below) as well.
 TRAINED_ROWS = [pytest.param(f, marks=pytest.mark.slow) if f in ("llama4", "llava_onevision") else f for f in TRAINED]
@@ -58,8 +59,7 @@ def checkpoint(tmp_path_factory):
         if family not in built:
             root = tmp_path_factory.mktemp(family)
             model = BUILDERS[family](root / "model")
-            sizes = ANYRES_SIZES.values() if family in ANYRES else OWN_SIZES if family == "mistral3" else ((32, 64), (32, 32))
-            built[family] = (root / "model", model, _data(root, tuple(sizes)), root)
+            built[family] = (root / "model", model, _data(root, SIZES.get(family, ((32, 64), (32, 32)))), root)
         return built[family]
 
     return get
