@@ -246,6 +246,8 @@ class Batch:
     # row's M-RoPE positions as transformers' `get_rope_index` gives them.
     vision_layout: VisionLayout | None = None
     rope_positions: np.ndarray | None = None  # [rows, 3, L] int32
+    # Images of their own size (Pixtral): each slot's (height, width) within its padded pixels.
+    image_sizes: np.ndarray | None = None  # [rows, slots, 2] int32
     # Encoder-decoders: input_ids holds the sources, this the decoder inputs (targets align with it).
     decoder_input_ids: np.ndarray | None = None  # [rows, L] int32
 
@@ -273,12 +275,12 @@ def pack_rows(examples: Sequence[Example], max_seq_length: int, packing: bool) -
 
 def make_batch(
     rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0,
-    image_patches: int = 0,
+    image_extent: int | tuple[int, int] | None = None,
 ) -> Batch:
     """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape.
 
-    `image_slots` > 0: the batch carries images, that many per row (rows of one example each); grid-sized images
-    pad to at least `image_patches` patch rows (`grid_patches`: one shape for every batch of a run).
+    `image_slots` > 0: the batch carries images, that many per row (rows of one example each); images pad to
+    `image_extent` (`run_image_extent`: one shape for every batch of a run), or without it to the batch's largest.
     Encoder-decoder examples make `training.seq2seq_data.seq2seq_batch`es."""
     if any(row and row[0].decoder_ids is not None for row in rows):
         from training.seq2seq_data import seq2seq_batch
@@ -299,21 +301,23 @@ def make_batch(
             at += n
     if not image_slots:
         return Batch(input_ids, segment_ids, targets)
-    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots, image_patches))
+    return Batch(input_ids, segment_ids, targets, **_batch_images(rows, shape, image_slots, image_extent))
 
 
 def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int,
-                  patches: int = 0) -> dict[str, np.ndarray]:
+                  extent: int | tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     images = [image for row in rows for example in row for image in example.images]
     first = images[0]
     if first.aspect_ratio_id is not None:
         return _batch_cross_images(rows, shape, slots, first.pixel_values.shape)
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
     grids = first.vision_layout is not None
-    if grids:  # patch rows [N, D]: every slot padded to the most patches (at least `patches`), and merge units
+    if grids:  # patch rows [N, D]: every slot padded to the most patches (at least `extent`), and merge units
         ratio = len(first.pixel_values) // len(first.vision_layout.restore)  # patches per merge unit
-        most = max(patches, *(len(image.pixel_values) for image in images))
+        most = max(extent or 0, *(len(image.pixel_values) for image in images))
         pixel_shape, per_slot = (most, pixel_shape[1]), most // ratio
+    elif first.own_grid is not None:
+        pixel_shape, per_slot, columns = _padded_grid(images, extent)
     elif any(image.pixel_values.shape != pixel_shape for image in images):
         # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
         if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
@@ -328,16 +332,44 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     index = np.full(shape, -1, np.int32)
     for r, row in enumerate(rows):
         for s, image in enumerate(row[0].images if row else ()):
-            pixels[r, s, : len(image.pixel_values)] = image.pixel_values
+            pixels[(r, s, *(slice(0, n) for n in image.pixel_values.shape))] = image.pixel_values
             rows_of = np.arange(image.length) if image.rows is None else image.rows
+            if image.own_grid is not None:  # row k of the image's grid -> its place in the batch's padded grid
+                cols = image.own_grid[1]
+                rows_of = np.where(rows_of >= 0, rows_of // cols * columns + rows_of % cols, -1)
             run = np.where(rows_of >= 0, (r * slots + s) * per_slot + rows_of, -1)
             end = min(image.offset + image.length, shape[1])  # truncation may cut a run
             index[r, image.offset : end] = run[: end - image.offset]
     taps = None if first.layout is None else first.layout[0].shape[1]
     layouts = {} if taps is None else _batch_layouts(rows, (shape[0], slots, per_slot, taps))
+    if first.own_grid is not None:
+        layouts["image_sizes"] = _batch_sizes(rows, (shape[0], slots), pixel_shape[-2:])
     if grids:
         layouts = _batch_grids(rows, shape, slots, pixel_shape[0], per_slot)
     return {"pixel_values": pixels, "image_index": index, **layouts}
+
+
+def _padded_grid(images: Sequence[ExampleImage], size: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
+    """Images of their own size: the batch's pixel shape (`size`, or the largest height and width), the rows of its
+    feature grid per slot, and that grid's columns."""
+    if any(image.pixel_values.ndim != 3 or image.own_grid is None for image in images):
+        raise DataError(f"images of their own size must be [C, H, W] each, got "
+                        f"{sorted({i.pixel_values.shape for i in images})}")
+    largest = _largest(images)
+    height, width = size or largest
+    if largest[0] > height or largest[1] > width:
+        raise DataError(f"an image of {largest[0]}x{largest[1]} pixels does not fit the batches' {height}x{width}")
+    unit = images[0].pixel_values.shape[2] // images[0].own_grid[1]  # pixels per feature row along each side
+    return (images[0].pixel_values.shape[0], height, width), (height // unit) * (width // unit), width // unit
+
+
+def _batch_sizes(rows: Sequence[Sequence[Example]], shape: tuple[int, int], full: tuple[int, int]) -> np.ndarray:
+    """Each slot's own (height, width) in `shape` [rows, slots]; an empty slot's zeros are encoded `full`."""
+    sizes = np.tile(np.asarray(full, np.int32), (*shape, 1))
+    for r, row in enumerate(rows):
+        for s, image in enumerate(row[0].images if row else ()):
+            sizes[r, s] = image.pixel_values.shape[-2:]
+    return sizes
 
 
 def _batch_cross_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int,
@@ -393,6 +425,29 @@ def _batch_grids(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slot
     return {"vision_layout": stacked, "rope_positions": positions}
 
 
+def _padded_grid(images: Sequence[ExampleImage], size: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
+    """Images of their own size: the batch's pixel shape (`size`, or the largest height and width), the rows of its
+    feature grid per slot, and that grid's columns."""
+    if any(image.pixel_values.ndim != 3 or image.own_grid is None for image in images):
+        raise DataError(f"images of their own size must be [C, H, W] each, got "
+                        f"{sorted({i.pixel_values.shape for i in images})}")
+    largest = _largest(images)
+    height, width = size or largest
+    if largest[0] > height or largest[1] > width:
+        raise DataError(f"an image of {largest[0]}x{largest[1]} pixels does not fit the batches' {height}x{width}")
+    unit = images[0].pixel_values.shape[2] // images[0].own_grid[1]  # pixels per feature row along each side
+    return (images[0].pixel_values.shape[0], height, width), (height // unit) * (width // unit), width // unit
+
+
+def _batch_sizes(rows: Sequence[Sequence[Example]], shape: tuple[int, int], full: tuple[int, int]) -> np.ndarray:
+    """Each slot's own (height, width) in `shape` [rows, slots]; an empty slot's zeros are encoded `full`."""
+    sizes = np.tile(np.asarray(full, np.int32), (*shape, 1))
+    for r, row in enumerate(rows):
+        for s, image in enumerate(row[0].images if row else ()):
+            sizes[r, s] = image.pixel_values.shape[-2:]
+    return sizes
+
+
 def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
     """Each slot's any-res layout in `shape` [rows, slots, F, TAPS], padded (zero weights: rows no token takes)."""
     sources, weights = np.zeros(shape, np.int32), np.zeros(shape, np.float32)
@@ -400,6 +455,21 @@ def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int
         for s, image in enumerate(row[0].images if row else ()):
             sources[r, s, : len(image.layout[0])], weights[r, s, : len(image.layout[1])] = image.layout
     return {"image_sources": sources, "image_weights": weights}
+
+
+def run_image_extent(examples: Sequence[Example]) -> int | tuple[int, int] | None:
+    """What every batch of a run pads its images to, so that its accumulated micro-batches stack and the step
+    compiles once: the most patch rows of a grid-sized image (Qwen-VL), the largest height and width of the images
+    of their own size (Pixtral); None for the other families (their batches pad to the batch's largest)."""
+    images = [image for e in examples for image in e.images]
+    if any(image.vision_layout is not None for image in images):
+        return max(len(image.pixel_values) for image in images if image.vision_layout is not None)
+    return _largest(images)
+
+
+def _largest(images: Sequence[ExampleImage]) -> tuple[int, int] | None:
+    sizes = [image.pixel_values.shape[-2:] for image in images if image.own_grid is not None]
+    return (max(h for h, _ in sizes), max(w for _, w in sizes)) if sizes else None
 
 
 def image_slots(examples: Sequence[Example], packing: bool) -> int:
@@ -410,22 +480,14 @@ def image_slots(examples: Sequence[Example], packing: bool) -> int:
     return slots
 
 
-def grid_patches(examples: Sequence[Example]) -> int:
-    """The most patch rows of any grid-sized image (Qwen-VL) of `examples` (0 without one): every batch pads its
-    images to it, so that micro-batches stack and the step compiles once."""
-    return max((len(image.pixel_values) for e in examples for image in e.images if image.vision_layout is not None),
-               default=0)
-
-
 def epoch_batches(
     examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int,
-    images_per_row: int = 0,
+    images_per_row: int = 0, image_extent: int | tuple[int, int] | None = None,
 ) -> list[Batch]:
     """One epoch in a deterministic shuffled order (same seed and epoch -> same batches)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(examples))
     rows = pack_rows([examples[i] for i in order], max_seq_length, packing)
-    patches = grid_patches(examples)
     return [
-        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row, patches)
+        make_batch(rows[i : i + rows_per_batch], max_seq_length, rows_per_batch, images_per_row, image_extent)
         for i in range(0, len(rows), rows_per_batch)
     ]

@@ -6,8 +6,8 @@ Each image is preprocessed by the checkpoint's own image processor, its placehol
 the image's feature rows, and those positions carry no loss (Mllama keeps its one `<|image|>` token per
 image, without loss, and reads the image's tiles by cross attention). The vision tower and projector stay
 frozen unless LoRA targets them by a regex over their module paths. Only the families in
-`TRAINS_IMAGES` train on images (their loss and gradients match transformers'); the others are
-refused by name, since their batches would need inputs the trainer does not build yet.
+`TRAINS_IMAGES` train on images (their loss and gradients match transformers'); any other is
+refused by name, since its batches would need inputs the trainer does not build.
 """
 
 from __future__ import annotations
@@ -38,22 +38,21 @@ GRID_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGen
 # most) encoded by the model's own `encode`, tile by tile, its rows placed by the run's layout (any-res tiles:
 # arranged first by `ExampleImage.layout`, computed on the host from the image's size); loss and gradients
 # checked against transformers' in tests/training/test_vlm_parity.py. Mllama's images are no rows: each slot holds
-# every tile and its aspect ratio, and each token the tiles it sees (`training.data.Batch`).
+# every tile and its aspect ratio, and each token the tiles it sees (`training.data.Batch`). Images of their own
+# size (Pixtral's) pad to the run's largest, each encoded within its own size, its rows placed in the padded grid
+# (`ExampleImage.own_grid`).
 TRAINS_IMAGES = ("LlavaForConditionalGeneration", "Gemma3ForConditionalGeneration", "InternVLForConditionalGeneration",
                  "Llama4ForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                 "LlavaOnevisionForConditionalGeneration", "MllamaForConditionalGeneration", *GRID_FAMILIES)
-# Why the other served families cannot train on images yet; text-only data trains.
-_NEEDS = {
-    "Mistral3ForConditionalGeneration": "images of their own size and [IMG_BREAK] rows between feature rows",
-}
+                 "LlavaOnevisionForConditionalGeneration", "MllamaForConditionalGeneration",
+                 "Mistral3ForConditionalGeneration", *GRID_FAMILIES)
 
 
 def refuse_untrained_images(architecture: str) -> None:
-    """ValueError naming a vision-language family whose image batches the trainer would build wrongly."""
+    """ValueError naming a vision-language family whose image batches the trainer has no parity-checked layout for
+    (every served family has one; a new one is refused until it does)."""
     if architecture not in TRAINS_IMAGES:
-        need = _NEEDS.get(architecture, "inputs the trainer does not build")
         raise ValueError(f"fine-tuning {architecture} on image data is not supported yet (its batches would need "
-                         f"{need}); text-only data trains")
+                         "inputs the trainer does not build); text-only data trains")
 
 
 @dataclass
@@ -75,6 +74,9 @@ class ExampleImage:
     # layout of them, and the merged grid (t, h, w) of the run, which places it in the row's M-RoPE positions.
     vision_layout: VisionLayout | None = None
     merged_grid: tuple[int, int, int] | None = None
+    # Images of their own size (Pixtral): (rows, columns) of the image's feature grid; its pixels pad to the run's
+    # largest and its rows sit at their places in the padded grid (`training/data.py`).
+    own_grid: tuple[int, int] | None = None
 
     @property
     def feature_rows(self) -> int:
@@ -121,9 +123,10 @@ class TrainingImages:
         if isinstance(mm, MllamaConfig):  # every tile as the vision model takes them, as serving pads them
             pixels, ratio, mask = padded_tiles(mm, item.pixel_values)
             return ExampleImage(item.offset, item.length, pixels, aspect_ratio_id=int(ratio), tiles=int(mask.sum()))
-        layout = getattr(mm, "layout", None)
+        layout, own_grid = getattr(mm, "layout", None), getattr(mm, "own_size_grid", None)
         return replace(ExampleImage(item.offset, item.length, item.pixel_values, item.rows,
-                                    None if layout is None else layout(item.pixel_values, item.image_size)),
+                                    None if layout is None else layout(item.pixel_values, item.image_size),
+                                    own_grid=None if own_grid is None else own_grid(item.pixel_values)),
                        **grid_image(mm, item.pixel_values))
 
 

@@ -45,7 +45,8 @@ from model_lib.sharding import ShardingPlan, as_plan, shardings_of
 from model_lib import distributed
 from training.config import TrainConfig
 from model_lib.vision.merge import MergedEmbeddings
-from training.data import IGNORE, Batch, DataConfig, epoch_batches, image_slots, load_examples, split_validation
+from training.data import (IGNORE, Batch, DataConfig, epoch_batches, image_slots, load_examples, run_image_extent,
+                           split_validation)
 from training.images import TrainingImages
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,12 @@ def image_inputs(model: nnx.Module, batch: Batch) -> dict[str, Any]:
     pixels = batch.pixel_values  # [rows, slots, *pixel_shape]
     mm, modules = model.config.multimodal, model.vision_modules()
     # The model's own per-image encoder (as serving's), over every slot at once: [rows * slots, F, E].
-    features = jax.vmap(lambda image: model.encode(mm, modules, image))(pixels.reshape(-1, *pixels.shape[2:]))
+    images = pixels.reshape(-1, *pixels.shape[2:])
+    if batch.image_sizes is not None:  # images of their own size (Pixtral): each encoded within its padding
+        sizes = batch.image_sizes.reshape(-1, 2)
+        features = jax.vmap(lambda image, size: model.encode_padded(mm, modules, image, size))(images, sizes)
+    else:
+        features = jax.vmap(lambda image: model.encode(mm, modules, image))(images)
     if batch.image_sources is not None:  # any-res: each slot's tiles arranged by its host layout: [rows * slots, F, E]
         sources, weights = (x.reshape(-1, *x.shape[2:]) for x in (batch.image_sources, batch.image_weights))
         features = jax.vmap(lambda f, s, w: model.arrange_by_layout(mm, modules, f, s, w))(features, sources, weights)
@@ -248,6 +254,7 @@ class Trainer:
             self.eval_examples = []
         self.examples = examples
         self.images_per_row = image_slots([*examples, *self.eval_examples], c.packing)
+        self.image_extent = run_image_extent([*examples, *self.eval_examples])  # one image shape for every batch
         self.rows = c.per_device_train_batch_size * self._data_parallel()
         self.batches_per_epoch = len(epoch_batches(examples, **self._batch_args(0)))
         steps_per_epoch = max(1, self.batches_per_epoch // c.gradient_accumulation_steps)
@@ -281,7 +288,7 @@ class Trainer:
     def _batch_args(self, epoch: int) -> dict[str, Any]:
         c = self.config
         return dict(rows_per_batch=self.rows, max_seq_length=c.max_seq_length, packing=c.packing, seed=c.seed, epoch=epoch,
-                    images_per_row=self.images_per_row)
+                    images_per_row=self.images_per_row, image_extent=self.image_extent)
 
     def micro_batch(self, index: int) -> Batch:
         """The `index`-th micro-batch of the run: a pure function of (seed, index)."""
@@ -399,7 +406,8 @@ class Trainer:
         rows = c.per_device_eval_batch_size * self._data_parallel()
         total, count = 0.0, 0
         batches = epoch_batches(self.eval_examples, rows_per_batch=rows, max_seq_length=c.max_seq_length,
-                                packing=c.packing, seed=c.seed, epoch=0, images_per_row=self.images_per_row)
+                                packing=c.packing, seed=c.seed, epoch=0, images_per_row=self.images_per_row,
+                                image_extent=self.image_extent)
         for batch in batches:
             device_batch = jax.tree.map(lambda x: x[0], self._device_batch([batch]))
             loss, n = self.eval_step(self.trainable, self.rng_state, self.frozen, device_batch)

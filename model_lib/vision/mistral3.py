@@ -63,6 +63,11 @@ class Mistral3Config(MultiModalConfig):
         ids = ([self.image_token_id] * cols + [self.break_token_id]) * rows
         return ids[:-1] + [self.end_token_id]
 
+    def own_size_grid(self, pixels: Any) -> tuple[int, int]:
+        """Training batches (`training/data.py`): images keep their own size, padded to the run's largest, and
+        an image's feature rows are this grid of the padded one (`encode_padded`)."""
+        return self.grid(pixels)
+
     @property
     def max_image_tokens(self) -> int:
         side = self.vision.image_size // self.unit
@@ -110,10 +115,20 @@ class Mistral3ForConditionalGeneration(VisionLanguageModel):
     mm_class, tower_class, projector_class = Mistral3Config, PixtralVisionTower, Mistral3MultiModalProjector
 
     @staticmethod
-    def encode(mm: Mistral3Config, modules: tuple, pixels: jax.Array) -> jax.Array:
-        """`[C, H, W]` -> `[(H / Pm) * (W / Pm), E]`."""
+    def encode(mm: Mistral3Config, modules: tuple, pixels: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """`[C, H, W]` -> `[(H / Pm) * (W / Pm), E]`; `valid [h * w]`: the patches that attend (`encode_padded`)."""
         tower, projector = modules
-        states = tower.hidden_states(pixels[None], mm.deepest_layer)
+        states = tower.hidden_states(pixels[None], mm.deepest_layer, None if valid is None else valid[None])
         selected = jnp.concatenate([states[layer % (mm.vision.num_layers + 1)] for layer in mm.feature_layers], -1)
         p = mm.vision.patch_size
         return projector(selected[0], pixels.shape[-2] // p, pixels.shape[-1] // p)
+
+    @staticmethod
+    def encode_padded(mm: Mistral3Config, modules: tuple, pixels: jax.Array, size: jax.Array) -> jax.Array:
+        """Training's pixels `[C, H, W]` holding an image of `size` (its height, width) at the top left, zeros
+        around -> the merged grid's rows `[(H / Pm) * (W / Pm), E]`: the image's rows at their places in it, as
+        `encode` gives them for the image alone (its patches attend only to each other), padding rows elsewhere."""
+        p = mm.vision.patch_size
+        rows, cols = jnp.meshgrid(jnp.arange(pixels.shape[-2] // p), jnp.arange(pixels.shape[-1] // p), indexing="ij")
+        valid = (rows < size[0] // p) & (cols < size[1] // p)
+        return Mistral3ForConditionalGeneration.encode(mm, modules, pixels, valid.reshape(-1))

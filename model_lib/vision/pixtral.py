@@ -4,7 +4,7 @@ Images keep their own (height, width), multiples of the patch size: a bias-free 
 convolution, `ln_pre` (RMSNorm), then pre-norm layers with RMSNorm, SwiGLU and axial 2D RoPE:
 the first half of each rotary half turns with the patch's row, the second with its column
 (inverse frequencies alternate between the two). One image at a time, so attention is
-full over its patches. Attribute names are transformers'.
+full over its patches, or (training's padded pixels) over the `valid` ones. Attribute names are transformers'.
 
 Glossary: P patch side, h x w patches, E width, N heads, H head width.
 """
@@ -54,11 +54,11 @@ class PixtralAttention(nnx.Module):
         self.num_heads = config.num_heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (_linear(e, e, dtype, rngs) for _ in range(4))
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array | None = None) -> jax.Array:
         b, s, e = x.shape
         q, k, v = (proj(x).reshape(b, s, self.num_heads, -1) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = _rotate(q, *rope), _rotate(k, *rope)
-        return self.o_proj(attend(q, k, v).reshape(b, s, e))
+        return self.o_proj(attend(q, k, v, mask).reshape(b, s, e))
 
 
 class PixtralMLP(nnx.Module):
@@ -79,8 +79,8 @@ class PixtralAttentionLayer(nnx.Module):
         self.ffn_norm = _norm(config, dtype)
         self.feed_forward = PixtralMLP(config, dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.attention(self.attention_norm(x), rope, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -90,8 +90,9 @@ class PixtralTransformer(nnx.Module):
 
 
 class PixtralVisionTower(nnx.Module):
-    """`hidden_states(pixels, depth)`: `ln_pre`'s output and the outputs of the first `depth` layers, each
-    `[B, h * w, E]` for `[B, C, h * P, w * P]` pixels."""
+    """`hidden_states(pixels, depth, valid)`: `ln_pre`'s output and the outputs of the first `depth` layers, each
+    `[B, h * w, E]` for `[B, C, h * P, w * P]` pixels; with `valid [B, h * w]`, patches attend only to valid ones
+    (an image padded at its bottom and right: its rows are those of the image alone)."""
 
     def __init__(self, config: VisionConfig, dtype: jnp.dtype, *, rngs: nnx.Rngs):
         self.config = config
@@ -101,13 +102,14 @@ class PixtralVisionTower(nnx.Module):
         self.ln_pre = _norm(config, dtype)
         self.transformer = PixtralTransformer(config, dtype, rngs=rngs)
 
-    def hidden_states(self, pixel_values: jax.Array, depth: int) -> list[jax.Array]:
+    def hidden_states(self, pixel_values: jax.Array, depth: int, valid: jax.Array | None = None) -> list[jax.Array]:
         p = self.config.patch_size
         h, w = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
         rope = axial_rope(self.config, h, w)
+        mask = None if valid is None else jnp.broadcast_to(valid[:, None, :], (valid.shape[0], h * w, h * w))
         x = self.ln_pre(self.patch_conv(pixel_values, p))
         states = [x]
         for layer in list(self.transformer.layers)[:depth]:
-            x = layer(x, rope)
+            x = layer(x, rope, mask)
             states.append(x)
         return states

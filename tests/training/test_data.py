@@ -175,3 +175,35 @@ def test_mllama_image_chat_batches_as_its_processor_does(tmp_path):
     assert short.aspect_ratio_ids[0, 1] == 0 and short.aspect_ratio_mask[0, 1].tolist() == [1, 0, 0, 0]
     assert not short.pixel_values[0, 1].any() and not short.cross_attention_mask[0, :, 1].any()
     np.testing.assert_array_equal(short.cross_attention_mask[0, :, 0], expected["cross_attention_mask"][0, :cut, 0])
+
+
+def test_images_of_their_own_size_pad_to_the_batch_and_keep_their_grid_places():
+    """Pixtral's images keep their size: pixels pad to the batch's largest, each slot keeps its own size, row k of
+    an image's grid takes its place in the padded grid, and [IMG_BREAK] / [IMG_END] keep their embeddings."""
+    from serving.multimodal.inputs import feature_rows
+    from training.data import Example
+    from training.images import ExampleImage
+
+    image, row_break, end = 5, 6, 7
+
+    def example(rows: int, cols: int) -> Example:
+        run = ([image] * cols + [row_break]) * rows
+        run[-1] = end
+        ids = [1, 2, *run, 3]
+        pixels = np.ones((3, 16 * rows, 16 * cols), np.float32)
+        return Example(ids, ids, [ExampleImage(2, len(run), pixels, feature_rows(run, image), own_grid=(rows, cols))])
+
+    batch = make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1)
+    assert batch.pixel_values.shape == (2, 1, 3, 48, 64)
+    assert batch.image_sizes.tolist() == [[[32, 64]], [[48, 32]]]
+    assert batch.pixel_values[1, 0, :, :48, :32].all() and not batch.pixel_values[1, 0, :, :, 32:].any()
+    # Padded grids of 3x4 rows: slot 1's rows start at 12; its 3x2 grid skips the padded columns.
+    assert batch.image_index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, 4, 5, 6, 7, -1, -1, -1, -1, -1],
+                                          [-1, -1, 12, 13, -1, 16, 17, -1, 20, 21, -1, -1, -1, -1, -1, -1]]
+    # Padded further (the run's largest, for one shape per run): grids of 3x5 rows.
+    batch = make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1, image_extent=(48, 80))
+    assert batch.pixel_values.shape == (2, 1, 3, 48, 80)
+    assert batch.image_index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, 5, 6, 7, 8, -1, -1, -1, -1, -1],
+                                          [-1, -1, 15, 16, -1, 20, 21, -1, 25, 26, -1, -1, -1, -1, -1, -1]]
+    with pytest.raises(DataError, match="an image of 48x64 pixels does not fit the batches' 32x64"):
+        make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1, image_extent=(32, 64))

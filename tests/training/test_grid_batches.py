@@ -11,7 +11,7 @@ from flax import nnx
 from model_lib.vision.glm4v_vit import GlmVisionConfig, GlmVisionTower
 from model_lib.vision.mrope import ImageSpan, mrope_positions
 from model_lib.vision.qwen_vit import QwenVisionConfig, QwenVisionTower, pad_layout, vision_layout
-from training.data import Example, epoch_batches, make_batch
+from training.data import Example, epoch_batches, make_batch, run_image_extent
 from training.images import ExampleImage
 
 SMALL = dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64, patch_size=4,
@@ -72,6 +72,6 @@ def test_every_batch_of_a_run_pads_to_its_most_patches():
     examples = [Example(list(range(20)), [1] * 20, [_image(3, (1, 4, 12))]),
                 Example(list(range(30)), [1] * 30, [_image(2, (1, 8, 8))])]
     batches = epoch_batches(examples, rows_per_batch=1, max_seq_length=32, packing=False, seed=0, epoch=0,
-                            images_per_row=1)
+                            images_per_row=1, image_extent=run_image_extent(examples))
     assert {b.pixel_values.shape[:3] for b in batches} == {(1, 1, 64)}
     assert {b.vision_layout.restore.shape for b in batches} == {(1, 1, 16)}

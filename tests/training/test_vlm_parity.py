@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.qwen_vl_models import build_qwen_vl, processed
-from tests.vlm_families import VLM_CASES
+from tests.vlm_families import PIXTRAL_TOKENS, VLM_CASES
 from tests.vlm_models import build_llava, png_bytes
 from training.config import TrainConfig
 from training.data import IGNORE, DataConfig, load_examples
@@ -30,8 +30,7 @@ GRIDS = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_V
          "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 BUILDERS = {"llava": build_llava, **{name: case.build for name, case in VLM_CASES.items()},
             **{name: partial(build_qwen_vl, architecture=arch) for name, arch in GRIDS.items()}}
-TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision", "mllama",
-           *GRIDS)  # the rest are refused
+TRAINED = ("llava", "gemma3", "internvl", "llama4", "llava_next", "llava_onevision", "mllama", "mistral3", *GRIDS)
 ANYRES = ("llava_next", "llava_onevision")
 # Any-res rows' images by their tile count: a 1x2 grid unpadded to fewer feature rows, a 2x2 grid to fewer columns.
 ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
@@ -40,6 +39,12 @@ ANYRES_SIZES = {3: (16, 64), 5: (64, 40)}
 MLLAMA_IMAGES = (((20, 40), (64, 30)), ((32, 32),))
 # Qwen-VL rows' images: a 4x12-patch grid (2x6 placeholder tokens, non-square) and an 8x8 one padded from 48 to 64 rows.
 GRID_SIZES = ((24, 56), (40, 48))
+# Mistral 3's images keep their size: 2x4 and 3x2 feature grids (rows closed by [IMG_BREAK]), padded to 48x64 pixels.
+OWN_SIZES = ((32, 64), (48, 32))
+# Each row's images (one chat per row); the other families: one image of 32x64 and one of 32x32.
+IMAGES = {**{family: tuple((size,) for size in ANYRES_SIZES.values()) for family in ANYRES}, "mllama": MLLAMA_IMAGES,
+          **{family: tuple((size,) for size in GRID_SIZES) for family in GRIDS},
+          "mistral3": tuple((size,) for size in OWN_SIZES)}
 # Llama 4's row (tiles with separators, like InternVL's) is the slowest: out of CI's time.
 # OneVision's row (LLaVA-NeXT's path with a shrunk map, also checked by the fast layout test below) as well.
 # Qwen3-VL-MoE's row (Qwen3-VL's path with a MoE decoder) too.
@@ -74,10 +79,7 @@ def checkpoint(tmp_path_factory):
         if family not in built:
             root = tmp_path_factory.mktemp(family)
             model = BUILDERS[family](root / "model")
-            images = tuple((size,) for size in ANYRES_SIZES.values()) if family in ANYRES else \
-                MLLAMA_IMAGES if family == "mllama" else tuple((size,) for size in GRID_SIZES) if family in GRIDS \
-                else (((32, 64),), ((32, 32),))
-            built[family] = (root / "model", model, _data(root, images), root)
+            built[family] = (root / "model", model, _data(root, IMAGES.get(family, (((32, 64),), ((32, 32),)))), root)
         return built[family]
 
     return get
@@ -114,6 +116,8 @@ def _hf_loss_and_grad_norm(model, batch, image_token_id: int, gemma: bool, anyre
             extra = {"image_grid_thw": torch.tensor(grid), "mm_token_type_ids": (ids == image_token_id).long()}
         if anyres:  # one image's tiles and its original size
             extra, pixels = {"image_sizes": torch.tensor([ANYRES_SIZES[len(pixels)]])}, pixels[None]
+        if batch.image_sizes is not None:  # padded images of their own size: transformers cuts each to its size
+            extra = {"image_sizes": torch.tensor(np.asarray(batch.image_sizes[r])[: len(pixels)])}
         loss = model(input_ids=ids, pixel_values=torch.tensor(pixels), labels=torch.tensor(labels[None]), **extra).loss
         row_sum = loss * int((labels != IGNORE).sum()) / count
         row_sum.backward()
@@ -152,13 +156,13 @@ def _grid_images(root, family: str) -> dict | None:
     return images
 
 
-def _trainer(folder, data: str, root, max_seq_length: int = 64):
+def _trainer(folder, data: str, root, max_seq_length: int = 64, **options):
     from training.trainer import Trainer
 
-    config = TrainConfig(model_name_or_path=str(folder), training_data_path=data, output_dir=str(root / "out"),
-                         max_seq_length=max_seq_length, peft_method="none", per_device_train_batch_size=2, max_steps=1,
-                         learning_rate=1e-4, torch_dtype="float32", progress_bar=False, seed=0)
-    return Trainer(config)
+    settings = dict(model_name_or_path=str(folder), training_data_path=data, output_dir=str(root / "out"),
+                    max_seq_length=max_seq_length, peft_method="none", per_device_train_batch_size=2, max_steps=1,
+                    learning_rate=1e-4, torch_dtype="float32", progress_bar=False, seed=0)
+    return Trainer(TrainConfig(**{**settings, **options}))
 
 
 def _step(trainer):
@@ -188,6 +192,12 @@ def test_image_chat_loss_and_gradients_match_transformers(family, checkpoint):
     if family in GRIDS:  # patch rows of 48 and 64 (padded) per slot; the 4x12 grid's positions are not square
         assert batch.pixel_values.shape[:3] == (2, 1, 64) and batch.rope_positions.shape == (2, 3, 64)
     mm = trainer.model.config.multimodal
+    if family == "mistral3":  # both padded to 48x64: 8 and 6 feature rows, 2 and 3 grid rows closed by break / end
+        assert batch.pixel_values.shape[1:] == (1, 3, 48, 64)
+        assert sorted(map(tuple, batch.image_sizes[:, 0].tolist())) == [(32, 64), (48, 32)]
+        assert sorted((batch.image_index >= 0).sum(-1)) == [6, 8]
+        breaks = np.isin(batch.input_ids, trainer.tokenizer.convert_tokens_to_ids(PIXTRAL_TOKENS[1:]))
+        assert breaks.sum() == 5 and (batch.image_index[breaks] == -1).all()
     hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, batch, mm.image_token_id, family == "gemma3", family in ANYRES,
                                               _grid_images(root, family))
     print(f"{family}: loss {loss:.8f} vs {hf_loss:.8f} (rel {abs(loss - hf_loss) / hf_loss:.2e}), "
@@ -260,6 +270,23 @@ def test_mllama_lora_adapter_loads_in_peft(checkpoint, tmp_path):
     assert_logits_close(ours, expected)
 
 
+def test_mistral3_accumulates_micro_batches_of_their_own_size(checkpoint):
+    """Images of their own size pad to the run's largest: micro-batches of one image each (32x64, 48x32) share one
+    shape, and accumulating them matches transformers over both."""
+    import jax
+
+    folder, hf, data, root = checkpoint("mistral3")
+    trainer = _trainer(folder, data, root, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    micro = [trainer.micro_batch(0), trainer.micro_batch(1)]
+    assert [b.pixel_values.shape for b in micro] == [(1, 1, 3, 48, 64)] * 2
+    out = trainer.train_step(trainer.trainable, trainer.opt_state, trainer.rng_state, trainer.frozen,
+                             trainer._device_batch(micro), jnp.asarray(0))
+    both = jax.tree.map(lambda *parts: np.concatenate(parts), *micro)
+    hf_loss, hf_norm = _hf_loss_and_grad_norm(hf, both, trainer.model.config.multimodal.image_token_id, False)
+    np.testing.assert_allclose(float(out[3]), hf_loss, rtol=RTOL)
+    np.testing.assert_allclose(float(out[4]), hf_norm, rtol=1e-4)
+
+
 def test_gemma3_row_sees_dropped_image_spans(checkpoint, monkeypatch):
     """The Gemma 3 row can fail: with its images causal (no bidirectional spans) the loss leaves transformers'."""
     from model_lib.vision.gemma3 import Gemma3VisionConfig
@@ -311,17 +338,14 @@ def test_llava_next_row_sees_dropped_newline_rows(checkpoint, monkeypatch):
     assert abs(loss - hf_loss) > 10 * RTOL * hf_loss, (loss, hf_loss)
 
 
-@pytest.mark.parametrize("family", [f for f in BUILDERS if f not in TRAINED])
-def test_untrained_families_are_refused_by_name(family, checkpoint):
-    from transformers import AutoTokenizer
+def test_every_served_family_trains_on_images_and_a_new_one_is_refused_by_name():
+    """Every family the table builds has a parity row; an architecture without a parity-checked batch layout is
+    refused by name before any batch is built."""
+    from training.images import refuse_untrained_images
 
-    import model_lib
-
-    folder, _, data, _ = checkpoint(family)
-    config = model_lib.load_config(folder)[0]
-    images = TrainingImages(folder, config, Path(data).parent)
-    with pytest.raises(ValueError, match=f"fine-tuning {config.architecture} on image data is not supported yet"):
-        load_examples(data, AutoTokenizer.from_pretrained(folder), DataConfig(max_seq_length=64), images)
+    assert set(BUILDERS) == set(TRAINED)
+    with pytest.raises(ValueError, match="fine-tuning NewVLForConditionalGeneration on image data is not supported"):
+        refuse_untrained_images("NewVLForConditionalGeneration")
 
 
 def test_qwen_vl_row_sees_one_dimensional_positions(checkpoint, monkeypatch):
