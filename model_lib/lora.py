@@ -225,7 +225,8 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, b
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for hf_module, parts in target_groups(model, config.target_modules).items():
+    groups = target_groups(model, config.target_modules)
+    for hf_module, parts in groups.items():
         layers = [layer for _, layer in parts]
         if any(layer.lora_a is None for layer in layers):
             raise ValueError(f"{hf_module} has no adapter; was apply_lora called with this config?")
@@ -244,7 +245,17 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, b
             tensors[prefix + "lora_A.weight"], tensors[prefix + "lora_B.weight"] = expert_lora.to_peft(
                 a, b_parts, expert_lora.peft_layout(model))
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (path / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft(base_model_name_or_path), indent=2))
+    peft_config = config.to_peft(base_model_name_or_path)
+    if config.target_modules and _skips_vision(model, config.target_modules):
+        # PEFT reads names and "all-linear" as the vision tower's layers too: name the adapted modules themselves.
+        peft_config["target_modules"] = sorted(groups)
+    (path / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
+
+
+def _skips_vision(model: nnx.Module, targets: list[str] | str) -> bool:
+    """Whether `targets` (names or "all-linear", not a regex) left a vision tower's linear layers out."""
+    by_regex = isinstance(targets, str) and targets != "all-linear"
+    return not by_regex and any(path.split(".", 1)[0] in VISION_MODULES for path in linear_layers(model))
 
 
 def read_peft_adapter(model: nnx.Module, path: str | Path) -> tuple[LoraConfig, dict[str, tuple[np.ndarray, np.ndarray]]]:

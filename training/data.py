@@ -275,7 +275,7 @@ def pack_rows(examples: Sequence[Example], max_seq_length: int, packing: bool) -
 
 def make_batch(
     rows: Sequence[Sequence[Example]], max_seq_length: int, num_rows: int | None = None, image_slots: int = 0,
-    image_extent: int | tuple[int, int] | None = None,
+    image_extent: ImageExtent | None = None,
 ) -> Batch:
     """Rows of examples -> arrays; `num_rows` pads with empty rows so every batch has one shape.
 
@@ -305,29 +305,37 @@ def make_batch(
 
 
 def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int,
-                  extent: int | tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    images = [image for row in rows for example in row for image in example.images]
+                  extent: ImageExtent | None = None) -> dict[str, np.ndarray]:
+    """The image fields of a batch (see `Batch`), padded to `extent` and to the batch's own images; a batch
+    without images (text-only chats of an image run) gets all-padding fields of the run's shapes."""
+    batch_images = [image for row in rows for example in row for image in example.images]
+    if not batch_images and extent is None:
+        raise DataError("a batch with image slots needs images or the run's image extent to pad to")
+    images = batch_images + ([] if extent is None else [extent.first])  # padding counts the run's first image too
     first = images[0]
     if first.aspect_ratio_id is not None:
         return _batch_cross_images(rows, shape, slots, first.pixel_values.shape)
     pixel_shape, per_slot = first.pixel_values.shape, first.feature_rows
     grids = first.vision_layout is not None
-    if grids:  # patch rows [N, D]: every slot padded to the most patches (at least `extent`), and merge units
+    if grids:  # patch rows [N, D]: every slot padded to the most patches (at least the run's), and merge units
         ratio = len(first.pixel_values) // len(first.vision_layout.restore)  # patches per merge unit
-        most = max(extent or 0, *(len(image.pixel_values) for image in images))
+        most = max(_most(extent, "leading"), *(len(image.pixel_values) for image in images))
         pixel_shape, per_slot = (most, pixel_shape[1]), most // ratio
     elif first.own_grid is not None:
-        pixel_shape, per_slot, columns = _padded_grid(images, extent)
-    elif any(image.pixel_values.shape != pixel_shape for image in images):
-        # Tiles [N, C, H, W] (InternVL): every slot padded to the batch's most tiles; rows scale with the tiles.
-        if len(pixel_shape) != 4 or any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
+        pixel_shape, per_slot, columns = _padded_grid(images, None if extent is None else extent.size)
+    elif len(pixel_shape) == 4:
+        # Tiles [N, C, H, W] (InternVL, any-res): every slot padded to the most tiles (at least the run's); rows
+        # scale with the tiles.
+        if any(image.pixel_values.shape[1:] != pixel_shape[1:] for image in images):
             raise DataError(f"images of different shapes {sorted({i.pixel_values.shape for i in images})} "
-                            "in one batch (only tiles of one size pad to a common count)")
-        tiles = max(image.pixel_values.shape[0] for image in images)
+                            "in one run (only tiles of one size pad to a common count)")
+        tiles = max(_most(extent, "leading"), *(image.pixel_values.shape[0] for image in images))
         per_slot = first.feature_rows // pixel_shape[0] * tiles
         pixel_shape = (tiles, *pixel_shape[1:])
+    elif any(image.pixel_values.shape != pixel_shape for image in images):
+        raise DataError(f"images of different shapes {sorted({i.pixel_values.shape for i in images})} in one run")
     if first.layout is not None:  # any-res: a slot's rows are its layout's, however many tiles
-        per_slot = max(len(image.layout[0]) for image in images)
+        per_slot = max(_most(extent, "rows"), *(len(image.layout[0]) for image in images))
     pixels = np.zeros((shape[0], slots, *pixel_shape), np.float32)
     index = np.full(shape, -1, np.int32)
     for r, row in enumerate(rows):
@@ -345,7 +353,7 @@ def _batch_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slo
     if first.own_grid is not None:
         layouts["image_sizes"] = _batch_sizes(rows, (shape[0], slots), pixel_shape[-2:])
     if grids:
-        layouts = _batch_grids(rows, shape, slots, pixel_shape[0], per_slot)
+        layouts = _batch_grids(rows, shape, slots, pixel_shape[0], per_slot, first)
     return {"pixel_values": pixels, "image_index": index, **layouts}
 
 
@@ -402,10 +410,10 @@ def _batch_cross_images(rows: Sequence[Sequence[Example]], shape: tuple[int, int
 
 
 def _batch_grids(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slots: int, patches: int,
-                 units: int) -> dict[str, Any]:
-    """Grid-sized images' tower layouts padded to `patches` rows (empty slots: all padding), stacked
-    `[rows, slots, ...]`, and each row's M-RoPE positions `[rows, 3, L]` (padding tokens: any, they are masked)."""
-    first = next(image for row in rows for example in row for image in example.images)
+                 units: int, first: ExampleImage) -> dict[str, Any]:
+    """Grid-sized images' tower layouts padded to `patches` rows (empty slots: all padding, shaped as `first`'s),
+    stacked `[rows, slots, ...]`, and each row's M-RoPE positions `[rows, 3, L]` (padding tokens: any, they are
+    masked)."""
     empty = jax.tree.map(lambda x: x[:0], first.vision_layout)
     layouts = [[empty] * slots for _ in range(shape[0])]
     positions = np.broadcast_to(np.arange(shape[1], dtype=np.int32), (shape[0], 3, shape[1])).copy()
@@ -457,14 +465,29 @@ def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int
     return {"image_sources": sources, "image_weights": weights}
 
 
-def run_image_extent(examples: Sequence[Example]) -> int | tuple[int, int] | None:
+@dataclass(frozen=True)
+class ImageExtent:
     """What every batch of a run pads its images to, so that its accumulated micro-batches stack and the step
-    compiles once: the most patch rows of a grid-sized image (Qwen-VL), the largest height and width of the images
-    of their own size (Pixtral); None for the other families (their batches pad to the batch's largest)."""
+    compiles once (`run_image_extent`)."""
+
+    first: ExampleImage  # the run's first image: its family's layout for batches of text-only chats
+    leading: int = 0  # the most tiles (InternVL, any-res) or patch rows (Qwen-VL) of an image
+    rows: int = 0  # any-res: the most feature rows of an image's layout
+    size: tuple[int, int] | None = None  # images of their own size (Pixtral): the largest height and width
+
+
+def run_image_extent(examples: Sequence[Example]) -> ImageExtent | None:
+    """The run's `ImageExtent` over `examples` (None for text data)."""
     images = [image for e in examples for image in e.images]
-    if any(image.vision_layout is not None for image in images):
-        return max(len(image.pixel_values) for image in images if image.vision_layout is not None)
-    return _largest(images)
+    if not images:
+        return None
+    leading = max(len(image.pixel_values) for image in images) if images[0].pixel_values.ndim != 3 else 0
+    rows = max((len(image.layout[0]) for image in images if image.layout is not None), default=0)
+    return ImageExtent(images[0], leading, rows, _largest(images))
+
+
+def _most(extent: ImageExtent | None, field_name: str) -> int:
+    return 0 if extent is None else getattr(extent, field_name)
 
 
 def _largest(images: Sequence[ExampleImage]) -> tuple[int, int] | None:
@@ -482,7 +505,7 @@ def image_slots(examples: Sequence[Example], packing: bool) -> int:
 
 def epoch_batches(
     examples: Sequence[Example], *, rows_per_batch: int, max_seq_length: int, packing: bool, seed: int, epoch: int,
-    images_per_row: int = 0, image_extent: int | tuple[int, int] | None = None,
+    images_per_row: int = 0, image_extent: ImageExtent | None = None,
 ) -> list[Batch]:
     """One epoch in a deterministic shuffled order (same seed and epoch -> same batches)."""
     order = np.random.default_rng([seed, epoch]).permutation(len(examples))

@@ -181,7 +181,7 @@ def test_images_of_their_own_size_pad_to_the_batch_and_keep_their_grid_places():
     """Pixtral's images keep their size: pixels pad to the batch's largest, each slot keeps its own size, row k of
     an image's grid takes its place in the padded grid, and [IMG_BREAK] / [IMG_END] keep their embeddings."""
     from serving.multimodal.inputs import feature_rows
-    from training.data import Example
+    from training.data import Example, ImageExtent
     from training.images import ExampleImage
 
     image, row_break, end = 5, 6, 7
@@ -201,9 +201,34 @@ def test_images_of_their_own_size_pad_to_the_batch_and_keep_their_grid_places():
     assert batch.image_index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, 4, 5, 6, 7, -1, -1, -1, -1, -1],
                                           [-1, -1, 12, 13, -1, 16, 17, -1, 20, 21, -1, -1, -1, -1, -1, -1]]
     # Padded further (the run's largest, for one shape per run): grids of 3x5 rows.
-    batch = make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1, image_extent=(48, 80))
+    batch = make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1,
+                       image_extent=ImageExtent(example(2, 4).images[0], size=(48, 80)))
     assert batch.pixel_values.shape == (2, 1, 3, 48, 80)
     assert batch.image_index.tolist() == [[-1, -1, 0, 1, 2, 3, -1, 5, 6, 7, 8, -1, -1, -1, -1, -1],
                                           [-1, -1, 15, 16, -1, 20, 21, -1, 25, 26, -1, -1, -1, -1, -1, -1]]
     with pytest.raises(DataError, match="an image of 48x64 pixels does not fit the batches' 32x64"):
-        make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1, image_extent=(32, 64))
+        make_batch([[example(2, 4)], [example(3, 2)]], 16, image_slots=1,
+                   image_extent=ImageExtent(example(2, 4).images[0], size=(32, 64)))
+
+
+def test_every_batch_of_an_image_run_pads_to_the_run_extent():
+    """Tiles pad to the run's most, not each batch's, and a batch of text-only chats carries all-padding image
+    fields of the same shapes: micro-batches stack and the step compiles once."""
+    from training.data import Example, run_image_extent
+    from training.images import ExampleImage
+
+    def example(tiles: int) -> Example:
+        ids = [1, 2, *([5] * 4 * tiles), 3]  # 4 feature rows per tile
+        return Example(ids, ids, [ExampleImage(2, 4 * tiles, np.ones((tiles, 3, 8, 8), np.float32))])
+
+    text = Example([1, 2, 3], [1, 2, 3], [])
+    examples = [example(1), example(3), text]  # the run's first image is not its largest
+    extent = run_image_extent(examples)
+    batches = [make_batch([[e]], 16, image_slots=1, image_extent=extent) for e in examples]
+    assert [b.pixel_values.shape for b in batches] == [(1, 1, 3, 3, 8, 8)] * 3
+    assert batches[0].pixel_values[0, 0, 0].all() and not batches[0].pixel_values[0, 0, 1:].any()
+    assert batches[0].image_index[0].tolist() == [-1, -1, 0, 1, 2, 3, *[-1] * 10]
+    assert not batches[2].pixel_values.any() and (batches[2].image_index == -1).all()
+    assert make_batch([[examples[0]]], 16, image_slots=1).pixel_values.shape == (1, 1, 1, 3, 8, 8)  # no extent
+    with pytest.raises(DataError, match="needs images or the run's image extent"):
+        make_batch([[text]], 16, image_slots=1)

@@ -251,6 +251,8 @@ def test_mllama_lora_adapter_loads_in_peft(checkpoint, tmp_path):
     trainer = Trainer(config)
     trainer.train()
     modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in load_file(tmp_path / "adapter_model.safetensors")}
+    # PEFT would read "all-linear" as the vision side's layers too: the adapter names its modules instead.
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == sorted(modules)
     layers = "model.language_model.layers"
     assert {f"{layers}.1.cross_attn.{p}_proj" for p in "qkvo"} | {f"{layers}.{i}.self_attn.q_proj" for i in (0, 2)} <= modules
     assert not any("vision_model" in m or "multi_modal_projector" in m or m.endswith("lm_head") for m in modules)
