@@ -7,7 +7,7 @@ most `max_num_batched_tokens`), the sequence axis is tied to the token bucket
 two. Each new shape is logged once; `step_shapes` lists every one the sizes
 allow, which `warm_up` compiles at start.
 
-On the CPU backend (`own_seq_buckets`) the sequence axis pads to its own power of
+On the CPU backend (`tight_buckets`) the sequence axis pads to its own power of
 two (at most the tied size): there every padded row is computed, and a prefill of
 16 prompts in a 1024-token bucket would otherwise run the LM head and the sampler
 over 256 rows and cut its attention into tiles of 1024 / 256 = 4 queries (each
@@ -142,14 +142,14 @@ class ModelRunner:
         lora: LoRAManager | None = None,
         expanded_prefill_tokens: int = 0,
         min_token_bucket: int | None = None,
-        own_seq_buckets: bool | None = None,
+        tight_buckets: bool | None = None,
     ):
         """`kv_cache_dtype`: the pages' dtype (default the model's; int8 / float8 pages are quantized);
         `lora`: served adapters, whose stacks every step takes (the layers stay unrolled then);
         `expanded_prefill_tokens`: MLA chunks of at least this many new tokens attend expanded (0: never;
         `mla_prefill.py`); `min_token_bucket`: the smallest padded token count (None: the backend's default);
-        `own_seq_buckets`: pad the sequence axis to its own power of two instead of tying it to the token bucket
-        (None: on the CPU backend only, see the module docstring)."""
+        `tight_buckets`: pad the sequence axis to its own power of two instead of tying it to the token bucket,
+        and page tables from one page (None: on the CPU backend only, see the module docstring)."""
         config = model.config
         self.config = config
         self.page_size = page_size
@@ -157,7 +157,8 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.min_token_bucket = check_min_token_bucket(min_token_bucket)
-        self.own_seq_buckets = jax.default_backend() == "cpu" if own_seq_buckets is None else own_seq_buckets
+        self.tight_buckets = jax.default_backend() == "cpu" if tight_buckets is None else tight_buckets
+        self.min_page_bucket = 1 if self.tight_buckets else MIN_PAGE_BUCKET
         self.scan_layers = jax.default_backend() != "cpu" if scan_layers is None else scan_layers
         if lora is not None:
             if scan_layers:
@@ -202,13 +203,13 @@ class ModelRunner:
     def step_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, sequences, pages per sequence) shape `prepare` can produce."""
         tokens = buckets(min(self.min_token_bucket, self.max_num_batched_tokens), self.max_num_batched_tokens)
-        pages = buckets(min(MIN_PAGE_BUCKET, self.max_pages_per_seq), self.max_pages_per_seq)
+        pages = buckets(min(self.min_page_bucket, self.max_pages_per_seq), self.max_pages_per_seq)
         return [(t, s, p) for t in tokens for s in self._seq_buckets(t) for p in pages]
 
     def _seq_buckets(self, token_pad: int) -> list[int]:
         """The sequence paddings a step of `token_pad` tokens can take."""
         most = min(token_pad, self.max_num_seqs)
-        return buckets(min(self.min_token_bucket, most), most) if self.own_seq_buckets else [most]
+        return buckets(min(self.min_token_bucket, most), most) if self.tight_buckets else [most]
 
     def expanded_shapes(self) -> list[tuple[int, int, int]]:
         """The step shapes that can hold an MLA chunk long enough for the expanded form (`mla_prefill.py`)."""
@@ -219,9 +220,9 @@ class ModelRunner:
     def _padded(self, num_tokens: int, num_seqs: int, num_pages: int) -> tuple[int, int, int]:
         token_pad = bucket(max(num_tokens, num_seqs), self.min_token_bucket, self.max_num_batched_tokens)
         seq_pad = min(token_pad, self.max_num_seqs)
-        if self.own_seq_buckets:
+        if self.tight_buckets:
             seq_pad = bucket(num_seqs, min(self.min_token_bucket, seq_pad), seq_pad)
-        return token_pad, seq_pad, bucket(num_pages, MIN_PAGE_BUCKET, self.max_pages_per_seq)
+        return token_pad, seq_pad, bucket(num_pages, self.min_page_bucket, self.max_pages_per_seq)
 
     @staticmethod
     def empty_inputs(shape: tuple[int, int, int], *, mrope: bool = False, spans: bool = False) -> StepInputs:
