@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--compare-unrolled", action="store_true", help="also time the layers unrolled")
+    parser.add_argument("--max-num-batched-tokens", type=int,
+                        help="the engine's token budget per step (default: max(512, 4 x prompt length))")
     args = parser.parse_args()
     defaults = dict(hidden=256, intermediate=None, layers=4, heads=8, kv_heads=2, vocab=4096, tied=False)
     for name, value in {**defaults, **PRESETS.get(args.preset, {})}.items():
@@ -166,9 +168,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         hf_model = build_model(args, folder)
+        budget = args.max_num_batched_tokens or max(512, args.prompt_len * 4)
         engine_args = dict(dtype="float32", max_model_len=args.prompt_len + args.output_len + 16,
-                           max_num_seqs=max(args.batches), max_num_batched_tokens=max(512, args.prompt_len * 4),
-                           page_size=16)
+                           max_num_seqs=max(args.batches), max_num_batched_tokens=budget, page_size=16)
         llm = LLM(folder, **engine_args, **({"scan_layers": True} if args.compare_unrolled else {}))
         unrolled = LLM(folder, **engine_args, scan_layers=False) if args.compare_unrolled else None
         rng = np.random.RandomState(0)

@@ -433,29 +433,6 @@ def _batch_grids(rows: Sequence[Sequence[Example]], shape: tuple[int, int], slot
     return {"vision_layout": stacked, "rope_positions": positions}
 
 
-def _padded_grid(images: Sequence[ExampleImage], size: tuple[int, int] | None) -> tuple[tuple[int, ...], int, int]:
-    """Images of their own size: the batch's pixel shape (`size`, or the largest height and width), the rows of its
-    feature grid per slot, and that grid's columns."""
-    if any(image.pixel_values.ndim != 3 or image.own_grid is None for image in images):
-        raise DataError(f"images of their own size must be [C, H, W] each, got "
-                        f"{sorted({i.pixel_values.shape for i in images})}")
-    largest = _largest(images)
-    height, width = size or largest
-    if largest[0] > height or largest[1] > width:
-        raise DataError(f"an image of {largest[0]}x{largest[1]} pixels does not fit the batches' {height}x{width}")
-    unit = images[0].pixel_values.shape[2] // images[0].own_grid[1]  # pixels per feature row along each side
-    return (images[0].pixel_values.shape[0], height, width), (height // unit) * (width // unit), width // unit
-
-
-def _batch_sizes(rows: Sequence[Sequence[Example]], shape: tuple[int, int], full: tuple[int, int]) -> np.ndarray:
-    """Each slot's own (height, width) in `shape` [rows, slots]; an empty slot's zeros are encoded `full`."""
-    sizes = np.tile(np.asarray(full, np.int32), (*shape, 1))
-    for r, row in enumerate(rows):
-        for s, image in enumerate(row[0].images if row else ()):
-            sizes[r, s] = image.pixel_values.shape[-2:]
-    return sizes
-
-
 def _batch_layouts(rows: Sequence[Sequence[Example]], shape: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
     """Each slot's any-res layout in `shape` [rows, slots, F, TAPS], padded (zero weights: rows no token takes)."""
     sources, weights = np.zeros(shape, np.int32), np.zeros(shape, np.float32)

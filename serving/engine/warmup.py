@@ -1,7 +1,7 @@
 """Start-up compilation: every shape a configuration can produce, and the persistent XLA cache.
 
 Serving then never stops to compile: `warm_up` runs the model step once for each
-(token bucket, page-table bucket) shape (the sequence bucket is tied to the token
+(token bucket, sequence bucket, page-table bucket) shape (on accelerators the sequence bucket is tied to the token
 bucket) and every sampler variant reachable with it (logprobs or not, penalties or
 not; drawing, filtering and the grammar bitmask, all ones without a grammar, are decided on
 the device), then the slot-row writers.
