@@ -14,8 +14,9 @@ moves it, and an empty value turns it off.
 
 Whether to warm up (`EngineConfig.enforce_eager` false) defaults to: yes on an
 accelerator, no on the CPU backend. Scanned layer stacks make a shape's compile time
-flat in depth, but the default configuration still has 84 step shapes (12 token x 7
-page-table buckets), each compiled for tens of seconds on a small shared CPU, and
+flat in depth, but the default configuration has 84 step shapes on an accelerator (12 token
+x 7 page-table buckets) and 720 on the CPU backend (whose sequence and page-table buckets
+start at one, `runner.py`), each compiled for tens of seconds on a small shared CPU, and
 warm-up runs each one, the largest (2048 tokens, 256 sequences, 512 pages) gathering
 gigabytes on the tiled attention path (benchmarks/RESULTS.md); on demand, a CPU
 server compiles only the few shapes its traffic uses. `JAXLLM_ENFORCE_EAGER=1`/`0` sets the default
