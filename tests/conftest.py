@@ -27,6 +27,9 @@ if "JAXLLM_COMPILATION_CACHE_DIR" not in os.environ:
 # Steps pad to at least 8 tokens, as on an accelerator: three fewer step shapes to compile per engine than the
 # CPU default of 1 (tests/serving/test_engine.py checks that default).
 os.environ.setdefault("JAXLLM_MIN_TOKEN_BUCKET", "8")
+# Likewise the accelerator's coarser sequence and page-table buckets: the CPU default's tighter ones (every power of
+# two) would compile several times as many shapes per engine; tests/serving/test_engine.py runs them.
+os.environ.setdefault("JAXLLM_TIGHT_BUCKETS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -72,6 +72,7 @@ MIN_TOKEN_BUCKET = 8
 MIN_CPU_TOKEN_BUCKET = 1
 MIN_PAGE_BUCKET = 8
 MIN_TOKEN_BUCKET_ENV = "JAXLLM_MIN_TOKEN_BUCKET"
+TIGHT_BUCKETS_ENV = "JAXLLM_TIGHT_BUCKETS"  # "1"/"0": tight_buckets' default either way (unset: the backend's)
 LARGEST_MIN_TOKEN_BUCKET = 1 << 16
 
 
@@ -149,7 +150,8 @@ class ModelRunner:
         `expanded_prefill_tokens`: MLA chunks of at least this many new tokens attend expanded (0: never;
         `mla_prefill.py`); `min_token_bucket`: the smallest padded token count (None: the backend's default);
         `tight_buckets`: pad the sequence axis to its own power of two instead of tying it to the token bucket,
-        and page tables from one page (None: on the CPU backend only, see the module docstring)."""
+        and page tables from one page (None: `$JAXLLM_TIGHT_BUCKETS`, else on the CPU backend only; see the module
+        docstring)."""
         config = model.config
         self.config = config
         self.page_size = page_size
@@ -157,6 +159,10 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.min_token_bucket = check_min_token_bucket(min_token_bucket)
+        if tight_buckets is None:
+            from serving.engine.warmup import env_flag  # warmup imports this module
+
+            tight_buckets = env_flag(TIGHT_BUCKETS_ENV)
         self.tight_buckets = jax.default_backend() == "cpu" if tight_buckets is None else tight_buckets
         self.min_page_bucket = 1 if self.tight_buckets else MIN_PAGE_BUCKET
         self.scan_layers = jax.default_backend() != "cpu" if scan_layers is None else scan_layers

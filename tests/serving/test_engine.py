@@ -55,6 +55,25 @@ def test_same_tokens_under_scheduling_pressure(name, engine_args, tiny_checkpoin
         assert max(len(p) for p in prompt_ids) > 16  # the long prompts needed several steps
 
 
+def test_cpu_tight_buckets_fit_the_batch_and_give_the_same_tokens(tiny_checkpoint, expected, monkeypatch):
+    """The CPU backend's default step shapes (tests/conftest.py turns them off elsewhere): sequences and page tables
+    pad to their own powers of two from one, not to the token bucket and eight pages, and greedy tokens still equal
+    transformers'."""
+    folder, _ = tiny_checkpoint(CASE)
+    prompt_ids, refs = expected
+    sizes = dict(max_model_len=40, page_size=4, max_num_batched_tokens=64, min_token_bucket=None)
+    monkeypatch.setenv("JAXLLM_TIGHT_BUCKETS", "0")
+    assert LLM(folder, **sizes).engine.runner._padded(40, 3, 2) == (64, 64, 8)
+    monkeypatch.setenv("JAXLLM_TIGHT_BUCKETS", "1")
+    llm = LLM(folder, **sizes)
+    assert llm.engine.runner._padded(40, 3, 2) == (64, 4, 2)
+    outputs = llm.generate(token_prompts(prompt_ids), GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] == refs
+    monkeypatch.setenv("JAXLLM_TIGHT_BUCKETS", "maybe")
+    with pytest.raises(ValueError, match="JAXLLM_TIGHT_BUCKETS='maybe'"):
+        LLM(folder, **sizes)
+
+
 def test_min_token_bucket_defaults_to_the_backend_and_is_bounded(monkeypatch):
     import jax
 
