@@ -143,14 +143,19 @@ def _matches(path: str, hf_module: str, targets: list[str] | str) -> bool:
 VISION_MODULES = ("vision_tower", "vision_model", "multi_modal_projector", "visual")
 
 
+def _vision_side_left_out(path: str, targets: list[str] | str) -> bool:
+    """Whether names or "all-linear" (not a regex) leave our linear layer at `path` out: it is on the vision side."""
+    by_regex = isinstance(targets, str) and targets != "all-linear"
+    return not by_regex and path.split(".", 1)[0] in VISION_MODULES
+
+
 def target_groups(model: nnx.Module, targets: list[str] | str) -> dict[str, list[tuple[str, Linear]]]:
     """HF module path -> our linear layers that hold it (one, or the parts of a fused module)."""
     family = get_family(model.config.architecture).for_config(model.config)
     groups: dict[str, list[tuple[str, Linear]]] = {}
     order: dict[str, int] = {}  # fused parts in the HF tensor's order (q, k, v), not graph order
-    by_regex = isinstance(targets, str) and targets != "all-linear"
     for path, layer in linear_layers(model).items():
-        if path.split(".", 1)[0] in VISION_MODULES and not by_regex:
+        if _vision_side_left_out(path, targets):
             continue
         hf = _hf_module(path, family)
         if _matches(path, hf, targets):
@@ -246,16 +251,10 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, path: str | Path, b
                 a, b_parts, expert_lora.peft_layout(model))
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_config = config.to_peft(base_model_name_or_path)
-    if config.target_modules and _skips_vision(model, config.target_modules):
+    if config.target_modules and any(_vision_side_left_out(p, config.target_modules) for p in linear_layers(model)):
         # PEFT reads names and "all-linear" as the vision tower's layers too: name the adapted modules themselves.
         peft_config["target_modules"] = sorted(groups)
     (path / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
-
-
-def _skips_vision(model: nnx.Module, targets: list[str] | str) -> bool:
-    """Whether `targets` (names or "all-linear", not a regex) left a vision tower's linear layers out."""
-    by_regex = isinstance(targets, str) and targets != "all-linear"
-    return not by_regex and any(path.split(".", 1)[0] in VISION_MODULES for path in linear_layers(model))
 
 
 def read_peft_adapter(model: nnx.Module, path: str | Path) -> tuple[LoraConfig, dict[str, tuple[np.ndarray, np.ndarray]]]:

@@ -232,7 +232,7 @@ class Batch:
     # the feature row it takes among the batch's `rows * slots * F` image rows (-1: its own embedding).
     pixel_values: np.ndarray | None = None  # [rows, slots, C, H, W] float32 (tiles: [rows, slots, N, C, H, W])
     image_index: np.ndarray | None = None  # [rows, L] int32
-    # Any-res tiles: each slot's `ExampleImage.layout` (its F rows from the encoded tiles), padded to the batch's most.
+    # Any-res tiles: each slot's `ExampleImage.layout` (its F rows from the encoded tiles), padded to the run's most.
     image_sources: np.ndarray | None = None  # [rows, slots, F, TAPS] int32
     image_weights: np.ndarray | None = None  # [rows, slots, F, TAPS] float32
     # Images read by cross attention (Mllama; no image_index): `pixel_values` holds each slot's every tile [T], these
@@ -241,7 +241,7 @@ class Batch:
     aspect_ratio_ids: np.ndarray | None = None  # [rows, slots] int32
     aspect_ratio_mask: np.ndarray | None = None  # [rows, slots, T] int32
     cross_attention_mask: np.ndarray | None = None  # [rows, L, slots, T] int32
-    # Grid-sized images (Qwen-VL): pixel_values are patch rows [rows, slots, N, C*Tp*P*P] padded to the batch's most
+    # Grid-sized images (Qwen-VL): pixel_values are patch rows [rows, slots, N, C*Tp*P*P] padded to the run's most
     # patches, each slot's tower layout padded alike (`qwen_vit.pad_layout`; arrays [rows, slots, ...]), and each
     # row's M-RoPE positions as transformers' `get_rope_index` gives them.
     vision_layout: VisionLayout | None = None

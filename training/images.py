@@ -29,7 +29,7 @@ from serving.multimodal.prompts import inputs_class
 
 IGNORE = -100
 
-# Grid-sized images (Qwen2/2.5/3-VL, GLM-4.1V): each image's patch rows and tower layout padded to the batch's most
+# Grid-sized images (Qwen2/2.5/3-VL, GLM-4.1V): each image's patch rows and tower layout padded to the run's most
 # patches (padding rows attend only among themselves), each row's M-RoPE positions computed on the host
 # (`data._batch_grids`); Qwen3-VL's DeepStack sets ride beside each feature row.
 GRID_FAMILIES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Glm4vForConditionalGeneration",

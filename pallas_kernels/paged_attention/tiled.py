@@ -43,18 +43,25 @@ def tile_size(num_tokens: int, num_seqs: int) -> int:
     return 1 << (mean.bit_length() - 1)
 
 
+def _sequence_tiles(meta: PagedMetadata, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per sequence `[S]`: its new tokens (0 for padding rows), its first tile and one past its last."""
+    num_seqs = meta.kv_lens.shape[0]
+    q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
+    q_lens = jnp.where(jnp.arange(num_seqs) < meta.num_seqs, q_lens, 0)
+    tiles = (q_lens + rows - 1) // rows
+    tiles_end = jnp.cumsum(tiles)
+    return q_lens, tiles_end - tiles, tiles_end
+
+
 def tile_layout(meta: PagedMetadata, num_tokens: int, rows: int):
     """Per tile: its sequence `[N]`; per tile row: its token index `[N, Q]`, position and realness."""
     cu_q_lens, kv_lens = meta.cu_q_lens, meta.kv_lens
     num_seqs = kv_lens.shape[0]
     num_tiles = min(num_tokens, -(-num_tokens // rows) + num_seqs)
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    q_lens = jnp.where(jnp.arange(num_seqs) < meta.num_seqs, q_lens, 0)
-    tiles_end = jnp.cumsum((q_lens + rows - 1) // rows)  # [S] one past each sequence's last tile
+    q_lens, first_tiles, tiles_end = _sequence_tiles(meta, rows)
     n = jnp.arange(num_tiles, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(tiles_end, n, side="right"), num_seqs - 1).astype(jnp.int32)
-    first_tile = tiles_end[seq] - (q_lens[seq] + rows - 1) // rows
-    offset = (n - first_tile)[:, None] * rows + jnp.arange(rows, dtype=jnp.int32)  # [N, Q] within the sequence
+    offset = (n - first_tiles[seq])[:, None] * rows + jnp.arange(rows, dtype=jnp.int32)  # [N, Q] within the sequence
     valid = (offset < q_lens[seq][:, None]) & (n < tiles_end[-1])[:, None]
     token = jnp.where(valid, cu_q_lens[seq][:, None] + offset, num_tokens)  # num_tokens: no token
     positions = jnp.where(valid, (kv_lens[seq] - q_lens[seq])[:, None] + offset, 0)
@@ -114,13 +121,9 @@ def paged_attention(
 def token_slots(meta: PagedMetadata, num_tokens: int, rows: int, num_tiles: int) -> jax.Array:
     """Per token `[T]`: its row in the flat tiles `[N * Q]` (`tile_layout`'s order), N * Q for padding."""
     seq, _, valid = reference.token_layout(meta, num_tokens)
-    num_seqs = meta.kv_lens.shape[0]
-    q_lens = meta.cu_q_lens[1:] - meta.cu_q_lens[:-1]
-    q_lens = jnp.where(jnp.arange(num_seqs) < meta.num_seqs, q_lens, 0)
-    tiles = (q_lens + rows - 1) // rows
-    first_tile = jnp.cumsum(tiles) - tiles
+    first_tiles = _sequence_tiles(meta, rows)[1]
     offset = jnp.arange(num_tokens, dtype=jnp.int32) - meta.cu_q_lens[seq]
-    return jnp.where(valid, first_tile[seq] * rows + offset, num_tiles * rows).astype(jnp.int32)
+    return jnp.where(valid, first_tiles[seq] * rows + offset, num_tiles * rows).astype(jnp.int32)
 
 
 def tile_bytes(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_kv: int, dtype: jnp.dtype) -> int:

@@ -8,12 +8,13 @@ two. Each new shape is logged once; `step_shapes` lists every one the sizes
 allow, which `warm_up` compiles at start.
 
 On the CPU backend (`tight_buckets`) the sequence axis pads to its own power of
-two (at most the tied size): there every padded row is computed, and a prefill of
-16 prompts in a 1024-token bucket would otherwise run the LM head and the sampler
-over 256 rows and cut its attention into tiles of 1024 / 256 = 4 queries (each
-gathering its sequence's pages) instead of 64. The CPU compiles shapes on demand,
-so the extra axis costs nothing at start; accelerators warm every shape up and keep
-the axis tied.
+two (at most the tied size) and page tables from one page instead of eight: there
+every padded row and key is computed. A prefill of 16 prompts in a 1024-token
+bucket would otherwise run the LM head and the sampler over 256 rows and cut its
+attention into tiles of 1024 / 256 = 4 queries (each gathering its sequence's
+pages) instead of 64, and 64-token prompts would attend over 128 keys instead of
+64. The CPU compiles shapes on demand, so the extra shapes cost nothing at start;
+accelerators warm every shape up and keep the coarser buckets.
 
 A token the previous step sampled and the host has not read yet is fed on the
 device: its input position names the sequence's slot (`feed`), and the step
