@@ -17,8 +17,12 @@ the padding rows of partial tiles never exceed the step's own token count.
 
 Many-sequence steps with long page tables would still gather gigabytes at once (256
 sequences x 8192 keys); when a step's tiles would take more than `GATHER_BYTES` of
-temporaries, they run in blocks one after another (`lax.map`), each within the budget,
+temporaries, they run in blocks one after another (a loop), each within the budget,
 and large decode steps take this path too instead of the reference's whole gather.
+The bound N counts a partial tile for every sequence slot, so when the step's tokens
+fill fewer tiles (16 whole 64-token prompts: 16 of N = 32) the tiles also run in blocks
+of at most `ceil(T / Q)`, and the loop stops after the last block that holds a real
+tile: the empty half is never gathered or multiplied.
 """
 
 from __future__ import annotations
@@ -102,17 +106,23 @@ def paged_attention(
     q_tiles = jnp.zeros((num_tiles * rows, num_heads, head_dim), q.dtype).at[slots].set(q, mode="drop",
                                                                                         unique_indices=True)
     q_tiles = q_tiles.reshape(num_tiles, rows, num_heads, head_dim)
-    block = tiles_per_block(num_tiles, per_tile)
+    block = tiles_per_block(num_tiles, per_tile, -(-num_tokens // rows))
     attend = partial(_attend_tiles, k_cache, v_cache, meta, **options)
+    layout = (q_tiles, seq, token, positions, valid)
     if block == num_tiles:
-        out = attend((q_tiles, seq, token, positions, valid))
-    else:  # blocks of tiles one after another: the gathered pages never exceed GATHER_BYTES
+        out = attend(layout)
+    else:  # blocks of tiles one after another, only as many as hold real tiles (the bound counts a partial tile
+        # for every sequence slot); the gathered pages never exceed GATHER_BYTES
         blocks = -(-num_tiles // block)
         pad = blocks * block - num_tiles
-        padded = (jnp.pad(q_tiles, ((0, pad), (0, 0), (0, 0), (0, 0))), jnp.pad(seq, (0, pad)),
-                  jnp.pad(token, ((0, pad), (0, 0)), constant_values=num_tokens),
-                  jnp.pad(positions, ((0, pad), (0, 0))), jnp.pad(valid, ((0, pad), (0, 0))))
-        out = jax.lax.map(attend, jax.tree.map(lambda a: a.reshape(blocks, block, *a.shape[1:]), padded))
+        fills = (0, 0, num_tokens, 0, False)
+        blocked = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=fill).reshape(blocks, block, *a.shape[1:])
+                   for a, fill in zip(layout, fills)]
+        real_tiles = _sequence_tiles(meta, rows)[2][-1]
+        one = jax.eval_shape(attend, [a[0] for a in blocked])
+        out = jax.lax.fori_loop(0, (real_tiles + block - 1) // block,
+                                lambda i, out: out.at[i].set(attend([a[i] for a in blocked])),
+                                jnp.zeros((blocks, *one.shape), one.dtype))
     out = out.reshape(-1, num_heads, out.shape[-1])[: num_tiles * rows]
     # Every real token sits in exactly one tile row; padding tokens (slot past the tiles) read zeros.
     return out.at[slots].get(mode="fill", fill_value=0)
@@ -131,12 +141,16 @@ def tile_bytes(rows: int, num_heads: int, num_kv_heads: int, head_dim: int, max_
     return 2 * num_kv_heads * max_kv * head_dim * jnp.dtype(dtype).itemsize + 2 * rows * num_heads * max_kv * 4
 
 
-def tiles_per_block(num_tiles: int, per_tile: int) -> int:
-    """All tiles at once when they fit in GATHER_BYTES, else the largest power of two of tiles that does."""
-    if num_tiles * per_tile <= GATHER_BYTES:
-        return num_tiles
+def tiles_per_block(num_tiles: int, per_tile: int, least_tiles: int | None = None) -> int:
+    """Tiles run together: all at once when they fit in GATHER_BYTES and no fewer than `least_tiles` (the tiles
+    the step's tokens fill when every sequence's tiles are full) need all of them, else the largest power of two
+    that fits the budget and is at most `least_tiles`: a step whose sequences fill their tiles then runs the
+    blocks that hold them and skips the bound's empty ones."""
     fit = max(1, GATHER_BYTES // per_tile)
-    return min(num_tiles, 1 << (fit.bit_length() - 1))
+    block = min(fit, least_tiles or num_tiles)
+    if block >= num_tiles:
+        return num_tiles
+    return 1 << (block.bit_length() - 1)
 
 
 def _attend_tiles(k_cache, v_cache, meta, layout, *, scale, sliding_window, softcap, sinks, alibi_slopes,

@@ -118,7 +118,7 @@ def test_latent_kernel_matches_reference_on_gpu(shape):
 
 
 def test_latent_tiled_path_in_blocks_matches_reference(monkeypatch):
-    """Latent pages through the tiled path's blocks (`lax.map` under a budget of three tiles' temporaries)."""
+    """Latent pages through the tiled path's blocks (run one after another under a budget of three tiles' temporaries)."""
     from pallas_kernels.paged_attention import tiled
 
     value_dim, rope_dim = 24, 8

@@ -519,7 +519,8 @@ def test_mosaic_decode_refuses_quantized_pages():
 
 @pytest.mark.parametrize("shape,groups", [("decode", 4), ("long-chunk", 1), ("mixed", 8)])
 def test_tiled_path_in_blocks_matches_reference(shape, groups, monkeypatch):
-    """A budget of three tiles' temporaries: the tiles (decode tokens included) run in blocks under `lax.map`."""
+    """A budget of three tiles' temporaries: the tiles (decode tokens included) run in blocks, one after another,
+    up to the last block holding a real tile."""
     from pallas_kernels.paged_attention import tiled
 
     inputs, _ = make_case(TILED_SHAPES[shape], num_heads=2 * groups, num_kv_heads=2, seed=23, pad_tokens=3, pad_seqs=2)
@@ -529,6 +530,24 @@ def test_tiled_path_in_blocks_matches_reference(shape, groups, monkeypatch):
     monkeypatch.setattr(tiled, "GATHER_BYTES", 3 * per_tile)
     assert tiled.tiles_per_block(8, per_tile) == 2  # blocks of two tiles (every shape here has more)
     options = case_options(groups, 5, None, True, False)
+    expected, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
+    out, _, _ = ragged_paged_attention(**inputs, **options, implementation="tiled")
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_tiled_path_runs_only_the_blocks_that_hold_real_tiles():
+    """Four sequences that fill whole tiles need 4 of the bound's 8 tiles: the tiles run in blocks of
+    ceil(T / Q) = 4 within the default budget, the loop stops after the first, and the output is the reference's."""
+    from pallas_kernels.paged_attention import tiled
+
+    inputs, _ = make_case([(8, 20), (8, 8), (8, 30), (8, 12)], num_heads=4, num_kv_heads=2, seed=29, pad_tokens=0,
+                          pad_seqs=0)
+    q, cache, meta = inputs["q"], inputs["k_cache"], inputs["meta"]
+    rows = tiled.tile_size(q.shape[0], meta.kv_lens.shape[0])
+    per_tile = tiled.tile_bytes(rows, q.shape[1], 2, q.shape[2], meta.page_tables.shape[1] * cache.shape[2], q.dtype)
+    num_tiles = tiled.tile_layout(meta, q.shape[0], rows)[0].shape[0]
+    assert (rows, num_tiles, tiled.tiles_per_block(num_tiles, per_tile, q.shape[0] // rows)) == (8, 8, 4)
+    options = case_options(2, None, None, False, False)
     expected, _, _ = ragged_paged_attention(**inputs, **options, implementation="reference")
     out, _, _ = ragged_paged_attention(**inputs, **options, implementation="tiled")
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
