@@ -3,7 +3,9 @@
 Both run the same random-weight Llama-layout model (built here, nothing
 downloaded), greedy, fixed prompt and output lengths, at each batch size, in one
 process. Our figure excludes compilation (a warm-up run with the same shapes goes
-first, timed as "warm-up"); transformers gets a warm-up run too. `--preset` picks
+first, timed as "warm-up"); transformers gets a warm-up run too. Each batch size then runs `--rounds` timed
+rounds on fresh prompts, the two implementations alternating which goes first; the ratio is the median of the
+rounds' ratios (their range is printed beside it), as the machine's own speed drifts between runs. `--preset` picks
 a named shape (`smollm2-135m`: the SmolLM2-135M-Instruct layout; `llama-15m`);
 single flags override it. `--compare-unrolled` also times an engine whose layers
 are unrolled (`scan_layers=False`, the CPU default) in the same process, against
@@ -127,19 +129,40 @@ def hf_tokens_per_second(model, prompts: np.ndarray, output_len: int) -> float:
     return prompts.shape[0] * output_len / elapsed
 
 
-def ours_tokens_per_second(llm: LLM, prompts: np.ndarray, output_len: int) -> tuple[float, float]:
+def ours_warmup_seconds(llm: LLM, prompts: np.ndarray, output_len: int) -> float:
+    """Seconds of a first `generate` on other prompts of the same shapes: compiles every shape, leaves no
+    prefix-cache hits for the timed prompts."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    batch = [{"prompt_token_ids": p.tolist()} for p in prompts]
-    # Warm-up on other prompts of the same shapes: compiles every shape, leaves no prefix-cache hits.
-    warm = [{"prompt_token_ids": (p[::-1] + 1).tolist()} for p in prompts]
     start = time.perf_counter()
-    llm.generate(warm, params)
-    warmup = time.perf_counter() - start
+    llm.generate([{"prompt_token_ids": (p[::-1] + 1).tolist()} for p in prompts], params)
+    return time.perf_counter() - start
+
+
+def ours_tokens_per_second(llm: LLM, prompts: np.ndarray, output_len: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
-    outputs = llm.generate(batch, params)
+    outputs = llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts], params)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
-    return len(prompts) * output_len / elapsed, warmup
+    return len(prompts) * output_len / elapsed
+
+
+def timed_rounds(hf_model, llm: LLM, rng: np.random.RandomState, args: argparse.Namespace,
+                 batch: int) -> list[tuple[float, float]]:
+    """(jaxllm tok/s, transformers tok/s) per round, each round on fresh prompts, the two alternating which
+    goes first: this machine's speed drifts by tens of percent within a minute, and a drift between two
+    single runs lands in their ratio."""
+    rounds = []
+    for index in range(args.rounds):
+        prompts = rng.randint(3, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
+        if index % 2:
+            ours = ours_tokens_per_second(llm, prompts, args.output_len)
+            hf = hf_tokens_per_second(hf_model, prompts, args.output_len)
+        else:
+            hf = hf_tokens_per_second(hf_model, prompts, args.output_len)
+            ours = ours_tokens_per_second(llm, prompts, args.output_len)
+        rounds.append((ours, hf))
+    return rounds
 
 
 def main() -> None:
@@ -158,7 +181,12 @@ def main() -> None:
     parser.add_argument("--compare-unrolled", action="store_true", help="also time the layers unrolled")
     parser.add_argument("--max-num-batched-tokens", type=int,
                         help="the engine's token budget per step (default: max(512, 4 x prompt length))")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed rounds per batch size, jaxllm and transformers alternating (1-20); the ratio "
+                             "column is the median of the rounds' ratios, the tok/s columns their medians")
     args = parser.parse_args()
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be in 1-20")
     defaults = dict(hidden=256, intermediate=None, layers=4, heads=8, kv_heads=2, vocab=4096, tied=False)
     for name, value in {**defaults, **PRESETS.get(args.preset, {})}.items():
         if getattr(args, name) is None:
@@ -177,19 +205,24 @@ def main() -> None:
         results = []
         for batch in args.batches:
             prompts = rng.randint(3, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
-            hf = hf_tokens_per_second(hf_model, prompts, args.output_len)
-            ours, warmup = ours_tokens_per_second(llm, prompts, args.output_len)
+            warmup = ours_warmup_seconds(llm, prompts, args.output_len)
+            rounds = timed_rounds(hf_model, llm, rng, args, batch)
+            ours, hf = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
+            ratios = [o / h for o, h in rounds]
             gflop = sum(workload_flops(args, batch).values()) / 1e9
             seconds_per_token = 1 / (batch * args.output_len)  # tok/s -> batches per second
             ceilings = matmul_ceilings(args, batch)
             result = dict(batch=batch, jaxllm_tok_s=round(ours, 1), transformers_tok_s=round(hf, 1),
-                          ratio=round(ours / hf, 2), jaxllm_warmup_s=round(warmup, 1), gflop=round(gflop, 1),
+                          ratio=round(float(np.median(ratios)), 2),
+                          ratio_range=f"{min(ratios):.2f}-{max(ratios):.2f}", jaxllm_warmup_s=round(warmup, 1),
+                          gflop=round(gflop, 1),
                           jaxllm_gflop_s=round(gflop * ours * seconds_per_token, 1),
                           transformers_gflop_s=round(gflop * hf * seconds_per_token, 1),
                           ceilings=f"{ceilings['jnp_square']:.1f} / {ceilings['torch_square']:.1f}, "
                                    f"{ceilings['jnp_stream']:.1f} / {ceilings['torch_stream']:.1f}")
             if unrolled is not None:
-                flat, flat_warmup = ours_tokens_per_second(unrolled, prompts, args.output_len)
+                flat_warmup = ours_warmup_seconds(unrolled, prompts, args.output_len)
+                flat = ours_tokens_per_second(unrolled, prompts, args.output_len)
                 result.update(unrolled_tok_s=round(flat, 1), scanned_over_unrolled=round(ours / flat, 2),
                               unrolled_warmup_s=round(flat_warmup, 1))
             results.append(result)
@@ -200,7 +233,7 @@ def main() -> None:
                 prompt_len=args.prompt_len, output_len=args.output_len)
     print(json.dumps(meta))
     # ceilings: matmul GFLOP/s, jnp / torch square, jnp / torch batch rows
-    columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "jaxllm_warmup_s", "gflop", "jaxllm_gflop_s",
+    columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "ratio_range", "jaxllm_warmup_s", "gflop", "jaxllm_gflop_s",
                "transformers_gflop_s", "ceilings"]
     if args.compare_unrolled:
         columns += ["unrolled_tok_s", "scanned_over_unrolled", "unrolled_warmup_s"]
