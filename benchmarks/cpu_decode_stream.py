@@ -15,24 +15,14 @@ compare XLA's dot backends (the default YNNPACK, `--xla_cpu_experimental_ynn_fus
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import best_seconds
+
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
-
-
-def best_seconds(run, repeats: int) -> float:
-    """Least wall time of `repeats` calls after one warm-up."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def mlp_stack(x: jax.Array, gates, ups, downs) -> jax.Array:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks.timing import best_seconds
 from serving import LLM, SamplingParams
 
 
@@ -86,16 +87,6 @@ def workload_flops(args: argparse.Namespace, batch: int) -> dict[str, float]:
     }
 
 
-def _best_seconds(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def matmul_ceilings(args: argparse.Namespace, batch: int, size: int = 2048) -> dict[str, float]:
     """GFLOP/s of float32 matmuls on this machine, jnp and torch: `size`^3, and `batch` rows x all weights."""
     import jax.numpy as jnp
@@ -111,9 +102,9 @@ def matmul_ceilings(args: argparse.Namespace, batch: int, size: int = 2048) -> d
         flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
         ja, jb = jnp.asarray(a), jnp.asarray(b)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        out[f"jnp_{name}"] = flops / _best_seconds(lambda: matmul(ja, jb).block_until_ready()) / 1e9
+        out[f"jnp_{name}"] = flops / best_seconds(lambda: matmul(ja, jb).block_until_ready()) / 1e9
         with torch.no_grad():
-            out[f"torch_{name}"] = flops / _best_seconds(lambda: torch.matmul(ta, tb)) / 1e9
+            out[f"torch_{name}"] = flops / best_seconds(lambda: torch.matmul(ta, tb)) / 1e9
     return out
 
 
