@@ -55,3 +55,30 @@ def test_partial_rotary_passes_the_tail_through():
     x = jnp.asarray(np.random.RandomState(2).randn(1, 3, 2, 8), jnp.float32)
     cos, sin = rotary_cos_sin(rope, jnp.arange(3)[None], jnp.full((1, 3), 3), jnp.float32)
     np.testing.assert_array_equal(apply_rotary(x, cos, sin, False)[..., 4:], x[..., 4:])
+
+
+def test_cpu_computes_rotary_cos_sin_once_per_step():
+    """Three layers (a projection between them, as in a model) rotate q and k: on XLA:CPU cos is computed once
+    (plus the conditional's spare branch), not fused into every rotation, and the rotations match the formula."""
+    import jax
+
+    rope = RopeConfig(kind="default", theta=10000.0, rotary_dim=8)
+    rng = np.random.RandomState(3)
+    q, k = (jnp.asarray(rng.randn(1, 16, n, 8), jnp.float32) for n in (4, 2))
+    w = jnp.asarray(np.linalg.qr(rng.randn(8, 8))[0], jnp.float32)
+    positions, lens = jnp.arange(16)[None], jnp.full((1, 16), 16)
+
+    def layers(q, k, positions, lens):
+        for _ in range(3):
+            cos, sin = rotary_cos_sin(rope, positions, lens, jnp.float32)
+            q, k = apply_rotary(q @ w, cos, sin, False), apply_rotary(k @ w, cos, sin, False)
+        return q, k
+
+    hlo = jax.jit(layers).lower(q, k, positions, lens).compile().as_text()
+    assert hlo.count(" cosine(") == 2, hlo.count(" cosine(")
+    angles = np.arange(16)[:, None] / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    cos, sin = jnp.asarray(np.cos(angles)[None], jnp.float32), jnp.asarray(np.sin(angles)[None], jnp.float32)
+    want = q
+    for _ in range(3):
+        want = apply_rotary(want @ w, cos, sin, False)
+    np.testing.assert_allclose(jax.jit(layers)(q, k, positions, lens)[0], want, rtol=1e-5, atol=1e-5)
