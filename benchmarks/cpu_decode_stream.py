@@ -33,7 +33,8 @@ def mlp_stack(x: jax.Array, gates, ups, downs) -> jax.Array:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=16, help="rows per product: the decode step's sequences (1-4096)")
+    parser.add_argument("--rows", type=int, default=16,
+                        help="rows per product: the decode step's sequences (1-4096)")
     parser.add_argument("--repeats", type=int, default=9, help="timed runs per figure, best kept (1-1000)")
     args = parser.parse_args()
     if not 1 <= args.rows <= 4096 or not 1 <= args.repeats <= 1000:
@@ -43,7 +44,8 @@ def main() -> None:
     def weights(shape):
         return [jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(LAYERS)]
 
-    gates, ups, downs = weights((HIDDEN, INTERMEDIATE)), weights((HIDDEN, INTERMEDIATE)), weights((INTERMEDIATE, HIDDEN))
+    gates, ups = weights((HIDDEN, INTERMEDIATE)), weights((HIDDEN, INTERMEDIATE))
+    downs = weights((INTERMEDIATE, HIDDEN))
     embedding = jnp.asarray(rng.standard_normal((VOCAB, HIDDEN), np.float32))
     x = jnp.asarray(rng.standard_normal((args.rows, HIDDEN), np.float32))
     big = jnp.ones((64 << 20,), jnp.float32)

@@ -224,8 +224,8 @@ def main() -> None:
                 prompt_len=args.prompt_len, output_len=args.output_len)
     print(json.dumps(meta))
     # ceilings: matmul GFLOP/s, jnp / torch square, jnp / torch batch rows
-    columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "ratio_range", "jaxllm_warmup_s", "gflop", "jaxllm_gflop_s",
-               "transformers_gflop_s", "ceilings"]
+    columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "ratio_range", "jaxllm_warmup_s", "gflop",
+               "jaxllm_gflop_s", "transformers_gflop_s", "ceilings"]
     if args.compare_unrolled:
         columns += ["unrolled_tok_s", "scanned_over_unrolled", "unrolled_warmup_s"]
     print("| " + " | ".join(columns) + " |")

@@ -116,8 +116,8 @@ def paged_attention(
         blocks = -(-num_tiles // block)
         pad = blocks * block - num_tiles
         fills = (0, 0, num_tokens, 0, False)
-        blocked = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=fill).reshape(blocks, block, *a.shape[1:])
-                   for a, fill in zip(layout, fills)]
+        blocked = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1), constant_values=fill)
+                   .reshape(blocks, block, *a.shape[1:]) for a, fill in zip(layout, fills)]
         real_tiles = _sequence_tiles(meta, rows)[2][-1]
         one = jax.eval_shape(attend, [a[0] for a in blocked])
         out = jax.lax.fori_loop(0, (real_tiles + block - 1) // block,
