@@ -43,7 +43,8 @@ from serving.engine.spans import check_span_images, check_spans
 from serving.multimodal.encoder import image_encoder, release_prefilled
 from serving.seq2seq import seq2seq_encoder
 from serving.multimodal.inputs import ImageItem, check_placeholders, image_spans
-from serving.engine.warmup import ENFORCE_EAGER_ENV, env_flag, should_warm_up, use_compilation_cache, warm_up
+from serving.engine.env import env_flag
+from serving.engine.warmup import ENFORCE_EAGER_ENV, should_warm_up, use_compilation_cache, warm_up
 from serving.engine.slot_state import count_row, new_slot_state, sample_slots, write_counts, write_rows
 from serving.lora.manager import LoRAManager
 from serving.outputs import CompletionOutput, Logprob, RequestOutput

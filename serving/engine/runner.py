@@ -56,6 +56,7 @@ from model_lib.parallel import kernel_plan
 from model_lib.sharding import ShardingPlan
 from model_lib.vision.qwen_vl import QwenVLConfig
 from pallas_kernels.paged_attention import PagedMetadata
+from serving.engine.env import env_flag
 from serving.engine.input_batch import InputBatch, StepInputs
 from serving.engine.mla_prefill import expanded_from
 from serving.engine.scheduler import ScheduledSequence
@@ -161,8 +162,6 @@ class ModelRunner:
         self.max_pages_per_seq = -(-max_model_len // page_size)
         self.min_token_bucket = check_min_token_bucket(min_token_bucket)
         if tight_buckets is None:
-            from serving.engine.warmup import env_flag  # warmup imports this module
-
             tight_buckets = env_flag(TIGHT_BUCKETS_ENV)
         self.tight_buckets = jax.default_backend() == "cpu" if tight_buckets is None else tight_buckets
         self.min_page_bucket = 1 if self.tight_buckets else MIN_PAGE_BUCKET

@@ -47,16 +47,6 @@ CACHE_DIR_ENV = "JAXLLM_COMPILATION_CACHE_DIR"
 ENFORCE_EAGER_ENV = "JAXLLM_ENFORCE_EAGER"
 
 
-def env_flag(name: str) -> bool | None:
-    """True/False for a set boolean variable ("1"/"0", "true"/"false", ...), None when unset or empty."""
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return None
-    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise ValueError(f"{name}={value!r}: expected 1 or 0")
-    return value in ("1", "true", "yes", "on")
-
-
 def should_warm_up(enforce_eager: bool | None) -> bool:
     """`enforce_eager` None: warm up unless the backend is the CPU."""
     return not enforce_eager if enforce_eager is not None else jax.default_backend() != "cpu"
