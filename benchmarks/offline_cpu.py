@@ -5,7 +5,9 @@ downloaded), greedy, fixed prompt and output lengths, at each batch size, in one
 process. Our figure excludes compilation (a warm-up run with the same shapes goes
 first, timed as "warm-up"); transformers gets a warm-up run too. Each batch size then runs `--rounds` timed
 rounds on fresh prompts, the two implementations alternating which goes first; the ratio is the median of the
-rounds' ratios (their range is printed beside it), as the machine's own speed drifts between runs. `--preset` picks
+rounds' ratios (their range is printed beside it), as the machine's own speed drifts between runs. Each round
+also times a one-token `generate` of each on other fresh prompts: `prefill_s` (the prompts alone) and
+`decode_step_ms` (the rest of the whole run over its further steps), jaxllm / transformers. `--preset` picks
 a named shape (`smollm2-135m`: the SmolLM2-135M-Instruct layout; `llama-15m`);
 single flags override it. `--compare-unrolled` also times an engine whose layers
 are unrolled (`scan_layers=False`, the CPU default) in the same process, against
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 import transformers
 
+from benchmarks.machine import cpu_device
 from benchmarks.timing import best_seconds
 from serving import LLM, SamplingParams
 
@@ -108,7 +110,8 @@ def matmul_ceilings(args: argparse.Namespace, batch: int, size: int = 2048) -> d
     return out
 
 
-def hf_tokens_per_second(model, prompts: np.ndarray, output_len: int) -> float:
+def hf_seconds(model, prompts: np.ndarray, output_len: int) -> float:
+    """Seconds of one greedy `generate` of exactly `output_len` tokens per prompt (after a small warm-up)."""
     ids = torch.as_tensor(prompts)
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -117,7 +120,7 @@ def hf_tokens_per_second(model, prompts: np.ndarray, output_len: int) -> float:
         out = model.generate(ids, **kwargs)
         elapsed = time.perf_counter() - start
     assert out.shape[1] == prompts.shape[1] + output_len
-    return prompts.shape[0] * output_len / elapsed
+    return elapsed
 
 
 def ours_warmup_seconds(llm: LLM, prompts: np.ndarray, output_len: int) -> float:
@@ -129,31 +132,40 @@ def ours_warmup_seconds(llm: LLM, prompts: np.ndarray, output_len: int) -> float
     return time.perf_counter() - start
 
 
-def ours_tokens_per_second(llm: LLM, prompts: np.ndarray, output_len: int) -> float:
+def ours_seconds(llm: LLM, prompts: np.ndarray, output_len: int) -> float:
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p.tolist()} for p in prompts], params)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
-    return len(prompts) * output_len / elapsed
+    return elapsed
 
 
 def timed_rounds(hf_model, llm: LLM, rng: np.random.RandomState, args: argparse.Namespace,
-                 batch: int) -> list[tuple[float, float]]:
-    """(jaxllm tok/s, transformers tok/s) per round, each round on fresh prompts, the two alternating which
-    goes first: this machine's speed drifts by tens of percent within a minute, and a drift between two
-    single runs lands in their ratio."""
+                 batch: int) -> list[dict[str, float]]:
+    """Per round, seconds of a whole generate (`ours`, `hf`) and of a one-token generate on other fresh
+    prompts (`ours_prompt`, `hf_prompt`: the prefill, with no prefix-cache hit), the two implementations
+    alternating which goes first: this machine's speed drifts by tens of percent within a minute, and a drift
+    between two single runs lands in their ratio."""
     rounds = []
     for index in range(args.rounds):
-        prompts = rng.randint(3, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
-        if index % 2:
-            ours = ours_tokens_per_second(llm, prompts, args.output_len)
-            hf = hf_tokens_per_second(hf_model, prompts, args.output_len)
-        else:
-            hf = hf_tokens_per_second(hf_model, prompts, args.output_len)
-            ours = ours_tokens_per_second(llm, prompts, args.output_len)
-        rounds.append((ours, hf))
+        prompts, prefill_only = (rng.randint(3, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
+                                 for _ in range(2))
+        timings = {"ours": lambda: ours_seconds(llm, prompts, args.output_len),
+                   "hf": lambda: hf_seconds(hf_model, prompts, args.output_len),
+                   "ours_prompt": lambda: ours_seconds(llm, prefill_only, 1),
+                   "hf_prompt": lambda: hf_seconds(hf_model, prefill_only, 1)}
+        order = list(timings) if index % 2 else ["hf", "ours", "hf_prompt", "ours_prompt"]
+        rounds.append({name: timings[name]() for name in order})
     return rounds
+
+
+def prefill_and_step(rounds: list[dict[str, float]], who: str, output_len: int) -> tuple[float, float]:
+    """Median seconds of `who`'s prefill (its one-token generate) and milliseconds per decode step (the rest of a
+    whole generate over its `output_len - 1` further steps)."""
+    prefill = float(np.median([r[f"{who}_prompt"] for r in rounds]))
+    steps = [(r[who] - r[f"{who}_prompt"]) / max(1, output_len - 1) for r in rounds]
+    return prefill, 1e3 * float(np.median(steps))
 
 
 def main() -> None:
@@ -198,14 +210,19 @@ def main() -> None:
             prompts = rng.randint(3, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
             warmup = ours_warmup_seconds(llm, prompts, args.output_len)
             rounds = timed_rounds(hf_model, llm, rng, args, batch)
-            ours, hf = (float(np.median([r[i] for r in rounds])) for i in (0, 1))
-            ratios = [o / h for o, h in rounds]
+            tokens = batch * args.output_len
+            ours, hf = (float(np.median([tokens / r[who] for r in rounds])) for who in ("ours", "hf"))
+            ratios = [r["hf"] / r["ours"] for r in rounds]
+            (ours_prefill, ours_step), (hf_prefill, hf_step) = (prefill_and_step(rounds, who, args.output_len)
+                                                                for who in ("ours", "hf"))
             gflop = sum(workload_flops(args, batch).values()) / 1e9
             seconds_per_token = 1 / (batch * args.output_len)  # tok/s -> batches per second
             ceilings = matmul_ceilings(args, batch)
             result = dict(batch=batch, jaxllm_tok_s=round(ours, 1), transformers_tok_s=round(hf, 1),
                           ratio=round(float(np.median(ratios)), 2),
                           ratio_range=f"{min(ratios):.2f}-{max(ratios):.2f}", jaxllm_warmup_s=round(warmup, 1),
+                          prefill_s=f"{ours_prefill:.3f} / {hf_prefill:.3f}",
+                          decode_step_ms=f"{ours_step:.1f} / {hf_step:.1f}",
                           gflop=round(gflop, 1),
                           jaxllm_gflop_s=round(gflop * ours * seconds_per_token, 1),
                           transformers_gflop_s=round(gflop * hf * seconds_per_token, 1),
@@ -213,18 +230,21 @@ def main() -> None:
                                    f"{ceilings['jnp_stream']:.1f} / {ceilings['torch_stream']:.1f}")
             if unrolled is not None:
                 flat_warmup = ours_warmup_seconds(unrolled, prompts, args.output_len)
-                flat = ours_tokens_per_second(unrolled, prompts, args.output_len)
+                flat = batch * args.output_len / ours_seconds(unrolled, prompts, args.output_len)
                 result.update(unrolled_tok_s=round(flat, 1), scanned_over_unrolled=round(ours / flat, 2),
                               unrolled_warmup_s=round(flat_warmup, 1))
             results.append(result)
-    meta = dict(device=f"CPU ({platform.processor() or platform.machine()}), {jax.device_count()} jax device(s)",
-                jax=jax.__version__, torch=torch.__version__, transformers=transformers.__version__,
+    meta = dict(device=cpu_device(),
+                jax=jax.__version__, torch=torch.__version__, torch_mkl=torch.backends.mkl.is_available(),
+                transformers=transformers.__version__,
                 model=f"Llama h{args.hidden} i{args.intermediate} L{args.layers} H{args.heads}/{args.kv_heads} "
                       f"V{args.vocab} {'tied' if args.tied else 'untied'} float32",
                 prompt_len=args.prompt_len, output_len=args.output_len)
     print(json.dumps(meta))
     # ceilings: matmul GFLOP/s, jnp / torch square, jnp / torch batch rows
-    columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "ratio_range", "jaxllm_warmup_s", "gflop",
+    # prefill_s, decode_step_ms: jaxllm / transformers, medians of the rounds
+    columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "ratio_range", "jaxllm_warmup_s", "prefill_s",
+               "decode_step_ms", "gflop",
                "jaxllm_gflop_s", "transformers_gflop_s", "ceilings"]
     if args.compare_unrolled:
         columns += ["unrolled_tok_s", "scanned_over_unrolled", "unrolled_warmup_s"]

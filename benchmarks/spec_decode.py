@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 
+from benchmarks.machine import cpu_device
 from serving import LLM, SamplingParams
 from serving.default_model import default_model_path
 
@@ -138,7 +138,7 @@ def main() -> None:
                              greedy_equal=tokens == base_tokens))
             print(json.dumps(rows[-1]), flush=True)
             del llm
-    meta = dict(device=f"CPU ({platform.processor() or platform.machine()}), {jax.device_count()} jax device(s)",
+    meta = dict(device=cpu_device(),
                 jax=jax.__version__, prompt_tokens=len(ids), **vars(args))
     print(json.dumps(meta))
     print(tokenizer.decode(base_tokens[0]))
