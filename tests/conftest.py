@@ -6,8 +6,6 @@ per session.
 """
 
 import os
-import shutil
-import tempfile
 
 # The CPU compiler at its lowest optimisation level: tiny test programs compile in about 60% of the time
 # (matmuls are library calls either way, so they run as fast).
@@ -17,13 +15,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Engines compile shapes on first use (no start-up warm-up); tests that check warm-up turn it on themselves.
-# One persistent compilation cache per test run, made by the first process (pytest itself, or xdist's
-# controller) and shared by the workers and the servers they start: an engine rebuilt with the same model
-# and sizes loads its programs instead of compiling them again. Set the variable ("" = off) to choose.
+# No persistent compilation cache: twice in four full runs a worker that had built and dropped hundreds of
+# executables died (SIGABRT) or hung inside a cache write's `executable.serialize()`; the hung one had thrown a C++
+# exception from it and deadlocked unwinding it (a crash handler's backtrace waiting on the unwinder's own lock),
+# which hung the whole run at 96%. Set the variable (a folder) to use one.
 os.environ.setdefault("JAXLLM_ENFORCE_EAGER", "1")
-_OWN_CACHE_DIR = None
-if "JAXLLM_COMPILATION_CACHE_DIR" not in os.environ:
-    _OWN_CACHE_DIR = os.environ["JAXLLM_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxllm-test-xla-")
+os.environ.setdefault("JAXLLM_COMPILATION_CACHE_DIR", "")
 # Steps pad to at least 8 tokens, as on an accelerator: three fewer step shapes to compile per engine than the
 # CPU default of 1 (tests/serving/test_engine.py checks that default).
 os.environ.setdefault("JAXLLM_MIN_TOKEN_BUCKET", "8")
@@ -39,11 +36,6 @@ from serving.engine.warmup import use_compilation_cache  # noqa: E402
 from tests.tiny_models import CASES_BY_NAME, build_checkpoint  # noqa: E402
 
 use_compilation_cache(os.environ["JAXLLM_COMPILATION_CACHE_DIR"])  # before anything compiles
-
-
-def pytest_unconfigure(config):
-    if _OWN_CACHE_DIR is not None:
-        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture
