@@ -5,7 +5,11 @@ hub access, and the tiny checkpoints of `tests/tiny_models.py`, each built once
 per session.
 """
 
+import gc
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 # The CPU compiler at its lowest optimisation level: tiny test programs compile in about 60% of the time
 # (matmuls are library calls either way, so they run as fast).
@@ -15,12 +19,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Engines compile shapes on first use (no start-up warm-up); tests that check warm-up turn it on themselves.
-# No persistent compilation cache: twice in four full runs a worker that had built and dropped hundreds of
-# executables died (SIGABRT) or hung inside a cache write's `executable.serialize()`; the hung one had thrown a C++
-# exception from it and deadlocked unwinding it (a crash handler's backtrace waiting on the unwinder's own lock),
-# which hung the whole run at 96%. Set the variable (a folder) to use one.
+# One persistent compilation cache per test run, made by the first process (pytest itself, or xdist's
+# controller) and shared by the workers and the servers they start: an engine rebuilt with the same model
+# and sizes loads its programs instead of compiling them again. Set the variable ("" = off) to choose.
 os.environ.setdefault("JAXLLM_ENFORCE_EAGER", "1")
-os.environ.setdefault("JAXLLM_COMPILATION_CACHE_DIR", "")
+_OWN_CACHE_DIR = None
+if "JAXLLM_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE_DIR = os.environ["JAXLLM_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxllm-test-xla-")
 # Steps pad to at least 8 tokens, as on an accelerator: three fewer step shapes to compile per engine than the
 # CPU default of 1 (tests/serving/test_engine.py checks that default).
 os.environ.setdefault("JAXLLM_MIN_TOKEN_BUCKET", "8")
@@ -36,6 +41,33 @@ from serving.engine.warmup import use_compilation_cache  # noqa: E402
 from tests.tiny_models import CASES_BY_NAME, build_checkpoint  # noqa: E402
 
 use_compilation_cache(os.environ["JAXLLM_COMPILATION_CACHE_DIR"])  # before anything compiles
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE_DIR is not None:
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+# Every XLA:CPU executable holds tens to thousands of memory mappings for its JIT-compiled kernels, and JAX's caches
+# keep them alive: a worker of a full run reached vm.max_map_count (65530), after which a compilation or a cache
+# write fails, and unwinding its C++ exception crashed the worker (SIGABRT) or deadlocked it (the run hung at 96%).
+_MAP_LIMIT = Path("/proc/sys/vm/max_map_count")
+MAX_MAPS = int(_MAP_LIMIT.read_text()) if _MAP_LIMIT.exists() else None
+
+
+def memory_maps() -> int:
+    """This process's memory mappings (Linux)."""
+    with open("/proc/self/maps", "rb") as maps:
+        return maps.read().count(b"\n")
+
+
+@pytest.fixture(autouse=True)
+def _release_executables_near_the_map_limit():
+    """After a test, drop JAX's compiled programs (and their mappings) once the process holds half its limit."""
+    yield
+    if MAX_MAPS is not None and memory_maps() > MAX_MAPS // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture
