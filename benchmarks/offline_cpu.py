@@ -216,7 +216,6 @@ def main() -> None:
             (ours_prefill, ours_step), (hf_prefill, hf_step) = (prefill_and_step(rounds, who, args.output_len)
                                                                 for who in ("ours", "hf"))
             gflop = sum(workload_flops(args, batch).values()) / 1e9
-            seconds_per_token = 1 / (batch * args.output_len)  # tok/s -> batches per second
             ceilings = matmul_ceilings(args, batch)
             result = dict(batch=batch, jaxllm_tok_s=round(ours, 1), transformers_tok_s=round(hf, 1),
                           ratio=round(float(np.median(ratios)), 2),
@@ -224,13 +223,13 @@ def main() -> None:
                           prefill_s=f"{ours_prefill:.3f} / {hf_prefill:.3f}",
                           decode_step_ms=f"{ours_step:.1f} / {hf_step:.1f}",
                           gflop=round(gflop, 1),
-                          jaxllm_gflop_s=round(gflop * ours * seconds_per_token, 1),
-                          transformers_gflop_s=round(gflop * hf * seconds_per_token, 1),
+                          jaxllm_gflop_s=round(gflop * ours / tokens, 1),
+                          transformers_gflop_s=round(gflop * hf / tokens, 1),
                           ceilings=f"{ceilings['jnp_square']:.1f} / {ceilings['torch_square']:.1f}, "
                                    f"{ceilings['jnp_stream']:.1f} / {ceilings['torch_stream']:.1f}")
             if unrolled is not None:
                 flat_warmup = ours_warmup_seconds(unrolled, prompts, args.output_len)
-                flat = batch * args.output_len / ours_seconds(unrolled, prompts, args.output_len)
+                flat = tokens / ours_seconds(unrolled, prompts, args.output_len)
                 result.update(unrolled_tok_s=round(flat, 1), scanned_over_unrolled=round(ours / flat, 2),
                               unrolled_warmup_s=round(flat_warmup, 1))
             results.append(result)
@@ -244,8 +243,7 @@ def main() -> None:
     # ceilings: matmul GFLOP/s, jnp / torch square, jnp / torch batch rows
     # prefill_s, decode_step_ms: jaxllm / transformers, medians of the rounds
     columns = ["batch", "jaxllm_tok_s", "transformers_tok_s", "ratio", "ratio_range", "jaxllm_warmup_s", "prefill_s",
-               "decode_step_ms", "gflop",
-               "jaxllm_gflop_s", "transformers_gflop_s", "ceilings"]
+               "decode_step_ms", "gflop", "jaxllm_gflop_s", "transformers_gflop_s", "ceilings"]
     if args.compare_unrolled:
         columns += ["unrolled_tok_s", "scanned_over_unrolled", "unrolled_warmup_s"]
     print("| " + " | ".join(columns) + " |")
