@@ -6,9 +6,11 @@ first column feeds the next input, so the calls cannot overlap), as a model's la
   the transposed `[N, K]` table, as `Embedding.attend` does.
 - `blas`: the same function through `benchmarks.cpu_blas.matmul`: numpy's bundled OpenBLAS
   (`cblas_sgemm`, `cblas_sgemv` for one row) as an XLA:CPU FFI custom call.
+- `tiled`: the same function through `benchmarks.cpu_tiled.matmul`: our own register-tiled kernel
+  (AVX-512 where the CPU has it) as an XLA:CPU FFI custom call, on XLA's intra-op threads.
 - `torch`: `x @ w` with `w [K, N]`, and `torch.nn.functional.linear` with `w [N, K]`
   (transformers' layout), eager.
-Each figure is the best of `--repeats` runs (the four interleaved), in GFLOP/s; the shapes are SmolLM2-135M's and
+Each figure is the best of `--repeats` runs (the five interleaved), in GFLOP/s; the shapes are SmolLM2-135M's and
 the 15M Llama's (q/o, k/v, gate/up, down, LM head).
 
     PYTHONPATH=. python -m benchmarks.cpu_matmul
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from benchmarks import cpu_tiled
 from benchmarks.cpu_blas import load, matmul, reference
 
 SHAPES = {  # name: (K, N)
@@ -69,12 +72,15 @@ def measure(m: int, k: int, n: int, repeats: int, tied: bool) -> dict[str, float
     tw, tx, tw_t = [torch.from_numpy(w) for w in weights], torch.from_numpy(x), [torch.from_numpy(w.T.copy()) for w in weights]
 
     xla, blas = jax.jit(chain(reference, transpose_w=tied)), jax.jit(chain(matmul, transpose_w=tied))
-    np.testing.assert_allclose(np.asarray(blas(jx, jw)), np.asarray(xla(jx, jw)), rtol=1e-4, atol=1e-3)
+    tiled = jax.jit(chain(cpu_tiled.matmul, transpose_w=tied))
+    for own in (blas, tiled):
+        np.testing.assert_allclose(np.asarray(own(jx, jw)), np.asarray(xla(jx, jw)), rtol=1e-4, atol=1e-3)
     flops = 2 * m * k * n * reps / 1e9
     with torch.no_grad():
         seconds = best({
             "jnp": lambda: xla(jx, jw).block_until_ready(),
             "blas": lambda: blas(jx, jw).block_until_ready(),
+            "tiled": lambda: tiled(jx, jw).block_until_ready(),
             "torch_matmul": lambda: chain(torch.matmul)(tx, tw),
             "torch_linear": lambda: chain(torch.nn.functional.linear)(tx, tw_t),
         }, repeats)
@@ -87,18 +93,20 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    load()
+    load(), cpu_tiled.load()
     print(json.dumps(dict(jax=jax.__version__, torch=torch.__version__, numpy=np.__version__,
                           torch_threads=torch.get_num_threads())))
-    print("| shape | M | K | N | jnp GFLOP/s | blas GFLOP/s | torch matmul | torch linear | blas / jnp | blas / torch best |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | M | K | N | jnp GFLOP/s | blas GFLOP/s | tiled GFLOP/s | torch matmul | torch linear | blas / jnp "
+          "| tiled / jnp | best own / torch best |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.shapes:
         k, n = SHAPES[name]
         for m in args.rows:
             r = measure(m, k, n, args.repeats, tied="tied" in name)
             torch_best = max(r["torch_matmul"], r["torch_linear"])
-            print(f"| {name} | {m} | {k} | {n} | {r['jnp']} | {r['blas']} | {r['torch_matmul']} | {r['torch_linear']} "
-                  f"| {r['blas'] / r['jnp']:.2f} | {r['blas'] / torch_best:.2f} |", flush=True)
+            print(f"| {name} | {m} | {k} | {n} | {r['jnp']} | {r['blas']} | {r['tiled']} | {r['torch_matmul']} "
+                  f"| {r['torch_linear']} | {r['blas'] / r['jnp']:.2f} | {r['tiled'] / r['jnp']:.2f} "
+                  f"| {max(r['blas'], r['tiled']) / torch_best:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ hub access, and the tiny checkpoints of `tests/tiny_models.py`, each built once
 per session.
 """
 
-import gc
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from serving.engine.executables import release_executables_near_map_limit  # noqa: E402
 from serving.engine.warmup import use_compilation_cache  # noqa: E402
 from tests.tiny_models import CASES_BY_NAME, build_checkpoint  # noqa: E402
 
@@ -48,26 +48,15 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
-# Every XLA:CPU executable holds tens to thousands of memory mappings for its JIT-compiled kernels, and JAX's caches
-# keep them alive: a worker of a full run reached vm.max_map_count (65530), after which a compilation or a cache
-# write fails, and unwinding its C++ exception crashed the worker (SIGABRT) or deadlocked it (the run hung at 96%).
-_MAP_LIMIT = Path("/proc/sys/vm/max_map_count")
-MAX_MAPS = int(_MAP_LIMIT.read_text()) if _MAP_LIMIT.exists() else None
-
-
-def memory_maps() -> int:
-    """This process's memory mappings (Linux)."""
-    with open("/proc/self/maps", "rb") as maps:
-        return maps.read().count(b"\n")
-
-
 @pytest.fixture(autouse=True)
 def _release_executables_near_the_map_limit():
-    """After a test, drop JAX's compiled programs (and their mappings) once the process holds half its limit."""
+    """After a test, drop JAX's compiled programs (and their memory mappings) once the process holds half its
+    limit: a worker of a full run builds hundreds of engines and reached vm.max_map_count (65530), after which a
+    compilation or a cache write fails, and unwinding its C++ exception crashed the worker (SIGABRT) or
+    deadlocked it (the run hung at 96%). An engine's own guard (`serving/engine/executables.py`) acts only
+    before it compiles a new step shape."""
     yield
-    if MAX_MAPS is not None and memory_maps() > MAX_MAPS // 2:
-        jax.clear_caches()
-        gc.collect()
+    release_executables_near_map_limit(budget=0.5)
 
 
 @pytest.fixture

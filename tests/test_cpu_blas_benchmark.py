@@ -1,4 +1,5 @@
-"""The BLAS custom call that `benchmarks.cpu_matmul` times equals XLA's dot (one row: sgemv; more: sgemm)."""
+"""The custom calls that `benchmarks.cpu_matmul` times equal XLA's dot: the BLAS one (one row: sgemv; more:
+sgemm) and our own tiled kernel (row tiles and their remainder, vector and narrower column tails, both layouts)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ import pytest
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs the system C++ compiler")
 
 
+@pytest.mark.parametrize("kernel", ["cpu_blas", "cpu_tiled"])
 @pytest.mark.parametrize("rows, k, n, transpose_w", [(1, 48, 40, False), (1, 48, 40, True), (16, 24, 72, True),
-                                                     (5, 64, 24, False)])
-def test_blas_custom_call_matches_the_dot(rows, k, n, transpose_w):
-    from benchmarks.cpu_blas import matmul, reference
+                                                     (5, 64, 24, False), (13, 40, 107, False), (13, 37, 107, True),
+                                                     (16, 33, 200, False)])
+def test_custom_call_matches_the_dot(kernel, rows, k, n, transpose_w):
+    import importlib
+
+    from benchmarks.cpu_blas import reference
+
+    matmul = importlib.import_module(f"benchmarks.{kernel}").matmul
 
     rng = np.random.RandomState(rows + k)
     x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)

@@ -14,7 +14,9 @@ bucket would otherwise run the LM head and the sampler over 256 rows and cut its
 attention into tiles of 1024 / 256 = 4 queries (each gathering its sequence's
 pages) instead of 64, and 64-token prompts would attend over 128 keys instead of
 64. The CPU compiles shapes on demand, so the extra shapes cost nothing at start;
-accelerators warm every shape up and keep the coarser buckets.
+accelerators warm every shape up and keep the coarser buckets. Each compiled shape holds memory
+mappings, of which a process has a fixed number: before a new shape compiles, `executables.py` drops JAX's
+compiled programs if the process is near its limit (at the limit LLVM aborts the process).
 
 A token the previous step sampled and the host has not read yet is fed on the
 device: its input position names the sequence's slot (`feed`), and the step
@@ -57,6 +59,7 @@ from model_lib.sharding import ShardingPlan
 from model_lib.vision.qwen_vl import QwenVLConfig
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.env import env_flag
+from serving.engine.executables import release_executables_near_map_limit
 from serving.engine.input_batch import InputBatch, StepInputs
 from serving.engine.mla_prefill import expanded_from
 from serving.engine.scheduler import ScheduledSequence
@@ -269,6 +272,8 @@ class ModelRunner:
         row i for the i-th sequence (left on the device, not waited for)."""
         # Steps with image rows, or with MLA rows in the expanded form, are their own compiled variants of the shape.
         shape = inputs.variant
+        if shape not in self.compiled_shapes and release_executables_near_map_limit():
+            self.compiled_shapes.clear()
         start = time.perf_counter()
         logits, self.kv_caches, *hidden = self._step(*self.step_args(inputs))
         if hidden:

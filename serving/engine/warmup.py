@@ -19,7 +19,9 @@ x 7 page-table buckets) and 720 on the CPU backend (whose sequence and page-tabl
 start at one, `runner.py`), each compiled for tens of seconds on a small shared CPU, and
 warm-up runs each one, the largest (2048 tokens, 256 sequences, 512 pages) gathering
 gigabytes on the tiled attention path (benchmarks/RESULTS.md); on demand, a CPU
-server compiles only the few shapes its traffic uses. `JAXLLM_ENFORCE_EAGER=1`/`0` sets the default
+server compiles only the few shapes its traffic uses. Every compiled shape also holds memory mappings,
+of which a process has a fixed number: warm-up stops before it would pass `executables.MAP_BUDGET`
+of them (the SmolLM2-135M shape on the CPU reached the limit and aborted), and says so. `JAXLLM_ENFORCE_EAGER=1`/`0` sets the default
 either way (the test suite sets 1); `serve --[no-]enforce-eager` overrides it.
 """
 
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from serving.engine import executables
 from serving.engine.runner import buckets
 from serving.engine.sampler import batch_from_rows
 from serving.engine.slot_state import sample_slots, write_counts, write_rows
@@ -76,7 +79,8 @@ def use_compilation_cache(path: str | None) -> None:
 
 
 def warm_up(engine: LLMEngine, progress: bool = True) -> int:
-    """Compile every step and sampler shape of `engine`'s configuration; returns the number of step shapes."""
+    """Compile every step and sampler shape of `engine`'s configuration, stopping before the process's memory
+    mappings would pass `executables.MAP_BUDGET` of its limit; returns the number of step shapes compiled."""
     from tqdm.auto import tqdm
 
     runner, num_slots = engine.runner, engine.config.max_num_seqs
@@ -84,7 +88,16 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
     inputs_kind = dict(mrope=runner.inputs.mrope is not None, spans=runner.inputs.spans)
     shapes, expanded = runner.step_shapes(), set(runner.expanded_shapes())
     start = time.perf_counter()
+    compiled, most_maps = 0, 0  # the most mappings one shape took so far (`executables.py`)
     for shape in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress):
+        maps = executables.memory_maps()
+        if maps is not None and not executables.within_map_budget(maps + most_maps):
+            logger.warning(
+                "warm-up stopped after %d of %d step shapes: the next would pass %.0f%% of the process's %s memory "
+                "mappings (each compiled shape holds up to %d); the others compile when first run",
+                compiled, len(shapes), 100 * executables.MAP_BUDGET, executables.map_limit(), most_maps,
+            )
+            break
         inputs = runner.empty_inputs(shape, **inputs_kind)
         runner.compiled_shapes.add(inputs.variant)
         logits = runner.run(inputs)
@@ -107,6 +120,9 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
                     num_logprobs=num_logprobs, use_penalties=use_penalties,
                 )
         jax.block_until_ready(sampled.tokens)
+        compiled += 1
+        if maps is not None:
+            most_maps = max(most_maps, executables.memory_maps() - maps)
     if engine.images is not None:
         engine.images.warm_up(runner)
     for size in buckets(1, num_slots):
@@ -115,5 +131,5 @@ def warm_up(engine: LLMEngine, progress: bool = True) -> int:
     vocab = engine.model_config.vocab_size
     engine.slot_state = write_counts(engine.slot_state, np.int32(0), np.zeros(vocab, np.int32))
     jax.block_until_ready(engine.slot_state)
-    logger.info("warm-up: %d step shapes compiled in %.1fs", len(shapes), time.perf_counter() - start)
-    return len(shapes)
+    logger.info("warm-up: %d step shapes compiled in %.1fs", compiled, time.perf_counter() - start)
+    return compiled

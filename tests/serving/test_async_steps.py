@@ -209,3 +209,43 @@ def test_grammar_survives_preemption_and_abort(llm):
     while engine.has_unfinished_requests() or engine._in_flight is not None:
         engine.step()
     assert engine.pool.all_free()
+
+
+# -- memory mappings: each compiled shape holds some, and a process has a fixed number ---------------------------
+def test_a_new_shape_near_the_map_limit_drops_compiled_programs_and_serves_the_same(llm, monkeypatch, caplog):
+    from serving.engine import executables
+
+    prompt = {"prompt_token_ids": prompts((7,))[0]}
+    expected = llm.generate(prompt, GREEDY)[0].outputs[0].token_ids
+    runner = llm.engine.runner
+    monkeypatch.setattr(executables, "map_limit", lambda: 1)  # every mapping is over the budget
+    runner.compiled_shapes.clear()  # (earlier tests compiled them): the next steps' shapes count as new
+    with caplog.at_level("WARNING", logger=executables.__name__):
+        outputs = llm.generate([prompt] * 3, GREEDY)
+    assert "dropped JAX's compiled programs" in caplog.text
+    assert [o.outputs[0].token_ids for o in outputs] == [expected] * 3
+    # Each new shape released everything compiled before it, so the runner lists only what compiled since.
+    assert 1 <= len(runner.compiled_shapes) <= 2
+
+
+def test_warm_up_stops_before_the_map_budget_and_the_rest_compile_on_demand(tiny_checkpoint, monkeypatch, caplog):
+    from serving.engine import executables
+
+    folder, _ = tiny_checkpoint(CASE)
+    # A budget of the mappings held when warm-up starts and nothing more: the first shape compiles (its cost is
+    # not known before it), the second would pass the budget.
+    held = []
+
+    def limit() -> int:
+        held[:] = held or [executables.memory_maps()]
+        return int(held[0] / executables.MAP_BUDGET) + 1
+
+    monkeypatch.setattr(executables, "map_limit", limit)
+    with caplog.at_level("WARNING"):
+        llm = LLM(folder, max_model_len=48, page_size=4, max_num_batched_tokens=32, max_num_seqs=8,
+                  enforce_eager=False)
+    runner = llm.engine.runner
+    assert f"warm-up stopped after 1 of {len(runner.step_shapes())} step shapes" in caplog.text
+    monkeypatch.undo()
+    out = llm.generate({"prompt_token_ids": prompts((20,))[0]}, GREEDY)[0].outputs[0].token_ids  # a 32-token step
+    assert len(out) == GREEDY.max_tokens and len(runner.compiled_shapes) > 1
