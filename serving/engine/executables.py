@@ -1,14 +1,14 @@
 """Keeping JAX's compiled programs within the process's limit on memory mappings.
 
-Every XLA:CPU executable keeps its JIT-compiled kernels in mappings of their own (code, constants and data
-of each kernel: about 270 for a step of a 6-layer model, more for deeper ones; benchmarks/RESULTS.md), and
-JAX's caches keep every compiled shape alive. Linux caps a process's mappings (`vm.max_map_count`, 65530 by
-default); at the cap LLVM cannot place a new kernel and aborts the process ("LLVM ERROR: Unable to allocate
-section memory!"). A CPU server compiling shapes on demand reaches it after some tens of shapes of a 30-layer
-model, and warming up all of a CPU configuration's shapes reaches it at start. So before a new step shape
-compiles, the runner drops JAX's compiled programs once the process holds `MAP_BUDGET` of its limit (the
-shapes in use compile again, from the persistent compilation cache when it is on), and warm-up stops before
-the budget (`warmup.py`).
+Every XLA:CPU executable keeps its JIT-compiled kernels in mappings of their own (code, constants and data of
+each kernel: about 270 for a step of a 6-layer model, more for deeper ones; benchmarks/RESULTS.md), and JAX's
+caches keep every compiled shape alive. Linux caps a process's mappings (`vm.max_map_count`, 65530 by default);
+at the cap LLVM cannot place a new kernel and aborts the process ("LLVM ERROR: Unable to allocate section
+memory!"). A CPU server compiling shapes on demand reaches it after some tens of shapes of a 30-layer model, and
+warming up all of a CPU configuration's shapes reaches it at start. So before a new step shape compiles, the
+runner (and the pooling engine, before a new batch shape) drops JAX's compiled programs once the process holds
+`MAP_BUDGET` of its limit (the shapes in use compile again, from the persistent compilation cache when it is
+on), and warm-up stops before the budget (`warmup.py`).
 """
 
 from __future__ import annotations

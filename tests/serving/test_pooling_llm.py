@@ -100,7 +100,21 @@ def test_batches_keep_to_the_token_budget_and_the_warmed_shapes(bert, monkeypatc
         engine.step()
     assert set(ran) <= set(engine.shapes()) and sum(rows for rows, _ in ran) >= len(lengths)
     small = PoolingEngine(bert[0].engine.model, None, EngineConfig(max_model_len=8, max_num_seqs=2, enforce_eager=False))
-    assert small.shapes() == [(1, 8), (2, 8)]  # run at start-up (warm-up on)
+    assert small.shapes() == [(1, 8), (2, 8)] == sorted(small.compiled_shapes)  # run at start-up (warm-up on)
+
+
+def test_a_new_batch_shape_near_the_map_limit_drops_compiled_programs(bert, monkeypatch, caplog):
+    from serving.engine import executables
+
+    llm, ref, tokenizer = bert
+    expected = _cls_normalised(ref, tokenizer, TEXTS[:1])
+    engine = llm.engine
+    monkeypatch.setattr(executables, "map_limit", lambda: 1)  # every mapping is over the budget
+    engine.compiled_shapes.clear()  # (earlier tests ran its shapes): the next batch counts as new
+    with caplog.at_level("WARNING", logger=executables.__name__):
+        outputs = llm.embed(TEXTS[:1])
+    assert "dropped JAX's compiled programs" in caplog.text and len(engine.compiled_shapes) == 1
+    np.testing.assert_allclose([outputs[0].outputs.embedding], expected, atol=2e-6)
 
 
 @pytest.mark.parametrize("labels", [1, 3])
