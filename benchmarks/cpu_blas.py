@@ -70,7 +70,12 @@ def reference(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Arra
     return jnp.dot(x, w.T if transpose_w else w)
 
 
-def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
-    """float32 `x [M, K] @ w [K, N]` (`w [N, K]` with `transpose_w`) through OpenBLAS; traceable under jit."""
+def custom_matmul(target: str, x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
+    """float32 `x [M, K] @ w [K, N]` (`w [N, K]` with `transpose_w`) through the registered FFI `target`."""
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if transpose_w else w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(load(), out)(x, w, transpose_w=np.int32(transpose_w))
+    return jax.ffi.ffi_call(target, out)(x, w, transpose_w=np.int32(transpose_w))
+
+
+def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
+    """`custom_matmul` through OpenBLAS; traceable under jit."""
+    return custom_matmul(load(), x, w, transpose_w)

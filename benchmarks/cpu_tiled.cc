@@ -37,7 +37,8 @@ constexpr int kLanes = JAXLLM_LANES;
 constexpr int kPanelVectors = 3;
 constexpr int kPanel = kPanelVectors * kLanes;  // columns of one register tile
 constexpr int kBlockRows = 16;  // rows of w [K, N] one sweep reads (4-64 measured; 16 best)
-constexpr int kNtRows = 4;                      // w [N, K]: rows of w reduced together
+constexpr int kNtColumns = 4;  // w [N, K]: columns of y (rows of w) one tile reduces together
+constexpr int kNtRows = 4;     // w [N, K]: rows of x one tile holds
 typedef float Vec __attribute__((vector_size(JAXLLM_LANES * sizeof(float))));
 
 inline Vec Load(const float* p) {
@@ -147,11 +148,10 @@ void TileNT(const float* x, int64_t k_dim, const float* w, int64_t n_dim, float*
 
 template <int C>
 void RowsNT(const float* x, int64_t rows, int64_t k_dim, const float* w, int64_t n_dim, float* y, int64_t n0) {
-  constexpr int kRowsNT = 4;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowsNT) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kNtRows) {
     const float* xr = x + r0 * k_dim;
     float* yr = y + r0 * n_dim;
-    switch (std::min<int64_t>(kRowsNT, rows - r0)) {
+    switch (std::min<int64_t>(kNtRows, rows - r0)) {
       case 1: TileNT<1, C>(xr, k_dim, w, n_dim, yr, n0); break;
       case 2: TileNT<2, C>(xr, k_dim, w, n_dim, yr, n0); break;
       case 3: TileNT<3, C>(xr, k_dim, w, n_dim, yr, n0); break;
@@ -163,7 +163,7 @@ void RowsNT(const float* x, int64_t rows, int64_t k_dim, const float* w, int64_t
 void ColumnRangeNT(const float* x, int64_t rows, int64_t k_dim, const float* w, int64_t n_dim, float* y, int64_t n0,
                    int64_t n1) {
   int64_t n = n0;
-  for (; n + kNtRows <= n1; n += kNtRows) RowsNT<kNtRows>(x, rows, k_dim, w, n_dim, y, n);
+  for (; n + kNtColumns <= n1; n += kNtColumns) RowsNT<kNtColumns>(x, rows, k_dim, w, n_dim, y, n);
   for (; n < n1; ++n) RowsNT<1>(x, rows, k_dim, w, n_dim, y, n);
 }
 
@@ -212,16 +212,17 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
                   ffi::ResultBuffer<ffi::F32> y, int32_t transpose_w) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "small_matmul: expects x [M, K] and w [K, N] (or [N, K])");
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_tiled: expects x [M, K] and w [K, N] (or [N, K])");
   const int64_t rows = xd[0], k_dim = transpose_w ? wd[1] : wd[0], n_dim = transpose_w ? wd[0] : wd[1];
   if (xd[1] != k_dim)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "small_matmul: the contracting dimensions differ");
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_tiled: the contracting dimensions differ");
   if (rows == 0 || n_dim == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = ChunkColumns(n_dim, threads, transpose_w ? kNtRows * 8 : kPanel);
+  // w [N, K]: chunks of 8 tiles, so a task's rows of w are a few contiguous kilobytes at least
+  const int64_t chunk = ChunkColumns(n_dim, threads, transpose_w ? kNtColumns * 8 : kPanel);
   const int64_t chunks = (n_dim + chunk - 1) / chunk;
   ParallelFor(pool, chunks, [=](int64_t i) {
     const int64_t n0 = i * chunk, n1 = std::min(n_dim, n0 + chunk);

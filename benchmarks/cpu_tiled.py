@@ -3,7 +3,8 @@
 `matmul(x, w)` multiplies `x [M, K]` by `w [K, N]` (or `w [N, K]` transposed, as a tied embedding table)
 inside a jitted function through `cpu_tiled.cc`, built at first use for this machine's vector width
 (`-O3 -march=native`, `benchmarks.ffi_build`). Measured, not used by the engine: on the development machine
-it did not beat XLA's own dot at decode rows (benchmarks/RESULTS.md, "An own small-M matmul kernel").
+it did not beat XLA's own dot at decode rows (benchmarks/RESULTS.md, "An own register-tiled matmul for decode
+rows").
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import functools
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
+from benchmarks.cpu_blas import custom_matmul
 from benchmarks.ffi_build import build_ffi_library
 
 SOURCE = Path(__file__).with_name("cpu_tiled.cc")
@@ -32,6 +32,5 @@ def load() -> str:
 
 
 def matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
-    """float32 `x [M, K] @ w [K, N]` (`w [N, K]` with `transpose_w`) through the tiled kernel; traceable under jit."""
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0] if transpose_w else w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(load(), out)(x, w, transpose_w=np.int32(transpose_w))
+    """`custom_matmul` through the tiled kernel; traceable under jit."""
+    return custom_matmul(load(), x, w, transpose_w)

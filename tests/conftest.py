@@ -8,7 +8,6 @@ per session.
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 # The CPU compiler at its lowest optimisation level: tiny test programs compile in about 60% of the time
 # (matmuls are library calls either way, so they run as fast).

@@ -49,6 +49,13 @@ def within_map_budget(maps: int, budget: float = MAP_BUDGET) -> bool:
     return limit is None or maps <= budget * limit
 
 
+def make_room_for(shape: tuple, compiled_shapes: set[tuple]) -> None:
+    """Before `shape` runs: if it is new (not in `compiled_shapes`, so it compiles now) and the process is past the
+    budget, drop the compiled programs and forget `compiled_shapes` (all of them compile again)."""
+    if shape not in compiled_shapes and release_executables_near_map_limit():
+        compiled_shapes.clear()
+
+
 def release_executables_near_map_limit(budget: float = MAP_BUDGET) -> bool:
     """Drop JAX's compiled programs (and their mappings) if the process holds more than `budget` of its limit;
     whether it did."""

@@ -27,7 +27,7 @@ from flax import nnx
 
 from model_lib.encoders import PoolingModel
 from serving.engine.engine import EngineConfig, _token_ids
-from serving.engine.executables import release_executables_near_map_limit
+from serving.engine.executables import make_room_for
 from serving.engine.runner import bucket, buckets
 from serving.engine.warmup import should_warm_up
 from serving.pooling import SERVED_TASKS, PoolingParams, PoolingRequestOutput, PoolingTask, task_output
@@ -148,10 +148,8 @@ class PoolingEngine:
                 for rows in buckets(1, most) if rows == 1 or rows * length <= budget]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> np.ndarray:
-        if ids.shape not in self.compiled_shapes:  # a new shape compiles: keep within the process's mappings
-            if release_executables_near_map_limit():
-                self.compiled_shapes.clear()
-            self.compiled_shapes.add(ids.shape)
+        make_room_for(ids.shape, self.compiled_shapes)
+        self.compiled_shapes.add(ids.shape)
         out = _forward(self.model.net, self.model.spec.kind, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
         return np.asarray(jax.device_get(out))
 

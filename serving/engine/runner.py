@@ -59,7 +59,7 @@ from model_lib.sharding import ShardingPlan
 from model_lib.vision.qwen_vl import QwenVLConfig
 from pallas_kernels.paged_attention import PagedMetadata
 from serving.engine.env import env_flag
-from serving.engine.executables import release_executables_near_map_limit
+from serving.engine.executables import make_room_for
 from serving.engine.input_batch import InputBatch, StepInputs
 from serving.engine.mla_prefill import expanded_from
 from serving.engine.scheduler import ScheduledSequence
@@ -272,8 +272,7 @@ class ModelRunner:
         row i for the i-th sequence (left on the device, not waited for)."""
         # Steps with image rows, or with MLA rows in the expanded form, are their own compiled variants of the shape.
         shape = inputs.variant
-        if shape not in self.compiled_shapes and release_executables_near_map_limit():
-            self.compiled_shapes.clear()
+        make_room_for(shape, self.compiled_shapes)
         start = time.perf_counter()
         logits, self.kv_caches, *hidden = self._step(*self.step_args(inputs))
         if hidden:
