@@ -128,7 +128,7 @@ def ours_warmup_seconds(llm: LLM, prompts: np.ndarray, output_len: int) -> float
     prefix-cache hits for the timed prompts."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
-    llm.generate([{"prompt_token_ids": (p[::-1] + 1).tolist()} for p in prompts], params)
+    llm.generate([{"prompt_token_ids": p[::-1].tolist()} for p in prompts], params)
     return time.perf_counter() - start
 
 
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--compare-unrolled", action="store_true", help="also time the layers unrolled")
     parser.add_argument("--max-num-batched-tokens", type=int,
-                        help="the engine's token budget per step (default: max(512, 4 x prompt length))")
+                        help="the engine's token budget per step (default: the engine's own, 2048)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed rounds per batch size, jaxllm and transformers alternating (1-20); the ratio "
                              "column is the median of the rounds' ratios, the tok/s columns their medians")
@@ -199,9 +199,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         hf_model = build_model(args, folder)
-        budget = args.max_num_batched_tokens or max(512, args.prompt_len * 4)
+        budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
         engine_args = dict(dtype="float32", max_model_len=args.prompt_len + args.output_len + 16,
-                           max_num_seqs=max(args.batches), max_num_batched_tokens=budget, page_size=16)
+                           max_num_seqs=max(args.batches), page_size=16, **budget)
         llm = LLM(folder, **engine_args, **({"scan_layers": True} if args.compare_unrolled else {}))
         unrolled = LLM(folder, **engine_args, scan_layers=False) if args.compare_unrolled else None
         rng = np.random.RandomState(0)
