@@ -160,9 +160,10 @@ def main(argv=None) -> dict:
     try:
         CausalLM.forward = stub_forward(0.0)
         engine = make_engine(max(args.batches), layers)
-        decode_seconds(engine, max(args.batches), 2, "warm")  # compiles the shapes used below
+        # Compiles the shapes used below: as many steps as a timed run, so that its sequences reach the same page
+        # buckets (an engine without warm-up compiles a bucket on first use, inside the timed window otherwise).
         for b in args.batches:
-            decode_seconds(engine, b, 2, f"warm{b}")
+            decode_seconds(engine, b, args.steps, f"warm{b}")
         # The best of --repeats runs: on a shared machine the other jobs only ever add time.
         timed = {b: min((decode_seconds(engine, b, args.steps, f"b{b}r{r}") for r in range(args.repeats)),
                         key=lambda t: t[1]) for b in args.batches}
@@ -171,7 +172,7 @@ def main(argv=None) -> dict:
         CausalLM.forward = stub_forward(args.device_ms)
         engine = make_engine(args.idle_batch, layers)
         try:
-            decode_seconds(engine, args.idle_batch, 2, "warm")
+            decode_seconds(engine, args.idle_batch, args.steps, "warm")
             result["idle"] = idle_figures(engine, args.idle_batch, args.steps, args.device_ms)
         except RuntimeError as e:  # no C++ compiler, or not the CPU backend: host figures only
             result["idle"] = {"error": str(e)}
