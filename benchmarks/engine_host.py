@@ -24,6 +24,11 @@ last timed end:
                        dispatch returned after the busy call ended): the device held back by the host
     wall idle        = 1 - device_ms / (wall ms per step): the share read from the host's clock alone
                        (dispatch-to-ready against the known device time)
+    device idle      = the share in which no XLA program ran at all, from a profiler trace of a further
+                       run (`jax.profiler`, Python tracer off): the union of the intervals of every event
+                       on XLA:CPU's own threads (each op's execution and each program's executor) over the
+                       same span. This is the figure of the issue's target; the idle fraction above counts
+                       the sampler and the step's other ops as idle.
 
 A host callback that slept (the earlier stub) held the GIL when it started and ended and needed the
 interpreter to run, so it measured the engine thread's contention more than the device's idleness.
@@ -128,6 +133,45 @@ def idle_figures(engine, batch: int, steps: int, device_ms: float) -> dict:
             "wall_idle": round(1 - device_ms / step_ms, 4)}
 
 
+def busy_union(events: list[dict], steps: int) -> tuple[float, float]:
+    """(span, busy) microseconds of the timed steps in a trace: from the first timed stub call's start to the last
+    one's end, and how much of it some XLA thread spent executing (the union of their events' intervals)."""
+    threads = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    complete = [e for e in events if e.get("ph") == "X" and e.get("dur", 0) > 0]
+    stub = sorted((e["ts"], e["ts"] + e["dur"]) for e in complete if e["name"].startswith("ffi_call"))
+    if len(stub) < 4 + steps:
+        raise RuntimeError(f"the trace holds {len(stub)} stub device calls, expected at least {4 + steps}")
+    timed = stub[4: 4 + steps]  # as in idle_figures: after the prefill and the first decode steps
+    start, end = timed[0][0], timed[-1][1]
+    xla = sorted((e["ts"], e["ts"] + e["dur"]) for e in complete if threads.get(e["tid"], "").startswith("tf_XLA"))
+    busy, reach = 0.0, start
+    for lo, hi in xla:
+        lo, hi = max(lo, reach), min(hi, end)
+        if hi > lo:
+            busy, reach = busy + hi - lo, hi
+    return end - start, busy
+
+
+def traced_device_idle(engine, batch: int, steps: int) -> float:
+    """The device-idle share (module docstring) of `steps` decode steps at `batch`, from a profiler trace."""
+    import gzip
+    import tempfile
+    from pathlib import Path
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # tracing every Python call would slow the host several times over
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder, create_perfetto_trace=True, profiler_options=options)
+        try:
+            decode_seconds(engine, batch, steps, "trace")
+        finally:
+            jax.profiler.stop_trace()
+        [path] = Path(folder).rglob("perfetto_trace.json.gz")
+        trace = json.loads(gzip.decompress(path.read_bytes()))
+    span, busy = busy_union(trace["traceEvents"] if isinstance(trace, dict) else trace, steps)
+    return 1 - busy / span
+
+
 def make_engine(max_num_seqs: int, layers: int):
     from serving.engine.engine import EngineConfig, LLMEngine
 
@@ -174,6 +218,7 @@ def main(argv=None) -> dict:
         try:
             decode_seconds(engine, args.idle_batch, args.steps, "warm")
             result["idle"] = idle_figures(engine, args.idle_batch, args.steps, args.device_ms)
+            result["idle"]["device_idle"] = round(traced_device_idle(engine, args.idle_batch, args.steps), 4)
         except RuntimeError as e:  # no C++ compiler, or not the CPU backend: host figures only
             result["idle"] = {"error": str(e)}
     finally:

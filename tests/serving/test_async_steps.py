@@ -152,6 +152,23 @@ def test_engine_host_benchmark_dry_run():
         return
     idle = result["idle"]
     assert 0 <= idle["host_wait"] <= idle["idle_fraction"] < 1 and idle["step_ms"] >= idle["device_ms"]
+    assert 0 <= idle["device_idle"] < 1
+
+
+def test_device_idle_is_the_time_no_xla_thread_ran_within_the_timed_stub_calls():
+    from benchmarks.engine_host import busy_union
+
+    def event(tid, ts, dur, name="fusion"):
+        return {"ph": "X", "tid": tid, "ts": ts, "dur": dur, "name": name}
+
+    names = [{"ph": "M", "name": "thread_name", "tid": t, "args": {"name": n}}
+             for t, n in ((1, "python"), (2, "tf_XLAPjRtCpuClient/1"), (3, "tf_XLAEigen/2"))]
+    stub = [event(2, 100 * i, 50, "ffi_call.1") for i in range(6)]  # steps 4 and 5 are timed: 400-550
+    work = [event(3, 440, 30), event(2, 460, 20), event(3, 470, 5),  # overlapping: 440-480 busy
+            event(1, 480, 20),  # the Python thread's events are the host's, not the device's
+            event(2, 520, 100)]  # ends past the span: clipped at 550
+    span, busy = busy_union(names + stub + work, steps=2)
+    assert (span, busy) == (150, (480 - 400) + (550 - 500))
 
 
 # -- structured output: each grammar's mask needs its sequence's previous token on the host ----------------
