@@ -49,6 +49,7 @@ import numpy as np
 
 VOCAB = 512
 LAYERS = 30  # SmolLM2-135M's depth: the parameter tree has its number of leaves
+UNTIMED_STEPS = 4  # the prefill (one step at these sizes) and the first decode steps, before the timed ones
 
 
 def build_model(layers: int = LAYERS):
@@ -94,7 +95,7 @@ def decode_seconds(engine, batch: int, steps: int, tag: str) -> tuple[float, flo
     params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", [1 + (i % 100)] * 8, params)
-    for _ in range(4):  # prefill (one step at these sizes) and the first decode steps
+    for _ in range(UNTIMED_STEPS):
         engine.step()
     start, cpu = time.perf_counter(), time.thread_time()
     for _ in range(steps):
@@ -122,7 +123,7 @@ def idle_figures(engine, batch: int, steps: int, device_ms: float) -> dict:
         wall, _ = decode_seconds(engine, batch, steps, "idle")
     finally:
         del engine.runner.run
-    timed = slice(4, 4 + steps)  # the timed decode steps (after the prefill and the first decodes)
+    timed = slice(UNTIMED_STEPS, UNTIMED_STEPS + steps)
     spans, dispatched = stub_device.spans()[timed], np.asarray(dispatched)[timed]
     total = spans[-1, 1] - spans[0, 0]
     gaps = np.maximum(spans[1:, 0] - spans[:-1, 1], 0.0)
@@ -139,9 +140,9 @@ def busy_union(events: list[dict], steps: int) -> tuple[float, float]:
     threads = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
     complete = [e for e in events if e.get("ph") == "X" and e.get("dur", 0) > 0]
     stub = sorted((e["ts"], e["ts"] + e["dur"]) for e in complete if e["name"].startswith("ffi_call"))
-    if len(stub) < 4 + steps:
-        raise RuntimeError(f"the trace holds {len(stub)} stub device calls, expected at least {4 + steps}")
-    timed = stub[4: 4 + steps]  # as in idle_figures: after the prefill and the first decode steps
+    if len(stub) < UNTIMED_STEPS + steps:
+        raise RuntimeError(f"the trace holds {len(stub)} stub device calls, expected at least {UNTIMED_STEPS + steps}")
+    timed = stub[UNTIMED_STEPS: UNTIMED_STEPS + steps]
     start, end = timed[0][0], timed[-1][1]
     xla = sorted((e["ts"], e["ts"] + e["dur"]) for e in complete if threads.get(e["tid"], "").startswith("tf_XLA"))
     busy, reach = 0.0, start
@@ -167,8 +168,8 @@ def traced_device_idle(engine, batch: int, steps: int) -> float:
         finally:
             jax.profiler.stop_trace()
         [path] = Path(folder).rglob("perfetto_trace.json.gz")
-        trace = json.loads(gzip.decompress(path.read_bytes()))
-    span, busy = busy_union(trace["traceEvents"] if isinstance(trace, dict) else trace, steps)
+        events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    span, busy = busy_union(events, steps)
     return 1 - busy / span
 
 
