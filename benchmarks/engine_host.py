@@ -40,6 +40,7 @@ interpreter to run, so it measured the engine thread's contention more than the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -174,14 +175,20 @@ def traced_device_idle(engine, batch: int, steps: int) -> float:
 
 
 def make_engine(max_num_seqs: int, layers: int):
+    """An engine for `max_num_seqs` sequences, its start-up heap frozen as `serve` freezes it (drop the previous
+    engine first: the collection before the freeze then takes it)."""
     from serving.engine.engine import EngineConfig, LLMEngine
+    from serving.engine.gc_heap import freeze_startup_heap
 
     config = dict(max_model_len=256, max_num_seqs=max_num_seqs, max_num_batched_tokens=max(max_num_seqs * 8, 64),
                   num_pages=max_num_seqs * 16 + 16, enable_prefix_caching=False)
+    gc.unfreeze()  # what an earlier call froze may be collected again
     try:
-        return LLMEngine(build_model(layers), None, EngineConfig(**config, enforce_eager=True))
+        engine = LLMEngine(build_model(layers), None, EngineConfig(**config, enforce_eager=True))
     except TypeError:  # an engine without warm-up options
-        return LLMEngine(build_model(layers), None, EngineConfig(**config))
+        engine = LLMEngine(build_model(layers), None, EngineConfig(**config))
+    freeze_startup_heap()
+    return engine
 
 
 def main(argv=None) -> dict:
@@ -215,6 +222,7 @@ def main(argv=None) -> dict:
         result["host_ms"] = {b: round(1000 * wall / args.steps, 3) for b, (wall, _) in timed.items()}
         result["host_cpu_ms"] = {b: round(1000 * cpu / args.steps, 3) for b, (_, cpu) in timed.items()}
         CausalLM.forward = stub_forward(args.device_ms)
+        del engine
         engine = make_engine(args.idle_batch, layers)
         try:
             decode_seconds(engine, args.idle_batch, args.steps, "warm")
@@ -224,6 +232,7 @@ def main(argv=None) -> dict:
             result["idle"] = {"error": str(e)}
     finally:
         CausalLM.forward = original
+        gc.unfreeze()  # the caller's process (a test) collects as before
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

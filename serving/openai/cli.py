@@ -18,6 +18,7 @@ from model_lib.loading import ALL_QUANTIZATIONS
 from pallas_kernels.paged_attention import KV_CACHE_DTYPES
 from serving.async_engine import AsyncLLMEngine
 from serving.engine.diffusion_engine import BlockDiffusionEngine
+from serving.engine.gc_heap import freeze_startup_heap
 from serving.engine.limits import RequestLimits
 from serving.default_model import default_model_path, served_name
 from serving.llm import LLM
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(llm.engine, BlockDiffusionEngine):  # offline only for now
         sys.exit(f"serve: {args.model} is a block diffusion model (SDAR); the OpenAI server does not serve it yet, "
                  "LLM.generate does")
+    freeze_startup_heap()  # full collections while serving would otherwise scan the model and compiled steps
     if not llm.is_leader:  # a follower: the leader's steps until it shuts down, no HTTP
         logging.getLogger(__name__).info("following process 0 (it serves HTTP)")
         llm.follow()
